@@ -1,0 +1,207 @@
+"""The reference backend: a CPU interpreter of our TensorRT network plus a weight store with the
+Refitter's contract. It proves the network and the weight mapping right without a GPU; it does
+not exercise TensorRT's kernels."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .reference_ops import run_layer
+from .reference_plan import WEIGHT_ROLES, read_network
+
+__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "WeightsPrototype", "build", "usable", "NOTE"]
+
+NAME = "reference"
+NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks the network and the "
+        "weight mapping, not TensorRT's kernels")
+
+_NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
+              "int8": "INT8"}
+_TRT_TO_NP = {v: k for k, v in _NP_TO_TRT.items()}
+
+
+def usable() -> tuple[bool, str]:
+    return True, "always available (CPU)"
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsPrototype:
+    """What ``Refitter.get_weights_prototype`` tells: the dtype and element count a weight must have
+    (and, beyond TensorRT's API, its shape)."""
+
+    name: str
+    dtype: str      # TensorRT DataType name, e.g. "FLOAT"
+    count: int
+    shape: tuple[int, ...]
+
+
+class ReferenceEngine:
+    """An immutable plan (layers read off the network) and the current refittable weights."""
+
+    backend_name = NAME
+    note = NOTE
+
+    def __init__(self, plan: dict, weights: dict[str, np.ndarray] | None = None):
+        self.plan = plan
+        self._locations: dict[str, tuple[int, str]] = {}
+        self._weights: dict[str, np.ndarray] = {}
+        for i, layer in enumerate(plan["layers"]):
+            for role in WEIGHT_ROLES.get(layer["type"], ()):
+                arr = layer["weights"].get(role)
+                if arr is None:
+                    continue
+                name = f"{layer['name']} {role}"
+                self._locations[name] = (i, role)
+                self._weights[name] = arr
+            layer["weights"] = {}  # the plan keeps only structure; values live in the weight store
+        if weights is not None:
+            missing = set(self._locations) - set(weights)
+            if missing:
+                raise ValueError(f"weights missing for {sorted(missing)[:5]}")
+            self._weights = {k: np.asarray(weights[k]) for k in self._locations}
+        self._layer_weights = {}
+        for name, (i, role) in self._locations.items():
+            self._layer_weights.setdefault(i, {})[role] = name
+
+    # ---- introspection -------------------------------------------------------
+    @property
+    def input_names(self) -> list[str]:
+        return [t["name"] for t in self.plan["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t["name"] for t in self.plan["outputs"]]
+
+    def weight_names(self) -> list[str]:
+        return list(self._locations)
+
+    def prototype(self, name: str) -> WeightsPrototype:
+        arr = self._weights[name]
+        return WeightsPrototype(name, _NP_TO_TRT.get(str(arr.dtype), str(arr.dtype)), int(arr.size), tuple(arr.shape))
+
+    def current_weights(self) -> dict[str, np.ndarray]:
+        """The weights the engine answers with now (read-only views)."""
+        out = {}
+        for k, v in self._weights.items():
+            v = v.view()
+            v.flags.writeable = False
+            out[k] = v
+        return out
+
+    def layer_of(self, name: str) -> str:
+        return self.plan["layers"][self._locations[name][0]]["name"]
+
+    # ---- execution -------------------------------------------------------------
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        specs = self.plan["inputs"]
+        if len(inputs) != len(specs):
+            raise ValueError(f"engine takes {len(specs)} input(s) {self.input_names}, got {len(inputs)}")
+        env: dict[str, torch.Tensor] = {}
+        for spec, x in zip(specs, inputs):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"input {spec['name']!r}: expected a torch.Tensor, got {type(x).__name__}")
+            if list(x.shape) != spec["shape"]:
+                raise ValueError(f"input {spec['name']!r}: expected shape {spec['shape']}, got {list(x.shape)}")
+            want = getattr(torch, _TRT_TO_NP.get(spec["dtype"], "float32"))
+            if x.dtype != want:
+                raise TypeError(f"input {spec['name']!r}: expected dtype {want}, got {x.dtype}")
+            env[spec["name"]] = x.detach().to("cpu")
+        with torch.no_grad():
+            for i, layer in enumerate(self.plan["layers"]):
+                ins = [None if n is None else env[n] for n in layer["inputs"]]
+                w = {role: torch.from_numpy(np.asarray(self._weights[name]))
+                     for role, name in self._layer_weights.get(i, {}).items()}
+                outs = run_layer(layer, ins, w)
+                for spec, value in zip(layer["outputs"], outs):
+                    if list(value.shape) != spec["shape"]:
+                        raise RuntimeError(
+                            f"reference backend: layer {layer['name']!r} produced shape {list(value.shape)} "
+                            f"where TensorRT inferred {spec['shape']}")
+                    env[spec["name"]] = value
+        return [env[t["name"]] for t in self.plan["outputs"]]
+
+    # ---- refit -----------------------------------------------------------------
+    def create_refitter(self) -> "ReferenceRefitter":
+        return ReferenceRefitter(self)
+
+    def _commit(self, new: dict[str, np.ndarray]) -> None:
+        merged = dict(self._weights)
+        merged.update(new)
+        self._weights = merged   # one assignment: all-or-nothing
+
+    # ---- serialization -------------------------------------------------------
+    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able header, {weight name: array})."""
+        return {"backend": NAME, "plan": self.plan}, dict(self._weights)
+
+    @classmethod
+    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "ReferenceEngine":
+        return cls(header["plan"], arrays)
+
+
+class ReferenceRefitter:
+    """The Refitter contract of TensorRT, on the reference engine's weight store.
+
+    - ``set_named_weights`` returns False (and records why) for an unknown name or a wrong
+      count/dtype; values are copied, as TensorRT reads them only at ``refit`` time but we do
+      not want the caller's later mutations to leak in.
+    - ``get_missing_weights`` reports the weights that must also be given because a weight of
+      the same layer was set (TensorRT's rule); a standalone weight never set is NOT reported
+      and keeps its stale value, exactly like TensorRT.
+    - ``refit`` applies everything or nothing.
+    """
+
+    def __init__(self, engine: ReferenceEngine):
+        self.engine = engine
+        self._pending: dict[str, np.ndarray] = {}
+        self.errors: list[str] = []
+
+    def get_all_weights(self) -> list[str]:
+        return self.engine.weight_names()
+
+    def get_weights_prototype(self, name: str) -> WeightsPrototype:
+        if name not in self.engine._locations:
+            raise KeyError(name)
+        return self.engine.prototype(name)
+
+    def get_named_weights(self, name: str) -> np.ndarray:
+        return self._pending[name] if name in self._pending else self.engine.current_weights()[name]
+
+    def set_named_weights(self, name: str, value: np.ndarray) -> bool:
+        if name not in self.engine._locations:
+            self.errors.append(f"{name!r}: no such refittable weight")
+            return False
+        proto = self.engine.prototype(name)
+        arr = np.asarray(value)
+        if _NP_TO_TRT.get(str(arr.dtype)) != proto.dtype:
+            self.errors.append(f"{name!r}: dtype {arr.dtype} where the engine has {proto.dtype}")
+            return False
+        if arr.size != proto.count:
+            self.errors.append(f"{name!r}: {arr.size} values where the engine has {proto.count}")
+            return False
+        self._pending[name] = np.array(arr, copy=True).reshape(proto.shape)
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        eng = self.engine
+        touched = {eng._locations[n][0] for n in self._pending}
+        return [name for i in sorted(touched) for name in eng._layer_weights[i].values() if name not in self._pending]
+
+    def refit(self) -> bool:
+        missing = self.get_missing_weights()
+        if missing:
+            self.errors.append(f"missing weights: {missing}")
+            return False
+        self.engine._commit(self._pending)
+        self._pending = {}
+        return True
+
+
+def build(result, **options: Any) -> ReferenceEngine:
+    """'Build' the converted network: read it into an immutable plan."""
+    if options.get("precision", "fp32") != "fp32":
+        raise ValueError("the reference backend runs fp32 only")
+    return ReferenceEngine(read_network(result.network))

@@ -1,0 +1,296 @@
+"""Torch implementations of TensorRT layers, with TensorRT's semantics (not PyTorch's) where
+they differ: elementwise inputs must have equal rank, average pooling counts padding only when
+``average_count_excludes_padding`` is False, slices may have stride 0, shuffle reshape dims use 0
+as "copy this dimension" when ``zero_is_placeholder``."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["OPS", "run_layer"]
+
+OPS: dict[str, Callable] = {}
+
+
+def op(name: str):
+    def deco(fn):
+        OPS[name] = fn
+        return fn
+    return deco
+
+
+def _mask_axes(mask: int, rank: int) -> list[int]:
+    return [d for d in range(rank) if mask >> d & 1]
+
+
+@op("CONVOLUTION")
+def convolution(layer, ins, w):
+    x = ins[0]
+    a = layer["attrs"]
+    n = len(a["kernel_size_nd"])
+    kernel = w["KERNEL"].reshape(int(a["num_output_maps"]), x.shape[1] // int(a["num_groups"]), *a["kernel_size_nd"])
+    pre, post = a.get("pre_padding") or a["padding_nd"], a.get("post_padding") or a["padding_nd"]
+    if list(pre) != list(post):
+        pad = []
+        for p0, p1 in zip(reversed(pre), reversed(post)):
+            pad += [p0, p1]
+        x = F.pad(x, pad)
+        pre = [0] * n
+    fn = F.conv2d if n == 2 else F.conv3d
+    return [fn(x, kernel, w.get("BIAS"), stride=a["stride_nd"], padding=list(pre), dilation=a["dilation_nd"],
+               groups=int(a["num_groups"]))]
+
+
+_ACT = {
+    "RELU": lambda x, a, b: torch.relu(x),
+    "SIGMOID": lambda x, a, b: torch.sigmoid(x),
+    "TANH": lambda x, a, b: torch.tanh(x),
+    "LEAKY_RELU": lambda x, a, b: F.leaky_relu(x, a),
+    "ELU": lambda x, a, b: F.elu(x, a),
+    "SELU": lambda x, a, b: b * torch.where(x > 0, x, a * (torch.exp(x) - 1)),
+    "SOFTSIGN": lambda x, a, b: x / (1 + x.abs()),
+    "SOFTPLUS": lambda x, a, b: a * torch.log1p(torch.exp(b * x)),
+    "CLIP": lambda x, a, b: torch.clamp(x, a, b),
+    "HARD_SIGMOID": lambda x, a, b: torch.clamp(a * x + b, 0.0, 1.0),
+    "SCALED_TANH": lambda x, a, b: a * torch.tanh(b * x),
+    "THRESHOLDED_RELU": lambda x, a, b: torch.where(x > a, x, torch.zeros_like(x)),
+    "GELU_ERF": lambda x, a, b: F.gelu(x),
+    "GELU_TANH": lambda x, a, b: F.gelu(x, approximate="tanh"),
+}
+
+
+@op("ACTIVATION")
+def activation(layer, ins, w):
+    a = layer["attrs"]
+    return [_ACT[a["type"]](ins[0], float(a.get("alpha", 0.0)), float(a.get("beta", 0.0)))]
+
+
+@op("POOLING")
+def pooling(layer, ins, w):
+    a = layer["attrs"]
+    x = ins[0]
+    n = len(a["window_size_nd"])
+    pre, post = list(a["pre_padding"]), list(a["post_padding"])
+    ceil = a.get("padding_mode") == "EXPLICIT_ROUND_UP"
+    if a.get("padding_mode") not in (None, "EXPLICIT_ROUND_DOWN", "EXPLICIT_ROUND_UP"):
+        raise NotImplementedError(f"pooling padding mode {a['padding_mode']}")
+    if pre != post:
+        raise NotImplementedError("asymmetric pooling padding")
+    if a["type"] == "MAX":
+        fn = F.max_pool2d if n == 2 else F.max_pool3d
+        return [fn(x, a["window_size_nd"], a["stride_nd"], pre, ceil_mode=ceil)]
+    if a["type"] == "AVERAGE":
+        fn = F.avg_pool2d if n == 2 else F.avg_pool3d
+        return [fn(x, a["window_size_nd"], a["stride_nd"], pre, ceil_mode=ceil,
+                   count_include_pad=not a["average_count_excludes_padding"])]
+    raise NotImplementedError(f"pooling type {a['type']}")
+
+
+@op("SCALE")
+def scale(layer, ins, w):
+    a = layer["attrs"]
+    x = ins[0]
+    mode = a["mode"]
+    shape = [1] * x.dim()
+    if mode == "CHANNEL":
+        shape[a["channel_axis"]] = x.shape[a["channel_axis"]]
+    elif mode == "ELEMENTWISE":
+        shape = [1] + list(x.shape[1:])
+    def get(role, default):
+        v = w.get(role)
+        return default if v is None else v.reshape(shape if mode != "UNIFORM" else [1] * x.dim())
+    y = x * get("SCALE", 1.0) + get("SHIFT", 0.0)
+    p = w.get("POWER")
+    return [y if p is None else torch.pow(y, get("POWER", 1.0))]
+
+
+_EW = {
+    "SUM": torch.add, "PROD": torch.mul, "SUB": torch.sub, "DIV": torch.div, "MAX": torch.maximum,
+    "MIN": torch.minimum, "POW": torch.pow, "FLOOR_DIV": torch.floor_divide, "AND": torch.logical_and,
+    "OR": torch.logical_or, "XOR": torch.logical_xor, "EQUAL": torch.eq, "GREATER": torch.gt, "LESS": torch.lt,
+}
+
+
+def _check_broadcast(layer, shapes):
+    ranks = {len(s) for s in shapes}
+    if len(ranks) != 1:
+        raise ValueError(f"layer {layer['name']!r}: TensorRT needs equal ranks, got shapes {shapes}")
+    for dims in zip(*shapes):
+        sizes = {d for d in dims if d != 1}
+        if len(sizes) > 1:
+            raise ValueError(f"layer {layer['name']!r}: shapes {shapes} do not broadcast")
+
+
+@op("ELEMENTWISE")
+def elementwise(layer, ins, w):
+    _check_broadcast(layer, [list(t.shape) for t in ins])
+    return [_EW[layer["attrs"]["op"]](ins[0], ins[1])]
+
+
+@op("SHUFFLE")
+def shuffle(layer, ins, w):
+    a = layer["attrs"]
+    x = ins[0]
+    if len(ins) > 1 and ins[1] is not None:
+        raise NotImplementedError("dynamic reshape tensors")
+    perm = a["first_transpose"][: x.dim()]
+    x = x.permute(*perm)
+    dims = a.get("reshape_dims")
+    if dims is not None:
+        dims = list(dims)
+        if a.get("zero_is_placeholder", True):
+            dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
+        x = x.reshape(dims)
+    second = a["second_transpose"][: x.dim()]
+    return [x.permute(*second)]
+
+
+@op("MATRIX_MULTIPLY")
+def matrix_multiply(layer, ins, w):
+    a, b = ins
+    op0, op1 = layer["attrs"]["op0"], layer["attrs"]["op1"]
+    if op0 != "VECTOR" and op1 != "VECTOR" and a.dim() != b.dim():
+        raise ValueError(f"layer {layer['name']!r}: matrix multiply needs equal ranks, got {a.dim()} and {b.dim()}")
+    if op0 == "TRANSPOSE":
+        a = a.transpose(-1, -2)
+    if op1 == "TRANSPOSE":
+        b = b.transpose(-1, -2)
+    return [torch.matmul(a, b)]
+
+
+@op("CONSTANT")
+def constant(layer, ins, w):
+    return [w["CONSTANT"].reshape(layer["attrs"]["shape"])]
+
+
+_RED = {"SUM": torch.sum, "PROD": None, "MAX": torch.amax, "MIN": torch.amin, "AVG": torch.mean}
+
+
+@op("REDUCE")
+def reduce(layer, ins, w):
+    a = layer["attrs"]
+    x = ins[0]
+    axes = _mask_axes(a["axes"], x.dim())
+    if a["op"] == "PROD":
+        y = x
+        for d in sorted(axes, reverse=True):
+            y = torch.prod(y, d, keepdim=a["keep_dims"])
+        return [y]
+    return [_RED[a["op"]](x, dim=axes, keepdim=bool(a["keep_dims"]))]
+
+
+@op("NORMALIZATION")
+def normalization(layer, ins, w):
+    x, sc, bi = ins
+    a = layer["attrs"]
+    axes = _mask_axes(a["axes"], x.dim())
+    groups = int(a.get("num_groups", 1) or 1)
+    if groups != 1:
+        n, c = x.shape[:2]
+        xg = x.reshape(n, groups, -1)
+        mean = xg.mean(-1, keepdim=True)
+        var = xg.var(-1, unbiased=False, keepdim=True)
+        y = ((xg - mean) / torch.sqrt(var + a["epsilon"])).reshape(x.shape)
+    else:
+        mean = x.mean(dim=axes, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + a["epsilon"])
+    return [y * sc + bi]
+
+
+@op("CONCATENATION")
+def concatenation(layer, ins, w):
+    return [torch.cat(ins, dim=layer["attrs"]["axis"])]
+
+
+@op("SLICE")
+def slice_(layer, ins, w):
+    a = layer["attrs"]
+    if len([i for i in ins if i is not None]) > 1:
+        raise NotImplementedError("dynamic slice parameters")
+    if a.get("mode") not in (None, "STRICT_BOUNDS", "DEFAULT"):
+        raise NotImplementedError(f"slice mode {a['mode']}")
+    x = ins[0]
+    for d, (s0, n, st) in enumerate(zip(a["start"], a["shape"], a["stride"])):
+        idx = s0 + st * torch.arange(n)
+        if n and (idx.min() < 0 or idx.max() >= x.shape[d]):
+            raise ValueError(f"layer {layer['name']!r}: slice out of bounds on axis {d}")
+        x = x.index_select(d, idx)
+    return [x]
+
+
+@op("SOFTMAX")
+def softmax(layer, ins, w):
+    axes = _mask_axes(layer["attrs"]["axes"], ins[0].dim())
+    if len(axes) != 1:
+        raise ValueError(f"layer {layer['name']!r}: softmax needs exactly one axis")
+    return [torch.softmax(ins[0], dim=axes[0])]
+
+
+_UNARY = {
+    "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
+    "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh,
+    "COSH": torch.cosh, "ASIN": torch.asin, "ACOS": torch.acos, "ATAN": torch.atan, "ASINH": torch.asinh,
+    "ACOSH": torch.acosh, "ATANH": torch.atanh, "CEIL": torch.ceil, "FLOOR": torch.floor, "ERF": torch.erf,
+    "NOT": torch.logical_not, "SIGN": torch.sign, "ROUND": torch.round, "ISINF": torch.isinf,
+    "ISNAN": torch.isnan,
+}
+
+
+@op("UNARY")
+def unary(layer, ins, w):
+    return [_UNARY[layer["attrs"]["op"]](ins[0])]
+
+
+@op("IDENTITY")
+def identity(layer, ins, w):
+    return [ins[0].to(_DTYPES[layer["outputs"][0]["dtype"]])]
+
+
+_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
+           "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
+
+
+@op("CAST")
+def cast(layer, ins, w):
+    return [ins[0].to(_DTYPES[layer["attrs"]["to_type"]])]
+
+
+@op("GATHER")
+def gather(layer, ins, w):
+    a = layer["attrs"]
+    if a.get("mode") not in (None, "DEFAULT"):
+        raise NotImplementedError(f"gather mode {a['mode']}")
+    data, idx = ins
+    axis = a["axis"]
+    flat = torch.index_select(data, axis, idx.reshape(-1).long())
+    shape = list(data.shape[:axis]) + list(idx.shape) + list(data.shape[axis + 1:])
+    return [flat.reshape(shape)]
+
+
+@op("SELECT")
+def select(layer, ins, w):
+    cond, a, b = ins
+    _check_broadcast(layer, [list(t.shape) for t in ins])
+    return [torch.where(cond.bool(), a, b)]
+
+
+@op("PADDING")
+def padding(layer, ins, w):
+    a = layer["attrs"]
+    pad = []
+    for p0, p1 in zip(reversed(a["pre_padding_nd"]), reversed(a["post_padding_nd"])):
+        pad += [p0, p1]
+    return [F.pad(ins[0], pad)]
+
+
+def run_layer(layer: dict, ins: list, weights: dict):
+    try:
+        fn = OPS[layer["type"]]
+    except KeyError:
+        raise NotImplementedError(f"reference backend: no interpreter for layer type {layer['type']}") from None
+    return fn(layer, ins, weights)
+
+

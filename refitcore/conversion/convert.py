@@ -1,0 +1,245 @@
+"""Convert an ExportedProgram's ATen graph into a TensorRT INetworkDefinition, recording the
+weight map as each refittable weight is created."""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import operator
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import fx
+from torch.export.graph_signature import InputKind
+
+from .. import _trt
+from ..errors import UnsupportedOperatorError
+from ..lowering import FusionPlan, module_path, plan_fusions
+from ..weight_map import WeightMap
+from .context import ConversionContext, StaticValue, _has_key
+from .registry import Unsupported, lookup
+
+__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
+
+TORCH_TO_TRT_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.int32: "int32",
+                      torch.int64: "int64", torch.bool: "bool"}
+
+
+@dataclasses.dataclass
+class ConversionResult:
+    network: Any
+    builder: Any
+    weight_map: WeightMap
+    weights: dict[str, np.ndarray]          # engine weight name -> value as built
+    input_names: list[str]
+    input_shapes: list[tuple[int, ...]]
+    output_names: list[str]
+    output_shapes: list[tuple[int, ...]]
+    keepalive: list = dataclasses.field(repr=False, default_factory=list)
+
+
+def _short_op(node: fx.Node) -> str:
+    target = node.target
+    if target is operator.getitem:
+        return "getitem"
+    name = getattr(target, "__name__", str(target))
+    return name.split(".")[0]
+
+
+def layer_names_for(gm: fx.GraphModule) -> dict[str, str]:
+    """Deterministic layer base names: '<module path>/<op>', suffixed '_<k>' for repeats in graph
+    order (a module called twice, or two ops of one kind in one module)."""
+    seen: collections.Counter = collections.Counter()
+    names = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "placeholder"):
+            continue
+        path = module_path(node) if node.op == "call_function" else "input"
+        base = f"{path or 'model'}/{_short_op(node) if node.op == 'call_function' else node.name}"
+        k = seen[base]
+        seen[base] += 1
+        names[node.name] = base if k == 0 else f"{base}_{k}"
+    return names
+
+
+def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
+    dynamic: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if node.name in user_inputs:
+                dynamic.add(node.name)
+        elif node.op == "call_function":
+            if any(isinstance(a, fx.Node) and a.name in dynamic for a in node.all_input_nodes):
+                dynamic.add(node.name)
+    return dynamic
+
+
+def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
+    """Every op call that needs a converter and has none (or whose converter declines it)."""
+    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    dynamic = _dynamic_nodes(ep.graph_module, user_inputs)
+    problems = []
+    for node in ep.graph_module.graph.nodes:
+        if node.op != "call_function" or node.name not in dynamic:
+            continue
+        entry = lookup(node.target)
+        reason = None
+        if entry is None:
+            reason = ""
+        elif entry.capability is not None:
+            reason = entry.capability(node)
+        if reason is not None:
+            target = str(node.target) + (f" ({reason})" if reason else "")
+            problems.append((target, module_path(node), node.name))
+    return problems
+
+
+def _encode(ctx: ConversionContext, value: Any):
+    """JSON operand for an argument of a folded op (literal tensors are recorded on first use)."""
+    if isinstance(value, StaticValue):
+        if value.operand is None:
+            value.operand = ctx.literal(value.tensor)
+        return value.operand
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).replace("torch.", "")}
+    if isinstance(value, (list, tuple)):
+        return [_encode(ctx, v) for v in value]
+    if isinstance(value, (torch.device, torch.layout, torch.memory_format)):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot record an argument of type {type(value).__name__} in the weight map")
+
+
+def _statics(values):
+    for v in values:
+        if isinstance(v, StaticValue):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from _statics(v)
+
+
+def _concrete(v):
+    if isinstance(v, StaticValue):
+        return v.tensor
+    if isinstance(v, (list, tuple)):
+        return type(v)(_concrete(x) for x in v)
+    return v
+
+
+def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict):
+    """Evaluate a node whose inputs are all known, keeping how its value derives from weights."""
+    if node.target is operator.getitem:
+        return args[0][args[1]]
+    out = node.target(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
+    key_dependent = any(v.operand is not None and _has_key(v.operand)
+                        for v in _statics(list(args) + list(kwargs.values())))
+
+    def wrap(value, index=None):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if not key_dependent:
+            return StaticValue(value, None)  # a literal, recorded only if an engine weight uses it
+        operand = {"op": str(node.target), "args": _encode(ctx, list(args)),
+                   "kwargs": {k: _encode(ctx, v) for k, v in kwargs.items()}}
+        if index is not None:
+            operand["index"] = index
+        return StaticValue(value, operand)
+
+    if isinstance(out, (tuple, list)):
+        return type(out)(wrap(v, i) for i, v in enumerate(out))
+    return wrap(out)
+
+
+def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor] | None = None,
+            *, fusion: FusionPlan | None = None) -> ConversionResult:
+    """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights."""
+    problems = unsupported_ops(ep)
+    if problems:
+        raise UnsupportedOperatorError(problems)
+    trt = _trt.trt()
+    gm = ep.graph_module
+    sig = ep.graph_signature
+    fusion = fusion or plan_fusions(gm)
+    state: dict[str, torch.Tensor] = dict(ep.state_dict)
+    if params is not None:
+        state.update(params)
+    state = {k: v.detach() for k, v in state.items()}
+    constants = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
+                 for k, v in (getattr(ep, "constants", {}) or {}).items()}
+
+    builder = trt.Builder(_trt.logger())
+    flags = 0
+    if hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") \
+            and not str(getattr(trt, "__version__", "10")).startswith(("1.", "10", "11")):
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # TensorRT < 10 only
+    network = builder.create_network(flags)
+    wm = WeightMap()
+    ctx = ConversionContext(network=network, weight_map=wm, layer_names=layer_names_for(gm),
+                            fusions_conv_to_bn=dict(fusion.conv_to_bn))
+
+    specs = {s.arg.name: s for s in sig.input_specs}
+    values: dict[str, Any] = {}
+    ctx.values = values
+    input_names, input_shapes = [], []
+
+    def resolve(a):
+        if isinstance(a, fx.Node):
+            return values[a.name]
+        if isinstance(a, (list, tuple)):
+            return type(a)(resolve(x) for x in a)
+        return a
+
+    for node in gm.graph.nodes:
+        ctx.node = node
+        if node.op == "placeholder":
+            spec = specs[node.name]
+            if spec.kind == InputKind.USER_INPUT:
+                val = node.meta["val"]
+                dtype = getattr(trt, TORCH_TO_TRT_DTYPE.get(val.dtype, "float32"))
+                t = network.add_input(node.name, dtype, trt.Dims(tuple(int(s) for s in val.shape)))
+                values[node.name] = t
+                input_names.append(node.name)
+                input_shapes.append(tuple(int(s) for s in val.shape))
+            elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.persistent is not False:
+                values[node.name] = StaticValue(state[spec.target], {"key": spec.target})
+            else:  # non-persistent buffers and lifted constants: not in a state_dict
+                tensor = constants[spec.target] if spec.target in constants else state[spec.target]
+                values[node.name] = StaticValue(tensor, None)
+        elif node.op == "call_function":
+            args = resolve(list(node.args))
+            kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
+            if not _any_dynamic(args) and not _any_dynamic(list(kwargs.values())):
+                values[node.name] = _fold_static(ctx, node, args, kwargs)
+            else:
+                entry = lookup(node.target)
+                try:
+                    values[node.name] = entry.fn(ctx, node, args, kwargs)
+                except Unsupported as err:
+                    raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
+        elif node.op == "output":
+            outs = resolve(node.args[0])
+            output_names, output_shapes = [], []
+            for i, (o, src) in enumerate(zip(outs, node.args[0])):
+                if isinstance(o, StaticValue) or o is None:
+                    raise UnsupportedOperatorError([("output does not depend on the inputs", "", str(src))])
+                o.name = f"output_{i}"
+                network.mark_output(o)
+                output_names.append(o.name)
+                output_shapes.append(tuple(src.meta["val"].shape))
+    ctx.node = None
+    return ConversionResult(network=network, builder=builder, weight_map=wm, weights=ctx.weights,
+                            input_names=input_names, input_shapes=input_shapes,
+                            output_names=output_names, output_shapes=output_shapes,
+                            keepalive=ctx._keepalive)
+
+
+def _any_dynamic(values) -> bool:
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            if _any_dynamic(v):
+                return True
+        elif v is not None and not isinstance(v, (StaticValue, int, float, bool, str, torch.dtype,
+                                                  torch.device, torch.layout, torch.memory_format)):
+            return True
+    return False

@@ -1,0 +1,91 @@
+"""Activations: one TensorRT activation layer each, or a product for the gated ones."""
+from __future__ import annotations
+
+import torch
+
+from ..context import ConversionContext
+from ..registry import Unsupported, converter
+from ._util import arg
+
+aten = torch.ops.aten
+
+
+def activation(ctx: ConversionContext, x, kind: str, *, alpha: float | None = None, beta: float | None = None,
+               suffix: str | None = None):
+    layer = ctx.network.add_activation(x, getattr(ctx.trt.ActivationType, kind))
+    if alpha is not None:
+        layer.alpha = float(alpha)
+    if beta is not None:
+        layer.beta = float(beta)
+    return ctx.name(layer, suffix).get_output(0)
+
+
+def gated(ctx: ConversionContext, x, kind: str, **params):
+    """x * act(x) (SiLU, hardswish)."""
+    gate = activation(ctx, x, kind, suffix="gate", **params)
+    layer = ctx.network.add_elementwise(x, gate, ctx.trt.ElementWiseOperation.PROD)
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.relu.default)
+def relu(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "RELU")
+
+
+@converter(aten.sigmoid.default)
+def sigmoid(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "SIGMOID")
+
+
+@converter(aten.tanh.default)
+def tanh(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "TANH")
+
+
+@converter(aten.gelu.default)
+def gelu(ctx, node, args, kwargs):
+    approximate = arg(args, kwargs, 1, "approximate", "none")
+    return activation(ctx, args[0], "GELU_TANH" if approximate == "tanh" else "GELU_ERF")
+
+
+@converter(aten.hardtanh.default)
+def hardtanh(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "CLIP", alpha=arg(args, kwargs, 1, "min_val", -1.0),
+                      beta=arg(args, kwargs, 2, "max_val", 1.0))
+
+
+@converter(aten.clamp.default)
+def clamp(ctx, node, args, kwargs):
+    lo, hi = arg(args, kwargs, 1, "min"), arg(args, kwargs, 2, "max")
+    if lo is None or hi is None:
+        raise Unsupported("clamp needs both bounds here")
+    return activation(ctx, args[0], "CLIP", alpha=lo, beta=hi)
+
+
+# PyTorch hardsigmoid(x) = relu6(x + 3) / 6 = clip(x/6 + 1/2, 0, 1): TensorRT's
+# HARD_SIGMOID is max(0, min(1, alpha*x + beta)).
+@converter(aten.hardsigmoid.default)
+def hardsigmoid(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "HARD_SIGMOID", alpha=1.0 / 6.0, beta=0.5)
+
+
+@converter(aten.hardswish.default)
+def hardswish(ctx, node, args, kwargs):
+    return gated(ctx, args[0], "HARD_SIGMOID", alpha=1.0 / 6.0, beta=0.5)
+
+
+@converter(aten.silu.default)
+def silu(ctx, node, args, kwargs):
+    return gated(ctx, args[0], "SIGMOID")
+
+
+@converter(aten.leaky_relu.default)
+def leaky_relu(ctx, node, args, kwargs):
+    return activation(ctx, args[0], "LEAKY_RELU", alpha=arg(args, kwargs, 1, "negative_slope", 0.01))
+
+
+@converter(aten.elu.default)
+def elu(ctx, node, args, kwargs):
+    if arg(args, kwargs, 2, "scale", 1) != 1 or arg(args, kwargs, 3, "input_scale", 1) != 1:
+        raise Unsupported("elu with scale/input_scale is not supported")
+    return activation(ctx, args[0], "ELU", alpha=arg(args, kwargs, 1, "alpha", 1.0))

@@ -1,0 +1,87 @@
+"""Convolution, with eval-mode BatchNorm folded in when lowering planned it."""
+from __future__ import annotations
+
+import torch
+
+from ..context import ConversionContext, StaticValue
+from ..registry import Unsupported, converter
+from ._util import arg, rank
+
+aten = torch.ops.aten
+
+
+def _pair(v, n: int):
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * n if len(v) == 1 else v
+
+
+def _bn_operands(ctx: ConversionContext, bn_node):
+    """(gamma, beta, mean, var) StaticValues or None, and eps, of a BatchNorm node."""
+    vals = [ctx.value(a) for a in bn_node.args[1:5]]
+    eps = float(bn_node.args[6])
+    for v, what in zip(vals[2:], ("running_mean", "running_var")):
+        if not isinstance(v, StaticValue):
+            raise Unsupported(f"BatchNorm {bn_node.name}: {what} must be a buffer, not computed from the input")
+    return vals, eps
+
+
+def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride, padding, dilation, groups,
+                bn_node=None):
+    trt = ctx.trt
+    if not isinstance(weight, StaticValue):
+        raise Unsupported(f"{ctx.node.name}: convolution weights computed from the input are not supported")
+    n_spatial = weight.tensor.dim() - 2
+    if rank(x) != n_spatial + 2 or n_spatial not in (2, 3):
+        raise Unsupported(f"{ctx.node.name}: only 2-D and 3-D convolutions are supported "
+                        f"(input rank {rank(x)}, kernel rank {weight.tensor.dim()})")
+    name = ctx.layer_name()
+    w64 = weight.tensor.detach().double()
+    b64 = None if bias is None else bias.tensor.detach().double()
+    out_ch = int(w64.shape[0])
+    if bn_node is None:
+        kernel = ctx.weights_for(name, "KERNEL", w64.numpy(), "copy", {"x": weight.operand})
+        bias_w = (trt.Weights() if bias is None
+                  else ctx.weights_for(name, "BIAS", b64.numpy(), "copy", {"x": bias.operand}))
+    else:
+        (gamma, beta, mean, var), eps = _bn_operands(ctx, bn_node)
+        g64 = None if gamma is None else gamma.tensor.double()
+        inv = 1.0 / torch.sqrt(var.tensor.double() + eps)
+        factor = inv if g64 is None else g64 * inv
+        w_fold = w64 * factor.reshape(-1, *([1] * (w64.dim() - 1)))
+        b_fold = ((torch.zeros(out_ch, dtype=torch.float64) if b64 is None else b64) - mean.tensor.double()) * factor
+        if beta is not None:
+            b_fold = b_fold + beta.tensor.double()
+        ops = {"weight": weight.operand, "bias": None if bias is None else bias.operand,
+               "gamma": None if gamma is None else gamma.operand, "beta": None if beta is None else beta.operand,
+               "mean": mean.operand, "var": var.operand}
+        kernel = ctx.weights_for(name, "KERNEL", w_fold.numpy(), "bn_fold_kernel",
+                                 {k: ops[k] for k in ("weight", "gamma", "var")}, {"eps": eps})
+        bias_w = ctx.weights_for(name, "BIAS", b_fold.numpy(), "bn_fold_bias",
+                                 {k: ops[k] for k in ("bias", "gamma", "beta", "mean", "var")}, {"eps": eps})
+    layer = ctx.network.add_convolution_nd(x, out_ch, trt.Dims(tuple(w64.shape[2:])), kernel, bias_w)
+    if layer is None:
+        raise RuntimeError(f"TensorRT rejected convolution {name}")
+    layer.stride_nd = trt.Dims(tuple(_pair(stride, n_spatial)))
+    layer.padding_nd = trt.Dims(tuple(_pair(padding, n_spatial)))
+    layer.dilation_nd = trt.Dims(tuple(_pair(dilation, n_spatial)))
+    layer.num_groups = int(groups)
+    return ctx.finish(layer, name).get_output(0)
+
+
+@converter(aten.conv2d.default, aten.conv3d.default)
+def conv_nd(ctx, node, args, kwargs):
+    if isinstance(arg(args, kwargs, 4, "padding", 0), str):
+        raise Unsupported("string padding is not supported")
+    return convolution(ctx, args[0], args[1], arg(args, kwargs, 2, "bias"),
+                       stride=arg(args, kwargs, 3, "stride", 1), padding=arg(args, kwargs, 4, "padding", 0),
+                       dilation=arg(args, kwargs, 5, "dilation", 1), groups=arg(args, kwargs, 6, "groups", 1),
+                       bn_node=ctx.fused_bn(node))
+
+
+@converter(aten.convolution.default)
+def convolution_default(ctx, node, args, kwargs):
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = args[:9]
+    if transposed:
+        raise Unsupported("transposed convolution is not supported")
+    return convolution(ctx, x, w, b, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                       bn_node=ctx.fused_bn(node))

@@ -1,0 +1,48 @@
+"""Linear layers and matrix products."""
+from __future__ import annotations
+
+import torch
+
+from ..context import ConversionContext, StaticValue
+from ..registry import Unsupported, converter
+from ._util import arg, as_tensor, rank
+
+aten = torch.ops.aten
+
+
+def linear(ctx: ConversionContext, x, weight, bias):
+    """y = x @ W^T + b: W is a named constant [1.., out, in] multiplied with op1=TRANSPOSE."""
+    trt = ctx.trt
+    if not isinstance(weight, StaticValue):
+        raise Unsupported("linear weight computed from the input")
+    r = rank(x)
+    if r < 2:
+        raise Unsupported("linear on a 1-D input")
+    w = ctx.constant(weight, rank=r, suffix="weight")
+    mm = ctx.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, w, trt.MatrixOperation.TRANSPOSE)
+    if bias is None:
+        return ctx.name(mm).get_output(0)
+    y = ctx.name(mm, "matmul").get_output(0)
+    b = ctx.constant(bias, rank=r, suffix="bias")
+    return ctx.name(ctx.network.add_elementwise(y, b, trt.ElementWiseOperation.SUM)).get_output(0)
+
+
+def matmul(ctx: ConversionContext, a, b):
+    trt = ctx.trt
+    r = max(rank(a), rank(b))
+    if min(rank(a), rank(b)) < 2:
+        raise Unsupported("matmul with a 1-D operand")
+    a = as_tensor(ctx, a, rank_=r, suffix="lhs")
+    b = as_tensor(ctx, b, rank_=r, suffix="rhs")
+    layer = ctx.network.add_matrix_multiply(a, trt.MatrixOperation.NONE, b, trt.MatrixOperation.NONE)
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.linear.default)
+def linear_default(ctx, node, args, kwargs):
+    return linear(ctx, args[0], args[1], arg(args, kwargs, 2, "bias"))
+
+
+@converter(aten.matmul.default, aten.bmm.default, aten.mm.default)
+def matmul_default(ctx, node, args, kwargs):
+    return matmul(ctx, args[0], args[1])

@@ -1,0 +1,99 @@
+"""Pooling and spatial means.
+
+TensorRT's average pooling excludes padding from the count by default
+(``average_count_excludes_padding`` is True); PyTorch's avg_pool2d includes it by default
+(``count_include_pad=True``), so the flag is always set explicitly.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..context import ConversionContext
+from ..registry import Unsupported, converter
+from ._util import arg, axes_mask, rank, shape_of
+
+aten = torch.ops.aten
+
+
+def _pair(v, n=2):
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return v * n if len(v) == 1 else v
+
+
+def pooling(ctx: ConversionContext, x, kind: str, kernel, stride, padding, *, ceil_mode=False,
+            count_include_pad=True):
+    trt = ctx.trt
+    if ceil_mode:
+        raise Unsupported("ceil_mode pooling is not supported")
+    layer = ctx.network.add_pooling_nd(x, getattr(trt.PoolingType, kind), trt.Dims(tuple(_pair(kernel))))
+    layer.stride_nd = trt.Dims(tuple(_pair(stride or kernel)))
+    layer.padding_nd = trt.Dims(tuple(_pair(padding)))
+    if kind == "AVERAGE":
+        layer.average_count_excludes_padding = not count_include_pad
+    return ctx.name(layer).get_output(0)
+
+
+def reduce_mean(ctx: ConversionContext, x, dims, keepdim: bool):
+    r = rank(x)
+    layer = ctx.network.add_reduce(x, ctx.trt.ReduceOperation.AVG, axes_mask(dims, r), bool(keepdim))
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.max_pool2d.default)
+def max_pool2d(ctx, node, args, kwargs):
+    if _pair(arg(args, kwargs, 4, "dilation", 1)) != [1, 1]:
+        raise Unsupported("dilated max pooling is not supported")
+    return pooling(ctx, args[0], "MAX", args[1], arg(args, kwargs, 2, "stride", None),
+                   arg(args, kwargs, 3, "padding", 0), ceil_mode=arg(args, kwargs, 5, "ceil_mode", False))
+
+
+@converter(aten.avg_pool2d.default)
+def avg_pool2d(ctx, node, args, kwargs):
+    if arg(args, kwargs, 6, "divisor_override") is not None:
+        raise Unsupported("avg_pool2d divisor_override is not supported")
+    return pooling(ctx, args[0], "AVERAGE", args[1], arg(args, kwargs, 2, "stride", None),
+                   arg(args, kwargs, 3, "padding", 0), ceil_mode=arg(args, kwargs, 4, "ceil_mode", False),
+                   count_include_pad=arg(args, kwargs, 5, "count_include_pad", True))
+
+
+@converter(aten.adaptive_avg_pool2d.default)
+def adaptive_avg_pool2d(ctx, node, args, kwargs):
+    x, out_hw = args[0], _pair(args[1])
+    h, w = shape_of(x)[-2:]
+    if out_hw == [1, 1]:
+        return reduce_mean(ctx, x, [-2, -1], True)
+    if h % out_hw[0] == 0 and w % out_hw[1] == 0:
+        k = [h // out_hw[0], w // out_hw[1]]
+        return pooling(ctx, x, "AVERAGE", k, k, 0)
+    return adaptive_avg_matmul(ctx, x, h, w, out_hw)
+
+
+def adaptive_window_matrix(size: int, out: int) -> torch.Tensor:
+    """[out, size] averaging matrix: row i averages input [floor(i*size/out), ceil((i+1)*size/out))."""
+    m = torch.zeros(out, size)
+    for i in range(out):
+        lo, hi = (i * size) // out, -((-(i + 1) * size) // out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def adaptive_avg_matmul(ctx: ConversionContext, x, h: int, w: int, out_hw):
+    """Uneven windows: adaptive average pooling is separable, y = A_h @ x @ A_w^T with literal
+    averaging matrices (exact, also when the output is larger than the input)."""
+    trt = ctx.trt
+    r = rank(x)
+    a_w = ctx.constant(adaptive_window_matrix(w, out_hw[1]).t().contiguous(), rank=r, suffix="cols")
+    a_h = ctx.constant(adaptive_window_matrix(h, out_hw[0]), rank=r, suffix="rows")
+    cols = ctx.network.add_matrix_multiply(x, trt.MatrixOperation.NONE, a_w, trt.MatrixOperation.NONE)
+    y = ctx.name(cols, "w").get_output(0)
+    rows = ctx.network.add_matrix_multiply(a_h, trt.MatrixOperation.NONE, y, trt.MatrixOperation.NONE)
+    return ctx.name(rows).get_output(0)
+
+
+@converter(aten.mean.dim)
+def mean_dim(ctx, node, args, kwargs):
+    dims = arg(args, kwargs, 1, "dim")
+    if dims is None:
+        dims = list(range(rank(args[0])))
+    return reduce_mean(ctx, args[0], dims if isinstance(dims, (list, tuple)) else [dims],
+                       arg(args, kwargs, 2, "keepdim", False))

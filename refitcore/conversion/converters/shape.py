@@ -1,0 +1,154 @@
+"""Reshapes, permutations, slicing, concatenation and pass-through ops."""
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..context import ConversionContext, StaticValue
+from ..registry import Unsupported, converter
+from ._util import arg, as_tensor, out_shape, rank, reshape, shape_of
+
+aten = torch.ops.aten
+
+
+@converter(operator.getitem)
+def getitem(ctx, node, args, kwargs):
+    return args[0][args[1]]
+
+
+@converter(aten.clone.default, aten.alias.default, aten.contiguous.default, aten.lift_fresh_copy.default,
+           aten.detach.default)
+def passthrough(ctx, node, args, kwargs):
+    return args[0]
+
+
+@converter(aten.dropout.default)
+def dropout(ctx, node, args, kwargs):
+    return args[0]  # exported in eval mode: identity
+
+
+@converter(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+           aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+           aten.unflatten.int)
+def view(ctx, node, args, kwargs):
+    shape = out_shape(ctx)
+    if shape == shape_of(args[0]):
+        return args[0]
+    return reshape(ctx, args[0], shape)
+
+
+def permute(ctx: ConversionContext, x, perm):
+    r = rank(x)
+    layer = ctx.network.add_shuffle(x)
+    layer.first_transpose = ctx.trt.Permutation([p % r for p in perm])
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.permute.default)
+def permute_default(ctx, node, args, kwargs):
+    return permute(ctx, args[0], list(args[1]))
+
+
+@converter(aten.transpose.int, aten.swapaxes.default)
+def transpose(ctx, node, args, kwargs):
+    r = rank(args[0])
+    perm = list(range(r))
+    d0, d1 = args[1] % r, args[2] % r
+    perm[d0], perm[d1] = perm[d1], perm[d0]
+    return permute(ctx, args[0], perm)
+
+
+@converter(aten.t.default)
+def t(ctx, node, args, kwargs):
+    return permute(ctx, args[0], [1, 0]) if rank(args[0]) == 2 else args[0]
+
+
+def slice_(ctx: ConversionContext, x, start, shape, stride, suffix=None):
+    trt = ctx.trt
+    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(shape)), trt.Dims(tuple(stride)))
+    return ctx.name(layer, suffix).get_output(0)
+
+
+@converter(aten.slice.Tensor)
+def slice_tensor(ctx, node, args, kwargs):
+    x = args[0]
+    shp = shape_of(x)
+    r = len(shp)
+    dim = arg(args, kwargs, 1, "dim", 0) % r
+    start = arg(args, kwargs, 2, "start", None) or 0
+    step = arg(args, kwargs, 4, "step", 1)
+    if start < 0:
+        start += shp[dim]
+    start = max(0, min(start, shp[dim]))
+    out = out_shape(ctx)
+    if out == shp:
+        return x
+    starts = [0] * r
+    starts[dim] = start
+    strides = [1] * r
+    strides[dim] = step
+    return slice_(ctx, x, starts, out, strides)
+
+
+@converter(aten.select.int)
+def select(ctx, node, args, kwargs):
+    x, dim, index = args[0], args[1], args[2]
+    shp = shape_of(x)
+    dim %= len(shp)
+    index %= shp[dim]
+    starts = [0] * len(shp)
+    starts[dim] = index
+    size = list(shp)
+    size[dim] = 1
+    y = slice_(ctx, x, starts, size, [1] * len(shp), suffix="slice")
+    return reshape(ctx, y, out_shape(ctx))
+
+
+def _split(ctx, x, sizes, dim):
+    shp = shape_of(x)
+    dim %= len(shp)
+    outs, offset = [], 0
+    for i, size in enumerate(sizes):
+        starts = [0] * len(shp)
+        starts[dim] = offset
+        shape = list(shp)
+        shape[dim] = size
+        outs.append(slice_(ctx, x, starts, shape, [1] * len(shp), suffix=f"part{i}"))
+        offset += size
+    return outs
+
+
+@converter(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+def split(ctx, node, args, kwargs):
+    x = args[0]
+    dim = arg(args, kwargs, 2, "dim", 0)
+    sizes = [int(v.shape[dim]) for v in node.meta["val"]]
+    return _split(ctx, x, sizes, dim)
+
+
+@converter(aten.cat.default)
+def cat(ctx, node, args, kwargs):
+    tensors = list(args[0])
+    dim = arg(args, kwargs, 1, "dim", 0)
+    r = len(out_shape(ctx))
+    tensors = [as_tensor(ctx, t, rank_=r, suffix=f"in{i}") for i, t in enumerate(tensors)]
+    layer = ctx.network.add_concatenation(tensors)
+    layer.axis = dim % r
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.expand.default)
+def expand(ctx, node, args, kwargs):
+    x = args[0]
+    out = out_shape(ctx)
+    x = as_tensor(ctx, x, rank_=len(out), suffix="src")
+    shp = shape_of(x)
+    if shp == out:
+        return x
+    # A slice with stride 0 along a size-1 axis repeats it (TensorRT ISliceLayer semantics).
+    strides = [0 if s == 1 and o != 1 else 1 for s, o in zip(shp, out)]
+    return slice_(ctx, x, [0] * len(out), out, strides)
+
+
+__all__ = ["StaticValue", "Unsupported"]

@@ -1,0 +1,70 @@
+"""Converter registry keyed on the exact ATen overload (``aten.mean.dim``, not ``aten.mean``)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+__all__ = ["ConverterEntry", "Unsupported", "converter", "lookup", "registered_targets"]
+
+
+class Unsupported(Exception):
+    """Raised by a converter for a call it cannot express (the message says why)."""
+
+# (ctx, node, args, kwargs) -> value
+ConverterFn = Callable[..., Any]
+# node -> None when the converter handles it, else a reason it cannot
+CapabilityFn = Callable[[Any], Optional[str]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConverterEntry:
+    target: Any
+    fn: ConverterFn
+    capability: Optional[CapabilityFn] = None
+
+
+_REGISTRY: dict[Any, ConverterEntry] = {}
+
+
+def converter(*targets: Any, capability: Optional[CapabilityFn] = None):
+    """Register ``fn`` as the converter of each exact overload in ``targets``.
+
+    Example::
+
+        @converter(aten.relu.default)
+        def relu(ctx, node, args, kwargs):
+            return activation(ctx, args[0], "RELU")
+    """
+    for t in targets:
+        if type(t).__name__ == "OpOverloadPacket":
+            raise TypeError(f"register an exact overload such as {t}.default, not the packet {t}")
+
+    def deco(fn: ConverterFn) -> ConverterFn:
+        for t in targets:
+            if t in _REGISTRY:
+                raise ValueError(f"{t} already has a converter ({_REGISTRY[t].fn.__module__}."
+                                 f"{_REGISTRY[t].fn.__name__}); remove one of the two registrations")
+            _REGISTRY[t] = ConverterEntry(t, fn, capability)
+        return fn
+
+    return deco
+
+
+def lookup(target: Any) -> Optional[ConverterEntry]:
+    _ensure_loaded()
+    return _REGISTRY.get(target)
+
+
+def registered_targets() -> list[str]:
+    _ensure_loaded()
+    return sorted(str(t) for t in _REGISTRY)
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import converters  # noqa: F401  (registers the built-in converters)

@@ -1,0 +1,68 @@
+"""Exceptions. User errors (unsupported model, wrong weights, other architecture) are
+separate from internal bugs; every message says what was seen and what to do."""
+from __future__ import annotations
+
+__all__ = [
+    "RefitCoreError",
+    "UnsupportedOperatorError",
+    "ArchitectureMismatchError",
+    "WeightMappingError",
+    "RefitError",
+    "BundleError",
+    "BackendUnavailableError",
+]
+
+
+class RefitCoreError(Exception):
+    """Base class of every error refitcore raises on purpose."""
+
+
+class UnsupportedOperatorError(RefitCoreError):
+    """The model uses operators that have no converter. ``.ops`` lists every one of them
+    as (aten target, module path, node name), found in a single pass."""
+
+    def __init__(self, ops: list[tuple[str, str, str]]):
+        self.ops = list(ops)
+        lines = [f"  - {target} at {path or '<top level>'} (node {node})" for target, path, node in self.ops]
+        targets = sorted({t for t, _, _ in self.ops})
+        super().__init__(
+            f"{len(self.ops)} operator call(s) of {len(targets)} kind(s) have no converter:\n"
+            + "\n".join(lines)
+            + "\nAdd a converter with @refitcore.conversion.converter(<aten overload>) or change the model."
+        )
+
+
+class ArchitectureMismatchError(RefitCoreError):
+    """New weights/graph do not fit the compiled architecture: recompile needed."""
+
+
+class WeightMappingError(RefitCoreError, ValueError):
+    """A state_dict cannot be turned into engine weights (missing key, wrong shape/dtype,
+    non-finite values, tied weights that differ). ``.problems`` lists every problem."""
+
+    def __init__(self, problems: list[str], *, header: str = "cannot map the new weights onto the engine"):
+        self.problems = list(problems)
+        shown = self.problems[:50]
+        more = len(self.problems) - len(shown)
+        body = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        super().__init__(f"{header} ({len(self.problems)} problem(s)):\n{body}")
+
+
+class RefitError(RefitCoreError):
+    """The refitter rejected the weights; the engine was restored to its previous weights."""
+
+    def __init__(self, problems: list[str], *, rolled_back: bool = True):
+        self.problems = list(problems)
+        self.rolled_back = rolled_back
+        state = ("the engine still answers with its previous weights" if rolled_back
+                 else "ROLLBACK FAILED: the engine's weights are in an unknown state; reload it")
+        shown = "\n".join(f"  - {p}" for p in self.problems[:50])
+        super().__init__(f"refit failed ({len(self.problems)} problem(s)); {state}:\n{shown}")
+
+
+class BundleError(RefitCoreError):
+    """A saved engine file is truncated, corrupted, or of an unsupported version."""
+
+
+class BackendUnavailableError(RefitCoreError):
+    """The requested backend cannot run here; the message says why."""

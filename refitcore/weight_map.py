@@ -1,0 +1,167 @@
+"""The weight map: data that says where every engine weight comes from.
+
+``WeightMap.sources`` is ``{engine weight name: WeightSource}``. A WeightSource names a
+recipe from the closed set in :mod:`refitcore.recipes`, the operands it reads and its
+parameters (BatchNorm eps included), and the engine shape and dtype. An operand is a
+small JSON tree:
+
+- ``{"key": "layer1.0.conv1.weight"}``: a state_dict entry;
+- ``{"const": "c0"}``: a literal recorded in ``WeightMap.constants`` (scalars of the
+  graph, non-persistent buffers, lifted tensor constants: anything a state_dict lacks);
+- ``{"op": "aten.permute.default", "args": [...], "kwargs": {...}}``: an ATen op that the
+  graph applies to weights before they reach a layer (transpose, slice, reshape, ...),
+  replayed exactly on the new weights;
+- ``null``: an optional operand that is absent (a conv without bias, BatchNorm without affine).
+
+The map round-trips through JSON and carries a format version.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "encode_array", "decode_array"]
+
+FORMAT_VERSION = 1
+
+
+def encode_array(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a)
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(d: Mapping[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(d["data"])
+    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def operand_keys(operand: Any) -> Iterator[str]:
+    """Every state_dict key an operand tree reads, in order (may repeat)."""
+    if isinstance(operand, dict):
+        if "key" in operand:
+            yield operand["key"]
+        elif "op" in operand:
+            for arg in operand.get("args", []):
+                yield from operand_keys(arg)
+            for arg in operand.get("kwargs", {}).values():
+                yield from operand_keys(arg)
+    elif isinstance(operand, (list, tuple)):
+        for item in operand:
+            yield from operand_keys(item)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Why one engine weight has its value: ``recipe(inputs, **params)`` cast to ``dtype`` and
+    reshaped to ``shape``."""
+
+    recipe: str
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The state_dict keys this weight depends on (deduplicated, in order)."""
+        return tuple(dict.fromkeys(k for v in self.inputs.values() for k in operand_keys(v)))
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "inputs": self.inputs, "params": self.params,
+                "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "WeightSource":
+        return cls(recipe=d["recipe"], inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
+                   shape=tuple(int(s) for s in d["shape"]), dtype=d.get("dtype", "float32"))
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        keys = ", ".join(self.keys) or "literal"
+        return f"{self.recipe}({keys}{'; ' + params if params else ''}) -> {self.dtype}{list(self.shape)}"
+
+
+@dataclasses.dataclass
+class WeightMap:
+    """``{engine weight name: WeightSource}`` plus the literals they use and the tied-parameter groups."""
+
+    sources: dict[str, WeightSource] = dataclasses.field(default_factory=dict)
+    constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Groups of state_dict keys that are one tensor in the model (tied parameters). The map
+    # reads the first key of each group; a state_dict giving them different values is an error.
+    tied: list[list[str]] = dataclasses.field(default_factory=list)
+    # state_dict keys of the model that no engine weight reads (e.g. num_batches_tracked).
+    unused_keys: list[str] = dataclasses.field(default_factory=list)
+    version: int = FORMAT_VERSION
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __getitem__(self, name: str) -> WeightSource:
+        return self.sources[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    @property
+    def keys_used(self) -> list[str]:
+        return list(dict.fromkeys(k for s in self.sources.values() for k in s.keys))
+
+    def consumers(self, key: str) -> list[str]:
+        """Engine weights that read a state_dict key."""
+        return [name for name, s in self.sources.items() if key in s.keys]
+
+    def to_json(self) -> dict:
+        return {
+            "format": "refitcore.weight_map",
+            "version": self.version,
+            "sources": {name: s.to_json() for name, s in self.sources.items()},
+            "constants": {cid: encode_array(a) for cid, a in self.constants.items()},
+            "tied": [list(g) for g in self.tied],
+            "unused_keys": list(self.unused_keys),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "WeightMap":
+        if d.get("format") != "refitcore.weight_map":
+            raise ValueError(f"not a refitcore weight map (format={d.get('format')!r})")
+        version = d.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"weight map format version {version!r} is not supported (this refitcore reads "
+                f"version {FORMAT_VERSION}); recompile the engine with this version")
+        return cls(
+            sources={name: WeightSource.from_json(s) for name, s in d["sources"].items()},
+            constants={cid: decode_array(a) for cid, a in d.get("constants", {}).items()},
+            tied=[list(g) for g in d.get("tied", [])],
+            unused_keys=list(d.get("unused_keys", [])),
+            version=version,
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> "WeightMap":
+        return cls.from_json(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightMap):
+            return NotImplemented
+        return (self.sources == other.sources and self.tied == other.tied
+                and self.unused_keys == other.unused_keys and self.version == other.version
+                and self.constants.keys() == other.constants.keys()
+                and all(self.constants[k].dtype == other.constants[k].dtype
+                        and np.array_equal(self.constants[k], other.constants[k], equal_nan=True)
+                        for k in self.constants))
