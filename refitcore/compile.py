@@ -58,7 +58,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     wm = result.weight_map
     wm.tied = tied_groups(model)
     used = set(wm.keys_used)
-    state_keys = list(model.state_dict().keys())
+    model_state = model.state_dict()
+    state_keys = list(model_state.keys())
+    wm.key_specs = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model_state.items()}
     wm.unused_keys = [k for k in state_keys if k not in used and not any(k in g[1:] for g in wm.tied)]
     impl = get_backend(name).build(result, precision=precision)
     check_map_covers(wm, impl.weight_names())

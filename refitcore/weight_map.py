@@ -100,6 +100,8 @@ class WeightMap:
     tied: list[list[str]] = dataclasses.field(default_factory=list)
     # state_dict keys of the model that no engine weight reads (e.g. num_batches_tracked).
     unused_keys: list[str] = dataclasses.field(default_factory=list)
+    # shape and dtype of every state_dict key the model had at compile time: {key: [shape, dtype]}
+    key_specs: dict[str, list] = dataclasses.field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     def __len__(self) -> int:
@@ -130,6 +132,7 @@ class WeightMap:
             "constants": {cid: encode_array(a) for cid, a in self.constants.items()},
             "tied": [list(g) for g in self.tied],
             "unused_keys": list(self.unused_keys),
+            "key_specs": {k: [list(v[0]), v[1]] for k, v in self.key_specs.items()},
         }
 
     def dumps(self) -> str:
@@ -149,6 +152,7 @@ class WeightMap:
             constants={cid: decode_array(a) for cid, a in d.get("constants", {}).items()},
             tied=[list(g) for g in d.get("tied", [])],
             unused_keys=list(d.get("unused_keys", [])),
+            key_specs={k: [list(v[0]), v[1]] for k, v in d.get("key_specs", {}).items()},
             version=version,
         )
 
@@ -161,6 +165,7 @@ class WeightMap:
             return NotImplemented
         return (self.sources == other.sources and self.tied == other.tied
                 and self.unused_keys == other.unused_keys and self.version == other.version
+                and self.key_specs == other.key_specs
                 and self.constants.keys() == other.constants.keys()
                 and all(self.constants[k].dtype == other.constants[k].dtype
                         and np.array_equal(self.constants[k], other.constants[k], equal_nan=True)

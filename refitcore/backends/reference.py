@@ -46,23 +46,28 @@ class ReferenceEngine:
 
     def __init__(self, plan: dict, weights: dict[str, np.ndarray] | None = None):
         self.plan = plan
-        self._locations: dict[str, tuple[int, str]] = {}
-        self._weights: dict[str, np.ndarray] = {}
-        for i, layer in enumerate(plan["layers"]):
-            for role in WEIGHT_ROLES.get(layer["type"], ()):
-                arr = layer["weights"].get(role)
-                if arr is None:
-                    continue
-                name = f"{layer['name']} {role}"
-                self._locations[name] = (i, role)
-                self._weights[name] = arr
-            layer["weights"] = {}  # the plan keeps only structure; values live in the weight store
-        if weights is not None:
-            missing = set(self._locations) - set(weights)
-            if missing:
-                raise ValueError(f"weights missing for {sorted(missing)[:5]}")
-            self._weights = {k: np.asarray(weights[k]) for k in self._locations}
-        self._layer_weights = {}
+        if "weight_locations" not in plan:  # freshly read network: move the values into the store
+            initial = {}
+            locations = {}
+            for i, layer in enumerate(plan["layers"]):
+                for role in WEIGHT_ROLES.get(layer["type"], ()):
+                    arr = layer["weights"].get(role)
+                    if arr is not None:
+                        name = f"{layer['name']} {role}"
+                        locations[name] = [i, role]
+                        initial[name] = arr
+                layer["weights"] = {}  # the plan keeps structure only; values live in the weight store
+            plan["weight_locations"] = locations
+            weights = initial if weights is None else weights
+        self._locations: dict[str, tuple[int, str]] = {k: (int(v[0]), v[1])
+                                                       for k, v in plan["weight_locations"].items()}
+        if weights is None:
+            raise ValueError("a deserialized reference plan needs its weights")
+        missing = sorted(set(self._locations) - set(weights))
+        if missing:
+            raise ValueError(f"weights missing for {missing[:5]}")
+        self._weights: dict[str, np.ndarray] = {k: np.asarray(weights[k]) for k in self._locations}
+        self._layer_weights: dict[int, dict[str, str]] = {}
         for name, (i, role) in self._locations.items():
             self._layer_weights.setdefault(i, {})[role] = name
 
@@ -205,3 +210,9 @@ def build(result, **options: Any) -> ReferenceEngine:
     if options.get("precision", "fp32") != "fp32":
         raise ValueError("the reference backend runs fp32 only")
     return ReferenceEngine(read_network(result.network))
+
+
+def load_engine(header: dict, weights: dict[str, np.ndarray]) -> ReferenceEngine:
+    if header.get("backend") != NAME:
+        raise ValueError(f"not a reference-backend plan (backend={header.get('backend')!r})")
+    return ReferenceEngine.deserialize(header, weights)

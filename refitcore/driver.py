@@ -1,0 +1,125 @@
+"""The Refitter driver: validate, set every weight, check none missing, refit, roll back on failure.
+
+Works on any backend whose refitter has TensorRT's contract (``get_all_weights``,
+``get_weights_prototype``, ``set_named_weights`` returning bool, ``get_missing_weights``,
+``refit`` returning bool). TensorRT does not report a standalone weight that was never set (it
+keeps its stale value), so the driver sets *all* refittable weights every time.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import RefitError, WeightMappingError
+
+__all__ = ["apply_mapping", "validate_mapping"]
+
+_TRT_TO_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
+              "INT8": np.int8, "BF16": None}
+
+
+def _as_array(name: str, value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu")
+        if value.dtype == torch.bfloat16:
+            value = value.to(torch.float32)
+        return value.contiguous().numpy()
+    return np.asarray(value)
+
+
+def validate_mapping(refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Check every weight against the engine's prototypes before anything is touched.
+
+    Returns (arrays cast to the engine dtype, problems). Problems: unknown names, engine weights
+    without a value, wrong count, non-float or overflowing values, NaN/Inf."""
+    problems: list[str] = []
+    names = list(refitter.get_all_weights())
+    known = set(names)
+    for name in mapping:
+        if name not in known:
+            problems.append(f"{name!r}: the engine has no refittable weight of that name")
+    out: dict[str, np.ndarray] = {}
+    for name in names:
+        if name not in mapping:
+            problems.append(f"{name!r}: no value given (every refittable weight must be set, or TensorRT "
+                            f"silently keeps the stale one)")
+            continue
+        proto = refitter.get_weights_prototype(name)
+        want = _TRT_TO_NP.get(proto.dtype)
+        arr = _as_array(name, mapping[name])
+        if want is None:
+            problems.append(f"{name!r}: engine dtype {proto.dtype} is not supported by the driver")
+            continue
+        if arr.size != proto.count:
+            problems.append(f"{name!r}: {arr.size} values {list(arr.shape)} where the engine has {proto.count} "
+                            f"{list(getattr(proto, 'shape', ()) or ())}")
+            continue
+        if np.issubdtype(want, np.floating):
+            if not np.issubdtype(arr.dtype, np.floating):
+                problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
+                continue
+            finite_in = np.isfinite(arr)
+            if not finite_in.all():
+                bad = int((~finite_in).sum())
+                first = np.unravel_index(int(np.argmin(finite_in)), arr.shape) if arr.ndim else ()
+                problems.append(f"{name!r}: {bad} non-finite value(s) (first at {list(first)}: "
+                                f"{arr.reshape(-1)[int(np.argmin(finite_in.reshape(-1)))]})")
+                continue
+            if arr.dtype != want:
+                with np.errstate(over="ignore"):
+                    cast = arr.astype(want)
+                if not np.isfinite(cast).all():
+                    problems.append(f"{name!r}: values up to {float(np.abs(arr).max()):.3g} overflow {proto.dtype}")
+                    continue
+                arr = cast
+        elif arr.dtype != want:
+            problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
+            continue
+        out[name] = np.ascontiguousarray(arr)
+    return out, problems
+
+
+def _set_all(refitter, arrays: Mapping[str, np.ndarray]) -> list[str]:
+    problems = []
+    for name, arr in arrays.items():
+        if not refitter.set_named_weights(name, arr):
+            problems.append(f"{name!r}: the refitter rejected the value")
+    missing = list(refitter.get_missing_weights())
+    if missing:
+        problems.append(f"the refitter still misses {len(missing)} weight(s): {missing[:10]}")
+    return problems
+
+
+def _errors(refitter) -> list[str]:
+    errs = getattr(refitter, "errors", None)
+    return list(errs) if errs else []
+
+
+def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False):
+    """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
+    refitted (a copy unless ``in_place``).
+
+    Nothing is touched unless every weight validates; if the backend still fails (it may have
+    applied a subset) the previous weights are re-applied, so on any error the engine answers
+    exactly as before. Errors list every problem found."""
+    target = engine if in_place else engine.clone()
+    impl = target._impl
+    refitter = impl.create_refitter()
+    arrays, problems = validate_mapping(refitter, mapping)
+    if problems:
+        raise WeightMappingError(problems, header="refit refused before touching the engine")
+    previous = {k: np.array(v, copy=True) for k, v in impl.current_weights().items()}
+    problems = _set_all(refitter, arrays)
+    if not problems and refitter.refit():
+        return target
+    problems = problems or ["refit() returned False"]
+    problems += _errors(refitter)
+    # Roll back: TensorRT may have applied part of the new weights before failing.
+    rollback = impl.create_refitter()
+    rb_problems = _set_all(rollback, previous)
+    rolled_back = not rb_problems and bool(rollback.refit())
+    if not rolled_back:
+        problems += [f"rollback: {p}" for p in rb_problems + _errors(rollback)]
+    raise RefitError(problems, rolled_back=rolled_back)

@@ -1,0 +1,213 @@
+"""The two ways of turning new weights into engine weights.
+
+- :func:`cached_mapping`: the weight map's recipes applied to a state_dict (no export, no
+  conversion): the fast path.
+- :func:`fallback_mapping`: conversion run again with the new weights, then every refittable
+  weight read back off the new network's layers by name: the slow, independent witness.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from .errors import ArchitectureMismatchError, WeightMappingError
+from .recipes import apply_recipe, evaluate_operand
+from .weight_map import WeightMap
+
+__all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint"]
+
+ENGINE_DTYPE = torch.float32
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state_dict from a checkpoint file, never unpickling arbitrary objects."""
+    try:
+        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise WeightMappingError([f"{path}: cannot be read as a weights-only checkpoint: {err}"],
+                                 header="cannot load the checkpoint") from err
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightMappingError([f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}"],
+                                 header="cannot load the checkpoint")
+    return obj
+
+
+def normalize_weights(new_weights: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state_dict, source object) from an nn.Module, ExportedProgram, state_dict or checkpoint path."""
+    if isinstance(new_weights, (str, os.PathLike)):
+        return load_checkpoint(new_weights), None
+    if isinstance(new_weights, torch.nn.Module):
+        return {k: v.detach() for k, v in new_weights.state_dict().items()}, new_weights
+    if isinstance(new_weights, torch.export.ExportedProgram):
+        return {k: v.detach() for k, v in new_weights.state_dict.items()}, new_weights
+    if isinstance(new_weights, Mapping):
+        bad = [k for k, v in new_weights.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise WeightMappingError([f"{k!r}: expected a torch.Tensor, got {type(new_weights[k]).__name__}"
+                                      for k in bad])
+        return {k: v.detach() for k, v in new_weights.items()}, None
+    raise TypeError(f"new weights must be an nn.Module, ExportedProgram, state_dict or checkpoint path; "
+                    f"got {type(new_weights).__name__}")
+
+
+def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate a state_dict against the map and return it with floats cast to the engine dtype.
+
+    Raises :class:`ArchitectureMismatchError` for missing keys or wrong shapes (every one listed,
+    with the engine weights that need it) and :class:`WeightMappingError` for dtype problems,
+    overflow on cast, or tied parameters with different values."""
+    arch, other = [], []
+    used = weight_map.keys_used
+    for key in used:
+        consumers = weight_map.consumers(key)
+        shown = ", ".join(consumers[:3]) + (f" (+{len(consumers) - 3} more)" if len(consumers) > 3 else "")
+        if key not in state:
+            arch.append(f"state_dict has no key {key!r} (needed by engine weight(s) {shown})")
+            continue
+        spec = weight_map.key_specs.get(key)
+        t = state[key]
+        if spec is not None and list(t.shape) != list(spec[0]):
+            arch.append(f"{key!r}: shape {list(t.shape)} where the compiled model has {list(spec[0])} "
+                        f"(engine weight(s) {shown})")
+            continue
+        want_float = spec is None or spec[1] in ("float32", "float16", "bfloat16", "float64")
+        if want_float and not t.is_floating_point():
+            other.append(f"{key!r}: dtype {t.dtype} where a floating-point tensor is needed (engine weight(s) {shown})")
+    for group in weight_map.tied:
+        present = [k for k in group if k in state]
+        for k in present[1:]:
+            a, b = state[present[0]], state[k]
+            if a.shape != b.shape or not torch.equal(a, b):
+                other.append(f"tied parameters {present[0]!r} and {k!r} are one tensor in the model but differ in "
+                             f"the new weights; give them equal values (load_state_dict would keep only one)")
+    if arch:
+        raise ArchitectureMismatchError(arch + other)
+    if other:
+        raise WeightMappingError(other)
+    out: dict[str, torch.Tensor] = {}
+    overflow = []
+    for key in used:
+        t = state[key]
+        if t.is_floating_point() and t.dtype != ENGINE_DTYPE:
+            c = t.to(ENGINE_DTYPE)
+            if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(t).all()):
+                big = t.abs().max().item()
+                overflow.append(f"{key!r}: values up to {big:.3g} overflow {ENGINE_DTYPE} (engine weight(s) "
+                                f"{', '.join(weight_map.consumers(key)[:3])})")
+            t = c
+        out[key] = t
+    if overflow:
+        raise WeightMappingError(overflow)
+    return out
+
+
+def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarray]:
+    """``{engine weight name: float32 array}`` from a new state_dict through the map's recipes.
+
+    Example::
+
+        mapping = refitcore.cached_mapping(engine.weight_map, new_model.state_dict())
+    """
+    state, _ = normalize_weights(state_dict)
+    state = check_state_dict(weight_map, state)
+    memo: dict = {}
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        for name, src in weight_map.sources.items():
+            inputs = {k: evaluate_operand(v, state, weight_map.constants, memo) for k, v in src.inputs.items()}
+            value = apply_recipe(src.recipe, inputs, src.params)
+            value = value.to(ENGINE_DTYPE)
+            if value.numel() != src.count:
+                raise WeightMappingError([f"engine weight {name!r}: recipe {src.describe()} gave {value.numel()} "
+                                          f"values, the engine needs {src.count}"])
+            out[name] = value.reshape(src.shape).contiguous().numpy()
+    return out
+
+
+def _first_difference(a: list, b: list) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"entry {i}: compiled {x} vs new {y}"
+    if len(a) != len(b):
+        longer, which = (a, "compiled") if len(a) > len(b) else (b, "new")
+        return f"the {which} graph has {abs(len(a) - len(b))} more entries, first {longer[min(len(a), len(b))]}"
+    return "no difference found"
+
+
+def exported_for(engine, source: Any, state: dict[str, torch.Tensor]):
+    """The ExportedProgram to convert for the fallback path, checked against the compiled graph."""
+    from .lowering import export_model, graph_fingerprint
+
+    if isinstance(source, torch.nn.Module):
+        ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
+                                   for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
+    elif isinstance(source, torch.export.ExportedProgram):
+        ep = source.run_decompositions({}) if not _is_lowered(source) else source
+    else:
+        ep = engine.exported_program
+        if ep is None:
+            module = _module_from_factory(engine)
+            if module is None:
+                raise ArchitectureMismatchError([
+                    "this engine has no exported program (it was loaded from a file) and no recorded model "
+                    "factory; pass the new weights as an nn.Module to use the fallback path"])
+            module.load_state_dict(state, strict=False)
+            return exported_for(engine, module, state)
+        return ep
+    digest, entries = graph_fingerprint(ep)
+    if digest != engine.fingerprint:
+        where = _first_difference(engine.graph_entries or [], entries) if engine.graph_entries else "unknown"
+        raise ArchitectureMismatchError([f"the new model's graph differs from the compiled one ({where}); "
+                                         f"recompile needed"])
+    return ep
+
+
+def _is_lowered(ep) -> bool:
+    return not any(getattr(n.target, "__name__", "") == "batch_norm.default" for n in ep.graph.nodes)
+
+
+def _module_from_factory(engine):
+    if not engine.model_factory:
+        return None
+    from .factory import load_factory
+
+    return load_factory(engine.model_factory)()
+
+
+def fallback_mapping(engine, new_weights: Any) -> dict[str, np.ndarray]:
+    """Convert again with ``new_weights`` and read every refittable weight back off the new network.
+
+    When only the weights changed (a state_dict or checkpoint), the engine's exported program is
+    reused instead of exporting again. A module or ExportedProgram whose graph differs from the
+    compiled one raises :class:`ArchitectureMismatchError` naming the first difference."""
+    from .backends.reference_plan import WEIGHT_ROLES, read_network
+    from .conversion.convert import convert
+
+    state, source = normalize_weights(new_weights)
+    checked = check_state_dict(engine.weight_map, state)
+    ep = exported_for(engine, source, state)
+    # Parameters are looked up by the exported program's own fully qualified names.
+    params = {k: v for k, v in state.items()}
+    params.update(checked)
+    result = convert(ep, params, fusion=engine.fusion)
+    plan = read_network(result.network)
+    out: dict[str, np.ndarray] = {}
+    for layer in plan["layers"]:
+        for role in WEIGHT_ROLES.get(layer["type"], ()):
+            arr = layer["weights"].get(role)
+            if arr is None:
+                continue
+            name = f"{layer['name']} {role}"
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            src = engine.weight_map.sources.get(name)
+            if src is not None and src.count == arr.size:
+                arr = arr.reshape(src.shape)  # TensorRT hands kernels back flat
+            out[name] = arr
+    return out

@@ -1,0 +1,137 @@
+"""``refitcore.refit``: new weights -> refitted engine, through the cached map or the fallback."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import torch
+
+from .audit import Audit, audit as audit_mappings
+from .driver import apply_mapping
+from .mapping import cached_mapping, fallback_mapping, normalize_weights
+from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
+
+__all__ = ["refit", "RefitResult", "eager_model_for", "PATHS"]
+
+log = logging.getLogger("refitcore")
+PATHS = ("auto", "cached", "fallback")
+
+
+@dataclasses.dataclass
+class RefitResult:
+    """What a refit did. Truthy unless verification ran and failed."""
+
+    engine: Any
+    path: str                                  # the path whose weights the engine now holds
+    requested_path: str
+    fell_back: bool = False
+    audit: Audit | None = None                 # cached vs fallback, when both were computed
+    verdict: Verdict | None = None             # engine vs eager, when verify_inputs were given
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    messages: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (self.verdict is None or self.verdict.ok) and (self.audit is None or self.audit.ok or
+                                                              (self.fell_back and self.verdict is not None
+                                                               and self.verdict.ok))
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __str__(self) -> str:
+        lines = [f"refit via {self.path} path (requested {self.requested_path}) on {self.engine.backend}: "
+                 f"{'OK' if self.ok else 'FAILED'}"]
+        lines += [f"  {m}" for m in self.messages]
+        if self.audit is not None:
+            lines.append("  " + str(self.audit).replace("\n", "\n  "))
+        if self.verdict is not None:
+            lines.append("  " + str(self.verdict).replace("\n", "\n  "))
+        lines.append("  timings: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in self.timings.items()))
+        return "\n".join(lines)
+
+
+def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None):
+    """An eager model holding the new weights, to compare the refitted engine with."""
+    if isinstance(source, torch.nn.Module):
+        return source.eval()
+    if isinstance(source, torch.export.ExportedProgram):
+        return source.module()
+    module = None
+    if engine.exported_program is not None:
+        module = engine.exported_program.module()
+    elif engine.model_factory:
+        from .factory import load_factory
+
+        module = load_factory(engine.model_factory)()
+    if module is None:
+        raise ValueError("cannot build an eager model for verification: the engine has no exported program or "
+                         "model factory; pass reference_model=")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise ValueError(f"the new weights lack {missing[:5]} needed to run the eager model")
+    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    return module.eval() if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule) else module
+
+
+def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
+          atol: float = DEFAULT_ATOL, in_place: bool = False, audit: bool = False,
+          reference_model: torch.nn.Module | None = None) -> RefitResult:
+    """Refit ``engine`` with ``new_weights`` (nn.Module, ExportedProgram, state_dict or checkpoint path).
+
+    ``path``: 'cached' (the weight map's recipes), 'fallback' (convert again, read the weights off
+    the network) or 'auto' (cached; when ``verify_inputs`` are given and the result disagrees
+    with eager, refit through the fallback and say so). ``audit=True`` computes both mappings and
+    compares them weight by weight. Raises on unusable weights (nothing is changed then); a
+    verification mismatch is reported in the returned :class:`RefitResult` (falsy).
+
+    Example::
+
+        result = refitcore.refit(engine, "finetuned.pt", verify_inputs=[torch.randn(1, 3, 64, 64)])
+        assert result, str(result)
+    """
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    t_start = time.perf_counter()
+    state, source = normalize_weights(new_weights)
+    timings: dict[str, float] = {}
+    messages: list[str] = []
+
+    def timed(key, fn, *a, **k):
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        return out
+
+    cached = fallback = None
+    if path in ("auto", "cached") or audit:
+        cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, state)
+    if path == "fallback" or audit:
+        fallback = timed("fallback_mapping_s", fallback_mapping, engine, source if source is not None else state)
+    report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback") if audit else None
+    used = "fallback" if path == "fallback" else "cached"
+    refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
+    verdict = None
+    fell_back = False
+    if verify_inputs is not None:
+        model = reference_model or eager_model_for(engine, state, source)
+        verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
+        if not verdict and path == "auto":
+            messages.append("the cached path disagreed with eager; refitting through the fallback path")
+            log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
+                        verdict.worst)
+            if fallback is None:
+                fallback = timed("fallback_mapping_s", fallback_mapping, engine,
+                                 source if source is not None else state)
+            report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback")
+            first = report.first_failure(engine.weight_names)
+            if first is not None:
+                messages.append(f"first engine weight where cached and fallback disagree: {first}")
+            refitted = timed("apply_s", apply_mapping, refitted, fallback, in_place=True)
+            verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
+            used, fell_back = "fallback", True
+    timings["total_s"] = time.perf_counter() - t_start
+    return RefitResult(refitted, used, path, fell_back, report, verdict, timings, messages)

@@ -1,0 +1,167 @@
+"""Engine vs eager PyTorch: verdicts that say which output, where, and by how much."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+__all__ = ["verify", "compare_outputs", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputCheck:
+    """One output compared in float64. ``atol`` is scaled: ``atol * max(1, max|expected|)``."""
+
+    index: int
+    shape: tuple[int, ...]
+    mismatched: int
+    max_abs: float
+    max_abs_at: tuple[int, ...]
+    actual_at: float
+    expected_at: float
+    max_rel: float
+    norm_rel: float               # ||actual - expected|| / ||expected||
+    rtol: float
+    atol: float
+    min_atol: float               # smallest atol (scaled units) that would have passed at this rtol
+    min_rtol: float               # smallest rtol that would have passed at this atol
+    nonfinite: int
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0 and self.nonfinite == 0
+
+    def __str__(self) -> str:
+        state = "ok" if self.ok else "MISMATCH"
+        return (f"output {self.index} {list(self.shape)}: {state}; {self.mismatched} of "
+                f"{_numel(self.shape)} elements outside tolerance, max abs err {self.max_abs:.3g} at "
+                f"{list(self.max_abs_at)} (engine {self.actual_at:.6g} vs eager {self.expected_at:.6g}), "
+                f"max rel err {self.max_rel:.3g}, norm-relative err {self.norm_rel:.3g}; rtol={self.rtol:g}, "
+                f"atol={self.atol:g}; would pass with atol>={self.min_atol:.3g} or rtol>={self.min_rtol:.3g}"
+                + (f"; {self.nonfinite} non-finite engine values" if self.nonfinite else ""))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], *, rtol: float = DEFAULT_RTOL,
+                    atol: float = DEFAULT_ATOL) -> list[OutputCheck]:
+    checks = []
+    if len(actual) != len(expected):
+        raise ValueError(f"engine gave {len(actual)} outputs, eager gave {len(expected)}")
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        a64 = a.detach().to("cpu", torch.float64)
+        e64 = e.detach().to("cpu", torch.float64)
+        if a64.shape != e64.shape:
+            raise ValueError(f"output {i}: engine shape {list(a64.shape)} vs eager {list(e64.shape)}")
+        scale = max(1.0, float(e64.abs().max()) if e64.numel() else 1.0)
+        atol_eff = atol * scale
+        nonfinite = int((~torch.isfinite(a64)).sum())
+        diff = (a64 - e64).abs()
+        diff = torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("inf")))
+        bound = atol_eff + rtol * e64.abs()
+        mismatched = int((diff > bound).sum())
+        flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.dim() else ()
+        max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
+        rel = diff / e64.abs().clamp_min(1e-12)
+        norm_e = float(torch.linalg.vector_norm(e64))
+        norm_rel = float(torch.linalg.vector_norm(torch.nan_to_num(a64 - e64, nan=1e308))) / max(norm_e, 1e-30)
+        min_atol = float(((diff - rtol * e64.abs()).clamp_min(0) / scale).max()) if diff.numel() else 0.0
+        min_rtol = float(((diff - atol_eff).clamp_min(0) / e64.abs().clamp_min(1e-12)).max()) if diff.numel() else 0.0
+        checks.append(OutputCheck(i, tuple(a64.shape), mismatched, max_abs, idx,
+                                  float(a64.reshape(-1)[flat]) if a64.numel() else 0.0,
+                                  float(e64.reshape(-1)[flat]) if e64.numel() else 0.0,
+                                  float(rel.max()) if rel.numel() else 0.0, norm_rel, rtol, atol, min_atol, min_rtol,
+                                  nonfinite))
+    return checks
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Truthy when every output of every sample matches; ``str()`` says where and by how much."""
+
+    checks: list[list[OutputCheck]]       # [sample][output]
+    backend: str = ""
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for sample in self.checks for c in sample)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def worst(self) -> OutputCheck | None:
+        allc = [c for sample in self.checks for c in sample]
+        if not allc:
+            return None
+        return max(allc, key=lambda c: (not c.ok, c.max_abs / max(c.atol, 1e-30)))
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for s in self.checks for c in s), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"verify ({self.backend or 'engine'} vs eager): {'OK' if self.ok else 'FAILED'} over "
+                 f"{len(self.checks)} sample(s)"]
+        for s, sample in enumerate(self.checks):
+            for c in sample:
+                if not c.ok or len(self.checks) == 1:
+                    lines.append(f"  sample {s}, {c}")
+        if self.ok and self.worst is not None and len(self.checks) > 1:
+            lines.append(f"  worst: {self.worst}")
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "backend": self.backend, "max_abs": self.max_abs,
+                "checks": [[dataclasses.asdict(c) | {"ok": c.ok} for c in s] for s in self.checks]}
+
+
+def _as_list(out) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return list(out)
+
+
+def _samples(inputs) -> list[tuple[torch.Tensor, ...]]:
+    """inputs: one tensor, a tuple of tensors (one sample), or a list of such samples."""
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    if isinstance(inputs, tuple):
+        return [inputs]
+    out = []
+    for s in inputs:
+        out.append((s,) if isinstance(s, torch.Tensor) else tuple(s))
+    return out
+
+
+def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Verdict:
+    """Run ``engine`` and eager ``reference_model`` (eval mode) on each sample; never raises on a
+    mismatch: returns a :class:`Verdict`.
+
+    Example::
+
+        verdict = refitcore.verify(engine, model, [torch.randn(1, 3, 64, 64)])
+        assert verdict, str(verdict)
+    """
+    if hasattr(reference_model, "eval"):
+        reference_model.eval()
+    checks = []
+    with torch.no_grad():
+        for sample in _samples(inputs):
+            expected = _as_list(reference_model(*sample))
+            actual = engine.run(list(sample))
+            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol))
+    return Verdict(checks, backend=engine.backend, note=engine.note)
