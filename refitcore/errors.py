@@ -32,10 +32,6 @@ class UnsupportedOperatorError(RefitCoreError):
         )
 
 
-class ArchitectureMismatchError(RefitCoreError):
-    """New weights/graph do not fit the compiled architecture: recompile needed."""
-
-
 class WeightMappingError(RefitCoreError, ValueError):
     """A state_dict cannot be turned into engine weights (missing key, wrong shape/dtype,
     non-finite values, tied weights that differ). ``.problems`` lists every problem."""
@@ -46,6 +42,14 @@ class WeightMappingError(RefitCoreError, ValueError):
         more = len(self.problems) - len(shown)
         body = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
         super().__init__(f"{header} ({len(self.problems)} problem(s)):\n{body}")
+
+
+class ArchitectureMismatchError(WeightMappingError):
+    """The new weights or graph do not fit the compiled architecture (missing keys, other shapes, a
+    different graph): recompile needed. ``.problems`` lists every difference found."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, header="the new weights do not fit the compiled architecture; recompile needed")
 
 
 class RefitError(RefitCoreError):
