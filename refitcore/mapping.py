@@ -65,21 +65,27 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
     overflow on cast, or tied parameters with different values."""
     arch, other = [], []
     used = weight_map.keys_used
-    for key in used:
+    specs = weight_map.key_specs
+
+    def shown(key: str) -> str:
+        # Only on the error path: finding a key's consumers scans the whole map.
         consumers = weight_map.consumers(key)
-        shown = ", ".join(consumers[:3]) + (f" (+{len(consumers) - 3} more)" if len(consumers) > 3 else "")
+        return ", ".join(consumers[:3]) + (f" (+{len(consumers) - 3} more)" if len(consumers) > 3 else "")
+
+    for key in used:
         if key not in state:
-            arch.append(f"state_dict has no key {key!r} (needed by engine weight(s) {shown})")
+            arch.append(f"state_dict has no key {key!r} (needed by engine weight(s) {shown(key)})")
             continue
-        spec = weight_map.key_specs.get(key)
+        spec = specs.get(key)
         t = state[key]
-        if spec is not None and list(t.shape) != list(spec[0]):
+        if spec is not None and tuple(t.shape) != tuple(spec[0]):
             arch.append(f"{key!r}: shape {list(t.shape)} where the compiled model has {list(spec[0])} "
-                        f"(engine weight(s) {shown})")
+                        f"(engine weight(s) {shown(key)})")
             continue
         want_float = spec is None or spec[1] in ("float32", "float16", "bfloat16", "float64")
         if want_float and not t.is_floating_point():
-            other.append(f"{key!r}: dtype {t.dtype} where a floating-point tensor is needed (engine weight(s) {shown})")
+            other.append(f"{key!r}: dtype {t.dtype} where a floating-point tensor is needed "
+                         f"(engine weight(s) {shown(key)})")
     for group in weight_map.tied:
         present = [k for k in group if k in state]
         for k in present[1:]:
