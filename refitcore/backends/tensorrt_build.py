@@ -1,0 +1,120 @@
+"""Building a refittable TensorRT plan: builder configuration, build, and what the builder said.
+
+Kept apart from the runtime so that the build alone can run where engines cannot (TensorRT-RTX
+builds on a compute capability 9.0 GPU but refuses to run there), e.g. for
+``benchmarks/build_times.py``.
+
+Documentation relied on:
+- REFIT flag, ``build_serialized_network``: "Refitting an Engine",
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/refitting-engines.html
+  (``config.set_flag(trt.BuilderFlag.REFIT)``; ``builder.build_serialized_network(network, config)``).
+- TF32 is enabled by default in a builder config, and clearing ``BuilderFlag.TF32`` keeps fp32
+  convolutions and matrix multiplies in IEEE fp32: "Precision Control",
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/precision-control.html
+  (TensorRT-RTX 1.7 reports ``get_flag(TF32) == True`` on a fresh config, checked on the CPU machine).
+- fp16 in a weakly typed network is ``BuilderFlag.FP16`` (same page). TensorRT-RTX has no FP16
+  builder flag: its networks are strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
+  https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/_static/python-api/infer/Core/Builder.html),
+  so precision='fp16' is refused there with that reason instead of silently building fp32.
+- ``Builder.is_network_supported`` reports violated constraints to the error recorder
+  (Python API docstring of ``tensorrt.Builder``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from .. import _trt
+from ..errors import BackendUnavailableError
+
+__all__ = ["PRECISIONS", "PlanBuild", "builder_config", "build_plan"]
+
+PRECISIONS = ("fp32", "fp16")
+
+
+@dataclasses.dataclass
+class PlanBuild:
+    """A serialized plan and what it cost."""
+
+    plan: bytes
+    seconds: float
+    precision: str
+    tf32: bool
+    network_supported: bool | None          # Builder.is_network_supported, where the API has it
+    messages: list[str]                     # warnings and errors TensorRT logged/recorded during the build
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.plan)
+
+
+def builder_config(builder, *, precision: str = "fp32", tf32: bool = False, refit: bool = True, trt=None):
+    """A builder config with ``BuilderFlag.REFIT`` (unless ``refit=False``, for comparisons only),
+    TF32 cleared unless ``tf32=True`` (strict IEEE fp32 by default), and ``BuilderFlag.FP16`` for
+    ``precision='fp16'``."""
+    t = trt if trt is not None else _trt.trt()
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    config = builder.create_builder_config()
+    if refit:
+        config.set_flag(t.BuilderFlag.REFIT)
+    # TF32 is on by default; strict fp32 clears it (documented option tf32=True keeps it).
+    if hasattr(t.BuilderFlag, "TF32"):
+        if tf32:
+            config.set_flag(t.BuilderFlag.TF32)
+        else:
+            config.clear_flag(t.BuilderFlag.TF32)
+    elif tf32:
+        raise ValueError("tf32=True: this TensorRT has no BuilderFlag.TF32")
+    if precision == "fp16":
+        if not hasattr(t.BuilderFlag, "FP16"):
+            name = getattr(t, "__name__", "tensorrt")
+            raise BackendUnavailableError(
+                f"precision='fp16' needs BuilderFlag.FP16, which {name} {getattr(t, '__version__', '')} does not "
+                f"have (TensorRT-RTX networks are strongly typed: fp16 would need fp16 tensors in the network). "
+                f"Use precision='fp32', or NVIDIA's full TensorRT for fp16 builds.")
+        config.set_flag(t.BuilderFlag.FP16)
+    return config
+
+
+def _drain(recorder) -> list[str]:
+    return recorder.take() if recorder is not None else []
+
+
+def build_plan(builder, network, *, precision: str = "fp32", tf32: bool = False, refit: bool = True,
+               recorder=None, check_support: bool = True) -> PlanBuild:
+    """Build ``network`` into a serialized plan; raise a :class:`RuntimeError` carrying TensorRT's
+    own messages when the builder refuses it."""
+    t = _trt.trt()
+    log = _trt.logger()
+    log.take()  # start from a clean slate: only this build's messages are reported
+    if recorder is not None:
+        builder.error_recorder = recorder
+    config = builder_config(builder, precision=precision, tf32=tf32, refit=refit, trt=t)
+    supported = None
+    if check_support and hasattr(builder, "is_network_supported"):
+        try:
+            supported = bool(builder.is_network_supported(network, config))
+        except Exception as err:  # an API that cannot answer here is not a verdict on the network
+            supported = None
+            log.messages.append(f"[is_network_supported] {type(err).__name__}: {err}")
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - t0
+    messages = _drain(recorder) + log.take()
+    if serialized is None:
+        detail = "; ".join(messages[-10:]) or "no message from TensorRT"
+        raise RuntimeError(f"TensorRT could not build the network ({network.num_layers} layers, "
+                           f"precision={precision}, REFIT={refit}): {detail}")
+    plan = bytes(memoryview(serialized))
+    return PlanBuild(plan, seconds, precision, tf32, supported, messages)
+
+
+def describe_network(network) -> dict[str, Any]:
+    """Layer count and IO of a network, for reports."""
+    return {
+        "layers": int(network.num_layers),
+        "inputs": [network.get_input(i).name for i in range(network.num_inputs)],
+        "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
+    }

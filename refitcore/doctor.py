@@ -1,0 +1,116 @@
+"""``trtrefit doctor``: what this machine can do, and why not.
+
+Each check is a :class:`Check` ``(item, value, reason)``: ``value`` is True/False for a yes/no
+question, or a string for plain information. The TensorRT line comes from the same cached
+capability probe that chooses the ``auto`` backend and skips the GPU tests, so the three always
+agree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from typing import NamedTuple, Sequence
+
+__all__ = ["Check", "doctor", "render", "main"]
+
+
+class Check(NamedTuple):
+    item: str
+    value: bool | str
+    reason: str
+
+
+def _torch_checks() -> list[Check]:
+    try:
+        import torch
+    except Exception as err:  # torch is a hard dependency, but say so instead of crashing
+        return [Check("torch", False, f"cannot import torch: {type(err).__name__}: {err}")]
+    out = [Check("torch", torch.__version__, f"CUDA build {torch.version.cuda or 'none (CPU-only wheel)'}")]
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        i = torch.cuda.current_device()
+        cap = torch.cuda.get_device_capability(i)
+        out.append(Check("CUDA device", True, f"{n} visible; current #{i}: {torch.cuda.get_device_name(i)}, "
+                                              f"compute capability {cap[0]}.{cap[1]}"))
+    else:
+        out.append(Check("CUDA device", False, "torch.cuda.is_available() is False (no GPU, or no driver visible)"))
+    return out
+
+
+def _tensorrt_checks() -> list[Check]:
+    from . import _trt
+
+    if not _trt.available():
+        try:
+            _trt.trt()
+        except _trt.TensorRTUnavailableError as err:
+            return [Check("TensorRT Python API", False, str(err))]
+    return [Check("TensorRT Python API", True, f"{_trt.flavour()} {_trt.version()}")]
+
+
+def doctor() -> list[Check]:
+    """Run every check (the TensorRT capability probe may take a few seconds on a GPU machine)."""
+    from .backends import resolve_backend
+    from .backends import tensorrt as trt_backend
+
+    checks = [Check("python", platform.python_version(), sys.executable)]
+    try:
+        import refitcore
+
+        checks.append(Check("refitcore", getattr(refitcore, "__version__", "installed"), refitcore.__file__))
+    except Exception as err:  # pragma: no cover - we are inside refitcore
+        checks.append(Check("refitcore", False, str(err)))
+    checks += _torch_checks()
+    checks += _tensorrt_checks()
+    ok, reason = trt_backend.usable()
+    checks.append(Check("tensorrt backend (build, run, refit)", bool(ok), reason))
+    checks.append(Check("reference backend", True, "always available: a CPU interpreter of the TensorRT network; "
+                                                   "it checks the network and the weight mapping, not TensorRT's "
+                                                   "kernels"))
+    name, why = resolve_backend("auto")
+    checks.append(Check("backend 'auto' picks", name, why))
+    return checks
+
+
+def render(checks: Sequence[Check] | None = None) -> str:
+    """The checks as aligned text lines: ``[ ok ]``/``[FAIL]`` for yes/no checks, ``[info]`` else."""
+    checks = doctor() if checks is None else list(checks)
+    width = max((len(c.item) for c in checks), default=0)
+    lines = []
+    for c in checks:
+        if c.value is True:
+            tag, shown = "[ ok ]", ""
+        elif c.value is False:
+            tag, shown = "[FAIL]", ""
+        else:
+            tag, shown = "[info]", f"{c.value}: "
+        lines.append(f"{tag} {c.item.ljust(width)}  {shown}{c.reason}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``trtrefit doctor [--json] [--require-tensorrt]``. Exit status 0, or 1 when
+    ``--require-tensorrt`` is given and the TensorRT backend cannot run here."""
+    parser = argparse.ArgumentParser(prog="trtrefit doctor",
+                                     description="Report what this machine can do: torch, CUDA, TensorRT, and "
+                                                 "which backend 'auto' picks and why.")
+    parser.add_argument("--json", action="store_true", help="print the checks as JSON (default: text)")
+    parser.add_argument("--require-tensorrt", action="store_true",
+                        help="exit with status 1 unless the TensorRT backend can build, run and refit here "
+                             "(default: always exit 0)")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    checks = doctor()
+    if args.json:
+        print(json.dumps([c._asdict() for c in checks], indent=2))
+    else:
+        print(render(checks))
+    if args.require_tensorrt:
+        trt_ok = next(c.value for c in checks if c.item.startswith("tensorrt backend"))
+        return 0 if trt_ok is True else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
