@@ -57,6 +57,12 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     result = convert(ep, fusion=fusion)
     wm = result.weight_map
     wm.tied = tied_groups(model)
+    # torch.export lifts a tied parameter under one of its names (not necessarily the first);
+    # the map reads the first key of each group, so that a checkpoint's tied keys are
+    # checked for equality against one canonical key.
+    alias = {k: g[0] for g in wm.tied for k in g[1:]}
+    if alias:
+        wm.sources = {n: s.with_keys_renamed(alias) for n, s in wm.sources.items()}
     used = set(wm.keys_used)
     model_state = model.state_dict()
     state_keys = list(model_state.keys())

@@ -202,6 +202,11 @@ def fallback_mapping(engine, new_weights: Any) -> dict[str, np.ndarray]:
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}
     params.update(checked)
+    # Tied parameters are one tensor: every alias gets the canonical key's value (the exported
+    # program may have lifted the tensor under any of its names).
+    for group in engine.weight_map.tied:
+        if group[0] in checked:
+            params.update({k: checked[group[0]] for k in group[1:]})
     result = convert(ep, params, fusion=engine.fusion)
     plan = read_network(result.network)
     out: dict[str, np.ndarray] = {}

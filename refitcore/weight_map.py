@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "encode_array", "decode_array"]
+__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "rename_keys", "encode_array", "decode_array"]
 
 FORMAT_VERSION = 1
 
@@ -52,6 +52,20 @@ def operand_keys(operand: Any) -> Iterator[str]:
     elif isinstance(operand, (list, tuple)):
         for item in operand:
             yield from operand_keys(item)
+
+
+def rename_keys(operand: Any, rename: Mapping[str, str]) -> Any:
+    """A copy of an operand tree with its state_dict keys renamed."""
+    if isinstance(operand, dict):
+        if "key" in operand:
+            return dict(operand, key=rename.get(operand["key"], operand["key"]))
+        if "op" in operand:
+            return dict(operand, args=rename_keys(operand.get("args", []), rename),
+                        kwargs={k: rename_keys(v, rename) for k, v in operand.get("kwargs", {}).items()})
+        return operand
+    if isinstance(operand, (list, tuple)):
+        return [rename_keys(item, rename) for item in operand]
+    return operand
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +96,10 @@ class WeightSource:
     def from_json(cls, d: Mapping[str, Any]) -> "WeightSource":
         return cls(recipe=d["recipe"], inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
                    shape=tuple(int(s) for s in d["shape"]), dtype=d.get("dtype", "float32"))
+
+    def with_keys_renamed(self, rename: Mapping[str, str]) -> "WeightSource":
+        """The same source reading ``rename[key]`` wherever it read ``key``."""
+        return dataclasses.replace(self, inputs={k: rename_keys(v, rename) for k, v in self.inputs.items()})
 
     def describe(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
