@@ -1,0 +1,72 @@
+"""Unsupported operators: one error listing every unsupported call of the model, found in one pass,
+each with its ATen target and module path."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import refitcore
+
+
+class LogCumSumExp(nn.Module):
+    def forward(self, x):
+        return torch.logcumsumexp(x, dim=1)
+
+
+class Spectrum(nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft(x, dim=-1).real
+
+
+class Sorter(nn.Module):
+    def forward(self, x):
+        return torch.sort(x, dim=-1, stable=True).values
+
+
+class ManyUnsupported(nn.Module):
+    """Supported layers (conv, ReLU) around three kinds of unsupported op; one of them called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.spec = Spectrum()
+        self.blocks = nn.Sequential(nn.ReLU(), Sorter())
+        self.head = LogCumSumExp()
+
+    def forward(self, x):
+        y = self.spec(self.conv(x))
+        y = self.blocks(y)
+        return self.head(self.head(y))
+
+
+def test_every_unsupported_op_is_listed_in_one_pass():
+    model = ManyUnsupported().eval()
+    with pytest.raises(refitcore.UnsupportedOperatorError) as info:
+        refitcore.compile(model, torch.randn(1, 3, 8, 8), backend="reference")
+    err = info.value
+    found = {(target.split(" ")[0], path) for target, path, _node in err.ops}
+    assert ("aten.logcumsumexp.default", "head") in found
+    assert any(t.startswith("aten.sort.") and p == "blocks.1" for t, p in found), found
+    assert any("fft" in t and p == "spec" for t, p in found), found
+    # The module called twice is listed twice (two calls, two nodes).
+    assert sum(1 for t, p, _ in err.ops if t.startswith("aten.logcumsumexp")) == 2
+    nodes = [n for _, _, n in err.ops]
+    assert len(nodes) == len(set(nodes))
+    # Supported ops are not listed.
+    assert not any("conv" in t or "relu" in t for t, _, _ in err.ops), err.ops
+    text = str(err)
+    for target, path, node in err.ops:
+        assert target in text and f"at {path}" in text and node in text
+    assert "converter" in text  # says what to do
+
+
+def test_unsupported_error_is_a_refitcore_error():
+    assert issubclass(refitcore.UnsupportedOperatorError, refitcore.RefitCoreError)
+
+
+def test_supported_model_raises_nothing():
+    """The check is not trigger-happy: the same model without the unsupported ops compiles."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    engine = refitcore.compile(model, torch.randn(1, 3, 8, 8), backend="reference")
+    assert len(engine.weight_names) == 2
