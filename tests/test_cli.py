@@ -1,0 +1,221 @@
+"""The ``trtrefit`` CLI: compile, gate (exit 0 pass / 1 mismatch / 2 unusable input), audit, doctor.
+
+One tiny model (tests/cli_models.py, 1x3x32x32) is compiled once per module; every other test
+calls ``main(argv)`` in-process so the export machinery stays warm.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import refitcore
+from refitcore import cli
+from tests.cli_models import other_net, randomized_state
+
+FACTORY = "tests.cli_models:small_net"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("cli")
+    code = cli.main(["compile", FACTORY, "--input", "1x3x32x32", "--backend", "reference", "-q",
+                     "-o", str(d / "m.trtrefit")])
+    assert code == 0
+    torch.save(randomized_state(1), d / "good.pt")
+    return d
+
+
+def gate(work: Path, checkpoint: str, *extra: str, bundle: str = "m.trtrefit") -> int:
+    return cli.main(["gate", str(work / bundle), str(work / checkpoint), "--inputs", "random:2", *extra])
+
+
+def test_help_teaches_with_examples():
+    parser = cli.build_parser()
+    text = parser.format_help()
+    assert "examples:" in text and "trtrefit gate" in text and "exit codes" in text
+    sub = {a.dest: a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)}
+    gate_help = sub["command"].choices["gate"].format_help()
+    assert "random:N[:SEED]" in gate_help and "weights_only=True" in gate_help and "recompile" in gate_help
+
+
+@pytest.mark.parametrize("text, shape", [("1x3x224x224", (1, 3, 224, 224)), ("2,8", (2, 8)), ("16", (16,))])
+def test_parse_shape(text, shape):
+    assert cli.parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["", "1x0x3", "axb", "1x-3"])
+def test_parse_shape_rejects(text):
+    with pytest.raises(Exception, match="must look like"):
+        cli.parse_shape(text)
+
+
+def test_compile_records_the_factory(work):
+    engine = refitcore.load(work / "m.trtrefit")
+    assert engine.model_factory == FACTORY
+    assert engine.io.input_shapes == ((1, 3, 32, 32),)
+
+
+def test_good_checkpoint_passes_both_paths(work, capsys):
+    code = gate(work, "good.pt", "--report", str(work / "r.json"), "--markdown", str(work / "s.md"))
+    out = capsys.readouterr()
+    assert code == 0, out.out + out.err
+    report = json.loads((work / "r.json").read_text())
+    assert report["verdict"] == "pass" and report["exit_code"] == 0
+    assert set(report["paths"]) == {"cached", "fallback"}
+    assert all(p["ok"] and p["max_abs"] < 1e-4 for p in report["paths"].values())
+    assert report["audit"]["ok"]
+    md = (work / "s.md").read_text()
+    assert "PASS" in md and "| path | max abs error | verdict | culprit weight |" in md
+    assert "| cached |" in md and "| fallback |" in md
+    # progress went to stderr, one line per long step
+    assert "fallback: re-exporting and converting" in out.err and "refitting a copy" in out.err
+
+
+def test_quiet_prints_no_progress(work, capsys):
+    assert gate(work, "good.pt", "--paths", "cached", "-q") == 0
+    out = capsys.readouterr()
+    assert out.err == "" and "PASS" in out.out
+
+
+def test_samples_file(work, capsys):
+    torch.save(torch.randn(3, 1, 3, 32, 32), work / "samples.pt")
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "samples.pt"),
+                     "--paths", "cached", "-q", "--report", str(work / "s.json")]) == 0
+    assert json.loads((work / "s.json").read_text())["samples"].startswith("3 ")
+    torch.save(torch.randn(1, 3, 16, 16), work / "small.pt")
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "small.pt"),
+                     "-q"]) == 2
+    assert "the engine takes [1, 3, 32, 32]" in capsys.readouterr().out
+    (work / "junk.pt").write_bytes(b"not a tensor file")
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "junk.pt"),
+                     "-q"]) == 2
+
+
+def test_nan_weight_is_refused_naming_it(work, capsys):
+    state = randomized_state(2)
+    state["conv2.weight"][1, 0, 0, 0] = float("nan")
+    torch.save(state, work / "nan.pt")
+    code = gate(work, "nan.pt", "-q", "--report", str(work / "nan.json"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "'conv2.weight'" in out and "conv2/conv2d KERNEL" in out and "NaN" in out
+    assert json.loads((work / "nan.json").read_text())["verdict"] == "fail"
+
+
+def test_swapped_map_entries_fail_naming_the_weight(work, capsys):
+    """A bundle whose weight map has two same-shape entries exchanged maps every checkpoint wrongly:
+    the cached path disagrees with eager and the gate names the weight (found by auditing against
+    the fallback)."""
+    engine = refitcore.load(work / "m.trtrefit")
+    a, b = "conv/conv2d BIAS", "conv2/conv2d BIAS"
+    src = engine.weight_map.sources
+    assert src[a].shape == src[b].shape
+    src[a], src[b] = src[b], src[a]
+    engine.save(work / "swapped.trtrefit")
+    code = gate(work, "good.pt", "--paths", "cached", "-q", "--report", str(work / "sw.json"),
+                "--markdown", str(work / "sw.md"), bundle="swapped.trtrefit")
+    out = capsys.readouterr().out
+    assert code == 1, out
+    report = json.loads((work / "sw.json").read_text())
+    assert report["verdict"] == "fail"
+    assert not report["paths"]["cached"]["ok"]
+    assert report["paths"]["cached"]["culprit"] in (a, b)
+    assert report["paths"]["cached"]["culprit"] in out
+    assert "FAIL" in (work / "sw.md").read_text()
+    # both paths: the fallback is right, the audit names the swapped weights
+    assert gate(work, "good.pt", "-q", "--report", str(work / "sw2.json"), bundle="swapped.trtrefit") == 1
+    report = json.loads((work / "sw2.json").read_text())
+    assert report["paths"]["fallback"]["ok"] and not report["paths"]["cached"]["ok"]
+    assert {f["name"] for f in report["audit"]["failures"]} == {a, b}
+
+
+def test_other_architecture_exits_2_saying_recompile(work, capsys):
+    torch.save(randomized_state(3, other_net), work / "other.pt")
+    code = gate(work, "other.pt", "-q")
+    out = capsys.readouterr()
+    assert code == 2
+    assert "recompile needed" in out.out and "'conv.weight'" in out.out
+    assert "recompile needed" in out.err
+
+
+def test_checkpoint_with_extra_keys_exits_2(work, capsys):
+    state = randomized_state(4)
+    state["head.weight"] = torch.zeros(3, 3)
+    torch.save(state, work / "extra.pt")
+    assert gate(work, "extra.pt", "-q") == 2
+    assert "head.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("keep", [10, 200, -40], ids=["prefix", "header", "weights"])
+def test_truncated_bundle_exits_2_with_clear_message(work, capsys, keep):
+    data = (work / "m.trtrefit").read_bytes()
+    (work / "trunc.trtrefit").write_bytes(data[:keep])
+    code = gate(work, "good.pt", "-q", bundle="trunc.trtrefit")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "truncated" in err and "trunc.trtrefit" in err
+
+
+def test_missing_files_exit_2(work, capsys):
+    assert gate(work, "nope.pt", "-q") == 2
+    assert "no such file" in capsys.readouterr().err
+    assert gate(work, "good.pt", "-q", bundle="nope.trtrefit") == 2
+
+
+def test_not_a_checkpoint_exits_2(work, capsys):
+    (work / "bad.pt").write_bytes(b"\x00garbage")
+    assert gate(work, "bad.pt", "-q") == 2
+    assert "checkpoint" in capsys.readouterr().err
+
+
+def test_audit_bundle_vs_checkpoint_and_bundle(work, capsys):
+    bundle = str(work / "m.trtrefit")
+    assert cli.main(["audit", bundle, bundle, "-q"]) == 0
+    # the bundle holds the compile-time weights, not good.pt's: disagreement, worst weight first
+    assert cli.main(["audit", bundle, str(work / "good.pt"), "-q", "--report", str(work / "a.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "KERNEL" in out
+    assert not json.loads((work / "a.json").read_text())["ok"]
+    # refit with good.pt, save: now the bundle holds exactly that checkpoint
+    refitted = refitcore.refit(refitcore.load(bundle), str(work / "good.pt"), path="cached").engine
+    refitted.save(work / "refitted.trtrefit")
+    assert cli.main(["audit", str(work / "refitted.trtrefit"), str(work / "good.pt"), "-q"]) == 0
+    assert cli.main(["audit", str(work / "good.pt"), str(work / "refitted.trtrefit"), "-q"]) == 0
+    assert cli.main(["audit", bundle, str(work / "refitted.trtrefit"), "-q"]) == 1
+    assert cli.main(["audit", str(work / "good.pt"), str(work / "good.pt"), "-q"]) == 2
+    torch.save(randomized_state(3, other_net), work / "other2.pt")
+    assert cli.main(["audit", bundle, str(work / "other2.pt"), "-q"]) == 2
+
+
+def test_doctor_delegates(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("refitcore.doctor")
+    fake.main = lambda argv: seen.append(list(argv)) or 0
+    monkeypatch.setitem(sys.modules, "refitcore.doctor", fake)
+    monkeypatch.setattr(refitcore, "doctor", fake, raising=False)
+    assert cli.main(["doctor", "--json"]) == 0
+    assert seen == [["--json"]]
+
+
+def test_doctor_missing_says_so(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "refitcore.doctor", None)
+    monkeypatch.delattr(refitcore, "doctor", raising=False)
+    assert cli.main(["doctor"]) == 2
+    assert "no doctor module" in capsys.readouterr().err
+
+
+def test_console_entry_point_runs(work):
+    """The module runs as a program (what the `trtrefit` script calls) with the same exit codes."""
+    (work / "trunc2.trtrefit").write_bytes((work / "m.trtrefit").read_bytes()[:100])
+    proc = subprocess.run([sys.executable, "-m", "refitcore.cli", "gate", str(work / "trunc2.trtrefit"),
+                           str(work / "good.pt"), "--inputs", "random:1", "-q"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "truncated" in proc.stderr
