@@ -1,0 +1,336 @@
+"""Refit checks and the mismatch report.
+
+A check refits a compiled engine with new weights through each selected path (the cached weight
+map, the fallback conversion), runs it and the eager model on the same inputs, and on any
+disagreement builds a report that says which path and output, by how much and where, the
+tolerances and the smallest that would have passed, and the *culprit*: the first engine weight
+(in engine order) where the cached mapping, the fallback mapping and the weights the engine
+actually holds after the refit disagree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from typing import Any, Sequence
+
+__all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
+           "as_samples", "format_report"]
+
+
+def as_samples(inputs) -> list[tuple]:
+    """inputs: one tensor, a tuple of tensors (one sample), or a list of such samples."""
+    import torch
+
+    if isinstance(inputs, torch.Tensor):
+        return [(inputs,)]
+    if isinstance(inputs, tuple):
+        return [tuple(inputs)]
+    samples = []
+    for s in inputs:
+        samples.append((s,) if isinstance(s, torch.Tensor) else tuple(s))
+    if not samples:
+        raise ValueError("inputs: give at least one sample (a tensor, a tuple of tensors, or a list of them)")
+    return samples
+
+
+def describe_weights(weights: Any) -> str:
+    """A short, readable name for a weight set (strategies give theirs a readable repr)."""
+    import torch
+
+    if hasattr(weights, "describe"):
+        return weights.describe()
+    if isinstance(weights, torch.nn.Module):
+        return f"{type(weights).__name__} module"
+    if isinstance(weights, dict):
+        return f"state_dict with {len(weights)} tensors"
+    return repr(weights)[:200]
+
+
+@dataclasses.dataclass
+class PathOutcome:
+    """One refit path of one check."""
+
+    path: str
+    ok: bool
+    seconds: float
+    verdict: Any = None                  # refitcore.Verdict, when the refit went through
+    error: str | None = None             # a refit/mapping error, when it did not
+    mapping: dict | None = None          # the mapping this path produced
+    held: dict | None = None             # what the engine held right after this path's refit (on failure)
+    repeat_of: int | None = None         # sequence step whose weights this step repeats
+    repeat_diff: float | None = None     # max |outputs - outputs at the repeated step| (0 = exact)
+    outputs: list | None = None          # engine outputs on the first sample (sequences)
+
+    @property
+    def worst(self):
+        return self.verdict.worst if self.verdict is not None else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Culprit:
+    """The first engine weight where the witnesses disagree."""
+
+    name: str
+    position: int                        # in engine.weight_names
+    total: int
+    recipe: str                          # the weight map's recipe for it
+    findings: tuple[str, ...]            # one line per disagreeing pair of witnesses
+
+    def __str__(self) -> str:
+        lines = [f"culprit: engine weight {self.name!r} (#{self.position + 1} of {self.total} in engine order)",
+                 f"    weight map recipe: {self.recipe}"]
+        lines += [f"    {f}" for f in self.findings]
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class CheckOutcome:
+    model: str
+    backend: str
+    note: str
+    weights: str
+    paths: list[PathOutcome]
+    rtol: float
+    atol: float
+    output_names: tuple[str, ...] = ()
+    culprit: Culprit | None = None
+    mapping_audit: Any = None            # cached vs fallback (both paths ran)
+    kind: str = "check"                  # check | sequence
+    step: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(p.ok for p in self.paths) and (self.mapping_audit is None or self.mapping_audit.ok)
+
+    def report(self) -> str:
+        return format_report(self)
+
+
+def digest(state) -> str:
+    """A content hash of a state_dict (to spot a weight set that repeats an earlier one)."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        h.update(f"{k}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _eager_for(entry, state):
+    """The cached eager copy of the model, loaded with ``state`` (keys it lacks keep their values)."""
+    import torch
+
+    eager = entry.eager
+    own = eager.state_dict()
+    new = {k: state[k] if k in state else v for k, v in own.items()}
+    with torch.no_grad():
+        eager.load_state_dict(new, strict=True)
+    return eager.eval()
+
+
+def _map(engine, path: str, state):
+    import refitcore
+
+    if path == "cached":
+        return refitcore.cached_mapping(engine.weight_map, state)
+    return refitcore.fallback_mapping(engine, state)
+
+
+def _run_path(entry, path: str, state, eager, samples, rtol, atol, *, keep_mapping: bool,
+              keep_outputs: bool = False) -> PathOutcome:
+    import refitcore
+
+    engine = entry.engine
+    t0 = time.perf_counter()
+    try:
+        mapping = _map(engine, path, state)
+        refitcore.apply_mapping(engine, mapping, in_place=True)
+    except refitcore.RefitCoreError as err:
+        return PathOutcome(path, False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}")
+    verdict = refitcore.verify(engine, eager, samples, rtol=rtol, atol=atol)
+    out = PathOutcome(path, verdict.ok, time.perf_counter() - t0, verdict=verdict,
+                      mapping=mapping if keep_mapping or not verdict.ok else None)
+    if not verdict.ok:
+        out.held = {k: v.copy() for k, v in engine.current_weights().items()}
+    if keep_outputs:
+        out.outputs = [t.detach().clone() for t in engine.run(list(samples[0]))]
+    return out
+
+
+def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
+              weights_label: str) -> CheckOutcome:
+    """Refit ``entry.engine`` with ``state`` through each path, compare with eager; never raises on
+    a mismatch (the outcome says what failed)."""
+    eager = _eager_for(entry, state)
+    engine = entry.engine
+    outcomes = [_run_path(entry, p, state, eager, samples, rtol, atol, keep_mapping=len(paths) > 1) for p in paths]
+    result = CheckOutcome(model, engine.backend, engine.note, weights_label, outcomes, rtol, atol,
+                          output_names=tuple(engine.io.output_names))
+    if len(outcomes) == 2 and all(o.mapping is not None for o in outcomes):
+        import refitcore
+
+        result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping,
+                                               a_label=outcomes[0].path, b_label=outcomes[1].path)
+    if not result.ok:
+        result.culprit = find_culprit(engine, state, outcomes)
+    for o in outcomes:  # mappings are large; keep the outcome light once analysed
+        o.mapping = o.held = None
+    return result
+
+
+def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
+                 labels: Sequence[str]) -> list[CheckOutcome]:
+    """Refit the same engine with ``states`` one after another (per path), comparing with eager at
+    every step; a step whose weights repeat an earlier step's must give bit-identical outputs
+    (A -> B -> A returns exactly to A). One outcome per step."""
+    import torch
+
+    engine = entry.engine
+    digests = [digest(s) for s in states]
+    per_step: list[list[PathOutcome]] = [[] for _ in states]
+    for path in paths:
+        seen: dict[str, int] = {}
+        outputs: list[list] = []
+        for i, state in enumerate(states):
+            eager = _eager_for(entry, state)
+            o = _run_path(entry, path, state, eager, samples, rtol, atol, keep_mapping=False, keep_outputs=True)
+            if o.outputs is not None and digests[i] in seen:
+                j = seen[digests[i]]
+                if outputs[j] is not None:
+                    diff = max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+                               for a, b in zip(o.outputs, outputs[j]))
+                    identical = all(torch.equal(a, b) for a, b in zip(o.outputs, outputs[j]))
+                    o.repeat_of = j
+                    o.repeat_diff = 0.0 if identical else (diff if diff > 0 else float("nan"))
+                    if not identical:
+                        o.ok = False
+                        if o.held is None:
+                            o.held = {k: v.copy() for k, v in engine.current_weights().items()}
+            seen.setdefault(digests[i], i)
+            outputs.append(o.outputs)
+            o.outputs = None
+            per_step[i].append(o)
+    results = []
+    for i, (state, outcomes) in enumerate(zip(states, per_step)):
+        r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
+                         output_names=tuple(engine.io.output_names), kind="sequence", step=i)
+        if not r.ok:
+            r.culprit = find_culprit(engine, state, outcomes)
+        for o in outcomes:
+            o.mapping = o.held = None
+        results.append(r)
+    return results
+
+
+def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | None:
+    """The first engine weight (engine order) where the cached mapping, the fallback mapping and the
+    engine's held weights (after each failing path's refit) disagree; None when they all agree."""
+    import refitcore
+
+    witnesses: dict[str, dict] = {}
+    errors: list[str] = []
+    by_path = {o.path: o for o in outcomes}
+    for path in ("cached", "fallback"):
+        o = by_path.get(path)
+        if o is not None and o.mapping is not None:
+            witnesses[f"{path} map"] = o.mapping
+            continue
+        try:
+            witnesses[f"{path} map"] = _map(engine, path, state)
+        except refitcore.RefitCoreError as err:
+            errors.append(f"the {path} mapping could not be computed: {str(err).splitlines()[0]}")
+    for o in outcomes:
+        if o.held is not None:
+            witnesses[f"engine after {o.path} refit"] = o.held
+    labels = list(witnesses)
+    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    audits = [(a, b, refitcore.audit(witnesses[a], witnesses[b], a_label=a, b_label=b)) for a, b in pairs]
+    order = list(engine.weight_names)
+    bad_by_name: dict[str, list[str]] = {}
+    for a, b, au in audits:
+        for d in au.diffs:
+            if not d.ok:
+                bad_by_name.setdefault(d.name, []).append(f"{a} vs {b}: {_diff_text(d, a, b)}")
+    for pos, name in enumerate(order + sorted(set(bad_by_name) - set(order))):
+        if name in bad_by_name:
+            src = engine.weight_map.sources.get(name)
+            recipe = src.describe() if src is not None else "(not in the weight map)"
+            return Culprit(name, pos, len(order), recipe, tuple(bad_by_name[name] + errors))
+    if errors:
+        return Culprit("(none found)", -1, len(order), "-", tuple(errors))
+    return None
+
+
+def _diff_text(d, a: str, b: str) -> str:
+    if d.status == "value":
+        return (f"max abs diff {d.max_abs:.4g} (rel {d.max_rel:.3g}) at {list(d.index)} "
+                f"({a} {d.a_value:.6g} vs {b} {d.b_value:.6g})")
+    return f"{d.status} ({d.detail})"
+
+
+def _backend_line(outcome: CheckOutcome) -> str:
+    if outcome.backend == "reference":
+        return ("backend: reference (a CPU interpreter of the TensorRT network; TensorRT's kernels were NOT "
+                "exercised)")
+    return f"backend: {outcome.backend}" + (f" ({outcome.note})" if outcome.note else "")
+
+
+def _output_lines(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
+    lines = []
+    v = p.verdict
+    for s, sample in enumerate(v.checks):
+        for c in sample:
+            if c.ok:
+                continue
+            name = outcome.output_names[c.index] if c.index < len(outcome.output_names) else str(c.index)
+            lines.append(
+                f"  path {p.path!r}, sample {s}, output {c.index} ({name}) shape {list(c.shape)}: "
+                f"{c.mismatched} of {_numel(c.shape)} elements mismatched"
+                + (f", {c.nonfinite} non-finite" if c.nonfinite else ""))
+            lines.append(f"      max abs err {c.max_abs:.4g} at {list(c.max_abs_at)}: engine {c.actual_at:.7g} vs "
+                         f"eager {c.expected_at:.7g}; max rel err {c.max_rel:.4g}; norm-relative err {c.norm_rel:.3g}")
+            lines.append(f"      tolerances rtol={c.rtol:g}, atol={c.atol:g} (atol scaled by max(1, max|eager|)); "
+                         f"smallest that would pass: atol>={c.min_atol:.3g} (at this rtol) or "
+                         f"rtol>={c.min_rtol:.3g} (at this atol)")
+    return lines
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def format_report(outcome: CheckOutcome) -> str:
+    """The mismatch report (also fine to print for a passing check)."""
+    what = "sequence step" if outcome.kind == "sequence" else "check"
+    step = f" (step {outcome.step})" if outcome.step is not None else ""
+    lines = [f"trt-refit {what}{step} {'passed' if outcome.ok else 'FAILED'} for model {outcome.model!r}",
+             f"  {_backend_line(outcome)}",
+             f"  weights: {outcome.weights}"]
+    for p in outcome.paths:
+        if p.error is not None:
+            lines.append(f"  path {p.path!r}: the refit did not go through: {p.error}".replace("\n", "\n      "))
+        elif not p.ok:
+            lines += _output_lines(outcome, p)
+            if p.repeat_of is not None and p.repeat_diff:
+                lines.append(f"  path {p.path!r}: these weights repeat step {p.repeat_of}, but the engine's "
+                             f"outputs differ from that step's by up to {p.repeat_diff:.4g} (must be identical)")
+        else:
+            w = p.worst
+            lines.append(f"  path {p.path!r}: ok (max abs err {w.max_abs:.3g})" if w is not None
+                         else f"  path {p.path!r}: ok")
+    if outcome.mapping_audit is not None and not outcome.mapping_audit.ok:
+        lines.append("  " + str(outcome.mapping_audit).replace("\n", "\n  "))
+    if outcome.culprit is not None:
+        lines.append("  " + str(outcome.culprit).replace("\n", "\n  "))
+    elif not outcome.ok:
+        lines.append("  culprit: none among the weights: the cached map, the fallback map and the engine's weights "
+                     "agree, so the difference lies in the network or the backend, not in the weight mapping")
+    return "\n".join(lines)

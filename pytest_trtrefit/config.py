@@ -1,0 +1,206 @@
+"""Options of ``pytest --trt-refit``: one table, parsers that list valid values, ini mirrors.
+
+Every option exists twice: on the command line (``--trt-refit-examples 5``) and as an ini key
+(``trt_refit_examples = 5``). The command line wins, then the ini file, then the default.
+Nothing here imports torch or TensorRT.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+from typing import Any, Callable
+
+__all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
+           "parse_examples", "parse_tolerance", "parse_seed", "BACKENDS", "PATH_CHOICES"]
+
+BACKENDS = ("auto", "reference", "tensorrt")
+PATH_CHOICES = ("cached", "fallback", "both")
+DEFAULT_EXAMPLES = 10
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-4
+
+
+def _fail(msg: str):
+    raise argparse.ArgumentTypeError(msg)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    _fail(f"expected true or false, got {text!r}")
+
+
+def parse_backend(text: str) -> str:
+    """'auto', 'reference' or 'tensorrt'."""
+    value = str(text).strip().lower()
+    if value not in BACKENDS:
+        _fail(f"{text!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def parse_paths(text: str) -> tuple[str, ...]:
+    """'cached', 'fallback' or 'both' -> the refit paths to check, in order."""
+    value = str(text).strip().lower()
+    if value not in PATH_CHOICES:
+        _fail(f"{text!r} is not a refit path; choose one of {', '.join(PATH_CHOICES)}")
+    return ("cached", "fallback") if value == "both" else (value,)
+
+
+def parse_examples(text: str | int) -> int:
+    """A positive number of Hypothesis examples per generated property test."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        _fail(f"{text!r} is not a whole number of examples; give a positive integer such as 10")
+    if value < 1:
+        _fail(f"{value} examples: give a positive integer such as 10")
+    return value
+
+
+def parse_tolerance(text: str | float) -> float:
+    """A finite, non-negative float (rtol/atol as in ``torch.allclose``)."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        _fail(f"{text!r} is not a number; give a non-negative float such as 1e-4")
+    if not (value >= 0.0) or value == float("inf"):
+        _fail(f"{text!r}: a tolerance must be finite and >= 0, such as 1e-4")
+    return value
+
+
+def parse_seed(text: str | int) -> int:
+    """A non-negative integer seed (printed in the header; pass it back to reproduce a run)."""
+    try:
+        value = int(str(text).strip(), 0)
+    except ValueError:
+        _fail(f"{text!r} is not an integer seed; give one such as 1234")
+    if value < 0:
+        _fail(f"seed {value} is negative; give a non-negative integer")
+    return value
+
+
+def parse_path(text: str) -> str:
+    value = str(text).strip()
+    if not value:
+        _fail("empty report path; give a file name such as trt-refit.json")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    flag: str                 # command line flag
+    ini: str                  # ini key
+    parser: Callable[[Any], Any]
+    default: Any
+    help: str
+    metavar: str | None = None
+    is_flag: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.ini
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("--trt-refit", "trt_refit", parse_bool, False,
+           "run the TensorRT refit checks (tests marked trt_refit and generated model checks); "
+           "without it they are skipped (default: off)", is_flag=True),
+    Option("--trt-refit-backend", "trt_refit_backend", parse_backend, "auto",
+           "backend to compile and refit on: auto, reference or tensorrt (default: auto, which picks "
+           "tensorrt only where a GPU engine can be built and run, else the CPU reference backend)",
+           metavar="{auto,reference,tensorrt}"),
+    Option("--trt-refit-paths", "trt_refit_paths", parse_paths, ("cached", "fallback"),
+           "refit paths to check: cached, fallback or both (default: both)",
+           metavar="{cached,fallback,both}"),
+    Option("--trt-refit-examples", "trt_refit_examples", parse_examples, DEFAULT_EXAMPLES,
+           f"Hypothesis examples per generated property test (default: {DEFAULT_EXAMPLES})", metavar="N"),
+    Option("--trt-refit-rtol", "trt_refit_rtol", parse_tolerance, DEFAULT_RTOL,
+           f"relative tolerance of engine vs eager outputs (default: {DEFAULT_RTOL:g})", metavar="RTOL"),
+    Option("--trt-refit-atol", "trt_refit_atol", parse_tolerance, DEFAULT_ATOL,
+           f"absolute tolerance, scaled by max(1, max|eager output|) (default: {DEFAULT_ATOL:g})",
+           metavar="ATOL"),
+    Option("--trt-refit-report", "trt_refit_report", parse_path, None,
+           "write a JSON report of every refit check to PATH, for CI gating (default: no report)",
+           metavar="PATH"),
+    Option("--trt-refit-seed", "trt_refit_seed", parse_seed, None,
+           "seed for generated weights and inputs; the header prints the one used, pass it back to "
+           "reproduce a run (default: a random seed)", metavar="SEED"),
+)
+
+
+def add_options(parser) -> None:
+    """Register the option group and the ini mirrors on a pytest ``Parser``."""
+    group = parser.getgroup("trt-refit", "TensorRT refit checks (pytest-trtrefit)")
+    for opt in OPTIONS:
+        if opt.is_flag:
+            group.addoption(opt.flag, action="store_const", const=True, default=None, dest=opt.dest, help=opt.help)
+            parser.addini(opt.ini, type="bool", default=False, help=f"ini mirror of {opt.flag}")
+        else:
+            group.addoption(opt.flag, action="store", type=opt.parser, default=None, dest=opt.dest,
+                            metavar=opt.metavar, help=opt.help)
+            parser.addini(opt.ini, type="string", default="", help=f"ini mirror of {opt.flag}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitConfig:
+    """The resolved options (command line > ini > default)."""
+
+    enabled: bool = False
+    backend: str = "auto"
+    paths: tuple[str, ...] = ("cached", "fallback")
+    examples: int = DEFAULT_EXAMPLES
+    rtol: float = DEFAULT_RTOL
+    atol: float = DEFAULT_ATOL
+    report: str | None = None
+    seed: int = 0
+    seed_given: bool = False
+    sources: dict = dataclasses.field(default_factory=dict, compare=False)  # option -> cli | ini | default
+
+    def to_json(self) -> dict:
+        return {"backend": self.backend, "paths": list(self.paths), "examples": self.examples, "rtol": self.rtol,
+                "atol": self.atol, "seed": self.seed}
+
+
+def resolve(config, *, seed: int | None = None) -> RefitConfig:
+    """Read every option: the command line wins, then the ini key, then the default.
+
+    ``seed`` (a seed handed down by a pytest-xdist controller) is used when neither the command
+    line nor the ini gives one, so every worker draws the same weights. Raises
+    ``pytest.UsageError`` for an invalid ini value, naming the key and the valid values."""
+    import pytest
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for opt in OPTIONS:
+        cli = config.getoption(opt.dest, default=None)
+        if cli is not None:
+            values[opt.ini], sources[opt.ini] = cli, "cli"
+            continue
+        raw = config.getini(opt.ini)
+        if opt.is_flag:
+            if raw:
+                values[opt.ini], sources[opt.ini] = True, "ini"
+                continue
+        elif raw not in (None, "") and str(raw).strip():
+            try:
+                values[opt.ini] = opt.parser(raw)
+            except argparse.ArgumentTypeError as err:
+                raise pytest.UsageError(f"ini option {opt.ini} = {raw!r}: {err}") from None
+            sources[opt.ini] = "ini"
+            continue
+        values[opt.ini], sources[opt.ini] = opt.default, "default"
+    seed_value = values["trt_refit_seed"]
+    seed_given = seed_value is not None
+    if seed_value is None:
+        seed_value = seed if seed is not None else random.SystemRandom().randrange(2 ** 31)
+    return RefitConfig(enabled=bool(values["trt_refit"]), backend=values["trt_refit_backend"],
+                       paths=tuple(values["trt_refit_paths"]), examples=values["trt_refit_examples"],
+                       rtol=values["trt_refit_rtol"], atol=values["trt_refit_atol"],
+                       report=values["trt_refit_report"], seed=int(seed_value), seed_given=seed_given,
+                       sources=sources)

@@ -1,0 +1,176 @@
+"""Declarative model checks: a conftest lists models, pytest-trtrefit generates the property tests.
+
+A ``conftest.py`` that defines ``pytest_trt_refit_models()`` is collected as a file of generated
+tests, one per model and check kind::
+
+    conftest.py::trt-refit::weights[tiny_cnn]        random weight sets, each refitted and compared
+    conftest.py::trt-refit::perturbations[tiny_cnn]  a weight set, then a fine-tuning-like change
+    conftest.py::trt-refit::sequences[tiny_cnn]      A -> B -> ... -> A on one engine
+"""
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any
+
+import pytest
+
+__all__ = ["ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
+
+CHECKS = ("weights", "perturbations", "sequences")
+DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
+_OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    factory: Any
+    inputs: tuple
+    checks: tuple[str, ...] = CHECKS
+    examples: int | None = None
+    paths: tuple[str, ...] | None = None
+    rtol: float | None = None
+    atol: float | None = None
+    strategy_options: dict = dataclasses.field(default_factory=dict)
+    input_families: tuple[str, ...] = DEFAULT_INPUT_FAMILIES
+
+
+def _spec(name: str, value: Any, where: str) -> ModelSpec:
+    import torch
+
+    if isinstance(value, dict):
+        value = dict(value)
+        try:
+            factory, example = value.pop("factory"), value.pop("inputs")
+        except KeyError as err:
+            raise pytest.UsageError(f"{where}: model {name!r}: a dict spec needs the key {err.args[0]!r}") from None
+        options = value
+    elif isinstance(value, (tuple, list)) and len(value) in (2, 3):
+        factory, example = value[0], value[1]
+        options = dict(value[2]) if len(value) == 3 else {}
+    else:
+        raise pytest.UsageError(f"{where}: model {name!r}: expected (factory, example_inputs[, options]) or a dict, "
+                                f"got {type(value).__name__}")
+    if not callable(factory):
+        raise pytest.UsageError(f"{where}: model {name!r}: the factory {factory!r} is not callable")
+    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
+    if not example or not all(isinstance(t, torch.Tensor) for t in example):
+        raise pytest.UsageError(f"{where}: model {name!r}: example inputs must be a tensor or a tuple of tensors")
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise pytest.UsageError(f"{where}: model {name!r}: unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
+    checks = tuple(options.get("checks", CHECKS))
+    bad = [c for c in checks if c not in CHECKS]
+    if bad:
+        raise pytest.UsageError(f"{where}: model {name!r}: unknown check(s) {bad}; choose from {CHECKS}")
+    paths = options.get("paths")
+    if isinstance(paths, str):
+        paths = ("cached", "fallback") if paths == "both" else (paths,)
+    strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
+    return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
+                     options.get("rtol"), options.get("atol"), strat,
+                     tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)))
+
+
+def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
+    if not isinstance(declared, dict):
+        raise pytest.UsageError(f"{where}: pytest_trt_refit_models() must return a dict name -> spec, "
+                                f"got {type(declared).__name__}")
+    return [_spec(str(name), value, where) for name, value in declared.items()]
+
+
+def collect_conftest(file_path, parent):
+    """The collector for a conftest.py that declares models, else None."""
+    module = None
+    for plugin in parent.config.pluginmanager.get_plugins():
+        if getattr(plugin, "__file__", None) and str(plugin.__file__) == str(file_path):
+            module = plugin
+            break
+    if module is None or not callable(getattr(module, "pytest_trt_refit_models", None)):
+        return None
+    return RefitModelsFile.from_parent(parent, path=file_path, module=module)
+
+
+class RefitModelsFile(pytest.File):
+    """The generated tests of one conftest's ``pytest_trt_refit_models()``."""
+
+    def __init__(self, *, module, **kwargs):
+        super().__init__(**kwargs)
+        self.module = module
+
+    def collect(self):
+        specs = parse_specs(self.module.pytest_trt_refit_models(), str(self.path))
+        for spec in specs:
+            for check in spec.checks:
+                item = RefitPropertyItem.from_parent(self, name=f"trt-refit::{check}[{spec.name}]", spec=spec,
+                                                     check=check)
+                item.add_marker(pytest.mark.trt_refit)
+                yield item
+
+
+class RefitPropertyItem(pytest.Item):
+    """One generated property test: a model and a check kind, run through Hypothesis."""
+
+    def __init__(self, *, spec: ModelSpec, check: str, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec
+        self.check = check
+
+    def runtest(self) -> None:
+        from hypothesis import HealthCheck, given, seed, strategies as st
+
+        from .plugin import get_session
+        from .strategies import inputs, perturbations, refit_sequences, refit_settings, state_dicts
+
+        session = get_session(self.config)
+        if not session.config.enabled:
+            pytest.skip("needs --trt-refit")
+        spec = self.spec
+        cfg = session.config
+        options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name)
+        example = spec.inputs
+        drawn_inputs = (inputs(list(example), families=spec.input_families) if spec.input_families
+                        else st.just(None))
+
+        def samples(extra) -> list:
+            return [example] + ([tuple(extra)] if extra is not None else [])
+
+        if self.check == "weights":
+            @given(weights=state_dicts(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            def prop(weights, sample):
+                session.check(spec.factory, weights, samples(sample), **options)
+        elif self.check == "perturbations":
+            @given(data=st.data(), sample=drawn_inputs)
+            def prop(data, sample):
+                base = data.draw(state_dicts(spec.factory, **spec.strategy_options), label="base")
+                new = data.draw(perturbations(base), label="perturbed")
+                session.check_sequence(spec.factory, [base, new], samples(sample), **options)
+        else:
+            @given(sequence=refit_sequences(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            def prop(sequence, sample):
+                session.check_sequence(spec.factory, sequence, samples(sample), **options)
+
+        item_seed = cfg.seed ^ zlib.crc32(self.nodeid.encode())
+        self.user_properties.append(("trt_refit_seed", cfg.seed))
+        run = seed(item_seed)(refit_settings(max_examples=spec.examples or cfg.examples, database=None,
+                                             suppress_health_check=list(HealthCheck))(prop))
+        run()
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, AssertionError):
+            err = excinfo.value
+            notes = getattr(err, "__notes__", [])
+            seed_ = get_seed(self.config)
+            return "\n".join([str(err), *notes,
+                              f"reproduce with: pytest --trt-refit --trt-refit-seed={seed_} '{self.nodeid}'"])
+        return super().repr_failure(excinfo, style=style or "short")
+
+    def reportinfo(self):
+        return self.path, 0, f"trt-refit {self.check}[{self.spec.name}]"
+
+
+def get_seed(config) -> int:
+    from .plugin import get_session
+
+    return get_session(config).config.seed

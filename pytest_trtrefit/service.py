@@ -1,0 +1,264 @@
+"""The session object behind the ``trt_refit`` fixture: resolved options, the compile cache, the checks
+and the records the reports are made of.
+
+One :class:`RefitSession` per pytest process (each pytest-xdist worker has its own), built in
+``pytest_configure`` and kept in ``config.stash``. Engines are compiled once per session per
+(architecture fingerprint, input spec, backend) and refitted in place for every check, so a
+worker builds each architecture at most once.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from .checks import CheckOutcome, as_samples, describe_weights, run_check, run_sequence
+from .config import RefitConfig
+
+__all__ = ["RefitSession", "CacheEntry", "architecture_key", "input_spec"]
+
+
+@dataclasses.dataclass
+class CacheEntry:
+    key: str
+    name: str
+    engine: Any                   # refitcore.RefittableEngine, refitted in place by every check
+    eager: Any                    # a private copy of the model, loaded with each check's weights
+    compile_seconds: float
+
+
+_PRIMITIVES = (int, float, bool, str, type(None))
+
+
+def _module_attrs(m) -> list:
+    """The plain configuration attributes of a module (kernel sizes, eps, flags...)."""
+    out = []
+    for k, v in sorted(vars(m).items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _PRIMITIVES) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v)):
+            out.append([k, repr(v)])
+    return out
+
+
+def architecture_key(model) -> str:
+    """A fingerprint of a model's architecture that needs no export: every submodule's class (and its
+    forward's code), configuration attributes, and the names, shapes and dtypes of the state_dict,
+    tied parameters included. Two instances of one architecture share it whatever their weights."""
+    entries = []
+    for path, m in model.named_modules():
+        cls = type(m)
+        fwd = getattr(cls, "forward", None)
+        code = getattr(fwd, "__code__", None)
+        code_digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
+        entries.append(["module", path, f"{cls.__module__}.{cls.__qualname__}", code_digest, _module_attrs(m)])
+    ids: dict[int, str] = {}
+    for k, t in model.state_dict(keep_vars=True).items():
+        tied = ids.setdefault(id(t), k)
+        entries.append(["tensor", k, list(t.shape), str(t.dtype), tied if tied != k else None])
+    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+
+
+def input_spec(sample: Sequence) -> tuple:
+    return tuple((tuple(t.shape), str(t.dtype)) for t in sample)
+
+
+class RefitSession:
+    """What ``trt_refit`` gives a test: ``config``, ``backend``, :meth:`engine_for`, :meth:`check`,
+    :meth:`check_sequence`. Records every check for the terminal summary and the JSON report."""
+
+    def __init__(self, config: RefitConfig, *, worker: str | None = None):
+        self.config = config
+        self.worker = worker
+        self.records: list[dict] = []
+        self.failures: list[dict] = []
+        self.builds: list[dict] = []
+        self.current_test: str | None = None
+        self.started = time.time()
+        self._cache: dict[tuple, CacheEntry] = {}
+        self._backend: tuple[str, str] | None = None
+        self._factory_models: dict = {}
+        self.worker_parts: list[dict] = []      # exports of pytest-xdist workers (controller only)
+        self.finished: float | None = None
+        self.report_path: str | None = None
+
+    # -- backend -------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        """The backend the checks run on ('reference' or 'tensorrt'); 'auto' is resolved on first use."""
+        return self._resolve()[0]
+
+    @property
+    def backend_reason(self) -> str:
+        return self._resolve()[1]
+
+    @property
+    def backend_resolved(self) -> bool:
+        return self._backend is not None
+
+    def _resolve(self) -> tuple[str, str]:
+        if self._backend is None:
+            from refitcore.backends import resolve_backend
+
+            self._backend = resolve_backend(self.config.backend)
+        return self._backend
+
+    # -- compile cache -------------------------------------------------------------------
+    def engine_for(self, model_or_factory, inputs, *, name: str | None = None):
+        """The session's engine for this architecture and input spec (compiled on first use)."""
+        return self._entry(model_or_factory, inputs, name=name).engine
+
+    def _entry(self, model_or_factory, inputs, *, name: str | None = None) -> CacheEntry:
+        model = self._factory_models.get(_hashable(model_or_factory))
+        if model is None:
+            model = _model_from(model_or_factory)
+            if _hashable(model_or_factory) is not None:  # a factory: build its model once per session
+                self._factory_models[_hashable(model_or_factory)] = model
+        samples = as_samples(inputs)
+        key = (architecture_key(model), input_spec(samples[0]), self.backend)
+        entry = self._cache.get(key)
+        if entry is None:
+            import refitcore
+
+            eager = copy.deepcopy(model).eval()
+            t0 = time.perf_counter()
+            engine = refitcore.compile(eager, samples[0], backend=self.backend)
+            seconds = time.perf_counter() - t0
+            label = name or type(model).__name__
+            entry = CacheEntry(key[0], label, engine, eager, seconds)
+            self._cache[key] = entry
+            self.builds.append({"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
+                                "backend": self.backend, "compile_s": seconds, "worker": self.worker})
+        return entry
+
+    # -- checks --------------------------------------------------------------------------
+    def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float, float]:
+        paths = self.config.paths if paths is None else ((paths,) if isinstance(paths, str) else tuple(paths))
+        bad = [p for p in paths if p not in ("cached", "fallback")]
+        if bad or not paths:
+            raise ValueError(f"paths={paths!r}: each path must be 'cached' or 'fallback'")
+        return (paths, self.config.rtol if rtol is None else float(rtol),
+                self.config.atol if atol is None else float(atol))
+
+    def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
+              rtol: float | None = None, atol: float | None = None, name: str | None = None) -> CheckOutcome:
+        """Refit the session's engine for this model with ``weights`` through each selected path and
+        compare it with eager PyTorch on ``inputs``; raise ``AssertionError`` with the mismatch report
+        when any path disagrees.
+
+        ``model_or_factory``: an ``nn.Module`` or a callable returning one (its weights do not
+        matter). ``weights``: a state_dict, an ``nn.Module`` or a checkpoint path. ``inputs``: a
+        tensor, a tuple of tensors (one sample) or a list of samples.
+
+        Example::
+
+            def test_refit(trt_refit):
+                trt_refit.check(MyNet, MyNet().state_dict(), torch.randn(1, 3, 32, 32))
+        """
+        __tracebackhide__ = True
+        from refitcore.mapping import normalize_weights
+
+        paths, rtol, atol = self._settings(paths, rtol, atol)
+        samples = as_samples(inputs)
+        entry = self._entry(model_or_factory, samples, name=name)
+        state, _ = normalize_weights(weights)
+        t0 = time.perf_counter()
+        outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol, model=name or entry.name,
+                            weights_label=describe_weights(weights))
+        self._record(outcome, time.perf_counter() - t0)
+        if not outcome.ok:
+            raise AssertionError(outcome.report())
+        return outcome
+
+    def check_sequence(self, model_or_factory, sequence: Sequence[Any], inputs, *,
+                       paths: str | Sequence[str] | None = None, rtol: float | None = None,
+                       atol: float | None = None, name: str | None = None) -> list[CheckOutcome]:
+        """Refit one engine with each weight set of ``sequence`` in turn (per path), comparing with
+        eager at every step; weights that repeat an earlier step must reproduce that step's outputs
+        bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
+        __tracebackhide__ = True
+        from refitcore.mapping import normalize_weights
+
+        paths, rtol, atol = self._settings(paths, rtol, atol)
+        samples = as_samples(inputs)
+        entry = self._entry(model_or_factory, samples, name=name)
+        states = [normalize_weights(w)[0] for w in sequence]
+        labels = [describe_weights(w) for w in sequence]
+        t0 = time.perf_counter()
+        outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,
+                                model=name or entry.name, labels=labels)
+        per = (time.perf_counter() - t0) / max(1, len(outcomes))
+        for o in outcomes:
+            self._record(o, per)
+        bad = [o for o in outcomes if not o.ok]
+        if bad:
+            head = getattr(sequence, "describe", lambda: f"a sequence of {len(states)} weight sets")()
+            raise AssertionError(f"refit sequence {head}: {len(bad)} of {len(outcomes)} step(s) failed\n"
+                                 + "\n".join(o.report() for o in bad))
+        return outcomes
+
+    # -- records -------------------------------------------------------------------------
+    def _record(self, outcome: CheckOutcome, seconds: float) -> None:
+        share = seconds / max(1, len(outcome.paths))
+        for p in outcome.paths:
+            worst = p.worst
+            rec = {"test": self.current_test, "model": outcome.model, "kind": outcome.kind, "path": p.path,
+                   "ok": p.ok and (outcome.mapping_audit is None or outcome.mapping_audit.ok),
+                   "seconds": round(share, 6), "backend": outcome.backend, "worker": self.worker}
+            if worst is not None:
+                rec.update(max_abs=worst.max_abs, max_rel=worst.max_rel, norm_rel=worst.norm_rel,
+                           min_rtol=worst.min_rtol, min_atol=worst.min_atol)
+            if p.error is not None:
+                rec["error"] = p.error.splitlines()[0]
+            if outcome.culprit is not None:
+                rec["culprit"] = outcome.culprit.name
+            self.records.append(rec)
+        if not outcome.ok:
+            self.failures.append({"test": self.current_test, "model": outcome.model, "kind": outcome.kind,
+                                  "paths": [p.path for p in outcome.paths if not p.ok],
+                                  "culprit": outcome.culprit.name if outcome.culprit else None,
+                                  "report": outcome.report()})
+
+    def export(self) -> dict:
+        """Everything the reports need, JSON-serialisable (sent from pytest-xdist workers)."""
+        return {"records": self.records, "failures": self.failures, "builds": self.builds,
+                "backend": self._backend[0] if self._backend else None,
+                "backend_reason": self._backend[1] if self._backend else None}
+
+
+def _model_from(model_or_factory: Any):
+    import torch
+
+    if isinstance(model_or_factory, torch.nn.Module):
+        return model_or_factory.eval()
+    if callable(model_or_factory):
+        model = model_or_factory()
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"the model factory {model_or_factory!r} returned {type(model).__name__}, "
+                            f"not a torch.nn.Module")
+        return model.eval()
+    raise TypeError(f"expected an nn.Module or a callable returning one, got {type(model_or_factory).__name__}")
+
+
+def _hashable(model_or_factory):
+    """The key under which a factory's model is remembered; None for modules and unhashable callables."""
+    import torch
+
+    if isinstance(model_or_factory, torch.nn.Module):
+        return None
+    try:
+        hash(model_or_factory)
+    except TypeError:
+        return None
+    return model_or_factory
+
+
+def worker_id() -> str | None:
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+Factory = Callable[[], Any]
