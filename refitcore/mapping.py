@@ -66,6 +66,13 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
     arch, other = [], []
     used = weight_map.keys_used
     specs = weight_map.key_specs
+    # A checkpoint may store a tied tensor once, under any of its names (safetensors drops aliases).
+    for group in weight_map.tied:
+        if group[0] not in state:
+            alias = next((k for k in group[1:] if k in state), None)
+            if alias is not None:
+                state = dict(state)
+                state[group[0]] = state[alias]
 
     def shown(key: str) -> str:
         # Only on the error path: finding a key's consumers scans the whole map.

@@ -1,0 +1,236 @@
+"""The Refitter driver: validate everything before touching the engine, list every problem, roll back
+when the backend fails half-way, and cast or refuse state_dict dtypes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import refitcore
+from refitcore.backends.reference import ReferenceRefitter
+from tests.conftest import bit_identical, outputs
+
+MODEL = "conv_bias_bn"
+
+
+@pytest.fixture
+def engine(compiled):
+    """A private copy of the compiled engine (tests here refit it in place)."""
+    return compiled(MODEL).engine.clone()
+
+
+def _good_mapping(compiled, seed=3):
+    c = compiled(MODEL)
+    return refitcore.cached_mapping(c.engine.weight_map, c.fresh(seed).state_dict())
+
+
+def test_apply_mapping_refits(compiled, engine):
+    c = compiled(MODEL)
+    new = c.fresh(3)
+    before = outputs(engine, c.x)
+    same = refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert same is engine
+    assert not bit_identical(before, outputs(engine, c.x))
+    assert refitcore.verify(engine, new, [c.x]).ok
+
+
+def test_apply_mapping_copy_leaves_the_original_alone(compiled, engine):
+    c = compiled(MODEL)
+    before = outputs(engine, c.x)
+    copy = refitcore.apply_mapping(engine, _good_mapping(compiled))
+    assert copy is not engine
+    assert bit_identical(before, outputs(engine, c.x))
+    assert not bit_identical(before, outputs(copy, c.x))
+
+
+def test_every_problem_is_listed_and_nothing_changes(compiled, engine):
+    c = compiled(MODEL)
+    good = _good_mapping(compiled)
+    kernel, bias = sorted(good)  # "conv/conv2d BIAS", "conv/conv2d KERNEL"
+    assert kernel.endswith("BIAS") and bias.endswith("KERNEL")
+    kernel, bias = bias, kernel
+    bad = dict(good)
+    bad[kernel] = good[kernel].reshape(-1)[:-1]          # wrong element count
+    nan_bias = good[bias].copy()
+    nan_bias[2] = np.nan
+    bad[bias] = nan_bias
+    bad["no such layer KERNEL"] = np.zeros(3, np.float32)  # unknown name
+    before = outputs(engine, c.x)
+    weights_before = {k: v.copy() for k, v in engine.current_weights().items()}
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.apply_mapping(engine, bad, in_place=True)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    text = str(info.value)
+    for name in (kernel, bias, "no such layer KERNEL"):
+        assert name in text
+    assert "non-finite" in text
+    assert bit_identical(before, outputs(engine, c.x))
+    assert all(np.array_equal(weights_before[k], v) for k, v in engine.current_weights().items())
+
+
+@pytest.mark.parametrize("fault", ["inf", "missing", "int", "shape", "bool"])
+def test_single_fault_is_refused(compiled, engine, fault):
+    c = compiled(MODEL)
+    good = _good_mapping(compiled)
+    name = next(n for n in good if n.endswith("KERNEL"))
+    bad = dict(good)
+    if fault == "inf":
+        bad[name] = good[name].copy()
+        bad[name].reshape(-1)[0] = -np.inf
+    elif fault == "missing":
+        del bad[name]
+    elif fault == "int":
+        bad[name] = good[name].astype(np.int32)
+    elif fault == "bool":
+        bad[name] = good[name] > 0
+    elif fault == "shape":
+        bad[name] = np.concatenate([good[name].reshape(-1), np.zeros(1, np.float32)])
+    before = outputs(engine, c.x)
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.apply_mapping(engine, bad, in_place=True)
+    assert len(info.value.problems) == 1 and name in info.value.problems[0], info.value.problems
+    assert bit_identical(before, outputs(engine, c.x))
+
+
+def test_float64_and_torch_values_are_cast(compiled, engine):
+    c = compiled(MODEL)
+    good = _good_mapping(compiled)
+    as64 = {k: torch.from_numpy(v.astype(np.float64)) for k, v in good.items()}
+    refitcore.apply_mapping(engine, as64, in_place=True)
+    assert refitcore.verify(engine, c.fresh(3), [c.x]).ok
+    huge = dict(good)
+    name = next(iter(good))
+    huge[name] = good[name].astype(np.float64) * 1e300
+    with pytest.raises(refitcore.WeightMappingError, match="overflow"):
+        refitcore.apply_mapping(engine, huge, in_place=True)
+
+
+class PartialRefitter(ReferenceRefitter):
+    """A backend refitter that applies a subset of the weights, then reports failure."""
+
+    def refit(self) -> bool:
+        names = sorted(self._pending)
+        self.engine._commit({n: self._pending[n] for n in names[: max(1, len(names) // 2)]})
+        self.errors.append("simulated backend failure after a partial update")
+        return False
+
+
+class RejectingRefitter(ReferenceRefitter):
+    def refit(self) -> bool:
+        self.errors.append("simulated: refitter refuses everything")
+        return False
+
+
+def _fail_then(engine, monkeypatch, first, then):
+    impl = engine._impl
+    made = []
+
+    def create():
+        cls = first if not made else then
+        made.append(cls)
+        return cls(impl)
+
+    monkeypatch.setattr(impl, "create_refitter", create)
+    return made
+
+
+def test_partial_backend_failure_is_rolled_back(compiled, engine, monkeypatch):
+    c = compiled(MODEL)
+    before = outputs(engine, c.x)
+    made = _fail_then(engine, monkeypatch, PartialRefitter, ReferenceRefitter)
+    with pytest.raises(refitcore.RefitError) as info:
+        refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert made == [PartialRefitter, ReferenceRefitter]  # the driver re-applied the previous weights
+    assert info.value.rolled_back
+    assert "simulated backend failure" in str(info.value)
+    assert "previous weights" in str(info.value)
+    assert bit_identical(before, outputs(engine, c.x))
+
+
+def test_failed_rollback_is_reported(compiled, engine, monkeypatch):
+    _fail_then(engine, monkeypatch, PartialRefitter, RejectingRefitter)
+    with pytest.raises(refitcore.RefitError) as info:
+        refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert not info.value.rolled_back
+    assert "ROLLBACK FAILED" in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_state_dict_dtypes_are_cast(compiled, dtype):
+    c = compiled(MODEL)
+    new = c.fresh(4)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in new.state_dict().items()}
+    # Eager reference: the same values the engine receives (fp16/bf16 rounding is the input's, not ours).
+    new.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+    result = refitcore.refit(c.engine, state, verify_inputs=[c.x])
+    assert result.ok and result.path == "cached", str(result)
+
+
+def test_fp64_overflow_names_the_key(compiled):
+    c = compiled(MODEL)
+    state = {k: (v.to(torch.float64) if v.is_floating_point() else v) for k, v in c.fresh(4).state_dict().items()}
+    state["bn.weight"] = state["bn.weight"] * 1e300
+    before = outputs(c.engine, c.x)
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.refit(c.engine, state, in_place=True)
+    assert "'bn.weight'" in str(info.value) and "overflow" in str(info.value)
+    assert "conv/conv2d KERNEL" in str(info.value)  # the engine weight that needs it
+    assert bit_identical(before, outputs(c.engine, c.x))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool])
+def test_integer_where_float_is_needed(compiled, dtype):
+    c = compiled(MODEL)
+    state = c.fresh(4).state_dict()
+    state["conv.weight"] = (state["conv.weight"] * 10).to(dtype)
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.refit(c.engine, state)
+    assert "'conv.weight'" in str(info.value) and str(dtype) in str(info.value)
+
+
+def test_missing_key_names_key_and_engine_weights(compiled):
+    c = compiled(MODEL)
+    state = c.fresh(4).state_dict()
+    del state["bn.running_var"]
+    before = outputs(c.engine, c.x)
+    for path in ("cached", "fallback"):
+        with pytest.raises(refitcore.RefitCoreError) as info:
+            refitcore.refit(c.engine, state, path=path, in_place=True)
+        text = str(info.value)
+        assert "'bn.running_var'" in text, text
+        assert "conv/conv2d KERNEL" in text and "conv/conv2d BIAS" in text, text
+    assert bit_identical(before, outputs(c.engine, c.x))
+
+
+def test_wrong_shape_key_names_key(compiled):
+    c = compiled(MODEL)
+    state = c.fresh(4).state_dict()
+    state["conv.bias"] = torch.zeros(9)
+    with pytest.raises(refitcore.RefitCoreError) as info:
+        refitcore.refit(c.engine, state)
+    assert "'conv.bias'" in str(info.value) and "[9]" in str(info.value) and "[8]" in str(info.value)
+
+
+def test_tied_parameters_with_different_values(compiled):
+    c = compiled("tied_mlp")
+    state = c.fresh(2).state_dict()
+    assert torch.equal(state["fc1.weight"], state["fc2.weight"])
+    state["fc2.weight"] = state["fc2.weight"] + 1.0
+    for path in ("cached", "fallback"):
+        with pytest.raises(refitcore.WeightMappingError) as info:
+            refitcore.refit(c.engine, state, path=path)
+        assert "'fc1.weight'" in str(info.value) and "'fc2.weight'" in str(info.value)
+
+
+def test_tied_parameters_refit(compiled):
+    c = compiled("tied_mlp")
+    new = c.fresh(2)
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(c.engine, new.state_dict(), path=path, verify_inputs=[c.x])
+        assert result.ok, str(result)
+    # A checkpoint that stores a tied tensor once (under either name) is enough.
+    for keep in ("fc1.weight", "fc2.weight"):
+        state = {k: v for k, v in new.state_dict().items() if k not in ("fc1.weight", "fc2.weight") or k == keep}
+        result = refitcore.refit(c.engine, state, path="fallback", verify_inputs=[c.x], reference_model=new)
+        assert result.ok, f"{keep}: {result}"
