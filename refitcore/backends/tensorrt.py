@@ -21,10 +21,10 @@ Documentation relied on (NVIDIA):
   synchronization ... results in undefined behavior"; a non-default stream is recommended).
 - ICudaEngine ``get_tensor_name``/``get_tensor_mode``/``get_tensor_shape``/``get_tensor_dtype``,
   ``create_serialization_config``, ``serialize_with_config``:
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ICudaEngine.html
+  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Engine.html
 - SerializationFlag (EXCLUDE_WEIGHTS: "Exclude weights that can be refitted"; INCLUDE_REFIT:
   "Remain refittable if originally so"):
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/SerializationConfig.html
+  https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/_static/python-api/infer/Core/SerializationConfig.html
 - Refitter: see :mod:`.tensorrt_refit`. "IExecutionContexts associated with the engine remain valid
   for use afterwards" (``refit_cuda_engine``), so one context serves across refits.
 - TensorRT-RTX runs on compute capabilities 7.5, 8.6, 8.9, 12.0 (support matrix,
@@ -107,7 +107,8 @@ class TensorRTEngine:
                                           "(torch.cuda.is_available() is False)")
         self.meta = meta
         self._plan = plan
-        self._device = torch.device("cuda", int(meta.get("device_index", torch.cuda.current_device())))
+        # The current device, not the one recorded at build time: a loaded engine runs where it is loaded.
+        self._device = torch.device("cuda", torch.cuda.current_device())
         self._recorder = make_error_recorder(t)
         self._logger = _trt.logger()
         self._logger.take()

@@ -6,11 +6,11 @@ builds on a compute capability 9.0 GPU but refuses to run there), e.g. for
 
 Documentation relied on:
 - REFIT flag, ``build_serialized_network``: "Refitting an Engine",
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/refitting-engines.html
+  https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/inference-library/refitting-engines.html
   (``config.set_flag(trt.BuilderFlag.REFIT)``; ``builder.build_serialized_network(network, config)``).
 - TF32 is enabled by default in a builder config, and clearing ``BuilderFlag.TF32`` keeps fp32
   convolutions and matrix multiplies in IEEE fp32: "Precision Control",
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/precision-control.html
+  https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/inference-library/precision-control.html
   (TensorRT-RTX 1.7 reports ``get_flag(TF32) == True`` on a fresh config, checked on the CPU machine).
 - fp16 in a weakly typed network is ``BuilderFlag.FP16`` (same page). TensorRT-RTX has no FP16
   builder flag: its networks are strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,

@@ -10,10 +10,11 @@ caller:
   in undefined behavior"; "Provided weights on CPU or GPU can be unset and released, or updated
   after refit_cuda_engine returns" (Python API, ``tensorrt.Refitter.set_named_weights`` /
   ``refit_cuda_engine``,
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/Refitter.html).
+  https://docs.nvidia.com/deeplearning/tensorrt/api/python_api/infer/Core/Refitter.html, and
+  the docstrings of the tensorrt_rtx 1.7 bindings, which carry the same words).
 - A torch CUDA tensor is handed over device-resident, with ``TensorLocation.DEVICE`` ("It is
   allowed to provide some weights on CPU and others on GPU", same page; "Refitting an Engine",
-  https://docs.nvidia.com/deeplearning/tensorrt/latest/inference-library/refitting-engines.html).
+  https://docs.nvidia.com/deeplearning/tensorrt/11.4.0/inference-library/refitting-engines.html).
   NumPy arrays go as host weights.
 - ``get_weights_prototype`` answers a size of -1 for an unknown name (same page); the adapter
   turns that into ``KeyError`` and the prototype into a :class:`WeightsPrototype` whose
@@ -46,7 +47,7 @@ _TORCH_TO_TRT = {"torch.float32": "FLOAT", "torch.float16": "HALF", "torch.bfloa
 def make_error_recorder(trt):
     """An ``IErrorRecorder`` that keeps every error TensorRT reports, for our exceptions.
 
-    Interface: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/ErrorRecorder.html
+    Interface: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/c-api/classnvinfer1_1_1v__1__0_1_1_i_error_recorder.html
     (a Python subclass must call ``IErrorRecorder.__init__`` and implement num_errors,
     get_error_code, get_error_desc, has_overflowed, clear, report_error)."""
 
