@@ -73,7 +73,9 @@ def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None):
     missing = [k for k in own if k not in state]
     if missing:
         raise ValueError(f"the new weights lack {missing[:5]} needed to run the eager model")
-    module.load_state_dict({k: state[k] for k in own}, strict=True)
+    # assign=True: ExportedProgram.module() shares its tensors with the exported program (and with
+    # the model it was exported from); copying into them would overwrite the user's original model.
+    module.load_state_dict({k: state[k].detach().clone() for k in own}, strict=True, assign=True)
     return module.eval() if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule) else module
 
 

@@ -234,3 +234,15 @@ def test_tied_parameters_refit(compiled):
         state = {k: v for k, v in new.state_dict().items() if k not in ("fc1.weight", "fc2.weight") or k == keep}
         result = refitcore.refit(c.engine, state, path="fallback", verify_inputs=[c.x], reference_model=new)
         assert result.ok, f"{keep}: {result}"
+
+
+def test_refit_with_verification_leaves_the_source_model_alone(compiled):
+    """Verification builds an eager model from the engine's exported program; loading the new
+    weights into it must not write through to the compiled model's tensors."""
+    c = compiled("tied_mlp")
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    ep_before = {k: v.clone() for k, v in c.engine.exported_program.state_dict.items()}
+    result = refitcore.refit(c.engine, c.fresh(6).state_dict(), verify_inputs=[c.x])
+    assert result.ok, str(result)
+    assert all(torch.equal(before[k], v) for k, v in c.model.state_dict().items())
+    assert all(torch.equal(ep_before[k], v) for k, v in c.engine.exported_program.state_dict.items())

@@ -1,0 +1,198 @@
+"""Fault injection: each deliberate mapping fault makes the checks fail with a message naming the
+engine weight at fault.
+
+For every fault we show that (1) ``audit(cached, fallback)`` fails and names the weight, (2) the
+engine refitted through the faulty cached path fails ``verify``, and (3) ``refit(path="auto",
+verify_inputs=...)`` notices, refits through the fallback, and reports the culprit. A check
+that cannot fail is worthless; these tests are what shows ours can.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+import refitcore
+import refitcore.recipes as recipes
+from refitcore.weight_map import WeightMap
+
+
+def _with_map(engine, edit: Callable[[WeightMap], None]):
+    """A copy of ``engine`` whose weight map was edited by ``edit`` (the compiled one is untouched)."""
+    faulty = engine.clone()
+    wm = WeightMap.loads(engine.weight_map.dumps())
+    edit(wm)
+    faulty.weight_map = wm
+    return faulty
+
+
+def _set_source(wm: WeightMap, name: str, **changes):
+    wm.sources[name] = dataclasses.replace(wm.sources[name], **changes)
+
+
+# --- the faults ------------------------------------------------------------------------------
+
+def swap_same_shape(wm):
+    a, b = "conv1/conv2d KERNEL", "conv2/conv2d KERNEL"
+    assert wm.sources[a].shape == wm.sources[b].shape
+    wm.sources[a], wm.sources[b] = wm.sources[b], wm.sources[a]
+
+
+def transpose_linear(wm):
+    name = "fc2/linear.weight CONSTANT"
+    src = wm.sources[name]
+    _set_source(wm, name, inputs={"x": {"op": "aten.t.default", "args": [src.inputs["x"]], "kwargs": {}}})
+
+
+def wrong_eps(wm):
+    for name, src in wm.sources.items():
+        if "eps" in src.params:
+            assert src.params["eps"] == pytest.approx(1e-3)
+            _set_source(wm, name, params=dict(src.params, eps=1e-5))
+
+
+def drop_bias(wm):
+    name = "conv/conv2d BIAS"
+    src = wm.sources[name]
+    assert src.inputs["bias"] == {"key": "conv.bias"}
+    _set_source(wm, name, inputs=dict(src.inputs, bias=None))
+
+
+def _small_var(model):
+    """Running variances near eps, so that eps matters."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        model.bn.running_var.copy_(torch.rand(model.bn.running_var.shape, generator=g) * 2e-3)
+    return model
+
+
+@dataclasses.dataclass
+class Fault:
+    id: str
+    model: str
+    culprits: tuple[str, ...]
+    edit_map: Callable[[WeightMap], None] | None = None
+    patch_recipes: bool = False
+    prepare: Callable = lambda m: m
+
+
+FAULTS = [
+    Fault("swapped_same_shape", "residual", ("conv1/conv2d KERNEL", "conv2/conv2d KERNEL"), edit_map=swap_same_shape),
+    Fault("linear_transposed", "tied_mlp", ("fc2/linear.weight CONSTANT",), edit_map=transpose_linear),
+    Fault("bn_eps_wrong", "conv_bias_bn", ("conv/conv2d KERNEL", "conv/conv2d BIAS"), edit_map=wrong_eps,
+          prepare=_small_var),
+    Fault("var_without_sqrt", "conv_bias_bn", ("conv/conv2d KERNEL", "conv/conv2d BIAS"), patch_recipes=True),
+    Fault("bias_dropped", "conv_bias_bn", ("conv/conv2d BIAS",), edit_map=drop_bias),
+]
+
+
+def _buggy_bn_factor(gamma, var, eps):
+    """The classic bug: 1/(var + eps) instead of 1/sqrt(var + eps)."""
+    inv = 1.0 / (var + eps)
+    return inv if gamma is None else gamma * inv
+
+
+@pytest.fixture(params=FAULTS, ids=lambda f: f.id)
+def fault(request, compiled, monkeypatch):
+    f: Fault = request.param
+    c = compiled(f.model)
+    engine = c.engine if f.edit_map is None else _with_map(c.engine, f.edit_map)
+    if f.patch_recipes:
+        # Only the cached path uses recipes; the converters compute the fold independently.
+        monkeypatch.setattr(recipes, "bn_factor", _buggy_bn_factor)
+    new = f.prepare(c.fresh(11))
+    return f, c, engine, new
+
+
+def test_audit_names_the_faulty_weight(fault):
+    f, c, engine, new = fault
+    cached = refitcore.cached_mapping(engine.weight_map, new.state_dict())
+    fallback = refitcore.fallback_mapping(engine, new.state_dict())
+    report = refitcore.audit(cached, fallback, a_label="cached", b_label="fallback")
+    assert not report.ok
+    failing = {d.name for d in report.failures}
+    assert failing == set(f.culprits), str(report)
+    assert report.worst.name in f.culprits
+    text = str(report)
+    assert "FAILED" in text and all(name in text for name in f.culprits)
+    # The very same mapping, audited against itself, passes: the failure is the fault's.
+    assert refitcore.audit(fallback, fallback).ok
+
+
+def test_verify_fails_after_a_faulty_cached_refit(fault):
+    f, c, engine, new = fault
+    refitted = refitcore.refit(engine, new.state_dict(), path="cached").engine
+    verdict = refitcore.verify(refitted, new, [c.x])
+    assert not verdict.ok, str(verdict)
+    assert "FAILED" in str(verdict)
+    # The fallback path, on the same engine, is right.
+    good = refitcore.refit(engine, new.state_dict(), path="fallback").engine
+    assert refitcore.verify(good, new, [c.x]).ok
+
+
+def test_auto_refit_falls_back_and_reports_the_culprit(fault):
+    f, c, engine, new = fault
+    result = refitcore.refit(engine, new.state_dict(), path="auto", verify_inputs=[c.x])
+    assert result.fell_back and result.path == "fallback", str(result)
+    assert result.ok and result.verdict.ok, str(result)
+    assert result.audit is not None and not result.audit.ok
+    culprit_lines = [m for m in result.messages if "first engine weight" in m]
+    assert culprit_lines and any(name in culprit_lines[0] for name in f.culprits), result.messages
+    assert any(name in str(result) for name in f.culprits)
+    # The engine the caller holds and the model it was compiled from are untouched.
+    assert refitcore.verify(engine, c.model, [c.x]).ok
+
+
+# --- one weight left stale ----------------------------------------------------------------------
+
+STALE = "conv2/conv2d KERNEL"
+
+
+def test_driver_refuses_a_mapping_missing_a_weight(compiled):
+    c = compiled("residual")
+    new = c.fresh(11)
+    mapping = refitcore.cached_mapping(c.engine.weight_map, new.state_dict())
+    del mapping[STALE]
+    engine = c.engine.clone()
+    before = [o.clone() for o in engine.run([c.x])]
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.apply_mapping(engine, mapping, in_place=True)
+    assert STALE in str(info.value) and "stale" in str(info.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, engine.run([c.x])))
+
+
+def _stale_mapping(c, new):
+    mapping = refitcore.cached_mapping(c.engine.weight_map, new.state_dict())
+    mapping[STALE] = np.array(c.engine.current_weights()[STALE]).reshape(mapping[STALE].shape)
+    return mapping
+
+
+def test_audit_against_expected_names_the_stale_weight(compiled):
+    c = compiled("residual")
+    new = c.fresh(11)
+    expected = refitcore.fallback_mapping(c.engine, new.state_dict())
+    report = refitcore.audit(_stale_mapping(c, new), expected, a_label="applied", b_label="expected")
+    assert not report.ok
+    assert [d.name for d in report.failures] == [STALE]
+    assert STALE in str(report).splitlines()[1]  # the report leads with it
+    # The engine the stale mapping produces disagrees with eager.
+    stale_engine = refitcore.apply_mapping(c.engine, _stale_mapping(c, new))
+    assert not refitcore.verify(stale_engine, new, [c.x]).ok
+    # And its current weights, audited against what they should be, name the weight too.
+    current = {k: np.asarray(v).reshape(expected[k].shape) for k, v in stale_engine.current_weights().items()}
+    assert [d.name for d in refitcore.audit(current, expected).failures] == [STALE]
+
+
+def test_auto_refit_recovers_from_a_stale_weight(compiled, monkeypatch):
+    refit_module = sys.modules["refitcore.refit"]  # the package attribute is the function
+
+    c = compiled("residual")
+    new = c.fresh(11)
+    monkeypatch.setattr(refit_module, "cached_mapping", lambda wm, state: _stale_mapping(c, new))
+    result = refitcore.refit(c.engine, new.state_dict(), path="auto", verify_inputs=[c.x])
+    assert result.fell_back and result.ok, str(result)
+    assert any(STALE in m for m in result.messages), result.messages
