@@ -69,23 +69,43 @@ def activation(layer, ins, w):
 
 @op("POOLING")
 def pooling(layer, ins, w):
+    """TensorRT pooling: explicit pre/post padding (may differ), output size
+    floor((in + pre + post - k) / s) + 1 (EXPLICIT_ROUND_DOWN) or ceil(...) + 1 (EXPLICIT_ROUND_UP,
+    without PyTorch's ceil_mode rule that drops a last window starting in the padding). Max pooling
+    ignores padding; average pooling divides by the window size, or by the number of non-padding
+    elements when ``average_count_excludes_padding``."""
     a = layer["attrs"]
     x = ins[0]
-    n = len(a["window_size_nd"])
+    k, s = list(a["window_size_nd"]), list(a["stride_nd"])
+    n = len(k)
     pre, post = list(a["pre_padding"]), list(a["post_padding"])
-    ceil = a.get("padding_mode") == "EXPLICIT_ROUND_UP"
-    if a.get("padding_mode") not in (None, "EXPLICIT_ROUND_DOWN", "EXPLICIT_ROUND_UP"):
-        raise NotImplementedError(f"pooling padding mode {a['padding_mode']}")
-    if pre != post:
-        raise NotImplementedError("asymmetric pooling padding")
+    mode = a.get("padding_mode") or "EXPLICIT_ROUND_DOWN"
+    if mode not in ("EXPLICIT_ROUND_DOWN", "EXPLICIT_ROUND_UP"):
+        raise NotImplementedError(f"layer {layer['name']!r}: pooling padding mode {mode}")
+    spatial = list(x.shape[-n:])
+    extra = []
+    for d in range(n):
+        span = spatial[d] + pre[d] + post[d] - k[d]
+        out = (span // s[d] if mode == "EXPLICIT_ROUND_DOWN" else -(-span // s[d])) + 1
+        extra.append(max(0, (out - 1) * s[d] + k[d] - (spatial[d] + pre[d] + post[d])))
+    if a["type"] not in ("MAX", "AVERAGE"):
+        raise NotImplementedError(f"layer {layer['name']!r}: pooling type {a['type']}")
+    if a["type"] == "AVERAGE" and any(extra):
+        raise NotImplementedError(f"layer {layer['name']!r}: average pooling windows beyond the padded input "
+                                  f"(EXPLICIT_ROUND_UP) are not interpreted")
+    pad = []
+    for d in reversed(range(n)):
+        pad += [pre[d], post[d] + extra[d]]
+    pool = {2: F.max_pool2d, 3: F.max_pool3d} if a["type"] == "MAX" else {2: F.avg_pool2d, 3: F.avg_pool3d}
+    if n not in pool:
+        raise NotImplementedError(f"layer {layer['name']!r}: {n}-D pooling")
     if a["type"] == "MAX":
-        fn = F.max_pool2d if n == 2 else F.max_pool3d
-        return [fn(x, a["window_size_nd"], a["stride_nd"], pre, ceil_mode=ceil)]
-    if a["type"] == "AVERAGE":
-        fn = F.avg_pool2d if n == 2 else F.avg_pool3d
-        return [fn(x, a["window_size_nd"], a["stride_nd"], pre, ceil_mode=ceil,
-                   count_include_pad=not a["average_count_excludes_padding"])]
-    raise NotImplementedError(f"pooling type {a['type']}")
+        return [pool[n](F.pad(x, pad, value=float("-inf")), k, s)]
+    mean = pool[n](F.pad(x, pad), k, s)  # zero padding counted: sum / window size
+    if not a["average_count_excludes_padding"]:
+        return [mean]
+    ones = F.pad(torch.ones((1,) * (x.dim() - n) + tuple(spatial), dtype=x.dtype), pad)
+    return [mean / pool[n](ones, k, s)]  # sum / number of non-padding elements
 
 
 @op("SCALE")
@@ -160,6 +180,22 @@ def matrix_multiply(layer, ins, w):
     return [torch.matmul(a, b)]
 
 
+@op("EINSUM")
+def einsum(layer, ins, w):
+    """IEinsumLayer: lowercase subscripts, explicit output, operands of equal dtype (no broadcasting
+    of size-1 axes against larger ones)."""
+    eq = layer["attrs"]["equation"]
+    terms = eq.replace(" ", "").split("->")[0].split(",")
+    sizes: dict[str, int] = {}
+    for term, t in zip(terms, ins):
+        if len(term) != t.dim():
+            raise ValueError(f"layer {layer['name']!r}: subscripts {term!r} for a rank-{t.dim()} tensor")
+        for ch, n in zip(term, t.shape):
+            if sizes.setdefault(ch, n) != n:
+                raise ValueError(f"layer {layer['name']!r}: subscript {ch!r} has sizes {sizes[ch]} and {n}")
+    return [torch.einsum(eq, *ins)]
+
+
 @op("CONSTANT")
 def constant(layer, ins, w):
     return [w["CONSTANT"].reshape(layer["attrs"]["shape"])]
@@ -207,16 +243,39 @@ def concatenation(layer, ins, w):
 
 @op("SLICE")
 def slice_(layer, ins, w):
+    """ISliceLayer with static start/shape/stride. Sample modes: STRICT_BOUNDS (out of range is an
+    error), WRAP (coordinates wrap modulo the axis), CLAMP (to the nearest edge), FILL (out of range
+    reads the fill value, input 4, or 0)."""
     a = layer["attrs"]
-    if len([i for i in ins if i is not None]) > 1:
-        raise NotImplementedError("dynamic slice parameters")
-    if a.get("mode") not in (None, "STRICT_BOUNDS", "DEFAULT"):
-        raise NotImplementedError(f"slice mode {a['mode']}")
+    if any(t is not None for t in ins[1:4]):
+        raise NotImplementedError(f"layer {layer['name']!r}: dynamic slice parameters")
+    mode = a.get("mode") or "STRICT_BOUNDS"
+    if mode == "DEFAULT":
+        mode = "STRICT_BOUNDS"
+    if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL"):
+        raise NotImplementedError(f"layer {layer['name']!r}: slice mode {mode}")
     x = ins[0]
+    fill = ins[4] if len(ins) > 4 and ins[4] is not None else None
+    if fill is not None and fill.numel() != 1:
+        raise ValueError(f"layer {layer['name']!r}: the fill value must be a scalar")
     for d, (s0, n, st) in enumerate(zip(a["start"], a["shape"], a["stride"])):
+        size = x.shape[d]
         idx = s0 + st * torch.arange(n)
-        if n and (idx.min() < 0 or idx.max() >= x.shape[d]):
-            raise ValueError(f"layer {layer['name']!r}: slice out of bounds on axis {d}")
+        inside = (idx >= 0) & (idx < size)
+        if mode == "STRICT_BOUNDS":
+            if n and not bool(inside.all()):
+                raise ValueError(f"layer {layer['name']!r}: slice out of bounds on axis {d}")
+        elif mode == "WRAP":
+            idx = idx % size
+        elif mode == "CLAMP":
+            idx = idx.clamp(0, size - 1)
+        else:  # FILL
+            value = 0.0 if fill is None else fill.reshape(()).to(x.dtype)
+            shape = list(x.shape)
+            shape[d] = 1
+            pad_slab = torch.full(shape, float(value), dtype=x.dtype)
+            x = torch.cat([x, pad_slab], dim=d)
+            idx = torch.where(inside, idx, torch.full_like(idx, size))  # the appended fill slab
         x = x.index_select(d, idx)
     return [x]
 
