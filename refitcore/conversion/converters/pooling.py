@@ -20,16 +20,42 @@ def _pair(v, n=2):
     return v * n if len(v) == 1 else v
 
 
+def _ceil_extra(size: int, k: int, s: int, p: int) -> int:
+    """Extra post padding that PyTorch's ceil_mode adds on one axis: the output is
+    ceil((size + 2p - k) / s) + 1, less one when the last window would start in the right padding
+    (it must start inside the input or its left padding)."""
+    out = -(-(size + 2 * p - k) // s) + 1
+    if (out - 1) * s >= size + p:
+        out -= 1
+    return max(0, (out - 1) * s + k - (size + 2 * p))
+
+
 def pooling(ctx: ConversionContext, x, kind: str, kernel, stride, padding, *, ceil_mode=False,
             count_include_pad=True):
+    """TensorRT pooling with explicit pre/post padding. PyTorch's ceil_mode becomes extra post
+    padding (TensorRT's EXPLICIT_ROUND_UP lacks PyTorch's last-window rule, so it is not used)."""
     trt = ctx.trt
-    if ceil_mode:
-        raise Unsupported("ceil_mode pooling is not supported")
-    layer = ctx.network.add_pooling_nd(x, getattr(trt.PoolingType, kind), trt.Dims(tuple(_pair(kernel))))
-    layer.stride_nd = trt.Dims(tuple(_pair(stride or kernel)))
-    layer.padding_nd = trt.Dims(tuple(_pair(padding)))
+    kernel = _pair(kernel)
+    stride = _pair(stride or kernel)
+    padding = _pair(padding)
+    n = len(kernel)
+    if rank(x) < n + 1:
+        raise Unsupported(f"pooling over {n} axes needs an input of rank >= {n + 1}")
+    spatial = shape_of(x)[-n:]
+    extra = [_ceil_extra(spatial[d], kernel[d], stride[d], padding[d]) if ceil_mode else 0 for d in range(n)]
+    exclude_padding = not count_include_pad
+    if kind == "AVERAGE" and any(extra):
+        if any(padding) and count_include_pad:
+            # PyTorch counts the symmetric padding but not the ceil_mode overhang: no single
+            # TensorRT pooling divisor does both.
+            raise Unsupported("ceil_mode average pooling with padding and count_include_pad=True")
+        exclude_padding = True  # the overhang is the only padding, and PyTorch does not count it
+    layer = ctx.network.add_pooling_nd(x, getattr(trt.PoolingType, kind), trt.Dims(tuple(kernel)))
+    layer.stride_nd = trt.Dims(tuple(stride))
+    layer.pre_padding = trt.Dims(tuple(padding))
+    layer.post_padding = trt.Dims(tuple(p + e for p, e in zip(padding, extra)))
     if kind == "AVERAGE":
-        layer.average_count_excludes_padding = not count_include_pad
+        layer.average_count_excludes_padding = exclude_padding
     return ctx.name(layer).get_output(0)
 
 
