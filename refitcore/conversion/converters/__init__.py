@@ -1,2 +1,2 @@
 """Built-in converters, one module per op family; importing registers them."""
-from . import activation, conv, elementwise, matmul, normalization, pooling, shape  # noqa: F401
+from . import activation, attention, conv, elementwise, matmul, normalization, pooling, reduce, shape  # noqa: F401

@@ -5,7 +5,7 @@ import torch
 
 from ..context import ConversionContext
 from ..registry import Unsupported, converter
-from ._util import arg
+from ._util import arg, rank
 
 aten = torch.ops.aten
 
@@ -89,3 +89,27 @@ def elu(ctx, node, args, kwargs):
     if arg(args, kwargs, 2, "scale", 1) != 1 or arg(args, kwargs, 3, "input_scale", 1) != 1:
         raise Unsupported("elu with scale/input_scale is not supported")
     return activation(ctx, args[0], "ELU", alpha=arg(args, kwargs, 1, "alpha", 1.0))
+
+
+def softmax(ctx: ConversionContext, x, dim: int, *, suffix: str | None = None):
+    """Softmax along one axis (ISoftMaxLayer, axes given as a bit mask)."""
+    r = rank(x)
+    if r == 0:
+        raise Unsupported("softmax of a 0-d tensor")
+    layer = ctx.network.add_softmax(x)
+    layer.axes = 1 << (int(dim) % r)
+    return ctx.name(layer, suffix).get_output(0)
+
+
+def _check_float_softmax(node) -> str | None:
+    dtype = node.args[2] if node.target is aten.softmax.int and len(node.args) > 2 else node.kwargs.get("dtype")
+    if node.target is aten._softmax.default and node.args[2]:
+        return "half_to_float softmax"
+    if dtype not in (None, torch.float32):
+        return f"softmax with dtype={dtype}"
+    return None
+
+
+@converter(aten._softmax.default, aten.softmax.int, capability=_check_float_softmax)
+def softmax_default(ctx, node, args, kwargs):
+    return softmax(ctx, args[0], args[1])

@@ -1,0 +1,73 @@
+"""Scaled dot-product attention, spelled out in TensorRT layers:
+softmax(q @ k^T * scale + mask) @ v (the math of ``torch.nn.functional.scaled_dot_product_attention``).
+
+The scale is a literal (recorded as a constant); a constant boolean mask becomes a float mask of 0 and
+``MASKED``; float masks are added; ``is_causal`` is a literal lower-triangular float mask.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..context import ConversionContext, StaticValue
+from ..registry import Unsupported, converter
+from ._util import arg, as_tensor, rank, shape_of
+from .activation import softmax
+
+aten = torch.ops.aten
+# A masked score: finite (engine weights must be finite to pass refit validation) yet so negative
+# that exp(score - max) is exactly 0 in float32, as with PyTorch's -inf, unless a whole row is masked.
+MASKED = -1e30
+
+
+def _check_sdpa(node) -> str | None:
+    args, kwargs = node.args, node.kwargs
+    if arg(args, kwargs, 4, "dropout_p", 0.0):
+        return "attention dropout_p != 0 (export in eval mode)"
+    if arg(args, kwargs, 7, "enable_gqa", False):
+        return "grouped-query attention (enable_gqa=True)"
+    return None
+
+
+def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=None, is_causal=False,
+                                 scale=None):
+    trt = ctx.trt
+    r = max(rank(q), rank(k), rank(v))
+    if r < 2:
+        raise Unsupported("attention on 1-D tensors")
+    q = as_tensor(ctx, q, rank_=r, suffix="q")
+    k = as_tensor(ctx, k, rank_=r, suffix="k")
+    v = as_tensor(ctx, v, rank_=r, suffix="v")
+    L, E = shape_of(q)[-2:]
+    S = shape_of(k)[-2]
+    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    scores = ctx.network.add_matrix_multiply(q, trt.MatrixOperation.NONE, k, trt.MatrixOperation.TRANSPOSE)
+    s = ctx.name(scores, "qk").get_output(0)
+    factor = ctx.constant(torch.tensor(scale), rank=r, suffix="scale")
+    s = ctx.name(ctx.network.add_elementwise(s, factor, trt.ElementWiseOperation.PROD), "scaled").get_output(0)
+    if is_causal:
+        if attn_mask is not None:
+            raise Unsupported("attention with both attn_mask and is_causal")
+        attn_mask = StaticValue(torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), MASKED),
+                                None)
+    if attn_mask is not None:
+        mask_dtype = attn_mask.tensor.dtype if isinstance(attn_mask, StaticValue) else None
+        if mask_dtype is torch.bool or (mask_dtype is None and attn_mask.dtype == trt.bool):
+            if isinstance(attn_mask, StaticValue):
+                attn_mask = StaticValue(torch.zeros(attn_mask.shape).masked_fill(~attn_mask.tensor, MASKED),
+                                        None)
+            else:
+                raise Unsupported("a boolean attention mask computed from the input")
+        m = as_tensor(ctx, attn_mask, rank_=r, suffix="mask")
+        s = ctx.name(ctx.network.add_elementwise(s, m, trt.ElementWiseOperation.SUM), "masked").get_output(0)
+    p = softmax(ctx, s, r - 1, suffix="softmax")
+    out = ctx.network.add_matrix_multiply(p, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE)
+    return ctx.name(out).get_output(0)
+
+
+@converter(aten.scaled_dot_product_attention.default, capability=_check_sdpa)
+def sdpa(ctx, node, args, kwargs):
+    return scaled_dot_product_attention(ctx, args[0], args[1], args[2], attn_mask=arg(args, kwargs, 3, "attn_mask"),
+                                        is_causal=bool(arg(args, kwargs, 5, "is_causal", False)),
+                                        scale=arg(args, kwargs, 6, "scale"))

@@ -1,0 +1,48 @@
+"""Activations: softmax, hard/SiLU gates and the squeeze-excitation product."""
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import SqueezeExcitation
+
+from .harness import check_converter
+
+
+class Lin(nn.Module):
+    def __init__(self, act: nn.Module, d: int = 6):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.act = act
+
+    def forward(self, x):
+        return self.act(self.fc(x))
+
+
+@pytest.mark.parametrize("act", [
+    pytest.param(nn.Softmax(dim=-1), id="softmax_last"),
+    pytest.param(nn.Softmax(dim=1), id="softmax_dim1"),
+    pytest.param(nn.Hardswish(), id="hardswish"),
+    pytest.param(nn.Hardsigmoid(), id="hardsigmoid"),
+    pytest.param(nn.SiLU(), id="silu"),
+    pytest.param(nn.Sigmoid(), id="sigmoid"),
+    pytest.param(nn.GELU(approximate="tanh"), id="gelu_tanh"),
+    pytest.param(nn.ReLU6(), id="relu6"),
+])
+def test_activation_matches_eager_and_refits(act):
+    check_converter(Lin(act), torch.randn(2, 3, 6) * 3)
+
+
+class SEBlock(nn.Module):
+    """MobileNetV3/EfficientNet: conv, BatchNorm (eps 1e-3), hardswish, squeeze-excitation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8, eps=1e-3)
+        self.se = SqueezeExcitation(8, 4, scale_activation=nn.Hardsigmoid)
+
+    def forward(self, x):
+        return self.se(nn.functional.hardswish(self.bn(self.conv(x))))
+
+
+def test_squeeze_excitation_matches_eager_and_refits():
+    check_converter(SEBlock(), torch.randn(1, 3, 8, 8))
