@@ -38,6 +38,7 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "CAST": ("ICastLayer", ("to_type",), {}),
     "GATHER": ("IGatherLayer", ("axis", "mode", "num_elementwise_dims"), {}),
     "SELECT": ("ISelectLayer", (), {}),
+    "EINSUM": ("IEinsumLayer", ("equation",), {}),
     "PADDING": ("IPaddingLayer", ("pre_padding_nd", "post_padding_nd"), {}),
     "RESIZE": ("IResizeLayer", ("shape", "scales", "resize_mode", "coordinate_transformation",
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",

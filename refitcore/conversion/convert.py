@@ -62,13 +62,20 @@ def layer_names_for(gm: fx.GraphModule) -> dict[str, str]:
     return names
 
 
+aten = torch.ops.aten
+# Ops whose result depends only on their input's shape and dtype (static shapes): they fold to
+# literals, e.g. Swin's attention mask built with x.new_zeros(...).
+SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+                            aten.zeros_like.default, aten.ones_like.default, aten.full_like.default})
+
+
 def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
     dynamic: set[str] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if node.name in user_inputs:
                 dynamic.add(node.name)
-        elif node.op == "call_function":
+        elif node.op == "call_function" and node.target not in SHAPE_ONLY_OPS:
             if any(isinstance(a, fx.Node) and a.name in dynamic for a in node.all_input_nodes):
                 dynamic.add(node.name)
     return dynamic
@@ -209,6 +216,10 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
         elif node.op == "call_function":
             args = resolve(list(node.args))
             kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
+            if node.target in SHAPE_ONLY_OPS:
+                # Only the input's shape/dtype matter: stand in a zero tensor of that shape.
+                args = [StaticValue(torch.zeros(a.meta["val"].shape, dtype=a.meta["val"].dtype), None)
+                        if isinstance(a, fx.Node) else v for a, v in zip(node.args, args)]
             if not _any_dynamic(args) and not _any_dynamic(list(kwargs.values())):
                 values[node.name] = _fold_static(ctx, node, args, kwargs)
             else:

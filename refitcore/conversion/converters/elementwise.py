@@ -5,7 +5,7 @@ import torch
 
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
-from ._util import arg, equalize_ranks
+from ._util import arg, as_tensor, equalize_ranks, rank
 
 aten = torch.ops.aten
 
@@ -50,3 +50,85 @@ def div(ctx, node, args, kwargs):
 
 
 __all__ = ["elementwise", "StaticValue"]
+
+
+@converter(aten.maximum.default)
+def maximum(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], args[1], "MAX")
+
+
+@converter(aten.minimum.default)
+def minimum(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], args[1], "MIN")
+
+
+@converter(aten.clamp_min.default)
+def clamp_min(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], float(args[1]), "MAX")
+
+
+@converter(aten.clamp_max.default)
+def clamp_max(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], float(args[1]), "MIN")
+
+
+@converter(aten.pow.Tensor_Scalar, aten.pow.Tensor_Tensor)
+def pow_(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], args[1], "POW")
+
+
+def unary(ctx: ConversionContext, x, op: str):
+    return ctx.name(ctx.network.add_unary(x, getattr(ctx.trt.UnaryOperation, op))).get_output(0)
+
+
+_UNARY = {aten.sqrt.default: "SQRT", aten.exp.default: "EXP", aten.neg.default: "NEG", aten.abs.default: "ABS",
+          aten.log.default: "LOG", aten.reciprocal.default: "RECIP", aten.erf.default: "ERF"}
+
+
+@converter(*_UNARY)
+def unary_default(ctx, node, args, kwargs):
+    return unary(ctx, args[0], _UNARY[node.target])
+
+
+@converter(aten.rsqrt.default)
+def rsqrt(ctx, node, args, kwargs):
+    """1 / sqrt(x) as a division of a literal 1 (TensorRT has no rsqrt unary)."""
+    root = ctx.name(ctx.network.add_unary(args[0], ctx.trt.UnaryOperation.SQRT), "sqrt").get_output(0)
+    return elementwise(ctx, 1.0, root, "DIV")
+
+
+def select(ctx: ConversionContext, cond, a, b):
+    """torch.where(cond, a, b): an ISelectLayer over inputs of equal rank."""
+    r = max(_rank(v) for v in (cond, a, b))
+    cond = as_tensor(ctx, cond, rank_=r, suffix="cond")
+    a = as_tensor(ctx, a, rank_=r, suffix="then")
+    b = as_tensor(ctx, b, rank_=r, suffix="else")
+    return ctx.name(ctx.network.add_select(cond, a, b)).get_output(0)
+
+
+def _rank(v) -> int:
+    return 0 if isinstance(v, (int, float, bool)) else rank(v)
+
+
+@converter(aten.where.self)
+def where(ctx, node, args, kwargs):
+    if isinstance(args[0], StaticValue):
+        raise Unsupported("where with a constant condition (constants reach TensorRT as float32, not bool)")
+    return select(ctx, args[0], args[1], args[2])
+
+
+@converter(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+def masked_fill(ctx, node, args, kwargs):
+    x, mask, value = args[0], args[1], args[2]
+    if isinstance(mask, StaticValue):
+        raise Unsupported("masked_fill with a constant mask (constants reach TensorRT as float32, not bool)")
+    return select(ctx, mask, value, x)
+
+
+_COMPARE = {aten.eq.Tensor: "EQUAL", aten.eq.Scalar: "EQUAL", aten.gt.Tensor: "GREATER", aten.gt.Scalar: "GREATER",
+            aten.lt.Tensor: "LESS", aten.lt.Scalar: "LESS"}
+
+
+@converter(*_COMPARE)
+def compare(ctx, node, args, kwargs):
+    return elementwise(ctx, args[0], args[1], _COMPARE[node.target])

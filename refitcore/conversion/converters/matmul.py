@@ -46,3 +46,40 @@ def linear_default(ctx, node, args, kwargs):
 @converter(aten.matmul.default, aten.bmm.default, aten.mm.default)
 def matmul_default(ctx, node, args, kwargs):
     return matmul(ctx, args[0], args[1])
+
+
+def _trt_equation(equation: str) -> str:
+    """TensorRT's einsum takes lowercase subscripts only and no ellipsis: rename each distinct
+    subscript to a lowercase letter, drop spaces."""
+    eq = equation.replace(" ", "")
+    if "..." in eq:
+        raise Unsupported("einsum with an ellipsis")
+    if "->" not in eq:
+        raise Unsupported("einsum without an explicit output ('->')")
+    letters: dict[str, str] = {}
+    out = []
+    for ch in eq:
+        if ch.isalpha():
+            if ch not in letters:
+                if len(letters) == 26:
+                    raise Unsupported("einsum with more than 26 subscripts")
+                letters[ch] = chr(ord("a") + len(letters))
+            out.append(letters[ch])
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def einsum(ctx: ConversionContext, equation: str, operands):
+    eq = _trt_equation(equation)
+    terms = eq.split("->")[0].split(",")
+    if len(terms) != len(operands):
+        raise Unsupported(f"einsum {equation!r} names {len(terms)} operands, got {len(operands)}")
+    tensors = [as_tensor(ctx, v, rank_=len(term), suffix=f"in{i}") for i, (v, term) in enumerate(zip(operands, terms))]
+    layer = ctx.network.add_einsum(tensors, eq)
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.einsum.default)
+def einsum_default(ctx, node, args, kwargs):
+    return einsum(ctx, args[0], list(args[1]))

@@ -152,3 +152,84 @@ def expand(ctx, node, args, kwargs):
 
 
 __all__ = ["StaticValue", "Unsupported"]
+
+
+def _slice_mode(ctx: ConversionContext, x, start, shape, mode: str, *, fill=None, suffix=None):
+    """An ISliceLayer in ``mode`` (SampleMode WRAP or FILL): out-of-range coordinates wrap around, or
+    read ``fill`` (0 when not given)."""
+    trt = ctx.trt
+    fill_value = None if fill is None else ctx.constant(torch.tensor(float(fill)), shape=(), suffix="fill")
+    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(shape)), trt.Dims((1,) * len(shape)))
+    layer.mode = getattr(trt.SampleMode, mode)
+    if fill_value is not None:
+        layer.set_input(4, fill_value)
+    return ctx.name(layer, suffix).get_output(0)
+
+
+def roll(ctx: ConversionContext, x, shifts, dims):
+    """torch.roll as one wrapping slice: out[i] = x[(i - shift) mod n] on each rolled axis."""
+    shp = shape_of(x)
+    r = len(shp)
+    if not dims:
+        raise Unsupported("roll without dims (flattened roll)")
+    start = [0] * r
+    for s, d in zip(shifts, dims):
+        d %= r
+        start[d] = (start[d] - s) % shp[d]
+    if not any(start):
+        return x
+    return _slice_mode(ctx, x, start, shp, "WRAP")
+
+
+@converter(aten.roll.default)
+def roll_default(ctx, node, args, kwargs):
+    shifts = arg(args, kwargs, 1, "shifts")
+    dims = arg(args, kwargs, 2, "dims", [])
+    shifts = list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if len(shifts) != len(dims):
+        raise Unsupported(f"roll with {len(shifts)} shifts for {len(dims)} dims")
+    return roll(ctx, args[0], shifts, dims)
+
+
+def constant_pad(ctx: ConversionContext, x, pad, value: float = 0.0):
+    """F.pad(mode='constant') as a FILL slice starting at -pre (negative pads crop)."""
+    shp = shape_of(x)
+    r = len(shp)
+    if len(pad) % 2 or len(pad) // 2 > r:
+        raise Unsupported(f"pad of length {len(pad)} for a rank-{r} tensor")
+    start, shape = [0] * r, list(shp)
+    for i in range(len(pad) // 2):  # pad lists (pre, post) pairs from the last axis backwards
+        d = r - 1 - i
+        start[d] = -int(pad[2 * i])
+        shape[d] = shp[d] + int(pad[2 * i]) + int(pad[2 * i + 1])
+    if not any(start) and tuple(shape) == shp:
+        return x
+    return _slice_mode(ctx, x, start, shape, "FILL", fill=None if value == 0 else value)
+
+
+@converter(aten.constant_pad_nd.default)
+def constant_pad_nd(ctx, node, args, kwargs):
+    return constant_pad(ctx, args[0], list(args[1]), float(arg(args, kwargs, 2, "value", 0.0)))
+
+
+@converter(aten.pad.default)
+def pad_default(ctx, node, args, kwargs):
+    mode = arg(args, kwargs, 2, "mode", "constant")
+    if mode != "constant":
+        raise Unsupported(f"pad mode {mode!r}")
+    return constant_pad(ctx, args[0], list(args[1]), float(arg(args, kwargs, 3, "value", None) or 0.0))
+
+
+@converter(aten.stack.default)
+def stack(ctx, node, args, kwargs):
+    tensors = list(args[0])
+    out = out_shape(ctx)
+    r = len(out)
+    dim = arg(args, kwargs, 1, "dim", 0) % r
+    one = out[:dim] + (1,) + out[dim + 1:]
+    parts = [reshape(ctx, as_tensor(ctx, t, rank_=r - 1, suffix=f"in{i}"), one, suffix=f"unsqueeze{i}")
+             for i, t in enumerate(tensors)]
+    layer = ctx.network.add_concatenation(parts)
+    layer.axis = dim
+    return ctx.name(layer).get_output(0)
