@@ -392,14 +392,29 @@ def test_probe_crash_becomes_a_reason():
     assert ok is False and "killed by signal" in reason
 
 
+# What TensorRT-RTX 1.7.1.116 said on an NVIDIA H200 (benchmarks/results/build_times.md).
+H200_MESSAGE = ("[FAILED_INITIALIZATION] IRuntime::deserializeCudaEngine: Error Code 6: API Usage Error (The engine "
+                "cannot run on this GPU, which has compute capability 9.0. Supported compute capabilities: 8.0 8.6 "
+                "8.9 12.0 12.1 >12.0. TensorRT-RTX does not support this compute capability, so the engine cannot "
+                "be rebuilt for it. In throwUnlessComputeCapSupported at /_src/runtime/dispatch/runtime.cpp:84)")
+
+
 def test_probe_report_is_read_back():
-    line = ('import json; print("REFITCORE-PROBE " + json.dumps({"ok": False, "stage": "deserialize", '
-            '"flavour": "tensorrt_rtx", "version": "1.7.1.116", "device": "NVIDIA H200", "cc": "9.0", '
-            '"reason": "TensorRT-RTX does not support this compute capability"}))')
+    import json
+
+    report = {"ok": False, "stage": "deserialize", "flavour": "tensorrt_rtx", "version": "1.7.1.116",
+              "device": "NVIDIA H200", "cc": "9.0", "reason": H200_MESSAGE}
+    line = f"print('REFITCORE-PROBE ' + {json.dumps(json.dumps(report))})"
     ok, reason = probe(timeout=60, command=[sys.executable, "-c", line])
     assert ok is False
-    assert reason.startswith("TensorRT-RTX does not support compute capability 9.0 (NVIDIA H200)")
-    assert "does not support this compute capability" in reason
+    assert reason.startswith("TensorRT-RTX does not support compute capability 9.0 (NVIDIA H200): "
+                             "TensorRT-RTX 1.7.1.116 refused to deserialize an engine: [FAILED_INITIALIZATION]"), reason
+    assert H200_MESSAGE in reason
+
+
+def test_probe_without_report_is_an_error_not_a_pass():
+    ok, reason = probe(timeout=60, command=[sys.executable, "-c", "print('hello')"])
+    assert ok is False and "exited with status 0 without a report" in reason
 
 
 @pytest.mark.parametrize("report,ok,needle", [

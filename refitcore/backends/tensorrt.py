@@ -119,10 +119,12 @@ class TensorRTEngine:
             if self._engine is None:
                 said = self._said()
                 cap = torch.cuda.get_device_capability(self._device)
-                raise BackendUnavailableError(
+                err = BackendUnavailableError(
                     f"{_trt.flavour()} {_trt.version()} could not deserialize the engine on "
                     f"{torch.cuda.get_device_name(self._device)} (compute capability {cap[0]}.{cap[1]}): "
                     + ("; ".join(said) if said else "no message from TensorRT"))
+                err.tensorrt_messages = said   # TensorRT's own words, for the capability probe
+                raise err
             self._context = self._engine.create_execution_context()
             if self._context is None:
                 raise BackendUnavailableError("TensorRT could not create an execution context: "

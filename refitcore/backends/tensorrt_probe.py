@@ -174,7 +174,8 @@ def main() -> int:
     try:
         _child(report)
     except BaseException as err:  # report any failure, whatever it is, as data (the stage says where)
-        report.update(ok=False, reason=f"{type(err).__name__}: {err}")
+        said = getattr(err, "tensorrt_messages", None)
+        report.update(ok=False, reason="; ".join(said) if said else f"{type(err).__name__}: {err}")
     _emit(report)
     return 0
 
