@@ -42,7 +42,7 @@ import torch
 from .. import _trt
 from ..errors import BackendUnavailableError
 from .tensorrt_build import PlanBuild, build_plan
-from .tensorrt_refit import TRT_TO_NP, TensorRTRefitter, make_error_recorder
+from .tensorrt_refit import TensorRTRefitter, make_error_recorder
 
 __all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "build", "load_engine", "serialization_config",
            "check_inputs"]
