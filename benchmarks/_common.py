@@ -56,7 +56,21 @@ def machine_info() -> dict:
         "numpy": numpy.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
         "loadavg_start": loadavg(),
+        "commit": _commit(),
     }
+
+
+def _commit() -> str:
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (rev or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
 def set_threads(n: int = 2) -> None:
@@ -102,7 +116,8 @@ def record(name: str, title: str, body: str, info: dict, notes: Sequence[str] = 
     info = dict(info, loadavg_end=loadavg())
     head = (f"## {info['date']}: {title}\n\n"
             f"Machine: {info['cpu']}, {info['cores']} usable core(s), torch threads {info['torch_threads']}, "
-            f"GPU: {info['gpu']}; Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}. "
+            f"GPU: {info['gpu']}; Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}; "
+            f"commit {info['commit']}. "
             f"Load average (1/5/15 min) {info['loadavg_start']} at start, {info['loadavg_end']} at end"
             f"{' (the cores were shared with other work: absolute times are inflated, ratios less so)' if _busy(info) else ''}.\n")
     text = head + "\n" + body.rstrip() + "\n"

@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="resnet18,resnet50")
     p.add_argument("--px", type=int, default=64, help="compile resolution (the weights do not depend on it)")
     p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: see README)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args(argv)
     C.set_threads(args.threads)
