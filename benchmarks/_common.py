@@ -63,6 +63,9 @@ def machine_info() -> dict:
 def _commit() -> str:
     import subprocess
 
+    if os.environ.get("BENCH_COMMIT"):  # set when running from an exported tree (git archive)
+        return os.environ["BENCH_COMMIT"]
+
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=10).stdout.strip()
