@@ -456,3 +456,61 @@ def test_doctor_lists_tensorrt_line_matching_usable(capsys):
     assert doctor.main(["--require-tensorrt"]) == (0 if ok else 1)
     assert doctor.main(["--json"]) == 0
     assert '"item": "backend \'auto\' picks"' in capsys.readouterr().out
+
+
+# ---- save/load: the plan travels as a raw buffer next to the weights --------------------------
+class _SavedImpl:
+    backend_name = "tensorrt"
+    note = "fake"
+
+    def __init__(self, plan: bytes, weights: dict, meta: dict):
+        self.plan, self.weights, self.meta = plan, weights, meta
+
+    def weight_names(self):
+        return list(self.weights)
+
+    def serialize(self):
+        return {"backend": "tensorrt", "meta": self.meta, "blobs": {"plan": self.plan}}, dict(self.weights)
+
+    @classmethod
+    def deserialize(cls, header, arrays):
+        return cls(bytes(header["blobs"]["plan"]), arrays, header["meta"])
+
+
+def _saved_engine(meta):
+    from refitcore.engine import IOSpec, RefittableEngine
+    from refitcore.weight_map import WeightMap
+
+    impl = _SavedImpl(bytes(range(256)) * 3, {"conv KERNEL": W0["conv KERNEL"]}, meta)
+    io = IOSpec(("x",), ((1, 1, 3, 3),), ("float32",), ("output_0",), ((1, 2, 2, 2),))
+    return RefittableEngine(impl, WeightMap(), io, "fingerprint")
+
+
+def test_bundle_carries_the_plan_bytes_and_weights(tmp_path, monkeypatch):
+    import refitcore
+    from refitcore import _trt
+
+    meta = {"flavour": _trt.flavour() if _trt.available() else None, "trt_version": "x",
+            "weight_shapes": {"conv KERNEL": [2, 1, 2, 2]}}
+    engine = _saved_engine(meta)
+    monkeypatch.setattr(trt_backend, "TensorRTEngine", _SavedImpl)   # no GPU here to deserialize on
+    engine.save(tmp_path / "e.trtrefit")
+    loaded = refitcore.load(tmp_path / "e.trtrefit")
+    assert loaded._impl.plan == engine._impl.plan
+    np.testing.assert_array_equal(loaded._impl.weights["conv KERNEL"], W0["conv KERNEL"])
+    assert loaded._impl.meta == meta
+
+
+def test_load_refuses_a_plan_of_another_tensorrt_flavour(tmp_path, monkeypatch):
+    import refitcore
+    from refitcore import _trt
+    from refitcore.errors import BackendUnavailableError, BundleError
+
+    if not _trt.available():
+        pytest.skip("no TensorRT Python API importable: the flavour check needs one")
+    other = "tensorrt" if _trt.flavour() == "tensorrt_rtx" else "tensorrt_rtx"
+    engine = _saved_engine({"flavour": other, "trt_version": "10.9", "weight_shapes": {}})
+    monkeypatch.setattr(trt_backend, "TensorRTEngine", _SavedImpl)
+    engine.save(tmp_path / "e.trtrefit")
+    with pytest.raises((BackendUnavailableError, BundleError), match="Recompile the model here"):
+        refitcore.load(tmp_path / "e.trtrefit")
