@@ -55,16 +55,30 @@ def _unpack(data: bytes, path: str) -> tuple[dict, dict[str, np.ndarray]]:
     (crc,) = struct.unpack_from("<I", data, start + head_len)
     if zlib.crc32(head) != crc:
         raise BundleError(f"{path}: header checksum mismatch: the file is corrupted")
-    header = json.loads(head.decode("utf-8"))
+    try:
+        header = json.loads(head.decode("utf-8"))
+    except ValueError as err:  # UnicodeDecodeError and JSONDecodeError both
+        raise BundleError(f"{path}: the header is not valid UTF-8 JSON ({err}); the file is corrupted or "
+                          f"was not written by refitcore") from err
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: the header is not a JSON object; not a refitcore engine")
     body = memoryview(data)[start + head_len + 4:]
-    if len(body) != header["buffers_nbytes"]:
-        raise BundleError(f"{path}: file truncated: {len(body)} of {header['buffers_nbytes']} weight bytes present")
-    if zlib.crc32(body) != header["buffers_crc32"]:
-        raise BundleError(f"{path}: weight data checksum mismatch: the file is corrupted")
-    arrays = {}
-    for e in header.pop("buffers"):
-        raw = body[e["offset"]:e["offset"] + e["nbytes"]]
-        arrays[e["name"]] = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"]).copy()
+    try:
+        if len(body) != header["buffers_nbytes"]:
+            raise BundleError(f"{path}: file truncated: {len(body)} of {header['buffers_nbytes']} weight bytes "
+                              f"present")
+        if zlib.crc32(body) != header["buffers_crc32"]:
+            raise BundleError(f"{path}: weight data checksum mismatch: the file is corrupted")
+        arrays = {}
+        for e in header.pop("buffers"):
+            if e["offset"] < 0 or e["nbytes"] < 0 or e["offset"] + e["nbytes"] > len(body):
+                raise ValueError(f"buffer {e['name']!r} lies outside the file's weight data")
+            raw = body[e["offset"]:e["offset"] + e["nbytes"]]
+            arrays[e["name"]] = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"]).copy()
+    except BundleError:
+        raise
+    except (KeyError, ValueError, TypeError) as err:
+        raise BundleError(f"{path}: engine file content is invalid: {type(err).__name__}: {err}") from err
     return header, arrays
 
 

@@ -59,8 +59,12 @@ class ReferenceEngine:
                 layer["weights"] = {}  # the plan keeps structure only; values live in the weight store
             plan["weight_locations"] = locations
             weights = initial if weights is None else weights
-        self._locations: dict[str, tuple[int, str]] = {k: (int(v[0]), v[1])
-                                                       for k, v in plan["weight_locations"].items()}
+        # Engine order (layer by layer, roles in TensorRT's order), whatever order the plan's JSON
+        # kept: a saved engine lists its weights exactly as the one it was saved from.
+        locations = {k: (int(v[0]), v[1]) for k, v in plan["weight_locations"].items()}
+        role_rank = lambda i, role: WEIGHT_ROLES.get(plan["layers"][i]["type"], ()).index(role)  # noqa: E731
+        self._locations: dict[str, tuple[int, str]] = dict(
+            sorted(locations.items(), key=lambda kv: (kv[1][0], role_rank(*kv[1]))))
         if weights is None:
             raise ValueError("a deserialized reference plan needs its weights")
         missing = sorted(set(self._locations) - set(weights))
