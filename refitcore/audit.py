@@ -77,10 +77,19 @@ class Audit:
         lines = [head]
         if self.ok and self.worst is not None:
             lines.append(f"  closest to failing: {self.worst}")
-        for d in self.failures[:20]:
+        fails = self.failures
+        for d in fails[:20]:
             lines.append(f"  - {d}")
-        if len(self.failures) > 20:
-            lines.append(f"  ... and {len(self.failures) - 20} more")
+        if len(fails) > 20:
+            lines.append(f"  ... and {len(fails) - 20} more")
+        if fails:
+            value_fails = [d for d in fails if d.status == "value"]
+            if len(value_fails) == len(fails):
+                lines.append(f"  would pass with rtol>={max(d.max_rel for d in fails):.3g} "
+                             f"or atol>={max(d.max_abs for d in fails):.3g}")
+            else:
+                lines.append(f"  no tolerance would pass: {len(fails) - len(value_fails)} weight(s) are missing, "
+                             f"extra, non-finite or of another shape/dtype")
         return "\n".join(lines)
 
     def to_json(self) -> dict:

@@ -144,13 +144,26 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
     return out
 
 
+def _describe_entry(e: list) -> str:
+    """A graph_fingerprint entry in words: 'op aten.relu.default (node relu, module layer1.0)'."""
+    kind = e[0] if e else "?"
+    if kind == "op":
+        return f"op {e[1]} (node {e[2]}, module {e[3] or '<top level>'}, args {e[4]})"
+    if kind in ("weight", "input"):
+        return f"{kind} {e[1]} of shape {e[2]} ({e[3]})"
+    if kind == "output":
+        return f"the graph output {e[1]}"
+    return str(e)
+
+
 def _first_difference(a: list, b: list) -> str:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
-            return f"entry {i}: compiled {x} vs new {y}"
+            return f"first difference at graph entry {i}: compiled {_describe_entry(x)}, new {_describe_entry(y)}"
     if len(a) != len(b):
         longer, which = (a, "compiled") if len(a) > len(b) else (b, "new")
-        return f"the {which} graph has {abs(len(a) - len(b))} more entries, first {longer[min(len(a), len(b))]}"
+        return (f"the {which} graph has {abs(len(a) - len(b))} more entries, first "
+                f"{_describe_entry(longer[min(len(a), len(b))])}")
     return "no difference found"
 
 
