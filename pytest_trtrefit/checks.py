@@ -244,11 +244,14 @@ def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | No
             witnesses[f"{path} map"] = _map(engine, path, state)
         except refitcore.RefitCoreError as err:
             errors.append(f"the {path} mapping could not be computed: {str(err).splitlines()[0]}")
-    for o in outcomes:
-        if o.held is not None:
-            witnesses[f"engine after {o.path} refit"] = o.held
     labels = list(witnesses)
-    pairs = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]]
+    pairs = [(labels[0], labels[1])] if len(labels) == 2 else []
+    agreeing: dict[str, list[str]] = {}
+    for o in outcomes:
+        if o.held is not None and f"{o.path} map" in witnesses:
+            label = f"engine after {o.path} refit"
+            witnesses[label] = _shaped(o.held, engine)
+            pairs.append((label, f"{o.path} map"))
     audits = [(a, b, refitcore.audit(witnesses[a], witnesses[b], a_label=a, b_label=b)) for a, b in pairs]
     order = list(engine.weight_names)
     bad_by_name: dict[str, list[str]] = {}
@@ -256,14 +259,23 @@ def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | No
         for d in au.diffs:
             if not d.ok:
                 bad_by_name.setdefault(d.name, []).append(f"{a} vs {b}: {_diff_text(d, a, b)}")
+            else:
+                agreeing.setdefault(d.name, []).append(f"{a} and {b} agree")
     for pos, name in enumerate(order + sorted(set(bad_by_name) - set(order))):
         if name in bad_by_name:
             src = engine.weight_map.sources.get(name)
             recipe = src.describe() if src is not None else "(not in the weight map)"
-            return Culprit(name, pos, len(order), recipe, tuple(bad_by_name[name] + errors))
-    if errors:
-        return Culprit("(none found)", -1, len(order), "-", tuple(errors))
+            return Culprit(name, pos, len(order), recipe, tuple(bad_by_name[name] + agreeing.get(name, []) + errors))
     return None
+
+
+def _shaped(held: dict, engine) -> dict:
+    """The engine's weights in the weight map's shapes (TensorRT hands kernels back flat)."""
+    out = {}
+    for name, arr in held.items():
+        src = engine.weight_map.sources.get(name)
+        out[name] = arr.reshape(src.shape) if src is not None and src.count == arr.size else arr
+    return out
 
 
 def _diff_text(d, a: str, b: str) -> str:

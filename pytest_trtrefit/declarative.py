@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 
-__all__ = ["ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
+__all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
 
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
 _OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families"}
+
+
+class DeclarationError(Exception):
+    """A conftest's ``pytest_trt_refit_models()`` returned something unusable (a collection error)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +48,26 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
         try:
             factory, example = value.pop("factory"), value.pop("inputs")
         except KeyError as err:
-            raise pytest.UsageError(f"{where}: model {name!r}: a dict spec needs the key {err.args[0]!r}") from None
+            raise DeclarationError(f"{where}: model {name!r}: a dict spec needs the key {err.args[0]!r}") from None
         options = value
     elif isinstance(value, (tuple, list)) and len(value) in (2, 3):
         factory, example = value[0], value[1]
         options = dict(value[2]) if len(value) == 3 else {}
     else:
-        raise pytest.UsageError(f"{where}: model {name!r}: expected (factory, example_inputs[, options]) or a dict, "
+        raise DeclarationError(f"{where}: model {name!r}: expected (factory, example_inputs[, options]) or a dict, "
                                 f"got {type(value).__name__}")
     if not callable(factory):
-        raise pytest.UsageError(f"{where}: model {name!r}: the factory {factory!r} is not callable")
+        raise DeclarationError(f"{where}: model {name!r}: the factory {factory!r} is not callable")
     example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
     if not example or not all(isinstance(t, torch.Tensor) for t in example):
-        raise pytest.UsageError(f"{where}: model {name!r}: example inputs must be a tensor or a tuple of tensors")
+        raise DeclarationError(f"{where}: model {name!r}: example inputs must be a tensor or a tuple of tensors")
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
-        raise pytest.UsageError(f"{where}: model {name!r}: unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
+        raise DeclarationError(f"{where}: model {name!r}: unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
     checks = tuple(options.get("checks", CHECKS))
     bad = [c for c in checks if c not in CHECKS]
     if bad:
-        raise pytest.UsageError(f"{where}: model {name!r}: unknown check(s) {bad}; choose from {CHECKS}")
+        raise DeclarationError(f"{where}: model {name!r}: unknown check(s) {bad}; choose from {CHECKS}")
     paths = options.get("paths")
     if isinstance(paths, str):
         paths = ("cached", "fallback") if paths == "both" else (paths,)
@@ -75,7 +79,7 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
     if not isinstance(declared, dict):
-        raise pytest.UsageError(f"{where}: pytest_trt_refit_models() must return a dict name -> spec, "
+        raise DeclarationError(f"{where}: pytest_trt_refit_models() must return a dict name -> spec, "
                                 f"got {type(declared).__name__}")
     return [_spec(str(name), value, where) for name, value in declared.items()]
 
@@ -98,6 +102,11 @@ class RefitModelsFile(pytest.File):
     def __init__(self, *, module, **kwargs):
         super().__init__(**kwargs)
         self.module = module
+
+    def repr_failure(self, excinfo, style=None):
+        if isinstance(excinfo.value, DeclarationError):
+            return f"pytest_trt_refit_models(): {excinfo.value}"
+        return super().repr_failure(excinfo, style=style)
 
     def collect(self):
         specs = parse_specs(self.module.pytest_trt_refit_models(), str(self.path))

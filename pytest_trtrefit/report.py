@@ -15,15 +15,24 @@ REPORT_VERSION = 1
 
 def merge(parts: Iterable[dict]) -> dict:
     """Combine :meth:`RefitSession.export` dicts (the controller's own and each xdist worker's)."""
-    out: dict[str, Any] = {"records": [], "failures": [], "builds": [], "backend": None, "backend_reason": None}
+    out: dict[str, Any] = {"records": [], "failures": [], "builds": [], "backend": None, "backend_reason": None,
+                           "outcomes": {}, "expected_failures": []}
     for part in parts:
         if not part:
             continue
         out["records"] += part.get("records", [])
         out["failures"] += part.get("failures", [])
         out["builds"] += part.get("builds", [])
+        out["outcomes"].update(part.get("outcomes", {}))
         if part.get("backend") and not out["backend"]:
             out["backend"], out["backend_reason"] = part["backend"], part.get("backend_reason")
+    # A failing check inside a test that passed was expected by that test (pytest.raises).
+    expected = {t for t, o in out["outcomes"].items() if o == "passed"}
+    for r in out["records"]:
+        if not r["ok"] and r.get("test") in expected:
+            r["ok"], r["expected_failure"] = True, True
+    out["expected_failures"] = [f for f in out["failures"] if f.get("test") in expected]
+    out["failures"] = [f for f in out["failures"] if f.get("test") not in expected]
     return out
 
 
@@ -81,7 +90,10 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     total = sum(r["checks"] for r in rows)
     failed = sum(r["failures"] for r in rows)
     worst = max(rows, key=lambda r: r["worst_max_abs"])
-    lines.append(f"{total} path check(s), {failed} failed; worst abs error {worst['worst_max_abs']:.3g} "
+    expected = len(data["expected_failures"])
+    lines.append(f"{total} path check(s), {failed} failed"
+                 + (f" ({expected} more failed inside tests that expected it)" if expected else "")
+                 + f"; worst abs error {worst['worst_max_abs']:.3g} "
                  f"({worst['model']}); {len(data['builds'])} build(s); {seconds:.1f}s")
     for f in data["failures"][:5]:
         lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
@@ -114,6 +126,7 @@ def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None) -
                                              "min_atol")} if worst else None),
         "models": rows,
         "failures": data["failures"],
+        "expected_failures": [{k: v for k, v in f.items() if k != "report"} for f in data["expected_failures"]],
         "builds": data["builds"],
         "checks": data["records"],
     }

@@ -82,6 +82,7 @@ class RefitSession:
         self._cache: dict[tuple, CacheEntry] = {}
         self._backend: tuple[str, str] | None = None
         self._factory_models: dict = {}
+        self.outcomes: dict[str, str] = {}      # test node id -> passed | failed | skipped
         self.worker_parts: list[dict] = []      # exports of pytest-xdist workers (controller only)
         self.finished: float | None = None
         self.report_path: str | None = None
@@ -204,11 +205,14 @@ class RefitSession:
     # -- records -------------------------------------------------------------------------
     def _record(self, outcome: CheckOutcome, seconds: float) -> None:
         share = seconds / max(1, len(outcome.paths))
+        # Outputs that pass while the two mappings disagree fail every path of the check.
+        audit_failed = outcome.mapping_audit is not None and not outcome.mapping_audit.ok
+        only_audit = audit_failed and all(p.ok for p in outcome.paths)
         for p in outcome.paths:
             worst = p.worst
             rec = {"test": self.current_test, "model": outcome.model, "kind": outcome.kind, "path": p.path,
-                   "ok": p.ok and (outcome.mapping_audit is None or outcome.mapping_audit.ok),
-                   "seconds": round(share, 6), "backend": outcome.backend, "worker": self.worker}
+                   "ok": p.ok and not only_audit, "seconds": round(share, 6), "backend": outcome.backend,
+                   "worker": self.worker}
             if worst is not None:
                 rec.update(max_abs=worst.max_abs, max_rel=worst.max_rel, norm_rel=worst.norm_rel,
                            min_rtol=worst.min_rtol, min_atol=worst.min_atol)
@@ -218,14 +222,16 @@ class RefitSession:
                 rec["culprit"] = outcome.culprit.name
             self.records.append(rec)
         if not outcome.ok:
+            failed = [p.path for p in outcome.paths if not p.ok] or [p.path for p in outcome.paths]
             self.failures.append({"test": self.current_test, "model": outcome.model, "kind": outcome.kind,
-                                  "paths": [p.path for p in outcome.paths if not p.ok],
+                                  "paths": failed, "mappings_disagree": audit_failed,
                                   "culprit": outcome.culprit.name if outcome.culprit else None,
                                   "report": outcome.report()})
 
     def export(self) -> dict:
         """Everything the reports need, JSON-serialisable (sent from pytest-xdist workers)."""
         return {"records": self.records, "failures": self.failures, "builds": self.builds,
+                "outcomes": dict(self.outcomes),
                 "backend": self._backend[0] if self._backend else None,
                 "backend_reason": self._backend[1] if self._backend else None}
 

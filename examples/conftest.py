@@ -1,0 +1,17 @@
+"""Declarative refit checks: list the models, pytest-trtrefit generates the property tests.
+
+``pytest --trt-refit`` then runs, for every model below, three Hypothesis property tests with no
+test code: random weight sets (``weights``), a weight set followed by a fine-tuning-like change
+(``perturbations``) and several checkpoints in a row ending where they began (``sequences``),
+each refitted through the cached weight map and the fallback path and compared with eager PyTorch.
+"""
+from __future__ import annotations
+
+from modelzoo import MODELS, example_input
+
+
+def pytest_trt_refit_models():
+    return {
+        name: (cls, example_input(name), {"examples": 2} if name == "tied_autoencoder" else {})
+        for name, (cls, _shape) in MODELS.items()
+    }
