@@ -233,3 +233,12 @@ def stack(ctx, node, args, kwargs):
     layer = ctx.network.add_concatenation(parts)
     layer.axis = dim
     return ctx.name(layer).get_output(0)
+
+
+@converter(aten.unbind.int)
+def unbind(ctx, node, args, kwargs):
+    x = args[0]
+    shp = shape_of(x)
+    dim = arg(args, kwargs, 1, "dim", 0) % len(shp)
+    parts = _split(ctx, x, [1] * shp[dim], dim)
+    return [reshape(ctx, p, shp[:dim] + shp[dim + 1:], suffix=f"squeeze{i}") for i, p in enumerate(parts)]
