@@ -1,0 +1,224 @@
+"""Try every torchvision classification model on the reference backend: compile, refit through the
+cached map and through the fallback with random weights, compare with eager.
+
+Each model runs in its own subprocess (a crash, an out-of-memory kill or a timeout costs that model
+only) at the smallest square input it accepts among ``SIZES``. Writes a Markdown table to
+``benchmarks/results/zoo.md`` (and the raw rows to ``zoo.json``) after every model, and prints it.
+
+    python scripts/zoo.py                      # every model
+    python scripts/zoo.py resnet18 vit_b_32    # some
+    python scripts/zoo.py --one resnet18       # one model, JSON on stdout (what the parent runs)
+
+The reference backend interprets the TensorRT network on the CPU: it proves the network and the
+weight mapping, not TensorRT's kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SIZES = (32, 48, 64, 75, 96, 128, 160, 224)   # candidate square inputs, smallest first
+SEED = 1                                      # the refit weights' seed
+TIMEOUT_S = 1800                              # per model
+# The largest models (hundreds of millions of parameters) run last, so that the table fills with the
+# many small ones first.
+HEAVY = ("regnet_y_128gf", "vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_32gf", "regnet_x_32gf",
+         "efficientnet_b7", "efficientnet_v2_l", "convnext_large", "vit_b_16", "swin_v2_b", "swin_b")
+
+
+def all_models() -> list[str]:
+    import torchvision
+
+    names = list(torchvision.models.list_models(module=torchvision.models))
+    return [n for n in names if n not in HEAVY] + [n for n in reversed(HEAVY) if n in names]
+
+
+def _weights_for(model, seed: int) -> dict:
+    """Random weights drawn the way the plugin's ``state_dicts`` strategy draws them (fan-in scaled,
+    valid BatchNorm statistics, tied parameters identical), for one fixed seed and no specials."""
+    from pytest_trtrefit.strategies import _layout, _materialize
+
+    return _materialize(_layout(model), seed, "fan_in", [])
+
+
+def smallest_input(model) -> tuple[int, str]:
+    """The smallest size in ``SIZES`` whose 1x3xSxS input the eager model accepts."""
+    import torch
+
+    reason = ""
+    for s in SIZES:
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, 3, s, s))
+            return s, ""
+        except Exception as err:  # the model rejects this size: try the next
+            reason = f"{type(err).__name__}: {err}"
+    raise ValueError(f"no input size in {SIZES} accepted: {reason}")
+
+
+def _max_err(a, b) -> float:
+    return float((a.double() - b.double()).abs().max())
+
+
+def run_one(name: str) -> dict:
+    """Compile and refit one model; every failure becomes the row's first reason why not."""
+    import torch
+    import torchvision
+
+    import refitcore
+
+    row: dict = {"model": name, "stage": "instantiate"}
+    t0 = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 1)
+        # Compile with non-trivial weights too (default init leaves BatchNorm an identity).
+        model.load_state_dict(_weights_for(model, 0))
+        row["stage"] = "input size"
+        size, _ = smallest_input(model)
+        row["input"] = size
+        x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(2))
+        row["stage"] = "compile"
+        t = time.perf_counter()
+        engine = refitcore.compile(model, (x,), backend="reference")
+        row["compile_s"] = time.perf_counter() - t
+        row["weights"] = len(engine.weight_map.sources)
+        with torch.no_grad():
+            expected = model(x)
+        got = engine(x)
+        row["compile_err"] = _max_err(got, expected)
+        row["eager_max"] = float(expected.abs().max())
+        row["compile_bound"] = 1e-4 * max(1.0, float(expected.abs().max()))
+        row["compile_ok"] = row["compile_err"] <= row["compile_bound"]
+        new = copy.deepcopy(model)
+        new.load_state_dict(_weights_for(model, SEED))
+        for path in ("cached", "fallback"):
+            row["stage"] = f"refit {path}"
+            # The audit (cached vs fallback mapping, weight by weight) needs both mappings; it runs
+            # with the cached refit, which then computes the fallback's too. Repeating it with the
+            # fallback refit would compare the same two mappings again at the cost of one more export.
+            result = refitcore.refit(engine, new, path=path, verify_inputs=[x], audit=path == "cached")
+            tm = result.timings
+            # This path's own work: its mapping plus applying it (audit computes both mappings).
+            row[f"{path}_s"] = tm.get(f"{path}_mapping_s", 0.0) + tm.get("apply_s", 0.0)
+            row[f"{path}_ok"] = bool(result.ok and not result.fell_back)
+            row[f"{path}_err"] = result.verdict.max_abs if result.verdict is not None else None
+            if path == "cached":
+                row["audit_ok"] = bool(result.audit is not None and result.audit.ok)
+            if not result.ok:
+                row.setdefault("reason", f"refit {path}: " + str(result).splitlines()[0])
+            del result
+        row["stage"] = "done"
+    except Exception as err:
+        row["reason"] = f"{row['stage']}: {type(err).__name__}: {err}"
+    row["total_s"] = time.perf_counter() - t0
+    row["ok"] = bool(row.get("compile_ok") and row.get("cached_ok") and row.get("fallback_ok")
+                     and row.get("audit_ok"))
+    return row
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None = None) -> str:
+    passed = sum(1 for r in rows if r.get("ok"))
+    head = [
+        "# torchvision classification zoo on the reference backend",
+        "",
+        "Generated by `python scripts/zoo.py`. Each model: random weights (the plugin's fan-in "
+        "strategy, seed 0) compiled on the reference backend at the smallest square input it accepts "
+        f"among {list(SIZES)}, compared with eager; then refitted with new random weights (seed {SEED}) "
+        "through the cached map and through the fallback, each verified against the eager model; the "
+        "cached refit also audits the cached mapping against the fallback's weight by weight. Pass: max abs error <= 1e-4 * max(1, max|eager|) "
+        "after compile and after both refits, and the audit agrees. Refit times are each path's "
+        "mapping plus applying it (the fallback exports and converts again). The reference backend "
+        "interprets the TensorRT network on the CPU: it checks the network and the weight mapping, "
+        "not TensorRT's kernels.",
+        "",
+        f"**{passed} of {total if total is not None else len(rows)} models pass**"
+        + (f"; full run {elapsed_s / 60:.1f} min on this machine's CPU" if elapsed_s is not None else "") + ".",
+        "",
+        "| model | params (M) | input | compile s | refit cached s | refit fallback s | max abs eager | "
+        "max err compile | max err cached | max err fallback | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    lines = []
+    for r in rows:
+        result = "pass" if r.get("ok") else "FAIL: " + _one_line(r.get("reason", "mismatch"))
+        size = r.get("input")
+        lines.append(
+            f"| {r['model']} | {_fmt(r.get('params_m'), '.1f')} | {f'{size}x{size}' if size else ''} | "
+            f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(r.get('cached_s'), '.3f')} | "
+            f"{_fmt(r.get('fallback_s'), '.1f')} | {_fmt(r.get('eager_max'), '.2g')} | {_fmt(r.get('compile_err'), '.1e')} | "
+            f"{_fmt(r.get('cached_err'), '.1e')} | {_fmt(r.get('fallback_err'), '.1e')} | {result} |")
+    return "\n".join(head + lines) + "\n"
+
+
+def _run_subprocess(name: str, timeout_s: float) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"model": name, "ok": False, "reason": f"no result within the {timeout_s:.0f} s limit per model"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return {"model": name, "ok": False, "reason": f"process exited with {proc.returncode}: {tail[0]}"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help="model names (default: every classification model)")
+    parser.add_argument("--one", metavar="MODEL", help="run one model in this process, print its row as JSON")
+    parser.add_argument("--out", default=str(RESULTS / "zoo.md"), help="Markdown table (default: %(default)s)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace the named models' rows in the existing zoo.json instead of starting afresh")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args.one)), flush=True)
+        return 0
+    names = args.models or all_models()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    if args.merge and out.with_suffix(".json").exists():
+        rows = [r for r in json.loads(out.with_suffix(".json").read_text()) if r["model"] not in names]
+    total = len(rows) + len(names)
+    start = time.perf_counter()
+    for name in names:
+        row = _run_subprocess(name, args.timeout)
+        rows.append(row)
+        status = "pass" if row.get("ok") else "FAIL " + _one_line(row.get("reason", ""), 300)
+        print(f"{name}: {status} ({row.get('total_s', 0):.0f} s)", file=sys.stderr, flush=True)
+        out.write_text(table(rows, total=total))
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    elapsed = time.perf_counter() - start
+    if args.merge:
+        order = {n: i for i, n in enumerate(all_models())}
+        rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    text = table(rows, elapsed_s=None if args.merge else elapsed, total=total)
+    if args.merge:
+        text += f"\nRe-run of {', '.join(names)}: {elapsed / 60:.1f} min.\n"
+    out.write_text(text)
+    print(text)
+    return 0 if all(r.get("ok") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
