@@ -75,7 +75,8 @@ def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None):
         raise ValueError(f"the new weights lack {missing[:5]} needed to run the eager model")
     # assign=True: ExportedProgram.module() shares its tensors with the exported program (and with
     # the model it was exported from); copying into them would overwrite the user's original model.
-    module.load_state_dict({k: state[k].detach().clone() for k in own}, strict=True, assign=True)
+    # Values take the compiled model's dtypes (what load_state_dict's in-place copy would do).
+    module.load_state_dict({k: state[k].detach().to(own[k].dtype).clone() for k in own}, strict=True, assign=True)
     return module.eval() if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule) else module
 
 
