@@ -246,3 +246,34 @@ def test_refit_with_verification_leaves_the_source_model_alone(compiled):
     assert result.ok, str(result)
     assert all(torch.equal(before[k], v) for k, v in c.model.state_dict().items())
     assert all(torch.equal(ep_before[k], v) for k, v in c.engine.exported_program.state_dict.items())
+
+
+@pytest.mark.parametrize("form", ["module", "exported_program", "state_dict", "checkpoint", "nested_checkpoint"])
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_every_form_of_new_weights(compiled, tmp_path, form, path):
+    c = compiled(MODEL)
+    new = c.fresh(8)
+    if form == "module":
+        weights = new
+    elif form == "exported_program":
+        weights = torch.export.export(new, (c.x,))
+    elif form == "state_dict":
+        weights = new.state_dict()
+    else:
+        weights = tmp_path / "weights.pt"
+        torch.save(new.state_dict() if form == "checkpoint" else {"state_dict": new.state_dict(), "epoch": 3},
+                   weights)
+    result = refitcore.refit(c.engine, weights, path=path, verify_inputs=[c.x], reference_model=new)
+    assert result.ok and result.path == path, str(result)
+
+
+class _NotWeights:
+    pass
+
+
+def test_checkpoint_with_arbitrary_objects_is_refused(compiled, tmp_path):
+    c = compiled(MODEL)
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": c.fresh(8).state_dict(), "extra": _NotWeights()}, path)
+    with pytest.raises(refitcore.WeightMappingError, match="weights-only"):
+        refitcore.refit(c.engine, path)
