@@ -132,6 +132,10 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
     state = check_state_dict(weight_map, state)
     memo: dict = {}
     out: dict[str, np.ndarray] = {}
+    # Copies and reshapes are views: every array returned owns its memory, so that editing the
+    # mapping can never write into the caller's state_dict, the map's constants or another entry.
+    taken = {t.untyped_storage().data_ptr() for t in state.values()}
+    taken.update(a.ctypes.data for a in weight_map.constants.values())
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, weight_map.constants, memo) for k, v in src.inputs.items()}
@@ -140,7 +144,11 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
             if value.numel() != src.count:
                 raise WeightMappingError([f"engine weight {name!r}: recipe {src.describe()} gave {value.numel()} "
                                           f"values, the engine needs {src.count}"])
-            out[name] = value.reshape(src.shape).contiguous().numpy()
+            value = value.reshape(src.shape).contiguous()
+            if value.untyped_storage().data_ptr() in taken:
+                value = value.clone()
+            taken.add(value.untyped_storage().data_ptr())
+            out[name] = value.numpy()
     return out
 
 

@@ -111,3 +111,19 @@ def test_cached_mapping_of_a_hand_written_map():
     np.testing.assert_allclose(out["a/conv KERNEL"], expected, rtol=1e-6)
     np.testing.assert_array_equal(out["b/const CONSTANT"], wm.constants["c0"])
     assert all(v.dtype == np.float32 for v in out.values())
+
+
+def test_cached_mapping_arrays_own_their_memory(compiled):
+    """Editing a mapping (as fault-injection and users do) must not write into the model's tensors,
+    the map's constants, or another engine weight that reads the same key."""
+    c = compiled("tied_mlp")
+    state = c.fresh(3).state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    constants = {k: v.copy() for k, v in c.engine.weight_map.constants.items()}
+    mapping = refitcore.cached_mapping(c.engine.weight_map, state)
+    for arr in mapping.values():
+        arr[...] = 123.0
+    assert all(torch.equal(before[k], v) for k, v in state.items())
+    assert all(np.array_equal(constants[k], v) for k, v in c.engine.weight_map.constants.items())
+    again = refitcore.cached_mapping(c.engine.weight_map, state)
+    assert not any(np.shares_memory(a, b) for a in again.values() for b in again.values() if a is not b)
