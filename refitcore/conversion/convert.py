@@ -234,6 +234,12 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
             for i, (o, src) in enumerate(zip(outs, node.args[0])):
                 if isinstance(o, StaticValue) or o is None:
                     raise UnsupportedOperatorError([("output does not depend on the inputs", "", str(src))])
+                if o.is_network_input or o.is_network_output:
+                    # One tensor returned twice (eval-mode identities), or an input returned as is:
+                    # each output needs a tensor of its own.
+                    copy = network.add_identity(o)
+                    copy.name = f"output_{i}/identity"
+                    o = copy.get_output(0)
                 o.name = f"output_{i}"
                 network.mark_output(o)
                 output_names.append(o.name)

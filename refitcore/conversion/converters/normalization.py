@@ -37,7 +37,8 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
 
 @converter(aten._native_batch_norm_legit_no_training.default)
 def batch_norm(ctx, node, args, kwargs):
-    conv = ctx.fusions_conv_to_bn and {v: k for k, v in ctx.fusions_conv_to_bn.items()}.get(node.name)
+    # (An empty plan is falsy: test membership, never "plan and ...".)
+    conv = {v: k for k, v in ctx.fusions_conv_to_bn.items()}.get(node.name)
     if conv is not None:
         return (args[0], None, None)  # folded into the convolution that feeds it
     x, gamma, beta, mean, var, _momentum, eps = args[:7]
