@@ -4,14 +4,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["small_net", "other_net", "randomized_state"]
+__all__ = ["small_net", "other_net", "small_net_gelu", "randomized_state"]
 
 
 class SmallNet(nn.Module):
     """conv + BatchNorm + ReLU + pooling + linear: a 1x3x32x32 classifier in a few thousand weights."""
 
-    def __init__(self, width: int = 8, classes: int = 5):
+    def __init__(self, width: int = 8, classes: int = 5, act=torch.relu):
         super().__init__()
+        self.act = act
         self.conv = nn.Conv2d(3, width, 3, padding=1, bias=False)
         self.bn = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=True)
@@ -20,8 +21,8 @@ class SmallNet(nn.Module):
         self.fc = nn.Linear(width, classes)
 
     def forward(self, x):
-        x = torch.relu(self.bn(self.conv(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
+        x = self.act(self.bn(self.conv(x)))
+        x = self.act(self.bn2(self.conv2(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
@@ -34,6 +35,12 @@ def other_net() -> nn.Module:
     """Another architecture (wider): its checkpoints do not fit an engine compiled from small_net."""
     torch.manual_seed(0)
     return SmallNet(width=12).eval()
+
+
+def small_net_gelu() -> nn.Module:
+    """The same parameters as small_net (same keys and shapes) but another graph (GELU for ReLU)."""
+    torch.manual_seed(0)
+    return SmallNet(act=nn.functional.gelu).eval()
 
 
 def randomized_state(seed: int, factory=small_net) -> dict[str, torch.Tensor]:

@@ -5,6 +5,7 @@ calls ``main(argv)`` in-process so the export machinery stays warm.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -40,7 +41,7 @@ def test_help_teaches_with_examples():
     parser = cli.build_parser()
     text = parser.format_help()
     assert "examples:" in text and "trtrefit gate" in text and "exit codes" in text
-    sub = {a.dest: a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)}
+    sub = {a.dest: a for a in parser._actions if isinstance(a, argparse._SubParsersAction)}
     gate_help = sub["command"].choices["gate"].format_help()
     assert "random:N[:SEED]" in gate_help and "weights_only=True" in gate_help and "recompile" in gate_help
 
@@ -143,6 +144,20 @@ def test_other_architecture_exits_2_saying_recompile(work, capsys):
     assert code == 2
     assert "recompile needed" in out.out and "'conv.weight'" in out.out
     assert "recompile needed" in out.err
+
+
+def test_changed_model_code_exits_2_naming_the_op(work, capsys):
+    """--model with the same parameters but another forward: the fallback re-export differs from
+    the compiled graph, so the gate says recompile and names the first differing op."""
+    code = gate(work, "good.pt", "-q", "--paths", "fallback", "--model", "tests.cli_models:small_net_gelu")
+    out = capsys.readouterr()
+    assert code == 2, out.out
+    assert "recompile needed" in out.out and "gelu" in out.out
+
+
+def test_model_of_other_shapes_exits_2(work, capsys):
+    assert gate(work, "good.pt", "-q", "--paths", "cached", "--model", "tests.cli_models:other_net") == 2
+    assert "recompile needed" in capsys.readouterr().out
 
 
 def test_checkpoint_with_extra_keys_exits_2(work, capsys):
