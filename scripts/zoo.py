@@ -15,10 +15,14 @@ weight mapping, not TensorRT's kernels.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import gc
 import json
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -168,23 +172,67 @@ def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None
     return "\n".join(head + lines) + "\n"
 
 
-def _run_subprocess(name: str, timeout_s: float) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--one", name]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, cwd=ROOT)
-    except subprocess.TimeoutExpired:
-        return {"model": name, "ok": False, "reason": f"no result within the {timeout_s:.0f} s limit per model"}
-    for line in reversed(proc.stdout.splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
-    return {"model": name, "ok": False, "reason": f"process exited with {proc.returncode}: {tail[0]}"}
+class _Worker:
+    """A subprocess that runs models one after another (importing torch and TensorRT once) and prints
+    one JSON row per model; a crash, an out-of-memory kill or a timeout costs the model at hand
+    only, and the next model gets a fresh worker."""
+
+    def __init__(self, names: list[str]):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *names]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: collections.deque = collections.deque(maxlen=20)
+        threading.Thread(target=self._read_rows, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.extend(self.proc.stderr), daemon=True).start()
+
+    def _read_rows(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)  # end of output: the worker exited
+
+    def next_row(self, name: str, timeout_s: float) -> dict | None:
+        """The worker's row for ``name``; None when the worker died or timed out (it is stopped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                return {"model": name, "ok": False, "reason": f"no result within the {timeout_s:.0f} s limit per model"}
+            if line is None:
+                code = self.proc.wait()
+                tail = [ln.strip() for ln in self.stderr if ln.strip()][-1:] or [""]
+                return {"model": name, "ok": False, "reason": f"process exited with {code}: {tail[0]}"
+                        + (" (killed: out of memory?)" if code in (-9, 137) else "")}
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _run_all(names: list[str], timeout_s: float, on_row) -> None:
+    """Light models share workers; each HEAVY model gets a fresh one (its memory goes back after)."""
+    pending = list(names)
+    while pending:
+        batch = [pending[0]] if pending[0] in HEAVY else [n for n in pending if n not in HEAVY]
+        worker = _Worker(batch)
+        for name in batch:
+            row = worker.next_row(name, timeout_s)
+            on_row(row)
+            pending.remove(name)
+            if worker.proc.poll() is not None and not row.get("stage"):
+                break  # the worker is gone: the rest of the batch gets a new one
+        worker.stop()
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help="model names (default: every classification model)")
     parser.add_argument("--one", metavar="MODEL", help="run one model in this process, print its row as JSON")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS / "zoo.md"), help="Markdown table (default: %(default)s)")
     parser.add_argument("--merge", action="store_true",
                         help="replace the named models' rows in the existing zoo.json instead of starting afresh")
@@ -192,6 +240,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one)), flush=True)
+        return 0
+    if args.worker:
+        for name in args.models:
+            print(json.dumps(run_one(name)), flush=True)
+            gc.collect()
         return 0
     names = args.models or all_models()
     out = Path(args.out)
@@ -201,13 +254,15 @@ def main(argv=None) -> int:
         rows = [r for r in json.loads(out.with_suffix(".json").read_text()) if r["model"] not in names]
     total = len(rows) + len(names)
     start = time.perf_counter()
-    for name in names:
-        row = _run_subprocess(name, args.timeout)
+
+    def on_row(row: dict) -> None:
         rows.append(row)
         status = "pass" if row.get("ok") else "FAIL " + _one_line(row.get("reason", ""), 300)
-        print(f"{name}: {status} ({row.get('total_s', 0):.0f} s)", file=sys.stderr, flush=True)
+        print(f"{row['model']}: {status} ({row.get('total_s', 0):.0f} s)", file=sys.stderr, flush=True)
         out.write_text(table(rows, total=total))
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+    _run_all(list(names), args.timeout, on_row)
     elapsed = time.perf_counter() - start
     if args.merge:
         order = {n: i for i, n in enumerate(all_models())}
