@@ -117,6 +117,11 @@ class Verdict:
     def __str__(self) -> str:
         lines = [f"verify ({self.backend or 'engine'} vs eager): {'OK' if self.ok else 'FAILED'} over "
                  f"{len(self.checks)} sample(s)"]
+        n_checks = sum(len(sample) for sample in self.checks)
+        if not self.ok and n_checks > 1:
+            worst = self.worst
+            s = next(i for i, sample in enumerate(self.checks) if any(c is worst for c in sample))
+            lines.append(f"  worst: sample {s}, {worst}")
         for s, sample in enumerate(self.checks):
             for c in sample:
                 if not c.ok or len(self.checks) == 1:

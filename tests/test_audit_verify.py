@@ -106,6 +106,8 @@ def test_verify_passes_on_the_right_model_and_fails_on_another(compiled):
     text = str(bad)
     assert "FAILED over 2 sample(s)" in text
     assert "sample 0, output 0" in text and "sample 1, output 0" in text
+    # It leads with the worst output: the sample with the larger error (inputs scaled by 2 there).
+    assert text.splitlines()[1].startswith("  worst: sample 1, output 0")
     assert "max abs err" in text and "rtol=0.0001" in text and "atol=0.0001" in text
     assert "would pass with atol>=" in text and "rtol>=" in text
 
