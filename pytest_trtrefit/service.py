@@ -127,7 +127,12 @@ class RefitSession:
 
             eager = copy.deepcopy(model).eval()
             t0 = time.perf_counter()
-            engine = refitcore.compile(eager, samples[0], backend=self.backend)
+            try:
+                engine = refitcore.compile(eager, samples[0], backend=self.backend)
+            except refitcore.BackendUnavailableError as err:
+                raise refitcore.BackendUnavailableError(
+                    f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
+                    f"--trt-refit-backend=auto or reference on this machine)") from err
             seconds = time.perf_counter() - t0
             label = name or type(model).__name__
             entry = CacheEntry(key[0], label, engine, eager, seconds)
