@@ -110,7 +110,14 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False)
     arrays, problems = validate_mapping(refitter, mapping)
     if problems:
         raise WeightMappingError(problems, header="refit refused before touching the engine")
-    previous = {k: np.array(v, copy=True) for k, v in impl.current_weights().items()}
+    current = impl.current_weights()
+    # A backend that swaps whole arrays in on refit and never writes a stored array in place
+    # (``weights_swapped_not_written``) can hand its current arrays back for rollback as they are:
+    # that saves a full copy of the weights (peak memory of a refit: see benchmarks/README.md).
+    if getattr(impl, "weights_swapped_not_written", False):
+        previous = dict(current)
+    else:
+        previous = {k: np.array(v, copy=True) for k, v in current.items()}
     problems = _set_all(refitter, arrays)
     if not problems and refitter.refit():
         return target

@@ -43,6 +43,9 @@ class ReferenceEngine:
 
     backend_name = NAME
     note = NOTE
+    # _commit swaps new arrays into a new dict; no stored array is ever written in place, so the
+    # driver may keep the current arrays (not copies) to roll back with.
+    weights_swapped_not_written = True
 
     def __init__(self, plan: dict, weights: dict[str, np.ndarray] | None = None):
         self.plan = plan
