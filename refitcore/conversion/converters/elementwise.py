@@ -110,7 +110,7 @@ def _rank(v) -> int:
     return 0 if isinstance(v, (int, float, bool)) else rank(v)
 
 
-@converter(aten.where.self)
+@converter(aten.where.self, aten.where.ScalarOther, aten.where.ScalarSelf, aten.where.Scalar)
 def where(ctx, node, args, kwargs):
     if isinstance(args[0], StaticValue):
         raise Unsupported("where with a constant condition (constants reach TensorRT as float32, not bool)")

@@ -187,6 +187,8 @@ def roll_default(ctx, node, args, kwargs):
     dims = arg(args, kwargs, 2, "dims", [])
     shifts = list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    if not dims:
+        raise Unsupported("roll without dims (flattened roll)")
     if len(shifts) != len(dims):
         raise Unsupported(f"roll with {len(shifts)} shifts for {len(dims)} dims")
     return roll(ctx, args[0], shifts, dims)

@@ -1,0 +1,51 @@
+"""Calls the converters cannot express: each raises UnsupportedOperatorError naming the op and why,
+before any layer is built. One table, readable ids."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import refitcore
+from refitcore.errors import UnsupportedOperatorError
+
+
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _sdpa_dropout(x):
+    return F.scaled_dot_product_attention(x, x, x, dropout_p=0.5)
+
+
+CASES = [
+    pytest.param(nn.AvgPool2d(3, 2, 1, ceil_mode=True), (1, 2, 6, 6), "aten.avg_pool2d.default",
+                 "ceil_mode average pooling with padding and count_include_pad=True", id="avg_pool_ceil_counted_pad"),
+    pytest.param(Fn(lambda x: torch.softmax(x, -1, dtype=torch.float64)), (2, 5), "aten.softmax.int",
+                 "softmax with dtype=torch.float64", id="softmax_float64"),
+    pytest.param(Fn(lambda x: torch.einsum("...i,...i->...", x, x)), (2, 5), "aten.einsum.default",
+                 "ellipsis", id="einsum_ellipsis"),
+    pytest.param(Fn(lambda x: torch.roll(x, 2)), (2, 5), "aten.roll.default", "flattened roll",
+                 id="roll_without_dims"),
+    pytest.param(Fn(lambda x: torch.linalg.vector_norm(x, ord=1, dim=-1)), (2, 5), "aten.linalg_vector_norm.default",
+                 "ord=2", id="vector_norm_ord1"),
+    pytest.param(Fn(lambda x: torch.where(torch.ones(5, dtype=torch.bool), x, 0.0)), (2, 5), "aten.where.ScalarOther",
+                 "constant condition", id="where_constant_condition"),
+    pytest.param(Fn(lambda x: torch.where(torch.ones(5, dtype=torch.bool), x, 2 * x)), (2, 5), "aten.where.self",
+                 "constant condition", id="where_constant_condition_tensors"),
+    pytest.param(Fn(_sdpa_dropout), (1, 2, 3, 4), "aten.scaled_dot_product_attention.default", "dropout_p",
+                 id="attention_dropout"),
+]
+
+
+@pytest.mark.parametrize("model, shape, op, why", CASES)
+def test_unsupported_call_is_reported(model, shape, op, why):
+    with pytest.raises(UnsupportedOperatorError) as info:
+        refitcore.compile(model.eval(), torch.randn(shape), backend="reference")
+    message = str(info.value)
+    assert op in message, message
+    assert why in message, message
