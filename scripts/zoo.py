@@ -19,6 +19,7 @@ import collections
 import copy
 import gc
 import json
+import os
 import queue
 import subprocess
 import sys
@@ -213,19 +214,32 @@ class _Worker:
             self.proc.wait()
 
 
-def _run_all(names: list[str], timeout_s: float, on_row) -> None:
-    """Light models share workers; each HEAVY model gets a fresh one (its memory goes back after)."""
-    pending = list(names)
+def _run_batch(batch: list[str], timeout_s: float, on_row) -> None:
+    pending = list(batch)
     while pending:
-        batch = [pending[0]] if pending[0] in HEAVY else [n for n in pending if n not in HEAVY]
-        worker = _Worker(batch)
-        for name in batch:
+        worker = _Worker(pending)
+        for name in list(pending):
             row = worker.next_row(name, timeout_s)
             on_row(row)
             pending.remove(name)
             if worker.proc.poll() is not None and not row.get("stage"):
                 break  # the worker is gone: the rest of the batch gets a new one
         worker.stop()
+
+
+def _run_all(names: list[str], timeout_s: float, on_row, jobs: int = 1) -> None:
+    """Light models go round-robin to ``jobs`` workers running side by side; then each HEAVY model
+    runs alone in a fresh worker (its memory goes back after)."""
+    light = [n for n in names if n not in HEAVY]
+    threads = [threading.Thread(target=_run_batch, args=(light[i::jobs], timeout_s, on_row))
+               for i in range(max(1, jobs)) if light[i::jobs]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for name in names:
+        if name in HEAVY:
+            _run_batch([name], timeout_s, on_row)
 
 
 def main(argv=None) -> int:
@@ -236,12 +250,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "zoo.md"), help="Markdown table (default: %(default)s)")
     parser.add_argument("--merge", action="store_true",
                         help="replace the named models' rows in the existing zoo.json instead of starting afresh")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models run side by side, each worker with one intra-op thread (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(run_one(args.one)), flush=True)
         return 0
     if args.worker:
+        if os.environ.get("TRTREFIT_ZOO_THREADS"):
+            import torch
+
+            torch.set_num_threads(int(os.environ["TRTREFIT_ZOO_THREADS"]))
         for name in args.models:
             print(json.dumps(run_one(name)), flush=True)
             gc.collect()
@@ -255,18 +275,22 @@ def main(argv=None) -> int:
     total = len(rows) + len(names)
     start = time.perf_counter()
 
-    def on_row(row: dict) -> None:
-        rows.append(row)
-        status = "pass" if row.get("ok") else "FAIL " + _one_line(row.get("reason", ""), 300)
-        print(f"{row['model']}: {status} ({row.get('total_s', 0):.0f} s)", file=sys.stderr, flush=True)
-        out.write_text(table(rows, total=total))
-        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    lock = threading.Lock()
+    if args.jobs > 1:
+        os.environ["TRTREFIT_ZOO_THREADS"] = "1"  # inherited by the workers
 
-    _run_all(list(names), args.timeout, on_row)
+    def on_row(row: dict) -> None:
+        with lock:
+            rows.append(row)
+            status = "pass" if row.get("ok") else "FAIL " + _one_line(row.get("reason", ""), 300)
+            print(f"{row['model']}: {status} ({row.get('total_s', 0):.0f} s)", file=sys.stderr, flush=True)
+            out.write_text(table(rows, total=total))
+            out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+
+    _run_all(list(names), args.timeout, on_row, args.jobs)
     elapsed = time.perf_counter() - start
-    if args.merge:
-        order = {n: i for i, n in enumerate(all_models())}
-        rows.sort(key=lambda r: order.get(r["model"], len(order)))
+    order = {n: i for i, n in enumerate(sorted(all_models()))}
+    rows.sort(key=lambda r: order.get(r["model"], len(order)))
     text = table(rows, elapsed_s=None if args.merge else elapsed, total=total)
     if args.merge:
         text += f"\nRe-run of {', '.join(names)}: {elapsed / 60:.1f} min.\n"
