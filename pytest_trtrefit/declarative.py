@@ -127,7 +127,7 @@ class RefitPropertyItem(pytest.Item):
         self.check = check
 
     def runtest(self) -> None:
-        from hypothesis import HealthCheck, given, seed, strategies as st
+        from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
         from .plugin import get_session
         from .strategies import inputs, perturbations, refit_sequences, refit_settings, state_dicts
@@ -145,25 +145,34 @@ class RefitPropertyItem(pytest.Item):
         def samples(extra) -> list:
             return [example] + ([tuple(extra)] if extra is not None else [])
 
+        def named(fn):   # the name Hypothesis prints in "Failing test case: ..."
+            fn.__name__ = fn.__qualname__ = f"{self.check}_{spec.name}"
+            return fn
+
         if self.check == "weights":
             @given(weights=state_dicts(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            @named
             def prop(weights, sample):
                 session.check(spec.factory, weights, samples(sample), **options)
         elif self.check == "perturbations":
             @given(data=st.data(), sample=drawn_inputs)
+            @named
             def prop(data, sample):
                 base = data.draw(state_dicts(spec.factory, **spec.strategy_options), label="base")
                 new = data.draw(perturbations(base), label="perturbed")
                 session.check_sequence(spec.factory, [base, new], samples(sample), **options)
         else:
             @given(sequence=refit_sequences(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            @named
             def prop(sequence, sample):
                 session.check_sequence(spec.factory, sequence, samples(sample), **options)
 
         item_seed = cfg.seed ^ zlib.crc32(self.nodeid.encode())
         self.user_properties.append(("trt_refit_seed", cfg.seed))
+        # No database (one seed reproduces a run) and no "explain" phase (the report says what failed).
+        phases = [p for p in settings.default.phases if p != Phase.explain]
         run = seed(item_seed)(refit_settings(max_examples=spec.examples or cfg.examples, database=None,
-                                             suppress_health_check=list(HealthCheck))(prop))
+                                             phases=phases, suppress_health_check=list(HealthCheck))(prop))
         run()
 
     def repr_failure(self, excinfo, style=None):

@@ -68,6 +68,17 @@ def summarize(records: list[dict], builds: list[dict]) -> list[dict]:
     return sorted(models.values(), key=lambda m: m["model"])
 
 
+def _last_per_test(failures: list[dict]) -> list[dict]:
+    """One failure per test: the last (Hypothesis replays its minimal failing example last)."""
+    last: dict = {}
+    counts: dict = {}
+    for f in failures:
+        key = (f.get("test"), f["model"])
+        counts[key] = counts.get(key, 0) + 1
+        last[key] = f
+    return [dict(f, count=counts[k]) for k, f in last.items()]
+
+
 def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     rows = summarize(data["records"], data["builds"])
     backend = data.get("backend") or cfg.backend
@@ -95,9 +106,10 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
                  + (f" ({expected} more failed inside tests that expected it)" if expected else "")
                  + f"; worst abs error {worst['worst_max_abs']:.3g} "
                  f"({worst['model']}); {len(data['builds'])} build(s); {seconds:.1f}s")
-    for f in data["failures"][:5]:
+    for f in _last_per_test(data["failures"])[:10]:
         lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
-                     + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else ""))
+                     + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
+                     + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
     return lines
 
 
@@ -136,7 +148,7 @@ def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None) -
         "worst": ({k: worst.get(k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
                                              "min_atol")} if worst else None),
         "models": rows,
-        "failures": data["failures"],
+        "failures": _last_per_test(data["failures"]),
         "expected_failures": [{k: v for k, v in f.items() if k != "report"} for f in data["expected_failures"]],
         "builds": data["builds"],
         "checks": data["records"],

@@ -336,6 +336,32 @@ def test_declared_models_get_generated_property_tests(repo):
     result.stdout.fnmatch_lines(["conv_bn *cached,fallback *", "two_linear *cached *"])
 
 
+def test_a_failing_declared_check_shows_the_report_and_how_to_reproduce(repo):
+    # Zero tolerance: BatchNorm folding rounds differently from eager, so every example fails; the
+    # mappings agree, so no weight is blamed and the report says where the difference must lie.
+    repo.makeconftest('''
+        from tinymodels import ConvBn, conv_input
+
+        def pytest_trt_refit_models():
+            return {"conv_bn": (ConvBn, conv_input(), {"examples": 2, "checks": ["weights"], "rtol": 0.0,
+                                                        "atol": 0.0, "paths": "cached", "input_families": ()})}
+    ''')
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=11", "-p", "no:logging")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "*_ trt-refit weights[[]conv_bn[]] _*",
+        "trt-refit check FAILED for model 'conv_bn'",
+        "*tolerances rtol=0, atol=0 *smallest that would pass: atol>=* or rtol>=*",
+        "*culprit: none among the weights*not in the weight mapping",
+        "Failing test case: weights_conv_bn(",
+        "    weights=state_dicts(seed=0, scale='fan_in', specials=[[][]]),",
+        "reproduce with: pytest --trt-refit --trt-refit-seed=11 'conftest.py::trt-refit::weights[[]conv_bn[]]'",
+        "*= trt-refit =*",
+        "FAILED conftest.py::trt-refit::weights[[]conv_bn[]]: paths cached (* failing checks, the last shown)",
+    ])
+    assert "Explanation:" not in result.stdout.str()
+
+
 def test_declared_models_with_a_bad_spec_are_a_usage_error(repo):
     repo.makeconftest('''
         from tinymodels import ConvBn, conv_input
