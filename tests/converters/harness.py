@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,6 +57,15 @@ def check_converter(model: nn.Module, *inputs: torch.Tensor, seed: int = 1,
         err = float((a.double() - e.double()).abs().max()) if e.numel() else 0.0
         assert err <= tolerance(e), f"output {i}: max abs error {err:.3g} > {tolerance(e):.3g}"
     new = random_weights(model, seed)
+    # The weight map survives JSON (operands of folded ops included) and still maps new weights the same.
+    from refitcore.mapping import cached_mapping
+    from refitcore.weight_map import WeightMap
+
+    loaded = WeightMap.loads(engine.weight_map.dumps())
+    want, got = cached_mapping(engine.weight_map, new.state_dict()), cached_mapping(loaded, new.state_dict())
+    assert want.keys() == got.keys()
+    for name in want:
+        assert np.array_equal(want[name], got[name]), f"{name}: differs after the weight map's JSON round trip"
     for path in paths:
         # A state_dict reuses the exported program for the fallback path (exporting again is what
         # the zoo measures); verification compares with the new eager module itself.
