@@ -17,10 +17,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from torch import nn
 
 import refitcore
+from refitcore.verify import compare_outputs
 from tests.conftest import LARGE, bit_identical, outputs
 from tests.models import SMALL
 
@@ -131,16 +132,32 @@ def _eager(c, state):
     return model.eval()
 
 
+def well_conditioned(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether eager fp32 itself reproduces eager fp64 within verify's tolerances. Some draws (large
+    scales through MobileNet's 50 layers) make the model chaotic: fp32 eager then differs from
+    fp64 eager by as much as any engine could, and no fp32 engine can be held to it."""
+    with torch.no_grad():
+        y32 = model(x)
+        y64 = copy.deepcopy(model).double()(x.double())
+    return all(check.ok for check in compare_outputs([y32], [y64]))
+
+
 def check_mappings_agree_and_match_eager(c, ws: WeightSet):
     state = materialize(ws, c.model, c.engine.weight_map.tied)
-    result = refitcore.refit(c.engine, state, path="cached", audit=True, verify_inputs=[c.x],
-                             reference_model=_eager(c, state))
-    assert result.audit is not None and result.audit.ok, f"{ws}\n{result.audit}"
-    assert result.verdict.ok, f"{ws}\n{result.verdict}"
-    assert result.path == "cached" and not result.fell_back
-    # The fallback-refitted engine matches eager too.
-    fb = refitcore.refit(c.engine, state, path="fallback", verify_inputs=[c.x], reference_model=_eager(c, state))
-    assert fb.ok, f"{ws}\n{fb}"
+    cached = refitcore.cached_mapping(c.engine.weight_map, state)
+    fallback = refitcore.fallback_mapping(c.engine, state)
+    report = refitcore.audit(cached, fallback, a_label="cached", b_label="fallback")
+    assert report.ok, f"{ws}\n{report}"
+    model = _eager(c, state)
+    conditioned = well_conditioned(model, c.x)
+    event(f"eager fp32 reproduces fp64: {conditioned}")
+    assume(conditioned)
+    for label, mapping in (("cached", cached), ("fallback", fallback)):
+        verdict = refitcore.verify(refitcore.apply_mapping(c.engine, mapping), model, [c.x])
+        assert verdict.ok, f"{label} path, {ws}\n{verdict}"
+    # And the public entry point agrees: refit(path="cached") with verification, no fallback needed.
+    result = refitcore.refit(c.engine, state, path="cached", verify_inputs=[c.x], reference_model=model)
+    assert result.ok and result.path == "cached" and not result.fell_back, f"{ws}\n{result}"
 
 
 def check_refit_sequences(c, a: WeightSet, b: WeightSet):
@@ -163,7 +180,8 @@ def check_refit_sequences(c, a: WeightSet, b: WeightSet):
     assert all(np.array_equal(weights_a[k], v) for k, v in engine.current_weights().items())
 
 
-PROPS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                   HealthCheck.filter_too_much])
 
 
 @pytest.mark.parametrize("name", SMALL)
