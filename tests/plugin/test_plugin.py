@@ -419,7 +419,7 @@ def test_works_under_xdist(repo):
             return {"two_linear": (TwoLinear, linear_input(), {"examples": 2, "checks": ["weights"]})}
     ''')
     repo.makepyfile(test_ok=PASSING_TEST)
-    result = repo.runpytest_subprocess("-n", "2", "--trt-refit", "--trt-refit-seed=77",
+    result = repo.runpytest_inprocess("-n", "2", "--trt-refit", "--trt-refit-seed=77",
                                        "--trt-refit-report=xdist.json", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=3)
     result.stdout.fnmatch_lines(["*= trt-refit =*", "seed: 77 *", "*path check(s), 0 failed*"])
