@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from .checks import CheckOutcome, as_samples, describe_weights, run_check, run_sequence
 from .config import RefitConfig
@@ -271,5 +271,3 @@ def _hashable(model_or_factory):
 def worker_id() -> str | None:
     return os.environ.get("PYTEST_XDIST_WORKER")
 
-
-Factory = Callable[[], Any]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from hypothesis import settings, strategies as st
 
@@ -509,5 +509,3 @@ def inputs(spec, *, families: Sequence[str] = INPUT_FAMILIES, int_high: int = 2)
 
     return st.builds(make, st.integers(0, SEED_MAX), st.sampled_from(tuple(families)))
 
-
-Factory = Callable[[], Any]
