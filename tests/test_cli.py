@@ -234,3 +234,20 @@ def test_console_entry_point_runs(work):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "truncated" in proc.stderr
+
+
+def test_compile_with_checkpoint_holds_its_weights(work, capsys):
+    out = work / "from_ckpt.trtrefit"
+    assert cli.main(["compile", FACTORY, "--input", "1x3x32x32", "--backend", "reference", "-q",
+                     "--checkpoint", str(work / "good.pt"), "-o", str(out)]) == 0
+    assert cli.main(["audit", str(out), str(work / "good.pt"), "-q"]) == 0
+    torch.save(randomized_state(3, other_net), work / "other3.pt")
+    assert cli.main(["compile", FACTORY, "--input", "1x3x32x32", "--backend", "reference", "-q",
+                     "--checkpoint", str(work / "other3.pt"), "-o", str(work / "x.trtrefit")]) == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec", ["random:0", "random:x", "random:2:3:4"])
+def test_bad_random_samples_spec_exits_2(work, capsys, spec):
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", spec, "-q"]) == 2
+    assert "random:N" in capsys.readouterr().err
