@@ -10,6 +10,7 @@ tests, one per model and check kind::
 from __future__ import annotations
 
 import dataclasses
+import os
 import zlib
 from typing import Any
 
@@ -87,8 +88,10 @@ def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
 def collect_conftest(file_path, parent):
     """The collector for a conftest.py that declares models, else None."""
     module = None
+    target = os.path.realpath(str(file_path))
     for plugin in parent.config.pluginmanager.get_plugins():
-        if getattr(plugin, "__file__", None) and str(plugin.__file__) == str(file_path):
+        where = getattr(plugin, "__file__", None)
+        if where and os.path.basename(where) == "conftest.py" and os.path.realpath(where) == target:
             module = plugin
             break
     if module is None or not callable(getattr(module, "pytest_trt_refit_models", None)):
