@@ -277,3 +277,33 @@ def test_checkpoint_with_arbitrary_objects_is_refused(compiled, tmp_path):
     torch.save({"state_dict": c.fresh(8).state_dict(), "extra": _NotWeights()}, path)
     with pytest.raises(refitcore.WeightMappingError, match="weights-only"):
         refitcore.refit(c.engine, path)
+
+
+class RejectOneRefitter(ReferenceRefitter):
+    """Rejects one weight at set time, as TensorRT does for a value it cannot take."""
+
+    def set_named_weights(self, name, value):
+        if name.endswith("BIAS"):
+            self.errors.append(f"{name!r}: simulated rejection")
+            return False
+        return super().set_named_weights(name, value)
+
+
+class MissingRefitter(ReferenceRefitter):
+    def get_missing_weights(self):
+        return ["conv/conv2d BIAS"]
+
+
+@pytest.mark.parametrize("refitter,words", [(RejectOneRefitter, ["'conv/conv2d BIAS': the refitter rejected"]),
+                                            (MissingRefitter, ["still misses 1 weight", "conv/conv2d BIAS"])],
+                         ids=["rejected", "missing"])
+def test_backend_refusals_are_reported_and_rolled_back(compiled, engine, monkeypatch, refitter, words):
+    c = compiled(MODEL)
+    before = outputs(engine, c.x)
+    made = _fail_then(engine, monkeypatch, refitter, ReferenceRefitter)
+    with pytest.raises(refitcore.RefitError) as info:
+        refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert made == [refitter, ReferenceRefitter] and info.value.rolled_back
+    for w in words:
+        assert w in str(info.value)
+    assert bit_identical(before, outputs(engine, c.x))
