@@ -166,8 +166,13 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
               weights_label: str) -> CheckOutcome:
     """Refit ``entry.engine`` with ``state`` through each path, compare with eager; never raises on
     a mismatch (the outcome says what failed)."""
-    eager = _eager_for(entry, state)
     engine = entry.engine
+    try:
+        eager = _eager_for(entry, state)
+    except (RuntimeError, ValueError) as err:   # wrong shapes: say what the mapping says about them
+        return CheckOutcome(model, engine.backend, engine.note, weights_label,
+                            [_unloadable(engine, p, state, err) for p in paths], rtol, atol,
+                            output_names=tuple(engine.io.output_names))
     outcomes = [_run_path(entry, p, state, eager, samples, rtol, atol, keep_mapping=len(paths) > 1) for p in paths]
     result = CheckOutcome(model, engine.backend, engine.note, weights_label, outcomes, rtol, atol,
                           output_names=tuple(engine.io.output_names))
@@ -181,6 +186,18 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
     for o in outcomes:  # mappings are large; keep the outcome light once analysed
         o.mapping = o.held = None
     return result
+
+
+def _unloadable(engine, path: str, state, err: Exception) -> PathOutcome:
+    import refitcore
+
+    try:
+        _map(engine, path, state)
+    except refitcore.RefitCoreError as mapping_err:
+        return PathOutcome(path, False, 0.0, error=f"{type(mapping_err).__name__}: {mapping_err}")
+    first = str(err).strip().splitlines()
+    return PathOutcome(path, False, 0.0, error=f"the eager model cannot load these weights: "
+                                               f"{' '.join(first[:3])}")
 
 
 def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
@@ -197,7 +214,12 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
         seen: dict[str, int] = {}
         outputs: list[list] = []
         for i, state in enumerate(states):
-            eager = _eager_for(entry, state)
+            try:
+                eager = _eager_for(entry, state)
+            except (RuntimeError, ValueError) as err:
+                per_step[i].append(_unloadable(engine, path, state, err))
+                outputs.append(None)
+                continue
             o = _run_path(entry, path, state, eager, samples, rtol, atol, keep_mapping=False, keep_outputs=True)
             if o.outputs is not None and digests[i] in seen:
                 j = seen[digests[i]]

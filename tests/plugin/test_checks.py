@@ -124,6 +124,15 @@ def test_unusable_weights_are_reported_not_crashed_on(session):
     assert "the refit did not go through" in text and "bn.running_var" in text
 
 
+def test_weights_of_the_wrong_shape_name_the_key(session):
+    state = weights(8)
+    state["fc.weight"] = torch.zeros(3, 5)
+    with pytest.raises(AssertionError) as err:
+        session.check(ConvBnHead, state, X)
+    text = str(err.value)
+    assert "ArchitectureMismatchError" in text and "'fc.weight': shape [3, 5]" in text
+
+
 @pytest.mark.parametrize("bad, message", [
     pytest.param(dict(paths=("cached", "gpu")), "each path must be 'cached' or 'fallback'", id="paths"),
     pytest.param(dict(paths=()), "each path must be 'cached' or 'fallback'", id="no-paths"),
