@@ -132,23 +132,29 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
     state = check_state_dict(weight_map, state)
     memo: dict = {}
     out: dict[str, np.ndarray] = {}
-    # Copies and reshapes are views: every array returned owns its memory, so that editing the
-    # mapping can never write into the caller's state_dict, the map's constants or another entry.
+    # Copy recipes hand the state_dict's memory through without copying (the refitter copies at
+    # set time, as TensorRT does). Such arrays, and any that alias the map's constants or another
+    # entry, are returned read-only: editing a mapping can never write into the caller's
+    # state_dict, the map, or another engine weight; `.copy()` gives an editable array.
     taken = {t.untyped_storage().data_ptr() for t in state.values()}
     taken.update(a.ctypes.data for a in weight_map.constants.values())
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, weight_map.constants, memo) for k, v in src.inputs.items()}
             value = apply_recipe(src.recipe, inputs, src.params)
-            value = value.to(ENGINE_DTYPE)
+            if value.dtype != ENGINE_DTYPE:
+                value = value.to(ENGINE_DTYPE)
             if value.numel() != src.count:
                 raise WeightMappingError([f"engine weight {name!r}: recipe {src.describe()} gave {value.numel()} "
                                           f"values, the engine needs {src.count}"])
             value = value.reshape(src.shape).contiguous()
-            if value.untyped_storage().data_ptr() in taken:
-                value = value.clone()
-            taken.add(value.untyped_storage().data_ptr())
-            out[name] = value.numpy()
+            ptr = value.untyped_storage().data_ptr()
+            arr = value.numpy()
+            if ptr in taken:
+                arr = arr.view()
+                arr.flags.writeable = False
+            taken.add(ptr)
+            out[name] = arr
     return out
 
 

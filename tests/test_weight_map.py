@@ -113,17 +113,26 @@ def test_cached_mapping_of_a_hand_written_map():
     assert all(v.dtype == np.float32 for v in out.values())
 
 
-def test_cached_mapping_arrays_own_their_memory(compiled):
+def test_cached_mapping_never_exposes_shared_memory_for_writing(compiled):
     """Editing a mapping (as fault-injection and users do) must not write into the model's tensors,
-    the map's constants, or another engine weight that reads the same key."""
+    the map's constants, or another engine weight that reads the same key: arrays that share memory
+    with any of those are read-only (copy recipes pass the state_dict's memory through uncopied)."""
     c = compiled("tied_mlp")
     state = c.fresh(3).state_dict()
     before = {k: v.clone() for k, v in state.items()}
     constants = {k: v.copy() for k, v in c.engine.weight_map.constants.items()}
     mapping = refitcore.cached_mapping(c.engine.weight_map, state)
+    shared = 0
     for arr in mapping.values():
-        arr[...] = 123.0
+        if arr.flags.writeable:
+            arr[...] = 123.0
+        else:
+            shared += 1
+            with pytest.raises(ValueError):
+                arr[...] = 123.0
+    assert shared >= 2  # the tied weight feeds two engine weights straight from the state_dict
     assert all(torch.equal(before[k], v) for k, v in state.items())
     assert all(np.array_equal(constants[k], v) for k, v in c.engine.weight_map.constants.items())
     again = refitcore.cached_mapping(c.engine.weight_map, state)
-    assert not any(np.shares_memory(a, b) for a in again.values() for b in again.values() if a is not b)
+    writable = [a for a in again.values() if a.flags.writeable]
+    assert not any(np.shares_memory(a, b) for a in writable for b in again.values() if a is not b)
