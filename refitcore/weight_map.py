@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import math
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -86,7 +87,7 @@ class WeightSource:
 
     @property
     def count(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     def to_json(self) -> dict:
         return {"recipe": self.recipe, "inputs": self.inputs, "params": self.params,
