@@ -50,7 +50,11 @@ def _weights_for(model, seed: int) -> dict:
     valid BatchNorm statistics, tied parameters identical), for one fixed seed and no specials."""
     from pytest_trtrefit.strategies import _layout, _materialize
 
-    return _materialize(_layout(model), seed, "fan_in", [])
+    # Update the model's own state_dict: it carries the per-module version metadata that some
+    # modules check when loading (MNASNet refuses a state_dict without it).
+    state = model.state_dict()
+    state.update(_materialize(_layout(model), seed, "fan_in", []))
+    return state
 
 
 def smallest_input(model) -> tuple[int, str]:
