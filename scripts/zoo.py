@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import threading
@@ -143,7 +144,7 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None = None) -> str:
+def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None = None, run_note: str = "") -> str:
     passed = sum(1 for r in rows if r.get("ok"))
     head = [
         "# torchvision classification zoo on the reference backend",
@@ -159,7 +160,8 @@ def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None
         "not TensorRT's kernels.",
         "",
         f"**{passed} of {total if total is not None else len(rows)} models pass**"
-        + (f"; full run {elapsed_s / 60:.1f} min on this machine's CPU" if elapsed_s is not None else "") + ".",
+        + (f"; full run {elapsed_s / 60:.1f} min on this machine's CPU" if elapsed_s is not None else "")
+        + (f"; {run_note}" if run_note else "") + ".",
         "",
         "| model | params (M) | input | compile s | refit cached s | refit fallback s | max abs eager | "
         "max err compile | max err cached | max err fallback | result |",
@@ -274,6 +276,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    old_text = out.read_text() if out.exists() else ""
     if args.merge and out.with_suffix(".json").exists():
         rows = [r for r in json.loads(out.with_suffix(".json").read_text()) if r["model"] not in names]
     total = len(rows) + len(names)
@@ -295,9 +298,11 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - start
     order = {n: i for i, n in enumerate(sorted(all_models()))}
     rows.sort(key=lambda r: order.get(r["model"], len(order)))
-    text = table(rows, elapsed_s=None if args.merge else elapsed, total=total)
+    note = f"{args.jobs} model(s) at a time" if args.jobs > 1 else ""
     if args.merge:
-        text += f"\nRe-run of {', '.join(names)}: {elapsed / 60:.1f} min.\n"
+        previous = re.search(r"full run [^*\n]*?(?=\.\n)", old_text)
+        note = (previous.group(0) + "; " if previous else "") + f"re-run of {', '.join(names)}: {elapsed / 60:.1f} min"
+    text = table(rows, elapsed_s=None if args.merge else elapsed, total=total, run_note=note)
     out.write_text(text)
     print(text)
     return 0 if all(r.get("ok") for r in rows) else 1
