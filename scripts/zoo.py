@@ -258,6 +258,10 @@ def main(argv=None) -> int:
                         help="replace the named models' rows in the existing zoo.json instead of starting afresh")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models run side by side, each worker with one intra-op thread (default: %(default)s)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="only render: the table from these row files (a model's row in a later file wins)")
+    parser.add_argument("--elapsed-min", type=float, help="with --combine: the run's wall time to state")
+    parser.add_argument("--note", default="", help="with --combine: how the run was made")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per model (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.one:
@@ -272,8 +276,20 @@ def main(argv=None) -> int:
             print(json.dumps(run_one(name)), flush=True)
             gc.collect()
         return 0
-    names = args.models or all_models()
     out = Path(args.out)
+    if args.combine:
+        merged: dict[str, dict] = {}
+        for path in args.combine:
+            merged.update({r["model"]: r for r in json.loads(Path(path).read_text())})
+        order = {n: i for i, n in enumerate(sorted(all_models()))}
+        rows = sorted(merged.values(), key=lambda r: order.get(r["model"], len(order)))
+        elapsed_s = None if args.elapsed_min is None else args.elapsed_min * 60
+        text = table(rows, elapsed_s=elapsed_s, total=len(order), run_note=args.note)
+        out.write_text(text)
+        out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        print(text)
+        return 0 if len(rows) == len(order) and all(r.get("ok") for r in rows) else 1
+    names = args.models or all_models()
     out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     old_text = out.read_text() if out.exists() else ""
