@@ -156,7 +156,7 @@ __all__ = ["StaticValue", "Unsupported"]
 
 def _slice_mode(ctx: ConversionContext, x, start, shape, mode: str, *, fill=None, suffix=None):
     """An ISliceLayer in ``mode`` (SampleMode WRAP or FILL): out-of-range coordinates wrap around, or
-    read ``fill`` (0 when not given)."""
+    read ``fill`` (a literal scalar constant, input 4)."""
     trt = ctx.trt
     fill_value = None if fill is None else ctx.constant(torch.tensor(float(fill)), shape=(), suffix="fill")
     layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(shape)), trt.Dims((1,) * len(shape)))
@@ -207,7 +207,8 @@ def constant_pad(ctx: ConversionContext, x, pad, value: float = 0.0):
         shape[d] = shp[d] + int(pad[2 * i]) + int(pad[2 * i + 1])
     if not any(start) and tuple(shape) == shp:
         return x
-    return _slice_mode(ctx, x, start, shape, "FILL", fill=None if value == 0 else value)
+    # The fill value is always given (input 4), so nothing rests on TensorRT's default for it.
+    return _slice_mode(ctx, x, start, shape, "FILL", fill=value)
 
 
 @converter(aten.constant_pad_nd.default)
