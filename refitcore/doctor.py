@@ -50,6 +50,31 @@ def _tensorrt_checks() -> list[Check]:
     return [Check("TensorRT Python API", True, f"{_trt.flavour()} {_trt.version()}")]
 
 
+def _stage_checks(ok: bool, reason: str) -> list[Check]:
+    """One line per step of the capability probe: plan build, engine deserialize and run, refit."""
+    from .backends import tensorrt_probe
+
+    stage = "done" if ok else tensorrt_probe.last_stage
+    steps = [("TensorRT plan build (REFIT flag)", ("build",)),
+             ("TensorRT engine deserialize and run", ("deserialize", "run")),
+             ("TensorRT refit of an engine", ("refit",))]
+    if stage not in tensorrt_probe.STAGES:
+        return [Check(item, False, f"unknown: {reason}") for item, _ in steps]
+    reached = tensorrt_probe.STAGES.index(stage)
+    out = []
+    for item, names in steps:
+        first = tensorrt_probe.STAGES.index(names[0])
+        last = tensorrt_probe.STAGES.index(names[-1])
+        if reached > last:
+            out.append(Check(item, True, "works on the test engine"))
+        elif first <= reached <= last:
+            out.append(Check(item, False, reason))
+        else:
+            where = "finding a CUDA device" if stage == "find a CUDA device for" else f"the '{stage}' step"
+            out.append(Check(item, False, f"not tried: the probe stopped earlier, at {where}"))
+    return out
+
+
 def doctor() -> list[Check]:
     """Run every check (the TensorRT capability probe may take a few seconds on a GPU machine)."""
     from .backends import resolve_backend
@@ -65,6 +90,7 @@ def doctor() -> list[Check]:
     checks += _torch_checks()
     checks += _tensorrt_checks()
     ok, reason = trt_backend.usable()
+    checks += _stage_checks(ok, reason)
     checks.append(Check("tensorrt backend (build, run, refit)", bool(ok), reason))
     checks.append(Check("reference backend", True, "always available: a CPU interpreter of the TensorRT network; "
                                                    "it checks the network and the weight mapping, not TensorRT's "

@@ -49,10 +49,19 @@ def _package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(refitcore.__file__)))
 
 
+# The stage the last probe reached ("import", "find a CUDA device for", "build", "deserialize", "run",
+# "refit", or "done"), so that `trtrefit doctor` can say which step works and which does not.
+STAGES = ("import", "find a CUDA device for", "build", "deserialize", "run", "refit", "done")
+last_stage: str | None = None
+
+
 def probe(timeout: float | None = None, command: list[str] | None = None) -> tuple[bool, str]:
     """(usable, reason). Cheap checks first (TensorRT importable, a CUDA device visible), then the
     subprocess. ``command`` replaces the child (tests use it to simulate a hang or a crash)."""
+    global last_stage
     from .. import _trt
+
+    last_stage = "import"
 
     if command is None:
         if not _trt.available():
@@ -63,6 +72,7 @@ def probe(timeout: float | None = None, command: list[str] | None = None) -> tup
         import torch
 
         if not torch.cuda.is_available():
+            last_stage = "find a CUDA device for"
             return False, "no CUDA device: torch.cuda.is_available() is False (no GPU, or no driver visible to torch)"
         command = [sys.executable, "-m", "refitcore.backends.tensorrt_probe"]
     timeout = PROBE_TIMEOUT_S if timeout is None else timeout
@@ -91,6 +101,7 @@ def probe(timeout: float | None = None, command: list[str] | None = None) -> tup
         report = json.loads(reports[-1])
     except ValueError as err:
         return False, f"the TensorRT capability probe sent an unreadable report ({err}): {reports[-1][:200]}"
+    last_stage = report.get("stage") if report.get("stage") in STAGES else None
     return interpret(report)
 
 
