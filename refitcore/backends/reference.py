@@ -23,6 +23,16 @@ _NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": 
 _TRT_TO_NP = {v: k for k, v in _NP_TO_TRT.items()}
 
 
+def read_only_views(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Views of a weight store that cannot be written through (callers must not edit an engine)."""
+    out = {}
+    for k, v in weights.items():
+        v = v.view()
+        v.flags.writeable = False
+        out[k] = v
+    return out
+
+
 def usable() -> tuple[bool, str]:
     return True, "always available (CPU)"
 
@@ -96,12 +106,7 @@ class ReferenceEngine:
 
     def current_weights(self) -> dict[str, np.ndarray]:
         """The weights the engine answers with now (read-only views)."""
-        out = {}
-        for k, v in self._weights.items():
-            v = v.view()
-            v.flags.writeable = False
-            out[k] = v
-        return out
+        return read_only_views(self._weights)
 
     def layer_of(self, name: str) -> str:
         return self.plan["layers"][self._locations[name][0]]["name"]

@@ -174,12 +174,9 @@ class TensorRTEngine:
         return WeightsPrototype(name, _np_to_trt(arr.dtype), int(arr.size), tuple(arr.shape))
 
     def current_weights(self) -> dict[str, np.ndarray]:
-        out = {}
-        for k, v in self._weights.items():
-            v = v.view()
-            v.flags.writeable = False
-            out[k] = v
-        return out
+        from .reference import read_only_views
+
+        return read_only_views(self._weights)
 
     # ---- execution ---------------------------------------------------------------------
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
