@@ -5,9 +5,11 @@ Each model runs in its own subprocess (a crash, an out-of-memory kill or a timeo
 only) at the smallest square input it accepts among ``SIZES``. Writes a Markdown table to
 ``benchmarks/results/zoo.md`` (and the raw rows to ``zoo.json``) after every model, and prints it.
 
-    python scripts/zoo.py                      # every model
+    python scripts/zoo.py --jobs 2             # every model, two at a time (then the largest one by one)
     python scripts/zoo.py resnet18 vit_b_32    # some
-    python scripts/zoo.py --one resnet18       # one model, JSON on stdout (what the parent runs)
+    python scripts/zoo.py --merge mnasnet1_0   # re-run some, keep the other rows of zoo.json
+    python scripts/zoo.py --one resnet18       # one model in this process, its row as JSON
+    python scripts/zoo.py --combine a.json b.json --elapsed-min 43   # one table from several runs
 
 The reference backend interprets the TensorRT network on the CPU: it proves the network and the
 weight mapping, not TensorRT's kernels.
