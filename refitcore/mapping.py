@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Mapping
 
@@ -39,12 +40,21 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _detached(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached tensors, keeping a state_dict's per-module version metadata (``_metadata``)."""
+    out = collections.OrderedDict((k, v.detach()) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata
+    return out
+
+
 def normalize_weights(new_weights: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """(state_dict, source object) from an nn.Module, ExportedProgram, state_dict or checkpoint path."""
     if isinstance(new_weights, (str, os.PathLike)):
         return load_checkpoint(new_weights), None
     if isinstance(new_weights, torch.nn.Module):
-        return {k: v.detach() for k, v in new_weights.state_dict().items()}, new_weights
+        return _detached(new_weights.state_dict()), new_weights
     if isinstance(new_weights, torch.export.ExportedProgram):
         return {k: v.detach() for k, v in new_weights.state_dict.items()}, new_weights
     if isinstance(new_weights, Mapping):
@@ -52,7 +62,7 @@ def normalize_weights(new_weights: Any) -> tuple[dict[str, torch.Tensor], Any]:
         if bad:
             raise WeightMappingError([f"{k!r}: expected a torch.Tensor, got {type(new_weights[k]).__name__}"
                                       for k in bad])
-        return {k: v.detach() for k, v in new_weights.items()}, None
+        return _detached(new_weights), None
     raise TypeError(f"new weights must be an nn.Module, ExportedProgram, state_dict or checkpoint path; "
                     f"got {type(new_weights).__name__}")
 

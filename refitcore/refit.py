@@ -1,6 +1,7 @@
 """``refitcore.refit``: new weights -> refitted engine, through the cached map or the fallback."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import time
@@ -76,7 +77,13 @@ def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None):
     # assign=True: ExportedProgram.module() shares its tensors with the exported program (and with
     # the model it was exported from); copying into them would overwrite the user's original model.
     # Values take the compiled model's dtypes (what load_state_dict's in-place copy would do).
-    module.load_state_dict({k: state[k].detach().to(own[k].dtype).clone() for k in own}, strict=True, assign=True)
+    values = collections.OrderedDict((k, state[k].detach().to(own[k].dtype).clone()) for k in own)
+    # Keep the per-module version metadata (modules such as MNASNet refuse a state_dict without
+    # it): the checkpoint's own when it has some, else the module's.
+    metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
+    if metadata is not None:
+        values._metadata = metadata
+    module.load_state_dict(values, strict=True, assign=True)
     return module.eval() if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule) else module
 
 
