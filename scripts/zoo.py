@@ -289,6 +289,7 @@ def main(argv=None) -> int:
         text = table(rows, elapsed_s=elapsed_s, total=len(order), run_note=args.note)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+        update_readme(text)
         print(text)
         return 0 if len(rows) == len(order) and all(r.get("ok") for r in rows) else 1
     names = args.models or all_models()
@@ -322,8 +323,27 @@ def main(argv=None) -> int:
         note = (previous.group(0) + "; " if previous else "") + f"re-run of {', '.join(names)}: {elapsed / 60:.1f} min"
     text = table(rows, elapsed_s=None if args.merge else elapsed, total=total, run_note=note)
     out.write_text(text)
+    if set(names) == set(all_models()) or args.merge:
+        update_readme(text)
     print(text)
     return 0 if all(r.get("ok") for r in rows) else 1
+
+
+README_BEGIN, README_END = "<!-- zoo table: begin (scripts/zoo.py) -->", "<!-- zoo table: end -->"
+
+
+def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
+    """Replace the zoo table between the README's markers with ``text`` minus its title line."""
+    if not readme.exists():
+        return
+    body = readme.read_text()
+    if README_BEGIN not in body or README_END not in body:
+        print("README.md has no zoo table markers; not updated", file=sys.stderr)
+        return
+    table_text = "\n".join(line for line in text.splitlines() if not line.startswith("# ")).strip()
+    head, rest = body.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    readme.write_text(f"{head}{README_BEGIN}\n{table_text}\n{README_END}{tail}")
 
 
 if __name__ == "__main__":
