@@ -214,13 +214,10 @@ def _materialize(layout: _Layout, seed: int, scale: str, specials: Sequence[tupl
     return {e.key: out[e.key] for e in layout.entries}
 
 
-class WeightSet(dict):
-    """A generated state_dict; its repr is the recipe that made it, not its tensors."""
+class _Described:
+    """Printed (also by Hypothesis's pretty printer) as the recipe that made it, not its tensors."""
 
-    def __init__(self, tensors: dict, description: str, **meta):
-        super().__init__(tensors)
-        self.description = description
-        self.meta = meta
+    description: str
 
     def describe(self) -> str:
         return self.description
@@ -230,6 +227,15 @@ class WeightSet(dict):
 
     def _repr_pretty_(self, p, cycle) -> None:   # Hypothesis's printer
         p.text(self.description)
+
+
+class WeightSet(_Described, dict):
+    """A generated state_dict; its repr is the recipe that made it, not its tensors."""
+
+    def __init__(self, tensors: dict, description: str, **meta):
+        super().__init__(tensors)
+        self.description = description
+        self.meta = meta
 
 
 def state_dicts(model, *, scales: Sequence[str] = DEFAULT_SCALES, specials: Sequence[str] = SPECIALS,
@@ -385,22 +391,13 @@ def perturbations(state_dict: dict, *, kinds: Sequence[str] = PERTURBATIONS,
 
 # --------------------------------------------------------------------------------------------
 # sequences of checkpoints
-class WeightSequence(list):
+class WeightSequence(_Described, list):
     """Weight sets to refit one after another; its repr names the steps (``A``, ``B``, ``A again``)."""
 
     def __init__(self, steps: list, labels: list[str], description: str):
         super().__init__(steps)
         self.labels = labels
         self.description = description
-
-    def describe(self) -> str:
-        return self.description
-
-    def __repr__(self) -> str:
-        return self.description
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(self.description)
 
 
 def refit_sequences(model, *, min_size: int = 2, max_size: int = 4, end_with_first: bool = True,
