@@ -150,10 +150,6 @@ class ConversionContext:
         self.commit_weight_names()
         return layer.get_output(0)
 
-    def weight_layer_name(self, suffix: str | None = None) -> str:
-        """Reserve the name of a layer that is about to be created with weights."""
-        return self.layer_name(suffix)
-
     def finish(self, layer, name: str):
         """Apply a reserved name to ``layer`` and name its pending weights."""
         if layer is None:

@@ -176,11 +176,8 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                  for k, v in (getattr(ep, "constants", {}) or {}).items()}
 
     builder = trt.Builder(_trt.logger())
-    flags = 0
-    if hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH") \
-            and not str(getattr(trt, "__version__", "10")).startswith(("1.", "10", "11")):
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # TensorRT < 10 only
-    network = builder.create_network(flags)
+    # TensorRT 10+ and TensorRT-RTX networks are always explicit-batch (the flag is deprecated).
+    network = builder.create_network(0)
     wm = WeightMap()
     ctx = ConversionContext(network=network, weight_map=wm, layer_names=layer_names_for(gm),
                             fusions_conv_to_bn=dict(fusion.conv_to_bn))

@@ -49,8 +49,6 @@ def div(ctx, node, args, kwargs):
     return elementwise(ctx, args[0], args[1], "DIV")
 
 
-__all__ = ["elementwise", "StaticValue"]
-
 
 @converter(aten.maximum.default)
 def maximum(ctx, node, args, kwargs):

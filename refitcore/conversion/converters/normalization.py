@@ -54,7 +54,6 @@ def layer_norm(ctx, node, args, kwargs):
 
 
 def normalization(ctx: ConversionContext, x, normalized_shape, weight, bias, eps: float):
-    trt = ctx.trt
     r = rank(x)
     k = len(normalized_shape)
     pshape = (1,) * (r - k) + tuple(normalized_shape)

@@ -5,7 +5,7 @@ import operator
 
 import torch
 
-from ..context import ConversionContext, StaticValue
+from ..context import ConversionContext
 from ..registry import Unsupported, converter
 from ._util import arg, as_tensor, out_shape, rank, reshape, shape_of
 
@@ -150,8 +150,6 @@ def expand(ctx, node, args, kwargs):
     strides = [0 if s == 1 and o != 1 else 1 for s, o in zip(shp, out)]
     return slice_(ctx, x, [0] * len(out), out, strides)
 
-
-__all__ = ["StaticValue", "Unsupported"]
 
 
 def _slice_mode(ctx: ConversionContext, x, start, shape, mode: str, *, fill=None, suffix=None):
