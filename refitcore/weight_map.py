@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "rename_keys", "encode_array", "decode_array"]
+__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "has_key", "rename_keys", "encode_array", "decode_array"]
 
 FORMAT_VERSION = 1
 
@@ -53,6 +53,11 @@ def operand_keys(operand: Any) -> Iterator[str]:
     elif isinstance(operand, (list, tuple)):
         for item in operand:
             yield from operand_keys(item)
+
+
+def has_key(operand: Any) -> bool:
+    """Whether an operand tree reads the state_dict at all (else it is a literal)."""
+    return next(iter(operand_keys(operand)), None) is not None
 
 
 def rename_keys(operand: Any, rename: Mapping[str, str]) -> Any:

@@ -1,5 +1,9 @@
 """The conversion context: the network being built, and the weight map recorded as each
-refittable weight is created."""
+refittable weight is created.
+
+Converters make weights with :meth:`ConversionContext.new_weights` and then add the layer that
+uses them through :meth:`ConversionContext.name`, the one place that names a layer and records
+its weights as ``"<layer name> <ROLE>"`` (names are a contract: refit matches them)."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,7 +14,7 @@ import torch
 from torch import fx
 
 from .. import _trt
-from ..weight_map import WeightMap, WeightSource
+from ..weight_map import WeightMap, WeightSource, has_key
 
 __all__ = ["StaticValue", "ConversionContext", "ROLES"]
 
@@ -31,10 +35,6 @@ class StaticValue:
         return tuple(self.tensor.shape)
 
 
-def to_engine_array(t: torch.Tensor, dtype: np.dtype = np.float32) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu").numpy().astype(dtype, copy=False))
-
-
 @dataclasses.dataclass
 class ConversionContext:
     network: Any
@@ -45,7 +45,8 @@ class ConversionContext:
     values: dict = dataclasses.field(default_factory=dict)   # fx node name -> converted value
     weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     _used_names: set = dataclasses.field(default_factory=set)
-    _keepalive: list = dataclasses.field(default_factory=list)
+    keepalive: list = dataclasses.field(default_factory=list)
+    _pending: list = dataclasses.field(default_factory=list)   # weights awaiting their layer's name
     _n_constants: int = 0
 
     @property
@@ -65,22 +66,50 @@ class ConversionContext:
             return self.values[arg.name]
         return arg
 
-    # ---- naming -----------------------------------------------------------------
-    def layer_name(self, suffix: str | None = None) -> str:
-        base = self.layer_names[self.node.name]
-        name = base if suffix is None else f"{base}.{suffix}"
-        if name in self._used_names:
-            raise RuntimeError(f"internal error: layer name {name!r} used twice")
-        self._used_names.add(name)
-        return name
+    # ---- naming: the one place that names layers and records their weights ----------
+    def new_weights(self, role: str, value: np.ndarray, recipe: str = "copy", inputs: dict | None = None,
+                    params: dict | None = None):
+        """TensorRT weights for the next layer :meth:`name` names: ``value`` as float32, derived
+        from the state_dict by ``recipe(inputs, **params)``. Recorded in the weight map as
+        ``"<layer name> <role>"`` when the layer is named."""
+        assert role in ROLES, role
+        arr = np.ascontiguousarray(value, dtype=np.float32)
+        self.keepalive.append(arr)
+        w = self.trt.Weights(arr)
+        self._pending.append((w, role, arr, recipe, dict(inputs or {}), dict(params or {})))
+        return w
 
-    def name(self, layer, suffix: str | None = None):
-        """Give ``layer`` its deterministic name and return it."""
+    def name(self, layer, suffix: str | None = None, *, full: str | None = None):
+        """Name ``layer`` and record the weights created for it since the last layer named; return it.
+
+        The name is the node's base name (see ``layer_names_for``), ``"<base>.<suffix>"`` with a
+        suffix, or ``full`` as given (layers that belong to no node, e.g. output copies). Every
+        weight made by :meth:`new_weights` before this call belongs to ``layer``: TensorRT matches
+        weight names to weights by pointer, so naming must follow the layer's creation."""
         if layer is None:
-            raise RuntimeError(f"TensorRT rejected a layer for node {self.node.name} ({self.node.target}); "
-                               f"see the TensorRT log")
-        layer.name = self.layer_name(suffix)
-        self.commit_weight_names()
+            node = self.node
+            raise RuntimeError(f"TensorRT rejected a layer for node {node.name} ({node.target}); see the TensorRT log"
+                               if node is not None else f"TensorRT rejected layer {full!r}; see the TensorRT log")
+        if full is None:
+            base = self.layer_names[self.node.name]
+            full = base if suffix is None else f"{base}.{suffix}"
+        if full in self._used_names:
+            raise RuntimeError(f"internal error: layer name {full!r} used twice")
+        self._used_names.add(full)
+        layer.name = full
+        for w, role, arr, recipe, inputs, params in self._pending:
+            wname = f"{full} {role}"
+            if wname in self.weight_map.sources:
+                raise RuntimeError(f"internal error: engine weight {wname!r} recorded twice")
+            if recipe == "copy" and not any(has_key(v) for v in inputs.values()):
+                recipe = "constant"
+            self.weight_map.sources[wname] = WeightSource(
+                recipe=recipe, inputs=inputs, params=params,
+                shape=tuple(int(s) for s in arr.shape), dtype="float32")
+            self.weights[wname] = arr
+            if not self.network.set_weights_name(w, wname):
+                raise RuntimeError(f"TensorRT refused the weight name {wname!r}")
+        self._pending.clear()
         return layer
 
     # ---- weights ----------------------------------------------------------------
@@ -91,37 +120,6 @@ class ConversionContext:
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         self.weight_map.constants[cid] = np.ascontiguousarray(arr).copy()
         return {"const": cid}
-
-    def weights_for(self, layer_name: str, role: str, value: np.ndarray, recipe: str,
-                    inputs: dict, params: dict | None = None):
-        """Create named TensorRT weights for ``layer_name``/``role`` and record their source."""
-        assert role in ROLES, role
-        t = self.trt
-        arr = np.ascontiguousarray(value, dtype=np.float32)
-        name = f"{layer_name} {role}"
-        if name in self.weight_map.sources:
-            raise RuntimeError(f"internal error: engine weight {name!r} recorded twice")
-        recipe = "constant" if recipe == "copy" and not any(
-            _has_key(v) for v in inputs.values()) else recipe
-        self.weight_map.sources[name] = WeightSource(
-            recipe=recipe, inputs=dict(inputs), params=dict(params or {}),
-            shape=tuple(int(s) for s in arr.shape), dtype="float32")
-        self._keepalive.append(arr)
-        w = t.Weights(arr)
-        self._pending_names.append((w, name))
-        self.weights[name] = arr
-        return w
-
-    def commit_weight_names(self) -> None:
-        """Name the weights of the layer just added (TensorRT matches names to weights by pointer,
-        so this must follow the layer creation)."""
-        for w, name in self._pending_names:
-            if not self.network.set_weights_name(w, name):
-                raise RuntimeError(f"TensorRT refused the weight name {name!r}")
-        self._pending_names.clear()
-
-    def __post_init__(self):
-        self._pending_names: list = []
 
     def constant(self, value: StaticValue | torch.Tensor | float | int, *, rank: int | None = None,
                  shape: Sequence[int] | None = None, suffix: str = "const"):
@@ -143,23 +141,5 @@ class ConversionContext:
         tensor = tensor.reshape(tuple(shape))
         if operand is None:
             operand = self.literal(tensor)
-        layer_name = self.layer_name(suffix)
-        w = self.weights_for(layer_name, "CONSTANT", tensor.numpy(), "copy", {"x": operand})
-        layer = self.network.add_constant(self.trt.Dims(tuple(shape)), w)
-        layer.name = layer_name
-        self.commit_weight_names()
-        return layer.get_output(0)
-
-    def finish(self, layer, name: str):
-        """Apply a reserved name to ``layer`` and name its pending weights."""
-        if layer is None:
-            raise RuntimeError(f"TensorRT rejected layer {name!r} (node {self.node.name}, {self.node.target})")
-        layer.name = name
-        self.commit_weight_names()
-        return layer
-
-
-def _has_key(operand: Any) -> bool:
-    from ..weight_map import operand_keys
-
-    return next(iter(operand_keys(operand)), None) is not None
+        w = self.new_weights("CONSTANT", tensor.numpy(), "copy", {"x": operand})
+        return self.name(self.network.add_constant(self.trt.Dims(tuple(shape)), w), suffix).get_output(0)

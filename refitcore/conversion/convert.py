@@ -15,8 +15,8 @@ from torch.export.graph_signature import InputKind
 from .. import _trt
 from ..errors import UnsupportedOperatorError
 from ..lowering import FusionPlan, module_path, plan_fusions
-from ..weight_map import WeightMap
-from .context import ConversionContext, StaticValue, _has_key
+from ..weight_map import WeightMap, has_key
+from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
@@ -139,7 +139,7 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     if node.target is operator.getitem:
         return args[0][args[1]]
     out = node.target(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
-    key_dependent = any(v.operand is not None and _has_key(v.operand)
+    key_dependent = any(v.operand is not None and has_key(v.operand)
                         for v in _statics(list(args) + list(kwargs.values())))
 
     def wrap(value, index=None):
@@ -234,9 +234,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                 if o.is_network_input or o.is_network_output:
                     # One tensor returned twice (eval-mode identities), or an input returned as is:
                     # each output needs a tensor of its own.
-                    copy = network.add_identity(o)
-                    copy.name = f"output_{i}/identity"
-                    o = copy.get_output(0)
+                    o = ctx.name(network.add_identity(o), full=f"output_{i}/identity").get_output(0)
                 o.name = f"output_{i}"
                 network.mark_output(o)
                 output_names.append(o.name)
@@ -245,7 +243,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
     return ConversionResult(network=network, builder=builder, weight_map=wm, weights=ctx.weights,
                             input_names=input_names, input_shapes=input_shapes,
                             output_names=output_names, output_shapes=output_shapes,
-                            keepalive=ctx._keepalive)
+                            keepalive=ctx.keepalive)
 
 
 def _any_dynamic(values) -> bool:

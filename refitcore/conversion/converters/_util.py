@@ -62,6 +62,3 @@ def axes_mask(dims: Sequence[int], r: int) -> int:
         mask |= 1 << (d % r)
     return mask
 
-
-def normalize_dim(d: int, r: int) -> int:
-    return d % r if r else 0

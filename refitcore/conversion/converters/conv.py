@@ -34,14 +34,13 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
     if rank(x) != n_spatial + 2 or n_spatial not in (2, 3):
         raise Unsupported(f"{ctx.node.name}: only 2-D and 3-D convolutions are supported "
                         f"(input rank {rank(x)}, kernel rank {weight.tensor.dim()})")
-    name = ctx.layer_name()
     w64 = weight.tensor.detach().double()
     b64 = None if bias is None else bias.tensor.detach().double()
     out_ch = int(w64.shape[0])
     if bn_node is None:
-        kernel = ctx.weights_for(name, "KERNEL", w64.numpy(), "copy", {"x": weight.operand})
+        kernel = ctx.new_weights("KERNEL", w64.numpy(), "copy", {"x": weight.operand})
         bias_w = (trt.Weights() if bias is None
-                  else ctx.weights_for(name, "BIAS", b64.numpy(), "copy", {"x": bias.operand}))
+                  else ctx.new_weights("BIAS", b64.numpy(), "copy", {"x": bias.operand}))
     else:
         (gamma, beta, mean, var), eps = _bn_operands(ctx, bn_node)
         g64 = None if gamma is None else gamma.tensor.double()
@@ -54,18 +53,16 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
         ops = {"weight": weight.operand, "bias": None if bias is None else bias.operand,
                "gamma": None if gamma is None else gamma.operand, "beta": None if beta is None else beta.operand,
                "mean": mean.operand, "var": var.operand}
-        kernel = ctx.weights_for(name, "KERNEL", w_fold.numpy(), "bn_fold_kernel",
+        kernel = ctx.new_weights("KERNEL", w_fold.numpy(), "bn_fold_kernel",
                                  {k: ops[k] for k in ("weight", "gamma", "var")}, {"eps": eps})
-        bias_w = ctx.weights_for(name, "BIAS", b_fold.numpy(), "bn_fold_bias",
+        bias_w = ctx.new_weights("BIAS", b_fold.numpy(), "bn_fold_bias",
                                  {k: ops[k] for k in ("bias", "gamma", "beta", "mean", "var")}, {"eps": eps})
-    layer = ctx.network.add_convolution_nd(x, out_ch, trt.Dims(tuple(w64.shape[2:])), kernel, bias_w)
-    if layer is None:
-        raise RuntimeError(f"TensorRT rejected convolution {name}")
+    layer = ctx.name(ctx.network.add_convolution_nd(x, out_ch, trt.Dims(tuple(w64.shape[2:])), kernel, bias_w))
     layer.stride_nd = trt.Dims(tuple(_pair(stride, n_spatial)))
     layer.padding_nd = trt.Dims(tuple(_pair(padding, n_spatial)))
     layer.dilation_nd = trt.Dims(tuple(_pair(dilation, n_spatial)))
     layer.num_groups = int(groups)
-    return ctx.finish(layer, name).get_output(0)
+    return layer.get_output(0)
 
 
 @converter(aten.conv2d.default, aten.conv3d.default)

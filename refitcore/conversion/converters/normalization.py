@@ -24,14 +24,13 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
     op = lambda v: None if v is None else v.operand  # noqa: E731
     r = rank(x)
     inp = x if r >= 4 else reshape(ctx, x, shape_of(x) + (1,) * (4 - r), suffix="to4d")
-    name = ctx.layer_name()
-    scale_w = ctx.weights_for(name, "SCALE", scale.numpy(), "bn_scale",
+    scale_w = ctx.new_weights("SCALE", scale.numpy(), "bn_scale",
                               {"gamma": op(gamma), "var": op(var)}, {"eps": eps})
-    shift_w = ctx.weights_for(name, "SHIFT", shift.numpy(), "bn_shift",
+    shift_w = ctx.new_weights("SHIFT", shift.numpy(), "bn_shift",
                               {"gamma": op(gamma), "beta": op(beta), "mean": op(mean), "var": op(var)},
                               {"eps": eps})
     layer = ctx.network.add_scale_nd(inp, trt.ScaleMode.CHANNEL, shift_w, scale_w, trt.Weights(), 1)
-    out = ctx.finish(layer, name).get_output(0)
+    out = ctx.name(layer).get_output(0)
     return out if r >= 4 else reshape(ctx, out, shape_of(x), suffix="from4d")
 
 
