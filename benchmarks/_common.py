@@ -165,19 +165,11 @@ def compile_model(name: str, px: int = 64, backend: str = "reference"):
 
 
 def fresh_state(model, seed: int) -> dict:
-    """A 'fine-tuned checkpoint': every float tensor perturbed, BatchNorm variances kept positive."""
-    import torch
+    """A 'fine-tuned checkpoint': every float tensor moved by 1% of its mean magnitude (BatchNorm
+    variances multiplicatively, so they stay positive), drawn by the plugin's ``perturb``."""
+    from pytest_trtrefit.strategies import perturb
 
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in model.state_dict().items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = v * (0.5 + torch.rand(v.shape, generator=g))
-        else:
-            out[k] = v + 0.01 * torch.randn(v.shape, generator=g)
-    return out
+    return perturb(model.state_dict(), seed=seed, magnitude=1e-2)
 
 
 def weight_bytes(engine) -> int:

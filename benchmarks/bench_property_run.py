@@ -44,28 +44,15 @@ def main(argv=None) -> int:
     per_example: list[float] = []
     failures: list[str] = []
 
+    from pytest_trtrefit.strategies import weight_set
+
     def weights(seed: int, scale: float, var_near_eps: bool, flip: bool) -> dict:
-        g = torch.Generator().manual_seed(seed)
-        # One BatchNorm layer (drawn) gets variances near its eps, and gamma ~ sqrt(eps) so that
-        # activations keep their size: this exercises the sqrt(var + eps) of the fold, not overflow.
-        tiny = bn_layers[seed % len(bn_layers)] if var_near_eps else None
-        out = {}
-        for k, v in model.state_dict().items():
-            layer = k.rsplit(".", 1)[0]
-            if not v.is_floating_point():
-                out[k] = v.clone()
-            elif k.endswith("running_var"):
-                out[k] = (torch.rand(v.shape, generator=g) * 2e-5 if layer == tiny
-                          else torch.rand(v.shape, generator=g) * 1.5 + 0.5)
-            elif k.endswith("running_mean") or k.endswith(".bias"):
-                out[k] = 0.2 * torch.randn(v.shape, generator=g)
-            elif v.dim() == 1:  # BatchNorm gamma
-                gamma = (1 + 0.2 * torch.randn(v.shape, generator=g)) * (-1 if flip else 1)
-                out[k] = gamma * (3e-3 if layer == tiny else 1.0)
-            else:  # He-scaled kernels, times the drawn scale family
-                fan_in = v[0].numel()
-                out[k] = torch.randn(v.shape, generator=g) * (scale * (2.0 / fan_in) ** 0.5)
-        return out
+        # He-scaled kernels times the drawn gain; one BatchNorm layer (drawn) gets variances near
+        # its eps (the sqrt(var + eps) of the fold); flip makes every BatchNorm gamma negative.
+        tiny = bn_layers[seed % len(bn_layers)]
+        specials = [(f"{tiny}.running_var", "var_near_eps")] if var_near_eps else []
+        specials += [(f"{layer}.weight", "negative_gamma") for layer in bn_layers] if flip else []
+        return dict(weight_set(model, seed=seed, scale="he", gain=scale, specials=specials, keep_integers=True))
 
     @settings(max_examples=args.examples, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))

@@ -15,6 +15,14 @@ Example::
     @given(weights=state_dicts(MyNet()))
     def test_refit(trt_refit, weights):
         trt_refit.check(MyNet, weights, torch.randn(1, 3, 32, 32))
+
+The same draw without Hypothesis (scripts, benchmarks, fixed test data) is :func:`weight_set`, the
+one materializer every strategy here uses; :func:`perturb` moves an existing state_dict the way
+:func:`perturbations` does::
+
+    net = MyNet()
+    net.load_state_dict(weight_set(net, seed=1, specials=[("bn.running_var", "var_near_eps")]))
+    tuned = perturb(net.state_dict(), seed=2, magnitude=1e-2)
 """
 from __future__ import annotations
 
@@ -24,13 +32,14 @@ from typing import Any, Sequence
 
 from hypothesis import settings, strategies as st
 
-__all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "refit_settings", "WeightSet",
+__all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "refit_settings", "weight_set", "perturb",
+           "special_targets", "WeightSet",
            "InputSample", "WeightSequence", "SCALES", "SPECIALS", "PERTURBATIONS", "INPUT_FAMILIES", "LARGE",
            "TINY"]
 
 SCALES = ("fan_in", "fan_in_uniform", "he", "unit")
 DEFAULT_SCALES = ("fan_in", "fan_in_uniform", "he")   # 'unit' blows up deep nets: opt in
-SPECIALS = ("zeros", "large", "tiny", "sign_flip", "negative_gamma", "var_near_eps")
+SPECIALS = ("zeros", "large", "tiny", "sign_flip", "negative_gamma", "var_near_eps", "zero_channels")
 PERTURBATIONS = ("small_delta", "low_rank", "single_tensor")
 INPUT_FAMILIES = ("normal", "uniform", "positive", "zeros", "large")
 LARGE = 100.0      # "large" special: the tensor scaled up by this (outputs stay far from float32 overflow)
@@ -90,6 +99,8 @@ def _applies(kind: str, e: _Entry) -> bool:
         return e.role == "bn_var"
     if e.role in ("bn_var",):
         return False          # a variance must stay >= 0; var_near_eps is its special
+    if kind == "zero_channels":
+        return e.role == "weight"
     return kind in ("zeros", "large", "tiny", "sign_flip")
 
 
@@ -139,7 +150,7 @@ def _layout(model) -> _Layout:
         else:
             role = "param"
         entries.append(_Entry(key, shape, t.dtype, role, _fan_in(shape, m), eps,
-                              t.detach().clone() if role in ("int", "bool") else None))
+                              t.detach().clone() if role in ("int", "bool", "bn_count") else None))
     return _Layout(tuple(entries), tied)
 
 
@@ -155,7 +166,8 @@ def _std(scale: str, fan_in: int) -> float:
     raise ValueError(f"unknown scale family {scale!r}; choose from {SCALES}")
 
 
-def _materialize(layout: _Layout, seed: int, scale: str, specials: Sequence[tuple[str, str]]) -> dict:
+def _materialize(layout: _Layout, seed: int, scale: str, specials: Sequence[tuple[str, str]], *,
+                 gain: float = 1.0, keep_integers: bool = False) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -165,16 +177,17 @@ def _materialize(layout: _Layout, seed: int, scale: str, specials: Sequence[tupl
 
     def draw(e: _Entry):
         if e.role == "bn_count":
-            return torch.randint(0, 1000, e.shape, generator=g, dtype=e.dtype)
+            drawn = torch.randint(0, 1000, e.shape, generator=g, dtype=e.dtype)  # drawn either way: same stream
+            return e.original.clone() if keep_integers else drawn
         if e.role in ("int", "bool"):
             return e.original.clone()
         if e.role == "weight" or e.role == "param":
-            std = _std(scale, e.fan_in)
+            std = _std(scale, e.fan_in) * gain
             if scale == "fan_in_uniform":
                 return ((torch.rand(e.shape, generator=g, dtype=torch.float64) * 2 - 1) * std * math.sqrt(3)).to(e.dtype)
             return normal(e.shape, std, e.dtype)
         if e.role == "bias":
-            bound = 1.0 / math.sqrt(e.fan_in)
+            bound = gain / math.sqrt(e.fan_in)
             return ((torch.rand(e.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(e.dtype)
         if e.role == "bn_weight":
             return (1 + normal(e.shape, 0.2, torch.float64)).to(e.dtype)
@@ -208,6 +221,13 @@ def _materialize(layout: _Layout, seed: int, scale: str, specials: Sequence[tupl
         elif kind == "var_near_eps":
             eps = e.eps or 1e-5
             t = (torch.rand(e.shape, generator=g, dtype=torch.float64) * 2 * eps).to(e.dtype)
+        elif kind == "zero_channels":   # about 30% of the output channels (at least one) all zero
+            rows = torch.rand(e.shape[0], generator=g) < 0.3
+            rows[int(torch.randint(0, e.shape[0], (), generator=g))] = True
+            t = t.clone()
+            t[rows] = 0
+        else:
+            raise ValueError(f"unknown special {kind!r}; choose from {SPECIALS}")
         out[key] = t
     for follower, leader in layout.tied.items():
         out[follower] = out[leader]          # tied parameters: one tensor, identical values
@@ -236,6 +256,51 @@ class WeightSet(_Described, dict):
         super().__init__(tensors)
         self.description = description
         self.meta = meta
+
+
+def special_targets(model, kinds: Sequence[str] = SPECIALS) -> list[tuple[str, str]]:
+    """Every ``(state_dict key, special)`` pair that :func:`weight_set` and :func:`state_dicts` may
+    apply to ``model`` (followers of tied parameters are never targets: their leader is)."""
+    bad = [k for k in kinds if k not in SPECIALS]
+    if bad:
+        raise ValueError(f"kinds={list(kinds)!r}: unknown {bad}; choose from {SPECIALS}")
+    return _layout(model).special_targets(kinds)
+
+
+def weight_set(model, *, seed: int = 0, scale: str = "fan_in", gain: float = 1.0,
+               specials: Sequence[tuple[str, str]] = (), keep_integers: bool = False) -> WeightSet:
+    """One random state_dict for ``model``'s architecture (an ``nn.Module`` or a callable returning
+    one): the draw :func:`state_dicts` makes for this seed, scale family and specials.
+
+    Weights are drawn from the ``scale`` family (:data:`SCALES`: ``fan_in`` normal with std
+    1/sqrt(fan_in), ``fan_in_uniform`` with the same variance, ``he`` with std sqrt(2/fan_in),
+    ``unit``), biases uniform in +-1/sqrt(fan_in); ``gain`` multiplies both (``gain=1e-3`` for tiny
+    activations, ``gain=8`` for large ones). BatchNorm statistics stay valid (variance >= 0),
+    normalisation weights stay near 1, tied parameters share one tensor. ``specials`` are
+    ``(key, kind)`` pairs from :func:`special_targets` (kinds in :data:`SPECIALS`), applied in order.
+    ``num_batches_tracked`` is drawn at random unless ``keep_integers``, which keeps the model's own;
+    other integer and bool buffers always keep the model's values.
+
+    Example::
+
+        net = torchvision.models.resnet18()
+        w = weight_set(net, seed=3, scale="he", specials=[("bn1.running_var", "var_near_eps")])
+        net.load_state_dict(w)      # w is a plain state_dict (a dict subclass printed as its recipe)
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale={scale!r}: choose one of {SCALES}")
+    if not (isinstance(gain, (int, float)) and math.isfinite(gain) and gain > 0):
+        raise ValueError(f"gain={gain!r}: give a finite number > 0")
+    layout = _layout(model)
+    specials = [tuple(s) for s in specials]
+    allowed = set(layout.special_targets(SPECIALS))
+    bad = [s for s in specials if s not in allowed]
+    if bad:
+        raise ValueError(f"specials={bad!r}: not applicable to this model; see special_targets(model)")
+    text = f"weight_set(seed={seed}, scale={scale!r}" + (f", gain={gain:g}" if gain != 1.0 else "") + \
+        f", specials={specials!r})"
+    return WeightSet(_materialize(layout, seed, scale, specials, gain=gain, keep_integers=keep_integers), text,
+                     seed=seed, scale=scale, gain=gain, specials=specials)
 
 
 def state_dicts(model, *, scales: Sequence[str] = DEFAULT_SCALES, specials: Sequence[str] = SPECIALS,
@@ -336,6 +401,24 @@ def _perturb(state: dict, kind: str, key: str | None, magnitude: float, rank: in
             for k in grp:
                 out[k] = new
     return out
+
+
+def perturb(state_dict: dict, *, seed: int = 0, kind: str = "small_delta", magnitude: float = 1e-2,
+            key: str | None = None, rank: int = 1) -> dict:
+    """``state_dict`` moved once the way :func:`perturbations` moves it (a fine-tuned checkpoint):
+    ``small_delta`` moves every float tensor by ``magnitude`` of its mean magnitude (variances
+    multiplicatively); ``low_rank`` and ``single_tensor`` change ``key`` only. Tied tensors move
+    together; integer buffers never change.
+
+    Example::
+
+        tuned = perturb(model.state_dict(), seed=1, magnitude=1e-2)
+    """
+    if kind not in PERTURBATIONS:
+        raise ValueError(f"kind={kind!r}: choose one of {PERTURBATIONS}")
+    if kind != "small_delta" and key not in state_dict:
+        raise ValueError(f"kind={kind!r} changes one tensor: give key=, one of the state_dict's keys")
+    return _perturb(state_dict, kind, key, magnitude, rank, seed)
 
 
 def perturbations(state_dict: dict, *, kinds: Sequence[str] = PERTURBATIONS,

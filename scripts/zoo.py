@@ -51,12 +51,12 @@ def all_models() -> list[str]:
 def _weights_for(model, seed: int) -> dict:
     """Random weights drawn the way the plugin's ``state_dicts`` strategy draws them (fan-in scaled,
     valid BatchNorm statistics, tied parameters identical), for one fixed seed and no specials."""
-    from pytest_trtrefit.strategies import _layout, _materialize
+    from pytest_trtrefit.strategies import weight_set
 
     # Update the model's own state_dict: it carries the per-module version metadata that some
     # modules check when loading (MNASNet refuses a state_dict without it).
     state = model.state_dict()
-    state.update(_materialize(_layout(model), seed, "fan_in", []))
+    state.update(weight_set(model, seed=seed, scale="fan_in"))
     return state
 
 

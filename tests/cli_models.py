@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pytest_trtrefit.strategies import weight_set
+
 __all__ = ["small_net", "other_net", "small_net_gelu", "randomized_state"]
 
 
@@ -44,14 +46,6 @@ def small_net_gelu() -> nn.Module:
 
 
 def randomized_state(seed: int, factory=small_net) -> dict[str, torch.Tensor]:
-    """A full state_dict of new random weights, BatchNorm statistics included."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in factory().state_dict().items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = torch.rand(v.shape, generator=g) * 1.5 + 0.5
-        else:
-            out[k] = torch.randn(v.shape, generator=g) * 0.3
-    return out
+    """A full state_dict of new random weights, BatchNorm statistics included (integer buffers as
+    the factory's)."""
+    return dict(weight_set(factory(), seed=seed, keep_integers=True))

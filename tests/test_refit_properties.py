@@ -1,7 +1,7 @@
 """Property tests of refit over the reference models.
 
 Hypothesis draws the *structure* of a weight set (seed, scale family, special values, sign flips,
-negative BatchNorm gamma, running_var near eps) and torch materialises the tensors from it;
+negative BatchNorm gamma, running_var near eps) and the plugin's ``weight_set`` materialises it;
 element-wise Hypothesis arrays would be far too slow for real models and shrink badly.
 
 Properties: the cached and fallback mappings agree weight by weight; the refitted engine matches
@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, assume, event, given, settings, strategies a
 from torch import nn
 
 import refitcore
+from pytest_trtrefit.strategies import special_targets, weight_set
 from refitcore.verify import compare_outputs
 from tests.conftest import LARGE, bit_identical, outputs
 from tests.models import SMALL
@@ -28,102 +29,52 @@ from tests.models import SMALL
 # VGG's 100M-parameter classifier makes each example cost ~10 s on 2 cores: run it with -m slow.
 LARGE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else n for n in LARGE]
 
-SCALES = {"kaiming": 1.0, "tiny": 1e-3, "large": 8.0, "uniform": 1.0}
+# The test's scale families, as the plugin's weight_set (scale family, gain) parameters: "uniform"
+# is fan-in uniform with He variance (+-sqrt(6/fan_in)).
+FAMILIES = {"kaiming": ("he", 1.0), "tiny": ("he", 1e-3), "large": ("he", 8.0), "uniform": ("fan_in_uniform", math.sqrt(2))}
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightSet:
-    """The structure of a weight set; :func:`materialize` turns it into a state_dict."""
+class Draw:
+    """The structure of a weight set, model-agnostic; :func:`materialize` turns it into the plugin's
+    ``weight_set`` call for one model."""
 
     seed: int
-    scale: str                 # a key of SCALES
-    zero: str                  # none | tensor (one weight tensor all zeros) | channels (some output channels)
-    sign_flips: bool           # negate a random subset of weight tensors
-    negative_gamma: bool       # some BatchNorm gammas < 0
-    var_near_eps: bool         # some running_var channels at 0, eps/10 or eps
+    family: str                # a key of FAMILIES
+    zero: str                  # none | tensor (one kernel all zeros) | channels (some of its output channels)
+    sign_flips: int            # bit i set: negate the i-th (mod 16) weight tensor that can be flipped
+    negative_gamma: bool       # every BatchNorm gamma < 0
+    var_near_eps: bool         # one BatchNorm's running_var in [0, 2*eps]
+    pick: int                  # which kernel is zeroed, which BatchNorm gets variances near eps
 
 
 weight_sets = st.builds(
-    WeightSet,
+    Draw,
     seed=st.integers(0, 2**31 - 1),
-    scale=st.sampled_from(sorted(SCALES)),
+    family=st.sampled_from(sorted(FAMILIES)),
     zero=st.sampled_from(["none", "tensor", "channels"]),
-    sign_flips=st.booleans(),
+    sign_flips=st.integers(0, 2**16 - 1),
     negative_gamma=st.booleans(),
     var_near_eps=st.booleans(),
+    pick=st.integers(0, 2**16 - 1),
 )
 
 
-def materialize(ws: WeightSet, model: nn.Module, tied: list[list[str]]) -> dict[str, torch.Tensor]:
-    """A state_dict for ``model``'s architecture drawn as ``ws`` says. Tied parameters get one
-    value; integer buffers (num_batches_tracked) stay as they are."""
-    g = torch.Generator().manual_seed(ws.seed)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    bn_eps = {}
-    roles = {}
-    for mname, m in model.named_modules():
-        prefix = f"{mname}." if mname else ""
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            bn_eps[prefix] = m.eps
-            for p in ("weight", "bias", "running_mean", "running_var"):
-                roles[prefix + p] = f"bn_{p}"
-        elif isinstance(m, nn.LayerNorm):
-            for p in ("weight", "bias"):
-                roles[prefix + p] = f"ln_{p}"
-
-    def randn(shape):
-        return torch.randn(shape, generator=g)
-
-    mult = SCALES[ws.scale]
-    weight_keys = []
-    for key, t in state.items():
-        if not t.is_floating_point():
-            continue
-        role = roles.get(key)
-        shape = t.shape
-        if role == "bn_running_var":
-            v = torch.rand(shape, generator=g) * 1.5 + 0.5
-            if ws.var_near_eps:
-                eps = bn_eps[key[: -len("running_var")]]
-                pick = torch.rand(shape, generator=g) < 0.25
-                near = torch.tensor([0.0, eps / 10, eps])[torch.randint(0, 3, shape, generator=g)]
-                v = torch.where(pick, near, v)
-        elif role == "bn_running_mean":
-            v = 0.5 * randn(shape)
-        elif role == "bn_weight":
-            v = 1 + 0.2 * randn(shape)
-            if ws.negative_gamma:
-                v = torch.where(torch.rand(shape, generator=g) < 0.5, -v, v)
-        elif role in ("bn_bias", "ln_bias"):
-            v = 0.2 * randn(shape)
-        elif role == "ln_weight":
-            v = 1 + 0.2 * randn(shape)
-        elif t.dim() >= 2:
-            fan_in = math.prod(shape[1:])
-            if ws.scale == "uniform":
-                v = (torch.rand(shape, generator=g) * 2 - 1) * math.sqrt(6.0 / fan_in)
-            else:
-                v = randn(shape) * math.sqrt(2.0 / fan_in) * mult
-            weight_keys.append(key)
-        else:  # conv / linear bias
-            v = 0.1 * mult * randn(shape)
-            weight_keys.append(key)
-        state[key] = v.to(t.dtype)
-    if ws.sign_flips:
-        for key in weight_keys:
-            if torch.rand((), generator=g) < 0.5:
-                state[key] = -state[key]
-    if ws.zero != "none" and weight_keys:
-        key = weight_keys[int(torch.randint(0, len(weight_keys), (), generator=g))]
-        if ws.zero == "tensor":
-            state[key] = torch.zeros_like(state[key])
-        else:
-            rows = torch.rand(state[key].shape[0], generator=g) < 0.3
-            state[key][rows] = 0.0
-    for group in tied:
-        for alias in group[1:]:
-            state[alias] = state[group[0]]
-    return state
+def materialize(d: Draw, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A state_dict for ``model``'s architecture drawn as ``d`` says. Tied parameters get one value;
+    integer buffers (num_batches_tracked) stay as they are."""
+    scale, gain = FAMILIES[d.family]
+    specials = [(k, kind) for i, (k, kind) in enumerate(special_targets(model, ["sign_flip"]))
+                if d.sign_flips >> (i % 16) & 1]
+    if d.negative_gamma:
+        specials += special_targets(model, ["negative_gamma"])
+    variances = special_targets(model, ["var_near_eps"])
+    if d.var_near_eps and variances:
+        specials.append(variances[d.pick % len(variances)])
+    kernels = [k for k, _ in special_targets(model, ["zero_channels"])]
+    if d.zero != "none" and kernels:
+        specials.append((kernels[d.pick % len(kernels)], "zeros" if d.zero == "tensor" else "zero_channels"))
+    return weight_set(model, seed=d.seed, scale=scale, gain=gain, specials=specials, keep_integers=True)
 
 
 def _eager(c, state):
@@ -142,8 +93,8 @@ def well_conditioned(model: nn.Module, x: torch.Tensor) -> bool:
     return all(check.ok for check in compare_outputs([y32], [y64]))
 
 
-def check_mappings_agree_and_match_eager(c, ws: WeightSet):
-    state = materialize(ws, c.model, c.engine.weight_map.tied)
+def check_mappings_agree_and_match_eager(c, ws: Draw):
+    state = materialize(ws, c.model)
     cached = refitcore.cached_mapping(c.engine.weight_map, state)
     fallback = refitcore.fallback_mapping(c.engine, state)
     report = refitcore.audit(cached, fallback, a_label="cached", b_label="fallback")
@@ -160,9 +111,9 @@ def check_mappings_agree_and_match_eager(c, ws: WeightSet):
     assert result.ok and result.path == "cached" and not result.fell_back, f"{ws}\n{result}"
 
 
-def check_refit_sequences(c, a: WeightSet, b: WeightSet):
-    state_a = materialize(a, c.model, c.engine.weight_map.tied)
-    state_b = materialize(b, c.model, c.engine.weight_map.tied)
+def check_refit_sequences(c, a: Draw, b: Draw):
+    state_a = materialize(a, c.model)
+    state_b = materialize(b, c.model)
     engine = refitcore.refit(c.engine, state_a).engine          # a private copy from here on
     out_a = outputs(engine, c.x)
     weights_a = {k: np.array(v) for k, v in engine.current_weights().items()}
@@ -226,13 +177,16 @@ def test_fallback_with_the_compiled_weights_reproduces_the_engine_exactly(compil
 def test_materialize_honours_the_structure(compiled):
     """The generator is part of the test: its special values must really appear."""
     c = compiled("depthwise_bn")
-    ws = WeightSet(seed=3, scale="kaiming", zero="tensor", sign_flips=True, negative_gamma=True, var_near_eps=True)
-    state = materialize(ws, c.model, [])
+    ws = Draw(seed=3, family="kaiming", zero="tensor", sign_flips=0xFFFF, negative_gamma=True, var_near_eps=True,
+              pick=2)   # zeroes the third kernel (grouped.weight); the first BatchNorm's variances
+    state = materialize(ws, c.model)
     assert (state["bn.weight"] < 0).any()
     assert (state["bn.running_var"] <= 1e-5).any() and (state["bn.running_var"] >= 0).all()
     assert any(bool((v == 0).all()) for k, v in state.items() if k.endswith("weight") and v.dim() >= 2
                or k.endswith(".bias") and not k.startswith("bn"))
     assert torch.equal(state["bn.num_batches_tracked"], c.model.state_dict()["bn.num_batches_tracked"])
-    tied = materialize(ws, compiled("tied_mlp").model, [["fc1.weight", "fc2.weight"]])
+    tied = materialize(ws, compiled("tied_mlp").model)
     assert torch.equal(tied["fc1.weight"], tied["fc2.weight"])
-    assert not torch.equal(materialize(dataclasses.replace(ws, seed=4), c.model, [])["pw.weight"], state["pw.weight"])
+    assert not torch.equal(materialize(dataclasses.replace(ws, seed=4), c.model)["pw.weight"], state["pw.weight"])
+    channels = materialize(dataclasses.replace(ws, zero="channels"), c.model)["grouped.weight"]
+    assert any(bool((row == 0).all()) for row in channels) and not bool((channels == 0).all())

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import refitcore
+from pytest_trtrefit.strategies import weight_set
 
 __all__ = ["check_converter", "random_weights", "tolerance"]
 
@@ -20,20 +21,11 @@ def tolerance(expected: torch.Tensor) -> float:
 
 
 def random_weights(model: nn.Module, seed: int) -> nn.Module:
-    """A copy of ``model`` with every floating parameter and buffer redrawn (tied parameters stay
-    tied: the copy shares them as the original does). BatchNorm variances stay positive."""
+    """A copy of ``model`` with every floating parameter and buffer redrawn by the plugin's
+    ``weight_set`` (fan-in scaled; tied parameters stay tied: the copy shares them as the original
+    does; BatchNorm variances stay positive; integer buffers keep their values)."""
     new = copy.deepcopy(model).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in new.state_dict(keep_vars=True).items():
-            if not t.is_floating_point():
-                continue
-            draw = torch.randn(t.shape, generator=g, dtype=t.dtype)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + draw.abs())
-            else:
-                scale = float(t.std()) if t.numel() > 1 and float(t.std()) > 0 else 0.5
-                t.copy_(draw * scale)
+    new.load_state_dict(weight_set(new, seed=seed, keep_integers=True))
     return new
 
 

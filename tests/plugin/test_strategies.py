@@ -6,9 +6,8 @@ import torch
 from hypothesis import find, given, settings, strategies as st
 from torch import nn
 
-from pytest_trtrefit.strategies import _layout, _materialize  # noqa: E402  (white-box: same draw, no special)
 from pytest_trtrefit.strategies import (LARGE, SPECIALS, TINY, InputSample, WeightSequence, WeightSet, inputs, perturbations,
-                                        refit_sequences, refit_settings, state_dicts)
+                                        refit_sequences, refit_settings, special_targets, state_dicts, weight_set)
 
 
 class Net(nn.Module):
@@ -78,12 +77,15 @@ def test_shrinking_ends_at_a_small_readable_example():
     pytest.param("tiny", "fc1.bias", lambda t, base: torch.allclose(t, base * TINY), id="tiny"),
     pytest.param("sign_flip", "bn.running_mean", lambda t, base: torch.equal(t, -base), id="sign-flip"),
     pytest.param("negative_gamma", "bn.weight", lambda t, base: bool((t <= 0).all()), id="negative-gamma"),
+    pytest.param("zero_channels", "conv.weight",
+                 lambda t, base: any(bool((row == 0).all()) for row in t)
+                 and all(bool((row == 0).all()) or torch.equal(row, b) for row, b in zip(t, base)), id="zero-channels"),
 ])
 def test_each_special_value_does_what_it_says(kind, key, check):
     strategy = state_dicts(NET, specials=(kind,), max_specials=1)
     hit = find(strategy, lambda w: (key, kind) in w.meta["specials"],
                settings=settings(database=None, max_examples=2000))
-    plain = _materialize(_layout(NET), hit.meta["seed"], hit.meta["scale"], [])   # the same draw, no special
+    plain = weight_set(NET, seed=hit.meta["seed"], scale=hit.meta["scale"])   # the same draw, no special
     assert check(hit[key], plain[key])
     assert all(torch.equal(hit[k], plain[k]) for k in plain if k not in (key, "fc2.weight"))
     _valid(hit)
@@ -95,7 +97,7 @@ def test_specials_on_a_tied_weight_keep_the_tie():
                settings=settings(database=None, max_examples=2000))
     assert hit["fc1.weight"] is hit["fc2.weight"]
     # the follower of a tie is never a target of its own, so no draw gives the two different values
-    targets = {key for key, _ in _layout(NET).special_targets(SPECIALS)}
+    targets = {key for key, _ in special_targets(NET)}
     assert "fc1.weight" in targets and "fc2.weight" not in targets
 
 
@@ -180,3 +182,50 @@ def test_refit_settings_have_no_deadline_and_bounded_examples():
 def test_invalid_arguments_say_what_to_do(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()
+
+
+def test_weight_set_is_the_strategy_draw_and_says_how_it_was_made():
+    hit = find(state_dicts(NET, specials=("var_near_eps",), max_specials=1), lambda w: bool(w.meta["specials"]),
+               settings=settings(database=None, max_examples=2000))
+    again = weight_set(NET, seed=hit.meta["seed"], scale=hit.meta["scale"], specials=hit.meta["specials"])
+    assert list(again) == list(hit) and all(torch.equal(again[k], hit[k]) for k in hit)
+    assert repr(again).startswith("weight_set(seed=") and "var_near_eps" in repr(again)
+    _valid(again)
+
+
+def test_weight_set_gain_scales_weights_and_biases_only():
+    base, big = weight_set(NET, seed=5), weight_set(NET, seed=5, gain=8.0)
+    for k in ("conv.weight", "fc1.weight", "fc1.bias"):
+        assert torch.allclose(big[k], base[k] * 8.0), k
+    for k in ("bn.weight", "bn.running_var", "norm.weight"):
+        assert torch.equal(big[k], base[k]), k
+    kept = weight_set(NET, seed=5, keep_integers=True)
+    assert torch.equal(kept["bn.num_batches_tracked"], NET.state_dict()["bn.num_batches_tracked"])
+    assert all(torch.equal(kept[k], base[k]) for k in base if k != "bn.num_batches_tracked")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scale="xavier"), "scale="),
+    (dict(gain=0.0), "gain="),
+    (dict(specials=[("bn.running_var", "zeros")]), "not applicable"),
+    (dict(specials=[("fc2.weight", "large")]), "not applicable"),   # a tie's follower: its leader is the target
+])
+def test_weight_set_rejects_what_it_cannot_draw(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        weight_set(NET, **kwargs)
+
+
+def test_perturb_moves_every_float_tensor_a_little_and_keeps_ties():
+    from pytest_trtrefit.strategies import perturb
+
+    base = weight_set(NET, seed=1)
+    new = perturb(base, seed=2, magnitude=1e-2)
+    _valid(new)
+    assert new["fc1.weight"] is new["fc2.weight"]
+    assert torch.equal(new["bn.num_batches_tracked"], base["bn.num_batches_tracked"])
+    for k, t in base.items():
+        if t.dtype.is_floating_point:
+            rel = float((new[k] - t).abs().max() / t.abs().mean())
+            assert 0 < rel < 0.1, (k, rel)
+    with pytest.raises(ValueError, match="key="):
+        perturb(base, kind="single_tensor")
