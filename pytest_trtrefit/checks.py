@@ -12,10 +12,22 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from refitcore.culprit import Culprit
 
 __all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
            "as_samples", "format_report"]
+
+
+def __getattr__(name: str):
+    # Culprit lives in refitcore.culprit; imported on demand so the plugin's startup stays light.
+    if name == "Culprit":
+        from refitcore.culprit import Culprit
+
+        return Culprit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def as_samples(inputs) -> list[tuple]:
@@ -67,23 +79,6 @@ class PathOutcome:
         return self.verdict.worst if self.verdict is not None else None
 
 
-@dataclasses.dataclass(frozen=True)
-class Culprit:
-    """The first engine weight where the witnesses disagree."""
-
-    name: str
-    position: int                        # in engine.weight_names
-    total: int
-    recipe: str                          # the weight map's recipe for it
-    findings: tuple[str, ...]            # one line per disagreeing pair of witnesses
-
-    def __str__(self) -> str:
-        lines = [f"culprit: engine weight {self.name!r} (#{self.position + 1} of {self.total} in engine order)",
-                 f"    weight map recipe: {self.recipe}"]
-        lines += [f"    {f}" for f in self.findings]
-        return "\n".join(lines)
-
-
 @dataclasses.dataclass
 class CheckOutcome:
     model: str
@@ -122,15 +117,10 @@ def digest(state) -> str:
 
 
 def _eager_for(entry, state):
-    """The cached eager copy of the model, loaded with ``state`` (keys it lacks keep their values)."""
-    import torch
+    """The session's eager model holding ``state`` (keys it lacks keep the compiled model's values)."""
+    from refitcore.eager import eager_model
 
-    eager = entry.eager
-    own = eager.state_dict()
-    new = {k: state[k] if k in state else v for k, v in own.items()}
-    with torch.no_grad():
-        eager.load_state_dict(new, strict=True)
-    return eager.eval()
+    return eager_model(state, model=entry.eager, keep_missing=True)
 
 
 def _map(engine, path: str, state):
@@ -251,60 +241,12 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
 
 def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | None:
     """The first engine weight (engine order) where the cached mapping, the fallback mapping and the
-    engine's held weights (after each failing path's refit) disagree; None when they all agree."""
-    import refitcore
+    engine's held weights (after each failing path's refit) disagree; None when they all agree
+    (:func:`refitcore.culprit.find_culprit` with the mappings and held weights this check kept)."""
+    from refitcore.culprit import find_culprit as find
 
-    witnesses: dict[str, dict] = {}
-    errors: list[str] = []
-    by_path = {o.path: o for o in outcomes}
-    for path in ("cached", "fallback"):
-        o = by_path.get(path)
-        if o is not None and o.mapping is not None:
-            witnesses[f"{path} map"] = o.mapping
-            continue
-        try:
-            witnesses[f"{path} map"] = _map(engine, path, state)
-        except refitcore.RefitCoreError as err:
-            errors.append(f"the {path} mapping could not be computed: {str(err).splitlines()[0]}")
-    labels = list(witnesses)
-    pairs = [(labels[0], labels[1])] if len(labels) == 2 else []
-    agreeing: dict[str, list[str]] = {}
-    for o in outcomes:
-        if o.held is not None and f"{o.path} map" in witnesses:
-            label = f"engine after {o.path} refit"
-            witnesses[label] = _shaped(o.held, engine)
-            pairs.append((label, f"{o.path} map"))
-    audits = [(a, b, refitcore.audit(witnesses[a], witnesses[b], a_label=a, b_label=b)) for a, b in pairs]
-    order = list(engine.weight_names)
-    bad_by_name: dict[str, list[str]] = {}
-    for a, b, au in audits:
-        for d in au.diffs:
-            if not d.ok:
-                bad_by_name.setdefault(d.name, []).append(f"{a} vs {b}: {_diff_text(d, a, b)}")
-            else:
-                agreeing.setdefault(d.name, []).append(f"{a} and {b} agree")
-    for pos, name in enumerate(order + sorted(set(bad_by_name) - set(order))):
-        if name in bad_by_name:
-            src = engine.weight_map.sources.get(name)
-            recipe = src.describe() if src is not None else "(not in the weight map)"
-            return Culprit(name, pos, len(order), recipe, tuple(bad_by_name[name] + agreeing.get(name, []) + errors))
-    return None
-
-
-def _shaped(held: dict, engine) -> dict:
-    """The engine's weights in the weight map's shapes (TensorRT hands kernels back flat)."""
-    out = {}
-    for name, arr in held.items():
-        src = engine.weight_map.sources.get(name)
-        out[name] = arr.reshape(src.shape) if src is not None and src.count == arr.size else arr
-    return out
-
-
-def _diff_text(d, a: str, b: str) -> str:
-    if d.status == "value":
-        return (f"max abs diff {d.max_abs:.4g} (rel {d.max_rel:.3g}) at {list(d.index)} "
-                f"({a} {d.a_value:.6g} vs {b} {d.b_value:.6g})")
-    return f"{d.status} ({d.detail})"
+    return find(engine, state, mappings={o.path: o.mapping for o in outcomes if o.mapping is not None},
+                held={o.path: o.held for o in outcomes if o.held is not None})
 
 
 def _backend_line(outcome: CheckOutcome) -> str:

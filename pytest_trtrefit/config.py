@@ -2,94 +2,54 @@
 
 Every option exists twice: on the command line (``--trt-refit-examples 5``) and as an ini key
 (``trt_refit_examples = 5``). The command line wins, then the ini file, then the default.
-Nothing here imports torch or TensorRT.
+The value parsers are ``refitcore.options``'s (shared with the ``trtrefit`` CLI). Nothing here
+imports torch, TensorRT or the refitcore package.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
+import os
 import random
+import sys
 from typing import Any, Callable
 
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
            "parse_examples", "parse_tolerance", "parse_seed", "BACKENDS", "PATH_CHOICES"]
 
-BACKENDS = ("auto", "reference", "tensorrt")
-PATH_CHOICES = ("cached", "fallback", "both")
 DEFAULT_EXAMPLES = 10
 DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
 
 
-def _fail(msg: str):
-    raise argparse.ArgumentTypeError(msg)
+def _shared_options():
+    """``refitcore.options`` (the parsers the ``trtrefit`` CLI uses too), loaded without importing
+    the refitcore package: its ``__init__`` imports torch, and pytest startup must stay light.
+    The module is standard library only; when refitcore is already imported, that copy is used."""
+    loaded = sys.modules.get("refitcore.options")
+    if loaded is not None:
+        return loaded
+    package = importlib.util.find_spec("refitcore")  # a top-level spec: found, not imported
+    if package is None or not package.submodule_search_locations:
+        raise ImportError("pytest-trtrefit needs refitcore (same distribution); reinstall pytest-trtrefit")
+    path = os.path.join(list(package.submodule_search_locations)[0], "options.py")
+    spec = importlib.util.spec_from_file_location("pytest_trtrefit._shared_options", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def parse_bool(text: str | bool) -> bool:
-    if isinstance(text, bool):
-        return text
-    low = str(text).strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off", ""):
-        return False
-    _fail(f"expected true or false, got {text!r}")
-
-
-def parse_backend(text: str) -> str:
-    """'auto', 'reference' or 'tensorrt'."""
-    value = str(text).strip().lower()
-    if value not in BACKENDS:
-        _fail(f"{text!r} is not a backend; choose one of {', '.join(BACKENDS)}")
-    return value
-
-
-def parse_paths(text: str) -> tuple[str, ...]:
-    """'cached', 'fallback' or 'both' -> the refit paths to check, in order."""
-    value = str(text).strip().lower()
-    if value not in PATH_CHOICES:
-        _fail(f"{text!r} is not a refit path; choose one of {', '.join(PATH_CHOICES)}")
-    return ("cached", "fallback") if value == "both" else (value,)
-
-
-def parse_examples(text: str | int) -> int:
-    """A positive number of Hypothesis examples per generated property test."""
-    try:
-        value = int(str(text).strip())
-    except ValueError:
-        _fail(f"{text!r} is not a whole number of examples; give a positive integer such as 10")
-    if value < 1:
-        _fail(f"{value} examples: give a positive integer such as 10")
-    return value
-
-
-def parse_tolerance(text: str | float) -> float:
-    """A finite, non-negative float (rtol/atol as in ``torch.allclose``)."""
-    try:
-        value = float(str(text).strip())
-    except ValueError:
-        _fail(f"{text!r} is not a number; give a non-negative float such as 1e-4")
-    if not (value >= 0.0) or value == float("inf"):
-        _fail(f"{text!r}: a tolerance must be finite and >= 0, such as 1e-4")
-    return value
-
-
-def parse_seed(text: str | int) -> int:
-    """A non-negative integer seed (printed in the header; pass it back to reproduce a run)."""
-    try:
-        value = int(str(text).strip(), 0)
-    except ValueError:
-        _fail(f"{text!r} is not an integer seed; give one such as 1234")
-    if value < 0:
-        _fail(f"seed {value} is negative; give a non-negative integer")
-    return value
-
-
-def parse_path(text: str) -> str:
-    value = str(text).strip()
-    if not value:
-        _fail("empty report path; give a file name such as trt-refit.json")
-    return value
+_options = _shared_options()
+BACKENDS = _options.BACKENDS
+PATH_CHOICES = _options.PATH_CHOICES
+parse_bool = _options.parse_bool
+parse_backend = _options.parse_backend
+parse_paths = _options.parse_paths
+parse_examples = _options.parse_examples
+parse_tolerance = _options.parse_tolerance
+parse_seed = _options.parse_seed
+parse_path = _options.parse_report_path
 
 
 @dataclasses.dataclass(frozen=True)

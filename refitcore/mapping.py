@@ -191,8 +191,15 @@ def _first_difference(a: list, b: list) -> str:
     return "no difference found"
 
 
-def exported_for(engine, source: Any, state: dict[str, torch.Tensor]):
-    """The ExportedProgram to convert for the fallback path, checked against the compiled graph."""
+def exported_for(engine, source: Any, state: dict[str, torch.Tensor], *, model: Any = None,
+                 trust_factory: bool = False):
+    """The ExportedProgram to convert for the fallback path, checked against the compiled graph.
+
+    ``source``: the new weights' own module or ExportedProgram, if any. Without one the engine's
+    exported program is reused; a loaded engine has none, so the eager model holding ``state`` is
+    re-exported, built by :func:`refitcore.eager.eager_model` from ``model`` (the caller's) or
+    the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
+    from .eager import EagerModelError, UntrustedFactoryError, eager_model
     from .lowering import export_model, graph_fingerprint
 
     if isinstance(source, torch.nn.Module):
@@ -203,12 +210,17 @@ def exported_for(engine, source: Any, state: dict[str, torch.Tensor]):
     else:
         ep = engine.exported_program
         if ep is None:
-            module = _module_from_factory(engine)
-            if module is None:
+            if model is None and not engine.model_factory:
                 raise ArchitectureMismatchError([
                     "this engine has no exported program (it was loaded from a file) and no recorded model "
-                    "factory; pass the new weights as an nn.Module to use the fallback path"])
-            module.load_state_dict(state, strict=False)
+                    "factory; pass the new weights as an nn.Module (or model=) to use the fallback path"])
+            try:
+                module = eager_model(state, model=model, engine=engine, trust_factory=trust_factory,
+                                     keep_missing=True)
+            except UntrustedFactoryError:
+                raise
+            except EagerModelError as err:
+                raise ArchitectureMismatchError([f"the fallback path cannot rebuild the model: {err}"]) from err
             return exported_for(engine, module, state)
         return ep
     digest, entries = graph_fingerprint(ep)
@@ -223,26 +235,22 @@ def _is_lowered(ep) -> bool:
     return not any(getattr(n.target, "__name__", "") == "batch_norm.default" for n in ep.graph.nodes)
 
 
-def _module_from_factory(engine):
-    if not engine.model_factory:
-        return None
-    from .factory import load_factory
-
-    return load_factory(engine.model_factory)()
-
-
-def fallback_mapping(engine, new_weights: Any) -> dict[str, np.ndarray]:
+def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_factory: bool = False
+                     ) -> dict[str, np.ndarray]:
     """Convert again with ``new_weights`` and read every refittable weight back off the new network.
 
     When only the weights changed (a state_dict or checkpoint), the engine's exported program is
-    reused instead of exporting again. A module or ExportedProgram whose graph differs from the
-    compiled one raises :class:`ArchitectureMismatchError` naming the first difference."""
+    reused instead of exporting again; an engine loaded from a file has none, and is re-exported
+    from ``model`` (nn.Module, factory callable or 'module:callable') or, only with
+    ``trust_factory=True``, from the factory the file records. A module or ExportedProgram whose
+    graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
+    difference."""
     from .backends.reference_plan import WEIGHT_ROLES, read_network
     from .conversion.convert import convert
 
     state, source = normalize_weights(new_weights)
     checked = check_state_dict(engine.weight_map, state)
-    ep = exported_for(engine, source, state)
+    ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}
     params.update(checked)

@@ -1,7 +1,6 @@
 """``refitcore.refit``: new weights -> refitted engine, through the cached map or the fallback."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import time
@@ -10,14 +9,16 @@ from typing import Any
 import torch
 
 from .audit import Audit, audit as audit_mappings
+from .culprit import find_culprit
 from .driver import apply_mapping
+from .eager import eager_model
 from .mapping import cached_mapping, fallback_mapping, normalize_weights
+from .options import REFIT_PATHS as PATHS
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
 
 __all__ = ["refit", "RefitResult", "eager_model_for", "PATHS"]
 
 log = logging.getLogger("refitcore")
-PATHS = ("auto", "cached", "fallback")
 
 
 @dataclasses.dataclass
@@ -54,42 +55,15 @@ class RefitResult:
         return "\n".join(lines)
 
 
-def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None):
-    """An eager model holding the new weights, to compare the refitted engine with."""
-    if isinstance(source, torch.nn.Module):
-        return source.eval()
-    if isinstance(source, torch.export.ExportedProgram):
-        return source.module()
-    module = None
-    if engine.exported_program is not None:
-        module = engine.exported_program.module()
-    elif engine.model_factory:
-        from .factory import load_factory
-
-        module = load_factory(engine.model_factory)()
-    if module is None:
-        raise ValueError("cannot build an eager model for verification: the engine has no exported program or "
-                         "model factory; pass reference_model=")
-    own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    if missing:
-        raise ValueError(f"the new weights lack {missing[:5]} needed to run the eager model")
-    # assign=True: ExportedProgram.module() shares its tensors with the exported program (and with
-    # the model it was exported from); copying into them would overwrite the user's original model.
-    # Values take the compiled model's dtypes (what load_state_dict's in-place copy would do).
-    values = collections.OrderedDict((k, state[k].detach().to(own[k].dtype).clone()) for k in own)
-    # Keep the per-module version metadata (modules such as MNASNet refuse a state_dict without
-    # it): the checkpoint's own when it has some, else the module's.
-    metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
-    if metadata is not None:
-        values._metadata = metadata
-    module.load_state_dict(values, strict=True, assign=True)
-    return module.eval() if hasattr(module, "eval") and not isinstance(module, torch.fx.GraphModule) else module
+def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None, *, trust_factory: bool = False):
+    """An eager model holding the new weights, to compare the refitted engine with (see
+    :func:`refitcore.eager.eager_model`; ``source``: the new weights' own module, if any)."""
+    return eager_model(state, model=source, engine=engine, trust_factory=trust_factory)
 
 
 def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
           atol: float = DEFAULT_ATOL, in_place: bool = False, audit: bool = False,
-          reference_model: torch.nn.Module | None = None) -> RefitResult:
+          reference_model: torch.nn.Module | None = None, trust_factory: bool = False) -> RefitResult:
     """Refit ``engine`` with ``new_weights`` (nn.Module, ExportedProgram, state_dict or checkpoint path).
 
     ``path``: 'cached' (the weight map's recipes), 'fallback' (convert again, read the weights off
@@ -97,6 +71,10 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     with eager, refit through the fallback and say so). ``audit=True`` computes both mappings and
     compares them weight by weight. Raises on unusable weights (nothing is changed then); a
     verification mismatch is reported in the returned :class:`RefitResult` (falsy).
+
+    An engine loaded from a file has no exported program: verification and the fallback path then
+    need the model, ``reference_model`` (or the new weights as an nn.Module). The factory the file
+    records is imported only with ``trust_factory=True``.
 
     Example::
 
@@ -116,30 +94,36 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
         return out
 
+    def fallback_of():
+        return fallback_mapping(engine, source if source is not None else state, model=reference_model,
+                                trust_factory=trust_factory)
+
     cached = fallback = None
     if path in ("auto", "cached") or audit:
         cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, state)
     if path == "fallback" or audit:
-        fallback = timed("fallback_mapping_s", fallback_mapping, engine, source if source is not None else state)
+        fallback = timed("fallback_mapping_s", fallback_of)
     report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback") if audit else None
     used = "fallback" if path == "fallback" else "cached"
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
     verdict = None
     fell_back = False
     if verify_inputs is not None:
-        model = reference_model or eager_model_for(engine, state, source)
+        model = reference_model if reference_model is not None else eager_model(
+            state, model=source, engine=engine, trust_factory=trust_factory)
         verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
         if not verdict and path == "auto":
             messages.append("the cached path disagreed with eager; refitting through the fallback path")
             log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
                         verdict.worst)
             if fallback is None:
-                fallback = timed("fallback_mapping_s", fallback_mapping, engine,
-                                 source if source is not None else state)
+                fallback = timed("fallback_mapping_s", fallback_of)
             report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback")
-            first = report.first_failure(engine.weight_names)
-            if first is not None:
-                messages.append(f"first engine weight where cached and fallback disagree: {first}")
+            culprit = find_culprit(engine, state, mappings={"cached": cached, "fallback": fallback},
+                                   held={"cached": refitted.current_weights()})
+            if culprit is not None:
+                messages.append(f"first engine weight where the witnesses disagree: {culprit.name!r} "
+                                f"(recipe {culprit.recipe}); {culprit.why}")
             refitted = timed("apply_s", apply_mapping, refitted, fallback, in_place=True)
             verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
             used, fell_back = "fallback", True

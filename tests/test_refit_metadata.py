@@ -36,6 +36,6 @@ def test_version_metadata_survives_refit(tmp_path):
     path = tmp_path / "new.pt"
     torch.save(new.state_dict(), path)
     for weights in (new.state_dict(), str(path)):
-        result = refitcore.refit(engine, weights, verify_inputs=[x])
+        result = refitcore.refit(engine, weights, verify_inputs=[x], trust_factory=True)
         assert result.ok, str(result)
         assert refitcore.verify(result.engine, new, [x]).ok

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __all__ = ["get_backend", "resolve_backend", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "tensorrt")
+from ..options import BACKENDS  # the names, written once (shared with the CLI and the plugin)
 
 
 def get_backend(name: str):

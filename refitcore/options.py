@@ -1,0 +1,121 @@
+"""Option values shared by the ``trtrefit`` CLI and the pytest plugin: one parser for each.
+
+Every parser takes text (or an already parsed value), returns the value, and raises
+``argparse.ArgumentTypeError`` with a one-line message that says what was seen and what to give
+(argparse and pytest both turn that into a usage error). Standard library only: the plugin loads
+this file at pytest startup without importing refitcore (see ``pytest_trtrefit.config``).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import re
+
+__all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_paths", "parse_tolerance",
+           "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory", "parse_bool",
+           "parse_report_path"]
+
+BACKENDS = ("auto", "reference", "tensorrt")         # refitcore.backends resolves these names
+REFIT_PATHS = ("auto", "cached", "fallback")         # refitcore.refit(path=...)
+PATH_CHOICES = ("cached", "fallback", "both")        # paths to check (CLI --paths, --trt-refit-paths)
+
+
+def _fail(msg: str):
+    raise argparse.ArgumentTypeError(msg)
+
+
+def parse_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    _fail(f"expected true or false, got {text!r}")
+
+
+def parse_backend(text: str) -> str:
+    """'auto', 'reference' or 'tensorrt'."""
+    value = str(text).strip().lower()
+    if value not in BACKENDS:
+        _fail(f"{text!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def parse_paths(text: str | tuple | list) -> tuple[str, ...]:
+    """'cached', 'fallback', 'both' or 'cached,fallback' -> the refit paths to check, in order."""
+    if isinstance(text, (tuple, list)):
+        parts = [str(p).strip().lower() for p in text]
+    else:
+        value = str(text).strip().lower()
+        parts = ["cached", "fallback"] if value == "both" else [p.strip() for p in value.split(",") if p.strip()]
+    if not parts or any(p not in ("cached", "fallback") for p in parts) or len(set(parts)) != len(parts):
+        _fail(f"{text!r} is not a refit path; choose one of {', '.join(PATH_CHOICES)}")
+    return tuple(p for p in ("cached", "fallback") if p in parts)
+
+
+def parse_tolerance(text: str | float) -> float:
+    """A finite, non-negative float (rtol/atol as in ``torch.allclose``; 0 asks for exact agreement)."""
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        _fail(f"{text!r} is not a number; give a non-negative float such as 1e-4")
+    if not (value >= 0.0) or not math.isfinite(value):
+        _fail(f"{text!r}: a tolerance must be finite and >= 0, such as 1e-4")
+    return value
+
+
+def parse_positive_int(text: str | int, what: str = "value") -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        _fail(f"{text!r} is not a whole number of {what}; give a positive integer such as 10")
+    if value < 1:
+        _fail(f"{value} {what}: give a positive integer such as 10")
+    return value
+
+
+def parse_examples(text: str | int) -> int:
+    """A positive number of Hypothesis examples per generated property test."""
+    return parse_positive_int(text, "examples")
+
+
+def parse_seed(text: str | int) -> int:
+    """A non-negative integer seed (decimal, or 0x... hexadecimal)."""
+    try:
+        value = int(str(text).strip(), 0)
+    except ValueError:
+        _fail(f"{text!r} is not an integer seed; give one such as 1234")
+    if value < 0:
+        _fail(f"seed {value} is negative; give a non-negative integer")
+    return value
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' (or '1,3,224,224') -> (1, 3, 224, 224)."""
+    parts = [p for p in re.split(r"[x,×]", str(text).strip().lower()) if p != ""]
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        _fail(f"input shape {text!r} must look like 1x3x224x224 (positive integers)")
+    return shape
+
+
+def parse_factory(text: str) -> str:
+    """'package.module:callable' (checked for form only: nothing is imported here)."""
+    text = str(text).strip()
+    module, sep, attr = text.partition(":")
+    if not sep or not module or not attr:
+        _fail(f"{text!r} must look like MODULE:FACTORY, e.g. torchvision.models:resnet18")
+    return text
+
+
+def parse_report_path(text: str) -> str:
+    value = str(text).strip()
+    if not value:
+        _fail("empty report path; give a file name such as trt-refit.json")
+    return value
