@@ -34,7 +34,8 @@ def work(tmp_path_factory) -> Path:
 
 
 def gate(work: Path, checkpoint: str, *extra: str, bundle: str = "m.trtrefit") -> int:
-    return cli.main(["gate", str(work / bundle), str(work / checkpoint), "--inputs", "random:2", *extra])
+    trust = [] if "--model" in extra else ["--trust-factory"]  # the bundle records tests.cli_models:small_net
+    return cli.main(["gate", str(work / bundle), str(work / checkpoint), "--inputs", "random:2", *trust, *extra])
 
 
 def test_help_teaches_with_examples():
@@ -88,15 +89,15 @@ def test_quiet_prints_no_progress(work, capsys):
 def test_samples_file(work, capsys):
     torch.save(torch.randn(3, 1, 3, 32, 32), work / "samples.pt")
     assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "samples.pt"),
-                     "--paths", "cached", "-q", "--report", str(work / "s.json")]) == 0
+                     "--paths", "cached", "-q", "--report", str(work / "s.json"), "--trust-factory"]) == 0
     assert json.loads((work / "s.json").read_text())["samples"].startswith("3 ")
     torch.save(torch.randn(1, 3, 16, 16), work / "small.pt")
     assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "small.pt"),
-                     "-q"]) == 2
+                     "-q", "--trust-factory"]) == 2
     assert "the engine takes [1, 3, 32, 32]" in capsys.readouterr().out
     (work / "junk.pt").write_bytes(b"not a tensor file")
     assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", str(work / "junk.pt"),
-                     "-q"]) == 2
+                     "-q", "--trust-factory"]) == 2
 
 
 def test_nan_weight_is_refused_naming_it(work, capsys):
@@ -249,5 +250,6 @@ def test_compile_with_checkpoint_holds_its_weights(work, capsys):
 
 @pytest.mark.parametrize("spec", ["random:0", "random:x", "random:2:3:4"])
 def test_bad_random_samples_spec_exits_2(work, capsys, spec):
-    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", spec, "-q"]) == 2
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", spec, "-q",
+                     "--trust-factory"]) == 2
     assert "random:N" in capsys.readouterr().err
