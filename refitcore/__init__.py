@@ -5,9 +5,13 @@ from __future__ import annotations
 from .audit import Audit, audit
 from .bundle import load
 from .compile import compile
+from .culprit import Culprit, find_culprit
 from .driver import apply_mapping
+from .eager import EagerModelError, UntrustedFactoryError, eager_model
+from .gate import GateReport, gate
 from .mapping import cached_mapping, fallback_mapping
 from .refit import RefitResult, refit
+from .samples import load_samples
 from .verify import Verdict, verify
 from .engine import IOSpec, RefittableEngine
 from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, RefitCoreError, RefitError,
@@ -19,5 +23,7 @@ __all__ = [
     "verify", "Verdict", "load", "RefittableEngine", "IOSpec", "WeightMap", "WeightSource",
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
     "RefitError", "BundleError", "BackendUnavailableError",
+    "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
+    "load_samples",
 ]
 __version__ = "0.1.0"
