@@ -253,3 +253,73 @@ def test_bad_random_samples_spec_exits_2(work, capsys, spec):
     assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", spec, "-q",
                      "--trust-factory"]) == 2
     assert "random:N" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- usage errors: exit 2, one line,
+# no traceback, found before the work starts
+
+
+def _compile(*argv: str) -> int:
+    return cli.main(["compile", FACTORY, "--backend", "reference", "-q", *argv])
+
+
+def test_compile_output_into_a_missing_directory_or_onto_a_directory(work, capsys):
+    assert _compile("--input", "1x3x32x32", "-o", str(work / "no-such-dir" / "m.trtrefit")) == 2
+    err = capsys.readouterr().err
+    assert "no such directory" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _compile("--input", "1x3x32x32", "-o", str(work)) == 2
+    err = capsys.readouterr().err
+    assert "is a directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_compile_input_shape_the_model_rejects(work, capsys):
+    assert _compile("--input", "1x5x32x32", "-o", str(work / "bad-shape.trtrefit")) == 2
+    err = capsys.readouterr().err
+    assert "rejects input shape(s) 1x5x32x32" in err and len(err.strip().splitlines()) == 1
+    assert not (work / "bad-shape.trtrefit").exists()
+
+
+def test_compile_offers_only_the_dtype_it_supports(capsys):
+    sub = {a.dest: a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)}
+    assert "float16" not in sub["command"].choices["compile"].format_help()
+    with pytest.raises(SystemExit) as exc:
+        _compile("--input", "1x3x32x32", "--dtype", "float16", "-o", "x.trtrefit")
+    assert exc.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--report", "--markdown"])
+def test_gate_report_into_a_missing_directory_fails_before_the_gate_runs(work, capsys, flag):
+    assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", "random:1",
+                     "--trust-factory", flag, str(work / "missing" / "r.out")]) == 2
+    out = capsys.readouterr()
+    assert "no such directory" in out.err and "loading engine bundle" not in out.err and out.out == ""
+
+
+@pytest.mark.parametrize("tolerance", ["0", "1e-3"])
+def test_cli_tolerances_parse_like_the_plugin(tolerance):
+    from pytest_trtrefit.config import parse_tolerance
+
+    args = cli.build_parser().parse_args(["gate", "b", "c", "--inputs", "random:1", "--rtol", tolerance])
+    assert args.rtol == parse_tolerance(tolerance)
+
+
+@pytest.mark.parametrize("bad", ["-1", "inf", "nan", "x"])
+def test_cli_rejects_the_tolerances_the_plugin_rejects(capsys, bad):
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["gate", "b", "c", "--inputs", "random:1", f"--atol={bad}"])
+    assert exc.value.code == 2 and "--atol" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("checkpoint, code", [("good.pt", 0), ("nan-pipe.pt", 1)])
+def test_gate_into_a_closed_pipe_ends_quietly_with_its_own_exit_code(work, checkpoint, code):
+    """`trtrefit gate ... | head`: the reader is gone before the report is printed."""
+    state = randomized_state(2)
+    state["fc.bias"][0] = float("nan")
+    torch.save(state, work / "nan-pipe.pt")
+    proc = subprocess.Popen([sys.executable, "-m", "refitcore.cli", "gate", str(work / "m.trtrefit"),
+                             str(work / checkpoint), "--inputs", "random:1", "--paths", "cached", "-q",
+                             "--trust-factory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    proc.stdout.close()                     # as `| head` does once it has what it wants
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == code, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err
