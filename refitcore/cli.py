@@ -15,102 +15,14 @@ import sys
 import time
 from typing import Iterator, Sequence
 
-from .gate import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_bundle, open_checkpoint, \
-    require_file
+from .cli_text import AUDIT_EPILOG, COMPILE_EPILOG, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
+from .files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
 from .options import parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 from .samples import load_samples
 
 __all__ = ["main", "build_parser", "parse_shape", "load_samples", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
 PROG = "trtrefit"
-
-_MAIN_HELP = """\
-Prove a TensorRT weight refit right before you ship it.
-
-A refittable engine is compiled once from a model factory; each new checkpoint is then
-refitted into a copy of it, through the cached weight map (fast) and/or the fallback
-(convert again, read the weights back), and the refitted engine is compared with eager
-PyTorch on sample inputs.
-"""
-
-_MAIN_EPILOG = """\
-examples:
-  # compile once (the factory is recorded in the bundle, so later steps can rebuild the model)
-  trtrefit compile torchvision.models:resnet18 --input 1x3x224x224 -o resnet18.trtrefit
-
-  # CI gate: refuse a checkpoint whose refit does not reproduce eager PyTorch
-  trtrefit gate resnet18.trtrefit finetuned.pt --inputs random:4 --model torchvision.models:resnet18 \
-      --markdown summary.md
-
-  # do two engines hold the same weights? does an engine hold this checkpoint?
-  trtrefit audit before.trtrefit after.trtrefit
-  trtrefit audit resnet18.trtrefit finetuned.pt
-
-  # what can this machine do (GPU, TensorRT, backends)?
-  trtrefit doctor
-
-exit codes: 0 pass, 1 mismatch (names the weight), 2 unusable input (missing or damaged
-file, other architecture: recompile needed).
-"""
-
-_COMPILE_EPILOG = """\
-MODULE:FACTORY names a callable that returns the model (an nn.Module), e.g.
-torchvision.models:resnet18 or mypkg.models:build_classifier. It is recorded in the bundle;
-`trtrefit gate --trust-factory` imports it to rebuild the eager model and to re-export for the
-fallback path (without that flag, pass --model).
-
-examples:
-  trtrefit compile torchvision.models:resnet18 --input 1x3x224x224 -o resnet18.trtrefit
-  trtrefit compile mypkg.models:build --input 1x3x64x64 --checkpoint base.pt --backend reference -o m.trtrefit
-  trtrefit compile mypkg.models:two_inputs --input 1x3x32x32 --input 1x10 -o m.trtrefit
-
---backend auto uses TensorRT when a usable GPU engine can be built and run here, else the
-reference backend (a CPU interpreter of the same TensorRT network: it checks the network and
-the weight mapping, not TensorRT's kernels), and says which it picked.
-"""
-
-_GATE_EPILOG = """\
-SAMPLES, the inputs the refitted engine and eager PyTorch are compared on:
-  random:N[:SEED]   N random normal inputs of the engine's input shape(s) (seed 0 by default)
-  FILE.pt           torch.save'd tensors, read with torch.load(weights_only=True): one tensor of
-                    the input shape (one sample), a tensor with one more leading dimension (one
-                    sample per entry), or a list of samples (each a tensor, or a list of tensors
-                    for a model with several inputs)
-  FILE.npy          a NumPy array, as for one tensor above (read without pickle)
-
-checks, in order: the files are readable; the checkpoint fits the compiled architecture; no
-NaN/Inf weight; each chosen path refits a copy of the engine and matches eager PyTorch on
-every sample (max abs error <= atol * max(1, max|eager|) + rtol * |eager|); with both paths,
-the cached and fallback mappings agree weight by weight. A failure names the culprit weight.
-
-examples:
-  trtrefit gate resnet18.trtrefit finetuned.pt --inputs random:4 --model torchvision.models:resnet18
-  trtrefit gate m.trtrefit ckpt.pt --inputs samples.pt --paths cached --rtol 1e-3 --atol 1e-3 --trust-factory
-  trtrefit gate m.trtrefit ckpt.pt --inputs random:8:123 --trust-factory --report gate.json \
-      --markdown "$GITHUB_STEP_SUMMARY"
-  trtrefit gate m.trtrefit ckpt.pt --inputs random:2 --model mypkg.models:build
-  trtrefit gate m.trtrefit ckpt.pt --inputs random:2 --trust-factory   # import the factory the bundle names
-
-the eager model comes from --model; a bundle only RECORDS its factory (a file is data): it is imported
-only with --trust-factory.
-
-exit codes: 0 every check passed; 1 a mismatch or a refused weight (NaN/Inf, overflow); 2 unusable
-input (missing file, damaged bundle, checkpoint of another architecture: recompile needed).
-"""
-
-_AUDIT_EPILOG = """\
-A and B are engine bundles (.trtrefit) or checkpoints; at least one must be a bundle.
-  bundle vs bundle:      their current weights, weight by weight
-  bundle vs checkpoint:  the checkpoint mapped through the bundle's weight map (the cached path)
-                         vs the weights the bundle holds: "was this engine refitted with this?"
-
-examples:
-  trtrefit audit before.trtrefit after.trtrefit
-  trtrefit audit deployed.trtrefit finetuned.pt --report audit.json
-
-exit codes: 0 the weights agree; 1 they disagree (the report leads with the worst weight);
-2 unusable input.
-"""
 
 
 class Progress:
@@ -227,46 +139,11 @@ def _cmd_gate(args, progress: Progress) -> int:
     return report.exit_code
 
 
-def _is_bundle(path: str) -> bool:
-    from .bundle import MAGIC
-
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
-
-
 def _cmd_audit(args, progress: Progress) -> int:
-    import refitcore
-    from .errors import ArchitectureMismatchError, WeightMappingError
+    from .files import compare_files
 
     _writable(args.report, "--report")
-    for p in (args.a, args.b):
-        require_file(p, "input")
-    kinds = [_is_bundle(p) for p in (args.a, args.b)]
-    if not any(kinds):
-        raise CliError(f"neither {args.a!r} nor {args.b!r} is an engine bundle; give at least one .trtrefit file "
-                       f"(compare two checkpoints with torch directly)")
-    notes = []
-    if all(kinds):
-        a, b = open_bundle(args.a, progress), open_bundle(args.b, progress)
-        if a.fingerprint != b.fingerprint:
-            notes.append("the two bundles were compiled from different graphs")
-        with progress.step("comparing the weights the two bundles hold"):
-            result = refitcore.audit(a.current_weights(), b.current_weights(), rtol=args.rtol, atol=args.atol,
-                                     a_label=args.a, b_label=args.b)
-    else:
-        bundle_path, ckpt_path = (args.a, args.b) if kinds[0] else (args.b, args.a)
-        engine = open_bundle(bundle_path, progress)
-        state = open_checkpoint(ckpt_path, progress)
-        try:
-            with progress.step("mapping the checkpoint through the bundle's weight map (cached path)"):
-                mapped = refitcore.cached_mapping(engine.weight_map, state)
-        except ArchitectureMismatchError as err:
-            raise CliError(f"checkpoint {ckpt_path!r} is for another architecture than {bundle_path!r}: {err}") from err
-        except WeightMappingError as err:
-            raise CliError(f"checkpoint {ckpt_path!r} cannot be mapped onto {bundle_path!r}: {err}",
-                           EXIT_MISMATCH) from err
-        result = refitcore.audit(mapped, engine.current_weights(), rtol=args.rtol, atol=args.atol,
-                                 a_label=f"{ckpt_path} (mapped)", b_label=bundle_path)
+    result, notes = compare_files(args.a, args.b, rtol=args.rtol, atol=args.atol, progress=progress)
     _out("\n".join([str(result)] + [f"note: {n}" for n in notes]))
     if args.report:
         data = result.to_json() | {"notes": notes}
@@ -292,13 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .verify import DEFAULT_ATOL, DEFAULT_RTOL
 
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog=PROG, description=_MAIN_HELP, epilog=_MAIN_EPILOG, formatter_class=fmt)
+    parser = argparse.ArgumentParser(prog=PROG, description=MAIN_HELP, epilog=MAIN_EPILOG, formatter_class=fmt)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compile", parents=[common], formatter_class=fmt, epilog=_COMPILE_EPILOG,
+    c = sub.add_parser("compile", parents=[common], formatter_class=fmt, epilog=COMPILE_EPILOG,
                        help="compile a model factory into a refittable engine bundle",
                        description="Export MODULE:FACTORY's model, convert it to a refittable TensorRT network, "
                                    "build it, and save the bundle (plan, weight map, weights, factory).")
@@ -314,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="where to write the engine bundle")
     c.set_defaults(func=_cmd_compile)
 
-    g = sub.add_parser("gate", parents=[common], formatter_class=fmt, epilog=_GATE_EPILOG,
+    g = sub.add_parser("gate", parents=[common], formatter_class=fmt, epilog=GATE_EPILOG,
                        help="refuse a checkpoint whose refit does not reproduce eager PyTorch",
                        description="Refit a copy of the engine with CHECKPOINT through the chosen path(s), compare "
                                    "with eager PyTorch on SAMPLES, audit cached vs fallback, refuse NaN/Inf weights.")
@@ -337,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(appended when FILE is $GITHUB_STEP_SUMMARY)")
     g.set_defaults(func=_cmd_gate)
 
-    a = sub.add_parser("audit", parents=[common], formatter_class=fmt, epilog=_AUDIT_EPILOG,
+    a = sub.add_parser("audit", parents=[common], formatter_class=fmt, epilog=AUDIT_EPILOG,
                        help="compare the weights of two bundles, or of a bundle and a checkpoint",
                        description="Compare engine weights weight by weight: missing, extra, shape/dtype, max abs "
                                    "and relative difference; the report leads with the worst weight.")

@@ -9,37 +9,15 @@ when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused wei
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
-from .errors import ArchitectureMismatchError, BundleError, RefitCoreError, RefitError, WeightMappingError
+from .errors import ArchitectureMismatchError, RefitError, WeightMappingError
+from .files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, TOOL, InputError, Silent, open_bundle, open_checkpoint
 
-__all__ = ["gate", "GateReport", "InputError", "open_bundle", "open_checkpoint", "require_file", "EXIT_OK", "EXIT_MISMATCH",
-           "EXIT_UNUSABLE"]
-
-EXIT_OK, EXIT_MISMATCH, EXIT_UNUSABLE = 0, 1, 2
-TOOL = "trtrefit"
-
-
-class InputError(RefitCoreError):
-    """A problem the user must fix (missing or damaged file, other architecture, no trusted model),
-    or refused weights; ``code`` is the exit status: 2 (unusable input) or 1 (refused weights)."""
-
-    def __init__(self, message: str, code: int = EXIT_UNUSABLE):
-        super().__init__(message)
-        self.code = code
-
-
-class _Silent:
-    def info(self, message: str) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        yield
+__all__ = ["gate", "GateReport", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
 
 def _fmt(x: float | None) -> str:
@@ -173,7 +151,7 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str
                             "rtol": rtol, "atol": atol, "paths": {}, "audit": None, "problems": []}
     try:
         code = _run(bundle, checkpoint, inputs, parse_paths(paths), rtol, atol, model, trust_factory,
-                    progress or _Silent(), data)
+                    progress or Silent(), data)
     except InputError as err:
         code = err.code
         data["verdict"] = "fail" if code == EXIT_MISMATCH else "error"
@@ -189,51 +167,6 @@ def _label(obj: Any) -> str:
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj)
     return f"<{type(obj).__name__}>"
-
-
-def require_file(path: str, what: str) -> str:
-    if not os.path.exists(path):
-        raise InputError(f"{what} {path!r}: no such file")
-    if os.path.isdir(path):
-        raise InputError(f"{what} {path!r} is a directory, not a file")
-    return path
-
-
-def open_bundle(bundle: Any, progress=None):
-    """The engine of a bundle file (a RefittableEngine is returned as is); :class:`InputError` (2)
-    says what is wrong with the file."""
-    progress = progress or _Silent()
-    if not isinstance(bundle, (str, os.PathLike)):
-        return bundle
-    from .bundle import load
-
-    path = require_file(os.fspath(bundle), "engine bundle")
-    with progress.step(f"loading engine bundle {path}"):
-        try:
-            return load(path)
-        except BundleError as err:
-            raise InputError(f"unusable engine bundle: {err}\n(save the engine again, or recompile it with "
-                        f"`{TOOL} compile`)") from err
-        except (RefitCoreError, OSError, ValueError) as err:
-            raise InputError(f"cannot load engine bundle {path!r}: {err}") from err
-
-
-def open_checkpoint(checkpoint: Any, progress=None) -> dict:
-    """A state_dict from a checkpoint file (weights-only) or from weights given in memory;
-    :class:`InputError` (2) says what is wrong with the file."""
-    progress = progress or _Silent()
-    if not isinstance(checkpoint, (str, os.PathLike)):
-        from .mapping import normalize_weights
-
-        return normalize_weights(checkpoint)[0]
-    from .mapping import load_checkpoint
-
-    path = require_file(os.fspath(checkpoint), "checkpoint")
-    with progress.step(f"loading checkpoint {path}"):
-        try:
-            return load_checkpoint(path)
-        except WeightMappingError as err:
-            raise InputError(f"unusable checkpoint: {err}") from err
 
 
 def _nonfinite_problems(state: dict, weight_map) -> list[str]:
