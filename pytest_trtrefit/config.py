@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import importlib.util
 import os
 import random
@@ -34,6 +35,8 @@ def _shared_options():
     if package is None or not package.submodule_search_locations:
         raise ImportError("pytest-trtrefit needs refitcore (same distribution); reinstall pytest-trtrefit")
     path = os.path.join(list(package.submodule_search_locations)[0], "options.py")
+    if not os.path.isfile(path):  # not a plain directory (e.g. a zipped install): import it normally
+        return importlib.import_module("refitcore.options")
     spec = importlib.util.spec_from_file_location("pytest_trtrefit._shared_options", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
