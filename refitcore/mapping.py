@@ -245,7 +245,7 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     ``trust_factory=True``, from the factory the file records. A module or ExportedProgram whose
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
-    from .backends.reference_plan import WEIGHT_ROLES, read_network
+    from .network_reader import WEIGHT_ROLES, read_network
     from .conversion.convert import convert
 
     state, source = normalize_weights(new_weights)

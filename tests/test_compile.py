@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.backends.reference_plan import read_network
+from refitcore.network_reader import read_network
 from refitcore.conversion.context import ROLES
 from refitcore.conversion.convert import convert
 from refitcore.lowering import export_model

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .reference_ops import run_layer
-from .reference_plan import WEIGHT_ROLES, read_network
+from ..network_reader import WEIGHT_ROLES, read_network
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "WeightsPrototype", "build", "usable", "NOTE"]
 

@@ -1,4 +1,5 @@
-"""Read an INetworkDefinition into a plain-data plan: the reference backend's 'engine plan'.
+"""Read an INetworkDefinition into a plain-data plan: the reference backend's "engine plan", and the
+fallback mapping's way of reading weights back off a freshly converted network.
 
 Everything here is read off the TensorRT objects (layer type, attributes, weights, tensor
 names and shapes), never from our own side tables, so the interpreter executes exactly the
@@ -10,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _trt
+from . import _trt
 
 __all__ = ["read_network", "WEIGHT_ROLES"]
 
@@ -80,7 +81,7 @@ def read_network(network) -> dict:
         if ltype not in _LAYERS:
             raise NotImplementedError(
                 f"the reference backend cannot interpret layer {layer.name!r} of type {ltype}; "
-                f"add it to refitcore/backends/reference_plan.py and reference_ops.py")
+                f"add it to refitcore/network_reader.py and backends/reference_ops.py")
         cls_name, attr_names, roles = _LAYERS[ltype]
         layer.__class__ = getattr(t, cls_name)
         inputs = []
