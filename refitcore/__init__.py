@@ -3,7 +3,7 @@ weight map or a fallback conversion, and check the result against eager PyTorch.
 from __future__ import annotations
 
 from .audit import Audit, audit
-from .bundle import load
+from .engine import load
 from .compile import compile
 from .culprit import Culprit, find_culprit
 from .driver import apply_mapping

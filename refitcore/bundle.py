@@ -1,29 +1,44 @@
-"""Saved engines: one versioned file, a JSON header plus raw buffers, never pickle.
+"""The saved-engine file format: one versioned file, a JSON header plus raw buffers, never pickle.
 
 Layout: ``MAGIC`` (8 bytes) | format version (u32 LE) | header length (u64 LE) | header (UTF-8 JSON)
-| buffers. The header lists each buffer (name, dtype, shape, offset, nbytes) and a CRC32 of the
-header and of the buffers, so truncation and corruption are detected before anything is used.
+| header CRC32 (u32 LE) | buffers. The header lists each buffer (name, dtype, shape, offset, nbytes)
+and a CRC32 of the buffers, so truncation and corruption are detected before anything is used.
+
+This module is the container only: a header dict and named arrays <-> bytes or a file. It knows
+nothing of engines (:mod:`refitcore.engine` turns an engine into these parts and back). Every
+malformed input raises :class:`BundleError`; the container's own fields are validated (types,
+ranges, sizes against the file, dtype x shape against byte counts) and JSON nesting is bounded.
+The helpers :func:`expect`, :func:`expect_shape` and :func:`check_depth` serve the content checks
+of the modules that read the header further.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import zlib
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
+from .dtypes import NUMPY_NAMES
 from .errors import BundleError
+from .fileio import atomic_write
 
-__all__ = ["save", "load", "BUNDLE_VERSION", "MAGIC"]
+__all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "pack", "unpack", "write", "read", "expect",
+           "expect_shape", "check_depth"]
 
 MAGIC = b"TRTREFIT"
 BUNDLE_VERSION = 1
+MAX_DEPTH = 64        # JSON nesting the header may have (a weight map's operand trees are a few levels)
+MAX_RANK = 16         # dimensions of any shape in a header (TensorRT allows 8)
 _PREFIX = struct.Struct("<8sIQ")
+_CRC = struct.Struct("<I")
 
 
-def _pack(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
+def pack(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The file's bytes for ``header`` (JSON-able, without the keys this module adds) and ``arrays``."""
     entries, chunks, offset = [], [], 0
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr)
@@ -33,107 +48,132 @@ def _pack(header: dict, arrays: dict[str, np.ndarray]) -> bytes:
         chunks.append(raw)
         offset += len(raw)
     body = b"".join(chunks)
-    header = dict(header, buffers=entries, buffers_nbytes=offset, buffers_crc32=zlib.crc32(body))
-    head = json.dumps(header, sort_keys=True).encode("utf-8")
-    head_crc = struct.pack("<I", zlib.crc32(head))
-    return _PREFIX.pack(MAGIC, BUNDLE_VERSION, len(head)) + head + head_crc + body
+    full = dict(header, buffers=entries, buffers_nbytes=offset, buffers_crc32=zlib.crc32(body))
+    head = json.dumps(full, sort_keys=True).encode("utf-8")
+    return _PREFIX.pack(MAGIC, BUNDLE_VERSION, len(head)) + head + _CRC.pack(zlib.crc32(head)) + body
 
 
-def _unpack(data: bytes, path: str) -> tuple[dict, dict[str, np.ndarray]]:
+def expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) -> Any:
+    """``value`` if it is of ``kind`` (bool is not an int here), else :class:`BundleError`."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise BundleError(f"{where}: engine file content is invalid: {what} should be {names}, got "
+                          f"{type(value).__name__} {_short(value)}")
+    return value
+
+
+def expect_shape(value: Any, what: str, where: str, *, max_elements: int | None = None) -> tuple[int, ...]:
+    """A shape: a list of at most :data:`MAX_RANK` non-negative ints, optionally with a bounded
+    element count."""
+    expect(value, list, what, where)
+    if len(value) > MAX_RANK or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value):
+        raise BundleError(f"{where}: engine file content is invalid: {what} should be at most {MAX_RANK} "
+                          f"non-negative ints, got {_short(value)}")
+    if max_elements is not None and math.prod(value) > max_elements:
+        raise BundleError(f"{where}: engine file content is invalid: {what} {value} has {math.prod(value)} "
+                          f"elements, more than the {max_elements} allowed")
+    return tuple(value)
+
+
+def check_depth(obj: Any, where: str, limit: int = MAX_DEPTH) -> None:
+    """:class:`BundleError` when ``obj`` nests lists/dicts deeper than ``limit`` (checked without recursion)."""
+    stack = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                raise BundleError(f"{where}: engine file content is invalid: the header nests deeper than {limit} "
+                                  f"levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str) -> tuple[str, np.ndarray]:
+    expect(e, dict, f"buffers[{i}]", where)
+    name = expect(e.get("name"), str, f"buffers[{i}].name", where)
+    what = f"buffer {name!r}"
+    if name in seen:
+        raise BundleError(f"{where}: engine file content is invalid: {what} is listed twice")
+    seen.add(name)
+    dtype = expect(e.get("dtype"), str, f"{what}: dtype", where)
+    if dtype not in NUMPY_NAMES:
+        raise BundleError(f"{where}: engine file content is invalid: {what}: dtype {_short(dtype)} is not one of "
+                          f"{list(NUMPY_NAMES)}")
+    shape = expect_shape(e.get("shape"), f"{what}: shape", where)
+    offset = expect(e.get("offset"), int, f"{what}: offset", where)
+    nbytes = expect(e.get("nbytes"), int, f"{what}: nbytes", where)
+    if offset < 0 or nbytes < 0 or offset + nbytes > len(body):
+        raise BundleError(f"{where}: engine file content is invalid: {what} lies outside the file's weight data "
+                          f"(offset {offset}, {nbytes} bytes of {len(body)})")
+    itemsize = np.dtype(dtype).itemsize
+    if math.prod(shape) * itemsize != nbytes:
+        raise BundleError(f"{where}: engine file content is invalid: {what}: {nbytes} bytes do not hold "
+                          f"{dtype}{list(shape)} ({math.prod(shape) * itemsize} bytes)")
+    raw = body[offset:offset + nbytes]
+    return name, np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+
+def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header without the container keys, {name: array}) of a file's bytes; ``where`` names the
+    file in messages. Raises :class:`BundleError` on anything malformed."""
     if len(data) < _PREFIX.size:
-        raise BundleError(f"{path}: file truncated ({len(data)} bytes): not a refitcore engine")
+        raise BundleError(f"{where}: file truncated ({len(data)} bytes): not a refitcore engine")
     magic, version, head_len = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise BundleError(f"{path}: not a refitcore engine file (bad magic {magic!r})")
+        raise BundleError(f"{where}: not a refitcore engine file (bad magic {magic!r})")
     if version != BUNDLE_VERSION:
-        raise BundleError(f"{path}: engine file format version {version} is not supported (this refitcore reads "
+        raise BundleError(f"{where}: engine file format version {version} is not supported (this refitcore reads "
                           f"version {BUNDLE_VERSION}); recompile and save again")
     start = _PREFIX.size
-    if len(data) < start + head_len + 4:
-        raise BundleError(f"{path}: file truncated inside the header ({len(data)} bytes)")
+    if len(data) < start + head_len + _CRC.size:
+        raise BundleError(f"{where}: file truncated inside the header ({len(data)} bytes)")
     head = data[start:start + head_len]
-    (crc,) = struct.unpack_from("<I", data, start + head_len)
+    (crc,) = _CRC.unpack_from(data, start + head_len)
     if zlib.crc32(head) != crc:
-        raise BundleError(f"{path}: header checksum mismatch: the file is corrupted")
+        raise BundleError(f"{where}: header checksum mismatch: the file is corrupted")
     try:
         header = json.loads(head.decode("utf-8"))
+    except RecursionError as err:
+        raise BundleError(f"{where}: engine file content is invalid: the header nests too deeply") from err
     except ValueError as err:  # UnicodeDecodeError and JSONDecodeError both
-        raise BundleError(f"{path}: the header is not valid UTF-8 JSON ({err}); the file is corrupted or "
+        raise BundleError(f"{where}: the header is not valid UTF-8 JSON ({err}); the file is corrupted or "
                           f"was not written by refitcore") from err
     if not isinstance(header, dict):
-        raise BundleError(f"{path}: the header is not a JSON object; not a refitcore engine")
-    body = memoryview(data)[start + head_len + 4:]
-    try:
-        if len(body) != header["buffers_nbytes"]:
-            raise BundleError(f"{path}: file truncated: {len(body)} of {header['buffers_nbytes']} weight bytes "
-                              f"present")
-        if zlib.crc32(body) != header["buffers_crc32"]:
-            raise BundleError(f"{path}: weight data checksum mismatch: the file is corrupted")
-        arrays = {}
-        for e in header.pop("buffers"):
-            if e["offset"] < 0 or e["nbytes"] < 0 or e["offset"] + e["nbytes"] > len(body):
-                raise ValueError(f"buffer {e['name']!r} lies outside the file's weight data")
-            raw = body[e["offset"]:e["offset"] + e["nbytes"]]
-            arrays[e["name"]] = np.frombuffer(raw, dtype=np.dtype(e["dtype"])).reshape(e["shape"]).copy()
-    except BundleError:
-        raise
-    except (KeyError, ValueError, TypeError) as err:
-        raise BundleError(f"{path}: engine file content is invalid: {type(err).__name__}: {err}") from err
+        raise BundleError(f"{where}: the header is not a JSON object; not a refitcore engine")
+    check_depth(header, where)
+    body = memoryview(data)[start + head_len + _CRC.size:]
+    if "buffers_nbytes" not in header or "buffers_crc32" not in header or "buffers" not in header:
+        missing = [k for k in ("buffers", "buffers_nbytes", "buffers_crc32") if k not in header]
+        raise BundleError(f"{where}: engine file content is invalid: the header lacks {missing}")
+    total = expect(header.pop("buffers_nbytes"), int, "buffers_nbytes", where)
+    if len(body) != total:
+        raise BundleError(f"{where}: file truncated: {len(body)} of {total} weight bytes present")
+    if zlib.crc32(body) != expect(header.pop("buffers_crc32"), int, "buffers_crc32", where):
+        raise BundleError(f"{where}: weight data checksum mismatch: the file is corrupted")
+    entries = expect(header.pop("buffers"), list, "buffers", where)
+    seen: set = set()
+    arrays = dict(_buffer(e, i, body, seen, where) for i, e in enumerate(entries))
     return header, arrays
 
 
-def save(engine, path: str | os.PathLike) -> None:
-    """Write ``engine`` (plan, weight map, current weights, IO spec, fingerprint) to one file."""
-    impl_header, impl_arrays = engine._impl.serialize()
-    arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
-    header = {
-        "format": "refitcore.engine",
-        "backend": engine.backend,
-        "impl": impl_header,
-        "weight_map": engine.weight_map.to_json(),
-        "io": engine.io.to_json(),
-        "fingerprint": engine.fingerprint,
-        "graph_entries": engine.graph_entries,
-        "model_factory": engine.model_factory,
-        "state_keys": engine.state_keys,
-        "backend_reason": engine.backend_reason,
-    }
-    blobs = impl_header.pop("blobs", {}) if isinstance(impl_header, dict) else {}
-    for k, v in blobs.items():
-        arrays[f"b/{k}"] = np.frombuffer(v, dtype=np.uint8)
-    data = _pack(header, arrays)
-    tmp = f"{os.fspath(path)}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)  # never leave a half-written engine under the real name
+def write(path: str | os.PathLike, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
+    """Write a file atomically (:func:`refitcore.fileio.atomic_write`): concurrent writers and
+    readers of one path never see a partial file, and a failed write leaves no temporary file."""
+    atomic_write(path, pack(header, arrays))
 
 
-def load(path: str | os.PathLike):
-    """Read an engine written by :func:`save`; raises :class:`BundleError` on a bad file."""
-    from .backends import get_backend
-    from .engine import IOSpec, RefittableEngine
-    from .weight_map import WeightMap
-
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays) of a file written by :func:`write`; :class:`BundleError` on a bad file."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         data = f.read()
-    header, arrays = _unpack(data, path)
-    if header.get("format") != "refitcore.engine":
-        raise BundleError(f"{path}: not a refitcore engine (format={header.get('format')!r})")
-    try:
-        weight_map = WeightMap.from_json(header["weight_map"])
-        impl_header: dict[str, Any] = header["impl"]
-        blobs = {k[2:]: bytes(v) for k, v in arrays.items() if k.startswith("b/")}
-        if blobs:
-            impl_header = dict(impl_header, blobs=blobs)
-        weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
-        module = get_backend(header["backend"])
-        impl = module.load_engine(impl_header, weights)
-        io = IOSpec.from_json(header["io"])
-    except BundleError:
-        raise
-    except (KeyError, ValueError, TypeError) as err:
-        raise BundleError(f"{path}: engine file content is invalid: {type(err).__name__}: {err}") from err
-    return RefittableEngine(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
-                            backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
-                            state_keys=header.get("state_keys", []))
+    return unpack(data, path)

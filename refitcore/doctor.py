@@ -13,7 +13,12 @@ import platform
 import sys
 from typing import NamedTuple, Sequence
 
-__all__ = ["Check", "doctor", "render", "main"]
+from . import _trt
+from .backends import resolve_backend
+from .backends import tensorrt as trt_backend
+from .backends.tensorrt_probe import STAGES, ProbeResult
+
+__all__ = ["Check", "doctor", "render", "main", "stage_checks"]
 
 
 class Check(NamedTuple):
@@ -40,8 +45,6 @@ def _torch_checks() -> list[Check]:
 
 
 def _tensorrt_checks() -> list[Check]:
-    from . import _trt
-
     if not _trt.available():
         try:
             _trt.trt()
@@ -50,21 +53,20 @@ def _tensorrt_checks() -> list[Check]:
     return [Check("TensorRT Python API", True, f"{_trt.flavour()} {_trt.version()}")]
 
 
-def _stage_checks(ok: bool, reason: str) -> list[Check]:
+def stage_checks(result: ProbeResult) -> list[Check]:
     """One line per step of the capability probe: plan build, engine deserialize and run, refit."""
-    from .backends import tensorrt_probe
-
-    stage = "done" if ok else tensorrt_probe.last_stage
+    ok, reason = result.ok, result.reason
+    stage = "done" if ok else result.stage
     steps = [("TensorRT plan build (REFIT flag)", ("build",)),
              ("TensorRT engine deserialize and run", ("deserialize", "run")),
              ("TensorRT refit of an engine", ("refit",))]
-    if stage not in tensorrt_probe.STAGES:
+    if stage not in STAGES:
         return [Check(item, False, f"unknown: {reason}") for item, _ in steps]
-    reached = tensorrt_probe.STAGES.index(stage)
+    reached = STAGES.index(stage)
     out = []
     for item, names in steps:
-        first = tensorrt_probe.STAGES.index(names[0])
-        last = tensorrt_probe.STAGES.index(names[-1])
+        first = STAGES.index(names[0])
+        last = STAGES.index(names[-1])
         if reached > last:
             out.append(Check(item, True, "works on the test engine"))
         elif first <= reached <= last:
@@ -77,9 +79,6 @@ def _stage_checks(ok: bool, reason: str) -> list[Check]:
 
 def doctor() -> list[Check]:
     """Run every check (the TensorRT capability probe may take a few seconds on a GPU machine)."""
-    from .backends import resolve_backend
-    from .backends import tensorrt as trt_backend
-
     checks = [Check("python", platform.python_version(), sys.executable)]
     try:
         import refitcore
@@ -89,8 +88,9 @@ def doctor() -> list[Check]:
         checks.append(Check("refitcore", False, str(err)))
     checks += _torch_checks()
     checks += _tensorrt_checks()
-    ok, reason = trt_backend.usable()
-    checks += _stage_checks(ok, reason)
+    result = trt_backend.probe_result()
+    ok, reason = result.ok, result.reason
+    checks += stage_checks(result)
     checks.append(Check("tensorrt backend (build, run, refit)", bool(ok), reason))
     checks.append(Check("reference backend", True, "always available: a CPU interpreter of the TensorRT network; "
                                                    "it checks the network and the weight mapping, not TensorRT's "

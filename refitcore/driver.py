@@ -1,9 +1,10 @@
 """The Refitter driver: validate, set every weight, check none missing, refit, roll back on failure.
 
-Works on any backend whose refitter has TensorRT's contract (``get_all_weights``,
-``get_weights_prototype``, ``set_named_weights`` returning bool, ``get_missing_weights``,
-``refit`` returning bool). TensorRT does not report a standalone weight that was never set (it
-keeps its stale value), so the driver sets *all* refittable weights every time.
+Works on any backend that implements :mod:`refitcore.backends.base` (an ``EngineImpl`` whose
+refitter has TensorRT's contract: ``get_all_weights``, ``get_weights_prototype``,
+``set_named_weights`` returning bool, ``get_missing_weights``, ``refit`` returning bool) and uses
+nothing else. TensorRT does not report a standalone weight that was never set (it keeps its stale
+value), so the driver sets *all* refittable weights every time.
 """
 from __future__ import annotations
 
@@ -12,12 +13,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from . import dtypes
+from .backends.base import EngineImpl, Refitter
 from .errors import RefitError, WeightMappingError
 
 __all__ = ["apply_mapping", "validate_mapping"]
-
-_TRT_TO_NP = {"FLOAT": np.float32, "HALF": np.float16, "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_,
-              "INT8": np.int8, "BF16": None}
 
 
 def _as_array(name: str, value: Any) -> np.ndarray:
@@ -29,7 +29,7 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def validate_mapping(refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
     """Check every weight against the engine's prototypes before anything is touched.
 
     Returns (arrays cast to the engine dtype, problems). Problems: unknown names, engine weights
@@ -47,7 +47,7 @@ def validate_mapping(refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np
                             f"silently keeps the stale one)")
             continue
         proto = refitter.get_weights_prototype(name)
-        want = _TRT_TO_NP.get(proto.dtype)
+        want = dtypes.numpy_dtype(proto.dtype)
         arr = _as_array(name, mapping[name])
         if want is None:
             problems.append(f"{name!r}: engine dtype {proto.dtype} is not supported by the driver")
@@ -81,7 +81,7 @@ def validate_mapping(refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np
     return out, problems
 
 
-def _set_all(refitter, arrays: Mapping[str, np.ndarray]) -> list[str]:
+def _set_all(refitter: Refitter, arrays: Mapping[str, np.ndarray]) -> list[str]:
     problems = []
     for name, arr in arrays.items():
         if not refitter.set_named_weights(name, arr):
@@ -92,41 +92,51 @@ def _set_all(refitter, arrays: Mapping[str, np.ndarray]) -> list[str]:
     return problems
 
 
-def _errors(refitter) -> list[str]:
-    errs = getattr(refitter, "errors", None)
-    return list(errs) if errs else []
+def _errors(refitter: Refitter) -> list[str]:
+    return list(refitter.errors or ())
+
+
+def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str]:
+    """Re-apply ``previous``; the problems met (empty: the engine answers as before)."""
+    rollback = impl.create_refitter()
+    try:
+        problems = _set_all(rollback, previous)
+        if not problems and not rollback.refit():
+            problems = ["refit() returned False"]
+    except Exception as err:  # report it: the caller must learn that the engine is in an unknown state
+        problems = [f"{type(err).__name__}: {err}"]
+    return problems + (_errors(rollback) if problems else [])
 
 
 def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False):
     """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
     refitted (a copy unless ``in_place``).
 
-    Nothing is touched unless every weight validates; if the backend still fails (it may have
-    applied a subset) the previous weights are re-applied, so on any error the engine answers
-    exactly as before. Errors list every problem found."""
+    Nothing is touched unless every weight validates. Once the first weight is handed to the
+    refitter, any failure (a refitter that rejects a value or returns False, or one that raises, e.g.
+    a CUDA error in TensorRT after applying a subset) re-applies the previous weights and raises
+    :class:`RefitError` saying so, so on any error the engine answers exactly as before. Errors list
+    every problem found."""
     target = engine if in_place else engine.clone()
-    impl = target._impl
+    impl: EngineImpl = target.impl
     refitter = impl.create_refitter()
     arrays, problems = validate_mapping(refitter, mapping)
     if problems:
         raise WeightMappingError(problems, header="refit refused before touching the engine")
-    current = impl.current_weights()
-    # A backend that swaps whole arrays in on refit and never writes a stored array in place
-    # (``weights_swapped_not_written``) can hand its current arrays back for rollback as they are:
-    # that saves a full copy of the weights (peak memory of a refit: see benchmarks/README.md).
-    if getattr(impl, "weights_swapped_not_written", False):
-        previous = dict(current)
-    else:
-        previous = {k: np.array(v, copy=True) for k, v in current.items()}
-    problems = _set_all(refitter, arrays)
-    if not problems and refitter.refit():
-        return target
-    problems = problems or ["refit() returned False"]
-    problems += _errors(refitter)
-    # Roll back: TensorRT may have applied part of the new weights before failing.
-    rollback = impl.create_refitter()
-    rb_problems = _set_all(rollback, previous)
-    rolled_back = not rb_problems and bool(rollback.refit())
-    if not rolled_back:
-        problems += [f"rollback: {p}" for p in rb_problems + _errors(rollback)]
-    raise RefitError(problems, rolled_back=rolled_back)
+    previous = impl.rollback_weights()
+    cause: BaseException | None = None
+    try:
+        problems = _set_all(refitter, arrays)
+        if not problems and refitter.refit():
+            return target
+        problems = (problems or ["refit() returned False"]) + _errors(refitter)
+    except BaseException as err:  # roll back on every error path, interrupts included
+        cause = err
+        problems = [f"the refitter raised {type(err).__name__}: {err}"] + _errors(refitter)
+    # Roll back: the backend may have applied part of the new weights before failing.
+    rb_problems = _roll_back(impl, previous)
+    rolled_back = not rb_problems
+    problems += [f"rollback: {p}" for p in rb_problems]
+    if cause is not None and not isinstance(cause, Exception):
+        raise cause   # KeyboardInterrupt and friends propagate as they are, after the rollback
+    raise RefitError(problems, rolled_back=rolled_back) from cause

@@ -1,15 +1,32 @@
-"""RefittableEngine: an engine plus everything needed to refit and check it."""
+"""RefittableEngine: an engine plus everything needed to refit and check it; saving and loading it.
+
+An engine is saved as a :mod:`refitcore.bundle` file: :meth:`RefittableEngine.to_parts` gives the
+header and arrays, :meth:`RefittableEngine.from_parts` validates them and builds the engine back
+through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`load` is
+``refitcore.load``.
+"""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import os
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from . import bundle
+from .backends import get_backend
+from .backends.base import EngineImpl
+from .dtypes import TORCH_NAMES
+from .errors import BundleError
 from .weight_map import WeightMap
 
-__all__ = ["RefittableEngine", "IOSpec"]
+__all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
+
+FORMAT = "refitcore.engine"
+# Largest input a loaded engine may declare (elements per input tensor): tools allocate inputs from
+# the spec (``trtrefit gate --inputs random:N``), so a crafted file must not ask for hundreds of GB.
+MAX_INPUT_ELEMENTS = 2 ** 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,10 +52,11 @@ class RefittableEngine:
 
     Attributes: ``backend`` ('reference' or 'tensorrt'), ``weight_map``, ``weight_names`` (the
     engine's refittable weights), ``io``, ``fingerprint`` (of the exported graph),
-    ``exported_program`` (None after :func:`refitcore.load`), ``backend_reason``.
+    ``exported_program`` (None after :func:`refitcore.load`), ``backend_reason``, ``impl`` (the
+    backend's engine, a :class:`refitcore.backends.base.EngineImpl`).
     """
 
-    def __init__(self, impl: Any, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
+    def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
                  exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
                  model_factory: str | None = None, state_keys: Sequence[str] = ()):
         self._impl = impl
@@ -53,12 +71,17 @@ class RefittableEngine:
         self.state_keys = list(state_keys)   # the model's full state_dict key list at compile time
 
     @property
+    def impl(self) -> EngineImpl:
+        """The backend's engine (what the refit driver and the backend tests talk to)."""
+        return self._impl
+
+    @property
     def backend(self) -> str:
         return self._impl.backend_name
 
     @property
     def note(self) -> str:
-        return getattr(self._impl, "note", "")
+        return self._impl.note
 
     @property
     def weight_names(self) -> list[str]:
@@ -74,11 +97,6 @@ class RefittableEngine:
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self._impl.run(list(inputs))
 
-    def save(self, path) -> None:
-        from .bundle import save
-
-        save(self, path)
-
     def clone(self) -> "RefittableEngine":
         """An independent copy (same plan, its own weight store)."""
         header, arrays = self._impl.serialize()
@@ -88,6 +106,112 @@ class RefittableEngine:
                                 backend_reason=self.backend_reason, graph_entries=self.graph_entries,
                                 model_factory=self.model_factory, state_keys=self.state_keys)
 
+    # ---- saving and loading ---------------------------------------------------------------
+    def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint."""
+        impl_header, impl_arrays = self._impl.serialize()
+        impl_header = dict(impl_header)
+        arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
+        for k, v in (impl_header.pop("blobs", None) or {}).items():
+            arrays[f"b/{k}"] = np.frombuffer(v, dtype=np.uint8)
+        header = {
+            "format": FORMAT,
+            "backend": self.backend,
+            "impl": impl_header,
+            "weight_map": self.weight_map.to_json(),
+            "io": self.io.to_json(),
+            "fingerprint": self.fingerprint,
+            "graph_entries": self.graph_entries,
+            "model_factory": self.model_factory,
+            "state_keys": self.state_keys,
+            "backend_reason": self.backend_reason,
+        }
+        return header, arrays
+
+    @classmethod
+    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>"
+                   ) -> "RefittableEngine":
+        """The engine of a saved file's parts; :class:`BundleError` when they do not make one."""
+        if header.get("format") != FORMAT:
+            raise BundleError(f"{where}: not a refitcore engine (format={str(header.get('format'))[:60]!r})")
+        _check_header(header, where)
+        try:
+            weight_map = WeightMap.from_json(header["weight_map"])
+            io = IOSpec.from_json(header["io"])
+            impl_header = dict(header["impl"])
+            blobs = {k[2:]: bytes(v) for k, v in arrays.items() if k.startswith("b/")}
+            if blobs:
+                impl_header["blobs"] = blobs
+            weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+            impl = get_backend(header["backend"]).load_engine(impl_header, weights)
+            _check_weights(weight_map, impl, where)
+        except BundleError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as err:
+            # What the explicit checks above do not cover (the weight map's and the backend plan's
+            # inner structure) still becomes a BundleError, never a crash with another exception.
+            raise BundleError(f"{where}: engine file content is invalid: {type(err).__name__}: "
+                              f"{str(err)[:300]}") from err
+        return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
+                   backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
+                   state_keys=header.get("state_keys", []))
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the engine to one file, atomically (see :mod:`refitcore.bundle`)."""
+        header, arrays = self.to_parts()
+        bundle.write(path, header, arrays)
+
     def __repr__(self) -> str:
         return (f"RefittableEngine(backend={self.backend!r}, weights={len(self.weight_names)}, "
                 f"inputs={[list(s) for s in self.io.input_shapes]})")
+
+
+def load(path: str | os.PathLike) -> RefittableEngine:
+    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file."""
+    header, arrays = bundle.read(path)
+    return RefittableEngine.from_parts(header, arrays, os.fspath(path))
+
+
+def _check_header(header: Mapping[str, Any], where: str) -> None:
+    expect = bundle.expect
+    expect(header.get("backend"), str, "backend", where)
+    expect(header.get("impl"), dict, "impl", where)
+    expect(header.get("weight_map"), dict, "weight_map", where)
+    expect(header.get("fingerprint"), str, "fingerprint", where)
+    expect(header.get("backend_reason", ""), str, "backend_reason", where)
+    expect(header.get("model_factory"), (str, type(None)), "model_factory", where)
+    expect(header.get("graph_entries"), (list, type(None)), "graph_entries", where)
+    keys = expect(header.get("state_keys", []), list, "state_keys", where)
+    for k in keys:
+        expect(k, str, "a state_keys entry", where)
+    io = expect(header.get("io"), dict, "io", where)
+    lists = {}
+    for field in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes"):
+        lists[field] = expect(io.get(field), list, f"io.{field}", where)
+    if not (len(lists["input_names"]) == len(lists["input_shapes"]) == len(lists["input_dtypes"])) \
+            or len(lists["output_names"]) != len(lists["output_shapes"]):
+        raise BundleError(f"{where}: engine file content is invalid: the IO spec's names, shapes and dtypes "
+                          f"differ in length")
+    for side in ("input", "output"):
+        for i, name in enumerate(lists[f"{side}_names"]):
+            expect(name, str, f"io.{side}_names[{i}]", where)
+            bundle.expect_shape(lists[f"{side}_shapes"][i], f"the shape of {side} {name!r}", where,
+                                max_elements=MAX_INPUT_ELEMENTS)
+    for i, d in enumerate(lists["input_dtypes"]):
+        if d not in TORCH_NAMES:
+            raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
+                              f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+def _check_weights(weight_map: WeightMap, impl: EngineImpl, where: str) -> None:
+    """The weight map and the engine must name the same weights, of the same sizes."""
+    names = impl.weight_names()
+    if set(names) != set(weight_map.sources):
+        raise BundleError(f"{where}: engine file content is invalid: the weight map and the engine name different "
+                          f"weights (only in the map: {sorted(set(weight_map.sources) - set(names))[:5]}, only in "
+                          f"the engine: {sorted(set(names) - set(weight_map.sources))[:5]})")
+    for name in names:
+        count = impl.prototype(name).count
+        if count != weight_map[name].count:
+            raise BundleError(f"{where}: engine file content is invalid: weight {name!r} holds {count} values where "
+                              f"the weight map says {weight_map[name].count}")

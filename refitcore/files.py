@@ -54,7 +54,7 @@ def open_bundle(bundle: Any, progress=None):
     progress = progress or Silent()
     if not isinstance(bundle, (str, os.PathLike)):
         return bundle
-    from .bundle import load
+    from .engine import load
 
     path = require_file(os.fspath(bundle), "engine bundle")
     with progress.step(f"loading engine bundle {path}"):

@@ -135,12 +135,12 @@ def test_module_called_twice_gets_unique_names():
 @pytest.mark.parametrize("name", ALL)
 def test_weight_names_are_layer_name_and_role(compiled, name):
     engine = compiled(name).engine
-    layer_names = {layer["name"] for layer in engine._impl.plan["layers"]}
+    layer_names = {layer["name"] for layer in engine.impl.plan["layers"]}
     for wname in engine.weight_names:
         layer, _, role = wname.rpartition(" ")
         assert role in ROLES, wname
         assert layer in layer_names, f"{wname!r}: no layer named {layer!r}"
-        assert engine._impl.layer_of(wname) == layer
+        assert engine.impl.layer_of(wname) == layer
 
 
 def test_batchnorm_eps_is_recorded(compiled):

@@ -111,9 +111,28 @@ class PartialRefitter(ReferenceRefitter):
 
     def refit(self) -> bool:
         names = sorted(self._pending)
-        self.engine._commit({n: self._pending[n] for n in names[: max(1, len(names) // 2)]})
+        self.engine.commit({n: self._pending[n] for n in names[: max(1, len(names) // 2)]})
         self.errors.append("simulated backend failure after a partial update")
         return False
+
+
+class RaisingRefitter(ReferenceRefitter):
+    """A backend refitter that applies a subset of the weights, then raises (as TensorRT may on a
+    CUDA error in the middle of ``refit_cuda_engine``)."""
+
+    def refit(self) -> bool:
+        names = sorted(self._pending)
+        self.engine.commit({n: self._pending[n] for n in names[: max(1, len(names) // 2)]})
+        raise RuntimeError("simulated CUDA error: an illegal memory access was encountered")
+
+
+class RaisingSetter(ReferenceRefitter):
+    """A refitter that accepts the first weight, then raises while the second is set."""
+
+    def set_named_weights(self, name, value) -> bool:
+        if self._pending:
+            raise MemoryError("simulated: out of host memory while copying a weight")
+        return super().set_named_weights(name, value)
 
 
 class RejectingRefitter(ReferenceRefitter):
@@ -123,7 +142,7 @@ class RejectingRefitter(ReferenceRefitter):
 
 
 def _fail_then(engine, monkeypatch, first, then):
-    impl = engine._impl
+    impl = engine.impl
     made = []
 
     def create():
@@ -146,6 +165,32 @@ def test_partial_backend_failure_is_rolled_back(compiled, engine, monkeypatch):
     assert "simulated backend failure" in str(info.value)
     assert "previous weights" in str(info.value)
     assert bit_identical(before, outputs(engine, c.x))
+
+
+@pytest.mark.parametrize("first", [RaisingRefitter, RaisingSetter])
+def test_refitter_that_raises_is_rolled_back(compiled, engine, monkeypatch, first):
+    c = compiled(MODEL)
+    before = outputs(engine, c.x)
+    weights_before = {k: v.copy() for k, v in engine.current_weights().items()}
+    made = _fail_then(engine, monkeypatch, first, ReferenceRefitter)
+    with pytest.raises(refitcore.RefitError) as info:
+        refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert made == [first, ReferenceRefitter]  # the driver re-applied the previous weights
+    assert info.value.rolled_back
+    text = str(info.value)
+    assert "simulated" in text and "raised" in text and "previous weights" in text, text
+    assert isinstance(info.value.__cause__, (RuntimeError, MemoryError))
+    assert bit_identical(before, outputs(engine, c.x))
+    after = engine.current_weights()
+    assert all(np.array_equal(after[k], v) for k, v in weights_before.items())
+
+
+def test_refitter_that_raises_and_failed_rollback(compiled, engine, monkeypatch):
+    _fail_then(engine, monkeypatch, RaisingRefitter, RejectingRefitter)
+    with pytest.raises(refitcore.RefitError) as info:
+        refitcore.apply_mapping(engine, _good_mapping(compiled), in_place=True)
+    assert not info.value.rolled_back
+    assert "ROLLBACK FAILED" in str(info.value) and "simulated CUDA error" in str(info.value)
 
 
 def test_failed_rollback_is_reported(compiled, engine, monkeypatch):

@@ -3,49 +3,25 @@ Refitter's contract. It proves the network and the weight mapping right without 
 not exercise TensorRT's kernels."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from .reference_ops import run_layer
+from .. import dtypes
 from ..network_reader import WEIGHT_ROLES, read_network
+from .base import WeightsPrototype, read_only_views
+from .reference_ops import run_layer
 
-__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "WeightsPrototype", "build", "usable", "NOTE"]
+__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
 
 NAME = "reference"
 NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks the network and the "
         "weight mapping, not TensorRT's kernels")
 
-_NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
-              "int8": "INT8"}
-_TRT_TO_NP = {v: k for k, v in _NP_TO_TRT.items()}
-
-
-def read_only_views(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Views of a weight store that cannot be written through (callers must not edit an engine)."""
-    out = {}
-    for k, v in weights.items():
-        v = v.view()
-        v.flags.writeable = False
-        out[k] = v
-    return out
-
 
 def usable() -> tuple[bool, str]:
     return True, "always available (CPU)"
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightsPrototype:
-    """What ``Refitter.get_weights_prototype`` tells: the dtype and element count a weight must have
-    (and, beyond TensorRT's API, its shape)."""
-
-    name: str
-    dtype: str      # TensorRT DataType name, e.g. "FLOAT"
-    count: int
-    shape: tuple[int, ...]
 
 
 class ReferenceEngine:
@@ -53,9 +29,6 @@ class ReferenceEngine:
 
     backend_name = NAME
     note = NOTE
-    # _commit swaps new arrays into a new dict; no stored array is ever written in place, so the
-    # driver may keep the current arrays (not copies) to roll back with.
-    weights_swapped_not_written = True
 
     def __init__(self, plan: dict, weights: dict[str, np.ndarray] | None = None):
         self.plan = plan
@@ -102,11 +75,26 @@ class ReferenceEngine:
 
     def prototype(self, name: str) -> WeightsPrototype:
         arr = self._weights[name]
-        return WeightsPrototype(name, _NP_TO_TRT.get(str(arr.dtype), str(arr.dtype)), int(arr.size), tuple(arr.shape))
+        return WeightsPrototype(name, dtypes.trt_name(arr.dtype, str(arr.dtype)), int(arr.size), tuple(arr.shape))
 
     def current_weights(self) -> dict[str, np.ndarray]:
         """The weights the engine answers with now (read-only views)."""
         return read_only_views(self._weights)
+
+    def rollback_weights(self) -> dict[str, np.ndarray]:
+        """The current arrays themselves, not copies: :meth:`commit` swaps new arrays into a new
+        dict and never writes a stored array in place, so they stay valid whatever a refit does
+        (this saves a full copy of the weights per refit: see benchmarks/README.md)."""
+        return dict(self._weights)
+
+    def has_weight(self, name: str) -> bool:
+        return name in self._locations
+
+    def missing_with(self, staged) -> list[str]:
+        """TensorRT's rule for missing weights: every weight of a layer one of whose weights is in
+        ``staged`` must be staged too (a standalone weight never staged is not reported)."""
+        touched = {self._locations[n][0] for n in staged}
+        return [name for i in sorted(touched) for name in self._layer_weights[i].values() if name not in staged]
 
     def layer_of(self, name: str) -> str:
         return self.plan["layers"][self._locations[name][0]]["name"]
@@ -122,7 +110,7 @@ class ReferenceEngine:
                 raise TypeError(f"input {spec['name']!r}: expected a torch.Tensor, got {type(x).__name__}")
             if list(x.shape) != spec["shape"]:
                 raise ValueError(f"input {spec['name']!r}: expected shape {spec['shape']}, got {list(x.shape)}")
-            want = getattr(torch, _TRT_TO_NP.get(spec["dtype"], "float32"))
+            want = dtypes.torch_dtype(spec["dtype"], torch.float32)
             if x.dtype != want:
                 raise TypeError(f"input {spec['name']!r}: expected dtype {want}, got {x.dtype}")
             env[spec["name"]] = x.detach().to("cpu")
@@ -144,7 +132,8 @@ class ReferenceEngine:
     def create_refitter(self) -> "ReferenceRefitter":
         return ReferenceRefitter(self)
 
-    def _commit(self, new: dict[str, np.ndarray]) -> None:
+    def commit(self, new: dict[str, np.ndarray]) -> None:
+        """Swap refitted arrays in (called by :class:`ReferenceRefitter` after a successful refit)."""
         merged = dict(self._weights)
         merged.update(new)
         self._weights = merged   # one assignment: all-or-nothing
@@ -180,7 +169,7 @@ class ReferenceRefitter:
         return self.engine.weight_names()
 
     def get_weights_prototype(self, name: str) -> WeightsPrototype:
-        if name not in self.engine._locations:
+        if not self.engine.has_weight(name):
             raise KeyError(name)
         return self.engine.prototype(name)
 
@@ -188,12 +177,12 @@ class ReferenceRefitter:
         return self._pending[name] if name in self._pending else self.engine.current_weights()[name]
 
     def set_named_weights(self, name: str, value: np.ndarray) -> bool:
-        if name not in self.engine._locations:
+        if not self.engine.has_weight(name):
             self.errors.append(f"{name!r}: no such refittable weight")
             return False
         proto = self.engine.prototype(name)
         arr = np.asarray(value)
-        if _NP_TO_TRT.get(str(arr.dtype)) != proto.dtype:
+        if dtypes.trt_name(arr.dtype) != proto.dtype:
             self.errors.append(f"{name!r}: dtype {arr.dtype} where the engine has {proto.dtype}")
             return False
         if arr.size != proto.count:
@@ -203,16 +192,14 @@ class ReferenceRefitter:
         return True
 
     def get_missing_weights(self) -> list[str]:
-        eng = self.engine
-        touched = {eng._locations[n][0] for n in self._pending}
-        return [name for i in sorted(touched) for name in eng._layer_weights[i].values() if name not in self._pending]
+        return self.engine.missing_with(self._pending)
 
     def refit(self) -> bool:
         missing = self.get_missing_weights()
         if missing:
             self.errors.append(f"missing weights: {missing}")
             return False
-        self.engine._commit(self._pending)
+        self.engine.commit(self._pending)
         self._pending = {}
         return True
 

@@ -39,29 +39,33 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import _trt
+from .. import _trt, dtypes
 from ..errors import BackendUnavailableError
+from .base import WeightsPrototype, read_only_views
 from .tensorrt_build import PlanBuild, build_plan
+from .tensorrt_probe import ProbeResult, probe
 from .tensorrt_refit import TensorRTRefitter, make_error_recorder
 
-__all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "build", "load_engine", "serialization_config",
-           "check_inputs"]
+__all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "probe_result", "build", "load_engine",
+           "serialization_config", "check_inputs"]
 
 NAME = "tensorrt"
 NOTE = "tensorrt backend: NVIDIA TensorRT kernels on a CUDA GPU"
 
-_TRT_TO_TORCH = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-                 "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
 _OPTIONS = ("precision", "tf32")
 
 
 @functools.lru_cache(maxsize=1)
-def usable() -> tuple[bool, str]:
-    """Whether this machine can build *and run* a TensorRT engine, and why not (tried once per
-    process, in a subprocess with a timeout; see :mod:`.tensorrt_probe`)."""
-    from .tensorrt_probe import probe
-
+def probe_result() -> ProbeResult:
+    """The capability probe's result (tried once per process, in a subprocess with a timeout; see
+    :mod:`.tensorrt_probe`): usable or not, why, and the stage it reached."""
     return probe()
+
+
+def usable() -> tuple[bool, str]:
+    """Whether this machine can build *and run* a TensorRT engine, and why not."""
+    result = probe_result()
+    return result.ok, result.reason
 
 
 # ---- inputs -------------------------------------------------------------------------
@@ -76,7 +80,7 @@ def check_inputs(specs: Sequence[dict], inputs: Sequence[Any]) -> None:
         if list(x.shape) != list(spec["shape"]):
             raise ValueError(f"input {spec['name']!r}: expected shape {list(spec['shape'])}, got {list(x.shape)} "
                              f"(the engine was built for static shapes; recompile for another shape)")
-        want = _TRT_TO_TORCH.get(spec["dtype"])
+        want = dtypes.torch_dtype(spec["dtype"])
         if x.dtype != want:
             raise TypeError(f"input {spec['name']!r}: expected dtype {want}, got {x.dtype}; convert it with "
                             f".to({want})")
@@ -167,16 +171,17 @@ class TensorRTEngine:
     def weight_names(self) -> list[str]:
         return list(self._shapes)
 
-    def prototype(self, name: str):
-        from .reference import WeightsPrototype
-
+    def prototype(self, name: str) -> WeightsPrototype:
         arr = self._weights[name]
-        return WeightsPrototype(name, _np_to_trt(arr.dtype), int(arr.size), tuple(arr.shape))
+        return WeightsPrototype(name, dtypes.trt_name(arr.dtype, str(arr.dtype)), int(arr.size), tuple(arr.shape))
 
     def current_weights(self) -> dict[str, np.ndarray]:
-        from .reference import read_only_views
-
         return read_only_views(self._weights)
+
+    def rollback_weights(self) -> dict[str, np.ndarray]:
+        """Copies of the host mirror (its first arrays may be shared with the caller who built or
+        loaded the engine, so they are not trusted to stay unchanged)."""
+        return {k: np.array(v, copy=True) for k, v in self._weights.items()}
 
     # ---- execution ---------------------------------------------------------------------
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -190,7 +195,7 @@ class TensorRTEngine:
             # Temporaries are stream-ordered on this stream, so the caching allocator cannot hand
             # their memory to anything else before the engine has consumed them.
             xs = [x.detach().to(dev).contiguous() for x in inputs]
-            outs = [torch.empty(s["shape"], dtype=_TRT_TO_TORCH[s["dtype"]], device=dev) for s in self._outputs]
+            outs = [torch.empty(s["shape"], dtype=dtypes.torch_dtype(s["dtype"]), device=dev) for s in self._outputs]
             for spec, tensor in list(zip(self._inputs, xs)) + list(zip(self._outputs, outs)):
                 if not self._context.set_tensor_address(spec["name"], int(tensor.data_ptr())):
                     raise RuntimeError(f"TensorRT refused the address of tensor {spec['name']!r}: "
@@ -236,12 +241,6 @@ class TensorRTEngine:
         if "plan" not in blobs:
             raise ValueError("a TensorRT engine header needs its plan (blobs['plan'])")
         return cls(bytes(blobs["plan"]), arrays, header["meta"])
-
-
-def _np_to_trt(dtype) -> str:
-    from .tensorrt_refit import NP_TO_TRT
-
-    return NP_TO_TRT.get(str(np.dtype(dtype)), str(dtype))
 
 
 def build(result, **options: Any) -> TensorRTEngine:

@@ -32,16 +32,10 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .reference import WeightsPrototype
+from .. import dtypes
+from .base import WeightsPrototype
 
-__all__ = ["TensorRTRefitter", "make_error_recorder", "NP_TO_TRT", "TRT_TO_NP"]
-
-NP_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
-             "int8": "INT8", "uint8": "UINT8"}
-TRT_TO_NP = {v: k for k, v in NP_TO_TRT.items()}
-_TORCH_TO_TRT = {"torch.float32": "FLOAT", "torch.float16": "HALF", "torch.bfloat16": "BF16",
-                 "torch.int32": "INT32", "torch.int64": "INT64", "torch.bool": "BOOL", "torch.int8": "INT8",
-                 "torch.uint8": "UINT8"}
+__all__ = ["TensorRTRefitter", "make_error_recorder"]
 
 
 def make_error_recorder(trt):
@@ -157,7 +151,7 @@ class TensorRTRefitter:
         location = t.TensorLocation.HOST
         if _is_cuda_tensor(value):
             buf = value.detach().contiguous().clone()       # device-resident copy, kept until refit returns
-            dtype = _TORCH_TO_TRT.get(str(buf.dtype), str(buf.dtype))
+            dtype = dtypes.trt_name(buf.dtype, str(buf.dtype))
             count = int(buf.numel())
             host = None                                     # fetched only once the refit succeeded
             location = t.TensorLocation.DEVICE
@@ -165,7 +159,7 @@ class TensorRTRefitter:
             if type(value).__module__.startswith("torch"):
                 value = value.detach().cpu().numpy()
             buf = np.array(value, copy=True, order="C")
-            dtype = NP_TO_TRT.get(str(buf.dtype), str(buf.dtype))
+            dtype = dtypes.trt_name(buf.dtype, str(buf.dtype))
             count = int(buf.size)
             host = buf
         if dtype != proto.dtype:

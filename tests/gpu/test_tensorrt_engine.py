@@ -110,7 +110,7 @@ def test_rejected_refit_rolls_back(trt_compiled):
     before = c.engine(c.x)
     eng = c.engine.clone()
     mapping = refitcore.cached_mapping(eng.weight_map, make("conv_bn_relu", seed=9)[0].state_dict())
-    impl = eng._impl
+    impl = eng.impl
     real = impl.create_refitter
 
     def sabotaged():
@@ -142,7 +142,7 @@ def test_device_resident_weights(trt_compiled):
     new_model, _ = make("conv_bias_bn", seed=2)
     mapping = refitcore.cached_mapping(c.engine.weight_map, new_model.state_dict())
     eng = c.engine.clone()
-    r = eng._impl.create_refitter()
+    r = eng.impl.create_refitter()
     for n in r.get_all_weights():
         assert r.set_named_weights(n, torch.from_numpy(np.ascontiguousarray(mapping[n])).cuda()), r.errors
     assert not r.get_missing_weights()
