@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from .stash import get_seed, get_session
+
 __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
 
 CHECKS = ("weights", "perturbations", "sequences")
@@ -132,7 +134,6 @@ class RefitPropertyItem(pytest.Item):
     def runtest(self) -> None:
         from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
-        from .plugin import get_session
         from .strategies import inputs, perturbations, refit_sequences, refit_settings, state_dicts
 
         session = get_session(self.config)
@@ -190,8 +191,3 @@ class RefitPropertyItem(pytest.Item):
     def reportinfo(self):
         return self.path, 0, f"trt-refit {self.check}[{self.spec.name}]"
 
-
-def get_seed(config) -> int:
-    from .plugin import get_session
-
-    return get_session(config).config.seed

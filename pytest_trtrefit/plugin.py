@@ -11,23 +11,18 @@ import time
 
 import pytest
 
+from . import hooks
 from .config import add_options, resolve
+from .declarative import collect_conftest
 from .service import RefitSession, worker_id
+from .stash import SESSION_KEY, get_session
 
-SESSION_KEY = pytest.StashKey[RefitSession]()
 SKIP_REASON = "needs --trt-refit"
 _MARKER = ("trt_refit: a TensorRT refit check; skipped unless pytest runs with --trt-refit "
            "(pytest-trtrefit)")
 
 
-def get_session(config) -> RefitSession:
-    """The :class:`RefitSession` of this pytest run."""
-    return config.stash[SESSION_KEY]
-
-
 def pytest_addhooks(pluginmanager) -> None:
-    from . import hooks
-
     pluginmanager.add_hookspecs(hooks)
 
 
@@ -77,8 +72,6 @@ def pytest_report_header(config):
 
 def pytest_collect_file(file_path, parent):
     if file_path.name == "conftest.py":
-        from .declarative import collect_conftest
-
         return collect_conftest(file_path, parent)
     return None
 

@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from ..dtypes import TABLE
+
 __all__ = ["OPS", "run_layer"]
 
 OPS: dict[str, Callable] = {}
@@ -308,8 +310,7 @@ def identity(layer, ins, w):
     return [ins[0].to(_DTYPES[layer["outputs"][0]["dtype"]])]
 
 
-_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT32": torch.int32,
-           "INT64": torch.int64, "BOOL": torch.bool, "INT8": torch.int8, "UINT8": torch.uint8}
+_DTYPES = {name: tdt for name, _, tdt in TABLE}
 
 
 @op("CAST")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
 
 from .. import _trt
 from ..errors import BackendUnavailableError
@@ -109,12 +108,3 @@ def build_plan(builder, network, *, precision: str = "fp32", tf32: bool = False,
                            f"precision={precision}, REFIT={refit}): {detail}")
     plan = bytes(memoryview(serialized))
     return PlanBuild(plan, seconds, precision, tf32, supported, messages)
-
-
-def describe_network(network) -> dict[str, Any]:
-    """Layer count and IO of a network, for reports."""
-    return {
-        "layers": int(network.num_layers),
-        "inputs": [network.get_input(i).name for i in range(network.num_inputs)],
-        "outputs": [network.get_output(i).name for i in range(network.num_outputs)],
-    }

@@ -12,7 +12,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from .. import _trt
+from .. import _trt, dtypes
 from ..errors import UnsupportedOperatorError
 from ..lowering import FusionPlan, module_path, plan_fusions
 from ..weight_map import WeightMap, has_key
@@ -20,10 +20,6 @@ from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
-
-TORCH_TO_TRT_DTYPE = {torch.float32: "float32", torch.float16: "float16", torch.int32: "int32",
-                      torch.int64: "int64", torch.bool: "bool"}
-
 
 @dataclasses.dataclass
 class ConversionResult:
@@ -200,7 +196,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
             spec = specs[node.name]
             if spec.kind == InputKind.USER_INPUT:
                 val = node.meta["val"]
-                dtype = getattr(trt, TORCH_TO_TRT_DTYPE.get(val.dtype, "float32"))
+                dtype = getattr(trt.DataType, dtypes.trt_name(val.dtype, "FLOAT"))
                 t = network.add_input(node.name, dtype, trt.Dims(tuple(int(s) for s in val.shape)))
                 values[node.name] = t
                 input_names.append(node.name)
