@@ -16,6 +16,7 @@ from .. import _trt, dtypes
 from ..errors import UnsupportedOperatorError
 from ..lowering import FusionPlan, module_path, plan_fusions
 from ..weight_map import WeightMap, has_key
+from . import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
 from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
 

@@ -51,20 +51,9 @@ def converter(*targets: Any, capability: Optional[CapabilityFn] = None):
 
 
 def lookup(target: Any) -> Optional[ConverterEntry]:
-    _ensure_loaded()
     return _REGISTRY.get(target)
 
 
 def registered_targets() -> list[str]:
-    _ensure_loaded()
     return sorted(str(t) for t in _REGISTRY)
 
-
-_loaded = False
-
-
-def _ensure_loaded() -> None:
-    global _loaded
-    if not _loaded:
-        _loaded = True
-        from . import converters  # noqa: F401  (registers the built-in converters)
