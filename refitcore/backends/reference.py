@@ -11,7 +11,7 @@ import torch
 from .. import dtypes
 from ..network_reader import WEIGHT_ROLES, read_network
 from .base import WeightsPrototype, read_only_views
-from .reference_ops import run_layer
+from .reference_ops import OPS, run_layer
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
 
@@ -212,6 +212,65 @@ def build(result, **options: Any) -> ReferenceEngine:
 
 
 def load_engine(header: dict, weights: dict[str, np.ndarray]) -> ReferenceEngine:
+    """The engine of a saved plan; ``ValueError`` saying what is wrong with a malformed one."""
     if header.get("backend") != NAME:
-        raise ValueError(f"not a reference-backend plan (backend={header.get('backend')!r})")
+        raise ValueError(f"not a reference-backend plan (backend={str(header.get('backend'))[:40]!r})")
+    check_plan(header.get("plan"))
     return ReferenceEngine.deserialize(header, weights)
+
+
+MAX_TENSOR_ELEMENTS = 2 ** 28   # a loaded plan may not declare tensors larger than this (1 GiB of fp32)
+
+
+def _fail(what: str) -> None:
+    raise ValueError(f"reference plan: {what}")
+
+
+def _tensor(info: Any, what: str) -> str:
+    if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+        _fail(f"{what} should be a tensor {{name, shape, dtype}}")
+    shape = info.get("shape")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        _fail(f"{what} {info['name']!r}: shape should be at most 8 non-negative ints, got {str(shape)[:60]}")
+    if int(np.prod(shape, dtype=object)) > MAX_TENSOR_ELEMENTS:
+        _fail(f"{what} {info['name']!r}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
+    if not isinstance(info.get("dtype"), str) or dtypes.torch_dtype(info["dtype"]) is None:
+        _fail(f"{what} {info['name']!r}: unknown dtype {str(info.get('dtype'))[:40]!r}")
+    return info["name"]
+
+
+def check_plan(plan: Any) -> None:
+    """Structure of a saved plan: tensors, layers of known types in an order where every input is
+    defined before use, weight locations pointing at layers with that role. (Attribute values are
+    read by the interpreter, which says which layer it cannot run.)"""
+    if not isinstance(plan, dict):
+        _fail("the plan should be a JSON object")
+    parts = {k: plan.get(k) for k in ("inputs", "outputs", "layers")}
+    if not all(isinstance(v, list) for v in parts.values()) or not isinstance(plan.get("weight_locations"), dict):
+        _fail("the plan needs the lists 'inputs', 'outputs', 'layers' and the object 'weight_locations'")
+    defined = {_tensor(t, "input") for t in parts["inputs"]}
+    for i, layer in enumerate(parts["layers"]):
+        if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
+            _fail(f"layer {i} should be an object with a name")
+        where = f"layer {i} ({layer['name'][:60]!r})"
+        if layer.get("type") not in OPS:
+            _fail(f"{where}: unknown layer type {str(layer.get('type'))[:40]!r}")
+        if not isinstance(layer.get("attrs"), dict) or not isinstance(layer.get("weights"), dict):
+            _fail(f"{where}: 'attrs' and 'weights' should be objects")
+        ins, outs = layer.get("inputs"), layer.get("outputs")
+        if not isinstance(ins, list) or not isinstance(outs, list) or not outs:
+            _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list")
+        for name in ins:
+            if name is not None and (not isinstance(name, str) or name not in defined):
+                _fail(f"{where}: input {str(name)[:60]!r} is not defined before the layer")
+        defined.update(_tensor(t, f"{where}: output") for t in outs)
+    for t in parts["outputs"]:
+        if _tensor(t, "output") not in defined:
+            _fail(f"output {t['name'][:60]!r} is produced by no layer")
+    layers = parts["layers"]
+    for name, loc in plan["weight_locations"].items():
+        if (not isinstance(loc, list) or len(loc) != 2 or not isinstance(loc[0], int) or isinstance(loc[0], bool)
+                or not 0 <= loc[0] < len(layers)
+                or loc[1] not in WEIGHT_ROLES.get(layers[loc[0]]["type"], ())):
+            _fail(f"weight {name[:60]!r}: location {str(loc)[:60]} is not a weight role of a layer of the plan")
