@@ -3,6 +3,7 @@ answers identically, also after a refit; damaged files raise BundleError with a 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import struct
 
@@ -194,3 +195,4 @@ def test_well_formed_file_with_invalid_content(saved, tmp_path):
 def test_save_is_atomic(saved, tmp_path):
     _c, path = saved
     assert not list(tmp_path.glob("*.tmp"))
+    assert os.listdir(tmp_path) == [path.name]   # no temporary file of any name is left behind
