@@ -26,13 +26,16 @@ from .dtypes import NUMPY_NAMES
 from .errors import BundleError
 from .fileio import atomic_write
 
-__all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "pack", "unpack", "write", "read", "expect",
+__all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "MAX_TENSOR_ELEMENTS", "pack", "unpack", "write", "read", "expect",
            "expect_shape", "check_depth"]
 
 MAGIC = b"TRTREFIT"
 BUNDLE_VERSION = 1
 MAX_DEPTH = 64        # JSON nesting the header may have (a weight map's operand trees are a few levels)
 MAX_RANK = 16         # dimensions of any shape in a header (TensorRT allows 8)
+# Largest tensor a header may declare (elements; 1 GiB of fp32): tools allocate inputs from a loaded
+# engine's spec (``trtrefit gate --inputs random:N``), so a crafted file must not ask for hundreds of GB.
+MAX_TENSOR_ELEMENTS = 2 ** 28
 _PREFIX = struct.Struct("<8sIQ")
 _CRC = struct.Struct("<I")
 

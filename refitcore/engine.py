@@ -24,9 +24,7 @@ from .weight_map import WeightMap
 __all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
 
 FORMAT = "refitcore.engine"
-# Largest input a loaded engine may declare (elements per input tensor): tools allocate inputs from
-# the spec (``trtrefit gate --inputs random:N``), so a crafted file must not ask for hundreds of GB.
-MAX_INPUT_ELEMENTS = 2 ** 28
+MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor of a loaded engine
 
 
 @dataclasses.dataclass(frozen=True)

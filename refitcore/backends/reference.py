@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import dtypes
+from ..bundle import MAX_TENSOR_ELEMENTS
 from ..network_reader import WEIGHT_ROLES, read_network
 from .base import WeightsPrototype, read_only_views
 from .reference_ops import OPS, run_layer
@@ -217,9 +218,6 @@ def load_engine(header: dict, weights: dict[str, np.ndarray]) -> ReferenceEngine
         raise ValueError(f"not a reference-backend plan (backend={str(header.get('backend'))[:40]!r})")
     check_plan(header.get("plan"))
     return ReferenceEngine.deserialize(header, weights)
-
-
-MAX_TENSOR_ELEMENTS = 2 ** 28   # a loaded plan may not declare tensors larger than this (1 GiB of fp32)
 
 
 def _fail(what: str) -> None:
