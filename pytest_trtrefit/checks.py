@@ -169,7 +169,8 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
     if len(outcomes) == 2 and all(o.mapping is not None for o in outcomes):
         import refitcore
 
-        result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping,
+        # Exact, as refitcore.audit_paths: both paths compute every weight with one arithmetic.
+        result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping, rtol=0.0, atol=0.0,
                                                a_label=outcomes[0].path, b_label=outcomes[1].path)
     if not result.ok:
         result.culprit = find_culprit(engine, state, outcomes)

@@ -2,7 +2,7 @@
 weight map or a fallback conversion, and check the result against eager PyTorch."""
 from __future__ import annotations
 
-from .audit import Audit, audit
+from .audit import Audit, audit, audit_paths
 from .engine import load
 from .compile import compile
 from .culprit import Culprit, find_culprit
@@ -19,7 +19,7 @@ from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleE
 from .weight_map import WeightMap, WeightSource
 
 __all__ = [
-    "compile", "refit", "RefitResult", "cached_mapping", "fallback_mapping", "apply_mapping", "audit", "Audit",
+    "compile", "refit", "RefitResult", "cached_mapping", "fallback_mapping", "apply_mapping", "audit", "audit_paths", "Audit",
     "verify", "Verdict", "load", "RefittableEngine", "IOSpec", "WeightMap", "WeightSource",
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
     "RefitError", "BundleError", "BackendUnavailableError",

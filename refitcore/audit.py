@@ -6,7 +6,14 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["audit", "Audit", "WeightDiff"]
+__all__ = ["audit", "audit_paths", "Audit", "WeightDiff", "PATHS_RTOL", "PATHS_ATOL"]
+
+# cached vs fallback: exact. Both paths compute every engine weight with one arithmetic (copies
+# and replayed ATen ops on the same float32 operands; BatchNorm folds by the same functions in
+# refitcore.recipes, in float64, cast once to float32), so any difference at all is a bug in
+# the operand plumbing (wrong key, eps, axis, recipe, op), not rounding.
+PATHS_RTOL = 0.0
+PATHS_ATOL = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,3 +154,16 @@ def audit(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, rtol: flo
         if name not in b:
             diffs.append(WeightDiff(name, "extra", detail=f"in {a_label} but not in {b_label}"))
     return Audit(diffs, a_label, b_label, rtol, atol)
+
+
+def audit_paths(cached: Mapping[str, np.ndarray], fallback: Mapping[str, np.ndarray], *,
+                rtol: float = PATHS_RTOL, atol: float = PATHS_ATOL) -> Audit:
+    """``audit(cached, fallback)`` with the tolerance the two refit paths are held to: exact by
+    default (see :data:`PATHS_RTOL`), since both compute every weight with the same arithmetic.
+
+    Example::
+
+        report = refitcore.audit_paths(cached_mapping(wm, sd), fallback_mapping(engine, sd))
+        assert report, str(report)
+    """
+    return audit(cached, fallback, rtol=rtol, atol=atol, a_label="cached", b_label="fallback")

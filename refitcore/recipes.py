@@ -1,14 +1,24 @@
 """Recipes: the closed set of pure functions that turn state_dict tensors into engine weights.
 
 Each recipe takes torch tensors (operands already evaluated; an absent optional operand is
-``None``) and keyword parameters, and returns one tensor. The cached mapping applies them;
-the converters compute the same quantities independently (in float64) so the fallback path
-is a real second witness, not the same code run twice.
+``None``) and keyword parameters, and returns one tensor. The cached mapping applies them
+through :data:`RECIPES`; the converters call the BatchNorm fold functions below directly, so
+compile, cached and fallback paths compute every folded weight with one arithmetic and agree bit
+for bit. What stays independent is the plumbing: the converters read their operands off the
+graph, the cached path evaluates the weight map's operand trees and looks recipes up by name
+(see docs/DESIGN-NOTES.md, "The fallback is an independent witness").
 
 BatchNorm fold (DESIGN.md): conv(W, b) then eval BatchNorm(gamma, beta, mean, var, eps) is one
 conv with ``W' = W * gamma/sqrt(var+eps)`` per output channel and
 ``b' = (b - mean) * gamma/sqrt(var+eps) + beta`` (b = 0 without a conv bias; gamma = 1 and
 beta = 0 without affine parameters).
+
+Fold arithmetic: float64 throughout, cast once to float32 by the caller. The float64 error
+(~1e-16 relative) is far below half a float32 ulp, so the result is the correctly rounded
+float32 of the exact fold (one rounding instead of four chained float32 roundings), and it does
+not depend on which float32 kernels (rsqrt approximations, FMA, vector widths) a torch build
+picks; the same state_dict therefore gives the same engine weights on every path and machine.
+The cost is a pass over each folded kernel in float64, small next to a refit.
 """
 from __future__ import annotations
 
@@ -17,13 +27,20 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "resolve_aten_op", "bn_factor"]
+__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "resolve_aten_op", "bn_factor", "bn_fold_kernel",
+           "bn_fold_bias", "bn_scale", "bn_shift"]
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An operand as the engine holds it (float32, as the cached path's state_dict check casts it),
+    widened to float64 for the fold."""
+    return None if t is None else t.detach().to(torch.float32).to(torch.float64)
 
 
 def bn_factor(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:
-    """gamma / sqrt(var + eps), per channel."""
-    inv = torch.rsqrt(var + eps)
-    return inv if gamma is None else gamma * inv
+    """gamma / sqrt(var + eps), per channel, in float64."""
+    inv = 1.0 / torch.sqrt(_f64(var) + float(eps))
+    return inv if gamma is None else _f64(gamma) * inv
 
 
 def copy(*, x: torch.Tensor) -> torch.Tensor:
@@ -35,24 +52,28 @@ def constant(*, x: torch.Tensor) -> torch.Tensor:
 
 
 def bn_fold_kernel(*, weight, gamma, var, eps: float, **_unused) -> torch.Tensor:
+    """The folded kernel W * factor along the output channels (dim 0), in float64."""
     factor = bn_factor(gamma, var, eps)
-    return weight * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+    return _f64(weight) * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
 
 
 def bn_fold_bias(*, bias, gamma, beta, mean, var, eps: float, **_unused) -> torch.Tensor:
+    """The folded bias (b - mean) * factor + beta, in float64."""
     factor = bn_factor(gamma, var, eps)
-    b = -mean if bias is None else bias - mean
+    b = -_f64(mean) if bias is None else _f64(bias) - _f64(mean)
     out = b * factor
-    return out if beta is None else out + beta
+    return out if beta is None else out + _f64(beta)
 
 
 def bn_scale(*, gamma, var, eps: float, **_unused) -> torch.Tensor:
+    """The scale of an unfolded eval BatchNorm (an IScaleLayer), in float64."""
     return bn_factor(gamma, var, eps)
 
 
 def bn_shift(*, gamma, beta, mean, var, eps: float) -> torch.Tensor:
-    out = -mean * bn_factor(gamma, var, eps)
-    return out if beta is None else out + beta
+    """The shift of an unfolded eval BatchNorm, beta - mean * factor, in float64."""
+    out = -_f64(mean) * bn_factor(gamma, var, eps)
+    return out if beta is None else out + _f64(beta)
 
 
 RECIPES: dict[str, Callable[..., torch.Tensor]] = {

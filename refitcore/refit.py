@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .audit import Audit, audit as audit_mappings
+from .audit import Audit, audit_paths
 from .culprit import find_culprit
 from .driver import apply_mapping
 from .eager import eager_model
@@ -103,7 +103,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
         cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, state)
     if path == "fallback" or audit:
         fallback = timed("fallback_mapping_s", fallback_of)
-    report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback") if audit else None
+    report = audit_paths(cached, fallback) if audit else None
     used = "fallback" if path == "fallback" else "cached"
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
     verdict = None
@@ -118,7 +118,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
                         verdict.worst)
             if fallback is None:
                 fallback = timed("fallback_mapping_s", fallback_of)
-            report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback")
+            report = audit_paths(cached, fallback)
             culprit = find_culprit(engine, state, mappings={"cached": cached, "fallback": fallback},
                                    held={"cached": refitted.current_weights()})
             if culprit is not None:

@@ -76,7 +76,7 @@ class Fault:
     model: str
     culprits: tuple[str, ...]
     edit_map: Callable[[WeightMap], None] | None = None
-    patch_recipes: bool = False
+    patch_recipes: dict = dataclasses.field(default_factory=dict)   # recipe name -> faulty recipe
     prepare: Callable = lambda m: m
 
 
@@ -85,15 +85,39 @@ FAULTS = [
     Fault("linear_transposed", "tied_mlp", ("fc2/linear.weight CONSTANT",), edit_map=transpose_linear),
     Fault("bn_eps_wrong", "conv_bias_bn", ("conv/conv2d KERNEL", "conv/conv2d BIAS"), edit_map=wrong_eps,
           prepare=_small_var),
-    Fault("var_without_sqrt", "conv_bias_bn", ("conv/conv2d KERNEL", "conv/conv2d BIAS"), patch_recipes=True),
     Fault("bias_dropped", "conv_bias_bn", ("conv/conv2d BIAS",), edit_map=drop_bias),
 ]
 
 
 def _buggy_bn_factor(gamma, var, eps):
     """The classic bug: 1/(var + eps) instead of 1/sqrt(var + eps)."""
-    inv = 1.0 / (var + eps)
-    return inv if gamma is None else gamma * inv
+    inv = 1.0 / (var.double() + eps)
+    return inv if gamma is None else gamma.double() * inv
+
+
+def _kernel_without_sqrt(*, weight, gamma, var, eps, **_unused):
+    return weight.double() * _buggy_bn_factor(gamma, var, eps).reshape((-1,) + (1,) * (weight.dim() - 1))
+
+
+def _bias_without_sqrt(*, bias, gamma, beta, mean, var, eps, **_unused):
+    b = -mean.double() if bias is None else bias.double() - mean.double()
+    out = b * _buggy_bn_factor(gamma, var, eps)
+    return out if beta is None else out + beta.double()
+
+
+def _kernel_folded_along_inputs(*, weight, gamma, var, eps, **_unused):
+    """Scaled per input channel (dim 1) instead of per output channel: same shapes when in == out."""
+    return weight.double() * recipes.bn_factor(gamma, var, eps).reshape((1, -1) + (1,) * (weight.dim() - 2))
+
+
+FAULTS += [
+    # The cached path looks recipes up by name in recipes.RECIPES; the converters call the fold
+    # functions themselves, so a faulty recipe there is a fault of the cached path only.
+    Fault("var_without_sqrt", "conv_bias_bn", ("conv/conv2d KERNEL", "conv/conv2d BIAS"),
+          patch_recipes={"bn_fold_kernel": _kernel_without_sqrt, "bn_fold_bias": _bias_without_sqrt}),
+    Fault("fold_along_inputs", "residual", ("conv1/conv2d KERNEL", "conv2/conv2d KERNEL"),
+          patch_recipes={"bn_fold_kernel": _kernel_folded_along_inputs}),
+]
 
 
 @pytest.fixture(params=FAULTS, ids=lambda f: f.id)
@@ -101,9 +125,8 @@ def fault(request, compiled, monkeypatch):
     f: Fault = request.param
     c = compiled(f.model)
     engine = c.engine if f.edit_map is None else _with_map(c.engine, f.edit_map)
-    if f.patch_recipes:
-        # Only the cached path uses recipes; the converters compute the fold independently.
-        monkeypatch.setattr(recipes, "bn_factor", _buggy_bn_factor)
+    for name, fn in f.patch_recipes.items():
+        monkeypatch.setitem(recipes.RECIPES, name, fn)
     new = f.prepare(c.fresh(11))
     return f, c, engine, new
 
@@ -145,6 +168,19 @@ def test_auto_refit_falls_back_and_reports_the_culprit(fault):
     assert any(name in str(result) for name in f.culprits)
     # The engine the caller holds and the model it was compiled from are untouched.
     assert refitcore.verify(engine, c.model, [c.x]).ok
+
+
+def test_a_bug_in_the_shared_fold_arithmetic_is_caught_by_verification(compiled, monkeypatch):
+    """The converters and the recipes share the BatchNorm fold arithmetic (recipes.bn_factor), so
+    the two paths agree on a bug there: the audit cannot see it, verification against eager does."""
+    c = compiled("conv_bias_bn")
+    new = c.fresh(11)
+    monkeypatch.setattr(recipes, "bn_factor", _buggy_bn_factor)
+    cached = refitcore.cached_mapping(c.engine.weight_map, new.state_dict())
+    assert refitcore.audit_paths(cached, refitcore.fallback_mapping(c.engine, new.state_dict())).ok
+    for path in ("cached", "fallback"):
+        refitted = refitcore.refit(c.engine, new.state_dict(), path=path).engine
+        assert not refitcore.verify(refitted, new, [c.x]).ok, path
 
 
 # --- one weight left stale ----------------------------------------------------------------------

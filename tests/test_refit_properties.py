@@ -97,8 +97,8 @@ def check_mappings_agree_and_match_eager(c, ws: Draw):
     state = materialize(ws, c.model)
     cached = refitcore.cached_mapping(c.engine.weight_map, state)
     fallback = refitcore.fallback_mapping(c.engine, state)
-    report = refitcore.audit(cached, fallback, a_label="cached", b_label="fallback")
-    assert report.ok, f"{ws}\n{report}"
+    report = refitcore.audit_paths(cached, fallback)      # exact: one arithmetic on both paths
+    assert report.ok and report.rtol == report.atol == 0, f"{ws}\n{report}"
     model = _eager(c, state)
     conditioned = well_conditioned(model, c.x)
     event(f"eager fp32 reproduces fp64: {conditioned}")
@@ -190,3 +190,20 @@ def test_materialize_honours_the_structure(compiled):
     assert not torch.equal(materialize(dataclasses.replace(ws, seed=4), c.model)["pw.weight"], state["pw.weight"])
     channels = materialize(dataclasses.replace(ws, zero="channels"), c.model)["grouped.weight"]
     assert any(bool((row == 0).all()) for row in channels) and not bool((channels == 0).all())
+
+
+@pytest.mark.parametrize("name", ["residual", "conv_bias_bn"])
+def test_a_b_a_through_the_cached_path_returns_bit_identically_to_the_compiled_engine(compiled, name):
+    """Compile, cached and fallback fold BatchNorm with one arithmetic: refitting the compiled
+    weights back after other weights gives the compiled engine's weights bit for bit."""
+    c = compiled(name)
+    compiled_weights = {k: np.array(v) for k, v in c.engine.current_weights().items()}
+    state_a = c.model.state_dict()
+    engine = refitcore.refit(c.engine, c.fresh(5).state_dict(), path="cached").engine
+    assert any(not np.array_equal(compiled_weights[k], v) for k, v in engine.current_weights().items())
+    refitcore.refit(engine, state_a, path="cached", in_place=True)
+    assert all(np.array_equal(compiled_weights[k], v) for k, v in engine.current_weights().items())
+    # Each mapping of A on its own is the compiled engine's weights, exactly.
+    for mapping in (refitcore.cached_mapping(c.engine.weight_map, state_a), refitcore.fallback_mapping(c.engine, state_a)):
+        assert set(mapping) == set(compiled_weights)
+        assert all(np.array_equal(compiled_weights[k].reshape(-1), v.reshape(-1)) for k, v in mapping.items())

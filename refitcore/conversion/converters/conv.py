@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import recipes
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
 from ._util import arg, rank
@@ -34,22 +35,20 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
     if rank(x) != n_spatial + 2 or n_spatial not in (2, 3):
         raise Unsupported(f"{ctx.node.name}: only 2-D and 3-D convolutions are supported "
                         f"(input rank {rank(x)}, kernel rank {weight.tensor.dim()})")
-    w64 = weight.tensor.detach().double()
-    b64 = None if bias is None else bias.tensor.detach().double()
-    out_ch = int(w64.shape[0])
+    w = weight.tensor.detach()
+    out_ch = int(w.shape[0])
     if bn_node is None:
-        kernel = ctx.new_weights("KERNEL", w64.numpy(), "copy", {"x": weight.operand})
+        kernel = ctx.new_weights("KERNEL", w.double().numpy(), "copy", {"x": weight.operand})
         bias_w = (trt.Weights() if bias is None
-                  else ctx.new_weights("BIAS", b64.numpy(), "copy", {"x": bias.operand}))
+                  else ctx.new_weights("BIAS", bias.tensor.detach().double().numpy(), "copy", {"x": bias.operand}))
     else:
+        # The fold is the recipes' own arithmetic (float64, one cast to float32): compile, cached and
+        # fallback paths give bit-identical engine weights. The operands come from the graph here.
         (gamma, beta, mean, var), eps = _bn_operands(ctx, bn_node)
-        g64 = None if gamma is None else gamma.tensor.double()
-        inv = 1.0 / torch.sqrt(var.tensor.double() + eps)
-        factor = inv if g64 is None else g64 * inv
-        w_fold = w64 * factor.reshape(-1, *([1] * (w64.dim() - 1)))
-        b_fold = ((torch.zeros(out_ch, dtype=torch.float64) if b64 is None else b64) - mean.tensor.double()) * factor
-        if beta is not None:
-            b_fold = b_fold + beta.tensor.double()
+        t = lambda v: None if v is None else v.tensor  # noqa: E731
+        w_fold = recipes.bn_fold_kernel(weight=w, gamma=t(gamma), var=var.tensor, eps=eps)
+        b_fold = recipes.bn_fold_bias(bias=t(bias), gamma=t(gamma), beta=t(beta), mean=mean.tensor,
+                                      var=var.tensor, eps=eps)
         ops = {"weight": weight.operand, "bias": None if bias is None else bias.operand,
                "gamma": None if gamma is None else gamma.operand, "beta": None if beta is None else beta.operand,
                "mean": mean.operand, "var": var.operand}
@@ -57,7 +56,7 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
                                  {k: ops[k] for k in ("weight", "gamma", "var")}, {"eps": eps})
         bias_w = ctx.new_weights("BIAS", b_fold.numpy(), "bn_fold_bias",
                                  {k: ops[k] for k in ("bias", "gamma", "beta", "mean", "var")}, {"eps": eps})
-    layer = ctx.name(ctx.network.add_convolution_nd(x, out_ch, trt.Dims(tuple(w64.shape[2:])), kernel, bias_w))
+    layer = ctx.name(ctx.network.add_convolution_nd(x, out_ch, trt.Dims(tuple(w.shape[2:])), kernel, bias_w))
     layer.stride_nd = trt.Dims(tuple(_pair(stride, n_spatial)))
     layer.padding_nd = trt.Dims(tuple(_pair(padding, n_spatial)))
     layer.dilation_nd = trt.Dims(tuple(_pair(dilation, n_spatial)))

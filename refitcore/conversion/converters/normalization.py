@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ... import recipes
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
 from ._util import arg, rank, reshape, shape_of
@@ -16,11 +17,10 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
     for v, what in ((mean, "running_mean"), (var, "running_var")):
         if not isinstance(v, StaticValue):
             raise Unsupported(f"BatchNorm {what} must be a buffer")
-    inv = 1.0 / torch.sqrt(var.tensor.double() + eps)
-    scale = inv if gamma is None else gamma.tensor.double() * inv
-    shift = -mean.tensor.double() * scale
-    if beta is not None:
-        shift = shift + beta.tensor.double()
+    # The recipes' own arithmetic (float64, one cast to float32): every path gives the same weights.
+    t = lambda v: None if v is None else v.tensor  # noqa: E731
+    scale = recipes.bn_scale(gamma=t(gamma), var=var.tensor, eps=eps)
+    shift = recipes.bn_shift(gamma=t(gamma), beta=t(beta), mean=mean.tensor, var=var.tensor, eps=eps)
     op = lambda v: None if v is None else v.operand  # noqa: E731
     r = rank(x)
     inp = x if r >= 4 else reshape(ctx, x, shape_of(x) + (1,) * (4 - r), suffix="to4d")
