@@ -7,6 +7,7 @@ __all__ = [
     "UnsupportedOperatorError",
     "ArchitectureMismatchError",
     "WeightMappingError",
+    "MapCannotServeError",
     "RefitError",
     "BundleError",
     "BackendUnavailableError",
@@ -50,6 +51,15 @@ class ArchitectureMismatchError(WeightMappingError):
 
     def __init__(self, problems: list[str]):
         super().__init__(problems, header="the new weights do not fit the compiled architecture; recompile needed")
+
+
+class MapCannotServeError(WeightMappingError):
+    """The weight map cannot express the new model (a tensor constant outside the state_dict is
+    missing or has another size): the cached path cannot serve it, converting again can (the
+    fallback path; ``refit(path="auto")`` takes it)."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__(problems, header="the weight map cannot serve these weights; use the fallback path")
 
 
 class RefitError(RefitCoreError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import warnings
 from typing import Any, Mapping
 
 import numpy as np
@@ -131,14 +132,20 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
     return out
 
 
-def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarray]:
-    """``{engine weight name: float32 array}`` from a new state_dict through the map's recipes.
+def cached_mapping(weight_map: WeightMap, state_dict: Any, *, constants_from: Any = None) -> dict[str, np.ndarray]:
+    """``{engine weight name: float32 array}`` from new weights through the map's recipes.
+
+    Tensor constants that a state_dict does not hold (tensor attributes, non-persistent buffers)
+    are read from the model when ``state_dict`` is an nn.Module or ExportedProgram, or from
+    ``constants_from``; a bare state_dict keeps their compile-time values (:func:`constants_note`
+    says so). Raises :class:`MapCannotServeError` when the model's constants do not fit the map.
 
     Example::
 
-        mapping = refitcore.cached_mapping(engine.weight_map, new_model.state_dict())
+        mapping = refitcore.cached_mapping(engine.weight_map, new_model)
     """
-    state, _ = normalize_weights(state_dict)
+    state, source = normalize_weights(state_dict)
+    constants, _ = weight_map.constants_for(source if source is not None else constants_from)
     state = check_state_dict(weight_map, state)
     memo: dict = {}
     out: dict[str, np.ndarray] = {}
@@ -147,10 +154,10 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
     # entry, are returned read-only: editing a mapping can never write into the caller's
     # state_dict, the map, or another engine weight; `.copy()` gives an editable array.
     taken = {t.untyped_storage().data_ptr() for t in state.values()}
-    taken.update(a.ctypes.data for a in weight_map.constants.values())
+    taken.update(a.ctypes.data for a in constants.values())
     with torch.no_grad():
         for name, src in weight_map.sources.items():
-            inputs = {k: evaluate_operand(v, state, weight_map.constants, memo) for k, v in src.inputs.items()}
+            inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             value = apply_recipe(src.recipe, inputs, src.params)
             if value.dtype != ENGINE_DTYPE:
                 value = value.to(ENGINE_DTYPE)
@@ -166,6 +173,18 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
             taken.add(ptr)
             out[name] = arr
     return out
+
+
+def constants_note(weight_map: WeightMap, source: Any) -> list[str]:
+    """What a refit from ``source`` (None: a bare state_dict or checkpoint) cannot take from it:
+    the tensor constants outside any state_dict keep their compile-time values. Each note is also
+    issued as a warning; an empty list when there is nothing to say."""
+    if source is not None:
+        return []
+    _, notes = weight_map.constants_for(None)
+    for note in notes:
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+    return notes
 
 
 def _describe_entry(e: list) -> str:

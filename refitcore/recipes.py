@@ -32,9 +32,7 @@ __all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "resolve_aten_op", "bn
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    """An operand as the engine holds it (float32, as the cached path's state_dict check casts it),
-    widened to float64 for the fold."""
-    return None if t is None else t.detach().to(torch.float32).to(torch.float64)
+    return None if t is None else t.detach().to(torch.float64)
 
 
 def bn_factor(gamma: torch.Tensor | None, var: torch.Tensor, eps: float) -> torch.Tensor:

@@ -12,7 +12,8 @@ from .audit import Audit, audit_paths
 from .culprit import find_culprit
 from .driver import apply_mapping
 from .eager import eager_model
-from .mapping import cached_mapping, fallback_mapping, normalize_weights
+from .errors import MapCannotServeError
+from .mapping import cached_mapping, constants_note, fallback_mapping, normalize_weights
 from .options import REFIT_PATHS as PATHS
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
 
@@ -86,7 +87,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     t_start = time.perf_counter()
     state, source = normalize_weights(new_weights)
     timings: dict[str, float] = {}
-    messages: list[str] = []
+    messages: list[str] = constants_note(engine.weight_map, source)
 
     def timed(key, fn, *a, **k):
         t0 = time.perf_counter()
@@ -99,20 +100,29 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
                                 trust_factory=trust_factory)
 
     cached = fallback = None
+    unserved = False                # the map cannot express these weights: auto converts again
     if path in ("auto", "cached") or audit:
-        cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, state)
-    if path == "fallback" or audit:
+        try:
+            # A model (not only its state_dict): the map reads its tensor constants from it too.
+            cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, source if source is not None else state)
+        except MapCannotServeError as err:
+            if path == "cached":
+                raise
+            unserved = True
+            messages.append(f"{str(err).splitlines()[0]}: {'; '.join(err.problems)}; refitting through the "
+                            f"fallback path")
+    if path == "fallback" or audit or unserved:
         fallback = timed("fallback_mapping_s", fallback_of)
-    report = audit_paths(cached, fallback) if audit else None
-    used = "fallback" if path == "fallback" else "cached"
+    report = audit_paths(cached, fallback) if audit and cached is not None else None
+    used = "fallback" if path == "fallback" or unserved else "cached"
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
     verdict = None
-    fell_back = False
+    fell_back = unserved and path == "auto"
     if verify_inputs is not None:
         model = reference_model if reference_model is not None else eager_model(
             state, model=source, engine=engine, trust_factory=trust_factory)
         verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
-        if not verdict and path == "auto":
+        if not verdict and path == "auto" and used == "cached":
             messages.append("the cached path disagreed with eager; refitting through the fallback path")
             log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
                         verdict.worst)

@@ -7,7 +7,10 @@ small JSON tree:
 
 - ``{"key": "layer1.0.conv1.weight"}``: a state_dict entry;
 - ``{"const": "c0"}``: a literal recorded in ``WeightMap.constants`` (scalars of the
-  graph, non-persistent buffers, lifted tensor constants: anything a state_dict lacks);
+  graph, non-persistent buffers, lifted tensor constants: anything a state_dict lacks).
+  ``WeightMap.constant_origins`` names, per constant, the model tensor it was read from (a
+  plain tensor attribute or non-persistent buffer, e.g. ``"head.scale"``): the cached path
+  reads those afresh from a new model (:meth:`WeightMap.constants_for`);
 - ``{"op": "aten.permute.default", "args": [...], "kwargs": {...}}``: an ATen op that the
   graph applies to weights before they reach a layer (transpose, slice, reshape, ...),
   replayed exactly on the new weights;
@@ -25,7 +28,8 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "has_key", "rename_keys", "encode_array", "decode_array"]
+__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "operand_constants", "has_key", "rename_keys",
+           "encode_array", "decode_array"]
 
 FORMAT_VERSION = 1
 
@@ -53,6 +57,19 @@ def operand_keys(operand: Any) -> Iterator[str]:
     elif isinstance(operand, (list, tuple)):
         for item in operand:
             yield from operand_keys(item)
+
+
+def operand_constants(operand: Any) -> Iterator[str]:
+    """Every constant id (``{"const": id}``) an operand tree reads, in order (may repeat)."""
+    if isinstance(operand, dict):
+        if "const" in operand:
+            yield operand["const"]
+        elif "op" in operand:
+            for arg in list(operand.get("args", [])) + list(operand.get("kwargs", {}).values()):
+                yield from operand_constants(arg)
+    elif isinstance(operand, (list, tuple)):
+        for item in operand:
+            yield from operand_constants(item)
 
 
 def has_key(operand: Any) -> bool:
@@ -126,6 +143,10 @@ class WeightMap:
     unused_keys: list[str] = dataclasses.field(default_factory=list)
     # shape and dtype of every state_dict key the model had at compile time: {key: [shape, dtype]}
     key_specs: dict[str, list] = dataclasses.field(default_factory=dict)
+    # constant id -> the model tensor it holds, by attribute path (tensor attributes and
+    # non-persistent buffers: not in a state_dict, yet a new model may hold other values).
+    # None: a map written before origins were recorded, which cannot tell them from code constants.
+    constant_origins: dict[str, str] | None = dataclasses.field(default_factory=dict)
     version: int = FORMAT_VERSION
 
     def __len__(self) -> int:
@@ -157,6 +178,7 @@ class WeightMap:
             "tied": [list(g) for g in self.tied],
             "unused_keys": list(self.unused_keys),
             "key_specs": {k: [list(v[0]), v[1]] for k, v in self.key_specs.items()},
+            "constant_origins": None if self.constant_origins is None else dict(self.constant_origins),
         }
 
     def dumps(self) -> str:
@@ -177,6 +199,8 @@ class WeightMap:
             tied=[list(g) for g in d.get("tied", [])],
             unused_keys=list(d.get("unused_keys", [])),
             key_specs={k: [list(v[0]), v[1]] for k, v in d.get("key_specs", {}).items()},
+            constant_origins=(dict(d["constant_origins"]) if d.get("constant_origins") is not None
+                              else None),   # absent in maps written before origins were recorded
             version=version,
         )
 
@@ -189,8 +213,72 @@ class WeightMap:
             return NotImplemented
         return (self.sources == other.sources and self.tied == other.tied
                 and self.unused_keys == other.unused_keys and self.version == other.version
-                and self.key_specs == other.key_specs
+                and self.key_specs == other.key_specs and self.constant_origins == other.constant_origins
                 and self.constants.keys() == other.constants.keys()
                 and all(self.constants[k].dtype == other.constants[k].dtype
                         and np.array_equal(self.constants[k], other.constants[k], equal_nan=True)
                         for k in self.constants))
+
+    def constants_for(self, source: Any = None) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The constants to map new weights with, and notes for the caller.
+
+        ``source`` is what the new weights came from: an ``nn.Module`` or ``ExportedProgram``
+        supplies every constant named in :attr:`constant_origins` afresh (cast and reshaped as
+        recorded); ``None`` (a bare state_dict or checkpoint, which cannot hold them) keeps the
+        compile-time values and says so in the notes. Raises :class:`~refitcore.errors.MapCannotServeError`
+        when the source lacks such a tensor or holds one of another size: the weight map cannot
+        express that model; convert it again (the fallback path)."""
+        if self.constant_origins is None and self.constants:
+            what = (f"this weight map predates recorded constant origins: its {len(self.constants)} "
+                    f"constant(s) may hold model tensors that a state_dict lacks")
+            if source is None:
+                return self.constants, [f"{what}; they keep their compile-time values (recompile to record them)"]
+            from .errors import MapCannotServeError
+
+            raise MapCannotServeError([f"{what}, so the map cannot read them from the new model "
+                                       f"(recompile to record them)"])
+        if not self.constant_origins:
+            return self.constants, []
+        if source is None:
+            names = sorted(set(self.constant_origins.values()))
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            return self.constants, [
+                f"{len(names)} tensor constant(s) that a state_dict does not hold ({shown}) keep their "
+                f"compile-time values; pass the model (nn.Module) to refit them from it"]
+        from .errors import MapCannotServeError
+
+        lookup = _tensor_lookup(source)
+        out = dict(self.constants)
+        problems = []
+        for cid, name in self.constant_origins.items():
+            recorded = self.constants[cid]
+            value = lookup(name)
+            if value is None:
+                problems.append(f"the new model has no tensor {name!r} (a constant of the compiled graph)")
+                continue
+            arr = np.asarray(value.detach().cpu().numpy(), dtype=recorded.dtype)
+            if arr.size != recorded.size:
+                problems.append(f"tensor constant {name!r}: {list(arr.shape)} where the compiled model had "
+                                f"{list(recorded.shape)}")
+                continue
+            out[cid] = np.ascontiguousarray(arr.reshape(recorded.shape))
+        if problems:
+            raise MapCannotServeError(problems)
+        return out, []
+
+
+def _tensor_lookup(source: Any):
+    """name -> tensor (or None) for an nn.Module (attribute path) or an ExportedProgram (its constants)."""
+    constants = getattr(source, "constants", None)
+    if isinstance(constants, Mapping) and hasattr(source, "graph_signature"):
+        return lambda name: constants.get(name)
+
+    def get(name: str):
+        obj = source
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj if hasattr(obj, "detach") and hasattr(obj, "numel") else None
+
+    return get

@@ -136,3 +136,127 @@ def test_cached_mapping_never_exposes_shared_memory_for_writing(compiled):
     again = refitcore.cached_mapping(c.engine.weight_map, state)
     writable = [a for a in again.values() if a.flags.writeable]
     assert not any(np.shares_memory(a, b) for a in writable for b in again.values() if a is not b)
+
+
+# --- tensor constants outside the state_dict ------------------------------------------------------
+
+class ScaledHead(torch.nn.Module):
+    """Tensors a state_dict does not hold: a plain tensor attribute, a non-persistent buffer, one
+    folded from an attribute (k * 2), and a tensor the forward code creates (a code constant)."""
+
+    def __init__(self, scale: float = 0.5, k: float = 3.0, nb: float = 2.0):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scale = torch.tensor(scale)
+        self.k = torch.full((4,), k)
+        self.register_buffer("nb", torch.full((4,), nb), persistent=False)
+
+    def forward(self, x):
+        return (self.lin(x) * self.scale + self.nb + torch.tensor([1.0, 2.0, 3.0, 4.0])) * (self.k * 2)
+
+
+def _head(**kw):
+    torch.manual_seed(0)
+    return ScaledHead(**kw).eval()
+
+
+X = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def head_engine():
+    return refitcore.compile(_head(), X, backend="reference")
+
+
+def test_the_map_records_which_model_tensor_each_constant_holds(head_engine):
+    wm = head_engine.weight_map
+    assert sorted(set(wm.constant_origins.values())) == ["k", "nb", "scale"]   # not the code constant
+    assert WeightMap.loads(wm.dumps()).constant_origins == wm.constant_origins
+    old = wm.to_json()
+    del old["constant_origins"]                     # a map written before origins were recorded
+    assert WeightMap.from_json(old).constant_origins is None
+
+
+@pytest.mark.parametrize("path", ["cached", "auto"])
+def test_refit_from_a_module_reads_its_tensor_constants(head_engine, path):
+    new = _head(scale=0.7, k=-1.5, nb=0.25)
+    result = refitcore.refit(head_engine, new, path=path, verify_inputs=[X], audit=True)
+    assert result.ok and result.path == "cached" and not result.fell_back, str(result)
+    assert result.audit.ok and result.audit.rtol == 0, str(result)
+    assert not result.messages, result.messages
+    with torch.no_grad():
+        assert torch.allclose(result.engine(X), new(X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_bare_state_dict_keeps_compile_time_constants_and_says_so(head_engine):
+    new = _head(scale=0.7)
+    with pytest.warns(RuntimeWarning, match="compile-time"):
+        result = refitcore.refit(head_engine, new.state_dict(), path="cached")
+    assert any("compile-time" in m and "scale" in m for m in result.messages), result.messages
+    assert "compile-time" in str(result)
+    # Verified against the model that holds 0.7, the stale 0.5 is never a truthy result.
+    for path in ("cached", "auto"):
+        with pytest.warns(RuntimeWarning):
+            checked = refitcore.refit(head_engine, new.state_dict(), path=path, verify_inputs=[X], reference_model=new)
+        assert not checked.ok, str(checked)
+
+
+def test_a_wrong_constant_origin_fails_audit_and_verification(head_engine):
+    wm = WeightMap.loads(head_engine.weight_map.dumps())
+    nb = next(c for c, name in wm.constant_origins.items() if name == "nb")
+    k = next(c for c, name in wm.constant_origins.items() if name == "k")
+    wm.constant_origins[nb], wm.constant_origins[k] = "k", "nb"     # swapped: same shapes, wrong values
+    faulty = head_engine.clone()
+    faulty.weight_map = wm
+    new = _head(scale=0.7, k=-1.5, nb=0.25)
+    cached = refitcore.cached_mapping(faulty.weight_map, new)
+    report = refitcore.audit_paths(cached, refitcore.fallback_mapping(faulty, new))
+    assert not report.ok, str(report)
+    assert not refitcore.verify(refitcore.apply_mapping(faulty, cached), new, [X]).ok
+
+
+def test_auto_falls_back_when_the_map_cannot_serve_the_model(head_engine):
+    """A map written before constant origins were recorded cannot read a new model's tensor
+    constants: the cached path refuses to guess, auto converts again."""
+    engine = head_engine.clone()
+    old = engine.weight_map.to_json()
+    del old["constant_origins"]
+    engine.weight_map = WeightMap.from_json(old)
+    new = _head(scale=0.7, k=-1.5, nb=0.25)
+    with pytest.raises(refitcore.MapCannotServeError, match="predates"):
+        refitcore.cached_mapping(engine.weight_map, new)
+    with pytest.raises(refitcore.MapCannotServeError):
+        refitcore.refit(engine, new, path="cached")
+    result = refitcore.refit(engine, new, path="auto", verify_inputs=[X])
+    assert result.ok and result.path == "fallback" and result.fell_back, str(result)
+    assert any("cannot serve" in m for m in result.messages), result.messages
+    with torch.no_grad():
+        assert torch.allclose(result.engine(X), new(X), rtol=1e-5, atol=1e-5)
+    # A bare state_dict: compile-time constants, said so.
+    with pytest.warns(RuntimeWarning, match="predates"):
+        plain = refitcore.refit(engine, new.state_dict(), path="auto")
+    assert plain.path == "cached" and any("compile-time" in m for m in plain.messages)
+
+
+class MaskedByBuffer(torch.nn.Module):
+    """Attention whose boolean mask is a non-persistent buffer of the model."""
+
+    def __init__(self, causal: bool = True):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        mask = torch.ones(4, 4, dtype=torch.bool)
+        self.register_buffer("mask", mask.tril() if causal else mask.triu(), persistent=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+def test_a_boolean_mask_buffer_is_refitted_from_the_module():
+    x = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    engine = refitcore.compile(MaskedByBuffer().eval(), x, backend="reference")
+    torch.manual_seed(0)
+    new = MaskedByBuffer(causal=False).eval()
+    result = refitcore.refit(engine, new, path="cached", verify_inputs=[x], audit=True)
+    assert result.ok and result.audit.ok, str(result)

@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from .. import _trt
-from ..weight_map import WeightMap, WeightSource, has_key
+from ..weight_map import WeightMap, WeightSource, has_key, operand_constants
 
 __all__ = ["StaticValue", "ConversionContext", "ROLES"]
 
@@ -29,6 +29,9 @@ class StaticValue:
 
     tensor: torch.Tensor
     operand: Any
+    # The model tensor this value is, by attribute path, when a state_dict lacks it (a tensor
+    # attribute or non-persistent buffer): recorded with its literal so that refit can read it anew.
+    origin: str | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -113,19 +116,37 @@ class ConversionContext:
         return layer
 
     # ---- weights ----------------------------------------------------------------
-    def literal(self, value: torch.Tensor | np.ndarray) -> dict:
-        """Record a literal (not from the state_dict) in the map; return its operand."""
+    def literal(self, value: torch.Tensor | np.ndarray, origin: str | None = None) -> dict:
+        """Record a literal (not from the state_dict) in the map; return its operand. ``origin``
+        names the model tensor it holds, if any (see :attr:`StaticValue.origin`)."""
         cid = f"c{self._n_constants}"
         self._n_constants += 1
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         self.weight_map.constants[cid] = np.ascontiguousarray(arr).copy()
+        if origin is not None:
+            self.weight_map.constant_origins[cid] = origin
         return {"const": cid}
+
+    def operand(self, value: StaticValue) -> Any:
+        """How ``value`` derives from the model: its operand, recording it as a literal on first use."""
+        if value.operand is None:
+            value.operand = self.literal(value.tensor, value.origin)
+        return value.operand
+
+    def refittable(self, value: StaticValue) -> bool:
+        """Whether ``value`` depends on the state_dict or on a model tensor that refit reads anew."""
+        if value.origin is not None:
+            return True
+        op = value.operand
+        return op is not None and (has_key(op) or any(c in self.weight_map.constant_origins
+                                                      for c in operand_constants(op)))
 
     def constant(self, value: StaticValue | torch.Tensor | float | int, *, rank: int | None = None,
                  shape: Sequence[int] | None = None, suffix: str = "const"):
         """A named constant layer holding ``value`` (broadcast-ready: leading 1s up to ``rank``)."""
+        origin = None
         if isinstance(value, StaticValue):
-            tensor, operand = value.tensor, value.operand
+            tensor, operand, origin = value.tensor, value.operand, value.origin
         elif isinstance(value, torch.Tensor):
             tensor, operand = value, None
         else:
@@ -140,6 +161,6 @@ class ConversionContext:
                 shape = (1,) * (rank - len(shape)) + shape
         tensor = tensor.reshape(tuple(shape))
         if operand is None:
-            operand = self.literal(tensor)
+            operand = self.literal(tensor, origin)
         w = self.new_weights("CONSTANT", tensor.numpy(), "copy", {"x": operand})
         return self.name(self.network.add_constant(self.trt.Dims(tuple(shape)), w), suffix).get_output(0)

@@ -15,7 +15,7 @@ from torch.export.graph_signature import InputKind
 from .. import _trt, dtypes
 from ..errors import UnsupportedOperatorError
 from ..lowering import FusionPlan, module_path, plan_fusions
-from ..weight_map import WeightMap, has_key
+from ..weight_map import WeightMap
 from . import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
 from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
@@ -101,9 +101,7 @@ def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, st
 def _encode(ctx: ConversionContext, value: Any):
     """JSON operand for an argument of a folded op (literal tensors are recorded on first use)."""
     if isinstance(value, StaticValue):
-        if value.operand is None:
-            value.operand = ctx.literal(value.tensor)
-        return value.operand
+        return ctx.operand(value)
     if isinstance(value, torch.dtype):
         return {"dtype": str(value).replace("torch.", "")}
     if isinstance(value, (list, tuple)):
@@ -136,8 +134,7 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     if node.target is operator.getitem:
         return args[0][args[1]]
     out = node.target(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
-    key_dependent = any(v.operand is not None and has_key(v.operand)
-                        for v in _statics(list(args) + list(kwargs.values())))
+    key_dependent = any(ctx.refittable(v) for v in _statics(list(args) + list(kwargs.values())))
 
     def wrap(value, index=None):
         if not isinstance(value, torch.Tensor):
@@ -206,7 +203,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                 values[node.name] = StaticValue(state[spec.target], {"key": spec.target})
             else:  # non-persistent buffers and lifted constants: not in a state_dict
                 tensor = constants[spec.target] if spec.target in constants else state[spec.target]
-                values[node.name] = StaticValue(tensor, None)
+                values[node.name] = StaticValue(tensor, None, origin=_origin(spec.target))
         elif node.op == "call_function":
             args = resolve(list(node.args))
             kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
@@ -241,6 +238,15 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                             input_names=input_names, input_shapes=input_shapes,
                             output_names=output_names, output_shapes=output_shapes,
                             keepalive=ctx.keepalive)
+
+
+def _origin(target: str) -> str | None:
+    """The attribute path of a lifted tensor that a model holds (a tensor attribute, a
+    non-persistent buffer), or None for tensors created by the forward code itself, which
+    torch.export lifts as ``<module path>.lifted_tensor_<n>`` (or ``_tensor_constant<n>``): those are
+    constants of the code, the same in every model of this architecture."""
+    last = target.rsplit(".", 1)[-1]
+    return None if last.startswith(("lifted_tensor_", "_tensor_constant")) else target
 
 
 def _any_dynamic(values) -> bool:

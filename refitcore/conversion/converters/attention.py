@@ -21,6 +21,18 @@ aten = torch.ops.aten
 MASKED = -1e30
 
 
+def _float_mask(ctx: ConversionContext, mask: StaticValue) -> StaticValue:
+    """A boolean mask as a float mask (0 where attended, MASKED elsewhere). A mask read from the
+    model (a buffer, a tensor attribute) keeps how it was made, so that refit recomputes it."""
+    zeros = torch.zeros(mask.shape)
+    value = zeros.masked_fill(~mask.tensor, MASKED)
+    if not ctx.refittable(mask):
+        return StaticValue(value, None)
+    inverted = {"op": "aten.bitwise_not.default", "args": [ctx.operand(mask)], "kwargs": {}}
+    return StaticValue(value, {"op": "aten.masked_fill.Scalar", "args": [ctx.literal(zeros), inverted, MASKED],
+                               "kwargs": {}})
+
+
 def _check_sdpa(node) -> str | None:
     args, kwargs = node.args, node.kwargs
     if arg(args, kwargs, 4, "dropout_p", 0.0):
@@ -55,8 +67,7 @@ def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=N
         mask_dtype = attn_mask.tensor.dtype if isinstance(attn_mask, StaticValue) else None
         if mask_dtype is torch.bool or (mask_dtype is None and attn_mask.dtype == trt.bool):
             if isinstance(attn_mask, StaticValue):
-                attn_mask = StaticValue(torch.zeros(attn_mask.shape).masked_fill(~attn_mask.tensor, MASKED),
-                                        None)
+                attn_mask = _float_mask(ctx, attn_mask)
             else:
                 raise Unsupported("a boolean attention mask computed from the input")
         m = as_tensor(ctx, attn_mask, rank_=r, suffix="mask")

@@ -38,20 +38,21 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
     w = weight.tensor.detach()
     out_ch = int(w.shape[0])
     if bn_node is None:
-        kernel = ctx.new_weights("KERNEL", w.double().numpy(), "copy", {"x": weight.operand})
+        kernel = ctx.new_weights("KERNEL", w.double().numpy(), "copy", {"x": ctx.operand(weight)})
         bias_w = (trt.Weights() if bias is None
-                  else ctx.new_weights("BIAS", bias.tensor.detach().double().numpy(), "copy", {"x": bias.operand}))
+                  else ctx.new_weights("BIAS", bias.tensor.detach().double().numpy(), "copy", {"x": ctx.operand(bias)}))
     else:
-        # The fold is the recipes' own arithmetic (float64, one cast to float32): compile, cached and
-        # fallback paths give bit-identical engine weights. The operands come from the graph here.
+        # The fold is the recipes' own arithmetic (float64, one cast to float32) on the operands as
+        # the cached path sees them (its state_dict check casts floats to float32): compile, cached
+        # and fallback give bit-identical engine weights. The operands come from the graph here.
         (gamma, beta, mean, var), eps = _bn_operands(ctx, bn_node)
-        t = lambda v: None if v is None else v.tensor  # noqa: E731
-        w_fold = recipes.bn_fold_kernel(weight=w, gamma=t(gamma), var=var.tensor, eps=eps)
-        b_fold = recipes.bn_fold_bias(bias=t(bias), gamma=t(gamma), beta=t(beta), mean=mean.tensor,
-                                      var=var.tensor, eps=eps)
-        ops = {"weight": weight.operand, "bias": None if bias is None else bias.operand,
-               "gamma": None if gamma is None else gamma.operand, "beta": None if beta is None else beta.operand,
-               "mean": mean.operand, "var": var.operand}
+        t = lambda v: None if v is None else v.tensor.float()  # noqa: E731
+        w_fold = recipes.bn_fold_kernel(weight=w.float(), gamma=t(gamma), var=t(var), eps=eps)
+        b_fold = recipes.bn_fold_bias(bias=t(bias), gamma=t(gamma), beta=t(beta), mean=t(mean),
+                                      var=t(var), eps=eps)
+        op = lambda v: None if v is None else ctx.operand(v)  # noqa: E731
+        ops = {"weight": op(weight), "bias": op(bias), "gamma": op(gamma), "beta": op(beta),
+               "mean": op(mean), "var": op(var)}
         kernel = ctx.new_weights("KERNEL", w_fold.numpy(), "bn_fold_kernel",
                                  {k: ops[k] for k in ("weight", "gamma", "var")}, {"eps": eps})
         bias_w = ctx.new_weights("BIAS", b_fold.numpy(), "bn_fold_bias",

@@ -18,10 +18,11 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
         if not isinstance(v, StaticValue):
             raise Unsupported(f"BatchNorm {what} must be a buffer")
     # The recipes' own arithmetic (float64, one cast to float32): every path gives the same weights.
-    t = lambda v: None if v is None else v.tensor  # noqa: E731
-    scale = recipes.bn_scale(gamma=t(gamma), var=var.tensor, eps=eps)
-    shift = recipes.bn_shift(gamma=t(gamma), beta=t(beta), mean=mean.tensor, var=var.tensor, eps=eps)
-    op = lambda v: None if v is None else v.operand  # noqa: E731
+    # Operands as the cached path sees them (its state_dict check casts floats to float32).
+    t = lambda v: None if v is None else v.tensor.float()  # noqa: E731
+    scale = recipes.bn_scale(gamma=t(gamma), var=t(var), eps=eps)
+    shift = recipes.bn_shift(gamma=t(gamma), beta=t(beta), mean=t(mean), var=t(var), eps=eps)
+    op = lambda v: None if v is None else ctx.operand(v)  # noqa: E731
     r = rank(x)
     inp = x if r >= 4 else reshape(ctx, x, shape_of(x) + (1,) * (4 - r), suffix="to4d")
     scale_w = ctx.new_weights("SCALE", scale.numpy(), "bn_scale",
