@@ -260,3 +260,24 @@ def test_a_boolean_mask_buffer_is_refitted_from_the_module():
     new = MaskedByBuffer(causal=False).eval()
     result = refitcore.refit(engine, new, path="cached", verify_inputs=[x], audit=True)
     assert result.ok and result.audit.ok, str(result)
+
+
+def test_weights_a_converter_leaves_unnamed_are_an_internal_error():
+    """Weights are recorded when their layer is named: a converter that makes weights and names no
+    layer would hand them to the next layer under a wrong name, so conversion stops instead."""
+    from refitcore import _trt
+    from refitcore.conversion.context import ConversionContext
+
+    trt = _trt.trt()
+    network = trt.Builder(_trt.logger()).create_network(0)
+    network.add_input("x", trt.float32, trt.Dims((1, 4)))
+    node = type("Node", (), {"name": "relu", "target": "aten.relu.default"})()
+    ctx = ConversionContext(network=network, weight_map=WeightMap(), layer_names={"relu": "model/relu"},
+                            fusions_conv_to_bn={}, node=node)
+    ctx.new_weights("CONSTANT", np.ones((1, 4), np.float32), "copy", {"x": None})
+    with pytest.raises(RuntimeError, match="named no layer"):
+        ctx.check_all_named()
+    w = ctx.new_weights("CONSTANT", np.ones((1, 4), np.float32), "copy", {"x": None})
+    layer = ctx.name(network.add_constant(trt.Dims((1, 4)), w), "c")
+    ctx.check_all_named()
+    assert layer.name == "model/relu.c" and list(ctx.weight_map.sources) == ["model/relu.c CONSTANT"]

@@ -115,6 +115,15 @@ class ConversionContext:
         self._pending.clear()
         return layer
 
+    def check_all_named(self) -> None:
+        """After a converter: every weight it made went to a layer it named (else the next
+        node's layer would claim them under the wrong name)."""
+        if self._pending:
+            roles = [p[1] for p in self._pending]
+            self._pending.clear()
+            raise RuntimeError(f"internal error: the converter of node {self.node.name} ({self.node.target}) made "
+                               f"{roles} weights but named no layer after them")
+
     # ---- weights ----------------------------------------------------------------
     def literal(self, value: torch.Tensor | np.ndarray, origin: str | None = None) -> dict:
         """Record a literal (not from the state_dict) in the map; return its operand. ``origin``

@@ -217,6 +217,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                 entry = lookup(node.target)
                 try:
                     values[node.name] = entry.fn(ctx, node, args, kwargs)
+                    ctx.check_all_named()
                 except Unsupported as err:
                     raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
         elif node.op == "output":
