@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         wm = engine.weight_map
         cached_map = refitcore.cached_mapping(wm, state)
         fallback_map = refitcore.fallback_mapping(engine, state)
-        agree = refitcore.audit(cached_map, fallback_map, a_label="cached", b_label="fallback")
+        agree = refitcore.audit_paths(cached_map, fallback_map)
         target = engine.clone()
         t = C.interleaved({
             "cached": lambda: refitcore.cached_mapping(wm, state),
