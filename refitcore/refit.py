@@ -11,9 +11,11 @@ import torch
 from .audit import Audit, audit as audit_mappings
 from .culprit import find_culprit
 from .driver import apply_mapping
+from .checkpoints import load_weights
 from .eager import eager_model
-from .mapping import cached_mapping, fallback_mapping, normalize_weights
+from .mapping import cached_mapping, fallback_mapping
 from .options import REFIT_PATHS as PATHS
+from .validate import check_samples, eager_reference
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
 
 __all__ = ["refit", "RefitResult", "eager_model_for", "PATHS"]
@@ -84,9 +86,12 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     t_start = time.perf_counter()
-    state, source = normalize_weights(new_weights)
+    loaded = load_weights(new_weights, weight_map=engine.weight_map, state_keys=engine.state_keys)
+    state, source = loaded.state_dict, loaded.source
     timings: dict[str, float] = {}
-    messages: list[str] = []
+    messages: list[str] = list(loaded.notes)
+    for note in loaded.notes:
+        log.info("refitcore: %s", note)
 
     def timed(key, fn, *a, **k):
         t0 = time.perf_counter()
@@ -105,12 +110,15 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
         fallback = timed("fallback_mapping_s", fallback_of)
     report = audit_mappings(cached, fallback, a_label="cached", b_label="fallback") if audit else None
     used = "fallback" if path == "fallback" else "cached"
+    model = None
+    if verify_inputs is not None:  # what verification needs is checked before the engine is touched
+        verify_inputs = check_samples(engine.io, verify_inputs)
+        model = reference_model if reference_model is not None else eager_reference(
+            engine, state, source, trust_factory=trust_factory)
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
     verdict = None
     fell_back = False
     if verify_inputs is not None:
-        model = reference_model if reference_model is not None else eager_model(
-            state, model=source, engine=engine, trust_factory=trust_factory)
         verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
         if not verdict and path == "auto":
             messages.append("the cached path disagreed with eager; refitting through the fallback path")
