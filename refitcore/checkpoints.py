@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import os
 import pickle
 import zipfile
@@ -71,13 +72,32 @@ def _is_safetensors(path: str, head: bytes, size: int) -> bool:
     return 0 < n <= size - 8
 
 
-def _damaged(path: str, size: int, head: bytes, err: BaseException) -> WeightMappingError:
+def _safetensors_damage(path: str, size: int) -> str:
+    """What a safetensors header says the file should hold, against what it holds."""
+    what = f"is a safetensors file that is damaged or truncated ({size} bytes"
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        if header is None:
+            return what + f"; its {n}-byte header runs past the end of the file)"
+        end = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        if end > size:
+            return what + f", where its header says the tensors need {end}: the file is truncated)"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        pass
+    return what + ")"
+
+
+def _damaged(path: str, size: int, head: bytes, err: BaseException, *, safetensors: bool = False) -> WeightMappingError:
     """Say what is wrong with a file that does not load, and what to do."""
     said = f"{type(err).__name__}: {err}".strip()
     if len(said) > 200:
         said = said[:200] + " ..."
     if size == 0:
         what = "is empty (0 bytes)"
+    elif safetensors:
+        what = _safetensors_damage(path, size)
     elif head[:4] == b"PK\x03\x04":
         # torch.save writes a zip archive whose directory comes last: a file cut short (an
         # interrupted download or copy, a full disk) has none, or entries that run past its end.
@@ -124,7 +144,7 @@ def read_file(path: str | os.PathLike) -> Any:
         try:
             return load_file(path, device="cpu")
         except Exception as err:  # noqa: BLE001 - the library raises its own error types
-            raise _damaged(path, size, head, err) from err
+            raise _damaged(path, size, head, err, safetensors=True) from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

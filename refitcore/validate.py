@@ -13,8 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .eager import eager_model
-from .errors import ArchitectureMismatchError
+from .eager import EagerModelError, eager_model
 from .weight_map import WeightMap, WeightSource, operand_keys
 
 __all__ = ["check_samples", "eager_weights", "eager_reference", "source_problems", "nonfinite_weight_problem", "BN_RECIPES"]
@@ -144,7 +143,7 @@ def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
     (``weight_map.unused_keys``, e.g. ``num_batches_tracked``) may be missing: ``keep_missing`` is
     True when only such keys of the compiled model (``state_keys``) are, and the model keeps its
     own values for them. Any other key of the compiled model the weights lack raises
-    :class:`ArchitectureMismatchError`."""
+    :class:`refitcore.eager.EagerModelError`."""
     given = collections.OrderedDict(state)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
@@ -159,8 +158,8 @@ def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
     unread = set(weight_map.unused_keys)
     missing = [k for k in state_keys if k not in given and k not in unread]
     if missing:
-        raise ArchitectureMismatchError([f"the new weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                                         f"that the eager model needs"])
+        raise EagerModelError(f"the new weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''} that the "
+                              f"eager model needs (beside keys the engine never reads)")
     return given, any(k not in given for k in state_keys)
 
 
