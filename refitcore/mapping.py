@@ -17,7 +17,7 @@ import torch
 from . import checkpoints
 from .errors import ArchitectureMismatchError, WeightMappingError
 from .recipes import apply_recipe, evaluate_operand
-from .validate import nonfinite_weight_problem, source_problems
+from .validate import nonfinite_key_problems, nonfinite_weight_problems, variance_problems
 from .weight_map import WeightMap
 
 __all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint"]
@@ -53,9 +53,9 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
     Raises :class:`ArchitectureMismatchError` for missing keys or wrong shapes (every one listed,
     with the engine weights that need it, and the likely cause when it is recognisable, e.g. a
     wrapper prefix) and :class:`WeightMappingError` for dtype problems, overflow on cast, tied
-    parameters with different values, or values the engine would get as NaN/Inf (naming the key:
-    NaN/Inf in it, a BatchNorm running variance <= -eps). Keys the engine never reads are not
-    checked: they may be missing or extra."""
+    parameters with different values, or a BatchNorm running variance <= -eps (the fold would be
+    NaN; NaN/Inf in the weights themselves are found by the mappings, named by key). Keys the
+    engine never reads are not checked: they may be missing or extra."""
     arch, other = [], []
     used = weight_map.keys_used
     specs = weight_map.key_specs
@@ -95,7 +95,7 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
                              f"the new weights; give them equal values (load_state_dict would keep only one)")
     if arch:
         raise ArchitectureMismatchError(arch + other + checkpoints.explain_missing(weight_map, state))
-    other += source_problems(weight_map, state)
+    other += variance_problems(weight_map, state)
     if other:
         raise WeightMappingError(other)
     out: dict[str, torch.Tensor] = {}
@@ -138,12 +138,11 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any) -> dict[str, np.ndarr
             value = apply_recipe(src.recipe, inputs, src.params)
             if value.dtype != ENGINE_DTYPE:
                 value = value.to(ENGINE_DTYPE)
-            # Inputs are finite (check_state_dict); a computed value can still overflow. A plain copy
-            # of a key cannot: skip the check there.
-            if src.recipe != "copy" or any("key" not in v for v in src.inputs.values() if isinstance(v, dict)):
-                problem = nonfinite_weight_problem(name, src, value, state)
-                if problem is not None:
-                    raise WeightMappingError([problem])
+            # NaN/Inf are found here, on the values the engine would get (one pass), and traced back
+            # to the state_dict keys behind them.
+            problems = nonfinite_weight_problems(weight_map, name, value, state)
+            if problems:
+                raise WeightMappingError(problems)
             if value.numel() != src.count:
                 raise WeightMappingError([f"engine weight {name!r}: recipe {src.describe()} gave {value.numel()} "
                                           f"values, the engine needs {src.count}"])
@@ -240,6 +239,9 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
 
     state, source = normalize_weights(new_weights, engine.weight_map)
     checked = check_state_dict(engine.weight_map, state)
+    problems = nonfinite_key_problems(engine.weight_map, checked)
+    if problems:
+        raise WeightMappingError(problems)
     ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}
