@@ -13,11 +13,13 @@ else with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import dataclasses
 import json
 import os
 import pickle
+import re
 import zipfile
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,7 +29,7 @@ from .errors import WeightMappingError
 from .weight_map import WeightMap
 
 __all__ = ["LoadedCheckpoint", "load_weights", "load_checkpoint", "read_file", "unwrap", "fit_keys",
-           "explain_missing", "missing_keys", "CONTAINER_KEYS", "IGNORABLE_SUFFIXES"]
+           "explain_missing", "missing_keys", "CONTAINER_KEYS", "IGNORABLE_SUFFIXES", "INERT_GLOBALS"]
 
 # Keys under which training code stores the model's state_dict, in the order one is preferred when
 # several fit (the trained weights before their moving averages, as timm's loader does by default).
@@ -38,6 +40,8 @@ WRAPPER_PREFIXES = {"module.": "DataParallel/DistributedDataParallel", "_orig_mo
                     "model.": "a wrapping module (e.g. a Lightning module)"}
 # Buffers no eval-mode model reads: a checkpoint may lack them, or have them where the model does not.
 IGNORABLE_SUFFIXES = ("num_batches_tracked",)
+# Classes a weights-only load may rebuild beyond torch's defaults: inert attribute bags, no code.
+INERT_GLOBALS = (argparse.Namespace,)
 _MAX_DEPTH = 3
 
 
@@ -146,15 +150,21 @@ def read_file(path: str | os.PathLike) -> Any:
         except Exception as err:  # noqa: BLE001 - the library raises its own error types
             raise _damaged(path, size, head, err, safetensors=True) from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # Training scripts often save their argparse.Namespace beside the weights (timm does): a plain
+        # attribute bag whose unpickling runs no code, so it is allowed; nothing else is
+        # (https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
+        with torch.serialization.safe_globals(list(INERT_GLOBALS)):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err) and "Weights only" not in str(err):
+        text = str(err)
+        if "weights_only" not in text and "Weights only" not in text:
             raise _damaged(path, size, head, err) from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f"a {found.group(1)} object" if found else "Python objects other than tensors and plain containers"
         raise WeightMappingError(
-            [f"{path}: holds Python objects other than tensors and plain containers, and is read weights-only "
-             f"(refitcore never unpickles arbitrary objects; torch said: {first}). Save just the weights: "
-             f"torch.save(model.state_dict(), path), or safetensors"],
+            [f"{path}: holds {what}, and checkpoints are read weights-only (refitcore never unpickles arbitrary "
+             f"objects: that could run code). Save just the weights: torch.save(model.state_dict(), path), or "
+             f"safetensors"],
             header="cannot load the checkpoint") from err
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as err:
         raise _damaged(path, size, head, err) from err

@@ -122,6 +122,32 @@ def test_nested_lightning_style_container_with_a_prefix(compiled, tmp_path):
     assert any("stripped the prefix 'model.'" in m for m in result.messages)
 
 
+def test_timm_style_checkpoint_with_argparse_args(compiled, tmp_path):
+    """timm saves {'arch', 'epoch', 'state_dict', 'state_dict_ema', 'optimizer', 'args': Namespace}."""
+    import argparse
+
+    c = compiled(MODEL)
+    new, ema = c.fresh(3), c.fresh(4)
+    torch.save({"arch": "convnet", "epoch": 9, "state_dict": new.state_dict(), "state_dict_ema": ema.state_dict(),
+                "args": argparse.Namespace(lr=0.1, model="convnet")}, tmp_path / "model_best.pth.tar")
+    result = refitcore.refit(c.engine, tmp_path / "model_best.pth.tar", verify_inputs=[c.x], reference_model=new)
+    assert result.ok, str(result)
+    assert "used ['state_dict'], which fits" in result.messages[0] and "'args' (Namespace)" in result.messages[1]
+
+
+class NotWeights:
+    pass
+
+
+def test_an_arbitrary_class_is_named_and_refused(compiled, tmp_path):
+    torch.save({"state_dict": compiled(MODEL).fresh(3).state_dict(), "hook": NotWeights()}, tmp_path / "evil.pt")
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        load_checkpoint(tmp_path / "evil.pt")
+    text = str(info.value)
+    assert "NotWeights object, and checkpoints are read weights-only" in text
+    assert "torch.save(model.state_dict(), path)" in text
+
+
 @pytest.mark.parametrize("obj, message", [
     ({"epoch": 3, "lr": 0.1}, "found 'epoch' (3), 'lr' (0.1)"),
     ([torch.zeros(2)], "got list"),
