@@ -223,23 +223,23 @@ def unwrap(obj: Any, *, missing: Callable[[Mapping], Sequence[str]] | None = Non
                                  header="cannot load the checkpoint")
     if _is_state_dict(obj) or not obj:
         return obj, []
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     cands = _candidates(obj)
-    if not cands and tensors and all(isinstance(k, str) for k in tensors):
-        # A state_dict with a few non-tensor entries saved beside the weights (an epoch counter).
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not cands:
         arrays = [k for k, v in obj.items() if hasattr(v, "__array__") and not isinstance(v, torch.Tensor)]
-        if arrays:
+        if arrays and tensors:  # a state_dict with a numpy array among its weights
             raise WeightMappingError([f"{k!r}: expected a torch.Tensor, got {type(obj[k]).__name__} (convert it "
                                       f"with torch.as_tensor)" for k in arrays])
-        other = [k for k in obj if k not in tensors]
-        return tensors, [f"ignored {len(other)} non-tensor entr{'y' if len(other) == 1 else 'ies'} beside the "
-                         f"weights: " + ", ".join(f"{k!r} ({_describe(obj[k])})" for k in other[:8])]
+    if tensors:
+        # Tensors beside the entries (a state_dict saved with an epoch counter): a candidate too.
+        cands.append(("the top level", None, "", tensors))
     if not cands:
         found = ", ".join(f"{k!r} ({_describe(v)})" for k, v in list(obj.items())[:8]) or "nothing"
         raise WeightMappingError([f"{what}: expected a state_dict (a dict of tensors) or a dict holding one under "
                                   f"{', '.join(map(repr, CONTAINER_KEYS[:4]))}, ...; found {found}"],
                                  header="cannot load the checkpoint")
-    cands.sort(key=lambda c: _rank(c[2]))
+    # Known container keys in their order of preference, then the largest.
+    cands.sort(key=lambda c: (_rank(c[2]), -len(c[3])))
     listed = ", ".join(c[0] for c in cands)
     notes = []
     if missing is not None and len(cands) > 1:
@@ -257,11 +257,14 @@ def unwrap(obj: Any, *, missing: Callable[[Mapping], Sequence[str]] | None = Non
                          f"used {chosen[0]}, the closest ({gaps[chosen[0]]} key(s) missing)")
     else:
         chosen = cands[0]
-        notes.append(f"used the state_dict under {chosen[0]} of the {what}"
-                     + (f" (also there: {', '.join(c[0] for c in cands[1:])})" if len(cands) > 1 else ""))
-    rest = [k for k in obj if k != chosen[1]]
+        if chosen[1] is not None:
+            notes.append(f"used the state_dict under {chosen[0]} of the {what}"
+                         + (f" (also there: {', '.join(c[0] for c in cands[1:])})" if len(cands) > 1 else ""))
+    used = {chosen[1]} if chosen[1] is not None else set(chosen[3])
+    rest = [k for k in obj if k not in used]
     if rest:
-        notes.append(f"ignored {len(rest)} other entr{'y' if len(rest) == 1 else 'ies'} of the {what}: "
+        beside = "beside the weights" if chosen[1] is None else f"of the {what}"
+        notes.append(f"ignored {len(rest)} other entr{'y' if len(rest) == 1 else 'ies'} {beside}: "
                      + ", ".join(f"{k!r} ({_describe(obj[k])})" for k in rest[:8])
                      + (f" and {len(rest) - 8} more" if len(rest) > 8 else ""))
     return chosen[3], notes
@@ -413,7 +416,7 @@ def load_weights(new_weights: Any, *, weight_map: WeightMap | None = None, state
     elif isinstance(new_weights, torch.export.ExportedProgram):
         source, obj, what = new_weights, dict(new_weights.state_dict), "exported program"
     elif isinstance(new_weights, Mapping):
-        obj, what = new_weights, "weights"
+        obj, what = new_weights, "dict"
     else:
         raise TypeError(f"new weights must be an nn.Module, ExportedProgram, state_dict or checkpoint path; "
                         f"got {type(new_weights).__name__}")

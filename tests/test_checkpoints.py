@@ -159,6 +159,21 @@ def test_unusable_containers_say_what_was_found(obj, message):
     assert message in str(info.value)
 
 
+def test_tensors_beside_entries_are_the_state_dict_unless_a_container_fits(compiled):
+    c = compiled(MODEL)
+    state = c.fresh(3).state_dict()
+    flat = dict(state, epoch=4, meta={"w": torch.zeros(1)})
+    loaded = load_weights(flat, weight_map=c.engine.weight_map)
+    assert loaded.state_dict.keys() == state.keys()
+    assert loaded.notes[-1] == "ignored 2 other entries beside the weights: 'epoch' (4), 'meta' (a dict of 1)"
+    # without a model to fit, the larger candidate wins over an unknown nested one
+    assert unwrap(flat)[0].keys() == state.keys()
+    # a known container wins over a stray tensor at the top level
+    wrapped = {"model": state, "step": torch.tensor(100)}
+    assert unwrap(wrapped)[0] is state
+    assert load_weights(wrapped, weight_map=c.engine.weight_map).state_dict.keys() == state.keys()
+
+
 def test_unwrap_without_a_model_takes_the_preferred_key():
     a, b = {"w": torch.zeros(1)}, {"w": torch.ones(1)}
     state, notes = unwrap({"ema": b, "net": a, "step": 3})
