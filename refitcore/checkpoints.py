@@ -420,7 +420,10 @@ def load_weights(new_weights: Any, *, weight_map: WeightMap | None = None, state
     else:
         raise TypeError(f"new weights must be an nn.Module, ExportedProgram, state_dict or checkpoint path; "
                         f"got {type(new_weights).__name__}")
-    fit = (lambda sd: missing_keys(weight_map, sd)) if weight_map is not None else None
+    fit = None
+    if weight_map is not None:
+        def fit(sd: Mapping) -> list[str]:  # what a candidate still lacks once its prefixes are stripped
+            return missing_keys(weight_map, fit_keys(sd, weight_map)[0])
     state, more = unwrap(obj, missing=fit, key=key, what=what) if source is None else (obj, [])
     notes += more
     _refuse_meta(state)

@@ -99,6 +99,16 @@ def test_several_containers_pick_the_one_that_fits(compiled):
     assert "used ['model_ema'], which fits the compiled model" in note and "['model'] do(es) not fit" in note
 
 
+def test_several_prefixed_containers_pick_the_one_that_fits_once_stripped(compiled):
+    c = compiled(MODEL)
+    good = c.fresh(5).state_dict()
+    other = {k.replace("bn.", "norm."): v for k, v in c.fresh(6).state_dict().items()}
+    loaded = load_weights({"state_dict": prefixed(other, "module."), "model_ema": prefixed(good, "module.")},
+                          weight_map=c.engine.weight_map)
+    assert all(torch.equal(loaded.state_dict[k], good[k]) for k in good)
+    assert "used ['model_ema'], which fits" in loaded.notes[0] and "'module.'" in loaded.notes[-1]
+
+
 def test_several_fitting_containers_prefer_the_trained_weights_and_say_so(compiled):
     c = compiled(MODEL)
     trained, ema = c.fresh(5).state_dict(), c.fresh(6).state_dict()
