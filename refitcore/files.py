@@ -67,22 +67,29 @@ def open_bundle(bundle: Any, progress=None):
             raise InputError(f"cannot load engine bundle {path!r}: {err}") from err
 
 
-def open_checkpoint(checkpoint: Any, progress=None) -> dict:
-    """A state_dict from a checkpoint file (weights-only) or from weights given in memory;
-    :class:`InputError` (2) says what is wrong with the file."""
+def open_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | None = None) -> dict:
+    """A state_dict from a checkpoint file (weights-only) or from weights given in memory, fitted to
+    ``engine``'s model when given (see :mod:`refitcore.checkpoints`; what was unwrapped, stripped or
+    ignored is said through ``progress`` and appended to ``notes``); :class:`InputError` (2) says
+    what is wrong with the file."""
+    from .checkpoints import load_weights
+
     progress = progress or Silent()
+    fit = {} if engine is None else {"weight_map": engine.weight_map, "state_keys": engine.state_keys}
     if not isinstance(checkpoint, (str, os.PathLike)):
-        from .mapping import normalize_weights
-
-        return normalize_weights(checkpoint)[0]
-    from .mapping import load_checkpoint
-
-    path = require_file(os.fspath(checkpoint), "checkpoint")
-    with progress.step(f"loading checkpoint {path}"):
-        try:
-            return load_checkpoint(path)
-        except WeightMappingError as err:
-            raise InputError(f"unusable checkpoint: {err}") from err
+        loaded = load_weights(checkpoint, **fit)
+    else:
+        path = require_file(os.fspath(checkpoint), "checkpoint")
+        with progress.step(f"loading checkpoint {path}"):
+            try:
+                loaded = load_weights(path, **fit)
+            except WeightMappingError as err:
+                raise InputError(f"unusable checkpoint: {err}") from err
+    for note in loaded.notes:
+        progress.info(f"note: {note}")
+    if notes is not None:
+        notes += loaded.notes
+    return loaded.state_dict
 
 
 def is_bundle(path: str) -> bool:
@@ -115,7 +122,7 @@ def compare_files(a: str, b: str, *, rtol: float = 1e-5, atol: float = 1e-7, pro
                          b_label=b), notes
     bundle_path, ckpt_path = (a, b) if kinds[0] else (b, a)
     engine = open_bundle(bundle_path, progress)
-    state = open_checkpoint(ckpt_path, progress)
+    state = open_checkpoint(ckpt_path, progress, engine)
     try:
         with progress.step("mapping the checkpoint through the bundle's weight map (cached path)"):
             mapped = cached_mapping(engine.weight_map, state)

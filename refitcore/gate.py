@@ -78,6 +78,7 @@ class GateReport:
             for f in audit["failures"][:10]:
                 lines.append(f"    - {f['name']}: {f['status']} max abs diff {_fmt(f['max_abs'])} "
                              f"{f.get('detail') or ''}")
+        lines += [f"  note: {n}" for n in r.get("notes", [])]
         lines += [f"  problem: {p}" for p in r["problems"]]
         return "\n".join(lines)
 
@@ -85,6 +86,7 @@ class GateReport:
         r = self.data
         verdict = {"pass": "PASS ✅", "fail": "FAIL ❌", "error": "ERROR ⚠️"}[r["verdict"]]
         lines = [f"### {TOOL} gate: {verdict}", "", f"- bundle: `{r['bundle']}`", f"- checkpoint: `{r['checkpoint']}`"]
+        lines += [f"- note: {n}" for n in r.get("notes", [])]
         if r.get("backend"):
             lines.append(f"- backend: {r['backend']}" + (f" ({r['backend_note']})" if r.get("backend_note") else ""))
         if r.get("samples"):
@@ -203,13 +205,15 @@ def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
     return engine.model_factory
 
 
-def _eager(state, factory, ckpt: str, progress):
+def _eager(state, factory, ckpt: str, progress, engine):
     from .eager import EagerModelError, eager_model
+    from .validate import eager_weights
 
     name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)
     with progress.step(f"building the eager reference model from {name}"):
         try:
-            return eager_model(state, model=factory)
+            weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
+            return eager_model(weights, model=factory, keep_missing=keep)
         except EagerModelError as err:
             raise InputError(f"checkpoint {ckpt!r} does not fit {name}: {err}; another architecture: recompile needed"
                         ) from err
@@ -227,7 +231,7 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
 
     engine = open_bundle(bundle, progress)
     data["backend"], data["backend_note"] = engine.backend, engine.note
-    state = open_checkpoint(checkpoint, progress)
+    state = open_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
     ckpt = data["checkpoint"]
     factory = _model_or_stop(model, engine, trust_factory, data["bundle"])
     data["model_factory"] = factory if isinstance(factory, str) else None
@@ -253,7 +257,7 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         data["problems"] += [f"refused: non-finite weight {p}" for p in bad]
         raise InputError("refusing a checkpoint with NaN/Inf weights:\n" + "\n".join(f"  - {p}" for p in bad),
                     EXIT_MISMATCH)
-    reference = _eager(state, factory, ckpt, progress)
+    reference = _eager(state, factory, ckpt, progress, engine)
 
     mappings: dict[str, dict] = {}
     mapping_s: dict[str, float] = {}

@@ -7,73 +7,56 @@
 """
 from __future__ import annotations
 
-import collections
+import logging
 import os
 import warnings
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from . import checkpoints
 from .errors import ArchitectureMismatchError, WeightMappingError
 from .recipes import apply_recipe, evaluate_operand
+from .validate import nonfinite_key_problems, nonfinite_weight_problems, variance_problems
 from .weight_map import WeightMap
 
 __all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint"]
 
 ENGINE_DTYPE = torch.float32
+log = logging.getLogger("refitcore")
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state_dict from a checkpoint file, never unpickling arbitrary objects."""
-    try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise WeightMappingError([f"{path}: cannot be read as a weights-only checkpoint: {err}"],
-                                 header="cannot load the checkpoint") from err
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightMappingError([f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}"],
-                                 header="cannot load the checkpoint")
-    return obj
+def load_checkpoint(path: str | os.PathLike, *, weight_map: WeightMap | None = None,
+                    state_keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+    """A state_dict from a checkpoint file, never running code it holds (see
+    :func:`refitcore.checkpoints.load_checkpoint`, which also returns what was unwrapped or stripped)."""
+    loaded = checkpoints.load_checkpoint(path, weight_map=weight_map, state_keys=state_keys)
+    for note in loaded.notes:
+        log.info("refitcore: %s: %s", loaded.path, note)
+    return loaded.state_dict
 
 
-def _detached(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached tensors, keeping a state_dict's per-module version metadata (``_metadata``)."""
-    out = collections.OrderedDict((k, v.detach()) for k, v in state.items())
-    metadata = getattr(state, "_metadata", None)
-    if metadata is not None:
-        out._metadata = metadata
-    return out
+def normalize_weights(new_weights: Any, weight_map: WeightMap | None = None) -> tuple[dict[str, torch.Tensor], Any]:
+    """(state_dict, source object) from an nn.Module, ExportedProgram, state_dict or checkpoint path.
 
-
-def normalize_weights(new_weights: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """(state_dict, source object) from an nn.Module, ExportedProgram, state_dict or checkpoint path."""
-    if isinstance(new_weights, (str, os.PathLike)):
-        return load_checkpoint(new_weights), None
-    if isinstance(new_weights, torch.nn.Module):
-        return _detached(new_weights.state_dict()), new_weights
-    if isinstance(new_weights, torch.export.ExportedProgram):
-        return {k: v.detach() for k, v in new_weights.state_dict.items()}, new_weights
-    if isinstance(new_weights, Mapping):
-        bad = [k for k, v in new_weights.items() if not isinstance(v, torch.Tensor)]
-        if bad:
-            raise WeightMappingError([f"{k!r}: expected a torch.Tensor, got {type(new_weights[k]).__name__}"
-                                      for k in bad])
-        return _detached(new_weights), None
-    raise TypeError(f"new weights must be an nn.Module, ExportedProgram, state_dict or checkpoint path; "
-                    f"got {type(new_weights).__name__}")
+    With ``weight_map``, containers are unwrapped and wrapper prefixes stripped to fit it (see
+    :func:`refitcore.checkpoints.load_weights`, which also returns the notes saying so)."""
+    loaded = checkpoints.load_weights(new_weights, weight_map=weight_map)
+    for note in loaded.notes:
+        log.debug("refitcore: %s", note)
+    return loaded.state_dict, loaded.source
 
 
 def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validate a state_dict against the map and return it with floats cast to the engine dtype.
 
     Raises :class:`ArchitectureMismatchError` for missing keys or wrong shapes (every one listed,
-    with the engine weights that need it) and :class:`WeightMappingError` for dtype problems,
-    overflow on cast, or tied parameters with different values."""
+    with the engine weights that need it, and the likely cause when it is recognisable, e.g. a
+    wrapper prefix) and :class:`WeightMappingError` for dtype problems, overflow on cast, tied
+    parameters with different values, or a BatchNorm running variance <= -eps (the fold would be
+    NaN; NaN/Inf in the weights themselves are found by the mappings, named by key). Keys the
+    engine never reads are not checked: they may be missing or extra."""
     arch, other = [], []
     used = weight_map.keys_used
     specs = weight_map.key_specs
@@ -112,7 +95,8 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
                 other.append(f"tied parameters {present[0]!r} and {k!r} are one tensor in the model but differ in "
                              f"the new weights; give them equal values (load_state_dict would keep only one)")
     if arch:
-        raise ArchitectureMismatchError(arch + other)
+        raise ArchitectureMismatchError(arch + other + checkpoints.explain_missing(weight_map, state))
+    other += variance_problems(weight_map, state)
     if other:
         raise WeightMappingError(other)
     out: dict[str, torch.Tensor] = {}
@@ -144,7 +128,7 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any, *, constants_from: An
 
         mapping = refitcore.cached_mapping(engine.weight_map, new_model)
     """
-    state, source = normalize_weights(state_dict)
+    state, source = normalize_weights(state_dict, weight_map)
     constants, _ = weight_map.constants_for(source if source is not None else constants_from)
     state = check_state_dict(weight_map, state)
     memo: dict = {}
@@ -161,6 +145,11 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any, *, constants_from: An
             value = apply_recipe(src.recipe, inputs, src.params)
             if value.dtype != ENGINE_DTYPE:
                 value = value.to(ENGINE_DTYPE)
+            # NaN/Inf are found here, on the values the engine would get (one pass), and traced back
+            # to the state_dict keys behind them.
+            problems = nonfinite_weight_problems(weight_map, name, value, state)
+            if problems:
+                raise WeightMappingError(problems)
             if value.numel() != src.count:
                 raise WeightMappingError([f"engine weight {name!r}: recipe {src.describe()} gave {value.numel()} "
                                           f"values, the engine needs {src.count}"])
@@ -267,8 +256,11 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     from .network_reader import WEIGHT_ROLES, read_network
     from .conversion.convert import convert
 
-    state, source = normalize_weights(new_weights)
+    state, source = normalize_weights(new_weights, engine.weight_map)
     checked = check_state_dict(engine.weight_map, state)
+    problems = nonfinite_key_problems(engine.weight_map, checked)
+    if problems:
+        raise WeightMappingError(problems)
     ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}

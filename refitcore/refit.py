@@ -11,10 +11,12 @@ import torch
 from .audit import Audit, audit_paths
 from .culprit import find_culprit
 from .driver import apply_mapping
+from .checkpoints import load_weights
 from .eager import eager_model
 from .errors import MapCannotServeError
-from .mapping import cached_mapping, constants_note, fallback_mapping, normalize_weights
+from .mapping import cached_mapping, constants_note, fallback_mapping
 from .options import REFIT_PATHS as PATHS
+from .validate import check_samples, eager_reference
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
 
 __all__ = ["refit", "RefitResult", "eager_model_for", "PATHS"]
@@ -85,9 +87,13 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     t_start = time.perf_counter()
-    state, source = normalize_weights(new_weights)
+    loaded = load_weights(new_weights, weight_map=engine.weight_map, state_keys=engine.state_keys)
+    state, source = loaded.state_dict, loaded.source
     timings: dict[str, float] = {}
-    messages: list[str] = constants_note(engine.weight_map, source)
+    messages: list[str] = list(loaded.notes)
+    for note in loaded.notes:
+        log.info("refitcore: %s", note)
+    messages += constants_note(engine.weight_map, source)
 
     def timed(key, fn, *a, **k):
         t0 = time.perf_counter()
@@ -115,12 +121,15 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
         fallback = timed("fallback_mapping_s", fallback_of)
     report = audit_paths(cached, fallback) if audit and cached is not None else None
     used = "fallback" if path == "fallback" or unserved else "cached"
+    model = None
+    if verify_inputs is not None:  # what verification needs is checked before the engine is touched
+        verify_inputs = check_samples(engine.io, verify_inputs)
+        model = reference_model if reference_model is not None else eager_reference(
+            engine, state, source, trust_factory=trust_factory)
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
     verdict = None
     fell_back = unserved and path == "auto"
     if verify_inputs is not None:
-        model = reference_model if reference_model is not None else eager_model(
-            state, model=source, engine=engine, trust_factory=trust_factory)
         verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
         if not verdict and path == "auto" and used == "cached":
             messages.append("the cached path disagreed with eager; refitting through the fallback path")
