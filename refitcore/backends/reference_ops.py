@@ -320,12 +320,25 @@ def cast(layer, ins, w):
 
 @op("GATHER")
 def gather(layer, ins, w):
+    """IGatherLayer: DEFAULT mode gives data.shape[:axis] + indices.shape + data.shape[axis+1:];
+    ELEMENT mode is torch.gather along ``axis`` (output shape = indices shape). Indices outside
+    [0, size) are an error here (the converters make negative indices non-negative)."""
     a = layer["attrs"]
-    if a.get("mode") not in (None, "DEFAULT"):
-        raise NotImplementedError(f"gather mode {a['mode']}")
+    mode = a.get("mode") or "DEFAULT"
     data, idx = ins
     axis = a["axis"]
-    flat = torch.index_select(data, axis, idx.reshape(-1).long())
+    if int(a.get("num_elementwise_dims") or 0):
+        raise NotImplementedError(f"layer {layer['name']!r}: gather with num_elementwise_dims")
+    idx = idx.long()
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= data.shape[axis]):
+        raise ValueError(f"layer {layer['name']!r}: gather index out of range [0, {data.shape[axis]})")
+    if mode == "ELEMENT":
+        if idx.dim() != data.dim():
+            raise ValueError(f"layer {layer['name']!r}: ELEMENT gather needs indices of the data's rank")
+        return [torch.gather(data, axis, idx)]
+    if mode != "DEFAULT":
+        raise NotImplementedError(f"layer {layer['name']!r}: gather mode {mode}")
+    flat = torch.index_select(data, axis, idx.reshape(-1))
     shape = list(data.shape[:axis]) + list(idx.shape) + list(data.shape[axis + 1:])
     return [flat.reshape(shape)]
 

@@ -1,2 +1,3 @@
 """Built-in converters, one module per op family; importing registers them."""
-from . import activation, attention, conv, elementwise, matmul, normalization, pooling, reduce, shape  # noqa: F401
+from . import (activation, attention, casts, conv, elementwise, indexing, logical, matmul, normalization, pooling,  # noqa: F401
+               reduce, shape)

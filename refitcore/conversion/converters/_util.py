@@ -7,7 +7,8 @@ import torch
 
 from ..context import ConversionContext, StaticValue
 
-__all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask"]
+__all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
+           "TRT_DTYPES", "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of"]
 
 
 def arg(args: Sequence[Any], kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -36,9 +37,12 @@ def reshape(ctx: ConversionContext, x, shape: Sequence[int], suffix: str | None 
     return ctx.name(layer, suffix).get_output(0)
 
 
-def as_tensor(ctx: ConversionContext, value, *, rank_: int, suffix: str):
-    """An ITensor for ``value`` (ITensor, StaticValue or Python scalar) of rank ``rank_``."""
+def as_tensor(ctx: ConversionContext, value, *, rank_: int, suffix: str, dtype: torch.dtype | None = None):
+    """An ITensor for ``value`` (ITensor, StaticValue or Python scalar) of rank ``rank_``; a
+    constant gets ``dtype`` (default float32), so it can meet an integer or boolean tensor."""
     if isinstance(value, (StaticValue, int, float, bool)):
+        if dtype is not None and dtype != torch.float32:
+            return typed_constant(ctx, value, dtype, rank=rank_, suffix=suffix)
         return ctx.constant(value, rank=rank_, suffix=suffix)
     if isinstance(value, torch.Tensor):
         raise TypeError("internal error: raw torch.Tensor reached a converter")
@@ -48,12 +52,37 @@ def as_tensor(ctx: ConversionContext, value, *, rank_: int, suffix: str):
     return value
 
 
-def equalize_ranks(ctx: ConversionContext, a, b):
-    """TensorRT elementwise layers need inputs of equal rank: pad the lower one with leading 1s."""
+def equalize_ranks(ctx: ConversionContext, a, b, *, prefix: str | None = None):
+    """TensorRT elementwise layers need inputs of equal rank and type: pad the lower rank with
+    leading 1s, and bring both to PyTorch's promoted type (constants are made in that type,
+    tensors of another type are cast)."""
     ra = rank(a) if not isinstance(a, (int, float, bool)) else 0
     rb = rank(b) if not isinstance(b, (int, float, bool)) else 0
     r = max(ra, rb)
-    return as_tensor(ctx, a, rank_=r, suffix="lhs"), as_tensor(ctx, b, rank_=r, suffix="rhs")
+    dtype = promoted_dtype(ctx, a, b)
+    lhs, rhs = ("lhs", "rhs") if prefix is None else (f"{prefix}_lhs", f"{prefix}_rhs")
+    a, b = (as_tensor(ctx, a, rank_=r, suffix=lhs, dtype=dtype),
+            as_tensor(ctx, b, rank_=r, suffix=rhs, dtype=dtype))
+    return cast(ctx, a, dtype, suffix=f"{lhs}_cast"), cast(ctx, b, dtype, suffix=f"{rhs}_cast")
+
+
+def promoted_dtype(ctx: ConversionContext, *values) -> torch.dtype:
+    """PyTorch's type promotion over ITensors, StaticValues and Python scalars."""
+    proxies = []
+    for v in values:
+        if isinstance(v, StaticValue):
+            proxies.append(v.tensor)
+        elif isinstance(v, (int, float, bool)):
+            proxies.append(v)
+        else:
+            proxies.append(torch.zeros(1, dtype=torch_dtype_of(ctx, v)))
+    dtype = proxies[0] if len(proxies) == 1 else torch.result_type(*proxies[:2])
+    for p in proxies[2:]:
+        dtype = torch.promote_types(dtype, torch.result_type(p, torch.zeros(1, dtype=dtype)))
+    if isinstance(dtype, torch.Tensor):
+        dtype = dtype.dtype
+    # Weights are float32 whatever their checkpoint dtype; float64 meets float32 tensors.
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 def axes_mask(dims: Sequence[int], r: int) -> int:
@@ -62,3 +91,50 @@ def axes_mask(dims: Sequence[int], r: int) -> int:
         mask |= 1 << (d % r)
     return mask
 
+
+# torch dtype -> TensorRT DataType name (float64 has no TensorRT tensor type).
+TRT_DTYPES = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16", torch.int32: "INT32",
+              torch.int64: "INT64", torch.bool: "BOOL", torch.int8: "INT8", torch.uint8: "UINT8"}
+
+
+def trt_dtype(ctx: ConversionContext, dtype: torch.dtype):
+    """The TensorRT DataType of a torch dtype; Unsupported for types TensorRT tensors cannot hold."""
+    from ..registry import Unsupported
+
+    try:
+        return getattr(ctx.trt.DataType, TRT_DTYPES[dtype])
+    except KeyError:
+        raise Unsupported(f"{dtype} tensors (TensorRT has no such tensor type)") from None
+
+
+def cast(ctx: ConversionContext, x, dtype: torch.dtype, suffix: str | None = None):
+    """An ICastLayer to ``dtype`` (no layer when ``x`` already has it)."""
+    target = trt_dtype(ctx, dtype)
+    if x.dtype == target:
+        return x
+    return ctx.name(ctx.network.add_cast(x, target), suffix).get_output(0)
+
+
+def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: int | None = None,
+                   shape: Sequence[int] | None = None, suffix: str = "const"):
+    """A constant of ``dtype``: engine weights are float32 (the weight map's one dtype), so a
+    non-float constant is a float32 CONSTANT followed by a cast (exact for integers below 2**24)."""
+    t = ctx.constant(value, rank=rank, shape=shape, suffix=suffix)
+    if dtype == torch.float32:
+        return t
+    src = value.tensor if isinstance(value, StaticValue) else value
+    if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.numel() and \
+            int(src.abs().max()) >= 2 ** 24:
+        from ..registry import Unsupported
+
+        raise Unsupported(f"integer constant beyond 2**24 ({int(src.abs().max())}) is not exact as float32")
+    return cast(ctx, t, dtype, suffix=f"{suffix}_cast")
+
+
+def torch_dtype_of(ctx: ConversionContext, x) -> torch.dtype:
+    """The torch dtype of an ITensor."""
+    name = x.dtype.name
+    for k, v in TRT_DTYPES.items():
+        if v == name:
+            return k
+    raise RuntimeError(f"internal error: no torch dtype for TensorRT {name}")

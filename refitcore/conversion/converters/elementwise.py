@@ -5,15 +5,15 @@ import torch
 
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
-from ._util import arg, as_tensor, equalize_ranks, rank
+from ._util import arg, as_tensor, cast, equalize_ranks, promoted_dtype, rank
 
 aten = torch.ops.aten
 
 
-def elementwise(ctx: ConversionContext, a, b, op: str):
-    a, b = equalize_ranks(ctx, a, b)
+def elementwise(ctx: ConversionContext, a, b, op: str, *, suffix: str | None = None):
+    a, b = equalize_ranks(ctx, a, b, prefix=suffix)
     layer = ctx.network.add_elementwise(a, b, getattr(ctx.trt.ElementWiseOperation, op))
-    return ctx.name(layer).get_output(0)
+    return ctx.name(layer, suffix).get_output(0)
 
 
 def _scaled(ctx, b, alpha):
@@ -98,9 +98,10 @@ def rsqrt(ctx, node, args, kwargs):
 def select(ctx: ConversionContext, cond, a, b):
     """torch.where(cond, a, b): an ISelectLayer over inputs of equal rank."""
     r = max(_rank(v) for v in (cond, a, b))
-    cond = as_tensor(ctx, cond, rank_=r, suffix="cond")
-    a = as_tensor(ctx, a, rank_=r, suffix="then")
-    b = as_tensor(ctx, b, rank_=r, suffix="else")
+    dtype = promoted_dtype(ctx, a, b) if not all(isinstance(v, (int, float, bool)) for v in (a, b)) else torch.float32
+    cond = cast(ctx, as_tensor(ctx, cond, rank_=r, suffix="cond"), torch.bool, suffix="cond_bool")
+    a = cast(ctx, as_tensor(ctx, a, rank_=r, suffix="then", dtype=dtype), dtype, suffix="then_cast")
+    b = cast(ctx, as_tensor(ctx, b, rank_=r, suffix="else", dtype=dtype), dtype, suffix="else_cast")
     return ctx.name(ctx.network.add_select(cond, a, b)).get_output(0)
 
 
@@ -121,12 +122,3 @@ def masked_fill(ctx, node, args, kwargs):
     if isinstance(mask, StaticValue):
         raise Unsupported("masked_fill with a constant mask (constants reach TensorRT as float32, not bool)")
     return select(ctx, mask, value, x)
-
-
-_COMPARE = {aten.eq.Tensor: "EQUAL", aten.eq.Scalar: "EQUAL", aten.gt.Tensor: "GREATER", aten.gt.Scalar: "GREATER",
-            aten.lt.Tensor: "LESS", aten.lt.Scalar: "LESS"}
-
-
-@converter(*_COMPARE)
-def compare(ctx, node, args, kwargs):
-    return elementwise(ctx, args[0], args[1], _COMPARE[node.target])

@@ -83,3 +83,40 @@ def einsum(ctx: ConversionContext, equation: str, operands):
 @converter(aten.einsum.default)
 def einsum_default(ctx, node, args, kwargs):
     return einsum(ctx, args[0], list(args[1]))
+
+
+def _scaled(ctx: ConversionContext, x, factor, suffix: str):
+    if factor in (None, 1):
+        return x
+    from .elementwise import elementwise
+
+    if isinstance(x, StaticValue):
+        return StaticValue(x.tensor * factor, None if x.operand is None else {
+            "op": "aten.mul.Tensor", "args": [x.operand, float(factor)], "kwargs": {}})
+    return elementwise(ctx, x, float(factor), "PROD", suffix=suffix)
+
+
+def addmm(ctx: ConversionContext, bias, a, b, *, beta=1, alpha=1):
+    """beta * bias + alpha * (a @ b) (addmm, baddbmm): GPT-2's Conv1D is addmm(bias, x, W) with W
+    laid out (in, out), multiplied without a transpose; W and bias are refittable constants."""
+    from .elementwise import elementwise
+
+    trt = ctx.trt
+    r = max(rank(a), rank(b))
+    if min(rank(a), rank(b)) < 2:
+        raise Unsupported("addmm with a 1-D operand")
+    a = as_tensor(ctx, a, rank_=r, suffix="mat1")
+    b = as_tensor(ctx, b, rank_=r, suffix="mat2")
+    layer = ctx.network.add_matrix_multiply(a, trt.MatrixOperation.NONE, b, trt.MatrixOperation.NONE)
+    product = _scaled(ctx, ctx.name(layer, "matmul").get_output(0), alpha, "alpha")
+    if beta == 0:
+        return product
+    bias = _scaled(ctx, bias, beta, "beta")
+    if isinstance(bias, StaticValue):
+        bias = ctx.constant(bias, rank=r, suffix="bias")
+    return elementwise(ctx, product, bias, "SUM")
+
+
+@converter(aten.addmm.default, aten.baddbmm.default)
+def addmm_default(ctx, node, args, kwargs):
+    return addmm(ctx, args[0], args[1], args[2], beta=kwargs.get("beta", 1), alpha=kwargs.get("alpha", 1))
