@@ -20,7 +20,8 @@ __all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_f
 
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.convolution.default)
+CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.convolution.default,
+            aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
 def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
@@ -62,7 +63,9 @@ class FusionPlan:
 
 def plan_fusions(gm: fx.GraphModule) -> FusionPlan:
     """Find conv -> BatchNorm pairs where the conv output feeds only that BatchNorm and only the
-    BatchNorm's normalised output (item 0) is used. Any groups, with or without conv bias."""
+    BatchNorm's normalised output (item 0) is used. Any groups, with or without conv bias;
+    transposed convolutions too (their kernels fold along axis 1, per group: the converter and
+    the ``bn_fold_kernel`` recipe's ``axis``/``groups`` parameters handle it)."""
     plan = FusionPlan()
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not BATCH_NORM:
@@ -72,8 +75,6 @@ def plan_fusions(gm: fx.GraphModule) -> FusionPlan:
             continue
         if len(src.users) != 1:
             continue  # the conv output also feeds something else: BatchNorm becomes a scale layer
-        if src.target is aten.convolution.default and src.args[6]:
-            continue  # transposed convolution: channel axis differs
         users_ok = all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
                        for u in node.users)
         if not users_ok:

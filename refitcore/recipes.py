@@ -49,10 +49,23 @@ def constant(*, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def bn_fold_kernel(*, weight, gamma, var, eps: float, **_unused) -> torch.Tensor:
-    """The folded kernel W * factor along the output channels (dim 0), in float64."""
+def bn_fold_kernel(*, weight, gamma, var, eps: float, axis: int = 0, groups: int = 1, **_unused) -> torch.Tensor:
+    """The folded kernel W * factor along the output channels, in float64. ``axis=0``: a
+    convolution's (out, in/groups, k...) kernel. ``axis=1``: a transposed convolution's
+    (in, out/groups, k...) kernel, whose output channel ``g * out/groups + j`` is column ``j`` of
+    group ``g``'s block of input rows."""
     factor = bn_factor(gamma, var, eps)
-    return _f64(weight) * factor.reshape((-1,) + (1,) * (weight.dim() - 1))
+    w = _f64(weight)
+    if axis == 0:
+        return w * factor.reshape((-1,) + (1,) * (w.dim() - 1))
+    if axis != 1:
+        raise ValueError(f"bn_fold_kernel: axis must be 0 or 1, got {axis}")
+    if w.shape[0] % groups or factor.numel() != w.shape[1] * groups:
+        raise ValueError(f"bn_fold_kernel: a transposed kernel of shape {tuple(w.shape)} in {groups} groups "
+                         f"does not have {factor.numel()} output channels")
+    grouped = w.reshape((groups, w.shape[0] // groups) + tuple(w.shape[1:]))
+    scaled = grouped * factor.reshape((groups, 1, w.shape[1]) + (1,) * (w.dim() - 2))
+    return scaled.reshape(w.shape)
 
 
 def bn_fold_bias(*, bias, gamma, beta, mean, var, eps: float, **_unused) -> torch.Tensor:

@@ -45,6 +45,33 @@ def convolution(layer, ins, w):
                groups=int(a["num_groups"]))]
 
 
+@op("DECONVOLUTION")
+def deconvolution(layer, ins, w):
+    """IDeconvolutionLayer: kernel (in, out/groups, k...) as PyTorch's conv_transpose; the full
+    transposed convolution (in - 1) * s + d * (k - 1) + 1 long is cropped by ``pre_padding`` at
+    the start and ``post_padding`` at the end (a negative post padding extends it with zeros
+    before the bias: PyTorch's output_padding)."""
+    x = ins[0]
+    a = layer["attrs"]
+    n = len(a["kernel_size_nd"])
+    groups = int(a["num_groups"])
+    out_maps = int(a["num_output_maps"])
+    kernel = w["KERNEL"].reshape(x.shape[1], out_maps // groups, *a["kernel_size_nd"])
+    pre, post = list(a.get("pre_padding") or a["padding_nd"]), list(a.get("post_padding") or a["padding_nd"])
+    fn = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
+    y = fn(x, kernel, None, stride=a["stride_nd"], dilation=a["dilation_nd"], groups=groups)
+    for d in range(n):
+        axis = 2 + d
+        if post[d] < 0:
+            shape = list(y.shape)
+            shape[axis] = -post[d]
+            y = torch.cat([y, torch.zeros(shape, dtype=y.dtype)], dim=axis)
+        length = y.shape[axis] - pre[d] - max(post[d], 0)
+        y = y.narrow(axis, pre[d], length)
+    bias = w.get("BIAS")
+    return [y if bias is None else y + bias.reshape(1, -1, *([1] * n))]
+
+
 _ACT = {
     "RELU": lambda x, a, b: torch.relu(x),
     "SIGMOID": lambda x, a, b: torch.sigmoid(x),
@@ -221,16 +248,27 @@ def reduce(layer, ins, w):
 
 @op("NORMALIZATION")
 def normalization(layer, ins, w):
+    """INormalizationLayer: (x - mean) / sqrt(var + eps) over ``axes`` (biased variance), then
+    scale and bias. With ``num_groups`` G != 1 the channels (axis 1) split into G groups, each
+    normalized over its channels and the spatial axes, and scale/bias hold one value per group
+    ([1, G, 1, ...], TensorRT's GroupNormalization shapes)."""
     x, sc, bi = ins
     a = layer["attrs"]
     axes = _mask_axes(a["axes"], x.dim())
     groups = int(a.get("num_groups", 1) or 1)
     if groups != 1:
         n, c = x.shape[:2]
+        if c % groups:
+            raise ValueError(f"layer {layer['name']!r}: {c} channels do not split into {groups} groups")
         xg = x.reshape(n, groups, -1)
         mean = xg.mean(-1, keepdim=True)
         var = xg.var(-1, unbiased=False, keepdim=True)
         y = ((xg - mean) / torch.sqrt(var + a["epsilon"])).reshape(x.shape)
+        for name, t in (("scale", sc), ("bias", bi)):
+            if t.shape[1] != groups or t.numel() != groups:
+                raise ValueError(f"layer {layer['name']!r}: group normalization {name} of shape "
+                                 f"{list(t.shape)}, one value per group ({groups}) expected")
+        sc, bi = (t.repeat_interleave(c // groups, dim=1) for t in (sc, bi))
     else:
         mean = x.mean(dim=axes, keepdim=True)
         var = ((x - mean) ** 2).mean(dim=axes, keepdim=True)

@@ -69,3 +69,114 @@ def normalization(ctx: ConversionContext, x, normalized_shape, weight, bias, eps
     layer = add(x, scale, shift, mask)
     layer.epsilon = eps
     return ctx.name(layer).get_output(0)
+
+
+def _affine_constant(ctx: ConversionContext, value, default: float, shape, suffix: str):
+    """A refittable constant of ``shape`` holding ``value`` (a parameter), or a literal of
+    ``default`` when the module has no affine parameter."""
+    if value is not None and not isinstance(value, StaticValue):
+        raise Unsupported("normalization weight/bias computed from the input are not supported")
+    return ctx.constant(torch.full(tuple(shape), default) if value is None else value, shape=shape, suffix=suffix)
+
+
+def group_norm(ctx: ConversionContext, x, num_groups: int, weight, bias, eps: float):
+    """GroupNorm as TensorRT's INormalizationLayer with ``num_groups``, then PyTorch's per-channel
+    affine as two elementwise layers. TensorRT's group normalization takes scale and bias per
+    *group* ([1, G, 1, ...]; https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Normalization.html,
+    "GroupNormalization"), PyTorch's are per channel, so the layer gets literal ones and zeros and
+    the parameters are refittable constants [1, C, 1, ...] applied after it (as Torch-TensorRT's
+    ``native_group_norm`` does)."""
+    trt = ctx.trt
+    r = rank(x)
+    channels = shape_of(x)[1]
+    if r < 3:
+        raise Unsupported(f"group_norm on a rank-{r} input (N, C, ... with spatial axes expected)")
+    if channels % num_groups:
+        raise Unsupported(f"group_norm with {channels} channels in {num_groups} groups")
+    group_shape = (1, num_groups) + (1,) * (r - 2)
+    ones = ctx.constant(torch.ones(group_shape), suffix="group_scale")
+    zeros = ctx.constant(torch.zeros(group_shape), suffix="group_shift")
+    add = getattr(ctx.network, "add_normalization", None) or ctx.network.add_normalization_v2
+    # One group is a plain normalization over channels and spatial axes; with G groups TensorRT
+    # takes the spatial axes and splits the channels itself.
+    layer = add(x, ones, zeros, sum(1 << d for d in range(1 if num_groups == 1 else 2, r)))
+    layer.epsilon = float(eps)
+    layer.num_groups = int(num_groups)
+    y = ctx.name(layer, "normalize").get_output(0)
+    return _channel_affine(ctx, y, weight, bias)
+
+
+def _channel_affine(ctx: ConversionContext, y, weight, bias):
+    """y * weight + bias with per-channel [1, C, 1, ...] refittable constants (skipped when absent)."""
+    trt = ctx.trt
+    r, channels = rank(y), shape_of(y)[1]
+    pshape = (1, channels) + (1,) * (r - 2)
+    if weight is not None:
+        w = _affine_constant(ctx, weight, 1.0, pshape, "weight")
+        y = ctx.name(ctx.network.add_elementwise(y, w, trt.ElementWiseOperation.PROD),
+                     "scale" if bias is not None else None).get_output(0)
+    if bias is not None:
+        b = _affine_constant(ctx, bias, 0.0, pshape, "bias")
+        y = ctx.name(ctx.network.add_elementwise(y, b, trt.ElementWiseOperation.SUM)).get_output(0)
+    if weight is None and bias is None:
+        y = ctx.name(ctx.network.add_identity(y)).get_output(0)
+    return y
+
+
+@converter(aten.group_norm.default)
+def group_norm_default(ctx, node, args, kwargs):
+    return group_norm(ctx, args[0], int(args[1]), arg(args, kwargs, 2, "weight"), arg(args, kwargs, 3, "bias"),
+                      float(arg(args, kwargs, 4, "eps", 1e-5)))
+
+
+def instance_norm(ctx: ConversionContext, x, weight, bias, eps: float):
+    """InstanceNorm (statistics of the input) as an INormalizationLayer over the spatial axes with
+    per-channel scale and bias [1, C, 1, ...] (TensorRT's InstanceNormalization shapes), both
+    refittable constants."""
+    r = rank(x)
+    if r < 3:
+        raise Unsupported(f"instance_norm on a rank-{r} input")
+    pshape = (1, shape_of(x)[1]) + (1,) * (r - 2)
+    scale = _affine_constant(ctx, weight, 1.0, pshape, "weight")
+    shift = _affine_constant(ctx, bias, 0.0, pshape, "bias")
+    add = getattr(ctx.network, "add_normalization", None) or ctx.network.add_normalization_v2
+    layer = add(x, scale, shift, sum(1 << d for d in range(2, r)))
+    layer.epsilon = float(eps)
+    return ctx.name(layer).get_output(0)
+
+
+def _input_stats(node) -> str | None:
+    use_input_stats = arg(node.args, node.kwargs, 5, "use_input_stats", True)
+    return None if use_input_stats else "instance_norm with running statistics (use_input_stats=False)"
+
+
+@converter(aten.instance_norm.default, capability=_input_stats)
+def instance_norm_default(ctx, node, args, kwargs):
+    return instance_norm(ctx, args[0], arg(args, kwargs, 1, "weight"), arg(args, kwargs, 2, "bias"),
+                         float(arg(args, kwargs, 7, "eps", 1e-5)))
+
+
+def rms_norm(ctx: ConversionContext, x, normalized_shape, weight, eps: float):
+    """x / sqrt(mean(x^2 over the last axes) + eps) * weight, in elementwise and reduce layers."""
+    trt = ctx.trt
+    r, k = rank(x), len(normalized_shape)
+    sq = ctx.name(ctx.network.add_elementwise(x, x, trt.ElementWiseOperation.PROD), "square").get_output(0)
+    mean = ctx.name(ctx.network.add_reduce(sq, trt.ReduceOperation.AVG, sum(1 << d for d in range(r - k, r)), True),
+                    "mean").get_output(0)
+    eps_t = ctx.constant(torch.tensor(float(eps)), rank=r, suffix="eps")
+    var = ctx.name(ctx.network.add_elementwise(mean, eps_t, trt.ElementWiseOperation.SUM), "add_eps").get_output(0)
+    root = ctx.name(ctx.network.add_unary(var, trt.UnaryOperation.SQRT), "sqrt").get_output(0)
+    y = ctx.name(ctx.network.add_elementwise(x, root, trt.ElementWiseOperation.DIV),
+                 "normalize" if weight is not None else None).get_output(0)
+    if weight is None:
+        return y
+    w = _affine_constant(ctx, weight, 1.0, (1,) * (r - k) + tuple(normalized_shape), "weight")
+    return ctx.name(ctx.network.add_elementwise(y, w, trt.ElementWiseOperation.PROD)).get_output(0)
+
+
+@converter(aten.rms_norm.default)
+def rms_norm_default(ctx, node, args, kwargs):
+    eps = arg(args, kwargs, 3, "eps")
+    if eps is None:  # PyTorch's default: the machine epsilon of the input's type
+        eps = torch.finfo(node.args[0].meta["val"].dtype).eps
+    return rms_norm(ctx, args[0], list(args[1]), arg(args, kwargs, 2, "weight"), float(eps))
