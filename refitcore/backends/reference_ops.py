@@ -397,6 +397,65 @@ def padding(layer, ins, w):
     return [F.pad(ins[0], pad)]
 
 
+def _resize_source(layer, out_len: int, in_len: int, a: dict) -> torch.Tensor:
+    """Input coordinates of each output index on one axis, by TensorRT's coordinate transformation
+    (float64, so the reference does not add rounding of its own)."""
+    x = torch.arange(out_len, dtype=torch.float64)
+    ct = a.get("coordinate_transformation") or "ASYMMETRIC"
+    if out_len == 1 and (a.get("selector_for_single_pixel") == "UPPER"):
+        return torch.zeros(1, dtype=torch.float64)
+    if ct == "ALIGN_CORNERS":
+        if out_len == 1:
+            raise ValueError(f"layer {layer['name']!r}: ALIGN_CORNERS to one pixel with the FORMULA selector")
+        return x * (in_len - 1) / (out_len - 1)
+    if ct == "ASYMMETRIC":
+        return x * in_len / out_len
+    if ct == "HALF_PIXEL":
+        return (x + 0.5) * in_len / out_len - 0.5
+    raise NotImplementedError(f"layer {layer['name']!r}: coordinate transformation {ct}")
+
+
+_ROUND = {"FLOOR": torch.floor, "CEIL": torch.ceil, "HALF_UP": lambda v: torch.floor(v + 0.5),
+          "HALF_DOWN": lambda v: torch.ceil(v - 0.5)}
+
+
+@op("RESIZE")
+def resize(layer, ins, w):
+    """IResizeLayer with a static output ``shape``: each axis whose length changes is resampled
+    separately (NEAREST: the rounded source coordinate, clamped into the input; LINEAR: the two
+    neighbours of the source coordinate clamped into [0, len - 1], weighted by distance)."""
+    a = layer["attrs"]
+    x = ins[0]
+    if len(ins) > 1 and ins[1] is not None:
+        raise NotImplementedError(f"layer {layer['name']!r}: dynamic resize shape")
+    shape = list(a.get("shape") or [])
+    if len(shape) != x.dim():
+        raise NotImplementedError(f"layer {layer['name']!r}: resize by scales (no output shape)")
+    mode = a.get("resize_mode") or "NEAREST"
+    changed = [d for d in range(x.dim()) if shape[d] != x.shape[d]]
+    if len(changed) > 3:
+        raise ValueError(f"layer {layer['name']!r}: TensorRT resizes at most the 3 innermost axes")
+    y = x
+    for d in changed:
+        src = _resize_source(layer, shape[d], x.shape[d], a)
+        n = x.shape[d]
+        if mode == "NEAREST":
+            idx = _ROUND[a.get("nearest_rounding") or "FLOOR"](src).long().clamp(0, n - 1)
+            y = y.index_select(d, idx)
+        elif mode == "LINEAR":
+            src = src.clamp(0, n - 1)
+            i0 = src.floor().long()
+            i1 = (i0 + 1).clamp(max=n - 1)
+            frac = (src - i0).to(y.dtype)
+            view = [1] * y.dim()
+            view[d] = -1
+            frac = frac.reshape(view)
+            y = y.index_select(d, i0) * (1 - frac) + y.index_select(d, i1) * frac
+        else:
+            raise NotImplementedError(f"layer {layer['name']!r}: resize mode {mode}")
+    return [y]
+
+
 def run_layer(layer: dict, ins: list, weights: dict):
     try:
         fn = OPS[layer["type"]]
