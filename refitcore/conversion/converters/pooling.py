@@ -10,7 +10,7 @@ import torch
 
 from ..context import ConversionContext
 from ..registry import Unsupported, converter
-from ._util import arg, axes_mask, rank, shape_of
+from ._util import arg, axes_mask, out_shape, rank, reshape, shape_of
 
 aten = torch.ops.aten
 
@@ -31,14 +31,20 @@ def _ceil_extra(size: int, k: int, s: int, p: int) -> int:
 
 
 def pooling(ctx: ConversionContext, x, kind: str, kernel, stride, padding, *, ceil_mode=False,
-            count_include_pad=True):
-    """TensorRT pooling with explicit pre/post padding. PyTorch's ceil_mode becomes extra post
-    padding (TensorRT's EXPLICIT_ROUND_UP lacks PyTorch's last-window rule, so it is not used)."""
+            count_include_pad=True, n: int = 2):
+    """TensorRT pooling over the last ``n`` axes with explicit pre/post padding. PyTorch's
+    ceil_mode becomes extra post padding (TensorRT's EXPLICIT_ROUND_UP lacks PyTorch's
+    last-window rule, so it is not used). TensorRT pools 2-D and 3-D windows: a 1-D pooling runs
+    as a 2-D one over (L, 1)."""
     trt = ctx.trt
-    kernel = _pair(kernel)
-    stride = _pair(stride or kernel)
-    padding = _pair(padding)
-    n = len(kernel)
+    kernel = _pair(kernel, n)
+    stride = _pair(stride or kernel, n)
+    padding = _pair(padding, n)
+    if n == 1:
+        x2 = reshape(ctx, x, shape_of(x) + (1,), suffix="to2d")
+        y = pooling(ctx, x2, kind, kernel + [1], stride + [1], padding + [0], ceil_mode=ceil_mode,
+                    count_include_pad=count_include_pad, n=2)
+        return reshape(ctx, y, shape_of(y)[:-1], suffix="to1d")
     if rank(x) < n + 1:
         raise Unsupported(f"pooling over {n} axes needs an input of rank >= {n + 1}")
     spatial = shape_of(x)[-n:]
@@ -65,21 +71,27 @@ def reduce_mean(ctx: ConversionContext, x, dims, keepdim: bool):
     return ctx.name(layer).get_output(0)
 
 
-@converter(aten.max_pool2d.default)
-def max_pool2d(ctx, node, args, kwargs):
-    if _pair(arg(args, kwargs, 4, "dilation", 1)) != [1, 1]:
+_SPATIAL = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.max_pool3d.default: 3,
+            aten.avg_pool1d.default: 1, aten.avg_pool2d.default: 2, aten.avg_pool3d.default: 3}
+
+
+@converter(aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default)
+def max_pool(ctx, node, args, kwargs):
+    n = _SPATIAL[node.target]
+    if any(d != 1 for d in _pair(arg(args, kwargs, 4, "dilation", 1), n)):
         raise Unsupported("dilated max pooling is not supported")
     return pooling(ctx, args[0], "MAX", args[1], arg(args, kwargs, 2, "stride", None),
-                   arg(args, kwargs, 3, "padding", 0), ceil_mode=arg(args, kwargs, 5, "ceil_mode", False))
+                   arg(args, kwargs, 3, "padding", 0), ceil_mode=arg(args, kwargs, 5, "ceil_mode", False), n=n)
 
 
-@converter(aten.avg_pool2d.default)
-def avg_pool2d(ctx, node, args, kwargs):
+@converter(aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
+def avg_pool(ctx, node, args, kwargs):
+    n = _SPATIAL[node.target]
     if arg(args, kwargs, 6, "divisor_override") is not None:
-        raise Unsupported("avg_pool2d divisor_override is not supported")
+        raise Unsupported(f"avg_pool{n}d divisor_override is not supported")
     return pooling(ctx, args[0], "AVERAGE", args[1], arg(args, kwargs, 2, "stride", None),
                    arg(args, kwargs, 3, "padding", 0), ceil_mode=arg(args, kwargs, 4, "ceil_mode", False),
-                   count_include_pad=arg(args, kwargs, 5, "count_include_pad", True))
+                   count_include_pad=arg(args, kwargs, 5, "count_include_pad", True), n=n)
 
 
 @converter(aten.adaptive_avg_pool2d.default)
@@ -92,6 +104,38 @@ def adaptive_avg_pool2d(ctx, node, args, kwargs):
         k = [h // out_hw[0], w // out_hw[1]]
         return pooling(ctx, x, "AVERAGE", k, k, 0)
     return adaptive_avg_matmul(ctx, x, h, w, out_hw)
+
+
+@converter(aten.adaptive_avg_pool1d.default)
+def adaptive_avg_pool1d(ctx, node, args, kwargs):
+    """As a 2-D adaptive pooling over (L, 1)."""
+    x, size = args[0], _pair(args[1], 1)[0]
+    x2 = reshape(ctx, x, shape_of(x) + (1,), suffix="to2d")
+    length = shape_of(x)[-1]
+    if size == 1:
+        y = reduce_mean(ctx, x2, [-2], True)
+    elif length % size == 0:
+        y = pooling(ctx, x2, "AVERAGE", [length // size, 1], [length // size, 1], 0)
+    else:
+        y = adaptive_avg_matmul(ctx, x2, length, 1, [size, 1])
+    return reshape(ctx, y, out_shape(ctx), suffix="to1d")
+
+
+def _even_3d(node) -> str | None:
+    d, h, w = node.args[0].meta["val"].shape[-3:]
+    out = _pair(node.args[1], 3)
+    if out == [1, 1, 1] or all(int(s) % o == 0 for s, o in zip((d, h, w), out)):
+        return None
+    return f"adaptive_avg_pool3d to {out} from {[int(d), int(h), int(w)]} (uneven windows)"
+
+
+@converter(aten.adaptive_avg_pool3d.default, capability=_even_3d)
+def adaptive_avg_pool3d(ctx, node, args, kwargs):
+    x, out = args[0], _pair(args[1], 3)
+    if out == [1, 1, 1]:
+        return reduce_mean(ctx, x, [-3, -2, -1], True)
+    k = [s // o for s, o in zip(shape_of(x)[-3:], out)]
+    return pooling(ctx, x, "AVERAGE", k, k, 0, n=3)
 
 
 def adaptive_window_matrix(size: int, out: int) -> torch.Tensor:
