@@ -39,6 +39,8 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "SOFTMAX": ("ISoftMaxLayer", ("axes",), {}),
     "UNARY": ("IUnaryLayer", ("op",), {}),
     "IDENTITY": ("IIdentityLayer", (), {}),
+    "CUMULATIVE": ("ICumulativeLayer", ("op", "exclusive", "reverse"), {}),
+    "TOPK": ("ITopKLayer", ("op", "k", "axes"), {}),
     "CAST": ("ICastLayer", ("to_type",), {}),
     "GATHER": ("IGatherLayer", ("axis", "mode", "num_elementwise_dims"), {}),
     "SELECT": ("ISelectLayer", (), {}),

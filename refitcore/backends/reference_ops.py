@@ -456,6 +456,37 @@ def resize(layer, ins, w):
     return [y]
 
 
+@op("CUMULATIVE")
+def cumulative(layer, ins, w):
+    """ICumulativeLayer SUM along the axis in input 1 (a 0-D tensor): forward/reverse,
+    inclusive (y[j] = x[0..j]) or exclusive (x[0..j-1])."""
+    a = layer["attrs"]
+    x, axis = ins
+    if a.get("op", "SUM") != "SUM":
+        raise NotImplementedError(f"layer {layer['name']!r}: cumulative op {a['op']}")
+    if axis.dim() != 0:
+        raise ValueError(f"layer {layer['name']!r}: the axis must be a 0-D tensor")
+    d = int(axis) % x.dim()
+    y = x.flip(d) if a.get("reverse") else x
+    y = torch.cumsum(y, d)
+    if a.get("exclusive"):
+        y = y - (x.flip(d) if a.get("reverse") else x)
+    return [y.flip(d) if a.get("reverse") else y]
+
+
+@op("TOPK")
+def topk(layer, ins, w):
+    """ITopKLayer: the k largest (MAX, descending) or smallest (MIN, ascending) along the one axis
+    in ``axes``; indices int32."""
+    a = layer["attrs"]
+    x = ins[0]
+    axes = _mask_axes(a["axes"], x.dim())
+    if len(axes) != 1:
+        raise ValueError(f"layer {layer['name']!r}: top-k needs exactly one axis")
+    values, indices = torch.topk(x, int(a["k"]), dim=axes[0], largest=a["op"] == "MAX", sorted=True)
+    return [values, indices.to(torch.int32)]
+
+
 def run_layer(layer: dict, ins: list, weights: dict):
     try:
         fn = OPS[layer["type"]]

@@ -80,7 +80,10 @@ def unary(ctx: ConversionContext, x, op: str):
 
 
 _UNARY = {aten.sqrt.default: "SQRT", aten.exp.default: "EXP", aten.neg.default: "NEG", aten.abs.default: "ABS",
-          aten.log.default: "LOG", aten.reciprocal.default: "RECIP", aten.erf.default: "ERF"}
+          aten.log.default: "LOG", aten.reciprocal.default: "RECIP", aten.erf.default: "ERF",
+          aten.sin.default: "SIN", aten.cos.default: "COS", aten.tan.default: "TAN", aten.floor.default: "FLOOR",
+          aten.ceil.default: "CEIL", aten.sign.default: "SIGN", aten.round.default: "ROUND",
+          aten.asin.default: "ASIN", aten.acos.default: "ACOS", aten.atan.default: "ATAN"}
 
 
 @converter(*_UNARY)

@@ -55,4 +55,66 @@ def linalg_vector_norm(ctx, node, args, kwargs):
     return ctx.name(ctx.network.add_unary(total, trt.UnaryOperation.SQRT)).get_output(0)
 
 
-__all__ = ["reduce", "Unsupported"]
+
+
+def cumulative_sum(ctx: ConversionContext, x, dim: int):
+    """torch.cumsum as an ICumulativeLayer (SUM, inclusive, forward;
+    https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Cumulative.html). Its
+    axis input is a 0-D int32 constant (a float32 constant, the weight map's one dtype, cast)."""
+    from ._util import typed_constant
+
+    axis = typed_constant(ctx, torch.tensor(dim % rank(x)), torch.int32, shape=(), suffix="axis")
+    layer = ctx.network.add_cumulative(x, axis, ctx.trt.CumulativeOperation.SUM, False, False)
+    return ctx.name(layer).get_output(0)
+
+
+def _cumsum_dtype(node) -> str | None:
+    dtype = node.kwargs.get("dtype")
+    if dtype not in (None, node.args[0].meta["val"].dtype):
+        return f"cumsum with dtype={dtype}"
+    return None
+
+
+@converter(aten.cumsum.default, capability=_cumsum_dtype)
+def cumsum(ctx, node, args, kwargs):
+    return cumulative_sum(ctx, args[0], arg(args, kwargs, 1, "dim"))
+
+
+def topk(ctx: ConversionContext, x, k: int, dim: int, largest: bool = True, *, keepdim: bool = True,
+         suffix: str | None = None):
+    """(values, int64 indices) of the k largest (smallest) along ``dim``: an ITopKLayer (sorted
+    descending for MAX, ascending for MIN; its int32 indices are cast to PyTorch's int64).
+    Which of equal values comes first is not specified by either side."""
+    from ._util import cast, reshape, shape_of
+
+    trt = ctx.trt
+    r = rank(x)
+    dim %= r
+    layer = ctx.network.add_topk(x, trt.TopKOperation.MAX if largest else trt.TopKOperation.MIN, int(k), 1 << dim)
+    ctx.name(layer, suffix)
+    values, indices = layer.get_output(0), cast(ctx, layer.get_output(1), torch.int64,
+                                                suffix="indices" if suffix is None else f"{suffix}_indices")
+    if not keepdim:
+        shape = shape_of(values)[:dim] + shape_of(values)[dim + 1:]
+        values = reshape(ctx, values, shape, suffix="values_squeeze")
+        indices = reshape(ctx, indices, shape, suffix="indices_squeeze")
+    return values, indices
+
+
+@converter(aten.topk.default)
+def topk_default(ctx, node, args, kwargs):
+    return topk(ctx, args[0], args[1], arg(args, kwargs, 2, "dim", -1), arg(args, kwargs, 3, "largest", True))
+
+
+def _argdim(node) -> str | None:
+    return None if arg(node.args, node.kwargs, 1, "dim") is not None else "argmax/argmin over all elements (dim=None)"
+
+
+@converter(aten.argmax.default, aten.argmin.default, capability=_argdim)
+def argmax(ctx, node, args, kwargs):
+    largest = node.target is aten.argmax.default
+    _, indices = topk(ctx, args[0], 1, args[1], largest, keepdim=bool(arg(args, kwargs, 2, "keepdim", False)))
+    return indices
+
+
+__all__ = ["reduce", "cumulative_sum", "topk", "Unsupported"]

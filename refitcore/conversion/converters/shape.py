@@ -243,3 +243,56 @@ def unbind(ctx, node, args, kwargs):
     dim = arg(args, kwargs, 1, "dim", 0) % len(shp)
     parts = _split(ctx, x, [1] * shp[dim], dim)
     return [reshape(ctx, p, shp[:dim] + shp[dim + 1:], suffix=f"squeeze{i}") for i, p in enumerate(parts)]
+
+
+def repeat(ctx: ConversionContext, x, repeats):
+    """Tensor.repeat / torch.tile: one WRAP slice over the output shape (out[i] = x[i mod n]
+    on every axis), after padding the input's rank with leading 1s."""
+    shp = shape_of(x)
+    r = max(len(repeats), len(shp))
+    repeats = [1] * (r - len(repeats)) + list(repeats)
+    if len(shp) < r:
+        x = reshape(ctx, x, (1,) * (r - len(shp)) + shp, suffix="rank")
+        shp = shape_of(x)
+    out = [s * k for s, k in zip(shp, repeats)]
+    if list(shp) == out:
+        return x
+    return _slice_mode(ctx, x, [0] * r, out, "WRAP")
+
+
+@converter(aten.repeat.default, aten.tile.default)
+def repeat_default(ctx, node, args, kwargs):
+    return repeat(ctx, args[0], list(args[1]))
+
+
+def pixel_shuffle(ctx: ConversionContext, x, factor: int, inverse: bool = False):
+    """pixel_shuffle: (N.., C*r*r, H, W) -> view (N.., C, r, r, H, W) -> permute to
+    (N.., C, H, r, W, r) -> (N.., C, H*r, W*r); pixel_unshuffle is the inverse. One shuffle layer
+    (reshape then second transpose) and one reshape."""
+    shp = shape_of(x)
+    lead, (c, h, w) = shp[:-3], shp[-3:]
+    k = len(lead)
+    r = int(factor)
+    if inverse:
+        split = lead + (c, h // r, r, w // r, r)
+        perm = list(range(k + 1)) + [k + 2, k + 4, k + 1, k + 3]
+        final = lead + (c * r * r, h // r, w // r)
+    else:
+        split = lead + (c // (r * r), r, r, h, w)
+        perm = list(range(k + 1)) + [k + 3, k + 1, k + 4, k + 2]
+        final = lead + (c // (r * r), h * r, w * r)
+    layer = ctx.network.add_shuffle(x)
+    layer.reshape_dims = ctx.trt.Dims(split)
+    layer.second_transpose = ctx.trt.Permutation(perm)
+    y = ctx.name(layer, "split").get_output(0)
+    return reshape(ctx, y, final)
+
+
+@converter(aten.pixel_shuffle.default)
+def pixel_shuffle_default(ctx, node, args, kwargs):
+    return pixel_shuffle(ctx, args[0], args[1])
+
+
+@converter(aten.pixel_unshuffle.default)
+def pixel_unshuffle_default(ctx, node, args, kwargs):
+    return pixel_shuffle(ctx, args[0], args[1], inverse=True)
