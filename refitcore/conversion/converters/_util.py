@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import torch
 
 from ..context import ConversionContext, StaticValue
+from ..registry import Unsupported
 
 __all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
            "TRT_DTYPES", "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of"]
@@ -99,8 +100,6 @@ TRT_DTYPES = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF
 
 def trt_dtype(ctx: ConversionContext, dtype: torch.dtype):
     """The TensorRT DataType of a torch dtype; Unsupported for types TensorRT tensors cannot hold."""
-    from ..registry import Unsupported
-
     try:
         return getattr(ctx.trt.DataType, TRT_DTYPES[dtype])
     except KeyError:
@@ -125,8 +124,6 @@ def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: i
     src = value.tensor if isinstance(value, StaticValue) else value
     if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.numel() and \
             int(src.abs().max()) >= 2 ** 24:
-        from ..registry import Unsupported
-
         raise Unsupported(f"integer constant beyond 2**24 ({int(src.abs().max())}) is not exact as float32")
     return cast(ctx, t, dtype, suffix=f"{suffix}_cast")
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext
+from ..context import ConversionContext, StaticValue
 from ..registry import converter
 from ._util import cast
 from .elementwise import elementwise
@@ -43,8 +43,6 @@ def logical(ctx: ConversionContext, a, b, op: str):
 
 
 def _as_bool(ctx, x, suffix):
-    from ..context import StaticValue
-
     if isinstance(x, StaticValue):
         return x if x.tensor.dtype == torch.bool else StaticValue(x.tensor != 0, None)
     if x.dtype == ctx.trt.DataType.BOOL:

@@ -6,6 +6,7 @@ import torch
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
 from ._util import arg, as_tensor, rank
+from .elementwise import elementwise
 
 aten = torch.ops.aten
 
@@ -88,8 +89,6 @@ def einsum_default(ctx, node, args, kwargs):
 def _scaled(ctx: ConversionContext, x, factor, suffix: str):
     if factor in (None, 1):
         return x
-    from .elementwise import elementwise
-
     if isinstance(x, StaticValue):
         return StaticValue(x.tensor * factor, None if x.operand is None else {
             "op": "aten.mul.Tensor", "args": [x.operand, float(factor)], "kwargs": {}})
@@ -99,8 +98,6 @@ def _scaled(ctx: ConversionContext, x, factor, suffix: str):
 def addmm(ctx: ConversionContext, bias, a, b, *, beta=1, alpha=1):
     """beta * bias + alpha * (a @ b) (addmm, baddbmm): GPT-2's Conv1D is addmm(bias, x, W) with W
     laid out (in, out), multiplied without a transpose; W and bias are refittable constants."""
-    from .elementwise import elementwise
-
     trt = ctx.trt
     r = max(rank(a), rank(b))
     if min(rank(a), rank(b)) < 2:

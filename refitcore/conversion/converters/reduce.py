@@ -5,7 +5,7 @@ import torch
 
 from ..context import ConversionContext
 from ..registry import Unsupported, converter
-from ._util import arg, axes_mask, rank
+from ._util import arg, axes_mask, cast, rank, reshape, shape_of, typed_constant
 
 aten = torch.ops.aten
 
@@ -61,8 +61,6 @@ def cumulative_sum(ctx: ConversionContext, x, dim: int):
     """torch.cumsum as an ICumulativeLayer (SUM, inclusive, forward;
     https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Cumulative.html). Its
     axis input is a 0-D int32 constant (a float32 constant, the weight map's one dtype, cast)."""
-    from ._util import typed_constant
-
     axis = typed_constant(ctx, torch.tensor(dim % rank(x)), torch.int32, shape=(), suffix="axis")
     layer = ctx.network.add_cumulative(x, axis, ctx.trt.CumulativeOperation.SUM, False, False)
     return ctx.name(layer).get_output(0)
@@ -85,8 +83,6 @@ def topk(ctx: ConversionContext, x, k: int, dim: int, largest: bool = True, *, k
     """(values, int64 indices) of the k largest (smallest) along ``dim``: an ITopKLayer (sorted
     descending for MAX, ascending for MIN; its int32 indices are cast to PyTorch's int64).
     Which of equal values comes first is not specified by either side."""
-    from ._util import cast, reshape, shape_of
-
     trt = ctx.trt
     r = rank(x)
     dim %= r
