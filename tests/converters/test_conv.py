@@ -37,3 +37,19 @@ def test_batchnorm_after_transposed_conv_folds_along_axis_1():
     kernels = [s for s in engine.weight_map.sources.values() if s.recipe == "bn_fold_kernel"]
     assert len(kernels) == 1 and kernels[0].params == {"eps": 1e-5, "axis": 1, "groups": 2}
     assert not any(s.recipe in ("bn_scale", "bn_shift") for s in engine.weight_map.sources.values())
+
+
+def test_fold_recipe_scales_each_output_channel_of_a_grouped_transposed_kernel():
+    from refitcore.recipes import bn_fold_kernel
+
+    groups, cin, cout_g = 2, 4, 3
+    weight = torch.randn(cin, cout_g, 2, 2)
+    gamma, var = torch.randn(groups * cout_g), torch.rand(groups * cout_g) + 0.5
+    folded = bn_fold_kernel(weight=weight, gamma=gamma, var=var, eps=1e-5, axis=1, groups=groups)
+    factor = gamma / torch.sqrt(var + 1e-5)
+    for i in range(cin):  # input row i belongs to group i // (cin / groups)
+        g = i // (cin // groups)
+        for j in range(cout_g):
+            torch.testing.assert_close(folded[i, j], weight[i, j] * factor[g * cout_g + j])
+    with pytest.raises(ValueError, match="output channels"):
+        bn_fold_kernel(weight=weight, gamma=gamma, var=var, eps=1e-5, axis=1, groups=1)

@@ -29,6 +29,8 @@ class Proj(nn.Module):
     pytest.param(lambda y: y.masked_fill((y > 0) & (y < 0.5), -2.0), id="masked_fill_mask"),
     pytest.param(lambda y: torch.where(y.ne(0.1), y, torch.zeros_like(y)), id="where_ne"),
     pytest.param(lambda y: torch.where(y > 0, 1, 0) + y, id="where_int_scalars"),
+    pytest.param(lambda y: (y * 4).long().masked_fill(y > 0.2, 7) * y, id="masked_fill_int_tensor"),
+    pytest.param(lambda y: torch.where(y > 0, 3, -2) * 2, id="where_int_output"),
 ])
 def test_casts_and_logic_match_eager_and_refit(fn):
     check_converter(Proj(fn), torch.randn(2, 3, 4))

@@ -98,10 +98,13 @@ def rsqrt(ctx, node, args, kwargs):
     return elementwise(ctx, 1.0, root, "DIV")
 
 
-def select(ctx: ConversionContext, cond, a, b):
-    """torch.where(cond, a, b): an ISelectLayer over inputs of equal rank."""
+def select(ctx: ConversionContext, cond, a, b, *, dtype: torch.dtype | None = None):
+    """torch.where(cond, a, b): an ISelectLayer over inputs of equal rank and type (``dtype``, by
+    default PyTorch's promotion of ``a`` and ``b``)."""
     r = max(_rank(v) for v in (cond, a, b))
-    dtype = promoted_dtype(ctx, a, b) if not all(isinstance(v, (int, float, bool)) for v in (a, b)) else torch.float32
+    if dtype is None:
+        dtype = (promoted_dtype(ctx, a, b) if not all(isinstance(v, (int, float, bool)) for v in (a, b))
+                 else torch.float32)
     cond = cast(ctx, as_tensor(ctx, cond, rank_=r, suffix="cond"), torch.bool, suffix="cond_bool")
     a = cast(ctx, as_tensor(ctx, a, rank_=r, suffix="then", dtype=dtype), dtype, suffix="then_cast")
     b = cast(ctx, as_tensor(ctx, b, rank_=r, suffix="else", dtype=dtype), dtype, suffix="else_cast")
@@ -116,7 +119,7 @@ def _rank(v) -> int:
 def where(ctx, node, args, kwargs):
     if isinstance(args[0], StaticValue):
         raise Unsupported("where with a constant condition (constants reach TensorRT as float32, not bool)")
-    return select(ctx, args[0], args[1], args[2])
+    return select(ctx, args[0], args[1], args[2], dtype=node.meta["val"].dtype)
 
 
 @converter(aten.masked_fill.Scalar, aten.masked_fill.Tensor)
@@ -124,4 +127,4 @@ def masked_fill(ctx, node, args, kwargs):
     x, mask, value = args[0], args[1], args[2]
     if isinstance(mask, StaticValue):
         raise Unsupported("masked_fill with a constant mask (constants reach TensorRT as float32, not bool)")
-    return select(ctx, mask, value, x)
+    return select(ctx, mask, value, x, dtype=node.meta["val"].dtype)  # masked_fill keeps x's type
