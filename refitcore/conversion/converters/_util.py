@@ -5,11 +5,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ... import dtypes
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported
 
 __all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
-           "TRT_DTYPES", "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of"]
+           "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of"]
 
 
 def arg(args: Sequence[Any], kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -93,17 +94,12 @@ def axes_mask(dims: Sequence[int], r: int) -> int:
     return mask
 
 
-# torch dtype -> TensorRT DataType name (float64 has no TensorRT tensor type).
-TRT_DTYPES = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16", torch.int32: "INT32",
-              torch.int64: "INT64", torch.bool: "BOOL", torch.int8: "INT8", torch.uint8: "UINT8"}
-
-
 def trt_dtype(ctx: ConversionContext, dtype: torch.dtype):
     """The TensorRT DataType of a torch dtype; Unsupported for types TensorRT tensors cannot hold."""
-    try:
-        return getattr(ctx.trt.DataType, TRT_DTYPES[dtype])
-    except KeyError:
-        raise Unsupported(f"{dtype} tensors (TensorRT has no such tensor type)") from None
+    name = dtypes.trt_name(dtype)  # float64 has no TensorRT tensor type
+    if name is None:
+        raise Unsupported(f"{dtype} tensors (TensorRT has no such tensor type)")
+    return getattr(ctx.trt.DataType, name)
 
 
 def cast(ctx: ConversionContext, x, dtype: torch.dtype, suffix: str | None = None):
@@ -130,8 +126,7 @@ def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: i
 
 def torch_dtype_of(ctx: ConversionContext, x) -> torch.dtype:
     """The torch dtype of an ITensor."""
-    name = x.dtype.name
-    for k, v in TRT_DTYPES.items():
-        if v == name:
-            return k
-    raise RuntimeError(f"internal error: no torch dtype for TensorRT {name}")
+    dtype = dtypes.torch_dtype(x.dtype.name)
+    if dtype is None:
+        raise RuntimeError(f"internal error: no torch dtype for TensorRT {x.dtype.name}")
+    return dtype
