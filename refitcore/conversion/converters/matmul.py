@@ -90,8 +90,8 @@ def _scaled(ctx: ConversionContext, x, factor, suffix: str):
     if factor in (None, 1):
         return x
     if isinstance(x, StaticValue):
-        return StaticValue(x.tensor * factor, None if x.operand is None else {
-            "op": "aten.mul.Tensor", "args": [x.operand, float(factor)], "kwargs": {}})
+        return StaticValue(x.tensor * factor, {"op": "aten.mul.Tensor", "args": [ctx.operand(x), float(factor)],
+                                               "kwargs": {}})
     return elementwise(ctx, x, float(factor), "PROD", suffix=suffix)
 
 
