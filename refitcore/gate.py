@@ -37,7 +37,7 @@ class GateReport:
 
     @property
     def ok(self) -> bool:
-        return self.data["verdict"] == "pass"
+        return self.data["status"] == "pass"
 
     @property
     def exit_code(self) -> int:
@@ -45,7 +45,7 @@ class GateReport:
 
     @property
     def verdict(self) -> str:
-        return self.data["verdict"]
+        return self.data["status"]
 
     @property
     def culprits(self) -> dict[str, str]:
@@ -60,7 +60,7 @@ class GateReport:
 
     def __str__(self) -> str:
         r = self.data
-        head = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}[r["verdict"]]
+        head = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}[r["status"]]
         lines = [f"{TOOL} gate: {head}: {r['checkpoint']} on {r['bundle']}"
                  + (f" (backend {r['backend']})" if r.get("backend") else "")]
         for name, p in r["paths"].items():
@@ -84,7 +84,7 @@ class GateReport:
 
     def to_markdown(self) -> str:
         r = self.data
-        verdict = {"pass": "PASS ✅", "fail": "FAIL ❌", "error": "ERROR ⚠️"}[r["verdict"]]
+        verdict = {"pass": "PASS ✅", "fail": "FAIL ❌", "error": "ERROR ⚠️"}[r["status"]]
         lines = [f"### {TOOL} gate: {verdict}", "", f"- bundle: `{r['bundle']}`", f"- checkpoint: `{r['checkpoint']}`"]
         lines += [f"- note: {n}" for n in r.get("notes", [])]
         if r.get("backend"):
@@ -105,7 +105,7 @@ class GateReport:
                              f"{t.get('mapping_s', 0) * 1e3:.1f} ms | {t.get('apply_s', 0) * 1e3:.1f} ms |")
             lines.append("")
             for name, p in r["paths"].items():
-                checks = p.get("checks") or []
+                checks = p.get("outputs") or []
                 if not checks:
                     continue
                 lines += [f"<details><summary>{name} path: per-sample errors</summary>", "",
@@ -149,20 +149,46 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str
 
     rtol = DEFAULT_RTOL if rtol is None else rtol
     atol = DEFAULT_ATOL if atol is None else atol
-    data: dict[str, Any] = {"tool": TOOL, "verdict": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
+    data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
                             "rtol": rtol, "atol": atol, "paths": {}, "audit": None, "problems": []}
     try:
         code = _run(bundle, checkpoint, inputs, parse_paths(paths), rtol, atol, model, trust_factory,
                     progress or Silent(), data)
     except InputError as err:
         code = err.code
-        data["verdict"] = "fail" if code == EXIT_MISMATCH else "error"
+        data["status"] = "fail" if code == EXIT_MISMATCH else "error"
         if str(err) not in data["problems"] and not (code == EXIT_MISMATCH and data["problems"]):
             data["problems"].append(str(err))
         data["exit_code"] = code
-        return GateReport(data, str(err))
+        return GateReport(_as_schema(data), str(err))
     data["exit_code"] = code
-    return GateReport(data)
+    return GateReport(_as_schema(data))
+
+
+def _as_schema(data: dict[str, Any]) -> dict[str, Any]:
+    """The gate's findings in the shared report schema (:mod:`refitcore.report_schema`); the gate's own
+    keys (bundle, checkpoint, audit, exit_code, per-path timings/outputs/note/report) follow them."""
+    from .report_schema import check_entry, envelope
+
+    model = data.get("model_factory") or data["checkpoint"]
+    checks = [check_entry(model=model, path=name, ok=p["ok"], culprit=p.get("culprit"), **p.get("worst", {}))
+              for name, p in data["paths"].items()]
+    status = data["status"]
+    summary = {"pass": f"every refit path reproduces eager PyTorch for {data['checkpoint']}",
+               "fail": f"{len(data['problems'])} problem(s): {data['problems'][0] if data['problems'] else ''}",
+               "error": f"the gate could not run: {data['problems'][0] if data['problems'] else 'unknown error'}"}
+    rest = {k: v for k, v in data.items() if k not in ("status", "paths", "problems", "rtol", "atol", "backend",
+                                                         "backend_note")}
+    return envelope(producer=f"{TOOL} gate", status=status, summary=summary[status], checks=checks,
+                    backend=data.get("backend"), backend_note=data.get("backend_note"), rtol=data["rtol"],
+                    atol=data["atol"], problems=data["problems"], paths=data["paths"], **rest)
+
+
+def _worst_fields(verdict) -> dict[str, float]:
+    w = verdict.worst
+    if w is None:
+        return {}
+    return {k: getattr(w, k) for k in ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol")}
 
 
 def _label(obj: Any) -> str:
@@ -307,7 +333,8 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
                             f"difference comes from the network or the tolerance (worst: {verdict.worst})")
             data["paths"][path] = {"ok": bool(verdict.ok), "max_abs": verdict.max_abs, "culprit": culprit,
                                    "timings": {"mapping_s": mapping_s.get(path, 0.0), "apply_s": apply_s},
-                                   "checks": verdict.to_json()["checks"], "note": note, "report": str(verdict)}
+                                   "outputs": verdict.to_json()["checks"], "note": note, "report": str(verdict),
+                                   "worst": _worst_fields(verdict)}
             if not verdict.ok:
                 data["problems"].append(f"{path} path: refitted engine disagrees with eager "
                                         f"(max abs error {_fmt(verdict.max_abs)})"
@@ -324,5 +351,5 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         data["problems"].append(f"audit: cached and fallback mappings disagree on {len(failures)} weight(s), "
                                 f"first {failures[0]['name']!r}")
     ok = not data["problems"]
-    data["verdict"] = "pass" if ok else "fail"
+    data["status"] = "pass" if ok else "fail"
     return EXIT_OK if ok else EXIT_MISMATCH

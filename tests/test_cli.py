@@ -69,7 +69,7 @@ def test_good_checkpoint_passes_both_paths(work, capsys):
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
     report = json.loads((work / "r.json").read_text())
-    assert report["verdict"] == "pass" and report["exit_code"] == 0
+    assert report["status"] == "pass" and report["exit_code"] == 0
     assert set(report["paths"]) == {"cached", "fallback"}
     assert all(p["ok"] and p["max_abs"] < 1e-4 for p in report["paths"].values())
     assert report["audit"]["ok"]
@@ -108,7 +108,7 @@ def test_nan_weight_is_refused_naming_it(work, capsys):
     out = capsys.readouterr().out
     assert code == 1
     assert "'conv2.weight'" in out and "conv2/conv2d KERNEL" in out and "NaN" in out
-    assert json.loads((work / "nan.json").read_text())["verdict"] == "fail"
+    assert json.loads((work / "nan.json").read_text())["status"] == "fail"
 
 
 def test_swapped_map_entries_fail_naming_the_weight(work, capsys):
@@ -126,7 +126,7 @@ def test_swapped_map_entries_fail_naming_the_weight(work, capsys):
     out = capsys.readouterr().out
     assert code == 1, out
     report = json.loads((work / "sw.json").read_text())
-    assert report["verdict"] == "fail"
+    assert report["status"] == "fail"
     assert not report["paths"]["cached"]["ok"]
     assert report["paths"]["cached"]["culprit"] in (a, b)
     assert report["paths"]["cached"]["culprit"] in out

@@ -9,6 +9,7 @@ import torch
 
 import refitcore
 from refitcore.gate import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, GateReport
+from refitcore.report_schema import validate
 from tests.cli_models import other_net, randomized_state, small_net
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -28,8 +29,12 @@ def test_a_good_checkpoint_passes(bundle):
     report = refitcore.gate(bundle / "m.trtrefit", bundle / "good.pt", "random:2", model=small_net)
     assert report and report.ok and report.exit_code == EXIT_OK and report.error is None, str(report)
     data = report.to_json()
-    assert data["verdict"] == "pass" and set(data["paths"]) == {"cached", "fallback"} and data["audit"]["ok"]
+    assert data["status"] == "pass" and set(data["paths"]) == {"cached", "fallback"} and data["audit"]["ok"]
     json.dumps(data, default=str)  # JSON-able
+    validate(data)   # the shared report schema, as the plugin's report
+    assert data["schema"] == "trtrefit.report/1" and data["producer"] == "trtrefit gate" and data["ok"] is True
+    assert {c["path"] for c in data["checks"]} == {"cached", "fallback"} and all(c["ok"] for c in data["checks"])
+    assert data["paths"]["cached"]["checks"] == 1 and data["paths"]["cached"]["failed"] == 0
     assert str(report).startswith("trtrefit gate: PASS") and "audit cached vs fallback: agree" in str(report)
     md = report.to_markdown()
     assert md.startswith("### trtrefit gate: PASS") and "| cached |" in md and "| fallback |" in md
@@ -54,6 +59,10 @@ def test_swapped_map_entries_fail_naming_the_weight(bundle, paths):
     assert report.culprits["cached"] in str(report) and "recipe" in report.to_json()["paths"]["cached"]["note"]
     assert "**FAIL**" in report.to_markdown() and report.culprits["cached"] in report.to_markdown()
     assert {f["name"] for f in report.to_json()["audit"]["failures"]} == set(SWAP)
+    validate(report.to_json())
+    failing = [c for c in report.to_json()["checks"] if not c["ok"]]
+    assert [c["path"] for c in failing] == ["cached"] and failing[0]["culprit"] in SWAP and failing[0]["max_abs"] > 0
+    assert report.to_json()["status"] == "fail" and report.to_json()["ok"] is False
     if paths == "both":
         assert report.to_json()["paths"]["fallback"]["ok"]
 
@@ -77,8 +86,8 @@ def test_nan_weights_are_refused_with_exit_1(bundle):
 
 
 def test_report_object_alone():
-    data = {"tool": "trtrefit", "verdict": "fail", "bundle": "b", "checkpoint": "c", "rtol": 1e-4, "atol": 1e-4,
+    data = {"tool": "trtrefit", "status": "fail", "bundle": "b", "checkpoint": "c", "rtol": 1e-4, "atol": 1e-4,
             "paths": {}, "audit": None, "problems": ["x"], "exit_code": 1}
     report = GateReport(data)
     assert not report and report.to_json() is data and "problem: x" in str(report)
-    assert GateReport(dict(data, verdict="pass", problems=[], exit_code=0))
+    assert GateReport(dict(data, status="pass", problems=[], exit_code=0))
