@@ -9,8 +9,10 @@ actually holds after the refit disagree.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -18,7 +20,51 @@ if TYPE_CHECKING:
     from refitcore.culprit import Culprit
 
 __all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
-           "as_samples", "format_report"]
+           "as_samples", "format_report", "model_label", "quiet_logs", "trt_share", "NOISY_LOGGERS"]
+
+# Third-party loggers whose DEBUG/INFO records (torch.export's graph traces: ~26 lines per failure)
+# would otherwise fill pytest's "Captured log" sections of every failing check.
+NOISY_LOGGERS = ("torch", "torch.__trace", "torch.export", "torch._export", "torch._dynamo", "torch.fx",
+                 "torch.fx.experimental.symbolic_shapes", "torch._subclasses", "torch.utils._sympy", "filelock")
+
+
+@contextlib.contextmanager
+def quiet_logs(level: int = logging.WARNING):
+    """Raise the noisy third-party loggers to ``level`` while a check runs, then restore them."""
+    loggers = [logging.getLogger(n) for n in NOISY_LOGGERS]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.level < level:
+            lg.setLevel(level)
+    try:
+        yield
+    finally:
+        for lg, old in zip(loggers, saved):
+            lg.setLevel(old)
+
+
+def model_label(model) -> str:
+    """A stable label for a model: its class's qualified name (never the order tests ran in)."""
+    cls = type(model)
+    return cls.__qualname__
+
+
+def trt_share(engine) -> float | None:
+    """The share (0..1) of the network that TensorRT runs, when the engine reports one
+    (``engine.summary()`` with a ``tensorrt_share``/``trt_share`` field); None when it does not."""
+    summary = getattr(engine, "summary", None)
+    if not callable(summary):
+        return None
+    try:
+        info = summary()
+    except Exception:   # a summary is optional information: never fail a check over it
+        return None
+    for key in ("tensorrt_share", "trt_share"):
+        value = info.get(key) if isinstance(info, dict) else getattr(info, key, None)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
 
 
 def __getattr__(name: str):
@@ -93,6 +139,8 @@ class CheckOutcome:
     mapping_audit: Any = None            # cached vs fallback (both paths ran)
     kind: str = "check"                  # check | sequence
     step: int | None = None
+    layers: list | None = None           # [[engine weight, max abs diff cached vs fallback, status]], engine order
+    trt_share: float | None = None       # the share of the network TensorRT runs (when the engine says)
 
     @property
     def ok(self) -> bool:
@@ -172,11 +220,22 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
         # Exact, as refitcore.audit_paths: both paths compute every weight with one arithmetic.
         result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping, rtol=0.0, atol=0.0,
                                                a_label=outcomes[0].path, b_label=outcomes[1].path)
+        result.layers = _layer_diffs(engine, result.mapping_audit)
+    result.trt_share = trt_share(engine)
     if not result.ok:
         result.culprit = find_culprit(engine, state, outcomes)
     for o in outcomes:  # mappings are large; keep the outcome light once analysed
         o.mapping = o.held = None
     return result
+
+
+def _layer_diffs(engine, report) -> list:
+    """Per engine weight (engine order), the max abs difference of the two mappings and its status."""
+    by_name = {d.name: d for d in report.diffs}
+    names = list(engine.weight_names)
+    known = set(names)
+    order = [n for n in names if n in by_name] + [n for n in by_name if n not in known]
+    return [[n, float(by_name[n].max_abs), by_name[n].status] for n in order]
 
 
 def _unloadable(engine, path: str, state, err: Exception) -> PathOutcome:
@@ -232,6 +291,7 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
     for i, (state, outcomes) in enumerate(zip(states, per_step)):
         r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
                          output_names=tuple(engine.io.output_names), kind="sequence", step=i)
+        r.trt_share = trt_share(engine)
         if not r.ok:
             r.culprit = find_culprit(engine, state, outcomes)
         for o in outcomes:

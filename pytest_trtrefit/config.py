@@ -17,7 +17,8 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
-           "parse_examples", "parse_tolerance", "parse_seed", "BACKENDS", "PATH_CHOICES"]
+           "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "BACKENDS",
+           "PATH_CHOICES", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
 DEFAULT_RTOL = 1e-4
@@ -53,6 +54,29 @@ parse_examples = _options.parse_examples
 parse_tolerance = _options.parse_tolerance
 parse_seed = _options.parse_seed
 parse_path = _options.parse_report_path
+
+
+DEFAULT_BASELINE_DIR = ".trtrefit-baselines"
+DEFAULT_BASELINE_FACTOR = 2.0
+BASELINE_MODES = ("save", "compare")
+
+
+def parse_baseline(value: str) -> str:
+    v = str(value).strip().lower()
+    if v not in BASELINE_MODES:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose save (store this run's errors) or compare "
+                                         f"(fail on a regression against the stored ones)")
+    return v
+
+
+def parse_factor(value) -> float:
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number; give a factor > 1, e.g. 2") from None
+    if not f > 1.0 or f != f or f == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: the regression factor must be a finite number > 1 (e.g. 2)")
+    return f
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +118,20 @@ OPTIONS: tuple[Option, ...] = (
     Option("--trt-refit-seed", "trt_refit_seed", parse_seed, None,
            "seed for generated weights and inputs; the header prints the one used, pass it back to "
            "reproduce a run (default: a random seed)", metavar="SEED"),
+    # -- baselines and the per-layer HTML report (baseline.py, html_report.py) --
+    Option("--trt-refit-baseline", "trt_refit_baseline", parse_baseline, None,
+           "save: store each model's worst output error and per-engine-weight discrepancy as the baseline; "
+           "compare: fail the run when one grew beyond --trt-refit-baseline-factor (default: neither)",
+           metavar="{save,compare}"),
+    Option("--trt-refit-baseline-dir", "trt_refit_baseline_dir", parse_path, DEFAULT_BASELINE_DIR,
+           f"directory of the baseline files, relative to the rootdir (default: {DEFAULT_BASELINE_DIR})",
+           metavar="DIR"),
+    Option("--trt-refit-baseline-factor", "trt_refit_baseline_factor", parse_factor,
+           DEFAULT_BASELINE_FACTOR, f"compare: an error more than FACTOR times its baseline is a regression "
+           f"(default: {DEFAULT_BASELINE_FACTOR:g})", metavar="FACTOR"),
+    Option("--trt-refit-html", "trt_refit_html", parse_path, None,
+           "write an HTML report with a plot of per-engine-weight discrepancy and output errors to PATH "
+           "(needs matplotlib: pip install pytest-trtrefit[plot]) (default: no HTML)", metavar="PATH"),
 )
 
 
@@ -123,6 +161,10 @@ class RefitConfig:
     report: str | None = None
     seed: int = 0
     seed_given: bool = False
+    baseline: str | None = None              # save | compare
+    baseline_dir: str = DEFAULT_BASELINE_DIR
+    baseline_factor: float = DEFAULT_BASELINE_FACTOR
+    html: str | None = None
     sources: dict = dataclasses.field(default_factory=dict, compare=False)  # option -> cli | ini | default
 
     def to_json(self) -> dict:
@@ -166,4 +208,6 @@ def resolve(config, *, seed: int | None = None) -> RefitConfig:
                        paths=tuple(values["trt_refit_paths"]), examples=values["trt_refit_examples"],
                        rtol=values["trt_refit_rtol"], atol=values["trt_refit_atol"],
                        report=values["trt_refit_report"], seed=int(seed_value), seed_given=seed_given,
+                       baseline=values["trt_refit_baseline"], baseline_dir=values["trt_refit_baseline_dir"],
+                       baseline_factor=values["trt_refit_baseline_factor"], html=values["trt_refit_html"],
                        sources=sources)

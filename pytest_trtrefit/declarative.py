@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from .stash import get_seed, get_session
+from .outputs import reproduce_command
+from .stash import get_session
 
 __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
 
@@ -98,6 +99,7 @@ def collect_conftest(file_path, parent):
             break
     if module is None or not callable(getattr(module, "pytest_trt_refit_models", None)):
         return None
+    get_session(parent.config).collection.setdefault("files", []).append(target)   # see collection.py
     return RefitModelsFile.from_parent(parent, path=file_path, module=module)
 
 
@@ -183,10 +185,14 @@ class RefitPropertyItem(pytest.Item):
         if isinstance(excinfo.value, AssertionError):
             err = excinfo.value
             notes = getattr(err, "__notes__", [])
-            seed_ = get_seed(self.config)
-            return "\n".join([str(err), *notes,
-                              f"reproduce with: pytest --trt-refit --trt-refit-seed={seed_} '{self.nodeid}'"])
-        return super().repr_failure(excinfo, style=style or "short")
+            return "\n".join([str(err), *notes, self._reproduce()])
+        rep = super().repr_failure(excinfo, style=style or "short")
+        if hasattr(rep, "addsection"):
+            rep.addsection("trt-refit", self._reproduce())
+        return rep
+
+    def _reproduce(self) -> str:
+        return "reproduce with: " + reproduce_command(get_session(self.config).config, self.nodeid)
 
     def reportinfo(self):
         return self.path, 0, f"trt-refit {self.check}[{self.spec.name}]"

@@ -7,13 +7,11 @@ and refitcore are imported only when a check runs.
 """
 from __future__ import annotations
 
-import time
-
 import pytest
 
-from . import hooks
+from . import collection, hooks, outputs
 from .config import add_options, resolve
-from .declarative import collect_conftest
+from .declarative import RefitPropertyItem, collect_conftest
 from .service import RefitSession, worker_id
 from .stash import SESSION_KEY, get_session
 
@@ -42,7 +40,10 @@ def pytest_configure(config) -> None:
         from hypothesis import settings
 
         # Refit property tests: bounded examples, no deadline (a refit takes as long as it takes).
-        settings.register_profile("trt-refit", settings(settings.default, max_examples=cfg.examples, deadline=None))
+        # No "explain" phase: its "Explanation" points into the plugin's own code, not the user's.
+        phases = [p for p in settings.default.phases if p.name != "explain"]
+        settings.register_profile("trt-refit", settings(settings.default, max_examples=cfg.examples, deadline=None,
+                                                        phases=phases))
         # One seed for the whole run: Hypothesis tests that do not fix their own follow it.
         if hasattr(config.option, "hypothesis_seed") and config.option.hypothesis_seed is None:
             config.option.hypothesis_seed = str(cfg.seed)
@@ -76,18 +77,61 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-def pytest_collection_modifyitems(config, items) -> None:
-    if get_session(config).config.enabled:
+@pytest.hookimpl(tryfirst=True)   # before -k/-m/--deselect, so they apply to what is added here
+def pytest_collection_modifyitems(session, config, items) -> None:
+    refit = get_session(config)
+    collection.mark_fixture_tests(items)
+    if refit.config.enabled:
+        collection.add_declared_models(session, config, items, refit.collection)
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
-        if item.get_closest_marker("trt_refit") is not None or "trt_refit" in getattr(item, "fixturenames", ()):
+        if item.get_closest_marker("trt_refit") is not None:
             item.add_marker(skip)
+
+
+def pytest_deselected(items) -> None:
+    if items:
+        collection.record_deselected(items, get_session(items[0].config).collection)
+
+
+def pytest_sessionstart(session) -> None:
+    refit = get_session(session.config)
+    if refit.config.enabled and not session.config.option.collectonly:
+        refit.require_backend()     # an unusable backend: one usage error, not one per test
+        if refit.config.html:
+            from .html_report import PlotUnavailableError, require_matplotlib
+
+            try:
+                require_matplotlib()
+            except PlotUnavailableError as err:
+                raise pytest.UsageError(str(err)) from None
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
     get_session(item.config).current_test = item.nodeid
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    try:
+        return (yield)
+    finally:   # JUnit XML properties (before the report is made): worst error per test
+        refit = get_session(item.config)
+        if refit.config.enabled:
+            item.user_properties += outputs.junit_properties(refit, item.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    refit = get_session(item.config)
+    if (report.failed and call.when == "call" and refit.config.enabled and not isinstance(item, RefitPropertyItem)
+            and item.get_closest_marker("trt_refit") is not None and hasattr(report.longrepr, "addsection")):
+        report.longrepr.addsection("trt-refit", "reproduce with: " + outputs.reproduce_command(refit.config,
+                                                                                                item.nodeid))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -118,31 +162,18 @@ def pytest_testnodedown(node, error) -> None:
 def pytest_sessionfinish(session, exitstatus) -> None:
     config = session.config
     refit = get_session(config)
-    if not refit.config.enabled:
+    if not refit.config.enabled or config.option.collectonly:
         return
     if hasattr(config, "workeroutput"):
         config.workeroutput["trt_refit"] = refit.export()
         return
-    from . import report
-
-    refit.finished = time.time()
-    if refit.config.report:
-        data = report.merge([refit.export(), *refit.worker_parts])
-        refit.report_path = report.write_json(
-            refit.config.report, report.build_json(refit.config, data, refit.finished - refit.started,
-                                                   int(exitstatus)))
+    outputs.finish(session, refit)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     refit = get_session(config)
-    if not refit.config.enabled or hasattr(config, "workeroutput"):
+    if not refit.config.enabled or hasattr(config, "workeroutput") or config.option.collectonly:
         return
-    from . import report
-
-    data = report.merge([refit.export(), *refit.worker_parts])
-    seconds = (refit.finished or time.time()) - refit.started
     terminalreporter.section("trt-refit")
-    for line in report.terminal_lines(refit.config, data, seconds):
+    for line in outputs.summary_lines(config, refit):
         terminalreporter.write_line(line)
-    if refit.report_path:
-        terminalreporter.write_line(f"JSON report: {refit.report_path}")

@@ -7,7 +7,8 @@ import os
 import time
 from typing import Any, Iterable
 
-__all__ = ["merge", "summarize", "terminal_lines", "build_json", "write_json", "REPORT_FORMAT", "REPORT_VERSION"]
+__all__ = ["merge", "summarize", "table", "terminal_lines", "build_json", "write_json", "REPORT_FORMAT",
+           "REPORT_VERSION"]
 
 REPORT_FORMAT = "pytest-trtrefit.report"
 REPORT_VERSION = 1
@@ -16,7 +17,7 @@ REPORT_VERSION = 1
 def merge(parts: Iterable[dict]) -> dict:
     """Combine :meth:`RefitSession.export` dicts (the controller's own and each xdist worker's)."""
     out: dict[str, Any] = {"records": [], "failures": [], "builds": [], "backend": None, "backend_reason": None,
-                           "outcomes": {}, "expected_failures": []}
+                           "outcomes": {}, "expected_failures": [], "layers": []}
     for part in parts:
         if not part:
             continue
@@ -24,6 +25,7 @@ def merge(parts: Iterable[dict]) -> dict:
         out["failures"] += part.get("failures", [])
         out["builds"] += part.get("builds", [])
         out["outcomes"].update(part.get("outcomes", {}))
+        out["layers"] += part.get("layers", [])
         if part.get("backend") and not out["backend"]:
             out["backend"], out["backend_reason"] = part["backend"], part.get("backend_reason")
     # A failing check inside a test that passed was expected by that test (pytest.raises).
@@ -41,30 +43,39 @@ def _finite(x):
 
 
 def summarize(records: list[dict], builds: list[dict]) -> list[dict]:
-    """One row per model: paths, examples (weight sets checked), failures, worst errors, time."""
+    """One row per model: paths, examples (weight sets), checks (weight set x path), failed checks,
+    worst errors, the smallest tolerances every check would pass with, TensorRT share, time."""
     models: dict[str, dict] = {}
     for r in records:
         m = models.setdefault(r["model"], {"model": r["model"], "paths": [], "examples": 0, "checks": 0,
-                                           "failures": 0, "worst_max_abs": 0.0, "worst_norm_rel": 0.0,
-                                           "min_rtol_to_pass": 0.0, "min_atol_to_pass": 0.0,
-                                           "seconds": 0.0, "compile_s": 0.0, "builds": 0})
+                                           "failures": 0, "worst_max_abs": 0.0, "worst_max_rel": 0.0,
+                                           "worst_norm_rel": 0.0, "min_rtol_to_pass": 0.0, "min_atol_to_pass": 0.0,
+                                           "trt_share": None, "seconds": 0.0, "compile_s": 0.0, "builds": 0,
+                                           "cache_hits": 0, "cache_misses": 0})
         if r["path"] not in m["paths"]:
             m["paths"].append(r["path"])
         m["checks"] += 1
         m["failures"] += 0 if r["ok"] else 1
         m["seconds"] += r.get("seconds", 0.0)
-        for key, field in (("worst_max_abs", "max_abs"), ("worst_norm_rel", "norm_rel"),
+        for key, field in (("worst_max_abs", "max_abs"), ("worst_max_rel", "max_rel"), ("worst_norm_rel", "norm_rel"),
                            ("min_rtol_to_pass", "min_rtol"), ("min_atol_to_pass", "min_atol")):
             v = _finite(r.get(field))
             if v is not None:
                 m[key] = max(m[key], v)
+        share = _finite(r.get("trt_share"))
+        if share is not None:   # the smallest share seen: one partly converted build shows
+            m["trt_share"] = share if m["trt_share"] is None else min(m["trt_share"], share)
     for m in models.values():
         m["examples"] = m["checks"] // max(1, len(m["paths"]))   # weight sets, each through every path
     for b in builds:
         m = models.get(b["model"])
         if m is not None:
-            m["compile_s"] += b["compile_s"]
+            m["compile_s"] += b.get("compile_s", 0.0)
             m["builds"] += 1
+            if b.get("cache") == "hit":
+                m["cache_hits"] += 1
+            elif b.get("cache") == "miss":
+                m["cache_misses"] += 1
     return sorted(models.values(), key=lambda m: m["model"])
 
 
@@ -79,6 +90,37 @@ def _last_per_test(failures: list[dict]) -> list[dict]:
     return [dict(f, count=counts[k]) for k, f in last.items()]
 
 
+def _share(x) -> str:
+    if x is None:
+        return "-"
+    return "100%" if x >= 1.0 else f"{100 * x:.0f}%"
+
+
+def table(rows: list[dict], builds: list[dict]) -> list[str]:
+    """The per-model table: one unit per column."""
+    caching = any(b.get("cache") in ("hit", "miss") for b in builds)
+    width = max(len("model"), *(len(r["model"]) for r in rows))
+    cols = [("paths", 16, "<", lambda r: ",".join(r["paths"])),
+            ("examples", 8, ">", lambda r: str(r["examples"])),
+            ("checks", 6, ">", lambda r: str(r["checks"])),
+            ("failed checks", 13, ">", lambda r: str(r["failures"])),
+            ("worst abs err", 13, ">", lambda r: f"{r['worst_max_abs']:.3g}"),
+            ("worst rel err", 13, ">", lambda r: f"{r['worst_max_rel']:.3g}"),
+            ("atol to pass", 12, ">", lambda r: f"{r['min_atol_to_pass']:.2g}"),
+            ("rtol to pass", 12, ">", lambda r: f"{r['min_rtol_to_pass']:.2g}"),
+            ("TRT share", 9, ">", lambda r: _share(r["trt_share"]))]
+    if caching:
+        cols.append(("cache hit/miss", 14, ">", lambda r: f"{r['cache_hits']}/{r['cache_misses']}"))
+    cols += [("builds", 6, ">", lambda r: str(r["builds"])),
+             ("time", 8, ">", lambda r: f"{r['seconds'] + r['compile_s']:.1f}s")]
+    lines = [f"{'model':<{width}}  " + " ".join(f"{name:{align}{w}}" for name, w, align, _ in cols)]
+    for r in rows:
+        lines.append(f"{r['model']:<{width}}  " + " ".join(f"{get(r):{align}{w}}" for _, w, align, get in cols))
+    lines.append("examples: weight sets drawn; checks: one per example and path; atol/rtol to pass: the smallest "
+                 "tolerance every check of the model passes with (the other one as configured; 0: exact)")
+    return lines
+
+
 def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     rows = summarize(data["records"], data["builds"])
     backend = data.get("backend") or cfg.backend
@@ -91,13 +133,7 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     if not rows:
         lines.append("no refit checks ran")
         return lines
-    width = max(len("model"), *(len(r["model"]) for r in rows))
-    lines.append(f"{'model':<{width}}  {'paths':<16} {'examples':>8} {'failed':>6} {'worst abs err':>13} "
-                 f"{'min rtol':>9} {'builds':>6} {'time':>8}")
-    for r in rows:
-        lines.append(f"{r['model']:<{width}}  {','.join(r['paths']):<16} {r['examples']:>8} {r['failures']:>6} "
-                     f"{r['worst_max_abs']:>13.3g} {r['min_rtol_to_pass']:>9.2g} {r['builds']:>6} "
-                     f"{r['seconds'] + r['compile_s']:>7.1f}s")
+    lines += table(rows, data["builds"])
     total = sum(r["checks"] for r in rows)
     failed = sum(r["failures"] for r in rows)
     worst = max(rows, key=lambda r: r["worst_max_abs"])
@@ -113,56 +149,61 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     return lines
 
 
-def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None) -> dict:
+def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, **extra) -> dict:
+    """The JSON report in the shared schema (:mod:`refitcore.report_schema`), plus the plugin's own keys."""
+    from refitcore.report_schema import check_entry, envelope
+
     rows = summarize(data["records"], data["builds"])
     backend = data.get("backend") or cfg.backend
     worst = max(data["records"], key=lambda r: _finite(r.get("max_abs")) or 0.0, default=None)
     failed = sum(1 for r in data["records"] if not r["ok"])
+    status = "fail"
     if data["failures"] or failed:
-        verdict = f"{len(data['failures']) or failed} refit check(s) failed"
+        summary = f"{len(data['failures']) or failed} refit check(s) failed"
     elif not data["records"]:
-        verdict = "no refit checks ran (was --trt-refit given, and are there tests that use it?)"
+        summary = "no refit checks ran (was --trt-refit given, and are there tests that use it?)"
+        status = "error"
     elif exitstatus not in (None, 0):
-        verdict = f"the refit checks passed but pytest exited with status {exitstatus}"
+        summary = f"the refit checks passed but pytest exited with status {exitstatus}"
     else:
-        verdict = "all refit checks passed"
-    return {
-        "format": REPORT_FORMAT,
-        "version": REPORT_VERSION,
-        # The CI gate: at least one check ran, none failed, and pytest itself succeeded.
-        "ok": verdict == "all refit checks passed",
-        "verdict": verdict,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "backend": backend,
-        "backend_reason": data.get("backend_reason"),
-        "kernels_exercised": backend == "tensorrt",
-        "seed": cfg.seed,
-        "paths": list(cfg.paths),
-        "examples": cfg.examples,
-        "rtol": cfg.rtol,
-        "atol": cfg.atol,
-        "duration_s": round(seconds, 3),
-        "pytest_exitstatus": exitstatus,
-        "totals": {"checks": len(data["records"]), "failed": sum(1 for r in data["records"] if not r["ok"]),
-                   "models": len(rows), "builds": len(data["builds"])},
-        "worst": ({k: worst.get(k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
-                                             "min_atol")} if worst else None),
-        "models": rows,
-        "failures": _last_per_test(data["failures"]),
-        "expected_failures": [{k: v for k, v in f.items() if k != "report"} for f in data["expected_failures"]],
-        "builds": data["builds"],
-        "checks": data["records"],
-    }
+        summary, status = "all refit checks passed", "pass"
+    failures = _last_per_test(data["failures"])
+    problems = [f"{f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
+                + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "") for f in failures]
+    if status != "pass" and not problems:
+        problems = [summary]
+    return envelope(
+        producer="pytest-trtrefit", status=status, summary=summary, backend=backend,
+        backend_note=data.get("backend_reason"), rtol=cfg.rtol, atol=cfg.atol, problems=problems,
+        checks=[check_entry(**r) for r in data["records"]],
+        format=REPORT_FORMAT, version=REPORT_VERSION,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        backend_reason=data.get("backend_reason"),
+        kernels_exercised=backend == "tensorrt",
+        seed=cfg.seed,
+        requested_paths=list(cfg.paths),
+        examples=cfg.examples,
+        duration_s=round(seconds, 3),
+        pytest_exitstatus=exitstatus,
+        totals={"checks": len(data["records"]), "failed": failed, "models": len(rows), "builds": len(data["builds"])},
+        worst=({k: worst.get(k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
+                                          "min_atol")} if worst else None),
+        models=rows,
+        failures=failures,
+        expected_failures=[{k: v for k, v in f.items() if k != "report"} for f in data["expected_failures"]],
+        builds=data["builds"],
+        **extra,
+    )
 
 
 def write_json(path: str, report: dict) -> str:
+    """Write ``report`` as strict JSON to ``path`` atomically (readers never see half a file)."""
+    from refitcore.fileio import atomic_write
+
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(_clean(report), fh, indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-        fh.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(_clean(report), indent=2, sort_keys=True, default=_json_default, allow_nan=False) + "\n"
+    atomic_write(path, text.encode("utf-8"))
     return path
 
 

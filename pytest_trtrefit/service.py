@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Sequence
 
-from .checks import CheckOutcome, as_samples, describe_weights, run_check, run_sequence
+from .checks import CheckOutcome, as_samples, describe_weights, model_label, quiet_logs, run_check, run_sequence
 from .config import RefitConfig
 
 __all__ = ["RefitSession", "CacheEntry", "architecture_key", "input_spec"]
@@ -86,6 +86,9 @@ class RefitSession:
         self.worker_parts: list[dict] = []      # exports of pytest-xdist workers (controller only)
         self.finished: float | None = None
         self.report_path: str | None = None
+        self.collection: dict = {}              # declared models added / deselected (collection.py)
+        self.layers: list[dict] = []            # per-engine-weight cached vs fallback discrepancy per check
+        self.outputs_written: list[str] = []    # files the session wrote (report, baselines, HTML)
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -100,6 +103,19 @@ class RefitSession:
     @property
     def backend_resolved(self) -> bool:
         return self._backend is not None
+
+    def require_backend(self) -> None:
+        """Raise ``pytest.UsageError`` naming the reason when the asked-for backend cannot run here
+        (``--trt-refit-backend=tensorrt`` without a GPU that builds and runs engines)."""
+        if self.config.backend != "tensorrt":
+            return
+        import pytest
+        from refitcore.backends import tensorrt
+
+        usable, reason = tensorrt.usable()
+        if not usable:
+            raise pytest.UsageError(f"--trt-refit-backend=tensorrt: TensorRT cannot build and run engines on this "
+                                    f"machine ({reason}); use --trt-refit-backend=auto or reference here")
 
     def _resolve(self) -> tuple[str, str]:
         if self._backend is None:
@@ -170,11 +186,12 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name)
         state, _ = normalize_weights(weights)
-        t0 = time.perf_counter()
-        outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol, model=name or entry.name,
-                            weights_label=describe_weights(weights))
+        with quiet_logs():
+            entry = self._entry(model_or_factory, samples, name=name)
+            t0 = time.perf_counter()
+            outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
+                                model=name or model_label(entry.eager), weights_label=describe_weights(weights))
         self._record(outcome, time.perf_counter() - t0)
         if not outcome.ok:
             raise AssertionError(outcome.report())
@@ -191,12 +208,13 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
-        t0 = time.perf_counter()
-        outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,
-                                model=name or entry.name, labels=labels)
+        with quiet_logs():
+            entry = self._entry(model_or_factory, samples, name=name)
+            t0 = time.perf_counter()
+            outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,
+                                    model=name or model_label(entry.eager), labels=labels)
         per = (time.perf_counter() - t0) / max(1, len(outcomes))
         for o in outcomes:
             self._record(o, per)
@@ -225,7 +243,11 @@ class RefitSession:
                 rec["error"] = p.error.splitlines()[0]
             if outcome.culprit is not None:
                 rec["culprit"] = outcome.culprit.name
+            if outcome.trt_share is not None:
+                rec["trt_share"] = outcome.trt_share
             self.records.append(rec)
+        if outcome.layers:
+            self.layers.append({"test": self.current_test, "model": outcome.model, "weights": outcome.layers})
         if not outcome.ok:
             failed = [p.path for p in outcome.paths if not p.ok] or [p.path for p in outcome.paths]
             self.failures.append({"test": self.current_test, "model": outcome.model, "kind": outcome.kind,
@@ -236,7 +258,7 @@ class RefitSession:
     def export(self) -> dict:
         """Everything the reports need, JSON-serialisable (sent from pytest-xdist workers)."""
         return {"records": self.records, "failures": self.failures, "builds": self.builds,
-                "outcomes": dict(self.outcomes),
+                "outcomes": dict(self.outcomes), "layers": self.layers,
                 "backend": self._backend[0] if self._backend else None,
                 "backend_reason": self._backend[1] if self._backend else None}
 

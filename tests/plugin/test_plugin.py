@@ -264,9 +264,9 @@ def test_a_corrupted_weight_map_fails_naming_the_culprit(repo):
         assert key in report, key
     assert report["format"] == "pytest-trtrefit.report" and report["version"] == 1
     assert report["ok"] is False and report["pytest_exitstatus"] == 1
-    assert report["verdict"] == "1 refit check(s) failed"
+    assert report["summary"] == "1 refit check(s) failed"
     assert report["backend"] == "reference" and report["kernels_exercised"] is False
-    assert report["seed"] == 5 and report["paths"] == ["cached", "fallback"]
+    assert report["seed"] == 5 and report["requested_paths"] == ["cached", "fallback"] and list(report["paths"]) == ["cached", "fallback"]
     assert report["totals"]["builds"] == 2 and report["totals"]["failed"] == 1
     (failure,) = report["failures"]
     assert failure["test"] == "test_bad.py::test_swapped_map_entries"
@@ -296,7 +296,7 @@ def test_a_check_expected_to_fail_does_not_fail_the_gate(repo):
     result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-report=r.json")
     result.assert_outcomes(passed=1)
     report = json.loads((repo.path / "r.json").read_text())
-    assert report["ok"] is True and report["failures"] == [] and report["verdict"] == "all refit checks passed"
+    assert report["ok"] is True and report["failures"] == [] and report["summary"] == "all refit checks passed"
     assert [f["test"] for f in report["expected_failures"]] == ["test_expected.py::test_refused"]
 
 
@@ -317,7 +317,7 @@ def test_a_run_without_checks_does_not_pass_the_gate(repo):
     repo.makepyfile(test_nothing="def test_plain():\n    pass\n")
     repo.runpytest_inprocess("--trt-refit", "--trt-refit-report=r.json").assert_outcomes(passed=1)
     report = json.loads((repo.path / "r.json").read_text())
-    assert report["ok"] is False and report["verdict"].startswith("no refit checks ran")
+    assert report["ok"] is False and report["summary"].startswith("no refit checks ran")
 
 
 def test_declared_models_get_generated_property_tests(repo):
