@@ -61,7 +61,6 @@ def add_declared_models(session, config, items, state: dict) -> None:
         collector = RefitModelsFile.from_parent(session, path=Path(path), module=module)
         items.extend(session.genitems(collector))
         state.setdefault("added", []).append(_relative(config, path))
-        state.setdefault("files", []).append(path)
 
 
 def record_deselected(items, state: dict) -> None:

@@ -99,7 +99,6 @@ def collect_conftest(file_path, parent):
             break
     if module is None or not callable(getattr(module, "pytest_trt_refit_models", None)):
         return None
-    get_session(parent.config).collection.setdefault("files", []).append(target)   # see collection.py
     return RefitModelsFile.from_parent(parent, path=file_path, module=module)
 
 
@@ -116,6 +115,9 @@ class RefitModelsFile(pytest.File):
         return super().repr_failure(excinfo, style=style)
 
     def collect(self):
+        # Collected (not only created: pytest creates collectors for every file of the rootdir on its
+        # way to a path argument, then drops those that do not match): see collection.py.
+        get_session(self.config).collection.setdefault("files", []).append(os.path.realpath(str(self.path)))
         specs = parse_specs(self.module.pytest_trt_refit_models(), str(self.path))
         for spec in specs:
             for check in spec.checks:

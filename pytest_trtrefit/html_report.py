@@ -20,7 +20,7 @@ import os
 
 __all__ = ["PLOT_HINT", "PlotUnavailableError", "require_matplotlib", "render_png", "render_html", "write"]
 
-PLOT_HINT = "install pytest-trtrefit[plot] (matplotlib) for --trt-refit-html"
+PLOT_HINT = "install pytest-trtrefit[plot]"
 _FLOOR = 1e-12   # where zeros (bit-identical weights) are drawn on the log scale
 
 

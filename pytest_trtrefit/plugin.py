@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from . import collection, hooks, outputs
+from .checks import quiet_logs
 from .config import add_options, resolve
 from .declarative import RefitPropertyItem, collect_conftest
 from .service import RefitSession, worker_id
@@ -115,12 +116,14 @@ def pytest_runtest_setup(item) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    try:
+    refit = get_session(item.config)
+    if not refit.config.enabled or item.get_closest_marker("trt_refit") is None:
         return (yield)
+    try:
+        with quiet_logs():    # torch.export's DEBUG traces would fill every failure's captured log
+            return (yield)
     finally:   # JUnit XML properties (before the report is made): worst error per test
-        refit = get_session(item.config)
-        if refit.config.enabled:
-            item.user_properties += outputs.junit_properties(refit, item.nodeid)
+        item.user_properties += outputs.junit_properties(refit, item.nodeid)
 
 
 @pytest.hookimpl(wrapper=True)

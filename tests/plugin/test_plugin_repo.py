@@ -1,0 +1,313 @@
+"""The plugin in a model repository, black-box through ``pytester``: collection whatever the paths,
+markers, --collect-only, an unusable backend, the summary table, quiet failures with a reproduce
+line, JUnit properties, baselines, the HTML report and the shared report schema."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from tests.plugin.test_plugin import (CORRUPTED_TEST, PASSING_TEST, _keep_hypothesis_seed,  # noqa: F401
+                                      _warm_imports, repo)
+
+pytest_plugins = ["pytester"]
+
+ROOT_CONFTEST = '''
+from tinymodels import TwoLinear, linear_input
+
+def pytest_trt_refit_models():
+    return {"two_linear": (TwoLinear, linear_input(), {"examples": 2, "checks": ["weights"],
+                                                       "input_families": ()})}
+'''
+
+FIXTURE_TEST = '''
+from tinymodels import ConvBn, conv_input
+
+def test_pretrained(trt_refit):
+    trt_refit.check(ConvBn, ConvBn().state_dict(), conv_input())
+
+def test_plain():
+    assert True
+'''
+
+
+def _models_repo(repo):
+    repo.makeconftest(ROOT_CONFTEST)
+    repo.makeini("[pytest]\ntestpaths = tests\n")
+    tests = repo.mkdir("tests")      # a plain directory: the outer suite owns the package name "tests"
+    (tests / "test_fixture.py").write_text(FIXTURE_TEST)
+    return repo
+
+
+# -- 1. nothing declared goes silently unchecked ---------------------------------------------
+@pytest.mark.parametrize("args", [[], ["tests"], ["tests/test_fixture.py"]], ids=["testpaths", "dir-arg", "file-arg"])
+def test_root_conftest_models_are_checked_whatever_the_paths(repo, args):
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=3", "-v", *args)
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["conftest.py::trt-refit::weights[[]two_linear[]] PASSED*",
+                                 "*= trt-refit =*",
+                                 "two_linear *cached,fallback *2 *4 *0 *",
+                                 "declared models collected from conftest.py (outside the collected paths)"])
+
+
+def test_deselecting_a_declared_model_is_said_in_the_summary(repo):
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "-k", "not two_linear")
+    result.assert_outcomes(passed=2, deselected=1)
+    result.stdout.fnmatch_lines(["1 generated model check(s) deselected by the user (-k/-m/--deselect): "
+                                 "conftest.py::trt-refit::weights[[]two_linear[]]"])
+
+
+def test_picking_tests_by_node_id_says_the_declared_models_were_not_checked(repo):
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "tests/test_fixture.py::test_pretrained")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["declared models in conftest.py NOT checked: tests were picked by node id"])
+
+
+def test_fixture_tests_carry_the_marker(repo):
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "-m", "trt_refit", "-v")
+    result.assert_outcomes(passed=2, deselected=1)
+    result.stdout.fnmatch_lines(["*test_fixture.py::test_pretrained PASSED*"])
+    assert "test_plain" not in result.stdout.str()
+
+
+def test_collect_only_writes_no_report_and_no_summary(repo):
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "--collect-only", "--trt-refit-report=r.json")
+    result.stdout.fnmatch_lines(["*<*test_pretrained>*", "*3 tests collected*"])
+    assert "= trt-refit =" not in result.stdout.str() and not (repo.path / "r.json").exists()
+
+
+def test_an_unusable_tensorrt_backend_is_one_usage_error(repo):
+    from refitcore.backends import tensorrt
+
+    if tensorrt.usable()[0]:
+        pytest.skip("TensorRT builds and runs engines here")
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-backend", "tensorrt")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --trt-refit-backend=tensorrt: TensorRT cannot build and run engines on this "
+                                 "machine (*); use --trt-refit-backend=auto or reference here"])
+    assert result.stderr.str().count("ERROR:") == 1 and "Traceback" not in result.stdout.str()
+
+
+# -- 2. the summary ------------------------------------------------------------------------------
+def test_summary_has_one_unit_per_column_stable_labels_and_the_tensorrt_share(repo):
+    _models_repo(repo)
+    (repo.path / "tests" / "test_share.py").write_text('''
+import pytest
+from refitcore.engine import RefittableEngine
+from tinymodels import TwoLinear, linear_input
+
+@pytest.fixture(autouse=True)
+def fully_converted(monkeypatch):
+    monkeypatch.setattr(RefittableEngine, "summary", lambda self: {"tensorrt_share": 1.0}, raising=False)
+
+def test_unnamed(trt_refit):      # the same architecture as the declared two_linear, checked without a name
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input())
+''')
+    for order in ([], ["conftest.py", "tests"]):     # the declared model checked last, then first
+        result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=4", *order)
+        result.assert_outcomes(passed=4)
+        result.stdout.fnmatch_lines([
+            "model *paths *examples *checks *failed checks *worst abs err *worst rel err *atol to pass "
+            "*rtol to pass *TRT share *builds *time",
+            "ConvBn *cached,fallback *1 *2 *0 * - *",
+            "TwoLinear *cached,fallback *1 *2 *0 * 100% *",
+            "two_linear *cached,fallback *2 *4 *0 *",
+            "examples: weight sets drawn; checks: one per example and path; atol/rtol to pass: the smallest *",
+        ])
+
+
+def test_cache_hits_and_misses_get_a_column_when_recorded():
+    from pytest_trtrefit import report
+
+    records = [{"model": "m", "path": "cached", "ok": True, "max_abs": 1e-7}]
+    rows = report.summarize(records, [{"model": "m", "compile_s": 0.1, "cache": "hit"},
+                                      {"model": "m", "compile_s": 0.2, "cache": "miss"}])
+    lines = report.table(rows, [{"cache": "hit"}])
+    assert "cache hit/miss" in lines[0] and " 1/1 " in lines[1]
+    assert "cache" not in report.table(report.summarize(records, []), [])[0]
+
+
+# -- 6. quiet failures, JUnit properties, reproduce lines -----------------------------------------
+def test_failures_are_quiet_and_end_with_a_reproduce_line(repo):
+    repo.makepyfile(test_bad=CORRUPTED_TEST, test_hyp='''
+from hypothesis import given
+from pytest_trtrefit.strategies import refit_settings, state_dicts
+from tinymodels import ConvBn, conv_input
+
+@refit_settings(max_examples=2, database=None)
+@given(weights=state_dicts(ConvBn()))
+def test_drawn(trt_refit, weights):   # zero tolerance: BatchNorm folding rounds differently from eager
+    trt_refit.check(ConvBn, weights, conv_input(), rtol=0.0, atol=0.0, paths="cached")
+''')
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", "--trt-refit-backend=reference",
+                                      "--junitxml=junit.xml", "--log-level=DEBUG")
+    result.assert_outcomes(failed=2)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines([
+        "*- trt-refit -*",
+        "reproduce with: pytest --trt-refit --trt-refit-seed=5 --trt-refit-backend=reference "
+        "test_bad.py::test_swapped_map_entries",
+    ])
+    assert "reproduce with: pytest --trt-refit --trt-refit-seed=5 --trt-refit-backend=reference " \
+           "test_hyp.py::test_drawn" in out
+    assert "torch.__trace" not in out and "Explanation:" not in out
+    cases = {c.get("name"): c for c in ET.parse(repo.path / "junit.xml").getroot().iter("testcase")}
+    props = {p.get("name"): p.get("value") for p in cases["test_swapped_map_entries"].iter("property")}
+    assert props["trt_refit_checks"] == "2" and props["trt_refit_failed_checks"] == "1"
+    assert float(props["trt_refit_worst_abs_err"]) > 1e-3 and props["trt_refit_backend"] == "reference"
+
+
+# -- 3. baselines ---------------------------------------------------------------------------------
+PLANTED_CONFTEST = '''
+import os
+import refitcore
+from tinymodels import TwoLinear, linear_input
+
+_cached, _apply = refitcore.cached_mapping, refitcore.apply_mapping
+WEIGHT = "fc1/linear.weight CONSTANT"
+
+
+def _cached_planted(weight_map, state):
+    # a corrupted map entry: off by PLANT_MAP x 5e-7 of the weight's largest magnitude (the mapping
+    # audit's rtol is 1e-5, so every check still passes)
+    m = dict(_cached(weight_map, state))
+    f = float(os.environ.get("PLANT_MAP", "0"))
+    if f:
+        m[WEIGHT] = m[WEIGHT] + 5e-7 * f * abs(m[WEIGHT]).max()
+    return m
+
+
+def _apply_planted(engine, mapping, **kw):
+    # both paths hand the engine a weight off by PLANT_OUT x 1e-5: output error grows, mappings agree
+    f = float(os.environ.get("PLANT_OUT", "0"))
+    if f:
+        mapping = dict(mapping)
+        mapping[WEIGHT] = mapping[WEIGHT] + 1e-5 * f
+    return _apply(engine, mapping, **kw)
+
+
+def pytest_configure(config):
+    refitcore.cached_mapping, refitcore.apply_mapping = _cached_planted, _apply_planted
+
+
+def pytest_unconfigure(config):
+    refitcore.cached_mapping, refitcore.apply_mapping = _cached, _apply
+
+
+def pytest_trt_refit_models():
+    return {"two_linear": (TwoLinear, linear_input(), {"examples": 3, "checks": ["weights"], "atol": 1e-2,
+                                                       "input_families": ()})}
+'''
+
+
+def _baseline_run(repo, monkeypatch, mode, plant_map, plant_out, *extra):
+    monkeypatch.setenv("PLANT_MAP", str(plant_map))
+    monkeypatch.setenv("PLANT_OUT", str(plant_out))
+    return repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=21", f"--trt-refit-baseline={mode}",
+                                    "--trt-refit-report=r.json", *extra)
+
+
+def test_baseline_save_then_compare_catches_a_tenfold_growth(repo, monkeypatch):
+    repo.makeconftest(PLANTED_CONFTEST)
+    saved = _baseline_run(repo, monkeypatch, "save", 1, 1)
+    saved.assert_outcomes(passed=1)
+    saved.stdout.fnmatch_lines(["baseline saved: 1 model(s) in *.trtrefit-baselines"])
+    doc = json.loads((repo.path / ".trtrefit-baselines" / "two_linear.json").read_text())
+    assert doc["schema"] == "trtrefit.baseline/1" and doc["seed"] == 21 and doc["output"]["max_abs"] > 1e-6
+    assert [w for w, _ in doc["weights"]][0] == "fc1/linear.weight CONSTANT" and doc["weights"][0][1] > 0
+
+    same = _baseline_run(repo, monkeypatch, "compare", 1, 1)
+    same.assert_outcomes(passed=1)
+    assert same.ret == 0, same.stdout.str()
+    same.stdout.fnmatch_lines(["baseline compare: OK: 1 model(s) against *, factor 2",
+                               "two_linear *output max abs * 1x *ok"])
+
+    grown = _baseline_run(repo, monkeypatch, "compare", 10, 1)      # the map entry drifts 10x
+    grown.assert_outcomes(passed=1)                                   # every check still passes...
+    assert grown.ret == 1                                             # ...but the session fails
+    grown.stdout.fnmatch_lines([
+        "baseline compare: REGRESSION: 1 model(s) against *; 1 value(s) grew beyond it: "
+        "two_linear (weight fc1/linear.weight CONSTANT)",
+        "model *value *old *new *ratio *verdict",
+        "two_linear *weight fc1/linear.weight CONSTANT *x *REGRESSION",
+    ])
+    report = json.loads((repo.path / "r.json").read_text())
+    assert report["baseline"]["ok"] is False and report["pytest_exitstatus"] == 1
+    (grew,) = [c for c in report["baseline"]["changes"] if c["regression"]]
+    assert grew["what"] == "weight fc1/linear.weight CONSTANT" and 8 < grew["ratio"] < 12
+
+    out = _baseline_run(repo, monkeypatch, "compare", 1, 10)          # the output error grows 10x
+    assert out.ret == 1
+    out.stdout.fnmatch_lines(["*REGRESSION*two_linear (output max abs)*"])
+
+    loose = _baseline_run(repo, monkeypatch, "compare", 10, 10, "--trt-refit-baseline-factor=20")
+    assert loose.ret == 0, loose.stdout.str()
+
+
+def test_baseline_compare_without_baselines_fails_and_bad_files_are_named(repo, monkeypatch):
+    repo.makeconftest(PLANTED_CONFTEST)
+    empty = _baseline_run(repo, monkeypatch, "compare", 0, 0, "--trt-refit-baseline-dir=nowhere")
+    assert empty.ret == 1
+    empty.stdout.fnmatch_lines(["baseline compare FAILED: no model of this run has a baseline in *nowhere *"])
+    (repo.path / "bad").mkdir()
+    (repo.path / "bad" / "two_linear.json").write_text('{"schema": "other"}')
+    bad = _baseline_run(repo, monkeypatch, "compare", 0, 0, "--trt-refit-baseline-dir=bad")
+    assert bad.ret == 1
+    bad.stdout.fnmatch_lines(["baseline compare FAILED: baseline *two_linear.json: not a trtrefit.baseline/1 file*"])
+
+
+def test_baseline_options_are_validated(repo):
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-baseline=keep")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*'keep': choose save * or compare *"])
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-baseline-factor=0.5")
+    result.stderr.fnmatch_lines(["*must be a finite number > 1*"])
+
+
+# -- 4. the HTML report ------------------------------------------------------------------------------
+def test_html_report_shows_every_engine_weight(repo):
+    pytest.importorskip("matplotlib")
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=8", "--trt-refit-html=out/report.html")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["HTML report: *out*report.html"])
+    page = (repo.path / "out" / "report.html").read_text()
+    assert "data:image/png;base64," in page
+    for weight in ("fc1/linear.weight CONSTANT", "fc1/linear.bias CONSTANT", "fc2/linear.weight CONSTANT",
+                   "fc2/linear.bias CONSTANT"):
+        assert weight in page, weight
+    assert "two_linear: cached vs fallback per engine weight" in page and "ConvBn" in page
+
+
+def test_html_report_without_matplotlib_is_a_clean_usage_error(repo, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import matplotlib -> ImportError
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-html=r.html")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: --trt-refit-html needs matplotlib: install pytest-trtrefit[[]plot[]]*"])
+
+
+# -- 5. one report schema ------------------------------------------------------------------------------
+def test_the_plugin_report_follows_the_shared_schema(repo):
+    from refitcore.report_schema import SCHEMA, validate
+
+    repo.makepyfile(test_ok=PASSING_TEST, test_bad=CORRUPTED_TEST)
+    repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", "--trt-refit-report=r.json")
+    report = json.loads((repo.path / "r.json").read_text())
+    validate(report)
+    assert report["schema"] == SCHEMA and report["producer"] == "pytest-trtrefit"
+    assert report["status"] == "fail" and report["ok"] is False
+    assert report["paths"]["cached"]["failed"] == 1 and report["paths"]["fallback"]["failed"] == 0
+    assert report["paths"]["cached"]["culprit"] == "fc1/linear.weight CONSTANT"
+    assert report["problems"] == ["test_bad.py::test_swapped_map_entries: paths cached; culprit weight "
+                                  "'fc1/linear.weight CONSTANT'"]
+    with pytest.raises(ValueError, match="checks.0. lacks"):
+        validate(dict(report, checks=[{"model": "m"}]))
