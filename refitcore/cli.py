@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Iterator, Sequence
 
-from .cli_text import AUDIT_EPILOG, COMPILE_EPILOG, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
+from .cli_text import AUDIT_EPILOG, COMPILE_EPILOG, DOCTOR_FLAGS, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
 from .files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
 from .options import parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 from .samples import load_samples
@@ -160,7 +160,8 @@ def _cmd_doctor(args, progress: Progress) -> int:
         print(f"{PROG} doctor: this refitcore has no doctor module (refitcore.doctor: {err}); "
               f"upgrade pytest-trtrefit to get environment diagnostics", file=sys.stderr)
         return EXIT_UNUSABLE
-    return int(doctor.main(list(args.doctor_args or [])) or 0)
+    given = [flag for flag, _ in DOCTOR_FLAGS if getattr(args, f"doctor_{flag.lstrip('-').replace('-', '_')}", False)]
+    return int(doctor.main(given + list(args.doctor_args or [])) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Diagnose the environment (delegates to refitcore.doctor).",
                        epilog="examples:\n  trtrefit doctor\n  trtrefit doctor --json --require-tensorrt\n\n"
                               "other arguments are passed on to refitcore.doctor.")
+    for flag, text in DOCTOR_FLAGS:
+        d.add_argument(flag, action="store_true", dest=f"doctor_{flag.lstrip('-').replace('-', '_')}", help=text)
     d.set_defaults(func=_cmd_doctor)
     return parser
 

@@ -2,7 +2,7 @@
 parser so that ``refitcore.cli`` reads as code."""
 from __future__ import annotations
 
-__all__ = ["MAIN_HELP", "MAIN_EPILOG", "COMPILE_EPILOG", "GATE_EPILOG", "AUDIT_EPILOG"]
+__all__ = ["MAIN_HELP", "MAIN_EPILOG", "COMPILE_EPILOG", "GATE_EPILOG", "AUDIT_EPILOG", "DOCTOR_FLAGS"]
 
 MAIN_HELP = """\
 Prove a TensorRT weight refit right before you ship it.
@@ -91,3 +91,12 @@ examples:
 exit codes: 0 the weights agree; 1 they disagree (the report leads with the worst weight);
 2 unusable input.
 """
+
+# ``trtrefit doctor``'s flags: one table, used by refitcore.doctor's own parser and by the
+# ``trtrefit doctor`` subcommand (so ``trtrefit doctor --help`` lists every flag).
+DOCTOR_FLAGS = (
+    ("--json", "print the checks as JSON: item, value, reason, status (ok, FAIL, n/a, info) (default: text)"),
+    ("--require-tensorrt", "exit with status 1 unless the TensorRT backend can build, run and refit here; on a "
+                           "machine without a CUDA GPU the TensorRT lines are n/a, and this flag still exits 1 "
+                           "(default: exit 0 whatever the checks say)"),
+)

@@ -14,6 +14,7 @@ import sys
 from typing import NamedTuple, Sequence
 
 from . import _trt
+from .cli_text import DOCTOR_FLAGS
 from .backends import resolve_backend
 from .backends import tensorrt as trt_backend
 from .backends.tensorrt_probe import STAGES, ProbeResult
@@ -25,6 +26,15 @@ class Check(NamedTuple):
     item: str
     value: bool | str
     reason: str
+    applicable: bool = True     # False: a "no" this machine is not expected to answer "yes" (shown n/a)
+
+    @property
+    def status(self) -> str:
+        if self.value is True:
+            return "ok"
+        if self.value is False:
+            return "FAIL" if self.applicable else "n/a"
+        return "info"
 
 
 def _torch_checks() -> list[Check]:
@@ -86,12 +96,16 @@ def doctor() -> list[Check]:
         checks.append(Check("refitcore", getattr(refitcore, "__version__", "installed"), refitcore.__file__))
     except Exception as err:  # pragma: no cover - we are inside refitcore
         checks.append(Check("refitcore", False, str(err)))
-    checks += _torch_checks()
+    torch_checks = _torch_checks()
+    # Without a CUDA GPU, "no GPU, no TensorRT engine" is expected, not a failure: those lines say n/a
+    # (the reference backend covers this machine). The values stay False: --require-tensorrt still fails.
+    gpu = next((c.value for c in torch_checks if c.item == "CUDA device"), False) is True
+    checks += [c._replace(applicable=False) if c.item == "CUDA device" and not gpu else c for c in torch_checks]
     checks += _tensorrt_checks()
     result = trt_backend.probe_result()
     ok, reason = result.ok, result.reason
-    checks += stage_checks(result)
-    checks.append(Check("tensorrt backend (build, run, refit)", bool(ok), reason))
+    trt_lines = stage_checks(result) + [Check("tensorrt backend (build, run, refit)", bool(ok), reason)]
+    checks += [c if gpu else c._replace(applicable=False) for c in trt_lines]
     checks.append(Check("reference backend", True, "always available: a CPU interpreter of the TensorRT network; "
                                                    "it checks the network and the weight mapping, not TensorRT's "
                                                    "kernels"))
@@ -101,7 +115,8 @@ def doctor() -> list[Check]:
 
 
 def render(checks: Sequence[Check] | None = None) -> str:
-    """The checks as aligned text lines: ``[ ok ]``/``[FAIL]`` for yes/no checks, ``[info]`` else."""
+    """The checks as aligned text lines: ``[ ok ]``/``[FAIL]`` for yes/no checks, ``[ n/a]`` for a "no"
+    this machine is not expected to answer "yes" (no CUDA GPU: no TensorRT engine), ``[info]`` else."""
     checks = doctor() if checks is None else list(checks)
     width = max((len(c.item) for c in checks), default=0)
     lines = []
@@ -109,7 +124,7 @@ def render(checks: Sequence[Check] | None = None) -> str:
         if c.value is True:
             tag, shown = "[ ok ]", ""
         elif c.value is False:
-            tag, shown = "[FAIL]", ""
+            tag, shown = ("[FAIL]", "") if c.applicable else ("[ n/a]", "not expected without a CUDA GPU: ")
         else:
             tag, shown = "[info]", f"{c.value}: "
         lines.append(f"{tag} {c.item.ljust(width)}  {shown}{c.reason}")
@@ -117,19 +132,18 @@ def render(checks: Sequence[Check] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``trtrefit doctor [--json] [--require-tensorrt]``. Exit status 0, or 1 when
-    ``--require-tensorrt`` is given and the TensorRT backend cannot run here."""
+    """``trtrefit doctor [--json] [--require-tensorrt]``. Exit status 0 (n/a lines included: a CPU
+    machine is not expected to run TensorRT), or 1 when ``--require-tensorrt`` is given and the
+    TensorRT backend cannot run here."""
     parser = argparse.ArgumentParser(prog="trtrefit doctor",
                                      description="Report what this machine can do: torch, CUDA, TensorRT, and "
                                                  "which backend 'auto' picks and why.")
-    parser.add_argument("--json", action="store_true", help="print the checks as JSON (default: text)")
-    parser.add_argument("--require-tensorrt", action="store_true",
-                        help="exit with status 1 unless the TensorRT backend can build, run and refit here "
-                             "(default: always exit 0)")
+    for flag, text in DOCTOR_FLAGS:
+        parser.add_argument(flag, action="store_true", help=text)
     args = parser.parse_args(list(argv) if argv is not None else None)
     checks = doctor()
     if args.json:
-        print(json.dumps([c._asdict() for c in checks], indent=2))
+        print(json.dumps([dict(c._asdict(), status=c.status) for c in checks], indent=2))
     else:
         print(render(checks))
     if args.require_tensorrt:

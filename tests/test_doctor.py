@@ -45,8 +45,45 @@ def test_doctor_lists_tensorrt_line_matching_usable(capsys):
     assert trt_line.value is ok and trt_line.reason == reason
     assert items["backend 'auto' picks"].value == ("tensorrt" if ok else "reference")
     text = doctor.render(checks)
-    assert reason in text and ("[ ok ]" if ok else "[FAIL]") in text
+    gpu = items["CUDA device"].value is True
+    assert reason in text and ("[ ok ]" if ok else "[FAIL]" if gpu else "[ n/a]") in text
     assert doctor.main([]) == 0
     assert doctor.main(["--require-tensorrt"]) == (0 if ok else 1)
     assert doctor.main(["--json"]) == 0
     assert '"item": "backend \'auto\' picks"' in capsys.readouterr().out
+
+
+def _fake_machine(monkeypatch, *, gpu: bool, probe: ProbeResult):
+    monkeypatch.setattr(doctor, "_torch_checks", lambda: [
+        doctor.Check("torch", "2.x", "CUDA build 13.0"),
+        doctor.Check("CUDA device", gpu, "1 visible" if gpu else "torch.cuda.is_available() is False")])
+    monkeypatch.setattr(trt_backend, "probe_result", lambda: probe)
+    monkeypatch.setattr(doctor, "resolve_backend", lambda name: ("reference", "test"))
+
+
+def test_a_cpu_machine_gets_n_a_not_fail(monkeypatch, capsys):
+    _fake_machine(monkeypatch, gpu=False, probe=ProbeResult(False, "no CUDA device", "find a CUDA device for"))
+    checks = doctor.doctor()
+    text = doctor.render(checks)
+    assert "[FAIL]" not in text and text.count("[ n/a]") == 5, text
+    assert "[ n/a] CUDA device" in text and "not expected without a CUDA GPU" in text
+    assert doctor.main([]) == 0 and doctor.main(["--require-tensorrt"]) == 1   # exit codes keep their meaning
+    capsys.readouterr()
+    doctor.main(["--json"])
+    assert '"status": "n/a"' in capsys.readouterr().out
+
+
+def test_a_gpu_machine_where_tensorrt_fails_says_fail(monkeypatch):
+    _fake_machine(monkeypatch, gpu=True, probe=ProbeResult(False, H200, "deserialize"))
+    text = doctor.render(doctor.doctor())
+    assert "[FAIL] TensorRT engine deserialize and run" in text and "[ n/a]" not in text
+    assert doctor.main(["--require-tensorrt"]) == 1
+
+
+def test_doctor_help_lists_every_flag(capsys):
+    from refitcore import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["doctor", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--json print the checks as JSON" in out and "--require-tensorrt exit with status 1" in out
