@@ -53,6 +53,15 @@ def _layers_by_model(data: dict) -> dict[str, list[tuple[str, float, str]]]:
     return {model: [(n, d, s) for n, (d, s) in weights.items()] for model, weights in sorted(out.items())}
 
 
+def _log_axis_with_zero(ax) -> None:
+    """A log axis whose bottom tick (where exact zeros are drawn) reads "0"."""
+    ax.set_yscale("log")
+    ax.set_ylim(_FLOOR / 3, max(ax.get_ylim()[1], 1.0) * 3)
+    ticks = [t for t in ax.get_yticks() if _FLOOR < t <= ax.get_ylim()[1]]
+    ax.set_yticks([_FLOOR] + ticks)
+    ax.set_yticklabels(["0"] + [f"1e{round(math.log10(t))}" for t in ticks], fontsize=7)
+
+
 def render_png(data: dict) -> bytes:
     """The two-panel plot as PNG bytes."""
     plt = require_matplotlib()
@@ -73,37 +82,41 @@ def render_png(data: dict) -> bytes:
         vals = [d if d > 0 and math.isfinite(d) else (_FLOOR if d == 0 else 1e6) for _, d, _ in weights]
         bar_colors = ["#bbbbbb" if d == 0 else ("#d62728" if s != "ok" else colors(i % 10))
                       for _, d, s in weights]
-        top.bar(xs, vals, color=bar_colors, width=0.8, label=model)
+        top.bar(xs, vals, color=bar_colors, width=0.8)
+        top.text((xs[0] + xs[-1]) / 2, 10.0, model, ha="center", va="bottom", fontsize=8, fontweight="bold")
         ticks += xs
         labels += [n if len(n) <= 28 else n[:25] + "..." for n, _, _ in weights]
         x += len(weights) + 1
-    top.set_yscale("log")
-    top.set_ylim(bottom=_FLOOR / 2)
+    _log_axis_with_zero(top)
     top.set_ylabel("cached vs fallback\nmax abs diff")
-    top.set_title("per engine weight (engine order, grouped per model; grey: bit-identical, red: disagree)",
-                  fontsize=9)
+    top.set_title("per engine weight, engine order, grouped per model (grey: bit-identical, red: the paths disagree)",
+                  fontsize=9, pad=18)
     if ticks:
         top.set_xticks(ticks)
         top.set_xticklabels(labels, rotation=75, ha="right", fontsize=6)
-        top.legend(fontsize=7, loc="upper right")
     else:
         top.text(0.5, 0.5, "no per-layer data (run both paths: --trt-refit-paths=both)", ha="center",
                  transform=top.transAxes)
+    x = 0
     for i, model in enumerate(models):
         mine = [r for r in records if r["model"] == model]
+        if not mine:
+            continue
         ys = [r.get("max_abs") if isinstance(r.get("max_abs"), (int, float)) else None for r in mine]
-        pts = [(k, max(y, _FLOOR)) for k, y in enumerate(ys) if y is not None and math.isfinite(y)]
-        bad = [(k, max(ys[k], _FLOOR)) for k, r in enumerate(mine)
+        pts = [(x + k, max(y, _FLOOR)) for k, y in enumerate(ys) if y is not None and math.isfinite(y)]
+        bad = [(x + k, max(ys[k], _FLOOR)) for k, r in enumerate(mine)
                if not r["ok"] and ys[k] is not None and math.isfinite(ys[k])]
         if pts:
             bottom.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, color=colors(i % 10), label=model)
         if bad:
-            bottom.plot([p[0] for p in bad], [p[1] for p in bad], "x", ms=6, color="#d62728")
-    bottom.set_yscale("log")
-    bottom.set_xlabel("check (per model, in run order)")
+            bottom.plot([p[0] for p in bad], [p[1] for p in bad], "x", ms=7, color="#d62728")
+        x += len(mine)
+        bottom.axvline(x - 0.5, color="#dddddd", lw=0.8)
+    _log_axis_with_zero(bottom)
+    bottom.set_xlabel("check (grouped per model, in run order; red x: failed)")
     bottom.set_ylabel("output max abs err\n(engine vs eager)")
     if records:
-        bottom.legend(fontsize=7, loc="upper right")
+        bottom.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
