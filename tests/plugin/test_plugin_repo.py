@@ -322,3 +322,21 @@ def test_the_plugin_report_follows_the_shared_schema(repo):
                                   "'fc1/linear.weight CONSTANT'"]
     with pytest.raises(ValueError, match="checks.0. lacks"):
         validate(dict(report, checks=[{"model": "m"}]))
+
+
+def test_the_ci_summary_script_of_the_docs_reads_a_report(repo):
+    import os
+    import pathlib
+    import subprocess
+    import sys
+    import textwrap
+
+    doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "ci-github-actions.md").read_text()
+    script = textwrap.dedent(doc.split("python - <<'EOF' >> \"$GITHUB_STEP_SUMMARY\"\n", 1)[1].split("\n          EOF")[0])
+    repo.makepyfile(test_bad=CORRUPTED_TEST)
+    repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", "--trt-refit-report=refit.json")
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo.path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(pathlib.Path(__file__).resolve().parents[2])})
+    assert out.returncode == 0, out.stderr
+    assert "### pytest --trt-refit: FAIL: 1 refit check(s) failed" in out.stdout
+    assert "| TwoLinear | 2 | 1 |" in out.stdout and "culprit weight 'fc1/linear.weight CONSTANT'" in out.stdout
