@@ -50,8 +50,9 @@ def model_label(model) -> str:
 
 
 def trt_share(engine) -> float | None:
-    """The share (0..1) of the network that TensorRT runs, when the engine reports one
-    (``engine.summary()`` with a ``tensorrt_share``/``trt_share`` field); None when it does not."""
+    """The share (0..1) of the network that TensorRT runs, when the engine reports one: its
+    ``summary()`` (a ``refitcore.coverage.Coverage``: ``op_share``, ``fully_converted``; or a dict with
+    ``tensorrt_share``/``trt_share``); None when it does not."""
     summary = getattr(engine, "summary", None)
     if not callable(summary):
         return None
@@ -59,21 +60,20 @@ def trt_share(engine) -> float | None:
         info = summary()
     except Exception:   # a summary is optional information: never fail a check over it
         return None
-    for key in ("tensorrt_share", "trt_share"):
+    if getattr(info, "fully_converted", None) is True:
+        return 1.0
+    for key in ("tensorrt_share", "trt_share", "op_share"):
         value = info.get(key) if isinstance(info, dict) else getattr(info, key, None)
-        if isinstance(value, (int, float)):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return None
 
 
-
-def __getattr__(name: str):
-    # Culprit lives in refitcore.culprit; imported on demand so the plugin's startup stays light.
-    if name == "Culprit":
-        from refitcore.culprit import Culprit
-
-        return Culprit
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def _share_of(entry) -> float | None:
+    """:func:`trt_share` of a compile-cache entry's engine, computed once per entry."""
+    if "trt_share" not in vars(entry):
+        vars(entry)["trt_share"] = trt_share(entry.engine)
+    return vars(entry)["trt_share"]
 
 
 def as_samples(inputs) -> list[tuple]:
@@ -221,7 +221,7 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
         result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping, rtol=0.0, atol=0.0,
                                                a_label=outcomes[0].path, b_label=outcomes[1].path)
         result.layers = _layer_diffs(engine, result.mapping_audit)
-    result.trt_share = trt_share(engine)
+    result.trt_share = _share_of(entry)
     if not result.ok:
         result.culprit = find_culprit(engine, state, outcomes)
     for o in outcomes:  # mappings are large; keep the outcome light once analysed
@@ -291,7 +291,7 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
     for i, (state, outcomes) in enumerate(zip(states, per_step)):
         r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
                          output_names=tuple(engine.io.output_names), kind="sequence", step=i)
-        r.trt_share = trt_share(engine)
+        r.trt_share = _share_of(entry)
         if not r.ok:
             r.culprit = find_culprit(engine, state, outcomes)
         for o in outcomes:

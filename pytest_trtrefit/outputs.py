@@ -50,7 +50,7 @@ def finish(session, refit) -> None:
     if cfg.report:
         refit.report_path = report.write_json(cfg.report, report.build_json(
             cfg, data, seconds, int(session.exitstatus),
-            collection={k: v for k, v in refit.collection.items() if k != "files"},
+            collection=data["collection"],
             baseline=comparison.to_json() if comparison is not None else None))
     if cfg.html:
         from . import html_report
@@ -71,7 +71,7 @@ def summary_lines(config, refit) -> list[str]:
     data = getattr(refit, "merged", None) or report.merge([refit.export(), *refit.worker_parts])
     seconds = (refit.finished or time.time()) - refit.started
     lines = report.terminal_lines(refit.config, data, seconds)
-    lines += collection.coverage_lines(refit.collection)
+    lines += collection.coverage_lines(data["collection"])
     lines += getattr(refit, "end_lines", [])
     if refit.report_path:
         lines.append(f"JSON report: {refit.report_path}")

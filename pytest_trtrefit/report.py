@@ -17,7 +17,8 @@ REPORT_VERSION = 1
 def merge(parts: Iterable[dict]) -> dict:
     """Combine :meth:`RefitSession.export` dicts (the controller's own and each xdist worker's)."""
     out: dict[str, Any] = {"records": [], "failures": [], "builds": [], "backend": None, "backend_reason": None,
-                           "outcomes": {}, "expected_failures": [], "layers": []}
+                           "outcomes": {}, "expected_failures": [], "layers": [],
+                           "collection": {}}
     for part in parts:
         if not part:
             continue
@@ -26,6 +27,9 @@ def merge(parts: Iterable[dict]) -> dict:
         out["builds"] += part.get("builds", [])
         out["outcomes"].update(part.get("outcomes", {}))
         out["layers"] += part.get("layers", [])
+        for key, values in (part.get("collection") or {}).items():   # each xdist worker collects
+            seen = out["collection"].setdefault(key, [])
+            seen += [v for v in values if v not in seen]
         if part.get("backend") and not out["backend"]:
             out["backend"], out["backend_reason"] = part["backend"], part.get("backend_reason")
     # A failing check inside a test that passed was expected by that test (pytest.raises).

@@ -259,6 +259,7 @@ class RefitSession:
         """Everything the reports need, JSON-serialisable (sent from pytest-xdist workers)."""
         return {"records": self.records, "failures": self.failures, "builds": self.builds,
                 "outcomes": dict(self.outcomes), "layers": self.layers,
+                "collection": {k: v for k, v in self.collection.items() if k != "files"},
                 "backend": self._backend[0] if self._backend else None,
                 "backend_reason": self._backend[1] if self._backend else None}
 

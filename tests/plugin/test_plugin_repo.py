@@ -98,14 +98,27 @@ def test_an_unusable_tensorrt_backend_is_one_usage_error(repo):
 # -- 2. the summary ------------------------------------------------------------------------------
 def test_summary_has_one_unit_per_column_stable_labels_and_the_tensorrt_share(repo):
     _models_repo(repo)
-    (repo.path / "tests" / "test_share.py").write_text('''
-import pytest
+    # Engines that report a TensorRT share (as refitcore.coverage's engine.summary() does): TwoLinear's.
+    repo.makeconftest(ROOT_CONFTEST + '''
 from refitcore.engine import RefittableEngine
-from tinymodels import TwoLinear, linear_input
 
-@pytest.fixture(autouse=True)
-def fully_converted(monkeypatch):
-    monkeypatch.setattr(RefittableEngine, "summary", lambda self: {"tensorrt_share": 1.0}, raising=False)
+_had = "summary" in vars(RefittableEngine)
+_old = vars(RefittableEngine).get("summary")
+
+def _summary(self):
+    return {"tensorrt_share": 1.0} if "fc1/linear.weight CONSTANT" in self.weight_names else None
+
+def pytest_configure(config):
+    RefittableEngine.summary = _summary
+
+def pytest_unconfigure(config):
+    if _had:
+        RefittableEngine.summary = _old
+    else:
+        del RefittableEngine.summary
+''')
+    (repo.path / "tests" / "test_share.py").write_text('''
+from tinymodels import TwoLinear, linear_input
 
 def test_unnamed(trt_refit):      # the same architecture as the declared two_linear, checked without a name
     trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input())
@@ -118,9 +131,26 @@ def test_unnamed(trt_refit):      # the same architecture as the declared two_li
             "*rtol to pass *TRT share *builds *time",
             "ConvBn *cached,fallback *1 *2 *0 * - *",
             "TwoLinear *cached,fallback *1 *2 *0 * 100% *",
-            "two_linear *cached,fallback *2 *4 *0 *",
+            "two_linear *cached,fallback *2 *4 *0 * 100% *",
             "examples: weight sets drawn; checks: one per example and path; atol/rtol to pass: the smallest *",
         ])
+
+
+def test_the_tensorrt_share_is_read_defensively():
+    import types
+
+    from pytest_trtrefit.checks import trt_share
+
+    def engine(summary):
+        return types.SimpleNamespace(summary=summary)
+
+    coverage = types.SimpleNamespace(op_share=0.75, fully_converted=False)
+    assert trt_share(engine(lambda: coverage)) == 0.75
+    assert trt_share(engine(lambda: types.SimpleNamespace(op_share=0.5, fully_converted=True))) == 1.0
+    assert trt_share(engine(lambda: {"tensorrt_share": 0.25})) == 0.25
+    assert trt_share(types.SimpleNamespace()) is None                       # no summary()
+    assert trt_share(engine(lambda: 1 / 0)) is None                         # a summary that raises
+    assert trt_share(engine(lambda: {"op_share": True})) is None            # not a number
 
 
 def test_cache_hits_and_misses_get_a_column_when_recorded():
@@ -340,3 +370,16 @@ def test_the_ci_summary_script_of_the_docs_reads_a_report(repo):
     assert out.returncode == 0, out.stderr
     assert "### pytest --trt-refit: FAIL: 1 refit check(s) failed" in out.stdout
     assert "| TwoLinear | 2 | 1 |" in out.stdout and "culprit weight 'fc1/linear.weight CONSTANT'" in out.stdout
+
+
+def test_under_xdist_declared_models_baselines_and_the_summary_come_from_the_workers(repo):
+    pytest.importorskip("xdist")
+    _models_repo(repo)
+    result = repo.runpytest_inprocess("-n", "2", "--trt-refit", "--trt-refit-seed=9", "--trt-refit-baseline=save",
+                                      "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["two_linear *cached,fallback *2 *4 *0 *",
+                                 "declared models collected from conftest.py (outside the collected paths)",
+                                 "baseline saved: 2 model(s) in *"])
+    saved = sorted(p.name for p in (repo.path / ".trtrefit-baselines").iterdir())
+    assert saved == ["ConvBn.json", "two_linear.json"]
