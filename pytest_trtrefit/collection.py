@@ -19,7 +19,7 @@ import pytest
 
 from .declarative import RefitModelsFile, RefitPropertyItem
 
-__all__ = ["mark_fixture_tests", "declaring_conftests", "add_declared_models", "record_deselected", "coverage_lines"]
+__all__ = ["mark_fixture_tests", "declaring_conftests", "add_declared_models", "record_deselected"]
 
 
 def mark_fixture_tests(items) -> None:
@@ -69,19 +69,6 @@ def record_deselected(items, state: dict) -> None:
         if isinstance(item, RefitPropertyItem):
             state.setdefault("deselected", []).append(item.nodeid)
 
-
-
-def coverage_lines(state: dict) -> list[str]:
-    """Summary lines: which declared models were added, deselected or not selected."""
-    lines = []
-    if state.get("added"):
-        lines.append(f"declared models collected from {', '.join(state['added'])} (outside the collected paths)")
-    if state.get("deselected"):
-        lines.append(f"{len(state['deselected'])} generated model check(s) deselected by the user (-k/-m/--deselect): "
-                     + ", ".join(state["deselected"][:5]) + (" ..." if len(state["deselected"]) > 5 else ""))
-    if state.get("not_selected"):
-        lines.append(f"declared models in {', '.join(state['not_selected'])} NOT checked: tests were picked by node id")
-    return lines
 
 
 def _relative(config, path: str) -> str:

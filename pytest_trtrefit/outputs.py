@@ -11,7 +11,8 @@ import time
 from . import baseline, report
 from .config import DEFAULT_ATOL, DEFAULT_EXAMPLES, DEFAULT_RTOL
 
-__all__ = ["finish", "summary_lines", "junit_properties", "reproduce_command", "EXIT_TESTS_FAILED"]
+__all__ = ["finish", "summary_lines", "check_usable", "junit_properties", "add_junit_properties", "add_reproduce_line",
+           "reproduce_command", "EXIT_TESTS_FAILED"]
 
 EXIT_TESTS_FAILED = 1   # pytest.ExitCode.TESTS_FAILED
 
@@ -66,16 +67,43 @@ def finish(session, refit) -> None:
 
 def summary_lines(config, refit) -> list[str]:
     """The terminal summary section (after :func:`finish`)."""
-    from . import collection
-
     data = getattr(refit, "merged", None) or report.merge([refit.export(), *refit.worker_parts])
     seconds = (refit.finished or time.time()) - refit.started
     lines = report.terminal_lines(refit.config, data, seconds)
-    lines += collection.coverage_lines(data["collection"])
+    lines += report.coverage_lines(data["collection"])
     lines += getattr(refit, "end_lines", [])
     if refit.report_path:
         lines.append(f"JSON report: {refit.report_path}")
     return lines
+
+
+def check_usable(refit) -> None:
+    """At session start: raise ``pytest.UsageError`` for an asked-for backend that cannot run here
+    or ``--trt-refit-html`` without matplotlib, instead of failing every test."""
+    import pytest
+
+    refit.require_backend()
+    if refit.config.html:
+        from .html_report import PlotUnavailableError, require_matplotlib
+
+        try:
+            require_matplotlib()
+        except PlotUnavailableError as err:
+            raise pytest.UsageError(str(err)) from None
+
+
+def add_junit_properties(refit, item) -> None:
+    """Append :func:`junit_properties` (and the seed, once) to ``item.user_properties``."""
+    props = junit_properties(refit, item.nodeid)
+    if props and not any(name == "trt_refit_seed" for name, _ in item.user_properties):
+        props.append(("trt_refit_seed", refit.config.seed))
+    item.user_properties += props
+
+
+def add_reproduce_line(refit, item, report) -> None:
+    """End a failing refit test's report with the command that reproduces it."""
+    if item.get_closest_marker("trt_refit") is not None and hasattr(report.longrepr, "addsection"):
+        report.longrepr.addsection("trt-refit", "reproduce with: " + reproduce_command(refit.config, item.nodeid))
 
 
 def junit_properties(refit, nodeid: str) -> list[tuple[str, object]]:

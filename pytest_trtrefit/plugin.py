@@ -2,7 +2,9 @@
 
 The work lives beside this module: :mod:`.config` (options), :mod:`.service` (the session object and
 compile cache), :mod:`.checks` (checks and the mismatch report), :mod:`.declarative` (tests generated
-from a conftest's model list), :mod:`.report` (terminal summary and JSON report). torch, TensorRT
+from a conftest's model list), :mod:`.collection` (what gets collected and marked), :mod:`.report`
+(terminal summary and JSON report), :mod:`.baseline` (save/compare), :mod:`.html_report` (the
+per-layer plot), :mod:`.outputs` (session end, JUnit properties, reproduce lines). torch, TensorRT
 and refitcore are imported only when a check runs.
 """
 from __future__ import annotations
@@ -99,14 +101,7 @@ def pytest_deselected(items) -> None:
 def pytest_sessionstart(session) -> None:
     refit = get_session(session.config)
     if refit.config.enabled and not session.config.option.collectonly:
-        refit.require_backend()     # an unusable backend: one usage error, not one per test
-        if refit.config.html:
-            from .html_report import PlotUnavailableError, require_matplotlib
-
-            try:
-                require_matplotlib()
-            except PlotUnavailableError as err:
-                raise pytest.UsageError(str(err)) from None
+        outputs.check_usable(refit)   # an unusable backend or missing matplotlib: one usage error
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -123,17 +118,15 @@ def pytest_runtest_call(item):
         with quiet_logs():    # torch.export's DEBUG traces would fill every failure's captured log
             return (yield)
     finally:   # JUnit XML properties (before the report is made): worst error per test
-        item.user_properties += outputs.junit_properties(refit, item.nodeid)
+        outputs.add_junit_properties(refit, item)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
     refit = get_session(item.config)
-    if (report.failed and call.when == "call" and refit.config.enabled and not isinstance(item, RefitPropertyItem)
-            and item.get_closest_marker("trt_refit") is not None and hasattr(report.longrepr, "addsection")):
-        report.longrepr.addsection("trt-refit", "reproduce with: " + outputs.reproduce_command(refit.config,
-                                                                                                item.nodeid))
+    if report.failed and call.when == "call" and refit.config.enabled and not isinstance(item, RefitPropertyItem):
+        outputs.add_reproduce_line(refit, item, report)   # generated tests print theirs in repr_failure
     return report
 
 

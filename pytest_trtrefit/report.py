@@ -7,8 +7,8 @@ import os
 import time
 from typing import Any, Iterable
 
-__all__ = ["merge", "summarize", "table", "terminal_lines", "build_json", "write_json", "REPORT_FORMAT",
-           "REPORT_VERSION"]
+__all__ = ["merge", "summarize", "table", "terminal_lines", "coverage_lines", "build_json", "write_json",
+           "REPORT_FORMAT", "REPORT_VERSION"]
 
 REPORT_FORMAT = "pytest-trtrefit.report"
 REPORT_VERSION = 1
@@ -150,6 +150,19 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
         lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
+    return lines
+
+
+def coverage_lines(state: dict) -> list[str]:
+    """Summary lines: which declared models were added, deselected or not selected."""
+    lines = []
+    if state.get("added"):
+        lines.append(f"declared models collected from {', '.join(state['added'])} (outside the collected paths)")
+    if state.get("deselected"):
+        lines.append(f"{len(state['deselected'])} generated model check(s) deselected by the user (-k/-m/--deselect): "
+                     + ", ".join(state["deselected"][:5]) + (" ..." if len(state["deselected"]) > 5 else ""))
+    if state.get("not_selected"):
+        lines.append(f"declared models in {', '.join(state['not_selected'])} NOT checked: tests were picked by node id")
     return lines
 
 

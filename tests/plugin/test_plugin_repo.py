@@ -40,6 +40,26 @@ def _models_repo(repo):
     return repo
 
 
+def test_help_lists_the_new_options_and_their_ini_mirrors(pytester):
+    text = " ".join(pytester.runpytest("--help").stdout.str().split())
+    for expected in ("--trt-refit-baseline={save,compare}", "--trt-refit-baseline-dir=DIR",
+                     "(default: .trtrefit-baselines)", "--trt-refit-baseline-factor=FACTOR", "(default: 2)",
+                     "--trt-refit-html=PATH", "pytest-trtrefit[plot]",
+                     "trt_refit_baseline (string): ini mirror of --trt-refit-baseline",
+                     "trt_refit_baseline_factor (string): ini mirror", "trt_refit_html (string): ini mirror"):
+        assert expected in text, expected
+
+
+def test_baseline_options_from_the_ini_file(repo):
+    repo.makeconftest(PLANTED_CONFTEST)
+    repo.makeini("[pytest]\ntrt_refit = true\ntrt_refit_seed = 2\ntrt_refit_baseline = save\n"
+                 "trt_refit_baseline_dir = base\n")
+    result = repo.runpytest_inprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["baseline saved: 1 model(s) in *base"])
+    assert (repo.path / "base" / "two_linear.json").exists()
+
+
 # -- 1. nothing declared goes silently unchecked ---------------------------------------------
 @pytest.mark.parametrize("args", [[], ["tests"], ["tests/test_fixture.py"]], ids=["testpaths", "dir-arg", "file-arg"])
 def test_root_conftest_models_are_checked_whatever_the_paths(repo, args):
@@ -203,6 +223,7 @@ def test_drawn(trt_refit, weights):
     props = {p.get("name"): p.get("value") for p in cases["test_swapped_map_entries"].iter("property")}
     assert props["trt_refit_checks"] == "2" and props["trt_refit_failed_checks"] == "1"
     assert float(props["trt_refit_worst_abs_err"]) > 1e-3 and props["trt_refit_backend"] == "reference"
+    assert props["trt_refit_seed"] == "5"
 
 
 # -- 3. baselines ---------------------------------------------------------------------------------
