@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Sequence
 
-from .checks import CheckOutcome, as_samples, describe_weights, model_label, quiet_logs, run_check, run_sequence
+from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
 from .config import RefitConfig
 
 __all__ = ["RefitSession", "CacheEntry", "architecture_key", "input_spec"]
@@ -88,7 +88,6 @@ class RefitSession:
         self.report_path: str | None = None
         self.collection: dict = {}              # declared models added / deselected (collection.py)
         self.layers: list[dict] = []            # per-engine-weight cached vs fallback discrepancy per check
-        self.outputs_written: list[str] = []    # files the session wrote (report, baselines, HTML)
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -186,12 +185,11 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
+        entry = self._entry(model_or_factory, samples, name=name)
         state, _ = normalize_weights(weights)
-        with quiet_logs():
-            entry = self._entry(model_or_factory, samples, name=name)
-            t0 = time.perf_counter()
-            outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
-                                model=name or model_label(entry.eager), weights_label=describe_weights(weights))
+        t0 = time.perf_counter()
+        outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
+                            model=name or model_label(entry.eager), weights_label=describe_weights(weights))
         self._record(outcome, time.perf_counter() - t0)
         if not outcome.ok:
             raise AssertionError(outcome.report())
@@ -208,13 +206,12 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
+        entry = self._entry(model_or_factory, samples, name=name)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
-        with quiet_logs():
-            entry = self._entry(model_or_factory, samples, name=name)
-            t0 = time.perf_counter()
-            outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,
-                                    model=name or model_label(entry.eager), labels=labels)
+        t0 = time.perf_counter()
+        outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,
+                                model=name or model_label(entry.eager), labels=labels)
         per = (time.perf_counter() - t0) / max(1, len(outcomes))
         for o in outcomes:
             self._record(o, per)
