@@ -141,6 +141,7 @@ class CheckOutcome:
     step: int | None = None
     layers: list | None = None           # [[engine weight, max abs diff cached vs fallback, status]], engine order
     trt_share: float | None = None       # the share of the network TensorRT runs (when the engine says)
+    architecture: str | None = None      # the compile-cache entry's architecture key (16 hex digits)
 
     @property
     def ok(self) -> bool:
@@ -222,6 +223,7 @@ def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol:
                                                a_label=outcomes[0].path, b_label=outcomes[1].path)
         result.layers = _layer_diffs(engine, result.mapping_audit)
     result.trt_share = _share_of(entry)
+    result.architecture = str(getattr(entry, "key", ""))[:16] or None
     if not result.ok:
         result.culprit = find_culprit(engine, state, outcomes)
     for o in outcomes:  # mappings are large; keep the outcome light once analysed
@@ -292,6 +294,7 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
         r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
                          output_names=tuple(engine.io.output_names), kind="sequence", step=i)
         r.trt_share = _share_of(entry)
+        r.architecture = str(getattr(entry, "key", ""))[:16] or None
         if not r.ok:
             r.culprit = find_culprit(engine, state, outcomes)
         for o in outcomes:

@@ -71,15 +71,22 @@ def summarize(records: list[dict], builds: list[dict]) -> list[dict]:
             m["trt_share"] = share if m["trt_share"] is None else min(m["trt_share"], share)
     for m in models.values():
         m["examples"] = m["checks"] // max(1, len(m["paths"]))   # weight sets, each through every path
+    # A build belongs to every model label whose checks ran on its engine (one engine may serve a
+    # declared name and a fixture check of the same class), so no row depends on which ran first.
+    archs: dict[str, set] = {}
+    for r in records:
+        if r.get("architecture"):
+            archs.setdefault(r["model"], set()).add(r["architecture"])
     for b in builds:
-        m = models.get(b["model"])
-        if m is not None:
-            m["compile_s"] += b.get("compile_s", 0.0)
-            m["builds"] += 1
-            if b.get("cache") == "hit":
-                m["cache_hits"] += 1
-            elif b.get("cache") == "miss":
-                m["cache_misses"] += 1
+        for m in models.values():
+            mine = archs.get(m["model"])
+            if (b.get("architecture") in mine) if mine else b["model"] == m["model"]:
+                m["compile_s"] += b.get("compile_s", 0.0)
+                m["builds"] += 1
+                if b.get("cache") == "hit":
+                    m["cache_hits"] += 1
+                elif b.get("cache") == "miss":
+                    m["cache_misses"] += 1
     return sorted(models.values(), key=lambda m: m["model"])
 
 

@@ -242,6 +242,8 @@ class RefitSession:
                 rec["culprit"] = outcome.culprit.name
             if outcome.trt_share is not None:
                 rec["trt_share"] = outcome.trt_share
+            if outcome.architecture is not None:
+                rec["architecture"] = outcome.architecture
             self.records.append(rec)
         if outcome.layers:
             self.layers.append({"test": self.current_test, "model": outcome.model, "weights": outcome.layers})
