@@ -349,6 +349,20 @@ def test_html_report_shows_every_engine_weight(repo):
     assert "two_linear: cached vs fallback per engine weight" in page and "ConvBn" in page
 
 
+def test_html_report_marks_the_weights_where_the_paths_disagree(repo):
+    pytest.importorskip("matplotlib")
+    repo.makepyfile(test_bad=CORRUPTED_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=8", "--trt-refit-html=r.html")
+    result.assert_outcomes(failed=1)
+    page = (repo.path / "r.html").read_text()
+    rows = {line.split("</td><td>")[1]: line for line in page.splitlines() if line.startswith("<tr><td>")
+            and "CONSTANT" in line}
+    for swapped in ("fc1/linear.weight CONSTANT", "fc2/linear.weight CONSTANT"):
+        assert "class='bad'>value<" in rows[swapped], rows[swapped]
+    for intact in ("fc1/linear.bias CONSTANT", "fc2/linear.bias CONSTANT"):
+        assert "<td>0</td><td>ok</td>" in rows[intact], rows[intact]
+
+
 def test_html_report_without_matplotlib_is_a_clean_usage_error(repo, monkeypatch):
     import sys
 
