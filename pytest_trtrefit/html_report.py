@@ -46,10 +46,9 @@ def _layers_by_model(data: dict) -> dict[str, list[tuple[str, float, str]]]:
     for entry in data.get("layers", []):
         m = out.setdefault(entry["model"], {})
         for name, diff, status in entry["weights"]:
-            old = m.get(name)
+            old_diff, old_status = m.get(name, (0.0, "ok"))
             d = float(diff) if diff is not None else 0.0
-            if old is None or d > old[0] or (status != "ok" and old[1] == "ok"):
-                m[name] = (max(d, old[0]) if old else d, status if old is None or status != "ok" else old[1])
+            m[name] = (max(old_diff, d), status if status != "ok" else old_status)   # a failure sticks
     return {model: [(n, d, s) for n, (d, s) in weights.items()] for model, weights in sorted(out.items())}
 
 
