@@ -34,7 +34,11 @@ def finish(session, refit) -> None:
         directory = _baseline_dir(session.config, cfg)
         values = baseline.collect(data)
         try:
-            if cfg.baseline == "save":
+            if cfg.baseline == "save" and data["failures"]:
+                # A failing run's errors would make a lenient baseline: the next compare would pass them.
+                lines.append(f"baseline NOT saved: {len(data['failures'])} refit check(s) failed; save a baseline "
+                             f"from a passing run")
+            elif cfg.baseline == "save":
                 written = baseline.save(values, directory, seed=cfg.seed, backend=data.get("backend"))
                 lines.append(f"baseline saved: {len(written)} model(s) in {directory}" if written else
                              "baseline NOT saved: no refit check ran")

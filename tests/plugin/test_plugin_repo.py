@@ -326,6 +326,14 @@ def test_baseline_compare_without_baselines_fails_and_bad_files_are_named(repo, 
     bad.stdout.fnmatch_lines(["baseline compare FAILED: baseline *two_linear.json: not a trtrefit.baseline/1 file*"])
 
 
+def test_a_failing_run_saves_no_baseline(repo):
+    repo.makepyfile(test_bad=CORRUPTED_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-baseline=save")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["baseline NOT saved: 1 refit check(s) failed; save a baseline from a passing run"])
+    assert not (repo.path / ".trtrefit-baselines").exists()
+
+
 def test_baseline_options_are_validated(repo):
     result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-baseline=keep")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
