@@ -15,7 +15,8 @@ from .samples import load_samples
 from .verify import Verdict, verify
 from .engine import IOSpec, RefittableEngine
 from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, MapCannotServeError, RefitCoreError,
-                     RefitError, UnsupportedOperatorError, WeightMappingError)
+                     RefitError, ShapeRangeError, UnsupportedOperatorError, WeightMappingError)
+from .shapes import DimRange
 from .weight_map import WeightMap, WeightSource
 
 __all__ = [
@@ -24,6 +25,6 @@ __all__ = [
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError", "MapCannotServeError",
     "RefitError", "BundleError", "BackendUnavailableError",
     "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
-    "load_samples",
+    "load_samples", "ShapeRangeError", "DimRange",
 ]
 __version__ = "0.1.0"

@@ -1,15 +1,17 @@
 """``refitcore.compile``: model -> RefittableEngine."""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
 from .backends import get_backend, resolve_backend
 from .conversion.convert import convert
 from .engine import IOSpec, RefittableEngine
-from .lowering import export_model, graph_fingerprint, plan_fusions
+from .lowering import export_model, graph_fingerprint, input_names, plan_fusions
+from .shapes import export_example, resolve_dynamic_shapes
 from .weight_map import WeightMap
 
 __all__ = ["compile", "tied_groups", "check_map_covers"]
@@ -37,9 +39,17 @@ def check_map_covers(weight_map: WeightMap, engine_names: Sequence[str]) -> None
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
             backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
-            verbose: bool = False) -> RefittableEngine:
+            verbose: bool = False, dynamic_shapes: Any = None,
+            profiles: Sequence[Any] | None = None) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to a TensorRT network with the REFIT flag, record
     the weight map, and build it on ``backend`` ('auto', 'reference' or 'tensorrt').
+
+    ``dynamic_shapes``: the input dimensions that vary at run time and their ranges, in
+    torch.export's form (``{"x": {0: torch.export.Dim("batch", min=1, max=8)}}``) or per input
+    (``{"x": {0: (1, 8)}}``, ``{0: ((1, 4, 8), 3, 64, 64)}``: (min, max) or (min, opt, max)); the
+    example's size is ``opt`` unless given. ``profiles``: several optimization profiles inside those
+    ranges (see :mod:`refitcore.shapes`). The engine accepts any shape inside a profile and refuses
+    others with an error naming the input, the dimension and the range.
 
     Example::
 
@@ -52,9 +62,12 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     name, reason = resolve_backend(backend)
     if backend == "auto":
         log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
-    ep = export_model(model, example_inputs)
+    export_ds, shape_profiles = resolve_dynamic_shapes(model, example_inputs, dynamic_shapes, profiles=profiles)
+    ep = export_model(model, export_example(example_inputs, shape_profiles), dynamic_shapes=export_ds)
     fusion = plan_fusions(ep.graph_module)
-    result = convert(ep, fusion=fusion)
+    if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
+        shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
+    result = convert(ep, fusion=fusion, profiles=shape_profiles)
     wm = result.weight_map
     wm.tied = tied_groups(model)
     # torch.export lifts a tied parameter under one of its names (not necessarily the first);
@@ -71,8 +84,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     impl = get_backend(name).build(result, precision=precision)
     check_map_covers(wm, impl.weight_names())
     digest, entries = graph_fingerprint(ep)
-    io = IOSpec(tuple(result.input_names), tuple(result.input_shapes),
+    io = IOSpec(tuple(result.input_names), tuple(tuple(int(s) for s in t.shape) for t in example_inputs),
                 tuple(str(t.dtype).replace("torch.", "") for t in example_inputs),
-                tuple(result.output_names), tuple(result.output_shapes))
+                tuple(result.output_names), tuple(result.output_shapes), shape_profiles)
     return RefittableEngine(impl, wm, io, digest, exported_program=ep, fusion=fusion, backend_reason=reason,
                             graph_entries=entries, model_factory=model_factory, state_keys=state_keys)

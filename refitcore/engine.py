@@ -8,6 +8,7 @@ through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`l
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +19,8 @@ from . import bundle
 from .backends import get_backend
 from .backends.base import EngineImpl
 from .dtypes import TORCH_NAMES
-from .errors import BundleError
+from .errors import BundleError, ShapeRangeError
+from .shapes import ShapeProfiles
 from .weight_map import WeightMap
 
 __all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
@@ -29,20 +31,30 @@ MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor o
 
 @dataclasses.dataclass(frozen=True)
 class IOSpec:
+    """Inputs and outputs of a compiled model. ``input_shapes`` are the example's shapes (``opt`` of a
+    dynamic dimension); ``output_shapes`` have -1 where a size varies; ``profiles`` (a
+    :class:`refitcore.shapes.ShapeProfiles`, None for static shapes) holds each input's
+    (min, opt, max) ranges and the optimization profiles. A file without ``profiles`` reads as static."""
+
     input_names: tuple[str, ...]
     input_shapes: tuple[tuple[int, ...], ...]
     input_dtypes: tuple[str, ...]
     output_names: tuple[str, ...]
     output_shapes: tuple[tuple[int, ...], ...]
+    profiles: ShapeProfiles | None = None
 
     def to_json(self) -> dict:
-        return {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
-                for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
+        out = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
+               for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
+        if self.profiles is not None:
+            out["profiles"] = self.profiles.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "IOSpec":
+        profiles = ShapeProfiles.from_json(d["profiles"]) if d.get("profiles") else None
         return cls(tuple(d["input_names"]), tuple(tuple(s) for s in d["input_shapes"]), tuple(d["input_dtypes"]),
-                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]))
+                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]), profiles)
 
 
 class RefittableEngine:
@@ -190,15 +202,42 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
             or len(lists["output_names"]) != len(lists["output_shapes"]):
         raise BundleError(f"{where}: engine file content is invalid: the IO spec's names, shapes and dtypes "
                           f"differ in length")
+    dynamic = io.get("profiles") is not None
     for side in ("input", "output"):
         for i, name in enumerate(lists[f"{side}_names"]):
             expect(name, str, f"io.{side}_names[{i}]", where)
-            bundle.expect_shape(lists[f"{side}_shapes"][i], f"the shape of {side} {name!r}", where,
-                                max_elements=MAX_INPUT_ELEMENTS)
+            shape = lists[f"{side}_shapes"][i]
+            if dynamic and side == "output" and isinstance(shape, list):   # -1: a size that varies
+                shape = [1 if d == -1 else d for d in shape]
+            bundle.expect_shape(shape, f"the shape of {side} {name!r}", where, max_elements=MAX_INPUT_ELEMENTS)
+    if dynamic:
+        _check_profiles(io["profiles"], lists["input_names"], lists["input_shapes"], where)
     for i, d in enumerate(lists["input_dtypes"]):
         if d not in TORCH_NAMES:
             raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
                               f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+def _check_profiles(profiles: Any, names: list, shapes: list, where: str) -> None:
+    """The recorded shape ranges: well formed, one per input, each range bounded and containing the
+    example's size (see :meth:`refitcore.shapes.ShapeProfiles.from_json`)."""
+    try:
+        sp = ShapeProfiles.from_json(bundle.expect(profiles, dict, "io.profiles", where))
+    except ShapeRangeError as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles: {err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles is malformed "
+                          f"({type(err).__name__}: {str(err)[:200]})") from None
+    if list(sp.input_names) != list(names):
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles names inputs {list(sp.input_names)}, "
+                          f"the IO spec {list(names)}")
+    for name, ranges, shape in zip(names, sp.ranges, shapes):
+        if len(ranges) != len(shape) or any(hi > MAX_INPUT_ELEMENTS for _, _, hi in ranges):
+            raise BundleError(f"{where}: engine file content is invalid: io.profiles ranges of input {name!r} do not "
+                              f"fit its shape {shape}")
+        if math.prod(hi for _, _, hi in ranges) > MAX_INPUT_ELEMENTS:
+            raise BundleError(f"{where}: engine file content is invalid: input {name!r} may have more than "
+                              f"{MAX_INPUT_ELEMENTS} elements at its largest shape")
 
 
 def _check_weights(weight_map: WeightMap, impl: EngineImpl, where: str) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "RefitError",
     "BundleError",
     "BackendUnavailableError",
+    "ShapeRangeError",
 ]
 
 
@@ -80,3 +81,8 @@ class BundleError(RefitCoreError):
 
 class BackendUnavailableError(RefitCoreError):
     """The requested backend cannot run here; the message says why."""
+
+
+class ShapeRangeError(RefitCoreError, ValueError):
+    """An input shape outside every optimization profile of a dynamic-shape engine, or an unusable
+    shape-range specification; the message names the input, the dimension and the range."""

@@ -209,10 +209,14 @@ def exported_for(engine, source: Any, state: dict[str, torch.Tensor], *, model: 
     the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
     from .eager import EagerModelError, UntrustedFactoryError, eager_model
     from .lowering import export_model, graph_fingerprint
+    from .shapes import export_example
 
     if isinstance(source, torch.nn.Module):
-        ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
-                                   for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
+        # The same export as at compile time: example shapes, and the recorded dynamic ranges.
+        profiles = engine.io.profiles
+        examples = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
+        ep = export_model(source, export_example(examples, profiles),
+                          dynamic_shapes=profiles.torch_dynamic_shapes() if profiles is not None else None)
     elif isinstance(source, torch.export.ExportedProgram):
         ep = source.run_decompositions({}) if not _is_lowered(source) else source
     else:
@@ -270,7 +274,7 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     for group in engine.weight_map.tied:
         if group[0] in checked:
             params.update({k: checked[group[0]] for k in group[1:]})
-    result = convert(ep, params, fusion=engine.fusion)
+    result = convert(ep, params, fusion=engine.fusion, profiles=engine.io.profiles)
     plan = read_network(result.network)
     out: dict[str, np.ndarray] = {}
     for layer in plan["layers"]:

@@ -59,6 +59,8 @@ def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=N
     factor = ctx.constant(torch.tensor(scale), rank=r, suffix="scale")
     s = ctx.name(ctx.network.add_elementwise(s, factor, trt.ElementWiseOperation.PROD), "scaled").get_output(0)
     if is_causal:
+        if L < 0 or S < 0:
+            raise Unsupported("causal attention over a dynamic sequence length (its mask is a literal of static size)")
         if attn_mask is not None:
             raise Unsupported("attention with both attn_mask and is_causal")
         attn_mask = StaticValue(torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), MASKED),
