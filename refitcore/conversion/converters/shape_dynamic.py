@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ... import dtypes
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
 from ..shape_tensors import ShapeValue, int_constant, is_symbolic, shape_vector, sym_value
@@ -22,8 +23,6 @@ __all__ = ["is_dynamic", "reshape_to", "reshape_to_meta", "same_shape", "slice_d
 
 aten = torch.ops.aten
 
-_TRT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.int32: "int32", torch.int64: "int64",
-               torch.bool: "bool"}
 
 
 def is_dynamic(ctx: ConversionContext, *values: Any) -> bool:
@@ -109,12 +108,12 @@ def fill_like_meta(ctx: ConversionContext, value: float, dtype: torch.dtype | No
     val = ctx.node.meta["val"]
     r = val.dim()
     dtype = dtype or val.dtype
-    if dtype not in _TRT_DTYPES:
+    if dtypes.trt_name(dtype) is None:
         raise Unsupported(f"a dynamic-shape fill of dtype {dtype}")
     c = ctx.constant(torch.tensor(float(value)), shape=(1,) * r, suffix="value")
     y = _slice(ctx, c, [0] * r, list(val.shape), [0] * r, suffix="broadcast")
     if dtype is not torch.float32:
-        y = ctx.name(ctx.network.add_cast(y, getattr(ctx.trt, _TRT_DTYPES[dtype])), "cast").get_output(0)
+        y = ctx.name(ctx.network.add_cast(y, getattr(ctx.trt.DataType, dtypes.trt_name(dtype))), "cast").get_output(0)
     return y
 
 
@@ -151,7 +150,7 @@ def arange(ctx, node, args, kwargs):
     if val.dtype is torch.int64:
         return ctx.name(layer).get_output(0)
     y = ctx.name(layer, "fill").get_output(0)
-    return ctx.name(ctx.network.add_cast(y, getattr(trt, _TRT_DTYPES[val.dtype]))).get_output(0)
+    return ctx.name(ctx.network.add_cast(y, getattr(trt.DataType, dtypes.trt_name(val.dtype)))).get_output(0)
 
 
 def _fill_value(node, args, kwargs, index: int):
