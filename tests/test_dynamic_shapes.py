@@ -302,3 +302,24 @@ def test_batchnorm1d_with_two_dynamic_dims():
                                dynamic_shapes={0: {0: (1, 4), 2: (4, 16)}})
     for shape in ((1, 3, 4), (4, 3, 16), (3, 3, 11)):
         _close(engine, model, (torch.randn(*shape),))
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda p: p["ranges"][0][0].__setitem__(0, 9), "1 <= min <= opt <= max"),
+    (lambda p: p.__setitem__("input_names", ["y"]), "io.profiles names inputs"),
+    (lambda p: p["ranges"][0].pop(), "do not describe the same inputs"),
+    (lambda p: p["ranges"][0][0].__setitem__(2, "8"), "not an int"),
+    (lambda p: p["ranges"][0][0].__setitem__(2, 10 ** 12), "ranges of input 'x' do not fit|more than"),
+], ids=["min-above-max", "other-input", "rank", "not-int", "unbounded"])
+def test_a_bundle_with_bad_profiles_is_refused(cnn, edit, needle):
+    import copy
+
+    from refitcore.engine import RefittableEngine
+    from refitcore.errors import BundleError
+
+    _, engine = cnn
+    header, arrays = engine.to_parts()
+    header = copy.deepcopy(header)
+    edit(header["io"]["profiles"])
+    with pytest.raises(BundleError, match=needle):
+        RefittableEngine.from_parts(header, arrays, "crafted.trtrefit")
