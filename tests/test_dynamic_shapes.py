@@ -128,6 +128,21 @@ def test_shape_arithmetic_constants_are_not_weights(cnn):
     assert set(engine.weight_map.sources) == set(engine.weight_names)
 
 
+@pytest.mark.slow   # about 8 s on 2 cores
+def test_torchvision_resnet18_over_batch_1_to_8():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    engine = refitcore.compile(model, torch.randn(2, 3, 32, 32), backend="reference",
+                               dynamic_shapes={"x": {0: BATCH}})
+    for b in _batches():
+        _close(engine, model, (torch.randn(b, 3, 32, 32),))
+    new = torchvision.models.resnet18(num_classes=10).eval()
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(engine, new, path=path, verify_inputs=[(torch.randn(b, 3, 32, 32),) for b in (1, 8)])
+        assert result, str(result)
+
+
 # ---- the attention block over sequence length 4..32 --------------------------------------------
 @pytest.mark.parametrize("seq", [SEQ[0], 8, SEQ[1], 13])
 def test_attention_matches_eager_across_the_range(attention, seq):

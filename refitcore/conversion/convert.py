@@ -54,7 +54,10 @@ def layer_names_for(gm: fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "placeholder"):
             continue
-        path = module_path(node) if node.op == "call_function" else "input"
+        # A size node (sym_size.int on a dynamic input) can carry an exporter-internal module
+        # stack; its layers are shape arithmetic: name them at the top level.
+        path = "" if node.op == "call_function" and is_size_node(node) else (
+            module_path(node) if node.op == "call_function" else "input")
         base = f"{path or 'model'}/{_short_op(node) if node.op == 'call_function' else node.name}"
         k = seen[base]
         seen[base] += 1
