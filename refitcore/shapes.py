@@ -70,6 +70,9 @@ def _as_range(value: Any, where: str) -> DimRange | None:
     if isinstance(value, (tuple, list)) and len(value) in (2, 3) and all(isinstance(v, int) for v in value):
         lo, hi = value[0], value[-1]
         return DimRange(lo, hi, value[1] if len(value) == 3 else None)
+    if type(value).__module__.startswith("torch.export"):   # Dim.AUTO, Dim.DYNAMIC: no bounds
+        raise ShapeRangeError(f"{where}: {value} has no bounds, and a TensorRT optimization profile needs them; "
+                              f"use torch.export.Dim(name, min=..., max=...) or (min, max)")
     raise ShapeRangeError(f"{where}: expected (min, max), (min, opt, max), a DimRange, an int or None, "
                           f"got {value!r}")
 
@@ -292,6 +295,7 @@ def _from_torch_dims(spec: Any, rank: int, where: str) -> dict[int, DimRange]:
         if dim is None or isinstance(dim, int):
             continue
         if not is_torch_dim(dim):
+            _as_range(dim, f"{where} dim {d}")   # says what is wrong with a hint such as Dim.DYNAMIC
             raise ShapeRangeError(f"{where} dim {d}: mix of torch.export.Dim and ranges; use one form")
         lo, hi = getattr(dim, "min", None), getattr(dim, "max", None)
         if not isinstance(hi, int) or hi >= 2 ** 62:

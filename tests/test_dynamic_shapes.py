@@ -243,8 +243,10 @@ def test_forms_of_dynamic_shapes(spec, ranges):
     ({"x": {0: "big"}}, "expected \\(min, max\\)"),
     ({"x": {0: Dim("b", min=1)}}, "has no max"),
     (({0: (1, 8)},), "1 entries for 2 input"),
+    ({"x": {0: Dim.DYNAMIC}}, "has no bounds"),
+    ({"x": {0: Dim("b", min=1, max=4)}, "y": {0: (1, 4)}}, "mix of torch.export.Dim and ranges"),
 ], ids=["unknown-input", "unknown-dim", "example-outside", "zero-min", "opt-outside", "not-a-range", "unbounded",
-        "too-few"])
+        "too-few", "dim-hint", "mixed"])
 def test_bad_dynamic_shapes_say_what_to_do(spec, needle):
     with pytest.raises(ShapeRangeError, match=needle):
         resolve_dynamic_shapes(Two(), (X, Y), spec)
