@@ -103,10 +103,27 @@ def test_declared_dynamic_model_passes_across_its_range(repo):
     assert any(b.get("profiles") == [[[[1, 2, 8], [3, 3, 3], [6, 6, 6], [6, 6, 6]]]] for b in builds), builds
 
 
+DECLARED_DEFAULTS = '''
+from tinydyn import Head, example
+
+
+def pytest_trt_refit_models():
+    return {"head": (Head, example(), {"dynamic_shapes": {"x": {0: (1, 8)}}})}
+'''
+
+
 def test_a_converter_that_bakes_the_batch_size_is_caught(repo):
-    repo.makeconftest(DECLARED + PLANTED)
+    """The default property tests (every check kind, default settings) catch it; the example
+    shape alone would not."""
+    repo.makeconftest(DECLARED_DEFAULTS + PLANTED)
+    repo.makepyfile(test_example_only='''
+        from tinydyn import Head, example
+
+        def test_at_the_example_shape_only(trt_refit):   # the same engine, checked at opt alone: passes
+            trt_refit.check(Head, Head().state_dict(), example(), dynamic_shapes={"x": {0: (1, 8)}})
+    ''')
     result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=3", "-p", "no:logging")
-    result.assert_outcomes(failed=1)
+    result.assert_outcomes(failed=3, passed=1)
     result.stdout.fnmatch_lines([
         "trt-refit check FAILED for model 'head'",
         "*the refitted engine fails on inputs of shape [[][[]1, 3, 6, 6[]][]]: RuntimeError: shape '[[]2, 144[]]' is "
