@@ -129,3 +129,43 @@ def test_tensorrt_input_check_accepts_the_range_and_names_what_is_outside():
         check_inputs(specs, [torch.zeros(7, 3, 4)], _profiles())
     with pytest.raises(TypeError, match="expected dtype"):
         check_inputs(specs, [torch.zeros(2, 3, 4, dtype=torch.float64)], _profiles())
+
+
+@pytest.mark.parametrize("expr, fn", [
+    ("2*s0 + 3", lambda n: 2 * n + 3),
+    ("FloorDiv(s0, 3)", lambda n: n // 3),
+    ("Mod(s0, 3)", lambda n: n % 3),
+    ("CeilDiv(s0, 4)", lambda n: -(-n // 4)),
+    ("Max(s0, 6)", lambda n: max(n, 6)),
+    ("Min(s0, 6)*s0", lambda n: min(n, 6) * n),
+])
+def test_size_expressions_become_network_arithmetic(expr, fn):
+    """Every sympy form torch.export writes sizes in, computed by the network at run time."""
+    import sympy
+    from torch.utils._sympy import functions as symfn
+
+    from refitcore.conversion.context import ConversionContext
+    from refitcore.conversion.shape_tensors import SymbolTable, sym_value
+    from refitcore.network_reader import read_network
+    from refitcore.shapes import ShapeProfiles
+    from refitcore.weight_map import WeightMap
+
+    trt = _trt.trt()
+    network = trt.Builder(_trt.logger()).create_network(0)
+    x = network.add_input("x", trt.float32, trt.Dims((-1, 2)))
+    node = type("Node", (), {"name": "n", "target": "size"})()
+    ctx = ConversionContext(network=network, weight_map=WeightMap(), layer_names={"n": "size"},
+                            fusions_conv_to_bn={}, node=node, symbols=SymbolTable())
+    s0 = sympy.Symbol("s0", integer=True, positive=True)
+    ctx.symbols.dims[s0] = (x, 0)
+    parsed = sympy.sympify(expr, locals={"s0": s0, "FloorDiv": symfn.FloorDiv, "Mod": symfn.Mod,
+                                         "CeilDiv": symfn.CeilDiv, "Max": symfn.Max, "Min": symfn.Min})
+    out = sym_value(ctx, parsed).tensor
+    out.name = "size"
+    network.mark_output(out)
+    plan = read_network(network)
+    plan["profiles"] = ShapeProfiles(("x",), (((1, 4, 16), (2, 2, 2)),), ((((1, 4, 16), (2, 2, 2)),),),
+                                     (("n", None),)).to_json()
+    engine = ReferenceEngine(plan)
+    for n in (1, 4, 7, 16):
+        assert engine.run([torch.zeros(n, 2)])[0].tolist() == [fn(n)], (expr, n)
