@@ -24,7 +24,6 @@ __all__ = ["is_dynamic", "reshape_to", "reshape_to_meta", "same_shape", "slice_d
 aten = torch.ops.aten
 
 
-
 def is_dynamic(ctx: ConversionContext, *values: Any) -> bool:
     """The node's output, or one of ``values``, has a size known only at run time."""
     val = ctx.node.meta.get("val")
