@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["TinyResNet", "TinyAttention", "tiny_resnet", "tiny_attention", "tiny_bert", "BertHidden",
+__all__ = ["TinyResNet", "TinyAttention", "tiny_resnet", "tiny_attention", "tiny_bert", "BertHidden", "BertIds",
            "BATCH", "SEQ"]
 
 BATCH = (1, 8)      # batch range of the CNN
@@ -81,19 +81,35 @@ def tiny_attention() -> TinyAttention:
     return TinyAttention()
 
 
+def _bert():
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+    return transformers.BertModel(config)
+
+
 class BertHidden(nn.Module):
-    """transformers.BertModel (random weights, never downloaded) returning its last hidden state."""
+    """transformers.BertModel (tiny config, random weights, never downloaded) returning its last
+    hidden state, given input_ids and an attention mask."""
 
     def __init__(self):
         super().__init__()
-        import transformers
-
-        config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                         intermediate_size=64, max_position_embeddings=64)
-        self.bert = transformers.BertModel(config)
+        self.bert = _bert()
 
     def forward(self, input_ids, attention_mask):
         return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+class BertIds(nn.Module):
+    """The same BertModel given input_ids alone (transformers builds the mask from their shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bert = _bert()
+
+    def forward(self, input_ids):
+        return self.bert(input_ids=input_ids).last_hidden_state
 
 
 def tiny_bert() -> BertHidden:

@@ -214,6 +214,27 @@ def test_bert_sequence_range():
         engine(torch.randint(0, 100, (2, 33)), torch.ones(2, 33, dtype=torch.long))
 
 
+def test_bert_input_ids_sequence_range():
+    """BertModel called with input_ids alone: embeddings, position ids sliced to the length, the
+    attention mask transformers builds from the input's shape, all over sequence length 4..32."""
+    from tests.dynamic_models import BertIds
+
+    torch.manual_seed(0)
+    model = BertIds().eval()
+    seq = Dim("seq", min=SEQ[0], max=SEQ[1])
+    engine = refitcore.compile(model, torch.randint(0, 100, (2, 8)), backend="reference",
+                               dynamic_shapes={"input_ids": {1: seq}})
+    for t in (SEQ[0], 8, SEQ[1], 19):
+        _close(engine, model, (torch.randint(0, 100, (2, t)),), atol=1e-4)
+    new = BertIds().eval()
+    for path in ("cached", "fallback"):
+        samples = [(torch.randint(0, 100, (2, t)),) for t in (SEQ[0], SEQ[1], 11)]
+        result = refitcore.refit(engine, new, path=path, verify_inputs=samples, rtol=1e-4, atol=1e-4)
+        assert result, str(result)
+    with pytest.raises(ShapeRangeError, match="input 'input_ids': dimension 1 has size 33"):
+        engine(torch.randint(0, 100, (2, 33)))
+
+
 # ---- specifications ----------------------------------------------------------------------------
 class Two(torch.nn.Module):
     def forward(self, x, y):

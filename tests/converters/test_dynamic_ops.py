@@ -41,6 +41,8 @@ CASES = {
     "causal-mask": (lambda m, x: (x @ x.transpose(1, 2)).masked_fill(
         torch.arange(x.shape[1])[None, :] > torch.arange(x.shape[1])[:, None], -1e9).softmax(-1), (2, 5, 4),
         {1: (2, 8)}),
+    "sdpa-bool-mask": (lambda m, x: torch.nn.functional.scaled_dot_product_attention(
+        x, x, x, attn_mask=torch.arange(x.shape[1])[None, :] < x.shape[1] - 1), (2, 5, 4), {1: (2, 8)}),
     "size-as-number": (lambda m, x: x / x.shape[1], (2, 5, 4), {1: (2, 8)}),
     "cat-dynamic": (lambda m, x: torch.cat([x, x * 2], dim=1), (2, 5, 4), {1: (2, 8)}),
     "layer-norm": (lambda m, x: torch.nn.functional.layer_norm(x, (4,)), (2, 5, 4), {0: (1, 4), 1: (2, 8)}),

@@ -84,8 +84,8 @@ def index_tensor(ctx, node, args, kwargs):
 def gather_elements(ctx, node, args, kwargs):
     """torch.gather: TensorRT's ELEMENT mode (output shape = index shape)."""
     data, dim, index = args[0], args[1], args[2]
-    if isinstance(data, StaticValue):
-        data = ctx.constant(data, suffix="weight")
+    if isinstance(data, StaticValue):   # in its own dtype: an integer buffer gathers integers
+        data = typed_constant(ctx, data, node.meta["val"].dtype, suffix="weight")
     dim %= rank(data)
     idx = _indices(ctx, index, shape_of(data)[dim])
     layer = ctx.network.add_gather(data, idx, dim)

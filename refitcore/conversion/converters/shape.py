@@ -169,7 +169,7 @@ def cat(ctx, node, args, kwargs):
 def expand(ctx, node, args, kwargs):
     x = args[0]
     out = out_shape(ctx)
-    x = as_tensor(ctx, x, rank_=len(out), suffix="src")
+    x = as_tensor(ctx, x, rank_=len(out), suffix="src", dtype=node.meta["val"].dtype)
     shp = shape_of(x)
     if is_dynamic(ctx, x):
         if same_shape(node.meta["val"], node.args[0].meta["val"]):

@@ -78,7 +78,7 @@ def slice_dynamic(ctx: ConversionContext, x, dim: int, start: Any, step: int):
     val = ctx.node.meta["val"]
     shp = shape_of(x)
     r = len(shp)
-    x = as_tensor(ctx, x, rank_=r, suffix="src")   # a weight sliced to a run-time length
+    x = as_tensor(ctx, x, rank_=r, suffix="src", dtype=val.dtype)   # a weight sliced to a run-time length
     if isinstance(start, int) and start < 0:
         if shp[dim] >= 0:
             start = max(0, start + shp[dim])
