@@ -81,6 +81,10 @@ def is_size_node(node: fx.Node) -> bool:
     return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool)) or node.target in ASSERT_OPS
 
 
+def _stand_in_shape(val) -> tuple[int, ...]:
+    return tuple(1 if is_symbolic(s) else int(s) for s in val.shape)
+
+
 def _symbolic_shape(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return hasattr(val, "shape") and any(is_symbolic(s) for s in val.shape)
@@ -243,8 +247,9 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
             args = resolve(list(node.args))
             kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
             if node.target in SHAPE_ONLY_OPS and not _symbolic_shape(node):
-                # Only the input's shape/dtype matter: stand in a zero tensor of that shape.
-                args = [StaticValue(torch.zeros(a.meta["val"].shape, dtype=a.meta["val"].dtype), None)
+                # Only the input's shape/dtype matter: stand in a zero tensor of that shape. (A
+                # dynamic input of new_zeros(x, size) matters by its dtype only: the output is static.)
+                args = [StaticValue(torch.zeros(_stand_in_shape(a.meta["val"]), dtype=a.meta["val"].dtype), None)
                         if isinstance(a, fx.Node) else v for a, v in zip(node.args, args)]
             if not _any_dynamic(args) and not _any_dynamic(list(kwargs.values())):
                 values[node.name] = _fold_static(ctx, node, args, kwargs)

@@ -43,8 +43,9 @@ CASES = [
     pytest.param(Fn(lambda x: (x > 0).int() & (x < 1).int()), (2, 5), "aten.__and__.Tensor", "bool tensors only",
                  id="bitwise_on_int"),
     pytest.param(Fn(lambda x: x[x > 0]), (2, 5), "aten.index.Tensor", "boolean mask", id="index_bool_mask"),
-    pytest.param(Fn(lambda x: x[x.argmax(0), x.argmin(1)]), (5, 5), "aten.index.Tensor", "2 index tensors",
-                 id="index_two_tensors"),
+    # (two index tensors over all axes of a 2-D tensor are supported: tests/converters/test_dynamic_ops.py)
+    pytest.param(Fn(lambda x: x[x.argmax(0).argmax(0), x.argmin(1).argmin(0)]), (5, 5, 3), "aten.index.Tensor",
+                 "2 index tensors", id="index_two_tensors"),
     pytest.param(Fn(lambda x: F.interpolate(x, scale_factor=1.5, mode="nearest")), (1, 2, 5, 5),
                  "aten.upsample_nearest2d.vec", "not a whole multiple", id="upsample_fractional_scale"),
     pytest.param(Fn(lambda x: F.interpolate(x, size=(7, 7), mode="bicubic")), (1, 2, 5, 5),

@@ -142,7 +142,7 @@ def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: i
     if dtype == torch.float32:
         return t
     src = value.tensor if isinstance(value, StaticValue) else value
-    if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.numel() and \
+    if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.dtype != torch.bool and src.numel() and \
             int(src.abs().max()) >= 2 ** 24:
         raise Unsupported(f"integer constant beyond 2**24 ({int(src.abs().max())}) is not exact as float32")
     return cast(ctx, t, dtype, suffix=f"{suffix}_cast")
