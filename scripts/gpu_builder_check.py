@@ -35,7 +35,8 @@ class Case:
 def _cases() -> list[Case]:
     import torch
 
-    from tests.dynamic_models import BATCH, SEQ, TinyAttention, TinyResNet
+    from refitcore.shapes import DimRange
+    from tests.dynamic_models import BATCH, SEQ, BertHidden, TinyAttention, TinyResNet
 
     def seeded(fn):
         def make():
@@ -66,6 +67,9 @@ def _cases() -> list[Case]:
              {0: {1: SEQ}}),
         Case("attention_batch_and_seq", seeded(lambda: (TinyAttention().eval(), (torch.randn(2, 8, 16),))),
              {0: {0: (1, 4), 1: SEQ}}),
+        Case("bert_padding_mask_seq", seeded(lambda: (BertHidden().eval(), (torch.randint(0, 100, (2, 8)),
+                                                                             torch.ones(2, 8, dtype=torch.long)))),
+             {0: {1: DimRange(*SEQ, name="seq")}, 1: {1: DimRange(*SEQ, name="seq")}}),
     ]
 
 
