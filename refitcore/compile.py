@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
 from .backends import get_backend, resolve_backend
-from .conversion.convert import convert
+from .conversion.convert import convert, dynamic_node_names
 from .engine import IOSpec, RefittableEngine
 from .lowering import export_model, graph_fingerprint, plan_fusions
+from .partition import DEFAULT_MIN_BLOCK_SIZE, partition
+from .structured import leaf_names
 from .weight_map import WeightMap
 
 __all__ = ["compile", "tied_groups", "check_map_covers"]
@@ -35,11 +37,20 @@ def check_map_covers(weight_map: WeightMap, engine_names: Sequence[str]) -> None
                            f"unmapped engine weights {gaps[:10]}, map entries without engine weight {extra[:10]}")
 
 
-def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
+def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
+            args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
             backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
-            verbose: bool = False) -> RefittableEngine:
-    """Export ``model`` (eval mode), convert it to a TensorRT network with the REFIT flag, record
-    the weight map, and build it on ``backend`` ('auto', 'reference' or 'tensorrt').
+            verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
+            min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> RefittableEngine:
+    """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
+    the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
+
+    Inputs: ``example_inputs`` (a tensor or a tuple of positional inputs) or ``args=``/``kwargs=``;
+    any pytree of tensors, Python scalars and None. The engine takes and returns the same
+    structures as the model. Ops without a converter, and ops in ``torch_executed_ops``, run in
+    PyTorch (partitioning: :mod:`refitcore.partition`), as do runs of fewer than
+    ``min_block_size`` convertible ops; ``strict=True`` instead refuses a model that does not
+    convert whole, listing every unsupported op.
 
     Example::
 
@@ -47,15 +58,76 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
                                    backend="reference")
         engine(torch.randn(1, 3, 64, 64))
     """
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    import torch.utils._pytree as pytree
+
+    from .structured import describe_leaf, spec_to_json
+
+    if example_inputs is not None and args is not None:
+        raise TypeError("give the example inputs either positionally or as args=, not both")
+    if args is None:
+        args = () if example_inputs is None else example_inputs
+    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
+        args = (args,)
+    args, kwargs = tuple(args), dict(kwargs or {})
     name, reason = resolve_backend(backend)
     if backend == "auto":
         log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
-    ep = export_model(model, example_inputs)
-    fusion = plan_fusions(ep.graph_module)
-    result = convert(ep, fusion=fusion)
-    wm = result.weight_map
+    ep = export_model(model, args, kwargs)
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))
+    structure = {"in": spec_to_json(in_spec), "in_leaves": [describe_leaf(v) for v in leaves],
+                 "out": spec_to_json(ep.call_spec.out_spec)}
+    tensor_inputs = [v for v in leaves if isinstance(v, torch.Tensor)]
+    plan = None
+    if not strict:
+        plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=min_block_size)
+        if _whole_graph_converts(ep, plan):
+            plan = None
+    if plan is None:   # one TensorRT network for the whole graph (strict: or an error listing every op)
+        fusion = plan_fusions(ep.graph_module)
+        result = convert(ep, fusion=fusion)
+        wm = result.weight_map
+        impl = get_backend(name).build(result, precision=precision)
+        check_map_covers(wm, impl.weight_names())
+        io = IOSpec(tuple(result.input_names), tuple(result.input_shapes),
+                    tuple(str(t.dtype).replace("torch.", "") for t in tensor_inputs),
+                    tuple(result.output_names), tuple(result.output_shapes))
+        partition_plan = None
+    else:
+        from .compile_segments import compile_segments
+
+        fusion = None
+        build = compile_segments(ep, backend_name=name, precision=precision, torch_executed_ops=torch_executed_ops,
+                                 min_block_size=min_block_size)
+        impl, wm, partition_plan = build.impl, build.weight_map, build.plan
+        check_map_covers(wm, impl.weight_names())
+        out_vals = [a.meta.get("val") if hasattr(a, "meta") else a
+                    for a in pytree.tree_leaves(list(ep.graph_module.graph.find_nodes(op="output"))[0].args[0])]
+        io = IOSpec(tuple(impl.user_inputs), tuple(tuple(t.shape) for t in tensor_inputs),
+                    tuple(str(t.dtype).replace("torch.", "") for t in tensor_inputs),
+                    tuple(leaf_names(structure["out"])),
+                    tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in out_vals))
+    _finish_map(wm, model)
+    digest, entries = graph_fingerprint(ep)
+    engine = RefittableEngine(impl, wm, io, digest, exported_program=ep, fusion=fusion, backend_reason=reason,
+                              graph_entries=entries, model_factory=model_factory, state_keys=list(model.state_dict()),
+                              structure=structure, output_treespec=ep.call_spec.out_spec, partition=partition_plan)
+    return engine
+
+
+def _whole_graph_converts(ep, plan) -> bool:
+    """True when one TensorRT network takes the user's tensors and makes every output."""
+    if not plan.fully_converted or len(plan.segments) > 1:
+        return False
+    dynamic = dynamic_node_names(ep)
+    out = list(ep.graph_module.graph.find_nodes(op="output"))[0]
+    for leaf in out.args[0]:
+        if not (hasattr(leaf, "op") and leaf.name in dynamic and isinstance(leaf.meta.get("val"), torch.Tensor)):
+            return False
+    return True
+
+
+def _finish_map(wm: WeightMap, model: torch.nn.Module) -> None:
+    """Tied groups, key specs and unused keys of the model, on a freshly built map."""
     wm.tied = tied_groups(model)
     # torch.export lifts a tied parameter under one of its names (not necessarily the first);
     # the map reads the first key of each group, so that a checkpoint's tied keys are
@@ -65,14 +137,5 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
         wm.sources = {n: s.with_keys_renamed(alias) for n, s in wm.sources.items()}
     used = set(wm.keys_used)
     model_state = model.state_dict()
-    state_keys = list(model_state.keys())
     wm.key_specs = {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in model_state.items()}
-    wm.unused_keys = [k for k in state_keys if k not in used and not any(k in g[1:] for g in wm.tied)]
-    impl = get_backend(name).build(result, precision=precision)
-    check_map_covers(wm, impl.weight_names())
-    digest, entries = graph_fingerprint(ep)
-    io = IOSpec(tuple(result.input_names), tuple(result.input_shapes),
-                tuple(str(t.dtype).replace("torch.", "") for t in example_inputs),
-                tuple(result.output_names), tuple(result.output_shapes))
-    return RefittableEngine(impl, wm, io, digest, exported_program=ep, fusion=fusion, backend_reason=reason,
-                            graph_entries=entries, model_factory=model_factory, state_keys=state_keys)
+    wm.unused_keys = [k for k in model_state if k not in used and not any(k in g[1:] for g in wm.tied)]

@@ -56,7 +56,8 @@ class RefittableEngine:
 
     def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
                  exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
-                 model_factory: str | None = None, state_keys: Sequence[str] = ()):
+                 model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
+                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None):
         self._impl = impl
         self.weight_map = weight_map
         self.io = io
@@ -67,6 +68,13 @@ class RefittableEngine:
         self.graph_entries = graph_entries
         self.model_factory = model_factory
         self.state_keys = list(state_keys)   # the model's full state_dict key list at compile time
+        # Structured I/O (refitcore.structured): {"in": spec, "in_leaves": [leaf], "out": spec} as JSON
+        # data; None for an engine of flat tensors (saved before structured I/O existed).
+        self.structure = structure
+        self._output_treespec = output_treespec   # the live TreeSpec: eager's own output types
+        self.output_types = output_types
+        self.trust_output_types = trust_output_types
+        self.partition = partition   # refitcore.partition.PartitionPlan of a partitioned engine, else None
 
     @property
     def impl(self) -> EngineImpl:
@@ -88,9 +96,60 @@ class RefittableEngine:
     def current_weights(self) -> dict[str, np.ndarray]:
         return self._impl.current_weights()
 
-    def __call__(self, *inputs: torch.Tensor):
-        outs = self._impl.run(list(inputs))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+    @property
+    def segments(self):
+        """The engine's segments (:mod:`refitcore.segments`), or None for one whole TensorRT network."""
+        return getattr(self._impl, "segments", None)
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Run like the eager model: same positional/keyword structure in, same structure out."""
+        if self.structure is None:
+            outs = self._impl.run(list(args))
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return self.unflatten_outputs(self._impl.run(self.flatten_inputs(args, kwargs)))
+
+    def flatten_inputs(self, args: Sequence[Any], kwargs: dict | None = None) -> list[torch.Tensor]:
+        """The engine's flat tensor inputs for one call; checks the call's structure and its
+        non-tensor leaves (which the compiled graph specialised on) against compile time."""
+        from .structured import leaf_names, spec_of
+
+        if self.structure is None:
+            return list(args)
+        leaves, spec = spec_of((tuple(args), dict(kwargs or {})))
+        if spec != self.structure["in"]:
+            raise ValueError(f"the inputs' structure differs from the compiled one: got {spec}, compiled "
+                             f"{self.structure['in']}")
+        tensors = []
+        for name, leaf, want in zip(leaf_names(spec), leaves, self.structure["in_leaves"]):
+            if "tensor" in want:
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"input {name}: expected a tensor, got {type(leaf).__name__}")
+                tensors.append(leaf)
+            elif isinstance(leaf, torch.Tensor) or leaf != want["value"]:
+                raise ValueError(f"input {name}: the engine was compiled for the value {want['value']!r} "
+                                 f"(non-tensor inputs are constants of the graph), got {leaf!r}; recompile")
+        return tensors
+
+    def example_call(self) -> tuple[tuple, dict]:
+        """(args, kwargs) shaped like the compile-time example: zero tensors, the same constants."""
+        from .structured import unflatten
+
+        leaves = [torch.zeros(d["tensor"][0], dtype=getattr(torch, d["tensor"][1])) if "tensor" in d else d["value"]
+                  for d in self.structure["in_leaves"]]
+        args, kwargs = unflatten(leaves, self.structure["in"])
+        return tuple(args), dict(kwargs)
+
+    def unflatten_outputs(self, outs: Sequence[Any]):
+        from .structured import unflatten
+
+        if self.structure is None:
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        if self._output_treespec is not None:
+            import torch.utils._pytree as pytree
+
+            return pytree.tree_unflatten(list(outs), self._output_treespec)
+        return unflatten(outs, self.structure["out"], output_types=self.output_types,
+                         trust_output_types=self.trust_output_types)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self._impl.run(list(inputs))
@@ -102,7 +161,10 @@ class RefittableEngine:
         return RefittableEngine(impl, self.weight_map, self.io, self.fingerprint,
                                 exported_program=self.exported_program, fusion=self.fusion,
                                 backend_reason=self.backend_reason, graph_entries=self.graph_entries,
-                                model_factory=self.model_factory, state_keys=self.state_keys)
+                                model_factory=self.model_factory, state_keys=self.state_keys,
+                                structure=self.structure, output_treespec=self._output_treespec,
+                                output_types=self.output_types, trust_output_types=self.trust_output_types,
+                                partition=self.partition)
 
     # ---- saving and loading ---------------------------------------------------------------
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:

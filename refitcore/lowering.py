@@ -24,8 +24,10 @@ CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.
             aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
-def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """Export ``model`` in eval mode and lower it to functional ATen IR."""
+def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: dict | None = None,
+                 ) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode and lower it to functional ATen IR (positional and keyword
+    inputs: any pytree of tensors, Python scalars and None)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
@@ -33,7 +35,7 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor])
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), strict=False)
     finally:
         model.train(was_training)
     # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,

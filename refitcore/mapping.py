@@ -21,7 +21,8 @@ from .recipes import apply_recipe, evaluate_operand
 from .validate import nonfinite_key_problems, nonfinite_weight_problems, variance_problems
 from .weight_map import WeightMap
 
-__all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint"]
+__all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint",
+           "network_weights"]
 
 ENGINE_DTYPE = torch.float32
 log = logging.getLogger("refitcore")
@@ -143,8 +144,9 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any, *, constants_from: An
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             value = apply_recipe(src.recipe, inputs, src.params)
-            if value.dtype != ENGINE_DTYPE:
-                value = value.to(ENGINE_DTYPE)
+            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # float32 but for PyTorch segments' buffers
+            if value.dtype != want:
+                value = value.to(want)
             # NaN/Inf are found here, on the values the engine would get (one pass), and traced back
             # to the state_dict keys behind them.
             problems = nonfinite_weight_problems(weight_map, name, value, state)
@@ -210,7 +212,10 @@ def exported_for(engine, source: Any, state: dict[str, torch.Tensor], *, model: 
     from .eager import EagerModelError, UntrustedFactoryError, eager_model
     from .lowering import export_model, graph_fingerprint
 
-    if isinstance(source, torch.nn.Module):
+    if isinstance(source, torch.nn.Module) and engine.structure is not None:
+        args, kwargs = engine.example_call()
+        ep = export_model(source, args, kwargs)
+    elif isinstance(source, torch.nn.Module):
         ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
                                    for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
     elif isinstance(source, torch.export.ExportedProgram):
@@ -253,7 +258,6 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     ``trust_factory=True``, from the factory the file records. A module or ExportedProgram whose
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
-    from .network_reader import WEIGHT_ROLES, read_network
     from .conversion.convert import convert
 
     state, source = normalize_weights(new_weights, engine.weight_map)
@@ -270,17 +274,29 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     for group in engine.weight_map.tied:
         if group[0] in checked:
             params.update({k: checked[group[0]] for k in group[1:]})
+    if engine.segments is not None:   # a partitioned engine: every segment, one namespace
+        from .compile_segments import segmented_fallback_mapping
+
+        return segmented_fallback_mapping(engine, ep, params)
     result = convert(ep, params, fusion=engine.fusion)
-    plan = read_network(result.network)
+    return network_weights(result.network, engine.weight_map)
+
+
+def network_weights(network, weight_map: WeightMap, prefix: str = "") -> dict[str, np.ndarray]:
+    """Every refittable weight read off a converted network's layers, named ``prefix + name`` and
+    shaped as the map records it."""
+    from .network_reader import WEIGHT_ROLES, read_network
+
+    plan = read_network(network)
     out: dict[str, np.ndarray] = {}
     for layer in plan["layers"]:
         for role in WEIGHT_ROLES.get(layer["type"], ()):
             arr = layer["weights"].get(role)
             if arr is None:
                 continue
-            name = f"{layer['name']} {role}"
+            name = f"{prefix}{layer['name']} {role}"
             arr = np.ascontiguousarray(arr, dtype=np.float32)
-            src = engine.weight_map.sources.get(name)
+            src = weight_map.sources.get(name)
             if src is not None and src.count == arr.size:
                 arr = arr.reshape(src.shape)  # TensorRT hands kernels back flat
             out[name] = arr

@@ -20,7 +20,7 @@ from . import converters  # noqa: F401  (registers the built-in converters; the 
 from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
 
-__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
+__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
 @dataclasses.dataclass
 class ConversionResult:
@@ -78,20 +78,31 @@ def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
     return dynamic
 
 
+def dynamic_node_names(ep) -> set[str]:
+    """Names of the nodes that depend on the model's inputs (user inputs included); the others
+    are computed from weights alone and fold into literals or weight-map operands."""
+    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    return _dynamic_nodes(ep.graph_module, user_inputs)
+
+
+def node_problem(node: fx.Node) -> str | None:
+    """None when a converter handles ``node``; else why not ('' when no converter is registered)."""
+    entry = lookup(node.target)
+    if entry is None:
+        return ""
+    if entry.capability is not None:
+        return entry.capability(node)
+    return None
+
+
 def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
     """Every op call that needs a converter and has none (or whose converter declines it)."""
-    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
-    dynamic = _dynamic_nodes(ep.graph_module, user_inputs)
+    dynamic = dynamic_node_names(ep)
     problems = []
     for node in ep.graph_module.graph.nodes:
         if node.op != "call_function" or node.name not in dynamic:
             continue
-        entry = lookup(node.target)
-        reason = None
-        if entry is None:
-            reason = ""
-        elif entry.capability is not None:
-            reason = entry.capability(node)
+        reason = node_problem(node)
         if reason is not None:
             target = str(node.target) + (f" ({reason})" if reason else "")
             problems.append((target, module_path(node), node.name))
@@ -192,7 +203,9 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
         ctx.node = node
         if node.op == "placeholder":
             spec = specs[node.name]
-            if spec.kind == InputKind.USER_INPUT:
+            if spec.kind == InputKind.USER_INPUT and not isinstance(node.meta.get("val"), torch.Tensor):
+                values[node.name] = node.meta.get("val")   # None or a Python scalar: a graph constant
+            elif spec.kind == InputKind.USER_INPUT:
                 val = node.meta["val"]
                 dtype = getattr(trt.DataType, dtypes.trt_name(val.dtype, "FLOAT"))
                 t = network.add_input(node.name, dtype, trt.Dims(tuple(int(s) for s in val.shape)))
