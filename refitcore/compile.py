@@ -79,7 +79,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     tensor_inputs = [v for v in leaves if isinstance(v, torch.Tensor)]
     plan = None
     if not strict:
-        plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=min_block_size)
+        # A graph that converts whole is one network, however few ops it has (min_block_size only
+        # weighs TensorRT runs between PyTorch parts).
+        plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=1)
         if _whole_graph_converts(ep, plan):
             plan = None
     if plan is None:   # one TensorRT network for the whole graph (strict: or an error listing every op)

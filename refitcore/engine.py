@@ -169,6 +169,10 @@ class RefittableEngine:
     # ---- saving and loading ---------------------------------------------------------------
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint."""
+        if self.submodule_impl is not None:
+            raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
+                              "data: its eager part is code; save each compiled submodule's engine "
+                              "(engine.submodule_impl.engines[path].save(...)) and rebuild the model around them")
         impl_header, impl_arrays = self._impl.serialize()
         impl_header = dict(impl_header)
         arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
@@ -185,13 +189,20 @@ class RefittableEngine:
             "model_factory": self.model_factory,
             "state_keys": self.state_keys,
             "backend_reason": self.backend_reason,
+            # Structured I/O specs and the partition plan: JSON data (refitcore.structured, refitcore.partition).
+            "structure": self.structure,
+            "partition": self.partition.to_json() if self.partition is not None else None,
         }
         return header, arrays
 
     @classmethod
-    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>"
-                   ) -> "RefittableEngine":
-        """The engine of a saved file's parts; :class:`BundleError` when they do not make one."""
+    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>", *,
+                   output_types=None, trust_output_types: bool = False) -> "RefittableEngine":
+        """The engine of a saved file's parts; :class:`BundleError` when they do not make one.
+
+        Outputs of a type the file only names (a transformers ``ModelOutput``...) come back as plain
+        dicts unless the caller passes the class (``output_types=[cls]`` or ``{qualified name: cls}``)
+        or sets ``trust_output_types=True`` (which imports the module the file names)."""
         if header.get("format") != FORMAT:
             raise BundleError(f"{where}: not a refitcore engine (format={str(header.get('format'))[:60]!r})")
         _check_header(header, where)
@@ -203,7 +214,16 @@ class RefittableEngine:
             if blobs:
                 impl_header["blobs"] = blobs
             weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
-            impl = get_backend(header["backend"]).load_engine(impl_header, weights)
+            if impl_header.get("kind") == "segments":   # a partitioned engine (refitcore.segments)
+                from .segments import load_engine
+            else:
+                load_engine = get_backend(header["backend"]).load_engine
+            impl = load_engine(impl_header, weights)
+            plan = None
+            if header.get("partition"):
+                from .partition import PartitionPlan
+
+                plan = PartitionPlan.from_json(header["partition"])
             _check_weights(weight_map, impl, where)
         except BundleError:
             raise
@@ -214,22 +234,37 @@ class RefittableEngine:
                               f"{str(err)[:300]}") from err
         return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
                    backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
-                   state_keys=header.get("state_keys", []))
+                   state_keys=header.get("state_keys", []), structure=header.get("structure"),
+                   output_types=output_types, trust_output_types=trust_output_types, partition=plan)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine to one file, atomically (see :mod:`refitcore.bundle`)."""
         header, arrays = self.to_parts()
         bundle.write(path, header, arrays)
 
+    def summary(self):
+        """A :class:`refitcore.coverage.Coverage`: ops and weights in TensorRT, ops that run in PyTorch."""
+        from .coverage import coverage
+
+        return coverage(self)
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.summary()}"
+
     def __repr__(self) -> str:
         return (f"RefittableEngine(backend={self.backend!r}, weights={len(self.weight_names)}, "
                 f"inputs={[list(s) for s in self.io.input_shapes]})")
 
 
-def load(path: str | os.PathLike) -> RefittableEngine:
-    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file."""
+def load(path: str | os.PathLike, *, output_types=None, trust_output_types: bool = False) -> RefittableEngine:
+    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file.
+
+    Custom output types (a transformers ``ModelOutput``) come back as plain dicts unless the caller
+    passes their classes (``output_types``) or sets ``trust_output_types=True``: nothing a file
+    names is imported otherwise."""
     header, arrays = bundle.read(path)
-    return RefittableEngine.from_parts(header, arrays, os.fspath(path))
+    return RefittableEngine.from_parts(header, arrays, os.fspath(path), output_types=output_types,
+                                       trust_output_types=trust_output_types)
 
 
 def _check_header(header: Mapping[str, Any], where: str) -> None:

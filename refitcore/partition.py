@@ -68,13 +68,15 @@ class PartitionPlan:
         return not self.fallback and all(s.kind == "tensorrt" for s in self.segments)
 
     def to_json(self) -> dict:
-        return {"segments": [s.to_json() for s in self.segments], "fallback": self.fallback,
-                "skipped": self.skipped, "counted": self.counted}
+        # Lists, not objects: a JSON writer that sorts keys must not reorder the graph-ordered tables.
+        return {"segments": [s.to_json() for s in self.segments],
+                "fallback": [[k] + list(v) for k, v in self.fallback.items()],
+                "skipped": self.skipped, "counted": [[k, v] for k, v in self.counted.items()]}
 
     @classmethod
     def from_json(cls, d: Mapping) -> "PartitionPlan":
-        return cls([Segment.from_json(s) for s in d["segments"]], {k: list(v) for k, v in d["fallback"].items()},
-                   list(d.get("skipped", [])), dict(d.get("counted", {})))
+        return cls([Segment.from_json(s) for s in d["segments"]], {e[0]: list(e[1:]) for e in d["fallback"]},
+                   list(d.get("skipped", [])), {e[0]: e[1] for e in d.get("counted", [])})
 
 
 def op_matcher(ops: Iterable[Any]) -> Callable[[Any], bool]:

@@ -89,13 +89,13 @@ def _count(spec: Mapping) -> int:
     return 1 if spec["t"] == "leaf" else sum(_count(c) for c in spec["c"])
 
 
-def _resolve(qualname: str, output_types: Mapping[str, type] | None, trust: bool) -> type | None:
+def _resolve(qualname: str, output_types: Any, trust: bool) -> type | None:
+    """The class for a custom node: one the caller passed (``{qualname: cls}`` or classes), or, only
+    with ``trust``, imported from the module the spec names."""
     if output_types:
-        for key, cls in output_types.items():
+        items = output_types.items() if isinstance(output_types, Mapping) else [(None, c) for c in output_types]
+        for key, cls in items:
             if key == qualname or (isinstance(cls, type) and _qualname(cls) == qualname):
-                return cls
-        for cls in output_types.values() if isinstance(output_types, Mapping) else output_types:
-            if isinstance(cls, type) and cls.__name__ == qualname.rsplit(".", 1)[-1]:
                 return cls
     if trust:
         # Only on the caller's explicit request: this imports the module the file names.
