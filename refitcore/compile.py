@@ -9,6 +9,7 @@ import torch
 from .backends import get_backend, resolve_backend
 from .conversion.convert import convert, dynamic_node_names
 from .engine import IOSpec, RefittableEngine
+from .errors import ExportError
 from .lowering import export_model, graph_fingerprint, plan_fusions
 from .partition import DEFAULT_MIN_BLOCK_SIZE, partition
 from .structured import leaf_names
@@ -41,7 +42,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
             backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
             verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
-            min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> RefittableEngine:
+            min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
+            ) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
     the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
 
@@ -50,7 +52,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     structures as the model. Ops without a converter, and ops in ``torch_executed_ops``, run in
     PyTorch (partitioning: :mod:`refitcore.partition`), as do runs of fewer than
     ``min_block_size`` convertible ops; ``strict=True`` instead refuses a model that does not
-    convert whole, listing every unsupported op.
+    convert whole, listing every unsupported op. A model torch.export cannot export whole has its
+    largest exporting submodules compiled and the rest run eagerly (:mod:`refitcore.submodules`;
+    ``submodules=[paths]`` names them instead); ``engine.summary()`` says what runs where.
 
     Example::
 
@@ -72,7 +76,17 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     name, reason = resolve_backend(backend)
     if backend == "auto":
         log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
-    ep = export_model(model, args, kwargs)
+    options = dict(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
+                   min_block_size=min_block_size)
+    try:
+        ep = export_model(model, args, kwargs) if submodules is None else None
+    except Exception as err:  # noqa: BLE001 - any export failure: compile the submodules that export
+        if strict:
+            raise ExportError("", err) from err
+        log.warning("refitcore: %s; compiling the submodules that export", ExportError("", err).cause_line)
+        ep = None
+    if ep is None:
+        return _compile_hybrid(model, args, kwargs, submodules, reason, options)
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
     structure = {"in": spec_to_json(in_spec), "in_leaves": [describe_leaf(v) for v in leaves],
                  "out": spec_to_json(ep.call_spec.out_spec)}
@@ -113,6 +127,24 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     engine = RefittableEngine(impl, wm, io, digest, exported_program=ep, fusion=fusion, backend_reason=reason,
                               graph_entries=entries, model_factory=model_factory, state_keys=list(model.state_dict()),
                               structure=structure, output_treespec=ep.call_spec.out_spec, partition=partition_plan)
+    return engine
+
+
+def _compile_hybrid(model, args, kwargs, names, reason: str, options: dict) -> RefittableEngine:
+    from .submodules import compile_submodules
+
+    def compile_one(module, a, k, ep):
+        return compile(module, args=a, kwargs=k, **options)
+
+    impl, wm, eager, structure, out_spec = compile_submodules(model, args, kwargs, compile_one, names=names)
+    _finish_map(wm, model)
+    io = IOSpec(tuple(f"input_{i}" for i, d in enumerate(structure["in_leaves"]) if "tensor" in d),
+                tuple(tuple(d["tensor"][0]) for d in structure["in_leaves"] if "tensor" in d),
+                tuple(d["tensor"][1] for d in structure["in_leaves"] if "tensor" in d),
+                tuple(leaf_names(structure["out"])), ())
+    fingerprint = "+".join(e.fingerprint[:16] for e in impl.engines.values())
+    engine = RefittableEngine(impl, wm, io, fingerprint, backend_reason=reason, state_keys=list(model.state_dict()),
+                              structure=structure, output_treespec=out_spec, eager_modules=eager)
     return engine
 
 

@@ -60,6 +60,9 @@ def _numel(spec) -> int:
 def coverage(engine) -> Coverage:
     """The :class:`Coverage` of a compiled engine (whole-network engines run everything in TensorRT)."""
     wm = engine.weight_map
+    hybrid = engine.submodule_impl
+    if hybrid is not None:
+        return _hybrid_coverage(engine, hybrid)
     plan = engine.partition
     keys_all = set(wm.keys_used)
     if plan is None:
@@ -78,3 +81,21 @@ def coverage(engine) -> Coverage:
     fallback = [(node, op, path, reason) for node, (op, path, reason) in plan.fallback.items()]
     return Coverage(engine.backend, n_ops, n_trt, sum(_numel(wm.key_specs.get(k)) for k in keys_all),
                     sum(_numel(wm.key_specs.get(k)) for k in trt_keys), segs, fallback)
+
+
+def _hybrid_coverage(engine, hybrid) -> Coverage:
+    """Compiled submodules in an eager model: their ops and weights against every weight of the model."""
+    parts = {path: coverage(sub) for path, sub in hybrid.engines.items()}
+    fallback = [(node, op, f"{path}.{p}" if p else path, reason)
+                for path, c in parts.items() for node, op, p, reason in c.fallback]
+    key_specs = engine.weight_map.key_specs
+    total = sum(_numel(v) for v in key_specs.values())
+    trt = sum(c.weights_tensorrt for c in parts.values())
+    eager = list(engine.eager_modules)
+    calls = hybrid.counter.get("eager_calls", 0)
+    if calls:
+        eager.append(("(compiled submodules)", f"{calls} call(s) met inputs of another shape and ran eagerly"))
+    return Coverage(engine.backend, sum(c.ops_total for c in parts.values()),
+                    sum(c.ops_tensorrt for c in parts.values()), total, trt,
+                    [(f"{p}: {k}", n) for p, c in parts.items() for k, n in (c.segments or [("tensorrt", c.ops_total)])],
+                    fallback, eager)

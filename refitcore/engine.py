@@ -57,7 +57,8 @@ class RefittableEngine:
     def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
                  exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
                  model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
-                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None):
+                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None,
+                 eager_modules: Sequence[tuple[str, str]] = ()):
         self._impl = impl
         self.weight_map = weight_map
         self.io = io
@@ -75,6 +76,7 @@ class RefittableEngine:
         self.output_types = output_types
         self.trust_output_types = trust_output_types
         self.partition = partition   # refitcore.partition.PartitionPlan of a partitioned engine, else None
+        self.eager_modules = list(eager_modules)   # [(module path, why it runs eagerly)] (refitcore.submodules)
 
     @property
     def impl(self) -> EngineImpl:
@@ -100,6 +102,11 @@ class RefittableEngine:
     def segments(self):
         """The engine's segments (:mod:`refitcore.segments`), or None for one whole TensorRT network."""
         return getattr(self._impl, "segments", None)
+
+    @property
+    def submodule_impl(self):
+        """The hybrid engine (:mod:`refitcore.submodules`) when only submodules compiled, else None."""
+        return self._impl if getattr(self._impl, "compiled", None) is not None else None
 
     def __call__(self, *args: Any, **kwargs: Any):
         """Run like the eager model: same positional/keyword structure in, same structure out."""
@@ -164,7 +171,7 @@ class RefittableEngine:
                                 model_factory=self.model_factory, state_keys=self.state_keys,
                                 structure=self.structure, output_treespec=self._output_treespec,
                                 output_types=self.output_types, trust_output_types=self.trust_output_types,
-                                partition=self.partition)
+                                partition=self.partition, eager_modules=self.eager_modules)
 
     # ---- saving and loading ---------------------------------------------------------------
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:

@@ -265,6 +265,10 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     problems = nonfinite_key_problems(engine.weight_map, checked)
     if problems:
         raise WeightMappingError(problems)
+    if engine.submodule_impl is not None:   # compiled submodules in an eager model
+        from .submodules import hybrid_fallback_mapping
+
+        return hybrid_fallback_mapping(engine, state, source)
     ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}

@@ -96,6 +96,14 @@ class SegmentedImpl:
     def segment_of(self, name: str) -> int:
         return split_name(name)[0]
 
+    @staticmethod
+    def split_name(name: str) -> tuple[int, str]:
+        return split_name(name)
+
+    @staticmethod
+    def part_name(part: int, name: str) -> str:
+        return f"seg{part}:{name}"
+
     # ---- execution -----------------------------------------------------------------
     def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
         if len(inputs) != len(self.user_inputs):
@@ -121,10 +129,10 @@ class SegmentedImpl:
     def create_refitter(self) -> "SegmentedRefitter":
         return SegmentedRefitter(self)
 
-    def _commit_params(self, pending: Mapping[str, np.ndarray]) -> None:
+    def commit_params(self, pending: Mapping[str, np.ndarray]) -> None:
         new = {i: dict(p) for i, p in self.params.items()}
         for name, arr in pending.items():
-            i, key = split_name(name)
+            i, key = self.split_name(name)
             new[i][key] = arr
         self.params = new   # one assignment: all-or-nothing
 
@@ -188,7 +196,10 @@ def load_engine(header: dict, weights: Mapping[str, np.ndarray]) -> SegmentedImp
 
 
 class SegmentedRefitter:
-    """TensorRT's Refitter contract over every segment at once (see the module docstring)."""
+    """TensorRT's Refitter contract over every segment at once (see the module docstring).
+
+    Works on any composite engine with ``trt`` ({part: backend engine}), ``params`` ({part: {key:
+    array}}), ``split_name`` (engine weight name -> (part, name within it)) and ``commit_params``."""
 
     def __init__(self, impl: SegmentedImpl):
         self.impl = impl
@@ -200,20 +211,20 @@ class SegmentedRefitter:
     def errors(self) -> list[str]:
         out = list(self._errors)
         for i, r in self.subs.items():
-            out += [f"segment {i}: {e}" for e in (getattr(r, "errors", None) or [])]
+            out += [f"part {i}: {e}" for e in (getattr(r, "errors", None) or [])]
         return out
 
     def get_all_weights(self) -> list[str]:
         return self.impl.weight_names()
 
     def _torch_param(self, name: str) -> tuple[int, str] | None:
-        i, key = split_name(name)
+        i, key = self.impl.split_name(name)
         if i in self.impl.params and key in self.impl.params[i]:
             return i, key
         return None
 
     def get_weights_prototype(self, name: str):
-        i, rest = split_name(name)
+        i, rest = self.impl.split_name(name)
         if i in self.subs:
             return self.subs[i].get_weights_prototype(rest)
         if self._torch_param(name) is None:
@@ -223,7 +234,7 @@ class SegmentedRefitter:
 
     def set_named_weights(self, name: str, value) -> bool:
         try:
-            i, rest = split_name(name)
+            i, rest = self.impl.split_name(name)
         except KeyError as err:
             self._errors.append(str(err))
             return False
@@ -242,13 +253,13 @@ class SegmentedRefitter:
         return True
 
     def get_missing_weights(self) -> list[str]:
-        return [f"seg{i}:{n}" for i, r in self.subs.items() for n in r.get_missing_weights()]
+        return [self.impl.part_name(i, n) for i, r in self.subs.items() for n in r.get_missing_weights()]
 
     def refit(self) -> bool:
         for i, r in self.subs.items():
             if not r.refit():
-                self._errors.append(f"segment {i}: refit() returned False")
+                self._errors.append(f"part {i}: refit() returned False")
                 return False   # the driver rolls every segment back
-        self.impl._commit_params(self._pending)
+        self.impl.commit_params(self._pending)
         self._pending = {}
         return True

@@ -92,7 +92,7 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         bound = atol_eff + rtol * e64.abs()
         mismatched = int((diff > bound).sum())
         flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.dim() else ()
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.numel() and a64.dim() else ()
         max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
         rel = diff / e64.abs().clamp_min(1e-12)
         norm_e = float(torch.linalg.vector_norm(e64))
