@@ -23,7 +23,7 @@ from .errors import UnsupportedOperatorError
 from .lowering import module_path
 from .mapping import network_weights
 from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, partition, subprogram
-from .segments import SegmentedImpl
+from .segments import SegmentedImpl, split_name
 from .torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
 from .weight_map import WeightMap, WeightSource
 
@@ -226,11 +226,11 @@ def segmented_fallback_mapping(engine, ep, params: dict[str, torch.Tensor]) -> d
         if seg.kind == "tensorrt":
             result = convert(subprogram(ep, seg), params)
             out.update(network_weights(result.network, engine.weight_map, prefix=prefix))
-    for name, src in engine.weight_map.sources.items():
-        if name in out:
-            continue
-        seg_index = int(name[3:name.index(":")])
-        if engine.segments[seg_index].kind != "tensorrt" and src.recipe == "copy":
-            key = src.keys[0]
-            out[name] = _state_array(params[key].to(getattr(torch, src.dtype)))
+    # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
+    # fallback stays a witness independent of the map's recipes).
+    current = engine.current_weights()
+    for name in engine.weight_names:
+        index, key = split_name(name)
+        if engine.segments[index].kind != "tensorrt":
+            out[name] = _state_array(params[key].to(getattr(torch, str(current[name].dtype))))
     return out

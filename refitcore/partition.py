@@ -254,7 +254,8 @@ def subprogram(ep, segment: Segment) -> SubProgram:
         ph = graph.placeholder(src.name)
         ph.meta = dict(src.meta)
         env[src] = ph
-        input_specs.append(spec)
+        # fx renames a placeholder that shadows a builtin ('input' -> 'input_1'): the spec names it as fx does.
+        input_specs.append(dataclasses.replace(spec, arg=TensorArgument(ph.name)))
         return ph
 
     user_in = set(segment.inputs)

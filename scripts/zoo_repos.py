@@ -86,12 +86,12 @@ def vit_cls(seed):
     return model, (_image(32),), {}
 
 
-def _timm(name: str, size: int):
+def _timm(name: str, size: int, **options):
     def build(seed):
         import timm
 
         torch.manual_seed(seed)
-        return timm.create_model(name, pretrained=False).eval(), (_image(size),), {}
+        return timm.create_model(name, pretrained=False, **options).eval(), (_image(size),), {}
     return build
 
 
@@ -210,7 +210,7 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "poolformer_s12": ("timm poolformer_s12 @32", _timm("poolformer_s12", 32)),
     "convnext_atto": ("timm convnext_atto @32", _timm("convnext_atto", 32)),
     "efficientnet_b0": ("timm efficientnet_b0 @32", _timm("efficientnet_b0", 32)),
-    "levit_128s": ("timm levit_128s @64", _timm("levit_128s", 64)),
+    "levit_128s": ("timm levit_128s @64", _timm("levit_128s", 64, img_size=64)),
     "fcn_resnet50": ("torchvision fcn_resnet50 @64 (dict out)", _tv_seg("fcn_resnet50")),
     "deeplabv3_mobilenet_v3_large": ("torchvision deeplabv3_mobilenet_v3_large @64 (dict out)",
                                      _tv_seg("deeplabv3_mobilenet_v3_large")),
