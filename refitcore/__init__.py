@@ -15,7 +15,8 @@ from .samples import load_samples
 from .verify import Verdict, verify
 from .structured import Inputs
 from .engine import IOSpec, RefittableEngine
-from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, MapCannotServeError, RefitCoreError,
+from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, ExportError, MapCannotServeError,
+                     RefitCoreError,
                      RefitError, UnsupportedOperatorError, WeightMappingError)
 from .weight_map import WeightMap, WeightSource
 
@@ -23,7 +24,7 @@ __all__ = [
     "compile", "refit", "RefitResult", "cached_mapping", "fallback_mapping", "apply_mapping", "audit", "audit_paths", "Audit",
     "verify", "Verdict", "Inputs", "load", "RefittableEngine", "IOSpec", "WeightMap", "WeightSource",
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError", "MapCannotServeError",
-    "RefitError", "BundleError", "BackendUnavailableError",
+    "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
     "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
     "load_samples",
 ]

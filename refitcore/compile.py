@@ -9,7 +9,7 @@ import torch
 from .backends import get_backend, resolve_backend
 from .conversion.convert import convert, dynamic_node_names
 from .engine import IOSpec, RefittableEngine
-from .errors import ExportError
+from .errors import ExportError, UnsupportedOperatorError
 from .lowering import export_model, graph_fingerprint, plan_fusions
 from .partition import DEFAULT_MIN_BLOCK_SIZE, partition
 from .structured import leaf_names
@@ -98,9 +98,17 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=1)
         if _whole_graph_converts(ep, plan):
             plan = None
+    result = None
     if plan is None:   # one TensorRT network for the whole graph (strict: or an error listing every op)
         fusion = plan_fusions(ep.graph_module)
-        result = convert(ep, fusion=fusion)
+        try:
+            result = convert(ep, fusion=fusion)
+        except UnsupportedOperatorError:
+            if strict:
+                raise
+            # A converter declined a call while converting: partition, that call runs in PyTorch.
+            plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=min_block_size)
+    if result is not None:
         wm = result.weight_map
         impl = get_backend(name).build(result, precision=precision)
         check_map_covers(wm, impl.weight_names())
