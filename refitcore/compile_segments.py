@@ -20,9 +20,8 @@ from torch.export.graph_signature import InputKind
 from .backends import get_backend
 from .conversion.convert import convert, dynamic_node_names
 from .errors import UnsupportedOperatorError
-from .lowering import module_path
 from .mapping import network_weights
-from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, partition, subprogram
+from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, Segment, partition, subprogram
 from .segments import SegmentedImpl, split_name
 from .torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
 from .weight_map import WeightMap, WeightSource
@@ -148,7 +147,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
 
     def add_records(names: list[str]) -> dict:
         keys: dict[str, None] = {}
-        for rec in encode_nodes(gm, names, specs=specs, constants={}):
+        for rec in encode_nodes(gm, names, specs=specs):
             records.setdefault(rec["name"], rec)
             _param_keys(rec, keys)
         return keys
@@ -198,8 +197,6 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
                    if s.kind == InputKind.USER_INPUT and isinstance(nodes[s.arg.name].meta.get("val"), torch.Tensor)]
     segments = list(plan.segments)
     if out_keys:
-        from .partition import Segment
-
         segments.append(Segment("torch", [], [], []))
     impl = SegmentedImpl(segments, trt, params, list(records.values()), constants, user_inputs, outputs,
                          backend_name, note=getattr(next(iter(trt.values()), None), "note", ""))

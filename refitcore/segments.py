@@ -109,7 +109,13 @@ class SegmentedImpl:
         if len(inputs) != len(self.user_inputs):
             raise ValueError(f"engine takes {len(self.user_inputs)} input(s) {self.user_inputs}, got {len(inputs)}")
         env: dict[str, Any] = {name: x for name, x in zip(self.user_inputs, inputs)}
-        constants = {k: torch.from_numpy(v) for k, v in self.constants.items()}
+        # PyTorch segments run where the inputs are (TensorRT hands CUDA outputs back for CUDA inputs).
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+
+        def tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+        constants = tensors(self.constants)
         with torch.no_grad():
             for i, seg in enumerate(self.segments):
                 if seg.kind == "tensorrt":
@@ -117,10 +123,9 @@ class SegmentedImpl:
                     outs = self.trt[i].run([x.contiguous() for x in ins])
                     env.update(zip(seg.outputs, outs))
                 else:
-                    params = {k: torch.from_numpy(v) for k, v in self.params.get(i, {}).items()}
-                    self.program.run(seg.nodes, env, params, constants)
+                    self.program.run(seg.nodes, env, tensors(self.params.get(i, {})), constants)
             # Graph outputs: values of segments, weight-only nodes, or literals.
-            all_params = {k: torch.from_numpy(v) for p in self.params.values() for k, v in p.items()}
+            all_params = {k: v for p in self.params.values() for k, v in tensors(p).items()}
             outs = self.program.value(self.outputs, env, all_params, constants)
         return [o.clone() if isinstance(o, torch.Tensor) and any(o is p for p in all_params.values()) else o
                 for o in outs]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -32,7 +31,6 @@ from .weight_map import WeightMap, WeightSource, rename_keys
 
 __all__ = ["find_exportable", "HybridImpl", "compile_submodules", "hybrid_fallback_mapping", "EAGER"]
 
-log = logging.getLogger("refitcore")
 EAGER = "eager"
 
 
@@ -180,7 +178,8 @@ class HybridImpl:
         it = iter(inputs)
         leaves = [next(it) if "tensor" in d else d["value"] for d in self.structure["in_leaves"]]
         args, kwargs = unflatten(leaves, self.structure["in"])
-        params = {_shell_key(k, self.compiled): torch.from_numpy(v) for k, v in self.params[EAGER].items()}
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        params = {_shell_key(k, self.compiled): torch.from_numpy(v).to(device) for k, v in self.params[EAGER].items()}
         with torch.no_grad():
             out = torch.func.functional_call(self.shell, params, tuple(args), dict(kwargs), strict=False)
         return pytree.tree_leaves(out)

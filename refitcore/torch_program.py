@@ -74,20 +74,14 @@ def _op_name(node: fx.Node) -> str:
     return name
 
 
-def encode_nodes(gm: fx.GraphModule, names: list[str], *, specs: Mapping[str, Any],
-                 constants: dict[str, torch.Tensor]) -> list[dict]:
+def encode_nodes(gm: fx.GraphModule, names: list[str], *, specs: Mapping[str, Any]) -> list[dict]:
     """Records for ``names`` (in graph order) of ``gm``; placeholders become ``param``/``const``/
-    ``node`` operands (``specs``: placeholder name -> InputSpec). Lifted constants are added to
-    ``constants``."""
+    ``node`` operands (``specs``: placeholder name -> InputSpec)."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    records = []
-    for name in names:
-        node = nodes[name]
-        records.append(_encode_node(gm, node, specs, constants))
-    return records
+    return [_encode_node(gm, nodes[name], specs) for name in names]
 
 
-def _placeholder_ref(node: fx.Node, specs: Mapping[str, Any], constants: dict, gm) -> dict:
+def _placeholder_ref(node: fx.Node, specs: Mapping[str, Any]) -> dict:
     spec = specs.get(node.name)
     if spec is None or spec.kind == InputKind.USER_INPUT:
         return {"node": node.name}
@@ -96,10 +90,10 @@ def _placeholder_ref(node: fx.Node, specs: Mapping[str, Any], constants: dict, g
     return {"const": spec.target}
 
 
-def _encode_node(gm, node: fx.Node, specs, constants) -> dict:
+def _encode_node(gm, node: fx.Node, specs) -> dict:
     def ref(a: fx.Node):
         if a.op == "placeholder":
-            return _placeholder_ref(a, specs, constants, gm)
+            return _placeholder_ref(a, specs)
         if node.target in SHAPE_ONLY_OPS:
             val = a.meta.get("val")
             if isinstance(val, torch.Tensor):
@@ -117,7 +111,7 @@ def encode_graph(gm: fx.GraphModule) -> dict:
     """A whole (sub)graph, e.g. a ``torch.cond`` branch: inputs, node records, outputs."""
     inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     calls = [n.name for n in gm.graph.nodes if n.op == "call_function"]
-    records = encode_nodes(gm, calls, specs={}, constants={})
+    records = encode_nodes(gm, calls, specs={})
     out = next(n for n in gm.graph.nodes if n.op == "output")
     return {"inputs": inputs, "nodes": records,
             "outputs": encode_value(out.args[0], lambda a: {"node": a.name})}
