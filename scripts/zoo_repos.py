@@ -10,7 +10,9 @@ after every model and between markers in README.md.
     python scripts/zoo_repos.py bert vit_cls     # some
     python scripts/zoo_repos.py --merge bert     # re-run some, keep the other rows
 
-Random weights only (tiny configs, ``pretrained=False``/``weights=None``): nothing is downloaded.
+Random weights only (tiny configs, ``pretrained=False``/``weights=None``): nothing is downloaded. The
+weights are drawn as the plugin's ``state_dicts`` strategy draws them (seed 0 to compile, seed 1 to
+refit): fan-in scaled, BatchNorm statistics far from a fresh init's trivial ones.
 The reference backend interprets the TensorRT network on the CPU: it proves the networks, the
 partition and the weight mapping, not TensorRT's kernels.
 """
@@ -117,7 +119,9 @@ def fasterrcnn(seed):
     import torchvision
 
     torch.manual_seed(seed)
-    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    # score threshold 0: random weights score below the default 0.05, and empty detections compare trivially.
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, box_detections_per_img=20)
     return model.eval(), ([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))],), {}
 
 
@@ -217,7 +221,7 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "lraspp_mobilenet_v3_large": ("torchvision lraspp_mobilenet_v3_large @64 (dict out)",
                                   _tv_seg("lraspp_mobilenet_v3_large")),
     "r3d_18": ("torchvision r3d_18 1x3x4x32x32", r3d_18),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": ("torchvision fasterrcnn_mobilenet_v3_large_320_fpn (list of dicts out)",
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("torchvision fasterrcnn_mobilenet_v3_large_320_fpn (list of dicts out, 20 detections)",
                                               fasterrcnn),
     "dict_input": ("custom: a dict input (min_block_size=1, as every custom row)", _custom(DictIn, lambda: (({"x": torch.randn(2, 8, generator=_g()),
                                                                           "y": torch.randn(2, 6, generator=_g())},),
@@ -256,12 +260,24 @@ def max_err(a: Any, b: Any) -> float:
     return worst
 
 
+def _randomized(model: nn.Module, seed: int) -> nn.Module:
+    """The model with weights drawn as the plugin's ``state_dicts`` strategy draws them (fan-in scaled,
+    valid BatchNorm statistics, not the trivial ones of a fresh init; tied parameters identical)."""
+    from pytest_trtrefit.strategies import weight_set
+
+    state = model.state_dict()
+    state.update(weight_set(model, seed=seed, scale="fan_in"))
+    model.load_state_dict(state)
+    return model.eval()
+
+
 def run_one(name: str) -> dict:
     import refitcore
 
     label, build = MODELS[name]
     row: dict[str, Any] = {"model": name, "label": label}
     model, args, kwargs = build(0)
+    model = _randomized(model, 0)
     t0 = time.perf_counter()
     # The custom modules are a handful of ops: min_block_size=1 gives them TensorRT segments
     # between their PyTorch ops (the default, 5, would run such small runs in PyTorch).
@@ -274,7 +290,7 @@ def run_one(name: str) -> dict:
                eager_modules=[p for p, _ in cov.eager_modules], segments=len(cov.segments) or 1)
     with torch.no_grad():
         row["err_compile"] = max_err(engine(*args, **kwargs), model(*args, **kwargs))
-    new_model = build(1)[0]
+    new_model = _randomized(build(1)[0], 1)
     sample = refitcore.Inputs(*args, **kwargs)
     for path in ("cached", "fallback"):
         t0 = time.perf_counter()
