@@ -77,6 +77,7 @@ def _param_keys(operand: Any, into: dict) -> None:
 def _closure(gm: fx.GraphModule, names: Iterable[str], dynamic: set[str], skip: set[str]) -> list[str]:
     """``names`` and the weight-only nodes they read, in graph order (never nodes in ``skip``)."""
     nodes = {n.name: n for n in gm.graph.nodes}
+    names = set(names)
     want: set[str] = set()
     stack = list(names)
     while stack:

@@ -8,6 +8,7 @@ through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`l
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
@@ -155,6 +156,15 @@ class RefittableEngine:
             import torch.utils._pytree as pytree
 
             return pytree.tree_unflatten(list(outs), self._output_treespec)
+        if not self.trust_output_types and not getattr(self, "_said_plain", False):
+            from .structured import unresolved_types
+
+            missing = unresolved_types(self.structure["out"], output_types=self.output_types)
+            if missing:
+                logging.getLogger("refitcore").warning(
+                    "refitcore: outputs of type %s come back as plain dicts (a loaded file's types are never "
+                    "imported); pass output_types=[cls] or trust_output_types=True to refitcore.load", missing)
+            self._said_plain = True
         return unflatten(outs, self.structure["out"], output_types=self.output_types,
                          trust_output_types=self.trust_output_types)
 

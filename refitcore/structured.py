@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "describe_leaf"]
+           "split_call", "describe_leaf", "unresolved_types"]
 
 
 class Inputs:
@@ -105,6 +105,16 @@ def _resolve(qualname: str, output_types: Any, trust: bool) -> type | None:
             obj = getattr(obj, part)
         return obj
     return None
+
+
+def unresolved_types(spec: Mapping, *, output_types: Any = None) -> list[str]:
+    """Custom types a spec names that :func:`unflatten` would return as plain dicts/tuples."""
+    out: list[str] = []
+    if spec["t"] == "custom" and _resolve(spec["cls"], output_types, False) is None:
+        out.append(spec["cls"])
+    for child in spec.get("c", []):
+        out += [c for c in unresolved_types(child, output_types=output_types) if c not in out]
+    return out
 
 
 def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str, type] | None = None,

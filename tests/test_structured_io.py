@@ -96,8 +96,11 @@ def test_verify_names_the_leaf_that_differs(engine):
 
 
 def test_unflatten_without_the_class_gives_a_dict():
+    from refitcore.structured import unresolved_types
+
     spec = {"t": "custom", "cls": "nowhere.Output", "k": ["logits", "hidden"], "c": [{"t": "leaf"}, {"t": "leaf"}]}
     assert unflatten([1, 2], spec) == {"logits": 1, "hidden": 2}
+    assert unresolved_types({"t": "list", "c": [spec]}) == ["nowhere.Output"]
 
 
 def test_positional_example_inputs_still_work():
