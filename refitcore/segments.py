@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from .backends.base import WeightsPrototype
 from .partition import Segment
 from .torch_program import TorchProgram
 
@@ -42,11 +43,6 @@ def torch_dtype_name(arr: np.ndarray) -> str:
     return _NP_TO_PROTO.get(str(arr.dtype), str(arr.dtype).upper())
 
 
-class _Prototype:
-    def __init__(self, name: str, dtype: str, count: int, shape: tuple[int, ...]):
-        self.name, self.dtype, self.count, self.shape = name, dtype, count, shape
-
-
 class SegmentedImpl:
     """Segments in graph order. ``trt``: {segment index: backend engine}; ``params``: {segment index:
     {state_dict key: array}} for PyTorch segments; ``program``: node records of every PyTorch
@@ -68,8 +64,6 @@ class SegmentedImpl:
         self.note = (note + "; " if note else "") + (
             f"{len(self.trt)} TensorRT segment(s) and {n_torch} PyTorch segment(s) (ops without a "
             f"TensorRT converter run in PyTorch)")
-        self.weights_swapped_not_written = all(getattr(e, "weights_swapped_not_written", False)
-                                               for e in self.trt.values())
 
     # ---- weights ---------------------------------------------------------------
     def weight_names(self) -> list[str]:
@@ -91,6 +85,20 @@ class SegmentedImpl:
                     v = v.view()
                     v.flags.writeable = False
                     out[f"seg{i}:{k}"] = v
+        return out
+
+    def prototype(self, name: str) -> WeightsPrototype:
+        return self.create_refitter().get_weights_prototype(name)
+
+    def rollback_weights(self) -> dict[str, np.ndarray]:
+        """Each TensorRT segment's own rollback arrays; PyTorch parameters as they are (a refit swaps
+        new arrays in, never writes a stored one)."""
+        out = {}
+        for i, seg in enumerate(self.segments):
+            if seg.kind == "tensorrt":
+                out.update({f"seg{i}:{n}": v for n, v in self.trt[i].rollback_weights().items()})
+            else:
+                out.update({f"seg{i}:{k}": v for k, v in self.params.get(i, {}).items()})
         return out
 
     def segment_of(self, name: str) -> int:
@@ -235,7 +243,7 @@ class SegmentedRefitter:
         if self._torch_param(name) is None:
             raise KeyError(name)
         arr = self.impl.params[i][rest]
-        return _Prototype(name, torch_dtype_name(arr), int(arr.size), tuple(arr.shape))
+        return WeightsPrototype(name, torch_dtype_name(arr), int(arr.size), tuple(arr.shape))
 
     def set_named_weights(self, name: str, value) -> bool:
         try:

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "describe_leaf", "unresolved_types"]
+           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples"]
 
 
 class Inputs:
@@ -189,3 +189,32 @@ def describe_leaf(value: Any) -> Any:
         return {"value": value}
     raise TypeError(f"an input leaf of type {type(value).__name__} cannot be compiled; pass tensors, "
                     f"Python scalars or None (inside tuples, lists and dicts)")
+
+
+def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
+    """Verification inputs of an engine with structured I/O, as :class:`Inputs`, each checked against
+    the compiled structure, constants, shapes and dtypes; ``ValueError`` listing every mismatch."""
+    if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
+        inputs = [inputs]
+    try:
+        calls = [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
+    except TypeError:
+        raise ValueError(f"verify_inputs: expected a tensor, a tuple (one sample), refitcore.Inputs or a list of "
+                         f"samples, got {type(inputs).__name__}") from None
+    if not calls:
+        raise ValueError("verify_inputs: no samples given; give at least one")
+    problems = []
+    for s, (args, kwargs) in enumerate(calls):
+        try:
+            flat = engine.flatten_inputs(args, kwargs)
+        except (TypeError, ValueError) as err:
+            problems.append(f"sample {s}: {err}")
+            continue
+        for i, (x, shape, dtype) in enumerate(zip(flat, engine.io.input_shapes, engine.io.input_dtypes)):
+            if list(x.shape) != list(shape) or str(x.dtype).replace("torch.", "") != dtype:
+                problems.append(f"sample {s}, tensor input {i}: {str(x.dtype).replace('torch.', '')}{list(x.shape)} "
+                                f"where the engine takes {dtype}{list(shape)}")
+    if problems:
+        raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    return [Inputs(*args, **kwargs) for args, kwargs in calls]

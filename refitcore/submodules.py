@@ -147,7 +147,6 @@ class HybridImpl:
         self.backend_name = first.backend if first is not None else "reference"
         self.note = ((first.note + "; ") if first is not None and first.note else "") + (
             f"compiled submodules {self.compiled}; the rest of the model runs eagerly")
-        self.weights_swapped_not_written = False
 
     @staticmethod
     def split_name(name: str) -> tuple[str, str]:
@@ -170,6 +169,14 @@ class HybridImpl:
             v = v.view()
             v.flags.writeable = False
             out[self.part_name(EAGER, k)] = v
+        return out
+
+    def prototype(self, name: str):
+        return self.create_refitter().get_weights_prototype(name)
+
+    def rollback_weights(self) -> dict[str, np.ndarray]:
+        out = {self.part_name(p, n): v for p, impl in self.trt.items() for n, v in impl.rollback_weights().items()}
+        out.update({self.part_name(EAGER, k): v for k, v in self.params[EAGER].items()})   # swapped, never written
         return out
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
