@@ -229,3 +229,20 @@ def test_summary_counts_ops_and_weights(engine):
     text = str(engine)
     assert "run in PyTorch" in text and "aten.cumsum.default at <top level>" in text
     assert refitcore.compile(nn.Linear(4, 4).eval(), torch.randn(1, 4), backend="reference").summary().op_share == 1
+
+
+def cli_mixed() -> nn.Module:
+    """Factory for the CLI test below."""
+    return _make(0)
+
+
+def test_cli_compile_prints_the_coverage(tmp_path, capsys):
+    from refitcore import cli
+
+    out = tmp_path / "m.trtrefit"
+    assert cli.main(["compile", "tests.test_partition:cli_mixed", "--input", "2x3x8", "--backend", "reference",
+                     "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "TensorRT (reference) runs" in printed and "of the weights" in printed, printed
+    loaded = refitcore.load(out)
+    assert str(loaded.summary()).splitlines()[0] in printed
