@@ -138,7 +138,7 @@ class HybridImpl:
                  structure: dict, compiled: Sequence[str], counter: dict | None = None):
         self.shell = shell
         self.engines = dict(engines)
-        self.trt = {path: e._impl for path, e in self.engines.items()}
+        self.trt = {path: e.impl for path, e in self.engines.items()}
         self.params = {EAGER: dict(params)}
         self.structure = structure
         self.compiled = list(compiled)

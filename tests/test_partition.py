@@ -246,3 +246,12 @@ def test_cli_compile_prints_the_coverage(tmp_path, capsys):
     assert "TensorRT (reference) runs" in printed and "of the weights" in printed, printed
     loaded = refitcore.load(out)
     assert str(loaded.summary()).splitlines()[0] in printed
+
+
+def test_segmented_engine_satisfies_the_backend_protocols(engine):
+    from refitcore.backends import base
+
+    assert isinstance(engine.impl, base.EngineImpl)
+    assert isinstance(engine.impl.create_refitter(), base.Refitter)
+    proto = engine.impl.prototype("seg1:scale")
+    assert proto.count == 8 and proto.dtype == "FLOAT"

@@ -117,3 +117,10 @@ def test_other_shapes_run_the_submodule_eagerly(engine):
 def test_hybrid_engine_is_not_saved(engine, tmp_path):
     with pytest.raises(refitcore.BundleError, match="cannot be saved"):
         engine.save(tmp_path / "x.trtrefit")
+
+
+def test_hybrid_engine_satisfies_the_backend_protocols(engine):
+    from refitcore.backends import base
+
+    assert isinstance(engine.impl, base.EngineImpl)
+    assert isinstance(engine.impl.create_refitter(), base.Refitter)
