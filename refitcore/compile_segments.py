@@ -20,7 +20,7 @@ from torch.export.graph_signature import InputKind
 from .backends import get_backend
 from .conversion.convert import convert, dynamic_node_names
 from .errors import UnsupportedOperatorError
-from .mapping import network_weights
+from .network_reader import network_weights
 from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, Segment, partition, subprogram
 from .segments import SegmentedImpl, split_name
 from .torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
@@ -223,7 +223,8 @@ def segmented_fallback_mapping(engine, ep, params: dict[str, torch.Tensor]) -> d
         prefix = f"seg{i}:"
         if seg.kind == "tensorrt":
             result = convert(subprogram(ep, seg), params)
-            out.update(network_weights(result.network, engine.weight_map, prefix=prefix))
+            shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
+            out.update(network_weights(result.network, shapes, prefix=prefix))
     # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
     # fallback stays a witness independent of the map's recipes).
     current = engine.current_weights()

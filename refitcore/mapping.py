@@ -21,8 +21,7 @@ from .recipes import apply_recipe, evaluate_operand
 from .validate import nonfinite_key_problems, nonfinite_weight_problems, variance_problems
 from .weight_map import WeightMap
 
-__all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint",
-           "network_weights"]
+__all__ = ["cached_mapping", "fallback_mapping", "normalize_weights", "check_state_dict", "load_checkpoint"]
 
 ENGINE_DTYPE = torch.float32
 log = logging.getLogger("refitcore")
@@ -259,6 +258,7 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     from .conversion.convert import convert
+    from .network_reader import network_weights
 
     state, source = normalize_weights(new_weights, engine.weight_map)
     checked = check_state_dict(engine.weight_map, state)
@@ -268,7 +268,7 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     if engine.submodule_impl is not None:   # compiled submodules in an eager model
         from .submodules import hybrid_fallback_mapping
 
-        return hybrid_fallback_mapping(engine, state, source)
+        return hybrid_fallback_mapping(engine, state, source, fallback_mapping)
     ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}
@@ -283,25 +283,4 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
 
         return segmented_fallback_mapping(engine, ep, params)
     result = convert(ep, params, fusion=engine.fusion)
-    return network_weights(result.network, engine.weight_map)
-
-
-def network_weights(network, weight_map: WeightMap, prefix: str = "") -> dict[str, np.ndarray]:
-    """Every refittable weight read off a converted network's layers, named ``prefix + name`` and
-    shaped as the map records it."""
-    from .network_reader import WEIGHT_ROLES, read_network
-
-    plan = read_network(network)
-    out: dict[str, np.ndarray] = {}
-    for layer in plan["layers"]:
-        for role in WEIGHT_ROLES.get(layer["type"], ()):
-            arr = layer["weights"].get(role)
-            if arr is None:
-                continue
-            name = f"{prefix}{layer['name']} {role}"
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            src = weight_map.sources.get(name)
-            if src is not None and src.count == arr.size:
-                arr = arr.reshape(src.shape)  # TensorRT hands kernels back flat
-            out[name] = arr
-    return out
+    return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()})

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples"]
+           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional"]
 
 
 class Inputs:
@@ -189,6 +189,16 @@ def describe_leaf(value: Any) -> Any:
         return {"value": value}
     raise TypeError(f"an input leaf of type {type(value).__name__} cannot be compiled; pass tensors, "
                     f"Python scalars or None (inside tuples, lists and dicts)")
+
+
+def flat_positional(structure: Mapping | None) -> bool:
+    """True when an engine takes positional tensors only (no keywords, no nesting, no constants)."""
+    if structure is None:
+        return True
+    top = structure["in"]
+    args, kwargs = top["c"]
+    return (not kwargs.get("c") and all(c["t"] == "leaf" for c in args["c"])
+            and all("tensor" in d for d in structure["in_leaves"]))
 
 
 def check_structured_samples(engine, inputs: Any) -> list[Inputs]:

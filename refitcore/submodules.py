@@ -274,11 +274,11 @@ def _prefix_consts(operand: Any, path: str) -> Any:
     return operand
 
 
-def hybrid_fallback_mapping(engine, state: Mapping[str, torch.Tensor], source: Any) -> dict[str, np.ndarray]:
-    """Fallback path of a hybrid engine: each compiled submodule through its own fallback (converted
-    again with its slice of the new weights), the eager weights straight from the state_dict."""
-    from .mapping import fallback_mapping
-
+def hybrid_fallback_mapping(engine, state: Mapping[str, torch.Tensor], source: Any,
+                            fallback_mapping) -> dict[str, np.ndarray]:
+    """Fallback path of a hybrid engine: each compiled submodule through its own fallback
+    (``fallback_mapping``: :func:`refitcore.mapping.fallback_mapping`, converting again with the
+    submodule's slice of the new weights), the eager weights straight from the state_dict."""
     impl = engine.submodule_impl
     out: dict[str, np.ndarray] = {}
     for path, sub in impl.engines.items():
