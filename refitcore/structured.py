@@ -25,7 +25,8 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional"]
+           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional",
+           "as_positional"]
 
 
 class Inputs:
@@ -199,6 +200,15 @@ def flat_positional(structure: Mapping | None) -> bool:
     args, kwargs = top["c"]
     return (not kwargs.get("c") and all(c["t"] == "leaf" for c in args["c"])
             and all("tensor" in d for d in structure["in_leaves"]))
+
+
+def as_positional(inputs: Any) -> Any:
+    """Samples with :class:`Inputs` of positional inputs only as plain tuples (others unchanged)."""
+    if isinstance(inputs, Inputs):
+        return inputs.args if not inputs.kwargs else inputs
+    if isinstance(inputs, list):
+        return [as_positional(s) for s in inputs]
+    return inputs
 
 
 def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
