@@ -114,6 +114,18 @@ def _is_assertion(node: fx.Node) -> bool:
     return not node.users and node.meta.get("val", None) is None and "assert" in str(node.target)
 
 
+def _assertions(gm: fx.GraphModule) -> set[str]:
+    """Runtime assertions (no result, no users) and the nodes that only feed them (the symbolic
+    sizes a data-dependent shape is checked with): they compute nothing the model returns."""
+    dead: set[str] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node.op != "call_function":
+            continue
+        if _is_assertion(node) or (node.users and all(u.name in dead for u in node.users)):
+            dead.add(node.name)
+    return dead
+
+
 def partition(ep, *, torch_executed_ops: Iterable[Any] = (), min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
               forced: Mapping[str, str] | None = None) -> PartitionPlan:
     """Plan the segments of an exported program (``forced``: node name -> reason to run it in PyTorch)."""
@@ -124,13 +136,11 @@ def partition(ep, *, torch_executed_ops: Iterable[Any] = (), min_block_size: int
     user_op = op_matcher(torch_executed_ops)
     forced = dict(forced or {})
     order: list[fx.Node] = []
-    skipped: list[str] = []
+    skipped: list[str] = sorted(_assertions(gm), key=list(n.name for n in gm.graph.nodes).index)
+    dropped = set(skipped)
     reasons: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.name not in dynamic:
-            continue
-        if _is_assertion(node):
-            skipped.append(node.name)
+        if node.op != "call_function" or node.name not in dynamic or node.name in dropped:
             continue
         order.append(node)
         if node.target is operator.getitem:

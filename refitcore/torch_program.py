@@ -9,8 +9,9 @@ non-persistent buffers), ``{"zeros": [shape, dtype]}`` (a stand-in whose shape a
 an op reads: ``new_zeros``, ``zeros_like``...), ``{"dtype"|"device"|"layout"|"memory_format": ...}``,
 ``{"graph": {...}}`` (a ``torch.cond`` branch, itself a program), and JSON literals.
 
-Ops are resolved only in the ``aten`` namespace (as the weight map's operands are); nothing a
-program names is ever imported.
+Ops are resolved only in the ``aten`` namespace (as the weight map's operands are), plus a closed
+table of Python operators on symbolic sizes (``operator.ge``...); nothing a program names is ever
+imported.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch.export.graph_signature import InputKind
 
 from .recipes import resolve_aten_op
 
-__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype"]
+__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS"]
 
 aten = torch.ops.aten
 SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
@@ -63,11 +64,21 @@ def encode_value(value: Any, ref: Callable[[fx.Node], Any]) -> Any:
     raise TypeError(f"cannot store an argument of type {type(value).__name__} in a PyTorch segment")
 
 
+# Python arithmetic on symbolic sizes (data-dependent shapes): a closed table, never imported by name.
+PY_OPS = {f"operator.{f.__name__}": f for f in (
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod, operator.pow,
+    operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
+    operator.or_, operator.not_)}
+_PY_BY_FN = {f: name for name, f in PY_OPS.items()}
+
+
 def _op_name(node: fx.Node) -> str:
     if node.target is operator.getitem:
         return "getitem"
     if node.target is torch.ops.higher_order.cond:
         return "cond"
+    if node.target in _PY_BY_FN:
+        return _PY_BY_FN[node.target]
     name = str(node.target)
     if not name.startswith("aten."):
         raise TypeError(f"node {node.name}: op {name} is not an ATen op; a PyTorch segment stores ATen ops only")
@@ -127,7 +138,7 @@ class TorchProgram:
 
     def _check_ops(self, record: dict) -> None:
         op = record["op"]
-        if op not in ("getitem", "cond"):
+        if op not in ("getitem", "cond") and op not in PY_OPS:
             resolve_aten_op(op)  # raises for anything outside the aten namespace
 
     def value(self, operand: Any, env: dict, params: Mapping[str, torch.Tensor],
@@ -174,6 +185,8 @@ class TorchProgram:
             pred, true_graph, false_graph, operands = args[:4]
             branch = true_graph if bool(pred) else false_graph
             return self.run_graph(branch, list(operands), params, constants)
+        if op in PY_OPS:
+            return PY_OPS[op](*args, **kwargs)
         return resolve_aten_op(op)(*args, **kwargs)
 
     def run_graph(self, graph: dict, inputs: list, params, constants) -> Any:
