@@ -122,9 +122,16 @@ def compile_segments(ep, *, backend_name: str, precision: str = "fp32", torch_ex
                 if not names:
                     forced.update({n: f"segment conversion failed: {_first_line(err)}" for n in seg.nodes})
                 failed = True
-            except Exception as err:  # noqa: BLE001 - any conversion/build failure: this segment runs in PyTorch
-                log.warning("refitcore: converting segment %d failed (%s); it runs in PyTorch", i, _first_line(err))
-                forced.update({n: f"segment conversion failed: {_first_line(err)}" for n in seg.nodes})
+            except Exception as err:  # noqa: BLE001 - any conversion/build failure runs in PyTorch
+                node = getattr(err, "refitcore_node", None)   # set by convert() for a failing converter
+                if node in seg.nodes:
+                    log.warning("refitcore: the converter of node %s failed (%s); it runs in PyTorch", node,
+                                _first_line(err))
+                    forced[node] = f"converter failed: {_first_line(err)}"
+                else:
+                    log.warning("refitcore: converting segment %d failed (%s); it runs in PyTorch", i,
+                                _first_line(err))
+                    forced.update({n: f"segment conversion failed: {_first_line(err)}" for n in seg.nodes})
                 failed = True
             if failed:
                 break

@@ -255,3 +255,28 @@ def test_segmented_engine_satisfies_the_backend_protocols(engine):
     assert isinstance(engine.impl.create_refitter(), base.Refitter)
     proto = engine.impl.prototype("seg1:scale")
     assert proto.count == 8 and proto.dtype == "FLOAT"
+
+
+def test_a_failing_converter_moves_only_its_call_to_pytorch(monkeypatch):
+    """A converter that crashes (a bug, not a refusal): that call runs in PyTorch, named with the error;
+    the rest of its segment stays in TensorRT and the model still matches eager."""
+    import dataclasses
+
+    from refitcore.conversion import convert as convert_module
+
+    real_lookup = convert_module.lookup
+
+    def broken(target):
+        entry = real_lookup(target)
+        if str(target) == "aten.tanh.default":
+            def boom(*_a, **_k):
+                raise RuntimeError("boom")
+            return dataclasses.replace(entry, fn=boom)
+        return entry
+
+    monkeypatch.setattr(convert_module, "lookup", broken)
+    e = refitcore.compile(_make(0), X, backend="reference", min_block_size=1, torch_executed_ops=TORCH_OPS)
+    reasons = {v[0]: v[2] for v in e.partition.fallback.values()}
+    assert reasons["aten.tanh.default"] == "converter failed: RuntimeError: boom"
+    assert any(n.startswith("seg") and "b/linear" in n for n in e.weight_names)   # b's linear stayed in TensorRT
+    torch.testing.assert_close(e(X)["logits"], _make(0)(X)["logits"], rtol=1e-5, atol=1e-5)

@@ -233,6 +233,10 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                     ctx.check_all_named()
                 except Unsupported as err:
                     raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
+                except Exception as err:
+                    # Any other failure: say which call it was (the partitioner runs that call in PyTorch).
+                    err.refitcore_node = node.name
+                    raise
         elif node.op == "output":
             outs = resolve(node.args[0])
             output_names, output_shapes = [], []
