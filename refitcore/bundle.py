@@ -165,6 +165,16 @@ def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
     entries = expect(header.pop("buffers"), list, "buffers", where)
     seen: set = set()
     arrays = dict(_buffer(e, i, body, seen, where) for i, e in enumerate(entries))
+    # The writer lays the buffers end to end: a header whose buffers overlap (two names reading the
+    # same bytes) or leave gaps was not written by refitcore.
+    end = 0
+    for e in entries:
+        if e["offset"] != end:
+            raise BundleError(f"{where}: engine file content is invalid: buffer {e['name']!r} starts at byte "
+                              f"{e['offset']}, not where the previous one ends ({end}): buffers overlap or leave gaps")
+        end += e["nbytes"]
+    if end != total:
+        raise BundleError(f"{where}: engine file content is invalid: the buffers hold {end} of {total} weight bytes")
     return header, arrays
 
 

@@ -139,6 +139,7 @@ def test_crafted_headers(original, tmp_path):
     (lambda h: dict(h, buffers=[dict(b, shape=[b["nbytes"]]) for b in h["buffers"]]), "do not hold"),
     (lambda h: dict(h, buffers=[dict(b, offset=-1) for b in h["buffers"]]), "outside"),
     (lambda h: dict(h, buffers=h["buffers"] + h["buffers"][:1]), "listed twice"),
+    (lambda h: dict(h, buffers=[dict(b, offset=0) for b in h["buffers"]]), "overlap"),
     (lambda h: dict(h, buffers={"not": "a list"}), "buffers should be list"),
     (lambda h: dict(h, buffers_nbytes="12"), "buffers_nbytes should be int"),
     (lambda h: dict(h, state_keys=[1, 2]), "state_keys"),
@@ -148,7 +149,7 @@ def test_crafted_headers(original, tmp_path):
     (lambda h: dict(h, weight_map=dict(h["weight_map"], sources={})), "different weights"),
     (lambda h: dict(h, graph_entries=json.loads("[" * 500 + "]" * 500)), "nests deeper"),
 ], ids=["huge-input", "negative-dim", "io-lengths", "input-dtype", "object-dtype", "shape-vs-bytes", "negative-offset",
-        "duplicate-buffer", "buffers-not-list", "nbytes-not-int", "state-keys", "fingerprint", "unknown-layer",
+        "duplicate-buffer", "overlapping-buffers", "buffers-not-list", "nbytes-not-int", "state-keys", "fingerprint", "unknown-layer",
         "no-layers", "map-vs-engine", "deep-nesting"])
 def test_crafted_header_is_a_bundle_error(original, tmp_path, edit, needle):
     _c, data = original
