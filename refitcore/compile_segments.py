@@ -19,7 +19,7 @@ from torch.export.graph_signature import InputKind
 
 from .backends import get_backend
 from .conversion.convert import convert, dynamic_node_names
-from .errors import UnsupportedOperatorError
+from .errors import BackendUnavailableError, UnsupportedOperatorError
 from .network_reader import network_weights
 from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, Segment, partition, subprogram
 from .segments import SegmentedImpl, split_name
@@ -114,6 +114,8 @@ def compile_segments(ep, *, backend_name: str, precision: str = "fp32", torch_ex
             try:
                 result = convert(subprogram(ep, seg))
                 built[i] = (result, backend.build(result, precision=precision))
+            except BackendUnavailableError:
+                raise   # the backend cannot build or run here at all: not a segment's problem
             except UnsupportedOperatorError as err:
                 names = [node for _t, _p, node in err.ops if node in seg.nodes]
                 for target, _path, node in err.ops:

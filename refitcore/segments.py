@@ -124,12 +124,13 @@ class SegmentedImpl:
             return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
         constants = tensors(self.constants)
+        self.program.device = device
         with torch.no_grad():
             for i, seg in enumerate(self.segments):
                 if seg.kind == "tensorrt":
                     ins = [self.program.value({"node": n}, env, {}, constants) for n in seg.inputs]
                     outs = self.trt[i].run([x.contiguous() for x in ins])
-                    env.update(zip(seg.outputs, outs))
+                    env.update(zip(seg.outputs, (o.to(device) for o in outs)))
                 else:
                     self.program.run(seg.nodes, env, tensors(self.params.get(i, {})), constants)
             # Graph outputs: values of segments, weight-only nodes, or literals.

@@ -133,6 +133,9 @@ class TorchProgram:
 
     def __init__(self, records: list[dict]):
         self.records = {r["name"]: r for r in records}
+        # Where the program runs: the graph was exported on the CPU, so a device it names (factory
+        # ops such as arange/full, stand-ins) means "where the inputs are".
+        self.device: torch.device | None = None
         for r in records:
             self._check_ops(r)
 
@@ -160,11 +163,11 @@ class TorchProgram:
             return constants[operand["const"]]
         if "zeros" in operand:
             shape, dtype = operand["zeros"]
-            return torch.zeros(shape, dtype=decode_dtype(dtype))
+            return torch.zeros(shape, dtype=decode_dtype(dtype), device=self.device)
         if "dtype" in operand:
             return decode_dtype(operand["dtype"])
         if "device" in operand:
-            return torch.device(operand["device"])
+            return self.device if self.device is not None else torch.device(operand["device"])
         if "layout" in operand:
             return getattr(torch, operand["layout"])
         if "memory_format" in operand:
@@ -191,6 +194,7 @@ class TorchProgram:
 
     def run_graph(self, graph: dict, inputs: list, params, constants) -> Any:
         sub = TorchProgram(graph["nodes"])
+        sub.device = self.device
         env = dict(zip(graph["inputs"], inputs))
         for record in graph["nodes"]:
             env[record["name"]] = sub.run_node(record, env, params, constants)

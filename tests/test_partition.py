@@ -280,3 +280,15 @@ def test_a_failing_converter_moves_only_its_call_to_pytorch(monkeypatch):
     assert reasons["aten.tanh.default"] == "converter failed: RuntimeError: boom"
     assert any(n.startswith("seg") and "b/linear" in n for n in e.weight_names)   # b's linear stayed in TensorRT
     torch.testing.assert_close(e(X)["logits"], _make(0)(X)["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unusable_backend_is_an_error_not_a_fallback(monkeypatch):
+    """A backend that cannot build or run here raises; it never silently turns every segment into PyTorch."""
+    from refitcore.backends import reference
+
+    def unusable(*_a, **_k):
+        raise refitcore.BackendUnavailableError("no engine can run on this GPU")
+
+    monkeypatch.setattr(reference, "build", unusable)
+    with pytest.raises(refitcore.BackendUnavailableError):
+        refitcore.compile(_make(0), X, backend="reference", min_block_size=1, torch_executed_ops=TORCH_OPS)
