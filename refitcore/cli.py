@@ -116,7 +116,7 @@ def _cmd_compile(args, progress: Progress) -> int:
         engine.save(args.output)
     _out(f"wrote {args.output}: backend {engine.backend} ({engine.backend_reason}), "
          f"{len(engine.weight_names)} refittable weights, inputs {[list(s) for s in engine.io.input_shapes]}, "
-         f"factory {args.factory}" + (f"\nnote: {engine.note}" if engine.note else ""))
+         f"factory {args.factory}\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
     return EXIT_OK
 
 

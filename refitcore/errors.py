@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "RefitCoreError",
     "UnsupportedOperatorError",
+    "ExportError",
     "ArchitectureMismatchError",
     "WeightMappingError",
     "MapCannotServeError",
@@ -32,6 +33,19 @@ class UnsupportedOperatorError(RefitCoreError):
             + "\n".join(lines)
             + "\nAdd a converter with @refitcore.conversion.converter(<aten overload>) or change the model."
         )
+
+
+class ExportError(RefitCoreError):
+    """torch.export could not export a module: names the module path and the cause's first line."""
+
+    def __init__(self, path: str, cause: BaseException):
+        self.path = path
+        text = str(cause).strip().splitlines()
+        self.cause_line = f"{type(cause).__name__}: {text[0] if text else ''}"
+        super().__init__(
+            f"torch.export cannot export {path or 'the model'}: {self.cause_line}\n"
+            f"(data-dependent control flow? compile without strict=True to compile the submodules that do "
+            f"export and run the rest eagerly, or pass submodules=[...] naming them)")
 
 
 class WeightMappingError(RefitCoreError, ValueError):

@@ -25,9 +25,10 @@ CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.
             aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
-def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], *,
+def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: dict | None = None, *,
                  dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
-    """Export ``model`` in eval mode and lower it to functional ATen IR (``dynamic_shapes``: as
+    """Export ``model`` in eval mode and lower it to functional ATen IR (positional and keyword
+    inputs: any pytree of tensors, Python scalars and None; ``dynamic_shapes``: as
     ``torch.export.export`` takes it, see :mod:`refitcore.shapes`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -36,7 +37,8 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
+                                 strict=False)
     finally:
         model.train(was_training)
     # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,

@@ -7,13 +7,14 @@ network that TensorRT would be given.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import _trt
 
-__all__ = ["read_network", "WEIGHT_ROLES", "SHAPE_DTYPES"]
+__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES"]
 
 # layer type -> (binding class, attributes to read, {ROLE: attribute holding weights})
 _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
@@ -127,3 +128,21 @@ def read_network(network) -> dict:
     inputs = [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)]
     outputs = [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)]
     return {"inputs": inputs, "outputs": outputs, "layers": layers}
+
+
+def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, np.ndarray]:
+    """Every refittable weight read off a converted network's layers (the fallback mapping), named
+    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says."""
+    out: dict[str, np.ndarray] = {}
+    for layer in read_network(network)["layers"]:
+        for role in WEIGHT_ROLES.get(layer["type"], ()):
+            arr = layer["weights"].get(role)
+            if arr is None:
+                continue
+            name = f"{prefix}{layer['name']} {role}"
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            shape = shapes.get(name)
+            if shape is not None and math.prod(shape) == arr.size:
+                arr = arr.reshape(shape)  # TensorRT hands kernels back flat
+            out[name] = arr
+    return out

@@ -137,6 +137,7 @@ def test_crafted_headers(original, tmp_path):
     (lambda h: dict(h, buffers=h["buffers"] + h["buffers"][:1]), "listed twice"),
     (lambda h: dict(h, buffers=[h["buffers"][0], dict(h["buffers"][1], offset=0)] + h["buffers"][2:]),
      "end to end"),
+    (lambda h: dict(h, buffers=[dict(b, offset=0) for b in h["buffers"]]), "overlap"),
     (lambda h: dict(h, buffers={"not": "a list"}), "buffers should be list"),
     (lambda h: dict(h, buffers_nbytes="12"), "buffers_nbytes should be int"),
     (lambda h: dict(h, state_keys=[1, 2]), "state_keys"),

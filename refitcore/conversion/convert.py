@@ -21,7 +21,7 @@ from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
 from .shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
 
-__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
+__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
 @dataclasses.dataclass
 class ConversionResult:
@@ -102,20 +102,31 @@ def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
     return dynamic
 
 
+def dynamic_node_names(ep) -> set[str]:
+    """Names of the nodes that depend on the model's inputs (user inputs included); the others
+    are computed from weights alone and fold into literals or weight-map operands."""
+    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    return _dynamic_nodes(ep.graph_module, user_inputs)
+
+
+def node_problem(node: fx.Node) -> str | None:
+    """None when a converter handles ``node``; else why not ('' when no converter is registered)."""
+    entry = lookup(node.target)
+    if entry is None:
+        return ""
+    if entry.capability is not None:
+        return entry.capability(node)
+    return None
+
+
 def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
     """Every op call that needs a converter and has none (or whose converter declines it)."""
-    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
-    dynamic = _dynamic_nodes(ep.graph_module, user_inputs)
+    dynamic = dynamic_node_names(ep)
     problems = []
     for node in ep.graph_module.graph.nodes:
         if node.op != "call_function" or node.name not in dynamic or is_size_node(node):
             continue
-        entry = lookup(node.target)
-        reason = None
-        if entry is None:
-            reason = ""
-        elif entry.capability is not None:
-            reason = entry.capability(node)
+        reason = node_problem(node)
         if reason is not None:
             target = str(node.target) + (f" ({reason})" if reason else "")
             problems.append((target, module_path(node), node.name))
@@ -220,7 +231,9 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
         ctx.node = node
         if node.op == "placeholder":
             spec = specs[node.name]
-            if spec.kind == InputKind.USER_INPUT:
+            if spec.kind == InputKind.USER_INPUT and not isinstance(node.meta.get("val"), torch.Tensor):
+                values[node.name] = node.meta.get("val")   # None or a Python scalar: a graph constant
+            elif spec.kind == InputKind.USER_INPUT:
                 val = node.meta["val"]
                 dtype = getattr(trt.DataType, dtypes.trt_name(val.dtype, "FLOAT"))
                 dims = symbolic_dims(val)   # -1 where the dimension is dynamic
@@ -260,6 +273,10 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                     ctx.check_all_named()
                 except Unsupported as err:
                     raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
+                except Exception as err:
+                    # Any other failure: say which call it was (the partitioner runs that call in PyTorch).
+                    err.refitcore_node = node.name
+                    raise
         elif node.op == "output":
             outs = resolve(node.args[0])
             output_names, output_shapes = [], []

@@ -1,5 +1,5 @@
-"""Calls the converters cannot express: each raises UnsupportedOperatorError naming the op and why,
-before any layer is built. One table, readable ids."""
+"""Calls the converters cannot express: with strict=True each raises UnsupportedOperatorError naming
+the op and why, before any layer is built (without it, the call runs in PyTorch). One table, readable ids."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,20 @@ CASES = [
 @pytest.mark.parametrize("model, shape, op, why", CASES)
 def test_unsupported_call_is_reported(model, shape, op, why):
     with pytest.raises(UnsupportedOperatorError) as info:
-        refitcore.compile(model.eval(), torch.randn(shape), backend="reference")
+        refitcore.compile(model.eval(), torch.randn(shape), backend="reference", strict=True)
     message = str(info.value)
     assert op in message, message
     assert why in message, message
+
+
+@pytest.mark.parametrize("model, shape, op, why", CASES)
+def test_unsupported_call_runs_in_pytorch(model, shape, op, why):
+    """Without strict, the same call compiles, runs in PyTorch (named with its reason) and matches eager."""
+    x = torch.randn(shape)
+    engine = refitcore.compile(model.eval(), x, backend="reference")
+    fallen = {entry[0] for entry in (engine.partition.fallback.values() if engine.partition else [])}
+    assert op in fallen, engine.summary()
+    if why == "dropout_p":
+        return   # random by definition: nothing to compare
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), model(x), rtol=1e-5, atol=1e-5, check_dtype=False)
