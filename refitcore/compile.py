@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+import time
+from typing import Any, Sequence
 
 import torch
 
 from .backends import get_backend, resolve_backend
+from .cache import as_cache, lookup, store
 from .conversion.convert import convert
 from .engine import IOSpec, RefittableEngine
+from .errors import RefitCoreError
+from .fingerprint import CacheKey, cache_key
 from .lowering import export_model, graph_fingerprint, plan_fusions
+from .refit import refit
 from .weight_map import WeightMap
 
 __all__ = ["compile", "tied_groups", "check_map_covers"]
@@ -37,14 +42,25 @@ def check_map_covers(weight_map: WeightMap, engine_names: Sequence[str]) -> None
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | torch.Tensor, *,
             backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
-            verbose: bool = False) -> RefittableEngine:
+            verbose: bool = False, cache: Any = None, verify_inputs: Sequence | None = None,
+            keep_exported: bool = False) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to a TensorRT network with the REFIT flag, record
     the weight map, and build it on ``backend`` ('auto', 'reference' or 'tensorrt').
+
+    ``cache``: None, a directory or a :class:`refitcore.EngineCache` (or any object with
+    ``save``/``load``/``evict``). On a hit (same architecture, inputs, backend, precision and
+    toolchain: :func:`refitcore.fingerprint.cache_key`) the stored engine is loaded and refitted
+    with ``model``'s current weights through the cached map instead of exporting and building;
+    with ``verify_inputs`` (a list of samples) that refit is checked against eager ``model``, and
+    an entry that disagrees is evicted and rebuilt. ``keep_exported=True`` exports on a hit too,
+    keeping the exported program that the fallback refit path converts (and checking that its
+    graph is the cached engine's). The engine says what happened: ``engine.cache_hit`` (True,
+    False, or None without a cache) and ``engine.cache_key``.
 
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
-                                   backend="reference")
+                                   backend="reference", cache="~/.cache/engines")
         engine(torch.randn(1, 3, 64, 64))
     """
     if isinstance(example_inputs, torch.Tensor):
@@ -52,6 +68,64 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor] | tor
     name, reason = resolve_backend(backend)
     if backend == "auto":
         log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
+    store_to = as_cache(cache)
+    key = None
+    if store_to is not None:
+        key = cache_key(model, example_inputs, backend=name, precision=precision)
+        engine = _from_cache(store_to, key, model, example_inputs, verify_inputs=verify_inputs,
+                             keep_exported=keep_exported, model_factory=model_factory)
+        if engine is not None:
+            return engine
+    engine = _build(model, example_inputs, name, reason, precision=precision, model_factory=model_factory)
+    engine.cache_hit, engine.cache_key = (None, None) if key is None else (False, key.digest)
+    if store_to is not None:
+        store(store_to, key, engine)
+        log.info("refitcore: engine cache miss %s: compiled and stored", key.digest[:16])
+    return engine
+
+
+def _from_cache(cache, key: CacheKey, model: torch.nn.Module, example_inputs, *, verify_inputs, keep_exported: bool,
+                model_factory: str | None) -> RefittableEngine | None:
+    """The cached engine refitted with ``model``'s weights, or None (a miss, or an entry that does
+    not fit ``model``, which is then evicted)."""
+    t0 = time.perf_counter()
+    engine = lookup(cache, key)
+    if engine is None:
+        return None
+    state_keys = list(model.state_dict().keys())
+    try:
+        if engine.state_keys != state_keys:
+            raise RefitCoreError(f"the cached engine was compiled from a state_dict with other keys "
+                                 f"({len(engine.state_keys)} vs {len(state_keys)})")
+        if keep_exported:
+            ep = export_model(model, example_inputs)
+            digest, _ = graph_fingerprint(ep)
+            if digest != engine.fingerprint:
+                raise RefitCoreError("the model's exported graph differs from the cached engine's")
+            engine.exported_program, engine.fusion = ep, plan_fusions(ep.graph_module)
+        was_training = model.training
+        try:
+            result = refit(engine, model, path="cached", verify_inputs=verify_inputs, in_place=True)
+        finally:
+            model.train(was_training)
+        if not result:
+            raise RefitCoreError(f"the cached engine refitted with the model's weights disagrees with eager:\n{result}")
+    except RefitCoreError as err:
+        log.warning("refitcore: engine cache entry %s does not fit this model (%s); evicted, compiling instead",
+                    key.digest[:16], str(err).splitlines()[0])
+        cache.evict(key.digest)
+        return None
+    if model_factory:
+        engine.model_factory = model_factory
+    engine.cache_hit, engine.cache_key = True, key.digest
+    log.info("refitcore: engine cache hit %s: loaded and refitted with the model's weights in %.2fs%s",
+             key.digest[:16], time.perf_counter() - t0, " (verified against eager)" if verify_inputs else "")
+    return engine
+
+
+def _build(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], name: str, reason: str, *,
+           precision: str, model_factory: str | None) -> RefittableEngine:
+    """Export, plan fusions, convert (recording the weight map) and build on backend ``name``."""
     ep = export_model(model, example_inputs)
     fusion = plan_fusions(ep.graph_module)
     result = convert(ep, fusion=fusion)
