@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -31,36 +29,14 @@ class CacheEntry:
     compile_seconds: float
 
 
-_PRIMITIVES = (int, float, bool, str, type(None))
-
-
-def _module_attrs(m) -> list:
-    """The plain configuration attributes of a module (kernel sizes, eps, flags...)."""
-    out = []
-    for k, v in sorted(vars(m).items()):
-        if k.startswith("_") or k == "training":
-            continue
-        if isinstance(v, _PRIMITIVES) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v)):
-            out.append([k, repr(v)])
-    return out
-
-
 def architecture_key(model) -> str:
-    """A fingerprint of a model's architecture that needs no export: every submodule's class (and its
-    forward's code), configuration attributes, and the names, shapes and dtypes of the state_dict,
-    tied parameters included. Two instances of one architecture share it whatever their weights."""
-    entries = []
-    for path, m in model.named_modules():
-        cls = type(m)
-        fwd = getattr(cls, "forward", None)
-        code = getattr(fwd, "__code__", None)
-        code_digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
-        entries.append(["module", path, f"{cls.__module__}.{cls.__qualname__}", code_digest, _module_attrs(m)])
-    ids: dict[int, str] = {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        tied = ids.setdefault(id(t), k)
-        entries.append(["tensor", k, list(t.shape), str(t.dtype), tied if tied != k else None])
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    """A fingerprint of a model's architecture that needs no export and is equal in every process
+    and pytest-xdist worker (:func:`refitcore.fingerprint.architecture_fingerprint`): module classes
+    and their code, configuration attributes, the state_dict's names, shapes and dtypes, tied
+    parameters. Two instances of one architecture share it whatever their weights."""
+    from refitcore.fingerprint import architecture_fingerprint
+
+    return architecture_fingerprint(model)
 
 
 def input_spec(sample: Sequence) -> tuple:
