@@ -4,7 +4,9 @@ and the records the reports are made of.
 One :class:`RefitSession` per pytest process (each pytest-xdist worker has its own), built in
 ``pytest_configure`` and kept in ``config.stash``. Engines are compiled once per session per
 (architecture fingerprint, input spec, backend) and refitted in place for every check, so a
-worker builds each architecture at most once.
+worker builds each architecture at most once. Across sessions (and between workers), engines
+persist in refitcore's engine cache (pytest's cache directory by default): a later session loads
+an engine and refits it with the model's weights instead of compiling it.
 """
 from __future__ import annotations
 
@@ -64,6 +66,9 @@ class RefitSession:
         self.report_path: str | None = None
         self.collection: dict = {}              # declared models added / deselected (collection.py)
         self.layers: list[dict] = []            # per-engine-weight cached vs fallback discrepancy per check
+        self.cache_dir: str | None = None       # where engines persist across sessions (None: nowhere)
+        self.cache_note = "off"
+        self._engine_cache = None
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -100,6 +105,28 @@ class RefitSession:
         return self._backend
 
     # -- compile cache -------------------------------------------------------------------
+    def open_engine_cache(self, pytest_config) -> None:
+        """Choose where engines persist across sessions: ``--trt-refit-cache-dir``, else pytest's cache
+        directory (``config.cache``; absent under ``-p no:cacheprovider``), nowhere under
+        ``--trt-refit-no-cache``. ``--cache-clear`` empties it (on the controller, before workers start)."""
+        cfg = self.config
+        if cfg.no_cache:
+            self.cache_dir, self.cache_note = None, "off (--trt-refit-no-cache)"
+            return
+        if cfg.cache_dir:
+            directory = os.path.abspath(os.path.expanduser(cfg.cache_dir))
+        elif getattr(pytest_config, "cache", None) is not None:
+            directory = str(pytest_config.cache.mkdir("trtrefit-engines"))
+        else:
+            self.cache_dir, self.cache_note = None, ("off (pytest's cacheprovider is disabled; give "
+                                                     "--trt-refit-cache-dir=DIR to keep engines)")
+            return
+        if pytest_config.getoption("cacheclear", False) and not hasattr(pytest_config, "workerinput"):
+            from refitcore.cache import EngineCache
+
+            EngineCache(directory).clear()
+        self.cache_dir, self.cache_note = directory, directory
+
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None):
         """The session's engine for this architecture and input spec (compiled on first use)."""
         return self._entry(model_or_factory, inputs, name=name).engine
@@ -117,9 +144,13 @@ class RefitSession:
             import refitcore
 
             eager = copy.deepcopy(model).eval()
+            if self._engine_cache is None and self.cache_dir is not None:
+                self._engine_cache = refitcore.EngineCache(self.cache_dir)
             t0 = time.perf_counter()
             try:
-                engine = refitcore.compile(eager, samples[0], backend=self.backend)
+                # The fallback path converts the exported program again: keep it on a cache hit too.
+                engine = refitcore.compile(eager, samples[0], backend=self.backend, cache=self._engine_cache,
+                                           keep_exported="fallback" in self.config.paths)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
@@ -129,7 +160,8 @@ class RefitSession:
             entry = CacheEntry(key[0], label, engine, eager, seconds)
             self._cache[key] = entry
             self.builds.append({"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
-                                "backend": self.backend, "compile_s": seconds, "worker": self.worker})
+                                "backend": self.backend, "compile_s": seconds, "worker": self.worker,
+                                "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)})
         return entry
 
     # -- checks --------------------------------------------------------------------------
@@ -236,7 +268,8 @@ class RefitSession:
                 "outcomes": dict(self.outcomes), "layers": self.layers,
                 "collection": {k: v for k, v in self.collection.items() if k != "files"},
                 "backend": self._backend[0] if self._backend else None,
-                "backend_reason": self._backend[1] if self._backend else None}
+                "backend_reason": self._backend[1] if self._backend else None,
+                "engine_cache": self.cache_note}
 
 
 def _model_from(model_or_factory: Any):
