@@ -269,3 +269,20 @@ def test_two_processes_filling_one_cache_lose_nothing(tmp_path):
         data = cache.load(key)
         assert hashlib.sha256(data[32:]).digest() == data[:32], key
     assert not [n for n in os.listdir(directory) if not n.endswith(".engine")]     # no temporary file left
+
+
+def test_cli_compile_with_a_cache(tmp_path, capsys):
+    from refitcore import cli
+
+    args = ["compile", "tests.cli_models:small_net", "--input", "1x3x32x32", "--backend", "reference", "-q",
+            "--cache", str(tmp_path / "engines")]
+    assert cli.main(args + ["-o", str(tmp_path / "a.trtrefit")]) == 0
+    assert "engine cache miss (stored)" in capsys.readouterr().out
+    assert cli.main(args + ["-o", str(tmp_path / "b.trtrefit")]) == 0
+    assert "engine cache hit (loaded and refitted)" in capsys.readouterr().out
+    a, b = refitcore.load(tmp_path / "a.trtrefit"), refitcore.load(tmp_path / "b.trtrefit")
+    assert a.weight_names == b.weight_names and a.model_factory == b.model_factory == "tests.cli_models:small_net"
+    x = torch.randn(1, 3, 32, 32)
+    # small_net is seeded: the refitted engine matches the built one (BatchNorm folded in float32 by the
+    # cached map, in float64 by the converter: equal up to rounding)
+    assert torch.allclose(a(x), b(x), rtol=1e-5, atol=1e-6)
