@@ -29,6 +29,7 @@ class CacheEntry:
     engine: Any                   # refitcore.RefittableEngine, refitted in place by every check
     eager: Any                    # a private copy of the model, loaded with each check's weights
     compile_seconds: float
+    sample: Any = None            # the example inputs it was compiled for
 
 
 def architecture_key(model) -> str:
@@ -128,8 +129,11 @@ class RefitSession:
         self.cache_dir, self.cache_note = directory, directory
 
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None):
-        """The session's engine for this architecture and input spec (compiled on first use)."""
-        return self._entry(model_or_factory, inputs, name=name).engine
+        """The session's engine for this architecture and input spec (compiled on first use, or loaded
+        from the engine cache); it has its exported program, so both refit paths work on it."""
+        entry = self._entry(model_or_factory, inputs, name=name)
+        self._ready_for(entry, ("fallback",))
+        return entry.engine
 
     def _entry(self, model_or_factory, inputs, *, name: str | None = None) -> CacheEntry:
         model = self._factory_models.get(_hashable(model_or_factory))
@@ -148,21 +152,48 @@ class RefitSession:
                 self._engine_cache = refitcore.EngineCache(self.cache_dir)
             t0 = time.perf_counter()
             try:
-                # The fallback path converts the exported program again: keep it on a cache hit too.
-                engine = refitcore.compile(eager, samples[0], backend=self.backend, cache=self._engine_cache,
-                                           keep_exported="fallback" in self.config.paths)
+                engine = refitcore.compile(eager, samples[0], backend=self.backend, cache=self._engine_cache)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
                     f"--trt-refit-backend=auto or reference on this machine)") from err
             seconds = time.perf_counter() - t0
             label = name or type(model).__name__
-            entry = CacheEntry(key[0], label, engine, eager, seconds)
+            entry = CacheEntry(key[0], label, engine, eager, seconds, samples[0])
             self._cache[key] = entry
             self.builds.append({"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
                                 "backend": self.backend, "compile_s": seconds, "worker": self.worker,
                                 "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)})
         return entry
+
+    def _ready_for(self, entry: CacheEntry, paths: Sequence[str]) -> None:
+        """An engine from the engine cache has no exported program; the fallback path converts one
+        again, so export it when a fallback check first needs it (a session checking only the cached
+        path never exports). A cached engine whose graph is not the model's is evicted and rebuilt."""
+        import refitcore
+        from refitcore.compile import attach_exported_program
+
+        if "fallback" not in paths or entry.engine.exported_program is not None:
+            return
+        t0 = time.perf_counter()
+        try:
+            attach_exported_program(entry.engine, entry.eager, entry.sample)
+        except refitcore.ArchitectureMismatchError as err:
+            if self._engine_cache is not None and entry.engine.cache_key:
+                self._engine_cache.evict(entry.engine.cache_key)
+            entry.engine = refitcore.compile(entry.eager, entry.sample, backend=self.backend,
+                                             cache=self._engine_cache)
+            self.builds.append({"model": entry.name, "architecture": entry.key[:16], "backend": self.backend,
+                                "compile_s": time.perf_counter() - t0, "worker": self.worker, "cache": "miss",
+                                "inputs": [list(t.shape) for t in entry.sample], "note": err.problems[0]})
+            return
+        seconds = time.perf_counter() - t0
+        entry.compile_seconds += seconds
+        for b in reversed(self.builds):             # the export counts as part of this engine's build
+            if b["model"] == entry.name:
+                b["compile_s"] += seconds
+                b["exported_on_hit"] = True
+                break
 
     # -- checks --------------------------------------------------------------------------
     def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float, float]:
@@ -194,6 +225,7 @@ class RefitSession:
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
         entry = self._entry(model_or_factory, samples, name=name)
+        self._ready_for(entry, paths)
         state, _ = normalize_weights(weights)
         t0 = time.perf_counter()
         outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
@@ -215,6 +247,7 @@ class RefitSession:
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
         entry = self._entry(model_or_factory, samples, name=name)
+        self._ready_for(entry, paths)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()

@@ -11,13 +11,13 @@ from .backends import get_backend, resolve_backend
 from .cache import as_cache, lookup, store
 from .conversion.convert import convert
 from .engine import IOSpec, RefittableEngine
-from .errors import RefitCoreError
+from .errors import ArchitectureMismatchError, RefitCoreError
 from .fingerprint import CacheKey, cache_key
 from .lowering import export_model, graph_fingerprint, plan_fusions
 from .refit import refit
 from .weight_map import WeightMap
 
-__all__ = ["compile", "tied_groups", "check_map_covers"]
+__all__ = ["compile", "tied_groups", "check_map_covers", "attach_exported_program"]
 
 log = logging.getLogger("refitcore")
 
@@ -98,11 +98,7 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, example_inputs, *,
             raise RefitCoreError(f"the cached engine was compiled from a state_dict with other keys "
                                  f"({len(engine.state_keys)} vs {len(state_keys)})")
         if keep_exported:
-            ep = export_model(model, example_inputs)
-            digest, _ = graph_fingerprint(ep)
-            if digest != engine.fingerprint:
-                raise RefitCoreError("the model's exported graph differs from the cached engine's")
-            engine.exported_program, engine.fusion = ep, plan_fusions(ep.graph_module)
+            attach_exported_program(engine, model, example_inputs)
         was_training = model.training
         try:
             result = refit(engine, model, path="cached", verify_inputs=verify_inputs, in_place=True)
@@ -121,6 +117,20 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, example_inputs, *,
     log.info("refitcore: engine cache hit %s: loaded and refitted with the model's weights in %.2fs%s",
              key.digest[:16], time.perf_counter() - t0, " (verified against eager)" if verify_inputs else "")
     return engine
+
+
+def attach_exported_program(engine: RefittableEngine, model: torch.nn.Module, example_inputs) -> None:
+    """Export ``model`` and give ``engine`` (loaded from a file or the cache, so without one) the
+    exported program that the fallback refit path converts again. Raises
+    :class:`ArchitectureMismatchError` when the exported graph is not the engine's."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    ep = export_model(model, example_inputs)
+    digest, _ = graph_fingerprint(ep)
+    if digest != engine.fingerprint:
+        raise ArchitectureMismatchError([f"the model's exported graph ({digest[:12]}) is not the engine's "
+                                         f"({engine.fingerprint[:12]}); recompile needed"])
+    engine.exported_program, engine.fusion = ep, plan_fusions(ep.graph_module)
 
 
 def _build(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], name: str, reason: str, *,

@@ -109,3 +109,50 @@ def test_fingerprint_is_one_in_every_xdist_worker(pytester):
     assert [p.name for p in prints] == ["fp-gw0.txt", "fp-gw1.txt"]
     values = {p.read_text() for p in prints}
     assert len(values) == 1 and len(values.pop()) == 64
+
+
+def test_a_warm_cached_only_session_never_exports(repo, tmp_path):
+    repo.makepyfile(test_one=ONE_CHECK)
+    report = tmp_path / "r.json"
+    for paths, exported in (("cached", None), ("cached", None), ("both", True)):
+        _run(repo, f"--trt-refit-paths={paths}", f"--trt-refit-report={report}")
+        import json
+
+        builds = json.loads(report.read_text())["builds"]
+        assert len(builds) == 1 and builds[0].get("exported_on_hit") is exported, builds
+    assert builds[0]["cache"] == "hit"
+
+
+def _planted_session(tmp_path, paths):
+    """A session whose engine cache holds, under small_net's key, an engine of another graph
+    (small_net_gelu: the same parameters, GELU for ReLU)."""
+    import torch
+
+    import refitcore
+    from pytest_trtrefit.config import RefitConfig
+    from pytest_trtrefit.service import RefitSession
+    from refitcore.cache import EngineCache, pack_entry
+    from refitcore.fingerprint import cache_key
+    from tests.cli_models import small_net, small_net_gelu
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    key = cache_key(small_net(), (x,), backend="reference")
+    wrong = refitcore.compile(small_net_gelu(), x, backend="reference")
+    EngineCache(tmp_path).save(key.digest, pack_entry(key, wrong))
+    session = RefitSession(RefitConfig(enabled=True, backend="reference", paths=paths))
+    session.cache_dir = str(tmp_path)
+    return session, small_net, x
+
+
+def test_a_wrong_cached_engine_fails_the_cached_check(tmp_path):
+    session, factory, x = _planted_session(tmp_path, ("cached",))
+    with pytest.raises(AssertionError, match="cached"):
+        session.check(factory, factory().state_dict(), x)
+    assert session.builds[-1]["cache"] == "hit"
+
+
+def test_a_wrong_cached_engine_is_rebuilt_when_the_fallback_exports(tmp_path):
+    session, factory, x = _planted_session(tmp_path, ("cached", "fallback"))
+    outcome = session.check(factory, factory().state_dict(), x)
+    assert outcome.ok
+    assert session.builds[-1]["cache"] == "miss" and "is not the engine's" in session.builds[-1]["note"]
