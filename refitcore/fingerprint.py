@@ -180,12 +180,11 @@ def _tensor_value(t: torch.Tensor) -> list:
     t = t.detach()
     if t.is_meta or t.layout != torch.strided:
         return ["tensor", list(t.shape), str(t.dtype)]
-    data = t.cpu().contiguous()
-    if data.dtype in (torch.bfloat16,) or data.is_complex():
-        raw = data.view(torch.uint8) if data.numel() else data
-        blob = bytes(raw.numpy().tobytes()) if data.numel() else b""
-    else:
-        blob = data.numpy().tobytes() if data.numel() else b""
+    data = t.cpu().contiguous().reshape(-1)
+    try:
+        blob = data.numpy().tobytes()
+    except TypeError:                         # bfloat16, float8...: numpy has no such dtype
+        blob = data.view(torch.uint8).numpy().tobytes()
     return ["tensor", list(t.shape), str(t.dtype), hashlib.sha256(blob).hexdigest()[:32]]
 
 
