@@ -125,11 +125,13 @@ class EngineCache(BaseEngineCache):
         _fsync_dir(self.directory)
         self._shrink(keep=key)
 
-    def load(self, key: str) -> bytes | None:
+    def load(self, key: str) -> bytearray | None:
         path = self.path(key)
         try:
             with open(path, "rb") as fh:
-                data = fh.read()
+                # A bytearray read in place: unpacking can then drop the envelope without a copy.
+                data = bytearray(os.fstat(fh.fileno()).st_size)
+                del data[fh.readinto(data):]
         except FileNotFoundError:
             return None
         try:
@@ -234,9 +236,10 @@ def pack_entry(key: CacheKey, engine) -> bytes:
     return _PREFIX.pack(_MAGIC, CACHE_FORMAT_VERSION, len(head)) + head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
-def unpack_entry(blob: bytes, key: CacheKey):
+def unpack_entry(blob: bytes | bytearray, key: CacheKey):
     """The engine in a cache entry; raises :class:`BundleError` when the entry is damaged, of
-    another format version, or stored under another key."""
+    another format version, or stored under another key. A bytearray is consumed (its envelope
+    is cut off in place)."""
     if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) < _PREFIX.size:
         raise BundleError("cache entry truncated (shorter than its envelope)")
     magic, version, n = _PREFIX.unpack_from(blob)
@@ -259,11 +262,15 @@ def unpack_entry(blob: bytes, key: CacheKey):
         raise BundleError(f"cache entry header is invalid: {type(err).__name__}: {err}") from err
     if stored != key:
         raise BundleError(f"cache entry was stored under another key (differs in {', '.join(stored.differences(key))})")
-    payload = memoryview(blob)[start + n + 4:]
-    if len(payload) != nbytes:
-        raise BundleError(f"cache entry truncated: {len(payload)} of {nbytes} engine bytes present")
+    if len(blob) - (start + n + 4) != nbytes:
+        raise BundleError(f"cache entry truncated: {len(blob) - (start + n + 4)} of {nbytes} engine bytes present")
+    if isinstance(blob, bytearray):
+        del blob[:start + n + 4]          # the envelope goes; CPython drops a bytearray's prefix without copying
+        payload = blob
+    else:
+        payload = bytes(memoryview(blob)[start + n + 4:])
     where = f"engine cache entry {key.digest[:16]}"
-    header, arrays = bundle.unpack(bytes(payload), where)
+    header, arrays = bundle.unpack(payload, where)
     return RefittableEngine.from_parts(header, arrays, where)
 
 
