@@ -12,9 +12,9 @@ a JSON header holding the full key, CRC32) around a saved engine (the bundle for
 is not the key asked for, is a miss: it is evicted and rebuilt, never an error or a wrong
 engine.
 
-Concurrency, lock-free by design: a writer writes a uniquely named temporary file in the cache
-directory, fsyncs it and renames it over the entry (``os.replace``, atomic on POSIX and on
-Windows within one volume), so a reader sees no entry or a complete one, never part of one. Two
+Concurrency, lock-free by design: a writer (:func:`refitcore.fileio.atomic_write`) writes a
+uniquely named temporary file in the cache directory, fsyncs it and renames it over the entry
+(``os.replace``, atomic on POSIX and on Windows within one volume), so a reader sees no entry or a complete one, never part of one. Two
 writers of one key both write complete engines for that key; the last rename wins. Eviction
 only unlinks, and on POSIX a reader that already opened the file still reads all of it; one that
 opens it afterwards gets a miss. Evictors racing each other may unlink the same file (ignored)
@@ -31,7 +31,6 @@ import logging
 import os
 import re
 import struct
-import tempfile
 import time
 import zlib
 from typing import Any, Iterator
@@ -39,6 +38,7 @@ from typing import Any, Iterator
 from . import bundle
 from .engine import RefittableEngine
 from .errors import BundleError, RefitCoreError
+from .fileio import atomic_write
 from .fingerprint import CACHE_FORMAT_VERSION, CacheKey
 
 __all__ = ["BaseEngineCache", "EngineCache", "as_cache", "pack_entry", "unpack_entry", "lookup", "store",
@@ -51,7 +51,6 @@ _MAGIC = b"RFCACHE\0"
 _PREFIX = struct.Struct("<8sII")                 # magic, envelope version, header length
 _KEY_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _SUFFIX = ".engine"
-_TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
 
 
@@ -112,17 +111,7 @@ class EngineCache(BaseEngineCache):
                         "not stored (raise max_bytes)", len(blob), self.max_bytes)
             return
         os.makedirs(self.directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=_TMP_PREFIX, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(blob)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            _unlink(tmp)
-            raise
-        _fsync_dir(self.directory)
+        atomic_write(final, blob)         # unique temp file, fsync, os.replace, directory fsync
         self._shrink(keep=key)
 
     def load(self, key: str) -> bytearray | None:
@@ -158,7 +147,7 @@ class EngineCache(BaseEngineCache):
         """Remove every entry (and temporary file); returns how many entries were removed."""
         n = 0
         for name, _ in self._scan():
-            if name.endswith(_SUFFIX) or name.startswith(_TMP_PREFIX):
+            if name.endswith(_SUFFIX) or _is_temporary(name):
                 n += name.endswith(_SUFFIX)
                 _unlink(os.path.join(self.directory, name))
         return n
@@ -178,7 +167,7 @@ class EngineCache(BaseEngineCache):
     def _shrink(self, *, keep: str) -> None:
         now = time.time()
         for name, st in list(self._scan()):
-            if name.startswith(_TMP_PREFIX) and now - st.st_mtime > _STALE_TMP_S:
+            if _is_temporary(name) and now - st.st_mtime > _STALE_TMP_S:
                 _unlink(os.path.join(self.directory, name))
         entries = self.entries()
         total = sum(size for _, size, _ in entries)
@@ -192,6 +181,11 @@ class EngineCache(BaseEngineCache):
             log.info("refitcore: engine cache: evicted %s (%d bytes, least recently used)", key[:16], size)
 
 
+def _is_temporary(name: str) -> bool:
+    """A temporary file of :func:`refitcore.fileio.atomic_write` writing an entry."""
+    return name.startswith(".") and name.endswith(".tmp") and _SUFFIX + "." in name
+
+
 def _unlink(path: str) -> None:
     try:
         os.unlink(path)
@@ -199,20 +193,6 @@ def _unlink(path: str) -> None:
         pass
     except PermissionError:          # Windows: open elsewhere; it goes on the next eviction
         pass
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable (POSIX); not possible on Windows, where it is skipped."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def as_cache(cache: Any) -> BaseEngineCache | None:

@@ -227,9 +227,10 @@ def test_clear_removes_entries_and_temporary_files(tmp_path):
     cache = EngineCache(tmp_path)
     cache.save("k1", b"1")
     cache.save("k2", b"2")
-    (tmp_path / ".tmp-crashed.part").write_bytes(b"partial")
+    (tmp_path / ".k3.engine.x1y2z3.tmp").write_bytes(b"partial")     # a killed writer's temporary file
+    (tmp_path / "notes.txt").write_bytes(b"not ours")
     assert cache.clear() == 2
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 WRITER = textwrap.dedent('''
