@@ -150,9 +150,10 @@ class RefitSession:
             eager = copy.deepcopy(model).eval()
             if self._engine_cache is None and self.cache_dir is not None:
                 self._engine_cache = refitcore.EngineCache(self.cache_dir)
-            t0 = time.perf_counter()
             try:
-                engine = refitcore.compile(eager, samples[0], backend=self.backend, cache=self._engine_cache)
+                backend = self.backend    # resolved once per session ('auto' probes the GPU): not compile time
+                t0 = time.perf_counter()
+                engine = refitcore.compile(eager, samples[0], backend=backend, cache=self._engine_cache)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
