@@ -130,9 +130,10 @@ class RefitSession:
 
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None):
         """The session's engine for this architecture and input spec (compiled on first use, or loaded
-        from the engine cache); it has its exported program, so both refit paths work on it."""
+        from the engine cache). When the session checks the fallback path it has its exported
+        program, so both refit paths work on it."""
         entry = self._entry(model_or_factory, inputs, name=name)
-        self._ready_for(entry, ("fallback",))
+        self._ready_for(entry, self.config.paths)
         return entry.engine
 
     def _entry(self, model_or_factory, inputs, *, name: str | None = None) -> CacheEntry:
