@@ -52,13 +52,6 @@ def pytest_configure(config) -> None:
             config.option.hypothesis_seed = str(cfg.seed)
 
 
-def pytest_sessionstart(session) -> None:
-    # After the cacheprovider's configure (config.cache) and before pytest-xdist starts workers.
-    refit = get_session(session.config)
-    if refit.config.enabled:
-        refit.open_engine_cache(session.config)
-
-
 class _OutcomeRecorder:
     """Test outcomes, also on the pytest-xdist controller: a failing check inside a test that passed
     (``pytest.raises``) was expected by its test and does not fail the JSON report's gate."""
@@ -107,6 +100,9 @@ def pytest_deselected(items) -> None:
 
 def pytest_sessionstart(session) -> None:
     refit = get_session(session.config)
+    if refit.config.enabled:
+        # After the cacheprovider's configure (config.cache) and before pytest-xdist starts workers.
+        refit.open_engine_cache(session.config)
     if refit.config.enabled and not session.config.option.collectonly:
         outputs.check_usable(refit)   # an unusable backend or missing matplotlib: one usage error
 
