@@ -191,7 +191,10 @@ def _run_path(entry, path: str, state, eager, samples, rtol, atol, *, keep_mappi
         refitcore.apply_mapping(engine, mapping, in_place=True)
     except refitcore.RefitCoreError as err:
         return PathOutcome(path, False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}")
-    verdict = refitcore.verify(engine, eager, samples, rtol=rtol, atol=atol)
+    try:
+        verdict = refitcore.verify(engine, eager, samples, rtol=rtol, atol=atol)
+    except (RuntimeError, ValueError) as err:   # the engine cannot run a sample (e.g. a baked-in size)
+        return PathOutcome(path, False, time.perf_counter() - t0, error=_run_error(engine, samples, err))
     out = PathOutcome(path, verdict.ok, time.perf_counter() - t0, verdict=verdict,
                       mapping=mapping if keep_mapping or not verdict.ok else None)
     if not verdict.ok:
@@ -199,6 +202,20 @@ def _run_path(entry, path: str, state, eager, samples, rtol, atol, *, keep_mappi
     if keep_outputs:
         out.outputs = [t.detach().clone() for t in engine.run(list(samples[0]))]
     return out
+
+
+def _run_error(engine, samples, err: Exception) -> str:
+    """Which sample the engine cannot run, by its shapes, and what it said."""
+    failing = samples[0]
+    for sample in samples:
+        try:
+            engine.run(list(sample))
+        except (RuntimeError, ValueError):
+            failing = sample
+            break
+    shapes = [list(t.shape) for t in failing]
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"the refitted engine fails on inputs of shape {shapes}: {type(err).__name__}: {first}"
 
 
 def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,

@@ -23,7 +23,8 @@ __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "R
 
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
-_OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families"}
+_OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families",
+            "dynamic_shapes"}
 
 
 class DeclarationError(Exception):
@@ -42,6 +43,7 @@ class ModelSpec:
     atol: float | None = None
     strategy_options: dict = dataclasses.field(default_factory=dict)
     input_families: tuple[str, ...] = DEFAULT_INPUT_FAMILIES
+    dynamic_shapes: Any = None      # input ranges, as refitcore.compile takes them (the example is opt)
 
 
 def _spec(name: str, value: Any, where: str) -> ModelSpec:
@@ -78,7 +80,7 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
     strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
                      options.get("rtol"), options.get("atol"), strat,
-                     tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)))
+                     tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"))
 
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
@@ -138,20 +140,28 @@ class RefitPropertyItem(pytest.Item):
     def runtest(self) -> None:
         from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
-        from .strategies import inputs, perturbations, refit_sequences, refit_settings, state_dicts
+        from .strategies import boundary_samples, inputs, perturbations, refit_sequences, refit_settings, state_dicts
 
         session = get_session(self.config)
         if not session.config.enabled:
             pytest.skip("needs --trt-refit")
         spec = self.spec
         cfg = session.config
-        options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name)
+        options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name,
+                       dynamic_shapes=spec.dynamic_shapes)
         example = spec.inputs
-        drawn_inputs = (inputs(list(example), families=spec.input_families) if spec.input_families
-                        else st.just(None))
+        profiles = None
+        if spec.dynamic_shapes is not None:
+            # Compiled once, before Hypothesis runs: its recorded ranges are what inputs are drawn in.
+            profiles = session.engine_for(spec.factory, example, name=spec.name,
+                                          dynamic_shapes=spec.dynamic_shapes).io.profiles
+        drawn_inputs = (inputs(list(example), families=spec.input_families, profiles=profiles)
+                        if spec.input_families else st.just(None))
+        # Every example checks the range's ends (min, max) next to the example input (opt).
+        fixed = [example] + ([tuple(b) for b in boundary_samples(list(example), profiles)] if profiles else [])
 
         def samples(extra) -> list:
-            return [example] + ([tuple(extra)] if extra is not None else [])
+            return fixed + ([tuple(extra)] if extra is not None else [])
 
         def named(fn):   # the name Hypothesis prints in "Failing test case: ..."
             fn.__name__ = fn.__qualname__ = f"{self.check}_{spec.name}"

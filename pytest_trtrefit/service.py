@@ -46,6 +46,22 @@ def input_spec(sample: Sequence) -> tuple:
     return tuple((tuple(t.shape), str(t.dtype)) for t in sample)
 
 
+def shapes_key(dynamic_shapes: Any) -> str | None:
+    """A cache key for a ``dynamic_shapes`` spec (torch.export Dims written as name and range)."""
+    from refitcore.shapes import is_torch_dim
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if is_torch_dim(v):
+            return ["Dim", v.__name__, getattr(v, "min", None), getattr(v, "max", None)]
+        return v if v is None or isinstance(v, (int, str)) else repr(v)
+
+    return None if dynamic_shapes is None else json.dumps(plain(dynamic_shapes), sort_keys=True, default=str)
+
+
 class RefitSession:
     """What ``trt_refit`` gives a test: ``config``, ``backend``, :meth:`engine_for`, :meth:`check`,
     :meth:`check_sequence`. Records every check for the terminal summary and the JSON report."""
@@ -128,22 +144,24 @@ class RefitSession:
             EngineCache(directory).clear()
         self.cache_dir, self.cache_note = directory, directory
 
-    def engine_for(self, model_or_factory, inputs, *, name: str | None = None):
+    def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None):
         """The session's engine for this architecture and input spec (compiled on first use, or loaded
-        from the engine cache). When the session checks the fallback path it has its exported
-        program, so both refit paths work on it."""
-        entry = self._entry(model_or_factory, inputs, name=name)
+        from the engine cache); ``dynamic_shapes``: input ranges as :func:`refitcore.compile` takes
+        them (the first sample is the example, ``opt``). When the session checks the fallback path it
+        has its exported program, so both refit paths work on it."""
+        entry = self._entry(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes)
         self._ready_for(entry, self.config.paths)
         return entry.engine
 
-    def _entry(self, model_or_factory, inputs, *, name: str | None = None) -> CacheEntry:
+    def _entry(self, model_or_factory, inputs, *, name: str | None = None,
+               dynamic_shapes: Any = None) -> CacheEntry:
         model = self._factory_models.get(_hashable(model_or_factory))
         if model is None:
             model = _model_from(model_or_factory)
             if _hashable(model_or_factory) is not None:  # a factory: build its model once per session
                 self._factory_models[_hashable(model_or_factory)] = model
         samples = as_samples(inputs)
-        key = (architecture_key(model), input_spec(samples[0]), self.backend)
+        key = (architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes))
         entry = self._cache.get(key)
         if entry is None:
             import refitcore
@@ -154,7 +172,8 @@ class RefitSession:
             try:
                 backend = self.backend    # resolved once per session ('auto' probes the GPU): not compile time
                 t0 = time.perf_counter()
-                engine = refitcore.compile(eager, samples[0], backend=backend, cache=self._engine_cache)
+                engine = refitcore.compile(eager, samples[0], backend=backend, dynamic_shapes=dynamic_shapes,
+                                           cache=self._engine_cache)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
@@ -163,9 +182,12 @@ class RefitSession:
             label = name or type(model).__name__
             entry = CacheEntry(key[0], label, engine, eager, seconds, samples[0])
             self._cache[key] = entry
-            self.builds.append({"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
-                                "backend": self.backend, "compile_s": seconds, "worker": self.worker,
-                                "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)})
+            build = {"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
+                     "backend": self.backend, "compile_s": seconds, "worker": self.worker,
+                     "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)}
+            if engine.io.profiles is not None:
+                build["profiles"] = engine.io.profiles.to_json()["profiles"]
+            self.builds.append(build)
         return entry
 
     def _ready_for(self, entry: CacheEntry, paths: Sequence[str]) -> None:
@@ -207,14 +229,17 @@ class RefitSession:
                 self.config.atol if atol is None else float(atol))
 
     def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
-              rtol: float | None = None, atol: float | None = None, name: str | None = None) -> CheckOutcome:
+              rtol: float | None = None, atol: float | None = None, name: str | None = None,
+              dynamic_shapes: Any = None) -> CheckOutcome:
         """Refit the session's engine for this model with ``weights`` through each selected path and
         compare it with eager PyTorch on ``inputs``; raise ``AssertionError`` with the mismatch report
         when any path disagrees.
 
         ``model_or_factory``: an ``nn.Module`` or a callable returning one (its weights do not
         matter). ``weights``: a state_dict, an ``nn.Module`` or a checkpoint path. ``inputs``: a
-        tensor, a tuple of tensors (one sample) or a list of samples.
+        tensor, a tuple of tensors (one sample) or a list of samples. ``dynamic_shapes``: compile
+        with input ranges (as :func:`refitcore.compile`; the first sample is the example, ``opt``),
+        so that samples of other shapes inside the ranges check one engine.
 
         Example::
 
@@ -226,7 +251,7 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name)
+        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
         self._ready_for(entry, paths)
         state, _ = normalize_weights(weights)
         t0 = time.perf_counter()
@@ -239,7 +264,8 @@ class RefitSession:
 
     def check_sequence(self, model_or_factory, sequence: Sequence[Any], inputs, *,
                        paths: str | Sequence[str] | None = None, rtol: float | None = None,
-                       atol: float | None = None, name: str | None = None) -> list[CheckOutcome]:
+                       atol: float | None = None, name: str | None = None,
+                       dynamic_shapes: Any = None) -> list[CheckOutcome]:
         """Refit one engine with each weight set of ``sequence`` in turn (per path), comparing with
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
@@ -248,7 +274,7 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name)
+        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
         self._ready_for(entry, paths)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]

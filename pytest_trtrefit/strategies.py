@@ -32,7 +32,7 @@ from typing import Any, Sequence
 
 from hypothesis import settings, strategies as st
 
-__all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "refit_settings", "weight_set", "perturb",
+__all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "profile_shapes", "boundary_samples", "refit_settings", "weight_set", "perturb",
            "special_targets", "WeightSet",
            "InputSample", "WeightSequence", "SCALES", "SPECIALS", "PERTURBATIONS", "INPUT_FAMILIES", "LARGE",
            "TINY"]
@@ -557,35 +557,100 @@ def _specs(spec) -> list[tuple[tuple[int, ...], Any]]:
     return [one(s) for s in spec]
 
 
-def inputs(spec, *, families: Sequence[str] = INPUT_FAMILIES, int_high: int = 2) -> st.SearchStrategy[InputSample]:
-    """Input samples shaped like ``spec``: a tensor, a shape, or a sequence of them (one per model
-    input). Draws a seed and a value family (``normal``, ``uniform`` in [-1, 1], ``positive`` in
-    [0, 1], ``zeros``, ``large`` (normal x100)); integer inputs are drawn in ``[0, int_high)``."""
+def _input_tensors(specs, shapes, seed: int, family: str, int_high: int) -> list:
     import torch
 
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for (_, dtype), shape in zip(specs, shapes):
+        if not dtype.is_floating_point:
+            out.append(torch.randint(0, int_high, shape, generator=g, dtype=dtype))
+        elif family == "normal":
+            out.append(torch.randn(shape, generator=g).to(dtype))
+        elif family == "uniform":
+            out.append((torch.rand(shape, generator=g) * 2 - 1).to(dtype))
+        elif family == "positive":
+            out.append(torch.rand(shape, generator=g).to(dtype))
+        elif family == "zeros":
+            out.append(torch.zeros(shape, dtype=dtype))
+        else:
+            out.append((torch.randn(shape, generator=g) * LARGE).to(dtype))
+    return out
+
+
+def _profile(spec_tensors, profiles):
+    """``profiles`` as a :class:`refitcore.shapes.ShapeProfiles` (given one, or a ``dynamic_shapes``
+    spec keyed by input index over the example tensors)."""
+    from refitcore.shapes import ShapeProfiles, resolve_dynamic_shapes
+
+    if profiles is None or isinstance(profiles, ShapeProfiles):
+        return profiles
+    import torch
+
+    return resolve_dynamic_shapes(torch.nn.Module(), spec_tensors, profiles)[1]
+
+
+def profile_shapes(profiles) -> st.SearchStrategy[list]:
+    """Input shapes inside an engine's optimization profiles (``engine.io.profiles``): a profile's
+    min, opt or max (drawn first, and where shrinking ends), or sizes drawn inside its ranges;
+    dimensions that share a name get one size."""
+    from refitcore.shapes import draw_shapes
+
+    corners = []
+    for p in range(len(profiles.profiles)):
+        for shapes in (profiles.min_shapes(p), profiles.opt_shapes(p), profiles.max_shapes(p)):
+            if shapes not in corners:
+                corners.append(shapes)
+
+    @st.composite
+    def inside(draw):
+        p = draw(st.integers(0, len(profiles.profiles) - 1))
+        return draw_shapes(profiles, lambda lo, hi: draw(st.integers(lo, hi)), profile=p)
+
+    return st.one_of(st.sampled_from(corners), inside())
+
+
+def boundary_samples(spec, profiles, *, seed: int = 0, int_high: int = 2) -> list:
+    """Samples at every profile's min and max shapes (normal values from ``seed``): a property test
+    checks them in every example, next to the example input (opt) and a drawn shape."""
+    import torch
+
+    tensors = [spec] if isinstance(spec, torch.Tensor) else list(spec)
+    profiles = _profile(tensors, profiles)
+    specs = _specs(tensors)
+    out, seen = [], []
+    for p in range(len(profiles.profiles)):
+        for shapes in (profiles.min_shapes(p), profiles.max_shapes(p)):
+            if shapes in seen:
+                continue
+            seen.append(shapes)
+            out.append(InputSample(_input_tensors(specs, shapes, seed, "normal", int_high),
+                                   f"inputs(seed={seed}, family='normal', shapes={[list(s) for s in shapes]})"))
+    return out
+
+
+def inputs(spec, *, families: Sequence[str] = INPUT_FAMILIES, int_high: int = 2,
+           profiles=None) -> st.SearchStrategy[InputSample]:
+    """Input samples shaped like ``spec``: a tensor, a shape, or a sequence of them (one per model
+    input). Draws a seed and a value family (``normal``, ``uniform`` in [-1, 1], ``positive`` in
+    [0, 1], ``zeros``, ``large`` (normal x100)); integer inputs are drawn in ``[0, int_high)``.
+
+    ``profiles``: an engine's shape ranges (``engine.io.profiles``, or a ``dynamic_shapes`` spec keyed
+    by input index): each sample then has shapes drawn inside them (:func:`profile_shapes`: min,
+    opt, max or sizes in between)."""
     bad = [f for f in families if f not in INPUT_FAMILIES]
     if bad or not families:
         raise ValueError(f"families={list(families)!r}: choose one or more of {INPUT_FAMILIES}")
     specs = _specs(spec)
+    if profiles is not None:
+        import torch
 
-    def make(seed: int, family: str) -> InputSample:
-        g = torch.Generator().manual_seed(seed)
-        out = []
-        for shape, dtype in specs:
-            if not dtype.is_floating_point:
-                out.append(torch.randint(0, int_high, shape, generator=g, dtype=dtype))
-            elif family == "normal":
-                out.append(torch.randn(shape, generator=g).to(dtype))
-            elif family == "uniform":
-                out.append((torch.rand(shape, generator=g) * 2 - 1).to(dtype))
-            elif family == "positive":
-                out.append(torch.rand(shape, generator=g).to(dtype))
-            elif family == "zeros":
-                out.append(torch.zeros(shape, dtype=dtype))
-            else:
-                out.append((torch.randn(shape, generator=g) * LARGE).to(dtype))
-        shapes = [list(s) for s, _ in specs]
-        return InputSample(out, f"inputs(seed={seed}, family={family!r}, shapes={shapes})")
+        tensors = [spec] if isinstance(spec, torch.Tensor) else list(spec)
+        profiles = _profile([t if isinstance(t, torch.Tensor) else torch.zeros(t) for t in tensors], profiles)
+    shape_st = st.just([s for s, _ in specs]) if profiles is None else profile_shapes(profiles)
 
-    return st.builds(make, st.integers(0, SEED_MAX), st.sampled_from(tuple(families)))
+    def make(seed: int, family: str, shapes) -> InputSample:
+        out = _input_tensors(specs, shapes, seed, family, int_high)
+        return InputSample(out, f"inputs(seed={seed}, family={family!r}, shapes={[list(s) for s in shapes]})")
 
+    return st.builds(make, st.integers(0, SEED_MAX), st.sampled_from(tuple(families)), shape_st)

@@ -16,18 +16,20 @@ from .mutable import MutableEngine
 from .refit import RefitResult, refit
 from .samples import load_samples
 from .verify import Verdict, verify
+from .structured import Inputs
 from .engine import IOSpec, RefittableEngine
-from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, MapCannotServeError, RefitCoreError,
-                     RefitError, UnsupportedOperatorError, WeightMappingError)
+from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, ExportError, MapCannotServeError,
+                     RefitCoreError, RefitError, ShapeRangeError, UnsupportedOperatorError, WeightMappingError)
+from .shapes import DimRange
 from .weight_map import WeightMap, WeightSource
 
 __all__ = [
     "compile", "refit", "RefitResult", "cached_mapping", "fallback_mapping", "apply_mapping", "audit", "audit_paths", "Audit",
-    "verify", "Verdict", "load", "RefittableEngine", "IOSpec", "WeightMap", "WeightSource",
+    "verify", "Verdict", "Inputs", "load", "RefittableEngine", "IOSpec", "WeightMap", "WeightSource",
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError", "MapCannotServeError",
-    "RefitError", "BundleError", "BackendUnavailableError",
+    "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
     "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
-    "load_samples",
+    "load_samples", "ShapeRangeError", "DimRange",
     "EngineCache", "BaseEngineCache", "CacheKey", "cache_key", "architecture_fingerprint", "MutableEngine",
 ]
 __version__ = "0.1.0"

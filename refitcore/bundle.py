@@ -100,7 +100,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str) -> tuple[str, np.ndarray]:
+def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int) -> tuple[str, np.ndarray]:
     expect(e, dict, f"buffers[{i}]", where)
     name = expect(e.get("name"), str, f"buffers[{i}].name", where)
     what = f"buffer {name!r}"
@@ -117,6 +117,11 @@ def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str) -> tuple[st
     if offset < 0 or nbytes < 0 or offset + nbytes > len(body):
         raise BundleError(f"{where}: engine file content is invalid: {what} lies outside the file's weight data "
                           f"(offset {offset}, {nbytes} bytes of {len(body)})")
+    if offset != start:
+        # `pack` lays the buffers end to end in the order listed; any other offset would let a header
+        # alias one buffer onto another's bytes (the body checksum covers the bytes, not their roles).
+        raise BundleError(f"{where}: engine file content is invalid: {what} starts at byte {offset}, where the "
+                          f"buffer before it ends at {start} (buffers lie end to end in the order listed)")
     itemsize = np.dtype(dtype).itemsize
     if math.prod(shape) * itemsize != nbytes:
         raise BundleError(f"{where}: engine file content is invalid: {what}: {nbytes} bytes do not hold "
@@ -164,7 +169,14 @@ def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
         raise BundleError(f"{where}: weight data checksum mismatch: the file is corrupted")
     entries = expect(header.pop("buffers"), list, "buffers", where)
     seen: set = set()
-    arrays = dict(_buffer(e, i, body, seen, where) for i, e in enumerate(entries))
+    arrays, start = {}, 0
+    for i, e in enumerate(entries):
+        name, arr = _buffer(e, i, body, seen, where, start)
+        arrays[name] = arr
+        start += arr.nbytes
+    if start != len(body):
+        raise BundleError(f"{where}: engine file content is invalid: the buffers cover {start} of the "
+                          f"{len(body)} weight bytes")
     return header, arrays
 
 

@@ -279,7 +279,9 @@ def store(cache: BaseEngineCache, key: CacheKey, engine) -> bool:
     """Save ``engine`` under ``key``; a cache that cannot be written is reported, never fatal."""
     try:
         cache.save(key.digest, pack_entry(key, engine))
-    except OSError as err:
-        log.warning("refitcore: engine cache: cannot store entry %s (%s)", key.digest[:16], err)
+    except (OSError, RefitCoreError, ValueError, TypeError, NotImplementedError) as err:
+        # A full disk, or an engine that cannot be saved (yet): compiled, just not cached.
+        log.warning("refitcore: engine cache: cannot store entry %s (%s: %s)", key.digest[:16],
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
         return False
     return True

@@ -19,6 +19,7 @@ from .cli_text import AUDIT_EPILOG, COMPILE_EPILOG, DOCTOR_FLAGS, GATE_EPILOG, M
 from .files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
 from .options import parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 from .samples import load_samples
+from .shapes import cli_inputs, format_range, input_shape_arg
 
 __all__ = ["main", "build_parser", "parse_shape", "load_samples", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
@@ -94,8 +95,9 @@ def _cmd_compile(args, progress: Progress) -> int:
         except RuntimeError as err:
             raise CliError(f"checkpoint {args.checkpoint!r} does not fit {args.factory}: {err}") from err
     g = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(s, generator=g).to(getattr(torch, args.dtype)) for s in args.input)
-    shapes = ", ".join("x".join(map(str, s)) for s in args.input)
+    example_shapes, dynamic_shapes = cli_inputs(args.input)   # the example is each range's opt
+    inputs = tuple(torch.randn(s, generator=g).to(getattr(torch, args.dtype)) for s in example_shapes)
+    shapes = ", ".join(format_range(r) for r in args.input)
     try:  # a shape the model rejects is a usage error: say so before exporting
         with torch.no_grad():
             model(*inputs)
@@ -105,6 +107,7 @@ def _cmd_compile(args, progress: Progress) -> int:
     with progress.step(f"compiling {args.factory} for input {shapes} (export, conversion, {args.backend} build)"):
         try:
             engine = refitcore.compile(model, inputs, backend=args.backend, model_factory=args.factory,
+                                       dynamic_shapes=dynamic_shapes,
                                        cache=args.cache)
         except refitcore.UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
@@ -116,7 +119,7 @@ def _cmd_compile(args, progress: Progress) -> int:
          f"{len(engine.weight_names)} refittable weights, inputs {[list(s) for s in engine.io.input_shapes]}, "
          f"factory {args.factory}" + {True: "; engine cache hit (loaded and refitted)",
                                       False: "; engine cache miss (stored)"}.get(engine.cache_hit, "")
-         + (f"\nnote: {engine.note}" if engine.note else ""))
+         + f"\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
     return EXIT_OK
 
 
@@ -185,8 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "build it, and save the bundle (plan, weight map, weights, factory).")
     c.add_argument("factory", metavar="MODULE:FACTORY", type=parse_factory,
                    help="callable returning the nn.Module, e.g. torchvision.models:resnet18")
-    c.add_argument("--input", action="append", required=True, type=parse_shape, metavar="SHAPE",
-                   help="input shape like 1x3x224x224; repeat for each input of a multi-input model")
+    c.add_argument("--input", action="append", required=True, type=input_shape_arg, metavar="SHAPE",
+                   help="input shape like 1x3x224x224, or with ranges: 1-8x3x64x64 (dim 0 from 1 to 8, "
+                        "tuned for 1) or 1-4-8x3x64x64 (min-opt-max); repeat for each input of a multi-input "
+                        "model")
     # Engines are built in float32 (the weight map's engine dtype), so float32 is the one input dtype.
     c.add_argument("--dtype", default="float32", choices=("float32",), help="input dtype (default: float32)")
     c.add_argument("--backend", default="auto", type=parse_backend, metavar="{" + ",".join(BACKENDS) + "}",

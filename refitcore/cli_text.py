@@ -43,6 +43,7 @@ examples:
   trtrefit compile torchvision.models:resnet18 --input 1x3x224x224 -o resnet18.trtrefit
   trtrefit compile mypkg.models:build --input 1x3x64x64 --checkpoint base.pt --backend reference -o m.trtrefit
   trtrefit compile mypkg.models:two_inputs --input 1x3x32x32 --input 1x10 -o m.trtrefit
+  trtrefit compile torchvision.models:resnet18 --input 1-4-8x3x224x224 -o r18.trtrefit  # batch 1..8, tuned for 4
 
 --backend auto uses TensorRT when a usable GPU engine can be built and run here, else the
 reference backend (a CPU interpreter of the same TensorRT network: it checks the network and
@@ -51,7 +52,9 @@ the weight mapping, not TensorRT's kernels), and says which it picked.
 
 GATE_EPILOG = """\
 SAMPLES, the inputs the refitted engine and eager PyTorch are compared on:
-  random:N[:SEED]   N random normal inputs of the engine's input shape(s) (seed 0 by default)
+  random:N[:SEED]   N random normal inputs of the engine's input shape(s) (seed 0 by default);
+                    for an engine compiled with shape ranges: its min, opt and max shapes, then N
+                    shapes drawn inside the ranges (a file's samples may have any shape inside them)
   FILE.pt           torch.save'd tensors, read with torch.load(weights_only=True): one tensor of
                     the input shape (one sample), a tensor with one more leading dimension (one
                     sample per entry), or a list of samples (each a tensor, or a list of tensors

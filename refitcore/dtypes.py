@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES"]
+__all__ = ["TABLE", "TORCH_SEGMENT_TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES"]
 
 # (TensorRT DataType name, NumPy dtype name or None, torch dtype)
 TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
@@ -25,10 +25,19 @@ TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
     ("UINT8", "uint8", torch.uint8),
 )
 
-_BY_TRT = {trt: (np_name, tdt) for trt, np_name, tdt in TABLE}
+# Not TensorRT types: the parameters and buffers of a partitioned engine's PyTorch segments
+# (refitcore.segments) are stored and refitted in their own dtype, under these names. They never
+# name a network tensor (``trt_name`` does not return them).
+TORCH_SEGMENT_TABLE: tuple[tuple[str, str, torch.dtype], ...] = (
+    ("DOUBLE", "float64", torch.float64),
+    ("COMPLEX64", "complex64", torch.complex64),
+    ("COMPLEX128", "complex128", torch.complex128),
+)
+
+_BY_TRT = {trt: (np_name, tdt) for trt, np_name, tdt in TABLE + TORCH_SEGMENT_TABLE}
 _BY_NUMPY = {np_name: trt for trt, np_name, _ in TABLE if np_name is not None}
 _BY_TORCH = {tdt: trt for trt, _, tdt in TABLE}
-NUMPY_NAMES = tuple(_BY_NUMPY)
+NUMPY_NAMES = tuple(_BY_NUMPY) + tuple(np_name for _, np_name, _ in TORCH_SEGMENT_TABLE)   # stored buffers
 TORCH_NAMES = tuple(str(tdt).replace("torch.", "") for _, _, tdt in TABLE)   # "float32", "bfloat16", ...
 
 

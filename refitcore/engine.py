@@ -8,6 +8,8 @@ through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`l
 from __future__ import annotations
 
 import dataclasses
+import math
+import logging
 import os
 from typing import Any, Mapping, Sequence
 
@@ -18,7 +20,8 @@ from . import bundle
 from .backends import get_backend
 from .backends.base import EngineImpl
 from .dtypes import TORCH_NAMES
-from .errors import BundleError
+from .errors import BundleError, ShapeRangeError
+from .shapes import ShapeProfiles
 from .weight_map import WeightMap
 
 __all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
@@ -29,20 +32,30 @@ MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor o
 
 @dataclasses.dataclass(frozen=True)
 class IOSpec:
+    """Inputs and outputs of a compiled model. ``input_shapes`` are the example's shapes (``opt`` of a
+    dynamic dimension); ``output_shapes`` have -1 where a size varies; ``profiles`` (a
+    :class:`refitcore.shapes.ShapeProfiles`, None for static shapes) holds each input's
+    (min, opt, max) ranges and the optimization profiles. A file without ``profiles`` reads as static."""
+
     input_names: tuple[str, ...]
     input_shapes: tuple[tuple[int, ...], ...]
     input_dtypes: tuple[str, ...]
     output_names: tuple[str, ...]
     output_shapes: tuple[tuple[int, ...], ...]
+    profiles: ShapeProfiles | None = None
 
     def to_json(self) -> dict:
-        return {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
-                for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
+        out = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
+               for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
+        if self.profiles is not None:
+            out["profiles"] = self.profiles.to_json()
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "IOSpec":
+        profiles = ShapeProfiles.from_json(d["profiles"]) if d.get("profiles") else None
         return cls(tuple(d["input_names"]), tuple(tuple(s) for s in d["input_shapes"]), tuple(d["input_dtypes"]),
-                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]))
+                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]), profiles)
 
 
 class RefittableEngine:
@@ -56,7 +69,9 @@ class RefittableEngine:
 
     def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
                  exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
-                 model_factory: str | None = None, state_keys: Sequence[str] = ()):
+                 model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
+                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None,
+                 eager_modules: Sequence[tuple[str, str]] = ()):
         self._impl = impl
         self.weight_map = weight_map
         self.io = io
@@ -67,6 +82,14 @@ class RefittableEngine:
         self.graph_entries = graph_entries
         self.model_factory = model_factory
         self.state_keys = list(state_keys)   # the model's full state_dict key list at compile time
+        # Structured I/O (refitcore.structured): {"in": spec, "in_leaves": [leaf], "out": spec} as JSON
+        # data; None for an engine of flat tensors (saved before structured I/O existed).
+        self.structure = structure
+        self._output_treespec = output_treespec   # the live TreeSpec: eager's own output types
+        self.output_types = output_types
+        self.trust_output_types = trust_output_types
+        self.partition = partition   # refitcore.partition.PartitionPlan of a partitioned engine, else None
+        self.eager_modules = list(eager_modules)   # [(module path, why it runs eagerly)] (refitcore.submodules)
 
     @property
     def impl(self) -> EngineImpl:
@@ -88,9 +111,74 @@ class RefittableEngine:
     def current_weights(self) -> dict[str, np.ndarray]:
         return self._impl.current_weights()
 
-    def __call__(self, *inputs: torch.Tensor):
-        outs = self._impl.run(list(inputs))
-        return outs[0] if len(outs) == 1 else tuple(outs)
+    @property
+    def segments(self):
+        """The engine's segments (:mod:`refitcore.segments`), or None for one whole TensorRT network."""
+        return getattr(self._impl, "segments", None)
+
+    @property
+    def submodule_impl(self):
+        """The hybrid engine (:mod:`refitcore.submodules`) when only submodules compiled, else None."""
+        return self._impl if getattr(self._impl, "compiled", None) is not None else None
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Run like the eager model: same positional/keyword structure in, same structure out."""
+        if self.structure is None:
+            outs = self._impl.run(list(args))
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return self.unflatten_outputs(self._impl.run(self.flatten_inputs(args, kwargs)))
+
+    def flatten_inputs(self, args: Sequence[Any], kwargs: dict | None = None) -> list[torch.Tensor]:
+        """The engine's flat tensor inputs for one call; checks the call's structure and its
+        non-tensor leaves (which the compiled graph specialised on) against compile time."""
+        from .structured import leaf_names, spec_of
+
+        if self.structure is None:
+            return list(args)
+        leaves, spec = spec_of((tuple(args), dict(kwargs or {})))
+        if spec != self.structure["in"]:
+            raise ValueError(f"the inputs' structure differs from the compiled one: got {spec}, compiled "
+                             f"{self.structure['in']}")
+        tensors = []
+        for name, leaf, want in zip(leaf_names(spec), leaves, self.structure["in_leaves"]):
+            if "tensor" in want:
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"input {name}: expected a tensor, got {type(leaf).__name__}")
+                tensors.append(leaf)
+            elif isinstance(leaf, torch.Tensor) or leaf != want["value"]:
+                raise ValueError(f"input {name}: the engine was compiled for the value {want['value']!r} "
+                                 f"(non-tensor inputs are constants of the graph), got {leaf!r}; recompile")
+        return tensors
+
+    def example_call(self) -> tuple[tuple, dict]:
+        """(args, kwargs) shaped like the compile-time example: zero tensors, the same constants."""
+        from .structured import unflatten
+
+        leaves = [torch.zeros(d["tensor"][0], dtype=getattr(torch, d["tensor"][1])) if "tensor" in d else d["value"]
+                  for d in self.structure["in_leaves"]]
+        args, kwargs = unflatten(leaves, self.structure["in"])
+        return tuple(args), dict(kwargs)
+
+    def unflatten_outputs(self, outs: Sequence[Any]):
+        from .structured import unflatten
+
+        if self.structure is None:
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        if self._output_treespec is not None:
+            import torch.utils._pytree as pytree
+
+            return pytree.tree_unflatten(list(outs), self._output_treespec)
+        if not self.trust_output_types and not getattr(self, "_said_plain", False):
+            from .structured import unresolved_types
+
+            missing = unresolved_types(self.structure["out"], output_types=self.output_types)
+            if missing:
+                logging.getLogger("refitcore").warning(
+                    "refitcore: outputs of type %s come back as plain dicts (a loaded file's types are never "
+                    "imported); pass output_types=[cls] or trust_output_types=True to refitcore.load", missing)
+            self._said_plain = True
+        return unflatten(outs, self.structure["out"], output_types=self.output_types,
+                         trust_output_types=self.trust_output_types)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return self._impl.run(list(inputs))
@@ -102,11 +190,18 @@ class RefittableEngine:
         return RefittableEngine(impl, self.weight_map, self.io, self.fingerprint,
                                 exported_program=self.exported_program, fusion=self.fusion,
                                 backend_reason=self.backend_reason, graph_entries=self.graph_entries,
-                                model_factory=self.model_factory, state_keys=self.state_keys)
+                                model_factory=self.model_factory, state_keys=self.state_keys,
+                                structure=self.structure, output_treespec=self._output_treespec,
+                                output_types=self.output_types, trust_output_types=self.trust_output_types,
+                                partition=self.partition, eager_modules=self.eager_modules)
 
     # ---- saving and loading ---------------------------------------------------------------
     def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
         """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint."""
+        if self.submodule_impl is not None:
+            raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
+                              "data: its eager part is code; save each compiled submodule's engine "
+                              "(engine.submodule_impl.engines[path].save(...)) and rebuild the model around them")
         impl_header, impl_arrays = self._impl.serialize()
         impl_header = dict(impl_header)
         arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
@@ -123,13 +218,20 @@ class RefittableEngine:
             "model_factory": self.model_factory,
             "state_keys": self.state_keys,
             "backend_reason": self.backend_reason,
+            # Structured I/O specs and the partition plan: JSON data (refitcore.structured, refitcore.partition).
+            "structure": self.structure,
+            "partition": self.partition.to_json() if self.partition is not None else None,
         }
         return header, arrays
 
     @classmethod
-    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>"
-                   ) -> "RefittableEngine":
-        """The engine of a saved file's parts; :class:`BundleError` when they do not make one."""
+    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>", *,
+                   output_types=None, trust_output_types: bool = False) -> "RefittableEngine":
+        """The engine of a saved file's parts; :class:`BundleError` when they do not make one.
+
+        Outputs of a type the file only names (a transformers ``ModelOutput``...) come back as plain
+        dicts unless the caller passes the class (``output_types=[cls]`` or ``{qualified name: cls}``)
+        or sets ``trust_output_types=True`` (which imports the module the file names)."""
         if header.get("format") != FORMAT:
             raise BundleError(f"{where}: not a refitcore engine (format={str(header.get('format'))[:60]!r})")
         _check_header(header, where)
@@ -141,7 +243,16 @@ class RefittableEngine:
             if blobs:
                 impl_header["blobs"] = blobs
             weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
-            impl = get_backend(header["backend"]).load_engine(impl_header, weights)
+            if impl_header.get("kind") == "segments":   # a partitioned engine (refitcore.segments)
+                from .segments import load_engine
+            else:
+                load_engine = get_backend(header["backend"]).load_engine
+            impl = load_engine(impl_header, weights)
+            plan = None
+            if header.get("partition"):
+                from .partition import PartitionPlan
+
+                plan = PartitionPlan.from_json(header["partition"])
             _check_weights(weight_map, impl, where)
         except BundleError:
             raise
@@ -152,22 +263,37 @@ class RefittableEngine:
                               f"{str(err)[:300]}") from err
         return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
                    backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
-                   state_keys=header.get("state_keys", []))
+                   state_keys=header.get("state_keys", []), structure=header.get("structure"),
+                   output_types=output_types, trust_output_types=trust_output_types, partition=plan)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine to one file, atomically (see :mod:`refitcore.bundle`)."""
         header, arrays = self.to_parts()
         bundle.write(path, header, arrays)
 
+    def summary(self):
+        """A :class:`refitcore.coverage.Coverage`: ops and weights in TensorRT, ops that run in PyTorch."""
+        from .coverage import coverage
+
+        return coverage(self)
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.summary()}"
+
     def __repr__(self) -> str:
         return (f"RefittableEngine(backend={self.backend!r}, weights={len(self.weight_names)}, "
                 f"inputs={[list(s) for s in self.io.input_shapes]})")
 
 
-def load(path: str | os.PathLike) -> RefittableEngine:
-    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file."""
+def load(path: str | os.PathLike, *, output_types=None, trust_output_types: bool = False) -> RefittableEngine:
+    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file.
+
+    Custom output types (a transformers ``ModelOutput``) come back as plain dicts unless the caller
+    passes their classes (``output_types``) or sets ``trust_output_types=True``: nothing a file
+    names is imported otherwise."""
     header, arrays = bundle.read(path)
-    return RefittableEngine.from_parts(header, arrays, os.fspath(path))
+    return RefittableEngine.from_parts(header, arrays, os.fspath(path), output_types=output_types,
+                                       trust_output_types=trust_output_types)
 
 
 def _check_header(header: Mapping[str, Any], where: str) -> None:
@@ -190,15 +316,42 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
             or len(lists["output_names"]) != len(lists["output_shapes"]):
         raise BundleError(f"{where}: engine file content is invalid: the IO spec's names, shapes and dtypes "
                           f"differ in length")
+    dynamic = io.get("profiles") is not None
     for side in ("input", "output"):
         for i, name in enumerate(lists[f"{side}_names"]):
             expect(name, str, f"io.{side}_names[{i}]", where)
-            bundle.expect_shape(lists[f"{side}_shapes"][i], f"the shape of {side} {name!r}", where,
-                                max_elements=MAX_INPUT_ELEMENTS)
+            shape = lists[f"{side}_shapes"][i]
+            if dynamic and side == "output" and isinstance(shape, list):   # -1: a size that varies
+                shape = [1 if d == -1 else d for d in shape]
+            bundle.expect_shape(shape, f"the shape of {side} {name!r}", where, max_elements=MAX_INPUT_ELEMENTS)
+    if dynamic:
+        _check_profiles(io["profiles"], lists["input_names"], lists["input_shapes"], where)
     for i, d in enumerate(lists["input_dtypes"]):
         if d not in TORCH_NAMES:
             raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
                               f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+def _check_profiles(profiles: Any, names: list, shapes: list, where: str) -> None:
+    """The recorded shape ranges: well formed, one per input, each range bounded and containing the
+    example's size (see :meth:`refitcore.shapes.ShapeProfiles.from_json`)."""
+    try:
+        sp = ShapeProfiles.from_json(bundle.expect(profiles, dict, "io.profiles", where))
+    except ShapeRangeError as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles: {err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles is malformed "
+                          f"({type(err).__name__}: {str(err)[:200]})") from None
+    if list(sp.input_names) != list(names):
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles names inputs {list(sp.input_names)}, "
+                          f"the IO spec {list(names)}")
+    for name, ranges, shape in zip(names, sp.ranges, shapes):
+        if len(ranges) != len(shape) or any(hi > MAX_INPUT_ELEMENTS for _, _, hi in ranges):
+            raise BundleError(f"{where}: engine file content is invalid: io.profiles ranges of input {name!r} do not "
+                              f"fit its shape {shape}")
+        if math.prod(hi for _, _, hi in ranges) > MAX_INPUT_ELEMENTS:
+            raise BundleError(f"{where}: engine file content is invalid: input {name!r} may have more than "
+                              f"{MAX_INPUT_ELEMENTS} elements at its largest shape")
 
 
 def _check_weights(weight_map: WeightMap, impl: EngineImpl, where: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 __all__ = [
     "RefitCoreError",
     "UnsupportedOperatorError",
+    "ExportError",
     "ArchitectureMismatchError",
     "WeightMappingError",
     "MapCannotServeError",
     "RefitError",
     "BundleError",
     "BackendUnavailableError",
+    "ShapeRangeError",
 ]
 
 
@@ -31,6 +33,19 @@ class UnsupportedOperatorError(RefitCoreError):
             + "\n".join(lines)
             + "\nAdd a converter with @refitcore.conversion.converter(<aten overload>) or change the model."
         )
+
+
+class ExportError(RefitCoreError):
+    """torch.export could not export a module: names the module path and the cause's first line."""
+
+    def __init__(self, path: str, cause: BaseException):
+        self.path = path
+        text = str(cause).strip().splitlines()
+        self.cause_line = f"{type(cause).__name__}: {text[0] if text else ''}"
+        super().__init__(
+            f"torch.export cannot export {path or 'the model'}: {self.cause_line}\n"
+            f"(data-dependent control flow? compile without strict=True to compile the submodules that do "
+            f"export and run the rest eagerly, or pass submodules=[...] naming them)")
 
 
 class WeightMappingError(RefitCoreError, ValueError):
@@ -80,3 +95,8 @@ class BundleError(RefitCoreError):
 
 class BackendUnavailableError(RefitCoreError):
     """The requested backend cannot run here; the message says why."""
+
+
+class ShapeRangeError(RefitCoreError, ValueError):
+    """An input shape outside every optimization profile of a dynamic-shape engine, or an unusable
+    shape-range specification; the message names the input, the dimension and the range."""

@@ -341,9 +341,10 @@ class CacheKey:
 
 def cache_key(model: torch.nn.Module, example_inputs: Any, *, backend: str, precision: str = "fp32",
               kwargs: Mapping[str, Any] | None = None, dynamic_shapes: Any = None, input_spec: Any = None,
-              architecture: str | None = None) -> CacheKey:
+              options: Mapping[str, Any] | None = None, architecture: str | None = None) -> CacheKey:
     """The key under which an engine of ``model`` for these inputs is cached. ``backend`` is a
-    resolved backend name ('reference' or 'tensorrt'), not 'auto'. ``architecture`` reuses a
+    resolved backend name ('reference' or 'tensorrt'), not 'auto'. ``options``: the other compile
+    options that change the engine (partitioning, shape profiles...). ``architecture`` reuses a
     fingerprint the caller already has."""
     if backend == "auto":
         raise ValueError("cache_key needs the resolved backend ('reference' or 'tensorrt'), not 'auto'")
@@ -352,6 +353,7 @@ def cache_key(model: torch.nn.Module, example_inputs: Any, *, backend: str, prec
         "inputs": _sha(input_signature(example_inputs, kwargs, dynamic_shapes=dynamic_shapes, spec=input_spec)),
         "backend": backend,
         "precision": str(precision),
+        "options": _sha(_value(dict(options or {}))),
         "toolchain": _sha(toolchain_signature()),
     }
     return CacheKey.from_json(parts)

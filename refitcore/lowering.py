@@ -13,6 +13,7 @@ import json
 import operator
 from typing import Any, Sequence
 
+import sympy
 import torch
 from torch import fx
 
@@ -24,8 +25,11 @@ CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.
             aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
 
 
-def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """Export ``model`` in eval mode and lower it to functional ATen IR."""
+def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: dict | None = None, *,
+                 dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode and lower it to functional ATen IR (positional and keyword
+    inputs: any pytree of tensors, Python scalars and None; ``dynamic_shapes``: as
+    ``torch.export.export`` takes it, see :mod:`refitcore.shapes`)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
@@ -33,7 +37,8 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor])
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(example_inputs), strict=False)
+        ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
+                                 strict=False)
     finally:
         model.train(was_training)
     # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,
@@ -89,12 +94,27 @@ def input_names(ep: torch.export.ExportedProgram) -> list[str]:
     return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
 
 
-def _describe_arg(a: Any):
+def _sizes(shape, symbols: dict) -> list:
+    """A shape as JSON: a dynamic size is written with its symbols renamed in order of appearance
+    (``d0``, ``d1``...), so two exports of one architecture with the same ranges compare equal."""
+    out = []
+    for s in shape:
+        if isinstance(s, torch.SymInt) and not s.node.expr.is_number:
+            expr = s.node.expr
+            for sym in sorted(expr.free_symbols, key=str):
+                symbols.setdefault(str(sym), f"d{len(symbols)}")
+            out.append(str(expr.subs({sym: sympy.Symbol(symbols[str(sym)]) for sym in expr.free_symbols})))
+        else:
+            out.append(int(s))
+    return out
+
+
+def _describe_arg(a: Any, symbols: dict):
     if isinstance(a, fx.Node):
         val = a.meta.get("val")
-        return ["node", a.name, list(val.shape) if hasattr(val, "shape") else None]
+        return ["node", a.name, _sizes(val.shape, symbols) if hasattr(val, "shape") else None]
     if isinstance(a, (list, tuple)):
-        return [_describe_arg(x) for x in a]
+        return [_describe_arg(x, symbols) for x in a]
     if isinstance(a, (int, float, bool, str)) or a is None:
         return a
     return str(a)
@@ -110,17 +130,18 @@ def graph_fingerprint(ep: torch.export.ExportedProgram) -> tuple[str, list[list]
         targets[spec.arg.name] = spec.target
     state = dict(ep.state_dict)
     state.update(getattr(ep, "constants", {}) or {})
+    symbols: dict[str, str] = {}
     for node in ep.graph.nodes:
         if node.op == "placeholder":
             tgt = targets.get(node.name)
             val = node.meta.get("val")
-            shape = list(val.shape) if hasattr(val, "shape") else None
+            shape = _sizes(val.shape, symbols) if hasattr(val, "shape") else None
             dtype = str(val.dtype) if hasattr(val, "dtype") else None
             entries.append(["input" if tgt is None else "weight", tgt or node.name, shape, dtype])
         elif node.op == "call_function":
             entries.append(["op", str(node.target), node.name, module_path(node),
-                            _describe_arg(list(node.args)), _describe_arg(dict(node.kwargs))])
+                            _describe_arg(list(node.args), symbols), _describe_arg(dict(node.kwargs), symbols)])
         elif node.op == "output":
-            entries.append(["output", _describe_arg(list(node.args))])
+            entries.append(["output", _describe_arg(list(node.args), symbols)])
     digest = hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
     return digest, entries

@@ -143,8 +143,9 @@ def cached_mapping(weight_map: WeightMap, state_dict: Any, *, constants_from: An
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             value = apply_recipe(src.recipe, inputs, src.params)
-            if value.dtype != ENGINE_DTYPE:
-                value = value.to(ENGINE_DTYPE)
+            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # float32 but for PyTorch segments' buffers
+            if value.dtype != want:
+                value = value.to(want)
             # NaN/Inf are found here, on the values the engine would get (one pass), and traced back
             # to the state_dict keys behind them.
             problems = nonfinite_weight_problems(weight_map, name, value, state)
@@ -209,8 +210,17 @@ def exported_for(engine, source: Any, state: dict[str, torch.Tensor], *, model: 
     the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
     from .eager import EagerModelError, UntrustedFactoryError, eager_model
     from .lowering import export_model, graph_fingerprint
+    from .shapes import export_example
 
-    if isinstance(source, torch.nn.Module):
+    if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
+        # The same export as at compile time: example shapes, and the recorded dynamic ranges.
+        profiles = engine.io.profiles
+        examples = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
+        ep = export_model(source, export_example(examples, profiles), dynamic_shapes=profiles.torch_dynamic_shapes())
+    elif isinstance(source, torch.nn.Module) and engine.structure is not None:
+        args, kwargs = engine.example_call()
+        ep = export_model(source, args, kwargs)
+    elif isinstance(source, torch.nn.Module):
         ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
                                    for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
     elif isinstance(source, torch.export.ExportedProgram):
@@ -253,14 +263,18 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     ``trust_factory=True``, from the factory the file records. A module or ExportedProgram whose
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
-    from .network_reader import WEIGHT_ROLES, read_network
     from .conversion.convert import convert
+    from .network_reader import network_weights
 
     state, source = normalize_weights(new_weights, engine.weight_map)
     checked = check_state_dict(engine.weight_map, state)
     problems = nonfinite_key_problems(engine.weight_map, checked)
     if problems:
         raise WeightMappingError(problems)
+    if engine.submodule_impl is not None:   # compiled submodules in an eager model
+        from .submodules import hybrid_fallback_mapping
+
+        return hybrid_fallback_mapping(engine, state, source, fallback_mapping)
     ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
     # Parameters are looked up by the exported program's own fully qualified names.
     params = {k: v for k, v in state.items()}
@@ -270,18 +284,9 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     for group in engine.weight_map.tied:
         if group[0] in checked:
             params.update({k: checked[group[0]] for k in group[1:]})
-    result = convert(ep, params, fusion=engine.fusion)
-    plan = read_network(result.network)
-    out: dict[str, np.ndarray] = {}
-    for layer in plan["layers"]:
-        for role in WEIGHT_ROLES.get(layer["type"], ()):
-            arr = layer["weights"].get(role)
-            if arr is None:
-                continue
-            name = f"{layer['name']} {role}"
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            src = engine.weight_map.sources.get(name)
-            if src is not None and src.count == arr.size:
-                arr = arr.reshape(src.shape)  # TensorRT hands kernels back flat
-            out[name] = arr
-    return out
+    if engine.segments is not None:   # a partitioned engine: every segment, one namespace
+        from .compile_segments import segmented_fallback_mapping
+
+        return segmented_fallback_mapping(engine, ep, params)
+    result = convert(ep, params, fusion=engine.fusion, profiles=engine.io.profiles)
+    return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()})

@@ -7,13 +7,14 @@ network that TensorRT would be given.
 """
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Mapping
 
 import numpy as np
 
 from . import _trt
 
-__all__ = ["read_network", "WEIGHT_ROLES"]
+__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES"]
 
 # layer type -> (binding class, attributes to read, {ROLE: attribute holding weights})
 _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
@@ -46,12 +47,18 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "SELECT": ("ISelectLayer", (), {}),
     "EINSUM": ("IEinsumLayer", ("equation",), {}),
     "PADDING": ("IPaddingLayer", ("pre_padding_nd", "post_padding_nd"), {}),
+    "SHAPE": ("IShapeLayer", (), {}),
+    "FILL": ("IFillLayer", ("operation", "alpha", "beta", "to_type"), {}),
     "RESIZE": ("IResizeLayer", ("shape", "scales", "resize_mode", "coordinate_transformation",
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",
                                 "selector_for_single_pixel"), {}),
 }
 
+# attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a
+# fill's alpha and beta by its inputs 1 and 2
+_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2}
 WEIGHT_ROLES = {t: tuple(roles) for t, (_, _, roles) in _LAYERS.items() if roles}
+SHAPE_DTYPES = ("INT64", "INT32")
 
 
 def _plain(value: Any, rank: int | None = None):
@@ -97,6 +104,8 @@ def read_network(network) -> dict:
         in_rank = len(layer.get_input(0).shape) if layer.num_inputs and layer.get_input(0) is not None else None
         attrs = {}
         for a in attr_names:
+            if a in _FROM_INPUT and _FROM_INPUT[a] < len(inputs) and inputs[_FROM_INPUT[a]] is not None:
+                continue   # given by a shape tensor (dynamic shapes): the attribute is meaningless
             if not hasattr(layer, a):
                 continue
             try:
@@ -111,8 +120,29 @@ def read_network(network) -> dict:
             arr = np.asarray(arr)
             if arr.size:
                 weights[role] = np.array(arr, dtype=arr.dtype, copy=True)
+        if ltype == "CONSTANT" and outputs[0]["dtype"] in SHAPE_DTYPES:
+            # Integer constants are shape arithmetic (dynamic shapes): structure, not refittable weights.
+            attrs["values"] = [int(v) for v in np.asarray(weights.pop("CONSTANT", np.zeros(0))).reshape(-1)]
         layers.append({"name": layer.name, "type": ltype, "inputs": inputs, "outputs": outputs,
                        "attrs": attrs, "weights": weights})
     inputs = [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)]
     outputs = [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)]
     return {"inputs": inputs, "outputs": outputs, "layers": layers}
+
+
+def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, np.ndarray]:
+    """Every refittable weight read off a converted network's layers (the fallback mapping), named
+    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says."""
+    out: dict[str, np.ndarray] = {}
+    for layer in read_network(network)["layers"]:
+        for role in WEIGHT_ROLES.get(layer["type"], ()):
+            arr = layer["weights"].get(role)
+            if arr is None:
+                continue
+            name = f"{prefix}{layer['name']} {role}"
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            shape = shapes.get(name)
+            if shape is not None and math.prod(shape) == arr.size:
+                arr = arr.reshape(shape)  # TensorRT hands kernels back flat
+            out[name] = arr
+    return out

@@ -16,6 +16,7 @@ from .eager import eager_model
 from .errors import MapCannotServeError
 from .mapping import cached_mapping, constants_note, fallback_mapping
 from .options import REFIT_PATHS as PATHS
+from .structured import as_positional, check_structured_samples, flat_positional
 from .validate import check_samples, eager_reference
 from .verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
 
@@ -123,7 +124,8 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     used = "fallback" if path == "fallback" or unserved else "cached"
     model = None
     if verify_inputs is not None:  # what verification needs is checked before the engine is touched
-        verify_inputs = check_samples(engine.io, verify_inputs)
+        verify_inputs = (check_samples(engine.io, as_positional(verify_inputs)) if flat_positional(engine.structure)
+                         else check_structured_samples(engine, verify_inputs))
         model = reference_model if reference_model is not None else eager_reference(
             engine, state, source, trust_factory=trust_factory)
     refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from .shapes import ShapeRangeError, sample_shapes
+
 __all__ = ["load_samples", "SampleError"]
 
 
@@ -26,7 +28,7 @@ def load_samples(spec: str, io) -> list[tuple]:
     shapes = [tuple(s) for s in io.input_shapes]
     dtypes = [getattr(torch, d) for d in io.input_dtypes]
     if spec.startswith("random:"):
-        return _random(spec, shapes, dtypes)
+        return _random(spec, shapes, dtypes, io.profiles)
     if not os.path.exists(spec):
         raise SampleError(f"samples file {spec!r}: no such file")
     if os.path.isdir(spec):
@@ -36,9 +38,10 @@ def load_samples(spec: str, io) -> list[tuple]:
         if len(shapes) != 1:
             raise SampleError(f"samples file {spec!r} holds one tensor but the engine has {len(shapes)} inputs; "
                               f"save a list of samples, each a list of {len(shapes)} tensors")
-        if tuple(obj.shape) == shapes[0]:
+        dynamic = io.profiles is not None   # then any shape inside the profile, checked below
+        if tuple(obj.shape) == shapes[0] or (dynamic and obj.dim() == len(shapes[0])):
             raw = [(obj,)]
-        elif obj.dim() == len(shapes[0]) + 1 and tuple(obj.shape[1:]) == shapes[0]:
+        elif obj.dim() == len(shapes[0]) + 1 and (dynamic or tuple(obj.shape[1:]) == shapes[0]):
             raw = [(t,) for t in obj]
         else:
             raise SampleError(f"samples file {spec!r}: tensor of shape {list(obj.shape)} where the engine takes "
@@ -54,9 +57,14 @@ def load_samples(spec: str, io) -> list[tuple]:
         if len(sample) != len(shapes) or not all(isinstance(t, torch.Tensor) for t in sample):
             raise SampleError(f"samples file {spec!r}: sample {i} has {len(sample)} entries, the engine takes "
                               f"{len(shapes)} tensor input(s)")
+        if io.profiles is not None:
+            try:
+                io.profiles.profile_for([tuple(t.shape) for t in sample])
+            except ShapeRangeError as err:
+                raise SampleError(f"samples file {spec!r}: sample {i}: {err}") from None
         fixed = []
         for j, (t, shape, dtype) in enumerate(zip(sample, shapes, dtypes)):
-            if tuple(t.shape) != shape:
+            if io.profiles is None and tuple(t.shape) != shape:
                 raise SampleError(f"samples file {spec!r}: sample {i} input {j} has shape {list(t.shape)}, the "
                                   f"engine was compiled for {list(shape)}")
             fixed.append(t.to(dtype))
@@ -64,7 +72,9 @@ def load_samples(spec: str, io) -> list[tuple]:
     return samples
 
 
-def _random(spec: str, shapes, dtypes) -> list[tuple]:
+def _random(spec: str, shapes, dtypes, profiles=None) -> list[tuple]:
+    """N random samples of the engine's shapes; for a dynamic engine, every profile's min, opt and
+    max shapes first, then N shapes drawn inside the ranges."""
     import torch
 
     fields = spec.split(":")[1:]
@@ -79,8 +89,9 @@ def _random(spec: str, shapes, dtypes) -> list[tuple]:
         if not dtype.is_floating_point:
             raise SampleError(f"--inputs random: the engine has a {dtype} input; give a samples file instead")
     g = torch.Generator().manual_seed(seed)
-    return [tuple(torch.randn(shape, generator=g).to(dtype) for shape, dtype in zip(shapes, dtypes))
-            for _ in range(n)]
+    per_sample = [shapes] * n if profiles is None else sample_shapes(profiles, n, seed=seed)
+    return [tuple(torch.randn(shape, generator=g).to(dtype) for shape, dtype in zip(sample, dtypes))
+            for sample in per_sample]
 
 
 def _read(spec: str) -> Any:

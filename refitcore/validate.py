@@ -129,6 +129,7 @@ def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
         raise ValueError("verify_inputs: no samples given; give at least one (a tensor, a tuple of tensors, or a list)")
     problems = []
     names = list(io.input_names)
+    profiles = getattr(io, "profiles", None)
     for s, sample in enumerate(samples):
         if len(sample) != len(io.input_shapes):
             problems.append(f"sample {s}: {len(sample)} input(s) where the engine takes {len(io.input_shapes)} "
@@ -140,10 +141,15 @@ def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
                 problems.append(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
                 continue
             want = list(shape)
-            if len(x.shape) != len(want) or any(w >= 0 and d != w for d, w in zip(x.shape, want)):
+            if profiles is None and (len(x.shape) != len(want) or any(w >= 0 and d != w for d, w in zip(x.shape, want))):
                 problems.append(f"{where}: shape {list(x.shape)} where the engine takes {want}")
             if str(x.dtype).replace("torch.", "") != dtype:
                 problems.append(f"{where}: dtype {x.dtype} where the engine takes {dtype}")
+        if profiles is not None and all(isinstance(x, torch.Tensor) for x in sample):
+            try:   # dynamic shapes: any shape inside an optimization profile
+                profiles.profile_for([tuple(x.shape) for x in sample])
+            except ValueError as err:   # ShapeRangeError: names the input, the dimension and the range
+                problems.append(f"sample {s}: {err}")
     if problems:
         raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
                          + "\n".join(f"  - {p}" for p in problems))

@@ -30,14 +30,22 @@ class OutputCheck:
     min_atol: float               # smallest atol (scaled units) that would have passed at this rtol
     min_rtol: float               # smallest rtol that would have passed at this atol
     nonfinite: int
+    name: str = ""                # the output's pytree path: 'logits', "[0]['boxes']" ('' for a bare tensor)
+    detail: str = ""              # a non-tensor output: what each side returned
 
     @property
     def ok(self) -> bool:
         return self.mismatched == 0 and self.nonfinite == 0
 
+    @property
+    def label(self) -> str:
+        return f"output {self.index}" + (f" ({self.name})" if self.name else "")
+
     def __str__(self) -> str:
         state = "ok" if self.ok else "MISMATCH"
-        return (f"output {self.index} {list(self.shape)}: {state}; {self.mismatched} of "
+        if self.detail:
+            return f"{self.label}: {state}; {self.detail}"
+        return (f"{self.label} {list(self.shape)}: {state}; {self.mismatched} of "
                 f"{_numel(self.shape)} elements outside tolerance, max abs err {self.max_abs:.3g} at "
                 f"{list(self.max_abs_at)} (engine {self.actual_at:.6g} vs eager {self.expected_at:.6g}), "
                 f"max rel err {self.max_rel:.3g}, norm-relative err {self.norm_rel:.3g}; rtol={self.rtol:g}, "
@@ -52,16 +60,30 @@ def _numel(shape) -> int:
     return n
 
 
+def _compare_values(i: int, name: str, a, e) -> OutputCheck:
+    """Non-tensor leaves (Python scalars, None, strings): equal or not."""
+    same = (a == e) if not isinstance(a, float) or a == a else (e != e)
+    detail = f"engine {a!r} vs eager {e!r}" + ("" if same else " (non-tensor outputs must be equal)")
+    return OutputCheck(i, (), 0 if same else 1, 0.0 if same else float("inf"), (), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                       0.0, 0.0, 0, name=name, detail=detail)
+
+
 def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], *, rtol: float = DEFAULT_RTOL,
-                    atol: float = DEFAULT_ATOL) -> list[OutputCheck]:
+                    atol: float = DEFAULT_ATOL, names: Sequence[str] | None = None) -> list[OutputCheck]:
+    """Compare flat output lists leaf by leaf (``names``: each leaf's pytree path, for the report)."""
     checks = []
     if len(actual) != len(expected):
         raise ValueError(f"engine gave {len(actual)} outputs, eager gave {len(expected)}")
+    names = list(names) if names is not None else [""] * len(actual)
     for i, (a, e) in enumerate(zip(actual, expected)):
+        if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
+            checks.append(_compare_values(i, names[i], a, e))
+            continue
         a64 = a.detach().to("cpu", torch.float64)
         e64 = e.detach().to("cpu", torch.float64)
         if a64.shape != e64.shape:
-            raise ValueError(f"output {i}: engine shape {list(a64.shape)} vs eager {list(e64.shape)}")
+            raise ValueError(f"output {i}{' (' + names[i] + ')' if names[i] else ''}: engine shape "
+                             f"{list(a64.shape)} vs eager {list(e64.shape)}")
         scale = max(1.0, float(e64.abs().max()) if e64.numel() else 1.0)
         atol_eff = atol * scale
         nonfinite = int((~torch.isfinite(a64)).sum())
@@ -70,7 +92,7 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         bound = atol_eff + rtol * e64.abs()
         mismatched = int((diff > bound).sum())
         flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.dim() else ()
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.numel() and a64.dim() else ()
         max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
         rel = diff / e64.abs().clamp_min(1e-12)
         norm_e = float(torch.linalg.vector_norm(e64))
@@ -84,7 +106,7 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
                                   float(a64.reshape(-1)[flat]) if a64.numel() else 0.0,
                                   float(e64.reshape(-1)[flat]) if e64.numel() else 0.0,
                                   float(rel.max()) if rel.numel() else 0.0, norm_rel, rtol, atol, min_atol, min_rtol,
-                                  nonfinite))
+                                  nonfinite, name=names[i]))
     return checks
 
 
@@ -137,22 +159,21 @@ class Verdict:
                 "checks": [[dataclasses.asdict(c) | {"ok": c.ok} for c in s] for s in self.checks]}
 
 
-def _as_list(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return list(out)
+def _samples(inputs) -> list[tuple[tuple, dict]]:
+    """inputs: one tensor, a tuple of positional inputs (one sample), a :class:`refitcore.Inputs`
+    (positional and keyword), or a list of such samples; each as (args, kwargs)."""
+    from .structured import Inputs, split_call
+
+    if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
+        return [split_call(inputs)]
+    return [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
 
 
-def _samples(inputs) -> list[tuple[torch.Tensor, ...]]:
-    """inputs: one tensor, a tuple of tensors (one sample), or a list of such samples."""
-    if isinstance(inputs, torch.Tensor):
-        return [(inputs,)]
-    if isinstance(inputs, tuple):
-        return [inputs]
-    out = []
-    for s in inputs:
-        out.append((s,) if isinstance(s, torch.Tensor) else tuple(s))
-    return out
+def _leaves(out) -> tuple[list, list[str]]:
+    from .structured import flatten_with_names
+
+    leaves, names, _spec = flatten_with_names(out)
+    return leaves, names
 
 
 def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Verdict:
@@ -171,8 +192,12 @@ def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol:
             pass  # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
     checks = []
     with torch.no_grad():
-        for sample in _samples(inputs):
-            expected = _as_list(reference_model(*sample))
-            actual = engine.run(list(sample))
-            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol))
+        for args, kwargs in _samples(inputs):
+            expected, e_names = _leaves(reference_model(*args, **kwargs))
+            actual, a_names = _leaves(engine(*args, **kwargs))
+            if a_names != e_names and len(a_names) == len(e_names) and all(n.startswith("[") for n in a_names):
+                a_names = e_names   # a flat engine (saved without its output structure): same order
+            if a_names != e_names:
+                raise ValueError(f"the engine's outputs {a_names} are not the eager model's {e_names}")
+            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, names=e_names))
     return Verdict(checks, backend=engine.backend, note=engine.note)

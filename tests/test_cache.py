@@ -15,7 +15,7 @@ from torch import nn
 
 import refitcore
 from refitcore.cache import BaseEngineCache, EngineCache, as_cache, pack_entry, unpack_entry
-from refitcore.fingerprint import cache_key
+from refitcore.compile import compile_cache_key as cache_key
 from tests.models import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -41,9 +41,10 @@ class ManyUnsupported(nn.Module):
 
 
 def test_every_unsupported_op_is_listed_in_one_pass():
+    """strict=True: a model that does not convert whole is refused (without it, those ops run in PyTorch)."""
     model = ManyUnsupported().eval()
     with pytest.raises(refitcore.UnsupportedOperatorError) as info:
-        refitcore.compile(model, torch.randn(1, 3, 8, 8), backend="reference")
+        refitcore.compile(model, torch.randn(1, 3, 8, 8), backend="reference", strict=True)
     err = info.value
     found = {(target.split(" ")[0], path) for target, path, _node in err.ops}
     assert ("aten.logcumsumexp.default", "head") in found
@@ -70,3 +71,17 @@ def test_supported_model_raises_nothing():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
     engine = refitcore.compile(model, torch.randn(1, 3, 8, 8), backend="reference")
     assert len(engine.weight_names) == 2
+
+
+def test_unsupported_ops_run_in_pytorch_without_strict():
+    """The default partitions: the same model compiles, its unsupported ops run in PyTorch, listed with
+    their module paths, and it matches eager."""
+    torch.manual_seed(0)
+    model = ManyUnsupported().eval()
+    x = torch.randn(1, 3, 8, 8)
+    engine = refitcore.compile(model, x, backend="reference")
+    fallen = {(op, path) for op, path, _reason in engine.partition.fallback.values()}
+    assert ("aten.logcumsumexp.default", "head") in fallen
+    assert any("i0" in op and path == "blocks.1" for op, path in fallen), fallen
+    with torch.no_grad():
+        torch.testing.assert_close(engine(x), model(x), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import dtypes
+from ..shapes import ShapeProfiles
 from ..bundle import MAX_TENSOR_ELEMENTS
 from ..network_reader import WEIGHT_ROLES, read_network
 from .base import WeightsPrototype, read_only_views
@@ -58,6 +59,7 @@ class ReferenceEngine:
         if missing:
             raise ValueError(f"weights missing for {missing[:5]}")
         self._weights: dict[str, np.ndarray] = {k: np.asarray(weights[k]) for k in self._locations}
+        self._profiles = ShapeProfiles.from_json(plan["profiles"]) if plan.get("profiles") else None
         self._layer_weights: dict[int, dict[str, str]] = {}
         for name, (i, role) in self._locations.items():
             self._layer_weights.setdefault(i, {})[role] = name
@@ -105,11 +107,16 @@ class ReferenceEngine:
         specs = self.plan["inputs"]
         if len(inputs) != len(specs):
             raise ValueError(f"engine takes {len(specs)} input(s) {self.input_names}, got {len(inputs)}")
-        env: dict[str, torch.Tensor] = {}
+        profiles = self._profiles
         for spec, x in zip(specs, inputs):
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"input {spec['name']!r}: expected a torch.Tensor, got {type(x).__name__}")
-            if list(x.shape) != spec["shape"]:
+        if profiles is not None:   # any shape inside an optimization profile, as TensorRT accepts
+            by_name = {spec["name"]: tuple(x.shape) for spec, x in zip(specs, inputs)}
+            profiles.profile_for([by_name[n] for n in profiles.input_names])
+        env: dict[str, torch.Tensor] = {}
+        for spec, x in zip(specs, inputs):
+            if profiles is None and list(x.shape) != spec["shape"]:
                 raise ValueError(f"input {spec['name']!r}: expected shape {spec['shape']}, got {list(x.shape)}")
             want = dtypes.torch_dtype(spec["dtype"], torch.float32)
             if x.dtype != want:
@@ -122,7 +129,9 @@ class ReferenceEngine:
                      for role, name in self._layer_weights.get(i, {}).items()}
                 outs = run_layer(layer, ins, w)
                 for spec, value in zip(layer["outputs"], outs):
-                    if list(value.shape) != spec["shape"]:
+                    # TensorRT writes -1 for a size known only at run time: check the known ones.
+                    if value.dim() != len(spec["shape"]) or any(
+                            s >= 0 and s != v for s, v in zip(spec["shape"], value.shape)):
                         raise RuntimeError(
                             f"reference backend: layer {layer['name']!r} produced shape {list(value.shape)} "
                             f"where TensorRT inferred {spec['shape']}")
@@ -209,7 +218,10 @@ def build(result, **options: Any) -> ReferenceEngine:
     """'Build' the converted network: read it into an immutable plan."""
     if options.get("precision", "fp32") != "fp32":
         raise ValueError("the reference backend runs fp32 only")
-    return ReferenceEngine(read_network(result.network))
+    plan = read_network(result.network)
+    if getattr(result, "profiles", None) is not None:
+        plan["profiles"] = result.profiles.to_json()
+    return ReferenceEngine(plan)
 
 
 def load_engine(header: dict, weights: dict[str, np.ndarray]) -> ReferenceEngine:
@@ -224,14 +236,16 @@ def _fail(what: str) -> None:
     raise ValueError(f"reference plan: {what}")
 
 
-def _tensor(info: Any, what: str) -> str:
+def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
+    """A tensor record; with ``dynamic`` (a plan with profiles) -1 marks a size known at run time."""
     if not isinstance(info, dict) or not isinstance(info.get("name"), str):
         _fail(f"{what} should be a tensor {{name, shape, dtype}}")
     shape = info.get("shape")
+    least = -1 if dynamic else 0
     if (not isinstance(shape, list) or len(shape) > 8
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= least for d in shape)):
         _fail(f"{what} {info['name']!r}: shape should be at most 8 non-negative ints, got {str(shape)[:60]}")
-    if int(np.prod(shape, dtype=object)) > MAX_TENSOR_ELEMENTS:
+    if int(np.prod([abs(d) for d in shape], dtype=object)) > MAX_TENSOR_ELEMENTS:
         _fail(f"{what} {info['name']!r}: shape {shape} has more than {MAX_TENSOR_ELEMENTS} elements")
     if not isinstance(info.get("dtype"), str) or dtypes.torch_dtype(info["dtype"]) is None:
         _fail(f"{what} {info['name']!r}: unknown dtype {str(info.get('dtype'))[:40]!r}")
@@ -247,7 +261,12 @@ def check_plan(plan: Any) -> None:
     parts = {k: plan.get(k) for k in ("inputs", "outputs", "layers")}
     if not all(isinstance(v, list) for v in parts.values()) or not isinstance(plan.get("weight_locations"), dict):
         _fail("the plan needs the lists 'inputs', 'outputs', 'layers' and the object 'weight_locations'")
-    defined = {_tensor(t, "input") for t in parts["inputs"]}
+    dynamic = plan.get("profiles") is not None
+    if dynamic:   # well-formed ranges for the inputs the plan has (ShapeRangeError is a ValueError)
+        names = ShapeProfiles.from_json(plan["profiles"]).input_names
+        if sorted(names) != sorted(t.get("name") for t in parts["inputs"] if isinstance(t, dict)):
+            _fail("the profiles name other inputs than the plan")
+    defined = {_tensor(t, "input", dynamic) for t in parts["inputs"]}
     for i, layer in enumerate(parts["layers"]):
         if not isinstance(layer, dict) or not isinstance(layer.get("name"), str):
             _fail(f"layer {i} should be an object with a name")
@@ -262,9 +281,9 @@ def check_plan(plan: Any) -> None:
         for name in ins:
             if name is not None and (not isinstance(name, str) or name not in defined):
                 _fail(f"{where}: input {str(name)[:60]!r} is not defined before the layer")
-        defined.update(_tensor(t, f"{where}: output") for t in outs)
+        defined.update(_tensor(t, f"{where}: output", dynamic) for t in outs)
     for t in parts["outputs"]:
-        if _tensor(t, "output") not in defined:
+        if _tensor(t, "output", dynamic) not in defined:
             _fail(f"output {t['name'][:60]!r} is produced by no layer")
     layers = parts["layers"]
     for name, loc in plan["weight_locations"].items():

@@ -182,11 +182,11 @@ def elementwise(layer, ins, w):
 def shuffle(layer, ins, w):
     a = layer["attrs"]
     x = ins[0]
-    if len(ins) > 1 and ins[1] is not None:
-        raise NotImplementedError("dynamic reshape tensors")
     perm = a["first_transpose"][: x.dim()]
     x = x.permute(*perm)
     dims = a.get("reshape_dims")
+    if len(ins) > 1 and ins[1] is not None:   # reshape dimensions from a shape tensor (input 1)
+        dims = [int(v) for v in ins[1].reshape(-1).tolist()]
     if dims is not None:
         dims = list(dims)
         if a.get("zero_is_placeholder", True):
@@ -227,7 +227,34 @@ def einsum(layer, ins, w):
 
 @op("CONSTANT")
 def constant(layer, ins, w):
-    return [w["CONSTANT"].reshape(layer["attrs"]["shape"])]
+    a = layer["attrs"]
+    if "values" in a:   # an integer constant of shape arithmetic, kept in the plan
+        return [torch.tensor(a["values"], dtype=_DTYPES[layer["outputs"][0]["dtype"]]).reshape(a["shape"])]
+    return [w["CONSTANT"].reshape(a["shape"])]
+
+
+@op("SHAPE")
+def shape(layer, ins, w):
+    """IShapeLayer: the input's dimensions as an INT64 vector."""
+    return [torch.tensor(list(ins[0].shape), dtype=_DTYPES[layer["outputs"][0]["dtype"]])]
+
+
+@op("FILL")
+def fill(layer, ins, w):
+    """IFillLayer LINSPACE of rank 1: out[i] = alpha + i * beta; the length comes from the shape tensor
+    (input 0), alpha and beta from inputs 1 and 2 when given."""
+    a = layer["attrs"]
+    if a["operation"] != "LINSPACE":
+        raise NotImplementedError(f"layer {layer['name']!r}: fill operation {a['operation']}")
+    ins = list(ins) + [None] * (3 - len(ins))
+    dims = [int(v) for v in ins[0].reshape(-1).tolist()] if ins[0] is not None else list(layer["outputs"][0]["shape"])
+    if len(dims) != 1:
+        raise NotImplementedError(f"layer {layer['name']!r}: LINSPACE fill of rank {len(dims)}")
+    alpha = ins[1].reshape(()).item() if ins[1] is not None else a["alpha"]
+    beta = ins[2].reshape(-1)[0].item() if ins[2] is not None else a["beta"]
+    dtype = _DTYPES[layer["outputs"][0]["dtype"]]
+    values = alpha + beta * torch.arange(dims[0], dtype=torch.float64)
+    return [values.round().to(dtype) if not dtype.is_floating_point else values.to(dtype)]
 
 
 _RED = {"SUM": torch.sum, "PROD": None, "MAX": torch.amax, "MIN": torch.amin, "AVG": torch.mean}
@@ -287,8 +314,9 @@ def slice_(layer, ins, w):
     error), WRAP (coordinates wrap modulo the axis), CLAMP (to the nearest edge), FILL (out of range
     reads the fill value, input 4, or 0)."""
     a = layer["attrs"]
-    if any(t is not None for t in ins[1:4]):
-        raise NotImplementedError(f"layer {layer['name']!r}: dynamic slice parameters")
+    # start, size and stride may be shape tensors (inputs 1-3) instead of static attributes.
+    start, size, stride = ([int(v) for v in t.reshape(-1).tolist()] if t is not None else a[k]
+                           for t, k in zip(list(ins[1:4]) + [None] * (4 - len(ins)), ("start", "shape", "stride")))
     mode = a.get("mode") or "STRICT_BOUNDS"
     if mode == "DEFAULT":
         mode = "STRICT_BOUNDS"
@@ -298,7 +326,7 @@ def slice_(layer, ins, w):
     fill = ins[4] if len(ins) > 4 and ins[4] is not None else None
     if fill is not None and fill.numel() != 1:
         raise ValueError(f"layer {layer['name']!r}: the fill value must be a scalar")
-    for d, (s0, n, st) in enumerate(zip(a["start"], a["shape"], a["stride"])):
+    for d, (s0, n, st) in enumerate(zip(start, size, stride)):
         size = x.shape[d]
         idx = s0 + st * torch.arange(n)
         inside = (idx >= 0) & (idx < size)

@@ -41,9 +41,11 @@ import torch
 
 from .. import _trt, dtypes
 from ..errors import BackendUnavailableError
+from ..shapes import ShapeProfiles
 from .base import WeightsPrototype, read_only_views
 from .tensorrt_build import PlanBuild, build_plan
 from .tensorrt_probe import ProbeResult, probe
+from .tensorrt_shapes import set_input_shapes
 from .tensorrt_refit import TensorRTRefitter, make_error_recorder
 
 __all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "probe_result", "build", "load_engine",
@@ -69,15 +71,20 @@ def usable() -> tuple[bool, str]:
 
 
 # ---- inputs -------------------------------------------------------------------------
-def check_inputs(specs: Sequence[dict], inputs: Sequence[Any]) -> None:
+def check_inputs(specs: Sequence[dict], inputs: Sequence[Any], profiles: ShapeProfiles | None = None) -> None:
     """Raise a clear error when ``inputs`` do not match the engine's input specs
-    ({name, shape, dtype (TensorRT DataType name)})."""
+    ({name, shape, dtype (TensorRT DataType name)}); with ``profiles``, a shape must lie inside one
+    optimization profile instead of equalling the spec."""
     if len(inputs) != len(specs):
         raise ValueError(f"engine takes {len(specs)} input(s) {[s['name'] for s in specs]}, got {len(inputs)}")
     for spec, x in zip(specs, inputs):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"input {spec['name']!r}: expected a torch.Tensor, got {type(x).__name__}")
-        if list(x.shape) != list(spec["shape"]):
+    if profiles is not None:
+        by_name = {spec["name"]: tuple(x.shape) for spec, x in zip(specs, inputs)}
+        profiles.profile_for([by_name.get(n, ()) for n in profiles.input_names])
+    for spec, x in zip(specs, inputs):
+        if profiles is None and list(x.shape) != list(spec["shape"]):
             raise ValueError(f"input {spec['name']!r}: expected shape {list(spec['shape'])}, got {list(x.shape)} "
                              f"(the engine was built for static shapes; recompile for another shape)")
         want = dtypes.torch_dtype(spec["dtype"])
@@ -111,6 +118,8 @@ class TensorRTEngine:
                                           "(torch.cuda.is_available() is False)")
         self.meta = meta
         self._plan = plan
+        self._profiles = ShapeProfiles.from_json(meta["profiles"]) if meta.get("profiles") else None
+        self._profile_index = 0   # a new execution context starts on profile 0
         # The current device, not the one recorded at build time: a loaded engine runs where it is loaded.
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._recorder = make_error_recorder(t)
@@ -149,7 +158,7 @@ class TensorRTEngine:
             name = self._engine.get_tensor_name(i)
             spec = {"name": name, "shape": [int(s) for s in self._engine.get_tensor_shape(name)],
                     "dtype": self._engine.get_tensor_dtype(name).name}
-            if any(s < 0 for s in spec["shape"]):
+            if any(s < 0 for s in spec["shape"]) and self._profiles is None:
                 raise BackendUnavailableError(f"tensor {name!r} has a dynamic shape {spec['shape']}; refitcore builds "
                                               f"static shapes only")
             (ins if self._engine.get_tensor_mode(name) == t.TensorIOMode.INPUT else outs).append(spec)
@@ -187,7 +196,7 @@ class TensorRTEngine:
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Run on ``inputs`` (CPU or CUDA tensors); outputs come back on CUDA when every input was
         on CUDA (stream-ordered on the current stream, not synchronized), else on the CPU."""
-        check_inputs(self._inputs, inputs)
+        check_inputs(self._inputs, inputs, self._profiles)
         dev = self._device
         on_cuda = all(x.is_cuda for x in inputs)
         with torch.cuda.device(dev):
@@ -195,7 +204,16 @@ class TensorRTEngine:
             # Temporaries are stream-ordered on this stream, so the caching allocator cannot hand
             # their memory to anything else before the engine has consumed them.
             xs = [x.detach().to(dev).contiguous() for x in inputs]
-            outs = [torch.empty(s["shape"], dtype=dtypes.torch_dtype(s["dtype"]), device=dev) for s in self._outputs]
+            out_shapes = [s["shape"] for s in self._outputs]
+            if self._profiles is not None:
+                # Dynamic shapes: input shapes go on the context before enqueueing; the outputs'
+                # concrete shapes are then the context's (see .tensorrt_shapes for the docs).
+                self._profile_index = set_input_shapes(
+                    self._context, self._profiles, self.input_names, [tuple(x.shape) for x in xs],
+                    current=self._profile_index, stream_handle=stream.cuda_stream, said=self._said)
+                out_shapes = [tuple(self._context.get_tensor_shape(s["name"])) for s in self._outputs]
+            outs = [torch.empty(shape, dtype=dtypes.torch_dtype(s["dtype"]), device=dev)
+                    for shape, s in zip(out_shapes, self._outputs)]
             for spec, tensor in list(zip(self._inputs, xs)) + list(zip(self._outputs, outs)):
                 if not self._context.set_tensor_address(spec["name"], int(tensor.data_ptr())):
                     raise RuntimeError(f"TensorRT refused the address of tensor {spec['name']!r}: "
@@ -255,8 +273,9 @@ def build(result, **options: Any) -> TensorRTEngine:
                                       "(torch.cuda.is_available() is False). Use backend='reference' or 'auto'.")
     t = _trt.trt()
     recorder = make_error_recorder(t)
+    profiles = getattr(result, "profiles", None)
     pb: PlanBuild = build_plan(result.builder, result.network, precision=options.get("precision", "fp32"),
-                               tf32=bool(options.get("tf32", False)), recorder=recorder)
+                               tf32=bool(options.get("tf32", False)), recorder=recorder, profiles=profiles)
     weights = {k: np.asarray(v) for k, v in result.weights.items()}
     meta = {
         "flavour": _trt.flavour(), "trt_version": _trt.version(), "precision": pb.precision, "tf32": pb.tf32,
@@ -265,9 +284,12 @@ def build(result, **options: Any) -> TensorRTEngine:
         "output_names": list(result.output_names),
         "weight_shapes": {k: list(v.shape) for k, v in weights.items()},
         "build_seconds": pb.seconds, "plan_bytes": pb.nbytes,
+        "profiles": profiles.to_json() if profiles is not None else None,
     }
     engine = TensorRTEngine(pb.plan, weights, meta)
-    refittable = set(engine.create_refitter().get_all_weights())
+    # INT64 constants of shape arithmetic are structure: never set by refit, whether or not
+    # TensorRT lists them as refittable.
+    refittable = set(engine.create_refitter().get_all_weights()) - set(getattr(result, "shape_constants", ()))
     named = set(weights)
     if refittable != named:
         raise RuntimeError(

@@ -26,6 +26,7 @@ import time
 
 from .. import _trt
 from ..errors import BackendUnavailableError
+from .tensorrt_shapes import add_profiles
 
 __all__ = ["PRECISIONS", "PlanBuild", "builder_config", "build_plan"]
 
@@ -82,15 +83,17 @@ def _drain(recorder) -> list[str]:
 
 
 def build_plan(builder, network, *, precision: str = "fp32", tf32: bool = False, refit: bool = True,
-               recorder=None, check_support: bool = True) -> PlanBuild:
+               recorder=None, check_support: bool = True, profiles=None) -> PlanBuild:
     """Build ``network`` into a serialized plan; raise a :class:`RuntimeError` carrying TensorRT's
-    own messages when the builder refuses it."""
+    own messages when the builder refuses it. ``profiles`` (:class:`refitcore.shapes.ShapeProfiles`)
+    become optimization profiles (needed when an input has -1 dimensions)."""
     t = _trt.trt()
     log = _trt.logger()
     log.take()  # start from a clean slate: only this build's messages are reported
     if recorder is not None:
         builder.error_recorder = recorder
     config = builder_config(builder, precision=precision, tf32=tf32, refit=refit, trt=t)
+    add_profiles(builder, config, profiles)
     supported = None
     if check_support and hasattr(builder, "is_network_supported"):
         try:

@@ -47,6 +47,8 @@ class ConversionContext:
     node: fx.Node | None = None
     values: dict = dataclasses.field(default_factory=dict)   # fx node name -> converted value
     weights: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    symbols: Any = None                  # shape_tensors.SymbolTable: dynamic sizes in the network
+    shape_constants: list = dataclasses.field(default_factory=list)   # INT64 constants (structure, not weights)
     _used_names: set = dataclasses.field(default_factory=set)
     keepalive: list = dataclasses.field(default_factory=list)
     _pending: list = dataclasses.field(default_factory=list)   # weights awaiting their layer's name

@@ -19,8 +19,9 @@ from ..weight_map import WeightMap
 from . import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
 from .context import ConversionContext, StaticValue
 from .registry import Unsupported, lookup
+from .shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
 
-__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops"]
+__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
 @dataclasses.dataclass
 class ConversionResult:
@@ -33,6 +34,8 @@ class ConversionResult:
     output_names: list[str]
     output_shapes: list[tuple[int, ...]]
     keepalive: list = dataclasses.field(repr=False, default_factory=list)
+    profiles: Any = None                    # refitcore.shapes.ShapeProfiles for dynamic inputs, else None
+    shape_constants: list = dataclasses.field(default_factory=list)   # INT64 structure, never refitted
 
 
 def _short_op(node: fx.Node) -> str:
@@ -51,7 +54,10 @@ def layer_names_for(gm: fx.GraphModule) -> dict[str, str]:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "placeholder"):
             continue
-        path = module_path(node) if node.op == "call_function" else "input"
+        # A size node (sym_size.int on a dynamic input) can carry an exporter-internal module
+        # stack; its layers are shape arithmetic: name them at the top level.
+        path = "" if node.op == "call_function" and is_size_node(node) else (
+            module_path(node) if node.op == "call_function" else "input")
         base = f"{path or 'model'}/{_short_op(node) if node.op == 'call_function' else node.name}"
         k = seen[base]
         seen[base] += 1
@@ -64,6 +70,24 @@ aten = torch.ops.aten
 # literals, e.g. Swin's attention mask built with x.new_zeros(...).
 SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
                             aten.zeros_like.default, aten.ones_like.default, aten.full_like.default})
+# Run-time checks torch.export adds for dynamic sizes; the optimization profile guarantees them.
+ASSERT_OPS = frozenset({aten._assert_scalar.default, aten.sym_constrain_range_for_size.default,
+                        aten.sym_constrain_range.default, aten._assert_tensor_metadata.default})
+
+
+def is_size_node(node: fx.Node) -> bool:
+    """A node computing a size (``sym_size.int``, ``operator.mul`` on SymInts...): it becomes shape
+    arithmetic in the network (see :mod:`.shape_tensors`), not an op that needs a converter."""
+    return isinstance(node.meta.get("val"), (torch.SymInt, torch.SymBool)) or node.target in ASSERT_OPS
+
+
+def _stand_in_shape(val) -> tuple[int, ...]:
+    return tuple(1 if is_symbolic(s) else int(s) for s in val.shape)
+
+
+def _symbolic_shape(node: fx.Node) -> bool:
+    val = node.meta.get("val")
+    return hasattr(val, "shape") and any(is_symbolic(s) for s in val.shape)
 
 
 def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
@@ -72,26 +96,37 @@ def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
         if node.op == "placeholder":
             if node.name in user_inputs:
                 dynamic.add(node.name)
-        elif node.op == "call_function" and node.target not in SHAPE_ONLY_OPS:
+        elif node.op == "call_function" and (node.target not in SHAPE_ONLY_OPS or _symbolic_shape(node)):
             if any(isinstance(a, fx.Node) and a.name in dynamic for a in node.all_input_nodes):
                 dynamic.add(node.name)
     return dynamic
 
 
+def dynamic_node_names(ep) -> set[str]:
+    """Names of the nodes that depend on the model's inputs (user inputs included); the others
+    are computed from weights alone and fold into literals or weight-map operands."""
+    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    return _dynamic_nodes(ep.graph_module, user_inputs)
+
+
+def node_problem(node: fx.Node) -> str | None:
+    """None when a converter handles ``node``; else why not ('' when no converter is registered)."""
+    entry = lookup(node.target)
+    if entry is None:
+        return ""
+    if entry.capability is not None:
+        return entry.capability(node)
+    return None
+
+
 def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
     """Every op call that needs a converter and has none (or whose converter declines it)."""
-    user_inputs = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
-    dynamic = _dynamic_nodes(ep.graph_module, user_inputs)
+    dynamic = dynamic_node_names(ep)
     problems = []
     for node in ep.graph_module.graph.nodes:
-        if node.op != "call_function" or node.name not in dynamic:
+        if node.op != "call_function" or node.name not in dynamic or is_size_node(node):
             continue
-        entry = lookup(node.target)
-        reason = None
-        if entry is None:
-            reason = ""
-        elif entry.capability is not None:
-            reason = entry.capability(node)
+        reason = node_problem(node)
         if reason is not None:
             target = str(node.target) + (f" ({reason})" if reason else "")
             problems.append((target, module_path(node), node.name))
@@ -153,8 +188,12 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
 
 
 def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor] | None = None,
-            *, fusion: FusionPlan | None = None) -> ConversionResult:
-    """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights."""
+            *, fusion: FusionPlan | None = None, profiles: Any = None) -> ConversionResult:
+    """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
+
+    Dimensions that ``ep`` exported as dynamic become -1 in the network inputs; ``profiles``
+    (:class:`refitcore.shapes.ShapeProfiles`) travels to the backend, which makes them
+    optimization profiles."""
     problems = unsupported_ops(ep)
     if problems:
         raise UnsupportedOperatorError(problems)
@@ -174,7 +213,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
     network = builder.create_network(0)
     wm = WeightMap()
     ctx = ConversionContext(network=network, weight_map=wm, layer_names=layer_names_for(gm),
-                            fusions_conv_to_bn=dict(fusion.conv_to_bn))
+                            fusions_conv_to_bn=dict(fusion.conv_to_bn), symbols=SymbolTable())
 
     specs = {s.arg.name: s for s in sig.input_specs}
     values: dict[str, Any] = {}
@@ -192,24 +231,38 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
         ctx.node = node
         if node.op == "placeholder":
             spec = specs[node.name]
-            if spec.kind == InputKind.USER_INPUT:
+            if spec.kind == InputKind.USER_INPUT and not isinstance(node.meta.get("val"), torch.Tensor):
+                values[node.name] = node.meta.get("val")   # None or a Python scalar: a graph constant
+            elif spec.kind == InputKind.USER_INPUT:
                 val = node.meta["val"]
                 dtype = getattr(trt.DataType, dtypes.trt_name(val.dtype, "FLOAT"))
-                t = network.add_input(node.name, dtype, trt.Dims(tuple(int(s) for s in val.shape)))
+                dims = symbolic_dims(val)   # -1 where the dimension is dynamic
+                t = network.add_input(node.name, dtype, trt.Dims(dims))
+                for d, size in enumerate(val.shape):
+                    if is_symbolic(size) and size.node.expr.is_Symbol:
+                        ctx.symbols.dims.setdefault(size.node.expr, (t, d))
                 values[node.name] = t
                 input_names.append(node.name)
-                input_shapes.append(tuple(int(s) for s in val.shape))
+                input_shapes.append(dims)
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.persistent is not False:
                 values[node.name] = StaticValue(state[spec.target], {"key": spec.target})
             else:  # non-persistent buffers and lifted constants: not in a state_dict
                 tensor = constants[spec.target] if spec.target in constants else state[spec.target]
                 values[node.name] = StaticValue(tensor, None, origin=_origin(spec.target))
+        elif node.op == "call_function" and is_size_node(node):
+            val = node.meta.get("val")
+            try:
+                values[node.name] = (sym_value(ctx, val) if isinstance(val, torch.SymInt) and is_symbolic(val)
+                                     else int(val) if isinstance(val, torch.SymInt) else None)
+            except Unsupported as err:
+                raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
         elif node.op == "call_function":
             args = resolve(list(node.args))
             kwargs = {k: resolve(v) for k, v in node.kwargs.items()}
-            if node.target in SHAPE_ONLY_OPS:
-                # Only the input's shape/dtype matter: stand in a zero tensor of that shape.
-                args = [StaticValue(torch.zeros(a.meta["val"].shape, dtype=a.meta["val"].dtype), None)
+            if node.target in SHAPE_ONLY_OPS and not _symbolic_shape(node):
+                # Only the input's shape/dtype matter: stand in a zero tensor of that shape. (A
+                # dynamic input of new_zeros(x, size) matters by its dtype only: the output is static.)
+                args = [StaticValue(torch.zeros(_stand_in_shape(a.meta["val"]), dtype=a.meta["val"].dtype), None)
                         if isinstance(a, fx.Node) else v for a, v in zip(node.args, args)]
             if not _any_dynamic(args) and not _any_dynamic(list(kwargs.values())):
                 values[node.name] = _fold_static(ctx, node, args, kwargs)
@@ -220,6 +273,10 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                     ctx.check_all_named()
                 except Unsupported as err:
                     raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
+                except Exception as err:
+                    # Any other failure: say which call it was (the partitioner runs that call in PyTorch).
+                    err.refitcore_node = node.name
+                    raise
         elif node.op == "output":
             outs = resolve(node.args[0])
             output_names, output_shapes = [], []
@@ -233,12 +290,13 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
                 o.name = f"output_{i}"
                 network.mark_output(o)
                 output_names.append(o.name)
-                output_shapes.append(tuple(src.meta["val"].shape))
+                output_shapes.append(symbolic_dims(src.meta["val"]))
     ctx.node = None
     return ConversionResult(network=network, builder=builder, weight_map=wm, weights=ctx.weights,
                             input_names=input_names, input_shapes=input_shapes,
                             output_names=output_names, output_shapes=output_shapes,
-                            keepalive=ctx.keepalive)
+                            keepalive=ctx.keepalive, profiles=profiles,
+                            shape_constants=list(ctx.shape_constants))
 
 
 def _origin(target: str) -> str | None:

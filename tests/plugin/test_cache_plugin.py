@@ -132,7 +132,7 @@ def _planted_session(tmp_path, paths):
     from pytest_trtrefit.config import RefitConfig
     from pytest_trtrefit.service import RefitSession
     from refitcore.cache import EngineCache, pack_entry
-    from refitcore.fingerprint import cache_key
+    from refitcore.compile import compile_cache_key as cache_key
     from tests.cli_models import small_net, small_net_gelu
 
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -155,4 +155,4 @@ def test_a_wrong_cached_engine_is_rebuilt_when_the_fallback_exports(tmp_path):
     session, factory, x = _planted_session(tmp_path, ("cached", "fallback"))
     outcome = session.check(factory, factory().state_dict(), x)
     assert outcome.ok
-    assert session.builds[-1]["cache"] == "miss" and "is not the engine's" in session.builds[-1]["note"]
+    assert session.builds[-1]["cache"] == "miss" and "graph differs from the compiled one" in session.builds[-1]["note"]

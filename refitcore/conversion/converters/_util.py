@@ -8,9 +8,10 @@ import torch
 from ... import dtypes
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported
+from ..shape_tensors import ShapeValue, dim_of, shape_vector, symbolic_dims
 
 __all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
-           "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of"]
+           "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of", "prepend_ones"]
 
 
 def arg(args: Sequence[Any], kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -30,12 +31,30 @@ def rank(t) -> int:
 
 
 def out_shape(ctx: ConversionContext) -> tuple[int, ...]:
-    return tuple(int(s) for s in ctx.node.meta["val"].shape)
+    """The node's output shape, -1 where it varies with a dynamic input dimension."""
+    return symbolic_dims(ctx.node.meta["val"])
 
 
 def reshape(ctx: ConversionContext, x, shape: Sequence[int], suffix: str | None = None):
+    """Reshape to static ``shape``; one -1 entry (a dynamic size) is inferred by TensorRT from the
+    volume. More than one cannot be told apart: converters pass a shape tensor instead
+    (:func:`refitcore.conversion.converters.shape_dynamic.reshape_to`)."""
+    dims = tuple(int(s) for s in shape)
+    if sum(d < 0 for d in dims) > 1:
+        raise Unsupported(f"reshape to {list(dims)}: more than one dynamic dimension without a shape tensor")
     layer = ctx.network.add_shuffle(x)
-    layer.reshape_dims = ctx.trt.Dims(tuple(int(s) for s in shape))
+    layer.reshape_dims = ctx.trt.Dims(dims)
+    return ctx.name(layer, suffix).get_output(0)
+
+
+def prepend_ones(ctx: ConversionContext, x, k: int, suffix: str):
+    """``x`` with ``k`` leading 1-dimensions (broadcast-ready), also when ``x`` has dynamic dims."""
+    shp = shape_of(x)
+    if sum(d < 0 for d in shp) <= 1:
+        return reshape(ctx, x, (1,) * k + shp, suffix=suffix)
+    dims = shape_vector(ctx, [1] * k + [dim_of(ctx, x, d) if n < 0 else n for d, n in enumerate(shp)])
+    layer = ctx.network.add_shuffle(x)
+    layer.set_input(1, dims)
     return ctx.name(layer, suffix).get_output(0)
 
 
@@ -48,9 +67,12 @@ def as_tensor(ctx: ConversionContext, value, *, rank_: int, suffix: str, dtype: 
         return ctx.constant(value, rank=rank_, suffix=suffix)
     if isinstance(value, torch.Tensor):
         raise TypeError("internal error: raw torch.Tensor reached a converter")
+    if isinstance(value, ShapeValue):  # a run-time size used as a number
+        layer = ctx.network.add_cast(value.tensor, ctx.trt.float32)
+        value = ctx.name(layer, f"{suffix}_size").get_output(0)
     r = rank(value)
     if r < rank_:
-        return reshape(ctx, value, (1,) * (rank_ - r) + shape_of(value), suffix=f"{suffix}_rank")
+        return prepend_ones(ctx, value, rank_ - r, suffix=f"{suffix}_rank")
     return value
 
 
@@ -76,6 +98,8 @@ def promoted_dtype(ctx: ConversionContext, *values) -> torch.dtype:
             proxies.append(v.tensor)
         elif isinstance(v, (int, float, bool)):
             proxies.append(v)
+        elif isinstance(v, ShapeValue):   # a run-time size promotes like a Python int
+            proxies.append(1)
         else:
             proxies.append(torch.zeros(1, dtype=torch_dtype_of(ctx, v)))
     dtype = proxies[0] if len(proxies) == 1 else torch.result_type(*proxies[:2])
@@ -118,7 +142,7 @@ def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: i
     if dtype == torch.float32:
         return t
     src = value.tensor if isinstance(value, StaticValue) else value
-    if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.numel() and \
+    if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.dtype != torch.bool and src.numel() and \
             int(src.abs().max()) >= 2 ** 24:
         raise Unsupported(f"integer constant beyond 2**24 ({int(src.abs().max())}) is not exact as float32")
     return cast(ctx, t, dtype, suffix=f"{suffix}_cast")

@@ -1,8 +1,9 @@
 """Scaled dot-product attention, spelled out in TensorRT layers:
 softmax(q @ k^T * scale + mask) @ v (the math of ``torch.nn.functional.scaled_dot_product_attention``).
 
-The scale is a literal (recorded as a constant); a constant boolean mask becomes a float mask of 0 and
-``MASKED``; float masks are added; ``is_causal`` is a literal lower-triangular float mask.
+The scale is a literal (recorded as a constant); a boolean mask becomes a float mask of 0 and
+``MASKED`` (folded when it is a constant, an ISelectLayer when the network computes it, e.g. from
+the input's shape); float masks are added; ``is_causal`` is a literal lower-triangular float mask.
 """
 from __future__ import annotations
 
@@ -59,6 +60,8 @@ def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=N
     factor = ctx.constant(torch.tensor(scale), rank=r, suffix="scale")
     s = ctx.name(ctx.network.add_elementwise(s, factor, trt.ElementWiseOperation.PROD), "scaled").get_output(0)
     if is_causal:
+        if L < 0 or S < 0:
+            raise Unsupported("causal attention over a dynamic sequence length (its mask is a literal of static size)")
         if attn_mask is not None:
             raise Unsupported("attention with both attn_mask and is_causal")
         attn_mask = StaticValue(torch.zeros(L, S).masked_fill(torch.ones(L, S, dtype=torch.bool).triu(1), MASKED),
@@ -68,8 +71,11 @@ def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=N
         if mask_dtype is torch.bool or (mask_dtype is None and attn_mask.dtype == trt.bool):
             if isinstance(attn_mask, StaticValue):
                 attn_mask = _float_mask(ctx, attn_mask)
-            else:
-                raise Unsupported("a boolean attention mask computed from the input")
+            else:   # computed in the network (e.g. from the input's shape): 0 where True, MASKED elsewhere
+                mr = rank(attn_mask)
+                keep = as_tensor(ctx, 0.0, rank_=mr, suffix="mask_keep")
+                drop = as_tensor(ctx, MASKED, rank_=mr, suffix="mask_drop")
+                attn_mask = ctx.name(ctx.network.add_select(attn_mask, keep, drop), "mask_select").get_output(0)
         m = as_tensor(ctx, attn_mask, rank_=r, suffix="mask")
         s = ctx.name(ctx.network.add_elementwise(s, m, trt.ElementWiseOperation.SUM), "masked").get_output(0)
     p = softmax(ctx, s, r - 1, suffix="softmax")

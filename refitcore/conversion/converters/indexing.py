@@ -14,16 +14,22 @@ import torch
 
 from ..context import ConversionContext, StaticValue
 from ..registry import Unsupported, converter
-from ._util import rank, shape_of, typed_constant
+from ..shape_tensors import ShapeValue, dim_of
+from ._util import rank, reshape, shape_of, typed_constant
 from .elementwise import elementwise
 
 aten = torch.ops.aten
 
 
-def _indices(ctx: ConversionContext, index, size: int, suffix: str = "index"):
-    """An int32/int64 ITensor of indices into an axis of ``size`` elements, negatives wrapped."""
+def _indices(ctx: ConversionContext, index, size, suffix: str = "index"):
+    """An int32/int64 ITensor of indices into an axis of ``size`` elements (an int, or a run-time
+    size for a dynamic axis), negatives wrapped."""
     if isinstance(index, StaticValue):
         idx = index.tensor.long()
+        if not isinstance(size, int):
+            if idx.numel() and int(idx.min()) < 0:
+                raise Unsupported("a negative literal index into a dynamic dimension")
+            return typed_constant(ctx, StaticValue(idx.to(torch.int32), None), torch.int32, suffix=suffix)
         if idx.numel() and (int(idx.max()) >= size or int(idx.min()) < -size):
             raise Unsupported(f"index out of range for an axis of {size}")
         return typed_constant(ctx, StaticValue(torch.where(idx < 0, idx + size, idx).to(torch.int32), None),
@@ -46,9 +52,15 @@ def gather(ctx: ConversionContext, data, index, axis: int, *, suffix: str | None
     if isinstance(data, StaticValue):
         data = ctx.constant(data, suffix="weight")
     axis %= rank(data)
-    idx = _indices(ctx, index, shape_of(data)[axis])
+    idx = _indices(ctx, index, _size(ctx, data, axis))
     layer = ctx.network.add_gather(data, idx, axis)
     return ctx.name(layer, suffix).get_output(0)
+
+
+def _size(ctx: ConversionContext, data, axis: int):
+    """The size of ``data``'s axis: an int, or a run-time size (dynamic shapes)."""
+    n = shape_of(data)[axis]
+    return n if n >= 0 else ShapeValue(dim_of(ctx, data, axis), None)
 
 
 @converter(aten.embedding.default)
@@ -65,27 +77,41 @@ def index_select(ctx, node, args, kwargs):
 def _one_index(node) -> str | None:
     indices = node.args[1]
     used = [i for i in indices if i is not None]
-    if len(used) != 1:
-        return f"indexing with {len(used)} index tensors (one is supported)"
-    if used[0].meta["val"].dtype == torch.bool:
+    if any(i.meta["val"].dtype == torch.bool for i in used):
         return "boolean mask indexing (data-dependent shape)"
+    if len(used) != 1 and (len(used) != len(indices) or len(indices) != node.args[0].meta["val"].dim()):
+        return f"indexing with {len(used)} index tensors (one, or one per axis, is supported)"
     return None
 
 
 @converter(aten.index.Tensor, capability=_one_index)
 def index_tensor(ctx, node, args, kwargs):
-    """x[..., idx, ...] with one index tensor at axis d: a gather along d."""
-    indices = list(args[1])
-    axis = next(i for i, v in enumerate(indices) if v is not None)
-    return gather(ctx, args[0], indices[axis], axis)
+    """x[..., idx, ...] with one index tensor at axis d: a gather along d. x[i0, i1, ...] with an
+    index for every axis (e.g. a padding mask read at broadcast (batch, position) indices): a gather
+    from the flattened x at the linear index ((i0 * n1) + i1) * n2 + ..., which broadcasts the
+    indices as PyTorch does."""
+    data, indices = args[0], list(args[1])
+    used = [i for i, v in enumerate(indices) if v is not None]
+    if len(used) == 1:
+        return gather(ctx, data, indices[used[0]], used[0])
+    if isinstance(data, StaticValue):
+        data = typed_constant(ctx, data, node.meta["val"].dtype, suffix="weight")
+    linear = None
+    for d, index in enumerate(indices):
+        size = _size(ctx, data, d)
+        idx = _indices(ctx, index, size, suffix=f"index{d}")
+        linear = idx if linear is None else elementwise(
+            ctx, elementwise(ctx, linear, size, "PROD", suffix=f"stride{d}"), idx, "SUM", suffix=f"linear{d}")
+    flat = reshape(ctx, data, (-1,), suffix="flat")
+    return gather(ctx, flat, linear, 0)
 
 
 @converter(aten.gather.default)
 def gather_elements(ctx, node, args, kwargs):
     """torch.gather: TensorRT's ELEMENT mode (output shape = index shape)."""
     data, dim, index = args[0], args[1], args[2]
-    if isinstance(data, StaticValue):
-        data = ctx.constant(data, suffix="weight")
+    if isinstance(data, StaticValue):   # in its own dtype: an integer buffer gathers integers
+        data = typed_constant(ctx, data, node.meta["val"].dtype, suffix="weight")
     dim %= rank(data)
     idx = _indices(ctx, index, shape_of(data)[dim])
     layer = ctx.network.add_gather(data, idx, dim)

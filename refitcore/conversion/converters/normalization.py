@@ -24,7 +24,9 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
     shift = recipes.bn_shift(gamma=t(gamma), beta=t(beta), mean=t(mean), var=t(var), eps=eps)
     op = lambda v: None if v is None else ctx.operand(v)  # noqa: E731
     r = rank(x)
-    inp = x if r >= 4 else reshape(ctx, x, shape_of(x) + (1,) * (4 - r), suffix="to4d")
+    # Dynamic dims: 0 copies the input's dimension (zero_is_placeholder), exact for any size.
+    kept = tuple(0 if d < 0 else d for d in shape_of(x))
+    inp = x if r >= 4 else reshape(ctx, x, kept + (1,) * (4 - r), suffix="to4d")
     scale_w = ctx.new_weights("SCALE", scale.numpy(), "bn_scale",
                               {"gamma": op(gamma), "var": op(var)}, {"eps": eps})
     shift_w = ctx.new_weights("SHIFT", shift.numpy(), "bn_shift",
@@ -32,7 +34,7 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
                               {"eps": eps})
     layer = ctx.network.add_scale_nd(inp, trt.ScaleMode.CHANNEL, shift_w, scale_w, trt.Weights(), 1)
     out = ctx.name(layer).get_output(0)
-    return out if r >= 4 else reshape(ctx, out, shape_of(x), suffix="from4d")
+    return out if r >= 4 else reshape(ctx, out, kept, suffix="from4d")
 
 
 @converter(aten._native_batch_norm_legit_no_training.default)

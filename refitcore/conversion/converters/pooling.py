@@ -48,6 +48,8 @@ def pooling(ctx: ConversionContext, x, kind: str, kernel, stride, padding, *, ce
     if rank(x) < n + 1:
         raise Unsupported(f"pooling over {n} axes needs an input of rank >= {n + 1}")
     spatial = shape_of(x)[-n:]
+    if ceil_mode and any(d < 0 for d in spatial):
+        raise Unsupported("ceil_mode pooling over a dynamic spatial dimension")
     extra = [_ceil_extra(spatial[d], kernel[d], stride[d], padding[d]) if ceil_mode else 0 for d in range(n)]
     exclude_padding = not count_include_pad
     if kind == "AVERAGE" and any(extra):
@@ -100,6 +102,8 @@ def adaptive_avg_pool2d(ctx, node, args, kwargs):
     h, w = shape_of(x)[-2:]
     if out_hw == [1, 1]:
         return reduce_mean(ctx, x, [-2, -1], True)
+    if h < 0 or w < 0:
+        raise Unsupported(f"adaptive pooling of a dynamic spatial size to {out_hw} (only to 1x1)")
     if h % out_hw[0] == 0 and w % out_hw[1] == 0:
         k = [h // out_hw[0], w // out_hw[1]]
         return pooling(ctx, x, "AVERAGE", k, k, 0)

@@ -7,7 +7,9 @@ import torch
 
 from ..context import ConversionContext
 from ..registry import Unsupported, converter
+from ..shape_tensors import dim_of, shape_vector
 from ._util import arg, as_tensor, out_shape, rank, reshape, shape_of
+from .shape_dynamic import expand_dynamic, is_dynamic, reshape_to_meta, same_shape, slice_dynamic
 
 aten = torch.ops.aten
 
@@ -32,6 +34,10 @@ def dropout(ctx, node, args, kwargs):
            aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
            aten.unflatten.int)
 def view(ctx, node, args, kwargs):
+    if is_dynamic(ctx, args[0]):
+        if same_shape(node.meta["val"], node.args[0].meta["val"]):
+            return args[0]
+        return reshape_to_meta(ctx, args[0])
     shape = out_shape(ctx)
     if shape == shape_of(args[0]):
         return args[0]
@@ -65,8 +71,18 @@ def t(ctx, node, args, kwargs):
 
 
 def slice_(ctx: ConversionContext, x, start, shape, stride, suffix=None):
+    """A static ISliceLayer; a -1 in ``shape`` keeps a whole dynamic axis (start 0, stride 1), its
+    size then read from the input's shape at run time."""
     trt = ctx.trt
-    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(shape)), trt.Dims(tuple(stride)))
+    sizes = None
+    if any(s < 0 for s in shape):
+        if any(s < 0 and (b != 0 or st != 1) for s, b, st in zip(shape, start, stride)):
+            raise Unsupported("a strided or offset slice along a dynamic dimension")
+        sizes = shape_vector(ctx, [dim_of(ctx, x, d) if s < 0 else s for d, s in enumerate(shape)])
+    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(max(s, 1) for s in shape)),
+                                  trt.Dims(tuple(stride)))
+    if sizes is not None:
+        layer.set_input(2, sizes)
     return ctx.name(layer, suffix).get_output(0)
 
 
@@ -78,6 +94,10 @@ def slice_tensor(ctx, node, args, kwargs):
     dim = arg(args, kwargs, 1, "dim", 0) % r
     start = arg(args, kwargs, 2, "start", None) or 0
     step = arg(args, kwargs, 4, "step", 1)
+    if is_dynamic(ctx, x, start):
+        if same_shape(node.meta["val"], node.args[0].meta["val"]) and start == 0 and step == 1:
+            return x
+        return slice_dynamic(ctx, x, dim, start, step)
     if start < 0:
         start += shp[dim]
     start = max(0, min(start, shp[dim]))
@@ -96,18 +116,25 @@ def select(ctx, node, args, kwargs):
     x, dim, index = args[0], args[1], args[2]
     shp = shape_of(x)
     dim %= len(shp)
-    index %= shp[dim]
+    if shp[dim] >= 0:
+        index %= shp[dim]
+    elif index < 0:
+        raise Unsupported(f"select of index {index} from the end of dynamic dimension {dim}")
     starts = [0] * len(shp)
     starts[dim] = index
     size = list(shp)
     size[dim] = 1
     y = slice_(ctx, x, starts, size, [1] * len(shp), suffix="slice")
+    if is_dynamic(ctx, x):
+        return reshape_to_meta(ctx, y)
     return reshape(ctx, y, out_shape(ctx))
 
 
 def _split(ctx, x, sizes, dim):
     shp = shape_of(x)
     dim %= len(shp)
+    if shp[dim] < 0:
+        raise Unsupported(f"split/unbind along dynamic dimension {dim}")
     outs, offset = [], 0
     for i, size in enumerate(sizes):
         starts = [0] * len(shp)
@@ -142,8 +169,12 @@ def cat(ctx, node, args, kwargs):
 def expand(ctx, node, args, kwargs):
     x = args[0]
     out = out_shape(ctx)
-    x = as_tensor(ctx, x, rank_=len(out), suffix="src")
+    x = as_tensor(ctx, x, rank_=len(out), suffix="src", dtype=node.meta["val"].dtype)
     shp = shape_of(x)
+    if is_dynamic(ctx, x):
+        if same_shape(node.meta["val"], node.args[0].meta["val"]):
+            return x
+        return expand_dynamic(ctx, x)
     if shp == out:
         return x
     # A slice with stride 0 along a size-1 axis repeats it (TensorRT ISliceLayer semantics).
@@ -157,7 +188,13 @@ def _slice_mode(ctx: ConversionContext, x, start, shape, mode: str, *, fill=None
     read ``fill`` (a literal scalar constant, input 4)."""
     trt = ctx.trt
     fill_value = None if fill is None else ctx.constant(torch.tensor(float(fill)), shape=(), suffix="fill")
-    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(shape)), trt.Dims((1,) * len(shape)))
+    sizes = None
+    if any(s < 0 for s in shape):  # whole dynamic axes (start 0): their size comes from the input
+        sizes = shape_vector(ctx, [dim_of(ctx, x, d) if s < 0 else s for d, s in enumerate(shape)])
+    layer = ctx.network.add_slice(x, trt.Dims(tuple(start)), trt.Dims(tuple(max(s, 1) for s in shape)),
+                                  trt.Dims((1,) * len(shape)))
+    if sizes is not None:
+        layer.set_input(2, sizes)
     layer.mode = getattr(trt.SampleMode, mode)
     if fill_value is not None:
         layer.set_input(4, fill_value)
@@ -170,6 +207,8 @@ def roll(ctx: ConversionContext, x, shifts, dims):
     r = len(shp)
     if not dims:
         raise Unsupported("roll without dims (flattened roll)")
+    if any(shp[d % r] < 0 for d in dims):
+        raise Unsupported("roll along a dynamic dimension")
     start = [0] * r
     for s, d in zip(shifts, dims):
         d %= r
@@ -201,6 +240,8 @@ def constant_pad(ctx: ConversionContext, x, pad, value: float = 0.0):
     start, shape = [0] * r, list(shp)
     for i in range(len(pad) // 2):  # pad lists (pre, post) pairs from the last axis backwards
         d = r - 1 - i
+        if shp[d] < 0 and (pad[2 * i] or pad[2 * i + 1]):
+            raise Unsupported(f"padding along dynamic dimension {d}")
         start[d] = -int(pad[2 * i])
         shape[d] = shp[d] + int(pad[2 * i]) + int(pad[2 * i + 1])
     if not any(start) and tuple(shape) == shp:

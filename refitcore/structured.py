@@ -1,0 +1,240 @@
+"""Structured inputs and outputs: pytrees at the engine's edge, flat leaf lists inside.
+
+A compiled model takes and returns what the eager model does (tuples, lists, dicts, ``None``,
+Python scalars, transformers ``ModelOutput``...). The engine keeps the *specs* of its inputs
+and outputs as JSON data (:func:`spec_to_json`), flattens a call's ``(args, kwargs)`` with
+``torch.utils._pytree`` and unflattens its flat outputs into the eager structure.
+
+A spec node is ``{"t": "leaf"}``, ``{"t": "tuple" | "list", "c": [...]}``,
+``{"t": "dict", "k": [keys], "c": [...]}`` or, for any other registered pytree type (a
+``ModelOutput``, a namedtuple), ``{"t": "custom", "cls": "module.QualName", "k": [keys] | null,
+"c": [...]}``. Loading a spec never imports anything: a custom node is rebuilt as its class only
+when the caller passes the class (``output_types``) or sets ``trust_output_types``; otherwise it
+becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the same keys and leaves.
+
+Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in brackets
+(``[0]['boxes']``); :func:`leaf_names` lists them in flat order. Verdicts use these names.
+"""
+from __future__ import annotations
+
+import collections
+import importlib
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
+           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional",
+           "as_positional"]
+
+
+class Inputs:
+    """One call's positional and keyword inputs: ``Inputs(ids, attention_mask=mask)``.
+
+    Use it wherever refitcore takes sample inputs (``verify``, ``refit(verify_inputs=...)``) when the
+    model takes keyword arguments."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs)
+
+    def __repr__(self) -> str:
+        return f"Inputs({len(self.args)} positional, keywords {sorted(self.kwargs)})"
+
+
+def split_call(sample: Any) -> tuple[tuple, dict]:
+    """(args, kwargs) of one sample: an :class:`Inputs`, a tensor (one positional input) or a tuple
+    of positional inputs."""
+    if isinstance(sample, Inputs):
+        return sample.args, sample.kwargs
+    if isinstance(sample, tuple):
+        return sample, {}
+    if isinstance(sample, list):
+        return tuple(sample), {}
+    return (sample,), {}
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def spec_to_json(spec: pytree.TreeSpec) -> dict:
+    """A TreeSpec as plain JSON data (see the module docstring)."""
+    if spec.is_leaf():
+        return {"t": "leaf"}
+    children = [spec_to_json(c) for c in spec.children()]
+    typ = spec.type
+    if typ is tuple:
+        return {"t": "tuple", "c": children}
+    if typ is list:
+        return {"t": "list", "c": children}
+    if typ is dict or typ is collections.OrderedDict:
+        return {"t": "dict", "k": list(spec.context), "c": children}
+    ctx = spec.context
+    keys = list(ctx) if isinstance(ctx, (list, tuple)) and all(isinstance(k, (str, int)) for k in ctx) else None
+    if keys is not None and len(keys) != len(children):
+        keys = None
+    if keys is None and hasattr(typ, "_fields"):
+        keys = list(typ._fields)
+    return {"t": "custom", "cls": _qualname(typ), "k": keys, "c": children}
+
+
+def spec_of(tree: Any) -> tuple[list, dict]:
+    """(leaves, JSON spec) of a pytree."""
+    leaves, spec = pytree.tree_flatten(tree)
+    return leaves, spec_to_json(spec)
+
+
+def _count(spec: Mapping) -> int:
+    return 1 if spec["t"] == "leaf" else sum(_count(c) for c in spec["c"])
+
+
+def _resolve(qualname: str, output_types: Any, trust: bool) -> type | None:
+    """The class for a custom node: one the caller passed (``{qualname: cls}`` or classes), or, only
+    with ``trust``, imported from the module the spec names."""
+    if output_types:
+        items = output_types.items() if isinstance(output_types, Mapping) else [(None, c) for c in output_types]
+        for key, cls in items:
+            if key == qualname or (isinstance(cls, type) and _qualname(cls) == qualname):
+                return cls
+    if trust:
+        # Only on the caller's explicit request: this imports the module the file names.
+        module, _, name = qualname.rpartition(".")
+        obj: Any = importlib.import_module(module)
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+    return None
+
+
+def unresolved_types(spec: Mapping, *, output_types: Any = None) -> list[str]:
+    """Custom types a spec names that :func:`unflatten` would return as plain dicts/tuples."""
+    out: list[str] = []
+    if spec["t"] == "custom" and _resolve(spec["cls"], output_types, False) is None:
+        out.append(spec["cls"])
+    for child in spec.get("c", []):
+        out += [c for c in unresolved_types(child, output_types=output_types) if c not in out]
+    return out
+
+
+def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str, type] | None = None,
+              trust_output_types: bool = False) -> Any:
+    """Rebuild a pytree from its leaves and JSON spec; unknown custom types become dicts/tuples."""
+    it = iter(leaves)
+
+    def build(node):
+        t = node["t"]
+        if t == "leaf":
+            return next(it)
+        children = [build(c) for c in node["c"]]
+        if t == "tuple":
+            return tuple(children)
+        if t == "list":
+            return children
+        if t == "dict":
+            return dict(zip(node["k"], children))
+        cls = _resolve(node["cls"], output_types, trust_output_types)
+        keys = node.get("k")
+        if cls is not None:
+            if cls in pytree.SUPPORTED_NODES:
+                context = keys if keys is not None else None
+                try:
+                    return pytree.SUPPORTED_NODES[cls].unflatten_fn(children, context)
+                except Exception:  # noqa: BLE001 - a context we could not keep as data: build by keywords
+                    pass
+            if keys is not None:
+                return cls(**dict(zip(keys, children)))
+            return cls(*children)
+        return dict(zip(keys, children)) if keys is not None else tuple(children)
+
+    out = build(spec)
+    rest = list(it)
+    if rest:
+        raise ValueError(f"{len(rest)} leaves left over when rebuilding the output structure")
+    return out
+
+
+def leaf_names(spec: Mapping) -> list[str]:
+    """The path name of every leaf, in flat order: ``logits``, ``[0]['boxes']``, ``[1]``."""
+    names: list[str] = []
+
+    def walk(node, prefix: str, top: bool):
+        if node["t"] == "leaf":
+            names.append(prefix)
+            return
+        keys = node.get("k")
+        for i, child in enumerate(node["c"]):
+            if keys is not None:
+                key = keys[i]
+                part = str(key) if top and isinstance(key, str) else f"[{key!r}]"
+            else:
+                part = f"[{i}]"
+            walk(child, prefix + part, False)
+
+    walk(spec, "", True)
+    return names
+
+
+def flatten_with_names(tree: Any) -> tuple[list, list[str], dict]:
+    """(leaves, path names, JSON spec) of a pytree; a bare tensor has the name ''."""
+    leaves, spec = spec_of(tree)
+    return leaves, leaf_names(spec), spec
+
+
+def describe_leaf(value: Any) -> Any:
+    """A leaf as JSON data: tensors by shape/dtype, anything else by value (Python scalars, None, str)."""
+    if isinstance(value, torch.Tensor):
+        return {"tensor": [list(value.shape), str(value.dtype).replace("torch.", "")]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    raise TypeError(f"an input leaf of type {type(value).__name__} cannot be compiled; pass tensors, "
+                    f"Python scalars or None (inside tuples, lists and dicts)")
+
+
+def flat_positional(structure: Mapping | None) -> bool:
+    """True when an engine takes positional tensors only (no keywords, no nesting, no constants)."""
+    if structure is None:
+        return True
+    top = structure["in"]
+    args, kwargs = top["c"]
+    return (not kwargs.get("c") and all(c["t"] == "leaf" for c in args["c"])
+            and all("tensor" in d for d in structure["in_leaves"]))
+
+
+def as_positional(inputs: Any) -> Any:
+    """Samples with :class:`Inputs` of positional inputs only as plain tuples (others unchanged)."""
+    if isinstance(inputs, Inputs):
+        return inputs.args if not inputs.kwargs else inputs
+    if isinstance(inputs, list):
+        return [as_positional(s) for s in inputs]
+    return inputs
+
+
+def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
+    """Verification inputs of an engine with structured I/O, as :class:`Inputs`, each checked against
+    the compiled structure, constants, shapes and dtypes; ``ValueError`` listing every mismatch."""
+    if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
+        inputs = [inputs]
+    try:
+        calls = [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
+    except TypeError:
+        raise ValueError(f"verify_inputs: expected a tensor, a tuple (one sample), refitcore.Inputs or a list of "
+                         f"samples, got {type(inputs).__name__}") from None
+    if not calls:
+        raise ValueError("verify_inputs: no samples given; give at least one")
+    problems = []
+    for s, (args, kwargs) in enumerate(calls):
+        try:
+            flat = engine.flatten_inputs(args, kwargs)
+        except (TypeError, ValueError) as err:
+            problems.append(f"sample {s}: {err}")
+            continue
+        for i, (x, shape, dtype) in enumerate(zip(flat, engine.io.input_shapes, engine.io.input_dtypes)):
+            if list(x.shape) != list(shape) or str(x.dtype).replace("torch.", "") != dtype:
+                problems.append(f"sample {s}, tensor input {i}: {str(x.dtype).replace('torch.', '')}{list(x.shape)} "
+                                f"where the engine takes {dtype}{list(shape)}")
+    if problems:
+        raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    return [Inputs(*args, **kwargs) for args, kwargs in calls]

@@ -1,0 +1,385 @@
+"""Models as real repositories ship them (transformers, timm, torchvision segmentation/video/detection,
+small custom modules with structured inputs and outputs) on the reference backend: compile
+(partitioning ops without a converter into PyTorch segments), refit through the cached map and
+through the fallback with new random weights, compare with eager leaf by leaf.
+
+Writes a Markdown table to ``benchmarks/results/zoo_repos.md`` (raw rows in ``zoo_repos.json``)
+after every model and between markers in README.md.
+
+    python scripts/zoo_repos.py                  # every model
+    python scripts/zoo_repos.py bert vit_cls     # some
+    python scripts/zoo_repos.py --merge bert     # re-run some, keep the other rows
+
+Random weights only (tiny configs, ``pretrained=False``/``weights=None``): nothing is downloaded. The
+weights are drawn as the plugin's ``state_dicts`` strategy draws them (seed 0 to compile, seed 1 to
+refit): fan-in scaled, BatchNorm statistics far from a fresh init's trivial ones.
+The reference backend interprets the TensorRT network on the CPU: it proves the networks, the
+partition and the weight mapping, not TensorRT's kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+TEXT = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=64)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(3, 100, (1, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _image(size: int, *lead: int) -> torch.Tensor:
+    return torch.randn(*(lead or (1,)), 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+# ---- builders: seed -> (model, args, kwargs) ----------------------------------------------------
+def _hf(cls_name: str, config_name: str, **extra):
+    def build(seed: int):
+        import transformers
+
+        torch.manual_seed(seed)
+        config = getattr(transformers, config_name)(**extra)
+        return getattr(transformers, cls_name)(config).eval()
+    return build
+
+
+def bert(seed):
+    model = _hf("BertModel", "BertConfig", **TEXT)(seed)
+    ids = _ids()
+    return model, (ids,), {"attention_mask": torch.ones_like(ids)}
+
+
+def bert_cls(seed):
+    return _hf("BertForSequenceClassification", "BertConfig", **TEXT)(seed), (_ids(),), {}
+
+
+def distilbert(seed):
+    model = _hf("DistilBertModel", "DistilBertConfig", vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                max_position_embeddings=64)(seed)
+    return model, (_ids(),), {}
+
+
+def gpt2(seed):
+    model = _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                n_positions=64)(seed)
+    return model, (_ids(),), {"use_cache": False}
+
+
+def t5_encoder(seed):
+    model = _hf("T5EncoderModel", "T5Config", vocab_size=100, d_model=32, num_layers=2, num_heads=2, d_ff=64,
+                d_kv=16)(seed)
+    return model, (_ids(),), {}
+
+
+def vit_cls(seed):
+    model = _hf("ViTForImageClassification", "ViTConfig", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, image_size=32, patch_size=8, num_labels=10)(seed)
+    return model, (_image(32),), {}
+
+
+def _timm(name: str, size: int, **options):
+    def build(seed):
+        import timm
+
+        torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=False, **options).eval(), (_image(size),), {}
+    return build
+
+
+def _tv_seg(name: str):
+    def build(seed):
+        import torchvision
+
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models.segmentation, name)(weights=None, weights_backbone=None, num_classes=3)
+        return model.eval(), (_image(64),), {}
+    return build
+
+
+def r3d_18(seed):
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.video.r3d_18(weights=None).eval()
+    return model, (torch.randn(1, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0)),), {}
+
+
+def fasterrcnn(seed):
+    import torchvision
+
+    torch.manual_seed(seed)
+    # score threshold 0: random weights score below the default 0.05, and empty detections compare trivially.
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, box_score_thresh=0.0, box_detections_per_img=20)
+    return model.eval(), ([torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))],), {}
+
+
+class DictIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(6, 4)
+
+    def forward(self, batch):
+        return torch.relu(self.a(batch["x"]) + self.b(batch["y"]))
+
+
+class KwargsNone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.gate = nn.Linear(8, 8)
+
+    def forward(self, x, *, mask=None, scale=None):
+        y = self.proj(x)
+        if mask is not None:
+            y = y * mask
+        if scale is not None:
+            y = y * scale
+        return torch.tanh(self.gate(y))
+
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x):
+        f = self.body(x)
+        return {"features": f, "logits": self.head(f.mean((2, 3))), "extra": [f.amax((2, 3)), None]}
+
+
+class CumSum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(torch.cumsum(torch.relu(self.inp(x)), dim=1))
+
+
+class ComplexBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("freqs", torch.polar(torch.ones(6, 4), torch.randn(6, 4)))
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x):
+        rot = torch.view_as_real(self.freqs).flatten(1)      # (6, 8)
+        return self.proj(x) * rot + torch.sigmoid(x)
+
+
+class CondBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return torch.cond(y.sum() > 0, lambda t: self.b(t) * 2.0, lambda t: self.b(t) - 1.0, (y,))
+
+
+def _custom(cls, make_args: Callable[[], tuple]):
+    def build(seed):
+        torch.manual_seed(seed)
+        model = cls().eval()
+        args, kwargs = make_args()
+        return model, args, kwargs
+    return build
+
+
+def _g():
+    return torch.Generator().manual_seed(0)
+
+
+MODELS: dict[str, tuple[str, Callable]] = {
+    "bert": ("transformers BertModel(input_ids, attention_mask)", bert),
+    "bert_cls": ("transformers BertForSequenceClassification", bert_cls),
+    "distilbert": ("transformers DistilBertModel", distilbert),
+    "gpt2": ("transformers GPT2LMHeadModel", gpt2),
+    "t5_encoder": ("transformers T5EncoderModel", t5_encoder),
+    "vit_cls": ("transformers ViTForImageClassification @32", vit_cls),
+    "mobilevitv2_050": ("timm mobilevitv2_050 @64", _timm("mobilevitv2_050", 64)),
+    "poolformer_s12": ("timm poolformer_s12 @32", _timm("poolformer_s12", 32)),
+    "convnext_atto": ("timm convnext_atto @32", _timm("convnext_atto", 32)),
+    "efficientnet_b0": ("timm efficientnet_b0 @32", _timm("efficientnet_b0", 32)),
+    "levit_128s": ("timm levit_128s @64", _timm("levit_128s", 64, img_size=64)),
+    "fcn_resnet50": ("torchvision fcn_resnet50 @64 (dict out)", _tv_seg("fcn_resnet50")),
+    "deeplabv3_mobilenet_v3_large": ("torchvision deeplabv3_mobilenet_v3_large @64 (dict out)",
+                                     _tv_seg("deeplabv3_mobilenet_v3_large")),
+    "lraspp_mobilenet_v3_large": ("torchvision lraspp_mobilenet_v3_large @64 (dict out)",
+                                  _tv_seg("lraspp_mobilenet_v3_large")),
+    "r3d_18": ("torchvision r3d_18 1x3x4x32x32", r3d_18),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": ("torchvision fasterrcnn_mobilenet_v3_large_320_fpn (list of dicts out, 20 detections)",
+                                              fasterrcnn),
+    "dict_input": ("custom: a dict input (min_block_size=1, as every custom row)", _custom(DictIn, lambda: (({"x": torch.randn(2, 8, generator=_g()),
+                                                                          "y": torch.randn(2, 6, generator=_g())},),
+                                                                        {}))),
+    "kwargs_none": ("custom: keyword inputs with a None",
+                    _custom(KwargsNone, lambda: ((torch.randn(2, 8, generator=_g()),),
+                                                 {"mask": torch.ones(2, 8), "scale": None}))),
+    "dict_output": ("custom: a dict output (with a list and a None)",
+                    _custom(DictOut, lambda: ((torch.randn(1, 3, 8, 8, generator=_g()),), {}))),
+    "cumsum": ("custom: torch.cumsum", _custom(CumSum, lambda: ((torch.randn(2, 5, 8, generator=_g()),), {}))),
+    "complex_buffer": ("custom: a complex buffer through torch.view_as_real",
+                       _custom(ComplexBuffer, lambda: ((torch.randn(6, 8, generator=_g()),), {}))),
+    "cond": ("custom: a torch.cond branch", _custom(CondBranch, lambda: ((torch.randn(3, 8, generator=_g()),), {}))),
+}
+CUSTOM = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond")
+FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert")
+
+
+def max_err(a: Any, b: Any) -> float:
+    """Largest abs difference over every tensor leaf (inf where the structures or non-tensor leaves differ)."""
+    from refitcore.structured import flatten_with_names
+
+    la, na, _ = flatten_with_names(a)
+    lb, nb, _ = flatten_with_names(b)
+    if na != nb:
+        return float("inf")
+    worst = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape:
+                return float("inf")
+            if x.numel():
+                worst = max(worst, float((x.double() - y.double()).abs().max()))
+        elif x != y:
+            return float("inf")
+    return worst
+
+
+def _randomized(model: nn.Module, seed: int) -> nn.Module:
+    """The model with weights drawn as the plugin's ``state_dicts`` strategy draws them (fan-in scaled,
+    valid BatchNorm statistics, not the trivial ones of a fresh init; tied parameters identical)."""
+    from pytest_trtrefit.strategies import weight_set
+
+    state = model.state_dict()
+    state.update(weight_set(model, seed=seed, scale="fan_in"))
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def run_one(name: str) -> dict:
+    import refitcore
+
+    label, build = MODELS[name]
+    row: dict[str, Any] = {"model": name, "label": label}
+    model, args, kwargs = build(0)
+    model = _randomized(model, 0)
+    t0 = time.perf_counter()
+    # The custom modules are a handful of ops: min_block_size=1 gives them TensorRT segments
+    # between their PyTorch ops (the default, 5, would run such small runs in PyTorch).
+    options = {"min_block_size": 1} if name in CUSTOM else {}
+    engine = refitcore.compile(model, args=args, kwargs=kwargs, backend="reference", **options)
+    row["compile_s"] = time.perf_counter() - t0
+    cov = engine.summary()
+    row.update(compiles=True, op_share=cov.op_share, weight_share=cov.weight_share, ops=cov.ops_total,
+               ops_trt=cov.ops_tensorrt, fallback=sorted({f[1] for f in cov.fallback}),
+               eager_modules=[p for p, _ in cov.eager_modules], segments=len(cov.segments) or 1)
+    with torch.no_grad():
+        row["err_compile"] = max_err(engine(*args, **kwargs), model(*args, **kwargs))
+    new_model = _randomized(build(1)[0], 1)
+    sample = refitcore.Inputs(*args, **kwargs)
+    for path in ("cached", "fallback"):
+        t0 = time.perf_counter()
+        result = refitcore.refit(engine, new_model, path=path, verify_inputs=[sample], reference_model=new_model)
+        row[f"{path}_s"] = time.perf_counter() - t0
+        row[f"ok_{path}"] = bool(result)
+        with torch.no_grad():
+            row[f"err_{path}"] = max_err(result.engine(*args, **kwargs), new_model(*args, **kwargs))
+        if not result:
+            row.setdefault("note", str(result.verdict or result.audit).splitlines()[0][:200])
+    row["ok"] = row["ok_cached"] and row["ok_fallback"]
+    return row
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows: list[dict]) -> str:
+    ok = sum(1 for r in rows if r.get("ok"))
+    lines = [f"{ok} of {len(rows)} models compile, refit (cached and fallback) and match eager leaf by leaf "
+             f"(reference backend; max abs error over every output leaf).", "",
+             "| model | compiles | TensorRT ops | TensorRT weights | err compile | err cached | err fallback | "
+             "compile s | cached s | fallback s | runs in PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("compiles"):
+            lines.append(f"| {r['label']} | no: {r.get('error', '?')[:120]} | | | | | | | | | |")
+            continue
+        torch_part = ", ".join(r.get("fallback", [])[:6]) + (" ..." if len(r.get("fallback", [])) > 6 else "")
+        if r.get("eager_modules"):
+            torch_part = (torch_part + "; " if torch_part else "") + "eager modules: " + ", ".join(
+                r["eager_modules"][:4])
+        lines.append(
+            f"| {r['label']} | {'yes' if r['ok'] else 'MISMATCH'} | {r['ops_trt']}/{r['ops']} ({r['op_share']:.0%}) | "
+            f"{r['weight_share']:.0%} | {_fmt(r['err_compile'], '.1e')} | {_fmt(r['err_cached'], '.1e')} | "
+            f"{_fmt(r['err_fallback'], '.1e')} | {r['compile_s']:.1f} | {r['cached_s']:.2f} | {r['fallback_s']:.1f} | "
+            f"{torch_part or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
+README_BEGIN, README_END = "<!-- zoo_repos table: begin (scripts/zoo_repos.py) -->", "<!-- zoo_repos table: end -->"
+
+
+def update_readme(text: str, readme: Path = ROOT / "README.md") -> None:
+    content = readme.read_text()
+    block = f"{README_BEGIN}\n{text}{README_END}"
+    if README_BEGIN in content and README_END in content:
+        head, rest = content.split(README_BEGIN, 1)
+        content = head + block + rest.split(README_END, 1)[1]
+    else:
+        content = content.rstrip("\n") + "\n\n## Models as repositories ship them\n\n" + block + "\n"
+    readme.write_text(content)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", help=f"models to run (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of zoo_repos.json")
+    parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    args = parser.parse_args(argv)
+    names = args.models or list(MODELS)
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        parser.error(f"unknown models {unknown}; known: {list(MODELS)}")
+    torch.set_num_threads(1)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = RESULTS / "zoo_repos.json"
+    rows = {r["model"]: r for r in json.loads(raw.read_text())} if args.merge and raw.exists() else {}
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            row = run_one(name)
+        except Exception as err:  # noqa: BLE001 - one model's failure is that model's row
+            traceback.print_exc()
+            row = {"model": name, "label": MODELS[name][0], "compiles": False,
+                   "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+        row["total_s"] = time.perf_counter() - t0
+        rows[name] = row
+        print(json.dumps(row, default=str), flush=True)
+        ordered = [rows[n] for n in MODELS if n in rows]
+        raw.write_text(json.dumps(ordered, indent=1, default=str))
+        text = table(ordered)
+        (RESULTS / "zoo_repos.md").write_text("# Models as repositories ship them\n\n" + text)
+    print(text)
+    if not args.no_readme:
+        update_readme(text)
+    return 0 if all(r.get("ok") for r in rows.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

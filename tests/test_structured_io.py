@@ -1,0 +1,111 @@
+"""Structured inputs and outputs: positional and keyword pytrees in, the eager structure out, leaves
+named by their paths in verify, audit and refit results."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import refitcore
+from refitcore.structured import flatten_with_names, leaf_names, spec_of, unflatten
+
+torch.set_num_threads(1)
+
+
+class DictIn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 4), nn.Linear(6, 4)
+
+    def forward(self, batch, bias=None, *, mask=None, scale=1.0):
+        y = self.a(batch["x"]) + self.b(batch["y"])
+        if mask is not None:
+            y = y * mask
+        return {"out": torch.relu(y) * scale, "pair": (y.sum(-1), [y.amax(-1), 3]), "none": None}
+
+
+def _make(seed):
+    torch.manual_seed(seed)
+    return DictIn().eval()
+
+
+G = torch.Generator().manual_seed(0)
+BATCH = {"x": torch.randn(2, 8, generator=G), "y": torch.randn(2, 6, generator=G)}
+MASK = torch.ones(2, 4)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return refitcore.compile(_make(0), args=(BATCH, None), kwargs={"mask": MASK, "scale": 2.0}, backend="reference")
+
+
+def test_leaf_names():
+    _leaves, names, _spec = flatten_with_names({"logits": 1, "b": [{"boxes": 2}], "c": (3, None)})
+    assert names == ["logits", "b[0]['boxes']", "c[0]", "c[1]"]
+    assert leaf_names(spec_of([{"boxes": 1, "scores": 2}])[1]) == ["[0]['boxes']", "[0]['scores']"]
+    assert flatten_with_names(torch.zeros(1))[1] == [""]
+
+
+def test_same_structure_in_and_out(engine):
+    out = engine(BATCH, None, mask=MASK, scale=2.0)
+    with torch.no_grad():
+        ref = _make(0)(BATCH, None, mask=MASK, scale=2.0)
+    assert set(out) == {"out", "pair", "none"} and out["none"] is None and out["pair"][1][1] == 3
+    assert isinstance(out["pair"], tuple) and isinstance(out["pair"][1], list)
+    torch.testing.assert_close(out["out"], ref["out"], rtol=1e-5, atol=1e-5)
+
+
+def test_inputs_checked_against_the_compiled_structure(engine):
+    with pytest.raises(ValueError, match="structure"):
+        engine(BATCH, None, mask=MASK)                       # a keyword missing
+    with pytest.raises(ValueError, match="compiled for the value 2.0"):
+        engine(BATCH, None, mask=MASK, scale=3.0)            # a graph constant changed: recompile
+
+
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_refit_and_verify_leaf_by_leaf(engine, path):
+    new = _make(1)
+    sample = refitcore.Inputs(BATCH, None, mask=MASK, scale=2.0)
+    result = refitcore.refit(engine, new, path=path, verify_inputs=[sample], audit=True)
+    assert result, str(result)
+    names = [c.name for c in result.verdict.checks[0]]
+    assert names == ["out", "pair[0]", "pair[1][0]", "pair[1][1]", "none"]
+    assert "output 0 (out)" in str(result.verdict)
+
+
+def test_verify_names_the_leaf_that_differs(engine):
+    """A wrong eager model: the failing leaf is named; the non-tensor leaves are compared for equality."""
+    verdict = refitcore.verify(engine, _make(1), refitcore.Inputs(BATCH, None, mask=MASK, scale=2.0))
+    assert not verdict
+    assert "(out)" in str(verdict) and "MISMATCH" in str(verdict)
+    consts = [c for c in verdict.checks[0] if c.name in ("pair[1][1]", "none")]
+    assert consts and all(c.ok for c in consts)
+
+    class Other(nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *a, **k):
+            out = self.model(*a, **k)
+            out["pair"][1][1] = 4
+            return out
+
+    bad = refitcore.verify(engine, Other(_make(0)), refitcore.Inputs(BATCH, None, mask=MASK, scale=2.0))
+    assert not bad and "pair[1][1]" in str(bad) and "engine 3 vs eager 4" in str(bad)
+
+
+def test_unflatten_without_the_class_gives_a_dict():
+    from refitcore.structured import unresolved_types
+
+    spec = {"t": "custom", "cls": "nowhere.Output", "k": ["logits", "hidden"], "c": [{"t": "leaf"}, {"t": "leaf"}]}
+    assert unflatten([1, 2], spec) == {"logits": 1, "hidden": 2}
+    assert unresolved_types({"t": "list", "c": [spec]}) == ["nowhere.Output"]
+
+
+def test_positional_example_inputs_still_work():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU()).eval()
+    x = torch.randn(1, 4)
+    engine = refitcore.compile(model, x, backend="reference")
+    torch.testing.assert_close(engine(x), model(x))
+    assert len(engine.run([x])) == 1

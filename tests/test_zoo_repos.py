@@ -1,0 +1,45 @@
+"""Models as repositories ship them (``scripts/zoo_repos.py`` does the work and writes the table):
+compile with partitioning, refit through the cached map and the fallback, compare leaf by leaf.
+
+Without ``-m zoo`` only the fast rows run (the custom structured-I/O modules and a tiny BERT)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _zoo():
+    spec = importlib.util.spec_from_file_location("trtrefit_zoo_repos", ROOT / "scripts" / "zoo_repos.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ZOO = _zoo()
+
+
+def _check(name: str) -> dict:
+    row = ZOO.run_one(name)
+    assert row["ok"], row
+    for key in ("err_compile", "err_cached", "err_fallback"):
+        assert row[key] < 1e-3, (key, row)
+    return row
+
+
+@pytest.mark.parametrize("name", ZOO.FAST)
+def test_zoo_repos_fast(name):
+    row = _check(name)
+    assert 0 <= row["op_share"] <= 1 and row["ops"] > 0
+
+
+@pytest.mark.zoo
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in ZOO.MODELS if n not in ZOO.FAST])
+def test_zoo_repos_model(name, request):
+    if "zoo" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the full zoo runs only when selected: pytest -m zoo")
+    _check(name)
