@@ -121,7 +121,8 @@ def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int)
         # `pack` lays the buffers end to end in the order listed; any other offset would let a header
         # alias one buffer onto another's bytes (the body checksum covers the bytes, not their roles).
         raise BundleError(f"{where}: engine file content is invalid: {what} starts at byte {offset}, where the "
-                          f"buffer before it ends at {start} (buffers lie end to end in the order listed)")
+                          f"buffer before it ends at {start}: buffers overlap or leave a gap (they lie end to end in the order "
+                          f"listed)")
     itemsize = np.dtype(dtype).itemsize
     if math.prod(shape) * itemsize != nbytes:
         raise BundleError(f"{where}: engine file content is invalid: {what}: {nbytes} bytes do not hold "

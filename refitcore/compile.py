@@ -221,19 +221,16 @@ def _compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tenso
                  "out": spec_to_json(ep.call_spec.out_spec)}
     tensor_inputs = [v for v in leaves if isinstance(v, torch.Tensor)]
     plan = None
-    if not strict:
+    if not strict and shape_profiles is None:
         # A graph that converts whole is one network, however few ops it has (min_block_size only
-        # weighs TensorRT runs between PyTorch parts).
+        # weighs TensorRT runs between PyTorch parts). With dynamic shapes the one network is the
+        # only option: the converter loop computes sizes in the network, segments cannot yet.
         plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=1)
         if _whole_graph_converts(ep, plan):
             plan = None
     result = None
     if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
         shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
-    if plan is not None and shape_profiles is not None:
-        raise UnsupportedOperatorError([(f"{op} ({why}; dynamic shapes need a graph that converts whole: compile at "
-                                         f"fixed shapes, or add the converter)", path, node)
-                                        for node, (op, path, why) in plan.fallback.items()])
     if plan is None:   # one TensorRT network for the whole graph (strict: or an error listing every op)
         fusion = plan_fusions(ep.graph_module)
         try:
