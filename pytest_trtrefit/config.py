@@ -17,7 +17,7 @@ import sys
 from typing import Any, Callable
 
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
-           "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "BACKENDS",
+           "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "parse_dir", "BACKENDS",
            "PATH_CHOICES", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
@@ -79,6 +79,13 @@ def parse_factor(value) -> float:
     return f
 
 
+def parse_dir(text: str) -> str:
+    value = str(text).strip()
+    if not value:
+        raise argparse.ArgumentTypeError("empty directory; give one such as .engine-cache")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     flag: str                 # command line flag
@@ -132,6 +139,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("--trt-refit-html", "trt_refit_html", parse_path, None,
            "write an HTML report with a plot of per-engine-weight discrepancy and output errors to PATH "
            "(needs matplotlib: pip install pytest-trtrefit[plot]) (default: no HTML)", metavar="PATH"),
+    Option("--trt-refit-cache-dir", "trt_refit_cache_dir", parse_dir, None,
+           "keep compiled engines in this directory across sessions; a later session loads and refits them "
+           "instead of compiling (default: pytest's cache directory, .pytest_cache/d/trtrefit-engines, "
+           "emptied by --cache-clear; no persistence under -p no:cacheprovider)", metavar="DIR"),
+    Option("--trt-refit-no-cache", "trt_refit_no_cache", parse_bool, False,
+           "compile every engine afresh: neither read nor write the engine cache (default: off)", is_flag=True),
 )
 
 
@@ -165,6 +178,8 @@ class RefitConfig:
     baseline_dir: str = DEFAULT_BASELINE_DIR
     baseline_factor: float = DEFAULT_BASELINE_FACTOR
     html: str | None = None
+    cache_dir: str | None = None          # None: pytest's cache directory (when the cacheprovider is active)
+    no_cache: bool = False
     sources: dict = dataclasses.field(default_factory=dict, compare=False)  # option -> cli | ini | default
 
     def to_json(self) -> dict:
@@ -210,4 +225,5 @@ def resolve(config, *, seed: int | None = None) -> RefitConfig:
                        report=values["trt_refit_report"], seed=int(seed_value), seed_given=seed_given,
                        baseline=values["trt_refit_baseline"], baseline_dir=values["trt_refit_baseline_dir"],
                        baseline_factor=values["trt_refit_baseline_factor"], html=values["trt_refit_html"],
+                       cache_dir=values["trt_refit_cache_dir"], no_cache=bool(values["trt_refit_no_cache"]),
                        sources=sources)

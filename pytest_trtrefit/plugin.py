@@ -100,6 +100,9 @@ def pytest_deselected(items) -> None:
 
 def pytest_sessionstart(session) -> None:
     refit = get_session(session.config)
+    if refit.config.enabled:
+        # After the cacheprovider's configure (config.cache) and before pytest-xdist starts workers.
+        refit.open_engine_cache(session.config)
     if refit.config.enabled and not session.config.option.collectonly:
         outputs.check_usable(refit)   # an unusable backend or missing matplotlib: one usage error
 

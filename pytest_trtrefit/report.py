@@ -32,6 +32,7 @@ def merge(parts: Iterable[dict]) -> dict:
             seen += [v for v in values if v not in seen]
         if part.get("backend") and not out["backend"]:
             out["backend"], out["backend_reason"] = part["backend"], part.get("backend_reason")
+        out.setdefault("engine_cache", part.get("engine_cache"))
     # A failing check inside a test that passed was expected by that test (pytest.raises).
     expected = {t for t, o in out["outcomes"].items() if o == "passed"}
     for r in out["records"]:
@@ -153,6 +154,9 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
                  + (f" ({expected} more failed inside tests that expected it)" if expected else "")
                  + f"; worst abs error {worst['worst_max_abs']:.3g} "
                  f"({worst['model']}); {len(data['builds'])} build(s); {seconds:.1f}s")
+    hits = sum(1 for b in data["builds"] if b.get("cache") == "hit")
+    misses = sum(1 for b in data["builds"] if b.get("cache") == "miss")
+    lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.get('engine_cache') or 'off'}")
     for f in _last_per_test(data["failures"])[:10]:
         lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")

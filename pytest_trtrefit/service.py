@@ -4,13 +4,14 @@ and the records the reports are made of.
 One :class:`RefitSession` per pytest process (each pytest-xdist worker has its own), built in
 ``pytest_configure`` and kept in ``config.stash``. Engines are compiled once per session per
 (architecture fingerprint, input spec, backend) and refitted in place for every check, so a
-worker builds each architecture at most once.
+worker builds each architecture at most once. Across sessions (and between workers), engines
+persist in refitcore's engine cache (pytest's cache directory by default): a later session loads
+an engine and refits it with the model's weights instead of compiling it.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import os
 import time
@@ -29,38 +30,17 @@ class CacheEntry:
     engine: Any                   # refitcore.RefittableEngine, refitted in place by every check
     eager: Any                    # a private copy of the model, loaded with each check's weights
     compile_seconds: float
-
-
-_PRIMITIVES = (int, float, bool, str, type(None))
-
-
-def _module_attrs(m) -> list:
-    """The plain configuration attributes of a module (kernel sizes, eps, flags...)."""
-    out = []
-    for k, v in sorted(vars(m).items()):
-        if k.startswith("_") or k == "training":
-            continue
-        if isinstance(v, _PRIMITIVES) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PRIMITIVES) for x in v)):
-            out.append([k, repr(v)])
-    return out
+    sample: Any = None            # the example inputs it was compiled for
 
 
 def architecture_key(model) -> str:
-    """A fingerprint of a model's architecture that needs no export: every submodule's class (and its
-    forward's code), configuration attributes, and the names, shapes and dtypes of the state_dict,
-    tied parameters included. Two instances of one architecture share it whatever their weights."""
-    entries = []
-    for path, m in model.named_modules():
-        cls = type(m)
-        fwd = getattr(cls, "forward", None)
-        code = getattr(fwd, "__code__", None)
-        code_digest = hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:16] if code else ""
-        entries.append(["module", path, f"{cls.__module__}.{cls.__qualname__}", code_digest, _module_attrs(m)])
-    ids: dict[int, str] = {}
-    for k, t in model.state_dict(keep_vars=True).items():
-        tied = ids.setdefault(id(t), k)
-        entries.append(["tensor", k, list(t.shape), str(t.dtype), tied if tied != k else None])
-    return hashlib.sha256(json.dumps(entries, sort_keys=True).encode()).hexdigest()
+    """A fingerprint of a model's architecture that needs no export and is equal in every process
+    and pytest-xdist worker (:func:`refitcore.fingerprint.architecture_fingerprint`): module classes
+    and their code, configuration attributes, the state_dict's names, shapes and dtypes, tied
+    parameters. Two instances of one architecture share it whatever their weights."""
+    from refitcore.fingerprint import architecture_fingerprint
+
+    return architecture_fingerprint(model)
 
 
 def input_spec(sample: Sequence) -> tuple:
@@ -104,6 +84,9 @@ class RefitSession:
         self.report_path: str | None = None
         self.collection: dict = {}              # declared models added / deselected (collection.py)
         self.layers: list[dict] = []            # per-engine-weight cached vs fallback discrepancy per check
+        self.cache_dir: str | None = None       # where engines persist across sessions (None: nowhere)
+        self.cache_note = "off"
+        self._engine_cache = None
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -140,11 +123,36 @@ class RefitSession:
         return self._backend
 
     # -- compile cache -------------------------------------------------------------------
+    def open_engine_cache(self, pytest_config) -> None:
+        """Choose where engines persist across sessions: ``--trt-refit-cache-dir``, else pytest's cache
+        directory (``config.cache``; absent under ``-p no:cacheprovider``), nowhere under
+        ``--trt-refit-no-cache``. ``--cache-clear`` empties it (on the controller, before workers start)."""
+        cfg = self.config
+        if cfg.no_cache:
+            self.cache_dir, self.cache_note = None, "off (--trt-refit-no-cache)"
+            return
+        if cfg.cache_dir:
+            directory = os.path.abspath(os.path.expanduser(cfg.cache_dir))
+        elif getattr(pytest_config, "cache", None) is not None:
+            directory = str(pytest_config.cache.mkdir("trtrefit-engines"))
+        else:
+            self.cache_dir, self.cache_note = None, ("off (pytest's cacheprovider is disabled; give "
+                                                     "--trt-refit-cache-dir=DIR to keep engines)")
+            return
+        if pytest_config.getoption("cacheclear", False) and not hasattr(pytest_config, "workerinput"):
+            from refitcore.cache import EngineCache
+
+            EngineCache(directory).clear()
+        self.cache_dir, self.cache_note = directory, directory
+
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None):
-        """The session's engine for this architecture and input spec (compiled on first use);
-        ``dynamic_shapes``: input ranges as :func:`refitcore.compile` takes them (the first sample
-        is the example, ``opt``)."""
-        return self._entry(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes).engine
+        """The session's engine for this architecture and input spec (compiled on first use, or loaded
+        from the engine cache); ``dynamic_shapes``: input ranges as :func:`refitcore.compile` takes
+        them (the first sample is the example, ``opt``). When the session checks the fallback path it
+        has its exported program, so both refit paths work on it."""
+        entry = self._entry(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes)
+        self._ready_for(entry, self.config.paths)
+        return entry.engine
 
     def _entry(self, model_or_factory, inputs, *, name: str | None = None,
                dynamic_shapes: Any = None) -> CacheEntry:
@@ -160,23 +168,57 @@ class RefitSession:
             import refitcore
 
             eager = copy.deepcopy(model).eval()
-            t0 = time.perf_counter()
+            if self._engine_cache is None and self.cache_dir is not None:
+                self._engine_cache = refitcore.EngineCache(self.cache_dir)
             try:
-                engine = refitcore.compile(eager, samples[0], backend=self.backend, dynamic_shapes=dynamic_shapes)
+                backend = self.backend    # resolved once per session ('auto' probes the GPU): not compile time
+                t0 = time.perf_counter()
+                engine = refitcore.compile(eager, samples[0], backend=backend, dynamic_shapes=dynamic_shapes,
+                                           cache=self._engine_cache)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
                     f"--trt-refit-backend=auto or reference on this machine)") from err
             seconds = time.perf_counter() - t0
             label = name or type(model).__name__
-            entry = CacheEntry(key[0], label, engine, eager, seconds)
+            entry = CacheEntry(key[0], label, engine, eager, seconds, samples[0])
             self._cache[key] = entry
             build = {"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
-                     "backend": self.backend, "compile_s": seconds, "worker": self.worker}
+                     "backend": self.backend, "compile_s": seconds, "worker": self.worker,
+                     "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)}
             if engine.io.profiles is not None:
                 build["profiles"] = engine.io.profiles.to_json()["profiles"]
             self.builds.append(build)
         return entry
+
+    def _ready_for(self, entry: CacheEntry, paths: Sequence[str]) -> None:
+        """An engine from the engine cache has no exported program; the fallback path converts one
+        again, so export it when a fallback check first needs it (a session checking only the cached
+        path never exports). A cached engine whose graph is not the model's is evicted and rebuilt."""
+        import refitcore
+        from refitcore.compile import attach_exported_program
+
+        if "fallback" not in paths or entry.engine.exported_program is not None:
+            return
+        t0 = time.perf_counter()
+        try:
+            attach_exported_program(entry.engine, entry.eager, entry.sample)
+        except refitcore.ArchitectureMismatchError as err:
+            if self._engine_cache is not None and entry.engine.cache_key:
+                self._engine_cache.evict(entry.engine.cache_key)
+            entry.engine = refitcore.compile(entry.eager, entry.sample, backend=self.backend,
+                                             cache=self._engine_cache)
+            self.builds.append({"model": entry.name, "architecture": entry.key[:16], "backend": self.backend,
+                                "compile_s": time.perf_counter() - t0, "worker": self.worker, "cache": "miss",
+                                "inputs": [list(t.shape) for t in entry.sample], "note": err.problems[0]})
+            return
+        seconds = time.perf_counter() - t0
+        entry.compile_seconds += seconds
+        for b in reversed(self.builds):             # the export counts as part of this engine's build
+            if b["model"] == entry.name:
+                b["compile_s"] += seconds
+                b["exported_on_hit"] = True
+                break
 
     # -- checks --------------------------------------------------------------------------
     def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float, float]:
@@ -211,6 +253,7 @@ class RefitSession:
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
         entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
+        self._ready_for(entry, paths)
         state, _ = normalize_weights(weights)
         t0 = time.perf_counter()
         outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
@@ -233,6 +276,7 @@ class RefitSession:
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
         entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
+        self._ready_for(entry, paths)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()
@@ -286,7 +330,8 @@ class RefitSession:
                 "outcomes": dict(self.outcomes), "layers": self.layers,
                 "collection": {k: v for k, v in self.collection.items() if k != "files"},
                 "backend": self._backend[0] if self._backend else None,
-                "backend_reason": self._backend[1] if self._backend else None}
+                "backend_reason": self._backend[1] if self._backend else None,
+                "engine_cache": self.cache_note}
 
 
 def _model_from(model_or_factory: Any):

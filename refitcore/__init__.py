@@ -3,13 +3,16 @@ weight map or a fallback conversion, and check the result against eager PyTorch.
 from __future__ import annotations
 
 from .audit import Audit, audit, audit_paths
+from .cache import BaseEngineCache, EngineCache
 from .engine import load
 from .compile import compile
 from .culprit import Culprit, find_culprit
 from .driver import apply_mapping
 from .eager import EagerModelError, UntrustedFactoryError, eager_model
+from .fingerprint import CacheKey, architecture_fingerprint, cache_key
 from .gate import GateReport, gate
 from .mapping import cached_mapping, fallback_mapping
+from .mutable import MutableEngine
 from .refit import RefitResult, refit
 from .samples import load_samples
 from .verify import Verdict, verify
@@ -27,5 +30,6 @@ __all__ = [
     "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
     "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
     "load_samples", "ShapeRangeError", "DimRange",
+    "EngineCache", "BaseEngineCache", "CacheKey", "cache_key", "architecture_fingerprint", "MutableEngine",
 ]
 __version__ = "0.1.0"

@@ -107,7 +107,8 @@ def _cmd_compile(args, progress: Progress) -> int:
     with progress.step(f"compiling {args.factory} for input {shapes} (export, conversion, {args.backend} build)"):
         try:
             engine = refitcore.compile(model, inputs, backend=args.backend, model_factory=args.factory,
-                                       dynamic_shapes=dynamic_shapes)
+                                       dynamic_shapes=dynamic_shapes,
+                                       cache=args.cache)
         except refitcore.UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
         except refitcore.BackendUnavailableError as err:
@@ -116,7 +117,9 @@ def _cmd_compile(args, progress: Progress) -> int:
         engine.save(args.output)
     _out(f"wrote {args.output}: backend {engine.backend} ({engine.backend_reason}), "
          f"{len(engine.weight_names)} refittable weights, inputs {[list(s) for s in engine.io.input_shapes]}, "
-         f"factory {args.factory}\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
+         f"factory {args.factory}" + {True: "; engine cache hit (loaded and refitted)",
+                                      False: "; engine cache miss (stored)"}.get(engine.cache_hit, "")
+         + f"\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
     return EXIT_OK
 
 
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine backend (default: auto = tensorrt when usable here, else reference)")
     c.add_argument("--checkpoint", metavar="CKPT", help="load these weights into the model before compiling")
     c.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="where to write the engine bundle")
+    c.add_argument("--cache", metavar="DIR", help="engine cache directory: on a hit, load the engine and refit the "
+                   "model's weights instead of exporting and building (default: no cache)")
     c.set_defaults(func=_cmd_compile)
 
     g = sub.add_parser("gate", parents=[common], formatter_class=fmt, epilog=GATE_EPILOG,

@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Iterable, Sequence
 
 import torch
 
 from .backends import get_backend, resolve_backend
+from .cache import as_cache, lookup, store
 from .conversion.convert import convert, dynamic_node_names
 from .engine import IOSpec, RefittableEngine
-from .errors import ExportError, ShapeRangeError, UnsupportedOperatorError
+from .errors import ExportError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
+from .fingerprint import CacheKey, cache_key
 from .lowering import export_model, graph_fingerprint, input_names, plan_fusions
+from .mapping import exported_for
 from .partition import DEFAULT_MIN_BLOCK_SIZE, partition
+from .refit import refit
 from .shapes import export_example, resolve_dynamic_shapes
 from .structured import leaf_names
 from .weight_map import WeightMap
 
-__all__ = ["compile", "tied_groups", "check_map_covers"]
+__all__ = ["compile", "tied_groups", "check_map_covers", "attach_exported_program", "compile_cache_key"]
 
 log = logging.getLogger("refitcore")
 
@@ -45,7 +50,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
             verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
             min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
-            dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None) -> RefittableEngine:
+            dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None, cache: Any = None,
+            verify_inputs: Sequence | None = None, keep_exported: bool = False) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
     the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
 
@@ -67,12 +73,117 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     positional tensor inputs and a graph that converts whole (a partitioned or hybrid engine runs
     at the example's shapes).
 
+    ``cache``: None, a directory or a :class:`refitcore.EngineCache` (or any object with
+    ``save``/``load``/``evict``). On a hit (same architecture, inputs, compile options, backend,
+    precision and toolchain: :func:`refitcore.fingerprint.cache_key`) the stored engine is loaded
+    and refitted with ``model``'s current weights through the cached map instead of exporting and
+    building; with ``verify_inputs`` (a list of samples) that refit is checked against eager
+    ``model``, and an entry that disagrees is evicted and rebuilt. ``keep_exported=True`` exports
+    on a hit too, keeping the exported program that the fallback refit path converts (and checking
+    that its graph is the cached engine's). The engine says what happened: ``engine.cache_hit``
+    (True, False, or None without a cache) and ``engine.cache_key``.
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
                                    backend="reference")
         engine(torch.randn(1, 3, 64, 64))
     """
+    options = dict(backend=backend, precision=precision, model_factory=model_factory, verbose=verbose, strict=strict,
+                   torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, submodules=submodules,
+                   dynamic_shapes=dynamic_shapes, profiles=profiles)
+    store_to = as_cache(cache)
+    if store_to is None:
+        engine = _compile(model, example_inputs, args=args, kwargs=kwargs, **options)
+        engine.cache_hit, engine.cache_key = None, None
+        return engine
+    if example_inputs is not None and args is not None:
+        raise TypeError("give the example inputs either positionally or as args=, not both")
+    call = args if args is not None else (() if example_inputs is None else example_inputs)
+    if isinstance(call, torch.Tensor) or not isinstance(call, (tuple, list)):
+        call = (call,)
+    name, reason = resolve_backend(backend)
+    if backend == "auto":
+        log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
+    key = compile_cache_key(model, tuple(call), kwargs=kwargs, backend=name, precision=precision,
+                            dynamic_shapes=dynamic_shapes, profiles=profiles, strict=strict,
+                            torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, submodules=submodules)
+    engine = _from_cache(store_to, key, model, verify_inputs=verify_inputs, keep_exported=keep_exported,
+                         model_factory=model_factory)
+    if engine is not None:
+        return engine
+    engine = _compile(model, example_inputs, args=args, kwargs=kwargs, **dict(options, backend=name))
+    engine.backend_reason = reason
+    engine.cache_hit, engine.cache_key = False, key.digest
+    if store(store_to, key, engine):
+        log.info("refitcore: engine cache miss %s: compiled and stored", key.digest[:16])
+    return engine
+
+
+def compile_cache_key(model: torch.nn.Module, args: Sequence[Any], *, backend: str, precision: str = "fp32",
+                      kwargs: dict[str, Any] | None = None, dynamic_shapes: Any = None,
+                      profiles: Sequence[Any] | None = None, strict: bool = False,
+                      torch_executed_ops: Iterable[Any] = (), min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
+                      submodules: Sequence[str] | None = None) -> CacheKey:
+    """The engine-cache key :func:`compile` uses for these arguments (``backend`` resolved)."""
+    return cache_key(model, tuple(args), kwargs=kwargs, backend=backend, precision=precision,
+                     dynamic_shapes=dynamic_shapes,
+                     options={"strict": strict, "torch_executed_ops": sorted(str(op) for op in torch_executed_ops),
+                              "min_block_size": min_block_size, "submodules": submodules, "profiles": profiles})
+
+
+def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, keep_exported: bool,
+                model_factory: str | None) -> RefittableEngine | None:
+    """The cached engine refitted with ``model``'s weights, or None (a miss, or an entry that does
+    not fit ``model``, which is then evicted)."""
+    t0 = time.perf_counter()
+    engine = lookup(cache, key)
+    if engine is None:
+        return None
+    state_keys = list(model.state_dict().keys())
+    was_training = model.training
+    try:
+        if engine.state_keys != state_keys:
+            raise RefitCoreError(f"the cached engine was compiled from a state_dict with other keys "
+                                 f"({len(engine.state_keys)} vs {len(state_keys)})")
+        if keep_exported:
+            attach_exported_program(engine, model)
+        try:
+            result = refit(engine, model, path="cached", verify_inputs=verify_inputs, in_place=True)
+        finally:
+            model.train(was_training)
+        if not result:
+            raise RefitCoreError(f"the cached engine refitted with the model's weights disagrees with eager:\n{result}")
+    except RefitCoreError as err:
+        log.warning("refitcore: engine cache entry %s does not fit this model (%s); evicted, compiling instead",
+                    key.digest[:16], str(err).splitlines()[0])
+        cache.evict(key.digest)
+        return None
+    if model_factory:
+        engine.model_factory = model_factory
+    engine.cache_hit, engine.cache_key = True, key.digest
+    log.info("refitcore: engine cache hit %s: loaded and refitted with the model's weights in %.2fs%s",
+             key.digest[:16], time.perf_counter() - t0, " (verified against eager)" if verify_inputs else "")
+    return engine
+
+
+def attach_exported_program(engine: RefittableEngine, model: torch.nn.Module, example_inputs: Any = None) -> None:
+    """Export ``model`` as the engine was exported (its example shapes, dynamic ranges and input
+    structure) and give ``engine`` (loaded from a file or the cache, so without one) the exported
+    program that the fallback refit path converts again. Raises :class:`ArchitectureMismatchError`
+    when the exported graph is not the engine's. ``example_inputs`` is accepted for callers that
+    have them; the engine's recorded IO spec decides the export."""
+    ep = exported_for(engine, model, model.state_dict())
+    engine.exported_program, engine.fusion = ep, plan_fusions(ep.graph_module)
+
+
+def _compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
+            args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
+            backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
+            verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
+            min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
+            dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None) -> RefittableEngine:
+    """:func:`compile` without the engine cache."""
     import torch.utils._pytree as pytree
 
     from .structured import describe_leaf, spec_to_json

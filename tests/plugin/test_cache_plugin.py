@@ -1,0 +1,158 @@
+"""Engines persist across ``pytest --trt-refit`` sessions: pytest's cache directory by default,
+``--trt-refit-cache-dir``, ``--cache-clear``, ``--trt-refit-no-cache``, ini mirrors, the summary line;
+and the architecture fingerprint is one in every pytest-xdist worker."""
+from __future__ import annotations
+
+import pytest
+
+from tests.plugin.test_plugin import PASSING_TEST, _keep_hypothesis_seed, _warm_imports, repo  # noqa: F401
+
+pytest_plugins = ["pytester"]
+
+ONE_CHECK = '''
+from tinymodels import ConvBn, conv_input
+
+
+def test_pretrained(trt_refit):
+    trt_refit.check(ConvBn, ConvBn().state_dict(), conv_input())
+'''
+
+
+def _run(repo, *args):
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", *args)
+    assert result.ret == 0, result.stdout.str()
+    return result
+
+
+def test_default_persists_in_pytests_cache_and_cache_clear_empties_it(repo):
+    repo.makepyfile(test_one=ONE_CHECK)
+    _run(repo).stdout.fnmatch_lines(["engine cache: 0 hit(s), 1 miss(es); *trtrefit-engines"])
+    engines = repo.path / ".pytest_cache" / "d" / "trtrefit-engines"
+    assert len([p for p in engines.iterdir() if p.suffix == ".engine"]) == 1
+    _run(repo).stdout.fnmatch_lines(["engine cache: 1 hit(s), 0 miss(es); *trtrefit-engines"])
+    _run(repo, "--cache-clear").stdout.fnmatch_lines(["engine cache: 0 hit(s), 1 miss(es); *"])
+
+
+def test_both_paths_pass_on_a_hit(repo):
+    repo.makepyfile(test_props=PASSING_TEST)
+    _run(repo, "--trt-refit-paths=both")
+    result = _run(repo, "--trt-refit-paths=both")
+    result.stdout.fnmatch_lines(["engine cache: 1 hit(s), 0 miss(es); *", "*2 passed*"])
+    result.stdout.no_fnmatch_line("*FAILED*")
+
+
+def test_cache_dir_option_and_cache_clear(repo, tmp_path):
+    repo.makepyfile(test_one=ONE_CHECK)
+    where = tmp_path / "engines"
+    _run(repo, f"--trt-refit-cache-dir={where}").stdout.fnmatch_lines([f"engine cache: 0 hit(s), 1 miss(es); {where}"])
+    _run(repo, "-p", "no:cacheprovider", f"--trt-refit-cache-dir={where}").stdout.fnmatch_lines(
+        ["engine cache: 1 hit(s), 0 miss(es); *"])
+    _run(repo, f"--trt-refit-cache-dir={where}", "--cache-clear").stdout.fnmatch_lines(
+        ["engine cache: 0 hit(s), 1 miss(es); *"])
+
+
+def test_ini_mirror_of_the_cache_dir(repo):
+    repo.makepyfile(test_one=ONE_CHECK)
+    repo.makeini("[pytest]\ntrt_refit_cache_dir = my-engines\n")
+    _run(repo)
+    _run(repo).stdout.fnmatch_lines(["engine cache: 1 hit(s), 0 miss(es); *my-engines"])
+
+
+@pytest.mark.parametrize("args,ini,why", [
+    (("-p", "no:cacheprovider"), "", "off (pytest's cacheprovider is disabled; give --trt-refit-cache-dir=DIR*"),
+    (("--trt-refit-no-cache",), "", "off (--trt-refit-no-cache)"),
+    ((), "[pytest]\ntrt_refit_no_cache = true\n", "off (--trt-refit-no-cache)"),
+], ids=["no-cacheprovider", "no-cache-flag", "no-cache-ini"])
+def test_no_persistence(repo, args, ini, why):
+    repo.makepyfile(test_one=ONE_CHECK)
+    if ini:
+        repo.makeini(ini)
+    _run(repo, *args)
+    _run(repo, *args).stdout.fnmatch_lines([f"engine cache: 0 hit(s), 0 miss(es); {why}"])
+
+
+def test_help_lists_the_cache_options(repo):
+    repo.runpytest("--help").stdout.fnmatch_lines(["*--trt-refit-cache-dir=DIR*", "*--trt-refit-no-cache*"])
+
+
+FINGERPRINT_TEST = '''
+import os
+import torch
+from torch import nn
+from pytest_trtrefit.service import architecture_key
+
+
+class Attn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.tags = frozenset({"alpha", "beta", "gamma"})
+
+    def forward(self, x):
+        y = sum(v for v in (x, x))
+        return self.attn(y, y, y)[0]
+
+
+def test_write_fingerprint():
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "none")
+    with open(f"fp-{worker}.txt", "w") as fh:
+        fh.write(architecture_key(Attn()))
+'''
+
+
+def test_fingerprint_is_one_in_every_xdist_worker(pytester):
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_fp=FINGERPRINT_TEST)
+    result = pytester.runpytest_subprocess("-n", "2", "--dist", "each", "-p", "no:cacheprovider")
+    assert result.ret == 0, result.stdout.str()
+    prints = sorted(pytester.path.glob("fp-gw*.txt"))
+    assert [p.name for p in prints] == ["fp-gw0.txt", "fp-gw1.txt"]
+    values = {p.read_text() for p in prints}
+    assert len(values) == 1 and len(values.pop()) == 64
+
+
+def test_a_warm_cached_only_session_never_exports(repo, tmp_path):
+    repo.makepyfile(test_one=ONE_CHECK)
+    report = tmp_path / "r.json"
+    for paths, exported in (("cached", None), ("cached", None), ("both", True)):
+        _run(repo, f"--trt-refit-paths={paths}", f"--trt-refit-report={report}")
+        import json
+
+        builds = json.loads(report.read_text())["builds"]
+        assert len(builds) == 1 and builds[0].get("exported_on_hit") is exported, builds
+    assert builds[0]["cache"] == "hit"
+
+
+def _planted_session(tmp_path, paths):
+    """A session whose engine cache holds, under small_net's key, an engine of another graph
+    (small_net_gelu: the same parameters, GELU for ReLU)."""
+    import torch
+
+    import refitcore
+    from pytest_trtrefit.config import RefitConfig
+    from pytest_trtrefit.service import RefitSession
+    from refitcore.cache import EngineCache, pack_entry
+    from refitcore.compile import compile_cache_key as cache_key
+    from tests.cli_models import small_net, small_net_gelu
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    key = cache_key(small_net(), (x,), backend="reference")
+    wrong = refitcore.compile(small_net_gelu(), x, backend="reference")
+    EngineCache(tmp_path).save(key.digest, pack_entry(key, wrong))
+    session = RefitSession(RefitConfig(enabled=True, backend="reference", paths=paths))
+    session.cache_dir = str(tmp_path)
+    return session, small_net, x
+
+
+def test_a_wrong_cached_engine_fails_the_cached_check(tmp_path):
+    session, factory, x = _planted_session(tmp_path, ("cached",))
+    with pytest.raises(AssertionError, match="cached"):
+        session.check(factory, factory().state_dict(), x)
+    assert session.builds[-1]["cache"] == "hit"
+
+
+def test_a_wrong_cached_engine_is_rebuilt_when_the_fallback_exports(tmp_path):
+    session, factory, x = _planted_session(tmp_path, ("cached", "fallback"))
+    outcome = session.check(factory, factory().state_dict(), x)
+    assert outcome.ok
+    assert session.builds[-1]["cache"] == "miss" and "graph differs from the compiled one" in session.builds[-1]["note"]

@@ -1,0 +1,254 @@
+"""The architecture fingerprint and the engine cache key: equal across processes for the same code,
+different for every change that changes the engine."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from refitcore.fingerprint import (CacheKey, architecture_entries, architecture_fingerprint, cache_key, code_digest,
+                                   input_signature)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Models with code constants whose repr holds an address: nested code objects (a generator
+# expression, a lambda) in forward, and nn.MultiheadAttention (whose forward has them too).
+MODULE_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    SCALE = 0.5
+
+    def helper(x):
+        return x * SCALE
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.act = lambda t: torch.relu(t)
+            self.tags = frozenset({"alpha", "beta", "gamma", "delta"})
+
+        def forward(self, x):
+            y = sum(v for v in (x, x))
+            y = self.act(helper(self.fc(y)))
+            return self.attn(y, y, y, need_weights=False)[0]
+''')
+
+PROBE = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
+    import torch
+    import fpmodels
+    from refitcore.fingerprint import architecture_fingerprint, cache_key
+    m = fpmodels.Block()
+    key = cache_key(m, (torch.randn(2, 3, 8),), backend="reference")
+    print(json.dumps([architecture_fingerprint(m), key.digest]))
+''')
+
+
+@pytest.fixture(scope="module")
+def fpmodels(tmp_path_factory):
+    here = tmp_path_factory.mktemp("fp")
+    (here / "fpmodels.py").write_text(MODULE_SRC)
+    sys.path.insert(0, str(here))
+    try:
+        import fpmodels as mod
+        yield here, mod
+    finally:
+        sys.path.remove(str(here))
+        sys.modules.pop("fpmodels", None)
+
+
+def _probe(here, seed: str) -> list[str]:
+    env = dict(os.environ, PYTHONHASHSEED=seed)     # string hashes (frozenset order) differ per process
+    out = subprocess.run([sys.executable, "-c", PROBE.format(root=ROOT, here=str(here))], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_repr_of_the_code_constants_holds_addresses():
+    """Why the old fingerprint (repr of co_consts) differed between processes."""
+    consts = repr(nn.MultiheadAttention.forward.__code__.co_consts) + repr((lambda: (i for i in ()))
+                                                                           .__code__.co_consts)
+    assert " at 0x" in consts
+
+
+def test_equal_in_two_fresh_interpreters_and_in_this_one(fpmodels):
+    here, mod = fpmodels
+    a = _probe(here, "1")
+    b = _probe(here, "2")
+    assert a == b
+    m = mod.Block()
+    assert a == [architecture_fingerprint(m), cache_key(m, (torch.randn(2, 3, 8),), backend="reference").digest]
+
+
+def test_weights_do_not_change_it(fpmodels):
+    _, mod = fpmodels
+    a, b = mod.Block(), mod.Block()
+    with torch.no_grad():
+        b.fc.weight.mul_(3)
+    assert architecture_fingerprint(a) == architecture_fingerprint(b)
+
+
+def test_nested_code_is_hashed_by_content():
+    def make(k):
+        return eval(f"lambda x: sum(v * {k} for v in x)")
+
+    assert code_digest(make(2).__code__) == code_digest(make(2).__code__)
+    assert code_digest(make(2).__code__) != code_digest(make(3).__code__)
+
+
+class Net(nn.Module):
+    def __init__(self, width=8, act="relu"):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 4)
+        self.act = act
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x))) if self.act == "relu" else torch.tanh(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3)))
+
+
+class NetOtherCode(Net):
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).amax((2, 3)))
+
+
+class Tied(nn.Module):
+    def __init__(self, tie: bool):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        if tie:
+            self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _key(model, x=None, **kw):
+    x = torch.randn(1, 3, 8, 8) if x is None else x
+    return cache_key(model, (x,) if isinstance(x, torch.Tensor) else x, **{"backend": "reference", **kw})
+
+
+def _replace_layer(m):
+    m.head = nn.Linear(8, 4, bias=False)
+    return m
+
+
+def _other_eps(m):
+    m.bn.eps = 1e-3
+    return m
+
+
+def _half(m):
+    return m.half()
+
+
+def _hook(m):
+    m.conv.register_forward_hook(lambda mod, inp, out: out * 2)
+    return m
+
+
+def _non_persistent(m):
+    m.register_buffer("offset", torch.ones(1), persistent=False)
+    return m
+
+
+CHANGES = [
+    ("code", lambda: NetOtherCode(), {}),
+    ("parameter shape", lambda: Net(width=6), {}),
+    ("config attribute", lambda: Net(act="tanh"), {}),
+    ("replaced layer", lambda: _replace_layer(Net()), {}),
+    ("batchnorm eps", lambda: _other_eps(Net()), {}),
+    ("dtype", lambda: _half(Net()), {}),
+    ("forward hook", lambda: _hook(Net()), {}),
+    ("non-persistent buffer", lambda: _non_persistent(Net()), {}),
+    ("input shape", lambda: Net(), {"x": torch.randn(2, 3, 8, 8)}),
+    ("input dtype", lambda: Net(), {"x": torch.randn(1, 3, 8, 8, dtype=torch.float64)}),
+    ("input structure", lambda: Net(), {"x": ([torch.randn(1, 3, 8, 8)],)}),
+    ("kwargs", lambda: Net(), {"kwargs": {"scale": torch.ones(1)}}),
+    ("dynamic shapes", lambda: Net(), {"dynamic_shapes": ({0: torch.export.Dim("batch", min=1, max=8)},)}),
+    ("backend", lambda: Net(), {"backend": "tensorrt"}),
+    ("precision", lambda: Net(), {"precision": "fp16"}),
+]
+
+
+@pytest.mark.parametrize("what,make,kw", CHANGES, ids=[c[0] for c in CHANGES])
+def test_each_change_changes_the_key(what, make, kw):
+    torch.manual_seed(0)
+    base = _key(Net())
+    assert _key(Net()) == base                     # another instance, other weights: same key
+    changed = _key(make(), **kw)
+    assert changed != base, what
+    if kw and set(kw) <= {"x", "kwargs", "dynamic_shapes"}:
+        assert changed.differences(base) == ["inputs"]
+    elif "backend" in kw or "precision" in kw:
+        assert changed.differences(base) == [next(iter(kw))]
+    else:
+        assert changed.differences(base) == ["architecture"]
+
+
+def test_tied_groups_change_it():
+    assert architecture_fingerprint(Tied(True)) != architecture_fingerprint(Tied(False))
+
+
+def test_toolchain_and_format_version_change_the_key(monkeypatch):
+    from refitcore import fingerprint
+
+    base = _key(Net())
+    monkeypatch.setattr(fingerprint, "CACHE_FORMAT_VERSION", fingerprint.CACHE_FORMAT_VERSION + 1)
+    assert _key(Net()).differences(base) == ["toolchain"]
+    monkeypatch.undo()
+    from refitcore import _trt
+
+    monkeypatch.setattr(_trt, "version", lambda: "99.0")
+    assert _key(Net()).differences(base) == ["toolchain"]
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    assert _key(Net()).differences(base) == ["toolchain"]
+
+
+def test_an_input_spec_object_is_folded_in():
+    class Spec:
+        def __init__(self, profile):
+            self.profile = profile
+
+        def to_json(self):
+            return {"profile": self.profile}
+
+    x = torch.randn(1, 3, 8, 8)
+    a = input_signature((x,), spec=Spec([1, 4, 8]))
+    assert a == input_signature((x,), spec=Spec([1, 4, 8]))
+    assert a != input_signature((x,), spec=Spec([1, 4, 16]))
+    assert _key(Net(), input_spec=Spec([1])) != _key(Net(), input_spec=Spec([2]))
+
+
+def test_key_round_trips_and_rejects_auto():
+    k = _key(Net())
+    assert CacheKey.from_json(json.loads(json.dumps(k.to_json()))) == k
+    with pytest.raises(ValueError, match="resolved backend"):
+        _key(Net(), backend="auto")
+
+
+def test_entries_are_json_without_addresses(fpmodels):
+    _, mod = fpmodels
+    text = json.dumps(architecture_entries(mod.Block()))
+    assert " at 0x" not in text and "0x7f" not in text
+
+
+def test_plugin_architecture_key_uses_it(fpmodels):
+    from pytest_trtrefit.service import architecture_key
+
+    _, mod = fpmodels
+    assert architecture_key(mod.Block()) == architecture_fingerprint(mod.Block())
