@@ -182,10 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    c = sub.add_parser("compile", parents=[common], formatter_class=fmt, epilog=COMPILE_EPILOG,
-                       help="compile a model factory into a refittable engine bundle",
-                       description="Export MODULE:FACTORY's model, convert it to a refittable TensorRT network, "
-                                   "build it, and save the bundle (plan, weight map, weights, factory).")
+    def command(name: str, func, summary: str, description: str, epilog: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], formatter_class=fmt, epilog=epilog, help=summary,
+                           description=description)
+        p.set_defaults(func=func)
+        return p
+
+    def operands(p: argparse.ArgumentParser, *specs: tuple[str, str, str]) -> None:
+        for dest, metavar, text in specs:      # positional arguments: (dest, METAVAR, help)
+            p.add_argument(dest, metavar=metavar, help=text)
+
+    def tolerances(p: argparse.ArgumentParser, rtol: float, atol: float, rtol_of: str, atol_of: str) -> None:
+        p.add_argument("--rtol", type=parse_tolerance, default=rtol, help=f"relative tolerance{rtol_of} (default: {rtol:g})")
+        p.add_argument("--atol", type=parse_tolerance, default=atol, help=f"absolute tolerance{atol_of} (default: {atol:g})")
+
+    c = command("compile", _cmd_compile, "compile a model factory into a refittable engine bundle",
+                "Export MODULE:FACTORY's model, convert it to a refittable TensorRT network, build it, and save "
+                "the bundle (plan, weight map, weights, factory).", COMPILE_EPILOG)
     c.add_argument("factory", metavar="MODULE:FACTORY", type=parse_factory,
                    help="callable returning the nn.Module, e.g. torchvision.models:resnet18")
     c.add_argument("--input", action="append", required=True, type=input_shape_arg, metavar="SHAPE",
@@ -200,22 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="where to write the engine bundle")
     c.add_argument("--cache", metavar="DIR", help="engine cache directory: on a hit, load the engine and refit the "
                    "model's weights instead of exporting and building (default: no cache)")
-    c.set_defaults(func=_cmd_compile)
 
-    g = sub.add_parser("gate", parents=[common], formatter_class=fmt, epilog=GATE_EPILOG,
-                       help="refuse a checkpoint whose refit does not reproduce eager PyTorch",
-                       description="Refit a copy of the engine with CHECKPOINT through the chosen path(s), compare "
-                                   "with eager PyTorch on SAMPLES, audit cached vs fallback, refuse NaN/Inf weights.")
-    g.add_argument("bundle", metavar="BUNDLE", help="engine bundle written by `trtrefit compile`")
-    g.add_argument("checkpoint", metavar="CHECKPOINT", help="state_dict checkpoint (torch.save; read weights-only)")
+    g = command("gate", _cmd_gate, "refuse a checkpoint whose refit does not reproduce eager PyTorch",
+                "Refit a copy of the engine with CHECKPOINT through the chosen path(s), compare with eager "
+                "PyTorch on SAMPLES, audit cached vs fallback, refuse NaN/Inf weights.", GATE_EPILOG)
+    operands(g, ("bundle", "BUNDLE", "engine bundle written by `trtrefit compile`"),
+             ("checkpoint", "CHECKPOINT", "state_dict checkpoint (torch.save; read weights-only)"))
     g.add_argument("--inputs", required=True, metavar="SAMPLES", help="random:N[:SEED], FILE.pt or FILE.npy "
                    "(see below)")
     g.add_argument("--paths", default=("cached", "fallback"), type=parse_paths, metavar="PATHS",
                    help="cached, fallback, or both (= cached,fallback; default: both, which also audits them)")
-    g.add_argument("--rtol", type=parse_tolerance, default=DEFAULT_RTOL,
-                   help=f"relative tolerance vs eager (default: {DEFAULT_RTOL:g})")
-    g.add_argument("--atol", type=parse_tolerance, default=DEFAULT_ATOL,
-                   help=f"absolute tolerance vs eager, scaled by max(1, max|eager|) (default: {DEFAULT_ATOL:g})")
+    tolerances(g, DEFAULT_RTOL, DEFAULT_ATOL, " vs eager", " vs eager, scaled by max(1, max|eager|)")
     g.add_argument("--model", type=parse_factory, metavar="MODULE:FACTORY",
                    help="model factory to rebuild the eager model (the bundle's recorded one needs --trust-factory)")
     g.add_argument("--trust-factory", action="store_true",
@@ -223,28 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--report", metavar="FILE.json", help="write a JSON report")
     g.add_argument("--markdown", metavar="FILE.md", help="write a Markdown summary for CI job logs "
                    "(appended when FILE is $GITHUB_STEP_SUMMARY)")
-    g.set_defaults(func=_cmd_gate)
 
-    a = sub.add_parser("audit", parents=[common], formatter_class=fmt, epilog=AUDIT_EPILOG,
-                       help="compare the weights of two bundles, or of a bundle and a checkpoint",
-                       description="Compare engine weights weight by weight: missing, extra, shape/dtype, max abs "
-                                   "and relative difference; the report leads with the worst weight.")
-    a.add_argument("a", metavar="A", help="engine bundle or checkpoint")
-    a.add_argument("b", metavar="B", help="engine bundle or checkpoint")
-    a.add_argument("--rtol", type=parse_tolerance, default=1e-5,
-                   help="relative tolerance, of each weight's max |value| (default: 1e-05)")
-    a.add_argument("--atol", type=parse_tolerance, default=1e-7, help="absolute tolerance (default: 1e-07)")
+    a = command("audit", _cmd_audit, "compare the weights of two bundles, or of a bundle and a checkpoint",
+                "Compare engine weights weight by weight: missing, extra, shape/dtype, max abs and relative "
+                "difference; the report leads with the worst weight.", AUDIT_EPILOG)
+    operands(a, ("a", "A", "engine bundle or checkpoint"), ("b", "B", "engine bundle or checkpoint"))
+    tolerances(a, 1e-5, 1e-7, ", of each weight's max |value|", "")
     a.add_argument("--report", metavar="FILE.json", help="write a JSON report")
-    a.set_defaults(func=_cmd_audit)
 
-    d = sub.add_parser("doctor", parents=[common], formatter_class=fmt,
-                       help="what this machine can do: GPU, TensorRT flavour, usable backends",
-                       description="Diagnose the environment (delegates to refitcore.doctor).",
-                       epilog="examples:\n  trtrefit doctor\n  trtrefit doctor --json --require-tensorrt\n\n"
-                              "other arguments are passed on to refitcore.doctor.")
+    d = command("doctor", _cmd_doctor, "what this machine can do: GPU, TensorRT flavour, usable backends",
+                "Diagnose the environment (delegates to refitcore.doctor).",
+                "examples:\n  trtrefit doctor\n  trtrefit doctor --json --require-tensorrt\n\n"
+                "other arguments are passed on to refitcore.doctor.")
     for flag, text in DOCTOR_FLAGS:
         d.add_argument(flag, action="store_true", dest=f"doctor_{flag.lstrip('-').replace('-', '_')}", help=text)
-    d.set_defaults(func=_cmd_doctor)
     return parser
 
 

@@ -24,7 +24,7 @@ from .network_reader import network_weights
 from .partition import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, Segment, partition, subprogram
 from .segments import SegmentedImpl, split_name
 from .torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
-from .weight_map import WeightMap, WeightSource
+from .weight_map import WeightMap, WeightSource, prefix_consts
 
 __all__ = ["compile_segments", "segmented_fallback_mapping", "prefixed_map", "SegmentedBuild"]
 
@@ -38,22 +38,9 @@ class SegmentedBuild:
     plan: PartitionPlan
 
 
-def _rename_consts(operand: Any, prefix: str) -> Any:
-    if isinstance(operand, dict):
-        if "const" in operand:
-            return {"const": prefix + operand["const"]}
-        if "op" in operand:
-            return dict(operand, args=_rename_consts(operand.get("args", []), prefix),
-                        kwargs={k: _rename_consts(v, prefix) for k, v in operand.get("kwargs", {}).items()})
-        return operand
-    if isinstance(operand, list):
-        return [_rename_consts(v, prefix) for v in operand]
-    return operand
-
-
 def prefixed_map(wm: WeightMap, prefix: str) -> WeightMap:
     """A copy of a segment's weight map with every engine weight and literal named ``prefix + name``."""
-    sources = {prefix + n: dataclasses.replace(s, inputs={k: _rename_consts(v, prefix) for k, v in s.inputs.items()})
+    sources = {prefix + n: dataclasses.replace(s, inputs={k: prefix_consts(v, prefix) for k, v in s.inputs.items()})
                for n, s in wm.sources.items()}
     return WeightMap(sources=sources, constants={prefix + k: v for k, v in wm.constants.items()})
 
@@ -63,15 +50,17 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
 
 
-def _param_keys(operand: Any, into: dict) -> None:
+def _collect(operand: Any, kind: str, into: dict, *, alone: bool = False) -> None:
+    """Every ``operand[kind]`` of the ``{kind: ...}`` references in a program record, in order
+    (``alone``: only references that hold nothing else)."""
     if isinstance(operand, dict):
-        if "param" in operand:
-            into[operand["param"]] = None
+        if kind in operand and (not alone or len(operand) == 1):
+            into[operand[kind]] = None
         for v in operand.values():
-            _param_keys(v, into)
+            _collect(v, kind, into, alone=alone)
     elif isinstance(operand, list):
         for v in operand:
-            _param_keys(v, into)
+            _collect(v, kind, into, alone=alone)
 
 
 def _closure(gm: fx.GraphModule, names: Iterable[str], dynamic: set[str], skip: set[str]) -> list[str]:
@@ -159,7 +148,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
         keys: dict[str, None] = {}
         for rec in encode_nodes(gm, names, specs=specs):
             records.setdefault(rec["name"], rec)
-            _param_keys(rec, keys)
+            _collect(rec, "param", keys)
         return keys
 
     for i, seg in enumerate(plan.segments):
@@ -199,7 +188,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
                                                          str(arr.dtype))
     for rec in records.values():
         consts: dict[str, None] = {}
-        _collect_consts(rec, consts)
+        _collect(rec, "const", consts, alone=True)
         for c in consts:
             t = ep_constants[c] if c in ep_constants else state[c]
             constants[c] = _state_array(t)
@@ -212,16 +201,6 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
                          backend_name, note=getattr(next(iter(trt.values()), None), "note", ""))
     return SegmentedBuild(impl, wm, plan)
 
-
-def _collect_consts(operand: Any, into: dict) -> None:
-    if isinstance(operand, dict):
-        if "const" in operand and len(operand) == 1:
-            into[operand["const"]] = None
-        for v in operand.values():
-            _collect_consts(v, into)
-    elif isinstance(operand, list):
-        for v in operand:
-            _collect_consts(v, into)
 
 
 def segmented_fallback_mapping(engine, ep, params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional",
+           "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional",
            "as_positional"]
 
 
@@ -211,18 +211,29 @@ def as_positional(inputs: Any) -> Any:
     return inputs
 
 
-def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
-    """Verification inputs of an engine with structured I/O, as :class:`Inputs`, each checked against
-    the compiled structure, constants, shapes and dtypes; ``ValueError`` listing every mismatch."""
+def sample_list(inputs: Any) -> list:
+    """Verification inputs as a list of samples: one tensor, one tuple or :class:`Inputs` is one
+    sample; anything else is iterated. ``ValueError`` when there is none or it cannot be iterated."""
     if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
-        inputs = [inputs]
+        return [inputs]
     try:
-        calls = [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
+        samples = list(inputs)
     except TypeError:
         raise ValueError(f"verify_inputs: expected a tensor, a tuple (one sample), refitcore.Inputs or a list of "
                          f"samples, got {type(inputs).__name__}") from None
-    if not calls:
-        raise ValueError("verify_inputs: no samples given; give at least one")
+    if not samples:
+        raise ValueError("verify_inputs: no samples given; give at least one (a tensor, a tuple of tensors, or a list)")
+    return samples
+
+
+def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
+    """Verification inputs of an engine with structured I/O, as :class:`Inputs`, each checked against
+    the compiled structure, constants, shapes and dtypes; ``ValueError`` listing every mismatch."""
+    try:
+        calls = [split_call(s if not isinstance(s, list) else tuple(s)) for s in sample_list(inputs)]
+    except TypeError:
+        raise ValueError(f"verify_inputs: expected a tensor, a tuple (one sample), refitcore.Inputs or a list of "
+                         f"samples, got {type(inputs).__name__}") from None
     problems = []
     for s, (args, kwargs) in enumerate(calls):
         try:

@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 
 from .errors import ExportError
 from .segments import SegmentedRefitter
-from .weight_map import WeightMap, WeightSource, rename_keys
+from .weight_map import WeightMap, WeightSource, prefix_consts, rename_keys
 
 __all__ = ["find_exportable", "HybridImpl", "compile_submodules", "hybrid_fallback_mapping", "EAGER"]
 
@@ -246,7 +246,7 @@ def compile_submodules(model: torch.nn.Module, args: tuple, kwargs: dict, compil
     for path, engine in engines.items():
         rename = {k: f"{path}.{k}" for k in engine.weight_map.key_specs}
         for name, src in engine.weight_map.sources.items():
-            inputs = {k: _prefix_consts(rename_keys(v, rename), path) for k, v in src.inputs.items()}
+            inputs = {k: prefix_consts(rename_keys(v, rename), f"[{path}] ") for k, v in src.inputs.items()}
             wm.sources[HybridImpl.part_name(path, name)] = dataclasses.replace(src, inputs=inputs)
         wm.constants.update({f"[{path}] {k}": v for k, v in engine.weight_map.constants.items()})
     params = {k: _state_array(v) for k, v in model.state_dict().items()}
@@ -260,18 +260,6 @@ def compile_submodules(model: torch.nn.Module, args: tuple, kwargs: dict, compil
     eager = [(p, w) for p, w in eager]
     return impl, wm, eager, structure, pytree.tree_flatten(out)[1]
 
-
-def _prefix_consts(operand: Any, path: str) -> Any:
-    if isinstance(operand, dict):
-        if "const" in operand and len(operand) == 1:
-            return {"const": f"[{path}] {operand['const']}"}
-        if "op" in operand:
-            return dict(operand, args=_prefix_consts(operand.get("args", []), path),
-                        kwargs={k: _prefix_consts(v, path) for k, v in operand.get("kwargs", {}).items()})
-        return operand
-    if isinstance(operand, list):
-        return [_prefix_consts(v, path) for v in operand]
-    return operand
 
 
 def hybrid_fallback_mapping(engine, state: Mapping[str, torch.Tensor], source: Any,

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .eager import EagerModelError, eager_model
+from .structured import sample_list
 from .weight_map import WeightMap, operand_keys
 
 __all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
@@ -115,18 +116,11 @@ def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Ten
 def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
     """Verification inputs as a list of samples, each checked against the engine's input spec
     (``io``: an :class:`refitcore.IOSpec`); raises ``ValueError`` listing every mismatch."""
-    if isinstance(inputs, torch.Tensor):
-        samples = [(inputs,)]
-    elif isinstance(inputs, tuple):
-        samples = [inputs]
-    else:
-        try:
-            samples = [(s,) if isinstance(s, torch.Tensor) else tuple(s) for s in inputs]
-        except TypeError:
-            raise ValueError(f"verify_inputs: expected a tensor, a tuple of tensors (one sample) or a list of "
-                             f"samples, got {type(inputs).__name__}") from None
-    if not samples:
-        raise ValueError("verify_inputs: no samples given; give at least one (a tensor, a tuple of tensors, or a list)")
+    try:
+        samples = [(s,) if isinstance(s, torch.Tensor) else tuple(s) for s in sample_list(inputs)]
+    except TypeError:
+        raise ValueError(f"verify_inputs: expected a tensor, a tuple of tensors (one sample) or a list of "
+                         f"samples, got {type(inputs).__name__}") from None
     problems = []
     names = list(io.input_names)
     profiles = getattr(io, "profiles", None)

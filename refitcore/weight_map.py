@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 __all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "operand_constants", "has_key", "rename_keys",
-           "encode_array", "decode_array"]
+           "map_operand", "prefix_consts", "encode_array", "decode_array"]
 
 FORMAT_VERSION = 1
 
@@ -77,18 +77,27 @@ def has_key(operand: Any) -> bool:
     return next(iter(operand_keys(operand)), None) is not None
 
 
+def map_operand(operand: Any, fn) -> Any:
+    """A copy of an operand tree with every leaf operand (``{"key"}``, ``{"const"}``...) replaced by
+    ``fn(leaf)``; ``{"op"}`` nodes and lists are walked."""
+    if isinstance(operand, dict):
+        if "op" in operand:
+            return dict(operand, args=map_operand(operand.get("args", []), fn),
+                        kwargs={k: map_operand(v, fn) for k, v in operand.get("kwargs", {}).items()})
+        return fn(operand)
+    if isinstance(operand, (list, tuple)):
+        return [map_operand(item, fn) for item in operand]
+    return operand
+
+
 def rename_keys(operand: Any, rename: Mapping[str, str]) -> Any:
     """A copy of an operand tree with its state_dict keys renamed."""
-    if isinstance(operand, dict):
-        if "key" in operand:
-            return dict(operand, key=rename.get(operand["key"], operand["key"]))
-        if "op" in operand:
-            return dict(operand, args=rename_keys(operand.get("args", []), rename),
-                        kwargs={k: rename_keys(v, rename) for k, v in operand.get("kwargs", {}).items()})
-        return operand
-    if isinstance(operand, (list, tuple)):
-        return [rename_keys(item, rename) for item in operand]
-    return operand
+    return map_operand(operand, lambda o: dict(o, key=rename.get(o["key"], o["key"])) if "key" in o else o)
+
+
+def prefix_consts(operand: Any, prefix: str) -> Any:
+    """A copy of an operand tree whose literals (``{"const": id}``) read ``prefix + id``."""
+    return map_operand(operand, lambda o: {"const": prefix + o["const"]} if "const" in o else o)
 
 
 @dataclasses.dataclass(frozen=True)

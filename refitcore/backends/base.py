@@ -16,7 +16,9 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-__all__ = ["WeightsPrototype", "Refitter", "EngineImpl", "Backend", "read_only_views"]
+from .. import dtypes
+
+__all__ = ["WeightsPrototype", "Refitter", "EngineImpl", "Backend", "read_only_views", "HostWeights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,21 @@ def read_only_views(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         v.flags.writeable = False
         out[k] = v
     return out
+
+
+class HostWeights:
+    """The weight queries of an engine that keeps its current weights as host arrays in
+    ``self._weights`` (both backends do: the reference store, TensorRT's host mirror)."""
+
+    _weights: dict[str, np.ndarray]
+
+    def prototype(self, name: str) -> WeightsPrototype:
+        arr = self._weights[name]
+        return WeightsPrototype(name, dtypes.trt_name(arr.dtype, str(arr.dtype)), int(arr.size), tuple(arr.shape))
+
+    def current_weights(self) -> dict[str, np.ndarray]:
+        """The weights the engine answers with now (read-only views)."""
+        return read_only_views(self._weights)
 
 
 @runtime_checkable

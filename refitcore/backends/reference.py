@@ -12,7 +12,7 @@ from .. import dtypes
 from ..shapes import ShapeProfiles
 from ..bundle import MAX_TENSOR_ELEMENTS
 from ..network_reader import WEIGHT_ROLES, read_network
-from .base import WeightsPrototype, read_only_views
+from .base import HostWeights, WeightsPrototype
 from .reference_ops import OPS, run_layer
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
@@ -26,7 +26,7 @@ def usable() -> tuple[bool, str]:
     return True, "always available (CPU)"
 
 
-class ReferenceEngine:
+class ReferenceEngine(HostWeights):
     """An immutable plan (layers read off the network) and the current refittable weights."""
 
     backend_name = NAME
@@ -75,14 +75,6 @@ class ReferenceEngine:
 
     def weight_names(self) -> list[str]:
         return list(self._locations)
-
-    def prototype(self, name: str) -> WeightsPrototype:
-        arr = self._weights[name]
-        return WeightsPrototype(name, dtypes.trt_name(arr.dtype, str(arr.dtype)), int(arr.size), tuple(arr.shape))
-
-    def current_weights(self) -> dict[str, np.ndarray]:
-        """The weights the engine answers with now (read-only views)."""
-        return read_only_views(self._weights)
 
     def rollback_weights(self) -> dict[str, np.ndarray]:
         """The current arrays themselves, not copies: :meth:`commit` swaps new arrays into a new

@@ -42,7 +42,7 @@ import torch
 from .. import _trt, dtypes
 from ..errors import BackendUnavailableError
 from ..shapes import ShapeProfiles
-from .base import WeightsPrototype, read_only_views
+from .base import HostWeights
 from .tensorrt_build import PlanBuild, build_plan
 from .tensorrt_probe import ProbeResult, probe
 from .tensorrt_shapes import set_input_shapes
@@ -103,7 +103,7 @@ def serialization_config(engine, trt=None):
     return config
 
 
-class TensorRTEngine:
+class TensorRTEngine(HostWeights):
     """A deserialized TensorRT engine, its execution context, and a host mirror of its refittable
     weights (TensorRT cannot read weights back out of an engine: the mirror serves
     ``current_weights``, rollback and save)."""
@@ -179,13 +179,6 @@ class TensorRTEngine:
 
     def weight_names(self) -> list[str]:
         return list(self._shapes)
-
-    def prototype(self, name: str) -> WeightsPrototype:
-        arr = self._weights[name]
-        return WeightsPrototype(name, dtypes.trt_name(arr.dtype, str(arr.dtype)), int(arr.size), tuple(arr.shape))
-
-    def current_weights(self) -> dict[str, np.ndarray]:
-        return read_only_views(self._weights)
 
     def rollback_weights(self) -> dict[str, np.ndarray]:
         """Copies of the host mirror (its first arrays may be shared with the caller who built or

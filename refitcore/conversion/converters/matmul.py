@@ -28,15 +28,19 @@ def linear(ctx: ConversionContext, x, weight, bias):
     return ctx.name(ctx.network.add_elementwise(y, b, trt.ElementWiseOperation.SUM)).get_output(0)
 
 
-def matmul(ctx: ConversionContext, a, b):
+def _matrix_multiply(ctx: ConversionContext, a, b, what: str, operands: tuple[str, str]):
+    """An IMatrixMultiplyLayer of two operands of rank >= 2 (constants named by ``operands``), unnamed."""
     trt = ctx.trt
     r = max(rank(a), rank(b))
     if min(rank(a), rank(b)) < 2:
-        raise Unsupported("matmul with a 1-D operand")
-    a = as_tensor(ctx, a, rank_=r, suffix="lhs")
-    b = as_tensor(ctx, b, rank_=r, suffix="rhs")
-    layer = ctx.network.add_matrix_multiply(a, trt.MatrixOperation.NONE, b, trt.MatrixOperation.NONE)
-    return ctx.name(layer).get_output(0)
+        raise Unsupported(f"{what} with a 1-D operand")
+    a = as_tensor(ctx, a, rank_=r, suffix=operands[0])
+    b = as_tensor(ctx, b, rank_=r, suffix=operands[1])
+    return ctx.network.add_matrix_multiply(a, trt.MatrixOperation.NONE, b, trt.MatrixOperation.NONE)
+
+
+def matmul(ctx: ConversionContext, a, b):
+    return ctx.name(_matrix_multiply(ctx, a, b, "matmul", ("lhs", "rhs"))).get_output(0)
 
 
 @converter(aten.linear.default)
@@ -98,19 +102,13 @@ def _scaled(ctx: ConversionContext, x, factor, suffix: str):
 def addmm(ctx: ConversionContext, bias, a, b, *, beta=1, alpha=1):
     """beta * bias + alpha * (a @ b) (addmm, baddbmm): GPT-2's Conv1D is addmm(bias, x, W) with W
     laid out (in, out), multiplied without a transpose; W and bias are refittable constants."""
-    trt = ctx.trt
-    r = max(rank(a), rank(b))
-    if min(rank(a), rank(b)) < 2:
-        raise Unsupported("addmm with a 1-D operand")
-    a = as_tensor(ctx, a, rank_=r, suffix="mat1")
-    b = as_tensor(ctx, b, rank_=r, suffix="mat2")
-    layer = ctx.network.add_matrix_multiply(a, trt.MatrixOperation.NONE, b, trt.MatrixOperation.NONE)
+    layer = _matrix_multiply(ctx, a, b, "addmm", ("mat1", "mat2"))
     product = _scaled(ctx, ctx.name(layer, "matmul").get_output(0), alpha, "alpha")
     if beta == 0:
         return product
     bias = _scaled(ctx, bias, beta, "beta")
     if isinstance(bias, StaticValue):
-        bias = ctx.constant(bias, rank=r, suffix="bias")
+        bias = ctx.constant(bias, rank=max(rank(a), rank(b)), suffix="bias")
     return elementwise(ctx, product, bias, "SUM")
 
 
