@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from refitcore.culprit import Culprit
 
 __all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
-           "as_samples", "format_report", "model_label", "quiet_logs", "trt_share", "NOISY_LOGGERS"]
+           "as_samples", "call_of", "output_label", "failing_outputs", "sample_tensors", "format_report", "model_label", "quiet_logs", "trt_share", "NOISY_LOGGERS"]
 
 # Third-party loggers whose DEBUG/INFO records (torch.export's graph traces: ~26 lines per failure)
 # would otherwise fill pytest's "Captured log" sections of every failing check.
@@ -76,20 +76,42 @@ def _share_of(entry) -> float | None:
     return vars(entry)["trt_share"]
 
 
-def as_samples(inputs) -> list[tuple]:
-    """inputs: one tensor, a tuple of tensors (one sample), or a list of such samples."""
+def as_samples(inputs) -> list:
+    """inputs: one sample (a tensor, a tuple of positional inputs, or a ``refitcore.Inputs`` with
+    positional and keyword inputs) or a list of samples; each sample as a tuple or an ``Inputs``."""
     import torch
+    from refitcore.structured import Inputs
 
-    if isinstance(inputs, torch.Tensor):
-        return [(inputs,)]
-    if isinstance(inputs, tuple):
-        return [tuple(inputs)]
+    if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
+        inputs = [inputs]
     samples = []
     for s in inputs:
-        samples.append((s,) if isinstance(s, torch.Tensor) else tuple(s))
+        samples.append((s,) if isinstance(s, torch.Tensor) else s if isinstance(s, Inputs) else tuple(s))
     if not samples:
-        raise ValueError("inputs: give at least one sample (a tensor, a tuple of tensors, or a list of them)")
+        raise ValueError("inputs: give at least one sample (a tensor, a tuple of positional inputs, "
+                         "refitcore.Inputs(*args, **kwargs), or a list of them)")
     return samples
+
+
+def call_of(sample) -> tuple[tuple, dict]:
+    """(args, kwargs) of one sample of :func:`as_samples`."""
+    from refitcore.structured import split_call
+
+    return split_call(sample)
+
+
+def sample_tensors(sample) -> list:
+    """The tensors of one sample, in flattening order (positional, then keyword inputs)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    return [x for x in pytree.tree_leaves(call_of(sample)) if isinstance(x, torch.Tensor)]
+
+
+def _flat_outputs(engine, sample) -> list:
+    """The engine's outputs on one sample as a flat leaf list (pytree order)."""
+    args, kwargs = call_of(sample)
+    return list(engine.run(engine.flatten_inputs(args, kwargs)))
 
 
 def describe_weights(weights: Any) -> str:
@@ -200,7 +222,7 @@ def _run_path(entry, path: str, state, eager, samples, rtol, atol, *, keep_mappi
     if not verdict.ok:
         out.held = {k: v.copy() for k, v in engine.current_weights().items()}
     if keep_outputs:
-        out.outputs = [t.detach().clone() for t in engine.run(list(samples[0]))]
+        out.outputs = [t.detach().clone() if hasattr(t, 'detach') else t for t in _flat_outputs(engine, samples[0])]
     return out
 
 
@@ -209,11 +231,11 @@ def _run_error(engine, samples, err: Exception) -> str:
     failing = samples[0]
     for sample in samples:
         try:
-            engine.run(list(sample))
-        except (RuntimeError, ValueError):
+            _flat_outputs(engine, sample)
+        except (RuntimeError, ValueError, TypeError):
             failing = sample
             break
-    shapes = [list(t.shape) for t in failing]
+    shapes = [list(t.shape) for t in sample_tensors(failing)]
     first = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"the refitted engine fails on inputs of shape {shapes}: {type(err).__name__}: {first}"
 
@@ -293,9 +315,11 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
             if o.outputs is not None and digests[i] in seen:
                 j = seen[digests[i]]
                 if outputs[j] is not None:
-                    diff = max((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
-                               for a, b in zip(o.outputs, outputs[j]))
-                    identical = all(torch.equal(a, b) for a, b in zip(o.outputs, outputs[j]))
+                    pairs = list(zip(o.outputs, outputs[j]))
+                    diff = max(((float((a.double() - b.double()).abs().max()) if a.numel() else 0.0)
+                                if isinstance(a, torch.Tensor) else (0.0 if a == b else float("inf")))
+                               for a, b in pairs)
+                    identical = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in pairs)
                     o.repeat_of = j
                     o.repeat_diff = 0.0 if identical else (diff if diff > 0 else float("nan"))
                     if not identical:
@@ -344,7 +368,10 @@ def _output_lines(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
         for c in sample:
             if c.ok:
                 continue
-            name = outcome.output_names[c.index] if c.index < len(outcome.output_names) else str(c.index)
+            name = output_label(outcome, c)
+            if c.detail:
+                lines.append(f"  path {p.path!r}, sample {s}, output {c.index} ({name}): {c.detail}")
+                continue
             lines.append(
                 f"  path {p.path!r}, sample {s}, output {c.index} ({name}) shape {list(c.shape)}: "
                 f"{c.mismatched} of {_numel(c.shape)} elements mismatched"
@@ -355,6 +382,22 @@ def _output_lines(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
                          f"smallest that would pass: atol>={c.min_atol:.3g} (at this rtol) or "
                          f"rtol>={c.min_rtol:.3g} (at this atol)")
     return lines
+
+
+def output_label(outcome: CheckOutcome, c) -> str:
+    """An output's name in reports: its pytree path (``logits``, ``[0]['boxes']``), else the
+    engine's output name (``output_0``) for a bare tensor."""
+    return c.name or (outcome.output_names[c.index] if c.index < len(outcome.output_names) else str(c.index))
+
+
+def failing_outputs(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
+    """The names of the outputs a path got wrong (any sample), in output order."""
+    names: list[str] = []
+    for sample in (p.verdict.checks if p.verdict is not None else []):
+        for c in sample:
+            if not c.ok and output_label(outcome, c) not in names:
+                names.append(output_label(outcome, c))
+    return names
 
 
 def _numel(shape) -> int:

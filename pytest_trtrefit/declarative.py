@@ -23,8 +23,9 @@ __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "R
 
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
+_COMPILE_OPTIONS = ("torch_executed_ops", "min_block_size", "strict")   # passed to refitcore.compile
 _OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families",
-            "dynamic_shapes"}
+            "dynamic_shapes", *_COMPILE_OPTIONS}
 
 
 class DeclarationError(Exception):
@@ -35,7 +36,7 @@ class DeclarationError(Exception):
 class ModelSpec:
     name: str
     factory: Any
-    inputs: tuple
+    inputs: Any                     # one sample: a tuple of positional inputs or a refitcore.Inputs
     checks: tuple[str, ...] = CHECKS
     examples: int | None = None
     paths: tuple[str, ...] | None = None
@@ -44,11 +45,33 @@ class ModelSpec:
     strategy_options: dict = dataclasses.field(default_factory=dict)
     input_families: tuple[str, ...] = DEFAULT_INPUT_FAMILIES
     dynamic_shapes: Any = None      # input ranges, as refitcore.compile takes them (the example is opt)
+    compile_options: dict = dataclasses.field(default_factory=dict)   # torch_executed_ops, min_block_size, strict
+
+
+def _example(name: str, example: Any, where: str):
+    """The example inputs as one sample: a tuple of positional inputs or a ``refitcore.Inputs``."""
+    import torch
+    import torch.utils._pytree as pytree
+    from refitcore.structured import Inputs
+
+    if isinstance(example, torch.Tensor):
+        return (example,)
+    if isinstance(example, Inputs):
+        tree = (example.args, example.kwargs)
+    elif isinstance(example, (tuple, list)):
+        tree = example = tuple(example)
+    else:
+        tree = None
+    leaves = pytree.tree_leaves(tree) if tree is not None else []
+    if not any(isinstance(x, torch.Tensor) for x in leaves) or not all(
+            isinstance(x, (torch.Tensor, bool, int, float, str, type(None))) for x in leaves):
+        raise DeclarationError(f"{where}: model {name!r}: example inputs must be a tensor, a tuple of positional "
+                                f"inputs or refitcore.Inputs(*args, **kwargs) (tensors, None and Python scalars, in "
+                                f"tuples, lists and dicts), with at least one tensor; got {type(example).__name__}")
+    return example
 
 
 def _spec(name: str, value: Any, where: str) -> ModelSpec:
-    import torch
-
     if isinstance(value, dict):
         value = dict(value)
         try:
@@ -64,9 +87,7 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
                                 f"got {type(value).__name__}")
     if not callable(factory):
         raise DeclarationError(f"{where}: model {name!r}: the factory {factory!r} is not callable")
-    example = (example,) if isinstance(example, torch.Tensor) else tuple(example)
-    if not example or not all(isinstance(t, torch.Tensor) for t in example):
-        raise DeclarationError(f"{where}: model {name!r}: example inputs must be a tensor or a tuple of tensors")
+    example = _example(name, example, where)
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
         raise DeclarationError(f"{where}: model {name!r}: unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
@@ -80,7 +101,8 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
     strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
                      options.get("rtol"), options.get("atol"), strat,
-                     tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"))
+                     tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"),
+                     {k: options[k] for k in _COMPILE_OPTIONS if k in options})
 
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
@@ -140,6 +162,8 @@ class RefitPropertyItem(pytest.Item):
     def runtest(self) -> None:
         from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
+        from refitcore.structured import Inputs
+
         from .strategies import boundary_samples, inputs, perturbations, refit_sequences, refit_settings, state_dicts
 
         session = get_session(self.config)
@@ -148,20 +172,21 @@ class RefitPropertyItem(pytest.Item):
         spec = self.spec
         cfg = session.config
         options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name,
-                       dynamic_shapes=spec.dynamic_shapes)
+                       dynamic_shapes=spec.dynamic_shapes, compile_options=spec.compile_options)
         example = spec.inputs
         profiles = None
         if spec.dynamic_shapes is not None:
             # Compiled once, before Hypothesis runs: its recorded ranges are what inputs are drawn in.
-            profiles = session.engine_for(spec.factory, example, name=spec.name,
-                                          dynamic_shapes=spec.dynamic_shapes).io.profiles
-        drawn_inputs = (inputs(list(example), families=spec.input_families, profiles=profiles)
+            profiles = session.engine_for(spec.factory, example, name=spec.name, dynamic_shapes=spec.dynamic_shapes,
+                                          compile_options=spec.compile_options).io.profiles
+        drawn_inputs = (inputs(example if isinstance(example, Inputs) else list(example), families=spec.input_families,
+                               profiles=profiles)
                         if spec.input_families else st.just(None))
         # Every example checks the range's ends (min, max) next to the example input (opt).
         fixed = [example] + ([tuple(b) for b in boundary_samples(list(example), profiles)] if profiles else [])
 
         def samples(extra) -> list:
-            return fixed + ([tuple(extra)] if extra is not None else [])
+            return fixed + ([extra if isinstance(extra, Inputs) else tuple(extra)] if extra is not None else [])
 
         def named(fn):   # the name Hypothesis prints in "Failing test case: ..."
             fn.__name__ = fn.__qualname__ = f"{self.check}_{spec.name}"

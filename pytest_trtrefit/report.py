@@ -197,6 +197,7 @@ def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, *
         summary, status = "all refit checks passed", "pass"
     failures = _last_per_test(data["failures"])
     problems = [f"{f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
+                + (f"; outputs {', '.join(f['outputs'])}" if f.get("outputs") else "")
                 + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "") for f in failures]
     if status != "pass" and not problems:
         problems = [summary]

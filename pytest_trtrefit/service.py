@@ -17,10 +17,11 @@ import os
 import time
 from typing import Any, Sequence
 
-from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
+from .checks import (CheckOutcome, as_samples, call_of, describe_weights, failing_outputs, model_label, output_label,
+                     run_check, run_sequence, sample_tensors)
 from .config import RefitConfig
 
-__all__ = ["RefitSession", "CacheEntry", "architecture_key", "input_spec"]
+__all__ = ["RefitSession", "CacheEntry", "architecture_key", "input_spec", "compile_kwargs", "COMPILE_OPTIONS"]
 
 
 @dataclasses.dataclass
@@ -30,7 +31,8 @@ class CacheEntry:
     engine: Any                   # refitcore.RefittableEngine, refitted in place by every check
     eager: Any                    # a private copy of the model, loaded with each check's weights
     compile_seconds: float
-    sample: Any = None            # the example inputs it was compiled for
+    sample: Any = None            # the example inputs it was compiled for (a tuple or refitcore.Inputs)
+    options: dict = dataclasses.field(default_factory=dict)   # the other refitcore.compile arguments
 
 
 def architecture_key(model) -> str:
@@ -43,8 +45,41 @@ def architecture_key(model) -> str:
     return architecture_fingerprint(model)
 
 
-def input_spec(sample: Sequence) -> tuple:
-    return tuple((tuple(t.shape), str(t.dtype)) for t in sample)
+def input_spec(sample: Any) -> tuple:
+    """A cache key for one sample: each tensor's shape and dtype, and for a sample with keyword,
+    nested or non-tensor inputs its structure and constant values (what the graph specialises on)."""
+    import torch
+
+    tensors = tuple((tuple(t.shape), str(t.dtype)) for t in sample_tensors(sample))
+    if isinstance(sample, tuple) and all(isinstance(x, torch.Tensor) for x in sample):
+        return tensors
+    from refitcore.structured import describe_leaf, spec_of
+
+    leaves, spec = spec_of(call_of(sample))
+    return tensors + (json.dumps([spec, [describe_leaf(x) for x in leaves]], sort_keys=True, default=str),)
+
+
+COMPILE_OPTIONS = ("torch_executed_ops", "min_block_size", "strict")
+
+
+def compile_kwargs(options: Any) -> dict:
+    """The ``refitcore.compile`` options a check may pass (``torch_executed_ops``, ``min_block_size``,
+    ``strict``); ``ValueError`` naming any other key."""
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(COMPILE_OPTIONS))
+    if unknown:
+        raise ValueError(f"compile_options: unknown key(s) {unknown}; valid: {list(COMPILE_OPTIONS)}")
+    if "torch_executed_ops" in options:
+        ops = options["torch_executed_ops"]
+        options["torch_executed_ops"] = (ops,) if isinstance(ops, str) else tuple(ops)
+    return options
+
+
+def _options_key(options: dict) -> str | None:
+    if not options:
+        return None
+    plain = {k: ([str(o) for o in v] if k == "torch_executed_ops" else v) for k, v in options.items()}
+    return json.dumps(plain, sort_keys=True, default=str)
 
 
 def shapes_key(dynamic_shapes: Any) -> str | None:
@@ -145,24 +180,31 @@ class RefitSession:
             EngineCache(directory).clear()
         self.cache_dir, self.cache_note = directory, directory
 
-    def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None):
+    def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None,
+                   compile_options: Any = None):
         """The session's engine for this architecture and input spec (compiled on first use, or loaded
-        from the engine cache); ``dynamic_shapes``: input ranges as :func:`refitcore.compile` takes
-        them (the first sample is the example, ``opt``). When the session checks the fallback path it
-        has its exported program, so both refit paths work on it."""
-        entry = self._entry(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes)
+        from the engine cache); ``inputs``: a sample (tensor, tuple of positional inputs,
+        ``refitcore.Inputs``) or a list whose first sample is the example; ``dynamic_shapes``: input
+        ranges as :func:`refitcore.compile` takes them (the first sample is the example, ``opt``);
+        ``compile_options``: ``torch_executed_ops``, ``min_block_size``, ``strict`` for
+        :func:`refitcore.compile` (part of the cache key). When the session checks the fallback path
+        it has its exported program, so both refit paths work on it."""
+        entry = self._entry(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes,
+                            compile_options=compile_options)
         self._ready_for(entry, self.config.paths)
         return entry.engine
 
     def _entry(self, model_or_factory, inputs, *, name: str | None = None,
-               dynamic_shapes: Any = None) -> CacheEntry:
+               dynamic_shapes: Any = None, compile_options: Any = None) -> CacheEntry:
         model = self._factory_models.get(_hashable(model_or_factory))
         if model is None:
             model = _model_from(model_or_factory)
             if _hashable(model_or_factory) is not None:  # a factory: build its model once per session
                 self._factory_models[_hashable(model_or_factory)] = model
         samples = as_samples(inputs)
-        key = (architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes))
+        options = compile_kwargs(compile_options)
+        key = (architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes),
+               _options_key(options))
         entry = self._cache.get(key)
         if entry is None:
             import refitcore
@@ -172,18 +214,21 @@ class RefitSession:
                 self._engine_cache = refitcore.EngineCache(self.cache_dir)
             try:
                 backend = self.backend    # resolved once per session ('auto' probes the GPU): not compile time
+                args, kwargs = call_of(samples[0])
                 t0 = time.perf_counter()
-                engine = refitcore.compile(eager, samples[0], backend=backend, dynamic_shapes=dynamic_shapes,
-                                           cache=self._engine_cache)
+                engine = refitcore.compile(eager, args=args, kwargs=kwargs, backend=backend,
+                                           dynamic_shapes=dynamic_shapes, cache=self._engine_cache, **options)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
                     f"--trt-refit-backend=auto or reference on this machine)") from err
             seconds = time.perf_counter() - t0
             label = name or type(model).__name__
-            entry = CacheEntry(key[0], label, engine, eager, seconds, samples[0])
+            entry = CacheEntry(key[0], label, engine, eager, seconds, samples[0],
+                               dict(options, dynamic_shapes=dynamic_shapes))
             self._cache[key] = entry
-            build = {"model": label, "architecture": key[0][:16], "inputs": [list(s) for s, _ in key[1]],
+            build = {"model": label, "architecture": key[0][:16],
+                     "inputs": [list(t.shape) for t in sample_tensors(samples[0])],
                      "backend": self.backend, "compile_s": seconds, "worker": self.worker,
                      "cache": {True: "hit", False: "miss"}.get(engine.cache_hit)}
             if engine.io.profiles is not None:
@@ -206,11 +251,12 @@ class RefitSession:
         except refitcore.ArchitectureMismatchError as err:
             if self._engine_cache is not None and entry.engine.cache_key:
                 self._engine_cache.evict(entry.engine.cache_key)
-            entry.engine = refitcore.compile(entry.eager, entry.sample, backend=self.backend,
-                                             cache=self._engine_cache)
+            args, kwargs = call_of(entry.sample)
+            entry.engine = refitcore.compile(entry.eager, args=args, kwargs=kwargs, backend=self.backend,
+                                             cache=self._engine_cache, **entry.options)
             self.builds.append({"model": entry.name, "architecture": entry.key[:16], "backend": self.backend,
                                 "compile_s": time.perf_counter() - t0, "worker": self.worker, "cache": "miss",
-                                "inputs": [list(t.shape) for t in entry.sample], "note": err.problems[0]})
+                                "inputs": [list(t.shape) for t in sample_tensors(entry.sample)], "note": err.problems[0]})
             return
         seconds = time.perf_counter() - t0
         entry.compile_seconds += seconds
@@ -231,16 +277,19 @@ class RefitSession:
 
     def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
               rtol: float | None = None, atol: float | None = None, name: str | None = None,
-              dynamic_shapes: Any = None) -> CheckOutcome:
+              dynamic_shapes: Any = None, compile_options: Any = None) -> CheckOutcome:
         """Refit the session's engine for this model with ``weights`` through each selected path and
         compare it with eager PyTorch on ``inputs``; raise ``AssertionError`` with the mismatch report
         when any path disagrees.
 
         ``model_or_factory``: an ``nn.Module`` or a callable returning one (its weights do not
         matter). ``weights``: a state_dict, an ``nn.Module`` or a checkpoint path. ``inputs``: a
-        tensor, a tuple of tensors (one sample) or a list of samples. ``dynamic_shapes``: compile
+        tensor, a tuple of positional inputs or a ``refitcore.Inputs(*args, **kwargs)`` (one
+        sample), or a list of samples; outputs may be any structure (dicts, ``ModelOutput``...) and
+        are compared leaf by leaf, each named by its path. ``dynamic_shapes``: compile
         with input ranges (as :func:`refitcore.compile`; the first sample is the example, ``opt``),
-        so that samples of other shapes inside the ranges check one engine.
+        so that samples of other shapes inside the ranges check one engine. ``compile_options``:
+        ``torch_executed_ops``, ``min_block_size``, ``strict`` for :func:`refitcore.compile`.
 
         Example::
 
@@ -252,7 +301,8 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
+        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
+                            compile_options=compile_options)
         self._ready_for(entry, paths)
         state, _ = normalize_weights(weights)
         t0 = time.perf_counter()
@@ -266,7 +316,7 @@ class RefitSession:
     def check_sequence(self, model_or_factory, sequence: Sequence[Any], inputs, *,
                        paths: str | Sequence[str] | None = None, rtol: float | None = None,
                        atol: float | None = None, name: str | None = None,
-                       dynamic_shapes: Any = None) -> list[CheckOutcome]:
+                       dynamic_shapes: Any = None, compile_options: Any = None) -> list[CheckOutcome]:
         """Refit one engine with each weight set of ``sequence`` in turn (per path), comparing with
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
@@ -275,7 +325,8 @@ class RefitSession:
 
         paths, rtol, atol = self._settings(paths, rtol, atol)
         samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes)
+        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
+                            compile_options=compile_options)
         self._ready_for(entry, paths)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
@@ -306,6 +357,11 @@ class RefitSession:
             if worst is not None:
                 rec.update(max_abs=worst.max_abs, max_rel=worst.max_rel, norm_rel=worst.norm_rel,
                            min_rtol=worst.min_rtol, min_atol=worst.min_atol)
+            if worst is not None and worst.name:
+                rec["output"] = output_label(outcome, worst)     # the worst output's pytree path
+            bad_outputs = failing_outputs(outcome, p)
+            if bad_outputs:
+                rec["failed_outputs"] = bad_outputs
             if p.error is not None:
                 rec["error"] = p.error.splitlines()[0]
             if outcome.culprit is not None:
@@ -321,6 +377,7 @@ class RefitSession:
             failed = [p.path for p in outcome.paths if not p.ok] or [p.path for p in outcome.paths]
             self.failures.append({"test": self.current_test, "model": outcome.model, "kind": outcome.kind,
                                   "paths": failed, "mappings_disagree": audit_failed,
+                                  "outputs": list(dict.fromkeys(n for p in outcome.paths for n in failing_outputs(outcome, p))),
                                   "culprit": outcome.culprit.name if outcome.culprit else None,
                                   "report": outcome.report()})
 
