@@ -8,10 +8,15 @@ each refitted through the cached weight map and the fallback path and compared w
 from __future__ import annotations
 
 from modelzoo import MODELS, example_input
+from modelzoo.bert import bert_inputs, tiny_bert
 
 
 def pytest_trt_refit_models():
-    return {
+    models = {
         name: (cls, example_input(name), {"examples": 2} if name == "tied_autoencoder" else {})
         for name, (cls, _shape) in MODELS.items()
     }
+    # A transformers model called with a keyword input (refitcore.Inputs): input_ids, attention_mask=.
+    # Generated samples redraw the token ids inside the example's range and keep the mask.
+    models["tiny_bert"] = (tiny_bert, bert_inputs(), {"examples": 2})
+    return models
