@@ -391,12 +391,13 @@ def output_label(outcome: CheckOutcome, c) -> str:
 
 
 def failing_outputs(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
-    """The names of the outputs a path got wrong (any sample), in output order."""
+    """The pytree paths of the outputs a path got wrong (any sample), in output order; empty for
+    a model that returns one bare tensor (it has no path)."""
     names: list[str] = []
     for sample in (p.verdict.checks if p.verdict is not None else []):
         for c in sample:
-            if not c.ok and output_label(outcome, c) not in names:
-                names.append(output_label(outcome, c))
+            if not c.ok and c.name and c.name not in names:
+                names.append(c.name)
     return names
 
 
