@@ -103,6 +103,31 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
+# Digests already computed during one architecture_entries() call, by (kind, id): code reachable
+# along many paths (a library's functions naming each other's classes) is digested once, not once
+# per path (exponential on transformers models). Per call, so a fingerprint never depends on what
+# an earlier call computed; the traversal order is fixed, so it stays equal across processes.
+_MEMO: dict | None = None
+
+
+def _memoized(kind: str, fn):
+    def wrapper(obj, _seen: frozenset = frozenset()):
+        if _MEMO is None:
+            return fn(obj, _seen)
+        key = (kind, id(obj))
+        hit = _MEMO.get(key)
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        # A digest of the digest: shared code appears once per entry as a short hash, so the JSON
+        # hashed stays small however often it is reached.
+        out = [kind, _sha(fn(obj, _seen))]
+        _MEMO[key] = (obj, out)     # the object is kept so that its id is not reused meanwhile
+        return out
+
+    wrapper.__doc__, wrapper.__name__, wrapper.__qualname__ = fn.__doc__, fn.__name__, fn.__qualname__
+    return wrapper
+
+
 def function_digest(fn: Any, _seen: frozenset = frozenset()) -> Any:
     """A function as JSON: its code, defaults, closure values, and the user functions, classes and
     constants its code names from its module's globals (torch's own functions by name only)."""
@@ -140,6 +165,9 @@ def function_digest(fn: Any, _seen: frozenset = frozenset()) -> Any:
             _value(getattr(fn, "__kwdefaults__", None), 1, seen), closure, used]
 
 
+function_digest = _memoized("function", function_digest)
+
+
 def _cell_full(cell) -> bool:
     try:
         cell.cell_contents
@@ -173,6 +201,9 @@ def class_digest(cls: type, _seen: frozenset = frozenset()) -> Any:
                 members.append([name, _value(member, 1, seen)])
         out.append(["class", _qualname(klass), members])
     return out
+
+
+class_digest = _memoized("class", class_digest)
 
 
 # -- values (module attributes, closure contents, constants) --------------------------------
@@ -240,7 +271,12 @@ def architecture_entries(model: torch.nn.Module) -> list:
     """The list :func:`architecture_fingerprint` hashes (JSON), to say what differs between two."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    entries = [_module_entry(path, m) for path, m in model.named_modules(remove_duplicate=False)]
+    global _MEMO
+    outer, _MEMO = _MEMO, {} if _MEMO is None else _MEMO
+    try:
+        entries = [_module_entry(path, m) for path, m in model.named_modules(remove_duplicate=False)]
+    finally:
+        _MEMO = outer
     first: dict[int, str] = {}
     for k, t in model.state_dict(keep_vars=True).items():
         tied = first.setdefault(id(t), k)
