@@ -252,3 +252,21 @@ def test_plugin_architecture_key_uses_it(fpmodels):
 
     _, mod = fpmodels
     assert architecture_key(mod.Block()) == architecture_fingerprint(mod.Block())
+
+
+def test_a_transformers_model_fingerprints_quickly_and_stably():
+    """transformers' functions name each other's classes along many paths: each is digested once
+    (it used to be once per path, and a tiny BERT never finished)."""
+    import time
+
+    transformers = pytest.importorskip("transformers")
+    from refitcore.fingerprint import architecture_fingerprint
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64)
+    t0 = time.perf_counter()
+    first = architecture_fingerprint(transformers.BertModel(cfg))
+    assert time.perf_counter() - t0 < 20
+    assert architecture_fingerprint(transformers.BertModel(cfg)) == first
+    other = transformers.BertConfig(**{**cfg.to_dict(), "num_hidden_layers": 1})
+    assert architecture_fingerprint(transformers.BertModel(other)) != first
