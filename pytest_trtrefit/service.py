@@ -275,6 +275,15 @@ class RefitSession:
         return (paths, self.config.rtol if rtol is None else float(rtol),
                 self.config.atol if atol is None else float(atol))
 
+    def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options):
+        """(engine entry ready for ``paths``, samples, paths, rtol, atol) of one check call."""
+        paths, rtol, atol = self._settings(paths, rtol, atol)
+        samples = as_samples(inputs)
+        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
+                            compile_options=compile_options)
+        self._ready_for(entry, paths)
+        return entry, samples, paths, rtol, atol
+
     def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
               rtol: float | None = None, atol: float | None = None, name: str | None = None,
               dynamic_shapes: Any = None, compile_options: Any = None) -> CheckOutcome:
@@ -299,11 +308,8 @@ class RefitSession:
         __tracebackhide__ = True
         from refitcore.mapping import normalize_weights
 
-        paths, rtol, atol = self._settings(paths, rtol, atol)
-        samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
-                            compile_options=compile_options)
-        self._ready_for(entry, paths)
+        entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
+                                                          dynamic_shapes, compile_options)
         state, _ = normalize_weights(weights)
         t0 = time.perf_counter()
         outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
@@ -323,11 +329,8 @@ class RefitSession:
         __tracebackhide__ = True
         from refitcore.mapping import normalize_weights
 
-        paths, rtol, atol = self._settings(paths, rtol, atol)
-        samples = as_samples(inputs)
-        entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
-                            compile_options=compile_options)
-        self._ready_for(entry, paths)
+        entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
+                                                          dynamic_shapes, compile_options)
         states = [normalize_weights(w)[0] for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()

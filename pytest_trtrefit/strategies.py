@@ -524,7 +524,7 @@ def refit_sequences(model, *, min_size: int = 2, max_size: int = 4, end_with_fir
 
 # --------------------------------------------------------------------------------------------
 # inputs
-class InputSample(tuple):
+class InputSample(_Described, tuple):
     """A tuple of input tensors; its repr is the recipe that made it."""
 
     def __new__(cls, tensors, description: str):
@@ -532,31 +532,13 @@ class InputSample(tuple):
         obj.description = description
         return obj
 
-    def describe(self) -> str:
-        return self.description
 
-    def __repr__(self) -> str:
-        return self.description
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(self.description)
-
-
-class InputCall(Inputs):
+class InputCall(_Described, Inputs):
     """One drawn call with keyword inputs (a :class:`refitcore.Inputs`); its repr is the recipe."""
 
     def __init__(self, args, kwargs, description: str):
         super().__init__(*args, **kwargs)
         self.description = description
-
-    def describe(self) -> str:
-        return self.description
-
-    def __repr__(self) -> str:
-        return self.description
-
-    def _repr_pretty_(self, p, cycle) -> None:
-        p.text(self.description)
 
 
 def _int_range(t) -> tuple[int, int] | None:
