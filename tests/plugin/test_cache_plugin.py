@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.plugin.test_plugin import PASSING_TEST, _keep_hypothesis_seed, _warm_imports, repo  # noqa: F401
+from tests.plugin.test_plugin import PASSING_TEST, _warm_imports, repo  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.plugin.conftest import model_repo
+
 pytest_plugins = ["pytester"]
 
 MODELS_SRC = '''
@@ -77,19 +79,9 @@ def _warm_imports():
 
 @pytest.fixture
 def repo(_warm_imports, pytester):
-    pytester.makepyfile(tinydyn=MODELS_SRC)
-    pytester.syspathinsert()
-    return pytester
+    return model_repo(pytester, "tinydyn", MODELS_SRC)
 
 
-@pytest.fixture(autouse=True)
-def _keep_hypothesis_seed():
-    """In-process runs set Hypothesis's global seed (as --hypothesis-seed does); restore it."""
-    from hypothesis import core
-
-    saved = core.global_force_seed
-    yield
-    core.global_force_seed = saved
 
 
 def test_declared_dynamic_model_passes_across_its_range(repo):

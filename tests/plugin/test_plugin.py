@@ -6,6 +6,8 @@ import re
 
 import pytest
 
+from tests.plugin.conftest import model_repo
+
 pytest_plugins = ["pytester"]
 
 # Tiny models so that an in-process run compiles in about a second.
@@ -95,19 +97,9 @@ def _warm_imports():
 @pytest.fixture
 def repo(_warm_imports, pytester):
     """A model repository: the tiny models, importable from its root."""
-    pytester.makepyfile(tinymodels=MODELS_SRC)
-    pytester.syspathinsert()
-    return pytester
+    return model_repo(pytester, "tinymodels", MODELS_SRC)
 
 
-@pytest.fixture(autouse=True)
-def _keep_hypothesis_seed():
-    """In-process runs set Hypothesis's global seed (as --hypothesis-seed does); restore it."""
-    from hypothesis import core
-
-    saved = core.global_force_seed
-    yield
-    core.global_force_seed = saved
 
 
 def test_help_lists_the_option_group(pytester):

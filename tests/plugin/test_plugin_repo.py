@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.plugin.test_plugin import (CORRUPTED_TEST, PASSING_TEST, _keep_hypothesis_seed,  # noqa: F401
+from tests.plugin.test_plugin import (CORRUPTED_TEST, PASSING_TEST,  # noqa: F401
                                       _warm_imports, repo)
 
 pytest_plugins = ["pytester"]

@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from tests.plugin.conftest import model_repo
+
 pytest_plugins = ["pytester"]
 
 MODELS_SRC = '''
@@ -127,18 +129,9 @@ def _warm_imports():
 
 @pytest.fixture
 def repo(_warm_imports, pytester):
-    pytester.makepyfile(tinymodels=MODELS_SRC)
-    pytester.syspathinsert()
-    return pytester
+    return model_repo(pytester, "tinymodels", MODELS_SRC)
 
 
-@pytest.fixture(autouse=True)
-def _keep_hypothesis_seed():
-    from hypothesis import core
-
-    saved = core.global_force_seed
-    yield
-    core.global_force_seed = saved
 
 
 def test_dict_outputs_and_keyword_inputs_pass_and_a_partitioned_engine_shows_its_share(repo):
