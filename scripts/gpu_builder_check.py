@@ -36,21 +36,13 @@ def _cases() -> list[Case]:
     import torch
 
     from refitcore.shapes import DimRange
-    from tests.dynamic_models import BATCH, SEQ, BertHidden, TinyAttention, TinyResNet
+    from tests.dynamic_models import BATCH, SEQ, BertHidden, Flat, TinyAttention, TinyResNet
 
     def seeded(fn):
         def make():
             torch.manual_seed(0)
             return fn()
         return make
-
-    class Flat(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(12, 2)
-
-        def forward(self, x):
-            return self.fc(x.reshape(x.shape[0], -1))
 
     conv_bn = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),  # noqa: E731
                                           torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 4))

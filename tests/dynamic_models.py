@@ -11,6 +11,17 @@ BATCH = (1, 8)      # batch range of the CNN
 SEQ = (4, 32)       # sequence-length range of the attention models
 
 
+class Flat(nn.Module):
+    """A reshape that must compute its batch size in the network (a baked size fails off the example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
 class Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()

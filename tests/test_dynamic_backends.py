@@ -13,15 +13,7 @@ from refitcore import _trt
 from refitcore.backends.reference import ReferenceEngine
 from refitcore.backends.tensorrt_shapes import add_profiles, set_input_shapes
 from refitcore.shapes import ShapeRangeError, resolve_dynamic_shapes
-
-
-class Flat(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(12, 2)
-
-    def forward(self, x):
-        return self.fc(x.reshape(x.shape[0], -1))
+from tests.dynamic_models import Flat
 
 
 @pytest.fixture(scope="module")
