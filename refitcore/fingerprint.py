@@ -15,8 +15,10 @@ dtypes, tied groups, values of non-persistent buffers and tensor attributes, whi
 constants of the engine), the input spec (shapes, dtypes, pytree structure, dynamic-shape
 profiles, or any spec object with ``to_json()``), the backend, the precision, and the toolchain
 (this package's format versions and source files, torch's version, TensorRT's flavour and
-version). torch's own modules are identified by qualified name; their code is pinned by torch's
-version.
+version). Library code (torch, the standard library, anything installed in site-packages) is
+identified by qualified name and pinned by the library's version, not hashed: library modules may
+hold per-process values (a session uuid) that hashing would pick up, and their code only changes
+with their version. User code (a checkout, an editable install) is hashed.
 """
 from __future__ import annotations
 
@@ -24,10 +26,14 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import importlib.metadata
 import json
 import math
+import os
 import pathlib
+import site
 import sys
+import sysconfig
 import types
 from typing import Any, Mapping
 
@@ -49,9 +55,48 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
 
 
-def _is_torch(obj: Any) -> bool:
-    mod = getattr(obj, "__module__", None) or ""
-    return mod == "torch" or mod.startswith("torch.")
+def _library(obj: Any) -> str | None:
+    """The installed library that defines ``obj`` ('torch', 'python' for the standard library,
+    'transformers==5.24.0'...), or None for user code. A library's code is identified by qualified
+    name and pinned by the library's version instead of being hashed: library modules may hold
+    per-process values (``transformers.utils.hub.SESSION_ID`` is a fresh uuid in every process)
+    that code reachable from a model names."""
+    mod = getattr(obj, "__module__", None)
+    return _library_of_module(mod) if isinstance(mod, str) and mod else None
+
+
+@functools.lru_cache(maxsize=None)
+def _library_of_module(modname: str) -> str | None:
+    top = modname.partition(".")[0]
+    if top == "torch":
+        return "torch"                           # its version is in the toolchain signature
+    if top == "builtins" or top in getattr(sys, "stdlib_module_names", ()):
+        return "python"                          # pinned by the interpreter's version (toolchain)
+    module = sys.modules.get(modname) or sys.modules.get(top)
+    file = getattr(module, "__file__", None)
+    if not file or not _under(os.path.realpath(file), _site_directories()):
+        return None                              # user code (a checkout, an editable install): hashed
+    version = getattr(sys.modules.get(top), "__version__", None)
+    if not isinstance(version, str):
+        dists = importlib.metadata.packages_distributions().get(top, [])
+        version = ",".join(sorted(f"{d} {importlib.metadata.version(d)}" for d in dists)) or "unknown"
+    return f"{top}=={version}"
+
+
+@functools.lru_cache(maxsize=1)
+def _site_directories() -> tuple[str, ...]:
+    dirs = set()
+    for getter in (lambda: site.getsitepackages(), lambda: [site.getusersitepackages()],
+                   lambda: [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]):
+        try:
+            dirs.update(os.path.realpath(d) for d in getter() if d)
+        except (AttributeError, OSError):        # site.getsitepackages is missing in some virtualenvs
+            pass
+    return tuple(sorted(dirs))
+
+
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path.startswith(d.rstrip(os.sep) + os.sep) for d in dirs)
 
 
 # -- code --------------------------------------------------------------------------------------
@@ -136,11 +181,11 @@ def function_digest(fn: Any, _seen: frozenset = frozenset()) -> Any:
                 {k: _value(v, 1, _seen) for k, v in sorted(fn.keywords.items())}]
     if isinstance(fn, types.MethodType):
         fn = fn.__func__
-    while hasattr(fn, "__wrapped__") and not _is_torch(fn):
+    while hasattr(fn, "__wrapped__") and not _library(fn):
         fn = fn.__wrapped__
     code = getattr(fn, "__code__", None)
-    if code is None or _is_torch(fn):
-        return ["callable", _qualname(fn)]
+    if code is None or _library(fn):
+        return ["callable", _qualname(fn), _library(fn)]
     if id(fn) in _seen:                          # recursion (a function naming itself)
         return ["recursive", _qualname(fn)]
     seen = _seen | {id(fn)}
@@ -153,8 +198,8 @@ def function_digest(fn: Any, _seen: frozenset = frozenset()) -> Any:
         v = glb[name]
         if isinstance(v, types.ModuleType):
             continue
-        if isinstance(v, (types.FunctionType, type)) and _is_torch(v):
-            used[name] = ["torch", _qualname(v)]
+        if isinstance(v, (types.FunctionType, type)) and _library(v):
+            used[name] = ["library", _qualname(v), _library(v)]
         elif isinstance(v, types.FunctionType):
             used[name] = function_digest(v, seen)
         elif isinstance(v, type):
@@ -181,8 +226,8 @@ def class_digest(cls: type, _seen: frozenset = frozenset()) -> Any:
     bases define (methods, static/class methods, properties)."""
     out = []
     for klass in cls.__mro__:
-        if klass is object or _is_torch(klass) or klass.__module__ == "builtins":
-            out.append(["class", _qualname(klass)])
+        if _library(klass):
+            out.append(["class", _qualname(klass), _library(klass)])
             continue
         if id(klass) in _seen:
             out.append(["recursive", _qualname(klass)])
@@ -246,7 +291,7 @@ def _value(v: Any, depth: int = 0, seen: frozenset = frozenset()):
     if isinstance(v, (types.FunctionType, types.MethodType, functools.partial, types.BuiltinFunctionType)):
         return function_digest(v, seen)
     if isinstance(v, type):
-        return class_digest(v, seen) if not _is_torch(v) else ["class", _qualname(v)]
+        return class_digest(v, seen) if not _library(v) else ["class", _qualname(v), _library(v)]
     if dataclasses.is_dataclass(v) or hasattr(v, "__dict__"):
         fields = {k: x for k, x in vars(v).items() if not k.startswith("_")} if hasattr(v, "__dict__") else {}
         return ["object", _qualname(type(v)), _value(fields, depth + 1, seen)]
@@ -263,7 +308,7 @@ def _module_entry(path: str, m: torch.nn.Module) -> list:
     # Non-persistent buffers are not in the state_dict but become engine constants: their values count.
     extra = {k: _tensor_value(b) for k, b in m._buffers.items()
              if b is not None and k in m._non_persistent_buffers_set}
-    return ["module", path, class_digest(cls) if not _is_torch(cls) else ["class", _qualname(cls)], attrs,
+    return ["module", path, class_digest(cls) if not _library(cls) else ["class", _qualname(cls), _library(cls)], attrs,
             [h for h in hooks if h[1]], extra]
 
 

@@ -254,19 +254,93 @@ def test_plugin_architecture_key_uses_it(fpmodels):
     assert architecture_key(mod.Block()) == architecture_fingerprint(mod.Block())
 
 
-def test_a_transformers_model_fingerprints_quickly_and_stably():
-    """transformers' functions name each other's classes along many paths: each is digested once
-    (it used to be once per path, and a tiny BERT never finished)."""
-    import time
-
-    transformers = pytest.importorskip("transformers")
+BERT_PROBE = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {root!r})
+    import transformers
     from refitcore.fingerprint import architecture_fingerprint
-
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers={layers}, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)
-    t0 = time.perf_counter()
-    first = architecture_fingerprint(transformers.BertModel(cfg))
-    assert time.perf_counter() - t0 < 20
-    assert architecture_fingerprint(transformers.BertModel(cfg)) == first
-    other = transformers.BertConfig(**{**cfg.to_dict(), "num_hidden_layers": 1})
-    assert architecture_fingerprint(transformers.BertModel(other)) != first
+    print(json.dumps(architecture_fingerprint(transformers.BertForSequenceClassification(cfg))))
+''')
+
+
+def test_a_transformers_model_is_equal_in_two_fresh_interpreters():
+    """transformers' modules hold per-process values (``transformers.utils.hub.SESSION_ID`` is a
+    fresh uuid) that its code names: library code is pinned by its version, not hashed, so two
+    processes agree (they did not, and a transformers model never hit the cache)."""
+    transformers = pytest.importorskip("transformers")
+
+    def probe(layers: int, seed: str) -> str:
+        out = subprocess.run([sys.executable, "-c", BERT_PROBE.format(root=ROOT, layers=layers)],
+                             env=dict(os.environ, PYTHONHASHSEED=seed), capture_output=True, text=True,
+                             timeout=300, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = probe(2, "1")
+    assert probe(2, "2") == first
+    assert probe(1, "3") != first                    # another depth: another architecture
+    entries = json.dumps(architecture_entries(transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))))
+    assert f"transformers=={transformers.__version__}" in entries
+
+
+LIB_SRC = textwrap.dedent('''
+    import uuid
+    import torch
+    from torch import nn
+
+    __version__ = "1.0"
+    SESSION = uuid.uuid4().hex          # a per-process value, like transformers' SESSION_ID
+
+    def tag():
+        return SESSION
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            tag()
+            return self.fc(x)
+''')
+
+
+@pytest.mark.parametrize("installed", [True, False], ids=["installed-library", "user-code"])
+def test_installed_code_is_pinned_by_version_user_code_is_hashed(tmp_path, monkeypatch, installed):
+    """The same module file imported twice (a new uuid each time): installed in a site directory
+    it fingerprints equal (and changes with its version); as user code its global is hashed, so it
+    differs: what the library rule protects against, and why user code must stay hashed (its
+    globals are what its forward reads)."""
+    import importlib
+
+    from refitcore import fingerprint
+
+    (tmp_path / "fakelib.py").write_text(LIB_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(fingerprint, "_site_directories",
+                        lambda: (str(os.path.realpath(tmp_path)),) if installed else ())
+    fingerprint._library_of_module.cache_clear()
+    monkeypatch.delitem(sys.modules, "fakelib", raising=False)
+
+    def fresh_import():
+        sys.modules.pop("fakelib", None)
+        fingerprint._library_of_module.cache_clear()
+        mod = importlib.import_module("fakelib")
+        return mod, architecture_fingerprint(nn.Sequential(mod.Layer()))
+
+    try:
+        mod_a, a = fresh_import()
+        mod_b, b = fresh_import()
+        assert mod_a.SESSION != mod_b.SESSION
+        if installed:
+            assert a == b
+            mod_b.__version__ = "1.1"
+            fingerprint._library_of_module.cache_clear()
+            assert architecture_fingerprint(nn.Sequential(mod_b.Layer())) != a
+        else:
+            assert a != b
+    finally:
+        sys.modules.pop("fakelib", None)
+        fingerprint._library_of_module.cache_clear()
