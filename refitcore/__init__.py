@@ -19,7 +19,8 @@ from .verify import Verdict, verify
 from .structured import Inputs
 from .engine import IOSpec, RefittableEngine
 from .errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, ExportError, MapCannotServeError,
-                     RefitCoreError, RefitError, ShapeRangeError, UnsupportedOperatorError, WeightMappingError)
+                     RefitCoreError, RefitError, ShapeRangeError, UnsupportedOperatorError, WeightlessEngineError,
+                     WeightMappingError)
 from .shapes import DimRange
 from .weight_map import WeightMap, WeightSource
 
@@ -29,7 +30,7 @@ __all__ = [
     "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError", "MapCannotServeError",
     "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
     "gate", "GateReport", "find_culprit", "Culprit", "eager_model", "EagerModelError", "UntrustedFactoryError",
-    "load_samples", "ShapeRangeError", "DimRange",
+    "load_samples", "ShapeRangeError", "WeightlessEngineError", "DimRange",
     "EngineCache", "BaseEngineCache", "CacheKey", "cache_key", "architecture_fingerprint", "MutableEngine",
 ]
 __version__ = "0.1.0"

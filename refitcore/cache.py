@@ -5,6 +5,13 @@ with the caller's current weights through its cached weight map (Torch-TensorRT'
 does the same: ``cache_built_engines``/``reuse_cached_engines``, ``BaseEngineCache``). So the
 cache is exactly as correct as the cached refit path, which is what this project checks.
 
+An entry is a *weightless* engine (:meth:`refitcore.engine.RefittableEngine.to_parts` with
+``weights=False``; for TensorRT a plan serialized with ``SerializationFlag.EXCLUDE_WEIGHTS``): a hit
+sets every weight from the model anyway, so storing the values would only cost disk, reading and
+checksumming time (a resnet50 entry is ~0.2 MB instead of ~100 MB). Torch-TensorRT's cache
+stores weight-stripped engines for the same reason. A hit whose refit fails leaves nothing
+usable behind: the engine is dropped, the entry evicted, and the model compiled.
+
 Storage is behind three methods (:class:`BaseEngineCache`: ``save(key, blob)``, ``load(key)``,
 ``evict(key)``); :class:`EngineCache` is a directory. An entry is an envelope (magic, version,
 a JSON header holding the full key, CRC32) around a saved engine (the bundle format of
@@ -210,7 +217,7 @@ def as_cache(cache: Any) -> BaseEngineCache | None:
 # -- entries ------------------------------------------------------------------------------------
 def pack_entry(key: CacheKey, engine) -> bytes:
     """The bytes of one cache entry: envelope (with the full key) + the engine's bundle."""
-    payload = bundle.pack(*engine.to_parts())
+    payload = bundle.pack(*engine.to_parts(weights=False))
     head = json.dumps({"key": key.to_json(), "digest": key.digest, "payload_nbytes": len(payload),
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, sort_keys=True).encode()
     return _PREFIX.pack(_MAGIC, CACHE_FORMAT_VERSION, len(head)) + head + struct.pack("<I", zlib.crc32(head)) + payload

@@ -128,6 +128,7 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False)
     try:
         problems = _set_all(refitter, arrays)
         if not problems and refitter.refit():
+            target.weightless = False     # every weight was set: a weightless engine now has them all
             return target
         problems = (problems or ["refit() returned False"]) + _errors(refitter)
     except BaseException as err:  # roll back on every error path, interrupts included

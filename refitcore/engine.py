@@ -4,6 +4,12 @@ An engine is saved as a :mod:`refitcore.bundle` file: :meth:`RefittableEngine.to
 header and arrays, :meth:`RefittableEngine.from_parts` validates them and builds the engine back
 through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`load` is
 ``refitcore.load``.
+
+A *weightless* engine (``to_parts(weights=False)``, what the engine cache stores) keeps no
+refittable weight's value: every weight is derived from the model through the weight map anyway,
+so a cache hit reads a few hundred kB instead of the model's size. Loaded back it holds
+placeholders and refuses to run (:class:`refitcore.errors.WeightlessEngineError`) until a refit
+has set every weight (:func:`refitcore.driver.apply_mapping` always sets all of them).
 """
 from __future__ import annotations
 
@@ -19,8 +25,8 @@ import torch
 from . import bundle
 from .backends import get_backend
 from .backends.base import EngineImpl
-from .dtypes import TORCH_NAMES
-from .errors import BundleError, ShapeRangeError
+from .dtypes import NUMPY_NAMES, TORCH_NAMES
+from .errors import BundleError, ShapeRangeError, WeightlessEngineError
 from .shapes import ShapeProfiles
 from .weight_map import WeightMap
 
@@ -64,15 +70,17 @@ class RefittableEngine:
     Attributes: ``backend`` ('reference' or 'tensorrt'), ``weight_map``, ``weight_names`` (the
     engine's refittable weights), ``io``, ``fingerprint`` (of the exported graph),
     ``exported_program`` (None after :func:`refitcore.load`), ``backend_reason``, ``impl`` (the
-    backend's engine, a :class:`refitcore.backends.base.EngineImpl`).
+    backend's engine, a :class:`refitcore.backends.base.EngineImpl`), ``weightless`` (True while a
+    weightless engine has not been refitted yet: it refuses to run).
     """
 
     def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
                  exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
                  model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
                  output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None,
-                 eager_modules: Sequence[tuple[str, str]] = ()):
+                 eager_modules: Sequence[tuple[str, str]] = (), weightless: bool = False):
         self._impl = impl
+        self.weightless = weightless
         self.weight_map = weight_map
         self.io = io
         self.fingerprint = fingerprint
@@ -123,6 +131,7 @@ class RefittableEngine:
 
     def __call__(self, *args: Any, **kwargs: Any):
         """Run like the eager model: same positional/keyword structure in, same structure out."""
+        self._check_weights_present()
         if self.structure is None:
             outs = self._impl.run(list(args))
             return outs[0] if len(outs) == 1 else tuple(outs)
@@ -181,7 +190,14 @@ class RefittableEngine:
                          trust_output_types=self.trust_output_types)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._check_weights_present()
         return self._impl.run(list(inputs))
+
+    def _check_weights_present(self) -> None:
+        if self.weightless:
+            raise WeightlessEngineError(
+                f"this engine was loaded without its weights ({len(self.weight_names)} placeholders): refit it "
+                f"with the model's weights first, e.g. refitcore.refit(engine, model, path='cached')")
 
     def clone(self) -> "RefittableEngine":
         """An independent copy (same plan, its own weight store)."""
@@ -193,16 +209,21 @@ class RefittableEngine:
                                 model_factory=self.model_factory, state_keys=self.state_keys,
                                 structure=self.structure, output_treespec=self._output_treespec,
                                 output_types=self.output_types, trust_output_types=self.trust_output_types,
-                                partition=self.partition, eager_modules=self.eager_modules)
+                                partition=self.partition, eager_modules=self.eager_modules,
+                                weightless=self.weightless)
 
     # ---- saving and loading ---------------------------------------------------------------
-    def to_parts(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint."""
+    def to_parts(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint.
+        ``weights=False``: a weightless engine (no refittable weight's value; see the module doc)."""
+        if weights and self.weightless:
+            raise BundleError("this engine is weightless (loaded without its weights and not refitted since): "
+                              "refit it before saving it with its weights")
         if self.submodule_impl is not None:
             raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
                               "data: its eager part is code; save each compiled submodule's engine "
                               "(engine.submodule_impl.engines[path].save(...)) and rebuild the model around them")
-        impl_header, impl_arrays = self._impl.serialize()
+        impl_header, impl_arrays = self._impl.serialize(weights=weights)
         impl_header = dict(impl_header)
         arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
         for k, v in (impl_header.pop("blobs", None) or {}).items():
@@ -221,6 +242,7 @@ class RefittableEngine:
             # Structured I/O specs and the partition plan: JSON data (refitcore.structured, refitcore.partition).
             "structure": self.structure,
             "partition": self.partition.to_json() if self.partition is not None else None,
+            "weights": "included" if weights else "stripped",
         }
         return header, arrays
 
@@ -243,6 +265,9 @@ class RefittableEngine:
             if blobs:
                 impl_header["blobs"] = blobs
             weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+            weightless = header.get("weights", "included") == "stripped"
+            if weightless:
+                weights.update(_placeholders(weight_map, where))
             if impl_header.get("kind") == "segments":   # a partitioned engine (refitcore.segments)
                 from .segments import load_engine
             else:
@@ -264,7 +289,8 @@ class RefittableEngine:
         return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
                    backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
                    state_keys=header.get("state_keys", []), structure=header.get("structure"),
-                   output_types=output_types, trust_output_types=trust_output_types, partition=plan)
+                   output_types=output_types, trust_output_types=trust_output_types, partition=plan,
+                   weightless=weightless)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the engine to one file, atomically (see :mod:`refitcore.bundle`)."""
@@ -305,6 +331,9 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
     expect(header.get("backend_reason", ""), str, "backend_reason", where)
     expect(header.get("model_factory"), (str, type(None)), "model_factory", where)
     expect(header.get("graph_entries"), (list, type(None)), "graph_entries", where)
+    if header.get("weights", "included") not in ("included", "stripped"):
+        raise BundleError(f"{where}: engine file content is invalid: weights should be 'included' or 'stripped', "
+                          f"got {str(header.get('weights'))[:40]!r}")
     keys = expect(header.get("state_keys", []), list, "state_keys", where)
     for k in keys:
         expect(k, str, "a state_keys entry", where)
@@ -330,6 +359,20 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
         if d not in TORCH_NAMES:
             raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
                               f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:
+    """Zero arrays of every mapped weight's shape and dtype for a weightless engine. ``np.zeros``
+    maps zero pages lazily: a placeholder costs no time and no memory until a refit replaces it."""
+    out = {}
+    for name, src in weight_map.sources.items():
+        shape = bundle.expect_shape(list(src.shape), f"the shape of weight {name!r}", where,
+                                    max_elements=bundle.MAX_TENSOR_ELEMENTS)
+        if src.dtype not in NUMPY_NAMES:
+            raise BundleError(f"{where}: engine file content is invalid: weight {name!r} has dtype "
+                              f"{str(src.dtype)[:40]!r}, not one of {list(NUMPY_NAMES)}")
+        out[name] = np.zeros(shape, dtype=np.dtype(src.dtype))
+    return out
 
 
 def _check_profiles(profiles: Any, names: list, shapes: list, where: str) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "BundleError",
     "BackendUnavailableError",
     "ShapeRangeError",
+    "WeightlessEngineError",
 ]
 
 
@@ -91,6 +92,11 @@ class RefitError(RefitCoreError):
 
 class BundleError(RefitCoreError):
     """A saved engine file is truncated, corrupted, or of an unsupported version."""
+
+
+class WeightlessEngineError(RefitCoreError):
+    """A weightless engine (loaded without its weights, e.g. from the engine cache) was run before a
+    refit set its weights."""
 
 
 class BackendUnavailableError(RefitCoreError):

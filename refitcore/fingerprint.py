@@ -42,7 +42,7 @@ import torch
 __all__ = ["CacheKey", "cache_key", "architecture_fingerprint", "architecture_entries", "input_signature",
            "toolchain_signature", "code_digest", "function_digest", "CACHE_FORMAT_VERSION"]
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2                # 2: entries are weightless engines
 _PRIMS = (bool, int, str, bytes, type(None))
 _MAX_DEPTH = 6
 

@@ -151,14 +151,14 @@ class SegmentedImpl:
         self.params = new   # one assignment: all-or-nothing
 
     # ---- serialization -----------------------------------------------------------------
-    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         arrays: dict[str, np.ndarray] = {}
         blobs: dict[str, bytes] = {}
         segs = []
         for i, seg in enumerate(self.segments):
             entry = {"segment": seg.to_json()}
             if seg.kind == "tensorrt":
-                header, sub = self.trt[i].serialize()
+                header, sub = self.trt[i].serialize(weights=weights)
                 header = dict(header)
                 for k, v in (header.pop("blobs", None) or {}).items():
                     blobs[f"seg{i}/{k}"] = v
@@ -166,7 +166,8 @@ class SegmentedImpl:
                 arrays.update({f"seg{i}:{k}": v for k, v in sub.items()})
             else:
                 entry["params"] = list(self.params.get(i, {}))
-                arrays.update({f"seg{i}:{k}": v for k, v in self.params.get(i, {}).items()})
+                if weights:   # a PyTorch segment's parameters are refittable weights too
+                    arrays.update({f"seg{i}:{k}": v for k, v in self.params.get(i, {}).items()})
             segs.append(entry)
         arrays.update({f"const:{k}": v for k, v in self.constants.items()})
         header = {"backend": self.backend_name, "kind": KIND, "segments": segs, "program": self.program_records,

@@ -200,7 +200,7 @@ class HybridImpl:
             new[self.split_name(name)[1]] = arr
         self.params = {EAGER: new}
 
-    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         """For cloning only: the eager part is code, so a hybrid engine is not saved to a file."""
         arrays = {self.part_name(EAGER, k): v for k, v in self.params[EAGER].items()}
         return {"kind": "hybrid", "live": self}, arrays

@@ -106,8 +106,12 @@ class EngineImpl(Protocol):
 
     def create_refitter(self) -> Refitter: ...
 
-    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-able header, {weight name: array}); bytes go under ``header["blobs"]``."""
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able header, {weight name: array}); bytes go under ``header["blobs"]``. With
+        ``weights=False`` a *weightless* engine: no refittable weight's value is kept (neither in
+        the arrays nor inside a backend plan); whoever deserializes it must refit every weight
+        before running it (TensorRT's weight-stripped plans, ``SerializationFlag.EXCLUDE_WEIGHTS``).
+        Arrays that are not refittable weights (constants of a partitioned program) stay."""
         ...
 
     @classmethod

@@ -141,9 +141,10 @@ class ReferenceEngine(HostWeights):
         self._weights = merged   # one assignment: all-or-nothing
 
     # ---- serialization -------------------------------------------------------
-    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-able header, {weight name: array})."""
-        return {"backend": NAME, "plan": self.plan}, dict(self._weights)
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able header, {weight name: array}); the plan holds no weight values, so
+        ``weights=False`` only leaves the arrays out."""
+        return {"backend": NAME, "plan": self.plan}, dict(self._weights) if weights else {}
 
     @classmethod
     def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "ReferenceEngine":

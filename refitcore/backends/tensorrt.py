@@ -93,11 +93,19 @@ def check_inputs(specs: Sequence[dict], inputs: Sequence[Any], profiles: ShapePr
                             f".to({want})")
 
 
-def serialization_config(engine, trt=None):
-    """The config that saves an engine *with* its current (refitted) weights and refittable."""
+def serialization_config(engine, trt=None, *, weights: bool = True):
+    """The config that saves an engine refittable, *with* its current (refitted) weights, or without
+    them (``weights=False``: a weight-stripped plan, which must be refitted with every weight after
+    deserializing). TensorRT's Python API documents ``SerializationFlag.EXCLUDE_WEIGHTS`` as
+    "Exclude weights that can be refitted" and ``INCLUDE_REFIT`` as "Remain refittable if originally
+    so" (docs.nvidia.com/deeplearning/tensorrt/latest/_static/python-api/infer/Core/SerializationConfig.html);
+    Torch-TensorRT's engine cache stores such weight-stripped engines and refits them on a hit."""
     t = trt if trt is not None else _trt.trt()
     config = engine.create_serialization_config()
-    config.clear_flag(t.SerializationFlag.EXCLUDE_WEIGHTS)
+    if weights:
+        config.clear_flag(t.SerializationFlag.EXCLUDE_WEIGHTS)
+    else:
+        config.set_flag(t.SerializationFlag.EXCLUDE_WEIGHTS)
     if hasattr(t.SerializationFlag, "INCLUDE_REFIT"):
         config.set_flag(t.SerializationFlag.INCLUDE_REFIT)
     return config
@@ -231,20 +239,21 @@ class TensorRTEngine(HostWeights):
         self._weights = merged
 
     # ---- serialization ---------------------------------------------------------------------
-    def serialize_plan(self) -> bytes:
+    def serialize_plan(self, *, weights: bool = True) -> bytes:
         t = _trt.trt()
         if hasattr(self._engine, "create_serialization_config"):
-            memory = self._engine.serialize_with_config(serialization_config(self._engine, t))
-        else:  # TensorRT < 10: serialize() keeps the weights and refittability
+            memory = self._engine.serialize_with_config(serialization_config(self._engine, t, weights=weights))
+        else:  # TensorRT < 10: serialize() keeps the weights and refittability (no weightless plans)
             memory = self._engine.serialize()
         if memory is None:
             raise RuntimeError("TensorRT could not serialize the engine: " + ("; ".join(self._said()) or "no message"))
         return bytes(memoryview(memory))
 
-    def serialize(self) -> tuple[dict, dict[str, np.ndarray]]:
-        """(JSON-able header with the plan under "blobs", {weight name: array})."""
-        return ({"backend": NAME, "meta": self.meta, "blobs": {"plan": self.serialize_plan()}},
-                dict(self._weights))
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(JSON-able header with the plan under "blobs", {weight name: array}); ``weights=False``:
+        a weight-stripped plan and no host mirror."""
+        return ({"backend": NAME, "meta": self.meta, "blobs": {"plan": self.serialize_plan(weights=weights)}},
+                dict(self._weights) if weights else {})
 
     @classmethod
     def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "TensorRTEngine":

@@ -36,10 +36,16 @@ def test_serialization_config_keeps_weights_and_refittability():
         def set_flag(self, f):
             self.flags.add(f.name)
 
-    cfg = trt_backend.serialization_config(types.SimpleNamespace(create_serialization_config=FakeConfig), t)
+    engine = types.SimpleNamespace(create_serialization_config=FakeConfig)
+    cfg = trt_backend.serialization_config(engine, t)
     assert "EXCLUDE_WEIGHTS" not in cfg.flags
     if hasattr(t.SerializationFlag, "INCLUDE_REFIT"):
         assert "INCLUDE_REFIT" in cfg.flags
+    # A weightless plan (the engine cache's entries): refittable weights left out, still refittable.
+    stripped = trt_backend.serialization_config(engine, t, weights=False)
+    assert "EXCLUDE_WEIGHTS" in stripped.flags
+    if hasattr(t.SerializationFlag, "INCLUDE_REFIT"):
+        assert "INCLUDE_REFIT" in stripped.flags
 
 
 # ---- inputs -----------------------------------------------------------------------------------
@@ -105,8 +111,8 @@ class _SavedImpl:
         a = self.weights[name]
         return WeightsPrototype(name, "FLOAT", int(a.size), tuple(a.shape))
 
-    def serialize(self):
-        return {"backend": "tensorrt", "meta": self.meta, "blobs": {"plan": self.plan}}, dict(self.weights)
+    def serialize(self, *, weights=True):
+        return {"backend": "tensorrt", "meta": self.meta, "blobs": {"plan": self.plan}}, dict(self.weights) if weights else {}
 
     @classmethod
     def deserialize(cls, header, arrays):
