@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 import zlib
 from typing import Any, Mapping
@@ -83,16 +84,19 @@ def expect_shape(value: Any, what: str, where: str, *, max_elements: int | None 
     return tuple(value)
 
 
-def check_depth(obj: Any, where: str, limit: int = MAX_DEPTH) -> None:
-    """:class:`BundleError` when ``obj`` nests lists/dicts deeper than ``limit`` (checked without recursion)."""
-    stack = [(obj, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (list, dict)):
-            if depth > limit:
-                raise BundleError(f"{where}: engine file content is invalid: the header nests deeper than {limit} "
-                                  f"levels")
-            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET_STEP = np.zeros(256, dtype=np.int32)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def check_depth(text: bytes, where: str, limit: int = MAX_DEPTH) -> None:
+    """:class:`BundleError` when the JSON ``text`` nests arrays/objects deeper than ``limit``, checked
+    on the bytes before parsing (brackets inside strings do not count): a scan at C speed, and the
+    parser never recurses into a crafted file's depth."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', bytes(text)), dtype=np.uint8)
+    if bare.size and int(np.cumsum(_BRACKET_STEP[bare]).max()) > limit:
+        raise BundleError(f"{where}: engine file content is invalid: the header nests deeper than {limit} levels")
 
 
 def _short(value: Any) -> str:
@@ -149,6 +153,7 @@ def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
     (crc,) = _CRC.unpack_from(data, start + head_len)
     if zlib.crc32(head) != crc:
         raise BundleError(f"{where}: header checksum mismatch: the file is corrupted")
+    check_depth(head, where)
     try:
         header = json.loads(head.decode("utf-8"))
     except RecursionError as err:
@@ -158,7 +163,6 @@ def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
                           f"was not written by refitcore") from err
     if not isinstance(header, dict):
         raise BundleError(f"{where}: the header is not a JSON object; not a refitcore engine")
-    check_depth(header, where)
     body = memoryview(data)[start + head_len + _CRC.size:]
     if "buffers_nbytes" not in header or "buffers_crc32" not in header or "buffers" not in header:
         missing = [k for k in ("buffers", "buffers_nbytes", "buffers_crc32") if k not in header]

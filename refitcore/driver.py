@@ -16,6 +16,7 @@ import torch
 from . import dtypes
 from .backends.base import EngineImpl, Refitter
 from .errors import RefitError, WeightMappingError
+from .validate import all_finite
 
 __all__ = ["apply_mapping", "validate_mapping"]
 
@@ -60,8 +61,8 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any]) -> tuple[di
             if not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
                 continue
-            finite_in = np.isfinite(arr)
-            if not finite_in.all():
+            if not all_finite(arr):
+                finite_in = np.isfinite(arr)
                 bad = int((~finite_in).sum())
                 first = np.unravel_index(int(np.argmin(finite_in)), arr.shape) if arr.ndim else ()
                 problems.append(f"{name!r}: {bad} non-finite value(s) (first at {list(first)}: "
@@ -108,9 +109,12 @@ def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str
     return problems + (_errors(rollback) if problems else [])
 
 
-def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False):
+def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False, hand_over: bool = False):
     """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
-    refitted (a copy unless ``in_place``).
+    refitted (a copy unless ``in_place``). ``hand_over=True``: the caller gives the mapping's
+    writeable arrays to the engine and never writes them again (a mapping it just computed), so the
+    engine may keep them instead of copying (read-only arrays, views of a model's memory, are
+    copied all the same).
 
     Nothing is touched unless every weight validates. Once the first weight is handed to the
     refitter, any failure (a refitter that rejects a value or returns False, or one that raises, e.g.
@@ -119,7 +123,7 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False)
     every problem found."""
     target = engine if in_place else engine.clone()
     impl: EngineImpl = target.impl
-    refitter = impl.create_refitter()
+    refitter = impl.create_refitter(adopt=hand_over)
     arrays, problems = validate_mapping(refitter, mapping)
     if problems:
         raise WeightMappingError(problems, header="refit refused before touching the engine")

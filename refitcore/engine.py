@@ -362,8 +362,8 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
 
 
 def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:
-    """Zero arrays of every mapped weight's shape and dtype for a weightless engine. ``np.zeros``
-    maps zero pages lazily: a placeholder costs no time and no memory until a refit replaces it."""
+    """Read-only zero arrays of every mapped weight's shape and dtype for a weightless engine: one
+    zero broadcast to the shape, so a placeholder costs no time and no memory (a refit replaces it)."""
     out = {}
     for name, src in weight_map.sources.items():
         shape = bundle.expect_shape(list(src.shape), f"the shape of weight {name!r}", where,
@@ -371,7 +371,7 @@ def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:
         if src.dtype not in NUMPY_NAMES:
             raise BundleError(f"{where}: engine file content is invalid: weight {name!r} has dtype "
                               f"{str(src.dtype)[:40]!r}, not one of {list(NUMPY_NAMES)}")
-        out[name] = np.zeros(shape, dtype=np.dtype(src.dtype))
+        out[name] = np.broadcast_to(np.zeros((), dtype=np.dtype(src.dtype)), shape)
     return out
 
 

@@ -128,7 +128,10 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
                          else check_structured_samples(engine, verify_inputs))
         model = reference_model if reference_model is not None else eager_reference(
             engine, state, source, trust_factory=trust_factory)
-    refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place)
+    # The cached mapping was computed here for this refit: its fresh arrays are handed to the engine
+    # (no copy); arrays that alias the model's memory are read-only and still copied.
+    refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place,
+                     hand_over=used == "cached")
     verdict = None
     fell_back = unserved and path == "auto"
     if verify_inputs is not None:

@@ -140,8 +140,8 @@ class SegmentedImpl:
                 for o in outs]
 
     # ---- refit -------------------------------------------------------------------
-    def create_refitter(self) -> "SegmentedRefitter":
-        return SegmentedRefitter(self)
+    def create_refitter(self, *, adopt: bool = False) -> "SegmentedRefitter":
+        return SegmentedRefitter(self, adopt=adopt)
 
     def commit_params(self, pending: Mapping[str, np.ndarray]) -> None:
         new = {i: dict(p) for i, p in self.params.items()}
@@ -216,9 +216,10 @@ class SegmentedRefitter:
     Works on any composite engine with ``trt`` ({part: backend engine}), ``params`` ({part: {key:
     array}}), ``split_name`` (engine weight name -> (part, name within it)) and ``commit_params``."""
 
-    def __init__(self, impl: SegmentedImpl):
+    def __init__(self, impl: SegmentedImpl, *, adopt: bool = False):
         self.impl = impl
-        self.subs = {i: e.create_refitter() for i, e in impl.trt.items()}
+        self.adopt = adopt
+        self.subs = {i: e.create_refitter(adopt=adopt) for i, e in impl.trt.items()}
         self._pending: dict[str, np.ndarray] = {}
         self._errors: list[str] = []
 
@@ -264,7 +265,7 @@ class SegmentedRefitter:
             self._errors.append(f"{name!r}: {arr.dtype}[{arr.size}] where the engine has "
                                 f"{current.dtype}[{current.size}]")
             return False
-        self._pending[name] = np.array(arr, copy=True).reshape(current.shape)
+        self._pending[name] = (arr if self.adopt and arr.flags.writeable else np.array(arr, copy=True)).reshape(current.shape)
         return True
 
     def get_missing_weights(self) -> list[str]:

@@ -191,8 +191,8 @@ class HybridImpl:
             out = torch.func.functional_call(self.shell, params, tuple(args), dict(kwargs), strict=False)
         return pytree.tree_leaves(out)
 
-    def create_refitter(self) -> SegmentedRefitter:
-        return SegmentedRefitter(self)
+    def create_refitter(self, *, adopt: bool = False) -> SegmentedRefitter:
+        return SegmentedRefitter(self, adopt=adopt)
 
     def commit_params(self, pending: Mapping[str, np.ndarray]) -> None:
         new = dict(self.params[EAGER])

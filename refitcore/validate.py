@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .eager import EagerModelError, eager_model
@@ -35,10 +36,17 @@ def _consumers(weight_map: WeightMap, key: str) -> str:
     return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
 
 
-def all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor | np.ndarray) -> bool:
+    """Whether every element of a tensor or array is finite."""
     # One BLAS dot product (several times faster than a sum, and than isfinite(t).all(), which
     # allocates a mask): a finite result means every element is finite; a non-finite one (NaN/Inf,
     # or values beyond ~1e19 whose squares overflow) is settled element-wise.
+    if isinstance(t, np.ndarray):
+        if t.dtype in (np.float32, np.float64) and t.flags.c_contiguous:
+            flat = t.reshape(-1)
+            if np.isfinite(np.dot(flat, flat)):
+                return True
+        return bool(np.isfinite(t).all())
     if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         flat = t.reshape(-1)
         if bool(torch.isfinite(torch.dot(flat, flat))):

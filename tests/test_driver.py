@@ -145,7 +145,7 @@ def _fail_then(engine, monkeypatch, first, then):
     impl = engine.impl
     made = []
 
-    def create():
+    def create(*, adopt=False):
         cls = first if not made else then
         made.append(cls)
         return cls(impl)

@@ -104,7 +104,11 @@ class EngineImpl(Protocol):
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...
 
-    def create_refitter(self) -> Refitter: ...
+    def create_refitter(self, *, adopt: bool = False) -> Refitter:
+        """A refitter. ``adopt=True``: the caller hands over the *writeable* arrays it will set (it
+        never writes them afterwards), so the refitter may keep them instead of copying; read-only
+        arrays (views of a model's memory) are always copied."""
+        ...
 
     def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         """(JSON-able header, {weight name: array}); bytes go under ``header["blobs"]``. With

@@ -131,8 +131,8 @@ class ReferenceEngine(HostWeights):
         return [env[t["name"]] for t in self.plan["outputs"]]
 
     # ---- refit -----------------------------------------------------------------
-    def create_refitter(self) -> "ReferenceRefitter":
-        return ReferenceRefitter(self)
+    def create_refitter(self, *, adopt: bool = False) -> "ReferenceRefitter":
+        return ReferenceRefitter(self, adopt=adopt)
 
     def commit(self, new: dict[str, np.ndarray]) -> None:
         """Swap refitted arrays in (called by :class:`ReferenceRefitter` after a successful refit)."""
@@ -156,15 +156,17 @@ class ReferenceRefitter:
 
     - ``set_named_weights`` returns False (and records why) for an unknown name or a wrong
       count/dtype; values are copied, as TensorRT reads them only at ``refit`` time but we do
-      not want the caller's later mutations to leak in.
+      not want the caller's later mutations to leak in. With ``adopt=True`` the caller has handed
+      its writeable arrays over (fresh results nobody else holds): they are kept, not copied.
     - ``get_missing_weights`` reports the weights that must also be given because a weight of
       the same layer was set (TensorRT's rule); a standalone weight never set is NOT reported
       and keeps its stale value, exactly like TensorRT.
     - ``refit`` applies everything or nothing.
     """
 
-    def __init__(self, engine: ReferenceEngine):
+    def __init__(self, engine: ReferenceEngine, *, adopt: bool = False):
         self.engine = engine
+        self.adopt = adopt
         self._pending: dict[str, np.ndarray] = {}
         self.errors: list[str] = []
 
@@ -191,7 +193,7 @@ class ReferenceRefitter:
         if arr.size != proto.count:
             self.errors.append(f"{name!r}: {arr.size} values where the engine has {proto.count}")
             return False
-        self._pending[name] = np.array(arr, copy=True).reshape(proto.shape)
+        self._pending[name] = (arr if self.adopt and arr.flags.writeable else np.array(arr, copy=True)).reshape(proto.shape)
         return True
 
     def get_missing_weights(self) -> list[str]:

@@ -226,7 +226,9 @@ class TensorRTEngine(HostWeights):
         return [o.to("cpu") for o in outs]   # synchronizes with the stream
 
     # ---- refit ---------------------------------------------------------------------------
-    def create_refitter(self) -> TensorRTRefitter:
+    def create_refitter(self, *, adopt: bool = False) -> TensorRTRefitter:
+        """``adopt`` changes nothing here: TensorRT copies the values to the device at refit, and the
+        host mirror keeps copies of its own."""
         t = _trt.trt()
         refitter = t.Refitter(self._engine, self._logger)
         refitter.error_recorder = self._recorder

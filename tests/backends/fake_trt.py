@@ -129,7 +129,7 @@ class FakeImpl:
     def _sync(self):
         self.synced += 1
 
-    def create_refitter(self):
+    def create_refitter(self, *, adopt=False):
         fake = FakeRefitter(self.device, self.layers, recorder=self.recorder, **self.fake_kwargs)
         self.fake_kwargs = {}   # failures are one-shot: the rollback's refitter behaves
         self.last_fake = fake

@@ -50,6 +50,6 @@ def test_fold_recipe_scales_each_output_channel_of_a_grouped_transposed_kernel()
     for i in range(cin):  # input row i belongs to group i // (cin / groups)
         g = i // (cin // groups)
         for j in range(cout_g):
-            torch.testing.assert_close(folded[i, j], weight[i, j].double() * factor[g * cout_g + j].double())
+            torch.testing.assert_close(folded[i, j], weight[i, j] * factor[g * cout_g + j])
     with pytest.raises(ValueError, match="output channels"):
         bn_fold_kernel(weight=weight, gamma=gamma, var=var, eps=1e-5, axis=1, groups=1)

@@ -329,10 +329,9 @@ def test_declared_models_get_generated_property_tests(repo):
 
 
 def test_a_failing_declared_check_shows_the_report_and_how_to_reproduce(repo):
-    # Zero tolerance: BatchNorm folding rounds differently from eager, so examples fail (the fold is
-    # correctly rounded, so a few draws, e.g. seed 0 with 'fan_in', match eager exactly: the shrunk
-    # example is seed 0 with the next scale family); the mappings agree, so no weight is blamed and
-    # the report says where the difference must lie.
+    # Zero tolerance: BatchNorm folding rounds differently from eager, so examples fail (the
+    # shrunk example is the simplest draw, seed 0 with 'fan_in'); the mappings agree, so no weight
+    # is blamed and the report says where the difference must lie.
     repo.makeconftest('''
         from tinymodels import ConvBn, conv_input
 
@@ -348,7 +347,7 @@ def test_a_failing_declared_check_shows_the_report_and_how_to_reproduce(repo):
         "*tolerances rtol=0, atol=0 *smallest that would pass: atol>=* or rtol>=*",
         "*culprit: none among the weights*not in the weight mapping",
         "Failing test case: weights_conv_bn(",
-        "    weights=state_dicts(seed=0, scale='fan_in_uniform', specials=[[][]]),",
+        "    weights=state_dicts(seed=0, scale='fan_in', specials=[[][]]),",
         "reproduce with: pytest --trt-refit --trt-refit-seed=11 'conftest.py::trt-refit::weights[[]conv_bn[]]'",
         "*= trt-refit =*",
         "FAILED conftest.py::trt-refit::weights[[]conv_bn[]]: paths cached (* failing checks, the last shown)",
