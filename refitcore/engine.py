@@ -292,9 +292,11 @@ class RefittableEngine:
                    output_types=output_types, trust_output_types=trust_output_types, partition=plan,
                    weightless=weightless)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the engine to one file, atomically (see :mod:`refitcore.bundle`)."""
-        header, arrays = self.to_parts()
+    def save(self, path: str | os.PathLike, *, weights: bool = True) -> None:
+        """Write the engine to one file, atomically (see :mod:`refitcore.bundle`). ``weights=False``
+        writes a weightless engine (structure and weight map only): loaded back, it runs once
+        ``refitcore.refit(engine, model, path="cached", in_place=True)`` has set its weights."""
+        header, arrays = self.to_parts(weights=weights)
         bundle.write(path, header, arrays)
 
     def summary(self):

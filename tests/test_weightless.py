@@ -168,3 +168,16 @@ def test_an_aliased_array_is_copied_whatever_the_caller_hands_over(conv, hand_ov
             if v.flags.writeable:
                 v[...] = 0
         torch.testing.assert_close(target(x), before, rtol=0, atol=0)
+
+
+def test_a_weightless_file_loads_weightless_and_runs_after_a_refit(conv, tmp_path):
+    model, x, engine = conv
+    engine.save(tmp_path / "full.engine")
+    engine.save(tmp_path / "small.engine", weights=False)
+    assert os.path.getsize(tmp_path / "small.engine") < os.path.getsize(tmp_path / "full.engine")
+    loaded = refitcore.load(tmp_path / "small.engine")
+    assert loaded.weightless
+    with pytest.raises(WeightlessEngineError):
+        loaded(x)
+    assert refitcore.refit(loaded, model, path="cached", in_place=True, verify_inputs=[(x,)])
+    torch.testing.assert_close(loaded(x), engine(x), rtol=0, atol=0)
