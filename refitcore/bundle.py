@@ -84,7 +84,9 @@ def expect_shape(value: Any, what: str, where: str, *, max_elements: int | None 
     return tuple(value)
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+# The closing quote is optional: an unterminated string then ends the match instead of making every
+# later quote a new start that scans to the end again (quadratic on a crafted header).
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?')
 _BRACKET_STEP = np.zeros(256, dtype=np.int32)
 _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1

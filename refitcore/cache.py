@@ -241,6 +241,7 @@ def unpack_entry(blob: bytes | bytearray, key: CacheKey):
     (crc,) = struct.unpack_from("<I", blob, start + n)
     if zlib.crc32(head) != crc:
         raise BundleError("cache entry header checksum mismatch")
+    bundle.check_depth(head, "cache entry header")
     try:
         header = json.loads(head.decode())
         stored = CacheKey.from_json(header["key"])
@@ -272,7 +273,7 @@ def lookup(cache: BaseEngineCache, key: CacheKey):
         return None
     try:
         return unpack_entry(blob, key)
-    except (BundleError, RefitCoreError, ValueError, KeyError, TypeError) as err:
+    except (BundleError, RefitCoreError, ValueError, KeyError, TypeError, RecursionError) as err:
         log.warning("refitcore: engine cache: entry %s is unusable (%s); treated as a miss and replaced",
                     key.digest[:16], err)
         try:

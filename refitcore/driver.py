@@ -26,7 +26,9 @@ def _as_array(name: str, value: Any) -> np.ndarray:
         value = value.detach().to("cpu")
         if value.dtype == torch.bfloat16:
             value = value.to(torch.float32)
-        return value.contiguous().numpy()
+        arr = value.contiguous().numpy()
+        arr.flags.writeable = False     # may be the caller's (a model's) memory: never handed over
+        return arr
     return np.asarray(value)
 
 
@@ -112,9 +114,9 @@ def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str
 def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False, hand_over: bool = False):
     """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
     refitted (a copy unless ``in_place``). ``hand_over=True``: the caller gives the mapping's
-    writeable arrays to the engine and never writes them again (a mapping it just computed), so the
-    engine may keep them instead of copying (read-only arrays, views of a model's memory, are
-    copied all the same).
+    writeable numpy arrays to the engine and never writes them again (a mapping it just computed),
+    so the engine may keep them instead of copying; read-only arrays (views of a model's memory, as
+    :func:`refitcore.cached_mapping` marks them) and torch tensors are copied all the same.
 
     Nothing is touched unless every weight validates. Once the first weight is handed to the
     refitter, any failure (a refitter that rejects a value or returns False, or one that raises, e.g.

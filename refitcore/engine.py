@@ -117,6 +117,8 @@ class RefittableEngine:
         return self._impl.weight_names()
 
     def current_weights(self) -> dict[str, np.ndarray]:
+        """The weights the engine answers with (read-only views); a weightless engine has none."""
+        self._check_weights_present()
         return self._impl.current_weights()
 
     @property
@@ -197,12 +199,18 @@ class RefittableEngine:
         if self.weightless:
             raise WeightlessEngineError(
                 f"this engine was loaded without its weights ({len(self.weight_names)} placeholders): refit it "
-                f"with the model's weights first, e.g. refitcore.refit(engine, model, path='cached')")
+                f"with the model's weights first: refitcore.refit(engine, model, path='cached', in_place=True)")
 
     def clone(self) -> "RefittableEngine":
         """An independent copy (same plan, its own weight store)."""
-        header, arrays = self._impl.serialize()
-        impl = type(self._impl).deserialize(header, {k: np.array(v, copy=True) for k, v in arrays.items()})
+        if self.weightless:    # nothing to copy: the clone gets placeholders of its own
+            header, arrays = self._impl.serialize(weights=False)
+            arrays = {**{k: np.array(v, copy=True) for k, v in arrays.items()},
+                      **_placeholders(self.weight_map, "<clone>")}
+        else:
+            header, arrays = self._impl.serialize()
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        impl = type(self._impl).deserialize(header, arrays)
         return RefittableEngine(impl, self.weight_map, self.io, self.fingerprint,
                                 exported_program=self.exported_program, fusion=self.fusion,
                                 backend_reason=self.backend_reason, graph_entries=self.graph_entries,

@@ -68,13 +68,18 @@ def _library(obj: Any) -> str | None:
 @functools.lru_cache(maxsize=None)
 def _library_of_module(modname: str) -> str | None:
     top = modname.partition(".")[0]
-    if top == "torch":
-        return "torch"                           # its version is in the toolchain signature
-    if top == "builtins" or top in getattr(sys, "stdlib_module_names", ()):
-        return "python"                          # pinned by the interpreter's version (toolchain)
+    if top == "__main__":
+        return None                              # a script, even one run from an installed package: hashed
     module = sys.modules.get(modname) or sys.modules.get(top)
     file = getattr(module, "__file__", None)
-    if not file or not _under(os.path.realpath(file), _site_directories()):
+    path = os.path.realpath(file) if isinstance(file, str) else None
+    if top == "torch" and (path is None or _under(path, _site_directories())):
+        return "torch"                           # its version is in the toolchain signature
+    if top in getattr(sys, "stdlib_module_names", ()) or top == "builtins":
+        # By location too: a user package named like a standard module (`trace`, `code`) is user code.
+        if path is None or _under(path, _stdlib_directories()):
+            return "python"                      # pinned by the interpreter's version (toolchain)
+    if path is None or not _under(path, _site_directories()):
         return None                              # user code (a checkout, an editable install): hashed
     version = getattr(sys.modules.get(top), "__version__", None)
     if not isinstance(version, str):
@@ -93,6 +98,12 @@ def _site_directories() -> tuple[str, ...]:
         except (AttributeError, OSError):        # site.getsitepackages is missing in some virtualenvs
             pass
     return tuple(sorted(dirs))
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_directories() -> tuple[str, ...]:
+    return tuple(sorted({os.path.realpath(p) for p in (sysconfig.get_path("stdlib"), sysconfig.get_path("platstdlib"))
+                         if p}))
 
 
 def _under(path: str, dirs: tuple[str, ...]) -> bool:
@@ -198,12 +209,12 @@ def function_digest(fn: Any, _seen: frozenset = frozenset()) -> Any:
         v = glb[name]
         if isinstance(v, types.ModuleType):
             continue
-        if isinstance(v, (types.FunctionType, type)) and _library(v):
+        if isinstance(v, type):
+            used[name] = class_digest(v, seen)       # a library class: by name, version and patched members
+        elif isinstance(v, types.FunctionType) and _library(v):
             used[name] = ["library", _qualname(v), _library(v)]
         elif isinstance(v, types.FunctionType):
             used[name] = function_digest(v, seen)
-        elif isinstance(v, type):
-            used[name] = class_digest(v, seen)
         elif isinstance(v, (_PRIMS, float, tuple, frozenset, enum.Enum)):
             used[name] = _value(v, 1, seen)
     return ["function", _qualname(fn), code_digest(code), _value(getattr(fn, "__defaults__", None), 1, seen),
@@ -222,12 +233,13 @@ def _cell_full(cell) -> bool:
 
 
 def class_digest(cls: type, _seen: frozenset = frozenset()) -> Any:
-    """A class as JSON: its qualified name and, for classes outside torch, every function it and its
-    bases define (methods, static/class methods, properties)."""
+    """A class as JSON: for user classes every function it and its bases define (methods,
+    static/class methods, properties); a library class by qualified name, library version and the
+    methods other modules assigned to it."""
     out = []
     for klass in cls.__mro__:
         if _library(klass):
-            out.append(["class", _qualname(klass), _library(klass)])
+            out.append(["class", _qualname(klass), _library(klass)] + _patched_members(klass, _seen))
             continue
         if id(klass) in _seen:
             out.append(["recursive", _qualname(klass)])
@@ -249,6 +261,23 @@ def class_digest(cls: type, _seen: frozenset = frozenset()) -> Any:
 
 
 class_digest = _memoized("class", class_digest)
+
+
+def _patched_members(klass: type, seen: frozenset) -> list:
+    """The methods of a library class that another module assigned to it (``Block.forward =
+    patched``, a common way to swap attention): hashed, since the library's version does not pin
+    them. (Functions a library's code names from its module globals are not followed: a patch of
+    a library module's global is not seen.)"""
+    lib = _library(klass)
+    out = []
+    for name, member in sorted(vars(klass).items()):
+        if isinstance(member, (staticmethod, classmethod)):
+            member = member.__func__
+        funcs = [f for f in ((member.fget, member.fset) if isinstance(member, property) else (member,))
+                 if isinstance(f, (types.FunctionType, functools.partial))]
+        if any(_library(f) != lib for f in funcs):
+            out.append([name, [function_digest(f, seen) for f in funcs]])
+    return out
 
 
 # -- values (module attributes, closure contents, constants) --------------------------------
@@ -291,7 +320,7 @@ def _value(v: Any, depth: int = 0, seen: frozenset = frozenset()):
     if isinstance(v, (types.FunctionType, types.MethodType, functools.partial, types.BuiltinFunctionType)):
         return function_digest(v, seen)
     if isinstance(v, type):
-        return class_digest(v, seen) if not _library(v) else ["class", _qualname(v), _library(v)]
+        return class_digest(v, seen)
     if dataclasses.is_dataclass(v) or hasattr(v, "__dict__"):
         fields = {k: x for k, x in vars(v).items() if not k.startswith("_")} if hasattr(v, "__dict__") else {}
         return ["object", _qualname(type(v)), _value(fields, depth + 1, seen)]
@@ -308,7 +337,7 @@ def _module_entry(path: str, m: torch.nn.Module) -> list:
     # Non-persistent buffers are not in the state_dict but become engine constants: their values count.
     extra = {k: _tensor_value(b) for k, b in m._buffers.items()
              if b is not None and k in m._non_persistent_buffers_set}
-    return ["module", path, class_digest(cls) if not _library(cls) else ["class", _qualname(cls), _library(cls)], attrs,
+    return ["module", path, class_digest(cls), attrs,
             [h for h in hooks if h[1]], extra]
 
 

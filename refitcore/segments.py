@@ -136,7 +136,9 @@ class SegmentedImpl:
             # Graph outputs: values of segments, weight-only nodes, or literals.
             all_params = {k: v for p in self.params.values() for k, v in tensors(p).items()}
             outs = self.program.value(self.outputs, env, all_params, constants)
-        return [o.clone() if isinstance(o, torch.Tensor) and any(o is p for p in all_params.values()) else o
+        # An output that is (a view of) a parameter or a constant would hand the engine's own memory out.
+        own = {t.untyped_storage().data_ptr() for t in (*all_params.values(), *constants.values())}
+        return [o.clone() if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() in own else o
                 for o in outs]
 
     # ---- refit -------------------------------------------------------------------

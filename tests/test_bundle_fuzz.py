@@ -166,3 +166,18 @@ def test_json_deeper_than_the_parser_allows_is_a_bundle_error(original, tmp_path
     path.write_bytes(_repack(b"[" * 200000 + b"]" * 200000, body))
     with pytest.raises(refitcore.BundleError, match="nest"):
         refitcore.load(path)
+
+
+def test_nesting_is_counted_outside_strings_only():
+    """Brackets, quotes and backslashes inside strings do not count; an unterminated string of
+    escaped quotes (a crafted header) is settled in one pass, then refused by the parser."""
+    from refitcore.bundle import MAX_DEPTH, check_depth
+
+    inner = json.dumps({"name": "a[[[{{{\"]]]" + "\\" * 3 + "\"[" * 100, "list": [[1, [2]], "]]]}"]}).encode()
+    check_depth(inner, "<test>")                                   # depth 3: accepted
+    deep = json.dumps(json.loads("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1))).encode()
+    with pytest.raises(refitcore.BundleError, match="nests deeper"):
+        check_depth(deep, "<test>")
+    check_depth(b'"' + b'\\"' * 500_000, "<test>")               # 1 MB unterminated string: no depth at all
+    with pytest.raises(refitcore.BundleError, match="nests deeper"):
+        check_depth(b'"' + b'\\"' * 1000 + b'"' + b"[" * (MAX_DEPTH + 1), "<test>")

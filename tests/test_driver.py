@@ -352,3 +352,19 @@ def test_backend_refusals_are_reported_and_rolled_back(compiled, engine, monkeyp
     for w in words:
         assert w in str(info.value)
     assert bit_identical(before, outputs(engine, c.x))
+
+
+def test_large_finite_values_pass_the_finiteness_check_under_strict_numpy_errors():
+    """The fast finiteness check (one dot product) may overflow on large finite values: that is
+    settled element-wise, never raised or warned, whatever numpy's error settings."""
+    import warnings
+
+    from refitcore.validate import all_finite
+
+    big = np.full(64, 1e25, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise"):
+            assert all_finite(big)
+            assert not all_finite(np.array([1.0, np.inf], np.float32))
+            assert not all_finite(np.array([np.nan], np.float64))

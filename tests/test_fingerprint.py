@@ -280,9 +280,9 @@ def test_a_transformers_model_is_equal_in_two_fresh_interpreters():
     first = probe(2, "1")
     assert probe(2, "2") == first
     assert probe(1, "3") != first                    # another depth: another architecture
-    entries = json.dumps(architecture_entries(transformers.BertModel(transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))))
-    assert f"transformers=={transformers.__version__}" in entries
+    from refitcore.fingerprint import class_digest
+
+    assert f"transformers=={transformers.__version__}" in json.dumps(class_digest(transformers.BertModel))
 
 
 LIB_SRC = textwrap.dedent('''
@@ -343,4 +343,45 @@ def test_installed_code_is_pinned_by_version_user_code_is_hashed(tmp_path, monke
             assert a != b
     finally:
         sys.modules.pop("fakelib", None)
+        fingerprint._library_of_module.cache_clear()
+
+
+def test_a_method_patched_into_a_library_class_changes_it():
+    """Library classes are pinned by version, except methods another module assigned to them
+    (a common way to swap attention): those are hashed."""
+    torchvision = pytest.importorskip("torchvision")
+    block = torchvision.models.resnet.BasicBlock
+    model = torchvision.models.resnet18()
+    before = architecture_fingerprint(model)
+    original = block.forward
+
+    def halved(self, x):
+        return original(self, x) * 0.5
+
+    block.forward = halved
+    try:
+        patched = architecture_fingerprint(model)
+    finally:
+        block.forward = original
+    assert patched != before
+    assert architecture_fingerprint(model) == before
+
+
+def test_scripts_and_user_packages_named_like_the_standard_library_are_user_code(tmp_path, monkeypatch):
+    """`python -m pkg.mod` of an installed package runs it as __main__, and a user package may be
+    called `wave` or `trace`: both are hashed, not pinned."""
+    import types as pytypes
+
+    from refitcore import fingerprint
+
+    fingerprint._library_of_module.cache_clear()
+    user = pytypes.ModuleType("wave")
+    user.__file__ = str(tmp_path / "wave" / "__init__.py")
+    monkeypatch.setitem(sys.modules, "wave", user)
+    try:
+        assert fingerprint._library_of_module("__main__") is None
+        assert fingerprint._library_of_module("wave") is None
+        assert fingerprint._library_of_module("json") == "python"
+        assert fingerprint._library_of_module("torch.nn") == "torch"
+    finally:
         fingerprint._library_of_module.cache_clear()

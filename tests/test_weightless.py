@@ -181,3 +181,50 @@ def test_a_weightless_file_loads_weightless_and_runs_after_a_refit(conv, tmp_pat
         loaded(x)
     assert refitcore.refit(loaded, model, path="cached", in_place=True, verify_inputs=[(x,)])
     torch.testing.assert_close(loaded(x), engine(x), rtol=0, atol=0)
+
+
+def test_a_weightless_engine_has_no_current_weights_and_clones_weightless(conv):
+    model, x, engine = conv
+    empty = _weightless(engine)
+    with pytest.raises(WeightlessEngineError):
+        empty.current_weights()
+    result = refitcore.refit(empty, model, path="cached")          # on a clone: the original stays empty
+    assert result and not result.engine.weightless and empty.weightless
+    torch.testing.assert_close(result.engine(x), engine(x), rtol=0, atol=0)
+
+
+def test_torch_tensors_handed_over_are_still_copied(conv):
+    """A tensor may be a model's own memory: the driver never lets the engine keep it."""
+    model, x, engine = conv
+    tensors = {k: torch.from_numpy(np.array(v, copy=True))
+               for k, v in refitcore.cached_mapping(engine.weight_map, model).items()}
+    target = apply_mapping(engine, tensors, hand_over=True)
+    before = target(x).clone()
+    for t in tensors.values():
+        t.zero_()
+    torch.testing.assert_close(target(x), before, rtol=0, atol=0)
+
+
+class _SliceOut(nn.Module):
+    """A partitioned engine whose second output is a view of a PyTorch segment's parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.scale = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        return torch.cumsum(self.a(x), dim=1) * self.scale, self.scale[:3]
+
+
+def test_an_output_that_views_a_parameter_is_the_callers_copy():
+    torch.manual_seed(0)
+    model, x = _SliceOut().eval(), torch.randn(2, 4, 6)
+    engine = refitcore.compile(model, x, backend="reference", min_block_size=1,
+                               torch_executed_ops=["aten.cumsum", "aten.mul.Tensor", "aten.slice.Tensor"])
+    held = {k: v.copy() for k, v in engine.current_weights().items()}
+    first, view = engine(x)
+    view.fill_(123.0)
+    for k, v in engine.current_weights().items():
+        np.testing.assert_array_equal(v, held[k], err_msg=k)
+    torch.testing.assert_close(engine(x)[1], model.scale[:3].detach())
