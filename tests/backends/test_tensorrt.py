@@ -14,17 +14,8 @@ from refitcore.backends.base import WeightsPrototype
 from tests.backends.fake_trt import W0
 
 
-def _real_trt():
-    from refitcore import _trt
-
-    if not _trt.available():
-        pytest.skip("no TensorRT Python API importable (pip install 'pytest-trtrefit[rtx]')")
-    return _trt.trt()
-
-
-
-def test_serialization_config_keeps_weights_and_refittability():
-    t = _real_trt()
+def test_serialization_config_keeps_weights_and_refittability(real_trt):
+    t = real_trt
 
     class FakeConfig:
         def __init__(self):
@@ -84,7 +75,6 @@ def test_usable_gives_a_precise_reason_without_a_gpu():
     assert name == "reference" and reason in why
 
 
-
 def test_build_refuses_without_cuda_and_unknown_options():
     from refitcore.errors import BackendUnavailableError
 
@@ -93,7 +83,6 @@ def test_build_refuses_without_cuda_and_unknown_options():
     if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailableError, match="needs a CUDA device"):
             trt_backend.build(object())
-
 
 
 # ---- save/load: the plan travels as a raw buffer next to the weights --------------------------

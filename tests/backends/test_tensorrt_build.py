@@ -5,17 +5,8 @@ from __future__ import annotations
 import pytest
 
 
-def _real_trt():
-    from refitcore import _trt
-
-    if not _trt.available():
-        pytest.skip("no TensorRT Python API importable (pip install 'pytest-trtrefit[rtx]')")
-    return _trt.trt()
-
-
-
-def test_builder_config_sets_refit_and_clears_tf32_by_default():
-    t = _real_trt()
+def test_builder_config_sets_refit_and_clears_tf32_by_default(real_trt):
+    t = real_trt
     from refitcore import _trt
     from refitcore.backends.tensorrt_build import builder_config
 
@@ -29,8 +20,8 @@ def test_builder_config_sets_refit_and_clears_tf32_by_default():
         builder_config(builder, precision="int8")
 
 
-def test_fp16_is_refused_with_reason_where_the_api_has_no_fp16_flag():
-    t = _real_trt()
+def test_fp16_is_refused_with_reason_where_the_api_has_no_fp16_flag(real_trt):
+    t = real_trt
     from refitcore import _trt
     from refitcore.backends.tensorrt_build import builder_config
     from refitcore.errors import BackendUnavailableError

@@ -13,14 +13,6 @@ from refitcore.errors import RefitError, WeightMappingError
 from tests.backends.fake_trt import LAYERS, W0, FakeImpl, make_engine, new_weights
 
 
-def _real_trt():
-    from refitcore import _trt
-
-    if not _trt.available():
-        pytest.skip("no TensorRT Python API importable (pip install 'pytest-trtrefit[rtx]')")
-    return _trt.trt()
-
-
 # ---- the adapter under the real driver ---------------------------------------------------------
 def test_driver_refits_every_weight_through_the_adapter():
     eng = make_engine()
@@ -133,9 +125,8 @@ def test_cpu_torch_tensor_goes_as_host_weights():
     np.testing.assert_array_equal(impl.device["conv BIAS"], new_weights()["conv BIAS"])
 
 
-
-def test_error_recorder_collects_messages():
-    t = _real_trt()
+def test_error_recorder_collects_messages(real_trt):
+    t = real_trt
     from refitcore.backends.tensorrt_refit import make_error_recorder
 
     rec = make_error_recorder(t)
