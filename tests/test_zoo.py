@@ -6,23 +6,13 @@ writes the table).
 ``-m zoo`` only a small representative subset runs."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
 # Small and diverse: ceil-mode pooling and concatenation (SqueezeNet), channel shuffle (ShuffleNet V2),
 # hardswish / squeeze-excitation / BatchNorm eps 1e-3 (MobileNet V3).
 SUBSET = ["squeezenet1_1", "shufflenet_v2_x0_5", "mobilenet_v3_small"]
-
-
-def _zoo():
-    spec = importlib.util.spec_from_file_location("trtrefit_zoo", ROOT / "scripts" / "zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _all_models() -> list[str]:
@@ -32,7 +22,7 @@ def _all_models() -> list[str]:
 
 
 def _check(name: str) -> dict:
-    row = _zoo().run_one(name)
+    row = load_script("zoo").run_one(name)
     assert row["ok"], f"{name}: {row.get('reason') or row}"
     assert row["compile_err"] <= row["compile_bound"]
     return row

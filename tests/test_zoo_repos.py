@@ -4,22 +4,11 @@ compile with partitioning, refit through the cached map and the fallback, compar
 Without ``-m zoo`` only the fast rows run (the custom structured-I/O modules and a tiny BERT)."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
 
-
-def _zoo():
-    spec = importlib.util.spec_from_file_location("trtrefit_zoo_repos", ROOT / "scripts" / "zoo_repos.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ZOO = _zoo()
+ZOO = load_script("zoo_repos")
 
 
 def _check(name: str) -> dict:

@@ -1,15 +1,9 @@
 """docs/supported-ops.md is generated from the converter registry and must match it."""
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import ROOT, load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("trtrefit_supported_ops", ROOT / "scripts" / "supported_ops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("supported_ops")
 
 
 def test_committed_table_matches_the_registry():
