@@ -12,7 +12,19 @@ from torch import nn
 import refitcore
 from pytest_trtrefit.strategies import weight_set
 
-__all__ = ["check_converter", "random_weights", "tolerance"]
+__all__ = ["Proj", "check_converter", "random_weights", "tolerance"]
+
+
+class Proj(nn.Module):
+    """A linear projection (so there are weights to refit) followed by ``fn`` (a function or a module)."""
+
+    def __init__(self, fn, d: int = 4):
+        super().__init__()
+        self.fc = nn.Linear(d, d)
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(self.fc(x))
 
 
 def tolerance(expected: torch.Tensor) -> float:

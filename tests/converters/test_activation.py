@@ -4,17 +4,7 @@ import torch
 from torch import nn
 from torchvision.ops import SqueezeExcitation
 
-from .harness import check_converter
-
-
-class Lin(nn.Module):
-    def __init__(self, act: nn.Module, d: int = 6):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.act = act
-
-    def forward(self, x):
-        return self.act(self.fc(x))
+from .harness import Proj, check_converter
 
 
 @pytest.mark.parametrize("act", [
@@ -28,7 +18,7 @@ class Lin(nn.Module):
     pytest.param(nn.ReLU6(), id="relu6"),
 ])
 def test_activation_matches_eager_and_refits(act):
-    check_converter(Lin(act), torch.randn(2, 3, 6) * 3)
+    check_converter(Proj(act, d=6), torch.randn(2, 3, 6) * 3)
 
 
 class SEBlock(nn.Module):

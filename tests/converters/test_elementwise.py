@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from .harness import check_converter
-from .test_shape import Proj
+from .harness import Proj, check_converter
 
 
 @pytest.mark.parametrize("fn", [

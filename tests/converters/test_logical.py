@@ -2,19 +2,8 @@
 where/masked_fill on masks computed from the input."""
 import pytest
 import torch
-from torch import nn
 
-from .harness import check_converter
-
-
-class Proj(nn.Module):
-    def __init__(self, fn):
-        super().__init__()
-        self.fc = nn.Linear(4, 4)
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(self.fc(x))
+from .harness import Proj, check_converter
 
 
 @pytest.mark.parametrize("fn", [

@@ -5,17 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from .harness import check_converter
-
-
-class Proj(nn.Module):
-    def __init__(self, fn, d=4):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(self.fc(x))
+from .harness import Proj, check_converter
 
 
 @pytest.mark.parametrize("fn", [

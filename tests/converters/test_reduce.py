@@ -3,8 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from .harness import check_converter
-from .test_shape import Proj
+from .harness import Proj, check_converter
 
 
 @pytest.mark.parametrize("fn", [

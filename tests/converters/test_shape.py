@@ -2,22 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchvision.models.shufflenetv2 import channel_shuffle
 
-from .harness import check_converter
-
-
-class Proj(nn.Module):
-    """A linear projection (so there are weights to refit) followed by ``fn``."""
-
-    def __init__(self, fn, d: int = 4):
-        super().__init__()
-        self.fc = nn.Linear(d, d)
-        self.fn = fn
-
-    def forward(self, x):
-        return self.fn(self.fc(x))
+from .harness import Proj, check_converter
 
 
 def swin_mask(x):
