@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .backends.base import WeightsPrototype
+from .backends.base import WeightsPrototype, staged
 from .partition import Segment
 from .torch_program import TorchProgram
 
@@ -267,7 +267,7 @@ class SegmentedRefitter:
             self._errors.append(f"{name!r}: {arr.dtype}[{arr.size}] where the engine has "
                                 f"{current.dtype}[{current.size}]")
             return False
-        self._pending[name] = (arr if self.adopt and arr.flags.writeable else np.array(arr, copy=True)).reshape(current.shape)
+        self._pending[name] = staged(arr, self.adopt).reshape(current.shape)
         return True
 
     def get_missing_weights(self) -> list[str]:

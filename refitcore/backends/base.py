@@ -18,7 +18,7 @@ import torch
 
 from .. import dtypes
 
-__all__ = ["WeightsPrototype", "Refitter", "EngineImpl", "Backend", "read_only_views", "HostWeights"]
+__all__ = ["WeightsPrototype", "Refitter", "EngineImpl", "Backend", "read_only_views", "staged", "HostWeights"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +30,13 @@ class WeightsPrototype:
     dtype: str      # TensorRT DataType name, e.g. "FLOAT"
     count: int
     shape: tuple[int, ...]
+
+
+def staged(value: np.ndarray, adopt: bool) -> np.ndarray:
+    """The array a refitter keeps for ``value``: ``value`` itself when the caller handed its arrays
+    over (``adopt``) and it is writeable (a fresh result nobody else holds), else a copy (read-only
+    arrays are views of someone's memory, e.g. a model's parameters)."""
+    return value if adopt and value.flags.writeable else np.array(value, copy=True)
 
 
 def read_only_views(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

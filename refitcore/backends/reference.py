@@ -12,7 +12,7 @@ from .. import dtypes
 from ..shapes import ShapeProfiles
 from ..bundle import MAX_TENSOR_ELEMENTS
 from ..network_reader import WEIGHT_ROLES, read_network
-from .base import HostWeights, WeightsPrototype
+from .base import HostWeights, WeightsPrototype, staged
 from .reference_ops import OPS, run_layer
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
@@ -193,7 +193,7 @@ class ReferenceRefitter:
         if arr.size != proto.count:
             self.errors.append(f"{name!r}: {arr.size} values where the engine has {proto.count}")
             return False
-        self._pending[name] = (arr if self.adopt and arr.flags.writeable else np.array(arr, copy=True)).reshape(proto.shape)
+        self._pending[name] = staged(arr, self.adopt).reshape(proto.shape)
         return True
 
     def get_missing_weights(self) -> list[str]:
