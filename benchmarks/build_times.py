@@ -46,7 +46,7 @@ def measure(name: str, repeat: int = 1) -> dict:
     from refitcore.backends.tensorrt_build import build_plan
     from refitcore.backends.tensorrt_refit import make_error_recorder
     from refitcore.conversion.convert import convert
-    from refitcore.lowering import export_model, plan_fusions
+    from refitcore.capture.lowering import export_model, plan_fusions
     from tests.models import MODELS, make
 
     row: dict = {"model": name, "input": list(MODELS[name][1])}

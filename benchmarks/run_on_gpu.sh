@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   "import torch, tensorrt_rtx as t; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'tensorrt_rtx', t.__version__)"; } \
   > "$out/gpu_env.txt" 2>&1
 python3 -m refitcore.backends.tensorrt_probe > "$out/probe.txt" 2>&1
-python3 -m refitcore.doctor > "$out/doctor.txt" 2>&1
+python3 -m refitcore.cli.doctor > "$out/doctor.txt" 2>&1
 timeout 330 python3 benchmarks/build_times.py --out "$out" > "$out/build_times.log" 2>&1
 timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/gpu tests/test_tensorrt_backend_cpu.py \
   > "$out/pytest_gpu.txt" 2>&1

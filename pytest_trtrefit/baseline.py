@@ -95,7 +95,7 @@ def _encode(x: float | None):
 
 def save(models: dict[str, dict], directory: str, *, seed: int, backend: str | None) -> list[str]:
     """Write one baseline file per model (atomically); returns the paths written."""
-    from refitcore.fileio import atomic_write
+    from refitcore.engine.fileio import atomic_write
 
     os.makedirs(directory, exist_ok=True)
     written = []

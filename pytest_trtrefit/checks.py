@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
-    from refitcore.culprit import Culprit
+    from refitcore.refitting.culprit import Culprit
 
 __all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
            "as_samples", "call_of", "output_label", "failing_outputs", "sample_tensors", "format_report", "model_label", "quiet_logs", "trt_share", "NOISY_LOGGERS"]
@@ -51,7 +51,7 @@ def model_label(model) -> str:
 
 def trt_share(engine) -> float | None:
     """The share (0..1) of the network that TensorRT runs, when the engine reports one: its
-    ``summary()`` (a ``refitcore.coverage.Coverage``: ``op_share``, ``fully_converted``; or a dict with
+    ``summary()`` (a ``refitcore.engine.coverage.Coverage``: ``op_share``, ``fully_converted``; or a dict with
     ``tensorrt_share``/``trt_share``); None when it does not."""
     summary = getattr(engine, "summary", None)
     if not callable(summary):
@@ -80,7 +80,7 @@ def as_samples(inputs) -> list:
     """inputs: one sample (a tensor, a tuple of positional inputs, or a ``refitcore.Inputs`` with
     positional and keyword inputs) or a list of samples; each sample as a tuple or an ``Inputs``."""
     import torch
-    from refitcore.structured import Inputs
+    from refitcore.capture.structured import Inputs
 
     if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
         inputs = [inputs]
@@ -95,7 +95,7 @@ def as_samples(inputs) -> list:
 
 def call_of(sample) -> tuple[tuple, dict]:
     """(args, kwargs) of one sample of :func:`as_samples`."""
-    from refitcore.structured import split_call
+    from refitcore.capture.structured import split_call
 
     return split_call(sample)
 
@@ -189,7 +189,7 @@ def digest(state) -> str:
 
 def _eager_for(entry, state):
     """The session's eager model holding ``state`` (keys it lacks keep the compiled model's values)."""
-    from refitcore.eager import eager_model
+    from refitcore.refitting.eager import eager_model
 
     return eager_model(state, model=entry.eager, keep_missing=True)
 
@@ -347,8 +347,8 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
 def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | None:
     """The first engine weight (engine order) where the cached mapping, the fallback mapping and the
     engine's held weights (after each failing path's refit) disagree; None when they all agree
-    (:func:`refitcore.culprit.find_culprit` with the mappings and held weights this check kept)."""
-    from refitcore.culprit import find_culprit as find
+    (:func:`refitcore.refitting.culprit.find_culprit` with the mappings and held weights this check kept)."""
+    from refitcore.refitting.culprit import find_culprit as find
 
     return find(engine, state, mappings={o.path: o.mapping for o in outcomes if o.mapping is not None},
                 held={o.path: o.held for o in outcomes if o.held is not None})

@@ -25,26 +25,8 @@ DEFAULT_RTOL = 1e-4
 DEFAULT_ATOL = 1e-4
 
 
-def _shared_options():
-    """``refitcore.options`` (the parsers the ``trtrefit`` CLI uses too), loaded without importing
-    the refitcore package: its ``__init__`` imports torch, and pytest startup must stay light.
-    The module is standard library only; when refitcore is already imported, that copy is used."""
-    loaded = sys.modules.get("refitcore.options")
-    if loaded is not None:
-        return loaded
-    package = importlib.util.find_spec("refitcore")  # a top-level spec: found, not imported
-    if package is None or not package.submodule_search_locations:
-        raise ImportError("pytest-trtrefit needs refitcore (same distribution); reinstall pytest-trtrefit")
-    path = os.path.join(list(package.submodule_search_locations)[0], "options.py")
-    if not os.path.isfile(path):  # not a plain directory (e.g. a zipped install): import it normally
-        return importlib.import_module("refitcore.options")
-    spec = importlib.util.spec_from_file_location("pytest_trtrefit._shared_options", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from refitcore import options as _options   # standard library only (refitcore/__init__ is lazy)
 
-
-_options = _shared_options()
 BACKENDS = _options.BACKENDS
 PATH_CHOICES = _options.PATH_CHOICES
 parse_bool = _options.parse_bool

@@ -52,7 +52,7 @@ def _example(name: str, example: Any, where: str):
     """The example inputs as one sample: a tuple of positional inputs or a ``refitcore.Inputs``."""
     import torch
     import torch.utils._pytree as pytree
-    from refitcore.structured import Inputs
+    from refitcore.capture.structured import Inputs
 
     if isinstance(example, torch.Tensor):
         return (example,)
@@ -162,7 +162,7 @@ class RefitPropertyItem(pytest.Item):
     def runtest(self) -> None:
         from hypothesis import HealthCheck, Phase, given, seed, settings, strategies as st
 
-        from refitcore.structured import Inputs
+        from refitcore.capture.structured import Inputs
 
         from .strategies import boundary_samples, inputs, perturbations, refit_sequences, refit_settings, state_dicts
 

@@ -152,7 +152,7 @@ def render_html(data: dict, rows: list[dict], summary_lines: list[str], png: byt
 
 def write(path: str, data: dict, rows: list[dict], summary_lines: list[str]) -> str:
     """Render and write the page atomically; returns its absolute path."""
-    from refitcore.fileio import atomic_write
+    from refitcore.engine.fileio import atomic_write
 
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -178,8 +178,8 @@ def coverage_lines(state: dict) -> list[str]:
 
 
 def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, **extra) -> dict:
-    """The JSON report in the shared schema (:mod:`refitcore.report_schema`), plus the plugin's own keys."""
-    from refitcore.report_schema import check_entry, envelope
+    """The JSON report in the shared schema (:mod:`refitcore.refitting.report_schema`), plus the plugin's own keys."""
+    from refitcore.refitting.report_schema import check_entry, envelope
 
     rows = summarize(data["records"], data["builds"])
     backend = data.get("backend") or cfg.backend
@@ -227,7 +227,7 @@ def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, *
 
 def write_json(path: str, report: dict) -> str:
     """Write ``report`` as strict JSON to ``path`` atomically (readers never see half a file)."""
-    from refitcore.fileio import atomic_write
+    from refitcore.engine.fileio import atomic_write
 
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

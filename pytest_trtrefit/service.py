@@ -37,10 +37,10 @@ class CacheEntry:
 
 def architecture_key(model) -> str:
     """A fingerprint of a model's architecture that needs no export and is equal in every process
-    and pytest-xdist worker (:func:`refitcore.fingerprint.architecture_fingerprint`): module classes
+    and pytest-xdist worker (:func:`refitcore.cache.key.architecture_fingerprint`): module classes
     and their code, configuration attributes, the state_dict's names, shapes and dtypes, tied
     parameters. Two instances of one architecture share it whatever their weights."""
-    from refitcore.fingerprint import architecture_fingerprint
+    from refitcore.cache.key import architecture_fingerprint
 
     return architecture_fingerprint(model)
 
@@ -53,7 +53,7 @@ def input_spec(sample: Any) -> tuple:
     tensors = tuple((tuple(t.shape), str(t.dtype)) for t in sample_tensors(sample))
     if isinstance(sample, tuple) and all(isinstance(x, torch.Tensor) for x in sample):
         return tensors
-    from refitcore.structured import describe_leaf, spec_of
+    from refitcore.capture.structured import describe_leaf, spec_of
 
     leaves, spec = spec_of(call_of(sample))
     return tensors + (json.dumps([spec, [describe_leaf(x) for x in leaves]], sort_keys=True, default=str),)
@@ -84,7 +84,7 @@ def _options_key(options: dict) -> str | None:
 
 def shapes_key(dynamic_shapes: Any) -> str | None:
     """A cache key for a ``dynamic_shapes`` spec (torch.export Dims written as name and range)."""
-    from refitcore.shapes import is_torch_dim
+    from refitcore.capture.shapes import is_torch_dim
 
     def plain(v):
         if isinstance(v, dict):
@@ -175,7 +175,7 @@ class RefitSession:
                                                      "--trt-refit-cache-dir=DIR to keep engines)")
             return
         if pytest_config.getoption("cacheclear", False) and not hasattr(pytest_config, "workerinput"):
-            from refitcore.cache import EngineCache
+            from refitcore.cache.store import EngineCache
 
             EngineCache(directory).clear()
         self.cache_dir, self.cache_note = directory, directory
@@ -241,7 +241,7 @@ class RefitSession:
         again, so export it when a fallback check first needs it (a session checking only the cached
         path never exports). A cached engine whose graph is not the model's is evicted and rebuilt."""
         import refitcore
-        from refitcore.compile import attach_exported_program
+        from refitcore.compiler.native import attach_exported_program
 
         if "fallback" not in paths or entry.engine.exported_program is not None:
             return
@@ -306,7 +306,7 @@ class RefitSession:
                 trt_refit.check(MyNet, MyNet().state_dict(), torch.randn(1, 3, 32, 32))
         """
         __tracebackhide__ = True
-        from refitcore.mapping import normalize_weights
+        from refitcore.refitting.mapping import normalize_weights
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
                                                           dynamic_shapes, compile_options)
@@ -327,7 +327,7 @@ class RefitSession:
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
         __tracebackhide__ = True
-        from refitcore.mapping import normalize_weights
+        from refitcore.refitting.mapping import normalize_weights
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
                                                           dynamic_shapes, compile_options)

@@ -31,7 +31,7 @@ import math
 from typing import Any, Sequence
 
 from hypothesis import settings, strategies as st
-from refitcore.structured import Inputs
+from refitcore.capture.structured import Inputs
 
 __all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "profile_shapes", "boundary_samples", "refit_settings", "weight_set", "perturb",
            "special_targets", "WeightSet",
@@ -640,9 +640,9 @@ def _structured_inputs(spec, families, int_high) -> st.SearchStrategy:
 
 
 def _profile(spec_tensors, profiles):
-    """``profiles`` as a :class:`refitcore.shapes.ShapeProfiles` (given one, or a ``dynamic_shapes``
+    """``profiles`` as a :class:`refitcore.capture.shapes.ShapeProfiles` (given one, or a ``dynamic_shapes``
     spec keyed by input index over the example tensors)."""
-    from refitcore.shapes import ShapeProfiles, resolve_dynamic_shapes
+    from refitcore.capture.shapes import ShapeProfiles, resolve_dynamic_shapes
 
     if profiles is None or isinstance(profiles, ShapeProfiles):
         return profiles
@@ -655,7 +655,7 @@ def profile_shapes(profiles) -> st.SearchStrategy[list]:
     """Input shapes inside an engine's optimization profiles (``engine.io.profiles``): a profile's
     min, opt or max (drawn first, and where shrinking ends), or sizes drawn inside its ranges;
     dimensions that share a name get one size."""
-    from refitcore.shapes import draw_shapes
+    from refitcore.capture.shapes import draw_shapes
 
     corners = []
     for p in range(len(profiles.profiles)):

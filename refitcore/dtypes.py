@@ -26,7 +26,7 @@ TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
 )
 
 # Not TensorRT types: the parameters and buffers of a partitioned engine's PyTorch segments
-# (refitcore.segments) are stored and refitted in their own dtype, under these names. They never
+# (refitcore.engine.segmented) are stored and refitted in their own dtype, under these names. They never
 # name a network tensor (``trt_name`` does not return them).
 TORCH_SEGMENT_TABLE: tuple[tuple[str, str, torch.dtype], ...] = (
     ("DOUBLE", "float64", torch.float64),

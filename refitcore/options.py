@@ -18,6 +18,10 @@ __all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_pa
 BACKENDS = ("auto", "reference", "tensorrt")         # refitcore.backends resolves these names
 REFIT_PATHS = ("auto", "cached", "fallback")         # refitcore.refit(path=...)
 PATH_CHOICES = ("cached", "fallback", "both")        # paths to check (CLI --paths, --trt-refit-paths)
+# Largest tensor a file's header (a bundle, a cache entry) may declare, in elements (1 GiB of fp32):
+# tools allocate inputs from a loaded engine's spec (``trtrefit gate --inputs random:N``), so a crafted
+# file must not ask for hundreds of GB. The bundle reader and the reference backend both check it.
+MAX_TENSOR_ELEMENTS = 2 ** 28
 
 
 def _fail(msg: str):

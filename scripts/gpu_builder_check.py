@@ -35,7 +35,7 @@ class Case:
 def _cases() -> list[Case]:
     import torch
 
-    from refitcore.shapes import DimRange
+    from refitcore.capture.shapes import DimRange
     from tests.dynamic_models import BATCH, SEQ, BertHidden, Flat, TinyAttention, TinyResNet
 
     def seeded(fn):
@@ -71,8 +71,8 @@ def check(case: Case) -> dict:
     from refitcore.backends.tensorrt_build import build_plan
     from refitcore.backends.tensorrt_refit import make_error_recorder
     from refitcore.conversion.convert import convert
-    from refitcore.lowering import export_model, input_names, plan_fusions
-    from refitcore.shapes import export_example, resolve_dynamic_shapes
+    from refitcore.capture.lowering import export_model, input_names, plan_fusions
+    from refitcore.capture.shapes import export_example, resolve_dynamic_shapes
 
     row: dict = {"name": case.name, "ok": False, "build_s": None, "error": ""}
     try:

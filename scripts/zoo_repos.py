@@ -242,7 +242,7 @@ FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", 
 
 def max_err(a: Any, b: Any) -> float:
     """Largest abs difference over every tensor leaf (inf where the structures or non-tensor leaves differ)."""
-    from refitcore.structured import flatten_with_names
+    from refitcore.capture.structured import flatten_with_names
 
     la, na, _ = flatten_with_names(a)
     lb, nb, _ = flatten_with_names(b)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.verify import compare_outputs
+from refitcore.refitting.verify import compare_outputs
 
 MODEL = "residual"
 

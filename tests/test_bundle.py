@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore import bundle
+from refitcore.engine import bundle
 from tests.conftest import bit_identical, outputs
 
 MODEL = "residual"

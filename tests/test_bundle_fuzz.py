@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import refitcore
-from refitcore import bundle
+from refitcore.engine import bundle
 from tests.conftest import bit_identical, outputs
 
 MODEL = "residual"
@@ -171,7 +171,7 @@ def test_json_deeper_than_the_parser_allows_is_a_bundle_error(original, tmp_path
 def test_nesting_is_counted_outside_strings_only():
     """Brackets, quotes and backslashes inside strings do not count; an unterminated string of
     escaped quotes (a crafted header) is settled in one pass, then refused by the parser."""
-    from refitcore.bundle import MAX_DEPTH, check_depth
+    from refitcore.engine.bundle import MAX_DEPTH, check_depth
 
     inner = json.dumps({"name": "a[[[{{{\"]]]" + "\\" * 3 + "\"[" * 100, "list": [[1, [2]], "]]]}"]}).encode()
     check_depth(inner, "<test>")                                   # depth 3: accepted

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.cache import BaseEngineCache, EngineCache, as_cache, pack_entry, unpack_entry
-from refitcore.compile import compile_cache_key as cache_key
+from refitcore.cache.store import BaseEngineCache, EngineCache, as_cache, pack_entry, unpack_entry
+from refitcore.compiler.native import compile_cache_key as cache_key
 from tests.models import make
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,7 +236,7 @@ def test_clear_removes_entries_and_temporary_files(tmp_path):
 WRITER = textwrap.dedent('''
     import hashlib, os, sys
     sys.path.insert(0, {root!r})
-    from refitcore.cache import EngineCache
+    from refitcore.cache.store import EngineCache
     cache = EngineCache({directory!r}, max_bytes=1 << 40)
     me = sys.argv[1]
     def blob(key):
@@ -273,7 +273,7 @@ def test_two_processes_filling_one_cache_lose_nothing(tmp_path):
 
 
 def test_cli_compile_with_a_cache(tmp_path, capsys):
-    from refitcore import cli
+    from refitcore.cli import main as cli
 
     args = ["compile", "tests.cli_models:small_net", "--input", "1x3x32x32", "--backend", "reference", "-q",
             "--cache", str(tmp_path / "engines")]

@@ -1,4 +1,4 @@
-"""Checkpoints as found in the wild (refitcore.checkpoints): wrapper prefixes, containers, keys the
+"""Checkpoints as found in the wild (refitcore.refitting.checkpoints): wrapper prefixes, containers, keys the
 engine never reads, damaged files, NaN folds named by their key, meta tensors, safetensors."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import refitcore
-from refitcore import cli
-from refitcore.checkpoints import LoadedCheckpoint, load_checkpoint, load_weights, unwrap
+from refitcore.cli import main as cli
+from refitcore.refitting.checkpoints import LoadedCheckpoint, load_checkpoint, load_weights, unwrap
 from tests.cli_models import randomized_state
 
 MODEL = "conv_bias_bn"      # conv(bias) -> BatchNorm(eps=1e-3): keys conv.*, bn.* (num_batches_tracked unused)

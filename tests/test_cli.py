@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore import cli
+from refitcore.cli import main as cli
 from tests.cli_models import other_net, randomized_state
 
 FACTORY = "tests.cli_models:small_net"
@@ -212,17 +212,17 @@ def test_audit_bundle_vs_checkpoint_and_bundle(work, capsys):
 
 def test_doctor_delegates(monkeypatch, capsys):
     seen = []
-    fake = types.ModuleType("refitcore.doctor")
+    fake = types.ModuleType("refitcore.cli.doctor")
     fake.main = lambda argv: seen.append(list(argv)) or 0
-    monkeypatch.setitem(sys.modules, "refitcore.doctor", fake)
-    monkeypatch.setattr(refitcore, "doctor", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "refitcore.cli.doctor", fake)
+    monkeypatch.setattr(sys.modules["refitcore.cli"], "doctor", fake, raising=False)
     assert cli.main(["doctor", "--json"]) == 0
     assert seen == [["--json"]]
 
 
 def test_doctor_missing_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "refitcore.doctor", None)
-    monkeypatch.delattr(refitcore, "doctor", raising=False)
+    monkeypatch.setitem(sys.modules, "refitcore.cli.doctor", None)
+    monkeypatch.delattr(sys.modules["refitcore.cli"], "doctor", raising=False)
     assert cli.main(["doctor"]) == 2
     assert "no doctor module" in capsys.readouterr().err
 
@@ -230,7 +230,7 @@ def test_doctor_missing_says_so(monkeypatch, capsys):
 def test_console_entry_point_runs(work):
     """The module runs as a program (what the `trtrefit` script calls) with the same exit codes."""
     (work / "trunc2.trtrefit").write_bytes((work / "m.trtrefit").read_bytes()[:100])
-    proc = subprocess.run([sys.executable, "-m", "refitcore.cli", "gate", str(work / "trunc2.trtrefit"),
+    proc = subprocess.run([sys.executable, "-m", "refitcore.cli.main", "gate", str(work / "trunc2.trtrefit"),
                            str(work / "good.pt"), "--inputs", "random:1", "-q"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -316,7 +316,7 @@ def test_gate_into_a_closed_pipe_ends_quietly_with_its_own_exit_code(work, check
     state = randomized_state(2)
     state["fc.bias"][0] = float("nan")
     torch.save(state, work / "nan-pipe.pt")
-    proc = subprocess.Popen([sys.executable, "-m", "refitcore.cli", "gate", str(work / "m.trtrefit"),
+    proc = subprocess.Popen([sys.executable, "-m", "refitcore.cli.main", "gate", str(work / "m.trtrefit"),
                              str(work / checkpoint), "--inputs", "random:1", "--paths", "cached", "-q",
                              "--trust-factory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     proc.stdout.close()                     # as `| head` does once it has what it wants

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from refitcore import doctor
+from refitcore.cli import doctor
 from refitcore.backends import tensorrt as trt_backend
 from refitcore.backends.tensorrt_probe import ProbeResult
 
@@ -81,7 +81,7 @@ def test_a_gpu_machine_where_tensorrt_fails_says_fail(monkeypatch):
 
 
 def test_doctor_help_lists_every_flag(capsys):
-    from refitcore import cli
+    from refitcore.cli import main as cli
 
     with pytest.raises(SystemExit):
         cli.main(["doctor", "--help"])

@@ -359,7 +359,7 @@ def test_large_finite_values_pass_the_finiteness_check_under_strict_numpy_errors
     settled element-wise, never raised or warned, whatever numpy's error settings."""
     import warnings
 
-    from refitcore.validate import all_finite
+    from refitcore.refitting.validate import all_finite
 
     big = np.full(64, 1e25, np.float32)
     with warnings.catch_warnings():

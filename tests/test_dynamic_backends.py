@@ -12,7 +12,7 @@ import refitcore
 from refitcore import _trt
 from refitcore.backends.reference import ReferenceEngine
 from refitcore.backends.tensorrt_shapes import add_profiles, set_input_shapes
-from refitcore.shapes import ShapeRangeError, resolve_dynamic_shapes
+from refitcore.capture.shapes import ShapeRangeError, resolve_dynamic_shapes
 from tests.dynamic_models import Flat
 
 
@@ -138,9 +138,9 @@ def test_size_expressions_become_network_arithmetic(expr, fn):
 
     from refitcore.conversion.context import ConversionContext
     from refitcore.conversion.shape_tensors import SymbolTable, sym_value
-    from refitcore.network_reader import read_network
-    from refitcore.shapes import ShapeProfiles
-    from refitcore.weight_map import WeightMap
+    from refitcore.conversion.network_reader import read_network
+    from refitcore.capture.shapes import ShapeProfiles
+    from refitcore.conversion.weight_map import WeightMap
 
     trt = _trt.trt()
     network = trt.Builder(_trt.logger()).create_network(0)

@@ -9,7 +9,7 @@ from torch.export import Dim
 
 import refitcore
 from refitcore.errors import UnsupportedOperatorError
-from refitcore.shapes import ShapeProfiles, ShapeRangeError, resolve_dynamic_shapes, sample_shapes
+from refitcore.capture.shapes import ShapeProfiles, ShapeRangeError, resolve_dynamic_shapes, sample_shapes
 from tests.dynamic_models import BATCH, SEQ, TinyAttention, TinyResNet, tiny_bert
 
 
@@ -356,7 +356,7 @@ def test_batchnorm1d_with_two_dynamic_dims():
 def test_a_bundle_with_bad_profiles_is_refused(cnn, edit, needle):
     import copy
 
-    from refitcore.engine import RefittableEngine
+    from refitcore.engine.refittable import RefittableEngine
     from refitcore.errors import BundleError
 
     _, engine = cnn

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.eager import EagerModelError, UntrustedFactoryError, eager_model
+from refitcore.refitting.eager import EagerModelError, UntrustedFactoryError, eager_model
 from tests.cli_models import randomized_state, small_net
 from tests.test_refit_metadata import Versioned
 

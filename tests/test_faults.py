@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import refitcore
-import refitcore.recipes as recipes
-from refitcore.weight_map import WeightMap
+import refitcore.conversion.recipes as recipes
+from refitcore.conversion.weight_map import WeightMap
 
 
 def _with_map(engine, edit: Callable[[WeightMap], None]):
@@ -224,7 +224,7 @@ def test_audit_against_expected_names_the_stale_weight(compiled):
 
 
 def test_auto_refit_recovers_from_a_stale_weight(compiled, monkeypatch):
-    refit_module = sys.modules["refitcore.refit"]  # the package attribute is the function
+    refit_module = sys.modules["refitcore.refitting.refit"]  # the package attribute is the function
 
     c = compiled("residual")
     new = c.fresh(11)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from refitcore.fingerprint import (CacheKey, architecture_entries, architecture_fingerprint, cache_key, code_digest,
+from refitcore.cache.key import (CacheKey, architecture_entries, architecture_fingerprint, cache_key, code_digest,
                                    input_signature)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +47,7 @@ PROBE = textwrap.dedent('''
     sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
     import torch
     import fpmodels
-    from refitcore.fingerprint import architecture_fingerprint, cache_key
+    from refitcore.cache.key import architecture_fingerprint, cache_key
     m = fpmodels.Block()
     key = cache_key(m, (torch.randn(2, 3, 8),), backend="reference")
     print(json.dumps([architecture_fingerprint(m), key.digest]))
@@ -204,7 +204,7 @@ def test_tied_groups_change_it():
 
 
 def test_toolchain_and_format_version_change_the_key(monkeypatch):
-    from refitcore import fingerprint
+    from refitcore.cache import key as fingerprint
 
     base = _key(Net())
     monkeypatch.setattr(fingerprint, "CACHE_FORMAT_VERSION", fingerprint.CACHE_FORMAT_VERSION + 1)
@@ -258,7 +258,7 @@ BERT_PROBE = textwrap.dedent('''
     import json, sys
     sys.path.insert(0, {root!r})
     import transformers
-    from refitcore.fingerprint import architecture_fingerprint
+    from refitcore.cache.key import architecture_fingerprint
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers={layers}, num_attention_heads=2,
                                   intermediate_size=64, max_position_embeddings=64)
     print(json.dumps(architecture_fingerprint(transformers.BertForSequenceClassification(cfg))))
@@ -280,7 +280,7 @@ def test_a_transformers_model_is_equal_in_two_fresh_interpreters():
     first = probe(2, "1")
     assert probe(2, "2") == first
     assert probe(1, "3") != first                    # another depth: another architecture
-    from refitcore.fingerprint import class_digest
+    from refitcore.cache.key import class_digest
 
     assert f"transformers=={transformers.__version__}" in json.dumps(class_digest(transformers.BertModel))
 
@@ -315,7 +315,7 @@ def test_installed_code_is_pinned_by_version_user_code_is_hashed(tmp_path, monke
     globals are what its forward reads)."""
     import importlib
 
-    from refitcore import fingerprint
+    from refitcore.cache import key as fingerprint
 
     (tmp_path / "fakelib.py").write_text(LIB_SRC)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -372,7 +372,7 @@ def test_scripts_and_user_packages_named_like_the_standard_library_are_user_code
     called `wave` or `trace`: both are hashed, not pinned."""
     import types as pytypes
 
-    from refitcore import fingerprint
+    from refitcore.cache import key as fingerprint
 
     fingerprint._library_of_module.cache_clear()
     user = pytypes.ModuleType("wave")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.gate import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, GateReport
-from refitcore.report_schema import validate
+from refitcore.gating.gate import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, GateReport
+from refitcore.refitting.report_schema import validate
 from tests.cli_models import other_net, randomized_state, small_net
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -1,4 +1,5 @@
-"""No import cycles and no private names across modules in ``refitcore/`` and ``pytest_trtrefit/``.
+"""No import cycles, no upward imports between layers, and no private names across modules in
+``refitcore/`` and ``pytest_trtrefit/``.
 
 The checker reads every module's AST (function-level imports included: an import hidden inside a
 function still makes a cycle, it only moves the failure to run time), builds the module import
@@ -7,6 +8,10 @@ graph, and reports every strongly connected component as a cycle. It also report
 (a private module such as ``_trt`` is the package's own business; its private names are not).
 Importing a submodule does not count as importing its parent package (Python runs the parent's
 ``__init__`` first, but that is no dependency of the importer on what the parent re-exports).
+
+Layers: refitcore's subpackages are the pipeline, and a module may import only from its own layer
+or the layers below it (:data:`LAYERS`, lowest first). The package root (``refitcore/__init__``, the
+lazy public face) is above every layer: nothing inside refitcore imports it.
 """
 from __future__ import annotations
 
@@ -16,6 +21,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("refitcore", "pytest_trtrefit")
+# Lowest first. A module is in the first layer one of whose prefixes it equals or starts with (then ".").
+LAYERS = (
+    ("base", ("refitcore.errors", "refitcore.dtypes", "refitcore._trt", "refitcore._version", "refitcore.options")),
+    ("capture", ("refitcore.capture",)),
+    ("conversion", ("refitcore.conversion",)),
+    ("partition", ("refitcore.partition",)),
+    ("backends", ("refitcore.backends",)),
+    ("engine", ("refitcore.engine",)),
+    ("refitting", ("refitcore.refitting",)),
+    ("cache", ("refitcore.cache",)),
+    ("compiler", ("refitcore.compiler",)),
+    ("gating", ("refitcore.gating",)),
+    ("cli", ("refitcore.cli",)),
+    ("public", ("refitcore",)),
+    ("plugin", ("pytest_trtrefit",)),
+)
 
 
 # ---- the checker ------------------------------------------------------------------------------
@@ -148,9 +169,31 @@ def describe_cycle(component: list[str], edges: dict[str, dict[str, int]]) -> st
     return " <-> ".join(component)
 
 
-def problems(root: Path, packages) -> list[str]:
+def layer_of(module: str, layers) -> int | None:
+    """The index of ``module``'s layer (None: in no layer)."""
+    for i, (_, prefixes) in enumerate(layers):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return i
+    return None
+
+
+def upward_imports(edges: dict[str, dict[str, int]], layers) -> list[str]:
+    """Every import of a module in a higher layer: 'a:line imports b (layer x above layer y)'."""
+    out = []
+    for module, targets in sorted(edges.items()):
+        mine = layer_of(module, layers)
+        for target, line in sorted(targets.items()):
+            theirs = layer_of(target, layers)
+            if mine is not None and theirs is not None and theirs > mine:
+                out.append(f"upward import: {module}:{line} imports {target} "
+                           f"(layer {layers[theirs][0]!r} is above {layers[mine][0]!r})")
+    return out
+
+
+def problems(root: Path, packages, layers=LAYERS) -> list[str]:
     edges, private = scan(find_modules(root, packages))
     out = [f"import cycle: {describe_cycle(c, edges)}" for c in cycles(edges)]
+    out += upward_imports(edges, layers)
     out += [f"private name of another module: {m}:{line}: {text}" for m, line, text in private]
     return out
 
@@ -164,11 +207,11 @@ def test_no_import_cycles_and_no_private_names_across_modules():
 def test_the_checker_sees_the_project():
     modules = find_modules(ROOT, PACKAGES)
     edges, _ = scan(modules)
-    assert {"refitcore.engine", "refitcore.bundle", "pytest_trtrefit.plugin"} <= set(modules)
+    assert {"refitcore.engine", "refitcore.engine.bundle", "pytest_trtrefit.plugin"} <= set(modules)
     # function-level imports count: the backends package picks its modules inside functions
     assert "refitcore.backends.tensorrt" in edges["refitcore.backends"]
-    assert "refitcore.bundle" in edges["refitcore.engine"]
-    assert "refitcore.engine" not in edges["refitcore.bundle"]
+    assert "refitcore.engine.bundle" in edges["refitcore.engine.refittable"]
+    assert "refitcore.engine.refittable" not in edges["refitcore.engine.bundle"]
 
 
 # ---- the checker catches what it should (a tiny synthetic package) ----------------------------
@@ -210,6 +253,31 @@ def test_checker_catches_private_names(tmp_path):
         "private name of another module: pkg.b:3: _impl._secret (pkg._impl)",
         "private name of another module: pkg.c:3: other._hidden (pkg.a)",
     ], found
+
+
+def test_checker_catches_a_planted_upward_import(tmp_path):
+    layers = (("low", ("pkg.low",)), ("high", ("pkg.high",)), ("top", ("pkg",)))
+    root = _package(tmp_path, {
+        "__init__.py": "",
+        "low/__init__.py": "",
+        "low/a.py": "import os\n\ndef f():\n    from pkg.high.b import g\n    return g()\n",
+        "low/c.py": "from pkg.low import a\n",
+        "high/__init__.py": "",
+        "high/b.py": "from pkg.low.c import a\n\ndef g():\n    return 1\n",
+        "high/d.py": "import pkg\n",
+    })
+    found = problems(root, ["pkg"], layers)
+    assert found == [
+        "import cycle: pkg.high.b:1 -> pkg.low.c:1 -> pkg.low.a:4 -> pkg.high.b",
+        "upward import: pkg.high.d:1 imports pkg (layer 'top' is above 'high')",
+        "upward import: pkg.low.a:4 imports pkg.high.b (layer 'high' is above 'low')",
+    ], found
+
+
+def test_every_refitcore_module_has_a_layer():
+    modules = [m for m in find_modules(ROOT, PACKAGES) if m != "refitcore"]
+    assert [m for m in modules if layer_of(m, LAYERS) is None] == []
+    assert layer_of("refitcore.engine.bundle", LAYERS) < layer_of("refitcore.refitting.mapping", LAYERS)
 
 
 def test_checker_passes_a_clean_package(tmp_path):

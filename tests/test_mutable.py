@@ -119,7 +119,7 @@ def test_without_verification_a_wrong_map_gives_wrong_outputs():
 
 def test_a_refit_that_cannot_be_verified_raises_and_is_retried(fast, monkeypatch):
     engine, model, x = fast
-    import refitcore.mutable as mutable
+    import refitcore.compiler.mutable as mutable
 
     real = mutable.refit
     monkeypatch.setattr(mutable, "refit", lambda *a, **k: _failed(real(*a, **k)))

@@ -12,7 +12,7 @@ from torch import nn
 
 import refitcore
 from refitcore.errors import RefitError
-from refitcore.segments import SegmentedRefitter
+from refitcore.engine.segmented import SegmentedRefitter
 
 torch.set_num_threads(1)
 
@@ -216,7 +216,7 @@ def test_load_imports_nothing_the_file_names(tmp_path):
 
 
 def test_torch_program_resolves_aten_only():
-    from refitcore.torch_program import TorchProgram
+    from refitcore.partition.torch_program import TorchProgram
 
     with pytest.raises(ValueError, match="aten"):
         TorchProgram([{"name": "x", "op": "os.system", "args": ["true"], "kwargs": {}}])
@@ -237,7 +237,7 @@ def cli_mixed() -> nn.Module:
 
 
 def test_cli_compile_prints_the_coverage(tmp_path, capsys):
-    from refitcore import cli
+    from refitcore.cli import main as cli
 
     out = tmp_path / "m.trtrefit"
     assert cli.main(["compile", "tests.test_partition:cli_mixed", "--input", "2x3x8", "--backend", "reference",

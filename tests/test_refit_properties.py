@@ -22,7 +22,7 @@ from torch import nn
 
 import refitcore
 from pytest_trtrefit.strategies import special_targets, weight_set
-from refitcore.verify import compare_outputs
+from refitcore.refitting.verify import compare_outputs
 from tests.conftest import LARGE, bit_identical, outputs
 from tests.models import SMALL
 

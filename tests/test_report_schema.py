@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from refitcore.report_schema import SCHEMA, ReportSchemaError, check_entry, envelope, path_summaries, validate
+from refitcore.refitting.report_schema import SCHEMA, ReportSchemaError, check_entry, envelope, path_summaries, validate
 
 
 def _checks():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.structured import flatten_with_names, leaf_names, spec_of, unflatten
+from refitcore.capture.structured import flatten_with_names, leaf_names, spec_of, unflatten
 
 torch.set_num_threads(1)
 
@@ -96,7 +96,7 @@ def test_verify_names_the_leaf_that_differs(engine):
 
 
 def test_unflatten_without_the_class_gives_a_dict():
-    from refitcore.structured import unresolved_types
+    from refitcore.capture.structured import unresolved_types
 
     spec = {"t": "custom", "cls": "nowhere.Output", "k": ["logits", "hidden"], "c": [{"t": "leaf"}, {"t": "leaf"}]}
     assert unflatten([1, 2], spec) == {"logits": 1, "hidden": 2}

@@ -9,7 +9,7 @@ from torch import nn
 
 import refitcore
 from refitcore.errors import ExportError, RefitError
-from refitcore.segments import SegmentedRefitter
+from refitcore.engine.segmented import SegmentedRefitter
 
 torch.set_num_threads(1)
 

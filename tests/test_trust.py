@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore import cli
+from refitcore.cli import main as cli
 from tests.cli_models import randomized_state, small_net
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -82,7 +82,7 @@ def test_a_bundle_naming_os_abort_does_not_kill_the_gate(tmp_path):
     engine = refitcore.compile(small_net(), X, backend="reference", model_factory="os:abort")
     engine.save(tmp_path / "evil.trtrefit")
     torch.save(randomized_state(1), tmp_path / "good.pt")
-    proc = subprocess.run([sys.executable, "-m", "refitcore.cli", "gate", str(tmp_path / "evil.trtrefit"),
+    proc = subprocess.run([sys.executable, "-m", "refitcore.cli.main", "gate", str(tmp_path / "evil.trtrefit"),
                            str(tmp_path / "good.pt"), "--inputs", "random:1", "-q"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr

@@ -1,14 +1,14 @@
 """An in-place refit either succeeds or leaves the engine exactly as it was: everything that can
 fail (verification inputs, the eager reference model's state_dict) is checked before the engine
-is touched (refitcore.validate)."""
+is touched (refitcore.refitting.validate)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import refitcore
-from refitcore.eager import EagerModelError
-from refitcore.validate import check_samples, eager_weights
+from refitcore.refitting.eager import EagerModelError
+from refitcore.refitting.validate import check_samples, eager_weights
 from tests.conftest import bit_identical, outputs
 
 MODEL = "conv_bias_bn"

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import refitcore
-from refitcore import recipes
-from refitcore.weight_map import FORMAT_VERSION, WeightMap, WeightSource, operand_keys, rename_keys
+from refitcore.conversion import recipes
+from refitcore.conversion.weight_map import FORMAT_VERSION, WeightMap, WeightSource, operand_keys, rename_keys
 
 
 def _bn():

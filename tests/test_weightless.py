@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore import bundle
-from refitcore.cache import EngineCache, lookup
-from refitcore.compile import compile_cache_key
-from refitcore.driver import apply_mapping
-from refitcore.engine import RefittableEngine
+from refitcore.engine import bundle
+from refitcore.cache.store import EngineCache, lookup
+from refitcore.compiler.native import compile_cache_key
+from refitcore.refitting.driver import apply_mapping
+from refitcore.engine.refittable import RefittableEngine
 from refitcore.errors import BundleError, WeightlessEngineError, WeightMappingError
 from tests.models import make
 

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 __all__ = ["get_backend", "resolve_backend", "BACKENDS"]
 
-from ..options import BACKENDS  # the names, written once (shared with the CLI and the plugin)
+from refitcore.options import BACKENDS  # the names, written once (shared with the CLI and the plugin)
 
 
 def get_backend(name: str):
     if name == "reference":
-        from . import reference
+        from refitcore.backends import reference
 
         return reference
     if name == "tensorrt":
-        from . import tensorrt
+        from refitcore.backends import tensorrt
 
         return tensorrt
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
@@ -32,7 +32,7 @@ def resolve_backend(name: str) -> tuple[str, str]:
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
     if name != "auto":
         return name, "requested"
-    from . import tensorrt
+    from refitcore.backends import tensorrt
 
     usable, reason = tensorrt.usable()
     if usable:

@@ -1,4 +1,4 @@
-"""The backend interface: what :mod:`refitcore.engine` and :mod:`refitcore.driver` may ask of a
+"""The backend interface: what :mod:`refitcore.engine` and :mod:`refitcore.refitting.driver` may ask of a
 backend, as ``typing.Protocol`` s. Both backends (``reference``, ``tensorrt``) implement them;
 ``tests/backends/test_protocols.py`` checks that they do.
 
@@ -16,7 +16,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from .. import dtypes
+from refitcore import dtypes
 
 __all__ = ["WeightsPrototype", "Refitter", "EngineImpl", "Backend", "read_only_views", "staged", "HostWeights"]
 
@@ -90,7 +90,7 @@ class Refitter(Protocol):
 
 @runtime_checkable
 class EngineImpl(Protocol):
-    """One built engine of a backend: what :class:`refitcore.engine.RefittableEngine` wraps."""
+    """One built engine of a backend: what :class:`refitcore.engine.refittable.RefittableEngine` wraps."""
 
     backend_name: str
     note: str

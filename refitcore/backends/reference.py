@@ -8,12 +8,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import dtypes
-from ..shapes import ShapeProfiles
-from ..bundle import MAX_TENSOR_ELEMENTS
-from ..network_reader import WEIGHT_ROLES, read_network
-from .base import HostWeights, WeightsPrototype, staged
-from .reference_ops import OPS, run_layer
+from refitcore import dtypes
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.options import MAX_TENSOR_ELEMENTS
+from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
+from refitcore.backends.base import HostWeights, WeightsPrototype, staged
+from refitcore.backends.reference_ops import OPS, run_layer
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
 

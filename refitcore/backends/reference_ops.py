@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..dtypes import TABLE
+from refitcore.dtypes import TABLE
 
 __all__ = ["OPS", "run_layer"]
 

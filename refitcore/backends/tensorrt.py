@@ -6,7 +6,7 @@
 - run: torch CUDA tensors bound with ``IExecutionContext.set_tensor_address`` and
   ``execute_async_v3`` on ``torch.cuda.current_stream()``;
 - refit: :class:`.tensorrt_refit.TensorRTRefitter` over ``trt.Refitter`` (driven by
-  :mod:`refitcore.driver`);
+  :mod:`refitcore.refitting.driver`);
 - serialize: ``serialize_with_config`` with ``EXCLUDE_WEIGHTS`` cleared and ``INCLUDE_REFIT`` set
   where the version has it, so a refitted engine is saved with its new weights and stays
   refittable;
@@ -39,14 +39,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .. import _trt, dtypes
-from ..errors import BackendUnavailableError
-from ..shapes import ShapeProfiles
-from .base import HostWeights
-from .tensorrt_build import PlanBuild, build_plan
-from .tensorrt_probe import ProbeResult, probe
-from .tensorrt_shapes import set_input_shapes
-from .tensorrt_refit import TensorRTRefitter, make_error_recorder
+from refitcore import _trt, dtypes
+from refitcore.errors import BackendUnavailableError
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.backends.base import HostWeights
+from refitcore.backends.tensorrt_build import PlanBuild, build_plan
+from refitcore.backends.tensorrt_probe import ProbeResult, probe
+from refitcore.backends.tensorrt_shapes import set_input_shapes
+from refitcore.backends.tensorrt_refit import TensorRTRefitter, make_error_recorder
 
 __all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "probe_result", "build", "load_engine",
            "serialization_config", "check_inputs"]

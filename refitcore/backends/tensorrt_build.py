@@ -24,9 +24,9 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from .. import _trt
-from ..errors import BackendUnavailableError
-from .tensorrt_shapes import add_profiles
+from refitcore import _trt
+from refitcore.errors import BackendUnavailableError
+from refitcore.backends.tensorrt_shapes import add_profiles
 
 __all__ = ["PRECISIONS", "PlanBuild", "builder_config", "build_plan"]
 
@@ -85,7 +85,7 @@ def _drain(recorder) -> list[str]:
 def build_plan(builder, network, *, precision: str = "fp32", tf32: bool = False, refit: bool = True,
                recorder=None, check_support: bool = True, profiles=None) -> PlanBuild:
     """Build ``network`` into a serialized plan; raise a :class:`RuntimeError` carrying TensorRT's
-    own messages when the builder refuses it. ``profiles`` (:class:`refitcore.shapes.ShapeProfiles`)
+    own messages when the builder refuses it. ``profiles`` (:class:`refitcore.capture.shapes.ShapeProfiles`)
     become optimization profiles (needed when an input has -1 dimensions)."""
     t = _trt.trt()
     log = _trt.logger()

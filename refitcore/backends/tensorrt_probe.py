@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from .. import _trt
+from refitcore import _trt
 
 __all__ = ["probe", "interpret", "ProbeResult", "PROBE_TIMEOUT_S", "STAGES", "REPORT_MARK"]
 

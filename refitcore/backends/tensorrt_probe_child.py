@@ -14,11 +14,11 @@ import sys
 import numpy as np
 import torch
 
-from .. import _trt
-from .tensorrt import TensorRTEngine
-from .tensorrt_build import build_plan
-from .tensorrt_probe import REPORT_MARK
-from .tensorrt_refit import make_error_recorder
+from refitcore import _trt
+from refitcore.backends.tensorrt import TensorRTEngine
+from refitcore.backends.tensorrt_build import build_plan
+from refitcore.backends.tensorrt_probe import REPORT_MARK
+from refitcore.backends.tensorrt_refit import make_error_recorder
 
 __all__ = ["main"]
 

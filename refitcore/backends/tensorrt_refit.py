@@ -1,4 +1,4 @@
-"""The thin adapter between TensorRT's ``Refitter`` and :mod:`refitcore.driver`.
+"""The thin adapter between TensorRT's ``Refitter`` and :mod:`refitcore.refitting.driver`.
 
 The driver owns the logic (validate everything first, set every weight, check none missing,
 refit, roll back on failure); this adapter only translates, and adds what TensorRT leaves to the
@@ -32,8 +32,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from .. import dtypes
-from .base import WeightsPrototype
+from refitcore import dtypes
+from refitcore.backends.base import WeightsPrototype
 
 __all__ = ["TensorRTRefitter", "make_error_recorder"]
 
@@ -96,7 +96,7 @@ def _is_cuda_tensor(value: Any) -> bool:
 
 
 class TensorRTRefitter:
-    """TensorRT's ``Refitter`` with the contract :mod:`refitcore.driver` expects.
+    """TensorRT's ``Refitter`` with the contract :mod:`refitcore.refitting.driver` expects.
 
     Arguments: ``refitter`` (a ``trt.Refitter`` or anything with its methods), ``trt`` (the
     TensorRT module: ``Weights``, ``DataType``, ``TensorLocation``), ``shapes`` (weight name ->

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from ..shapes import ShapeProfiles
+from refitcore.capture.shapes import ShapeProfiles
 
 __all__ = ["add_profiles", "set_input_shapes"]
 
@@ -43,7 +43,7 @@ def add_profiles(builder, config, profiles: ShapeProfiles | None) -> int:
 
 def set_input_shapes(context, profiles: ShapeProfiles, names: Sequence[str], shapes: Sequence[Sequence[int]],
                      *, current: int, stream_handle: Any, said=lambda: []) -> int:
-    """Select the profile that contains ``shapes`` (raising :class:`refitcore.shapes.ShapeRangeError`
+    """Select the profile that contains ``shapes`` (raising :class:`refitcore.capture.shapes.ShapeRangeError`
     naming the input, dimension and range when none does) and set each input's shape on
     ``context``. Returns the selected profile index."""
     by_name = dict(zip(names, shapes))

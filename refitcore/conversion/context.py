@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import fx
 
-from .. import _trt
-from ..weight_map import WeightMap, WeightSource, has_key, operand_constants
+from refitcore import _trt
+from refitcore.conversion.weight_map import WeightMap, WeightSource, has_key, operand_constants
 
 __all__ = ["StaticValue", "ConversionContext", "ROLES"]
 

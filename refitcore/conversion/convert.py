@@ -12,14 +12,14 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from .. import _trt, dtypes
-from ..errors import UnsupportedOperatorError
-from ..lowering import FusionPlan, module_path, plan_fusions
-from ..weight_map import WeightMap
-from . import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
-from .context import ConversionContext, StaticValue
-from .registry import Unsupported, lookup
-from .shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
+from refitcore import _trt, dtypes
+from refitcore.errors import UnsupportedOperatorError
+from refitcore.capture.lowering import FusionPlan, module_path, plan_fusions
+from refitcore.conversion.weight_map import WeightMap
+from refitcore.conversion import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, lookup
+from refitcore.conversion.shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
@@ -34,7 +34,7 @@ class ConversionResult:
     output_names: list[str]
     output_shapes: list[tuple[int, ...]]
     keepalive: list = dataclasses.field(repr=False, default_factory=list)
-    profiles: Any = None                    # refitcore.shapes.ShapeProfiles for dynamic inputs, else None
+    profiles: Any = None                    # refitcore.capture.shapes.ShapeProfiles for dynamic inputs, else None
     shape_constants: list = dataclasses.field(default_factory=list)   # INT64 structure, never refitted
 
 
@@ -192,7 +192,7 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
     """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
 
     Dimensions that ``ep`` exported as dynamic become -1 in the network inputs; ``profiles``
-    (:class:`refitcore.shapes.ShapeProfiles`) travels to the backend, which makes them
+    (:class:`refitcore.capture.shapes.ShapeProfiles`) travels to the backend, which makes them
     optimization profiles."""
     problems = unsupported_ops(ep)
     if problems:

@@ -24,7 +24,7 @@ import sympy
 import torch
 from torch.utils._sympy import functions as symfn
 
-from .registry import Unsupported
+from refitcore.conversion.registry import Unsupported
 
 __all__ = ["ShapeValue", "SymbolTable", "is_symbolic", "symbolic_dims", "sym_value", "int_constant",
            "shape_vector", "dim_of", "shape_of_tensor", "concrete_or_none"]

@@ -109,8 +109,8 @@ class _SavedImpl:
 
 
 def _saved_engine(meta):
-    from refitcore.engine import IOSpec, RefittableEngine
-    from refitcore.weight_map import WeightMap, WeightSource
+    from refitcore.engine.refittable import IOSpec, RefittableEngine
+    from refitcore.conversion.weight_map import WeightMap, WeightSource
 
     impl = _SavedImpl(bytes(range(256)) * 3, {"conv KERNEL": W0["conv KERNEL"]}, meta)
     io = IOSpec(("x",), ((1, 1, 3, 3),), ("float32",), ("output_0",), ((1, 2, 2, 2),))

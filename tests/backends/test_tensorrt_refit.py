@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from refitcore import driver
+from refitcore.refitting import driver
 from refitcore.errors import RefitError, WeightMappingError
 from tests.backends.fake_trt import LAYERS, W0, FakeImpl, make_engine, new_weights
 

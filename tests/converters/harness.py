@@ -62,8 +62,8 @@ def check_converter(model: nn.Module, *inputs: torch.Tensor, seed: int = 1,
         assert err <= tolerance(e), f"output {i}: max abs error {err:.3g} > {tolerance(e):.3g}"
     new = random_weights(model, seed)
     # The weight map survives JSON (operands of folded ops included) and still maps new weights the same.
-    from refitcore.mapping import cached_mapping
-    from refitcore.weight_map import WeightMap
+    from refitcore.refitting.mapping import cached_mapping
+    from refitcore.conversion.weight_map import WeightMap
 
     loaded = WeightMap.loads(engine.weight_map.dumps())
     want, got = cached_mapping(engine.weight_map, new.state_dict()), cached_mapping(loaded, new.state_dict())

@@ -40,7 +40,7 @@ def test_batchnorm_after_transposed_conv_folds_along_axis_1():
 
 
 def test_fold_recipe_scales_each_output_channel_of_a_grouped_transposed_kernel():
-    from refitcore.recipes import bn_fold_kernel
+    from refitcore.conversion.recipes import bn_fold_kernel
 
     groups, cin, cout_g = 2, 4, 3
     weight = torch.randn(cin, cout_g, 2, 2)

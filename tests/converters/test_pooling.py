@@ -45,7 +45,7 @@ def test_interpreter_pools_with_tensorrt_output_size(size, k, s, pre, post, mode
     values where the windows agree."""
     from refitcore import _trt
     from refitcore.backends.reference import ReferenceEngine
-    from refitcore.network_reader import read_network
+    from refitcore.conversion.network_reader import read_network
 
     trt = _trt.trt()
     network = trt.Builder(_trt.logger()).create_network(0)

@@ -131,8 +131,8 @@ def _planted_session(tmp_path, paths):
     import refitcore
     from pytest_trtrefit.config import RefitConfig
     from pytest_trtrefit.service import RefitSession
-    from refitcore.cache import EngineCache, pack_entry
-    from refitcore.compile import compile_cache_key as cache_key
+    from refitcore.cache.store import EngineCache, pack_entry
+    from refitcore.compiler.native import compile_cache_key as cache_key
     from tests.cli_models import small_net, small_net_gelu
 
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))

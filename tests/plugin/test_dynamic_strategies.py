@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pytest_trtrefit.strategies import boundary_samples, inputs, profile_shapes
-from refitcore.shapes import DimRange, resolve_dynamic_shapes
+from refitcore.capture.shapes import DimRange, resolve_dynamic_shapes
 
 
 class Pair(torch.nn.Module):

@@ -118,9 +118,9 @@ def test_an_unusable_tensorrt_backend_is_one_usage_error(repo):
 # -- 2. the summary ------------------------------------------------------------------------------
 def test_summary_has_one_unit_per_column_stable_labels_and_the_tensorrt_share(repo):
     _models_repo(repo)
-    # Engines that report a TensorRT share (as refitcore.coverage's engine.summary() does): TwoLinear's.
+    # Engines that report a TensorRT share (as refitcore.engine.coverage's engine.summary() does): TwoLinear's.
     repo.makeconftest(ROOT_CONFTEST + '''
-from refitcore.engine import RefittableEngine
+from refitcore.engine.refittable import RefittableEngine
 
 _had = "summary" in vars(RefittableEngine)
 _old = vars(RefittableEngine).get("summary")
@@ -382,7 +382,7 @@ def test_html_report_without_matplotlib_is_a_clean_usage_error(repo, monkeypatch
 
 # -- 5. one report schema ------------------------------------------------------------------------------
 def test_the_plugin_report_follows_the_shared_schema(repo):
-    from refitcore.report_schema import SCHEMA, validate
+    from refitcore.refitting.report_schema import SCHEMA, validate
 
     repo.makepyfile(test_ok=PASSING_TEST, test_bad=CORRUPTED_TEST)
     repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", "--trt-refit-report=r.json")

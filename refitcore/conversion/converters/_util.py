@@ -5,10 +5,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ... import dtypes
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported
-from ..shape_tensors import ShapeValue, dim_of, shape_vector, symbolic_dims
+from refitcore import dtypes
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported
+from refitcore.conversion.shape_tensors import ShapeValue, dim_of, shape_vector, symbolic_dims
 
 __all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
            "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of", "prepend_ones"]

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext
-from ..registry import Unsupported, converter
-from ._util import arg, rank
+from refitcore.conversion.context import ConversionContext
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, rank
 
 aten = torch.ops.aten
 

@@ -11,10 +11,10 @@ import math
 
 import torch
 
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported, converter
-from ._util import arg, as_tensor, rank, shape_of
-from .activation import softmax
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, as_tensor, rank, shape_of
+from refitcore.conversion.converters.activation import softmax
 
 aten = torch.ops.aten
 # A masked score: finite (engine weights must be finite to pass refit validation) yet so negative

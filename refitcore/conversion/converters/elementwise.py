@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported, converter
-from ._util import arg, as_tensor, cast, equalize_ranks, promoted_dtype, rank
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, as_tensor, cast, equalize_ranks, promoted_dtype, rank
 
 aten = torch.ops.aten
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext, StaticValue
-from ..registry import converter
-from ._util import cast
-from .elementwise import elementwise
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import converter
+from refitcore.conversion.converters._util import cast
+from refitcore.conversion.converters.elementwise import elementwise
 
 aten = torch.ops.aten
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported, converter
-from ._util import arg, as_tensor, rank
-from .elementwise import elementwise
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, as_tensor, rank
+from refitcore.conversion.converters.elementwise import elementwise
 
 aten = torch.ops.aten
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ... import recipes
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported, converter
-from ._util import arg, rank, reshape, shape_of
+from refitcore.conversion import recipes
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, rank, reshape, shape_of
 
 aten = torch.ops.aten
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext
-from ..registry import Unsupported, converter
-from ._util import arg, axes_mask, out_shape, rank, reshape, shape_of
+from refitcore.conversion.context import ConversionContext
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.converters._util import arg, axes_mask, out_shape, rank, reshape, shape_of
 
 aten = torch.ops.aten
 

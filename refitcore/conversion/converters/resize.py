@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from ..context import ConversionContext
-from ..registry import converter
-from ._util import out_shape
+from refitcore.conversion.context import ConversionContext
+from refitcore.conversion.registry import converter
+from refitcore.conversion.converters._util import out_shape
 
 aten = torch.ops.aten
 

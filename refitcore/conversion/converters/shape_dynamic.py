@@ -12,11 +12,11 @@ from typing import Any, Sequence
 
 import torch
 
-from ... import dtypes
-from ..context import ConversionContext, StaticValue
-from ..registry import Unsupported, converter
-from ..shape_tensors import ShapeValue, int_constant, is_symbolic, shape_vector, sym_value
-from ._util import arg, as_tensor, out_shape, shape_of
+from refitcore import dtypes
+from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.shape_tensors import ShapeValue, int_constant, is_symbolic, shape_vector, sym_value
+from refitcore.conversion.converters._util import arg, as_tensor, out_shape, shape_of
 
 __all__ = ["is_dynamic", "reshape_to", "reshape_to_meta", "same_shape", "slice_dynamic", "expand_dynamic",
            "fill_like_meta"]

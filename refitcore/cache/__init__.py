@@ -1,0 +1,1 @@
+"""The engine cache: the architecture key and the store."""

@@ -1,0 +1,1 @@
+"""Capture: a model and its example inputs as torch.export sees them (structured I/O, shape ranges, lowering)."""

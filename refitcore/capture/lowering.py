@@ -1,0 +1,147 @@
+"""torch.export and the graph passes that run before conversion.
+
+``export_model`` exports in eval mode and lowers to ATen IR (functional, BatchNorm as
+``_native_batch_norm_legit_no_training``) while keeping the composite ops we convert as a
+whole (conv2d, linear, layer_norm, scaled_dot_product_attention, ...). ``plan_fusions``
+finds the conv + eval BatchNorm pairs that fold into one convolution.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import operator
+from typing import Any, Sequence
+
+import sympy
+import torch
+from torch import fx
+
+__all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names"]
+
+aten = torch.ops.aten
+BATCH_NORM = aten._native_batch_norm_legit_no_training.default
+CONV_OPS = (aten.conv2d.default, aten.conv1d.default, aten.conv3d.default, aten.convolution.default,
+            aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input)
+
+
+def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: dict | None = None, *,
+                 dynamic_shapes: Any = None) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode and lower it to functional ATen IR (positional and keyword
+    inputs: any pytree of tensors, Python scalars and None; ``dynamic_shapes``: as
+    ``torch.export.export`` takes it, see :mod:`refitcore.capture.shapes`)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    was_training = model.training
+    model.eval()
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
+                                 strict=False)
+    finally:
+        model.train(was_training)
+    # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,
+    # but keep every composite op whole, so each one maps onto one TensorRT layer family.
+    return ep.run_decompositions({})
+
+
+def module_path(node: fx.Node) -> str:
+    """The dotted path of the innermost nn.Module that produced ``node`` ('' at top level)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return str(path)
+
+
+@dataclasses.dataclass
+class FusionPlan:
+    """conv node name -> BatchNorm node name folded into it (and back)."""
+
+    conv_to_bn: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def bn_to_conv(self) -> dict[str, str]:
+        return {bn: conv for conv, bn in self.conv_to_bn.items()}
+
+
+def plan_fusions(gm: fx.GraphModule) -> FusionPlan:
+    """Find conv -> BatchNorm pairs where the conv output feeds only that BatchNorm and only the
+    BatchNorm's normalised output (item 0) is used. Any groups, with or without conv bias;
+    transposed convolutions too (their kernels fold along axis 1, per group: the converter and
+    the ``bn_fold_kernel`` recipe's ``axis``/``groups`` parameters handle it)."""
+    plan = FusionPlan()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not BATCH_NORM:
+            continue
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or src.op != "call_function" or src.target not in CONV_OPS:
+            continue
+        if len(src.users) != 1:
+            continue  # the conv output also feeds something else: BatchNorm becomes a scale layer
+        users_ok = all(u.op == "call_function" and u.target is operator.getitem and u.args[1] == 0
+                       for u in node.users)
+        if not users_ok:
+            continue
+        plan.conv_to_bn[src.name] = node.name
+    return plan
+
+
+def input_names(ep: torch.export.ExportedProgram) -> list[str]:
+    from torch.export.graph_signature import InputKind
+
+    return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+
+
+def _sizes(shape, symbols: dict) -> list:
+    """A shape as JSON: a dynamic size is written with its symbols renamed in order of appearance
+    (``d0``, ``d1``...), so two exports of one architecture with the same ranges compare equal."""
+    out = []
+    for s in shape:
+        if isinstance(s, torch.SymInt) and not s.node.expr.is_number:
+            expr = s.node.expr
+            for sym in sorted(expr.free_symbols, key=str):
+                symbols.setdefault(str(sym), f"d{len(symbols)}")
+            out.append(str(expr.subs({sym: sympy.Symbol(symbols[str(sym)]) for sym in expr.free_symbols})))
+        else:
+            out.append(int(s))
+    return out
+
+
+def _describe_arg(a: Any, symbols: dict):
+    if isinstance(a, fx.Node):
+        val = a.meta.get("val")
+        return ["node", a.name, _sizes(val.shape, symbols) if hasattr(val, "shape") else None]
+    if isinstance(a, (list, tuple)):
+        return [_describe_arg(x, symbols) for x in a]
+    if isinstance(a, (int, float, bool, str)) or a is None:
+        return a
+    return str(a)
+
+
+def graph_fingerprint(ep: torch.export.ExportedProgram) -> tuple[str, list[list]]:
+    """A hash of the graph's ops, arguments and the shapes of its weights, and the list it hashes,
+    so that two architectures can be compared op by op."""
+    sig = ep.graph_signature
+    entries: list[list] = []
+    targets = {}
+    for spec in sig.input_specs:
+        targets[spec.arg.name] = spec.target
+    state = dict(ep.state_dict)
+    state.update(getattr(ep, "constants", {}) or {})
+    symbols: dict[str, str] = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder":
+            tgt = targets.get(node.name)
+            val = node.meta.get("val")
+            shape = _sizes(val.shape, symbols) if hasattr(val, "shape") else None
+            dtype = str(val.dtype) if hasattr(val, "dtype") else None
+            entries.append(["input" if tgt is None else "weight", tgt or node.name, shape, dtype])
+        elif node.op == "call_function":
+            entries.append(["op", str(node.target), node.name, module_path(node),
+                            _describe_arg(list(node.args), symbols), _describe_arg(dict(node.kwargs), symbols)])
+        elif node.op == "output":
+            entries.append(["output", _describe_arg(list(node.args), symbols)])
+    digest = hashlib.sha256(json.dumps(entries, sort_keys=True, default=str).encode()).hexdigest()
+    return digest, entries

@@ -1,0 +1,1 @@
+"""The trtrefit command line: argparse and exit codes only."""

@@ -1,0 +1,1 @@
+"""Compile: the steps in order, from a model to a RefittableEngine; MutableEngine."""

@@ -1,0 +1,148 @@
+"""Read an INetworkDefinition into a plain-data plan: the reference backend's "engine plan", and the
+fallback mapping's way of reading weights back off a freshly converted network.
+
+Everything here is read off the TensorRT objects (layer type, attributes, weights, tensor
+names and shapes), never from our own side tables, so the interpreter executes exactly the
+network that TensorRT would be given.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from refitcore import _trt
+
+__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES"]
+
+# layer type -> (binding class, attributes to read, {ROLE: attribute holding weights})
+_LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
+    "CONVOLUTION": ("IConvolutionLayer", ("num_output_maps", "kernel_size_nd", "stride_nd", "padding_nd",
+                                          "pre_padding", "post_padding", "dilation_nd", "num_groups",
+                                          "padding_mode"), {"KERNEL": "kernel", "BIAS": "bias"}),
+    "DECONVOLUTION": ("IDeconvolutionLayer", ("num_output_maps", "kernel_size_nd", "stride_nd", "padding_nd",
+                                              "pre_padding", "post_padding", "dilation_nd", "num_groups",
+                                              "padding_mode"), {"KERNEL": "kernel", "BIAS": "bias"}),
+    "ACTIVATION": ("IActivationLayer", ("type", "alpha", "beta"), {}),
+    "POOLING": ("IPoolingLayer", ("type", "window_size_nd", "stride_nd", "padding_nd", "pre_padding",
+                                  "post_padding", "padding_mode", "average_count_excludes_padding",
+                                  "blend_factor"), {}),
+    "SCALE": ("IScaleLayer", ("mode", "channel_axis"), {"SCALE": "scale", "SHIFT": "shift", "POWER": "power"}),
+    "ELEMENTWISE": ("IElementWiseLayer", ("op",), {}),
+    "SHUFFLE": ("IShuffleLayer", ("first_transpose", "reshape_dims", "second_transpose", "zero_is_placeholder"), {}),
+    "MATRIX_MULTIPLY": ("IMatrixMultiplyLayer", ("op0", "op1"), {}),
+    "CONSTANT": ("IConstantLayer", ("shape",), {"CONSTANT": "weights"}),
+    "REDUCE": ("IReduceLayer", ("op", "axes", "keep_dims"), {}),
+    "NORMALIZATION": ("INormalizationLayer", ("axes", "epsilon", "num_groups"), {}),
+    "CONCATENATION": ("IConcatenationLayer", ("axis",), {}),
+    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode"), {}),
+    "SOFTMAX": ("ISoftMaxLayer", ("axes",), {}),
+    "UNARY": ("IUnaryLayer", ("op",), {}),
+    "IDENTITY": ("IIdentityLayer", (), {}),
+    "CUMULATIVE": ("ICumulativeLayer", ("op", "exclusive", "reverse"), {}),
+    "TOPK": ("ITopKLayer", ("op", "k", "axes"), {}),
+    "CAST": ("ICastLayer", ("to_type",), {}),
+    "GATHER": ("IGatherLayer", ("axis", "mode", "num_elementwise_dims"), {}),
+    "SELECT": ("ISelectLayer", (), {}),
+    "EINSUM": ("IEinsumLayer", ("equation",), {}),
+    "PADDING": ("IPaddingLayer", ("pre_padding_nd", "post_padding_nd"), {}),
+    "SHAPE": ("IShapeLayer", (), {}),
+    "FILL": ("IFillLayer", ("operation", "alpha", "beta", "to_type"), {}),
+    "RESIZE": ("IResizeLayer", ("shape", "scales", "resize_mode", "coordinate_transformation",
+                                "nearest_rounding", "cubic_coeff", "exclude_outside",
+                                "selector_for_single_pixel"), {}),
+}
+
+# attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a
+# fill's alpha and beta by its inputs 1 and 2
+_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2}
+WEIGHT_ROLES = {t: tuple(roles) for t, (_, _, roles) in _LAYERS.items() if roles}
+SHAPE_DTYPES = ("INT64", "INT32")
+
+
+def _plain(value: Any, rank: int | None = None):
+    """TensorRT attribute values -> JSON-able values."""
+    t = _trt.trt()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, t.Permutation):
+        n = rank if rank is not None else 8
+        return [int(value[i]) for i in range(n)]
+    if isinstance(value, t.Dims) or type(value).__name__.startswith("Dims"):
+        return [int(v) for v in value]
+    if hasattr(value, "name") and hasattr(value, "value") and type(value).__module__.startswith("tensorrt"):
+        return value.name  # an enum
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _tensor_info(tensor) -> dict:
+    return {"name": tensor.name, "shape": [int(s) for s in tensor.shape], "dtype": tensor.dtype.name}
+
+
+def read_network(network) -> dict:
+    """Plan = {"inputs", "outputs", "layers"}; each layer {name, type, inputs, outputs, attrs,
+    weights: {ROLE: ndarray}} with empty weights left out."""
+    t = _trt.trt()
+    layers = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        ltype = layer.type.name
+        if ltype not in _LAYERS:
+            raise NotImplementedError(
+                f"the reference backend cannot interpret layer {layer.name!r} of type {ltype}; "
+                f"add it to refitcore/network_reader.py and backends/reference_ops.py")
+        cls_name, attr_names, roles = _LAYERS[ltype]
+        layer.__class__ = getattr(t, cls_name)
+        inputs = []
+        for k in range(layer.num_inputs):
+            tensor = layer.get_input(k)
+            inputs.append(None if tensor is None else tensor.name)
+        outputs = [_tensor_info(layer.get_output(k)) for k in range(layer.num_outputs)]
+        in_rank = len(layer.get_input(0).shape) if layer.num_inputs and layer.get_input(0) is not None else None
+        attrs = {}
+        for a in attr_names:
+            if a in _FROM_INPUT and _FROM_INPUT[a] < len(inputs) and inputs[_FROM_INPUT[a]] is not None:
+                continue   # given by a shape tensor (dynamic shapes): the attribute is meaningless
+            if not hasattr(layer, a):
+                continue
+            try:
+                raw = getattr(layer, a)
+            except Exception:  # an attribute this TensorRT version does not expose for this layer
+                continue
+            rank = in_rank if a == "first_transpose" else len(outputs[0]["shape"]) if a == "second_transpose" else None
+            attrs[a] = _plain(raw, rank)
+        weights = {}
+        for role, attr in roles.items():
+            arr = getattr(layer, attr)
+            arr = np.asarray(arr)
+            if arr.size:
+                weights[role] = np.array(arr, dtype=arr.dtype, copy=True)
+        if ltype == "CONSTANT" and outputs[0]["dtype"] in SHAPE_DTYPES:
+            # Integer constants are shape arithmetic (dynamic shapes): structure, not refittable weights.
+            attrs["values"] = [int(v) for v in np.asarray(weights.pop("CONSTANT", np.zeros(0))).reshape(-1)]
+        layers.append({"name": layer.name, "type": ltype, "inputs": inputs, "outputs": outputs,
+                       "attrs": attrs, "weights": weights})
+    inputs = [_tensor_info(network.get_input(i)) for i in range(network.num_inputs)]
+    outputs = [_tensor_info(network.get_output(i)) for i in range(network.num_outputs)]
+    return {"inputs": inputs, "outputs": outputs, "layers": layers}
+
+
+def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, np.ndarray]:
+    """Every refittable weight read off a converted network's layers (the fallback mapping), named
+    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says."""
+    out: dict[str, np.ndarray] = {}
+    for layer in read_network(network)["layers"]:
+        for role in WEIGHT_ROLES.get(layer["type"], ()):
+            arr = layer["weights"].get(role)
+            if arr is None:
+                continue
+            name = f"{prefix}{layer['name']} {role}"
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            shape = shapes.get(name)
+            if shape is not None and math.prod(shape) == arr.size:
+                arr = arr.reshape(shape)  # TensorRT hands kernels back flat
+            out[name] = arr
+    return out

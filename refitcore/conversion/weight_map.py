@@ -1,0 +1,293 @@
+"""The weight map: data that says where every engine weight comes from.
+
+``WeightMap.sources`` is ``{engine weight name: WeightSource}``. A WeightSource names a
+recipe from the closed set in :mod:`refitcore.conversion.recipes`, the operands it reads and its
+parameters (BatchNorm eps included), and the engine shape and dtype. An operand is a
+small JSON tree:
+
+- ``{"key": "layer1.0.conv1.weight"}``: a state_dict entry;
+- ``{"const": "c0"}``: a literal recorded in ``WeightMap.constants`` (scalars of the
+  graph, non-persistent buffers, lifted tensor constants: anything a state_dict lacks).
+  ``WeightMap.constant_origins`` names, per constant, the model tensor it was read from (a
+  plain tensor attribute or non-persistent buffer, e.g. ``"head.scale"``): the cached path
+  reads those afresh from a new model (:meth:`WeightMap.constants_for`);
+- ``{"op": "aten.permute.default", "args": [...], "kwargs": {...}}``: an ATen op that the
+  graph applies to weights before they reach a layer (transpose, slice, reshape, ...),
+  replayed exactly on the new weights;
+- ``null``: an optional operand that is absent (a conv without bias, BatchNorm without affine).
+
+The map round-trips through JSON and carries a format version.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+
+__all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "operand_constants", "has_key", "rename_keys",
+           "map_operand", "prefix_consts", "encode_array", "decode_array"]
+
+FORMAT_VERSION = 1
+
+
+def encode_array(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a)
+    return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
+
+
+def decode_array(d: Mapping[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(d["data"])
+    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+
+def operand_keys(operand: Any) -> Iterator[str]:
+    """Every state_dict key an operand tree reads, in order (may repeat)."""
+    if isinstance(operand, dict):
+        if "key" in operand:
+            yield operand["key"]
+        elif "op" in operand:
+            for arg in operand.get("args", []):
+                yield from operand_keys(arg)
+            for arg in operand.get("kwargs", {}).values():
+                yield from operand_keys(arg)
+    elif isinstance(operand, (list, tuple)):
+        for item in operand:
+            yield from operand_keys(item)
+
+
+def operand_constants(operand: Any) -> Iterator[str]:
+    """Every constant id (``{"const": id}``) an operand tree reads, in order (may repeat)."""
+    if isinstance(operand, dict):
+        if "const" in operand:
+            yield operand["const"]
+        elif "op" in operand:
+            for arg in list(operand.get("args", [])) + list(operand.get("kwargs", {}).values()):
+                yield from operand_constants(arg)
+    elif isinstance(operand, (list, tuple)):
+        for item in operand:
+            yield from operand_constants(item)
+
+
+def has_key(operand: Any) -> bool:
+    """Whether an operand tree reads the state_dict at all (else it is a literal)."""
+    return next(iter(operand_keys(operand)), None) is not None
+
+
+def map_operand(operand: Any, fn) -> Any:
+    """A copy of an operand tree with every leaf operand (``{"key"}``, ``{"const"}``...) replaced by
+    ``fn(leaf)``; ``{"op"}`` nodes and lists are walked."""
+    if isinstance(operand, dict):
+        if "op" in operand:
+            return dict(operand, args=map_operand(operand.get("args", []), fn),
+                        kwargs={k: map_operand(v, fn) for k, v in operand.get("kwargs", {}).items()})
+        return fn(operand)
+    if isinstance(operand, (list, tuple)):
+        return [map_operand(item, fn) for item in operand]
+    return operand
+
+
+def rename_keys(operand: Any, rename: Mapping[str, str]) -> Any:
+    """A copy of an operand tree with its state_dict keys renamed."""
+    return map_operand(operand, lambda o: dict(o, key=rename.get(o["key"], o["key"])) if "key" in o else o)
+
+
+def prefix_consts(operand: Any, prefix: str) -> Any:
+    """A copy of an operand tree whose literals (``{"const": id}``) read ``prefix + id``."""
+    return map_operand(operand, lambda o: {"const": prefix + o["const"]} if "const" in o else o)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightSource:
+    """Why one engine weight has its value: ``recipe(inputs, **params)`` cast to ``dtype`` and
+    reshaped to ``shape``."""
+
+    recipe: str
+    inputs: dict[str, Any]
+    params: dict[str, Any]
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The state_dict keys this weight depends on (deduplicated, in order)."""
+        return tuple(dict.fromkeys(k for v in self.inputs.values() for k in operand_keys(v)))
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "inputs": self.inputs, "params": self.params,
+                "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "WeightSource":
+        return cls(recipe=d["recipe"], inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
+                   shape=tuple(int(s) for s in d["shape"]), dtype=d.get("dtype", "float32"))
+
+    def with_keys_renamed(self, rename: Mapping[str, str]) -> "WeightSource":
+        """The same source reading ``rename[key]`` wherever it read ``key``."""
+        return dataclasses.replace(self, inputs={k: rename_keys(v, rename) for k, v in self.inputs.items()})
+
+    def describe(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        keys = ", ".join(self.keys) or "literal"
+        return f"{self.recipe}({keys}{'; ' + params if params else ''}) -> {self.dtype}{list(self.shape)}"
+
+
+@dataclasses.dataclass
+class WeightMap:
+    """``{engine weight name: WeightSource}`` plus the literals they use and the tied-parameter groups."""
+
+    sources: dict[str, WeightSource] = dataclasses.field(default_factory=dict)
+    constants: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Groups of state_dict keys that are one tensor in the model (tied parameters). The map
+    # reads the first key of each group; a state_dict giving them different values is an error.
+    tied: list[list[str]] = dataclasses.field(default_factory=list)
+    # state_dict keys of the model that no engine weight reads (e.g. num_batches_tracked).
+    unused_keys: list[str] = dataclasses.field(default_factory=list)
+    # shape and dtype of every state_dict key the model had at compile time: {key: [shape, dtype]}
+    key_specs: dict[str, list] = dataclasses.field(default_factory=dict)
+    # constant id -> the model tensor it holds, by attribute path (tensor attributes and
+    # non-persistent buffers: not in a state_dict, yet a new model may hold other values).
+    # None: a map written before origins were recorded, which cannot tell them from code constants.
+    constant_origins: dict[str, str] | None = dataclasses.field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __iter__(self):
+        return iter(self.sources)
+
+    def __getitem__(self, name: str) -> WeightSource:
+        return self.sources[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.sources
+
+    @property
+    def keys_used(self) -> list[str]:
+        return list(dict.fromkeys(k for s in self.sources.values() for k in s.keys))
+
+    def consumers(self, key: str) -> list[str]:
+        """Engine weights that read a state_dict key."""
+        return [name for name, s in self.sources.items() if key in s.keys]
+
+    def to_json(self) -> dict:
+        return {
+            "format": "refitcore.weight_map",
+            "version": self.version,
+            "sources": {name: s.to_json() for name, s in self.sources.items()},
+            "constants": {cid: encode_array(a) for cid, a in self.constants.items()},
+            "tied": [list(g) for g in self.tied],
+            "unused_keys": list(self.unused_keys),
+            "key_specs": {k: [list(v[0]), v[1]] for k, v in self.key_specs.items()},
+            "constant_origins": None if self.constant_origins is None else dict(self.constant_origins),
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "WeightMap":
+        if d.get("format") != "refitcore.weight_map":
+            raise ValueError(f"not a refitcore weight map (format={d.get('format')!r})")
+        version = d.get("version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"weight map format version {version!r} is not supported (this refitcore reads "
+                f"version {FORMAT_VERSION}); recompile the engine with this version")
+        return cls(
+            sources={name: WeightSource.from_json(s) for name, s in d["sources"].items()},
+            constants={cid: decode_array(a) for cid, a in d.get("constants", {}).items()},
+            tied=[list(g) for g in d.get("tied", [])],
+            unused_keys=list(d.get("unused_keys", [])),
+            key_specs={k: [list(v[0]), v[1]] for k, v in d.get("key_specs", {}).items()},
+            constant_origins=(dict(d["constant_origins"]) if d.get("constant_origins") is not None
+                              else None),   # absent in maps written before origins were recorded
+            version=version,
+        )
+
+    @classmethod
+    def loads(cls, text: str) -> "WeightMap":
+        return cls.from_json(json.loads(text))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, WeightMap):
+            return NotImplemented
+        return (self.sources == other.sources and self.tied == other.tied
+                and self.unused_keys == other.unused_keys and self.version == other.version
+                and self.key_specs == other.key_specs and self.constant_origins == other.constant_origins
+                and self.constants.keys() == other.constants.keys()
+                and all(self.constants[k].dtype == other.constants[k].dtype
+                        and np.array_equal(self.constants[k], other.constants[k], equal_nan=True)
+                        for k in self.constants))
+
+    def constants_for(self, source: Any = None) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The constants to map new weights with, and notes for the caller.
+
+        ``source`` is what the new weights came from: an ``nn.Module`` or ``ExportedProgram``
+        supplies every constant named in :attr:`constant_origins` afresh (cast and reshaped as
+        recorded); ``None`` (a bare state_dict or checkpoint, which cannot hold them) keeps the
+        compile-time values and says so in the notes. Raises :class:`~refitcore.errors.MapCannotServeError`
+        when the source lacks such a tensor or holds one of another size: the weight map cannot
+        express that model; convert it again (the fallback path)."""
+        if self.constant_origins is None and self.constants:
+            what = (f"this weight map predates recorded constant origins: its {len(self.constants)} "
+                    f"constant(s) may hold model tensors that a state_dict lacks")
+            if source is None:
+                return self.constants, [f"{what}; they keep their compile-time values (recompile to record them)"]
+            from refitcore.errors import MapCannotServeError
+
+            raise MapCannotServeError([f"{what}, so the map cannot read them from the new model "
+                                       f"(recompile to record them)"])
+        if not self.constant_origins:
+            return self.constants, []
+        if source is None:
+            names = sorted(set(self.constant_origins.values()))
+            shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            return self.constants, [
+                f"{len(names)} tensor constant(s) that a state_dict does not hold ({shown}) keep their "
+                f"compile-time values; pass the model (nn.Module) to refit them from it"]
+        from refitcore.errors import MapCannotServeError
+
+        lookup = _tensor_lookup(source)
+        out = dict(self.constants)
+        problems = []
+        for cid, name in self.constant_origins.items():
+            recorded = self.constants[cid]
+            value = lookup(name)
+            if value is None:
+                problems.append(f"the new model has no tensor {name!r} (a constant of the compiled graph)")
+                continue
+            arr = np.asarray(value.detach().cpu().numpy(), dtype=recorded.dtype)
+            if arr.size != recorded.size:
+                problems.append(f"tensor constant {name!r}: {list(arr.shape)} where the compiled model had "
+                                f"{list(recorded.shape)}")
+                continue
+            out[cid] = np.ascontiguousarray(arr.reshape(recorded.shape))
+        if problems:
+            raise MapCannotServeError(problems)
+        return out, []
+
+
+def _tensor_lookup(source: Any):
+    """name -> tensor (or None) for an nn.Module (attribute path) or an ExportedProgram (its constants)."""
+    constants = getattr(source, "constants", None)
+    if isinstance(constants, Mapping) and hasattr(source, "graph_signature"):
+        return lambda name: constants.get(name)
+
+    def get(name: str):
+        obj = source
+        for part in name.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                return None
+        return obj if hasattr(obj, "detach") and hasattr(obj, "numel") else None
+
+    return get

@@ -1,0 +1,1 @@
+"""Engines: RefittableEngine, its kinds (whole, segmented, hybrid), the bundle format and file I/O."""

@@ -1,0 +1,421 @@
+"""RefittableEngine: an engine plus everything needed to refit and check it; saving and loading it.
+
+An engine is saved as a :mod:`refitcore.engine.bundle` file: :meth:`RefittableEngine.to_parts` gives the
+header and arrays, :meth:`RefittableEngine.from_parts` validates them and builds the engine back
+through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`load` is
+``refitcore.load``.
+
+A *weightless* engine (``to_parts(weights=False)``, what the engine cache stores) keeps no
+refittable weight's value: every weight is derived from the model through the weight map anyway,
+so a cache hit reads a few hundred kB instead of the model's size. Loaded back it holds
+placeholders and refuses to run (:class:`refitcore.errors.WeightlessEngineError`) until a refit
+has set every weight (:func:`refitcore.refitting.driver.apply_mapping` always sets all of them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import logging
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from refitcore.engine import bundle
+from refitcore.backends import get_backend
+from refitcore.backends.base import EngineImpl
+from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
+from refitcore.errors import BundleError, ShapeRangeError, WeightlessEngineError
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.conversion.weight_map import WeightMap
+
+__all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
+
+FORMAT = "refitcore.engine"
+MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor of a loaded engine
+
+
+@dataclasses.dataclass(frozen=True)
+class IOSpec:
+    """Inputs and outputs of a compiled model. ``input_shapes`` are the example's shapes (``opt`` of a
+    dynamic dimension); ``output_shapes`` have -1 where a size varies; ``profiles`` (a
+    :class:`refitcore.capture.shapes.ShapeProfiles`, None for static shapes) holds each input's
+    (min, opt, max) ranges and the optimization profiles. A file without ``profiles`` reads as static."""
+
+    input_names: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    input_dtypes: tuple[str, ...]
+    output_names: tuple[str, ...]
+    output_shapes: tuple[tuple[int, ...], ...]
+    profiles: ShapeProfiles | None = None
+
+    def to_json(self) -> dict:
+        out = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
+               for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
+        if self.profiles is not None:
+            out["profiles"] = self.profiles.to_json()
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "IOSpec":
+        profiles = ShapeProfiles.from_json(d["profiles"]) if d.get("profiles") else None
+        return cls(tuple(d["input_names"]), tuple(tuple(s) for s in d["input_shapes"]), tuple(d["input_dtypes"]),
+                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]), profiles)
+
+
+class RefittableEngine:
+    """A compiled model that can be refitted: callable like the model.
+
+    Attributes: ``backend`` ('reference' or 'tensorrt'), ``weight_map``, ``weight_names`` (the
+    engine's refittable weights), ``io``, ``fingerprint`` (of the exported graph),
+    ``exported_program`` (None after :func:`refitcore.load`), ``backend_reason``, ``impl`` (the
+    backend's engine, a :class:`refitcore.backends.base.EngineImpl`), ``weightless`` (True while a
+    weightless engine has not been refitted yet: it refuses to run).
+    """
+
+    def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
+                 exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
+                 model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
+                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None,
+                 eager_modules: Sequence[tuple[str, str]] = (), weightless: bool = False):
+        self._impl = impl
+        self.weightless = weightless
+        self.weight_map = weight_map
+        self.io = io
+        self.fingerprint = fingerprint
+        self.exported_program = exported_program
+        self.fusion = fusion
+        self.backend_reason = backend_reason
+        self.graph_entries = graph_entries
+        self.model_factory = model_factory
+        self.state_keys = list(state_keys)   # the model's full state_dict key list at compile time
+        # Structured I/O (refitcore.capture.structured): {"in": spec, "in_leaves": [leaf], "out": spec} as JSON
+        # data; None for an engine of flat tensors (saved before structured I/O existed).
+        self.structure = structure
+        self._output_treespec = output_treespec   # the live TreeSpec: eager's own output types
+        self.output_types = output_types
+        self.trust_output_types = trust_output_types
+        self.partition = partition   # refitcore.partition.partitioner.PartitionPlan of a partitioned engine, else None
+        self.eager_modules = list(eager_modules)   # [(module path, why it runs eagerly)] (refitcore.engine.hybrid)
+
+    @property
+    def impl(self) -> EngineImpl:
+        """The backend's engine (what the refit driver and the backend tests talk to)."""
+        return self._impl
+
+    @property
+    def backend(self) -> str:
+        return self._impl.backend_name
+
+    @property
+    def note(self) -> str:
+        return self._impl.note
+
+    @property
+    def weight_names(self) -> list[str]:
+        return self._impl.weight_names()
+
+    def current_weights(self) -> dict[str, np.ndarray]:
+        """The weights the engine answers with (read-only views); a weightless engine has none."""
+        self._check_weights_present()
+        return self._impl.current_weights()
+
+    @property
+    def segments(self):
+        """The engine's segments (:mod:`refitcore.engine.segmented`), or None for one whole TensorRT network."""
+        return getattr(self._impl, "segments", None)
+
+    @property
+    def submodule_impl(self):
+        """The hybrid engine (:mod:`refitcore.engine.hybrid`) when only submodules compiled, else None."""
+        return self._impl if getattr(self._impl, "compiled", None) is not None else None
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        """Run like the eager model: same positional/keyword structure in, same structure out."""
+        self._check_weights_present()
+        if self.structure is None:
+            outs = self._impl.run(list(args))
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        return self.unflatten_outputs(self._impl.run(self.flatten_inputs(args, kwargs)))
+
+    def flatten_inputs(self, args: Sequence[Any], kwargs: dict | None = None) -> list[torch.Tensor]:
+        """The engine's flat tensor inputs for one call; checks the call's structure and its
+        non-tensor leaves (which the compiled graph specialised on) against compile time."""
+        from refitcore.capture.structured import leaf_names, spec_of
+
+        if self.structure is None:
+            return list(args)
+        leaves, spec = spec_of((tuple(args), dict(kwargs or {})))
+        if spec != self.structure["in"]:
+            raise ValueError(f"the inputs' structure differs from the compiled one: got {spec}, compiled "
+                             f"{self.structure['in']}")
+        tensors = []
+        for name, leaf, want in zip(leaf_names(spec), leaves, self.structure["in_leaves"]):
+            if "tensor" in want:
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"input {name}: expected a tensor, got {type(leaf).__name__}")
+                tensors.append(leaf)
+            elif isinstance(leaf, torch.Tensor) or leaf != want["value"]:
+                raise ValueError(f"input {name}: the engine was compiled for the value {want['value']!r} "
+                                 f"(non-tensor inputs are constants of the graph), got {leaf!r}; recompile")
+        return tensors
+
+    def example_call(self) -> tuple[tuple, dict]:
+        """(args, kwargs) shaped like the compile-time example: zero tensors, the same constants."""
+        from refitcore.capture.structured import unflatten
+
+        leaves = [torch.zeros(d["tensor"][0], dtype=getattr(torch, d["tensor"][1])) if "tensor" in d else d["value"]
+                  for d in self.structure["in_leaves"]]
+        args, kwargs = unflatten(leaves, self.structure["in"])
+        return tuple(args), dict(kwargs)
+
+    def unflatten_outputs(self, outs: Sequence[Any]):
+        from refitcore.capture.structured import unflatten
+
+        if self.structure is None:
+            return outs[0] if len(outs) == 1 else tuple(outs)
+        if self._output_treespec is not None:
+            import torch.utils._pytree as pytree
+
+            return pytree.tree_unflatten(list(outs), self._output_treespec)
+        if not self.trust_output_types and not getattr(self, "_said_plain", False):
+            from refitcore.capture.structured import unresolved_types
+
+            missing = unresolved_types(self.structure["out"], output_types=self.output_types)
+            if missing:
+                logging.getLogger("refitcore").warning(
+                    "refitcore: outputs of type %s come back as plain dicts (a loaded file's types are never "
+                    "imported); pass output_types=[cls] or trust_output_types=True to refitcore.load", missing)
+            self._said_plain = True
+        return unflatten(outs, self.structure["out"], output_types=self.output_types,
+                         trust_output_types=self.trust_output_types)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        self._check_weights_present()
+        return self._impl.run(list(inputs))
+
+    def _check_weights_present(self) -> None:
+        if self.weightless:
+            raise WeightlessEngineError(
+                f"this engine was loaded without its weights ({len(self.weight_names)} placeholders): refit it "
+                f"with the model's weights first: refitcore.refit(engine, model, path='cached', in_place=True)")
+
+    def clone(self) -> "RefittableEngine":
+        """An independent copy (same plan, its own weight store)."""
+        if self.weightless:    # nothing to copy: the clone gets placeholders of its own
+            header, arrays = self._impl.serialize(weights=False)
+            arrays = {**{k: np.array(v, copy=True) for k, v in arrays.items()},
+                      **_placeholders(self.weight_map, "<clone>")}
+        else:
+            header, arrays = self._impl.serialize()
+            arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        impl = type(self._impl).deserialize(header, arrays)
+        return RefittableEngine(impl, self.weight_map, self.io, self.fingerprint,
+                                exported_program=self.exported_program, fusion=self.fusion,
+                                backend_reason=self.backend_reason, graph_entries=self.graph_entries,
+                                model_factory=self.model_factory, state_keys=self.state_keys,
+                                structure=self.structure, output_treespec=self._output_treespec,
+                                output_types=self.output_types, trust_output_types=self.trust_output_types,
+                                partition=self.partition, eager_modules=self.eager_modules,
+                                weightless=self.weightless)
+
+    # ---- saving and loading ---------------------------------------------------------------
+    def to_parts(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        """(header, arrays) of a saved engine: plan, weight map, current weights, IO spec, fingerprint.
+        ``weights=False``: a weightless engine (no refittable weight's value; see the module doc)."""
+        if weights and self.weightless:
+            raise BundleError("this engine is weightless (loaded without its weights and not refitted since): "
+                              "refit it before saving it with its weights")
+        if self.submodule_impl is not None:
+            raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
+                              "data: its eager part is code; save each compiled submodule's engine "
+                              "(engine.submodule_impl.engines[path].save(...)) and rebuild the model around them")
+        impl_header, impl_arrays = self._impl.serialize(weights=weights)
+        impl_header = dict(impl_header)
+        arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
+        for k, v in (impl_header.pop("blobs", None) or {}).items():
+            arrays[f"b/{k}"] = np.frombuffer(v, dtype=np.uint8)
+        header = {
+            "format": FORMAT,
+            "backend": self.backend,
+            "impl": impl_header,
+            "weight_map": self.weight_map.to_json(),
+            "io": self.io.to_json(),
+            "fingerprint": self.fingerprint,
+            "graph_entries": self.graph_entries,
+            "model_factory": self.model_factory,
+            "state_keys": self.state_keys,
+            "backend_reason": self.backend_reason,
+            # Structured I/O specs and the partition plan: JSON data (refitcore.capture.structured, refitcore.partition).
+            "structure": self.structure,
+            "partition": self.partition.to_json() if self.partition is not None else None,
+            "weights": "included" if weights else "stripped",
+        }
+        return header, arrays
+
+    @classmethod
+    def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>", *,
+                   output_types=None, trust_output_types: bool = False) -> "RefittableEngine":
+        """The engine of a saved file's parts; :class:`BundleError` when they do not make one.
+
+        Outputs of a type the file only names (a transformers ``ModelOutput``...) come back as plain
+        dicts unless the caller passes the class (``output_types=[cls]`` or ``{qualified name: cls}``)
+        or sets ``trust_output_types=True`` (which imports the module the file names)."""
+        if header.get("format") != FORMAT:
+            raise BundleError(f"{where}: not a refitcore engine (format={str(header.get('format'))[:60]!r})")
+        _check_header(header, where)
+        try:
+            weight_map = WeightMap.from_json(header["weight_map"])
+            io = IOSpec.from_json(header["io"])
+            impl_header = dict(header["impl"])
+            blobs = {k[2:]: bytes(v) for k, v in arrays.items() if k.startswith("b/")}
+            if blobs:
+                impl_header["blobs"] = blobs
+            weights = {k[2:]: v for k, v in arrays.items() if k.startswith("w/")}
+            weightless = header.get("weights", "included") == "stripped"
+            if weightless:
+                weights.update(_placeholders(weight_map, where))
+            if impl_header.get("kind") == "segments":   # a partitioned engine (refitcore.engine.segmented)
+                from refitcore.engine.segmented import load_engine
+            else:
+                load_engine = get_backend(header["backend"]).load_engine
+            impl = load_engine(impl_header, weights)
+            plan = None
+            if header.get("partition"):
+                from refitcore.partition.partitioner import PartitionPlan
+
+                plan = PartitionPlan.from_json(header["partition"])
+            _check_weights(weight_map, impl, where)
+        except BundleError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as err:
+            # What the explicit checks above do not cover (the weight map's and the backend plan's
+            # inner structure) still becomes a BundleError, never a crash with another exception.
+            raise BundleError(f"{where}: engine file content is invalid: {type(err).__name__}: "
+                              f"{str(err)[:300]}") from err
+        return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
+                   backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
+                   state_keys=header.get("state_keys", []), structure=header.get("structure"),
+                   output_types=output_types, trust_output_types=trust_output_types, partition=plan,
+                   weightless=weightless)
+
+    def save(self, path: str | os.PathLike, *, weights: bool = True) -> None:
+        """Write the engine to one file, atomically (see :mod:`refitcore.engine.bundle`). ``weights=False``
+        writes a weightless engine (structure and weight map only): loaded back, it runs once
+        ``refitcore.refit(engine, model, path="cached", in_place=True)`` has set its weights."""
+        header, arrays = self.to_parts(weights=weights)
+        bundle.write(path, header, arrays)
+
+    def summary(self):
+        """A :class:`refitcore.engine.coverage.Coverage`: ops and weights in TensorRT, ops that run in PyTorch."""
+        from refitcore.engine.coverage import coverage
+
+        return coverage(self)
+
+    def __str__(self) -> str:
+        return f"{self!r}\n{self.summary()}"
+
+    def __repr__(self) -> str:
+        return (f"RefittableEngine(backend={self.backend!r}, weights={len(self.weight_names)}, "
+                f"inputs={[list(s) for s in self.io.input_shapes]})")
+
+
+def load(path: str | os.PathLike, *, output_types=None, trust_output_types: bool = False) -> RefittableEngine:
+    """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file.
+
+    Custom output types (a transformers ``ModelOutput``) come back as plain dicts unless the caller
+    passes their classes (``output_types``) or sets ``trust_output_types=True``: nothing a file
+    names is imported otherwise."""
+    header, arrays = bundle.read(path)
+    return RefittableEngine.from_parts(header, arrays, os.fspath(path), output_types=output_types,
+                                       trust_output_types=trust_output_types)
+
+
+def _check_header(header: Mapping[str, Any], where: str) -> None:
+    expect = bundle.expect
+    expect(header.get("backend"), str, "backend", where)
+    expect(header.get("impl"), dict, "impl", where)
+    expect(header.get("weight_map"), dict, "weight_map", where)
+    expect(header.get("fingerprint"), str, "fingerprint", where)
+    expect(header.get("backend_reason", ""), str, "backend_reason", where)
+    expect(header.get("model_factory"), (str, type(None)), "model_factory", where)
+    expect(header.get("graph_entries"), (list, type(None)), "graph_entries", where)
+    if header.get("weights", "included") not in ("included", "stripped"):
+        raise BundleError(f"{where}: engine file content is invalid: weights should be 'included' or 'stripped', "
+                          f"got {str(header.get('weights'))[:40]!r}")
+    keys = expect(header.get("state_keys", []), list, "state_keys", where)
+    for k in keys:
+        expect(k, str, "a state_keys entry", where)
+    io = expect(header.get("io"), dict, "io", where)
+    lists = {}
+    for field in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes"):
+        lists[field] = expect(io.get(field), list, f"io.{field}", where)
+    if not (len(lists["input_names"]) == len(lists["input_shapes"]) == len(lists["input_dtypes"])) \
+            or len(lists["output_names"]) != len(lists["output_shapes"]):
+        raise BundleError(f"{where}: engine file content is invalid: the IO spec's names, shapes and dtypes "
+                          f"differ in length")
+    dynamic = io.get("profiles") is not None
+    for side in ("input", "output"):
+        for i, name in enumerate(lists[f"{side}_names"]):
+            expect(name, str, f"io.{side}_names[{i}]", where)
+            shape = lists[f"{side}_shapes"][i]
+            if dynamic and side == "output" and isinstance(shape, list):   # -1: a size that varies
+                shape = [1 if d == -1 else d for d in shape]
+            bundle.expect_shape(shape, f"the shape of {side} {name!r}", where, max_elements=MAX_INPUT_ELEMENTS)
+    if dynamic:
+        _check_profiles(io["profiles"], lists["input_names"], lists["input_shapes"], where)
+    for i, d in enumerate(lists["input_dtypes"]):
+        if d not in TORCH_NAMES:
+            raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
+                              f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:
+    """Read-only zero arrays of every mapped weight's shape and dtype for a weightless engine: one
+    zero broadcast to the shape, so a placeholder costs no time and no memory (a refit replaces it)."""
+    out = {}
+    for name, src in weight_map.sources.items():
+        shape = bundle.expect_shape(list(src.shape), f"the shape of weight {name!r}", where,
+                                    max_elements=bundle.MAX_TENSOR_ELEMENTS)
+        if src.dtype not in NUMPY_NAMES:
+            raise BundleError(f"{where}: engine file content is invalid: weight {name!r} has dtype "
+                              f"{str(src.dtype)[:40]!r}, not one of {list(NUMPY_NAMES)}")
+        out[name] = np.broadcast_to(np.zeros((), dtype=np.dtype(src.dtype)), shape)
+    return out
+
+
+def _check_profiles(profiles: Any, names: list, shapes: list, where: str) -> None:
+    """The recorded shape ranges: well formed, one per input, each range bounded and containing the
+    example's size (see :meth:`refitcore.capture.shapes.ShapeProfiles.from_json`)."""
+    try:
+        sp = ShapeProfiles.from_json(bundle.expect(profiles, dict, "io.profiles", where))
+    except ShapeRangeError as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles: {err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles is malformed "
+                          f"({type(err).__name__}: {str(err)[:200]})") from None
+    if list(sp.input_names) != list(names):
+        raise BundleError(f"{where}: engine file content is invalid: io.profiles names inputs {list(sp.input_names)}, "
+                          f"the IO spec {list(names)}")
+    for name, ranges, shape in zip(names, sp.ranges, shapes):
+        if len(ranges) != len(shape) or any(hi > MAX_INPUT_ELEMENTS for _, _, hi in ranges):
+            raise BundleError(f"{where}: engine file content is invalid: io.profiles ranges of input {name!r} do not "
+                              f"fit its shape {shape}")
+        if math.prod(hi for _, _, hi in ranges) > MAX_INPUT_ELEMENTS:
+            raise BundleError(f"{where}: engine file content is invalid: input {name!r} may have more than "
+                              f"{MAX_INPUT_ELEMENTS} elements at its largest shape")
+
+
+def _check_weights(weight_map: WeightMap, impl: EngineImpl, where: str) -> None:
+    """The weight map and the engine must name the same weights, of the same sizes."""
+    names = impl.weight_names()
+    if set(names) != set(weight_map.sources):
+        raise BundleError(f"{where}: engine file content is invalid: the weight map and the engine name different "
+                          f"weights (only in the map: {sorted(set(weight_map.sources) - set(names))[:5]}, only in "
+                          f"the engine: {sorted(set(names) - set(weight_map.sources))[:5]})")
+    for name in names:
+        count = impl.prototype(name).count
+        if count != weight_map[name].count:
+            raise BundleError(f"{where}: engine file content is invalid: weight {name!r} holds {count} values where "
+                              f"the weight map says {weight_map[name].count}")

@@ -1,0 +1,355 @@
+"""The pre-deploy gate: does refitting this checkpoint reproduce eager PyTorch?
+
+:func:`gate` loads an engine bundle and a checkpoint, checks the checkpoint fits the compiled
+architecture and holds no NaN/Inf, refits a copy of the engine through each chosen path, compares
+it with the eager model on sample inputs, audits cached vs fallback, and on a mismatch names the
+culprit weight (:func:`refitcore.refitting.culprit.find_culprit`). It returns a :class:`GateReport`: truthy
+when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused weights) or 2
+(unusable input: missing or damaged file, other architecture, no trusted model).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Sequence
+
+from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
+from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, TOOL, InputError, Silent, open_bundle, open_checkpoint
+
+__all__ = ["gate", "GateReport", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.3g}" if math.isfinite(x) else str(x)
+
+
+class GateReport:
+    """What the gate found. Truthy when every check passed; ``exit_code`` 0, 1 or 2; ``error`` the
+    message that stopped it early (None when every check ran). ``to_json()`` is the JSON report,
+    ``to_markdown()`` a summary for CI job logs, ``str()`` the terminal report."""
+
+    def __init__(self, data: dict[str, Any], error: str | None = None):
+        self.data = data
+        self.error = error
+
+    @property
+    def ok(self) -> bool:
+        return self.data["status"] == "pass"
+
+    @property
+    def exit_code(self) -> int:
+        return self.data["exit_code"]
+
+    @property
+    def verdict(self) -> str:
+        return self.data["status"]
+
+    @property
+    def culprits(self) -> dict[str, str]:
+        """``{path: culprit engine weight}`` for each failing path that named one."""
+        return {p: e["culprit"] for p, e in self.data["paths"].items() if e.get("culprit")}
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+    def __str__(self) -> str:
+        r = self.data
+        head = {"pass": "PASS", "fail": "FAIL", "error": "ERROR"}[r["status"]]
+        lines = [f"{TOOL} gate: {head}: {r['checkpoint']} on {r['bundle']}"
+                 + (f" (backend {r['backend']})" if r.get("backend") else "")]
+        for name, p in r["paths"].items():
+            culprit = f", culprit weight {p['culprit']!r}" if p.get("culprit") else ""
+            lines.append(f"  {name:8s} {'pass' if p['ok'] else 'FAIL'}: max abs error {_fmt(p['max_abs'])}{culprit}; "
+                         f"mapping {p['timings']['mapping_s'] * 1e3:.1f} ms, apply {p['timings']['apply_s'] * 1e3:.1f} ms")
+            if not p["ok"]:
+                lines.append("    " + p["report"].replace("\n", "\n    "))
+                if p.get("note"):
+                    lines.append(f"    {p['note']}")
+        audit = r.get("audit")
+        if audit is not None:
+            state = "agree on every weight" if audit["ok"] else f"DISAGREE on {len(audit['failures'])} weight(s)"
+            lines.append(f"  audit cached vs fallback: {state}")
+            for f in audit["failures"][:10]:
+                lines.append(f"    - {f['name']}: {f['status']} max abs diff {_fmt(f['max_abs'])} "
+                             f"{f.get('detail') or ''}")
+        lines += [f"  note: {n}" for n in r.get("notes", [])]
+        lines += [f"  problem: {p}" for p in r["problems"]]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        r = self.data
+        verdict = {"pass": "PASS ✅", "fail": "FAIL ❌", "error": "ERROR ⚠️"}[r["status"]]
+        lines = [f"### {TOOL} gate: {verdict}", "", f"- bundle: `{r['bundle']}`", f"- checkpoint: `{r['checkpoint']}`"]
+        lines += [f"- note: {n}" for n in r.get("notes", [])]
+        if r.get("backend"):
+            lines.append(f"- backend: {r['backend']}" + (f" ({r['backend_note']})" if r.get("backend_note") else ""))
+        if r.get("samples"):
+            lines.append(f"- samples: {r['samples']}; rtol={r['rtol']:g}, atol={r['atol']:g} "
+                         f"(scaled by max(1, max|eager|))")
+        lines.append("")
+        if r["problems"]:
+            lines += ["**Problems**", ""] + [f"- {p}" for p in r["problems"]] + [""]
+        if r["paths"]:
+            lines += ["| path | max abs error | verdict | culprit weight | mapping time | apply time |",
+                      "|---|---|---|---|---|---|"]
+            for name, p in r["paths"].items():
+                culprit = f"`{p['culprit']}`" if p.get("culprit") else "-"
+                t = p.get("timings", {})
+                lines.append(f"| {name} | {_fmt(p.get('max_abs'))} | {'pass' if p['ok'] else '**FAIL**'} | {culprit} | "
+                             f"{t.get('mapping_s', 0) * 1e3:.1f} ms | {t.get('apply_s', 0) * 1e3:.1f} ms |")
+            lines.append("")
+            for name, p in r["paths"].items():
+                checks = p.get("outputs") or []
+                if not checks:
+                    continue
+                lines += [f"<details><summary>{name} path: per-sample errors</summary>", "",
+                          "| sample | output | max abs error | max rel error | norm-rel error | verdict |",
+                          "|---|---|---|---|---|---|"]
+                for s, sample in enumerate(checks):
+                    for c in sample:
+                        lines.append(f"| {s} | {c['index']} | {_fmt(c['max_abs'])} | {_fmt(c['max_rel'])} | "
+                                     f"{_fmt(c['norm_rel'])} | {'pass' if c['ok'] else '**FAIL**'} |")
+                lines += ["", "</details>", ""]
+        audit = r.get("audit")
+        if audit is not None:
+            if audit["ok"]:
+                lines.append("Audit cached vs fallback: **agree** on every weight.")
+            else:
+                worst = audit.get("worst") or {}
+                lines.append(f"Audit cached vs fallback: **{len(audit['failures'])} weight(s) disagree**; worst "
+                             f"`{worst.get('name')}` ({worst.get('status')}, max abs diff "
+                             f"{_fmt(worst.get('max_abs'))}).")
+            lines.append("")
+        return "\n".join(lines) + "\n"
+
+
+def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str] = "both", rtol: float | None = None,
+         atol: float | None = None, model: Any = None, trust_factory: bool = False, progress: Any = None) -> GateReport:
+    """Gate ``checkpoint`` (a path or a state_dict) on ``bundle`` (a path or a RefittableEngine).
+
+    ``inputs``: ``'random:N[:SEED]'``, a ``.pt``/``.npy`` path, or a list of samples. ``paths``:
+    'cached', 'fallback' or 'both' (which also audits them). ``model``: the eager model (nn.Module,
+    factory callable or 'module:callable'); without it the bundle's recorded factory is used only
+    with ``trust_factory=True``. ``progress``: an object with ``info(msg)`` and a ``step(what)``
+    context manager. Never raises for a bad input or a mismatch: the report says what happened.
+
+    Example::
+
+        report = refitcore.gate("resnet18.trtrefit", "finetuned.pt", "random:4", model=torchvision.models.resnet18)
+        assert report, str(report)
+    """
+    from refitcore.options import parse_paths
+    from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL
+
+    rtol = DEFAULT_RTOL if rtol is None else rtol
+    atol = DEFAULT_ATOL if atol is None else atol
+    data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
+                            "rtol": rtol, "atol": atol, "paths": {}, "audit": None, "problems": []}
+    try:
+        code = _run(bundle, checkpoint, inputs, parse_paths(paths), rtol, atol, model, trust_factory,
+                    progress or Silent(), data)
+    except InputError as err:
+        code = err.code
+        data["status"] = "fail" if code == EXIT_MISMATCH else "error"
+        if str(err) not in data["problems"] and not (code == EXIT_MISMATCH and data["problems"]):
+            data["problems"].append(str(err))
+        data["exit_code"] = code
+        return GateReport(_as_schema(data), str(err))
+    data["exit_code"] = code
+    return GateReport(_as_schema(data))
+
+
+def _as_schema(data: dict[str, Any]) -> dict[str, Any]:
+    """The gate's findings in the shared report schema (:mod:`refitcore.refitting.report_schema`); the gate's own
+    keys (bundle, checkpoint, audit, exit_code, per-path timings/outputs/note/report) follow them."""
+    from refitcore.refitting.report_schema import check_entry, envelope
+
+    model = data.get("model_factory") or data["checkpoint"]
+    checks = [check_entry(model=model, path=name, ok=p["ok"], culprit=p.get("culprit"), **p.get("worst", {}))
+              for name, p in data["paths"].items()]
+    status = data["status"]
+    summary = {"pass": f"every refit path reproduces eager PyTorch for {data['checkpoint']}",
+               "fail": f"{len(data['problems'])} problem(s): {data['problems'][0] if data['problems'] else ''}",
+               "error": f"the gate could not run: {data['problems'][0] if data['problems'] else 'unknown error'}"}
+    rest = {k: v for k, v in data.items() if k not in ("status", "paths", "problems", "rtol", "atol", "backend",
+                                                         "backend_note")}
+    return envelope(producer=f"{TOOL} gate", status=status, summary=summary[status], checks=checks,
+                    backend=data.get("backend"), backend_note=data.get("backend_note"), rtol=data["rtol"],
+                    atol=data["atol"], problems=data["problems"], paths=data["paths"], **rest)
+
+
+def _worst_fields(verdict) -> dict[str, float]:
+    w = verdict.worst
+    if w is None:
+        return {}
+    return {k: getattr(w, k) for k in ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol")}
+
+
+def _label(obj: Any) -> str:
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    return f"<{type(obj).__name__}>"
+
+
+def _nonfinite_problems(state: dict, weight_map) -> list[str]:
+    """Every floating-point tensor with NaN/Inf, naming the engine weights it feeds."""
+    import torch
+
+    problems = []
+    for key, t in state.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        finite = torch.isfinite(t)
+        if bool(finite.all()):
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        first = [int(i) for i in torch.nonzero(~finite)[0]]
+        consumers = weight_map.consumers(key)
+        fed = (f"feeds engine weight(s) {', '.join(consumers[:3])}" + (f" (+{len(consumers) - 3} more)"
+               if len(consumers) > 3 else "")) if consumers else "not read by the engine"
+        problems.append(f"{key!r}: {nan} NaN and {inf} Inf value(s) of {t.numel()}, first at {first}; {fed}")
+    return problems
+
+
+def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
+    """The eager model's source, or a stop saying how to give one (checked before any work)."""
+    from refitcore.refitting.eager import UntrustedFactoryError
+
+    if model is not None:
+        return model
+    if not engine.model_factory:
+        raise InputError(f"{bundle!r} records no model factory; pass --model MODULE:FACTORY (the callable that "
+                    f"builds the model) so the eager model can be rebuilt")
+    if not trust_factory:
+        raise InputError(str(UntrustedFactoryError(engine.model_factory)))
+    return engine.model_factory
+
+
+def _eager(state, factory, ckpt: str, progress, engine):
+    from refitcore.refitting.eager import EagerModelError, eager_model
+    from refitcore.refitting.validate import eager_weights
+
+    name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)
+    with progress.step(f"building the eager reference model from {name}"):
+        try:
+            weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
+            return eager_model(weights, model=factory, keep_missing=keep)
+        except EagerModelError as err:
+            raise InputError(f"checkpoint {ckpt!r} does not fit {name}: {err}; another architecture: recompile needed"
+                        ) from err
+        except (ValueError, TypeError) as err:   # the factory cannot be imported or built
+            raise InputError(f"{err} (is the package importable from here? check PYTHONPATH)") from err
+
+
+def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, progress, data) -> int:
+    from refitcore.refitting.audit import audit as audit_mappings
+    from refitcore.refitting.culprit import find_culprit
+    from refitcore.refitting.driver import apply_mapping
+    from refitcore.refitting.mapping import cached_mapping, check_state_dict, fallback_mapping
+    from refitcore.gating.samples import SampleError, load_samples
+    from refitcore.refitting.verify import verify
+
+    engine = open_bundle(bundle, progress)
+    data["backend"], data["backend_note"] = engine.backend, engine.note
+    state = open_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
+    ckpt = data["checkpoint"]
+    factory = _model_or_stop(model, engine, trust_factory, data["bundle"])
+    data["model_factory"] = factory if isinstance(factory, str) else None
+    try:
+        samples = load_samples(inputs, engine.io) if isinstance(inputs, str) else [tuple(s) for s in inputs]
+    except SampleError as err:
+        raise InputError(str(err)) from err
+    data["samples"] = f"{len(samples)} ({inputs if isinstance(inputs, str) else 'given'})"
+
+    # The checkpoint must fit the compiled architecture before anything else is judged.
+    try:
+        check_state_dict(engine.weight_map, state)
+    except ArchitectureMismatchError as err:
+        raise InputError(f"checkpoint {ckpt!r} is for another architecture than {data['bundle']!r}: {err}") from err
+    except WeightMappingError:
+        pass  # dtype problems and the like are judged below, per weight, with the NaN check
+    extra = [k for k in state if engine.state_keys and k not in engine.state_keys]
+    if extra:
+        raise InputError(f"checkpoint {ckpt!r} has {len(extra)} key(s) the compiled model lacks "
+                    f"({extra[:5]}): it is for another architecture; recompile needed")
+    bad = _nonfinite_problems(state, engine.weight_map)
+    if bad:
+        data["problems"] += [f"refused: non-finite weight {p}" for p in bad]
+        raise InputError("refusing a checkpoint with NaN/Inf weights:\n" + "\n".join(f"  - {p}" for p in bad),
+                    EXIT_MISMATCH)
+    reference = _eager(state, factory, ckpt, progress, engine)
+
+    mappings: dict[str, dict] = {}
+    mapping_s: dict[str, float] = {}
+
+    def mapping_for(path: str) -> dict:
+        if path not in mappings:
+            what = ("mapping the checkpoint through the cached weight map" if path == "cached" else
+                    "fallback: re-exporting and converting with the new weights")
+            t0 = time.perf_counter()
+            with progress.step(what):
+                mappings[path] = (cached_mapping(engine.weight_map, state) if path == "cached" else
+                                  fallback_mapping(engine, state, model=reference))
+            mapping_s[path] = time.perf_counter() - t0
+        return mappings[path]
+
+    try:
+        for path in paths:
+            mapping_for(path)
+        audit = None
+        if len(paths) == 2:
+            audit = audit_mappings(mappings["cached"], mappings["fallback"], a_label="cached", b_label="fallback")
+            data["audit"] = audit.to_json()
+        for path in paths:
+            with progress.step(f"refitting a copy of the engine through the {path} path and comparing with eager "
+                               f"on {len(samples)} sample(s)"):
+                t0 = time.perf_counter()
+                refitted = apply_mapping(engine, mappings[path])
+                apply_s = time.perf_counter() - t0
+                verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol)
+            culprit, note = None, ""
+            if not verdict.ok:
+                other = "fallback" if path == "cached" else "cached"
+                if audit is None:
+                    progress.info(f"the {path} path disagrees with eager; computing the {other} mapping to find "
+                                  f"the culprit weight")
+                    mapping_for(other)
+                    audit = audit_mappings(mappings["cached"], mappings["fallback"], a_label="cached",
+                                           b_label="fallback")
+                    data["audit"] = audit.to_json()
+                found = find_culprit(engine, state, mappings=mappings, held={path: refitted.current_weights()})
+                if found is not None:
+                    culprit = found.name
+                    note = (f"first engine weight where the witnesses disagree: {found.name!r} "
+                            f"(recipe {found.recipe}); {found.why}")
+                else:
+                    note = ("cached and fallback agree on every weight (and the refitted engine holds them): the "
+                            f"difference comes from the network or the tolerance (worst: {verdict.worst})")
+            data["paths"][path] = {"ok": bool(verdict.ok), "max_abs": verdict.max_abs, "culprit": culprit,
+                                   "timings": {"mapping_s": mapping_s.get(path, 0.0), "apply_s": apply_s},
+                                   "outputs": verdict.to_json()["checks"], "note": note, "report": str(verdict),
+                                   "worst": _worst_fields(verdict)}
+            if not verdict.ok:
+                data["problems"].append(f"{path} path: refitted engine disagrees with eager "
+                                        f"(max abs error {_fmt(verdict.max_abs)})"
+                                        + (f"; culprit weight {culprit!r}" if culprit else "")
+                                        + (f"; {note}" if note and not culprit else ""))
+    except ArchitectureMismatchError as err:
+        raise InputError(f"{err}") from err
+    except (WeightMappingError, RefitError) as err:
+        data["problems"].append(f"refused: {err}")
+        raise InputError(str(err), EXIT_MISMATCH) from err
+
+    if data.get("audit") and not data["audit"]["ok"]:
+        failures = data["audit"]["failures"]
+        data["problems"].append(f"audit: cached and fallback mappings disagree on {len(failures)} weight(s), "
+                                f"first {failures[0]['name']!r}")
+    ok = not data["problems"]
+    data["status"] = "pass" if ok else "fail"
+    return EXIT_OK if ok else EXIT_MISMATCH

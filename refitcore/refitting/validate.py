@@ -1,0 +1,195 @@
+"""Checks that must pass before an engine is touched.
+
+A refit that changes the engine and then raises leaves the caller with an engine holding weights
+nobody verified. Everything that can fail is therefore checked first: the new weights' values
+(:func:`variance_problems`, :func:`nonfinite_weight_problems`: the state_dict key behind a value
+the engine would get as NaN/Inf), the verification inputs against the engine's input spec
+(:func:`check_samples`) and the state_dict the eager reference model will load (:func:`eager_weights`).
+"""
+from __future__ import annotations
+
+import collections
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from refitcore.refitting.eager import EagerModelError, eager_model
+from refitcore.capture.structured import sample_list
+from refitcore.conversion.weight_map import WeightMap, operand_keys
+
+__all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
+           "nonfinite_weight_problems", "all_finite", "BN_RECIPES"]
+
+# Recipes that divide by sqrt(var + eps) (see recipes.bn_factor).
+BN_RECIPES = ("bn_fold_kernel", "bn_fold_bias", "bn_scale", "bn_shift")
+
+
+def _first_bad(t: torch.Tensor, bad: torch.Tensor) -> tuple[list[int], float]:
+    """Index (plain ints) and value (a plain float) of the first True of ``bad``."""
+    idx = [int(i) for i in torch.nonzero(bad)[0]] if t.dim() else []
+    return idx, float(t[tuple(idx)] if idx else t)
+
+
+def _consumers(weight_map: WeightMap, key: str) -> str:
+    names = weight_map.consumers(key)
+    return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+
+def all_finite(t: torch.Tensor | np.ndarray) -> bool:
+    """Whether every element of a tensor or array is finite."""
+    # One BLAS dot product (several times faster than a sum, and than isfinite(t).all(), which
+    # allocates a mask): a finite result means every element is finite; a non-finite one (NaN/Inf,
+    # or values beyond ~1e19 whose squares overflow) is settled element-wise.
+    if isinstance(t, np.ndarray):
+        if t.dtype in (np.float32, np.float64) and t.flags.c_contiguous:
+            flat = t.reshape(-1)
+            with np.errstate(over="ignore", invalid="ignore"):   # large finite values: settled below
+                if np.isfinite(np.dot(flat, flat)):
+                    return True
+        return bool(np.isfinite(t).all())
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        flat = t.reshape(-1)
+        if bool(torch.isfinite(torch.dot(flat, flat))):
+            return True
+    return bool(torch.isfinite(t).all())
+
+
+def nonfinite_key_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Every floating-point key the engine reads that holds NaN/Inf: the key, how many, the first
+    bad index and value (plain numbers) and the engine weights it feeds. One pass over the weights."""
+    problems = []
+    for key in weight_map.keys_used:
+        t = state.get(key)
+        if t is None or not t.is_floating_point() or t.numel() == 0 or all_finite(t):
+            continue
+        bad = ~torch.isfinite(t)
+        idx, value = _first_bad(t, bad)
+        problems.append(f"{key!r}: {int(bad.sum())} non-finite value(s) of {t.numel()} (first at {idx}: {value}); "
+                        f"it feeds engine weight(s) {_consumers(weight_map, key)}")
+    return problems
+
+
+def variance_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """BatchNorm running variances with ``var + eps <= 0`` (the fold divides by ``sqrt(var + eps)``,
+    NaN there), named by key with the first bad index and value. Cheap: variances are per channel."""
+    problems = []
+    seen = set()
+    for src in weight_map.sources.values():
+        if src.recipe not in BN_RECIPES:
+            continue
+        var = src.inputs.get("var")
+        if not isinstance(var, dict) or "key" not in var or var["key"] in seen:
+            continue
+        key = var["key"]
+        seen.add(key)
+        t = state.get(key)
+        eps = float(src.params.get("eps", 0.0))
+        if t is None or not t.is_floating_point():
+            continue
+        bad = (t.double() + eps) <= 0
+        if bool(bad.any()):
+            idx, value = _first_bad(t, bad)
+            more = int(bad.sum()) - 1
+            problems.append(f"{key!r}: running variance {value} at {idx}{f' (and {more} more)' if more else ''} is "
+                            f"<= -eps (eps={eps:g}); the BatchNorm fold divides by sqrt(var + eps), which is NaN "
+                            f"there. A variance is never negative: this checkpoint is damaged or the key holds "
+                            f"something else (engine weight(s) {_consumers(weight_map, key)})")
+    return problems
+
+
+def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Tensor,
+                              state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Why a computed engine weight is not finite, in terms of state_dict keys ([] when it is finite).
+
+    Traced back through the weight's recipe operands: keys holding NaN/Inf (every such key the
+    engine reads is listed), else an overflow of the recipe, with its operands' ranges."""
+    if not value.is_floating_point() or all_finite(value):
+        return []
+    problems = nonfinite_key_problems(weight_map, state)
+    if problems:
+        return problems
+    src = weight_map.sources[name]
+    bad = ~torch.isfinite(value)
+    idx, got = _first_bad(value, bad)
+    parts = []
+    for key in dict.fromkeys(k for v in src.inputs.values() for k in operand_keys(v)):
+        t = state.get(key)
+        if t is not None and t.is_floating_point() and t.numel():
+            parts.append(f"{key!r} in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
+    return [f"engine weight {name!r} = {src.recipe}(...) has {int(bad.sum())} non-finite value(s) (first at "
+            f"{idx}: {got}) although its inputs are finite: {', '.join(parts) or 'no state_dict input'}; the "
+            f"{src.recipe} result overflows float32 for these values"]
+
+
+def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
+    """Verification inputs as a list of samples, each checked against the engine's input spec
+    (``io``: an :class:`refitcore.IOSpec`); raises ``ValueError`` listing every mismatch."""
+    try:
+        samples = [(s,) if isinstance(s, torch.Tensor) else tuple(s) for s in sample_list(inputs)]
+    except TypeError:
+        raise ValueError(f"verify_inputs: expected a tensor, a tuple of tensors (one sample) or a list of "
+                         f"samples, got {type(inputs).__name__}") from None
+    problems = []
+    names = list(io.input_names)
+    profiles = getattr(io, "profiles", None)
+    for s, sample in enumerate(samples):
+        if len(sample) != len(io.input_shapes):
+            problems.append(f"sample {s}: {len(sample)} input(s) where the engine takes {len(io.input_shapes)} "
+                            f"({names})")
+            continue
+        for i, (x, shape, dtype) in enumerate(zip(sample, io.input_shapes, io.input_dtypes)):
+            where = f"sample {s}, input {i} ({names[i]!r})" if i < len(names) else f"sample {s}, input {i}"
+            if not isinstance(x, torch.Tensor):
+                problems.append(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+                continue
+            want = list(shape)
+            if profiles is None and (len(x.shape) != len(want) or any(w >= 0 and d != w for d, w in zip(x.shape, want))):
+                problems.append(f"{where}: shape {list(x.shape)} where the engine takes {want}")
+            if str(x.dtype).replace("torch.", "") != dtype:
+                problems.append(f"{where}: dtype {x.dtype} where the engine takes {dtype}")
+        if profiles is not None and all(isinstance(x, torch.Tensor) for x in sample):
+            try:   # dynamic shapes: any shape inside an optimization profile
+                profiles.profile_for([tuple(x.shape) for x in sample])
+            except ValueError as err:   # ShapeRangeError: names the input, the dimension and the range
+                problems.append(f"sample {s}: {err}")
+    if problems:
+        raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
+                         + "\n".join(f"  - {p}" for p in problems))
+    return samples
+
+
+def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
+                  state_keys: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], bool]:
+    """(weights, keep_missing): the new weights as the eager reference model loads them.
+
+    A tied parameter given under one name fills its other names. Keys the engine never reads
+    (``weight_map.unused_keys``, e.g. ``num_batches_tracked``) may be missing: ``keep_missing`` is
+    True when only such keys of the compiled model (``state_keys``) are, and the model keeps its
+    own values for them. Any other key of the compiled model the weights lack raises
+    :class:`refitcore.refitting.eager.EagerModelError`."""
+    given = collections.OrderedDict(state)
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        given._metadata = metadata
+    for group in weight_map.tied:
+        present = next((k for k in group if k in given), None)
+        if present is not None:
+            for k in group:
+                given.setdefault(k, given[present])
+    if not state_keys:
+        return given, False
+    unread = set(weight_map.unused_keys)
+    missing = [k for k in state_keys if k not in given and k not in unread]
+    if missing:
+        raise EagerModelError(f"the new weights lack {missing[:5]}{' ...' if len(missing) > 5 else ''} that the "
+                              f"eager model needs (beside keys the engine never reads)")
+    return given, any(k not in given for k in state_keys)
+
+
+def eager_reference(engine, state: Mapping[str, torch.Tensor], source: Any = None, *,
+                    trust_factory: bool = False) -> torch.nn.Module:
+    """The eager model to verify ``engine`` against, built from :func:`eager_weights` (see
+    :func:`refitcore.refitting.eager.eager_model`; ``source``: the new weights' own module, if any)."""
+    weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
+    return eager_model(weights, model=source, engine=engine, trust_factory=trust_factory, keep_missing=keep)

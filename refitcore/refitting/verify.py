@@ -1,0 +1,203 @@
+"""Engine vs eager PyTorch: verdicts that say which output, where, and by how much."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+
+__all__ = ["verify", "compare_outputs", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+
+DEFAULT_RTOL = 1e-4
+DEFAULT_ATOL = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputCheck:
+    """One output compared in float64. ``atol`` is scaled: ``atol * max(1, max|expected|)``."""
+
+    index: int
+    shape: tuple[int, ...]
+    mismatched: int
+    max_abs: float
+    max_abs_at: tuple[int, ...]
+    actual_at: float
+    expected_at: float
+    max_rel: float
+    norm_rel: float               # ||actual - expected|| / ||expected||
+    rtol: float
+    atol: float
+    min_atol: float               # smallest atol (scaled units) that would have passed at this rtol
+    min_rtol: float               # smallest rtol that would have passed at this atol
+    nonfinite: int
+    name: str = ""                # the output's pytree path: 'logits', "[0]['boxes']" ('' for a bare tensor)
+    detail: str = ""              # a non-tensor output: what each side returned
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0 and self.nonfinite == 0
+
+    @property
+    def label(self) -> str:
+        return f"output {self.index}" + (f" ({self.name})" if self.name else "")
+
+    def __str__(self) -> str:
+        state = "ok" if self.ok else "MISMATCH"
+        if self.detail:
+            return f"{self.label}: {state}; {self.detail}"
+        return (f"{self.label} {list(self.shape)}: {state}; {self.mismatched} of "
+                f"{_numel(self.shape)} elements outside tolerance, max abs err {self.max_abs:.3g} at "
+                f"{list(self.max_abs_at)} (engine {self.actual_at:.6g} vs eager {self.expected_at:.6g}), "
+                f"max rel err {self.max_rel:.3g}, norm-relative err {self.norm_rel:.3g}; rtol={self.rtol:g}, "
+                f"atol={self.atol:g}; would pass with atol>={self.min_atol:.3g} or rtol>={self.min_rtol:.3g}"
+                + (f"; {self.nonfinite} non-finite engine values" if self.nonfinite else ""))
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _compare_values(i: int, name: str, a, e) -> OutputCheck:
+    """Non-tensor leaves (Python scalars, None, strings): equal or not."""
+    same = (a == e) if not isinstance(a, float) or a == a else (e != e)
+    detail = f"engine {a!r} vs eager {e!r}" + ("" if same else " (non-tensor outputs must be equal)")
+    return OutputCheck(i, (), 0 if same else 1, 0.0 if same else float("inf"), (), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+                       0.0, 0.0, 0, name=name, detail=detail)
+
+
+def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], *, rtol: float = DEFAULT_RTOL,
+                    atol: float = DEFAULT_ATOL, names: Sequence[str] | None = None) -> list[OutputCheck]:
+    """Compare flat output lists leaf by leaf (``names``: each leaf's pytree path, for the report)."""
+    checks = []
+    if len(actual) != len(expected):
+        raise ValueError(f"engine gave {len(actual)} outputs, eager gave {len(expected)}")
+    names = list(names) if names is not None else [""] * len(actual)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if not isinstance(a, torch.Tensor) or not isinstance(e, torch.Tensor):
+            checks.append(_compare_values(i, names[i], a, e))
+            continue
+        a64 = a.detach().to("cpu", torch.float64)
+        e64 = e.detach().to("cpu", torch.float64)
+        if a64.shape != e64.shape:
+            raise ValueError(f"output {i}{' (' + names[i] + ')' if names[i] else ''}: engine shape "
+                             f"{list(a64.shape)} vs eager {list(e64.shape)}")
+        scale = max(1.0, float(e64.abs().max()) if e64.numel() else 1.0)
+        atol_eff = atol * scale
+        nonfinite = int((~torch.isfinite(a64)).sum())
+        diff = (a64 - e64).abs()
+        diff = torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("inf")))
+        bound = atol_eff + rtol * e64.abs()
+        mismatched = int((diff > bound).sum())
+        flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
+        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.numel() and a64.dim() else ()
+        max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
+        rel = diff / e64.abs().clamp_min(1e-12)
+        norm_e = float(torch.linalg.vector_norm(e64))
+        norm_rel = float(torch.linalg.vector_norm(torch.nan_to_num(a64 - e64, nan=1e308))) / max(norm_e, 1e-30)
+        min_atol = float(((diff - rtol * e64.abs()).clamp_min(0) / scale).max()) if diff.numel() else 0.0
+        # An element outside atol where eager is exactly 0 passes at no rtol: the minimum is then inf.
+        excess = (diff - atol_eff).clamp_min(0)
+        need = torch.where(excess > 0, excess / e64.abs(), torch.zeros_like(excess))
+        min_rtol = float(need.max()) if diff.numel() else 0.0
+        checks.append(OutputCheck(i, tuple(a64.shape), mismatched, max_abs, idx,
+                                  float(a64.reshape(-1)[flat]) if a64.numel() else 0.0,
+                                  float(e64.reshape(-1)[flat]) if e64.numel() else 0.0,
+                                  float(rel.max()) if rel.numel() else 0.0, norm_rel, rtol, atol, min_atol, min_rtol,
+                                  nonfinite, name=names[i]))
+    return checks
+
+
+@dataclasses.dataclass
+class Verdict:
+    """Truthy when every output of every sample matches; ``str()`` says where and by how much."""
+
+    checks: list[list[OutputCheck]]       # [sample][output]
+    backend: str = ""
+    note: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for sample in self.checks for c in sample)
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    @property
+    def worst(self) -> OutputCheck | None:
+        allc = [c for sample in self.checks for c in sample]
+        if not allc:
+            return None
+        return max(allc, key=lambda c: (not c.ok, c.max_abs / max(c.atol, 1e-30)))
+
+    @property
+    def max_abs(self) -> float:
+        return max((c.max_abs for s in self.checks for c in s), default=0.0)
+
+    def __str__(self) -> str:
+        lines = [f"verify ({self.backend or 'engine'} vs eager): {'OK' if self.ok else 'FAILED'} over "
+                 f"{len(self.checks)} sample(s)"]
+        n_checks = sum(len(sample) for sample in self.checks)
+        if not self.ok and n_checks > 1:
+            worst = self.worst
+            s = next(i for i, sample in enumerate(self.checks) if any(c is worst for c in sample))
+            lines.append(f"  worst: sample {s}, {worst}")
+        for s, sample in enumerate(self.checks):
+            for c in sample:
+                if not c.ok or len(self.checks) == 1:
+                    lines.append(f"  sample {s}, {c}")
+        if self.ok and self.worst is not None and len(self.checks) > 1:
+            lines.append(f"  worst: {self.worst}")
+        if self.note:
+            lines.append(f"  note: {self.note}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "backend": self.backend, "max_abs": self.max_abs,
+                "checks": [[dataclasses.asdict(c) | {"ok": c.ok} for c in s] for s in self.checks]}
+
+
+def _samples(inputs) -> list[tuple[tuple, dict]]:
+    """inputs: one tensor, a tuple of positional inputs (one sample), a :class:`refitcore.Inputs`
+    (positional and keyword), or a list of such samples; each as (args, kwargs)."""
+    from refitcore.capture.structured import Inputs, split_call
+
+    if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
+        return [split_call(inputs)]
+    return [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
+
+
+def _leaves(out) -> tuple[list, list[str]]:
+    from refitcore.capture.structured import flatten_with_names
+
+    leaves, names, _spec = flatten_with_names(out)
+    return leaves, names
+
+
+def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Verdict:
+    """Run ``engine`` and eager ``reference_model`` (eval mode) on each sample; never raises on a
+    mismatch: returns a :class:`Verdict`.
+
+    Example::
+
+        verdict = refitcore.verify(engine, model, [torch.randn(1, 3, 64, 64)])
+        assert verdict, str(verdict)
+    """
+    if hasattr(reference_model, "eval"):
+        try:
+            reference_model.eval()
+        except NotImplementedError:
+            pass  # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
+    checks = []
+    with torch.no_grad():
+        for args, kwargs in _samples(inputs):
+            expected, e_names = _leaves(reference_model(*args, **kwargs))
+            actual, a_names = _leaves(engine(*args, **kwargs))
+            if a_names != e_names and len(a_names) == len(e_names) and all(n.startswith("[") for n in a_names):
+                a_names = e_names   # a flat engine (saved without its output structure): same order
+            if a_names != e_names:
+                raise ValueError(f"the engine's outputs {a_names} are not the eager model's {e_names}")
+            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, names=e_names))
+    return Verdict(checks, backend=engine.backend, note=engine.note)
