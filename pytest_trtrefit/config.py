@@ -21,12 +21,10 @@ __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_
            "PATH_CHOICES", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-4
-
-
 from refitcore import options as _options   # standard library only (refitcore/__init__ is lazy)
 
+DEFAULT_RTOL = _options.DEFAULT_RTOL
+DEFAULT_ATOL = _options.DEFAULT_ATOL
 BACKENDS = _options.BACKENDS
 PATH_CHOICES = _options.PATH_CHOICES
 parse_bool = _options.parse_bool

@@ -15,6 +15,13 @@ __all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_pa
            "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory", "parse_bool",
            "parse_report_path"]
 
+TOOL = "trtrefit"                                     # the command line tool's name, in every message it prints
+DEFAULT_RTOL = 1e-4                                  # engine vs eager: |engine - eager| <= atol * max(1, max|eager|)
+DEFAULT_ATOL = 1e-4                                  #   + rtol * |eager| (refitcore.refitting.verify)
+# Cached vs fallback mappings compare exactly: compile, the cached path and the fallback compute every
+# engine weight with one arithmetic (refitcore.conversion.recipes), so any difference is a map bug.
+AUDIT_RTOL = 0.0
+AUDIT_ATOL = 0.0
 BACKENDS = ("auto", "reference", "tensorrt")         # refitcore.backends resolves these names
 REFIT_PATHS = ("auto", "cached", "fallback")         # refitcore.refit(path=...)
 PATH_CHOICES = ("cached", "fallback", "both")        # paths to check (CLI --paths, --trt-refit-paths)

@@ -8,9 +8,13 @@
 """
 from __future__ import annotations
 
-__all__ = ["get_backend", "resolve_backend", "BACKENDS"]
+import logging
 
 from refitcore.options import BACKENDS  # the names, written once (shared with the CLI and the plugin)
+
+__all__ = ["get_backend", "resolve_backend", "choose_backend", "BACKENDS"]
+
+log = logging.getLogger("refitcore")
 
 
 def get_backend(name: str):
@@ -38,3 +42,12 @@ def resolve_backend(name: str) -> tuple[str, str]:
     if usable:
         return "tensorrt", "a CUDA GPU with a TensorRT that builds and runs engines is present"
     return "reference", f"TensorRT backend unusable here: {reason}"
+
+
+def choose_backend(name: str) -> tuple[str, str]:
+    """:func:`resolve_backend` for a build: 'auto' also says which backend it chose and why (a warning,
+    since every report of a reference-backend run must be read knowing TensorRT's kernels did not run)."""
+    chosen, reason = resolve_backend(name)
+    if name == "auto":
+        log.warning("refitcore: backend 'auto' chose %r: %s", chosen, reason)
+    return chosen, reason

@@ -17,13 +17,13 @@ from typing import Iterator, Sequence
 
 from refitcore.cli.text import AUDIT_EPILOG, COMPILE_EPILOG, DOCTOR_FLAGS, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
-from refitcore.options import parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
+from refitcore.options import TOOL, parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 from refitcore.gating.samples import load_samples
 from refitcore.capture.shapes import cli_inputs, format_range, input_shape_arg
 
 __all__ = ["main", "build_parser", "parse_shape", "load_samples", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
-PROG = "trtrefit"
+PROG = TOOL
 
 
 class Progress:

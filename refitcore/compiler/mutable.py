@@ -18,13 +18,13 @@ from typing import Any, Sequence
 
 import torch
 
-from refitcore.backends import resolve_backend
+from refitcore.backends import choose_backend
 from refitcore.cache.store import as_cache
 from refitcore.compiler.native import compile as compile_model
 from refitcore.errors import RefitError
 from refitcore.cache.key import architecture_fingerprint
 from refitcore.refitting.refit import RefitResult, refit
-from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
 
 __all__ = ["MutableEngine"]
 
@@ -62,9 +62,7 @@ class MutableEngine:
             example_inputs = (example_inputs,)
         self.model = model
         self.example_inputs = tuple(example_inputs)
-        self.backend, reason = resolve_backend(backend)
-        if backend == "auto":
-            log.warning("refitcore: backend 'auto' chose %r: %s", self.backend, reason)
+        self.backend, reason = choose_backend(backend)
         self.precision = precision
         self.cache = as_cache(cache)
         self.verify, self.rtol, self.atol = bool(verify), float(rtol), float(atol)

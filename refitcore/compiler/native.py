@@ -8,7 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from refitcore.backends import get_backend, resolve_backend
+from refitcore.backends import choose_backend, get_backend
 from refitcore.cache.store import as_cache, lookup, store
 from refitcore.conversion.convert import convert, dynamic_node_names
 from refitcore.engine.refittable import IOSpec, RefittableEngine
@@ -102,9 +102,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     call = args if args is not None else (() if example_inputs is None else example_inputs)
     if isinstance(call, torch.Tensor) or not isinstance(call, (tuple, list)):
         call = (call,)
-    name, reason = resolve_backend(backend)
-    if backend == "auto":
-        log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
+    name, reason = choose_backend(backend)
     key = compile_cache_key(model, tuple(call), kwargs=kwargs, backend=name, precision=precision,
                             dynamic_shapes=dynamic_shapes, profiles=profiles, strict=strict,
                             torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, submodules=submodules)
@@ -195,9 +193,7 @@ def _compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tenso
     if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
         args = (args,)
     args, kwargs = tuple(args), dict(kwargs or {})
-    name, reason = resolve_backend(backend)
-    if backend == "auto":
-        log.warning("refitcore: backend 'auto' chose %r: %s", name, reason)
+    name, reason = choose_backend(backend)
     options = dict(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
                    min_block_size=min_block_size)
     export_ds = shape_profiles = None

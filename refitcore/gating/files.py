@@ -12,12 +12,12 @@ import os
 from typing import Any, Iterator
 
 from refitcore.errors import ArchitectureMismatchError, BundleError, RefitCoreError, WeightMappingError
+from refitcore.options import TOOL
 
 __all__ = ["InputError", "Silent", "require_file", "open_bundle", "open_checkpoint", "is_bundle", "compare_files",
            "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNUSABLE = 0, 1, 2
-TOOL = "trtrefit"
 
 
 class InputError(RefitCoreError):

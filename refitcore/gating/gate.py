@@ -15,7 +15,8 @@ import time
 from typing import Any, Sequence
 
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
-from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, TOOL, InputError, Silent, open_bundle, open_checkpoint
+from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, Silent, open_bundle, open_checkpoint
+from refitcore.options import TOOL
 
 __all__ = ["gate", "GateReport", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 

@@ -6,10 +6,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["verify", "compare_outputs", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
 
-DEFAULT_RTOL = 1e-4
-DEFAULT_ATOL = 1e-4
+__all__ = ["verify", "compare_outputs", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -204,7 +204,7 @@ def test_without_the_flag_refit_tests_skip_with_the_reason(repo):
 
 def test_plugin_import_stays_light():
     """Importing the plugin pulls in neither torch, TensorRT nor Hypothesis (pytest startup stays fast);
-    of refitcore only the lazy package and its standard-library ``options`` module load."""
+    of refitcore only the lazy package, its version and its standard-library ``options`` module load."""
     import subprocess
     import sys
 
@@ -214,7 +214,7 @@ def test_plugin_import_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     heavy, ours = out.strip().splitlines()
     assert heavy == "[]"
-    assert ours == "['refitcore', 'refitcore.options']"
+    assert ours == "['refitcore', 'refitcore._version', 'refitcore.options']"
 
 
 def test_a_correct_model_passes_and_the_summary_says_so(repo):
