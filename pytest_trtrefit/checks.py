@@ -189,7 +189,7 @@ def digest(state) -> str:
 
 def _eager_for(entry, state):
     """The session's eager model holding ``state`` (keys it lacks keep the compiled model's values)."""
-    from refitcore.refitting.eager import eager_model
+    from refitcore.capture.eager import eager_model
 
     return eager_model(state, model=entry.eager, keep_missing=True)
 

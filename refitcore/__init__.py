@@ -30,9 +30,9 @@ _PUBLIC = {
     "Verdict": "refitcore.refitting.verify",
     "find_culprit": "refitcore.refitting.culprit",
     "Culprit": "refitcore.refitting.culprit",
-    "eager_model": "refitcore.refitting.eager",
-    "EagerModelError": "refitcore.refitting.eager",
-    "UntrustedFactoryError": "refitcore.refitting.eager",
+    "eager_model": "refitcore.capture.eager",
+    "EagerModelError": "refitcore.capture.eager",
+    "UntrustedFactoryError": "refitcore.capture.eager",
     "Inputs": "refitcore.capture.structured",
     "DimRange": "refitcore.capture.shapes",
     "load": "refitcore.engine.refittable",
@@ -87,7 +87,7 @@ if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run tim
     from refitcore.refitting.audit import Audit, audit, audit_paths
     from refitcore.refitting.culprit import Culprit, find_culprit
     from refitcore.refitting.driver import apply_mapping
-    from refitcore.refitting.eager import EagerModelError, UntrustedFactoryError, eager_model
+    from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
     from refitcore.refitting.mapping import cached_mapping, fallback_mapping
     from refitcore.refitting.refit import RefitResult, refit
     from refitcore.refitting.verify import Verdict, verify

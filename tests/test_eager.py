@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.refitting.eager import EagerModelError, UntrustedFactoryError, eager_model
+from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
 from tests.cli_models import randomized_state, small_net
 from tests.test_refit_metadata import Versioned
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.refitting.eager import EagerModelError
+from refitcore.capture.eager import EagerModelError
 from refitcore.refitting.validate import check_samples, eager_weights
 from tests.conftest import bit_identical, outputs
 

@@ -82,7 +82,7 @@ def _cmd_compile(args, progress: Progress) -> int:
 
     from refitcore.compiler.native import compile as compile_model
     from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
-    from refitcore.refitting.eager import eager_model
+    from refitcore.capture.eager import eager_model
 
     _writable(args.output, "output")
     try:

@@ -220,7 +220,7 @@ def _nonfinite_problems(state: dict, weight_map) -> list[str]:
 
 def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
     """The eager model's source, or a stop saying how to give one (checked before any work)."""
-    from refitcore.refitting.eager import UntrustedFactoryError
+    from refitcore.capture.eager import UntrustedFactoryError
 
     if model is not None:
         return model
@@ -233,7 +233,7 @@ def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
 
 
 def _eager(state, factory, ckpt: str, progress, engine):
-    from refitcore.refitting.eager import EagerModelError, eager_model
+    from refitcore.capture.eager import EagerModelError, eager_model
     from refitcore.refitting.validate import eager_weights
 
     name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)

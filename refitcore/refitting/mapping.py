@@ -206,9 +206,9 @@ def exported_for(engine, source: Any, state: dict[str, torch.Tensor], *, model: 
 
     ``source``: the new weights' own module or ExportedProgram, if any. Without one the engine's
     exported program is reused; a loaded engine has none, so the eager model holding ``state`` is
-    re-exported, built by :func:`refitcore.refitting.eager.eager_model` from ``model`` (the caller's) or
+    re-exported, built by :func:`refitcore.capture.eager.eager_model` from ``model`` (the caller's) or
     the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
-    from refitcore.refitting.eager import EagerModelError, UntrustedFactoryError, eager_model
+    from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
     from refitcore.capture.lowering import export_model, graph_fingerprint
     from refitcore.capture.shapes import export_example
 

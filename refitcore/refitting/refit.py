@@ -12,7 +12,7 @@ from refitcore.refitting.audit import Audit, audit_paths
 from refitcore.refitting.culprit import find_culprit
 from refitcore.refitting.driver import apply_mapping
 from refitcore.refitting.checkpoints import load_weights
-from refitcore.refitting.eager import eager_model
+from refitcore.capture.eager import eager_model
 from refitcore.errors import MapCannotServeError
 from refitcore.refitting.mapping import cached_mapping, constants_note, fallback_mapping
 from refitcore.options import REFIT_PATHS as PATHS
@@ -61,7 +61,7 @@ class RefitResult:
 
 def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None, *, trust_factory: bool = False):
     """An eager model holding the new weights, to compare the refitted engine with (see
-    :func:`refitcore.refitting.eager.eager_model`; ``source``: the new weights' own module, if any)."""
+    :func:`refitcore.capture.eager.eager_model`; ``source``: the new weights' own module, if any)."""
     return eager_model(state, model=source, engine=engine, trust_factory=trust_factory)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from refitcore.refitting.eager import EagerModelError, eager_model
+from refitcore.capture.eager import EagerModelError, eager_model
 from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_keys
 
@@ -167,7 +167,7 @@ def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
     (``weight_map.unused_keys``, e.g. ``num_batches_tracked``) may be missing: ``keep_missing`` is
     True when only such keys of the compiled model (``state_keys``) are, and the model keeps its
     own values for them. Any other key of the compiled model the weights lack raises
-    :class:`refitcore.refitting.eager.EagerModelError`."""
+    :class:`refitcore.capture.eager.EagerModelError`."""
     given = collections.OrderedDict(state)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
@@ -190,6 +190,6 @@ def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
 def eager_reference(engine, state: Mapping[str, torch.Tensor], source: Any = None, *,
                     trust_factory: bool = False) -> torch.nn.Module:
     """The eager model to verify ``engine`` against, built from :func:`eager_weights` (see
-    :func:`refitcore.refitting.eager.eager_model`; ``source``: the new weights' own module, if any)."""
+    :func:`refitcore.capture.eager.eager_model`; ``source``: the new weights' own module, if any)."""
     weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
     return eager_model(weights, model=source, engine=engine, trust_factory=trust_factory, keep_missing=keep)

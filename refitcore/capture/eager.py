@@ -98,7 +98,7 @@ def _from(model: Any) -> torch.nn.Module:
         return copy.deepcopy(model, memo)
     factory: Callable = model
     if isinstance(model, str):
-        from refitcore.refitting.factory import load_factory
+        from refitcore.capture.factory import load_factory
 
         factory = load_factory(model)
     if not callable(factory):
