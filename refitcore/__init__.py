@@ -48,10 +48,10 @@ _PUBLIC = {
     "CacheKey": "refitcore.cache.key",
     "cache_key": "refitcore.cache.key",
     "architecture_fingerprint": "refitcore.cache.key",
-    **{name: "refitcore.errors" for name in (
+    **dict.fromkeys((
         "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
         "MapCannotServeError", "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
-        "ShapeRangeError", "WeightlessEngineError")},
+        "ShapeRangeError", "WeightlessEngineError"), "refitcore.errors"),
 }
 
 __all__ = sorted(_PUBLIC)
@@ -73,21 +73,31 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run time
     from refitcore.cache.key import CacheKey, architecture_fingerprint, cache_key
     from refitcore.cache.store import BaseEngineCache, EngineCache
+    from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
     from refitcore.capture.shapes import DimRange
     from refitcore.capture.structured import Inputs
     from refitcore.compiler.mutable import MutableEngine
     from refitcore.compiler.native import compile
     from refitcore.conversion.weight_map import WeightMap, WeightSource
     from refitcore.engine.refittable import IOSpec, RefittableEngine, load
-    from refitcore.errors import (ArchitectureMismatchError, BackendUnavailableError, BundleError, ExportError,
-                                  MapCannotServeError, RefitCoreError, RefitError, ShapeRangeError,
-                                  UnsupportedOperatorError, WeightlessEngineError, WeightMappingError)
+    from refitcore.errors import (
+        ArchitectureMismatchError,
+        BackendUnavailableError,
+        BundleError,
+        ExportError,
+        MapCannotServeError,
+        RefitCoreError,
+        RefitError,
+        ShapeRangeError,
+        UnsupportedOperatorError,
+        WeightlessEngineError,
+        WeightMappingError,
+    )
     from refitcore.gating.gate import GateReport, gate
     from refitcore.gating.samples import load_samples
     from refitcore.refitting.audit import Audit, audit, audit_paths
     from refitcore.refitting.culprit import Culprit, find_culprit
     from refitcore.refitting.driver import apply_mapping
-    from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
     from refitcore.refitting.mapping import cached_mapping, fallback_mapping
     from refitcore.refitting.refit import RefitResult, refit
     from refitcore.refitting.verify import Verdict, verify

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 from types import ModuleType
+from typing import Any
 
 __all__ = ["TensorRTUnavailableError", "trt", "flavour", "available", "logger"]
 
@@ -25,7 +26,7 @@ def _load() -> tuple[ModuleType | None, str]:
     for name in _CANDIDATES:
         try:
             module = importlib.import_module(name)
-        except Exception as err:  # ImportError, or a broken native library (OSError)
+        except Exception as err:  # noqa: BLE001 - ImportError, or a broken native library (OSError): a reason, not a crash
             reasons.append(f"{name}: {type(err).__name__}: {err}")
             continue
         if not hasattr(module, "Builder"):
@@ -65,14 +66,14 @@ def version() -> str:
 @functools.lru_cache(maxsize=1)
 def logger():
     """A process-wide TensorRT logger (TensorRT wants one logger per process)."""
-    t = trt()
+    t: Any = trt()   # TensorRT's classes exist at run time only: subclass it as Any
 
     class Logger(t.ILogger):
         def __init__(self):
             t.ILogger.__init__(self)
             self.messages: list[str] = []
 
-        def log(self, severity, msg):  # noqa: D401 - TensorRT callback
+        def log(self, severity, msg):  # TensorRT's callback
             if severity <= t.ILogger.Severity.WARNING:
                 self.messages.append(f"[{severity.name}] {msg}")
                 del self.messages[:-200]

@@ -6,7 +6,7 @@ NumPy has no bfloat16: ``numpy_dtype("BF16")`` is None (the driver refuses such 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -41,6 +41,10 @@ NUMPY_NAMES = tuple(_BY_NUMPY) + tuple(np_name for _, np_name, _ in TORCH_SEGMEN
 TORCH_NAMES = tuple(str(tdt).replace("torch.", "") for _, _, tdt in TABLE)   # "float32", "bfloat16", ...
 
 
+@overload
+def trt_name(dtype: Any, default: str) -> str: ...
+@overload
+def trt_name(dtype: Any, default: None = None) -> str | None: ...
 def trt_name(dtype: Any, default: str | None = None) -> str | None:
     """The TensorRT DataType name of a NumPy or torch dtype (or dtype name), else ``default``."""
     if isinstance(dtype, torch.dtype):

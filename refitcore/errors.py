@@ -102,6 +102,9 @@ class WeightlessEngineError(RefitCoreError):
 class BackendUnavailableError(RefitCoreError):
     """The requested backend cannot run here; the message says why."""
 
+    # TensorRT's own words when it refused (the TensorRT backend sets them), for the capability probe
+    tensorrt_messages: list[str] | None = None
+
 
 class ShapeRangeError(RefitCoreError, ValueError):
     """An input shape outside every optimization profile of a dynamic-shape engine, or an unusable

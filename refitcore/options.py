@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import NoReturn
 
 __all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_paths", "parse_tolerance",
            "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory", "parse_bool",
@@ -31,7 +32,7 @@ PATH_CHOICES = ("cached", "fallback", "both")        # paths to check (CLI --pat
 MAX_TENSOR_ELEMENTS = 2 ** 28
 
 
-def _fail(msg: str):
+def _fail(msg: str) -> NoReturn:
     raise argparse.ArgumentTypeError(msg)
 
 
