@@ -7,7 +7,8 @@ its weights as ``"<layer name> <ROLE>"`` (names are a contract: refit matches th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -58,6 +59,20 @@ class ConversionContext:
     def trt(self):
         return _trt.trt()
 
+    @property
+    def current_node(self) -> fx.Node:
+        """The node being converted (converters run only while :func:`convert` has one)."""
+        if self.node is None:
+            raise RuntimeError("internal error: no node is being converted")
+        return self.node
+
+    @property
+    def constant_origins(self) -> dict[str, str]:
+        """The map's constant origins (None marks a map read from an old file, never one being built)."""
+        if self.weight_map.constant_origins is None:
+            raise RuntimeError("internal error: converting into a weight map without constant origins")
+        return self.weight_map.constant_origins
+
     def fused_bn(self, node: fx.Node) -> fx.Node | None:
         """The BatchNorm node folded into conv ``node``, if any."""
         bn_name = self.fusions_conv_to_bn.get(node.name)
@@ -96,7 +111,7 @@ class ConversionContext:
             raise RuntimeError(f"TensorRT rejected a layer for node {node.name} ({node.target}); see the TensorRT log"
                                if node is not None else f"TensorRT rejected layer {full!r}; see the TensorRT log")
         if full is None:
-            base = self.layer_names[self.node.name]
+            base = self.layer_names[self.current_node.name]
             full = base if suffix is None else f"{base}.{suffix}"
         if full in self._used_names:
             raise RuntimeError(f"internal error: layer name {full!r} used twice")
@@ -123,7 +138,8 @@ class ConversionContext:
         if self._pending:
             roles = [p[1] for p in self._pending]
             self._pending.clear()
-            raise RuntimeError(f"internal error: the converter of node {self.node.name} ({self.node.target}) made "
+            node = self.current_node
+            raise RuntimeError(f"internal error: the converter of node {node.name} ({node.target}) made "
                                f"{roles} weights but named no layer after them")
 
     # ---- weights ----------------------------------------------------------------
@@ -135,7 +151,7 @@ class ConversionContext:
         arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
         self.weight_map.constants[cid] = np.ascontiguousarray(arr).copy()
         if origin is not None:
-            self.weight_map.constant_origins[cid] = origin
+            self.constant_origins[cid] = origin
         return {"const": cid}
 
     def operand(self, value: StaticValue) -> Any:
@@ -149,7 +165,7 @@ class ConversionContext:
         if value.origin is not None:
             return True
         op = value.operand
-        return op is not None and (has_key(op) or any(c in self.weight_map.constant_origins
+        return op is not None and (has_key(op) or any(c in self.constant_origins
                                                       for c in operand_constants(op)))
 
     def constant(self, value: StaticValue | torch.Tensor | float | int, *, rank: int | None = None,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import operator
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -13,13 +14,13 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from refitcore import _trt, dtypes
-from refitcore.errors import UnsupportedOperatorError
 from refitcore.capture.lowering import FusionPlan, module_path, plan_fusions
-from refitcore.conversion.weight_map import WeightMap
 from refitcore.conversion import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
 from refitcore.conversion.context import ConversionContext, StaticValue
 from refitcore.conversion.registry import Unsupported, lookup
 from refitcore.conversion.shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
+from refitcore.conversion.weight_map import WeightMap
+from refitcore.errors import UnsupportedOperatorError
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
@@ -86,7 +87,7 @@ def _stand_in_shape(val) -> tuple[int, ...]:
 
 
 def _symbolic_shape(node: fx.Node) -> bool:
-    val = node.meta.get("val")
+    val: Any = node.meta.get("val")   # a fake tensor, a SymInt, a tuple of them...
     return hasattr(val, "shape") and any(is_symbolic(s) for s in val.shape)
 
 
@@ -96,9 +97,9 @@ def _dynamic_nodes(gm: fx.GraphModule, user_inputs: set[str]) -> set[str]:
         if node.op == "placeholder":
             if node.name in user_inputs:
                 dynamic.add(node.name)
-        elif node.op == "call_function" and (node.target not in SHAPE_ONLY_OPS or _symbolic_shape(node)):
-            if any(isinstance(a, fx.Node) and a.name in dynamic for a in node.all_input_nodes):
-                dynamic.add(node.name)
+        elif (node.op == "call_function" and (node.target not in SHAPE_ONLY_OPS or _symbolic_shape(node))
+              and any(isinstance(a, fx.Node) and a.name in dynamic for a in node.all_input_nodes)):
+            dynamic.add(node.name)
     return dynamic
 
 
@@ -168,7 +169,8 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     """Evaluate a node whose inputs are all known, keeping how its value derives from weights."""
     if node.target is operator.getitem:
         return args[0][args[1]]
-    out = node.target(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
+    fn = cast(Callable[..., Any], node.target)   # a call_function node's target is the function
+    out = fn(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
     key_dependent = any(ctx.refittable(v) for v in _statics(list(args) + list(kwargs.values())))
 
     def wrap(value, index=None):
@@ -269,13 +271,15 @@ def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]
             else:
                 entry = lookup(node.target)
                 try:
+                    if entry is None:   # unsupported_ops() let only registered targets through
+                        raise RuntimeError(f"internal error: no converter for {node.target}")
                     values[node.name] = entry.fn(ctx, node, args, kwargs)
                     ctx.check_all_named()
                 except Unsupported as err:
                     raise UnsupportedOperatorError([(f"{node.target} ({err})", module_path(node), node.name)]) from err
                 except Exception as err:
                     # Any other failure: say which call it was (the partitioner runs that call in PyTorch).
-                    err.refitcore_node = node.name
+                    err.refitcore_node = node.name  # type: ignore[attr-defined]  # a tag on any exception type
                     raise
         elif node.op == "output":
             outs = resolve(node.args[0])

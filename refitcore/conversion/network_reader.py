@@ -8,7 +8,8 @@ network that TensorRT would be given.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +111,7 @@ def read_network(network) -> dict:
                 continue
             try:
                 raw = getattr(layer, a)
-            except Exception:  # an attribute this TensorRT version does not expose for this layer
+            except Exception:  # noqa: BLE001 - an attribute this TensorRT version does not expose for this layer
                 continue
             rank = in_rank if a == "first_transpose" else len(outputs[0]["shape"]) if a == "second_transpose" else None
             attrs[a] = _plain(raw, rank)

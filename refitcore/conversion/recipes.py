@@ -24,7 +24,8 @@ the kernel instead of three float64 ones (a resnet50 refit folds 23.5M kernel va
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -33,6 +34,10 @@ __all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "resolve_aten_op", "bn
            "bn_fold_bias", "bn_scale", "bn_shift"]
 
 
+@overload
+def _f64(t: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _f64(t: None) -> None: ...
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to(torch.float64)
 

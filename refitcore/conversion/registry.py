@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["ConverterEntry", "Unsupported", "converter", "lookup", "registered_targets"]
 
@@ -13,20 +14,20 @@ class Unsupported(Exception):
 # (ctx, node, args, kwargs) -> value
 ConverterFn = Callable[..., Any]
 # node -> None when the converter handles it, else a reason it cannot
-CapabilityFn = Callable[[Any], Optional[str]]
+CapabilityFn = Callable[[Any], str | None]
 
 
 @dataclasses.dataclass(frozen=True)
 class ConverterEntry:
     target: Any
     fn: ConverterFn
-    capability: Optional[CapabilityFn] = None
+    capability: CapabilityFn | None = None
 
 
 _REGISTRY: dict[Any, ConverterEntry] = {}
 
 
-def converter(*targets: Any, capability: Optional[CapabilityFn] = None):
+def converter(*targets: Any, capability: CapabilityFn | None = None):
     """Register ``fn`` as the converter of each exact overload in ``targets``.
 
     Example::
@@ -50,7 +51,7 @@ def converter(*targets: Any, capability: Optional[CapabilityFn] = None):
     return deco
 
 
-def lookup(target: Any) -> Optional[ConverterEntry]:
+def lookup(target: Any) -> ConverterEntry | None:
     return _REGISTRY.get(target)
 
 

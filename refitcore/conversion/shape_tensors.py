@@ -17,7 +17,8 @@ IFillLayer its output shape as input 0 (LINSPACE start/delta as inputs 1 and 2).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import sympy

@@ -24,7 +24,8 @@ import base64
 import dataclasses
 import json
 import math
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -125,11 +126,11 @@ class WeightSource:
                 "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "WeightSource":
+    def from_json(cls, d: Mapping[str, Any]) -> WeightSource:
         return cls(recipe=d["recipe"], inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
                    shape=tuple(int(s) for s in d["shape"]), dtype=d.get("dtype", "float32"))
 
-    def with_keys_renamed(self, rename: Mapping[str, str]) -> "WeightSource":
+    def with_keys_renamed(self, rename: Mapping[str, str]) -> WeightSource:
         """The same source reading ``rename[key]`` wherever it read ``key``."""
         return dataclasses.replace(self, inputs={k: rename_keys(v, rename) for k, v in self.inputs.items()})
 
@@ -194,7 +195,7 @@ class WeightMap:
         return json.dumps(self.to_json(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "WeightMap":
+    def from_json(cls, d: Mapping[str, Any]) -> WeightMap:
         if d.get("format") != "refitcore.weight_map":
             raise ValueError(f"not a refitcore weight map (format={d.get('format')!r})")
         version = d.get("version")
@@ -214,7 +215,7 @@ class WeightMap:
         )
 
     @classmethod
-    def loads(cls, text: str) -> "WeightMap":
+    def loads(cls, text: str) -> WeightMap:
         return cls.from_json(json.loads(text))
 
     def __eq__(self, other: object) -> bool:

@@ -1,3 +1,21 @@
 """Built-in converters, one module per op family; importing registers them."""
-from refitcore.conversion.converters import (activation, attention, casts, conv, elementwise, indexing, logical,  # noqa: F401
-               matmul, normalization, pooling, reduce, resize, shape, shape_dynamic)
+from refitcore.conversion.converters import (
+    activation,
+    attention,
+    casts,
+    conv,
+    elementwise,
+    indexing,
+    logical,
+    matmul,
+    normalization,
+    pooling,
+    reduce,
+    resize,
+    shape,
+    shape_dynamic,
+)
+
+# the op families, each registered on import
+__all__ = ["activation", "attention", "casts", "conv", "elementwise", "indexing", "logical", "matmul",
+           "normalization", "pooling", "reduce", "resize", "shape", "shape_dynamic"]

@@ -1,7 +1,8 @@
 """Small helpers shared by the converter families."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,7 @@ def rank(t) -> int:
 
 def out_shape(ctx: ConversionContext) -> tuple[int, ...]:
     """The node's output shape, -1 where it varies with a dynamic input dimension."""
-    return symbolic_dims(ctx.node.meta["val"])
+    return symbolic_dims(ctx.current_node.meta["val"])
 
 
 def reshape(ctx: ConversionContext, x, shape: Sequence[int], suffix: str | None = None):
@@ -92,7 +93,7 @@ def equalize_ranks(ctx: ConversionContext, a, b, *, prefix: str | None = None):
 
 def promoted_dtype(ctx: ConversionContext, *values) -> torch.dtype:
     """PyTorch's type promotion over ITensors, StaticValues and Python scalars."""
-    proxies = []
+    proxies: list[Any] = []   # tensors and Python scalars: torch.result_type takes both
     for v in values:
         if isinstance(v, StaticValue):
             proxies.append(v.tensor)

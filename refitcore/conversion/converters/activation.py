@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, rank
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 

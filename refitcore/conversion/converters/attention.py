@@ -12,9 +12,9 @@ import math
 import torch
 
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, as_tensor, rank, shape_of
 from refitcore.conversion.converters.activation import softmax
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 # A masked score: finite (engine weights must be finite to pass refit validation) yet so negative

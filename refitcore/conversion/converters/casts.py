@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from refitcore.conversion.registry import converter
 from refitcore.conversion.converters._util import cast
+from refitcore.conversion.registry import converter
 
 aten = torch.ops.aten
 

@@ -5,8 +5,8 @@ import torch
 
 from refitcore.conversion import recipes
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, out_shape, rank, reshape, shape_of
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 
@@ -40,10 +40,10 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
     post padding is ``padding - output_padding`` (as in Torch-TensorRT)."""
     trt = ctx.trt
     if not isinstance(weight, StaticValue):
-        raise Unsupported(f"{ctx.node.name}: convolution weights computed from the input are not supported")
+        raise Unsupported(f"{ctx.current_node.name}: convolution weights computed from the input are not supported")
     n_spatial = weight.tensor.dim() - 2
     if rank(x) != n_spatial + 2 or n_spatial not in (1, 2, 3):
-        raise Unsupported(f"{ctx.node.name}: only 1-D, 2-D and 3-D convolutions are supported "
+        raise Unsupported(f"{ctx.current_node.name}: only 1-D, 2-D and 3-D convolutions are supported "
                           f"(input rank {rank(x)}, kernel rank {weight.tensor.dim()})")
     groups = int(groups)
     stride, padding, dilation = (_pair(v, n_spatial) for v in (stride, padding, dilation))
@@ -54,7 +54,7 @@ def convolution(ctx: ConversionContext, x, weight: StaticValue, bias, *, stride,
         stride, dilation = [stride[0], 1], [dilation[0], 1]
         padding, output_padding = [padding[0], 0], [output_padding[0], 0]
         x = reshape(ctx, x, shape_of(x) + (1,), suffix="to2d")
-    as_2d = (lambda a: a.reshape(tuple(a.shape) + (1,))) if n_spatial == 1 else (lambda a: a)  # noqa: E731
+    as_2d = (lambda a: a.reshape(tuple(a.shape) + (1,))) if n_spatial == 1 else (lambda a: a)
     if bn_node is None:
         kernel = ctx.new_weights("KERNEL", as_2d(w.double()).numpy(), "copy", {"x": ctx.operand(weight)})
         bias_w = (trt.Weights() if bias is None
@@ -113,6 +113,7 @@ def convolution_default(ctx, node, args, kwargs):
 def conv_transpose(ctx, node, args, kwargs):
     """conv_transpose{1,2,3}d(x, w, bias, stride, padding, output_padding, groups, dilation)."""
     return convolution(ctx, args[0], args[1], arg(args, kwargs, 2, "bias"), stride=arg(args, kwargs, 3, "stride", 1),
-                       padding=arg(args, kwargs, 4, "padding", 0), output_padding=arg(args, kwargs, 5, "output_padding", 0),
+                       padding=arg(args, kwargs, 4, "padding", 0),
+                       output_padding=arg(args, kwargs, 5, "output_padding", 0),
                        groups=arg(args, kwargs, 6, "groups", 1), dilation=arg(args, kwargs, 7, "dilation", 1),
                        transposed=True, bn_node=ctx.fused_bn(node))

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import Unsupported, converter
-from refitcore.conversion.shape_tensors import ShapeValue, dim_of
 from refitcore.conversion.converters._util import rank, reshape, shape_of, typed_constant
 from refitcore.conversion.converters.elementwise import elementwise
+from refitcore.conversion.registry import Unsupported, converter
+from refitcore.conversion.shape_tensors import ShapeValue, dim_of
 
 aten = torch.ops.aten
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import converter
 from refitcore.conversion.converters._util import cast
 from refitcore.conversion.converters.elementwise import elementwise
+from refitcore.conversion.registry import converter
 
 aten = torch.ops.aten
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, as_tensor, rank
 from refitcore.conversion.converters.elementwise import elementwise
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 

@@ -5,8 +5,8 @@ import torch
 
 from refitcore.conversion import recipes
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, rank, reshape, shape_of
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 
@@ -88,7 +88,6 @@ def group_norm(ctx: ConversionContext, x, num_groups: int, weight, bias, eps: fl
     "GroupNormalization"), PyTorch's are per channel, so the layer gets literal ones and zeros and
     the parameters are refittable constants [1, C, 1, ...] applied after it (as Torch-TensorRT's
     ``native_group_norm`` does)."""
-    trt = ctx.trt
     r = rank(x)
     channels = shape_of(x)[1]
     if r < 3:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.converters._util import arg, axes_mask, out_shape, rank, reshape, shape_of
+from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
 

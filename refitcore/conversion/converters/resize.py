@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.registry import converter
 from refitcore.conversion.converters._util import out_shape
+from refitcore.conversion.registry import converter
 
 aten = torch.ops.aten
 

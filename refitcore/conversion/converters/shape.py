@@ -6,10 +6,16 @@ import operator
 import torch
 
 from refitcore.conversion.context import ConversionContext
+from refitcore.conversion.converters._util import arg, as_tensor, out_shape, rank, reshape, shape_of
+from refitcore.conversion.converters.shape_dynamic import (
+    expand_dynamic,
+    is_dynamic,
+    reshape_to_meta,
+    same_shape,
+    slice_dynamic,
+)
 from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.shape_tensors import dim_of, shape_vector
-from refitcore.conversion.converters._util import arg, as_tensor, out_shape, rank, reshape, shape_of
-from refitcore.conversion.converters.shape_dynamic import expand_dynamic, is_dynamic, reshape_to_meta, same_shape, slice_dynamic
 
 aten = torch.ops.aten
 

@@ -8,15 +8,17 @@ dynamic dimension is the obstacle, so the op is reported (or left to PyTorch).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any, cast
 
 import torch
+from torch import fx
 
 from refitcore import dtypes
 from refitcore.conversion.context import ConversionContext, StaticValue
+from refitcore.conversion.converters._util import arg, as_tensor, out_shape, shape_of
 from refitcore.conversion.registry import Unsupported, converter
 from refitcore.conversion.shape_tensors import ShapeValue, int_constant, is_symbolic, shape_vector, sym_value
-from refitcore.conversion.converters._util import arg, as_tensor, out_shape, shape_of
 
 __all__ = ["is_dynamic", "reshape_to", "reshape_to_meta", "same_shape", "slice_dynamic", "expand_dynamic",
            "fill_like_meta"]
@@ -26,7 +28,7 @@ aten = torch.ops.aten
 
 def is_dynamic(ctx: ConversionContext, *values: Any) -> bool:
     """The node's output, or one of ``values``, has a size known only at run time."""
-    val = ctx.node.meta.get("val")
+    val: Any = ctx.current_node.meta.get("val")   # a fake tensor, a SymInt, a tuple of them...
     if hasattr(val, "shape") and any(is_symbolic(s) for s in val.shape):
         return True
     for v in values:
@@ -53,7 +55,7 @@ def reshape_to(ctx: ConversionContext, x, sizes: Sequence[Any], suffix: str | No
 
 def reshape_to_meta(ctx: ConversionContext, x, suffix: str | None = None):
     """Reshape ``x`` to the node's own (symbolic) output shape."""
-    return reshape_to(ctx, x, list(ctx.node.meta["val"].shape), suffix)
+    return reshape_to(ctx, x, list(ctx.current_node.meta["val"].shape), suffix)
 
 
 def _slice(ctx: ConversionContext, x, start: Sequence[Any], size: Sequence[Any], stride: Sequence[int],
@@ -75,7 +77,7 @@ def _slice(ctx: ConversionContext, x, start: Sequence[Any], size: Sequence[Any],
 
 def slice_dynamic(ctx: ConversionContext, x, dim: int, start: Any, step: int):
     """``x[..., start::step, ...]`` along ``dim`` with the node's symbolic output sizes."""
-    val = ctx.node.meta["val"]
+    val = ctx.current_node.meta["val"]
     shp = shape_of(x)
     r = len(shp)
     x = as_tensor(ctx, x, rank_=r, suffix="src", dtype=val.dtype)   # a weight sliced to a run-time length
@@ -83,7 +85,7 @@ def slice_dynamic(ctx: ConversionContext, x, dim: int, start: Any, step: int):
         if shp[dim] >= 0:
             start = max(0, start + shp[dim])
         else:   # from the end of a dynamic axis: size + start, computed in the network
-            in_val = ctx.node.args[0].meta["val"]
+            in_val = cast(fx.Node, ctx.current_node.args[0]).meta["val"]   # x, the sliced tensor
             start = sym_value(ctx, in_val.shape[dim].node.expr + start)
     starts = [0] * r
     starts[dim] = start
@@ -94,7 +96,7 @@ def slice_dynamic(ctx: ConversionContext, x, dim: int, start: Any, step: int):
 
 def expand_dynamic(ctx: ConversionContext, x):
     """Broadcast ``x`` (same rank) to the node's symbolic shape: a slice with stride 0 on size-1 axes."""
-    val = ctx.node.meta["val"]
+    val = ctx.current_node.meta["val"]
     shp = shape_of(x)
     out = out_shape(ctx)
     strides = [0 if s == 1 and o != 1 else 1 for s, o in zip(shp, out)]
@@ -104,15 +106,16 @@ def expand_dynamic(ctx: ConversionContext, x):
 def fill_like_meta(ctx: ConversionContext, value: float, dtype: torch.dtype | None = None):
     """A tensor of the node's (symbolic) shape holding ``value``: a one-element constant broadcast by
     a stride-0 slice, cast to the node's dtype."""
-    val = ctx.node.meta["val"]
+    val = ctx.current_node.meta["val"]
     r = val.dim()
     dtype = dtype or val.dtype
-    if dtypes.trt_name(dtype) is None:
+    trt_dtype = dtypes.trt_name(dtype)
+    if trt_dtype is None:
         raise Unsupported(f"a dynamic-shape fill of dtype {dtype}")
     c = ctx.constant(torch.tensor(float(value)), shape=(1,) * r, suffix="value")
     y = _slice(ctx, c, [0] * r, list(val.shape), [0] * r, suffix="broadcast")
     if dtype is not torch.float32:
-        y = ctx.name(ctx.network.add_cast(y, getattr(ctx.trt.DataType, dtypes.trt_name(dtype))), "cast").get_output(0)
+        y = ctx.name(ctx.network.add_cast(y, getattr(ctx.trt.DataType, trt_dtype)), "cast").get_output(0)
     return y
 
 
@@ -149,7 +152,7 @@ def arange(ctx, node, args, kwargs):
     if val.dtype is torch.int64:
         return ctx.name(layer).get_output(0)
     y = ctx.name(layer, "fill").get_output(0)
-    return ctx.name(ctx.network.add_cast(y, getattr(trt.DataType, dtypes.trt_name(val.dtype)))).get_output(0)
+    return ctx.name(ctx.network.add_cast(y, getattr(trt.DataType, dtypes.trt_name(val.dtype, "FLOAT")))).get_output(0)
 
 
 def _fill_value(node, args, kwargs, index: int):
