@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import collections
 import copy
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -63,10 +64,10 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
     # the caller passed; assigning fresh tensors (cast to the template's dtypes, as an in-place
     # load_state_dict would) leaves those untouched.
     values = collections.OrderedDict(
-        (k, (state[k] if k in state else v).detach().to(v.dtype).clone()) for k, v in own.items())
+        (k, state.get(k, v).detach().to(v.dtype).clone()) for k, v in own.items())
     metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
     if metadata is not None:
-        values._metadata = metadata
+        values._metadata = metadata  # type: ignore[attr-defined]  # torch's state_dict convention (load_state_dict reads it)
     try:
         module.load_state_dict(values, strict=True, assign=True)
     except RuntimeError as err:

@@ -11,7 +11,8 @@ import dataclasses
 import hashlib
 import json
 import operator
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import sympy
 import torch
@@ -97,7 +98,7 @@ def input_names(ep: torch.export.ExportedProgram) -> list[str]:
 def _sizes(shape, symbols: dict) -> list:
     """A shape as JSON: a dynamic size is written with its symbols renamed in order of appearance
     (``d0``, ``d1``...), so two exports of one architecture with the same ranges compare equal."""
-    out = []
+    out: list[int | str] = []
     for s in shape:
         if isinstance(s, torch.SymInt) and not s.node.expr.is_number:
             expr = s.node.expr
@@ -111,7 +112,7 @@ def _sizes(shape, symbols: dict) -> list:
 
 def _describe_arg(a: Any, symbols: dict):
     if isinstance(a, fx.Node):
-        val = a.meta.get("val")
+        val: Any = a.meta.get("val")   # a fake tensor, a SymInt, a tuple of them...
         return ["node", a.name, _sizes(val.shape, symbols) if hasattr(val, "shape") else None]
     if isinstance(a, (list, tuple)):
         return [_describe_arg(x, symbols) for x in a]

@@ -27,7 +27,8 @@ import dataclasses
 import inspect
 import random
 import re
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -79,6 +80,7 @@ def _as_range(value: Any, where: str) -> DimRange | None:
 
 def _per_dim(spec: Any, rank: int, where: str) -> dict[int, DimRange]:
     """{dim: DimRange} from {dim: range} or a tuple of per-dim entries."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(spec, Mapping):
         items = spec.items()
     elif isinstance(spec, (tuple, list)):
@@ -176,11 +178,13 @@ class ShapeProfiles:
         from torch.export import Dim
 
         dims: dict[str, Any] = {}
-        out = []
-        for ranges, names in zip(self.ranges, self.dim_names):
+        out: list[dict[int, Any] | None] = []
+        for i, (ranges, names) in enumerate(zip(self.ranges, self.dim_names)):
             entry = {}
             for d, ((lo, _, hi), name) in enumerate(zip(ranges, names)):
                 if lo != hi:
+                    if name is None:   # only a crafted file: every dynamic dimension is named
+                        raise ShapeRangeError(f"input {self.input_names[i]!r}: dynamic dimension {d} has no name")
                     if name not in dims:
                         dims[name] = Dim(_identifier(name), min=lo, max=hi)
                     entry[d] = dims[name]
@@ -192,7 +196,7 @@ class ShapeProfiles:
                 "profiles": _lists(self.profiles), "dim_names": [list(n) for n in self.dim_names]}
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "ShapeProfiles":
+    def from_json(cls, d: Mapping) -> ShapeProfiles:
         """Read :meth:`to_json`'s form back, checking it (a file is data): raises ShapeRangeError
         for ranges that are not 1 <= min <= opt <= max, or tables that do not match."""
         def ranges(table):
@@ -261,9 +265,12 @@ def resolve_dynamic_shapes(model: torch.nn.Module, examples: Sequence[torch.Tens
             per_input[i] = _from_torch_dims(spec, examples[i].dim(), f"dynamic_shapes[{key!r}]")
         else:
             per_input[i] = _per_dim(spec, examples[i].dim(), f"dynamic_shapes[{key!r}]")
-    ranges, dim_names, tied = [], [], {}
+    ranges: list[tuple[Range, ...]] = []
+    dim_names: list[tuple[str | None, ...]] = []
+    tied: dict[str, Range] = {}
     for i, (t, dims) in enumerate(zip(examples, per_input)):
-        inp, nm = [], []
+        inp: list[Range] = []
+        nm: list[str | None] = []
         for d, size in enumerate(t.shape):
             r = dims.get(d)
             if r is None:
@@ -407,7 +414,7 @@ def sample_shapes(sp: ShapeProfiles, n_random: int = 2, *, seed: int = 0) -> lis
 
 def draw_shapes(sp: ShapeProfiles, pick, profile: int = 0) -> list[tuple[int, ...]]:
     """One shape per input inside ``profile``, sizes from ``pick(lo, hi)``; shared names share a size."""
-    chosen: dict[str, int] = {}
+    chosen: dict[str | None, int] = {}
     shapes = []
     for ranges, names in zip(sp.profiles[profile], sp.dim_names):
         shape = []

@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import collections
 import importlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
-           "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples", "flat_positional",
-           "as_positional"]
+           "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples",
+           "flat_positional", "as_positional"]
 
 
 class Inputs:

@@ -19,14 +19,15 @@ from __future__ import annotations
 import dataclasses
 import operator
 import types
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
-from refitcore.conversion.convert import dynamic_node_names, node_problem
 from refitcore.capture.lowering import module_path
+from refitcore.conversion.convert import dynamic_node_names, node_problem
 from refitcore.partition.torch_program import SHAPE_ONLY_OPS
 
 __all__ = ["Segment", "PartitionPlan", "partition", "subprogram", "SubProgram", "DEFAULT_MIN_BLOCK_SIZE",
@@ -50,7 +51,7 @@ class Segment:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "Segment":
+    def from_json(cls, d: Mapping) -> Segment:
         return cls(d["kind"], list(d["nodes"]), list(d.get("inputs", [])), list(d.get("outputs", [])))
 
 
@@ -74,7 +75,7 @@ class PartitionPlan:
                 "skipped": self.skipped, "counted": [[k, v] for k, v in self.counted.items()]}
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "PartitionPlan":
+    def from_json(cls, d: Mapping) -> PartitionPlan:
         return cls([Segment.from_json(s) for s in d["segments"]], {e[0]: list(e[1:]) for e in d["fallback"]},
                    list(d.get("skipped", [])), {e[0]: e[1] for e in d.get("counted", [])})
 
@@ -136,7 +137,7 @@ def partition(ep, *, torch_executed_ops: Iterable[Any] = (), min_block_size: int
     user_op = op_matcher(torch_executed_ops)
     forced = dict(forced or {})
     order: list[fx.Node] = []
-    skipped: list[str] = sorted(_assertions(gm), key=list(n.name for n in gm.graph.nodes).index)
+    skipped: list[str] = sorted(_assertions(gm), key=[n.name for n in gm.graph.nodes].index)
     dropped = set(skipped)
     reasons: dict[str, str] = {}
     for node in gm.graph.nodes:

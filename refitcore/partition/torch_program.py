@@ -16,7 +16,8 @@ imported.
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import fx
@@ -109,7 +110,7 @@ def _encode_node(gm, node: fx.Node, specs) -> dict:
             val = a.meta.get("val")
             if isinstance(val, torch.Tensor):
                 return {"zeros": [list(val.shape), _dtype_name(val.dtype)]}
-        if a.op == "get_attr":
+        if a.op == "get_attr" and isinstance(a.target, str):   # a get_attr's target is the attribute path
             sub = getattr(gm, a.target)
             return {"graph": encode_graph(sub)}
         return {"node": a.name}
