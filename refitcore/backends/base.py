@@ -11,7 +11,8 @@ backend, as ``typing.Protocol`` s. Both backends (``reference``, ``tensorrt``) i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -126,7 +127,7 @@ class EngineImpl(Protocol):
         ...
 
     @classmethod
-    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "EngineImpl": ...
+    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> EngineImpl: ...
 
 
 @runtime_checkable

@@ -3,17 +3,18 @@ Refitter's contract. It proves the network and the weight mapping right without 
 not exercise TensorRT's kernels."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from refitcore import dtypes
-from refitcore.capture.shapes import ShapeProfiles
-from refitcore.options import MAX_TENSOR_ELEMENTS
-from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
 from refitcore.backends.base import HostWeights, WeightsPrototype, staged
 from refitcore.backends.reference_ops import OPS, run_layer
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
+from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
 
@@ -49,10 +50,10 @@ class ReferenceEngine(HostWeights):
             weights = initial if weights is None else weights
         # Engine order (layer by layer, roles in TensorRT's order), whatever order the plan's JSON
         # kept: a saved engine lists its weights exactly as the one it was saved from.
-        locations = {k: (int(v[0]), v[1]) for k, v in plan["weight_locations"].items()}
+        located = {k: (int(v[0]), v[1]) for k, v in plan["weight_locations"].items()}
         role_rank = lambda i, role: WEIGHT_ROLES.get(plan["layers"][i]["type"], ()).index(role)  # noqa: E731
         self._locations: dict[str, tuple[int, str]] = dict(
-            sorted(locations.items(), key=lambda kv: (kv[1][0], role_rank(*kv[1]))))
+            sorted(located.items(), key=lambda kv: (kv[1][0], role_rank(*kv[1]))))
         if weights is None:
             raise ValueError("a deserialized reference plan needs its weights")
         missing = sorted(set(self._locations) - set(weights))
@@ -131,7 +132,7 @@ class ReferenceEngine(HostWeights):
         return [env[t["name"]] for t in self.plan["outputs"]]
 
     # ---- refit -----------------------------------------------------------------
-    def create_refitter(self, *, adopt: bool = False) -> "ReferenceRefitter":
+    def create_refitter(self, *, adopt: bool = False) -> ReferenceRefitter:
         return ReferenceRefitter(self, adopt=adopt)
 
     def commit(self, new: dict[str, np.ndarray]) -> None:
@@ -147,7 +148,7 @@ class ReferenceEngine(HostWeights):
         return {"backend": NAME, "plan": self.plan}, dict(self._weights) if weights else {}
 
     @classmethod
-    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "ReferenceEngine":
+    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> ReferenceEngine:
         return cls(header["plan"], arrays)
 
 
@@ -259,7 +260,7 @@ def check_plan(plan: Any) -> None:
     dynamic = plan.get("profiles") is not None
     if dynamic:   # well-formed ranges for the inputs the plan has (ShapeRangeError is a ValueError)
         names = ShapeProfiles.from_json(plan["profiles"]).input_names
-        if sorted(names) != sorted(t.get("name") for t in parts["inputs"] if isinstance(t, dict)):
+        if sorted(names) != sorted((t.get("name") for t in parts["inputs"] if isinstance(t, dict)), key=str):
             _fail("the profiles name other inputs than the plan")
     defined = {_tensor(t, "input", dynamic) for t in parts["inputs"]}
     for i, layer in enumerate(parts["layers"]):

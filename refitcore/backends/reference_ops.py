@@ -4,7 +4,7 @@ they differ: elementwise inputs must have equal rank, average pooling counts pad
 as "copy this dimension" when ``zero_is_placeholder``."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,7 +155,7 @@ def scale(layer, ins, w):
     return [y if p is None else torch.pow(y, get("POWER", 1.0))]
 
 
-_EW = {
+_EW: dict[str, Callable[..., torch.Tensor]] = {
     "SUM": torch.add, "PROD": torch.mul, "SUB": torch.sub, "DIV": torch.div, "MAX": torch.maximum,
     "MIN": torch.minimum, "POW": torch.pow, "FLOOR_DIV": torch.floor_divide, "AND": torch.logical_and,
     "OR": torch.logical_or, "XOR": torch.logical_xor, "EQUAL": torch.eq, "GREATER": torch.gt, "LESS": torch.lt,
@@ -257,7 +257,9 @@ def fill(layer, ins, w):
     return [values.round().to(dtype) if not dtype.is_floating_point else values.to(dtype)]
 
 
-_RED = {"SUM": torch.sum, "PROD": None, "MAX": torch.amax, "MIN": torch.amin, "AVG": torch.mean}
+# PROD is not here: reduce() takes it one axis at a time (torch.prod reduces one dimension)
+_RED: dict[str, Callable[..., torch.Tensor]] = {
+    "SUM": torch.sum, "MAX": torch.amax, "MIN": torch.amin, "AVG": torch.mean}
 
 
 @op("REDUCE")
@@ -356,7 +358,7 @@ def softmax(layer, ins, w):
     return [torch.softmax(ins[0], dim=axes[0])]
 
 
-_UNARY = {
+_UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
     "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh,
     "COSH": torch.cosh, "ASIN": torch.asin, "ACOS": torch.acos, "ATAN": torch.atan, "ASINH": torch.asinh,

@@ -34,19 +34,20 @@ Documentation relied on (NVIDIA):
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from refitcore import _trt, dtypes
-from refitcore.errors import BackendUnavailableError
-from refitcore.capture.shapes import ShapeProfiles
 from refitcore.backends.base import HostWeights
 from refitcore.backends.tensorrt_build import PlanBuild, build_plan
 from refitcore.backends.tensorrt_probe import ProbeResult, probe
-from refitcore.backends.tensorrt_shapes import set_input_shapes
 from refitcore.backends.tensorrt_refit import TensorRTRefitter, make_error_recorder
+from refitcore.backends.tensorrt_shapes import set_input_shapes
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.errors import BackendUnavailableError
 
 __all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "probe_result", "build", "load_engine",
            "serialization_config", "check_inputs"]
@@ -161,7 +162,8 @@ class TensorRTEngine(HostWeights):
         return self._recorder.take() + self._logger.take()
 
     def _read_io(self, t):
-        ins, outs = [], []
+        ins: list[dict[str, Any]] = []
+        outs: list[dict[str, Any]] = []
         for i in range(self._engine.num_io_tensors):
             name = self._engine.get_tensor_name(i)
             spec = {"name": name, "shape": [int(s) for s in self._engine.get_tensor_shape(name)],
@@ -258,7 +260,7 @@ class TensorRTEngine(HostWeights):
                 dict(self._weights) if weights else {})
 
     @classmethod
-    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> "TensorRTEngine":
+    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> TensorRTEngine:
         blobs = header.get("blobs") or {}
         if "plan" not in blobs:
             raise ValueError("a TensorRT engine header needs its plan (blobs['plan'])")

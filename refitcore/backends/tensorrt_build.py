@@ -25,8 +25,8 @@ import dataclasses
 import time
 
 from refitcore import _trt
-from refitcore.errors import BackendUnavailableError
 from refitcore.backends.tensorrt_shapes import add_profiles
+from refitcore.errors import BackendUnavailableError
 
 __all__ = ["PRECISIONS", "PlanBuild", "builder_config", "build_plan"]
 
@@ -98,7 +98,7 @@ def build_plan(builder, network, *, precision: str = "fp32", tf32: bool = False,
     if check_support and hasattr(builder, "is_network_supported"):
         try:
             supported = bool(builder.is_network_supported(network, config))
-        except Exception as err:  # an API that cannot answer here is not a verdict on the network
+        except Exception as err:  # noqa: BLE001 - an API that cannot answer here is not a verdict on the network
             supported = None
             log.messages.append(f"[is_network_supported] {type(err).__name__}: {err}")
     t0 = time.perf_counter()

@@ -66,7 +66,8 @@ def _child(report: dict) -> dict:
     inp = torch.randn(1, 2, 4, 4, device="cuda")
 
     def expected(k, b):
-        return torch.nn.functional.conv2d(inp, torch.from_numpy(k).reshape(2, 2, 1, 1).cuda(), torch.from_numpy(b).cuda())
+        return torch.nn.functional.conv2d(inp, torch.from_numpy(k).reshape(2, 2, 1, 1).cuda(),
+                                          torch.from_numpy(b).cuda())
 
     got = engine.run([inp])[0]
     if not torch.allclose(got, expected(kernel, bias), atol=1e-5):
@@ -94,7 +95,7 @@ def main() -> int:
     report: dict = {"ok": False, "stage": "start"}
     try:
         _child(report)
-    except BaseException as err:  # report any failure, whatever it is, as data (the stage says where)
+    except BaseException as err:  # noqa: BLE001 - report any failure, whatever it is, as data (the stage says where)
         said = getattr(err, "tensorrt_messages", None)
         report.update(ok=False, reason="; ".join(said) if said else f"{type(err).__name__}: {err}")
     _emit(report)

@@ -28,7 +28,8 @@ caller:
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from refitcore.backends.base import WeightsPrototype
 __all__ = ["TensorRTRefitter", "make_error_recorder"]
 
 
-def make_error_recorder(trt):
+def make_error_recorder(trt: Any):
     """An ``IErrorRecorder`` that keeps every error TensorRT reports, for our exceptions.
 
     Interface: https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/c-api/classnvinfer1_1_1v__1__0_1_1_i_error_recorder.html
@@ -113,7 +114,7 @@ class TensorRTRefitter:
         self._shapes = dict(shapes)
         self._on_commit = on_commit
         self._before_refit = before_refit
-        self._messages = messages or (lambda: [])
+        self._messages = messages or list
         # name -> (buffer handed to TensorRT, trt.Weights pointing at it, host copy or None)
         self._pending: dict[str, tuple[Any, Any, np.ndarray | None]] = {}
         self.errors: list[str] = []

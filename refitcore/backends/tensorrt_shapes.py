@@ -18,7 +18,8 @@ Written to NVIDIA's documentation (this code cannot run an engine on the machine
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from refitcore.capture.shapes import ShapeProfiles
 
@@ -42,7 +43,7 @@ def add_profiles(builder, config, profiles: ShapeProfiles | None) -> int:
 
 
 def set_input_shapes(context, profiles: ShapeProfiles, names: Sequence[str], shapes: Sequence[Sequence[int]],
-                     *, current: int, stream_handle: Any, said=lambda: []) -> int:
+                     *, current: int, stream_handle: Any, said=list) -> int:
     """Select the profile that contains ``shapes`` (raising :class:`refitcore.capture.shapes.ShapeRangeError`
     naming the input, dimension and range when none does) and set each input's shape on
     ``context``. Returns the selected profile index."""
