@@ -12,13 +12,13 @@ import json
 import os
 import platform
 import sys
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
-from refitcore import _trt
-from refitcore.cli.text import DOCTOR_FLAGS
-from refitcore.backends import resolve_backend
-from refitcore.backends import tensorrt as trt_backend
+from refitcore import _trt, _version
+from refitcore.backends import resolve_backend, tensorrt as trt_backend
 from refitcore.backends.tensorrt_probe import STAGES, ProbeResult
+from refitcore.cli.text import DOCTOR_FLAGS
 
 __all__ = ["Check", "doctor", "render", "main", "stage_checks"]
 
@@ -41,7 +41,7 @@ class Check(NamedTuple):
 def _torch_checks() -> list[Check]:
     try:
         import torch
-    except Exception as err:  # torch is a hard dependency, but say so instead of crashing
+    except Exception as err:  # noqa: BLE001 - torch is a hard dependency, but say so instead of crashing
         return [Check("torch", False, f"cannot import torch: {type(err).__name__}: {err}")]
     out = [Check("torch", torch.__version__, f"CUDA build {torch.version.cuda or 'none (CPU-only wheel)'}")]
     if torch.cuda.is_available():
@@ -90,13 +90,8 @@ def stage_checks(result: ProbeResult) -> list[Check]:
 
 def doctor() -> list[Check]:
     """Run every check (the TensorRT capability probe may take a few seconds on a GPU machine)."""
-    checks = [Check("python", platform.python_version(), sys.executable)]
-    try:
-        from refitcore import _version
-
-        checks.append(Check("refitcore", _version.__version__, os.path.dirname(_version.__file__)))
-    except Exception as err:  # pragma: no cover - we are inside refitcore
-        checks.append(Check("refitcore", False, str(err)))
+    checks = [Check("python", platform.python_version(), sys.executable),
+              Check("refitcore", _version.__version__, os.path.dirname(_version.__file__))]
     torch_checks = _torch_checks()
     # Without a CUDA GPU, "no GPU, no TensorRT engine" is expected, not a failure: those lines say n/a
     # (the reference backend covers this machine). The values stay False: --require-tensorrt still fails.

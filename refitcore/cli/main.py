@@ -13,13 +13,13 @@ import logging
 import os
 import sys
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
+from refitcore.capture.shapes import cli_inputs, format_range, input_shape_arg
 from refitcore.cli.text import AUDIT_EPILOG, COMPILE_EPILOG, DOCTOR_FLAGS, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
-from refitcore.options import TOOL, parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 from refitcore.gating.samples import load_samples
-from refitcore.capture.shapes import cli_inputs, format_range, input_shape_arg
+from refitcore.options import TOOL, parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
 
 __all__ = ["main", "build_parser", "parse_shape", "load_samples", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
@@ -80,9 +80,9 @@ def _write_text(path: str, text: str, progress: Progress, what: str) -> None:
 def _cmd_compile(args, progress: Progress) -> int:
     import torch
 
+    from refitcore.capture.eager import eager_model
     from refitcore.compiler.native import compile as compile_model
     from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
-    from refitcore.capture.eager import eager_model
 
     _writable(args.output, "output")
     try:
@@ -102,7 +102,7 @@ def _cmd_compile(args, progress: Progress) -> int:
     try:  # a shape the model rejects is a usage error: say so before exporting
         with torch.no_grad():
             model(*inputs)
-    except Exception as err:  # noqa: BLE001 - whatever the model raises, the input does not fit it
+    except Exception as err:  # whatever the model raises, the input does not fit it
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CliError(f"{args.factory} rejects input shape(s) {shapes}: {first}") from err
     with progress.step(f"compiling {args.factory} for input {shapes} (export, conversion, {args.backend} build)"):
@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(dest, metavar=metavar, help=text)
 
     def tolerances(p: argparse.ArgumentParser, rtol: float, atol: float, rtol_of: str, atol_of: str) -> None:
-        p.add_argument("--rtol", type=parse_tolerance, default=rtol, help=f"relative tolerance{rtol_of} (default: {rtol:g})")
-        p.add_argument("--atol", type=parse_tolerance, default=atol, help=f"absolute tolerance{atol_of} (default: {atol:g})")
+        p.add_argument("--rtol", type=parse_tolerance, default=rtol,
+                       help=f"relative tolerance{rtol_of} (default: {rtol:g})")
+        p.add_argument("--atol", type=parse_tolerance, default=atol,
+                       help=f"absolute tolerance{atol_of} (default: {atol:g})")
 
     c = command("compile", _cmd_compile, "compile a model factory into a refittable engine bundle",
                 "Export MODULE:FACTORY's model, convert it to a refittable TensorRT network, build it, and save "
