@@ -11,8 +11,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import refitcore  # noqa: E402
-from tests.models import MODELS, SMALL, make  # noqa: E402
+import refitcore
+from tests.models import MODELS, SMALL, make
 
 LARGE = [n for n in MODELS if n not in SMALL]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from refitcore.cli import doctor
 from refitcore.backends import tensorrt as trt_backend
 from refitcore.backends.tensorrt_probe import ProbeResult
+from refitcore.cli import doctor
 
 H200 = ("TensorRT-RTX does not support compute capability 9.0 (NVIDIA H200): TensorRT-RTX 1.7.1.116 refused to "
         "deserialize an engine: [FAILED_INITIALIZATION] ...")

@@ -24,7 +24,7 @@ def flat():
 
 def test_reference_interprets_shape_layers(flat):
     model, engine = flat
-    types = {l["type"] for l in engine._impl.plan["layers"]}
+    types = {layer["type"] for layer in engine._impl.plan["layers"]}
     assert {"SHAPE", "GATHER", "CONCATENATION", "SHUFFLE"} <= types
     for b in (1, 4, 6):
         x = torch.randn(b, 3, 4)
@@ -37,7 +37,7 @@ def test_per_layer_check_still_checks_the_known_dims(flat):
     _, engine = flat
     header, arrays = engine._impl.serialize()
     plan = copy.deepcopy(header["plan"])
-    layer = next(l for l in plan["layers"] if l["type"] == "SHUFFLE")
+    layer = next(entry for entry in plan["layers"] if entry["type"] == "SHUFFLE")
     assert layer["outputs"][0]["shape"] == [-1, 12]
     layer["outputs"][0]["shape"] = [-1, 13]
     broken = ReferenceEngine(plan, arrays)
@@ -50,7 +50,7 @@ def test_a_wrong_shape_constant_is_caught(flat):
     _, engine = flat
     header, arrays = engine._impl.serialize()
     plan = copy.deepcopy(header["plan"])
-    const = next(l for l in plan["layers"] if "values" in l["attrs"] and l["attrs"]["values"] == [12])
+    const = next(entry for entry in plan["layers"] if "values" in entry["attrs"] and entry["attrs"]["values"] == [12])
     const["attrs"]["values"] = [6]
     broken = ReferenceEngine(plan, arrays)
     with pytest.raises(RuntimeError, match=r"shape .\[3, 6\]. is invalid"):
@@ -136,10 +136,10 @@ def test_size_expressions_become_network_arithmetic(expr, fn):
     import sympy
     from torch.utils._sympy import functions as symfn
 
-    from refitcore.conversion.context import ConversionContext
-    from refitcore.conversion.shape_tensors import SymbolTable, sym_value
-    from refitcore.conversion.network_reader import read_network
     from refitcore.capture.shapes import ShapeProfiles
+    from refitcore.conversion.context import ConversionContext
+    from refitcore.conversion.network_reader import read_network
+    from refitcore.conversion.shape_tensors import SymbolTable, sym_value
     from refitcore.conversion.weight_map import WeightMap
 
     trt = _trt.trt()

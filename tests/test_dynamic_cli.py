@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.cli import main as cli
 from refitcore.capture.shapes import ShapeRangeError, parse_shape_range
+from refitcore.cli import main as cli
 from tests.cli_models import randomized_state
 
 FACTORY = "tests.cli_models:small_net"

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import refitcore
-from refitcore.engine.refittable import RefittableEngine
 from refitcore.engine.fileio import atomic_write
+from refitcore.engine.refittable import RefittableEngine
 
 MODEL = "residual"
 SAVES = 300   # enough that two writers sharing one temporary name (the old ``PATH.tmp``) fail here

@@ -24,7 +24,7 @@ def members(protocol) -> list[str]:
 def _signature_matches(cls, protocol, name):
     want = [p for p in inspect.signature(getattr(protocol, name)).parameters if p != "self"]
     got = [p for p in inspect.signature(getattr(cls, name)).parameters if p != "self"]
-    return got[:len(want)] == want or any(inspect.Parameter.VAR_KEYWORD == p.kind
+    return got[:len(want)] == want or any(p.kind == inspect.Parameter.VAR_KEYWORD
                                           for p in inspect.signature(getattr(cls, name)).parameters.values())
 
 
@@ -41,7 +41,7 @@ def test_protocols_declare_the_contract():
 def test_backend_modules_are_backends(name):
     module = get_backend(name)
     assert isinstance(module, base.Backend)
-    assert module.NAME == name and module.NOTE
+    assert name == module.NAME and module.NOTE
 
 
 def test_reference_engine_and_refitter_satisfy_the_protocols(compiled):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from refitcore.backends import resolve_backend
-from refitcore.backends import tensorrt as trt_backend
+from refitcore.backends import resolve_backend, tensorrt as trt_backend
 from refitcore.backends.base import WeightsPrototype
 from tests.backends.fake_trt import W0
 
@@ -101,7 +100,8 @@ class _SavedImpl:
         return WeightsPrototype(name, "FLOAT", int(a.size), tuple(a.shape))
 
     def serialize(self, *, weights=True):
-        return {"backend": "tensorrt", "meta": self.meta, "blobs": {"plan": self.plan}}, dict(self.weights) if weights else {}
+        header = {"backend": "tensorrt", "meta": self.meta, "blobs": {"plan": self.plan}}
+        return header, dict(self.weights) if weights else {}
 
     @classmethod
     def deserialize(cls, header, arrays):
@@ -109,8 +109,8 @@ class _SavedImpl:
 
 
 def _saved_engine(meta):
-    from refitcore.engine.refittable import IOSpec, RefittableEngine
     from refitcore.conversion.weight_map import WeightMap, WeightSource
+    from refitcore.engine.refittable import IOSpec, RefittableEngine
 
     impl = _SavedImpl(bytes(range(256)) * 3, {"conv KERNEL": W0["conv KERNEL"]}, meta)
     io = IOSpec(("x",), ((1, 1, 3, 3),), ("float32",), ("output_0",), ((1, 2, 2, 2),))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from refitcore.refitting import driver
 from refitcore.errors import RefitError, WeightMappingError
+from refitcore.refitting import driver
 from tests.backends.fake_trt import LAYERS, W0, FakeImpl, make_engine, new_weights
 
 

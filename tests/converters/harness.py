@@ -3,7 +3,7 @@ with eager, then refit it with new random weights through the cached and the fal
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -62,8 +62,8 @@ def check_converter(model: nn.Module, *inputs: torch.Tensor, seed: int = 1,
         assert err <= tolerance(e), f"output {i}: max abs error {err:.3g} > {tolerance(e):.3g}"
     new = random_weights(model, seed)
     # The weight map survives JSON (operands of folded ops included) and still maps new weights the same.
-    from refitcore.refitting.mapping import cached_mapping
     from refitcore.conversion.weight_map import WeightMap
+    from refitcore.refitting.mapping import cached_mapping
 
     loaded = WeightMap.loads(engine.weight_map.dumps())
     want, got = cached_mapping(engine.weight_map, new.state_dict()), cached_mapping(loaded, new.state_dict())

@@ -69,7 +69,7 @@ def test_dynamic_op_matches_eager_across_the_range(name):
             want = model(x)
         got = engine(x)
         assert got.shape == want.shape, (name, s)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name} at {s}: {m}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, s=s: f"{name} at {s}: {m}")
 
 
 def test_two_index_tensors_over_every_axis_match_eager():
