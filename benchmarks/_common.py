@@ -12,8 +12,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -117,12 +117,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 def record(name: str, title: str, body: str, info: dict, notes: Sequence[str] = (), save: bool = True) -> None:
     """Print the result and append it to ``benchmarks/results/<name>.md``."""
     info = dict(info, loadavg_end=loadavg())
+    busy = (" (the cores were shared with other work: absolute times are inflated, ratios less so)"
+            if _busy(info) else "")
     head = (f"## {info['date']}: {title}\n\n"
             f"Machine: {info['cpu']}, {info['cores']} usable core(s), torch threads {info['torch_threads']}, "
             f"GPU: {info['gpu']}; Python {info['python']}, torch {info['torch']}, numpy {info['numpy']}; "
             f"commit {info['commit']}. "
             f"Load average (1/5/15 min) {info['loadavg_start']} at start, {info['loadavg_end']} at end"
-            f"{' (the cores were shared with other work: absolute times are inflated, ratios less so)' if _busy(info) else ''}.\n")
+            f"{busy}.\n")
     text = head + "\n" + body.rstrip() + "\n"
     if notes:
         text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
                              f">= {PYTEST_TARGET:g}x: {'met' if ok else '**not met**'}"])
                 rows.append([f"same, compile step (sum over {pt['cold'][0]['builds']} models)", f"{comp['cold']:.2f} s",
                              f"{comp['warm']:.3f} s", f"{comp['cold'] / max(comp['warm'], 1e-9):.1f}x", "", ""])
-                shown = {k: ", ".join("%.2f" % r["wall"] for r in v) for k, v in pt.items()}
+                shown = {k: ", ".join(f"{r['wall']:.2f}" for r in v) for k, v in pt.items()}
                 notes.append(f"pytest {label}, wall (s): cold {shown['cold']}; warm {shown['warm']}")
         body = C.table(["measurement", "cold", "hit / warm", "speedup", "hit verified on 1 sample", "target"], rows)
         notes.append(f"busiest processes at the start (CPU %, command): {others}")

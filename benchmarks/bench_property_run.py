@@ -28,7 +28,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     C.set_threads(args.threads)
     info = C.machine_info()
-    import torch
     from hypothesis import HealthCheck, given, settings, strategies as st
 
     import refitcore

@@ -19,7 +19,8 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,9 +71,9 @@ def check(case: Case) -> dict:
     from refitcore import _trt
     from refitcore.backends.tensorrt_build import build_plan
     from refitcore.backends.tensorrt_refit import make_error_recorder
-    from refitcore.conversion.convert import convert
     from refitcore.capture.lowering import export_model, input_names, plan_fusions
     from refitcore.capture.shapes import export_example, resolve_dynamic_shapes
+    from refitcore.conversion.convert import convert
 
     row: dict = {"name": case.name, "ok": False, "build_s": None, "error": ""}
     try:

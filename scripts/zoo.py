@@ -70,7 +70,7 @@ def smallest_input(model) -> tuple[int, str]:
             with torch.no_grad():
                 model(torch.randn(1, 3, s, s))
             return s, ""
-        except Exception as err:  # the model rejects this size: try the next
+        except Exception as err:  # noqa: BLE001 - the model rejects this size: try the next
             reason = f"{type(err).__name__}: {err}"
     raise ValueError(f"no input size in {SIZES} accepted: {reason}")
 
@@ -129,7 +129,7 @@ def run_one(name: str) -> dict:
                 row.setdefault("reason", f"refit {path}: " + str(result).splitlines()[0])
             del result
         row["stage"] = "done"
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - the sweep records any failure in its row (the stage says where)
         row["reason"] = f"{row['stage']}: {type(err).__name__}: {err}"
     row["total_s"] = time.perf_counter() - t0
     row["ok"] = bool(row.get("compile_ok") and row.get("cached_ok") and row.get("fallback_ok")
@@ -155,9 +155,10 @@ def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None
         "strategy, seed 0) compiled on the reference backend at the smallest square input it accepts "
         f"among {list(SIZES)}, compared with eager; then refitted with new random weights (seed {SEED}) "
         "through the cached map and through the fallback, each verified against the eager model; the "
-        "cached refit also audits the cached mapping against the fallback's weight by weight. Pass: max abs error <= 1e-4 * max(1, max|eager|) "
-        "after compile and after both refits, and the audit agrees. Refit times are each path's "
-        "mapping plus applying it (the fallback exports and converts again). The reference backend "
+        "cached refit also audits the cached mapping against the fallback's weight by weight. "
+        "Pass: max abs error <= 1e-4 * max(1, max|eager|) after compile and after both refits, and the audit "
+        "agrees. Refit times are each path's mapping plus applying it (the fallback exports and converts "
+        "again). The reference backend "
         "interprets the TensorRT network on the CPU: it checks the network and the weight mapping, "
         "not TensorRT's kernels.",
         "",
@@ -176,7 +177,8 @@ def table(rows: list[dict], *, elapsed_s: float | None = None, total: int | None
         lines.append(
             f"| {r['model']} | {_fmt(r.get('params_m'), '.1f')} | {f'{size}x{size}' if size else ''} | "
             f"{_fmt(r.get('compile_s'), '.1f')} | {_fmt(r.get('cached_s'), '.3f')} | "
-            f"{_fmt(r.get('fallback_s'), '.1f')} | {_fmt(r.get('eager_max'), '.2g')} | {_fmt(r.get('compile_err'), '.1e')} | "
+            f"{_fmt(r.get('fallback_s'), '.1f')} | {_fmt(r.get('eager_max'), '.2g')} | "
+            f"{_fmt(r.get('compile_err'), '.1e')} | "
             f"{_fmt(r.get('cached_err'), '.1e')} | {_fmt(r.get('fallback_err'), '.1e')} | {result} |")
     return "\n".join(head + lines) + "\n"
 

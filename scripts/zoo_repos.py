@@ -23,8 +23,9 @@ import json
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -221,11 +222,11 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "lraspp_mobilenet_v3_large": ("torchvision lraspp_mobilenet_v3_large @64 (dict out)",
                                   _tv_seg("lraspp_mobilenet_v3_large")),
     "r3d_18": ("torchvision r3d_18 1x3x4x32x32", r3d_18),
-    "fasterrcnn_mobilenet_v3_large_320_fpn": ("torchvision fasterrcnn_mobilenet_v3_large_320_fpn (list of dicts out, 20 detections)",
-                                              fasterrcnn),
-    "dict_input": ("custom: a dict input (min_block_size=1, as every custom row)", _custom(DictIn, lambda: (({"x": torch.randn(2, 8, generator=_g()),
-                                                                          "y": torch.randn(2, 6, generator=_g())},),
-                                                                        {}))),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (
+        "torchvision fasterrcnn_mobilenet_v3_large_320_fpn (list of dicts out, 20 detections)", fasterrcnn),
+    "dict_input": ("custom: a dict input (min_block_size=1, as every custom row)",
+                   _custom(DictIn, lambda: (({"x": torch.randn(2, 8, generator=_g()),
+                                              "y": torch.randn(2, 6, generator=_g())},), {}))),
     "kwargs_none": ("custom: keyword inputs with a None",
                     _custom(KwargsNone, lambda: ((torch.randn(2, 8, generator=_g()),),
                                                  {"mask": torch.ones(2, 8), "scale": None}))),
