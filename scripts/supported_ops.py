@@ -29,6 +29,7 @@ they are folded at conversion time and recorded in the weight map.
 
 
 def render() -> str:
+    from refitcore.conversion import converters  # noqa: F401 - importing them registers the built-in converters
     from refitcore.conversion.registry import lookup, registered_targets
 
     families: dict[str, list[tuple[str, str, bool]]] = defaultdict(list)
