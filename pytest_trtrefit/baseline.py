@@ -20,6 +20,8 @@ import re
 import time
 from typing import Any
 
+from .records import RunRecords
+
 __all__ = ["BASELINE_SCHEMA", "FLOOR", "collect", "save", "compare", "Change", "Comparison", "BaselineError",
            "file_for"]
 
@@ -55,26 +57,26 @@ def _worse(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
-def collect(data: dict) -> dict[str, dict]:
-    """Per model, from a merged session export: ``{"output": {max_abs, max_rel}, "weights": {name: max
+def collect(data: RunRecords) -> dict[str, dict]:
+    """Per model, from a run's merged records: ``{"output": {max_abs, max_rel}, "weights": {name: max
     abs diff}, "order": [engine weight names in engine order], "checks": n}``. Checks that failed
     inside a test that expected it (``pytest.raises``) are left out."""
-    expected = {f.get("test") for f in data.get("expected_failures", [])}
-    expected |= {r.get("test") for r in data["records"] if r.get("expected_failure")}
+    expected = {f.test for f in data.expected_failures}
+    expected |= {r.test for r in data.checks if r.expected_failure}
     models: dict[str, dict] = {}
-    for r in data["records"]:
-        if r.get("test") in expected:
+    for r in data.checks:
+        if r.test in expected:
             continue
-        m = models.setdefault(r["model"], {"output": {"max_abs": None, "max_rel": None}, "weights": {}, "order": [],
-                                           "checks": 0})
+        m = models.setdefault(r.model, {"output": {"max_abs": None, "max_rel": None}, "weights": {}, "order": [],
+                                        "checks": 0})
         m["checks"] += 1
         for k in ("max_abs", "max_rel"):
-            m["output"][k] = _worse(m["output"][k], _num(r.get(k)))
-    for entry in data.get("layers", []):
-        if entry.get("test") in expected or entry["model"] not in models:
+            m["output"][k] = _worse(m["output"][k], _num(getattr(r, k)))
+    for entry in data.layers:
+        if entry.test in expected or entry.model not in models:
             continue
-        m = models[entry["model"]]
-        for name, diff, _status in entry["weights"]:
+        m = models[entry.model]
+        for name, diff, _status in entry.weights:
             if name not in m["weights"]:
                 m["order"].append(name)
             m["weights"][name] = _worse(m["weights"].get(name), _num(diff))

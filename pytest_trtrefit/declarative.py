@@ -16,16 +16,16 @@ from typing import Any
 
 import pytest
 
+from .engines import COMPILE_OPTIONS
 from .outputs import reproduce_command
-from .stash import get_session
+from .stash import get_config, get_recorder, get_session
 
 __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
 
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
-_COMPILE_OPTIONS = ("torch_executed_ops", "min_block_size", "strict")   # passed to refitcore.compile
 _OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families",
-            "dynamic_shapes", *_COMPILE_OPTIONS}
+            "dynamic_shapes", *COMPILE_OPTIONS}
 
 
 class DeclarationError(Exception):
@@ -102,7 +102,7 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
                      options.get("rtol"), options.get("atol"), strat,
                      tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"),
-                     {k: options[k] for k in _COMPILE_OPTIONS if k in options})
+                     {k: options[k] for k in COMPILE_OPTIONS if k in options})
 
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
@@ -141,7 +141,7 @@ class RefitModelsFile(pytest.File):
     def collect(self):
         # Collected (not only created: pytest creates collectors for every file of the rootdir on its
         # way to a path argument, then drops those that do not match): see collection.py.
-        get_session(self.config).collection.setdefault("files", []).append(os.path.realpath(str(self.path)))
+        get_recorder(self.config).collection.setdefault("files", []).append(os.path.realpath(str(self.path)))
         specs = parse_specs(self.module.pytest_trt_refit_models(), str(self.path))
         for spec in specs:
             for check in spec.checks:
@@ -229,7 +229,7 @@ class RefitPropertyItem(pytest.Item):
         return rep
 
     def _reproduce(self) -> str:
-        return "reproduce with: " + reproduce_command(get_session(self.config).config, self.nodeid)
+        return "reproduce with: " + reproduce_command(get_config(self.config), self.nodeid)
 
     def reportinfo(self):
         return self.path, 0, f"trt-refit {self.check}[{self.spec.name}]"

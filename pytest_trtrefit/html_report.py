@@ -18,6 +18,8 @@ import io
 import math
 import os
 
+from .records import RunRecords
+
 __all__ = ["PLOT_HINT", "PlotUnavailableError", "require_matplotlib", "render_png", "render_html", "write"]
 
 PLOT_HINT = "install pytest-trtrefit[plot]"
@@ -40,12 +42,12 @@ def require_matplotlib():
     return plt
 
 
-def _layers_by_model(data: dict) -> dict[str, list[tuple[str, float, str]]]:
+def _layers_by_model(data: RunRecords) -> dict[str, list[tuple[str, float, str]]]:
     """Per model, per engine weight (engine order of first appearance): the worst discrepancy and status."""
     out: dict[str, dict] = {}
-    for entry in data.get("layers", []):
-        m = out.setdefault(entry["model"], {})
-        for name, diff, status in entry["weights"]:
+    for entry in data.layers:
+        m = out.setdefault(entry.model, {})
+        for name, diff, status in entry.weights:
             old_diff, old_status = m.get(name, (0.0, "ok"))
             d = float(diff) if diff is not None else 0.0
             m[name] = (max(old_diff, d), status if status != "ok" else old_status)   # a failure sticks
@@ -61,12 +63,12 @@ def _log_axis_with_zero(ax) -> None:
     ax.set_yticklabels(["0"] + [f"1e{round(math.log10(t))}" for t in ticks], fontsize=7)
 
 
-def render_png(data: dict) -> bytes:
+def render_png(data: RunRecords) -> bytes:
     """The two-panel plot as PNG bytes."""
     plt = require_matplotlib()
     layers = _layers_by_model(data)
-    records = [r for r in data["records"] if not r.get("expected_failure")]
-    models = sorted({r["model"] for r in records} | set(layers))
+    records = [r for r in data.checks if not r.expected_failure]
+    models = sorted({r.model for r in records} | set(layers))
     n_weights = sum(len(v) for v in layers.values())
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(min(16, max(7, 0.28 * n_weights + 3)), 7.5),
                                       gridspec_kw={"height_ratios": [3, 2]})
@@ -98,13 +100,13 @@ def render_png(data: dict) -> bytes:
                  transform=top.transAxes)
     x = 0
     for i, model in enumerate(models):
-        mine = [r for r in records if r["model"] == model]
+        mine = [r for r in records if r.model == model]
         if not mine:
             continue
-        ys = [r.get("max_abs") if isinstance(r.get("max_abs"), (int, float)) else None for r in mine]
+        ys = [r.max_abs if isinstance(r.max_abs, (int, float)) else None for r in mine]
         pts = [(x + k, max(y, _FLOOR)) for k, y in enumerate(ys) if y is not None and math.isfinite(y)]
         bad = [(x + k, max(ys[k], _FLOOR)) for k, r in enumerate(mine)
-               if not r["ok"] and ys[k] is not None and math.isfinite(ys[k])]
+               if not r.ok and ys[k] is not None and math.isfinite(ys[k])]
         if pts:
             bottom.plot([p[0] for p in pts], [p[1] for p in pts], "o", ms=3, color=colors(i % 10), label=model)
         if bad:
@@ -123,7 +125,7 @@ def render_png(data: dict) -> bytes:
     return buf.getvalue()
 
 
-def render_html(data: dict, rows: list[dict], summary_lines: list[str], png: bytes) -> str:
+def render_html(data: RunRecords, rows: list[dict], summary_lines: list[str], png: bytes) -> str:
     """The page: summary lines, the embedded plot, the per-model table, per-weight tables."""
     esc = html.escape
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>trt-refit report</title>",
@@ -150,7 +152,7 @@ def render_html(data: dict, rows: list[dict], summary_lines: list[str], png: byt
     return "\n".join(parts) + "\n"
 
 
-def write(path: str, data: dict, rows: list[dict], summary_lines: list[str]) -> str:
+def write(path: str, data: RunRecords, rows: list[dict], summary_lines: list[str]) -> str:
     """Render and write the page atomically; returns its absolute path."""
     from refitcore.engine.fileio import atomic_write
 

@@ -1,11 +1,13 @@
 """pytest plugin entry point: options, markers, the ``trt_refit`` fixture and reporting hooks.
 
-The work lives beside this module: :mod:`.config` (options), :mod:`.service` (the session object and
-compile cache), :mod:`.checks` (checks and the mismatch report), :mod:`.declarative` (tests generated
-from a conftest's model list), :mod:`.collection` (what gets collected and marked), :mod:`.report`
-(terminal summary and JSON report), :mod:`.baseline` (save/compare), :mod:`.html_report` (the
-per-layer plot), :mod:`.outputs` (session end, JUnit properties, reproduce lines). torch, TensorRT
-and refitcore are imported only when a check runs.
+The work lives beside this module: :mod:`.config` (options), :mod:`.engines` (the session's engine
+provider: backend, compile cache, engine cache), :mod:`.recorder` (the session's report recorder:
+typed :mod:`.records`, the reports at session end), :mod:`.service` (what the fixture gives a test),
+:mod:`.checks` (checks and the mismatch report), :mod:`.declarative` (tests generated from a
+conftest's model list), :mod:`.collection` (what gets collected and marked), :mod:`.report` (terminal
+summary and JSON report), :mod:`.baseline` (save/compare), :mod:`.html_report` (the per-layer plot),
+:mod:`.outputs` (usage errors, JUnit properties, reproduce lines). torch, TensorRT and refitcore are
+imported only when a check runs.
 """
 from __future__ import annotations
 
@@ -15,8 +17,11 @@ from . import collection, hooks, outputs
 from .checks import quiet_logs
 from .config import add_options, resolve
 from .declarative import RefitPropertyItem, collect_conftest
-from .service import RefitSession, worker_id
-from .stash import SESSION_KEY, get_session
+from .engines import EngineProvider
+from .records import RunRecords
+from .recorder import ReportRecorder, worker_id
+from .service import RefitSession
+from .stash import ENGINES_KEY, RECORDER_KEY, get_config, get_engines, get_recorder, get_session
 
 SKIP_REASON = "needs --trt-refit"
 _MARKER = ("trt_refit: a TensorRT refit check; skipped unless pytest runs with --trt-refit "
@@ -36,9 +41,10 @@ def pytest_configure(config) -> None:
     config.addinivalue_line("markers", _MARKER)
     handed_down = getattr(config, "workerinput", {}).get("trt_refit_seed")   # pytest-xdist worker
     cfg = resolve(config, seed=handed_down)
-    session = RefitSession(cfg, worker=worker_id())
-    config.stash[SESSION_KEY] = session
-    config.pluginmanager.register(_OutcomeRecorder(session), "trt-refit-outcomes")
+    recorder = ReportRecorder(cfg, worker=worker_id())
+    config.stash[ENGINES_KEY] = EngineProvider(cfg, worker=worker_id())
+    config.stash[RECORDER_KEY] = recorder
+    config.pluginmanager.register(recorder, "trt-refit-recorder")   # test outcomes, also on the xdist controller
     if cfg.enabled:
         from hypothesis import settings
 
@@ -52,22 +58,8 @@ def pytest_configure(config) -> None:
             config.option.hypothesis_seed = str(cfg.seed)
 
 
-class _OutcomeRecorder:
-    """Test outcomes, also on the pytest-xdist controller: a failing check inside a test that passed
-    (``pytest.raises``) was expected by its test and does not fail the JSON report's gate."""
-
-    def __init__(self, session: RefitSession):
-        self.session = session
-
-    def pytest_runtest_logreport(self, report) -> None:
-        if report.when == "call" or report.outcome != "passed":
-            previous = self.session.outcomes.get(report.nodeid)
-            if previous in (None, "passed"):
-                self.session.outcomes[report.nodeid] = report.outcome
-
-
 def pytest_report_header(config):
-    cfg = get_session(config).config
+    cfg = get_config(config)
     if not cfg.enabled:
         return None
     return (f"trt-refit: backend={cfg.backend}, paths={','.join(cfg.paths)}, examples={cfg.examples}, "
@@ -82,10 +74,9 @@ def pytest_collect_file(file_path, parent):
 
 @pytest.hookimpl(tryfirst=True)   # before -k/-m/--deselect, so they apply to what is added here
 def pytest_collection_modifyitems(session, config, items) -> None:
-    refit = get_session(config)
     collection.mark_fixture_tests(items)
-    if refit.config.enabled:
-        collection.add_declared_models(session, config, items, refit.collection)
+    if get_config(config).enabled:
+        collection.add_declared_models(session, config, items, get_recorder(config).collection)
         return
     skip = pytest.mark.skip(reason=SKIP_REASON)
     for item in items:
@@ -95,41 +86,40 @@ def pytest_collection_modifyitems(session, config, items) -> None:
 
 def pytest_deselected(items) -> None:
     if items:
-        collection.record_deselected(items, get_session(items[0].config).collection)
+        collection.record_deselected(items, get_recorder(items[0].config).collection)
 
 
 def pytest_sessionstart(session) -> None:
-    refit = get_session(session.config)
-    if refit.config.enabled:
+    engines = get_engines(session.config)
+    if engines.config.enabled:
         # After the cacheprovider's configure (config.cache) and before pytest-xdist starts workers.
-        refit.open_engine_cache(session.config)
-    if refit.config.enabled and not session.config.option.collectonly:
-        outputs.check_usable(refit)   # an unusable backend or missing matplotlib: one usage error
+        engines.open_engine_cache(session.config)
+    if engines.config.enabled and not session.config.option.collectonly:
+        outputs.check_usable(engines)   # an unusable backend or missing matplotlib: one usage error
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
-    get_session(item.config).current_test = item.nodeid
+    get_recorder(item.config).current_test = item.nodeid
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
-    refit = get_session(item.config)
-    if not refit.config.enabled or item.get_closest_marker("trt_refit") is None:
+    if not get_config(item.config).enabled or item.get_closest_marker("trt_refit") is None:
         return (yield)
     try:
         with quiet_logs():    # torch.export's DEBUG traces would fill every failure's captured log
             return (yield)
     finally:   # JUnit XML properties (before the report is made): worst error per test
-        outputs.add_junit_properties(refit, item)
+        outputs.add_junit_properties(get_recorder(item.config), item)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    refit = get_session(item.config)
-    if report.failed and call.when == "call" and refit.config.enabled and not isinstance(item, RefitPropertyItem):
-        outputs.add_reproduce_line(refit, item, report)   # generated tests print theirs in repr_failure
+    cfg = get_config(item.config)
+    if report.failed and call.when == "call" and cfg.enabled and not isinstance(item, RefitPropertyItem):
+        outputs.add_reproduce_line(cfg, item, report)   # generated tests print theirs in repr_failure
     return report
 
 
@@ -148,31 +138,30 @@ def trt_refit(request) -> RefitSession:
 # -- pytest-xdist: one seed for every worker; workers send their records to the controller ---------
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    node.workerinput["trt_refit_seed"] = get_session(node.config).config.seed
+    node.workerinput["trt_refit_seed"] = get_config(node.config).seed
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error) -> None:
     part = getattr(node, "workeroutput", {}).get("trt_refit")
     if part:
-        get_session(node.config).worker_parts.append(part)
+        get_recorder(node.config).worker_parts.append(RunRecords.from_dict(part))
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     config = session.config
-    refit = get_session(config)
-    if not refit.config.enabled or config.option.collectonly:
+    recorder, engines = get_recorder(config), get_engines(config)
+    if not recorder.config.enabled or config.option.collectonly:
         return
-    if hasattr(config, "workeroutput"):
-        config.workeroutput["trt_refit"] = refit.export()
+    if hasattr(config, "workeroutput"):   # a pytest-xdist worker: its records go to the controller
+        config.workeroutput["trt_refit"] = recorder.part(engines).as_dict()
         return
-    outputs.finish(session, refit)
+    recorder.finish(session, engines)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
-    refit = get_session(config)
-    if not refit.config.enabled or hasattr(config, "workeroutput") or config.option.collectonly:
+    if not get_config(config).enabled or hasattr(config, "workeroutput") or config.option.collectonly:
         return
     terminalreporter.section("trt-refit")
-    for line in outputs.summary_lines(config, refit):
+    for line in get_recorder(config).summary_lines(get_engines(config)):
         terminalreporter.write_line(line)

@@ -5,69 +5,42 @@ import json
 import math
 import os
 import time
-from typing import Any, Iterable
 
-__all__ = ["merge", "summarize", "table", "terminal_lines", "coverage_lines", "build_json", "write_json",
+from .config import RefitConfig
+from .records import BuildRecord, CheckRecord, FailureRecord, RunRecords
+
+__all__ = ["summarize", "table", "terminal_lines", "coverage_lines", "build_json", "write_json",
            "REPORT_FORMAT", "REPORT_VERSION"]
 
 REPORT_FORMAT = "pytest-trtrefit.report"
 REPORT_VERSION = 1
 
 
-def merge(parts: Iterable[dict]) -> dict:
-    """Combine :meth:`RefitSession.export` dicts (the controller's own and each xdist worker's)."""
-    out: dict[str, Any] = {"records": [], "failures": [], "builds": [], "backend": None, "backend_reason": None,
-                           "outcomes": {}, "expected_failures": [], "layers": [],
-                           "collection": {}}
-    for part in parts:
-        if not part:
-            continue
-        out["records"] += part.get("records", [])
-        out["failures"] += part.get("failures", [])
-        out["builds"] += part.get("builds", [])
-        out["outcomes"].update(part.get("outcomes", {}))
-        out["layers"] += part.get("layers", [])
-        for key, values in (part.get("collection") or {}).items():   # each xdist worker collects
-            seen = out["collection"].setdefault(key, [])
-            seen += [v for v in values if v not in seen]
-        if part.get("backend") and not out["backend"]:
-            out["backend"], out["backend_reason"] = part["backend"], part.get("backend_reason")
-        out.setdefault("engine_cache", part.get("engine_cache"))
-    # A failing check inside a test that passed was expected by that test (pytest.raises).
-    expected = {t for t, o in out["outcomes"].items() if o == "passed"}
-    for r in out["records"]:
-        if not r["ok"] and r.get("test") in expected:
-            r["ok"], r["expected_failure"] = True, True
-    out["expected_failures"] = [f for f in out["failures"] if f.get("test") in expected]
-    out["failures"] = [f for f in out["failures"] if f.get("test") not in expected]
-    return out
-
-
 def _finite(x):
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
 
-def summarize(records: list[dict], builds: list[dict]) -> list[dict]:
+def summarize(records: list[CheckRecord], builds: list[BuildRecord]) -> list[dict]:
     """One row per model: paths, examples (weight sets), checks (weight set x path), failed checks,
     worst errors, the smallest tolerances every check would pass with, TensorRT share, time."""
     models: dict[str, dict] = {}
     for r in records:
-        m = models.setdefault(r["model"], {"model": r["model"], "paths": [], "examples": 0, "checks": 0,
+        m = models.setdefault(r.model, {"model": r.model, "paths": [], "examples": 0, "checks": 0,
                                            "failures": 0, "worst_max_abs": 0.0, "worst_max_rel": 0.0,
                                            "worst_norm_rel": 0.0, "min_rtol_to_pass": 0.0, "min_atol_to_pass": 0.0,
                                            "trt_share": None, "seconds": 0.0, "compile_s": 0.0, "builds": 0,
                                            "cache_hits": 0, "cache_misses": 0})
-        if r["path"] not in m["paths"]:
-            m["paths"].append(r["path"])
+        if r.path not in m["paths"]:
+            m["paths"].append(r.path)
         m["checks"] += 1
-        m["failures"] += 0 if r["ok"] else 1
-        m["seconds"] += r.get("seconds", 0.0)
+        m["failures"] += 0 if r.ok else 1
+        m["seconds"] += r.seconds
         for key, field in (("worst_max_abs", "max_abs"), ("worst_max_rel", "max_rel"), ("worst_norm_rel", "norm_rel"),
                            ("min_rtol_to_pass", "min_rtol"), ("min_atol_to_pass", "min_atol")):
-            v = _finite(r.get(field))
+            v = _finite(getattr(r, field))
             if v is not None:
                 m[key] = max(m[key], v)
-        share = _finite(r.get("trt_share"))
+        share = _finite(r.trt_share)
         if share is not None:   # the smallest share seen: one partly converted build shows
             m["trt_share"] = share if m["trt_share"] is None else min(m["trt_share"], share)
     for m in models.values():
@@ -76,30 +49,31 @@ def summarize(records: list[dict], builds: list[dict]) -> list[dict]:
     # declared name and a fixture check of the same class), so no row depends on which ran first.
     archs: dict[str, set] = {}
     for r in records:
-        if r.get("architecture"):
-            archs.setdefault(r["model"], set()).add(r["architecture"])
+        if r.architecture:
+            archs.setdefault(r.model, set()).add(r.architecture)
     for b in builds:
         for m in models.values():
             mine = archs.get(m["model"])
-            if (b.get("architecture") in mine) if mine else b["model"] == m["model"]:
-                m["compile_s"] += b.get("compile_s", 0.0)
+            if (b.architecture in mine) if mine else b.model == m["model"]:
+                m["compile_s"] += b.compile_s
                 m["builds"] += 1
-                if b.get("cache") == "hit":
+                if b.cache == "hit":
                     m["cache_hits"] += 1
-                elif b.get("cache") == "miss":
+                elif b.cache == "miss":
                     m["cache_misses"] += 1
     return sorted(models.values(), key=lambda m: m["model"])
 
 
-def _last_per_test(failures: list[dict]) -> list[dict]:
-    """One failure per test: the last (Hypothesis replays its minimal failing example last)."""
+def _last_per_test(failures: list[FailureRecord]) -> list[dict]:
+    """One failure per test, in its JSON form with ``count`` (how many checks of the test failed): the
+    last (Hypothesis replays its minimal failing example last)."""
     last: dict = {}
     counts: dict = {}
     for f in failures:
-        key = (f.get("test"), f["model"])
+        key = (f.test, f.model)
         counts[key] = counts.get(key, 0) + 1
         last[key] = f
-    return [dict(f, count=counts[k]) for k, f in last.items()]
+    return [dict(f.as_dict(), count=counts[k]) for k, f in last.items()]
 
 
 def _share(x) -> str:
@@ -108,9 +82,9 @@ def _share(x) -> str:
     return "100%" if x >= 1.0 else f"{100 * x:.0f}%"
 
 
-def table(rows: list[dict], builds: list[dict]) -> list[str]:
+def table(rows: list[dict], builds: list[BuildRecord]) -> list[str]:
     """The per-model table: one unit per column."""
-    caching = any(b.get("cache") in ("hit", "miss") for b in builds)
+    caching = any(b.cache in ("hit", "miss") for b in builds)
     width = max(len("model"), *(len(r["model"]) for r in rows))
     cols = [("paths", 16, "<", lambda r: ",".join(r["paths"])),
             ("examples", 8, ">", lambda r: str(r["examples"])),
@@ -133,10 +107,11 @@ def table(rows: list[dict], builds: list[dict]) -> list[str]:
     return lines
 
 
-def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
-    rows = summarize(data["records"], data["builds"])
-    backend = data.get("backend") or cfg.backend
-    lines = [f"backend: {backend}" + (f" ({data['backend_reason']})" if data.get("backend_reason") else "")]
+def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[str]:
+    """The terminal summary: backend, seed, the per-model table, totals, the engine cache, failures."""
+    rows = summarize(data.checks, data.builds)
+    backend = data.backend or cfg.backend
+    lines = [f"backend: {backend}" + (f" ({data.backend_reason})" if data.backend_reason else "")]
     if backend == "reference":
         lines.append("note: the reference backend interprets the TensorRT network on the CPU; it checks the network "
                      "and the weight mapping, not TensorRT's kernels")
@@ -145,19 +120,19 @@ def terminal_lines(cfg, data: dict, seconds: float) -> list[str]:
     if not rows:
         lines.append("no refit checks ran")
         return lines
-    lines += table(rows, data["builds"])
+    lines += table(rows, data.builds)
     total = sum(r["checks"] for r in rows)
     failed = sum(r["failures"] for r in rows)
     worst = max(rows, key=lambda r: r["worst_max_abs"])
-    expected = len(data["expected_failures"])
+    expected = len(data.expected_failures)
     lines.append(f"{total} path check(s), {failed} failed"
                  + (f" ({expected} more failed inside tests that expected it)" if expected else "")
                  + f"; worst abs error {worst['worst_max_abs']:.3g} "
-                 f"({worst['model']}); {len(data['builds'])} build(s); {seconds:.1f}s")
-    hits = sum(1 for b in data["builds"] if b.get("cache") == "hit")
-    misses = sum(1 for b in data["builds"] if b.get("cache") == "miss")
-    lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.get('engine_cache') or 'off'}")
-    for f in _last_per_test(data["failures"])[:10]:
+                 f"({worst['model']}); {len(data.builds)} build(s); {seconds:.1f}s")
+    hits = sum(1 for b in data.builds if b.cache == "hit")
+    misses = sum(1 for b in data.builds if b.cache == "miss")
+    lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.engine_cache or 'off'}")
+    for f in _last_per_test(data.failures)[:10]:
         lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
@@ -177,25 +152,25 @@ def coverage_lines(state: dict) -> list[str]:
     return lines
 
 
-def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, **extra) -> dict:
+def build_json(cfg: RefitConfig, data: RunRecords, seconds: float, exitstatus: int | None = None, **extra) -> dict:
     """The JSON report in the shared schema (:mod:`refitcore.refitting.report_schema`), plus the plugin's own keys."""
     from refitcore.refitting.report_schema import check_entry, envelope
 
-    rows = summarize(data["records"], data["builds"])
-    backend = data.get("backend") or cfg.backend
-    worst = max(data["records"], key=lambda r: _finite(r.get("max_abs")) or 0.0, default=None)
-    failed = sum(1 for r in data["records"] if not r["ok"])
+    rows = summarize(data.checks, data.builds)
+    backend = data.backend or cfg.backend
+    worst = max(data.checks, key=lambda r: _finite(r.max_abs) or 0.0, default=None)
+    failed = sum(1 for r in data.checks if not r.ok)
     status = "fail"
-    if data["failures"] or failed:
-        summary = f"{len(data['failures']) or failed} refit check(s) failed"
-    elif not data["records"]:
+    if data.failures or failed:
+        summary = f"{len(data.failures) or failed} refit check(s) failed"
+    elif not data.checks:
         summary = "no refit checks ran (was --trt-refit given, and are there tests that use it?)"
         status = "error"
     elif exitstatus not in (None, 0):
         summary = f"the refit checks passed but pytest exited with status {exitstatus}"
     else:
         summary, status = "all refit checks passed", "pass"
-    failures = _last_per_test(data["failures"])
+    failures = _last_per_test(data.failures)
     problems = [f"{f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
                 + (f"; outputs {', '.join(f['outputs'])}" if f.get("outputs") else "")
                 + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "") for f in failures]
@@ -203,24 +178,24 @@ def build_json(cfg, data: dict, seconds: float, exitstatus: int | None = None, *
         problems = [summary]
     return envelope(
         producer="pytest-trtrefit", status=status, summary=summary, backend=backend,
-        backend_note=data.get("backend_reason"), rtol=cfg.rtol, atol=cfg.atol, problems=problems,
-        checks=[check_entry(**r) for r in data["records"]],
+        backend_note=data.backend_reason, rtol=cfg.rtol, atol=cfg.atol, problems=problems,
+        checks=[check_entry(**r.as_dict()) for r in data.checks],
         format=REPORT_FORMAT, version=REPORT_VERSION,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        backend_reason=data.get("backend_reason"),
+        backend_reason=data.backend_reason,
         kernels_exercised=backend == "tensorrt",
         seed=cfg.seed,
         requested_paths=list(cfg.paths),
         examples=cfg.examples,
         duration_s=round(seconds, 3),
         pytest_exitstatus=exitstatus,
-        totals={"checks": len(data["records"]), "failed": failed, "models": len(rows), "builds": len(data["builds"])},
-        worst=({k: worst.get(k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
-                                          "min_atol")} if worst else None),
+        totals={"checks": len(data.checks), "failed": failed, "models": len(rows), "builds": len(data.builds)},
+        worst=({k: getattr(worst, k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
+                                               "min_atol")} if worst else None),
         models=rows,
         failures=failures,
-        expected_failures=[{k: v for k, v in f.items() if k != "report"} for f in data["expected_failures"]],
-        builds=data["builds"],
+        expected_failures=[{k: v for k, v in f.as_dict().items() if k != "report"} for f in data.expected_failures],
+        builds=[b.as_dict() for b in data.builds],
         **extra,
     )
 

@@ -248,7 +248,7 @@ def test_entries_are_json_without_addresses(fpmodels):
 
 
 def test_plugin_architecture_key_uses_it(fpmodels):
-    from pytest_trtrefit.service import architecture_key
+    from pytest_trtrefit.engines import architecture_key
 
     _, mod = fpmodels
     assert architecture_key(mod.Block()) == architecture_fingerprint(mod.Block())

@@ -79,7 +79,7 @@ FINGERPRINT_TEST = '''
 import os
 import torch
 from torch import nn
-from pytest_trtrefit.service import architecture_key
+from pytest_trtrefit.engines import architecture_key
 
 
 class Attn(nn.Module):
@@ -140,7 +140,7 @@ def _planted_session(tmp_path, paths):
     wrong = refitcore.compile(small_net_gelu(), x, backend="reference")
     EngineCache(tmp_path).save(key.digest, pack_entry(key, wrong))
     session = RefitSession(RefitConfig(enabled=True, backend="reference", paths=paths))
-    session.cache_dir = str(tmp_path)
+    session.engines.cache_dir = str(tmp_path)
     return session, small_net, x
 
 

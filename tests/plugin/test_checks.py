@@ -10,7 +10,8 @@ from torch import nn
 
 import refitcore
 from pytest_trtrefit.config import RefitConfig
-from pytest_trtrefit.service import RefitSession, architecture_key
+from pytest_trtrefit.engines import architecture_key
+from pytest_trtrefit.service import RefitSession
 
 
 class ConvBnHead(nn.Module):

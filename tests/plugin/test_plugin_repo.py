@@ -176,11 +176,12 @@ def test_the_tensorrt_share_is_read_defensively():
 
 def test_cache_hits_and_misses_get_a_column_when_recorded():
     from pytest_trtrefit import report
+    from pytest_trtrefit.records import BuildRecord, CheckRecord
 
-    records = [{"model": "m", "path": "cached", "ok": True, "max_abs": 1e-7}]
-    rows = report.summarize(records, [{"model": "m", "compile_s": 0.1, "cache": "hit"},
-                                      {"model": "m", "compile_s": 0.2, "cache": "miss"}])
-    lines = report.table(rows, [{"cache": "hit"}])
+    records = [CheckRecord.from_dict({"model": "m", "path": "cached", "ok": True, "max_abs": 1e-7})]
+    rows = report.summarize(records, [BuildRecord.from_dict({"model": "m", "compile_s": 0.1, "cache": "hit"}),
+                                      BuildRecord.from_dict({"model": "m", "compile_s": 0.2, "cache": "miss"})])
+    lines = report.table(rows, [BuildRecord.from_dict({"model": "m", "cache": "hit"})])
     assert "cache hit/miss" in lines[0] and " 1/1 " in lines[1]
     assert "cache" not in report.table(report.summarize(records, []), [])[0]
 

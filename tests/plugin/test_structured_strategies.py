@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 
 from pytest_trtrefit.checks import as_samples, sample_tensors
-from pytest_trtrefit.service import input_spec
+from pytest_trtrefit.engines import input_spec
 from pytest_trtrefit.strategies import InputCall, InputSample, inputs
 from refitcore import Inputs
 
