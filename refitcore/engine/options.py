@@ -27,17 +27,16 @@ class CompileOptions:
     backend: str = "auto"
     precision: str = "fp32"
     strict: bool = False
-    torch_executed_ops: tuple[str, ...] = ()
+    torch_executed_ops: Iterable[Any] = ()   # kept as a sorted tuple of names
     min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
-    submodules: tuple[str, ...] | None = None
+    submodules: Sequence[str] | None = None   # kept as a tuple
     dynamic_shapes: Any = None
     profiles: Sequence[Any] | None = None
     model_factory: str | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        ops: Iterable[Any] = self.torch_executed_ops
-        object.__setattr__(self, "torch_executed_ops", tuple(sorted(str(op) for op in ops)))
+        object.__setattr__(self, "torch_executed_ops", tuple(sorted(str(op) for op in self.torch_executed_ops)))
         if self.submodules is not None:
             object.__setattr__(self, "submodules", tuple(self.submodules))
 

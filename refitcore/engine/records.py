@@ -67,7 +67,7 @@ class EngineRecord:
     ``cache_hit`` (True, False, or None without a cache) and ``cache_key``: what the engine cache did."""
 
     fingerprint: str
-    options: CompileOptions = CompileOptions()
+    options: CompileOptions = dataclasses.field(default_factory=CompileOptions)
     graph_entries: list | None = None
     state_keys: list[str] = dataclasses.field(default_factory=list)
     backend_reason: str = ""

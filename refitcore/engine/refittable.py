@@ -64,13 +64,13 @@ class RefittableEngine:
     """
 
     def __init__(self, kind: EngineKind, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, record: EngineRecord,
-                 *, calls: CallSpec = CallSpec(), exported_program=None, weightless: bool = False):
+                 *, calls: CallSpec | None = None, exported_program=None, weightless: bool = False):
         self.kind = kind
         self._impl = impl
         self.weight_map = weight_map
         self.io = io
         self.record = record
-        self.calls = calls
+        self.calls = calls or CallSpec()
         self.exported_program = exported_program
         self.weightless = weightless
         self._said_plain = False
