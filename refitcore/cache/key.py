@@ -39,6 +39,7 @@ import types
 from typing import Any, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 
 from refitcore import _trt
 from refitcore.engine.bundle import BUNDLE_VERSION
@@ -392,8 +393,6 @@ def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None, *, dynam
                     spec: Any = None) -> list:
     """The input spec as JSON: pytree structure, each leaf's shape and dtype (other leaves by value),
     the dynamic-shape profile, and ``spec.to_json()`` when a spec object is given."""
-    import torch.utils._pytree as pytree
-
     if isinstance(args, torch.Tensor):
         args = (args,)
     leaves, tree = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
