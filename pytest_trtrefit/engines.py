@@ -244,7 +244,7 @@ class EngineProvider:
             return
         t0 = time.perf_counter()
         try:
-            attach_exported_program(entry.engine, entry.eager, entry.sample)
+            attach_exported_program(entry.engine, entry.eager)
         except refitcore.ArchitectureMismatchError as err:
             if self._engine_cache is not None and entry.engine.cache_key:
                 self._engine_cache.evict(entry.engine.cache_key)

@@ -196,3 +196,47 @@ def test_save_is_atomic(saved, tmp_path):
     _c, path = saved
     assert not list(tmp_path.glob("*.tmp"))
     assert os.listdir(tmp_path) == [path.name]   # no temporary file of any name is left behind
+
+
+def test_compile_options_are_saved_as_data_and_loaded_back(tmp_path):
+    from tests.models import make
+
+    model, x = make(MODEL, 0)
+    engine = refitcore.compile(model, x, backend="reference", min_block_size=3,
+                               torch_executed_ops=[torch.ops.aten.tanh.default], model_factory="tests.models:nope")
+    assert engine.options.min_block_size == 3 and engine.options.torch_executed_ops == ("aten.tanh.default",)
+    assert engine.options.backend == "reference" and engine.model_factory == "tests.models:nope"
+    engine.save(tmp_path / "e.trtrefit")
+    header = json.loads(tmp_path.joinpath("e.trtrefit").read_bytes()[slice(*_header_span(
+        tmp_path.joinpath("e.trtrefit").read_bytes()))])
+    assert header["options"]["min_block_size"] == 3 and "model_factory" not in header
+    loaded = refitcore.load(tmp_path / "e.trtrefit")
+    assert loaded.options == engine.options and loaded.model_factory == "tests.models:nope"
+
+
+def test_a_file_without_options_still_loads(saved, tmp_path):
+    """Files written before the options were saved record only the model factory."""
+    c, path = saved
+    old = tmp_path / "old.trtrefit"
+
+    def before_options(h):
+        h = {k: v for k, v in h.items() if k != "options"}
+        return dict(h, model_factory="tests.models:residual")
+
+    old.write_bytes(_repack(bytes(path.read_bytes()), before_options))
+    loaded = refitcore.load(old)
+    assert loaded.model_factory == "tests.models:residual" and loaded.options.backend == "reference"
+    _same_engine(c.engine, loaded, c.x)
+
+
+def test_invalid_options_or_kind_are_bundle_errors(saved, tmp_path):
+    _c, path = saved
+    data = bytes(path.read_bytes())
+    bad = tmp_path / "bad.trtrefit"
+    _expect(bad, _repack(data, lambda h: dict(h, options=[1])), "options should be dict")
+    _expect(bad, _repack(data, lambda h: dict(h, options=dict(h["options"], strict="yes"))), "options.strict")
+    _expect(bad, _repack(data, lambda h: dict(h, options=dict(h["options"], min_block_size=True))),
+            "options.min_block_size")
+    _expect(bad, _repack(data, lambda h: dict(h, options=dict(h["options"], run="os:system"))), "unknown fields")
+    _expect(bad, _repack(data, lambda h: dict(h, impl=dict(h["impl"], kind="torch_tensorrt_v9"))),
+            "unknown engine kind")

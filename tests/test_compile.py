@@ -187,3 +187,17 @@ def test_auto_backend_says_what_it_chose():
 
 def test_all_models_listed():
     assert set(ALL) == set(MODELS)
+
+
+def test_every_engine_kind_implements_the_protocol():
+    """A kind is one module with the protocol's members, registered by its name."""
+    from refitcore.engine.kinds import EngineKind
+    from refitcore.engine.registry import KINDS, kind_named
+
+    members = sorted(n for n in vars(EngineKind) if not n.startswith("_")) + ["name"]
+    assert sorted(KINDS) == ["hybrid", "segments", "whole"]
+    for name, kind in KINDS.items():
+        assert kind.name == name and kind_named(name) is kind
+        assert all(callable(getattr(kind, m)) for m in members if m != "name"), name
+    with pytest.raises(KeyError, match="known kinds"):
+        kind_named("nope")

@@ -54,7 +54,7 @@ def engine():
 
 
 def _kinds(engine):
-    return [s.kind for s in engine.segments]
+    return [s.kind for s in engine.impl.segments]
 
 
 def test_partition_alternates_and_matches_eager(engine):

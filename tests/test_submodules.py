@@ -47,7 +47,7 @@ def engine():
 
 
 def test_exporting_submodules_compile(engine):
-    assert sorted(engine.submodule_impl.engines) == ["backbone", "head"]
+    assert sorted(engine.impl.engines) == ["backbone", "head"]
     why = dict(engine.eager_modules)
     assert "does not export" in why[""] and "GuardOnDataDependent" in why[""]
     text = str(engine.summary())
@@ -69,7 +69,7 @@ def test_strict_names_the_module_and_cause():
 
 def test_named_submodules_only():
     e = refitcore.compile(_make(0), X, backend="reference", submodules=["head"])
-    assert list(e.submodule_impl.engines) == ["head"]
+    assert list(e.impl.engines) == ["head"]
     with pytest.raises(ValueError, match="no module 'nope'"):
         refitcore.compile(_make(0), X, backend="reference", submodules=["nope"])
 
@@ -108,9 +108,9 @@ def test_other_shapes_run_the_submodule_eagerly(engine):
     target = engine.clone()
     x2 = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(target.submodule_impl.shell(x2)[0]["scores"], _make(0)(x2)[0]["scores"],
+        torch.testing.assert_close(target.impl.shell(x2)[0]["scores"], _make(0)(x2)[0]["scores"],
                                    rtol=1e-5, atol=1e-5)
-    assert target.submodule_impl.counter["eager_calls"] == 2
+    assert target.impl.counter["eager_calls"] == 2
     assert "ran eagerly" in str(target.summary())
 
 

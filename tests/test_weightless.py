@@ -106,7 +106,7 @@ def test_a_partitioned_engine_round_trips_weightless():
     model, x = _Split().eval(), torch.randn(2, 4, 6)
     engine = refitcore.compile(model, x, backend="reference", min_block_size=1,
                                torch_executed_ops=["aten.cumsum", "aten.mul.Tensor"])
-    assert {s.kind for s in engine.segments} == {"tensorrt", "torch"}
+    assert {s.kind for s in engine.impl.segments} == {"tensorrt", "torch"}
     empty = _weightless(engine)
     assert empty.weightless
     torch.manual_seed(1)

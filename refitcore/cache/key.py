@@ -8,7 +8,8 @@ normalised recursively (a nested code object, e.g. a generator expression inside
 by its own digest; ``repr`` of it would print its address). Python bytecode differs between
 Python minor versions, so a key is only shared between interpreters of one minor version.
 
-What the key covers (:func:`cache_key`): the architecture (:func:`architecture_entries`: every
+What the key covers (:func:`cache_key`; :func:`compile_key` for ``refitcore.compile``'s options):
+the architecture (:func:`architecture_entries`: every
 submodule's path and class, the code of user-defined classes and of the user functions and
 module constants that code names, configuration attributes, hooks, state_dict names/shapes/
 dtypes, tied groups, values of non-persistent buffers and tensor attributes, which become
@@ -38,8 +39,13 @@ import types
 from typing import Any, Mapping
 
 import torch
+import torch.utils._pytree as pytree
 
-__all__ = ["CacheKey", "cache_key", "architecture_fingerprint", "architecture_entries", "input_signature",
+from refitcore import _trt
+from refitcore.engine.bundle import BUNDLE_VERSION
+from refitcore.engine.options import CompileOptions
+
+__all__ = ["CacheKey", "cache_key", "compile_key", "architecture_fingerprint", "architecture_entries", "input_signature",
            "toolchain_signature", "code_digest", "function_digest", "CACHE_FORMAT_VERSION"]
 
 CACHE_FORMAT_VERSION = 2                # 2: entries are weightless engines
@@ -387,8 +393,6 @@ def input_signature(args: Any, kwargs: Mapping[str, Any] | None = None, *, dynam
                     spec: Any = None) -> list:
     """The input spec as JSON: pytree structure, each leaf's shape and dtype (other leaves by value),
     the dynamic-shape profile, and ``spec.to_json()`` when a spec object is given."""
-    import torch.utils._pytree as pytree
-
     if isinstance(args, torch.Tensor):
         args = (args,)
     leaves, tree = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
@@ -414,9 +418,6 @@ def _sources_digest() -> str:
 
 def toolchain_signature() -> dict:
     """Versions that change what an engine is: formats, this package's code, torch, TensorRT, Python."""
-    from refitcore import _trt
-    from refitcore.engine.bundle import BUNDLE_VERSION
-
     trt = f"{_trt.flavour()} {_trt.version()}" if _trt.available() else "none"
     return {"cache_format": CACHE_FORMAT_VERSION, "bundle_format": BUNDLE_VERSION, "sources": _sources_digest(),
             "torch": torch.__version__, "tensorrt": trt, "python": "%d.%d" % sys.version_info[:2]}
@@ -468,3 +469,13 @@ def cache_key(model: torch.nn.Module, example_inputs: Any, *, backend: str, prec
     }
     return CacheKey.from_json(parts)
 
+
+
+def compile_key(model: torch.nn.Module, args: Any, options: CompileOptions, *,
+                kwargs: Mapping[str, Any] | None = None) -> CacheKey:
+    """The key of ``refitcore.compile(model, args, kwargs=kwargs, **options)``: the backend (resolved in
+    ``options``), the precision, the dynamic shapes and the other options that change the engine
+    (:meth:`refitcore.engine.options.CompileOptions.key_fields`). Options that do not change the
+    engine (``model_factory``, ``verbose``) are not hashed."""
+    return cache_key(model, args, kwargs=kwargs, backend=options.backend, precision=options.precision,
+                     dynamic_shapes=options.dynamic_shapes, options=options.key_fields())

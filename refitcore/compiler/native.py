@@ -1,4 +1,10 @@
-"""``refitcore.compile``: model -> RefittableEngine."""
+"""``refitcore.compile``: model -> RefittableEngine.
+
+The compile options are one :class:`refitcore.engine.options.CompileOptions`, built once from
+:func:`compile`'s keywords: they choose and build the engine's kind (:mod:`refitcore.engine.kinds`:
+one whole network, segments, or compiled submodules of a model that does not export whole), make
+the engine-cache key (:func:`refitcore.cache.key.compile_key`) and are stored with the engine.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,21 +14,24 @@ from typing import Any, Iterable, Sequence
 
 import torch
 
-from refitcore.backends import choose_backend, get_backend
+from refitcore.backends import choose_backend
+from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
-from refitcore.conversion.convert import convert, dynamic_node_names
-from refitcore.engine.refittable import IOSpec, RefittableEngine
+from refitcore.capture.lowering import export_model, input_names
+from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
+from refitcore.conversion.convert import dynamic_node_names
+from refitcore.conversion.weight_map import WeightMap
+from refitcore.engine import hybrid, segmented_build, whole
+from refitcore.engine.kinds import BuildInput, EngineKind
+from refitcore.engine.options import CompileOptions
+from refitcore.engine.records import CallSpec, EngineRecord
+from refitcore.engine.reexport import exported_for
+from refitcore.engine.refittable import RefittableEngine
 from refitcore.errors import ExportError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
-from refitcore.cache.key import CacheKey, cache_key
-from refitcore.capture.lowering import export_model, graph_fingerprint, input_names, plan_fusions
-from refitcore.refitting.mapping import exported_for
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, partition
 from refitcore.refitting.refit import refit
-from refitcore.capture.shapes import export_example, resolve_dynamic_shapes
-from refitcore.capture.structured import leaf_names
-from refitcore.conversion.weight_map import WeightMap
 
-__all__ = ["compile", "tied_groups", "check_map_covers", "attach_exported_program", "compile_cache_key"]
+__all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key"]
 
 log = logging.getLogger("refitcore")
 
@@ -33,16 +42,6 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
     for key, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), []).append(key)
     return [g for g in groups.values() if len(g) > 1]
-
-
-def check_map_covers(weight_map: WeightMap, engine_names: Sequence[str]) -> None:
-    """The map covers exactly the network's refittable weights: no gaps, no extras."""
-    names = set(engine_names)
-    gaps = sorted(names - set(weight_map.sources))
-    extra = sorted(set(weight_map.sources) - names)
-    if gaps or extra:
-        raise RuntimeError(f"internal error: weight map does not match the network's weights; "
-                           f"unmapped engine weights {gaps[:10]}, map entries without engine weight {extra[:10]}")
 
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
@@ -89,45 +88,37 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
                                    backend="reference")
         engine(torch.randn(1, 3, 64, 64))
     """
-    options = dict(backend=backend, precision=precision, model_factory=model_factory, verbose=verbose, strict=strict,
-                   torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, submodules=submodules,
-                   dynamic_shapes=dynamic_shapes, profiles=profiles)
-    store_to = as_cache(cache)
-    if store_to is None:
-        engine = _compile(model, example_inputs, args=args, kwargs=kwargs, **options)
-        engine.cache_hit, engine.cache_key = None, None
-        return engine
     if example_inputs is not None and args is not None:
         raise TypeError("give the example inputs either positionally or as args=, not both")
-    call = args if args is not None else (() if example_inputs is None else example_inputs)
-    if isinstance(call, torch.Tensor) or not isinstance(call, (tuple, list)):
-        call = (call,)
+    if args is None:
+        args = () if example_inputs is None else example_inputs
+    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
+        args = (args,)
+    args, kwargs = tuple(args), dict(kwargs or {})
     name, reason = choose_backend(backend)
-    key = compile_cache_key(model, tuple(call), kwargs=kwargs, backend=name, precision=precision,
-                            dynamic_shapes=dynamic_shapes, profiles=profiles, strict=strict,
-                            torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, submodules=submodules)
+    options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
+                             min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
+                             profiles=profiles, model_factory=model_factory, verbose=verbose)
+    store_to = as_cache(cache)
+    if store_to is None:
+        return _compile(model, args, kwargs, options, reason)
+    key = compile_key(model, args, options, kwargs=kwargs)
     engine = _from_cache(store_to, key, model, verify_inputs=verify_inputs, keep_exported=keep_exported,
                          model_factory=model_factory)
     if engine is not None:
         return engine
-    engine = _compile(model, example_inputs, args=args, kwargs=kwargs, **dict(options, backend=name))
-    engine.backend_reason = reason
-    engine.cache_hit, engine.cache_key = False, key.digest
+    engine = _compile(model, args, kwargs, options, reason)
+    engine.record_cache(False, key.digest)
     if store(store_to, key, engine):
         log.info("refitcore: engine cache miss %s: compiled and stored", key.digest[:16])
     return engine
 
 
-def compile_cache_key(model: torch.nn.Module, args: Sequence[Any], *, backend: str, precision: str = "fp32",
-                      kwargs: dict[str, Any] | None = None, dynamic_shapes: Any = None,
-                      profiles: Sequence[Any] | None = None, strict: bool = False,
-                      torch_executed_ops: Iterable[Any] = (), min_block_size: int = DEFAULT_MIN_BLOCK_SIZE,
-                      submodules: Sequence[str] | None = None) -> CacheKey:
-    """The engine-cache key :func:`compile` uses for these arguments (``backend`` resolved)."""
-    return cache_key(model, tuple(args), kwargs=kwargs, backend=backend, precision=precision,
-                     dynamic_shapes=dynamic_shapes,
-                     options={"strict": strict, "torch_executed_ops": sorted(str(op) for op in torch_executed_ops),
-                              "min_block_size": min_block_size, "submodules": submodules, "profiles": profiles})
+def compile_cache_key(model: torch.nn.Module, args: Sequence[Any], *, kwargs: dict[str, Any] | None = None,
+                      **options: Any) -> CacheKey:
+    """The engine-cache key :func:`compile` uses for these arguments (``options``: its keywords, with
+    ``backend`` resolved: 'reference' or 'tensorrt')."""
+    return compile_key(model, tuple(args), CompileOptions(**options), kwargs=kwargs)
 
 
 def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, keep_exported: bool,
@@ -159,129 +150,92 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, 
         return None
     if model_factory:
         engine.model_factory = model_factory
-    engine.cache_hit, engine.cache_key = True, key.digest
+    engine.record_cache(True, key.digest)
     log.info("refitcore: engine cache hit %s: loaded and refitted with the model's weights in %.2fs%s",
              key.digest[:16], time.perf_counter() - t0, " (verified against eager)" if verify_inputs else "")
     return engine
 
 
-def attach_exported_program(engine: RefittableEngine, model: torch.nn.Module, example_inputs: Any = None) -> None:
+def attach_exported_program(engine: RefittableEngine, model: torch.nn.Module) -> None:
     """Export ``model`` as the engine was exported (its example shapes, dynamic ranges and input
     structure) and give ``engine`` (loaded from a file or the cache, so without one) the exported
     program that the fallback refit path converts again. Raises :class:`ArchitectureMismatchError`
-    when the exported graph is not the engine's. ``example_inputs`` is accepted for callers that
-    have them; the engine's recorded IO spec decides the export."""
-    ep = exported_for(engine, model, model.state_dict())
-    engine.exported_program, engine.fusion = ep, plan_fusions(ep.graph_module)
+    when the exported graph is not the engine's."""
+    engine.exported_program = exported_for(engine, model, model.state_dict())
 
 
-def _compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
-            args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
-            backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
-            verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
-            min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
-            dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None) -> RefittableEngine:
-    """:func:`compile` without the engine cache."""
-    import torch.utils._pytree as pytree
-
-    from refitcore.capture.structured import describe_leaf, spec_to_json
-
-    if example_inputs is not None and args is not None:
-        raise TypeError("give the example inputs either positionally or as args=, not both")
-    if args is None:
-        args = () if example_inputs is None else example_inputs
-    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
-        args = (args,)
-    args, kwargs = tuple(args), dict(kwargs or {})
-    name, reason = choose_backend(backend)
-    options = dict(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
-                   min_block_size=min_block_size)
+def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: CompileOptions,
+             reason: str) -> RefittableEngine:
+    """:func:`compile` without the engine cache: export, then build the engine's kind."""
     export_ds = shape_profiles = None
-    if dynamic_shapes is not None or profiles:
-        if kwargs or not all(isinstance(a, torch.Tensor) for a in args) or submodules is not None:
+    if options.dynamic_shapes is not None or options.profiles:
+        if kwargs or not all(isinstance(a, torch.Tensor) for a in args) or options.submodules is not None:
             raise ShapeRangeError("dynamic_shapes= needs the inputs as positional tensors (no keyword, "
                                   "structured or non-tensor inputs, no submodules=); give them as a tuple of tensors")
-        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, dynamic_shapes, profiles=profiles)
+        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes,
+                                                           profiles=options.profiles)
     try:
         ep = (export_model(model, export_example(args, shape_profiles), kwargs, dynamic_shapes=export_ds)
-              if submodules is None else None)
+              if options.submodules is None else None)
     except Exception as err:  # noqa: BLE001 - any export failure: compile the submodules that export
-        if strict or shape_profiles is not None:
+        if options.strict or shape_profiles is not None:
             raise ExportError("", err) from err
         log.warning("refitcore: %s; compiling the submodules that export", ExportError("", err).cause_line)
         ep = None
     if ep is None:
-        return _compile_hybrid(model, args, kwargs, submodules, reason, options)
-    leaves, in_spec = pytree.tree_flatten((args, kwargs))
-    structure = {"in": spec_to_json(in_spec), "in_leaves": [describe_leaf(v) for v in leaves],
-                 "out": spec_to_json(ep.call_spec.out_spec)}
-    tensor_inputs = [v for v in leaves if isinstance(v, torch.Tensor)]
-    plan = None
-    if not strict and shape_profiles is None:
-        # A graph that converts whole is one network, however few ops it has (min_block_size only
-        # weighs TensorRT runs between PyTorch parts). With dynamic shapes the one network is the
-        # only option: the converter loop computes sizes in the network, segments cannot yet.
-        plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=1)
-        if _whole_graph_converts(ep, plan):
-            plan = None
-    result = None
+        return _compile_hybrid(model, args, kwargs, options, reason)
     if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
         shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
-    if plan is None:   # one TensorRT network for the whole graph (strict: or an error listing every op)
-        fusion = plan_fusions(ep.graph_module)
-        try:
-            result = convert(ep, fusion=fusion, profiles=shape_profiles)
-        except UnsupportedOperatorError:
-            if strict or shape_profiles is not None:
-                raise
-            # A converter declined a call while converting: partition, that call runs in PyTorch.
-            plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=min_block_size)
-    if result is not None:
-        wm = result.weight_map
-        impl = get_backend(name).build(result, precision=precision)
-        check_map_covers(wm, impl.weight_names())
-        io = IOSpec(tuple(result.input_names), tuple(tuple(int(s) for s in t.shape) for t in tensor_inputs),
-                    tuple(str(t.dtype).replace("torch.", "") for t in tensor_inputs),
-                    tuple(result.output_names), tuple(result.output_shapes), shape_profiles)
-        partition_plan = None
-    else:
-        from refitcore.engine.segmented_build import compile_segments
-
-        fusion = None
-        build = compile_segments(ep, backend_name=name, precision=precision, torch_executed_ops=torch_executed_ops,
-                                 min_block_size=min_block_size)
-        impl, wm, partition_plan = build.impl, build.weight_map, build.plan
-        check_map_covers(wm, impl.weight_names())
-        out_vals = [a.meta.get("val") if hasattr(a, "meta") else a
-                    for a in pytree.tree_leaves(list(ep.graph_module.graph.find_nodes(op="output"))[0].args[0])]
-        io = IOSpec(tuple(impl.user_inputs), tuple(tuple(t.shape) for t in tensor_inputs),
-                    tuple(str(t.dtype).replace("torch.", "") for t in tensor_inputs),
-                    tuple(leaf_names(structure["out"])),
-                    tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in out_vals))
-    _finish_map(wm, model)
-    digest, entries = graph_fingerprint(ep)
-    engine = RefittableEngine(impl, wm, io, digest, exported_program=ep, fusion=fusion, backend_reason=reason,
-                              graph_entries=entries, model_factory=model_factory, state_keys=list(model.state_dict()),
-                              structure=structure, output_treespec=ep.call_spec.out_spec, partition=partition_plan)
-    return engine
+    return _compile_exported(model, ep, args, kwargs, options, reason, shape_profiles)
 
 
-def _compile_hybrid(model, args, kwargs, names, reason: str, options: dict) -> RefittableEngine:
-    from refitcore.engine.hybrid import compile_submodules
+def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, options: CompileOptions, reason: str,
+                      shape_profiles: ShapeProfiles | None = None) -> RefittableEngine:
+    """The engine of an exported program: one TensorRT network when the whole graph converts
+    (strict: or an error listing every op), else segments."""
+    kind: EngineKind = whole.KIND
+    # A graph that converts whole is one network, however few ops it has (min_block_size only
+    # weighs TensorRT runs between PyTorch parts). With dynamic shapes the one network is the
+    # only option: the converter loop computes sizes in the network, segments cannot yet.
+    if not options.strict and shape_profiles is None and not _whole_graph_converts(
+            ep, partition(ep, torch_executed_ops=options.torch_executed_ops, min_block_size=1)):
+        kind = segmented_build.KIND
+    source = BuildInput(model, args, kwargs, exported=ep, profiles=shape_profiles)
+    try:
+        built = kind.build(source, options)
+    except UnsupportedOperatorError:
+        if kind is not whole.KIND or options.strict or shape_profiles is not None:
+            raise
+        # A converter declined a call while converting: partition, that call runs in PyTorch.
+        kind = segmented_build.KIND
+        built = kind.build(source, options)
+    return _engine(kind, built, model, options, reason, exported_program=ep)
 
-    def compile_one(module, a, k, ep):
-        return compile(module, args=a, kwargs=k, **options)
 
-    impl, wm, eager, structure, out_spec = compile_submodules(model, args, kwargs, compile_one, names=names)
-    _finish_map(wm, model)
-    io = IOSpec(tuple(f"input_{i}" for i, d in enumerate(structure["in_leaves"]) if "tensor" in d),
-                tuple(tuple(d["tensor"][0]) for d in structure["in_leaves"] if "tensor" in d),
-                tuple(d["tensor"][1] for d in structure["in_leaves"] if "tensor" in d),
-                tuple(leaf_names(structure["out"])), ())
-    fingerprint = "+".join(e.fingerprint[:16] for e in impl.engines.values())
-    engine = RefittableEngine(impl, wm, io, fingerprint, backend_reason=reason, state_keys=list(model.state_dict()),
-                              structure=structure, output_treespec=out_spec, eager_modules=eager)
-    return engine
+def _compile_hybrid(model: torch.nn.Module, args: tuple, kwargs: dict, options: CompileOptions,
+                    reason: str) -> RefittableEngine:
+    """Compile the largest submodules that export, each as its own engine, inside the eager model."""
+    found, eager, out = hybrid.find_exportable(model, args, kwargs, names=options.submodules)
+    if not found:
+        raise ExportError("", RuntimeError("no submodule with weights exports: " +
+                                           "; ".join(f"{p or '<top>'}: {w}" for p, w in eager[:5])))
+    part_options = dataclasses.replace(options, submodules=None, dynamic_shapes=None, profiles=None,
+                                       model_factory=None)
+    parts = {path: _compile_exported(model.get_submodule(path), ep, a, k, part_options, reason)
+             for path, (ep, a, k) in found.items()}
+    built = hybrid.KIND.build(BuildInput(model, args, kwargs, parts=parts, eager=eager, eager_output=out), options)
+    return _engine(hybrid.KIND, built, model, options, reason)
+
+
+def _engine(kind: EngineKind, built, model: torch.nn.Module, options: CompileOptions, reason: str, *,
+            exported_program=None) -> RefittableEngine:
+    """The RefittableEngine of a kind's build, its map completed with the model's tied groups and keys."""
+    _finish_map(built.weight_map, model)
+    record = EngineRecord(built.fingerprint, options, graph_entries=built.graph_entries,
+                          state_keys=list(model.state_dict()), backend_reason=reason, partition=built.partition,
+                          eager_modules=list(built.eager_modules))
+    return RefittableEngine(kind, built.impl, built.weight_map, built.io, record,
+                            calls=CallSpec(built.structure, built.out_treespec), exported_program=exported_program)
 
 
 def _whole_graph_converts(ep, plan) -> bool:

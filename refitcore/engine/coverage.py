@@ -1,10 +1,13 @@
-"""How much of a compiled model runs in TensorRT: ops, weights, and what fell back to PyTorch and why."""
+"""How much of a compiled model runs in TensorRT: ops, weights, and what fell back to PyTorch and why.
+
+Each engine kind computes its own (``EngineKind.coverage``, :mod:`refitcore.engine.kinds`);
+``engine.summary()`` asks the engine's kind."""
 from __future__ import annotations
 
 import dataclasses
 import math
 
-__all__ = ["Coverage", "coverage"]
+__all__ = ["Coverage", "spec_numel", "all_in_tensorrt"]
 
 
 @dataclasses.dataclass
@@ -53,49 +56,14 @@ class Coverage:
         return dataclasses.asdict(self) | {"op_share": self.op_share, "weight_share": self.weight_share}
 
 
-def _numel(spec) -> int:
+def spec_numel(spec) -> int:
+    """Elements of a weight map key spec ``[shape, dtype]`` (0 for None)."""
     return math.prod(spec[0]) if spec else 0
 
 
-def coverage(engine) -> Coverage:
-    """The :class:`Coverage` of a compiled engine (whole-network engines run everything in TensorRT)."""
+def all_in_tensorrt(engine) -> Coverage:
+    """The coverage of an engine whose whole graph runs in TensorRT (its graph entries count the ops)."""
     wm = engine.weight_map
-    hybrid = engine.submodule_impl
-    if hybrid is not None:
-        return _hybrid_coverage(engine, hybrid)
-    plan = engine.partition
-    keys_all = set(wm.keys_used)
-    if plan is None:
-        n_ops = sum(1 for e in engine.graph_entries or [] if e and e[0] == "op")
-        total = sum(_numel(wm.key_specs.get(k)) for k in keys_all)
-        return Coverage(engine.backend, n_ops, n_ops, total, total)
-    kinds = [s.kind for s in engine.segments]
-    trt_keys: set[str] = set()
-    for name, src in wm.sources.items():
-        seg = int(name[3:name.index(":")]) if name.startswith("seg") and ":" in name else 0
-        if seg < len(kinds) and kinds[seg] == "tensorrt":
-            trt_keys.update(src.keys)
-    n_ops = len(plan.counted)
-    n_trt = sum(1 for s in plan.segments if s.kind == "tensorrt" for n in s.nodes if n in plan.counted)
-    segs = [(s.kind, sum(1 for n in s.nodes if n in plan.counted)) for s in plan.segments]
-    fallback = [(node, op, path, reason) for node, (op, path, reason) in plan.fallback.items()]
-    return Coverage(engine.backend, n_ops, n_trt, sum(_numel(wm.key_specs.get(k)) for k in keys_all),
-                    sum(_numel(wm.key_specs.get(k)) for k in trt_keys), segs, fallback)
-
-
-def _hybrid_coverage(engine, hybrid) -> Coverage:
-    """Compiled submodules in an eager model: their ops and weights against every weight of the model."""
-    parts = {path: coverage(sub) for path, sub in hybrid.engines.items()}
-    fallback = [(node, op, f"{path}.{p}" if p else path, reason)
-                for path, c in parts.items() for node, op, p, reason in c.fallback]
-    key_specs = engine.weight_map.key_specs
-    total = sum(_numel(v) for v in key_specs.values())
-    trt = sum(c.weights_tensorrt for c in parts.values())
-    eager = list(engine.eager_modules)
-    calls = hybrid.counter.get("eager_calls", 0)
-    if calls:
-        eager.append(("(compiled submodules)", f"{calls} call(s) met inputs of another shape and ran eagerly"))
-    return Coverage(engine.backend, sum(c.ops_total for c in parts.values()),
-                    sum(c.ops_tensorrt for c in parts.values()), total, trt,
-                    [(f"{p}: {k}", n) for p, c in parts.items() for k, n in (c.segments or [("tensorrt", c.ops_total)])],
-                    fallback, eager)
+    n_ops = sum(1 for e in engine.graph_entries or [] if e and e[0] == "op")
+    total = sum(spec_numel(wm.key_specs.get(k)) for k in set(wm.keys_used))
+    return Coverage(engine.backend, n_ops, n_ops, total, total)

@@ -6,7 +6,8 @@ does not export. Each candidate's example inputs are captured with forward hooks
 run; a module called more than once, never called, or without weights is not compiled. The
 caller may instead name the submodules (``submodules=[...]``).
 
-The result is one engine (:class:`HybridImpl` behind :class:`refitcore.RefittableEngine`): the
+The compiler finds the submodules (:func:`find_exportable`) and compiles each; the :class:`Hybrid`
+kind assembles one engine (:class:`HybridImpl` behind :class:`refitcore.RefittableEngine`): the
 model's own forward runs eagerly, its compiled submodules call their engines, and every weight
 lives in one namespace: ``[<module path>] <engine weight name>`` for a compiled submodule's
 weights and ``[eager] <state_dict key>`` for the model's parameters and buffers read by the
@@ -25,12 +26,19 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from refitcore.errors import ExportError
-from refitcore.engine.segmented import SegmentedRefitter
+from refitcore.capture.lowering import export_model
+from refitcore.capture.structured import leaf_names, unflatten
 from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_consts, rename_keys
+from refitcore.engine.coverage import Coverage, spec_numel
+from refitcore.engine.kinds import BuildInput, Built, state_array, structure_of
+from refitcore.engine.options import CompileOptions
+from refitcore.engine.records import IOSpec
+from refitcore.engine.segmented import SegmentedRefitter
+from refitcore.errors import BundleError, ExportError
 
-__all__ = ["find_exportable", "HybridImpl", "compile_submodules", "hybrid_fallback_mapping", "EAGER"]
+__all__ = ["find_exportable", "HybridImpl", "Hybrid", "KIND", "NAME", "EAGER"]
 
+NAME = "hybrid"
 EAGER = "eager"
 
 
@@ -55,8 +63,6 @@ def find_exportable(model: torch.nn.Module, args: tuple, kwargs: dict, *, names:
                     ) -> tuple[dict[str, tuple[Any, tuple, dict]], list[tuple[str, str]], Any]:
     """({path: (ExportedProgram, args, kwargs)} of the largest submodules that export, [(path, why it runs
     eagerly)], eager output)."""
-    from refitcore.capture.lowering import export_model
-
     calls, out = _capture(model, args, kwargs)
     found: dict[str, tuple[Any, tuple, dict]] = {}
     eager: list[tuple[str, str]] = []
@@ -180,8 +186,6 @@ class HybridImpl:
         return out
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
-        from refitcore.capture.structured import unflatten
-
         it = iter(inputs)
         leaves = [next(it) if "tensor" in d else d["value"] for d in self.structure["in_leaves"]]
         args, kwargs = unflatten(leaves, self.structure["in"])
@@ -221,61 +225,87 @@ class HybridImpl:
         return cls(shell, engines, params, src.structure, src.compiled, counter)
 
 
-def _state_array(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu").numpy()).copy()
+class Hybrid:
+    """Compiled submodules inside the model's eager forward (:class:`refitcore.engine.kinds.EngineKind`)."""
+
+    name = NAME
+
+    def build(self, source: BuildInput, options: CompileOptions) -> Built:
+        """Assemble the engine from ``source.parts`` ({module path: compiled engine}): the model's
+        shell calls them, and every weight of the model lives in one namespace."""
+        model, engines = source.model, dict(source.parts)
+        shell = copy.deepcopy(model).eval()
+        counter: dict = {}
+        for path, engine in engines.items():
+            parent_path, _, leaf = path.rpartition(".")
+            parent = shell.get_submodule(parent_path) if parent_path else shell
+            setattr(parent, leaf, _EngineCall(engine, getattr(parent, leaf), counter))
+        wm = WeightMap()
+        for path, engine in engines.items():
+            rename = {k: f"{path}.{k}" for k in engine.weight_map.key_specs}
+            for name, src in engine.weight_map.sources.items():
+                inputs = {k: prefix_consts(rename_keys(v, rename), f"[{path}] ") for k, v in src.inputs.items()}
+                wm.sources[HybridImpl.part_name(path, name)] = dataclasses.replace(src, inputs=inputs)
+            wm.constants.update({f"[{path}] {k}": v for k, v in engine.weight_map.constants.items()})
+        params = {k: state_array(v) for k, v in model.state_dict().items()}
+        for k, arr in params.items():
+            wm.sources[HybridImpl.part_name(EAGER, k)] = WeightSource("copy", {"x": {"key": k}}, {}, tuple(arr.shape),
+                                                                     str(arr.dtype))
+        out_spec = pytree.tree_flatten(source.eager_output)[1]
+        structure = structure_of(source.args, source.kwargs, out_spec)
+        impl = HybridImpl(shell, engines, params, structure, list(engines), counter)
+        tensors = [d["tensor"] for d in structure["in_leaves"] if "tensor" in d]
+        io = IOSpec(tuple(f"input_{i}" for i in range(len(tensors))), tuple(tuple(t[0]) for t in tensors),
+                    tuple(t[1] for t in tensors), tuple(leaf_names(structure["out"])), ())
+        fingerprint = "+".join(e.fingerprint[:16] for e in engines.values())
+        return Built(impl, wm, io, structure, out_spec, fingerprint, eager_modules=list(source.eager))
+
+    def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
+                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+        """Each compiled submodule through its own kind's fallback (converting again with the
+        submodule's slice of the new weights), the eager weights straight from the state_dict."""
+        impl: HybridImpl = engine.impl
+        out: dict[str, np.ndarray] = {}
+        for path, sub in impl.engines.items():
+            def part(d: Mapping[str, torch.Tensor], path: str = path) -> dict[str, torch.Tensor]:
+                return {k[len(path) + 1:]: v for k, v in d.items() if k.startswith(path + ".")}
+
+            sub_state = part(state)
+            sub_source = source.get_submodule(path) if isinstance(source, torch.nn.Module) else None
+            mapping = sub.kind.fallback_mapping(sub, sub_state, part(checked), sub_source)
+            out.update({HybridImpl.part_name(path, n): v for n, v in mapping.items()})
+        for k, arr in impl.params[EAGER].items():
+            out[HybridImpl.part_name(EAGER, k)] = state_array(state[k].to(getattr(torch, str(arr.dtype))))
+        return out
+
+    def serialize(self, impl: Any, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
+                          "data: its eager part is code; save each compiled submodule's engine "
+                          "(engine.impl.engines[path].save(...)) and rebuild the model around them")
+
+    def deserialize(self, header: dict, arrays: Mapping[str, np.ndarray], *, backend: str) -> Any:
+        raise BundleError("an engine of compiled submodules is never saved; this file cannot hold one")
+
+    def run(self, impl: Any, inputs: list[Any]) -> list[Any]:
+        return impl.run(inputs)
+
+    def coverage(self, engine: Any) -> Coverage:
+        """The compiled submodules' ops and weights against every weight of the model."""
+        impl: HybridImpl = engine.impl
+        parts = {path: sub.summary() for path, sub in impl.engines.items()}
+        fallback = [(node, op, f"{path}.{p}" if p else path, reason)
+                    for path, c in parts.items() for node, op, p, reason in c.fallback]
+        total = sum(spec_numel(v) for v in engine.weight_map.key_specs.values())
+        trt = sum(c.weights_tensorrt for c in parts.values())
+        eager = list(engine.eager_modules)
+        calls = impl.counter.get("eager_calls", 0)
+        if calls:
+            eager.append(("(compiled submodules)", f"{calls} call(s) met inputs of another shape and ran eagerly"))
+        return Coverage(engine.backend, sum(c.ops_total for c in parts.values()),
+                        sum(c.ops_tensorrt for c in parts.values()), total, trt,
+                        [(f"{p}: {k}", n) for p, c in parts.items()
+                         for k, n in (c.segments or [("tensorrt", c.ops_total)])],
+                        fallback, eager)
 
 
-def compile_submodules(model: torch.nn.Module, args: tuple, kwargs: dict, compile_one, *,
-                       names: Sequence[str] | None = None) -> tuple[HybridImpl, WeightMap, list, dict, Any]:
-    """Compile the exportable submodules (``compile_one(module, args, kwargs, ep)`` -> engine) and
-    assemble the hybrid engine: (impl, weight map, eager modules with reasons, structure, output spec)."""
-    from refitcore.capture.structured import describe_leaf, spec_to_json
-
-    found, eager, out = find_exportable(model, args, kwargs, names=names)
-    if not found:
-        raise ExportError("", RuntimeError("no submodule with weights exports: " +
-                                           "; ".join(f"{p or '<top>'}: {w}" for p, w in eager[:5])))
-    engines = {path: compile_one(model.get_submodule(path), a, k, ep) for path, (ep, a, k) in found.items()}
-    shell = copy.deepcopy(model).eval()
-    counter: dict = {}
-    for path, engine in engines.items():
-        parent_path, _, leaf = path.rpartition(".")
-        parent = shell.get_submodule(parent_path) if parent_path else shell
-        setattr(parent, leaf, _EngineCall(engine, getattr(parent, leaf), counter))
-    wm = WeightMap()
-    for path, engine in engines.items():
-        rename = {k: f"{path}.{k}" for k in engine.weight_map.key_specs}
-        for name, src in engine.weight_map.sources.items():
-            inputs = {k: prefix_consts(rename_keys(v, rename), f"[{path}] ") for k, v in src.inputs.items()}
-            wm.sources[HybridImpl.part_name(path, name)] = dataclasses.replace(src, inputs=inputs)
-        wm.constants.update({f"[{path}] {k}": v for k, v in engine.weight_map.constants.items()})
-    params = {k: _state_array(v) for k, v in model.state_dict().items()}
-    for k, arr in params.items():
-        wm.sources[HybridImpl.part_name(EAGER, k)] = WeightSource("copy", {"x": {"key": k}}, {}, tuple(arr.shape),
-                                                                 str(arr.dtype))
-    leaves, in_spec = pytree.tree_flatten((args, kwargs))
-    structure = {"in": spec_to_json(in_spec), "in_leaves": [describe_leaf(v) for v in leaves],
-                 "out": spec_to_json(pytree.tree_flatten(out)[1])}
-    impl = HybridImpl(shell, engines, params, structure, list(engines), counter)
-    eager = [(p, w) for p, w in eager]
-    return impl, wm, eager, structure, pytree.tree_flatten(out)[1]
-
-
-
-def hybrid_fallback_mapping(engine, state: Mapping[str, torch.Tensor], source: Any,
-                            fallback_mapping) -> dict[str, np.ndarray]:
-    """Fallback path of a hybrid engine: each compiled submodule through its own fallback
-    (``fallback_mapping``: :func:`refitcore.refitting.mapping.fallback_mapping`, converting again with the
-    submodule's slice of the new weights), the eager weights straight from the state_dict."""
-    impl = engine.submodule_impl
-    out: dict[str, np.ndarray] = {}
-    for path, sub in impl.engines.items():
-        if isinstance(source, torch.nn.Module):
-            sub_source: Any = source.get_submodule(path)
-        else:
-            sub_source = {k[len(path) + 1:]: v for k, v in state.items() if k.startswith(path + ".")}
-        mapping = fallback_mapping(sub, sub_source)
-        out.update({HybridImpl.part_name(path, n): v for n, v in mapping.items()})
-    for k, arr in impl.params[EAGER].items():
-        out[HybridImpl.part_name(EAGER, k)] = _state_array(state[k].to(getattr(torch, str(arr.dtype))))
-    return out
+KIND = Hybrid()

@@ -1,9 +1,11 @@
 """RefittableEngine: an engine plus everything needed to refit and check it; saving and loading it.
 
 An engine is saved as a :mod:`refitcore.engine.bundle` file: :meth:`RefittableEngine.to_parts` gives the
-header and arrays, :meth:`RefittableEngine.from_parts` validates them and builds the engine back
-through the backend's ``load_engine`` (:mod:`refitcore.backends.base`). :func:`load` is
-``refitcore.load``.
+header and arrays (the engine's kind serializes its impl, :mod:`refitcore.engine.kinds`),
+:meth:`RefittableEngine.from_parts` validates them and builds the engine back through the kind
+the impl header names (:mod:`refitcore.engine.registry`). The header also keeps the compile
+options as data (``options``; a file written before them reads as the defaults with its recorded
+``model_factory``). :func:`load` is ``refitcore.load``.
 
 A *weightless* engine (``to_parts(weights=False)``, what the engine cache stores) keeps no
 refittable weight's value: every weight is derived from the model through the weight map anyway,
@@ -21,14 +23,21 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
-from refitcore.engine import bundle
-from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl
-from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
-from refitcore.errors import BundleError, ShapeRangeError, WeightlessEngineError
 from refitcore.capture.shapes import ShapeProfiles
+from refitcore.capture.structured import leaf_names, spec_of, unflatten, unresolved_types
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
+from refitcore.engine import bundle
+from refitcore.engine.coverage import Coverage
+from refitcore.engine.kinds import EngineKind
+from refitcore.engine.options import CompileOptions
+from refitcore.engine.records import CallSpec, EngineRecord, IOSpec
+from refitcore.engine.registry import kind_of_header
+from refitcore.errors import BundleError, ShapeRangeError, WeightlessEngineError
+from refitcore.partition.partitioner import PartitionPlan
 
 __all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
 
@@ -36,69 +45,105 @@ FORMAT = "refitcore.engine"
 MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor of a loaded engine
 
 
-@dataclasses.dataclass(frozen=True)
-class IOSpec:
-    """Inputs and outputs of a compiled model. ``input_shapes`` are the example's shapes (``opt`` of a
-    dynamic dimension); ``output_shapes`` have -1 where a size varies; ``profiles`` (a
-    :class:`refitcore.capture.shapes.ShapeProfiles`, None for static shapes) holds each input's
-    (min, opt, max) ranges and the optimization profiles. A file without ``profiles`` reads as static."""
-
-    input_names: tuple[str, ...]
-    input_shapes: tuple[tuple[int, ...], ...]
-    input_dtypes: tuple[str, ...]
-    output_names: tuple[str, ...]
-    output_shapes: tuple[tuple[int, ...], ...]
-    profiles: ShapeProfiles | None = None
-
-    def to_json(self) -> dict:
-        out = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
-               for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
-        if self.profiles is not None:
-            out["profiles"] = self.profiles.to_json()
-        return out
-
-    @classmethod
-    def from_json(cls, d: dict) -> "IOSpec":
-        profiles = ShapeProfiles.from_json(d["profiles"]) if d.get("profiles") else None
-        return cls(tuple(d["input_names"]), tuple(tuple(s) for s in d["input_shapes"]), tuple(d["input_dtypes"]),
-                   tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]), profiles)
-
-
 class RefittableEngine:
     """A compiled model that can be refitted: callable like the model.
 
-    Attributes: ``backend`` ('reference' or 'tensorrt'), ``weight_map``, ``weight_names`` (the
-    engine's refittable weights), ``io``, ``fingerprint`` (of the exported graph),
-    ``exported_program`` (None after :func:`refitcore.load`), ``backend_reason``, ``impl`` (the
-    backend's engine, a :class:`refitcore.backends.base.EngineImpl`), ``weightless`` (True while a
-    weightless engine has not been refitted yet: it refuses to run).
+    Made of: ``kind`` (an :class:`refitcore.engine.kinds.EngineKind`: whole network, segments, or
+    compiled submodules), ``impl`` (the backend's engine, a :class:`refitcore.backends.base.EngineImpl`),
+    ``weight_map``, ``io`` (:class:`refitcore.engine.records.IOSpec`), ``record`` (an
+    :class:`refitcore.engine.records.EngineRecord`: fingerprint, compile options, state_dict keys,
+    partition, cache outcome), ``calls`` (a :class:`refitcore.engine.records.CallSpec`: the
+    pytree structure it is called with), ``exported_program`` (None after :func:`refitcore.load`)
+    and ``weightless`` (True while a weightless engine has not been refitted yet: it refuses to run).
+
+    Attributes read from those: ``backend`` ('reference' or 'tensorrt'), ``weight_names`` (the
+    engine's refittable weights), ``fingerprint`` (of the exported graph), ``options`` (the
+    :class:`refitcore.engine.options.CompileOptions`), ``model_factory``, ``state_keys``,
+    ``structure``, ``partition``, ``eager_modules``, ``backend_reason``, ``cache_hit`` (True,
+    False, or None without a cache) and ``cache_key``.
     """
 
-    def __init__(self, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, fingerprint: str, *,
-                 exported_program=None, fusion=None, backend_reason: str = "", graph_entries=None,
-                 model_factory: str | None = None, state_keys: Sequence[str] = (), structure: dict | None = None,
-                 output_treespec=None, output_types=None, trust_output_types: bool = False, partition=None,
-                 eager_modules: Sequence[tuple[str, str]] = (), weightless: bool = False):
+    def __init__(self, kind: EngineKind, impl: EngineImpl, weight_map: WeightMap, io: IOSpec, record: EngineRecord,
+                 *, calls: CallSpec | None = None, exported_program=None, weightless: bool = False):
+        self.kind = kind
         self._impl = impl
-        self.weightless = weightless
         self.weight_map = weight_map
         self.io = io
-        self.fingerprint = fingerprint
+        self.record = record
+        self.calls = calls or CallSpec()
         self.exported_program = exported_program
-        self.fusion = fusion
-        self.backend_reason = backend_reason
-        self.graph_entries = graph_entries
-        self.model_factory = model_factory
-        self.state_keys = list(state_keys)   # the model's full state_dict key list at compile time
-        # Structured I/O (refitcore.capture.structured): {"in": spec, "in_leaves": [leaf], "out": spec} as JSON
-        # data; None for an engine of flat tensors (saved before structured I/O existed).
-        self.structure = structure
-        self._output_treespec = output_treespec   # the live TreeSpec: eager's own output types
-        self.output_types = output_types
-        self.trust_output_types = trust_output_types
-        self.partition = partition   # refitcore.partition.partitioner.PartitionPlan of a partitioned engine, else None
-        self.eager_modules = list(eager_modules)   # [(module path, why it runs eagerly)] (refitcore.engine.hybrid)
+        self.weightless = weightless
+        self._said_plain = False
 
+    # ---- what the record and the call spec say ---------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        return self.record.fingerprint
+
+    @property
+    def graph_entries(self) -> list | None:
+        return self.record.graph_entries
+
+    @property
+    def options(self) -> CompileOptions:
+        return self.record.options
+
+    @property
+    def model_factory(self) -> str | None:
+        """The recorded model factory ('module:callable'), imported only when a caller trusts it."""
+        return self.record.options.model_factory
+
+    @model_factory.setter
+    def model_factory(self, factory: str | None) -> None:
+        options = dataclasses.replace(self.record.options, model_factory=factory)
+        self.record = dataclasses.replace(self.record, options=options)
+
+    @property
+    def state_keys(self) -> list[str]:
+        """The model's full state_dict key list at compile time."""
+        return self.record.state_keys
+
+    @property
+    def backend_reason(self) -> str:
+        return self.record.backend_reason
+
+    @property
+    def partition(self) -> PartitionPlan | None:
+        """The partition plan of a partitioned engine (:mod:`refitcore.partition`), else None."""
+        return self.record.partition
+
+    @property
+    def eager_modules(self) -> list[tuple[str, str]]:
+        """[(module path, why it runs eagerly)] of compiled submodules in an eager model."""
+        return self.record.eager_modules
+
+    @property
+    def cache_hit(self) -> bool | None:
+        return self.record.cache_hit
+
+    @property
+    def cache_key(self) -> str | None:
+        return self.record.cache_key
+
+    def record_cache(self, hit: bool, key: str) -> None:
+        """Say what the engine cache did: ``hit`` (loaded and refitted) or not (compiled and stored), under ``key``."""
+        self.record = dataclasses.replace(self.record, cache_hit=hit, cache_key=key)
+
+    @property
+    def structure(self) -> dict | None:
+        """``{"in": spec, "in_leaves": [leaf], "out": spec}`` (:mod:`refitcore.capture.structured`), None
+        for an engine of flat tensors."""
+        return self.calls.structure
+
+    @property
+    def output_types(self):
+        return self.calls.output_types
+
+    @property
+    def trust_output_types(self) -> bool:
+        return self.calls.trust_output_types
+
+    # ---- the backend engine ------------------------------------------------------------------
     @property
     def impl(self) -> EngineImpl:
         """The backend's engine (what the refit driver and the backend tests talk to)."""
@@ -121,29 +166,17 @@ class RefittableEngine:
         self._check_weights_present()
         return self._impl.current_weights()
 
-    @property
-    def segments(self):
-        """The engine's segments (:mod:`refitcore.engine.segmented`), or None for one whole TensorRT network."""
-        return getattr(self._impl, "segments", None)
-
-    @property
-    def submodule_impl(self):
-        """The hybrid engine (:mod:`refitcore.engine.hybrid`) when only submodules compiled, else None."""
-        return self._impl if getattr(self._impl, "compiled", None) is not None else None
-
     def __call__(self, *args: Any, **kwargs: Any):
         """Run like the eager model: same positional/keyword structure in, same structure out."""
         self._check_weights_present()
         if self.structure is None:
-            outs = self._impl.run(list(args))
+            outs = self.kind.run(self._impl, list(args))
             return outs[0] if len(outs) == 1 else tuple(outs)
-        return self.unflatten_outputs(self._impl.run(self.flatten_inputs(args, kwargs)))
+        return self.unflatten_outputs(self.kind.run(self._impl, self.flatten_inputs(args, kwargs)))
 
     def flatten_inputs(self, args: Sequence[Any], kwargs: dict | None = None) -> list[torch.Tensor]:
         """The engine's flat tensor inputs for one call; checks the call's structure and its
         non-tensor leaves (which the compiled graph specialised on) against compile time."""
-        from refitcore.capture.structured import leaf_names, spec_of
-
         if self.structure is None:
             return list(args)
         leaves, spec = spec_of((tuple(args), dict(kwargs or {})))
@@ -163,25 +196,17 @@ class RefittableEngine:
 
     def example_call(self) -> tuple[tuple, dict]:
         """(args, kwargs) shaped like the compile-time example: zero tensors, the same constants."""
-        from refitcore.capture.structured import unflatten
-
         leaves = [torch.zeros(d["tensor"][0], dtype=getattr(torch, d["tensor"][1])) if "tensor" in d else d["value"]
                   for d in self.structure["in_leaves"]]
         args, kwargs = unflatten(leaves, self.structure["in"])
         return tuple(args), dict(kwargs)
 
     def unflatten_outputs(self, outs: Sequence[Any]):
-        from refitcore.capture.structured import unflatten
-
         if self.structure is None:
             return outs[0] if len(outs) == 1 else tuple(outs)
-        if self._output_treespec is not None:
-            import torch.utils._pytree as pytree
-
-            return pytree.tree_unflatten(list(outs), self._output_treespec)
-        if not self.trust_output_types and not getattr(self, "_said_plain", False):
-            from refitcore.capture.structured import unresolved_types
-
+        if self.calls.out_treespec is not None:
+            return pytree.tree_unflatten(list(outs), self.calls.out_treespec)
+        if not self.trust_output_types and not self._said_plain:
             missing = unresolved_types(self.structure["out"], output_types=self.output_types)
             if missing:
                 logging.getLogger("refitcore").warning(
@@ -193,7 +218,7 @@ class RefittableEngine:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._check_weights_present()
-        return self._impl.run(list(inputs))
+        return self.kind.run(self._impl, list(inputs))
 
     def _check_weights_present(self) -> None:
         if self.weightless:
@@ -211,14 +236,8 @@ class RefittableEngine:
             header, arrays = self._impl.serialize()
             arrays = {k: np.array(v, copy=True) for k, v in arrays.items()}
         impl = type(self._impl).deserialize(header, arrays)
-        return RefittableEngine(impl, self.weight_map, self.io, self.fingerprint,
-                                exported_program=self.exported_program, fusion=self.fusion,
-                                backend_reason=self.backend_reason, graph_entries=self.graph_entries,
-                                model_factory=self.model_factory, state_keys=self.state_keys,
-                                structure=self.structure, output_treespec=self._output_treespec,
-                                output_types=self.output_types, trust_output_types=self.trust_output_types,
-                                partition=self.partition, eager_modules=self.eager_modules,
-                                weightless=self.weightless)
+        return RefittableEngine(self.kind, impl, self.weight_map, self.io, self.record, calls=self.calls,
+                                exported_program=self.exported_program, weightless=self.weightless)
 
     # ---- saving and loading ---------------------------------------------------------------
     def to_parts(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
@@ -227,11 +246,7 @@ class RefittableEngine:
         if weights and self.weightless:
             raise BundleError("this engine is weightless (loaded without its weights and not refitted since): "
                               "refit it before saving it with its weights")
-        if self.submodule_impl is not None:
-            raise BundleError("an engine whose model runs partly eagerly (compiled submodules) cannot be saved as "
-                              "data: its eager part is code; save each compiled submodule's engine "
-                              "(engine.submodule_impl.engines[path].save(...)) and rebuild the model around them")
-        impl_header, impl_arrays = self._impl.serialize(weights=weights)
+        impl_header, impl_arrays = self.kind.serialize(self._impl, weights=weights)
         impl_header = dict(impl_header)
         arrays = {f"w/{k}": v for k, v in impl_arrays.items()}
         for k, v in (impl_header.pop("blobs", None) or {}).items():
@@ -244,7 +259,7 @@ class RefittableEngine:
             "io": self.io.to_json(),
             "fingerprint": self.fingerprint,
             "graph_entries": self.graph_entries,
-            "model_factory": self.model_factory,
+            "options": self.options.to_json(),   # the model factory too (older files: a "model_factory" field)
             "state_keys": self.state_keys,
             "backend_reason": self.backend_reason,
             # Structured I/O specs and the partition plan: JSON data (refitcore.capture.structured, refitcore.partition).
@@ -276,16 +291,13 @@ class RefittableEngine:
             weightless = header.get("weights", "included") == "stripped"
             if weightless:
                 weights.update(_placeholders(weight_map, where))
-            if impl_header.get("kind") == "segments":   # a partitioned engine (refitcore.engine.segmented)
-                from refitcore.engine.segmented import load_engine
-            else:
-                load_engine = get_backend(header["backend"]).load_engine
-            impl = load_engine(impl_header, weights)
-            plan = None
-            if header.get("partition"):
-                from refitcore.partition.partitioner import PartitionPlan
-
-                plan = PartitionPlan.from_json(header["partition"])
+            kind = kind_of_header(impl_header, where)
+            impl = kind.deserialize(impl_header, weights, backend=header["backend"])
+            plan = PartitionPlan.from_json(header["partition"]) if header.get("partition") else None
+            if "options" in header:
+                options = CompileOptions.from_json(header["options"])
+            else:   # written before the options were saved: what it recorded of them
+                options = CompileOptions(backend=header["backend"], model_factory=header.get("model_factory"))
             _check_weights(weight_map, impl, where)
         except BundleError:
             raise
@@ -294,11 +306,11 @@ class RefittableEngine:
             # inner structure) still becomes a BundleError, never a crash with another exception.
             raise BundleError(f"{where}: engine file content is invalid: {type(err).__name__}: "
                               f"{str(err)[:300]}") from err
-        return cls(impl, weight_map, io, header["fingerprint"], graph_entries=header.get("graph_entries"),
-                   backend_reason=header.get("backend_reason", ""), model_factory=header.get("model_factory"),
-                   state_keys=header.get("state_keys", []), structure=header.get("structure"),
-                   output_types=output_types, trust_output_types=trust_output_types, partition=plan,
-                   weightless=weightless)
+        record = EngineRecord(header["fingerprint"], options, graph_entries=header.get("graph_entries"),
+                              state_keys=list(header.get("state_keys", [])),
+                              backend_reason=header.get("backend_reason", ""), partition=plan)
+        calls = CallSpec(header.get("structure"), output_types=output_types, trust_output_types=trust_output_types)
+        return cls(kind, impl, weight_map, io, record, calls=calls, weightless=weightless)
 
     def save(self, path: str | os.PathLike, *, weights: bool = True) -> None:
         """Write the engine to one file, atomically (see :mod:`refitcore.engine.bundle`). ``weights=False``
@@ -307,11 +319,9 @@ class RefittableEngine:
         header, arrays = self.to_parts(weights=weights)
         bundle.write(path, header, arrays)
 
-    def summary(self):
+    def summary(self) -> Coverage:
         """A :class:`refitcore.engine.coverage.Coverage`: ops and weights in TensorRT, ops that run in PyTorch."""
-        from refitcore.engine.coverage import coverage
-
-        return coverage(self)
+        return self.kind.coverage(self)
 
     def __str__(self) -> str:
         return f"{self!r}\n{self.summary()}"
@@ -340,6 +350,7 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
     expect(header.get("fingerprint"), str, "fingerprint", where)
     expect(header.get("backend_reason", ""), str, "backend_reason", where)
     expect(header.get("model_factory"), (str, type(None)), "model_factory", where)
+    expect(header.get("options", {}), dict, "options", where)
     expect(header.get("graph_entries"), (list, type(None)), "graph_entries", where)
     if header.get("weights", "included") not in ("included", "stripped"):
         raise BundleError(f"{where}: engine file content is invalid: weights should be 'included' or 'stripped', "

@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from refitcore.backends import get_backend
 from refitcore.backends.base import WeightsPrototype, staged
 from refitcore.partition.partitioner import Segment
 from refitcore.partition.torch_program import TorchProgram
@@ -180,8 +181,6 @@ class SegmentedImpl:
 
     @classmethod
     def deserialize(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> "SegmentedImpl":
-        from refitcore.backends import get_backend
-
         if header.get("kind") != KIND:
             raise ValueError(f"not a segmented engine (kind={header.get('kind')!r})")
         backend = get_backend(header["backend"])
@@ -206,10 +205,6 @@ class SegmentedImpl:
         constants = {k[6:]: v for k, v in arrays.items() if k.startswith("const:")}
         return cls(segments, trt, params, header["program"], constants, header["user_inputs"], header["outputs"],
                    header["backend"], note=getattr(next(iter(trt.values()), None), "note", ""))
-
-
-def load_engine(header: dict, weights: Mapping[str, np.ndarray]) -> SegmentedImpl:
-    return SegmentedImpl.deserialize(header, weights)
 
 
 class SegmentedRefitter:

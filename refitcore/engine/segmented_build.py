@@ -1,5 +1,6 @@
-"""Build a partitioned engine: plan the segments, convert each TensorRT segment through the one
-converter loop, build it on the backend, and collect the PyTorch segments' ops and parameters.
+"""The segmented engine kind: plan the segments, convert each TensorRT segment through the one
+converter loop, build it on the backend, and collect the PyTorch segments' ops and parameters
+(the engine itself, run and refitted as one, is :mod:`refitcore.engine.segmented`).
 
 A segment whose conversion fails (a converter that declines at conversion time, or any other
 error) has the offending nodes, or failing that the whole segment, moved to PyTorch and the plan
@@ -10,32 +11,34 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import fx
 from torch.export.graph_signature import InputKind
 
 from refitcore.backends import get_backend
+from refitcore.backends.base import EngineImpl
+from refitcore.capture.lowering import graph_fingerprint
+from refitcore.capture.structured import leaf_names
 from refitcore.conversion.convert import convert, dynamic_node_names
-from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
 from refitcore.conversion.network_reader import network_weights
-from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, PartitionPlan, Segment, partition, subprogram
-from refitcore.engine.segmented import SegmentedImpl, split_name
-from refitcore.partition.torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
 from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_consts
+from refitcore.engine.coverage import Coverage, all_in_tensorrt, spec_numel
+from refitcore.engine.kinds import BuildInput, Built, check_map_covers, state_array, structure_of
+from refitcore.engine.options import CompileOptions
+from refitcore.engine.records import IOSpec
+from refitcore.engine.reexport import conversion_params, exported_for
+from refitcore.engine.segmented import KIND as NAME, SegmentedImpl, split_name
+from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
+from refitcore.partition.partitioner import PartitionPlan, Segment, partition, subprogram
+from refitcore.partition.torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
 
-__all__ = ["compile_segments", "segmented_fallback_mapping", "prefixed_map", "SegmentedBuild"]
+__all__ = ["Segmented", "KIND", "NAME", "prefixed_map"]
 
 log = logging.getLogger("refitcore")
-
-
-@dataclasses.dataclass
-class SegmentedBuild:
-    impl: SegmentedImpl
-    weight_map: WeightMap
-    plan: PartitionPlan
 
 
 def prefixed_map(wm: WeightMap, prefix: str) -> WeightMap:
@@ -85,24 +88,20 @@ def _closure(gm: fx.GraphModule, names: Iterable[str], dynamic: set[str], skip: 
     return [n.name for n in gm.graph.nodes if n.name in want]
 
 
-def _state_array(t: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(t.detach().to("cpu").numpy()).copy()
-
-
-def compile_segments(ep, *, backend_name: str, precision: str = "fp32", torch_executed_ops: Iterable[Any] = (),
-                     min_block_size: int = DEFAULT_MIN_BLOCK_SIZE) -> SegmentedBuild:
+def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
     """Partition ``ep`` and build every segment (see the module docstring)."""
-    backend = get_backend(backend_name)
+    backend = get_backend(options.backend)
     forced: dict[str, str] = {}
     while True:
-        plan = partition(ep, torch_executed_ops=torch_executed_ops, min_block_size=min_block_size, forced=forced)
+        plan = partition(ep, torch_executed_ops=options.torch_executed_ops, min_block_size=options.min_block_size,
+                         forced=forced)
         built, failed = {}, False
         for i, seg in enumerate(plan.segments):
             if seg.kind != "tensorrt":
                 continue
             try:
                 result = convert(subprogram(ep, seg))
-                built[i] = (result, backend.build(result, precision=precision))
+                built[i] = (result, backend.build(result, precision=options.precision))
             except BackendUnavailableError:
                 raise   # the backend cannot build or run here at all: not a segment's problem
             except UnsupportedOperatorError as err:
@@ -128,10 +127,10 @@ def compile_segments(ep, *, backend_name: str, precision: str = "fp32", torch_ex
                 break
         if not failed:
             break
-    return _assemble(ep, plan, built, backend_name)
+    return _assemble(ep, plan, built, options.backend)
 
 
-def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> SegmentedBuild:
+def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
     gm = ep.graph_module
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     dynamic = dynamic_node_names(ep)
@@ -160,7 +159,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
             trt[i] = impl
         else:
             keys = add_records(_closure(gm, seg.nodes, dynamic, trt_nodes))
-            params[i] = {k: _state_array(state[k]) for k in keys}
+            params[i] = {k: state_array(state[k]) for k in keys}
             for k, arr in params[i].items():
                 wm.sources[f"seg{i}:{k}"] = WeightSource("copy", {"x": {"key": k}}, {}, tuple(arr.shape),
                                                          str(arr.dtype))
@@ -182,7 +181,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
     outputs = encode_value(list(out_node.args[0]), ref)
     if out_keys:   # weights the graph returns (or computes its outputs from) without any dynamic op
         extra = len(plan.segments)
-        params[extra] = {k: _state_array(state[k]) for k in out_keys}
+        params[extra] = {k: state_array(state[k]) for k in out_keys}
         for k, arr in params[extra].items():
             wm.sources[f"seg{extra}:{k}"] = WeightSource("copy", {"x": {"key": k}}, {}, tuple(arr.shape),
                                                          str(arr.dtype))
@@ -191,7 +190,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
         _collect(rec, "const", consts, alone=True)
         for c in consts:
             t = ep_constants[c] if c in ep_constants else state[c]
-            constants[c] = _state_array(t)
+            constants[c] = state_array(t)
     user_inputs = [s.arg.name for s in ep.graph_signature.input_specs
                    if s.kind == InputKind.USER_INPUT and isinstance(nodes[s.arg.name].meta.get("val"), torch.Tensor)]
     segments = list(plan.segments)
@@ -199,25 +198,80 @@ def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> Segmen
         segments.append(Segment("torch", [], [], []))
     impl = SegmentedImpl(segments, trt, params, list(records.values()), constants, user_inputs, outputs,
                          backend_name, note=getattr(next(iter(trt.values()), None), "note", ""))
-    return SegmentedBuild(impl, wm, plan)
+    return impl, wm, plan
 
 
+class Segmented:
+    """TensorRT segments and PyTorch segments in graph order (:class:`refitcore.engine.kinds.EngineKind`)."""
 
-def segmented_fallback_mapping(engine, ep, params: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """The fallback path of a partitioned engine: convert every TensorRT segment again with the new
-    weights and read its weights off the network; PyTorch segments take the state_dict's values."""
-    out: dict[str, np.ndarray] = {}
-    for i, seg in enumerate(engine.segments):
-        prefix = f"seg{i}:"
-        if seg.kind == "tensorrt":
-            result = convert(subprogram(ep, seg), params)
-            shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
-            out.update(network_weights(result.network, shapes, prefix=prefix))
-    # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
-    # fallback stays a witness independent of the map's recipes).
-    current = engine.current_weights()
-    for name in engine.weight_names:
-        index, key = split_name(name)
-        if engine.segments[index].kind != "tensorrt":
-            out[name] = _state_array(params[key].to(getattr(torch, str(current[name].dtype))))
-    return out
+    name = NAME
+
+    def build(self, source: BuildInput, options: CompileOptions) -> Built:
+        """Partition ``source.exported`` and build every TensorRT segment on the backend."""
+        ep = source.exported
+        impl, wm, plan = _build_segments(ep, options)
+        check_map_covers(wm, impl.weight_names())
+        out_spec = ep.call_spec.out_spec
+        structure = structure_of(source.args, source.kwargs, out_spec)
+        tensors = [v for v in pytree.tree_leaves((source.args, source.kwargs)) if isinstance(v, torch.Tensor)]
+        out_vals = [a.meta.get("val") if hasattr(a, "meta") else a
+                    for a in pytree.tree_leaves(list(ep.graph_module.graph.find_nodes(op="output"))[0].args[0])]
+        io = IOSpec(tuple(impl.user_inputs), tuple(tuple(t.shape) for t in tensors),
+                    tuple(str(t.dtype).replace("torch.", "") for t in tensors),
+                    tuple(leaf_names(structure["out"])),
+                    tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in out_vals))
+        digest, entries = graph_fingerprint(ep)
+        return Built(impl, wm, io, structure, out_spec, digest, entries, partition=plan)
+
+    def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
+                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+        """Convert every TensorRT segment again with the new weights and read its weights off the
+        network; PyTorch segments take the state_dict's values."""
+        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
+        params = conversion_params(engine.weight_map, state, checked)
+        segments = engine.impl.segments
+        out: dict[str, np.ndarray] = {}
+        for i, seg in enumerate(segments):
+            prefix = f"seg{i}:"
+            if seg.kind == "tensorrt":
+                result = convert(subprogram(ep, seg), params)
+                shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
+                out.update(network_weights(result.network, shapes, prefix=prefix))
+        # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
+        # fallback stays a witness independent of the map's recipes).
+        current = engine.current_weights()
+        for name in engine.weight_names:
+            index, key = split_name(name)
+            if segments[index].kind != "tensorrt":
+                out[name] = state_array(params[key].to(getattr(torch, str(current[name].dtype))))
+        return out
+
+    def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        return impl.serialize(weights=weights)
+
+    def deserialize(self, header: dict, arrays: Mapping[str, np.ndarray], *, backend: str) -> EngineImpl:
+        return SegmentedImpl.deserialize(header, arrays)
+
+    def run(self, impl: EngineImpl, inputs: list[Any]) -> list[Any]:
+        return impl.run(inputs)
+
+    def coverage(self, engine: Any) -> Coverage:
+        """Ops and weights per segment, and each op that runs in PyTorch with its reason."""
+        wm, plan = engine.weight_map, engine.partition
+        if plan is None:   # a file that does not record its plan
+            return all_in_tensorrt(engine)
+        kinds = [s.kind for s in engine.impl.segments]
+        trt_keys: set[str] = set()
+        for name, src in wm.sources.items():
+            seg = int(name[3:name.index(":")]) if name.startswith("seg") and ":" in name else 0
+            if seg < len(kinds) and kinds[seg] == "tensorrt":
+                trt_keys.update(src.keys)
+        n_ops = len(plan.counted)
+        n_trt = sum(1 for s in plan.segments if s.kind == "tensorrt" for n in s.nodes if n in plan.counted)
+        segs = [(s.kind, sum(1 for n in s.nodes if n in plan.counted)) for s in plan.segments]
+        fallback = [(node, op, path, reason) for node, (op, path, reason) in plan.fallback.items()]
+        return Coverage(engine.backend, n_ops, n_trt, sum(spec_numel(wm.key_specs.get(k)) for k in set(wm.keys_used)),
+                        sum(spec_numel(wm.key_specs.get(k)) for k in trt_keys), segs, fallback)
+
+
+KIND = Segmented()

@@ -110,13 +110,15 @@ class _SavedImpl:
 
 def _saved_engine(meta):
     from refitcore.conversion.weight_map import WeightMap, WeightSource
+    from refitcore.engine.records import EngineRecord
     from refitcore.engine.refittable import IOSpec, RefittableEngine
+    from refitcore.engine.whole import KIND
 
     impl = _SavedImpl(bytes(range(256)) * 3, {"conv KERNEL": W0["conv KERNEL"]}, meta)
     io = IOSpec(("x",), ((1, 1, 3, 3),), ("float32",), ("output_0",), ((1, 2, 2, 2),))
     # a loaded engine must hold exactly the weights its map names
     wm = WeightMap({"conv KERNEL": WeightSource("copy", {"x": {"key": "conv.weight"}}, {}, (2, 1, 2, 2))})
-    return RefittableEngine(impl, wm, io, "fingerprint")
+    return RefittableEngine(KIND, impl, wm, io, EngineRecord("fingerprint"))
 
 
 def test_bundle_carries_the_plan_bytes_and_weights(tmp_path, monkeypatch):

@@ -1,0 +1,78 @@
+"""The compile options: one frozen record built once from ``refitcore.compile``'s keyword arguments.
+
+It is passed down to the engine kinds' builds, it is what the engine cache's key hashes
+(:meth:`CompileOptions.key_fields`, with the backend and the precision as key parts of their own),
+and it is stored with the engine (:meth:`CompileOptions.to_json`, the bundle header's
+``options``), as Torch-TensorRT keeps its ``CompilationSettings``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Mapping, Sequence
+
+from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE
+
+__all__ = ["CompileOptions"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    """How a model is compiled (see :func:`refitcore.compile` for each option).
+
+    ``torch_executed_ops`` are kept as their names (``str(op)``, what the partitioner matches) and
+    ``submodules`` as a tuple. ``dynamic_shapes`` and ``profiles`` are the arguments as given
+    (torch.export ``Dim`` objects are no data): a saved engine keeps their resolved ranges in its
+    IO spec (:class:`refitcore.engine.records.IOSpec` ``profiles``) instead."""
+
+    backend: str = "auto"
+    precision: str = "fp32"
+    strict: bool = False
+    torch_executed_ops: Iterable[Any] = ()   # kept as a sorted tuple of names
+    min_block_size: int = DEFAULT_MIN_BLOCK_SIZE
+    submodules: Sequence[str] | None = None   # kept as a tuple
+    dynamic_shapes: Any = None
+    profiles: Sequence[Any] | None = None
+    model_factory: str | None = None
+    verbose: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "torch_executed_ops", tuple(sorted(str(op) for op in self.torch_executed_ops)))
+        if self.submodules is not None:
+            object.__setattr__(self, "submodules", tuple(self.submodules))
+
+    def key_fields(self) -> dict[str, Any]:
+        """The options besides backend and precision that change the engine: what the cache key
+        hashes as its ``options`` part (:func:`refitcore.cache.key.compile_key`)."""
+        return {"strict": self.strict, "torch_executed_ops": list(self.torch_executed_ops),
+                "min_block_size": self.min_block_size,
+                "submodules": list(self.submodules) if self.submodules is not None else None,
+                "profiles": self.profiles}
+
+    def to_json(self) -> dict[str, Any]:
+        """The options as data (without ``dynamic_shapes``/``profiles``: see the class doc)."""
+        return {"backend": self.backend, "precision": self.precision, "strict": self.strict,
+                "torch_executed_ops": list(self.torch_executed_ops), "min_block_size": self.min_block_size,
+                "submodules": list(self.submodules) if self.submodules is not None else None,
+                "model_factory": self.model_factory, "verbose": self.verbose}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "CompileOptions":
+        """The options of :meth:`to_json`; :class:`TypeError` or :class:`ValueError` on other data (a
+        file is untrusted input)."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"options should be an object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(cls().to_json()))
+        if unknown:
+            raise ValueError(f"options has unknown fields {unknown[:5]}")
+        want = {"backend": (str,), "precision": (str,), "strict": (bool,), "torch_executed_ops": (list,),
+                "min_block_size": (int,), "submodules": (list, type(None)), "model_factory": (str, type(None)),
+                "verbose": (bool,)}
+        for name, value in d.items():
+            kinds = want[name]
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                raise TypeError(f"options.{name} should be {' or '.join(k.__name__ for k in kinds)}, "
+                                f"got {type(value).__name__}")
+        for name in ("torch_executed_ops", "submodules"):
+            if any(not isinstance(v, str) for v in d.get(name) or ()):
+                raise TypeError(f"options.{name} should list strings")
+        return cls(**d)

@@ -1,0 +1,105 @@
+"""The fallback path's program: the ExportedProgram that is converted again with new weights,
+checked against the compiled graph, and the parameters it is converted with.
+
+Shared by the engine kinds that convert an exported graph (:mod:`refitcore.engine.whole`,
+:mod:`refitcore.engine.segmented_build`); the eager model a loaded engine is re-exported from
+comes from :func:`refitcore.capture.eager.eager_model`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
+from refitcore.capture.lowering import export_model, graph_fingerprint
+from refitcore.capture.shapes import export_example
+from refitcore.conversion.weight_map import WeightMap
+from refitcore.errors import ArchitectureMismatchError
+
+__all__ = ["exported_for", "conversion_params"]
+
+
+def _describe_entry(e: list) -> str:
+    """A graph_fingerprint entry in words: 'op aten.relu.default (node relu, module layer1.0)'."""
+    kind = e[0] if e else "?"
+    if kind == "op":
+        return f"op {e[1]} (node {e[2]}, module {e[3] or '<top level>'}, args {e[4]})"
+    if kind in ("weight", "input"):
+        return f"{kind} {e[1]} of shape {e[2]} ({e[3]})"
+    if kind == "output":
+        return f"the graph output {e[1]}"
+    return str(e)
+
+
+def _first_difference(a: list, b: list) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"first difference at graph entry {i}: compiled {_describe_entry(x)}, new {_describe_entry(y)}"
+    if len(a) != len(b):
+        longer, which = (a, "compiled") if len(a) > len(b) else (b, "new")
+        return (f"the {which} graph has {abs(len(a) - len(b))} more entries, first "
+                f"{_describe_entry(longer[min(len(a), len(b))])}")
+    return "no difference found"
+
+
+def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, model: Any = None,
+                 trust_factory: bool = False):
+    """The ExportedProgram to convert for the fallback path, checked against the compiled graph.
+
+    ``source``: the new weights' own module or ExportedProgram, if any. Without one the engine's
+    exported program is reused; a loaded engine has none, so the eager model holding ``state`` is
+    re-exported, built by :func:`refitcore.capture.eager.eager_model` from ``model`` (the caller's) or
+    the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
+    if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
+        # The same export as at compile time: example shapes, and the recorded dynamic ranges.
+        profiles = engine.io.profiles
+        examples = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
+        ep = export_model(source, export_example(examples, profiles), dynamic_shapes=profiles.torch_dynamic_shapes())
+    elif isinstance(source, torch.nn.Module) and engine.structure is not None:
+        args, kwargs = engine.example_call()
+        ep = export_model(source, args, kwargs)
+    elif isinstance(source, torch.nn.Module):
+        ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
+                                   for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
+    elif isinstance(source, torch.export.ExportedProgram):
+        ep = source.run_decompositions({}) if not _is_lowered(source) else source
+    else:
+        ep = engine.exported_program
+        if ep is None:
+            if model is None and not engine.model_factory:
+                raise ArchitectureMismatchError([
+                    "this engine has no exported program (it was loaded from a file) and no recorded model "
+                    "factory; pass the new weights as an nn.Module (or model=) to use the fallback path"])
+            try:
+                module = eager_model(state, model=model, engine=engine, trust_factory=trust_factory,
+                                     keep_missing=True)
+            except UntrustedFactoryError:
+                raise
+            except EagerModelError as err:
+                raise ArchitectureMismatchError([f"the fallback path cannot rebuild the model: {err}"]) from err
+            return exported_for(engine, module, state)
+        return ep
+    digest, entries = graph_fingerprint(ep)
+    if digest != engine.fingerprint:
+        where = _first_difference(engine.graph_entries or [], entries) if engine.graph_entries else "unknown"
+        raise ArchitectureMismatchError([f"the new model's graph differs from the compiled one ({where}); "
+                                         f"recompile needed"])
+    return ep
+
+
+def _is_lowered(ep) -> bool:
+    return not any(getattr(n.target, "__name__", "") == "batch_norm.default" for n in ep.graph.nodes)
+
+
+def conversion_params(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
+                      checked: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The parameters to convert with, by the exported program's own fully qualified names: the
+    state_dict with the checked (validated, cast) values, and every alias of a tied parameter given
+    its canonical key's value (the exported program may have lifted the tensor under any name)."""
+    params = dict(state)
+    params.update(checked)
+    for group in weight_map.tied:
+        if group[0] in checked:
+            params.update({k: checked[group[0]] for k in group[1:]})
+    return params
