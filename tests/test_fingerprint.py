@@ -367,6 +367,23 @@ def test_a_method_patched_into_a_library_class_changes_it():
     assert architecture_fingerprint(model) == before
 
 
+def test_a_library_patching_another_library_class_does_not_split_the_key(monkeypatch):
+    """transformers assigns ``torch.nn.Module.smart_apply`` the first time any of its models is built:
+    one model must keep one key in one process, before and after that (installed code patching a
+    library class is pinned by its version, not hashed)."""
+    import textwrap
+
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    before = architecture_fingerprint(model)
+    monkeypatch.setattr(torch.nn.Module, "dedented", textwrap.dedent, raising=False)   # stdlib code
+    assert architecture_fingerprint(model) == before
+    transformers = pytest.importorskip("transformers")
+    transformers.BertModel(transformers.BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=8, vocab_size=16))
+    assert architecture_fingerprint(model) == before
+
+
 def test_scripts_and_user_packages_named_like_the_standard_library_are_user_code(tmp_path, monkeypatch):
     """`python -m pkg.mod` of an installed package runs it as __main__, and a user package may be
     called `wave` or `trace`: both are hashed, not pinned."""

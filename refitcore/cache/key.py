@@ -270,18 +270,21 @@ class_digest = _memoized("class", class_digest)
 
 
 def _patched_members(klass: type, seen: frozenset) -> list:
-    """The methods of a library class that another module assigned to it (``Block.forward =
-    patched``, a common way to swap attention): hashed, since the library's version does not pin
-    them. (Functions a library's code names from its module globals are not followed: a patch of
-    a library module's global is not seen.)"""
-    lib = _library(klass)
+    """The methods of a library class that user code assigned to it (``Block.forward = patched``, a
+    common way to swap attention): hashed, since the library's version does not pin them.
+
+    Members another *installed library* assigned (transformers adds ``torch.nn.Module.smart_apply``
+    the first time any of its models is built) are not: they would give one model two keys in one
+    process, before and after that library's import, and a library's own patches are pinned by its
+    version whenever its code is part of the model. (Functions a library's code names from its module
+    globals are not followed either: a patch of a library module's global is not seen.)"""
     out = []
     for name, member in sorted(vars(klass).items()):
         if isinstance(member, (staticmethod, classmethod)):
             member = member.__func__
         funcs = [f for f in ((member.fget, member.fset) if isinstance(member, property) else (member,))
                  if isinstance(f, (types.FunctionType, functools.partial))]
-        if any(_library(f) != lib for f in funcs):
+        if any(_library(f) is None for f in funcs):
             out.append([name, [function_digest(f, seen) for f in funcs]])
     return out
 
