@@ -16,8 +16,6 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Sequence
 
-from refitcore.refitting.render import culprit_lines, indented
-
 if TYPE_CHECKING:
     from refitcore.refitting.culprit import Culprit
 
@@ -392,6 +390,8 @@ def failing_outputs(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
 
 def format_report(outcome: CheckOutcome) -> str:
     """The mismatch report (also fine to print for a passing check)."""
+    from refitcore.refitting.render import culprit_lines, indented
+
     what = "sequence step" if outcome.kind == "sequence" else "check"
     step = f" (step {outcome.step})" if outcome.step is not None else ""
     lines = [f"trt-refit {what}{step} {'passed' if outcome.ok else 'FAILED'} for model {outcome.model!r}",

@@ -95,8 +95,7 @@ class RefitReport:
     def ok(self) -> bool:
         final = self.final
         good = all(r.ok for r in final)
-        return good and (self.audit is None or self.audit.ok or (self.fell_back and good and final[0].verdict
-                                                                   is not None))
+        return good and (self.audit is None or self.audit.ok or (self.fell_back and final[0].verdict is not None))
 
     def __bool__(self) -> bool:
         return self.ok
@@ -141,11 +140,11 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     failed_maps: dict[str, BaseException] = {}
     verifying = reference is not None and samples is not None
 
-    def map_path(path: str) -> bool:
-        """Map ``path`` once; False when it cannot be (the error is recorded, or raised)."""
+    def map_path(path: str) -> None:
+        """Map ``path`` once (an error is recorded, or raised)."""
         rec = report.records.setdefault(path, PathRecord(path))
         if rec.mapping is not None or path in failed_maps:
-            return path not in failed_maps
+            return
         t0 = time.perf_counter()
         try:
             with progress.step(_MAPPING_STEP[path].format(what=what)):
@@ -156,10 +155,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             rec.error = f"{type(err).__name__}: {err}"
             if not record_errors:
                 raise
-            return False
         finally:
             rec.mapping_s += time.perf_counter() - t0
-        return True
 
     def apply_and_verify(rec: PathRecord, target, here: bool) -> None:
         where = "the engine" if here else "a copy of the engine"
@@ -229,8 +226,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
         rec = report.records[path]
         if rec.mapping is not None:
             apply_and_verify(rec, engine, in_place)
-        elif path not in report.paths:
-            report.paths.append(path)    # recorded as not gone through
+        else:
+            report.paths.append(path)    # its error is recorded: it did not go through
     if auto and report.used == "cached" and not report.records["cached"].ok:
         cached = report.records["cached"]
         report.messages.append("the cached path disagreed with eager; refitting through the fallback path")
