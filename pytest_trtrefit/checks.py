@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import time
+import math
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
@@ -102,10 +102,9 @@ def call_of(sample) -> tuple[tuple, dict]:
 
 def sample_tensors(sample) -> list:
     """The tensors of one sample, in flattening order (positional, then keyword inputs)."""
-    import torch
-    import torch.utils._pytree as pytree
+    from refitcore.refitting.verify import sample_tensors as tensors
 
-    return [x for x in pytree.tree_leaves(call_of(sample)) if isinstance(x, torch.Tensor)]
+    return tensors(sample)
 
 
 def _flat_outputs(engine, sample) -> list:
@@ -194,79 +193,56 @@ def _eager_for(entry, state):
     return eager_model(state, model=entry.eager, keep_missing=True)
 
 
-def _map(engine, path: str, state):
-    import refitcore
+def _prepared(engine, loaded):
+    """(CheckedWeights, None), or (None, the error) when the weights do not fit the engine's map:
+    every path reports that error as the reason it did not go through."""
+    from refitcore.errors import RefitCoreError
+    from refitcore.refitting.prepare import prepare_weights
 
-    if path == "cached":
-        return refitcore.cached_mapping(engine.weight_map, state)
-    return refitcore.fallback_mapping(engine, state)
-
-
-def _run_path(entry, path: str, state, eager, samples, rtol, atol, *, keep_mapping: bool,
-              keep_outputs: bool = False) -> PathOutcome:
-    import refitcore
-
-    engine = entry.engine
-    t0 = time.perf_counter()
     try:
-        mapping = _map(engine, path, state)
-        refitcore.apply_mapping(engine, mapping, in_place=True)
-    except refitcore.RefitCoreError as err:
-        return PathOutcome(path, False, time.perf_counter() - t0, error=f"{type(err).__name__}: {err}")
-    try:
-        verdict = refitcore.verify(engine, eager, samples, rtol=rtol, atol=atol)
-    except (RuntimeError, ValueError) as err:   # the engine cannot run a sample (e.g. a baked-in size)
-        return PathOutcome(path, False, time.perf_counter() - t0, error=_run_error(engine, samples, err))
-    out = PathOutcome(path, verdict.ok, time.perf_counter() - t0, verdict=verdict,
-                      mapping=mapping if keep_mapping or not verdict.ok else None)
-    if not verdict.ok:
-        out.held = {k: v.copy() for k, v in engine.current_weights().items()}
-    if keep_outputs:
-        out.outputs = [t.detach().clone() if hasattr(t, 'detach') else t for t in _flat_outputs(engine, samples[0])]
-    return out
+        return prepare_weights(engine, loaded), None
+    except RefitCoreError as err:
+        return None, f"{type(err).__name__}: {err}"
 
 
-def _run_error(engine, samples, err: Exception) -> str:
-    """Which sample the engine cannot run, by its shapes, and what it said."""
-    failing = samples[0]
-    for sample in samples:
-        try:
-            _flat_outputs(engine, sample)
-        except (RuntimeError, ValueError, TypeError):
-            failing = sample
-            break
-    shapes = [list(t.shape) for t in sample_tensors(failing)]
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return f"the refitted engine fails on inputs of shape {shapes}: {type(err).__name__}: {first}"
+def _outcome(record) -> PathOutcome:
+    """A path's outcome from the pipeline's record of it."""
+    return PathOutcome(record.path, record.ok, record.seconds, verdict=record.verdict, error=record.error,
+                       mapping=record.mapping, held=record.held)
 
 
-def run_check(entry, state, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
+def _refit(entry, weights, eager, samples, paths, rtol, atol, *, culprit: bool):
+    """The pipeline on the session's engine: in place, each path in turn, errors recorded per path."""
+    from refitcore.refitting.pipeline import run_refit
+
+    return run_refit(entry.engine, weights, paths=paths, reference=eager, samples=samples, rtol=rtol, atol=atol,
+                     in_place=True, record_errors=True, culprit=culprit, keep_witnesses=not culprit)
+
+
+def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
               weights_label: str) -> CheckOutcome:
-    """Refit ``entry.engine`` with ``state`` through each path, compare with eager; never raises on
-    a mismatch (the outcome says what failed)."""
+    """Refit ``entry.engine`` with ``weights`` (loaded for it: ``refitcore.refitting.prepare.load_for``)
+    through each path, compare with eager; never raises on a mismatch (the outcome says what failed)."""
     engine = entry.engine
-    try:
-        eager = _eager_for(entry, state)
-    except (RuntimeError, ValueError) as err:   # wrong shapes: say what the mapping says about them
-        return CheckOutcome(model, engine.backend, engine.note, weights_label,
-                            [_unloadable(engine, p, state, err) for p in paths], rtol, atol,
-                            output_names=tuple(engine.io.output_names))
-    outcomes = [_run_path(entry, p, state, eager, samples, rtol, atol, keep_mapping=len(paths) > 1) for p in paths]
-    result = CheckOutcome(model, engine.backend, engine.note, weights_label, outcomes, rtol, atol,
+    result = CheckOutcome(model, engine.backend, engine.note, weights_label, [], rtol, atol,
                           output_names=tuple(engine.io.output_names))
-    if len(outcomes) == 2 and all(o.mapping is not None for o in outcomes):
-        import refitcore
-
-        # Exact, as refitcore.audit_paths: both paths compute every weight with one arithmetic.
-        result.mapping_audit = refitcore.audit(outcomes[0].mapping, outcomes[1].mapping, rtol=0.0, atol=0.0,
-                                               a_label=outcomes[0].path, b_label=outcomes[1].path)
-        result.layers = _layer_diffs(engine, result.mapping_audit)
+    checked, error = _prepared(engine, weights)
+    if checked is None:
+        result.paths = [PathOutcome(p, False, 0.0, error=error) for p in paths]
+    else:
+        try:
+            eager = _eager_for(entry, checked.state)
+        except (RuntimeError, ValueError) as err:   # wrong shapes: say what the mapping says about them
+            result.paths = [_unloadable(engine, p, checked, err) for p in paths]
+            return result
+        report = _refit(entry, checked, eager, samples, paths, rtol, atol, culprit=True)
+        result.paths = [_outcome(report.records[p]) for p in paths]
+        if len(paths) == 2 and report.audit is not None:
+            result.mapping_audit = report.audit
+            result.layers = _layer_diffs(engine, report.audit)
+        result.culprit = report.culprit
     result.trt_share = _share_of(entry)
     result.architecture = str(getattr(entry, "key", ""))[:16] or None
-    if not result.ok:
-        result.culprit = find_culprit(engine, state, outcomes)
-    for o in outcomes:  # mappings are large; keep the outcome light once analysed
-        o.mapping = o.held = None
     return result
 
 
@@ -279,39 +255,50 @@ def _layer_diffs(engine, report) -> list:
     return [[n, float(by_name[n].max_abs), by_name[n].status] for n in order]
 
 
-def _unloadable(engine, path: str, state, err: Exception) -> PathOutcome:
-    import refitcore
+def _unloadable(engine, path: str, weights, err: Exception) -> PathOutcome:
+    """A path whose eager model cannot load the weights: the mapping's error when it has one."""
+    from refitcore.errors import RefitCoreError
+    from refitcore.refitting.mapping import cached_mapping, fallback_mapping
 
     try:
-        _map(engine, path, state)
-    except refitcore.RefitCoreError as mapping_err:
+        cached_mapping(engine.weight_map, weights) if path == "cached" else fallback_mapping(engine, weights)
+    except RefitCoreError as mapping_err:
         return PathOutcome(path, False, 0.0, error=f"{type(mapping_err).__name__}: {mapping_err}")
     first = str(err).strip().splitlines()
     return PathOutcome(path, False, 0.0, error=f"the eager model cannot load these weights: "
                                                f"{' '.join(first[:3])}")
 
 
-def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
+def run_sequence(entry, sequence, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
                  labels: Sequence[str]) -> list[CheckOutcome]:
-    """Refit the same engine with ``states`` one after another (per path), comparing with eager at
+    """Refit the same engine with the weight sets of ``sequence`` (each loaded for it:
+    ``refitcore.refitting.prepare.load_for``) one after another (per path), comparing with eager at
     every step; a step whose weights repeat an earlier step's must give bit-identical outputs
     (A -> B -> A returns exactly to A). One outcome per step."""
     import torch
 
     engine = entry.engine
-    digests = [digest(s) for s in states]
-    per_step: list[list[PathOutcome]] = [[] for _ in states]
+    digests = [digest(w.state_dict) for w in sequence]
+    prepared = [_prepared(engine, w) for w in sequence]
+    per_step: list[list[PathOutcome]] = [[] for _ in sequence]
     for path in paths:
         seen: dict[str, int] = {}
         outputs: list[list] = []
-        for i, state in enumerate(states):
-            try:
-                eager = _eager_for(entry, state)
-            except (RuntimeError, ValueError) as err:
-                per_step[i].append(_unloadable(engine, path, state, err))
+        for i, (checked, error) in enumerate(prepared):
+            if checked is None:
+                per_step[i].append(PathOutcome(path, False, 0.0, error=error))
                 outputs.append(None)
                 continue
-            o = _run_path(entry, path, state, eager, samples, rtol, atol, keep_mapping=False, keep_outputs=True)
+            try:
+                eager = _eager_for(entry, checked.state)
+            except (RuntimeError, ValueError) as err:
+                per_step[i].append(_unloadable(engine, path, checked, err))
+                outputs.append(None)
+                continue
+            o = _outcome(_refit(entry, checked, eager, samples, (path,), rtol, atol, culprit=False).records[path])
+            if o.verdict is not None:
+                o.outputs = [t.detach().clone() if hasattr(t, 'detach') else t
+                             for t in _flat_outputs(engine, samples[0])]
             if o.outputs is not None and digests[i] in seen:
                 j = seen[digests[i]]
                 if outputs[j] is not None:
@@ -331,26 +318,26 @@ def run_sequence(entry, states, samples, *, paths: Sequence[str], rtol: float, a
             o.outputs = None
             per_step[i].append(o)
     results = []
-    for i, (state, outcomes) in enumerate(zip(states, per_step)):
+    for i, ((checked, _), outcomes) in enumerate(zip(prepared, per_step)):
         r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
                          output_names=tuple(engine.io.output_names), kind="sequence", step=i)
         r.trt_share = _share_of(entry)
         r.architecture = str(getattr(entry, "key", ""))[:16] or None
-        if not r.ok:
-            r.culprit = find_culprit(engine, state, outcomes)
+        if not r.ok and checked is not None:
+            r.culprit = find_culprit(engine, checked, outcomes)
         for o in outcomes:
             o.mapping = o.held = None
         results.append(r)
     return results
 
 
-def find_culprit(engine, state, outcomes: Sequence[PathOutcome]) -> Culprit | None:
+def find_culprit(engine, weights, outcomes: Sequence[PathOutcome]) -> Culprit | None:
     """The first engine weight (engine order) where the cached mapping, the fallback mapping and the
     engine's held weights (after each failing path's refit) disagree; None when they all agree
     (:func:`refitcore.refitting.culprit.find_culprit` with the mappings and held weights this check kept)."""
     from refitcore.refitting.culprit import find_culprit as find
 
-    return find(engine, state, mappings={o.path: o.mapping for o in outcomes if o.mapping is not None},
+    return find(engine, weights, mappings={o.path: o.mapping for o in outcomes if o.mapping is not None},
                 held={o.path: o.held for o in outcomes if o.held is not None})
 
 
@@ -374,7 +361,7 @@ def _output_lines(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
                 continue
             lines.append(
                 f"  path {p.path!r}, sample {s}, output {c.index} ({name}) shape {list(c.shape)}: "
-                f"{c.mismatched} of {_numel(c.shape)} elements mismatched"
+                f"{c.mismatched} of {math.prod(c.shape)} elements mismatched"
                 + (f", {c.nonfinite} non-finite" if c.nonfinite else ""))
             lines.append(f"      max abs err {c.max_abs:.4g} at {list(c.max_abs_at)}: engine {c.actual_at:.7g} vs "
                          f"eager {c.expected_at:.7g}; max rel err {c.max_rel:.4g}; norm-relative err {c.norm_rel:.3g}")
@@ -401,15 +388,10 @@ def failing_outputs(outcome: CheckOutcome, p: PathOutcome) -> list[str]:
     return names
 
 
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def format_report(outcome: CheckOutcome) -> str:
     """The mismatch report (also fine to print for a passing check)."""
+    from refitcore.refitting.render import culprit_lines, indented
+
     what = "sequence step" if outcome.kind == "sequence" else "check"
     step = f" (step {outcome.step})" if outcome.step is not None else ""
     lines = [f"trt-refit {what}{step} {'passed' if outcome.ok else 'FAILED'} for model {outcome.model!r}",
@@ -428,10 +410,7 @@ def format_report(outcome: CheckOutcome) -> str:
             lines.append(f"  path {p.path!r}: ok (max abs err {w.max_abs:.3g})" if w is not None
                          else f"  path {p.path!r}: ok")
     if outcome.mapping_audit is not None and not outcome.mapping_audit.ok:
-        lines.append("  " + str(outcome.mapping_audit).replace("\n", "\n  "))
-    if outcome.culprit is not None:
-        lines.append("  " + str(outcome.culprit).replace("\n", "\n  "))
-    elif not outcome.ok:
-        lines.append("  culprit: none among the weights: the cached map, the fallback map and the engine's weights "
-                     "agree, so the difference lies in the network or the backend, not in the weight mapping")
+        lines.append(indented(outcome.mapping_audit))
+    if outcome.culprit is not None or not outcome.ok:
+        lines.append(indented(culprit_lines(outcome.culprit)))
     return "\n".join(lines)

@@ -95,13 +95,13 @@ class RefitSession:
                 trt_refit.check(MyNet, MyNet().state_dict(), torch.randn(1, 3, 32, 32))
         """
         __tracebackhide__ = True
-        from refitcore.refitting.mapping import normalize_weights
+        from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
                                                           dynamic_shapes, compile_options)
-        state, _ = normalize_weights(weights)
+        loaded = load_for(entry.engine, weights)
         t0 = time.perf_counter()
-        outcome = run_check(entry, state, samples, paths=paths, rtol=rtol, atol=atol,
+        outcome = run_check(entry, loaded, samples, paths=paths, rtol=rtol, atol=atol,
                             model=name or model_label(entry.eager), weights_label=describe_weights(weights))
         self.recorder.record(outcome, time.perf_counter() - t0)
         if not outcome.ok:
@@ -116,11 +116,11 @@ class RefitSession:
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
         __tracebackhide__ = True
-        from refitcore.refitting.mapping import normalize_weights
+        from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
                                                           dynamic_shapes, compile_options)
-        states = [normalize_weights(w)[0] for w in sequence]
+        states = [load_for(entry.engine, w) for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()
         outcomes = run_sequence(entry, states, samples, paths=paths, rtol=rtol, atol=atol,

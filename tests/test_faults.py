@@ -224,11 +224,11 @@ def test_audit_against_expected_names_the_stale_weight(compiled):
 
 
 def test_auto_refit_recovers_from_a_stale_weight(compiled, monkeypatch):
-    refit_module = sys.modules["refitcore.refitting.refit"]  # the package attribute is the function
+    pipeline = sys.modules["refitcore.refitting.pipeline"]  # where refit() maps the weights
 
     c = compiled("residual")
     new = c.fresh(11)
-    monkeypatch.setattr(refit_module, "cached_mapping", lambda wm, state: _stale_mapping(c, new))
+    monkeypatch.setattr(pipeline, "cached_mapping", lambda wm, state: _stale_mapping(c, new))
     result = refitcore.refit(c.engine, new.state_dict(), path="auto", verify_inputs=[c.x])
     assert result.fell_back and result.ok, str(result)
     assert any(STALE in m for m in result.messages), result.messages

@@ -7,15 +7,15 @@ bundle's weight map against the weights that bundle holds.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 from refitcore.errors import ArchitectureMismatchError, BundleError, RefitCoreError, WeightMappingError
 from refitcore.options import TOOL
+from refitcore.refitting.render import Silent
 
-__all__ = ["InputError", "Silent", "require_file", "open_bundle", "open_checkpoint", "is_bundle", "compare_files",
-           "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
+__all__ = ["InputError", "Silent", "require_file", "open_bundle", "read_checkpoint", "open_checkpoint", "is_bundle",
+           "compare_files", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
 EXIT_OK, EXIT_MISMATCH, EXIT_UNUSABLE = 0, 1, 2
 
@@ -27,17 +27,6 @@ class InputError(RefitCoreError):
     def __init__(self, message: str, code: int = EXIT_UNUSABLE):
         super().__init__(message)
         self.code = code
-
-
-class Silent:
-    """A progress reporter that says nothing."""
-
-    def info(self, message: str) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        yield
 
 
 def require_file(path: str, what: str) -> str:
@@ -67,11 +56,11 @@ def open_bundle(bundle: Any, progress=None):
             raise InputError(f"cannot load engine bundle {path!r}: {err}") from err
 
 
-def open_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | None = None) -> dict:
-    """A state_dict from a checkpoint file (weights-only) or from weights given in memory, fitted to
-    ``engine``'s model when given (see :mod:`refitcore.refitting.checkpoints`; what was unwrapped, stripped or
-    ignored is said through ``progress`` and appended to ``notes``); :class:`InputError` (2) says
-    what is wrong with the file."""
+def read_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | None = None):
+    """A :class:`~refitcore.refitting.checkpoints.LoadedCheckpoint` from a checkpoint file
+    (weights-only) or from weights given in memory, fitted to ``engine``'s model when given (what
+    was unwrapped, stripped or ignored is said through ``progress`` and appended to ``notes``);
+    :class:`InputError` (2) says what is wrong with the file."""
     from refitcore.refitting.checkpoints import load_weights
 
     progress = progress or Silent()
@@ -89,7 +78,12 @@ def open_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | N
         progress.info(f"note: {note}")
     if notes is not None:
         notes += loaded.notes
-    return loaded.state_dict
+    return loaded
+
+
+def open_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | None = None) -> dict:
+    """The state_dict of :func:`read_checkpoint`."""
+    return read_checkpoint(checkpoint, progress, engine, notes).state_dict
 
 
 def is_bundle(path: str) -> bool:
@@ -122,10 +116,10 @@ def compare_files(a: str, b: str, *, rtol: float = 1e-5, atol: float = 1e-7, pro
                          b_label=b), notes
     bundle_path, ckpt_path = (a, b) if kinds[0] else (b, a)
     engine = open_bundle(bundle_path, progress)
-    state = open_checkpoint(ckpt_path, progress, engine)
+    loaded = read_checkpoint(ckpt_path, progress, engine)
     try:
         with progress.step("mapping the checkpoint through the bundle's weight map (cached path)"):
-            mapped = cached_mapping(engine.weight_map, state)
+            mapped = cached_mapping(engine.weight_map, loaded)
     except ArchitectureMismatchError as err:
         raise InputError(f"checkpoint {ckpt_path!r} is for another architecture than {bundle_path!r}: {err}") from err
     except WeightMappingError as err:

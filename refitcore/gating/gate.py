@@ -9,22 +9,22 @@ when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused wei
 """
 from __future__ import annotations
 
-import math
 import os
-import time
 from typing import Any, Sequence
 
+from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
-from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, Silent, open_bundle, open_checkpoint
-from refitcore.options import TOOL
+from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, open_bundle, read_checkpoint
+from refitcore.gating.samples import SampleError, load_samples
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, parse_paths
+from refitcore.refitting.pipeline import run_refit
+from refitcore.refitting.prepare import prepare_weights
+from refitcore.refitting.render import (Silent, audit_failure_lines, audit_line, audit_markdown, audit_problem,
+                                        culprit_note, indented, no_culprit_note, number)
+from refitcore.refitting.report_schema import check_entry, envelope
+from refitcore.refitting.validate import eager_weights
 
 __all__ = ["gate", "GateReport", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
-
-
-def _fmt(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
 class GateReport:
@@ -66,19 +66,16 @@ class GateReport:
                  + (f" (backend {r['backend']})" if r.get("backend") else "")]
         for name, p in r["paths"].items():
             culprit = f", culprit weight {p['culprit']!r}" if p.get("culprit") else ""
-            lines.append(f"  {name:8s} {'pass' if p['ok'] else 'FAIL'}: max abs error {_fmt(p['max_abs'])}{culprit}; "
+            lines.append(f"  {name:8s} {'pass' if p['ok'] else 'FAIL'}: max abs error {number(p['max_abs'])}{culprit}; "
                          f"mapping {p['timings']['mapping_s'] * 1e3:.1f} ms, apply {p['timings']['apply_s'] * 1e3:.1f} ms")
             if not p["ok"]:
-                lines.append("    " + p["report"].replace("\n", "\n    "))
+                lines.append(indented(p["report"], "    "))
                 if p.get("note"):
                     lines.append(f"    {p['note']}")
         audit = r.get("audit")
         if audit is not None:
-            state = "agree on every weight" if audit["ok"] else f"DISAGREE on {len(audit['failures'])} weight(s)"
-            lines.append(f"  audit cached vs fallback: {state}")
-            for f in audit["failures"][:10]:
-                lines.append(f"    - {f['name']}: {f['status']} max abs diff {_fmt(f['max_abs'])} "
-                             f"{f.get('detail') or ''}")
+            lines.append("  " + audit_line(audit))
+            lines += ["    " + line for line in audit_failure_lines(audit)]
         lines += [f"  note: {n}" for n in r.get("notes", [])]
         lines += [f"  problem: {p}" for p in r["problems"]]
         return "\n".join(lines)
@@ -102,7 +99,7 @@ class GateReport:
             for name, p in r["paths"].items():
                 culprit = f"`{p['culprit']}`" if p.get("culprit") else "-"
                 t = p.get("timings", {})
-                lines.append(f"| {name} | {_fmt(p.get('max_abs'))} | {'pass' if p['ok'] else '**FAIL**'} | {culprit} | "
+                lines.append(f"| {name} | {number(p.get('max_abs'))} | {'pass' if p['ok'] else '**FAIL**'} | {culprit} | "
                              f"{t.get('mapping_s', 0) * 1e3:.1f} ms | {t.get('apply_s', 0) * 1e3:.1f} ms |")
             lines.append("")
             for name, p in r["paths"].items():
@@ -114,19 +111,12 @@ class GateReport:
                           "|---|---|---|---|---|---|"]
                 for s, sample in enumerate(checks):
                     for c in sample:
-                        lines.append(f"| {s} | {c['index']} | {_fmt(c['max_abs'])} | {_fmt(c['max_rel'])} | "
-                                     f"{_fmt(c['norm_rel'])} | {'pass' if c['ok'] else '**FAIL**'} |")
+                        lines.append(f"| {s} | {c['index']} | {number(c['max_abs'])} | {number(c['max_rel'])} | "
+                                     f"{number(c['norm_rel'])} | {'pass' if c['ok'] else '**FAIL**'} |")
                 lines += ["", "</details>", ""]
         audit = r.get("audit")
         if audit is not None:
-            if audit["ok"]:
-                lines.append("Audit cached vs fallback: **agree** on every weight.")
-            else:
-                worst = audit.get("worst") or {}
-                lines.append(f"Audit cached vs fallback: **{len(audit['failures'])} weight(s) disagree**; worst "
-                             f"`{worst.get('name')}` ({worst.get('status')}, max abs diff "
-                             f"{_fmt(worst.get('max_abs'))}).")
-            lines.append("")
+            lines += [audit_markdown(audit), ""]
         return "\n".join(lines) + "\n"
 
 
@@ -145,9 +135,6 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str
         report = refitcore.gate("resnet18.trtrefit", "finetuned.pt", "random:4", model=torchvision.models.resnet18)
         assert report, str(report)
     """
-    from refitcore.options import parse_paths
-    from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL
-
     rtol = DEFAULT_RTOL if rtol is None else rtol
     atol = DEFAULT_ATOL if atol is None else atol
     data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
@@ -169,8 +156,6 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str
 def _as_schema(data: dict[str, Any]) -> dict[str, Any]:
     """The gate's findings in the shared report schema (:mod:`refitcore.refitting.report_schema`); the gate's own
     keys (bundle, checkpoint, audit, exit_code, per-path timings/outputs/note/report) follow them."""
-    from refitcore.refitting.report_schema import check_entry, envelope
-
     model = data.get("model_factory") or data["checkpoint"]
     checks = [check_entry(model=model, path=name, ok=p["ok"], culprit=p.get("culprit"), **p.get("worst", {}))
               for name, p in data["paths"].items()]
@@ -185,43 +170,14 @@ def _as_schema(data: dict[str, Any]) -> dict[str, Any]:
                     atol=data["atol"], problems=data["problems"], paths=data["paths"], **rest)
 
 
-def _worst_fields(verdict) -> dict[str, float]:
-    w = verdict.worst
-    if w is None:
-        return {}
-    return {k: getattr(w, k) for k in ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol")}
-
-
 def _label(obj: Any) -> str:
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj)
     return f"<{type(obj).__name__}>"
 
 
-def _nonfinite_problems(state: dict, weight_map) -> list[str]:
-    """Every floating-point tensor with NaN/Inf, naming the engine weights it feeds."""
-    import torch
-
-    problems = []
-    for key, t in state.items():
-        if not t.is_floating_point() or t.numel() == 0:
-            continue
-        finite = torch.isfinite(t)
-        if bool(finite.all()):
-            continue
-        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-        first = [int(i) for i in torch.nonzero(~finite)[0]]
-        consumers = weight_map.consumers(key)
-        fed = (f"feeds engine weight(s) {', '.join(consumers[:3])}" + (f" (+{len(consumers) - 3} more)"
-               if len(consumers) > 3 else "")) if consumers else "not read by the engine"
-        problems.append(f"{key!r}: {nan} NaN and {inf} Inf value(s) of {t.numel()}, first at {first}; {fed}")
-    return problems
-
-
 def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
     """The eager model's source, or a stop saying how to give one (checked before any work)."""
-    from refitcore.capture.eager import UntrustedFactoryError
-
     if model is not None:
         return model
     if not engine.model_factory:
@@ -233,9 +189,6 @@ def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
 
 
 def _eager(state, factory, ckpt: str, progress, engine):
-    from refitcore.capture.eager import EagerModelError, eager_model
-    from refitcore.refitting.validate import eager_weights
-
     name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)
     with progress.step(f"building the eager reference model from {name}"):
         try:
@@ -249,16 +202,9 @@ def _eager(state, factory, ckpt: str, progress, engine):
 
 
 def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, progress, data) -> int:
-    from refitcore.refitting.audit import audit as audit_mappings
-    from refitcore.refitting.culprit import find_culprit
-    from refitcore.refitting.driver import apply_mapping
-    from refitcore.refitting.mapping import cached_mapping, check_state_dict, fallback_mapping
-    from refitcore.gating.samples import SampleError, load_samples
-    from refitcore.refitting.verify import verify
-
     engine = open_bundle(bundle, progress)
     data["backend"], data["backend_note"] = engine.backend, engine.note
-    state = open_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
+    loaded = read_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
     ckpt = data["checkpoint"]
     factory = _model_or_stop(model, engine, trust_factory, data["bundle"])
     data["model_factory"] = factory if isinstance(factory, str) else None
@@ -268,89 +214,50 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         raise InputError(str(err)) from err
     data["samples"] = f"{len(samples)} ({inputs if isinstance(inputs, str) else 'given'})"
 
-    # The checkpoint must fit the compiled architecture before anything else is judged.
+    # The checkpoint must fit the compiled architecture before anything else is judged; NaN/Inf in
+    # any tensor, read by the engine or not, refuses it whole.
     try:
-        check_state_dict(engine.weight_map, state)
+        weights = prepare_weights(engine, loaded, every_key_finite=True)
     except ArchitectureMismatchError as err:
         raise InputError(f"checkpoint {ckpt!r} is for another architecture than {data['bundle']!r}: {err}") from err
-    except WeightMappingError:
-        pass  # dtype problems and the like are judged below, per weight, with the NaN check
-    extra = [k for k in state if engine.state_keys and k not in engine.state_keys]
+    except WeightMappingError as err:
+        data["problems"] += [f"refused: {p}" for p in err.problems]
+        raise InputError(str(err), EXIT_MISMATCH) from err
+    extra = [k for k in weights.state if engine.state_keys and k not in engine.state_keys]
     if extra:
         raise InputError(f"checkpoint {ckpt!r} has {len(extra)} key(s) the compiled model lacks "
                     f"({extra[:5]}): it is for another architecture; recompile needed")
-    bad = _nonfinite_problems(state, engine.weight_map)
-    if bad:
-        data["problems"] += [f"refused: non-finite weight {p}" for p in bad]
-        raise InputError("refusing a checkpoint with NaN/Inf weights:\n" + "\n".join(f"  - {p}" for p in bad),
-                    EXIT_MISMATCH)
-    reference = _eager(state, factory, ckpt, progress, engine)
-
-    mappings: dict[str, dict] = {}
-    mapping_s: dict[str, float] = {}
-
-    def mapping_for(path: str) -> dict:
-        if path not in mappings:
-            what = ("mapping the checkpoint through the cached weight map" if path == "cached" else
-                    "fallback: re-exporting and converting with the new weights")
-            t0 = time.perf_counter()
-            with progress.step(what):
-                mappings[path] = (cached_mapping(engine.weight_map, state) if path == "cached" else
-                                  fallback_mapping(engine, state, model=reference))
-            mapping_s[path] = time.perf_counter() - t0
-        return mappings[path]
-
+    reference = _eager(weights.state, factory, ckpt, progress, engine)
     try:
-        for path in paths:
-            mapping_for(path)
-        audit = None
-        if len(paths) == 2:
-            audit = audit_mappings(mappings["cached"], mappings["fallback"], a_label="cached", b_label="fallback")
-            data["audit"] = audit.to_json()
-        for path in paths:
-            with progress.step(f"refitting a copy of the engine through the {path} path and comparing with eager "
-                               f"on {len(samples)} sample(s)"):
-                t0 = time.perf_counter()
-                refitted = apply_mapping(engine, mappings[path])
-                apply_s = time.perf_counter() - t0
-                verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol)
-            culprit, note = None, ""
-            if not verdict.ok:
-                other = "fallback" if path == "cached" else "cached"
-                if audit is None:
-                    progress.info(f"the {path} path disagrees with eager; computing the {other} mapping to find "
-                                  f"the culprit weight")
-                    mapping_for(other)
-                    audit = audit_mappings(mappings["cached"], mappings["fallback"], a_label="cached",
-                                           b_label="fallback")
-                    data["audit"] = audit.to_json()
-                found = find_culprit(engine, state, mappings=mappings, held={path: refitted.current_weights()})
-                if found is not None:
-                    culprit = found.name
-                    note = (f"first engine weight where the witnesses disagree: {found.name!r} "
-                            f"(recipe {found.recipe}); {found.why}")
-                else:
-                    note = ("cached and fallback agree on every weight (and the refitted engine holds them): the "
-                            f"difference comes from the network or the tolerance (worst: {verdict.worst})")
-            data["paths"][path] = {"ok": bool(verdict.ok), "max_abs": verdict.max_abs, "culprit": culprit,
-                                   "timings": {"mapping_s": mapping_s.get(path, 0.0), "apply_s": apply_s},
-                                   "outputs": verdict.to_json()["checks"], "note": note, "report": str(verdict),
-                                   "worst": _worst_fields(verdict)}
-            if not verdict.ok:
-                data["problems"].append(f"{path} path: refitted engine disagrees with eager "
-                                        f"(max abs error {_fmt(verdict.max_abs)})"
-                                        + (f"; culprit weight {culprit!r}" if culprit else "")
-                                        + (f"; {note}" if note and not culprit else ""))
+        report = run_refit(engine, weights, paths=paths, reference=reference, samples=samples, rtol=rtol, atol=atol,
+                           model=reference, progress=progress, what="the checkpoint")
     except ArchitectureMismatchError as err:
         raise InputError(f"{err}") from err
     except (WeightMappingError, RefitError) as err:
         data["problems"].append(f"refused: {err}")
         raise InputError(str(err), EXIT_MISMATCH) from err
 
-    if data.get("audit") and not data["audit"]["ok"]:
-        failures = data["audit"]["failures"]
-        data["problems"].append(f"audit: cached and fallback mappings disagree on {len(failures)} weight(s), "
-                                f"first {failures[0]['name']!r}")
+    for path in paths:
+        rec = report.records[path]
+        culprit, note = None, ""
+        if not rec.ok:
+            if report.culprit is not None:
+                culprit, note = report.culprit.name, culprit_note(report.culprit)
+            else:
+                note = no_culprit_note(rec.verdict.worst)
+        data["paths"][path] = {"ok": rec.ok, "max_abs": rec.max_abs, "culprit": culprit,
+                               "timings": {"mapping_s": rec.mapping_s, "apply_s": rec.apply_s},
+                               "outputs": rec.verdict.to_json()["checks"], "note": note, "report": str(rec.verdict),
+                               "worst": rec.worst_fields()}
+        if not rec.ok:
+            data["problems"].append(f"{path} path: refitted engine disagrees with eager "
+                                    f"(max abs error {number(rec.max_abs)})"
+                                    + (f"; culprit weight {culprit!r}" if culprit else "")
+                                    + (f"; {note}" if note and not culprit else ""))
+    if report.audit is not None:
+        data["audit"] = report.audit.to_json()
+        if not report.audit.ok:
+            data["problems"].append(audit_problem(data["audit"]))
     ok = not data["problems"]
     data["status"] = "pass" if ok else "fail"
     return EXIT_OK if ok else EXIT_MISMATCH

@@ -6,14 +6,9 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["audit", "audit_paths", "Audit", "WeightDiff", "PATHS_RTOL", "PATHS_ATOL"]
+from refitcore.options import AUDIT_ATOL, AUDIT_RTOL
 
-# cached vs fallback: exact. Both paths compute every engine weight with one arithmetic (copies
-# and replayed ATen ops on the same float32 operands; BatchNorm folds by the same functions in
-# refitcore.conversion.recipes, in float64, cast once to float32), so any difference at all is a bug in
-# the operand plumbing (wrong key, eps, axis, recipe, op), not rounding.
-PATHS_RTOL = 0.0
-PATHS_ATOL = 0.0
+__all__ = ["audit", "audit_paths", "Audit", "WeightDiff"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +152,12 @@ def audit(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], *, rtol: flo
 
 
 def audit_paths(cached: Mapping[str, np.ndarray], fallback: Mapping[str, np.ndarray], *,
-                rtol: float = PATHS_RTOL, atol: float = PATHS_ATOL) -> Audit:
+                rtol: float = AUDIT_RTOL, atol: float = AUDIT_ATOL) -> Audit:
     """``audit(cached, fallback)`` with the tolerance the two refit paths are held to: exact by
-    default (see :data:`PATHS_RTOL`), since both compute every weight with the same arithmetic.
+    default. Both paths compute every engine weight with one arithmetic (copies and replayed ATen
+    ops on the same float32 operands; BatchNorm folds by the same functions in
+    :mod:`refitcore.conversion.recipes`, in float64, cast once to float32), so any difference at
+    all is a bug in the operand plumbing (wrong key, eps, axis, recipe, op), not rounding.
 
     Example::
 

@@ -6,7 +6,7 @@ A checkpoint rarely is a bare state_dict. Training scripts save ``{'model': sd, 
 every key with ``module.`` and ``torch.compile`` with ``_orig_mod.``. Each of these is recognised
 here and turned into the state_dict the compiled model needs, with a note (``LoadedCheckpoint.notes``)
 saying exactly what was unwrapped, stripped or ignored; anything that still does not fit is left
-for :func:`refitcore.refitting.mapping.check_state_dict` to report, with :func:`explain_missing` saying why.
+for :func:`refitcore.refitting.prepare.check_state_dict` to report, with :func:`explain_missing` saying why.
 
 Reading never runs code: ``.safetensors`` files are read with the ``safetensors`` library, anything
 else with ``torch.load(weights_only=True)``.

@@ -10,14 +10,16 @@ on; its record names the weight map's recipe and every finding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from refitcore.refitting.audit import audit
 from refitcore.errors import RefitCoreError
+from refitcore.options import AUDIT_ATOL, AUDIT_RTOL
+from refitcore.refitting.audit import audit
+from refitcore.refitting.mapping import cached_mapping, fallback_mapping
 
-__all__ = ["Culprit", "find_culprit"]
+__all__ = ["Culprit", "find_culprit", "unavailable"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,24 +47,31 @@ class Culprit:
         return dataclasses.asdict(self) | {"findings": list(self.findings)}
 
 
-def find_culprit(engine, state: Mapping | None = None, *, mappings: Mapping[str, Mapping] | None = None,
-                 held: Mapping[str, Mapping] | None = None, model: Any = None,
-                 trust_factory: bool = False) -> Culprit | None:
-    """The first engine weight (engine order) where the witnesses disagree; None when they agree.
+def unavailable(path: str, err: BaseException) -> str:
+    """The finding that says a path's mapping could not be computed (a witness is missing)."""
+    return f"the {path} mapping could not be computed: {str(err).splitlines()[0]}"
 
+
+def find_culprit(engine, state: Any = None, *, mappings: Mapping[str, Mapping] | None = None,
+                 held: Mapping[str, Mapping] | None = None, model: Any = None,
+                 trust_factory: bool = False, errors: Sequence[str] = ()) -> Culprit | None:
+    """The first engine weight (engine order) where the witnesses disagree; None when they agree.
+    Every pair is compared exactly (:data:`refitcore.options.AUDIT_RTOL`): each witness holds
+    the same float32 values when the map, the conversion and the driver are right.
+
+    ``state``: the new weights (a state_dict or :class:`~refitcore.refitting.prepare.CheckedWeights`).
     ``mappings``: ``{'cached': ..., 'fallback': ...}`` already computed (either may be absent: it
     is computed from ``state`` then; ``model``/``trust_factory`` go to the fallback's re-export).
     ``held``: ``{path: engine.current_weights() right after that path's refit}`` for failing paths.
+    ``errors``: findings about witnesses the caller could not compute (:func:`unavailable`).
 
     Example::
 
         culprit = find_culprit(engine, new_state, held={"cached": refitted.current_weights()})
     """
-    from refitcore.refitting.mapping import cached_mapping, fallback_mapping
-
     given = dict(mappings or {})
     witnesses: dict[str, Mapping] = {}
-    errors: list[str] = []
+    errors = list(errors)
     for path in ("cached", "fallback"):
         if given.get(path) is not None:
             witnesses[f"{path} map"] = given[path]
@@ -73,7 +82,7 @@ def find_culprit(engine, state: Mapping | None = None, *, mappings: Mapping[str,
             witnesses[f"{path} map"] = (cached_mapping(engine.weight_map, state) if path == "cached" else
                                         fallback_mapping(engine, state, model=model, trust_factory=trust_factory))
         except RefitCoreError as err:
-            errors.append(f"the {path} mapping could not be computed: {str(err).splitlines()[0]}")
+            errors.append(unavailable(path, err))
     labels = list(witnesses)
     pairs = [(labels[0], labels[1])] if len(labels) == 2 else []
     for path, weights in (held or {}).items():
@@ -84,7 +93,7 @@ def find_culprit(engine, state: Mapping | None = None, *, mappings: Mapping[str,
     bad: dict[str, list[str]] = {}
     agreeing: dict[str, list[str]] = {}
     for a, b in pairs:
-        for d in audit(witnesses[a], witnesses[b], a_label=a, b_label=b).diffs:
+        for d in audit(witnesses[a], witnesses[b], rtol=AUDIT_RTOL, atol=AUDIT_ATOL, a_label=a, b_label=b).diffs:
             if not d.ok:
                 bad.setdefault(d.name, []).append(f"{a} vs {b}: {_diff_text(d, a, b)}")
             else:

@@ -8,19 +8,17 @@ from typing import Any
 
 import torch
 
-from refitcore.refitting.audit import Audit, audit_paths
-from refitcore.refitting.culprit import find_culprit
-from refitcore.refitting.driver import apply_mapping
-from refitcore.refitting.checkpoints import load_weights
-from refitcore.capture.eager import eager_model
-from refitcore.errors import MapCannotServeError
-from refitcore.refitting.mapping import cached_mapping, constants_note, fallback_mapping
-from refitcore.options import REFIT_PATHS as PATHS
 from refitcore.capture.structured import as_positional, check_structured_samples, flat_positional
+from refitcore.options import REFIT_PATHS as PATHS
+from refitcore.refitting.audit import Audit
+from refitcore.refitting.mapping import constants_note
+from refitcore.refitting.pipeline import RefitReport, run_refit
+from refitcore.refitting.prepare import prepare_weights
+from refitcore.refitting.render import indented
 from refitcore.refitting.validate import check_samples, eager_reference
-from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, verify
+from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict
 
-__all__ = ["refit", "RefitResult", "eager_model_for", "PATHS"]
+__all__ = ["refit", "RefitResult", "PATHS"]
 
 log = logging.getLogger("refitcore")
 
@@ -52,17 +50,26 @@ class RefitResult:
                  f"{'OK' if self.ok else 'FAILED'}"]
         lines += [f"  {m}" for m in self.messages]
         if self.audit is not None:
-            lines.append("  " + str(self.audit).replace("\n", "\n  "))
+            lines.append(indented(self.audit))
         if self.verdict is not None:
-            lines.append("  " + str(self.verdict).replace("\n", "\n  "))
+            lines.append(indented(self.verdict))
         lines.append("  timings: " + ", ".join(f"{k}={v * 1e3:.1f}ms" for k, v in self.timings.items()))
         return "\n".join(lines)
 
-
-def eager_model_for(engine, state: dict[str, torch.Tensor], source: Any = None, *, trust_factory: bool = False):
-    """An eager model holding the new weights, to compare the refitted engine with (see
-    :func:`refitcore.capture.eager.eager_model`; ``source``: the new weights' own module, if any)."""
-    return eager_model(state, model=source, engine=engine, trust_factory=trust_factory)
+    @classmethod
+    def from_report(cls, report: RefitReport, *, requested_path: str, messages: list[str],
+                    total_s: float) -> RefitResult:
+        """The result of :func:`refit` from the pipeline's report (``total_s``: the whole call)."""
+        timings = {f"{p}_mapping_s": r.mapping_s for p, r in report.records.items() if r.error is None}
+        applied = [report.records[p] for p in report.paths]
+        if applied:
+            timings["apply_s"] = sum(r.apply_s for r in applied)
+        if any(r.verdict is not None for r in applied):
+            timings["verify_s"] = sum(r.verify_s for r in applied)
+        timings["total_s"] = total_s
+        verdict = report.records[report.used].verdict if report.used else None
+        return cls(report.engine, report.used, requested_path, report.fell_back, report.audit, verdict, timings,
+                   messages)
 
 
 def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
@@ -88,68 +95,18 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     t_start = time.perf_counter()
-    loaded = load_weights(new_weights, weight_map=engine.weight_map, state_keys=engine.state_keys)
-    state, source = loaded.state_dict, loaded.source
-    timings: dict[str, float] = {}
-    messages: list[str] = list(loaded.notes)
-    for note in loaded.notes:
+    weights = prepare_weights(engine, new_weights)
+    for note in weights.notes:
         log.info("refitcore: %s", note)
-    messages += constants_note(engine.weight_map, source)
-
-    def timed(key, fn, *a, **k):
-        t0 = time.perf_counter()
-        out = fn(*a, **k)
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-        return out
-
-    def fallback_of():
-        return fallback_mapping(engine, source if source is not None else state, model=reference_model,
-                                trust_factory=trust_factory)
-
-    cached = fallback = None
-    unserved = False                # the map cannot express these weights: auto converts again
-    if path in ("auto", "cached") or audit:
-        try:
-            # A model (not only its state_dict): the map reads its tensor constants from it too.
-            cached = timed("cached_mapping_s", cached_mapping, engine.weight_map, source if source is not None else state)
-        except MapCannotServeError as err:
-            if path == "cached":
-                raise
-            unserved = True
-            messages.append(f"{str(err).splitlines()[0]}: {'; '.join(err.problems)}; refitting through the "
-                            f"fallback path")
-    if path == "fallback" or audit or unserved:
-        fallback = timed("fallback_mapping_s", fallback_of)
-    report = audit_paths(cached, fallback) if audit and cached is not None else None
-    used = "fallback" if path == "fallback" or unserved else "cached"
-    model = None
+    messages = list(weights.notes) + constants_note(engine.weight_map, weights.source)
+    samples = model = None
     if verify_inputs is not None:  # what verification needs is checked before the engine is touched
-        verify_inputs = (check_samples(engine.io, as_positional(verify_inputs)) if flat_positional(engine.structure)
-                         else check_structured_samples(engine, verify_inputs))
+        samples = (check_samples(engine.io, as_positional(verify_inputs)) if flat_positional(engine.structure)
+                   else check_structured_samples(engine, verify_inputs))
         model = reference_model if reference_model is not None else eager_reference(
-            engine, state, source, trust_factory=trust_factory)
-    # The cached mapping was computed here for this refit: its fresh arrays are handed to the engine
-    # (no copy); arrays that alias the model's memory are read-only and still copied.
-    refitted = timed("apply_s", apply_mapping, engine, fallback if used == "fallback" else cached, in_place=in_place,
-                     hand_over=used == "cached")
-    verdict = None
-    fell_back = unserved and path == "auto"
-    if verify_inputs is not None:
-        verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
-        if not verdict and path == "auto" and used == "cached":
-            messages.append("the cached path disagreed with eager; refitting through the fallback path")
-            log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
-                        verdict.worst)
-            if fallback is None:
-                fallback = timed("fallback_mapping_s", fallback_of)
-            report = audit_paths(cached, fallback)
-            culprit = find_culprit(engine, state, mappings={"cached": cached, "fallback": fallback},
-                                   held={"cached": refitted.current_weights()})
-            if culprit is not None:
-                messages.append(f"first engine weight where the witnesses disagree: {culprit.name!r} "
-                                f"(recipe {culprit.recipe}); {culprit.why}")
-            refitted = timed("apply_s", apply_mapping, refitted, fallback, in_place=True)
-            verdict = timed("verify_s", verify, refitted, model, verify_inputs, rtol=rtol, atol=atol)
-            used, fell_back = "fallback", True
-    timings["total_s"] = time.perf_counter() - t_start
-    return RefitResult(refitted, used, path, fell_back, report, verdict, timings, messages)
+            engine, weights.state, weights.source, trust_factory=trust_factory)
+    report = run_refit(engine, weights, paths=path if path == "auto" else (path,), reference=model, samples=samples,
+                       rtol=rtol, atol=atol, in_place=in_place, audit=audit, culprit=path == "auto",
+                       model=reference_model, trust_factory=trust_factory)
+    return RefitResult.from_report(report, requested_path=path, messages=messages + report.messages,
+                                   total_s=time.perf_counter() - t_start)

@@ -55,18 +55,23 @@ def all_finite(t: torch.Tensor | np.ndarray) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-def nonfinite_key_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Every floating-point key the engine reads that holds NaN/Inf: the key, how many, the first
-    bad index and value (plain numbers) and the engine weights it feeds. One pass over the weights."""
+def nonfinite_key_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor], *,
+                           every_key: bool = False) -> list[str]:
+    """Every floating-point key the engine reads (``every_key``: every one of ``state``) that holds
+    NaN/Inf: the key, how many (NaN and Inf apart), the first bad index and value (plain numbers) and
+    the engine weights it feeds. One pass over the weights."""
     problems = []
-    for key in weight_map.keys_used:
+    for key in (state if every_key else weight_map.keys_used):
         t = state.get(key)
         if t is None or not t.is_floating_point() or t.numel() == 0 or all_finite(t):
             continue
         bad = ~torch.isfinite(t)
         idx, value = _first_bad(t, bad)
-        problems.append(f"{key!r}: {int(bad.sum())} non-finite value(s) of {t.numel()} (first at {idx}: {value}); "
-                        f"it feeds engine weight(s) {_consumers(weight_map, key)}")
+        nan = int(torch.isnan(t).sum())
+        fed = (f"it feeds engine weight(s) {_consumers(weight_map, key)}" if weight_map.consumers(key)
+               else "the engine never reads it")
+        problems.append(f"{key!r}: {int(bad.sum())} non-finite value(s) of {t.numel()} (first at {idx}: {value}): "
+                        f"{nan} NaN, {int(bad.sum()) - nan} Inf; {fed}")
     return problems
 
 

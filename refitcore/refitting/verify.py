@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import torch
+import torch.utils._pytree as pytree
 
+from refitcore.capture.structured import Inputs, flatten_with_names, split_call
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
 
-__all__ = ["verify", "compare_outputs", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+__all__ = ["verify", "compare_outputs", "sample_tensors", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +48,11 @@ class OutputCheck:
         if self.detail:
             return f"{self.label}: {state}; {self.detail}"
         return (f"{self.label} {list(self.shape)}: {state}; {self.mismatched} of "
-                f"{_numel(self.shape)} elements outside tolerance, max abs err {self.max_abs:.3g} at "
+                f"{math.prod(self.shape)} elements outside tolerance, max abs err {self.max_abs:.3g} at "
                 f"{list(self.max_abs_at)} (engine {self.actual_at:.6g} vs eager {self.expected_at:.6g}), "
                 f"max rel err {self.max_rel:.3g}, norm-relative err {self.norm_rel:.3g}; rtol={self.rtol:g}, "
                 f"atol={self.atol:g}; would pass with atol>={self.min_atol:.3g} or rtol>={self.min_rtol:.3g}"
                 + (f"; {self.nonfinite} non-finite engine values" if self.nonfinite else ""))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _compare_values(i: int, name: str, a, e) -> OutputCheck:
@@ -161,16 +157,18 @@ class Verdict:
 def _samples(inputs) -> list[tuple[tuple, dict]]:
     """inputs: one tensor, a tuple of positional inputs (one sample), a :class:`refitcore.Inputs`
     (positional and keyword), or a list of such samples; each as (args, kwargs)."""
-    from refitcore.capture.structured import Inputs, split_call
-
     if isinstance(inputs, (torch.Tensor, tuple, Inputs)):
         return [split_call(inputs)]
     return [split_call(s if not isinstance(s, list) else tuple(s)) for s in inputs]
 
 
-def _leaves(out) -> tuple[list, list[str]]:
-    from refitcore.capture.structured import flatten_with_names
+def sample_tensors(sample: Any) -> list[torch.Tensor]:
+    """The tensors of one sample (a tuple of positional inputs or a :class:`refitcore.Inputs`), in
+    flattening order: positional, then keyword inputs."""
+    return [x for x in pytree.tree_leaves(split_call(sample)) if isinstance(x, torch.Tensor)]
 
+
+def _leaves(out) -> tuple[list, list[str]]:
     leaves, names, _spec = flatten_with_names(out)
     return leaves, names
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import refitcore
+import refitcore.refitting.pipeline as pipeline
 from pytest_trtrefit.config import RefitConfig
 from pytest_trtrefit.engines import architecture_key
 from pytest_trtrefit.service import RefitSession
@@ -81,12 +82,12 @@ def test_a_weight_left_stale_by_the_driver_is_caught_by_the_engine_witness(sessi
     stale = "fc/linear.bias CONSTANT"
     real_apply = refitcore.apply_mapping
 
-    def forgetful_apply(engine, mapping, in_place=False):
+    def forgetful_apply(engine, mapping, in_place=False, **kw):
         previous = engine.current_weights()[stale]
-        return real_apply(engine, {**mapping, stale: np.array(previous, copy=True)}, in_place=in_place)
+        return real_apply(engine, {**mapping, stale: np.array(previous, copy=True)}, in_place=in_place, **kw)
 
     session.check(ConvBnHead, weights(3), X)               # a first refit, so the stale value is wrong
-    monkeypatch.setattr(refitcore, "apply_mapping", forgetful_apply)
+    monkeypatch.setattr(pipeline, "apply_mapping", forgetful_apply)
     with pytest.raises(AssertionError) as err:
         session.check(ConvBnHead, weights(4), X, paths="cached")
     text = str(err.value)
@@ -102,13 +103,13 @@ def test_a_sequence_that_does_not_return_to_its_start_fails(session, monkeypatch
     stale = "fc/linear.bias CONSTANT"
     calls = []
 
-    def apply_skipping_on_return(engine, mapping, in_place=False):
+    def apply_skipping_on_return(engine, mapping, in_place=False, **kw):
         calls.append(1)
         if len(calls) == 3:                                  # the return to A keeps B's bias
             mapping = {**mapping, stale: np.array(engine.current_weights()[stale], copy=True)}
-        return real_apply(engine, mapping, in_place=in_place)
+        return real_apply(engine, mapping, in_place=in_place, **kw)
 
-    monkeypatch.setattr(refitcore, "apply_mapping", apply_skipping_on_return)
+    monkeypatch.setattr(pipeline, "apply_mapping", apply_skipping_on_return)
     with pytest.raises(AssertionError) as err:
         session.check_sequence(ConvBnHead, [a, b, a], X, paths="cached")
     text = str(err.value)

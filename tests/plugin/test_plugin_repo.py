@@ -231,10 +231,10 @@ def test_drawn(trt_refit, weights):
 # -- 3. baselines ---------------------------------------------------------------------------------
 PLANTED_CONFTEST = '''
 import os
-import refitcore
+import refitcore.refitting.pipeline as pipeline
 from tinymodels import TwoLinear, linear_input
 
-_cached, _apply = refitcore.cached_mapping, refitcore.apply_mapping
+_cached, _apply = pipeline.cached_mapping, pipeline.apply_mapping
 WEIGHT = "fc1/linear.weight CONSTANT"
 
 
@@ -257,11 +257,11 @@ def _apply_planted(engine, mapping, **kw):
 
 
 def pytest_configure(config):
-    refitcore.cached_mapping, refitcore.apply_mapping = _cached_planted, _apply_planted
+    pipeline.cached_mapping, pipeline.apply_mapping = _cached_planted, _apply_planted
 
 
 def pytest_unconfigure(config):
-    refitcore.cached_mapping, refitcore.apply_mapping = _cached, _apply
+    pipeline.cached_mapping, pipeline.apply_mapping = _cached, _apply
 
 
 def pytest_trt_refit_models():

@@ -1,0 +1,267 @@
+"""The refit pipeline: weights prepared once -> map -> exact audit -> apply -> verify -> culprit.
+
+:func:`run_refit` is the one place these steps run. :func:`refitcore.refit`, the gate
+(:func:`refitcore.gate`) and the pytest plugin's checks call it and differ only in policy: which
+paths, whether errors raise or are recorded per path, whether the engine is refitted in place,
+where the eager model comes from. Each renders the one :class:`RefitReport` it returns.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from refitcore.capture.structured import split_call
+from refitcore.errors import MapCannotServeError, RefitCoreError
+from refitcore.refitting.audit import Audit, audit_paths
+from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
+from refitcore.refitting.driver import apply_mapping
+from refitcore.refitting.mapping import cached_mapping, fallback_mapping
+from refitcore.refitting.prepare import CheckedWeights
+from refitcore.refitting.render import Silent, culprit_note
+from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, sample_tensors, verify
+
+__all__ = ["run_refit", "RefitReport", "PathRecord"]
+
+log = logging.getLogger("refitcore")
+
+
+@dataclasses.dataclass
+class PathRecord:
+    """One refit path: how long mapping, apply and verify took, and the verdict or the error."""
+
+    path: str                            # cached | fallback
+    mapping_s: float = 0.0
+    apply_s: float = 0.0
+    verify_s: float = 0.0
+    verdict: Verdict | None = None       # engine vs eager, when the pipeline verified
+    error: str | None = None             # why the path did not go through (recorded, not raised)
+    mapping: dict | None = None          # {engine weight: array}: kept for the audit and the culprit
+    held: dict | None = None             # the engine's weights right after this path's refit (on failure)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and (self.verdict is None or self.verdict.ok)
+
+    @property
+    def seconds(self) -> float:
+        return self.mapping_s + self.apply_s + self.verify_s
+
+    @property
+    def max_abs(self) -> float | None:
+        return self.verdict.max_abs if self.verdict is not None else None
+
+    def worst_fields(self) -> dict[str, float]:
+        """The worst output's measurements (the fields of a report schema check entry)."""
+        w = self.verdict.worst if self.verdict is not None else None
+        if w is None:
+            return {}
+        return {k: getattr(w, k) for k in ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol")}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "ok": self.ok, "error": self.error, "max_abs": self.max_abs,
+                "worst": self.worst_fields(),
+                "timings": {"mapping_s": self.mapping_s, "apply_s": self.apply_s, "verify_s": self.verify_s},
+                "verdict": self.verdict.to_json() if self.verdict is not None else None}
+
+
+@dataclasses.dataclass
+class RefitReport:
+    """What :func:`run_refit` did. Truthy when every path it ran passed and the audit agrees
+    ('auto': when the path the engine ended on passed)."""
+
+    engine: Any                          # the engine holding the weights of ``used``
+    requested: str                       # 'auto', or the paths asked for: 'cached', 'fallback', 'cached,fallback'
+    paths: list[str]                     # the paths the engine was refitted through, in order
+    records: dict[str, PathRecord]       # every path mapped (an audit or culprit witness too), in order
+    used: str | None = None              # the path whose weights ``engine`` holds
+    fell_back: bool = False              # 'auto' refitted through the fallback
+    audit: Audit | None = None           # cached vs fallback, exact, when both were mapped
+    culprit: Culprit | None = None       # the first engine weight the witnesses disagree on
+    messages: list[str] = dataclasses.field(default_factory=list)
+    total_s: float = 0.0
+
+    @property
+    def final(self) -> list[PathRecord]:
+        """The records the verdict rests on: the path 'auto' ended on, else every path run."""
+        names = [self.used] if self.requested == "auto" and self.used else self.paths
+        return [self.records[p] for p in names]
+
+    @property
+    def ok(self) -> bool:
+        final = self.final
+        good = all(r.ok for r in final)
+        return good and (self.audit is None or self.audit.ok or (self.fell_back and final[0].verdict is not None))
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "requested": self.requested, "paths": self.paths, "used": self.used,
+                "fell_back": self.fell_back, "records": {p: r.as_dict() for p, r in self.records.items()},
+                "audit": self.audit.to_json() if self.audit is not None else None,
+                "culprit": self.culprit.to_json() if self.culprit is not None else None,
+                "messages": list(self.messages), "total_s": self.total_s}
+
+
+_MAPPING_STEP = {"cached": "mapping {what} through the cached weight map",
+                 "fallback": "fallback: re-exporting and converting with the new weights"}
+
+
+def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "auto", reference: Any = None,
+              samples: Sequence | None = None, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+              in_place: bool = False, audit: bool = False, culprit: bool = True, keep_witnesses: bool = False,
+              record_errors: bool = False, model: Any = None, trust_factory: bool = False, progress: Any = None,
+              what: str = "the new weights") -> RefitReport:
+    """Refit ``engine`` with prepared ``weights`` through ``paths`` and report.
+
+    ``paths``: 'auto' (cached; the fallback when the map cannot serve the weights or the cached
+    refit disagrees with eager, saying so), or the paths to run in order (('cached',),
+    ('cached', 'fallback')). Each path is mapped first; when both are, they are audited exactly
+    (``audit=True`` maps both whatever is run). Then each is applied (to a copy of ``engine``
+    unless ``in_place``: in place, one after another on the same engine) and, with ``reference``
+    (the eager model) and ``samples`` (checked by the caller), verified. With ``culprit``, a
+    failing path or audit names the first engine weight the witnesses disagree on (the other
+    mapping is computed for it). ``record_errors``: a path that cannot be mapped, applied or run
+    records its error and the others go on; otherwise errors raise (the engine is untouched:
+    :func:`~refitcore.refitting.driver.apply_mapping` validates before it sets). ``keep_witnesses``:
+    failing records keep their mapping and held weights for the caller's own culprit search.
+    ``model``/``trust_factory`` go to the fallback's re-export; ``progress`` says each step.
+    """
+    t_start = time.perf_counter()
+    progress = progress or Silent()
+    auto = paths == "auto"
+    run = ["cached"] if auto else list(paths)
+    report = RefitReport(engine, "auto" if auto else ",".join(run), [], {})
+    failed_maps: dict[str, BaseException] = {}
+    verifying = reference is not None and samples is not None
+
+    def map_path(path: str) -> None:
+        """Map ``path`` once (an error is recorded, or raised)."""
+        rec = report.records.setdefault(path, PathRecord(path))
+        if rec.mapping is not None or path in failed_maps:
+            return
+        t0 = time.perf_counter()
+        try:
+            with progress.step(_MAPPING_STEP[path].format(what=what)):
+                rec.mapping = (cached_mapping(engine.weight_map, weights) if path == "cached" else
+                               fallback_mapping(engine, weights, model=model, trust_factory=trust_factory))
+        except RefitCoreError as err:
+            failed_maps[path] = err
+            rec.error = f"{type(err).__name__}: {err}"
+            if not record_errors:
+                raise
+        finally:
+            rec.mapping_s += time.perf_counter() - t0
+
+    def apply_and_verify(rec: PathRecord, target, here: bool) -> None:
+        where = "the engine" if here else "a copy of the engine"
+        step = f"refitting {where} through the {rec.path} path" + (
+            f" and comparing with eager on {len(samples)} sample(s)" if verifying else "")
+        report.paths.append(rec.path)
+        with progress.step(step):
+            t0 = time.perf_counter()
+            try:
+                # A cached mapping computed here is handed over (no copy); arrays that alias the
+                # model's memory are read-only and still copied.
+                refitted = apply_mapping(target, rec.mapping, in_place=here, hand_over=rec.path == "cached")
+            except RefitCoreError as err:
+                rec.error = f"{type(err).__name__}: {err}"
+                if not record_errors:
+                    raise
+                return
+            finally:
+                rec.apply_s += time.perf_counter() - t0
+            report.engine, report.used = refitted, rec.path
+            if not verifying:
+                return
+            t0 = time.perf_counter()
+            try:
+                rec.verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol)
+            except (RuntimeError, ValueError) as err:   # the engine cannot run a sample (e.g. a baked-in size)
+                if not record_errors:
+                    raise
+                rec.error = _run_error(refitted, samples, err)
+            finally:
+                rec.verify_s += time.perf_counter() - t0
+        if not rec.ok and (culprit or keep_witnesses):
+            rec.held = {k: np.array(v, copy=True) for k, v in refitted.current_weights().items()}
+
+    def audit_both() -> None:
+        records = report.records
+        if report.audit is None and all(p in records and records[p].mapping is not None
+                                        for p in ("cached", "fallback")):
+            report.audit = audit_paths(records["cached"].mapping, records["fallback"].mapping)
+
+    def find(failing: list[PathRecord]) -> None:
+        for path in ("cached", "fallback"):
+            if path not in report.records or (report.records[path].mapping is None and path not in failed_maps):
+                if failing:
+                    progress.info(f"the {failing[0].path} path disagrees with eager; computing the {path} "
+                                  f"mapping to find the culprit weight")
+                map_path(path)
+        audit_both()
+        report.culprit = find_culprit(
+            engine, mappings={p: r.mapping for p, r in report.records.items() if r.mapping is not None},
+            held={r.path: r.held for r in failing if r.held is not None},
+            errors=[unavailable(p, err) for p, err in failed_maps.items()])
+
+    if auto:
+        try:
+            map_path("cached")
+        except MapCannotServeError as err:
+            # The map cannot express these weights: converting again can.
+            report.messages.append(f"{str(err).splitlines()[0]}: {'; '.join(err.problems)}; refitting through "
+                                   f"the fallback path")
+            run, report.fell_back = ["fallback"], True
+    for path in ("cached", "fallback"):
+        if path in run or audit:
+            map_path(path)
+    audit_both()
+    for path in run:
+        rec = report.records[path]
+        if rec.mapping is not None:
+            apply_and_verify(rec, engine, in_place)
+        else:
+            report.paths.append(path)    # its error is recorded: it did not go through
+    if auto and report.used == "cached" and not report.records["cached"].ok:
+        cached = report.records["cached"]
+        report.messages.append("the cached path disagreed with eager; refitting through the fallback path")
+        log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback", cached.verdict.worst)
+        if culprit:
+            find([cached])
+            if report.culprit is not None:
+                report.messages.append(culprit_note(report.culprit))
+        map_path("fallback")
+        audit_both()
+        apply_and_verify(report.records["fallback"], report.engine, True)
+        report.fell_back = True
+    elif not auto and culprit:
+        failing = [report.records[p] for p in run if not report.records[p].ok]
+        if failing or (report.audit is not None and not report.audit.ok):
+            find(failing)
+    for rec in report.records.values():
+        if not (keep_witnesses and not rec.ok):
+            rec.mapping = rec.held = None
+    report.total_s = time.perf_counter() - t_start
+    return report
+
+
+def _run_error(engine, samples: Sequence, err: Exception) -> str:
+    """Which sample the engine cannot run, by its shapes, and what it said."""
+    failing = samples[0]
+    with torch.no_grad():
+        for sample in samples:
+            args, kwargs = split_call(sample)
+            try:
+                engine(*args, **kwargs)
+            except (RuntimeError, ValueError, TypeError):
+                failing = sample
+                break
+    shapes = [list(t.shape) for t in sample_tensors(failing)]
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"the refitted engine fails on inputs of shape {shapes}: {type(err).__name__}: {first}"
