@@ -26,7 +26,7 @@ from refitcore.engine import bundle
 from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl
 from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
-from refitcore.errors import BundleError, ShapeRangeError, WeightlessEngineError
+from refitcore.errors import BundleContentError, BundleError, ShapeRangeError, WeightlessEngineError
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.conversion.weight_map import WeightMap
 
@@ -287,6 +287,8 @@ class RefittableEngine:
 
                 plan = PartitionPlan.from_json(header["partition"])
             _check_weights(weight_map, impl, where)
+        except BundleContentError as err:   # a crafted record (refitcore.conversion.allowed_ops): say which file
+            raise BundleError(f"{where}: {err}") from None
         except BundleError:
             raise
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as err:
