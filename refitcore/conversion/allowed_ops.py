@@ -184,8 +184,11 @@ def check_call(op, args: list, kwargs: dict, max_elements: int, where: str) -> A
         if flag:
             raise BundleContentError(f"{where}: op {name} with {arg}={flag!r} is random; an engine file "
                                      f"runs it only with {arg} zero/false")
+    kwargs = to_meta(kwargs)
+    if any(a.name == "device" and a.kwarg_only for a in op._schema.arguments):
+        kwargs["device"] = torch.device("meta")      # a factory op makes its result on meta too
     try:
-        out = op(*to_meta(args), **to_meta(kwargs))
+        out = op(*to_meta(args), **kwargs)
     except Exception as err:  # noqa: BLE001 - any refusal of the op is a bad record
         if name in INPUT_BOUNDED_OPS:
             return None     # no size without the data; what it makes is bounded by what it reads

@@ -26,7 +26,8 @@ from torch import fx
 from torch.export.graph_signature import InputKind
 
 from refitcore.conversion import allowed_ops
-from refitcore.errors import BundleContentError
+from refitcore.capture.lowering import module_path
+from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS", "check_records"]
@@ -100,8 +101,10 @@ def _op_name(node: fx.Node) -> str:
     if node.target in _PY_BY_FN:
         return _PY_BY_FN[node.target]
     name = str(node.target)
-    if not name.startswith("aten."):
-        raise TypeError(f"node {node.name}: op {name} is not an ATen op; a PyTorch segment stores ATen ops only")
+    if not allowed_ops.is_allowed(name):
+        raise UnsupportedOperatorError([(
+            f"{name} (would run in PyTorch, but an engine file may not name it: not in "
+            f"refitcore.conversion.allowed_ops)", module_path(node), node.name)])
     return name
 
 
