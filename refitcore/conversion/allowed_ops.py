@@ -36,8 +36,8 @@ import torch
 
 from refitcore.errors import BundleContentError
 
-__all__ = ["ALLOWED_OPS", "INPUT_BOUNDED_OPS", "RANDOM_UNLESS", "generate", "resolve", "is_allowed", "check_call", "to_meta",
-           "numel", "decode_dtype", "LIST_FILE"]
+__all__ = ["ALLOWED_OPS", "INPUT_BOUNDED_OPS", "RANDOM_UNLESS", "generate", "resolve", "is_allowed", "check_call",
+           "to_meta", "numel", "decode_dtype", "LIST_FILE"]
 
 LIST_FILE = Path(__file__).with_name("allowed_ops.txt")
 
@@ -56,7 +56,8 @@ RANDOM_UNLESS = {"aten.dropout.default": ("train", 2),
 # Op families no file may name, matched on the op name (``aten.<name>.<overload>``).
 _DENIED = re.compile("|".join([
     r"file", r"save", r"load", r"print", r"seed", r"grad_enabled", r"_set_", r"^set$", r"is_set_to",
-    r"storage", r"pin", r"record_stream", r"_copy_from", r"_unsafe_(?!view$)", r"^_foreach_", r"^_fused_(adam|sgd|adagrad)",
+    r"storage", r"pin", r"record_stream", r"_copy_from", r"_unsafe_(?!view$)", r"^_foreach_",
+    r"^_fused_(adam|sgd|adagrad)",
     r"sparse", r"coo", r"csr", r"csc", r"bsr", r"bsc", r"coalesce", r"indices$", r"values$", r"_nested", r"nested_",
     r"quantiz", r"^q_", r"^_?dequantize", r"_per_tensor_affine", r"_per_channel_affine", r"^fbgemm",
     r"mkldnn", r"cudnn", r"miopen", r"^_?mps", r"vulkan", r"xnnpack", r"cufft", r"^cuda$", r"^_cslt", r"^_cutlass",

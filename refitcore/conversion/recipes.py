@@ -33,7 +33,8 @@ from refitcore.conversion import allowed_ops
 from refitcore.errors import BundleContentError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "check_operand", "resolve_aten_op", "bn_factor", "bn_fold_kernel",
+__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "check_operand", "resolve_aten_op", "bn_factor",
+           "bn_fold_kernel",
            "bn_fold_bias", "bn_scale", "bn_shift"]
 
 

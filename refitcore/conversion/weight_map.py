@@ -236,7 +236,8 @@ class WeightMap:
         wm = cls(
             sources={name: WeightSource.from_json(s, f"weight map source {name!r}")
                      for name, s in d["sources"].items()},
-            constants={cid: decode_array(a, f"weight map constant {cid!r}") for cid, a in d.get("constants", {}).items()},
+            constants={cid: decode_array(a, f"weight map constant {cid!r}")
+                       for cid, a in d.get("constants", {}).items()},
             tied=[list(g) for g in d.get("tied", [])],
             unused_keys=list(d.get("unused_keys", [])),
             key_specs=key_specs,

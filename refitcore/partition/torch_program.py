@@ -154,6 +154,17 @@ def encode_graph(gm: fx.GraphModule) -> dict:
 _RECORD_FIELDS = {"name", "op", "args", "kwargs"}
 
 
+def _signature(value: Any) -> Any:
+    """What sizing an op on meta depends on: shapes and dtypes of tensors, the other arguments."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return (type(value).__name__, value)
+
+
 def _check_size(value: Any, where: str) -> None:
     """A literal size (a list of ints, e.g. ``full``'s ``size``): at most MAX_TENSOR_ELEMENTS elements."""
     if isinstance(value, list) and value and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
@@ -245,6 +256,7 @@ class TorchProgram:
         check_records(records)
         self.records = {r["name"]: r for r in records}
         self.max_elements = max_elements
+        self._sized: set = set()     # (node, argument signature) already sized on meta
         # Where the program runs: the graph was exported on the CPU, so a device it names (factory
         # ops such as arange/full, stand-ins) means "where the inputs are".
         self.device: torch.device | None = None
@@ -297,7 +309,12 @@ class TorchProgram:
             return _py_op(op, args, kwargs, record["name"])
         where = f"PyTorch segment node {record['name']!r}"
         fn = allowed_ops.resolve(op, where)
-        allowed_ops.check_call(fn, args, kwargs, self.max_elements, where)   # on meta: sizes first
+        signature = (record["name"], _signature(args), _signature(kwargs))
+        if signature not in self._sized:    # sized on meta first, once per shape of its arguments
+            allowed_ops.check_call(fn, args, kwargs, self.max_elements, where)
+            if len(self._sized) > 4096:
+                self._sized.clear()
+            self._sized.add(signature)
         return fn(*args, **kwargs)
 
     def run_graph(self, graph: dict, inputs: list, params, constants) -> Any:
