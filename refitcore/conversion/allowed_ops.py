@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ RANDOM_UNLESS = {"aten.dropout.default": ("train", 2),
                  "aten.scaled_dot_product_attention.default": ("dropout_p", 4)}
 
 # Op families no file may name, matched on the op name (``aten.<name>.<overload>``).
-_DENIED = re.compile("|".join([
+_DENIED_PATTERNS = (
     r"file", r"save", r"load", r"print", r"seed", r"grad_enabled", r"_set_", r"^set$", r"is_set_to",
     r"storage", r"pin", r"record_stream", r"_copy_from", r"_unsafe_(?!view$)", r"^_foreach_",
     r"^_fused_(adam|sgd|adagrad)",
@@ -62,7 +62,8 @@ _DENIED = re.compile("|".join([
     r"quantiz", r"^q_", r"^_?dequantize", r"_per_tensor_affine", r"_per_channel_affine", r"^fbgemm",
     r"mkldnn", r"cudnn", r"miopen", r"^_?mps", r"vulkan", r"xnnpack", r"cufft", r"^cuda$", r"^_cslt", r"^_cutlass",
     r"^bincount$", r"^one_hot$", r"^_ctc_loss$", r"^linalg_lstsq$", r"^_?to_dense$", r"^_fake_",
-]))
+)
+_DENIED = re.compile("|".join(_DENIED_PATTERNS))
 _DENIED_OVERLOADS = frozenset({"aten.repeat_interleave.Tensor", "aten.repeat_interleave.self_Tensor"})
 
 
@@ -118,7 +119,7 @@ def is_allowed(qualname: str) -> bool:
     return qualname in ALLOWED_OPS
 
 
-@lru_cache(maxsize=None)
+@cache
 def _resolve(qualname: str):
     _, name, overload = qualname.split(".")
     return getattr(getattr(torch.ops.aten, name), overload)

@@ -177,10 +177,9 @@ def _check_recordable(node: fx.Node, args: list, kwargs: dict) -> None:
     except BundleContentError:
         recordable = False
     if not recordable:
-        raise UnsupportedOperatorError([(
-            f"{name} (applied to weights; an engine file may not record it: not in "
-            f"refitcore.conversion.allowed_ops, or its size depends on the weights' values)",
-            module_path(node), node.name)])
+        reason = (f"{name} (applied to weights; an engine file may not record it: not in "
+                  f"refitcore.conversion.allowed_ops, or its size depends on the weights' values)")
+        raise UnsupportedOperatorError([(reason, module_path(node), node.name)])
 
 
 def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict):

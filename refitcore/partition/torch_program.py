@@ -25,8 +25,8 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from refitcore.conversion import allowed_ops
 from refitcore.capture.lowering import module_path
+from refitcore.conversion import allowed_ops
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
@@ -102,9 +102,9 @@ def _op_name(node: fx.Node) -> str:
         return _PY_BY_FN[node.target]
     name = str(node.target)
     if not allowed_ops.is_allowed(name):
-        raise UnsupportedOperatorError([(
-            f"{name} (would run in PyTorch, but an engine file may not name it: not in "
-            f"refitcore.conversion.allowed_ops)", module_path(node), node.name)])
+        reason = (f"{name} (would run in PyTorch, but an engine file may not name it: not in "
+                  f"refitcore.conversion.allowed_ops)")
+        raise UnsupportedOperatorError([(reason, module_path(node), node.name)])
     return name
 
 
