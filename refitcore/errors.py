@@ -11,6 +11,7 @@ __all__ = [
     "MapCannotServeError",
     "RefitError",
     "BundleError",
+    "BundleContentError",
     "BackendUnavailableError",
     "ShapeRangeError",
     "WeightlessEngineError",
@@ -92,6 +93,12 @@ class RefitError(RefitCoreError):
 
 class BundleError(RefitCoreError):
     """A saved engine file is truncated, corrupted, or of an unsupported version."""
+
+
+class BundleContentError(BundleError, ValueError):
+    """What a file holds is refused, whatever its checksums: an op outside the allowlist
+    (:mod:`refitcore.conversion.allowed_ops`), a shape beyond the bounds, an unknown recipe or operand
+    kind, a bad dtype or index. The message names the op or value and where it is in the file."""
 
 
 class WeightlessEngineError(RefitCoreError):

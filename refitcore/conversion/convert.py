@@ -15,12 +15,16 @@ from torch.export.graph_signature import InputKind
 
 from refitcore import _trt, dtypes
 from refitcore.capture.lowering import FusionPlan, module_path, plan_fusions
-from refitcore.conversion import converters  # noqa: F401  (registers the built-in converters; the registry imports none)
+from refitcore.conversion import (
+    allowed_ops,
+    converters,  # noqa: F401  (registers the built-in converters; the registry imports none)
+)
 from refitcore.conversion.context import ConversionContext, StaticValue
 from refitcore.conversion.registry import Unsupported, lookup
 from refitcore.conversion.shape_tensors import SymbolTable, is_symbolic, sym_value, symbolic_dims
 from refitcore.conversion.weight_map import WeightMap
-from refitcore.errors import UnsupportedOperatorError
+from refitcore.errors import BundleContentError, UnsupportedOperatorError
+from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
 
@@ -165,6 +169,22 @@ def _concrete(v):
     return v
 
 
+def _check_recordable(node: fx.Node, args: list, kwargs: dict) -> None:
+    """A weight-only op replayed on every refit is recorded in the weight map, which an engine file
+    carries: it must be an op a file may name, and its result's size must follow from shapes alone
+    (the loader checks every operand on the ``meta`` device)."""
+    name = str(node.target)
+    try:
+        recordable = (allowed_ops.is_allowed(name) and allowed_ops.check_call(
+            node.target, args, kwargs, MAX_TENSOR_ELEMENTS, f"node {node.name}") is not None)
+    except BundleContentError:
+        recordable = False
+    if not recordable:
+        reason = (f"{name} (applied to weights; an engine file may not record it: not in "
+                  f"refitcore.conversion.allowed_ops, or its size depends on the weights' values)")
+        raise UnsupportedOperatorError([(reason, module_path(node), node.name)])
+
+
 def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict):
     """Evaluate a node whose inputs are all known, keeping how its value derives from weights."""
     if node.target is operator.getitem:
@@ -172,6 +192,8 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     fn = cast(Callable[..., Any], node.target)   # a call_function node's target is the function
     out = fn(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
     key_dependent = any(ctx.refittable(v) for v in _statics(list(args) + list(kwargs.values())))
+    if key_dependent:
+        _check_recordable(node, _concrete(args), {k: _concrete(v) for k, v in kwargs.items()})
 
     def wrap(value, index=None):
         if not isinstance(value, torch.Tensor):

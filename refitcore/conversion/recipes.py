@@ -30,7 +30,12 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "resolve_aten_op", "bn_factor", "bn_fold_kernel",
+from refitcore.conversion import allowed_ops
+from refitcore.errors import BundleContentError
+from refitcore.options import MAX_TENSOR_ELEMENTS
+
+__all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "check_operand", "resolve_aten_op", "bn_factor",
+           "bn_fold_kernel",
            "bn_fold_bias", "bn_scale", "bn_shift"]
 
 
@@ -107,57 +112,85 @@ RECIPES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def resolve_aten_op(qualname: str):
-    """'aten.permute.default' -> torch.ops.aten.permute.default; only the aten namespace."""
-    parts = qualname.split(".")
-    if len(parts) != 3 or parts[0] != "aten":
-        raise ValueError(f"weight map operand op {qualname!r} is not an ATen overload 'aten.<op>.<overload>'")
-    packet = getattr(torch.ops.aten, parts[1])
-    return getattr(packet, parts[2])
+def resolve_aten_op(qualname: str, where: str = "weight map operand"):
+    """'aten.permute.default' -> torch.ops.aten.permute.default, for the ops of
+    :data:`refitcore.conversion.allowed_ops.ALLOWED_OPS` only (:class:`BundleContentError` otherwise)."""
+    return allowed_ops.resolve(qualname, where)
 
 
-def _decode_literal(value: Any):
-    if isinstance(value, dict) and "dtype" in value and len(value) == 1:
-        return getattr(torch, value["dtype"])
-    if isinstance(value, list):
-        return [_decode_literal(v) for v in value]
-    return value
+Leaf = Callable[[str, str], Any]
+
+
+def _evaluate(operand: Any, leaf: Leaf, call: Callable, memo: dict, where: str):
+    """The value of an operand tree: ``leaf(kind, name)`` for ``{"key"}``/``{"const"}`` leaves,
+    ``call(op, args, kwargs, where)`` for ``{"op"}`` nodes; anything else is refused."""
+    if operand is None or isinstance(operand, (bool, int, float, str)):
+        return operand
+    if isinstance(operand, list):
+        return [_evaluate(v, leaf, call, memo, where) for v in operand]
+    if not isinstance(operand, dict):
+        raise BundleContentError(f"{where}: an operand of type {type(operand).__name__}")
+    if len(operand) == 1 and isinstance(operand.get("key", operand.get("const")), str):
+        kind = next(iter(operand))
+        return leaf(kind, operand[kind])
+    if len(operand) == 1 and "dtype" in operand:
+        return allowed_ops.decode_dtype(operand["dtype"], where)
+    if "op" not in operand or not set(operand) <= {"op", "args", "kwargs", "index"}:
+        raise BundleContentError(f"{where}: unknown operand kind {sorted(operand)[:5]}")
+    memo_key = repr(operand)
+    if memo_key in memo:
+        return memo[memo_key]
+    here = f"{where} ({str(operand['op'])[:80]})"
+    op = resolve_aten_op(operand["op"], where)
+    args, kwargs = operand.get("args", []), operand.get("kwargs", {})
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise BundleContentError(f"{here}: args must be a list and kwargs an object")
+    out = call(op, _evaluate(args, leaf, call, memo, here),
+               {str(k): _evaluate(v, leaf, call, memo, here) for k, v in kwargs.items()}, here)
+    if "index" in operand:
+        index = operand["index"]
+        if (not isinstance(index, int) or isinstance(index, bool) or not isinstance(out, (list, tuple))
+                or not 0 <= index < len(out)):
+            raise BundleContentError(f"{here}: index {str(index)[:40]} does not select one of its results")
+        out = out[index]
+    memo[memo_key] = out
+    return out
+
+
+def check_operand(operand: Any, leaf: Leaf, *, max_elements: int, where: str = "weight map operand"):
+    """Evaluate an operand tree on the ``meta`` device (``leaf`` gives meta tensors): what it would
+    make, without memory or side effects. :class:`BundleContentError` when it names an op outside
+    the allowlist, holds an unknown operand kind or a bad index, or would make a tensor of more than
+    ``max_elements`` elements."""
+    def call(op, args, kwargs, here):
+        out = allowed_ops.check_call(op, args, kwargs, max_elements, here)
+        if out is None:
+            raise BundleContentError(f"{here}: the size of what {op} makes depends on the weights' values; "
+                                     f"a weight map operand must have a size known from shapes")
+        return out
+
+    return _evaluate(operand, leaf, call, {}, where)
 
 
 def evaluate_operand(operand: Any, state: Mapping[str, torch.Tensor], constants: Mapping[str, np.ndarray],
-                     memo: dict | None = None):
-    """Evaluate an operand tree (see :mod:`refitcore.weight_map`) against a state_dict."""
-    if operand is None:
-        return None
-    if isinstance(operand, dict):
-        if "key" in operand:
-            return state[operand["key"]]
-        if "const" in operand:
-            return torch.from_numpy(np.asarray(constants[operand["const"]]))
-        if "op" in operand:
-            memo_key = None
-            if memo is not None:
-                memo_key = repr(operand)
-                if memo_key in memo:
-                    return memo[memo_key]
-            op = resolve_aten_op(operand["op"])
-            args = [evaluate_operand(a, state, constants, memo) for a in operand.get("args", [])]
-            kwargs = {k: evaluate_operand(v, state, constants, memo) for k, v in operand.get("kwargs", {}).items()}
-            out = op(*args, **kwargs)
-            if "index" in operand:
-                out = out[operand["index"]]
-            if memo is not None:
-                memo[memo_key] = out
-            return out
-        return _decode_literal(operand)
-    if isinstance(operand, list):
-        return [evaluate_operand(v, state, constants, memo) for v in operand]
-    return operand
+                     memo: dict | None = None, *, max_elements: int = MAX_TENSOR_ELEMENTS,
+                     where: str = "weight map operand"):
+    """Evaluate an operand tree (see :mod:`refitcore.conversion.weight_map`) against a state_dict.
+
+    The tree is first evaluated on the ``meta`` device (:func:`check_operand`): nothing is computed
+    unless every op is allowed and every tensor it makes has at most ``max_elements`` elements."""
+    def value(kind: str, name: str):
+        return state[name] if kind == "key" else torch.from_numpy(np.asarray(constants[name]))
+
+    check_operand(operand, lambda kind, name: allowed_ops.to_meta(value(kind, name)), max_elements=max_elements,
+                  where=where)
+    return _evaluate(operand, value, lambda op, args, kwargs, _here: op(*args, **kwargs),
+                     {} if memo is None else memo, where)
 
 
 def apply_recipe(recipe: str, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> torch.Tensor:
     try:
         fn = RECIPES[recipe]
-    except KeyError:
-        raise ValueError(f"unknown recipe {recipe!r}; known recipes: {sorted(RECIPES)}") from None
+    except (KeyError, TypeError):
+        raise BundleContentError(f"unknown recipe {str(recipe)[:80]!r}; known recipes: {sorted(RECIPES)}") from None
     return fn(**inputs, **params)

@@ -28,6 +28,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
+import torch
+
+from refitcore.conversion import allowed_ops
+from refitcore.conversion.recipes import RECIPES, apply_recipe, check_operand
+from refitcore.errors import BundleContentError
+from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "operand_constants", "has_key", "rename_keys",
            "map_operand", "prefix_consts", "encode_array", "decode_array"]
@@ -40,9 +46,25 @@ def encode_array(a: np.ndarray) -> dict:
     return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode("ascii")}
 
 
-def decode_array(d: Mapping[str, Any]) -> np.ndarray:
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    """A declared shape: non-negative ints, at most MAX_TENSOR_ELEMENTS elements."""
+    if (not isinstance(value, (list, tuple)) or len(value) > 16
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value)):
+        raise BundleContentError(f"{where}: shape {str(value)[:80]} is not a list of non-negative ints")
+    if math.prod(value) > MAX_TENSOR_ELEMENTS:
+        raise BundleContentError(f"{where}: shape {list(value)} has more than {MAX_TENSOR_ELEMENTS} elements")
+    return tuple(value)
+
+
+def decode_array(d: Mapping[str, Any], where: str = "weight map constant") -> np.ndarray:
+    dtype = np.dtype(d["dtype"]) if isinstance(d["dtype"], str) else None
+    if dtype is None or dtype.kind not in "biufc" or dtype.itemsize == 0:
+        raise BundleContentError(f"{where}: dtype {str(d['dtype'])[:40]!r} is not a numeric dtype")
+    shape = _shape(d["shape"], where)
     raw = base64.b64decode(d["data"])
-    return np.frombuffer(raw, dtype=np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        raise BundleContentError(f"{where}: {len(raw)} bytes do not hold a {dtype} array of shape {list(shape)}")
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
 
 
 def operand_keys(operand: Any) -> Iterator[str]:
@@ -126,9 +148,15 @@ class WeightSource:
                 "shape": list(self.shape), "dtype": self.dtype}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> WeightSource:
-        return cls(recipe=d["recipe"], inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
-                   shape=tuple(int(s) for s in d["shape"]), dtype=d.get("dtype", "float32"))
+    def from_json(cls, d: Mapping[str, Any], where: str = "weight map source") -> WeightSource:
+        recipe, dtype = d["recipe"], d.get("dtype", "float32")
+        if not isinstance(recipe, str) or recipe not in RECIPES:
+            raise BundleContentError(f"{where}: unknown recipe {str(recipe)[:80]!r}")
+        allowed_ops.decode_dtype(dtype, where)
+        if not isinstance(d["inputs"], dict) or not isinstance(d.get("params", {}), dict):
+            raise BundleContentError(f"{where}: inputs and params must be objects")
+        return cls(recipe=recipe, inputs=dict(d["inputs"]), params=dict(d.get("params", {})),
+                   shape=_shape(d["shape"], where), dtype=dtype)
 
     def with_keys_renamed(self, rename: Mapping[str, str]) -> WeightSource:
         """The same source reading ``rename[key]`` wherever it read ``key``."""
@@ -203,16 +231,69 @@ class WeightMap:
             raise ValueError(
                 f"weight map format version {version!r} is not supported (this refitcore reads "
                 f"version {FORMAT_VERSION}); recompile the engine with this version")
-        return cls(
-            sources={name: WeightSource.from_json(s) for name, s in d["sources"].items()},
-            constants={cid: decode_array(a) for cid, a in d.get("constants", {}).items()},
+        key_specs = {k: [list(_shape(v[0], f"key_specs {k!r}")), v[1]] for k, v in d.get("key_specs", {}).items()}
+        for k, (_, dtype) in key_specs.items():
+            allowed_ops.decode_dtype(dtype, f"key_specs {k!r}")
+        wm = cls(
+            sources={name: WeightSource.from_json(s, f"weight map source {name!r}")
+                     for name, s in d["sources"].items()},
+            constants={cid: decode_array(a, f"weight map constant {cid!r}")
+                       for cid, a in d.get("constants", {}).items()},
             tied=[list(g) for g in d.get("tied", [])],
             unused_keys=list(d.get("unused_keys", [])),
-            key_specs={k: [list(v[0]), v[1]] for k, v in d.get("key_specs", {}).items()},
+            key_specs=key_specs,
             constant_origins=(dict(d["constant_origins"]) if d.get("constant_origins") is not None
                               else None),   # absent in maps written before origins were recorded
             version=version,
         )
+        wm.check()
+        return wm
+
+    def element_bound(self) -> int:
+        """The most elements any tensor the map computes may have: the largest tensor it declares
+        (an engine weight, a state_dict entry, a constant), each at most MAX_TENSOR_ELEMENTS."""
+        sizes = [s.count for s in self.sources.values()]
+        sizes += [math.prod(v[0]) for v in self.key_specs.values()]
+        sizes += [a.size for a in self.constants.values()]
+        return max(sizes, default=1)
+
+    def check(self) -> None:
+        """Evaluate every source on the ``meta`` device from the declared shapes (``key_specs``, the
+        constants): no memory, no side effects. :class:`~refitcore.errors.BundleContentError` when
+        a source names an op outside :mod:`refitcore.conversion.allowed_ops`, an unknown operand kind,
+        a state_dict key it does not declare, a bad index or recipe parameter, would make a tensor
+        larger than :meth:`element_bound`, or does not give as many values as its engine weight."""
+        bound = self.element_bound()
+
+        def leaf_of(where):
+            def leaf(kind: str, name: str) -> torch.Tensor:
+                if kind == "const":
+                    if name not in self.constants:
+                        raise BundleContentError(f"{where}: reads constant {name[:80]!r}, which the map does not hold")
+                    return allowed_ops.to_meta(torch.from_numpy(self.constants[name]))
+                if name not in self.key_specs:
+                    raise BundleContentError(f"{where}: reads state_dict key {name[:80]!r}, which key_specs "
+                                             f"does not declare")
+                shape, dtype = self.key_specs[name]
+                return torch.empty(shape, dtype=allowed_ops.decode_dtype(dtype, where), device="meta")
+            return leaf
+
+        for name, src in self.sources.items():
+            where = f"weight map source {name!r}"
+            inputs = {str(k): check_operand(v, leaf_of(f"{where} input {k!r}"), max_elements=bound,
+                                            where=f"{where} input {k!r}") for k, v in src.inputs.items()}
+            try:
+                with torch.no_grad():
+                    out = apply_recipe(src.recipe, inputs, src.params)
+                count = out.numel()
+            except BundleContentError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any refusal of the recipe is a bad source
+                raise BundleContentError(f"{where}: recipe {src.recipe!r} refuses its operands or params: "
+                                         f"{type(err).__name__}: {str(err)[:200]}") from None
+            if count != src.count:
+                raise BundleContentError(f"{where}: recipe {src.recipe!r} gives {count} values, the engine "
+                                         f"weight of shape {list(src.shape)} needs {src.count}")
 
     @classmethod
     def loads(cls, text: str) -> WeightMap:

@@ -16,10 +16,11 @@ has set every weight (:func:`refitcore.refitting.driver.apply_mapping` always se
 from __future__ import annotations
 
 import dataclasses
-import math
 import logging
+import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from refitcore.engine.kinds import EngineKind
 from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord, IOSpec
 from refitcore.engine.registry import kind_of_header
-from refitcore.errors import BundleError, ShapeRangeError, WeightlessEngineError
+from refitcore.errors import BundleContentError, BundleError, ShapeRangeError, WeightlessEngineError
 from refitcore.partition.partitioner import PartitionPlan
 
 __all__ = ["RefittableEngine", "IOSpec", "load", "MAX_INPUT_ELEMENTS"]
@@ -226,7 +227,7 @@ class RefittableEngine:
                 f"this engine was loaded without its weights ({len(self.weight_names)} placeholders): refit it "
                 f"with the model's weights first: refitcore.refit(engine, model, path='cached', in_place=True)")
 
-    def clone(self) -> "RefittableEngine":
+    def clone(self) -> RefittableEngine:
         """An independent copy (same plan, its own weight store)."""
         if self.weightless:    # nothing to copy: the clone gets placeholders of its own
             header, arrays = self._impl.serialize(weights=False)
@@ -271,7 +272,7 @@ class RefittableEngine:
 
     @classmethod
     def from_parts(cls, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray], where: str = "<engine>", *,
-                   output_types=None, trust_output_types: bool = False) -> "RefittableEngine":
+                   output_types=None, trust_output_types: bool = False) -> RefittableEngine:
         """The engine of a saved file's parts; :class:`BundleError` when they do not make one.
 
         Outputs of a type the file only names (a transformers ``ModelOutput``...) come back as plain
@@ -299,6 +300,8 @@ class RefittableEngine:
             else:   # written before the options were saved: what it recorded of them
                 options = CompileOptions(backend=header["backend"], model_factory=header.get("model_factory"))
             _check_weights(weight_map, impl, where)
+        except BundleContentError as err:   # a crafted record (refitcore.conversion.allowed_ops): say which file
+            raise BundleError(f"{where}: {err}") from None
         except BundleError:
             raise
         except (KeyError, ValueError, TypeError, IndexError, AttributeError, RecursionError) as err:

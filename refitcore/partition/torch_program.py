@@ -9,9 +9,12 @@ non-persistent buffers), ``{"zeros": [shape, dtype]}`` (a stand-in whose shape a
 an op reads: ``new_zeros``, ``zeros_like``...), ``{"dtype"|"device"|"layout"|"memory_format": ...}``,
 ``{"graph": {...}}`` (a ``torch.cond`` branch, itself a program), and JSON literals.
 
-Ops are resolved only in the ``aten`` namespace (as the weight map's operands are), plus a closed
-table of Python operators on symbolic sizes (``operator.ge``...); nothing a program names is ever
-imported.
+A program is data from a file: it names only ops of the allowlist
+(:mod:`refitcore.conversion.allowed_ops`, as the weight map's operands do), a closed table of Python
+operators on symbolic sizes (``operator.ge``...), ``getitem`` and ``cond``; nothing it names is ever
+imported. :class:`TorchProgram` checks every record when it is built (at load): ops, operand kinds,
+dtype, layout and memory-format names, literal sizes; at run time each op is first evaluated on the
+``meta`` device and refused when it would make a tensor of more than ``MAX_TENSOR_ELEMENTS``.
 """
 from __future__ import annotations
 
@@ -23,9 +26,12 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind
 
-from refitcore.conversion.recipes import resolve_aten_op
+from refitcore.capture.lowering import module_path
+from refitcore.conversion import allowed_ops
+from refitcore.errors import BundleContentError, UnsupportedOperatorError
+from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS"]
+__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS", "check_records"]
 
 aten = torch.ops.aten
 SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
@@ -33,11 +39,13 @@ SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.
                             aten.empty_like.default})
 
 
-def decode_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name!r} is not a torch dtype")
-    return dtype
+def decode_dtype(name: str, where: str = "PyTorch segment") -> torch.dtype:
+    return allowed_ops.decode_dtype(name, where)
+
+
+LAYOUTS = {"strided": torch.strided}
+MEMORY_FORMATS = {f: getattr(torch, f) for f in ("contiguous_format", "preserve_format", "channels_last",
+                                                  "channels_last_3d")}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -71,6 +79,19 @@ PY_OPS = {f"operator.{f.__name__}": f for f in (
     operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge, operator.and_,
     operator.or_, operator.not_)}
 _PY_BY_FN = {f: name for name, f in PY_OPS.items()}
+INT_LIMIT = 2 ** 64     # sizes are int64: a Python operator's int result beyond that is a crafted record
+
+
+def _py_op(op: str, args: list, kwargs: dict, name: str) -> Any:
+    where = f"PyTorch segment node {name!r}"
+    if op == "operator.pow" and len(args) == 2 and all(isinstance(a, int) for a in args):
+        base, exp = args
+        if exp > 0 and abs(base) > 1 and exp * max(abs(base).bit_length() - 1, 1) > 64:
+            raise BundleContentError(f"{where}: {op}{tuple(args)} is larger than any size")
+    out = PY_OPS[op](*args, **kwargs)
+    if isinstance(out, int) and abs(out) >= INT_LIMIT:
+        raise BundleContentError(f"{where}: {op} gives {out.bit_length()}-bit int, larger than any size")
+    return out
 
 
 def _op_name(node: fx.Node) -> str:
@@ -81,8 +102,10 @@ def _op_name(node: fx.Node) -> str:
     if node.target in _PY_BY_FN:
         return _PY_BY_FN[node.target]
     name = str(node.target)
-    if not name.startswith("aten."):
-        raise TypeError(f"node {node.name}: op {name} is not an ATen op; a PyTorch segment stores ATen ops only")
+    if not allowed_ops.is_allowed(name):
+        reason = (f"{name} (would run in PyTorch, but an engine file may not name it: not in "
+                  f"refitcore.conversion.allowed_ops)")
+        raise UnsupportedOperatorError([(reason, module_path(node), node.name)])
     return name
 
 
@@ -129,21 +152,115 @@ def encode_graph(gm: fx.GraphModule) -> dict:
             "outputs": encode_value(out.args[0], lambda a: {"node": a.name})}
 
 
+_RECORD_FIELDS = {"name", "op", "args", "kwargs"}
+
+
+def _signature(value: Any) -> Any:
+    """What sizing an op on meta depends on: shapes and dtypes of tensors, the other arguments."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device.type)
+    if isinstance(value, (list, tuple)):
+        return tuple(_signature(v) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _signature(v)) for k, v in value.items())
+    return (type(value).__name__, value)
+
+
+def _check_size(value: Any, where: str) -> None:
+    """A literal size (a list of ints, e.g. ``full``'s ``size``): at most MAX_TENSOR_ELEMENTS elements."""
+    if isinstance(value, list) and value and all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        if any(d < -1 for d in value):
+            raise BundleContentError(f"{where}: size {value[:8]} has a negative dimension")
+        n = 1
+        for d in value:
+            n *= max(d, 1)
+        if n > MAX_TENSOR_ELEMENTS:
+            raise BundleContentError(f"{where}: size {value[:8]} has more than {MAX_TENSOR_ELEMENTS} elements")
+
+
+def _check_operand(operand: Any, where: str, depth: int = 0) -> None:
+    if depth > 64:
+        raise BundleContentError(f"{where}: operands nest too deep")
+    if operand is None or isinstance(operand, (bool, int, float, str)):
+        return
+    if isinstance(operand, list):
+        for v in operand:
+            _check_operand(v, where, depth + 1)
+        return
+    if not isinstance(operand, dict) or len(operand) != 1:
+        raise BundleContentError(f"{where}: unknown operand {str(operand)[:80]}")
+    (kind, value), = operand.items()
+    if kind in ("node", "param", "const", "device"):
+        ok = isinstance(value, str)
+    elif kind == "zeros":
+        ok = isinstance(value, list) and len(value) == 2
+        if ok:
+            shape, dtype = value
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                    for d in shape)):
+                raise BundleContentError(f"{where}: stand-in shape {str(shape)[:80]} is not a list of "
+                                         f"non-negative ints")
+            _check_size(shape, where)
+            decode_dtype(dtype, where)
+    elif kind == "dtype":
+        decode_dtype(value, where)
+        ok = True
+    elif kind == "layout":
+        ok = value in LAYOUTS
+    elif kind == "memory_format":
+        ok = value in MEMORY_FORMATS
+    elif kind == "dict":
+        ok = isinstance(value, dict)
+        for v in (value.values() if ok else ()):
+            _check_operand(v, where, depth + 1)
+    elif kind == "graph":
+        ok = (isinstance(value, dict) and isinstance(value.get("inputs"), list)
+              and all(isinstance(n, str) for n in value["inputs"]) and isinstance(value.get("nodes"), list))
+        if ok:
+            check_records(value["nodes"], f"{where} (cond branch)", depth + 1)
+            _check_operand(value.get("outputs"), where, depth + 1)
+    else:
+        ok = False
+    if not ok:
+        raise BundleContentError(f"{where}: unknown or malformed operand {str(operand)[:80]}")
+
+
+def check_records(records: Any, where: str = "PyTorch segment", depth: int = 0) -> None:
+    """Refuse (:class:`BundleContentError`) node records that a file may not hold: an op outside the
+    allowlist, an unknown operand kind, a dtype, layout or memory format that is not one, a literal
+    size of more than MAX_TENSOR_ELEMENTS elements. Nothing is evaluated."""
+    if not isinstance(records, list):
+        raise BundleContentError(f"{where}: the program is not a list of node records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not set(r) <= _RECORD_FIELDS or not isinstance(r.get("name"), str):
+            raise BundleContentError(f"{where}: record {i} is not a node record")
+        here = f"{where} node {r['name'][:80]!r}"
+        op, args, kwargs = r.get("op"), r.get("args", []), r.get("kwargs", {})
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise BundleContentError(f"{here}: args must be a list and kwargs an object")
+        if op not in ("getitem", "cond") and op not in PY_OPS:
+            schema = allowed_ops.resolve(op, here)._schema
+            # Literal sizes are bounded before anything runs (the meta check at run time sees the rest).
+            for arg, value in zip(schema.arguments, args):
+                if arg.name in ("size", "sizes"):
+                    _check_size(value, here)
+            for name in ("size", "sizes"):
+                _check_size(kwargs.get(name), here)
+        _check_operand(args, here, depth)
+        _check_operand(list(kwargs.values()), here, depth)
+
+
 class TorchProgram:
     """Runs node records against an environment of values. ``params``/``constants``: name -> tensor."""
 
-    def __init__(self, records: list[dict]):
+    def __init__(self, records: list[dict], *, max_elements: int = MAX_TENSOR_ELEMENTS):
+        check_records(records)
         self.records = {r["name"]: r for r in records}
+        self.max_elements = max_elements
+        self._sized: set = set()     # (node, argument signature) already sized on meta
         # Where the program runs: the graph was exported on the CPU, so a device it names (factory
         # ops such as arange/full, stand-ins) means "where the inputs are".
         self.device: torch.device | None = None
-        for r in records:
-            self._check_ops(r)
-
-    def _check_ops(self, record: dict) -> None:
-        op = record["op"]
-        if op not in ("getitem", "cond") and op not in PY_OPS:
-            resolve_aten_op(op)  # raises for anything outside the aten namespace
 
     def value(self, operand: Any, env: dict, params: Mapping[str, torch.Tensor],
               constants: Mapping[str, torch.Tensor]) -> Any:
@@ -170,9 +287,9 @@ class TorchProgram:
         if "device" in operand:
             return self.device if self.device is not None else torch.device(operand["device"])
         if "layout" in operand:
-            return getattr(torch, operand["layout"])
+            return LAYOUTS[operand["layout"]]
         if "memory_format" in operand:
-            return getattr(torch, operand["memory_format"])
+            return MEMORY_FORMATS[operand["memory_format"]]
         if "dict" in operand:
             return {k: self.value(v, env, params, constants) for k, v in operand["dict"].items()}
         if "graph" in operand:
@@ -190,11 +307,19 @@ class TorchProgram:
             branch = true_graph if bool(pred) else false_graph
             return self.run_graph(branch, list(operands), params, constants)
         if op in PY_OPS:
-            return PY_OPS[op](*args, **kwargs)
-        return resolve_aten_op(op)(*args, **kwargs)
+            return _py_op(op, args, kwargs, record["name"])
+        where = f"PyTorch segment node {record['name']!r}"
+        fn = allowed_ops.resolve(op, where)
+        signature = (record["name"], _signature(args), _signature(kwargs))
+        if signature not in self._sized:    # sized on meta first, once per shape of its arguments
+            allowed_ops.check_call(fn, args, kwargs, self.max_elements, where)
+            if len(self._sized) > 4096:
+                self._sized.clear()
+            self._sized.add(signature)
+        return fn(*args, **kwargs)
 
     def run_graph(self, graph: dict, inputs: list, params, constants) -> Any:
-        sub = TorchProgram(graph["nodes"])
+        sub = TorchProgram(graph["nodes"], max_elements=self.max_elements)
         sub.device = self.device
         env = dict(zip(graph["inputs"], inputs))
         for record in graph["nodes"]:
