@@ -118,6 +118,7 @@ def _saved_engine(meta):
     io = IOSpec(("x",), ((1, 1, 3, 3),), ("float32",), ("output_0",), ((1, 2, 2, 2),))
     # a loaded engine must hold exactly the weights its map names
     wm = WeightMap({"conv KERNEL": WeightSource("copy", {"x": {"key": "conv.weight"}}, {}, (2, 1, 2, 2))})
+    wm.key_specs = {"conv.weight": [[2, 1, 2, 2], "float32"]}   # what compile records: a file must declare its keys
     return RefittableEngine(KIND, impl, wm, io, EngineRecord("fingerprint"))
 
 
