@@ -14,7 +14,8 @@ import dataclasses
 import hashlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from refitcore.refitting.culprit import Culprit
@@ -80,6 +81,7 @@ def as_samples(inputs) -> list:
     """inputs: one sample (a tensor, a tuple of positional inputs, or a ``refitcore.Inputs`` with
     positional and keyword inputs) or a list of samples; each sample as a tuple or an ``Inputs``."""
     import torch
+
     from refitcore.capture.structured import Inputs
 
     if isinstance(inputs, (torch.Tensor, tuple, Inputs)):

@@ -52,6 +52,7 @@ def _example(name: str, example: Any, where: str):
     """The example inputs as one sample: a tuple of positional inputs or a ``refitcore.Inputs``."""
     import torch
     import torch.utils._pytree as pytree
+
     from refitcore.capture.structured import Inputs
 
     if isinstance(example, torch.Tensor):

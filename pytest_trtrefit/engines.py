@@ -16,7 +16,8 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .checks import as_samples, call_of, sample_tensors
 from .config import RefitConfig
@@ -135,6 +136,7 @@ class EngineProvider:
         if self.config.backend != "tensorrt":
             return
         import pytest
+
         from refitcore.backends import tensorrt
 
         usable, reason = tensorrt.usable()

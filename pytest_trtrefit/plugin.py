@@ -18,8 +18,8 @@ from .checks import quiet_logs
 from .config import add_options, resolve
 from .declarative import RefitPropertyItem, collect_conftest
 from .engines import EngineProvider
-from .records import RunRecords
 from .recorder import ReportRecorder, worker_id
+from .records import RunRecords
 from .service import RefitSession
 from .stash import ENGINES_KEY, RECORDER_KEY, get_config, get_engines, get_recorder, get_session
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+
 from . import baseline, report
 from .checks import CheckOutcome, failing_outputs, output_label
 from .config import RefitConfig

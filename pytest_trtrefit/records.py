@@ -9,7 +9,8 @@ controller). Records are built in one place each: checks and failures from a che
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 __all__ = ["CheckRecord", "FailureRecord", "BuildRecord", "WeightDiff", "LayerRecord", "RunRecords"]
 

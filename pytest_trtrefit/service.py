@@ -8,7 +8,8 @@ recorder are the session's (built once in ``pytest_configure``, kept in ``config
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
 from .config import RefitConfig

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.conversion.network_reader import read_network
+from refitcore.capture.lowering import export_model
 from refitcore.conversion.context import ROLES
 from refitcore.conversion.convert import convert
-from refitcore.capture.lowering import export_model
+from refitcore.conversion.network_reader import read_network
 from refitcore.conversion.weight_map import WeightMap
 from tests.conftest import LARGE
 from tests.models import MODELS, SMALL, make

@@ -8,8 +8,8 @@ import torch
 from torch.export import Dim
 
 import refitcore
-from refitcore.errors import UnsupportedOperatorError
 from refitcore.capture.shapes import ShapeProfiles, ShapeRangeError, resolve_dynamic_shapes, sample_shapes
+from refitcore.errors import UnsupportedOperatorError
 from tests.dynamic_models import BATCH, SEQ, TinyAttention, TinyResNet, tiny_bert
 
 

@@ -12,8 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from refitcore.cache.key import (CacheKey, architecture_entries, architecture_fingerprint, cache_key, code_digest,
-                                   input_signature)
+from refitcore.cache.key import (
+    CacheKey,
+    architecture_entries,
+    architecture_fingerprint,
+    cache_key,
+    code_digest,
+    input_signature,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

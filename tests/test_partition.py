@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.errors import RefitError
 from refitcore.engine.segmented import SegmentedRefitter
+from refitcore.errors import RefitError
 
 torch.set_num_threads(1)
 

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.errors import ExportError, RefitError
 from refitcore.engine.segmented import SegmentedRefitter
+from refitcore.errors import ExportError, RefitError
 
 torch.set_num_threads(1)
 

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 import refitcore
-from refitcore.engine import bundle
 from refitcore.cache.store import EngineCache, lookup
 from refitcore.compiler.native import compile_cache_key
-from refitcore.refitting.driver import apply_mapping
+from refitcore.engine import bundle
 from refitcore.engine.refittable import RefittableEngine
 from refitcore.errors import BundleError, WeightlessEngineError, WeightMappingError
+from refitcore.refitting.driver import apply_mapping
 from tests.models import make
 
 

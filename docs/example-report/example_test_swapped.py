@@ -1,6 +1,7 @@
 
 from tinymodels import TwoLinear, linear_input
 
+
 class TwoLinearSwapped(TwoLinear):
     pass
 

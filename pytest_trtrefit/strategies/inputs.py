@@ -2,9 +2,11 @@
 :func:`boundary_samples` (fixed samples at every shape range's ends)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from hypothesis import strategies as st
+
 from refitcore.capture.structured import Inputs
 
 from .recipes import SEED_MAX, InputCall, InputSample

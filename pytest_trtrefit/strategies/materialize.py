@@ -4,7 +4,7 @@ it, so a seed, scale and specials name the same tensors everywhere."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .layout import Entry, Layout
 from .specials import apply_special

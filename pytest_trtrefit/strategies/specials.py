@@ -4,7 +4,7 @@ weights valid (a variance stays >= 0)."""
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 from .layout import Entry, Layout, layout_of
 from .validation import check_some_of

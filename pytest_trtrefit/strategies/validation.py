@@ -7,7 +7,8 @@ call names the argument it checks, so no check guesses which argument a value wa
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from hypothesis.errors import InvalidArgument
 

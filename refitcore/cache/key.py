@@ -36,7 +36,8 @@ import site
 import sys
 import sysconfig
 import types
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -71,7 +72,7 @@ def _library(obj: Any) -> str | None:
     return _library_of_module(mod) if isinstance(mod, str) and mod else None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _library_of_module(modname: str) -> str | None:
     top = modname.partition(".")[0]
     if top == "__main__":
@@ -444,10 +445,10 @@ class CacheKey:
         return dict(self.parts)
 
     @classmethod
-    def from_json(cls, d: Mapping[str, str]) -> "CacheKey":
+    def from_json(cls, d: Mapping[str, str]) -> CacheKey:
         return cls(tuple(sorted((str(k), str(v)) for k, v in d.items())))
 
-    def differences(self, other: "CacheKey") -> list[str]:
+    def differences(self, other: CacheKey) -> list[str]:
         """The components in which two keys differ ('architecture', 'inputs', ...)."""
         a, b = dict(self.parts), dict(other.parts)
         return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -40,13 +40,14 @@ import re
 import struct
 import time
 import zlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
+from refitcore.cache.key import CACHE_FORMAT_VERSION, CacheKey
 from refitcore.engine import bundle
+from refitcore.engine.fileio import atomic_write
 from refitcore.engine.refittable import RefittableEngine
 from refitcore.errors import BundleError, RefitCoreError
-from refitcore.engine.fileio import atomic_write
-from refitcore.cache.key import CACHE_FORMAT_VERSION, CacheKey
 
 __all__ = ["BaseEngineCache", "EngineCache", "as_cache", "pack_entry", "unpack_entry", "lookup", "store",
            "default_cache_dir", "DEFAULT_MAX_BYTES"]

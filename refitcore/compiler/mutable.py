@@ -14,17 +14,18 @@ the engine cache when one is given.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from refitcore.backends import choose_backend
+from refitcore.cache.key import architecture_fingerprint
 from refitcore.cache.store import as_cache
 from refitcore.compiler.native import compile as compile_model
 from refitcore.errors import RefitError
-from refitcore.cache.key import architecture_fingerprint
-from refitcore.refitting.refit import RefitResult, refit
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
+from refitcore.refitting.refit import RefitResult, refit
 
 __all__ = ["MutableEngine"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -177,7 +178,7 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
     try:
         ep = (export_model(model, export_example(args, shape_profiles), kwargs, dynamic_shapes=export_ds)
               if options.submodules is None else None)
-    except Exception as err:  # noqa: BLE001 - any export failure: compile the submodules that export
+    except Exception as err:
         if options.strict or shape_profiles is not None:
             raise ExportError("", err) from err
         log.warning("refitcore: %s; compiling the submodules that export", ExportError("", err).cause_line)

@@ -19,14 +19,15 @@ import os
 import re
 import struct
 import zlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from refitcore.dtypes import NUMPY_NAMES
+from refitcore.engine.fileio import atomic_write
 from refitcore.errors import BundleError
 from refitcore.options import MAX_TENSOR_ELEMENTS
-from refitcore.engine.fileio import atomic_write
 
 __all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "MAX_TENSOR_ELEMENTS", "pack", "unpack", "write", "read", "expect",
            "expect_shape", "check_depth"]

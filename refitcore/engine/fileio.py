@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Callable, Union
+from collections.abc import Callable
+from typing import BinaryIO
 
 __all__ = ["atomic_write"]
 
@@ -23,7 +24,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Union[str, os.PathLike], data: Union[bytes, bytearray, memoryview, Writer]) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | bytearray | memoryview | Writer) -> None:
     """Write ``data`` (bytes, or a function that writes to a binary file object) to ``path`` atomically."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))

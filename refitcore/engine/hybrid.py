@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,7 +211,7 @@ class HybridImpl:
         return {"kind": "hybrid", "live": self}, arrays
 
     @classmethod
-    def deserialize(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> "HybridImpl":
+    def deserialize(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> HybridImpl:
         src: HybridImpl = header["live"]
         engines = {p: e.clone() for p, e in src.engines.items()}
         counter: dict = {}

@@ -8,7 +8,8 @@ and it is stored with the engine (:meth:`CompileOptions.to_json`, the bundle hea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE
 
@@ -56,7 +57,7 @@ class CompileOptions:
                 "model_factory": self.model_factory, "verbose": self.verbose}
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "CompileOptions":
+    def from_json(cls, d: Mapping[str, Any]) -> CompileOptions:
         """The options of :meth:`to_json`; :class:`TypeError` or :class:`ValueError` on other data (a
         file is untrusted input)."""
         if not isinstance(d, Mapping):

@@ -35,7 +35,7 @@ class IOSpec:
         return out
 
     @classmethod
-    def from_json(cls, d: dict) -> "IOSpec":
+    def from_json(cls, d: dict) -> IOSpec:
         profiles = ShapeProfiles.from_json(d["profiles"]) if d.get("profiles") else None
         return cls(tuple(d["input_names"]), tuple(tuple(s) for s in d["input_shapes"]), tuple(d["input_dtypes"]),
                    tuple(d["output_names"]), tuple(tuple(s) for s in d["output_shapes"]), profiles)

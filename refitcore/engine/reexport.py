@@ -7,7 +7,8 @@ comes from :func:`refitcore.capture.eager.eager_model`.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -101,5 +102,5 @@ def conversion_params(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
     params.update(checked)
     for group in weight_map.tied:
         if group[0] in checked:
-            params.update({k: checked[group[0]] for k in group[1:]})
+            params.update(dict.fromkeys(group[1:], checked[group[0]]))
     return params

@@ -14,7 +14,8 @@ weights to *every* segment, so the engine answers exactly as before.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +144,7 @@ class SegmentedImpl:
                 for o in outs]
 
     # ---- refit -------------------------------------------------------------------
-    def create_refitter(self, *, adopt: bool = False) -> "SegmentedRefitter":
+    def create_refitter(self, *, adopt: bool = False) -> SegmentedRefitter:
         return SegmentedRefitter(self, adopt=adopt)
 
     def commit_params(self, pending: Mapping[str, np.ndarray]) -> None:
@@ -180,7 +181,7 @@ class SegmentedImpl:
         return header, arrays
 
     @classmethod
-    def deserialize(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> "SegmentedImpl":
+    def deserialize(cls, header: dict, arrays: Mapping[str, np.ndarray]) -> SegmentedImpl:
         if header.get("kind") != KIND:
             raise ValueError(f"not a segmented engine (kind={header.get('kind')!r})")
         backend = get_backend(header["backend"])

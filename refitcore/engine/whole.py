@@ -5,7 +5,8 @@ conv+BatchNorm fusions, planned on the same graph, and the same shape ranges) an
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch

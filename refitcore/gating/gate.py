@@ -10,7 +10,8 @@ when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused wei
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
@@ -19,8 +20,17 @@ from refitcore.gating.samples import SampleError, load_samples
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, parse_paths
 from refitcore.refitting.pipeline import run_refit
 from refitcore.refitting.prepare import prepare_weights
-from refitcore.refitting.render import (Silent, audit_failure_lines, audit_line, audit_markdown, audit_problem,
-                                        culprit_note, indented, no_culprit_note, number)
+from refitcore.refitting.render import (
+    Silent,
+    audit_failure_lines,
+    audit_line,
+    audit_markdown,
+    audit_problem,
+    culprit_note,
+    indented,
+    no_culprit_note,
+    number,
+)
 from refitcore.refitting.report_schema import check_entry, envelope
 from refitcore.refitting.validate import eager_weights
 

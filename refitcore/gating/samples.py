@@ -102,6 +102,6 @@ def _read(spec: str) -> Any:
         if spec.endswith(".npy"):
             return torch.from_numpy(np.load(spec, allow_pickle=False))
         return torch.load(spec, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the same user error
+    except Exception as err:
         raise SampleError(f"samples file {spec!r} cannot be read (expected a torch.save'd tensor or list of "
                           f"tensors, or a .npy array): {type(err).__name__}: {err}") from err

@@ -21,12 +21,13 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from refitcore.errors import WeightMappingError
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.errors import WeightMappingError
 
 __all__ = ["LoadedCheckpoint", "load_weights", "load_checkpoint", "read_file", "unwrap", "fit_keys",
            "explain_missing", "missing_keys", "CONTAINER_KEYS", "IGNORABLE_SUFFIXES", "INERT_GLOBALS"]
@@ -147,7 +148,7 @@ def read_file(path: str | os.PathLike) -> Any:
 
         try:
             return load_file(path, device="cpu")
-        except Exception as err:  # noqa: BLE001 - the library raises its own error types
+        except Exception as err:
             raise _damaged(path, size, head, err, safetensors=True) from err
     try:
         # Training scripts often save their argparse.Namespace beside the weights (timm does): a plain

@@ -10,7 +10,8 @@ on; its record names the weight map's recipe and every finding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

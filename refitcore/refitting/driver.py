@@ -8,7 +8,8 @@ value), so the driver sets *all* refittable weights every time.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch

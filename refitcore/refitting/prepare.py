@@ -8,7 +8,8 @@ checks its weights once (:mod:`refitcore.refitting.pipeline`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 __all__ = ["Silent", "number", "indented", "culprit_note", "no_culprit_note", "culprit_lines", "audit_line",
            "audit_failure_lines", "audit_problem", "audit_markdown"]

@@ -18,7 +18,8 @@ Standard library only: a CI script reads a report with :func:`validate` and noth
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = ["SCHEMA", "STATUSES", "CHECK_FIELDS", "check_entry", "path_summaries", "envelope", "validate",
            "ReportSchemaError"]

@@ -9,7 +9,8 @@ the engine would get as NaN/Inf), the verification inputs against the engine's i
 from __future__ import annotations
 
 import collections
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -70,7 +70,7 @@ def _warm_imports():
     import torch
 
     import refitcore
-    import refitcore.conversion.converters.shape  # noqa: F401
+    import refitcore.conversion.converters.shape
     from pytest_trtrefit import checks, declarative, report, service, strategies  # noqa: F401
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()

@@ -8,8 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.plugin.test_plugin import (CORRUPTED_TEST, PASSING_TEST,  # noqa: F401
-                                      _warm_imports, repo)
+from tests.plugin.test_plugin import CORRUPTED_TEST, PASSING_TEST, _warm_imports, repo  # noqa: F401
 
 pytest_plugins = ["pytester"]
 

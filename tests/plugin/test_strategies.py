@@ -6,8 +6,20 @@ import torch
 from hypothesis import find, given, settings, strategies as st
 from torch import nn
 
-from pytest_trtrefit.strategies import (LARGE, SPECIALS, TINY, InputSample, WeightSequence, WeightSet, inputs, perturbations,
-                                        refit_sequences, refit_settings, special_targets, state_dicts, weight_set)
+from pytest_trtrefit.strategies import (
+    LARGE,
+    TINY,
+    InputSample,
+    WeightSequence,
+    WeightSet,
+    inputs,
+    perturbations,
+    refit_sequences,
+    refit_settings,
+    special_targets,
+    state_dicts,
+    weight_set,
+)
 
 
 class Net(nn.Module):
