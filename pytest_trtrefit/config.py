@@ -3,7 +3,8 @@
 Every option exists twice: on the command line (``--trt-refit-examples 5``) and as an ini key
 (``trt_refit_examples = 5``). The command line wins, then the ini file, then the default.
 The value parsers are ``refitcore.options``'s (shared with the ``trtrefit`` CLI). Nothing here
-imports torch, TensorRT or the refitcore package.
+imports torch or TensorRT: of refitcore, only its lazy package root and the standard-library
+``refitcore.options`` load.
 """
 from __future__ import annotations
 

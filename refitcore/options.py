@@ -2,8 +2,9 @@
 
 Every parser takes text (or an already parsed value), returns the value, and raises
 ``argparse.ArgumentTypeError`` with a one-line message that says what was seen and what to give
-(argparse and pytest both turn that into a usage error). Standard library only: the plugin loads
-this file at pytest startup without importing refitcore (see ``pytest_trtrefit.config``).
+(argparse and pytest both turn that into a usage error). Also the defaults every entry point shares
+(tolerances, path names, the tool name, file limits). Standard library only: the plugin imports it
+at pytest startup, and the lazy package root (PEP 562) loads nothing else with it.
 """
 from __future__ import annotations
 

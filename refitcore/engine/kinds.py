@@ -94,7 +94,7 @@ class EngineKind(Protocol):
                          source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
         """``{engine weight name: array}`` of new weights converted again and read back. ``state``: the
         new state_dict as given; ``checked``: its keys the map reads, validated and cast
-        (:func:`refitcore.refitting.mapping.check_state_dict`); ``source``: the new weights' module
+        (:func:`refitcore.refitting.prepare.check_state_dict`); ``source``: the new weights' module
         or ExportedProgram, if any; ``model``/``trust_factory``: how to rebuild a loaded engine's model."""
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
