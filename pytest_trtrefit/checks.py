@@ -214,11 +214,15 @@ def _outcome(record) -> PathOutcome:
 
 
 def _refit(entry, weights, eager, samples, paths, rtol, atol, *, culprit: bool):
-    """The pipeline on the session's engine: in place, each path in turn, errors recorded per path."""
+    """The pipeline on the session's engine: in place, each path in turn, errors recorded per path. A
+    failing refit's weights stay in the engine (``keep_failed``): a sequence reads the outputs and
+    weights the engine answers with after each step, failing or not (every refit sets all weights,
+    so the next check does not depend on them)."""
     from refitcore.refitting.pipeline import run_refit
 
     return run_refit(entry.engine, weights, paths=paths, reference=eager, samples=samples, rtol=rtol, atol=atol,
-                     in_place=True, record_errors=True, culprit=culprit, keep_witnesses=not culprit)
+                     in_place=True, keep_failed=True, record_errors=True, culprit=culprit,
+                     keep_witnesses=not culprit)
 
 
 def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,

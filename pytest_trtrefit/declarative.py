@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from refitcore.options import check_tolerance
+
 from .engines import COMPILE_OPTIONS
 from .outputs import reproduce_command
 from .stash import get_config, get_recorder, get_session
@@ -93,15 +95,27 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
     if unknown:
         raise DeclarationError(f"{where}: model {name!r}: unknown option(s) {unknown}; valid: {sorted(_OPTIONS)}")
     checks = tuple(options.get("checks", CHECKS))
+    if not checks:   # no test would be generated: the model would vanish from the run and its summary
+        raise DeclarationError(f"{where}: model {name!r}: 'checks' is empty, so no test would run; list at least "
+                                f"one of {CHECKS}, or leave the option out to run them all")
     bad = [c for c in checks if c not in CHECKS]
     if bad:
         raise DeclarationError(f"{where}: model {name!r}: unknown check(s) {bad}; choose from {CHECKS}")
     paths = options.get("paths")
+    if paths is not None and not paths:
+        raise DeclarationError(f"{where}: model {name!r}: 'paths' is empty, so no refit path would be checked; give "
+                                f"'cached', 'fallback' or 'both', or leave the option out for --trt-refit-paths")
     if isinstance(paths, str):
         paths = ("cached", "fallback") if paths == "both" else (paths,)
+    tolerances = {}
+    for key in ("rtol", "atol"):
+        try:
+            tolerances[key] = None if options.get(key) is None else check_tolerance(options[key], key)
+        except ValueError as err:
+            raise DeclarationError(f"{where}: model {name!r}: {err}") from None
     strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
-                     options.get("rtol"), options.get("atol"), strat,
+                     tolerances["rtol"], tolerances["atol"], strat,
                      tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"),
                      {k: options[k] for k in COMPILE_OPTIONS if k in options})
 

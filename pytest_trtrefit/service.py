@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from refitcore.options import check_tolerance
+
 from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
 from .config import RefitConfig
 from .engines import EngineProvider
@@ -63,8 +65,8 @@ class RefitSession:
         bad = [p for p in paths if p not in ("cached", "fallback")]
         if bad or not paths:
             raise ValueError(f"paths={paths!r}: each path must be 'cached' or 'fallback'")
-        return (paths, self.config.rtol if rtol is None else float(rtol),
-                self.config.atol if atol is None else float(atol))
+        return (paths, self.config.rtol if rtol is None else check_tolerance(rtol, "rtol"),
+                self.config.atol if atol is None else check_tolerance(atol, "atol"))
 
     def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options):
         """(engine entry ready for ``paths``, samples, paths, rtol, atol) of one check call."""

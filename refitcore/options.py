@@ -14,8 +14,8 @@ import re
 from typing import NoReturn
 
 __all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_paths", "parse_tolerance",
-           "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory", "parse_bool",
-           "parse_report_path"]
+           "check_tolerance", "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory",
+           "parse_bool", "parse_report_path"]
 
 TOOL = "trtrefit"                                     # the command line tool's name, in every message it prints
 DEFAULT_RTOL = 1e-4                                  # engine vs eager: |engine - eager| <= atol * max(1, max|eager|)
@@ -70,13 +70,28 @@ def parse_paths(text: str | tuple | list) -> tuple[str, ...]:
 
 def parse_tolerance(text: str | float) -> float:
     """A finite, non-negative float (rtol/atol as in ``torch.allclose``; 0 asks for exact agreement)."""
+    return _tolerance(str(text).strip(), repr(text), argparse.ArgumentTypeError)
+
+
+def check_tolerance(value: float, name: str = "tolerance") -> float:
+    """``value`` as a float when it is a finite, non-negative number, else ``ValueError``.
+
+    The one check of rtol/atol that every entry point runs (``verify``, ``refit``, the gate, the
+    plugin's options and declarations): with a NaN tolerance every comparison would pass, so a
+    check could not fail. The message says what was seen (``rtol=nan``) and what to give."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not a number; give a non-negative float such as 1e-4")
+    return _tolerance(value, f"{name}={value!r}", ValueError)
+
+
+def _tolerance(value, seen: str, error: type[Exception]) -> float:
     try:
-        value = float(str(text).strip())
-    except ValueError:
-        _fail(f"{text!r} is not a number; give a non-negative float such as 1e-4")
-    if not (value >= 0.0) or not math.isfinite(value):
-        _fail(f"{text!r}: a tolerance must be finite and >= 0, such as 1e-4")
-    return value
+        number = float(value)
+    except (TypeError, ValueError):
+        raise error(f"{seen} is not a number; give a non-negative float such as 1e-4") from None
+    if not (number >= 0.0) or not math.isfinite(number):
+        raise error(f"{seen}: a tolerance must be finite and >= 0, such as 1e-4")
+    return number
 
 
 def parse_positive_int(text: str | int, what: str = "value") -> int:

@@ -11,7 +11,7 @@ import torch
 
 from refitcore import dtypes
 from refitcore.backends.base import HostWeights, WeightsPrototype, staged
-from refitcore.backends.reference_ops import OPS, run_layer
+from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
 from refitcore.options import MAX_TENSOR_ELEMENTS
@@ -249,9 +249,10 @@ def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
 
 
 def check_plan(plan: Any) -> None:
-    """Structure of a saved plan: tensors, layers of known types in an order where every input is
-    defined before use, weight locations pointing at layers with that role. (Attribute values are
-    read by the interpreter, which says which layer it cannot run.)"""
+    """Structure of a saved plan: tensors, layers of known types (and elementwise layers of known
+    operations) in an order where every input is defined before use, weight locations pointing at
+    layers with that role. (Other attribute values are read by the interpreter, which says which
+    layer it cannot run.)"""
     if not isinstance(plan, dict):
         _fail("the plan should be a JSON object")
     parts = {k: plan.get(k) for k in ("inputs", "outputs", "layers")}
@@ -271,6 +272,9 @@ def check_plan(plan: Any) -> None:
             _fail(f"{where}: unknown layer type {str(layer.get('type'))[:40]!r}")
         if not isinstance(layer.get("attrs"), dict) or not isinstance(layer.get("weights"), dict):
             _fail(f"{where}: 'attrs' and 'weights' should be objects")
+        if layer["type"] == "ELEMENTWISE" and not (isinstance(layer["attrs"].get("op"), str)
+                                                   and layer["attrs"]["op"] in ELEMENTWISE_OPS):
+            _fail(f"{where}: unknown elementwise operation {str(layer['attrs'].get('op'))[:40]!r}")
         ins, outs = layer.get("inputs"), layer.get("outputs")
         if not isinstance(ins, list) or not isinstance(outs, list) or not outs:
             _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list")

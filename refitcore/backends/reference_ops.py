@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from refitcore.dtypes import TABLE
 
-__all__ = ["OPS", "run_layer"]
+__all__ = ["OPS", "ELEMENTWISE_OPS", "run_layer"]
 
 OPS: dict[str, Callable] = {}
 
@@ -155,7 +155,8 @@ def scale(layer, ins, w):
     return [y if p is None else torch.pow(y, get("POWER", 1.0))]
 
 
-_EW: dict[str, Callable[..., torch.Tensor]] = {
+# ElementWiseOperation name -> function (the plan check refuses any other at load: refitcore.backends.reference)
+ELEMENTWISE_OPS: dict[str, Callable[..., torch.Tensor]] = {
     "SUM": torch.add, "PROD": torch.mul, "SUB": torch.sub, "DIV": torch.div, "MAX": torch.maximum,
     "MIN": torch.minimum, "POW": torch.pow, "FLOOR_DIV": torch.floor_divide, "AND": torch.logical_and,
     "OR": torch.logical_or, "XOR": torch.logical_xor, "EQUAL": torch.eq, "GREATER": torch.gt, "LESS": torch.lt,
@@ -175,7 +176,7 @@ def _check_broadcast(layer, shapes):
 @op("ELEMENTWISE")
 def elementwise(layer, ins, w):
     _check_broadcast(layer, [list(t.shape) for t in ins])
-    return [_EW[layer["attrs"]["op"]](ins[0], ins[1])]
+    return [ELEMENTWISE_OPS[layer["attrs"]["op"]](ins[0], ins[1])]
 
 
 @op("SHUFFLE")

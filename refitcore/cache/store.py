@@ -274,9 +274,9 @@ def lookup(cache: BaseEngineCache, key: CacheKey):
         return None
     try:
         return unpack_entry(blob, key)
-    except (BundleError, RefitCoreError, ValueError, KeyError, TypeError, RecursionError) as err:
-        log.warning("refitcore: engine cache: entry %s is unusable (%s); treated as a miss and replaced",
-                    key.digest[:16], err)
+    except Exception as err:  # noqa: BLE001 - an entry is untrusted data: any failure to load it is a miss
+        log.warning("refitcore: engine cache: entry %s is unusable (%s: %s); treated as a miss and replaced",
+                    key.digest[:16], type(err).__name__, err)
         try:
             cache.evict(key.digest)
         except OSError:

@@ -144,9 +144,9 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, 
             model.train(was_training)
         if not result:
             raise RefitCoreError(f"the cached engine refitted with the model's weights disagrees with eager:\n{result}")
-    except RefitCoreError as err:
-        log.warning("refitcore: engine cache entry %s does not fit this model (%s); evicted, compiling instead",
-                    key.digest[:16], str(err).splitlines()[0])
+    except Exception as err:  # noqa: BLE001 - whatever a cached entry does wrong on a hit, it is a miss
+        log.warning("refitcore: engine cache entry %s does not fit this model (%s: %s); evicted, compiling instead",
+                    key.digest[:16], type(err).__name__, (str(err).splitlines() or [""])[0])
         cache.evict(key.digest)
         return None
     if model_factory:

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -355,6 +356,7 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
     expect(header.get("model_factory"), (str, type(None)), "model_factory", where)
     expect(header.get("options", {}), dict, "options", where)
     expect(header.get("graph_entries"), (list, type(None)), "graph_entries", where)
+    _check_structure(header.get("structure"), where)
     if header.get("weights", "included") not in ("included", "stripped"):
         raise BundleError(f"{where}: engine file content is invalid: weights should be 'included' or 'stripped', "
                           f"got {str(header.get('weights'))[:40]!r}")
@@ -383,6 +385,55 @@ def _check_header(header: Mapping[str, Any], where: str) -> None:
         if d not in TORCH_NAMES:
             raise BundleError(f"{where}: engine file content is invalid: io.input_dtypes[{i}] is "
                               f"{str(d)[:40]!r}, not one of {list(TORCH_NAMES)}")
+
+
+_SPEC_NODES = ("leaf", "tuple", "list", "dict", "custom")
+_QUALNAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_<>][A-Za-z0-9_<>]*)+")
+
+
+def _check_structure(structure: Any, where: str) -> None:
+    """The call structure a file records (:mod:`refitcore.capture.structured`): known node types
+    only, children and keys that agree, custom output types named as ``module.QualName``, input
+    leaves that are a tensor of a bounded shape and a known dtype, or a constant."""
+    if structure is None:
+        return
+    bad = f"{where}: engine file content is invalid: structure"
+    bundle.expect(structure, dict, "structure", where)
+
+    def count(node: Any, what: str, depth: int) -> int:
+        if not isinstance(node, dict) or node.get("t") not in _SPEC_NODES:
+            t = node.get("t") if isinstance(node, dict) else node
+            raise BundleError(f"{bad} {what}: unknown node type {str(t)[:40]!r}; expected one of {list(_SPEC_NODES)}")
+        if node["t"] == "leaf":
+            return 1
+        if depth > 64:
+            raise BundleError(f"{bad} {what}: nested more than 64 deep")
+        children = bundle.expect(node.get("c"), list, f"structure {what}: children", where)
+        keys = node.get("k")
+        if node["t"] == "custom" and not (isinstance(node.get("cls"), str) and _QUALNAME.fullmatch(node["cls"])):
+            raise BundleError(f"{bad} {what}: unknown custom output type {str(node.get('cls'))[:60]!r}; a custom "
+                              f"node names its type as module.QualName")
+        if (node["t"] == "dict" or keys is not None) and not (
+                isinstance(keys, list) and len(keys) == len(children)
+                and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys)):
+            raise BundleError(f"{bad} {what}: the keys {str(keys)[:60]} do not match its {len(children)} children")
+        return sum(count(c, f"{what}[{i}]", depth + 1) for i, c in enumerate(children))
+
+    count(structure.get("out"), "out", 0)
+    leaves = bundle.expect(structure.get("in_leaves"), list, "structure.in_leaves", where)
+    if count(structure.get("in"), "in", 0) != len(leaves):
+        raise BundleError(f"{bad}: the inputs' spec and its {len(leaves)} leaves differ in number")
+    for i, leaf in enumerate(leaves):
+        bundle.expect(leaf, dict, f"structure.in_leaves[{i}]", where)
+        if "tensor" in leaf:
+            tensor = bundle.expect(leaf["tensor"], list, f"structure.in_leaves[{i}].tensor", where)
+            if len(tensor) != 2 or tensor[1] not in TORCH_NAMES:
+                raise BundleError(f"{bad}.in_leaves[{i}]: a tensor leaf is [shape, dtype of {list(TORCH_NAMES)}], "
+                                  f"got {str(tensor)[:60]}")
+            bundle.expect_shape(tensor[0], f"the shape of structure.in_leaves[{i}]", where,
+                                max_elements=MAX_INPUT_ELEMENTS)
+        elif "value" not in leaf:
+            raise BundleError(f"{bad}.in_leaves[{i}]: a leaf is a tensor or a value")
 
 
 def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eage
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, open_bundle, read_checkpoint
 from refitcore.gating.samples import SampleError, load_samples
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, parse_paths
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, check_tolerance, parse_paths
 from refitcore.refitting.pipeline import run_refit
 from refitcore.refitting.prepare import prepare_weights
 from refitcore.refitting.render import (
@@ -212,6 +212,10 @@ def _eager(state, factory, ckpt: str, progress, engine):
 
 
 def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, progress, data) -> int:
+    try:   # a NaN tolerance would pass every comparison: refused before anything is read
+        rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+    except ValueError as err:
+        raise InputError(str(err)) from err
     engine = open_bundle(bundle, progress)
     data["backend"], data["backend_note"] = engine.backend, engine.note
     loaded = read_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))

@@ -8,6 +8,7 @@ value), so the driver sets *all* refittable weights every time.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from refitcore.backends.base import EngineImpl, Refitter
 from refitcore.errors import RefitError, WeightMappingError
 from refitcore.refitting.validate import all_finite
 
-__all__ = ["apply_mapping", "validate_mapping"]
+__all__ = ["apply_mapping", "validate_mapping", "Snapshot", "snapshot"]
 
 
 def _as_array(name: str, value: Any) -> np.ndarray:
@@ -148,3 +149,28 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False,
     if cause is not None and not isinstance(cause, Exception):
         raise cause   # KeyboardInterrupt and friends propagate as they are, after the rollback
     raise RefitError(problems, rolled_back=rolled_back) from cause
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What an engine answers with before a refit that may change it, to restore it bit for bit:
+    the backend's rollback arrays (:meth:`~refitcore.backends.base.EngineImpl.rollback_weights`:
+    the stored arrays themselves where a refit never writes one in place, so taking a snapshot
+    copies nothing on the reference backend) and whether the engine was weightless."""
+
+    engine: Any
+    weights: dict[str, np.ndarray]
+    weightless: bool
+
+    def restore(self) -> None:
+        """Set every weight back (a weightless engine gets its placeholders and is weightless
+        again); :class:`RefitError` (``rolled_back=False``) when the backend refuses."""
+        problems = _roll_back(self.engine.impl, self.weights)
+        if problems:
+            raise RefitError([f"rollback: {p}" for p in problems], rolled_back=False)
+        self.engine.weightless = self.weightless
+
+
+def snapshot(engine) -> Snapshot:
+    """A :class:`Snapshot` of ``engine`` (a weightless one included: its placeholders)."""
+    return Snapshot(engine, engine.impl.rollback_weights(), engine.weightless)

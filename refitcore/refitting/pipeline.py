@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from refitcore.capture.structured import split_call
-from refitcore.errors import MapCannotServeError, RefitCoreError
+from refitcore.errors import MapCannotServeError, RefitCoreError, RefitError
+from refitcore.options import check_tolerance
 from refitcore.refitting.audit import Audit, audit_paths
 from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
-from refitcore.refitting.driver import apply_mapping
+from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
 from refitcore.refitting.mapping import cached_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
 from refitcore.refitting.render import Silent, culprit_note
@@ -75,16 +76,17 @@ class RefitReport:
     """What :func:`run_refit` did. Truthy when every path it ran passed and the audit agrees
     ('auto': when the path the engine ended on passed)."""
 
-    engine: Any                          # the engine holding the weights of ``used``
+    engine: Any                          # the engine holding the weights of ``used`` (unless ``restored``)
     requested: str                       # 'auto', or the paths asked for: 'cached', 'fallback', 'cached,fallback'
     paths: list[str]                     # the paths the engine was refitted through, in order
     records: dict[str, PathRecord]       # every path mapped (an audit or culprit witness too), in order
-    used: str | None = None              # the path whose weights ``engine`` holds
+    used: str | None = None              # the path whose weights ``engine`` holds (the last one tried if ``restored``)
     fell_back: bool = False              # 'auto' refitted through the fallback
     audit: Audit | None = None           # cached vs fallback, exact, when both were mapped
     culprit: Culprit | None = None       # the first engine weight the witnesses disagree on
     messages: list[str] = dataclasses.field(default_factory=list)
     total_s: float = 0.0
+    restored: bool = False               # an in-place refit failed: ``engine`` holds its previous weights again
 
     @property
     def final(self) -> list[PathRecord]:
@@ -106,7 +108,7 @@ class RefitReport:
                 "fell_back": self.fell_back, "records": {p: r.as_dict() for p, r in self.records.items()},
                 "audit": self.audit.to_json() if self.audit is not None else None,
                 "culprit": self.culprit.to_json() if self.culprit is not None else None,
-                "messages": list(self.messages), "total_s": self.total_s}
+                "messages": list(self.messages), "total_s": self.total_s, "restored": self.restored}
 
 
 _MAPPING_STEP = {"cached": "mapping {what} through the cached weight map",
@@ -115,9 +117,9 @@ _MAPPING_STEP = {"cached": "mapping {what} through the cached weight map",
 
 def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "auto", reference: Any = None,
               samples: Sequence | None = None, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
-              in_place: bool = False, audit: bool = False, culprit: bool = True, keep_witnesses: bool = False,
-              record_errors: bool = False, model: Any = None, trust_factory: bool = False, progress: Any = None,
-              what: str = "the new weights") -> RefitReport:
+              in_place: bool = False, keep_failed: bool = False, audit: bool = False, culprit: bool = True,
+              keep_witnesses: bool = False, record_errors: bool = False, model: Any = None, trust_factory: bool = False,
+              progress: Any = None, what: str = "the new weights") -> RefitReport:
     """Refit ``engine`` with prepared ``weights`` through ``paths`` and report.
 
     ``paths``: 'auto' (cached; the fallback when the map cannot serve the weights or the cached
@@ -132,7 +134,16 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     :func:`~refitcore.refitting.driver.apply_mapping` validates before it sets). ``keep_witnesses``:
     failing records keep their mapping and held weights for the caller's own culprit search.
     ``model``/``trust_factory`` go to the fallback's re-export; ``progress`` says each step.
+
+    ``in_place=True`` is one transaction: on any exception (interrupts included, re-raised) or a
+    falsy report, the engine is restored bit for bit to what it held before (a weightless engine
+    is weightless again) and the report says ``restored``; its records still hold what each path
+    did (verdicts, and with ``culprit``/``keep_witnesses`` the held weights of failing paths).
+    ``keep_failed=True`` (the pytest plugin's checks, which inspect the engine a failing refit
+    left) keeps a falsy refit's weights in the engine; an exception still restores it. Tolerances
+    that are NaN, negative or infinite are a ``ValueError`` before anything runs.
     """
+    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     t_start = time.perf_counter()
     progress = progress or Silent()
     auto = paths == "auto"
@@ -211,45 +222,75 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             held={r.path: r.held for r in failing if r.held is not None},
             errors=[unavailable(p, err) for p, err in failed_maps.items()])
 
-    if auto:
-        try:
-            map_path("cached")
-        except MapCannotServeError as err:
-            # The map cannot express these weights: converting again can.
-            report.messages.append(f"{str(err).splitlines()[0]}: {'; '.join(err.problems)}; refitting through "
-                                   f"the fallback path")
-            run, report.fell_back = ["fallback"], True
-    for path in ("cached", "fallback"):
-        if path in run or audit:
-            map_path(path)
-    audit_both()
-    for path in run:
-        rec = report.records[path]
-        if rec.mapping is not None:
-            apply_and_verify(rec, engine, in_place)
-        else:
-            report.paths.append(path)    # its error is recorded: it did not go through
-    if auto and report.used == "cached" and not report.records["cached"].ok:
-        cached = report.records["cached"]
-        report.messages.append("the cached path disagreed with eager; refitting through the fallback path")
-        log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback", cached.verdict.worst)
-        if culprit:
-            find([cached])
-            if report.culprit is not None:
-                report.messages.append(culprit_note(report.culprit))
-        map_path("fallback")
+    def steps() -> None:
+        """Map, audit, apply and verify each path (errors raise or are recorded as asked)."""
+        nonlocal run
+        if auto:
+            try:
+                map_path("cached")
+            except MapCannotServeError as err:
+                # The map cannot express these weights: converting again can.
+                report.messages.append(f"{str(err).splitlines()[0]}: {'; '.join(err.problems)}; refitting through "
+                                       f"the fallback path")
+                run, report.fell_back = ["fallback"], True
+        for path in ("cached", "fallback"):
+            if path in run or audit:
+                map_path(path)
         audit_both()
-        apply_and_verify(report.records["fallback"], report.engine, True)
-        report.fell_back = True
-    elif not auto and culprit:
-        failing = [report.records[p] for p in run if not report.records[p].ok]
-        if failing or (report.audit is not None and not report.audit.ok):
-            find(failing)
+        for path in run:
+            rec = report.records[path]
+            if rec.mapping is not None:
+                apply_and_verify(rec, engine, in_place)
+            else:
+                report.paths.append(path)    # its error is recorded: it did not go through
+        if auto and report.used == "cached" and not report.records["cached"].ok:
+            cached = report.records["cached"]
+            report.messages.append("the cached path disagreed with eager; refitting through the fallback path")
+            log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
+                        cached.verdict.worst)
+            if culprit:
+                find([cached])
+                if report.culprit is not None:
+                    report.messages.append(culprit_note(report.culprit))
+            map_path("fallback")
+            audit_both()
+            apply_and_verify(report.records["fallback"], report.engine, True)
+            report.fell_back = True
+        elif not auto and culprit:
+            failing = [report.records[p] for p in run if not report.records[p].ok]
+            if failing or (report.audit is not None and not report.audit.ok):
+                find(failing)
+
+    saved = snapshot(engine) if in_place else None
+    try:
+        steps()
+    except BaseException as err:
+        if saved is not None and report.used is not None:   # a path was applied to ``engine`` itself
+            problem = _restore(saved)
+            if problem is not None and isinstance(err, Exception):
+                raise problem from err
+        raise
+    if saved is not None and report.used is not None and not report.ok and not keep_failed:
+        problem = _restore(saved)
+        if problem is not None:
+            raise problem
+        report.restored = True
+        report.messages.append("the refit failed: the engine was restored to the weights it held before")
     for rec in report.records.values():
         if not (keep_witnesses and not rec.ok):
             rec.mapping = rec.held = None
     report.total_s = time.perf_counter() - t_start
     return report
+
+
+def _restore(saved: Snapshot) -> RefitError | None:
+    """Restore ``saved``; the error when the backend refused (the engine is then in an unknown state)."""
+    try:
+        saved.restore()
+    except RefitError as err:
+        log.error("refitcore: %s", err)
+        return err
+    return None
 
 
 def _run_error(engine, samples: Sequence, err: Exception) -> str:

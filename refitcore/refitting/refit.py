@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from refitcore.capture.structured import as_positional, check_structured_samples, flat_positional
-from refitcore.options import REFIT_PATHS as PATHS
+from refitcore.options import REFIT_PATHS as PATHS, check_tolerance
 from refitcore.refitting.audit import Audit
 from refitcore.refitting.mapping import constants_note
 from refitcore.refitting.pipeline import RefitReport, run_refit
@@ -25,16 +25,18 @@ log = logging.getLogger("refitcore")
 
 @dataclasses.dataclass
 class RefitResult:
-    """What a refit did. Truthy unless verification ran and failed."""
+    """What a refit did. Truthy unless verification ran and failed. A falsy result of an in-place
+    refit left the engine as it was before (``restored``)."""
 
     engine: Any
-    path: str                                  # the path whose weights the engine now holds
+    path: str                                  # the path whose weights the engine now holds (tried last if restored)
     requested_path: str
     fell_back: bool = False
     audit: Audit | None = None                 # cached vs fallback, when both were computed
     verdict: Verdict | None = None             # engine vs eager, when verify_inputs were given
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     messages: list[str] = dataclasses.field(default_factory=list)
+    restored: bool = False                     # in place and failed: the engine holds its previous weights again
 
     @property
     def ok(self) -> bool:
@@ -69,7 +71,7 @@ class RefitResult:
         timings["total_s"] = total_s
         verdict = report.records[report.used].verdict if report.used else None
         return cls(report.engine, report.used, requested_path, report.fell_back, report.audit, verdict, timings,
-                   messages)
+                   messages, restored=report.restored)
 
 
 def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
@@ -83,6 +85,12 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     compares them weight by weight. Raises on unusable weights (nothing is changed then); a
     verification mismatch is reported in the returned :class:`RefitResult` (falsy).
 
+    ``in_place=True`` refits ``engine`` itself, as one transaction: when anything raises (an
+    interrupt included) or the result is falsy (verification or the audit failed on the path the
+    engine ended on), the engine is restored bit for bit to the weights it held before (a
+    weightless engine stays weightless) and the result says ``restored``; its verdict is the
+    failing path's. NaN, negative or infinite ``rtol``/``atol`` are a ``ValueError``.
+
     An engine loaded from a file has no exported program: verification and the fallback path then
     need the model, ``reference_model`` (or the new weights as an nn.Module). The factory the file
     records is imported only with ``trust_factory=True``.
@@ -94,6 +102,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     t_start = time.perf_counter()
     weights = prepare_weights(engine, new_weights)
     for note in weights.notes:

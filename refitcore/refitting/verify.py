@@ -10,7 +10,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance
 
 __all__ = ["verify", "compare_outputs", "sample_tensors", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
@@ -176,13 +176,15 @@ def _leaves(out) -> tuple[list, list[str]]:
 
 def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Verdict:
     """Run ``engine`` and eager ``reference_model`` (eval mode) on each sample; never raises on a
-    mismatch: returns a :class:`Verdict`.
+    mismatch: returns a :class:`Verdict`. A tolerance that is NaN, negative or infinite is a
+    ``ValueError`` (:func:`refitcore.options.check_tolerance`).
 
     Example::
 
         verdict = refitcore.verify(engine, model, [torch.randn(1, 3, 64, 64)])
         assert verdict, str(verdict)
     """
+    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     if hasattr(reference_model, "eval"):
         try:
             reference_model.eval()

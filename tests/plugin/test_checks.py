@@ -138,6 +138,10 @@ def test_weights_of_the_wrong_shape_name_the_key(session):
 @pytest.mark.parametrize("bad, message", [
     pytest.param(dict(paths=("cached", "gpu")), "each path must be 'cached' or 'fallback'", id="paths"),
     pytest.param(dict(paths=()), "each path must be 'cached' or 'fallback'", id="no-paths"),
+    pytest.param(dict(rtol=float("nan")), "rtol=nan: a tolerance must be finite and >= 0", id="nan-rtol"),
+    pytest.param(dict(atol=float("nan")), "atol=nan: a tolerance must be finite and >= 0", id="nan-atol"),
+    pytest.param(dict(rtol=-1e-4), "rtol=-0.0001: a tolerance must be finite and >= 0", id="negative-rtol"),
+    pytest.param(dict(atol=float("inf")), "atol=inf: a tolerance must be finite and >= 0", id="inf-atol"),
 ])
 def test_invalid_check_arguments(session, bad, message):
     with pytest.raises(ValueError, match=message):

@@ -372,6 +372,30 @@ def test_declared_models_with_a_bad_spec_are_a_usage_error(repo):
                                  "[[]'exampels'[]]; valid: [[]'atol', 'checks', 'dynamic_shapes', 'examples', *"])
 
 
+@pytest.mark.parametrize("options, message", [
+    pytest.param('"checks": []', "'checks' is empty, so no test would run; list at least one of "
+                                 "('weights', 'perturbations', 'sequences'), or leave the option out*", id="no-checks"),
+    pytest.param('"paths": []', "'paths' is empty, so no refit path would be checked; give 'cached', 'fallback' or "
+                                "'both'*", id="no-paths"),
+    pytest.param('"rtol": float("nan")', "rtol=nan: a tolerance must be finite and >= 0, such as 1e-4", id="nan-rtol"),
+    pytest.param('"atol": -1e-3', "atol=-0.001: a tolerance must be finite and >= 0, such as 1e-4", id="negative-atol"),
+    pytest.param('"rtol": float("inf")', "rtol=inf: a tolerance must be finite and >= 0, such as 1e-4", id="inf-rtol"),
+])
+def test_a_declaration_that_could_not_fail_is_a_usage_error(repo, options, message):
+    """An empty checks or paths list would drop the model silently; a NaN tolerance would pass every check."""
+    repo.makeconftest(f'''
+        from tinymodels import ConvBn, conv_input
+
+        def pytest_trt_refit_models():
+            return {{"conv_bn": (ConvBn, conv_input(), {{"examples": 2, {options}}})}}
+    ''')
+    result = repo.runpytest_inprocess("--trt-refit")
+    result.assert_outcomes(errors=1)
+    assert result.ret != 0
+    result.stdout.fnmatch_lines(["*ERROR collecting conftest.py*",
+                                 f"pytest_trt_refit_models(): *conftest.py: model 'conv_bn': {message}"])
+
+
 DRAW_RECORDER = '''
 import os
 from hypothesis import given
