@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from refitcore.refitting.culprit import Culprit
 
 __all__ = ["PathOutcome", "CheckOutcome", "run_check", "find_culprit", "Culprit", "describe_weights",
-           "as_samples", "call_of", "output_label", "failing_outputs", "sample_tensors", "format_report", "model_label", "quiet_logs", "trt_share", "NOISY_LOGGERS"]
+           "as_samples", "call_of", "output_label", "failing_outputs", "sample_tensors", "format_report", "model_label",
+           "quiet_logs", "trt_share", "NOISY_LOGGERS"]
 
 # Third-party loggers whose DEBUG/INFO records (torch.export's graph traces: ~26 lines per failure)
 # would otherwise fill pytest's "Captured log" sections of every failing check.
@@ -59,7 +60,7 @@ def trt_share(engine) -> float | None:
         return None
     try:
         info = summary()
-    except Exception:   # a summary is optional information: never fail a check over it
+    except Exception:   # noqa: BLE001 - a summary is optional information: never fail a check over it
         return None
     if getattr(info, "fully_converted", None) is True:
         return 1.0

@@ -14,12 +14,13 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from refitcore import options as _options  # standard library only (refitcore/__init__ is lazy)
+
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
            "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "parse_dir", "BACKENDS",
            "PATH_CHOICES", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
-from refitcore import options as _options  # standard library only (refitcore/__init__ is lazy)
 
 DEFAULT_RTOL = _options.DEFAULT_RTOL
 DEFAULT_ATOL = _options.DEFAULT_ATOL

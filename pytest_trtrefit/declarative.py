@@ -22,7 +22,8 @@ from .engines import COMPILE_OPTIONS
 from .outputs import reproduce_command
 from .stash import get_config, get_recorder, get_session
 
-__all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS", "collect_conftest"]
+__all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "RefitPropertyItem", "CHECKS",
+           "collect_conftest"]
 
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")

@@ -114,10 +114,7 @@ def test_crafted_headers(original, tmp_path):
     loaded_ok = 0
     for _ in range(CRAFTED):
         path = rng.choice(paths)
-        if rng.random() < 0.15:
-            mutated = _delete(header, path)
-        else:
-            mutated = _replace(header, path, rng.choice(NASTY))
+        mutated = _delete(header, path) if rng.random() < 0.15 else _replace(header, path, rng.choice(NASTY))
         loaded = _load(tmp_path, _repack(mutated, body))
         if loaded is not None:
             loaded_ok += 1
@@ -147,7 +144,8 @@ def test_crafted_headers(original, tmp_path):
     (lambda h: dict(h, weight_map=dict(h["weight_map"], sources={})), "different weights"),
     (lambda h: dict(h, graph_entries=json.loads("[" * 500 + "]" * 500)), "nests deeper"),
 ], ids=["huge-input", "negative-dim", "io-lengths", "input-dtype", "object-dtype", "shape-vs-bytes", "negative-offset",
-        "duplicate-buffer", "aliased-buffer", "overlapping-buffers", "buffers-not-list", "nbytes-not-int", "state-keys", "fingerprint", "unknown-layer",
+        "duplicate-buffer", "aliased-buffer", "overlapping-buffers", "buffers-not-list", "nbytes-not-int", "state-keys",
+        "fingerprint", "unknown-layer",
         "no-layers", "map-vs-engine", "deep-nesting"])
 def test_crafted_header_is_a_bundle_error(original, tmp_path, edit, needle):
     _c, data = original

@@ -79,7 +79,8 @@ def _entry_path(directory, model, x) -> str:
 
 def _damage_by(kind: str):
     def damage(path):
-        data = bytearray(open(path, "rb").read())
+        with open(path, "rb") as fh:
+            data = bytearray(fh.read())
         if kind == "flipped payload byte":
             data[len(data) // 2] ^= 0xFF
         elif kind == "flipped header byte":

@@ -214,8 +214,9 @@ def work(tmp_path_factory) -> Path:
 
 def gate(work: Path, state_or_obj, name: str, capsys) -> tuple[int, dict, str]:
     torch.save(state_or_obj, work / name)
-    code = cli.main(["gate", str(work / "m.trtrefit"), str(work / name), "--inputs", "random:2", "-q", "--model", FACTORY,
-                     "--report", str(work / (name + ".json")), "--markdown", str(work / (name + ".md"))])
+    code = cli.main(["gate", str(work / "m.trtrefit"), str(work / name), "--inputs", "random:2", "-q",
+                     "--model", FACTORY, "--report", str(work / (name + ".json")),
+                     "--markdown", str(work / (name + ".md"))])
     out = capsys.readouterr().out
     return code, json.loads((work / (name + ".json")).read_text()), out
 
@@ -351,7 +352,8 @@ def test_meta_tensors_are_refused_naming_the_keys(compiled):
     for path in ("cached", "fallback"):
         with pytest.raises(refitcore.WeightMappingError) as info:
             refitcore.refit(c.engine, state, path=path)
-        assert "['conv.weight']" in str(info.value) and "meta tensors carry no data; load real weights" in str(info.value)
+        assert "['conv.weight']" in str(info.value)
+        assert "meta tensors carry no data; load real weights" in str(info.value)
     with torch.device("meta"):
         meta_model = type(c.model)()
     with pytest.raises(refitcore.WeightMappingError, match="meta tensors carry no data"):

@@ -122,7 +122,8 @@ def test_old_io_spec_without_profiles_reads_as_static(cnn):
 def test_shape_arithmetic_constants_are_not_weights(cnn):
     _, engine = cnn
     layers = engine._impl.plan["layers"]
-    shape_layers = [l for l in layers if l["type"] in ("SHAPE", "GATHER", "CONCATENATION") or "values" in l["attrs"]]
+    shape_layers = [layer for layer in layers
+                    if layer["type"] in ("SHAPE", "GATHER", "CONCATENATION") or "values" in layer["attrs"]]
     assert shape_layers, "the dynamic view should be computed in the network"
     assert not any(" SHAPE" in n for n in engine.weight_names)
     assert set(engine.weight_map.sources) == set(engine.weight_names)

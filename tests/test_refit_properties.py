@@ -31,7 +31,8 @@ LARGE_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11_bn" else 
 
 # The test's scale families, as the plugin's weight_set (scale family, gain) parameters: "uniform"
 # is fan-in uniform with He variance (+-sqrt(6/fan_in)).
-FAMILIES = {"kaiming": ("he", 1.0), "tiny": ("he", 1e-3), "large": ("he", 8.0), "uniform": ("fan_in_uniform", math.sqrt(2))}
+FAMILIES = {"kaiming": ("he", 1.0), "tiny": ("he", 1e-3), "large": ("he", 8.0),
+            "uniform": ("fan_in_uniform", math.sqrt(2))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +205,7 @@ def test_a_b_a_through_the_cached_path_returns_bit_identically_to_the_compiled_e
     refitcore.refit(engine, state_a, path="cached", in_place=True)
     assert all(np.array_equal(compiled_weights[k], v) for k, v in engine.current_weights().items())
     # Each mapping of A on its own is the compiled engine's weights, exactly.
-    for mapping in (refitcore.cached_mapping(c.engine.weight_map, state_a), refitcore.fallback_mapping(c.engine, state_a)):
+    for mapping in (refitcore.cached_mapping(c.engine.weight_map, state_a),
+                    refitcore.fallback_mapping(c.engine, state_a)):
         assert set(mapping) == set(compiled_weights)
         assert all(np.array_equal(compiled_weights[k].reshape(-1), v.reshape(-1)) for k, v in mapping.items())

@@ -69,7 +69,10 @@ class HostWeights:
 class Refitter(Protocol):
     """TensorRT's Refitter contract, as the driver uses it."""
 
-    errors: list[str]
+    @property
+    def errors(self) -> list[str]:
+        """Why the last calls failed (an attribute or a property: the driver only reads it)."""
+        ...
 
     def get_all_weights(self) -> list[str]: ...
 

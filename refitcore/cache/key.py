@@ -23,6 +23,7 @@ with their version. User code (a checkout, an editable install) is hashed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
@@ -46,8 +47,8 @@ from refitcore import _trt
 from refitcore.engine.bundle import BUNDLE_VERSION
 from refitcore.engine.options import CompileOptions
 
-__all__ = ["CacheKey", "cache_key", "compile_key", "architecture_fingerprint", "architecture_entries", "input_signature",
-           "toolchain_signature", "code_digest", "function_digest", "CACHE_FORMAT_VERSION"]
+__all__ = ["CacheKey", "cache_key", "compile_key", "architecture_fingerprint", "architecture_entries",
+           "input_signature", "toolchain_signature", "code_digest", "function_digest", "CACHE_FORMAT_VERSION"]
 
 CACHE_FORMAT_VERSION = 2                # 2: entries are weightless engines
 _PRIMS = (bool, int, str, bytes, type(None))
@@ -82,10 +83,10 @@ def _library_of_module(modname: str) -> str | None:
     path = os.path.realpath(file) if isinstance(file, str) else None
     if top == "torch" and (path is None or _under(path, _site_directories())):
         return "torch"                           # its version is in the toolchain signature
-    if top in getattr(sys, "stdlib_module_names", ()) or top == "builtins":
-        # By location too: a user package named like a standard module (`trace`, `code`) is user code.
-        if path is None or _under(path, _stdlib_directories()):
-            return "python"                      # pinned by the interpreter's version (toolchain)
+    # By location too: a user package named like a standard module (`trace`, `code`) is user code.
+    if (top in getattr(sys, "stdlib_module_names", ()) or top == "builtins") and (
+            path is None or _under(path, _stdlib_directories())):
+        return "python"                          # pinned by the interpreter's version (toolchain)
     if path is None or not _under(path, _site_directories()):
         return None                              # user code (a checkout, an editable install): hashed
     version = getattr(sys.modules.get(top), "__version__", None)
@@ -97,13 +98,11 @@ def _library_of_module(modname: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _site_directories() -> tuple[str, ...]:
-    dirs = set()
+    dirs: set[str] = set()
     for getter in (lambda: site.getsitepackages(), lambda: [site.getusersitepackages()],
                    lambda: [sysconfig.get_path("purelib"), sysconfig.get_path("platlib")]):
-        try:
+        with contextlib.suppress(AttributeError, OSError):  # site.getsitepackages is missing in some virtualenvs
             dirs.update(os.path.realpath(d) for d in getter() if d)
-        except (AttributeError, OSError):        # site.getsitepackages is missing in some virtualenvs
-            pass
     return tuple(sorted(dirs))
 
 
@@ -233,7 +232,7 @@ function_digest = _memoized("function", function_digest)
 
 def _cell_full(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
     except ValueError:
         return False
     return True
@@ -424,7 +423,7 @@ def toolchain_signature() -> dict:
     """Versions that change what an engine is: formats, this package's code, torch, TensorRT, Python."""
     trt = f"{_trt.flavour()} {_trt.version()}" if _trt.available() else "none"
     return {"cache_format": CACHE_FORMAT_VERSION, "bundle_format": BUNDLE_VERSION, "sources": _sources_digest(),
-            "torch": torch.__version__, "tensorrt": trt, "python": "%d.%d" % sys.version_info[:2]}
+            "torch": torch.__version__, "tensorrt": trt, "python": "{}.{}".format(*sys.version_info[:2])}
 
 
 # -- the key ------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ engine.
 
 Concurrency, lock-free by design: a writer (:func:`refitcore.engine.fileio.atomic_write`) writes a
 uniquely named temporary file in the cache directory, fsyncs it and renames it over the entry
-(``os.replace``, atomic on POSIX and on Windows within one volume), so a reader sees no entry or a complete one, never part of one. Two
+(``os.replace``, atomic on POSIX and on Windows within one volume), so a reader sees no entry or a
+complete one, never part of one. Two
 writers of one key both write complete engines for that key; the last rename wins. Eviction
 only unlinks, and on POSIX a reader that already opened the file still reads all of it; one that
 opens it afterwards gets a miss. Evictors racing each other may unlink the same file (ignored)
@@ -33,6 +34,7 @@ killed writers are removed after an hour.
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
 import logging
 import os
@@ -72,7 +74,7 @@ class BaseEngineCache(abc.ABC):
     def save(self, key: str, blob: bytes) -> None: ...
 
     @abc.abstractmethod
-    def load(self, key: str) -> bytes | None: ...
+    def load(self, key: str) -> bytes | bytearray | None: ...
 
     @abc.abstractmethod
     def evict(self, key: str) -> None: ...
@@ -131,10 +133,8 @@ class EngineCache(BaseEngineCache):
                 del data[fh.readinto(data):]
         except FileNotFoundError:
             return None
-        try:
+        with contextlib.suppress(OSError):  # evicted meanwhile: the bytes we read are still whole
             os.utime(path)                 # recency for least-recently-used eviction
-        except OSError:
-            pass                           # evicted meanwhile: the bytes we read are still whole
         return data
 
     def evict(self, key: str) -> None:
@@ -253,6 +253,7 @@ def unpack_entry(blob: bytes | bytearray, key: CacheKey):
         raise BundleError(f"cache entry was stored under another key (differs in {', '.join(stored.differences(key))})")
     if len(blob) - (start + n + 4) != nbytes:
         raise BundleError(f"cache entry truncated: {len(blob) - (start + n + 4)} of {nbytes} engine bytes present")
+    payload: bytes | bytearray
     if isinstance(blob, bytearray):
         del blob[:start + n + 4]          # the envelope goes; CPython drops a bytearray's prefix without copying
         payload = blob
@@ -277,10 +278,8 @@ def lookup(cache: BaseEngineCache, key: CacheKey):
     except Exception as err:  # noqa: BLE001 - an entry is untrusted data: any failure to load it is a miss
         log.warning("refitcore: engine cache: entry %s is unusable (%s: %s); treated as a miss and replaced",
                     key.digest[:16], type(err).__name__, err)
-        try:
+        with contextlib.suppress(OSError):
             cache.evict(key.digest)
-        except OSError:
-            pass
         return None
 
 

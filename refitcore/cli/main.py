@@ -119,7 +119,7 @@ def _cmd_compile(args, progress: Progress) -> int:
     _out(f"wrote {args.output}: backend {engine.backend} ({engine.backend_reason}), "
          f"{len(engine.weight_names)} refittable weights, inputs {[list(s) for s in engine.io.input_shapes]}, "
          f"factory {args.factory}" + {True: "; engine cache hit (loaded and refitted)",
-                                      False: "; engine cache miss (stored)"}.get(engine.cache_hit, "")
+                                      False: "; engine cache miss (stored)", None: ""}[engine.cache_hit]
          + f"\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
     return EXIT_OK
 

@@ -92,7 +92,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     if example_inputs is not None and args is not None:
         raise TypeError("give the example inputs either positionally or as args=, not both")
     if args is None:
-        args = () if example_inputs is None else example_inputs
+        args = () if example_inputs is None else (
+            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
         args = (args,)
     args, kwargs = tuple(args), dict(kwargs or {})

@@ -6,7 +6,7 @@ import collections
 import dataclasses
 import operator
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -26,7 +26,26 @@ from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem"]
+__all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem",
+           "Program"]
+
+
+class Program(Protocol):
+    """What :func:`convert` reads of a program: a ``torch.export.ExportedProgram``, or one segment of
+    it as a program of its own (:class:`refitcore.partition.partitioner.SubProgram`)."""
+
+    @property
+    def graph_module(self) -> fx.GraphModule: ...
+
+    @property
+    def graph_signature(self) -> Any: ...
+
+    @property
+    def state_dict(self) -> Mapping[str, Any]: ...
+
+    @property
+    def constants(self) -> Mapping[str, Any]: ...
+
 
 @dataclasses.dataclass
 class ConversionResult:
@@ -124,7 +143,7 @@ def node_problem(node: fx.Node) -> str | None:
     return None
 
 
-def unsupported_ops(ep: torch.export.ExportedProgram) -> list[tuple[str, str, str]]:
+def unsupported_ops(ep: Program) -> list[tuple[str, str, str]]:
     """Every op call that needs a converter and has none (or whose converter declines it)."""
     dynamic = dynamic_node_names(ep)
     problems = []
@@ -211,7 +230,7 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     return wrap(out)
 
 
-def convert(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor] | None = None,
+def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
             *, fusion: FusionPlan | None = None, profiles: Any = None) -> ConversionResult:
     """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
 

@@ -29,8 +29,8 @@ from refitcore.engine.fileio import atomic_write
 from refitcore.errors import BundleError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "MAX_TENSOR_ELEMENTS", "pack", "unpack", "write", "read", "expect",
-           "expect_shape", "check_depth"]
+__all__ = ["MAGIC", "BUNDLE_VERSION", "MAX_DEPTH", "MAX_RANK", "MAX_TENSOR_ELEMENTS", "pack", "unpack", "write", "read",
+           "expect", "expect_shape", "check_depth"]
 
 MAGIC = b"TRTREFIT"
 BUNDLE_VERSION = 1
@@ -59,10 +59,7 @@ def pack(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
 def expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) -> Any:
     """``value`` if it is of ``kind`` (bool is not an int here), else :class:`BundleError`."""
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds:
-        ok = False
-    else:
-        ok = isinstance(value, kinds)
+    ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
     if not ok:
         names = " or ".join(k.__name__ for k in kinds)
         raise BundleError(f"{where}: engine file content is invalid: {what} should be {names}, got "
@@ -91,7 +88,7 @@ _BRACKET_STEP[[ord("["), ord("{")]] = 1
 _BRACKET_STEP[[ord("]"), ord("}")]] = -1
 
 
-def check_depth(text: bytes, where: str, limit: int = MAX_DEPTH) -> None:
+def check_depth(text: bytes | bytearray, where: str, limit: int = MAX_DEPTH) -> None:
     """:class:`BundleError` when the JSON ``text`` nests arrays/objects deeper than ``limit``, checked
     on the bytes before parsing (brackets inside strings do not count): a scan at C speed, and the
     parser never recurses into a crafted file's depth."""
@@ -126,8 +123,8 @@ def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int)
         # `pack` lays the buffers end to end in the order listed; any other offset would let a header
         # alias one buffer onto another's bytes (the body checksum covers the bytes, not their roles).
         raise BundleError(f"{where}: engine file content is invalid: {what} starts at byte {offset}, where the "
-                          f"buffer before it ends at {start}: buffers overlap or leave a gap (they lie end to end in the order "
-                          f"listed)")
+                          f"buffer before it ends at {start}: buffers overlap or leave a gap (they lie end to end in "
+                          f"the order listed)")
     itemsize = np.dtype(dtype).itemsize
     if math.prod(shape) * itemsize != nbytes:
         raise BundleError(f"{where}: engine file content is invalid: {what}: {nbytes} bytes do not hold "
@@ -136,7 +133,7 @@ def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int)
     return name, np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
 
 
-def unpack(data: bytes, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+def unpack(data: bytes | bytearray, where: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(header without the container keys, {name: array}) of a file's bytes; ``where`` names the
     file in messages. Raises :class:`BundleError` on anything malformed."""
     if len(data) < _PREFIX.size:

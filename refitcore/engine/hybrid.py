@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -220,7 +220,7 @@ class HybridImpl:
         memo[id(src.counter)] = counter
         shell = copy.deepcopy(src.shell, memo)
         for path, engine in engines.items():
-            call = shell.get_submodule(path)
+            call = cast(_EngineCall, shell.get_submodule(path))   # the copy of what build() put at `path`
             call.engine, call.counter = engine, counter
         params = {cls.split_name(k)[1]: v for k, v in arrays.items()}
         return cls(shell, engines, params, src.structure, src.compiled, counter)

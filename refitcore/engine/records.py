@@ -28,7 +28,7 @@ class IOSpec:
     profiles: ShapeProfiles | None = None
 
     def to_json(self) -> dict:
-        out = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
+        out: dict[str, Any] = {k: [list(v) if isinstance(v, tuple) else v for v in getattr(self, k)]
                for k in ("input_names", "input_shapes", "input_dtypes", "output_names", "output_shapes")}
         if self.profiles is not None:
             out["profiles"] = self.profiles.to_json()

@@ -55,7 +55,8 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
     if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
         # The same export as at compile time: example shapes, and the recorded dynamic ranges.
         profiles = engine.io.profiles
-        examples = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
+        examples = [torch.zeros(s, dtype=getattr(torch, d))
+                    for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
         ep = export_model(source, export_example(examples, profiles), dynamic_shapes=profiles.torch_dynamic_shapes())
     elif isinstance(source, torch.nn.Module) and engine.structure is not None:
         args, kwargs = engine.example_call()

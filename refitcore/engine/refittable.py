@@ -198,9 +198,12 @@ class RefittableEngine:
 
     def example_call(self) -> tuple[tuple, dict]:
         """(args, kwargs) shaped like the compile-time example: zero tensors, the same constants."""
+        structure = self.structure
+        if structure is None:
+            raise TypeError("an engine of flat tensors has no recorded call structure; its inputs are io.input_shapes")
         leaves = [torch.zeros(d["tensor"][0], dtype=getattr(torch, d["tensor"][1])) if "tensor" in d else d["value"]
-                  for d in self.structure["in_leaves"]]
-        args, kwargs = unflatten(leaves, self.structure["in"])
+                  for d in structure["in_leaves"]]
+        args, kwargs = unflatten(leaves, structure["in"])
         return tuple(args), dict(kwargs)
 
     def unflatten_outputs(self, outs: Sequence[Any]):
@@ -264,7 +267,7 @@ class RefittableEngine:
             "options": self.options.to_json(),   # the model factory too (older files: a "model_factory" field)
             "state_keys": self.state_keys,
             "backend_reason": self.backend_reason,
-            # Structured I/O specs and the partition plan: JSON data (refitcore.capture.structured, refitcore.partition).
+            # Structured I/O specs and the partition plan: JSON data (refitcore.capture.structured, .partition).
             "structure": self.structure,
             "partition": self.partition.to_json() if self.partition is not None else None,
             "weights": "included" if weights else "stripped",

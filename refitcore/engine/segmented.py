@@ -15,17 +15,17 @@ weights to *every* segment, so the engine answers exactly as before.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from refitcore.backends import get_backend
-from refitcore.backends.base import WeightsPrototype, staged
+from refitcore.backends.base import EngineImpl, WeightsPrototype, staged
 from refitcore.partition.partitioner import Segment
 from refitcore.partition.torch_program import TorchProgram
 
-__all__ = ["SegmentedImpl", "SegmentedRefitter", "KIND", "split_name", "torch_dtype_name"]
+__all__ = ["SegmentedImpl", "SegmentedRefitter", "CompositeImpl", "KIND", "split_name", "torch_dtype_name"]
 
 KIND = "segments"
 _NP_TO_PROTO = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
@@ -118,7 +118,7 @@ class SegmentedImpl:
     def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
         if len(inputs) != len(self.user_inputs):
             raise ValueError(f"engine takes {len(self.user_inputs)} input(s) {self.user_inputs}, got {len(inputs)}")
-        env: dict[str, Any] = {name: x for name, x in zip(self.user_inputs, inputs)}
+        env: dict[str, Any] = dict(zip(self.user_inputs, inputs))
         # PyTorch segments run where the inputs are (TensorRT hands CUDA outputs back for CUDA inputs).
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
@@ -160,7 +160,7 @@ class SegmentedImpl:
         blobs: dict[str, bytes] = {}
         segs = []
         for i, seg in enumerate(self.segments):
-            entry = {"segment": seg.to_json()}
+            entry: dict[str, Any] = {"segment": seg.to_json()}
             if seg.kind == "tensorrt":
                 header, sub = self.trt[i].serialize(weights=weights)
                 header = dict(header)
@@ -208,13 +208,32 @@ class SegmentedImpl:
                    header["backend"], note=getattr(next(iter(trt.values()), None), "note", ""))
 
 
+class CompositeImpl(Protocol):
+    """What :class:`SegmentedRefitter` reads of a composite engine (:class:`SegmentedImpl`, the
+    hybrid kind's impl): its parts' backend engines and PyTorch parameters, and its weight names."""
+
+    @property
+    def trt(self) -> Mapping[Any, EngineImpl]: ...
+
+    @property
+    def params(self) -> Mapping[Any, Mapping[str, np.ndarray]]: ...
+
+    def weight_names(self) -> list[str]: ...
+
+    def split_name(self, name: str) -> tuple[Any, str]: ...
+
+    def part_name(self, part: Any, name: str) -> str: ...
+
+    def commit_params(self, pending: Mapping[str, np.ndarray]) -> None: ...
+
+
 class SegmentedRefitter:
     """TensorRT's Refitter contract over every segment at once (see the module docstring).
 
     Works on any composite engine with ``trt`` ({part: backend engine}), ``params`` ({part: {key:
     array}}), ``split_name`` (engine weight name -> (part, name within it)) and ``commit_params``."""
 
-    def __init__(self, impl: SegmentedImpl, *, adopt: bool = False):
+    def __init__(self, impl: CompositeImpl, *, adopt: bool = False):
         self.impl = impl
         self.adopt = adopt
         self.subs = {i: e.create_refitter(adopt=adopt) for i, e in impl.trt.items()}

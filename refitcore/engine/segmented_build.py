@@ -114,11 +114,11 @@ def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightM
                     forced.update({n: f"segment conversion failed: {_first_line(err)}" for n in seg.nodes})
                 failed = True
             except Exception as err:  # noqa: BLE001 - any conversion/build failure runs in PyTorch
-                node = getattr(err, "refitcore_node", None)   # set by convert() for a failing converter
-                if node in seg.nodes:
-                    log.warning("refitcore: the converter of node %s failed (%s); it runs in PyTorch", node,
+                failing = getattr(err, "refitcore_node", None)   # set by convert() for a failing converter
+                if failing in seg.nodes:
+                    log.warning("refitcore: the converter of node %s failed (%s); it runs in PyTorch", failing,
                                 _first_line(err))
-                    forced[node] = f"converter failed: {_first_line(err)}"
+                    forced[failing] = f"converter failed: {_first_line(err)}"
                 else:
                     log.warning("refitcore: converting segment %d failed (%s); it runs in PyTorch", i,
                                 _first_line(err))
@@ -131,7 +131,8 @@ def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightM
     return _assemble(ep, plan, built, options.backend)
 
 
-def _assemble(ep, plan: PartitionPlan, built: dict, backend_name: str) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
+def _assemble(ep, plan: PartitionPlan, built: dict,
+              backend_name: str) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
     gm = ep.graph_module
     specs = {s.arg.name: s for s in ep.graph_signature.input_specs}
     dynamic = dynamic_node_names(ep)

@@ -1,7 +1,8 @@
 """The whole-network engine kind: the exported graph converted into one TensorRT network.
 
 The fallback path converts the exported program again with the new weights (the same
-conv+BatchNorm fusions, planned on the same graph, and the same shape ranges) and reads every refittable weight back off the new network's layers.
+conv+BatchNorm fusions, planned on the same graph, and the same shape ranges) and reads every
+refittable weight back off the new network's layers.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused wei
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import Any
 
 from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
@@ -77,7 +76,8 @@ class GateReport:
         for name, p in r["paths"].items():
             culprit = f", culprit weight {p['culprit']!r}" if p.get("culprit") else ""
             lines.append(f"  {name:8s} {'pass' if p['ok'] else 'FAIL'}: max abs error {number(p['max_abs'])}{culprit}; "
-                         f"mapping {p['timings']['mapping_s'] * 1e3:.1f} ms, apply {p['timings']['apply_s'] * 1e3:.1f} ms")
+                         f"mapping {p['timings']['mapping_s'] * 1e3:.1f} ms, "
+                         f"apply {p['timings']['apply_s'] * 1e3:.1f} ms")
             if not p["ok"]:
                 lines.append(indented(p["report"], "    "))
                 if p.get("note"):
@@ -109,8 +109,8 @@ class GateReport:
             for name, p in r["paths"].items():
                 culprit = f"`{p['culprit']}`" if p.get("culprit") else "-"
                 t = p.get("timings", {})
-                lines.append(f"| {name} | {number(p.get('max_abs'))} | {'pass' if p['ok'] else '**FAIL**'} | {culprit} | "
-                             f"{t.get('mapping_s', 0) * 1e3:.1f} ms | {t.get('apply_s', 0) * 1e3:.1f} ms |")
+                lines.append(f"| {name} | {number(p.get('max_abs'))} | {'pass' if p['ok'] else '**FAIL**'} | "
+                             f"{culprit} | {t.get('mapping_s', 0) * 1e3:.1f} ms | {t.get('apply_s', 0) * 1e3:.1f} ms |")
             lines.append("")
             for name, p in r["paths"].items():
                 checks = p.get("outputs") or []
@@ -130,8 +130,9 @@ class GateReport:
         return "\n".join(lines) + "\n"
 
 
-def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | Sequence[str] = "both", rtol: float | None = None,
-         atol: float | None = None, model: Any = None, trust_factory: bool = False, progress: Any = None) -> GateReport:
+def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | tuple[str, ...] | list[str] = "both",
+         rtol: float | None = None, atol: float | None = None, model: Any = None, trust_factory: bool = False,
+         progress: Any = None) -> GateReport:
     """Gate ``checkpoint`` (a path or a state_dict) on ``bundle`` (a path or a RefittableEngine).
 
     ``inputs``: ``'random:N[:SEED]'``, a ``.pt``/``.npy`` path, or a list of samples. ``paths``:
@@ -253,6 +254,8 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
 
     for path in paths:
         rec = report.records[path]
+        if rec.verdict is None:   # run_refit verifies every path it runs on the samples, or raises
+            raise RuntimeError(f"internal error: the {path} path was not compared with eager")
         culprit, note = None, ""
         if not rec.ok:
             if report.culprit is not None:

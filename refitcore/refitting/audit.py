@@ -114,9 +114,8 @@ def _compare(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) 
         # seconds on the 100M-element classifier weights of VGG-class models.
         return WeightDiff(name, "ok")
     fa, fb = np.isfinite(a), np.isfinite(b)
-    if not (fa.all() and fb.all()):
-        if not np.array_equal(a, b, equal_nan=True):
-            return WeightDiff(name, "nonfinite", detail=f"{int((~fa).sum())} vs {int((~fb).sum())} non-finite values")
+    if not (fa.all() and fb.all()) and not np.array_equal(a, b, equal_nan=True):
+        return WeightDiff(name, "nonfinite", detail=f"{int((~fa).sum())} vs {int((~fb).sum())} non-finite values")
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     diff = np.abs(a64 - b64)
     diff[~(fa & fb)] = 0.0

@@ -178,9 +178,9 @@ def _is_state_dict(obj: Any) -> bool:
             and all(isinstance(v, torch.Tensor) for v in obj.values()))
 
 
-def _candidates(obj: Mapping, prefix: str = "", depth: int = 0) -> list[tuple[str, str, str, Mapping]]:
+def _candidates(obj: Mapping, prefix: str = "", depth: int = 0) -> list[tuple[str, str | None, str, Mapping]]:
     """(where, top-level key, last key, state_dict) for every nested mapping of tensors."""
-    out = []
+    out: list[tuple[str, str | None, str, Mapping]] = []
     for k, v in obj.items():
         if not isinstance(k, str) or not isinstance(v, Mapping):
             continue
@@ -252,7 +252,8 @@ def unwrap(obj: Any, *, missing: Callable[[Mapping], Sequence[str]] | None = Non
             rest = [c[0] for c in cands if c not in fitting]
             notes.append(f"the {what} holds {len(cands)} state_dicts ({listed}); used {chosen[0]}, which fits the "
                          f"compiled model" + (f"; {', '.join(also)} fit(s) too: pass it explicitly to use it"
-                                              if also else "") + (f"; {', '.join(rest)} do(es) not fit" if rest else ""))
+                                              if also else "")
+                         + (f"; {', '.join(rest)} do(es) not fit" if rest else ""))
         else:
             notes.append(f"the {what} holds {len(cands)} state_dicts ({listed}); none fits the compiled model; "
                          f"used {chosen[0]}, the closest ({gaps[chosen[0]]} key(s) missing)")
@@ -299,7 +300,7 @@ def _strip(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:  # per-module version metadata is keyed by module path: strip it too
         bare = prefix.rstrip(".")
-        out._metadata = collections.OrderedDict(
+        out._metadata = collections.OrderedDict(  # type: ignore[attr-defined]  # torch's state_dict attribute
             ("" if k == bare else k[len(prefix):], v) for k, v in metadata.items()
             if k == bare or k.startswith(prefix))
     return out
@@ -333,8 +334,9 @@ def fit_keys(state: Mapping[str, torch.Tensor], weight_map: WeightMap,
         if extra:
             drop = set(extra)
             kept = collections.OrderedDict((k, v) for k, v in state.items() if k not in drop)
-            if getattr(state, "_metadata", None) is not None:
-                kept._metadata = state._metadata
+            metadata = getattr(state, "_metadata", None)
+            if metadata is not None:
+                kept._metadata = metadata  # type: ignore[attr-defined]  # torch's state_dict attribute
             state = kept
             notes.append(f"ignored {len(extra)} key(s) the compiled model does not have and no eval-mode model "
                          f"reads: {extra[:3]}" + (" ..." if len(extra) > 3 else ""))
@@ -374,7 +376,7 @@ def _detached(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = collections.OrderedDict((k, v.detach()) for k, v in state.items())
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
-        out._metadata = metadata
+        out._metadata = metadata  # type: ignore[attr-defined]  # torch's state_dict attribute
     return out
 
 
@@ -406,7 +408,8 @@ def load_weights(new_weights: Any, *, weight_map: WeightMap | None = None, state
                  key: str | None = None) -> LoadedCheckpoint:
     """New weights in any accepted form (``nn.Module``, ``ExportedProgram``, state_dict, a dict
     holding one, a checkpoint path) as a :class:`LoadedCheckpoint` fitted to the compiled model."""
-    source, path = None, None
+    source: torch.nn.Module | torch.export.ExportedProgram | None = None
+    path = None
     notes: list[str] = []
     if isinstance(new_weights, (str, os.PathLike)):
         path = os.fspath(new_weights)

@@ -108,7 +108,7 @@ def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str
         problems = _set_all(rollback, previous)
         if not problems and not rollback.refit():
             problems = ["refit() returned False"]
-    except Exception as err:  # report it: the caller must learn that the engine is in an unknown state
+    except Exception as err:  # noqa: BLE001 - report it: the caller must learn that the engine is in an unknown state
         problems = [f"{type(err).__name__}: {err}"]
     return problems + (_errors(rollback) if problems else [])
 
@@ -139,7 +139,7 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False,
             target.weightless = False     # every weight was set: a weightless engine now has them all
             return target
         problems = (problems or ["refit() returned False"]) + _errors(refitter)
-    except BaseException as err:  # roll back on every error path, interrupts included
+    except BaseException as err:  # noqa: BLE001 - roll back on every error path, interrupts included (re-raised)
         cause = err
         problems = [f"the refitter raised {type(err).__name__}: {err}"] + _errors(refitter)
     # Roll back: the backend may have applied part of the new weights before failing.

@@ -171,9 +171,12 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             rec.mapping_s += time.perf_counter() - t0
 
     def apply_and_verify(rec: PathRecord, target, here: bool) -> None:
+        if rec.mapping is None:   # the path could not be mapped: its error is recorded, it did not go through
+            report.paths.append(rec.path)
+            return
         where = "the engine" if here else "a copy of the engine"
         step = f"refitting {where} through the {rec.path} path" + (
-            f" and comparing with eager on {len(samples)} sample(s)" if verifying else "")
+            f" and comparing with eager on {len(samples)} sample(s)" if verifying and samples is not None else "")
         report.paths.append(rec.path)
         with progress.step(step):
             t0 = time.perf_counter()
@@ -189,7 +192,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             finally:
                 rec.apply_s += time.perf_counter() - t0
             report.engine, report.used = refitted, rec.path
-            if not verifying:
+            if not verifying or samples is None:
                 return
             t0 = time.perf_counter()
             try:
@@ -205,9 +208,9 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
 
     def audit_both() -> None:
         records = report.records
-        if report.audit is None and all(p in records and records[p].mapping is not None
-                                        for p in ("cached", "fallback")):
-            report.audit = audit_paths(records["cached"].mapping, records["fallback"].mapping)
+        cached_map, fallback_map = (records[p].mapping if p in records else None for p in ("cached", "fallback"))
+        if report.audit is None and cached_map is not None and fallback_map is not None:
+            report.audit = audit_paths(cached_map, fallback_map)
 
     def find(failing: list[PathRecord]) -> None:
         for path in ("cached", "fallback"):
@@ -238,16 +241,12 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 map_path(path)
         audit_both()
         for path in run:
-            rec = report.records[path]
-            if rec.mapping is not None:
-                apply_and_verify(rec, engine, in_place)
-            else:
-                report.paths.append(path)    # its error is recorded: it did not go through
+            apply_and_verify(report.records[path], engine, in_place)
         if auto and report.used == "cached" and not report.records["cached"].ok:
             cached = report.records["cached"]
             report.messages.append("the cached path disagreed with eager; refitting through the fallback path")
             log.warning("refitcore: cached refit disagreed with eager (%s); retrying via fallback",
-                        cached.verdict.worst)
+                        cached.verdict.worst if cached.verdict is not None else cached.error)
             if culprit:
                 find([cached])
                 if report.culprit is not None:

@@ -69,7 +69,9 @@ class RefitResult:
         if any(r.verdict is not None for r in applied):
             timings["verify_s"] = sum(r.verify_s for r in applied)
         timings["total_s"] = total_s
-        verdict = report.records[report.used].verdict if report.used else None
+        if report.used is None:   # run_refit(record_errors=False) raises when no path goes through
+            raise RuntimeError("internal error: the refit pipeline applied no path")
+        verdict = report.records[report.used].verdict
         return cls(report.engine, report.used, requested_path, report.fell_back, report.audit, verdict, timings,
                    messages, restored=report.restored)
 

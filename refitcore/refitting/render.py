@@ -36,7 +36,7 @@ def number(x: float | None) -> str:
     return f"{x:.3g}" if math.isfinite(x) else str(x)
 
 
-def indented(text: str, prefix: str = "  ") -> str:
+def indented(text: object, prefix: str = "  ") -> str:
     """``text`` with every line indented by ``prefix`` (a nested block of a report)."""
     return prefix + str(text).replace("\n", "\n" + prefix)
 

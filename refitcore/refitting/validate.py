@@ -50,8 +50,8 @@ def all_finite(t: torch.Tensor | np.ndarray) -> bool:
                     return True
         return bool(np.isfinite(t).all())
     if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
-        flat = t.reshape(-1)
-        if bool(torch.isfinite(torch.dot(flat, flat))):
+        flat_t = t.reshape(-1)
+        if bool(torch.isfinite(torch.dot(flat_t, flat_t))):
             return True
     return bool(torch.isfinite(t).all())
 
@@ -150,7 +150,8 @@ def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
                 problems.append(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
                 continue
             want = list(shape)
-            if profiles is None and (len(x.shape) != len(want) or any(w >= 0 and d != w for d, w in zip(x.shape, want))):
+            if profiles is None and (len(x.shape) != len(want)
+                                     or any(w >= 0 and d != w for d, w in zip(x.shape, want))):
                 problems.append(f"{where}: shape {list(x.shape)} where the engine takes {want}")
             if str(x.dtype).replace("torch.", "") != dtype:
                 problems.append(f"{where}: dtype {x.dtype} where the engine takes {dtype}")
@@ -177,7 +178,7 @@ def eager_weights(weight_map: WeightMap, state: Mapping[str, torch.Tensor],
     given = collections.OrderedDict(state)
     metadata = getattr(state, "_metadata", None)
     if metadata is not None:
-        given._metadata = metadata
+        given._metadata = metadata  # type: ignore[attr-defined]  # torch's state_dict attribute
     for group in weight_map.tied:
         present = next((k for k in group if k in given), None)
         if present is not None:

@@ -1,6 +1,7 @@
 """Engine vs eager PyTorch: verdicts that say which output, where, and by how much."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -88,7 +89,8 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         bound = atol_eff + rtol * e64.abs()
         mismatched = int((diff > bound).sum())
         flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
-        idx = tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape)) if a64.numel() and a64.dim() else ()
+        idx = (tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape))
+               if a64.numel() and a64.dim() else ())
         max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
         rel = diff / e64.abs().clamp_min(1e-12)
         norm_e = float(torch.linalg.vector_norm(e64))
@@ -186,10 +188,9 @@ def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol:
     """
     rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     if hasattr(reference_model, "eval"):
-        try:
+        # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
+        with contextlib.suppress(NotImplementedError):
             reference_model.eval()
-        except NotImplementedError:
-            pass  # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
     checks = []
     with torch.no_grad():
         for args, kwargs in _samples(inputs):

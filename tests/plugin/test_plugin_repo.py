@@ -406,7 +406,8 @@ def test_the_ci_summary_script_of_the_docs_reads_a_report(repo):
     import textwrap
 
     doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "ci-github-actions.md").read_text()
-    script = textwrap.dedent(doc.split("python - <<'EOF' >> \"$GITHUB_STEP_SUMMARY\"\n", 1)[1].split("\n          EOF")[0])
+    script = textwrap.dedent(
+        doc.split("python - <<'EOF' >> \"$GITHUB_STEP_SUMMARY\"\n", 1)[1].split("\n          EOF")[0])
     repo.makepyfile(test_bad=CORRUPTED_TEST)
     repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=5", "--trt-refit-report=refit.json")
     out = subprocess.run([sys.executable, "-c", script], cwd=repo.path, capture_output=True, text=True,
