@@ -496,3 +496,34 @@ def test_a_swap_of_same_shaped_weights_is_caught_with_drawn_weight_sets(repo):
     result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "--trt-refit-seed=3")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["FAILED test_swap.py::test_swapped_map_entries: paths cached; culprit weight *"])
+
+
+EXPECTED_FAILURE_TEST = '''
+import pytest
+from tinymodels import TwoLinear, linear_input
+
+
+def test_a_swap_is_refused(trt_refit):
+    x = linear_input()
+    wm = trt_refit.engine_for(TwoLinear, x).weight_map.sources
+    a, b = "fc1/linear.weight CONSTANT", "fc2/linear.weight CONSTANT"
+    wm[a], wm[b] = wm[b], wm[a]
+    try:
+        with pytest.raises(AssertionError):
+            trt_refit.check(TwoLinear, TwoLinear().state_dict(), x, paths=["cached"])
+    finally:
+        wm[a], wm[b] = wm[b], wm[a]
+'''
+
+
+def test_the_summary_says_what_happened_to_expected_failures_and_cached_engines(repo, tmp_path):
+    repo.makepyfile(test_expected=EXPECTED_FAILURE_TEST)
+    args = ("--trt-refit", "-p", "no:cacheprovider", f"--trt-refit-cache-dir={tmp_path / 'engines'}")
+    first = repo.runpytest_inprocess(*args)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["1 path check(s), 0 failed (and 1 check(s) that failed as their tests expected, e.g. with "
+                                "pytest.raises); worst abs error * 1 build(s); *"])
+    first.stdout.no_fnmatch_line("*more failed inside tests that expected it*")
+    second = repo.runpytest_inprocess(*args)
+    second.stdout.fnmatch_lines(["TwoLinear * 1/0 * 0 * *s",
+                                 "*; 0 build(s), 1 engine(s) loaded from the engine cache; *"])
