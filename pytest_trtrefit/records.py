@@ -78,7 +78,8 @@ class FailureRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return {"test": self.test, "model": self.model, "kind": self.kind, "paths": list(self.paths),
-                "mappings_disagree": self.mappings_disagree, "audit_only": self.audit_only, "outputs": list(self.outputs), "culprit": self.culprit,
+                "mappings_disagree": self.mappings_disagree, "audit_only": self.audit_only,
+                "outputs": list(self.outputs), "culprit": self.culprit,
                 "report": self.report}
 
     @classmethod
