@@ -242,11 +242,20 @@ class EngineProvider:
         import refitcore
         from refitcore.compiler.native import attach_exported_program
 
-        if "fallback" not in paths or entry.engine.exported_program is not None:
+        if "fallback" not in paths:
+            return
+        # A hybrid engine (its model does not export whole) holds one engine per compiled submodule:
+        # each converts again from its own exported program.
+        parts = getattr(entry.engine.impl, "engines", None)
+        missing = [(entry.engine, entry.eager)] if parts is None else \
+            [(sub, entry.eager.get_submodule(path)) for path, sub in parts.items()]
+        missing = [(engine, module) for engine, module in missing if engine.exported_program is None]
+        if not missing:
             return
         t0 = time.perf_counter()
         try:
-            attach_exported_program(entry.engine, entry.eager)
+            for engine, module in missing:
+                attach_exported_program(engine, module)
         except refitcore.ArchitectureMismatchError as err:
             if self._engine_cache is not None and entry.engine.cache_key:
                 self._engine_cache.evict(entry.engine.cache_key)

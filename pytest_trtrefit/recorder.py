@@ -59,7 +59,7 @@ def failure_record(outcome: CheckOutcome, *, test: str | None) -> FailureRecord:
     audit_failed = outcome.mapping_audit is not None and not outcome.mapping_audit.ok
     failed = [p.path for p in outcome.paths if not p.ok] or [p.path for p in outcome.paths]
     return FailureRecord(outcome.model, tuple(failed), outcome.report(), test=test, kind=outcome.kind,
-                         mappings_disagree=audit_failed,
+                         mappings_disagree=audit_failed, audit_only=audit_failed and all(p.ok for p in outcome.paths),
                          outputs=tuple(dict.fromkeys(n for p in outcome.paths for n in failing_outputs(outcome, p))),
                          culprit=outcome.culprit.name if outcome.culprit else None)
 

@@ -74,10 +74,12 @@ class FailureRecord:
     mappings_disagree: bool = False  # the cached and the fallback mapping disagree on a weight
     outputs: tuple[str, ...] = ()    # the failing outputs' pytree paths
     culprit: str | None = None
+    audit_only: bool = False         # every path matched eager; only the exact audit of the mappings failed
 
     def as_dict(self) -> dict[str, Any]:
         return {"test": self.test, "model": self.model, "kind": self.kind, "paths": list(self.paths),
-                "mappings_disagree": self.mappings_disagree, "outputs": list(self.outputs), "culprit": self.culprit,
+                "mappings_disagree": self.mappings_disagree, "audit_only": self.audit_only,
+                "outputs": list(self.outputs), "culprit": self.culprit,
                 "report": self.report}
 
     @classmethod

@@ -56,7 +56,7 @@ def summarize(records: list[CheckRecord], builds: list[BuildRecord]) -> list[dic
             mine = archs.get(m["model"])
             if (b.architecture in mine) if mine else b.model == m["model"]:
                 m["compile_s"] += b.compile_s
-                m["builds"] += 1
+                m["builds"] += b.cache != "hit"      # an engine loaded from the engine cache is no build
                 if b.cache == "hit":
                     m["cache_hits"] += 1
                 elif b.cache == "miss":
@@ -125,15 +125,19 @@ def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[s
     failed = sum(r["failures"] for r in rows)
     worst = max(rows, key=lambda r: r["worst_max_abs"])
     expected = len(data.expected_failures)
-    lines.append(f"{total} path check(s), {failed} failed"
-                 + (f" ({expected} more failed inside tests that expected it)" if expected else "")
-                 + f"; worst abs error {worst['worst_max_abs']:.3g} "
-                 f"({worst['model']}); {len(data.builds)} build(s); {seconds:.1f}s")
     hits = sum(1 for b in data.builds if b.cache == "hit")
+    lines.append(f"{total} path check(s), {failed} failed"
+                 + (f" (and {expected} check(s) that failed as their tests expected, e.g. with pytest.raises)"
+                    if expected else "")
+                 + f"; worst abs error {worst['worst_max_abs']:.3g} "
+                 f"({worst['model']}); {len(data.builds) - hits} build(s)"
+                 + (f", {hits} engine(s) loaded from the engine cache" if hits else "") + f"; {seconds:.1f}s")
     misses = sum(1 for b in data.builds if b.cache == "miss")
     lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.engine_cache or 'off'}")
     for f in _last_per_test(data.failures)[:10]:
-        lines.append(f"FAILED {f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
+        what = ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
+                "eager)" if f.get("audit_only") else f"paths {', '.join(f['paths'])}")
+        lines.append(f"FAILED {f.get('test') or f['model']}: {what}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
     return lines

@@ -7,6 +7,7 @@ import math
 from collections.abc import Sequence
 
 from .layout import Entry, Layout
+from .pool import Cutter
 from .specials import apply_special
 
 __all__ = ["SCALES", "std", "materialize"]
@@ -27,13 +28,18 @@ def materialize(layout: Layout, seed: int, scale: str, specials: Sequence[tuple[
                 gain: float = 1.0, keep_integers: bool = False) -> dict:
     """The state_dict of ``layout`` drawn from ``seed``: weights from the ``scale`` family times
     ``gain``, valid BatchNorm statistics, then ``specials`` (``(key, kind)`` pairs) in order; tied
-    keys share one tensor. Arguments are checked by the callers."""
+    keys share one tensor. Float tensors are cut from the process's pools of random values
+    (:mod:`.pool`) at offsets and signs drawn from ``seed``. Arguments are checked by the callers."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
+    cut = Cutter(g)
 
     def normal(shape, sd, dtype):
-        return (torch.randn(shape, generator=g, dtype=torch.float64) * sd).to(dtype)
+        return cut.take("normal", shape, sd).to(dtype)
+
+    def uniform(shape, bound, dtype):          # uniform in [-bound, bound)
+        return cut.take("uniform", shape, bound).to(dtype)
 
     def draw(e: Entry):
         if e.role == "bn_count":
@@ -44,11 +50,11 @@ def materialize(layout: Layout, seed: int, scale: str, specials: Sequence[tuple[
         if e.role == "weight" or e.role == "param":
             sd = std(scale, e.fan_in) * gain
             if scale == "fan_in_uniform":
-                return ((torch.rand(e.shape, generator=g, dtype=torch.float64) * 2 - 1) * sd * math.sqrt(3)).to(e.dtype)
+                return uniform(e.shape, sd * math.sqrt(3), e.dtype)
             return normal(e.shape, sd, e.dtype)
         if e.role == "bias":
             bound = gain / math.sqrt(e.fan_in)
-            return ((torch.rand(e.shape, generator=g, dtype=torch.float64) * 2 - 1) * bound).to(e.dtype)
+            return uniform(e.shape, bound, e.dtype)
         if e.role == "bn_weight":
             return (1 + normal(e.shape, 0.2, torch.float64)).to(e.dtype)
         if e.role in ("bn_bias", "norm_bias"):
@@ -56,7 +62,7 @@ def materialize(layout: Layout, seed: int, scale: str, specials: Sequence[tuple[
         if e.role == "bn_mean":
             return normal(e.shape, 0.5, e.dtype)
         if e.role == "bn_var":
-            return (torch.rand(e.shape, generator=g, dtype=torch.float64) * 1.5 + 0.5).to(e.dtype)
+            return (uniform(e.shape, 0.75, torch.float64) + 1.25).to(e.dtype)     # in [0.5, 2)
         if e.role == "norm_weight":
             return (1 + normal(e.shape, 0.1, torch.float64)).to(e.dtype)
         raise AssertionError(f"unhandled role {e.role}")

@@ -7,18 +7,26 @@ finds the conv + eval BatchNorm pairs that fold into one convolution.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import io
 import json
+import logging
 import operator
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import sympy
 import torch
 from torch import fx
 
-__all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names"]
+__all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
+           "DETAIL_LOG", "DETAIL_HINT"]
+
+DETAIL_LOG = logging.getLogger("refitcore.export")   # torch.export's own messages, and full export errors
+DETAIL_HINT = "the full text is logged at DEBUG level by the 'refitcore' logger, e.g. pytest --log-level=DEBUG"
 
 aten = torch.ops.aten
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default
@@ -38,13 +46,49 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: 
     was_training = model.training
     model.eval()
     try:
-        ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
-                                 strict=False)
+        with _torch_messages_to_debug():
+            ep = torch.export.export(model, tuple(example_inputs), dict(kwargs or {}), dynamic_shapes=dynamic_shapes,
+                                     strict=False)
     finally:
         model.train(was_training)
     # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,
     # but keep every composite op whole, so each one maps onto one TensorRT layer family.
     return ep.run_decompositions({})
+
+
+class _ToDebug(logging.Filter):
+    """Drops torch's records below ERROR from a handler, logging each at DEBUG on :data:`DETAIL_LOG`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("torch") or record.levelno >= logging.ERROR:
+            return True
+        DETAIL_LOG.debug("%s: %s", record.name, record.getMessage())
+        return False
+
+
+@contextlib.contextmanager
+def _torch_messages_to_debug() -> Iterator[None]:
+    """While torch.export runs, its warnings, log messages and what it prints (a failing program's
+    whole FX graph) go to :data:`DETAIL_LOG` at DEBUG level instead of the terminal; the caller
+    reports one line."""
+    loggers = [logging.getLogger()] + [lg for name, lg in list(logging.Logger.manager.loggerDict.items())
+                                       if name.startswith("torch") and isinstance(lg, logging.Logger)]
+    handlers = {h for lg in loggers for h in lg.handlers}   # torch's loggers have their own, not propagating
+    quiet = _ToDebug()
+    for h in handlers:
+        h.addFilter(quiet)
+    printed = io.StringIO()      # torch.export prints a failing program's partial FX graph to stderr
+    try:
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stderr(printed):
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for h in handlers:
+            h.removeFilter(quiet)
+        for w in caught:
+            DETAIL_LOG.debug("torch.export warned: %s: %s", w.category.__name__, w.message)
+        if printed.getvalue().strip():
+            DETAIL_LOG.debug("torch.export printed:\n%s", printed.getvalue())
 
 
 def module_path(node: fx.Node) -> str:

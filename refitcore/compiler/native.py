@@ -18,7 +18,7 @@ import torch
 from refitcore.backends import choose_backend
 from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
-from refitcore.capture.lowering import export_model, input_names
+from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, input_names
 from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
@@ -182,7 +182,9 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
     except Exception as err:
         if options.strict or shape_profiles is not None:
             raise ExportError("", err) from err
-        log.warning("refitcore: %s; compiling the submodules that export", ExportError("", err).cause_line)
+        DETAIL_LOG.debug("torch.export of the model failed", exc_info=err)
+        log.warning("refitcore: torch.export cannot export the model (%s); compiling the submodules that export "
+                    "(%s)", ExportError("", err).cause_line, DETAIL_HINT)
         ep = None
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason)

@@ -452,3 +452,103 @@ def test_works_under_xdist(repo):
     per_worker = [(b["worker"], b["architecture"], str(b["inputs"])) for b in report["builds"]]
     assert len(per_worker) == len(set(per_worker))
     assert {r["worker"] for r in report["checks"]} <= {"gw0", "gw1"} and len(report["checks"]) > 0
+
+
+DATA_DEPENDENT_TEST = '''
+import torch
+from torch import nn
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        y = self.inner(x)
+        if y.sum() > 0:          # data-dependent control flow: torch.export cannot export the whole model
+            y = y * 2
+        return self.head(y)
+
+
+def test_data_dependent(trt_refit):
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    trt_refit.check(DataDependent, DataDependent().state_dict(), x)
+    assert False, "show the captured output"
+'''
+
+
+def test_an_export_failure_is_one_line_that_says_where_the_rest_is(repo):
+    """torch.export prints a failing program's FX graph: the user sees one line and where the rest is."""
+    repo.makepyfile(test_dd=DATA_DEPENDENT_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-rA")
+    result.stdout.fnmatch_lines([
+        "*torch.export cannot export the model (GuardOnDataDependentSymNode: *); compiling the submodules that "
+        "export (the full text is logged at DEBUG level by the 'refitcore' logger, e.g. pytest --log-level=DEBUG)",
+        "DataDependent *cached,fallback * 1 * 2 * 0 *",
+    ])
+    result.stdout.no_fnmatch_line("*def forward(*")
+    result.stdout.no_fnmatch_line("*torch.ops.aten.*")
+    result.stdout.no_fnmatch_line("*Unable to find user code*")
+    full = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "--log-level=DEBUG")
+    full.stdout.fnmatch_lines(["*torch.export printed:*", "*def forward(*"])
+
+
+SWAPPED_PROPERTY_TEST = '''
+from hypothesis import given
+from pytest_trtrefit.strategies import refit_settings, state_dicts
+from tinymodels import TwoLinear, linear_input
+
+
+@refit_settings(max_examples=3)
+@given(weights=state_dicts(TwoLinear(), specials=()))
+def test_swapped_map_entries(trt_refit, weights):
+    x = linear_input()
+    wm = trt_refit.engine_for(TwoLinear, x).weight_map.sources
+    a, b = "fc1/linear.weight CONSTANT", "fc2/linear.weight CONSTANT"
+    wm[a], wm[b] = wm[b], wm[a]          # the fault: two same-shape entries swapped
+    try:
+        trt_refit.check(TwoLinear, weights, x, paths=["cached"])
+    finally:
+        wm[a], wm[b] = wm[b], wm[a]
+'''
+
+
+def test_a_swap_of_same_shaped_weights_is_caught_with_drawn_weight_sets(repo):
+    """Weight sets cut from one pool still give same-shaped weights different values."""
+    repo.makepyfile(test_swap=SWAPPED_PROPERTY_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "--trt-refit-seed=3")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["FAILED test_swap.py::test_swapped_map_entries: paths cached; culprit weight *"])
+
+
+EXPECTED_FAILURE_TEST = '''
+import pytest
+from tinymodels import TwoLinear, linear_input
+
+
+def test_a_swap_is_refused(trt_refit):
+    x = linear_input()
+    wm = trt_refit.engine_for(TwoLinear, x).weight_map.sources
+    a, b = "fc1/linear.weight CONSTANT", "fc2/linear.weight CONSTANT"
+    wm[a], wm[b] = wm[b], wm[a]
+    try:
+        with pytest.raises(AssertionError):
+            trt_refit.check(TwoLinear, TwoLinear().state_dict(), x, paths=["cached"])
+    finally:
+        wm[a], wm[b] = wm[b], wm[a]
+'''
+
+
+def test_the_summary_says_what_happened_to_expected_failures_and_cached_engines(repo, tmp_path):
+    repo.makepyfile(test_expected=EXPECTED_FAILURE_TEST)
+    args = ("--trt-refit", "-p", "no:cacheprovider", f"--trt-refit-cache-dir={tmp_path / 'engines'}")
+    first = repo.runpytest_inprocess(*args)
+    first.assert_outcomes(passed=1)
+    first.stdout.fnmatch_lines(["1 path check(s), 0 failed (and 1 check(s) that failed as their tests expected, e.g. with "
+                                "pytest.raises); worst abs error * 1 build(s); *"])
+    first.stdout.no_fnmatch_line("*more failed inside tests that expected it*")
+    second = repo.runpytest_inprocess(*args)
+    second.stdout.fnmatch_lines(["TwoLinear * 1/0 * 0 * *s",
+                                 "*; 0 build(s), 1 engine(s) loaded from the engine cache; *"])

@@ -241,3 +241,46 @@ def test_perturb_moves_every_float_tensor_a_little_and_keeps_ties():
             assert 0 < rel < 0.1, (k, rel)
     with pytest.raises(ValueError, match="key="):
         perturb(base, kind="single_tensor")
+
+
+class SameShapes(nn.Module):
+    """Three same-shaped linear layers: a mapping that swaps two of them must see different values."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.c(self.b(self.a(x)))
+
+
+def test_weight_sets_are_cut_from_the_pool_not_drawn_per_tensor(monkeypatch):
+    """Materialising costs a memory copy per tensor: no Gaussian or uniform draw once the pool exists."""
+    weight_set(Net(), seed=1, scale="fan_in")                  # the pools exist from here on
+    weight_set(Net(), seed=1, scale="fan_in_uniform")
+    calls = []
+
+    def counting(real):
+        def draw(*args, **kwargs):
+            calls.append(real.__name__)
+            return real(*args, **kwargs)
+        return draw
+    monkeypatch.setattr(torch, "randn", counting(torch.randn))
+    monkeypatch.setattr(torch, "rand", counting(torch.rand))
+    for seed in range(5):
+        for scale in ("fan_in", "fan_in_uniform", "he"):
+            weight_set(Net(), seed=seed, scale=scale)
+    assert calls == []
+
+
+def test_same_shaped_weights_differ_and_the_same_seed_gives_the_same_tensors():
+    for seed in range(20):
+        w = weight_set(SameShapes(), seed=seed)
+        for key in ("weight", "bias"):
+            x, y, z = (w[f"{m}.{key}"] for m in "abc")
+            for p, q in ((x, y), (x, z), (y, z)):
+                assert not torch.equal(p, q) and not torch.equal(p, -q), (seed, key)
+                assert not torch.equal(p.flatten().sort().values, q.flatten().sort().values), (seed, key)
+        again = weight_set(SameShapes(), seed=seed)
+        assert all(torch.equal(w[k], again[k]) for k in w)
+    assert not torch.equal(weight_set(SameShapes(), seed=1)["a.weight"], weight_set(SameShapes(), seed=2)["a.weight"])
