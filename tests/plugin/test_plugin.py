@@ -546,8 +546,8 @@ def test_the_summary_says_what_happened_to_expected_failures_and_cached_engines(
     args = ("--trt-refit", "-p", "no:cacheprovider", f"--trt-refit-cache-dir={tmp_path / 'engines'}")
     first = repo.runpytest_inprocess(*args)
     first.assert_outcomes(passed=1)
-    first.stdout.fnmatch_lines(["1 path check(s), 0 failed (and 1 check(s) that failed as their tests expected, e.g. with "
-                                "pytest.raises); worst abs error * 1 build(s); *"])
+    first.stdout.fnmatch_lines(["1 path check(s), 0 failed (and 1 check(s) that failed as their tests expected, "
+                                "e.g. with pytest.raises); worst abs error * 1 build(s); *"])
     first.stdout.no_fnmatch_line("*more failed inside tests that expected it*")
     second = repo.runpytest_inprocess(*args)
     second.stdout.fnmatch_lines(["TwoLinear * 1/0 * 0 * *s",
