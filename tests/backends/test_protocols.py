@@ -17,7 +17,7 @@ from tests.backends.fake_trt import LAYERS, W0, FakeImpl
 def members(protocol) -> list[str]:
     """The attributes and methods a Protocol declares (typing.get_protocol_members, Python 3.13)."""
     names = set(getattr(protocol, "__annotations__", {}))
-    names |= {n for n, v in vars(protocol).items() if callable(v) or isinstance(v, classmethod)}
+    names |= {n for n, v in vars(protocol).items() if callable(v) or isinstance(v, (classmethod, property))}
     return sorted(n for n in names if not n.startswith("_"))
 
 
