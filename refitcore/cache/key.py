@@ -41,6 +41,7 @@ import types
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
@@ -477,7 +478,6 @@ def _value(v: Any, depth: int = 0, seen: frozenset = frozenset()):
             _incomplete(f"a user Python module ({v.__name__}) held as a value: which attributes count is unknown")
         return ["pymodule", v.__name__, _library(v)]
     if type(v).__module__ == "numpy" and hasattr(v, "dtype") and getattr(v.dtype, "hasobject", True) is False:
-        import numpy as np
         arr = np.ascontiguousarray(v)
         return ["ndarray", list(arr.shape), str(arr.dtype), hashlib.sha256(arr.tobytes()).hexdigest()[:32]]
     fields = _fields(v)
