@@ -33,10 +33,63 @@ def _linear_stack(layers: int = 15, width: int = 4096):
 
 
 def _checksum(model, fn) -> int:
+    import torch
+
     out = 0
     for t in model.state_dict().values():
-        out ^= fn(t.detach().contiguous().view(-1).view(__import__("torch").uint8).numpy())
+        out ^= fn(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
     return out
+
+
+def _model(name: str):
+    import torch
+
+    if name == "linear250m":
+        return _linear_stack()
+    import torchvision
+
+    from tests.models import randomize_batchnorm
+
+    model = randomize_batchnorm(getattr(torchvision.models, name)(weights=None), seed=0).eval()
+    return model, torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _measure(name: str, reps: int) -> list:
+    import torch
+
+    import refitcore
+    from refitcore.cache.key import architecture_fingerprint
+
+    model, x = _model(name)
+    params = sum(t.numel() for t in model.state_dict().values())
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    fast = refitcore.MutableEngine(model, x, backend="reference", verify=False)
+
+    def sync(mode: str):
+        fast.check = mode
+        assert fast.sync() == "none"
+
+    def compare():
+        fast.check = "content"
+        assert fast._changed() == []
+
+    def blake2b(b) -> int:
+        return int.from_bytes(hashlib.blake2b(b).digest()[:8], "little")
+
+    with torch.no_grad():
+        t = C.interleaved({
+            "content": lambda: sync("content"),
+            "version": lambda: sync("version"),
+            "architecture": lambda: architecture_fingerprint(model),
+            "compare": compare,
+            "blake2b": lambda: _checksum(model, blake2b),
+            "crc32": lambda: _checksum(model, zlib.crc32),
+            "eager": lambda: model(x),
+        }, reps=reps)
+    m = {k: C.median(v) for k, v in t.items()}
+    print(name, {k: C.ms(v) for k, v in m.items()}, flush=True)
+    return [name, f"{params / 1e6:.1f}M", f"{nbytes / 2**20:.0f} MiB", C.ms(m["content"]), C.ms(m["version"]),
+            C.ms(m["architecture"]), C.ms(m["compare"]), C.ms(m["blake2b"]), C.ms(m["crc32"]), C.ms(m["eager"])]
 
 
 def main(argv=None) -> int:
@@ -48,61 +101,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     C.set_threads(args.threads)
     info = C.machine_info()
-    import torch
-
-    import refitcore
-    from refitcore.cache.key import architecture_fingerprint
-
-    rows = []
-    for name in args.models.split(","):
-        if name == "linear250m":
-            model, x = _linear_stack()
-        else:
-            import torchvision
-
-            from tests.models import randomize_batchnorm
-
-            model = randomize_batchnorm(getattr(torchvision.models, name)(weights=None), seed=0).eval()
-            x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-        params = sum(t.numel() for t in model.state_dict().values())
-        nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-        fast = refitcore.MutableEngine(model, x, backend="reference", verify=False)
-
-        def sync(mode: str):
-            fast.check = mode
-            assert fast.sync() == "none"
-
-        def compare():
-            fast.check = "content"
-            assert fast._changed() == []
-
-        with torch.no_grad():
-            t = C.interleaved({
-                "content": lambda: sync("content"),
-                "version": lambda: sync("version"),
-                "architecture": lambda: architecture_fingerprint(model),
-                "compare": compare,
-                "blake2b": lambda: _checksum(model, lambda b: int.from_bytes(hashlib.blake2b(b).digest()[:8], "little")),
-                "crc32": lambda: _checksum(model, zlib.crc32),
-                "eager": lambda: model(x),
-            }, reps=args.reps)
-        fast.check = "content"
-        m = {k: C.median(v) for k, v in t.items()}
-        rows.append([name, f"{params / 1e6:.1f}M", f"{nbytes / 2**20:.0f} MiB", C.ms(m["content"]),
-                     C.ms(m["version"]), C.ms(m["architecture"]), C.ms(m["compare"]), C.ms(m["blake2b"]),
-                     C.ms(m["crc32"]), C.ms(m["eager"])])
-        print(name, {k: C.ms(v) for k, v in m.items()}, flush=True)
-        del fast, model
-    body = C.table(["model", "parameters", "state_dict", "check='content' (default, sync)", "check='version' (sync)",
-                    "architecture fingerprint", "bitwise compare with the copy", "blake2b of the bytes",
-                    "crc32 of the bytes", "eager forward (for scale)"], rows)
+    rows = [_measure(name, args.reps) for name in args.models.split(",")]
+    body = C.table(["model", "parameters", "state_dict", "check='content' (default, sync)",
+                    "check='version' (sync)", "architecture fingerprint", "bitwise compare with the copy",
+                    "blake2b of the bytes", "crc32 of the bytes", "eager forward (for scale)"], rows)
     C.record("mutable_check", "MutableEngine: cost per call of the check for edits", body, info, [
         f"median of {args.reps} interleaved repetitions after one warm-up; reference backend; nothing changed "
         f"between calls (the cost every call pays); resnet50 at 1x3x64x64, linear250m = 15 x Linear(4096, 4096) "
         f"at batch 1",
         "check='content' = architecture fingerprint + every tensor compared bit for bit with a copy "
-        "(numpy.array_equal of integer views on CPU, torch.equal on a GPU); the checksums are the alternative to holding the copy (same bytes read once, "
-        "no copy held, but one hash per call on one core)",
+        "(numpy.array_equal of integer views on CPU, torch.equal on a GPU); the checksums are the alternative "
+        "to holding the copy (the same bytes read once, no copy held, but one hash per call on one core)",
     ], save=not args.no_record)
     return 0
 

@@ -515,7 +515,8 @@ READS = [("private attribute", "Private", _private), ("module global dict", "Glo
          ("module global list", "GlobalList", _global_list), ("module global tensor", "GlobalTensor", _global_tensor),
          ("module global module", "GlobalModule", _global_module),
          ("config module dict", "ConfigModule", _config_module),
-         ("config module constant", "ConfigModule", _config_constant), ("class attribute dict", "ClassDict", _class_dict)]
+         ("config module constant", "ConfigModule", _config_constant),
+         ("class attribute dict", "ClassDict", _class_dict)]
 
 
 @pytest.mark.parametrize("what,cls,edit", READS, ids=[r[0] for r in READS])

@@ -125,7 +125,7 @@ def _distribution_files(name: str) -> tuple[tuple[str, str], frozenset[str]]:
     """(the folder a distribution is installed in, as given and resolved; its files relative to it)."""
     try:
         dist = importlib.metadata.distribution(name)
-        base = os.fspath(dist.locate_file(""))
+        base = str(dist.locate_file(""))
         files = frozenset(os.path.normpath(str(f)) for f in dist.files or ())
     except (importlib.metadata.PackageNotFoundError, OSError, TypeError):
         return ("\0", "\0"), frozenset()

@@ -80,10 +80,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     building; with ``verify_inputs`` (a list of samples) that refit is checked against eager
     ``model``, and an entry that disagrees is evicted and rebuilt. A key that cannot see everything
     ``forward`` reads (``key.complete`` False: an attribute holding an object without fields...) is
-    served only with ``verify_inputs``; without, the model is compiled (and the reason logged). ``keep_exported=True`` exports
-    on a hit too, keeping the exported program that the fallback refit path converts (and checking
-    that its graph is the cached engine's). The engine says what happened: ``engine.cache_hit``
-    (True, False, or None without a cache) and ``engine.cache_key``.
+    served only with ``verify_inputs``; without, the model is compiled (and the reason logged).
+    ``keep_exported=True`` exports on a hit too, keeping the exported program that the fallback
+    refit path converts (and checking that its graph is the cached engine's). The engine says what
+    happened: ``engine.cache_hit`` (True, False, or None without a cache) and ``engine.cache_key``.
 
     Example::
 
