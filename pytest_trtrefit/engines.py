@@ -114,6 +114,7 @@ class EngineProvider:
         self._backend: tuple[str, str] | None = None
         self._factory_models: dict = {}
         self._engine_cache = None
+        self._unkeyed: dict[int, Any] = {}      # models whose architecture key is incomplete: kept by identity
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -204,7 +205,7 @@ class EngineProvider:
             if _hashable(model_or_factory) is not None:  # a factory: build its model once per session
                 self._factory_models[_hashable(model_or_factory)] = model
         options = compile_kwargs(compile_options)
-        key = (architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes),
+        key = (self._architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes),
                _options_key(options))
         entry = self._cache.get(key)
         if entry is None:
@@ -218,7 +219,8 @@ class EngineProvider:
                 args, kwargs = call_of(samples[0])
                 t0 = time.perf_counter()
                 engine = refitcore.compile(eager, args=args, kwargs=kwargs, backend=backend,
-                                           dynamic_shapes=dynamic_shapes, cache=self._engine_cache, **options)
+                                           dynamic_shapes=dynamic_shapes, cache=self._engine_cache,
+                                           verify_inputs=self._verify(samples), **options)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
@@ -234,6 +236,22 @@ class EngineProvider:
                 cache={True: "hit", False: "miss"}.get(engine.cache_hit),
                 profiles=engine.io.profiles.to_json()["profiles"] if engine.io.profiles is not None else None))
         return entry
+
+    def _architecture_key(self, model) -> str:
+        """The session's key of ``model``'s architecture: :func:`architecture_key`, and the model's
+        identity too when that fingerprint cannot see everything its ``forward`` reads (the model is
+        then kept alive, so that its identity is not reused)."""
+        from refitcore.cache.key import architecture
+
+        arch = architecture(model)
+        if arch.complete:
+            return arch.digest
+        self._unkeyed[id(model)] = model
+        return f"{arch.digest}-{id(model)}"
+
+    def _verify(self, samples: Sequence[Any]):
+        """A hit of the engine cache is checked against eager PyTorch on the test's samples."""
+        return list(samples) if self._engine_cache is not None else None
 
     def _ready_for(self, entry: CacheEntry, paths: Sequence[str]) -> None:
         """An engine from the engine cache has no exported program; the fallback path converts one
@@ -261,7 +279,8 @@ class EngineProvider:
                 self._engine_cache.evict(entry.engine.cache_key)
             args, kwargs = call_of(entry.sample)
             entry.engine = refitcore.compile(entry.eager, args=args, kwargs=kwargs, backend=self.backend,
-                                             cache=self._engine_cache, **entry.options)
+                                             cache=self._engine_cache, verify_inputs=self._verify([entry.sample]),
+                                             **entry.options)
             self.builds.append(BuildRecord(
                 entry.name, architecture=entry.key[:16], backend=self.backend, compile_s=time.perf_counter() - t0,
                 worker=self.worker, cache="miss", inputs=[list(t.shape) for t in sample_tensors(entry.sample)],

@@ -288,3 +288,101 @@ def test_cli_compile_with_a_cache(tmp_path, capsys):
     # small_net is seeded: the refitted engine matches the built one (BatchNorm folded in float32 by the
     # cached map, in float64 by the converter: equal up to rounding)
     assert torch.allclose(a(x), b(x), rtol=1e-5, atol=1e-6)
+
+
+# -- a hit is never stale: the key sees what forward reads, or the hit is verified ----------------
+class PrivateScale(nn.Module):
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self._scale = scale
+
+    def forward(self, x):
+        return self.fc(x) * self._scale
+
+
+class ClassTable(nn.Module):
+    TABLE = {"gain": 1.0}
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc(x) * self.TABLE["gain"]
+
+
+class _Gain:
+    __slots__ = ("value",)           # no __dict__: the key cannot hash it
+
+    def __init__(self, value: float):
+        self.value = value
+
+
+class OpaqueGain(nn.Module):
+    def __init__(self, gain: float = 1.0):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self._gain = _Gain(gain)
+
+    def forward(self, x):
+        return self.conv(x) * self._gain.value
+
+
+def gain_net():
+    """A factory for the CLI test: its output scales with $TEST_GAIN, which the key cannot see."""
+    return OpaqueGain(float(os.environ.get("TEST_GAIN", "1")))
+
+
+def test_a_private_attribute_or_a_class_dict_edit_is_a_miss_not_a_stale_hit(tmp_path):
+    x = torch.randn(2, 8)
+    torch.manual_seed(0)
+    model = PrivateScale()
+    assert _compile(model, x, str(tmp_path)).cache_hit is False
+    model._scale = 3.0
+    engine = _compile(model, x, str(tmp_path))
+    assert engine.cache_hit is False and torch.allclose(engine(x), model(x), atol=1e-5)
+    table = ClassTable()
+    assert _compile(table, x, str(tmp_path)).cache_hit is False
+    ClassTable.TABLE["gain"] = 2.5
+    try:
+        engine = _compile(table, x, str(tmp_path))
+        assert engine.cache_hit is False and torch.allclose(engine(x), table(x), atol=1e-5)
+    finally:
+        ClassTable.TABLE["gain"] = 1.0
+
+
+def test_an_incomplete_key_is_served_only_when_verified(tmp_path, caplog):
+    x = torch.randn(1, 3, 8, 8)
+    model = OpaqueGain(1.0)
+    key = cache_key(model, (x,), backend="reference")
+    assert not key.complete and "_Gain" in key.incomplete_reasons[0]
+    assert _compile(model, x, str(tmp_path)).cache_hit is False
+    with caplog.at_level(logging.WARNING, logger="refitcore"):
+        again = _compile(model, x, str(tmp_path))
+    assert again.cache_hit is False and "incomplete" in caplog.text and "'_gain'" in caplog.text
+    assert _compile(model, x, str(tmp_path), verify_inputs=[(x,)]).cache_hit is True
+    other = OpaqueGain(3.0)                 # same key, other behaviour: verification rejects the hit
+    assert cache_key(other, (x,), backend="reference") == key
+    engine = _compile(other, x, str(tmp_path), verify_inputs=[(x,)])
+    assert engine.cache_hit is False and torch.allclose(engine(x), other(x), atol=1e-5)
+
+
+def test_cli_compile_verifies_a_cache_hit(tmp_path, capsys, monkeypatch):
+    from refitcore.cli import main as cli
+
+    args = ["compile", "tests.test_cache:gain_net", "--input", "1x3x8x8", "--backend", "reference", "-q",
+            "--cache", str(tmp_path / "engines")]
+    monkeypatch.setenv("TEST_GAIN", "1")
+    assert cli.main(args + ["-o", str(tmp_path / "a.trtrefit")]) == 0
+    assert "engine cache miss (stored)" in capsys.readouterr().out
+    assert cli.main(args + ["-o", str(tmp_path / "b.trtrefit")]) == 0
+    assert "engine cache hit (loaded and refitted)" in capsys.readouterr().out     # verified: the same model
+    monkeypatch.setenv("TEST_GAIN", "3")
+    assert cli.main(args + ["-o", str(tmp_path / "c.trtrefit")]) == 0
+    assert "engine cache miss (stored)" in capsys.readouterr().out                 # the stale hit was refused
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        want = gain_net()(x)
+    assert torch.allclose(refitcore.load(tmp_path / "c.trtrefit")(x), want, atol=1e-5)

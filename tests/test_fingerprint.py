@@ -408,3 +408,183 @@ def test_scripts_and_user_packages_named_like_the_standard_library_are_user_code
         assert fingerprint._library_of_module("torch.nn") == "torch"
     finally:
         fingerprint._library_of_module.cache_clear()
+
+
+# -- what forward reads besides parameters and buffers -----------------------------------------
+# Each case: two models that differ only in a value forward reads (not a parameter or buffer). The
+# key must tell them apart (or say it cannot: incomplete), never give both one complete key.
+USERCFG_SRC = textwrap.dedent('''
+    GAIN = 2.0
+    TABLE = {"scale": 1.5}
+''')
+
+USERNET_SRC = textwrap.dedent('''
+    import torch
+    from torch import nn
+    import usercfg
+
+    SCALES = {"a": 1.0}
+    OFFSETS = [0.0]
+    BIAS = torch.zeros(4)
+    NORM = nn.LayerNorm(4)
+
+    class Private(nn.Module):
+        def __init__(self, scale=1.0):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self._scale = scale
+
+        def forward(self, x):
+            return self.fc(x) * self._scale
+
+    class GlobalDict(Private):
+        def forward(self, x):
+            return self.fc(x) * SCALES["a"]
+
+    class GlobalList(Private):
+        def forward(self, x):
+            return self.fc(x) + OFFSETS[0]
+
+    class GlobalTensor(Private):
+        def forward(self, x):
+            return self.fc(x) + BIAS
+
+    class GlobalModule(Private):
+        def forward(self, x):
+            return NORM(self.fc(x))
+
+    class ConfigModule(Private):
+        def forward(self, x):
+            return self.fc(x) * usercfg.GAIN * usercfg.TABLE["scale"]
+
+    class ClassDict(Private):
+        FACTORS = {"a": 1.0}
+
+        def forward(self, x):
+            return self.fc(x) * self.FACTORS["a"]
+''')
+
+
+@pytest.fixture
+def usernet(tmp_path, monkeypatch):
+    (tmp_path / "usercfg.py").write_text(USERCFG_SRC)
+    (tmp_path / "usernet.py").write_text(USERNET_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("usercfg", "usernet"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import usernet as mod
+    yield mod
+    for name in ("usercfg", "usernet"):
+        sys.modules.pop(name, None)
+
+
+def _private(mod, m):
+    m._scale = 3.0
+
+
+def _global_dict(mod, m):
+    mod.SCALES["a"] = 2.0
+
+
+def _global_list(mod, m):
+    mod.OFFSETS[0] = 1.0
+
+
+def _global_tensor(mod, m):
+    mod.BIAS.add_(1.0)
+
+
+def _global_module(mod, m):
+    with torch.no_grad():
+        mod.NORM.weight.mul_(2.0)
+
+
+def _config_module(mod, m):
+    sys.modules["usercfg"].TABLE["scale"] = 0.5
+
+
+def _config_constant(mod, m):
+    sys.modules["usercfg"].GAIN = 4.0
+
+
+def _class_dict(mod, m):
+    type(m).FACTORS["a"] = 2.0
+
+
+READS = [("private attribute", "Private", _private), ("module global dict", "GlobalDict", _global_dict),
+         ("module global list", "GlobalList", _global_list), ("module global tensor", "GlobalTensor", _global_tensor),
+         ("module global module", "GlobalModule", _global_module),
+         ("config module dict", "ConfigModule", _config_module),
+         ("config module constant", "ConfigModule", _config_constant),
+         ("class attribute dict", "ClassDict", _class_dict)]
+
+
+@pytest.mark.parametrize("what,cls,edit", READS, ids=[r[0] for r in READS])
+def test_a_value_forward_reads_changes_the_key(usernet, what, cls, edit):
+    torch.manual_seed(0)
+    model = getattr(usernet, cls)()
+    x = torch.randn(2, 4)
+    before, out = _key(model, x), model(x)
+    assert before.complete, before.incomplete_reasons
+    assert _key(model, x) == before                       # stable while nothing changes
+    edit(usernet, model)
+    assert not torch.allclose(model(x), out), what        # the edit changes what forward computes
+    after = _key(model, x)
+    assert after != before, what
+    assert after.differences(before) == ["architecture"]
+
+
+class _Slotted:
+    __slots__ = ("gain",)
+
+    def __init__(self, gain):
+        self.gain = gain
+
+
+class Opaque(nn.Module):
+    def __init__(self, gain=1.0):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self._gain = _Slotted(gain)
+
+    def forward(self, x):
+        return self.fc(x) * self._gain.gain
+
+
+def test_a_value_that_cannot_be_hashed_makes_the_key_incomplete():
+    key = _key(Opaque(), torch.randn(2, 4))
+    assert not key.complete
+    assert "'_gain'" in key.incomplete_reasons[0] and "_Slotted" in key.incomplete_reasons[0]
+    from refitcore.cache.key import architecture
+
+    arch = architecture(Opaque())
+    assert not arch.complete and arch.incomplete_reasons == key.incomplete_reasons
+    assert _key(Net()).complete                            # ordinary models are complete
+
+
+def test_common_models_have_complete_keys():
+    torchvision = pytest.importorskip("torchvision")
+    from refitcore.cache.key import architecture
+
+    for make in (torchvision.models.resnet18, torchvision.models.mobilenet_v3_small):
+        assert architecture(make()).complete, make.__name__
+
+
+def test_a_library_importable_from_outside_a_site_directory_is_pinned_not_hashed(monkeypatch):
+    """torch and torchvision on PYTHONPATH (a monorepo layout, ``pip install --target``): the file's
+    owning distribution makes them libraries, so the key is the one a site-packages install gives,
+    the same on every call (hashed as user code, their per-process state split it)."""
+    torchvision = pytest.importorskip("torchvision")
+    from refitcore.cache import key as fingerprint
+
+    model = torchvision.models.resnet18()
+    usual = architecture_fingerprint(model)
+    monkeypatch.setattr(fingerprint, "_site_directories", lambda: ())
+    fingerprint._library_of_module.cache_clear()
+    try:
+        assert fingerprint._library(torchvision.models.ResNet) == f"torchvision=={torchvision.__version__}"
+        assert fingerprint._library_of_module("torch.nn") == "torch"
+        assert architecture_fingerprint(model) == usual
+        assert architecture_fingerprint(model) == usual
+    finally:
+        fingerprint._library_of_module.cache_clear()

@@ -140,3 +140,64 @@ def _failed(result):
 
     result.__class__ = Failed
     return result
+
+
+# -- every route of an edit is seen (check="content", the default) --------------------------------
+class PrivateGain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(8, eps=1e-3)
+        self._gain = 1.0
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self._gain
+
+
+def _data_mul(m):
+    m.conv.weight.data.mul_(2)
+
+
+def _data_copy(m):
+    m.conv.weight.data.copy_(torch.randn_like(m.conv.weight))
+
+
+def _running_mean(m):
+    m.bn.running_mean.data.add_(1)
+
+
+def _numpy_view(m):
+    m.conv.bias.detach().numpy()[:] += 0.5
+
+
+def _private_attribute(m):
+    m._gain = 1.7
+
+
+EDITS = [("p.data.mul_", _data_mul), ("p.data.copy_", _data_copy), ("running_mean.data.add_", _running_mean),
+         ("numpy view", _numpy_view), ("private attribute", _private_attribute)]
+
+
+@pytest.mark.parametrize("edit", [e[1] for e in EDITS], ids=[e[0] for e in EDITS])
+def test_every_route_of_an_edit_is_seen(edit):
+    torch.manual_seed(0)
+    model, x = PrivateGain().eval(), torch.randn(1, 3, 16, 16)
+    engine = refitcore.MutableEngine(model, x, backend="reference")
+    before = engine(x)
+    edit(model)
+    out = engine(x)
+    assert engine.last_action in ("refit", "recompile")
+    assert _close(out, _eager(model, x)) and not _close(out, before)
+    engine(x)
+    assert engine.last_action == "none"                     # in step again: nothing more to do
+
+
+def test_the_cheaper_check_is_named_and_misses_writes_that_keep_the_version(fast):
+    _, model, x = fast
+    cheap = refitcore.MutableEngine(model, x, backend="reference", check="version")
+    assert cheap.check == "version" and fast[0].check == "content"
+    _data_mul(model)
+    cheap(x)
+    assert cheap.last_action == "none"                     # documented: the version counter did not move
+    with pytest.raises(ValueError, match="'content'.*'version'"):
+        refitcore.MutableEngine(model, x, backend="reference", check="fast")

@@ -107,9 +107,10 @@ def _cmd_compile(args, progress: Progress) -> int:
         raise CliError(f"{args.factory} rejects input shape(s) {shapes}: {first}") from err
     with progress.step(f"compiling {args.factory} for input {shapes} (export, conversion, {args.backend} build)"):
         try:
+            # A cache hit is checked against eager PyTorch on the example inputs before it is saved.
             engine = compile_model(model, inputs, backend=args.backend, model_factory=args.factory,
                                        dynamic_shapes=dynamic_shapes,
-                                       cache=args.cache)
+                                       cache=args.cache, verify_inputs=[inputs] if args.cache else None)
         except UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
         except BackendUnavailableError as err:
@@ -215,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", metavar="CKPT", help="load these weights into the model before compiling")
     c.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="where to write the engine bundle")
     c.add_argument("--cache", metavar="DIR", help="engine cache directory: on a hit, load the engine and refit the "
-                   "model's weights instead of exporting and building (default: no cache)")
+                   "model's weights instead of exporting and building, after checking it against eager PyTorch on the "
+                   "example input (default: no cache)")
 
     g = command("gate", _cmd_gate, "refuse a checkpoint whose refit does not reproduce eager PyTorch",
                 "Refit a copy of the engine with CHECKPOINT through the chosen path(s), compare with eager "

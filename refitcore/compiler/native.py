@@ -78,10 +78,12 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     precision and toolchain: :func:`refitcore.cache.key.cache_key`) the stored engine is loaded
     and refitted with ``model``'s current weights through the cached map instead of exporting and
     building; with ``verify_inputs`` (a list of samples) that refit is checked against eager
-    ``model``, and an entry that disagrees is evicted and rebuilt. ``keep_exported=True`` exports
-    on a hit too, keeping the exported program that the fallback refit path converts (and checking
-    that its graph is the cached engine's). The engine says what happened: ``engine.cache_hit``
-    (True, False, or None without a cache) and ``engine.cache_key``.
+    ``model``, and an entry that disagrees is evicted and rebuilt. A key that cannot see everything
+    ``forward`` reads (``key.complete`` False: an attribute holding an object without fields...) is
+    served only with ``verify_inputs``; without, the model is compiled (and the reason logged).
+    ``keep_exported=True`` exports on a hit too, keeping the exported program that the fallback
+    refit path converts (and checking that its graph is the cached engine's). The engine says what
+    happened: ``engine.cache_hit`` (True, False, or None without a cache) and ``engine.cache_key``.
 
     Example::
 
@@ -105,10 +107,16 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     if store_to is None:
         return _compile(model, args, kwargs, options, reason)
     key = compile_key(model, args, options, kwargs=kwargs)
-    engine = _from_cache(store_to, key, model, verify_inputs=verify_inputs, keep_exported=keep_exported,
-                         model_factory=model_factory)
-    if engine is not None:
-        return engine
+    if key.complete or verify_inputs is not None:
+        engine = _from_cache(store_to, key, model, verify_inputs=verify_inputs, keep_exported=keep_exported,
+                             model_factory=model_factory)
+        if engine is not None:
+            return engine
+    else:
+        log.warning("refitcore: engine cache: the key of this model is incomplete (%s%s); compiling instead of "
+                    "serving a hit that cannot be verified (give verify_inputs= to use the cache)",
+                    key.incomplete_reasons[0], f"; and {len(key.incomplete_reasons) - 1} more"
+                    if len(key.incomplete_reasons) > 1 else "")
     engine = _compile(model, args, kwargs, options, reason)
     engine.record_cache(False, key.digest)
     if store(store_to, key, engine):
