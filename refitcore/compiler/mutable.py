@@ -164,7 +164,7 @@ class MutableEngine:
         if not result:
             # The signatures stay as they were: the next call tries again instead of running this engine.
             raise RefitError([f"after refitting {len(changed)} changed tensor(s), the engine disagrees with eager "
-                              f"PyTorch:\n{result}"], rolled_back=False)
+                              f"PyTorch:\n{result}"], rolled_back=result.restored)
         log.info("refitcore: MutableEngine: refitted %d changed tensor(s) (%s) via the %s path", len(changed),
                  ", ".join(changed[:3]) + (" ..." if len(changed) > 3 else ""), result.path)
         tensors = self.model.state_dict(keep_vars=True)
