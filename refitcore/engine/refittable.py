@@ -47,6 +47,11 @@ FORMAT = "refitcore.engine"
 MAX_INPUT_ELEMENTS = bundle.MAX_TENSOR_ELEMENTS   # per input or output tensor of a loaded engine
 
 
+def _from_record(field: str, doc: str) -> Any:
+    """A read-only attribute of the engine that is its :class:`EngineRecord`'s ``field``."""
+    return property(lambda self: getattr(self.record, field), doc=doc)
+
+
 class RefittableEngine:
     """A compiled model that can be refitted: callable like the model.
 
@@ -78,17 +83,18 @@ class RefittableEngine:
         self._said_plain = False
 
     # ---- what the record and the call spec say ---------------------------------------------
-    @property
-    def fingerprint(self) -> str:
-        return self.record.fingerprint
-
-    @property
-    def graph_entries(self) -> list | None:
-        return self.record.graph_entries
-
-    @property
-    def options(self) -> CompileOptions:
-        return self.record.options
+    fingerprint = _from_record("fingerprint", "The exported graph's digest (str).")
+    graph_entries = _from_record("graph_entries", "The exported graph's entries (list), None for a loaded engine.")
+    options = _from_record("options", "The :class:`refitcore.engine.options.CompileOptions` it was compiled with.")
+    state_keys = _from_record("state_keys", "The model's full state_dict key list at compile time.")
+    backend_reason = _from_record("backend_reason", "Why this backend (str).")
+    partition = _from_record("partition", "The :class:`refitcore.partition.partitioner.PartitionPlan` of a "
+                                          "partitioned engine, else None.")
+    eager_modules = _from_record("eager_modules", "[(module path, why it runs eagerly)] of compiled submodules "
+                                                  "in an eager model.")
+    cache_hit = _from_record("cache_hit", "True (loaded from the cache and refitted), False (compiled and "
+                                          "stored), None (no cache).")
+    cache_key = _from_record("cache_key", "The engine cache key's digest, None without a cache.")
 
     @property
     def model_factory(self) -> str | None:
@@ -99,33 +105,6 @@ class RefittableEngine:
     def model_factory(self, factory: str | None) -> None:
         options = dataclasses.replace(self.record.options, model_factory=factory)
         self.record = dataclasses.replace(self.record, options=options)
-
-    @property
-    def state_keys(self) -> list[str]:
-        """The model's full state_dict key list at compile time."""
-        return self.record.state_keys
-
-    @property
-    def backend_reason(self) -> str:
-        return self.record.backend_reason
-
-    @property
-    def partition(self) -> PartitionPlan | None:
-        """The partition plan of a partitioned engine (:mod:`refitcore.partition`), else None."""
-        return self.record.partition
-
-    @property
-    def eager_modules(self) -> list[tuple[str, str]]:
-        """[(module path, why it runs eagerly)] of compiled submodules in an eager model."""
-        return self.record.eager_modules
-
-    @property
-    def cache_hit(self) -> bool | None:
-        return self.record.cache_hit
-
-    @property
-    def cache_key(self) -> str | None:
-        return self.record.cache_key
 
     def record_cache(self, hit: bool, key: str) -> None:
         """Say what the engine cache did: ``hit`` (loaded and refitted) or not (compiled and stored), under ``key``."""
