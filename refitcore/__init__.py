@@ -6,6 +6,11 @@ use (PEP 562), so ``refitcore.options`` and ``refitcore.errors`` load without th
 The subpackages follow the pipeline: ``capture`` -> ``conversion`` -> ``partition`` ->
 ``backends`` -> ``engine`` -> ``refitting`` -> ``cache`` -> ``compiler`` -> ``gating`` -> ``cli``
 (``docs/architecture.md``).
+
+The names here are the API the README documents and the results and errors they return. The
+building blocks behind them stay in their modules: the cache key (``refitcore.cache.key``:
+``cache_key``, ``architecture_fingerprint``), the eager reference model
+(``refitcore.capture.eager.eager_model``), the gate's sample loader (``refitcore.gating.samples``).
 """
 from __future__ import annotations
 
@@ -30,8 +35,6 @@ _PUBLIC = {
     "Verdict": "refitcore.refitting.verify",
     "find_culprit": "refitcore.refitting.culprit",
     "Culprit": "refitcore.refitting.culprit",
-    "eager_model": "refitcore.capture.eager",
-    "EagerModelError": "refitcore.capture.eager",
     "UntrustedFactoryError": "refitcore.capture.eager",
     "Inputs": "refitcore.capture.structured",
     "DimRange": "refitcore.capture.shapes",
@@ -42,12 +45,8 @@ _PUBLIC = {
     "WeightSource": "refitcore.conversion.weight_map",
     "gate": "refitcore.gating.gate",
     "GateReport": "refitcore.gating.gate",
-    "load_samples": "refitcore.gating.samples",
     "EngineCache": "refitcore.cache.store",
     "BaseEngineCache": "refitcore.cache.store",
-    "CacheKey": "refitcore.cache.key",
-    "cache_key": "refitcore.cache.key",
-    "architecture_fingerprint": "refitcore.cache.key",
     **dict.fromkeys((
         "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
         "MapCannotServeError", "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
@@ -71,9 +70,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run time
-    from refitcore.cache.key import CacheKey, architecture_fingerprint, cache_key
     from refitcore.cache.store import BaseEngineCache, EngineCache
-    from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
+    from refitcore.capture.eager import UntrustedFactoryError
     from refitcore.capture.shapes import DimRange
     from refitcore.capture.structured import Inputs
     from refitcore.compiler.mutable import MutableEngine
@@ -94,7 +92,6 @@ if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run tim
         WeightMappingError,
     )
     from refitcore.gating.gate import GateReport, gate
-    from refitcore.gating.samples import load_samples
     from refitcore.refitting.audit import Audit, audit, audit_paths
     from refitcore.refitting.culprit import Culprit, find_culprit
     from refitcore.refitting.driver import apply_mapping

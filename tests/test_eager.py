@@ -1,4 +1,4 @@
-"""``refitcore.eager_model``: one loader of the eager reference model, from a module, an exported
+"""``refitcore.capture.eager.eager_model``: one loader of the eager reference model, from a module, an exported
 program or a factory; it keeps state_dict metadata, casts to the template's dtypes, never writes into
 the caller's model, and gives one clear error."""
 from __future__ import annotations

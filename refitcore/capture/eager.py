@@ -52,7 +52,7 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
 
     Example::
 
-        reference = refitcore.eager_model(new_state, engine=engine, trust_factory=True)
+        reference = refitcore.capture.eager.eager_model(new_state, engine=engine, trust_factory=True)
     """
     module = _template(model, engine, trust_factory)
     own = module.state_dict()
