@@ -67,6 +67,8 @@ CASES = [
     pytest.param(Fn(lambda x: torch.diff(x, n=5)), (2, 5), "aten.diff.default", "empty result", id="diff_empty"),
     pytest.param(Fn(lambda x: torch.log_softmax(x, -1, dtype=torch.float64)), (2, 5), "aten.log_softmax.int",
                  "log_softmax with dtype=torch.float64", id="log_softmax_float64"),
+    pytest.param(Fn(nn.LSTM(5, 4, proj_size=2, batch_first=True)), (2, 3, 5), "aten.lstm.input", "proj_size",
+                 id="lstm_projected"),
 ]
 
 
