@@ -14,8 +14,9 @@ is in the list when:
 - its schema is functional: no argument it writes (``Tensor(a!)``), no ``out=`` argument, no
   ``Storage`` or ``Generator`` argument, no argument naming a file or path;
 - it is not tagged ``nondeterministic_seeded`` (random ops; dropout, attention dropout and the
-  recurrent layers' dropout between layers are in, run only with their probability zero or training off: :data:`RANDOM_UNLESS`) and is not data-dependent in size
-  unless its result is bounded by its inputs (:data:`INPUT_BOUNDED_OPS`: ``nonzero``, ``unique``...;
+  recurrent layers' dropout between layers are in, run only with their probability zero or
+  training off: :data:`RANDOM_UNLESS`) and is not data-dependent in size unless its result is
+  bounded by its inputs (:data:`INPUT_BOUNDED_OPS`: ``nonzero``, ``unique``...;
   ``bincount`` and ``repeat_interleave.Tensor`` are out);
 - its name is in none of the families of :data:`_DENIED` (files, storages, process state,
   sparse and quantized layouts, vendor-library kernels, writes through an argument).
