@@ -487,6 +487,30 @@ def resize(layer, ins, w):
     return [y]
 
 
+# TensorRT's GridSample operator page
+# (https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/GridSample.html):
+# interpolation NEAREST / LINEAR, out-of-bound locations read 0 (FILL), the nearest border value
+# (CLAMP) or are reflected by the borders until inbounds (REFLECT); align_corners maps -1 and 1 to
+# the centres of the corner pixels (True) or to their outer edges (False). These are the
+# definitions of F.grid_sample's modes, which the interpreter therefore calls.
+_GRID_MODES = {"NEAREST": "nearest", "LINEAR": "bilinear"}
+_GRID_PADDING = {"FILL": "zeros", "CLAMP": "border", "REFLECT": "reflection"}
+
+
+@op("GRID_SAMPLE")
+def grid_sample(layer, ins, w):
+    """IGridSampleLayer: input [N, C, H, W], grid [N, H_out, W_out, 2] (x, y in [-1, 1])."""
+    a = layer["attrs"]
+    x, grid = ins
+    mode, padding = a.get("interpolation_mode") or "LINEAR", a.get("sample_mode") or "FILL"
+    if mode not in _GRID_MODES or padding not in _GRID_PADDING:
+        raise NotImplementedError(f"layer {layer['name']!r}: grid sample {mode} with sample mode {padding}")
+    if x.dim() != 4 or grid.dim() != 4 or grid.shape[-1] != 2 or grid.shape[0] != x.shape[0]:
+        raise ValueError(f"layer {layer['name']!r}: grid sample of {list(x.shape)} at a grid {list(grid.shape)}")
+    return [F.grid_sample(x, grid.to(x.dtype), mode=_GRID_MODES[mode], padding_mode=_GRID_PADDING[padding],
+                          align_corners=bool(a.get("align_corners")))]
+
+
 @op("CUMULATIVE")
 def cumulative(layer, ins, w):
     """ICumulativeLayer SUM along the axis in input 1 (a 0-D tensor): forward/reverse,

@@ -13,9 +13,10 @@ is in the list when:
 - the dispatcher registers it (TorchScript-only operators such as ``aten::save`` are not);
 - its schema is functional: no argument it writes (``Tensor(a!)``), no ``out=`` argument, no
   ``Storage`` or ``Generator`` argument, no argument naming a file or path;
-- it is not tagged ``nondeterministic_seeded`` (random ops; dropout and attention dropout are in,
-  run only with their probability zero or training off: :data:`RANDOM_UNLESS`) and is not data-dependent in size
-  unless its result is bounded by its inputs (:data:`INPUT_BOUNDED_OPS`: ``nonzero``, ``unique``...;
+- it is not tagged ``nondeterministic_seeded`` (random ops; dropout, attention dropout and the
+  recurrent layers' dropout between layers are in, run only with their probability zero or
+  training off: :data:`RANDOM_UNLESS`) and is not data-dependent in size unless its result is
+  bounded by its inputs (:data:`INPUT_BOUNDED_OPS`: ``nonzero``, ``unique``...;
   ``bincount`` and ``repeat_interleave.Tensor`` are out);
 - its name is in none of the families of :data:`_DENIED` (files, storages, process state,
   sparse and quantized layouts, vendor-library kernels, writes through an argument).
@@ -50,7 +51,7 @@ INPUT_BOUNDED_OPS = frozenset({
     "aten.equal.default", "aten.allclose.default", "aten.index.Tensor"})
 # Random only when an argument says so (dropout in training, attention dropout): allowed, and
 # refused by check_call when that argument (name, position) is not zero/false.
-RANDOM_UNLESS = {"aten.dropout.default": ("train", 2),
+RANDOM_UNLESS = {"aten.dropout.default": ("train", 2), "aten.lstm.input": ("train", 6), "aten.gru.input": ("train", 6),
                  "aten.scaled_dot_product_attention.default": ("dropout_p", 4)}
 
 # Op families no file may name, matched on the op name (``aten.<name>.<overload>``).

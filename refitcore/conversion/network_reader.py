@@ -53,6 +53,7 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "RESIZE": ("IResizeLayer", ("shape", "scales", "resize_mode", "coordinate_transformation",
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",
                                 "selector_for_single_pixel"), {}),
+    "GRID_SAMPLE": ("IGridSampleLayer", ("interpolation_mode", "sample_mode", "align_corners"), {}),
 }
 
 # attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a

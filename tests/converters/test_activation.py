@@ -1,4 +1,4 @@
-"""Activations: softmax, hard/SiLU gates and the squeeze-excitation product."""
+"""Activations: softmax, log_softmax, hard/SiLU gates and the squeeze-excitation product."""
 import pytest
 import torch
 from torch import nn
@@ -16,6 +16,8 @@ from .harness import Proj, check_converter
     pytest.param(nn.Sigmoid(), id="sigmoid"),
     pytest.param(nn.GELU(approximate="tanh"), id="gelu_tanh"),
     pytest.param(nn.ReLU6(), id="relu6"),
+    pytest.param(nn.LogSoftmax(dim=-1), id="log_softmax_last"),
+    pytest.param(nn.LogSoftmax(dim=1), id="log_softmax_dim1"),
 ])
 def test_activation_matches_eager_and_refits(act):
     check_converter(Proj(act, d=6), torch.randn(2, 3, 6) * 3)
@@ -36,3 +38,17 @@ class SEBlock(nn.Module):
 
 def test_squeeze_excitation_matches_eager_and_refits():
     check_converter(SEBlock(), torch.randn(1, 3, 8, 8))
+
+
+def test_log_softmax_stays_finite_where_softmax_underflows():
+    """Logits 200 apart: exp underflows to 0 in float32, so log(softmax) would be -inf; PyTorch's
+    shifted form is finite (-200), and so is the engine's."""
+    engine = check_converter(Proj(lambda y: torch.log_softmax(y * 100, dim=-1)), torch.randn(2, 3, 4) * 3)
+    x = torch.tensor([[[1.0, -1.0, 0.0, 0.0]]]).expand(2, 3, 4).contiguous()
+    out = engine(x)
+    assert torch.isfinite(out).all(), out
+
+
+def test_underscore_log_softmax_converts():
+    """aten._log_softmax.default (what some decompositions leave) takes the same converter."""
+    check_converter(Proj(lambda y: torch.ops.aten._log_softmax.default(y, 1, False)), torch.randn(2, 3, 4))

@@ -59,6 +59,16 @@ CASES = [
                  id="cumsum_dtype"),
     pytest.param(Fn(lambda x: x.double().cumsum(1)), (2, 5), "aten._to_copy.default", "float64",
                  id="float64_arithmetic"),
+    pytest.param(Fn(lambda x: F.grid_sample(x, x[:, :2].permute(0, 2, 3, 1).tanh(), mode="bicubic",
+                                            align_corners=False)),
+                 (1, 3, 4, 4), "aten.grid_sampler.default", "bicubic grid_sample", id="grid_sample_bicubic"),
+    pytest.param(Fn(lambda x: F.grid_sample(x, x[:, :3].permute(0, 2, 3, 4, 1).tanh(), align_corners=False)),
+                 (1, 3, 2, 4, 4), "aten.grid_sampler.default", "5-D grid_sample", id="grid_sample_volumetric"),
+    pytest.param(Fn(lambda x: torch.diff(x, n=5)), (2, 5), "aten.diff.default", "empty result", id="diff_empty"),
+    pytest.param(Fn(lambda x: torch.log_softmax(x, -1, dtype=torch.float64)), (2, 5), "aten.log_softmax.int",
+                 "log_softmax with dtype=torch.float64", id="log_softmax_float64"),
+    pytest.param(Fn(nn.LSTM(5, 4, proj_size=2, batch_first=True)), (2, 3, 5), "aten.lstm.input", "proj_size",
+                 id="lstm_projected"),
 ]
 
 

@@ -1,5 +1,5 @@
-"""cumsum (ICumulativeLayer), top-k / argmax / argmin (ITopKLayer), trigonometric and rounding
-unaries, repeat/tile, pixel (un)shuffle, shape-only constants (arange) and a static complex
+"""cumsum (ICumulativeLayer), diff (slices and a difference), top-k / argmax / argmin (ITopKLayer),
+trigonometric and rounding unaries, repeat/tile, pixel (un)shuffle, shape-only constants (arange) and a static complex
 buffer seen as real (view_as_real folds to a literal)."""
 import pytest
 import torch
@@ -22,6 +22,12 @@ from .harness import Proj, check_converter
     pytest.param(lambda y: y.repeat(2, 1, 1, 2), id="repeat_adds_axis"),
     pytest.param(lambda y: torch.tile(y, (2,)), id="tile"),
     pytest.param(lambda y: y + torch.arange(4), id="arange_folds"),
+    pytest.param(lambda y: torch.diff(y), id="diff"),
+    pytest.param(lambda y: torch.diff(y, n=2, dim=1), id="diff_n2_dim1"),
+    pytest.param(lambda y: torch.diff(y, dim=0, prepend=y[:1] * 0, append=y[-1:]), id="diff_prepend_append"),
+    pytest.param(lambda y: torch.diff(y, dim=-1, prepend=torch.ones(2, 3, 1)), id="diff_constant_prepend"),
+    pytest.param(lambda y: torch.diff(y > 0, dim=1).float() + y[:, 1:], id="diff_bool_xor"),
+    pytest.param(lambda y: torch.diff((y * 4).long(), dim=2).float() * y[..., 1:], id="diff_int64"),
 ])
 def test_misc_op_matches_eager_and_refits(fn):
     check_converter(Proj(fn), torch.randn(2, 3, 4))

@@ -1,5 +1,6 @@
 """Upsampling as IResizeLayer: nearest (FLOOR rounding), nearest-exact, linear/bilinear/trilinear
-with align_corners both ways, by size and by whole scale factors; DeepLab-style segmentation head."""
+with align_corners both ways, by size and by whole scale factors; DeepLab-style segmentation head;
+grid_sample (IGridSampleLayer) in every mode and padding mode it supports."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,3 +55,33 @@ def test_segmentation_head_upsamples_to_the_input():
             return F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     check_converter(Seg(), torch.randn(1, 3, 16, 16))
+
+
+class Warp(nn.Module):
+    """A conv, then grid_sample of its output at a grid that is an input (optical-flow warping) or
+    a projection of it (a learned sampling grid: refittable)."""
+
+    def __init__(self, learned: bool = False, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+        self.offset = nn.Linear(2, 2) if learned else None
+        self.kw = kw
+
+    def forward(self, x, grid):
+        if self.offset is not None:
+            grid = torch.tanh(self.offset(grid))
+        return F.grid_sample(self.conv(x), grid, **self.kw)
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("align_corners", [False, True], ids=["no_align", "align"])
+def test_grid_sample_matches_eager_and_refits(mode, padding_mode, align_corners):
+    torch.manual_seed(0)
+    grid = torch.rand(2, 5, 3, 2) * 2.6 - 1.3   # beyond [-1, 1]: padding matters
+    check_converter(Warp(mode=mode, padding_mode=padding_mode, align_corners=align_corners),
+                    torch.randn(2, 3, 4, 6), grid)
+
+
+def test_grid_sample_at_a_learned_grid_refits():
+    check_converter(Warp(learned=True, align_corners=False), torch.randn(1, 3, 5, 5), torch.randn(1, 4, 4, 2))

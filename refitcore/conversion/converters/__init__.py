@@ -10,6 +10,7 @@ from refitcore.conversion.converters import (
     matmul,
     normalization,
     pooling,
+    recurrent,
     reduce,
     resize,
     shape,
@@ -18,4 +19,4 @@ from refitcore.conversion.converters import (
 
 # the op families, each registered on import
 __all__ = ["activation", "attention", "casts", "conv", "elementwise", "indexing", "logical", "matmul",
-           "normalization", "pooling", "reduce", "resize", "shape", "shape_dynamic"]
+           "normalization", "pooling", "recurrent", "reduce", "resize", "shape", "shape_dynamic"]

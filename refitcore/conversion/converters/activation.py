@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.converters._util import arg, rank
+from refitcore.conversion.converters._util import arg, axes_mask, rank
 from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
@@ -101,15 +101,38 @@ def softmax(ctx: ConversionContext, x, dim: int, *, suffix: str | None = None):
     return ctx.name(layer, suffix).get_output(0)
 
 
+def log_softmax(ctx: ConversionContext, x, dim: int):
+    """log_softmax(x) = (x - max) - log(sum(exp(x - max))) along one axis: the shifted form PyTorch
+    computes, finite wherever x is (log of a softmax layer would give -inf where exp underflows)."""
+    trt = ctx.trt
+    r = rank(x)
+    if r == 0:
+        raise Unsupported("log_softmax of a 0-d tensor")
+    axes = axes_mask([int(dim)], r)
+    peak = ctx.name(ctx.network.add_reduce(x, trt.ReduceOperation.MAX, axes, True), "max").get_output(0)
+    shifted = ctx.name(ctx.network.add_elementwise(x, peak, trt.ElementWiseOperation.SUB), "shift").get_output(0)
+    exp = ctx.name(ctx.network.add_unary(shifted, trt.UnaryOperation.EXP), "exp").get_output(0)
+    total = ctx.name(ctx.network.add_reduce(exp, trt.ReduceOperation.SUM, axes, True), "sum").get_output(0)
+    log_total = ctx.name(ctx.network.add_unary(total, trt.UnaryOperation.LOG), "log").get_output(0)
+    return ctx.name(ctx.network.add_elementwise(shifted, log_total, trt.ElementWiseOperation.SUB)).get_output(0)
+
+
 def _check_float_softmax(node) -> str | None:
-    dtype = node.args[2] if node.target is aten.softmax.int and len(node.args) > 2 else node.kwargs.get("dtype")
-    if node.target is aten._softmax.default and node.args[2]:
-        return "half_to_float softmax"
+    name = "log_softmax" if node.target in (aten._log_softmax.default, aten.log_softmax.int) else "softmax"
+    typed = node.target in (aten.softmax.int, aten.log_softmax.int)
+    dtype = node.args[2] if typed and len(node.args) > 2 else node.kwargs.get("dtype")
+    if not typed and node.args[2]:
+        return f"half_to_float {name}"
     if dtype not in (None, torch.float32):
-        return f"softmax with dtype={dtype}"
+        return f"{name} with dtype={dtype}"
     return None
 
 
 @converter(aten._softmax.default, aten.softmax.int, capability=_check_float_softmax)
 def softmax_default(ctx, node, args, kwargs):
     return softmax(ctx, args[0], args[1])
+
+
+@converter(aten._log_softmax.default, aten.log_softmax.int, capability=_check_float_softmax)
+def log_softmax_default(ctx, node, args, kwargs):
+    return log_softmax(ctx, args[0], args[1])

@@ -1,10 +1,22 @@
-"""Reductions: sum, max, min over axes, and vector norms (sqrt of a sum of squares)."""
+"""Reductions: sum, max, min over axes, vector norms (sqrt of a sum of squares); scans along an
+axis: cumsum and its inverse, diff."""
 from __future__ import annotations
 
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.converters._util import arg, axes_mask, cast, rank, reshape, shape_of, typed_constant
+from refitcore.conversion.converters._util import (
+    arg,
+    as_tensor,
+    axes_mask,
+    cast,
+    rank,
+    reshape,
+    shape_of,
+    torch_dtype_of,
+    typed_constant,
+)
+from refitcore.conversion.converters.shape import slice_
 from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
@@ -78,6 +90,51 @@ def cumsum(ctx, node, args, kwargs):
     return cumulative_sum(ctx, args[0], arg(args, kwargs, 1, "dim"))
 
 
+def diff(ctx: ConversionContext, x, n: int, dim: int, prepend=None, append=None):
+    """torch.diff: ``prepend``, ``x`` and ``append`` concatenated along ``dim``, then ``n`` times
+    ``y[1:] - y[:-1]`` there (two slices and a SUB; XOR for booleans, as PyTorch's logical_xor)."""
+    trt = ctx.trt
+    r = rank(x)
+    dim %= r
+    dtype = torch_dtype_of(ctx, x)
+    parts = [as_tensor(ctx, v, rank_=r, suffix=role, dtype=dtype) if v is not x else x
+             for role, v in (("prepend", prepend), ("input", x), ("append", append)) if v is not None]
+    y = x
+    if len(parts) > 1:
+        layer = ctx.network.add_concatenation([cast(ctx, p, dtype, suffix=f"part{i}_cast")
+                                               for i, p in enumerate(parts)])
+        layer.axis = dim
+        y = ctx.name(layer, "cat").get_output(0)
+    op = trt.ElementWiseOperation.XOR if dtype == torch.bool else trt.ElementWiseOperation.SUB
+    for k in range(int(n)):
+        shape = list(shape_of(y))
+        shape[dim] -= 1
+        later, earlier = ([0] * r for _ in range(2))
+        later[dim] = 1
+        hi = slice_(ctx, y, later, shape, [1] * r, suffix=f"step{k}_later")
+        lo = slice_(ctx, y, earlier, shape, [1] * r, suffix=f"step{k}_earlier")
+        layer = ctx.network.add_elementwise(hi, lo, op)
+        y = ctx.name(layer, None if k == n - 1 else f"step{k}").get_output(0)
+    return y
+
+
+def _check_diff(node) -> str | None:
+    out = node.meta["val"]
+    dim = arg(node.args, node.kwargs, 2, "dim", -1) % max(out.dim(), 1)
+    size = out.shape[dim] if out.dim() else 0
+    if not isinstance(size, int):
+        return f"diff along dynamic dimension {dim} (its slices need a static length)"
+    if size == 0:
+        return "diff with n at least the length along dim (an empty result)"
+    return None
+
+
+@converter(aten.diff.default, capability=_check_diff)
+def diff_default(ctx, node, args, kwargs):
+    return diff(ctx, args[0], arg(args, kwargs, 1, "n", 1), arg(args, kwargs, 2, "dim", -1),
+                arg(args, kwargs, 3, "prepend"), arg(args, kwargs, 4, "append"))
+
+
 def topk(ctx: ConversionContext, x, k: int, dim: int, largest: bool = True, *, keepdim: bool = True,
          suffix: str | None = None):
     """(values, int64 indices) of the k largest (smallest) along ``dim``: an ITopKLayer (sorted
@@ -113,4 +170,4 @@ def argmax(ctx, node, args, kwargs):
     return indices
 
 
-__all__ = ["reduce", "cumulative_sum", "topk", "Unsupported"]
+__all__ = ["reduce", "cumulative_sum", "diff", "topk", "Unsupported"]

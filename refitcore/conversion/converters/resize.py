@@ -17,13 +17,21 @@ when a scale factor is: the two differ when ``len_in * scale_factor`` is not a w
 TensorRT's formulas use the lengths, so such calls are refused. The output shape is always set
 explicitly. Bicubic is refused: the operator page does not say how TensorRT reads the pixels a
 cubic kernel needs beyond the border (PyTorch clamps them to the edge).
+
+``F.grid_sample`` is TensorRT's IGridSampleLayer
+(https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/GridSample.html): 4-D
+input [N, C, H, W], grid [N, H_out, W_out, 2] of coordinates normalized to [-1, 1],
+``align_corners`` as PyTorch's, interpolation NEAREST / LINEAR and ``sample_mode`` FILL (zeros),
+CLAMP (border), REFLECT (reflection). Volumetric (5-D) sampling is refused (the layer takes
+[N, C, H, W]), and so is bicubic, for the reason above: the page does not say which cubic
+coefficient the layer uses nor how it reads the taps beyond the border.
 """
 from __future__ import annotations
 
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.converters._util import out_shape
+from refitcore.conversion.converters._util import arg, as_tensor, out_shape
 from refitcore.conversion.registry import converter
 
 aten = torch.ops.aten
@@ -91,4 +99,46 @@ def upsample(ctx, node, args, kwargs):
     return resize(ctx, args[0], out_shape(ctx), mode, align)
 
 
-__all__ = ["resize"]
+# PyTorch's enums (torch.nn.functional.grid_sample: mode bilinear=0, nearest=1, bicubic=2;
+# padding_mode zeros=0, border=1, reflection=2) -> TensorRT's names
+_GRID_MODES = {0: "LINEAR", 1: "NEAREST"}
+_GRID_PADDING = {0: "FILL", 1: "CLAMP", 2: "REFLECT"}
+_GRID_MODE_NAMES = {0: "bilinear", 1: "nearest", 2: "bicubic"}
+
+
+def _check_grid_sample(node) -> str | None:
+    x = node.args[0].meta["val"]
+    mode = arg(node.args, node.kwargs, 2, "interpolation_mode")
+    padding = arg(node.args, node.kwargs, 3, "padding_mode")
+    if x.dim() != 4:
+        return f"{x.dim()}-D grid_sample (TensorRT's GridSample takes 4-D [N, C, H, W] input)"
+    if not x.dtype.is_floating_point:
+        return f"grid_sample of {x.dtype} (TensorRT's GridSample takes floating-point input)"
+    if mode not in _GRID_MODES:
+        return (f"{_GRID_MODE_NAMES.get(mode, mode)} grid_sample (TensorRT documents no cubic coefficient nor "
+                f"how cubic taps beyond the border are read; PyTorch's are A=-0.75, padded per tap)")
+    if padding not in _GRID_PADDING:
+        return f"grid_sample padding mode {padding}"
+    return None
+
+
+def grid_sample(ctx: ConversionContext, x, grid, mode: str, padding: str, align_corners: bool):
+    """An IGridSampleLayer (TensorRT names: ``mode`` NEAREST/LINEAR, ``padding`` FILL/CLAMP/REFLECT)."""
+    trt = ctx.trt
+    x = as_tensor(ctx, x, rank_=4, suffix="input")
+    grid = as_tensor(ctx, grid, rank_=4, suffix="grid")
+    layer = ctx.network.add_grid_sample(x, grid)
+    layer.interpolation_mode = getattr(trt.InterpolationMode, mode)
+    layer.sample_mode = getattr(trt.SampleMode, padding)
+    layer.align_corners = bool(align_corners)
+    return ctx.name(layer).get_output(0)
+
+
+@converter(aten.grid_sampler.default, aten.grid_sampler_2d.default, capability=_check_grid_sample)
+def grid_sampler(ctx, node, args, kwargs):
+    return grid_sample(ctx, args[0], args[1], _GRID_MODES[arg(args, kwargs, 2, "interpolation_mode")],
+                       _GRID_PADDING[arg(args, kwargs, 3, "padding_mode")],
+                       arg(args, kwargs, 4, "align_corners"))
+
+
+__all__ = ["resize", "grid_sample"]
