@@ -46,12 +46,13 @@ def _outputs(out) -> list[torch.Tensor]:
 
 
 def check_converter(model: nn.Module, *inputs: torch.Tensor, seed: int = 1,
-                    paths: Sequence[str] = ("cached", "fallback")) -> refitcore.RefittableEngine:
+                    paths: Sequence[str] = ("cached", "fallback"), strict: bool = True) -> refitcore.RefittableEngine:
     """Compile ``model`` on the reference backend, check it against eager, refit it with random
     weights through each path (verify + audit) and check the refit changed the answer. Returns the
-    compiled engine."""
+    compiled engine. ``strict``: every op must convert (a converter that declines its op fails the
+    test instead of passing with the op in PyTorch); ``strict=False`` for models meant to partition."""
     model = model.eval()
-    engine = refitcore.compile(model, inputs, backend="reference")
+    engine = refitcore.compile(model, inputs, backend="reference", strict=strict)
     with torch.no_grad():
         expected = _outputs(model(*inputs))
     actual = _outputs(engine(*inputs))

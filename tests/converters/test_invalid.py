@@ -92,3 +92,13 @@ def test_unsupported_call_runs_in_pytorch(model, shape, op, why):
         return   # random by definition: nothing to compare
     with torch.no_grad():
         torch.testing.assert_close(engine(x), model(x), rtol=1e-5, atol=1e-5, check_dtype=False)
+
+
+def test_the_harness_fails_a_converter_that_declines():
+    """check_converter compiles strictly: an op whose converter declines fails the test instead of
+    passing with the op run in PyTorch."""
+    from tests.converters.harness import Proj, check_converter
+
+    with pytest.raises(UnsupportedOperatorError, match="aten.roll.default"):
+        check_converter(Proj(lambda x: torch.roll(x, 2)), torch.randn(2, 4))
+    check_converter(Proj(lambda x: torch.roll(x, 2)), torch.randn(2, 4), strict=False)   # partitions, and passes
