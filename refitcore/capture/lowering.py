@@ -22,7 +22,7 @@ import sympy
 import torch
 from torch import fx
 
-__all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
+__all__ = ["export_model", "lower", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
            "DETAIL_LOG", "DETAIL_HINT"]
 
 DETAIL_LOG = logging.getLogger("refitcore.export")   # torch.export's own messages, and full export errors
@@ -51,9 +51,18 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: 
                                      strict=False)
     finally:
         model.train(was_training)
-    # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,
-    # but keep every composite op whole, so each one maps onto one TensorRT layer family.
-    return ep.run_decompositions({})
+    return lower(ep)
+
+
+def lower(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` in the IR our converters take: functional ATen (the ``ATEN`` dialect) with every
+    composite op whole. A program as ``torch.export.export`` returns it (the ``TRAINING`` dialect:
+    ``aten.dropout``, ``aten.batch_norm``, in-place ops) is lowered with an empty decomposition
+    table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form, but keep every
+    composite op whole, so each one maps onto one TensorRT layer family. A program already in the
+    ``ATEN`` dialect (lowered by :func:`export_model`, or by anyone) is returned as it is: the
+    dialect says what a program is, whatever ops it happens to hold."""
+    return ep if ep.dialect == "ATEN" else ep.run_decompositions({})
 
 
 class _ToDebug(logging.Filter):
