@@ -51,7 +51,7 @@ _PUBLIC = {
     **dict.fromkeys((
         "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
         "MapCannotServeError", "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
-        "ShapeRangeError", "WeightlessEngineError"), "refitcore.errors"),
+        "MutationError", "ShapeRangeError", "WeightlessEngineError"), "refitcore.errors"),
 }
 
 __all__ = sorted(_PUBLIC)
@@ -86,6 +86,7 @@ if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run tim
         BundleError,
         ExportError,
         MapCannotServeError,
+        MutationError,
         RefitCoreError,
         RefitError,
         ShapeRangeError,

@@ -21,6 +21,9 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
+from torch.export.graph_signature import OutputKind
+
+from refitcore.errors import MutationError
 
 __all__ = ["export_model", "lower", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
            "DETAIL_LOG", "DETAIL_HINT"]
@@ -61,8 +64,18 @@ def lower(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form, but keep every
     composite op whole, so each one maps onto one TensorRT layer family. A program already in the
     ``ATEN`` dialect (lowered by :func:`export_model`, or by anyone) is returned as it is: the
-    dialect says what a program is, whatever ops it happens to hold."""
-    return ep if ep.dialect == "ATEN" else ep.run_decompositions({})
+    dialect says what a program is, whatever ops it happens to hold. A program that writes into an
+    input or buffer raises :class:`~refitcore.errors.MutationError` naming them."""
+    lowered = ep if ep.dialect == "ATEN" else ep.run_decompositions({})
+    # Lowering makes in-place writes functional: the new value of a mutated input or buffer is an
+    # extra output of the graph (graph_signature.output_specs). An engine returns outputs and
+    # writes nothing back, so a program that mutates is refused here, naming what it mutates.
+    sig = lowered.graph_signature
+    inputs = [s.target for s in sig.output_specs if s.kind == OutputKind.USER_INPUT_MUTATION]
+    buffers = [s.target for s in sig.output_specs if s.kind == OutputKind.BUFFER_MUTATION]
+    if inputs or buffers:
+        raise MutationError(inputs, buffers)
+    return lowered
 
 
 class _ToDebug(logging.Filter):

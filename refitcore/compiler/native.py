@@ -28,7 +28,7 @@ from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord
 from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
-from refitcore.errors import ExportError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
+from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, partition
 from refitcore.refitting.refit import refit
 
@@ -189,6 +189,8 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
               if options.submodules is None else None)
     except Exception as err:
         if options.strict or shape_profiles is not None:
+            if isinstance(err, MutationError):   # exported, but no engine can do what it does
+                raise
             raise ExportError("", err) from err
         DETAIL_LOG.debug("torch.export of the model failed", exc_info=err)
         log.warning("refitcore: torch.export cannot export the model (%s); compiling the submodules that export "
