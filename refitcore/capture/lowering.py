@@ -25,8 +25,8 @@ from torch.export.graph_signature import OutputKind
 
 from refitcore.errors import MutationError
 
-__all__ = ["export_model", "lower", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
-           "DETAIL_LOG", "DETAIL_HINT"]
+__all__ = ["export_model", "lower", "CONV_OPS", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint",
+           "input_names", "DETAIL_LOG", "DETAIL_HINT"]
 
 DETAIL_LOG = logging.getLogger("refitcore.export")   # torch.export's own messages, and full export errors
 DETAIL_HINT = "the full text is logged at DEBUG level by the 'refitcore' logger, e.g. pytest --log-level=DEBUG"
