@@ -50,7 +50,7 @@ _PUBLIC = {
     **dict.fromkeys((
         "RefitCoreError", "UnsupportedOperatorError", "ArchitectureMismatchError", "WeightMappingError",
         "MapCannotServeError", "RefitError", "BundleError", "BackendUnavailableError", "ExportError",
-        "ShapeRangeError", "WeightlessEngineError"), "refitcore.errors"),
+        "MutationError", "ShapeRangeError", "WeightlessEngineError"), "refitcore.errors"),
 }
 
 __all__ = sorted(_PUBLIC)
@@ -84,6 +84,7 @@ if TYPE_CHECKING:   # what type checkers and IDEs see; never imported at run tim
         BundleError,
         ExportError,
         MapCannotServeError,
+        MutationError,
         RefitCoreError,
         RefitError,
         ShapeRangeError,

@@ -6,6 +6,7 @@ __all__ = [
     "RefitCoreError",
     "UnsupportedOperatorError",
     "ExportError",
+    "MutationError",
     "ArchitectureMismatchError",
     "WeightMappingError",
     "MapCannotServeError",
@@ -48,6 +49,20 @@ class ExportError(RefitCoreError):
             f"torch.export cannot export {path or 'the model'}: {self.cause_line}\n"
             f"(data-dependent control flow? compile without strict=True to compile the submodules that do "
             f"export and run the rest eagerly, or pass submodules=[...] naming them)")
+
+
+class MutationError(RefitCoreError):
+    """``forward`` writes into one of its inputs or buffers (``x.add_(1)``, ``self.count += 1``),
+    which an engine cannot do: it computes outputs only. ``.inputs`` and ``.buffers`` name them."""
+
+    def __init__(self, inputs: list[str], buffers: list[str]):
+        self.inputs, self.buffers = list(inputs), list(buffers)
+        what = [f"input {n!r}" for n in self.inputs] + [f"buffer {n!r}" for n in self.buffers]
+        super().__init__(
+            f"forward mutates {', '.join(what)} in place, which an engine cannot do (it computes outputs, it "
+            f"writes nothing back)\n(clone an input before changing it, or return the updated value instead of "
+            f"storing it; compiled without strict=True, a module that mutates runs eagerly and its submodules "
+            f"are compiled)")
 
 
 class WeightMappingError(RefitCoreError, ValueError):

@@ -2,6 +2,8 @@
 and deterministic, unique, explicit layer and weight names."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -201,3 +203,59 @@ def test_every_engine_kind_implements_the_protocol():
         assert all(callable(getattr(kind, m)) for m in members if m != "name"), name
     with pytest.raises(KeyError, match="known kinds"):
         kind_named("nope")
+
+
+# ----------------------------------------------------------------------------- mutations in forward
+
+class _Counter(nn.Module):
+    """Counts its calls in a buffer (a buffer mutation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.fc(x) * self.calls
+
+
+class _AddsToInput(nn.Module):
+    """Writes into its input (an input mutation)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        x.add_(1)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("model, named", [
+    pytest.param(_Counter, "buffer 'calls'", id="buffer"),
+    pytest.param(_AddsToInput, "input 'x'", id="input"),
+])
+def test_a_mutation_in_forward_is_refused_naming_it(model, named):
+    x = torch.randn(2, 4)
+    for options in ({"strict": True}, {"dynamic_shapes": {"x": {0: (1, 4)}}}):
+        with pytest.raises(refitcore.MutationError) as info:
+            refitcore.compile(model().eval(), (x.clone(),), backend="reference", **options)
+        assert f"forward mutates {named} in place" in str(info.value), options
+        assert "clone an input" in str(info.value)
+
+
+@pytest.mark.parametrize("model", [_Counter, _AddsToInput], ids=["buffer", "input"])
+def test_a_mutation_in_forward_runs_eagerly_without_strict(model):
+    """Without strict=True the module that mutates runs in PyTorch (its submodules compiled), so a
+    call does what eager does: the engine's counter counts, the caller's input is written."""
+    torch.manual_seed(0)
+    given, x = model().eval(), torch.randn(2, 4)
+    engine = refitcore.compile(given, (x.clone(),), backend="reference")
+    assert "MutationError" in str(engine.summary())
+    compiled = copy.deepcopy(given)   # after compile's own call of forward, as the engine's state is
+    for _ in range(2):
+        a, b = x.clone(), x.clone()
+        with torch.no_grad():
+            torch.testing.assert_close(engine(a), compiled(b))
+        torch.testing.assert_close(a, b)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import refitcore
 from refitcore.backends.reference import ReferenceRefitter
 from tests.conftest import bit_identical, outputs
+from tests.dynamic_models import tiny_bert
 
 MODEL = "conv_bias_bn"
 
@@ -368,3 +370,25 @@ def test_large_finite_values_pass_the_finiteness_check_under_strict_numpy_errors
             assert all_finite(big)
             assert not all_finite(np.array([1.0, np.inf], np.float32))
             assert not all_finite(np.array([np.nan], np.float64))
+
+
+def _mlp_with_dropout():
+    return nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Dropout(0.1), nn.Linear(16, 3)).eval()
+
+
+@pytest.mark.parametrize("make, inputs", [
+    pytest.param(_mlp_with_dropout, lambda: (torch.randn(2, 6),), id="mlp_dropout"),
+    pytest.param(tiny_bert, lambda: (torch.randint(0, 100, (2, 7)), torch.ones(2, 7, dtype=torch.long)),
+                 id="tiny_bert"),
+])
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_a_raw_export_without_batchnorm_refits_through_both_paths(make, inputs, path):
+    """``torch.export.export`` as users call it (no BatchNorm, so nothing but the program's dialect
+    says it is not lowered yet) as the new weights."""
+    torch.manual_seed(0)
+    model, x = make().eval(), inputs()
+    engine = refitcore.compile(model, x, backend="reference")
+    new = make().eval()
+    program = torch.export.export(new, x)
+    result = refitcore.refit(engine, program, path=path, verify_inputs=[x], reference_model=new)
+    assert result.ok and result.path == path, str(result)

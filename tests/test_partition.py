@@ -86,6 +86,56 @@ def test_torch_executed_ops_are_honoured():
     assert "aten.tanh.default" in str(e.summary())
 
 
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("spelling", [
+    torch.ops.aten.convolution.default, torch.ops.aten.convolution, "aten.convolution.default",
+    "torch.ops.aten.convolution.default", "aten.convolution", "aten::convolution",
+], ids=["overload", "packet", "name", "torch_ops_name", "packet_name", "schema"])
+def test_torch_executed_ops_take_every_spelling(spelling):
+    """As Torch-TensorRT's users write them: our lowering keeps aten.conv2d whole, which is what
+    ``aten.convolution`` names here."""
+    x = torch.randn(1, 3, 8, 8)
+    e = refitcore.compile(_ConvNet().eval(), x, backend="reference", min_block_size=1, torch_executed_ops=[spelling])
+    listed = [op for op, _p, why in e.partition.fallback.values() if why == "listed in torch_executed_ops"]
+    assert listed == ["aten.conv2d.default"], e.partition.fallback
+    assert e.options.torch_executed_ops[0].startswith("aten.convolution")
+
+
+@pytest.mark.parametrize("bad", ["aten.convolutoin.default", "aten.convolution.nope", "convolution", 42,
+                                 torch.nn.functional.conv2d], ids=["op", "overload", "bare", "int", "function"])
+def test_an_unknown_torch_executed_op_is_an_error_naming_it(bad):
+    with pytest.raises(ValueError, match="torch_executed_ops: .* name no operator torch has") as info:
+        refitcore.compile(_ConvNet().eval(), torch.randn(1, 3, 8, 8), backend="reference",
+                          torch_executed_ops=["aten.relu", bad])
+    assert (bad if isinstance(bad, str) else type(bad).__name__) in str(info.value)
+    assert "aten.relu" not in str(info.value).split("name no operator")[0]
+
+
+def test_a_torch_executed_op_absent_from_the_graph_is_said(caplog):
+    with caplog.at_level("WARNING", logger="refitcore"):
+        refitcore.compile(_ConvNet().eval(), torch.randn(1, 3, 8, 8), backend="reference",
+                          torch_executed_ops=["aten.addmm.default"])
+    assert "['aten.addmm.default'] match no op of the exported graph" in caplog.text
+    assert "aten.linear.default" in caplog.text
+
+
+def test_torch_executed_ops_with_dynamic_shapes_are_refused_not_ignored():
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(refitcore.ShapeRangeError, match=r"torch_executed_ops would run aten\.relu\.default") as info:
+        refitcore.compile(_ConvNet().eval(), x, backend="reference", torch_executed_ops=[torch.ops.aten.relu],
+                          dynamic_shapes={"x": {0: (1, 4)}})
+    assert "compile without dynamic_shapes=" in str(info.value)
+
+
 def test_strict_refuses_and_lists_every_op():
     with pytest.raises(refitcore.UnsupportedOperatorError) as info:
         refitcore.compile(_make(0), X, backend="reference", strict=True)

@@ -3,8 +3,10 @@ fail (verification inputs, the eager reference model's state_dict) is checked be
 is touched (refitcore.refitting.validate)."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import refitcore
 from refitcore.capture.eager import EagerModelError
@@ -105,3 +107,63 @@ def test_check_samples_accepts_the_forms_verify_takes(compiled):
         check_samples(io, [])
     with pytest.raises(ValueError, match="expected a torch.Tensor, got ndarray"):
         check_samples(io, [(c.x.numpy(),)])
+
+
+# ----------------------------------------------------------------------------- non-finite constants
+
+class _MaskedSoftmax(nn.Module):
+    """Linear -> masked_fill(pad, -inf) -> softmax: the ``-inf`` is a literal of the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, pad):
+        return torch.softmax(self.fc(x).masked_fill(pad, float("-inf")), -1)
+
+
+def _pad_inputs():
+    pad = torch.zeros(2, 3, 4, dtype=torch.bool)
+    pad[..., -1] = True
+    return torch.randn(2, 3, 4), pad
+
+
+def test_a_literal_minus_inf_is_structure_and_refits_through_both_paths():
+    x, pad = _pad_inputs()
+    engine = refitcore.compile(_MaskedSoftmax().eval(), (x, pad), backend="reference")
+    literal = [n for n in engine.weight_map.constant_weights
+               if not np.isfinite(engine.weight_map.constants[engine.weight_map[n].inputs["x"]["const"]]).all()]
+    assert literal, engine.weight_map.sources
+    new = _MaskedSoftmax().eval()
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(engine, new, path=path, verify_inputs=(x, pad), audit=True)
+        assert result, str(result)
+    # A checkpoint never holds it: the literal keeps its value.
+    result = refitcore.refit(engine, new.state_dict(), path="cached", verify_inputs=(x, pad))
+    assert result, str(result)
+    assert np.isneginf(refitcore.cached_mapping(engine.weight_map, new)[literal[0]]).all()
+
+
+class _BiasPlusMask(nn.Module):
+    """A weight derived from the state_dict that the graph adds a ``-inf`` constant to."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.randn(4))
+        self.register_buffer("mask", torch.tensor([0.0, 0.0, 0.0, float("-inf")]), persistent=False)
+
+    def forward(self, x):
+        return torch.softmax(x + (self.b + self.mask), -1)
+
+
+def test_a_state_dict_weight_made_non_finite_by_a_constant_says_so():
+    x = torch.randn(2, 4)
+    engine = refitcore.compile(_BiasPlusMask().eval(), (x,), backend="reference")
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.cached_mapping(engine.weight_map, _BiasPlusMask().eval())
+    text = str(info.value)
+    assert "is derived from the state_dict ('b') and must be finite" in text
+    assert "constant(s) of the graph holding NaN/Inf" in text and "-inf" in text
+    assert "overflows" not in text
+    with pytest.raises(refitcore.WeightMappingError, match="in a weight derived from the state_dict"):
+        refitcore.refit(engine, _BiasPlusMask().eval(), path="fallback")

@@ -21,9 +21,12 @@ from typing import Any
 import sympy
 import torch
 from torch import fx
+from torch.export.graph_signature import OutputKind
 
-__all__ = ["export_model", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint", "input_names",
-           "DETAIL_LOG", "DETAIL_HINT"]
+from refitcore.errors import MutationError
+
+__all__ = ["export_model", "lower", "CONV_OPS", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint",
+           "input_names", "DETAIL_LOG", "DETAIL_HINT"]
 
 DETAIL_LOG = logging.getLogger("refitcore.export")   # torch.export's own messages, and full export errors
 DETAIL_HINT = "the full text is logged at DEBUG level by the 'refitcore' logger, e.g. pytest --log-level=DEBUG"
@@ -51,9 +54,28 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: 
                                      strict=False)
     finally:
         model.train(was_training)
-    # An empty table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form,
-    # but keep every composite op whole, so each one maps onto one TensorRT layer family.
-    return ep.run_decompositions({})
+    return lower(ep)
+
+
+def lower(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``ep`` in the IR our converters take: functional ATen (the ``ATEN`` dialect) with every
+    composite op whole. A program as ``torch.export.export`` returns it (the ``TRAINING`` dialect:
+    ``aten.dropout``, ``aten.batch_norm``, in-place ops) is lowered with an empty decomposition
+    table: functionalise (relu_ -> relu) and lower BatchNorm to its eval form, but keep every
+    composite op whole, so each one maps onto one TensorRT layer family. A program already in the
+    ``ATEN`` dialect (lowered by :func:`export_model`, or by anyone) is returned as it is: the
+    dialect says what a program is, whatever ops it happens to hold. A program that writes into an
+    input or buffer raises :class:`~refitcore.errors.MutationError` naming them."""
+    lowered = ep if ep.dialect == "ATEN" else ep.run_decompositions({})
+    # Lowering makes in-place writes functional: the new value of a mutated input or buffer is an
+    # extra output of the graph (graph_signature.output_specs). An engine returns outputs and
+    # writes nothing back, so a program that mutates is refused here, naming what it mutates.
+    sig = lowered.graph_signature
+    inputs = [s.target for s in sig.output_specs if s.kind == OutputKind.USER_INPUT_MUTATION]
+    buffers = [s.target for s in sig.output_specs if s.kind == OutputKind.BUFFER_MUTATION]
+    if inputs or buffers:
+        raise MutationError(inputs, buffers)
+    return lowered
 
 
 class _ToDebug(logging.Filter):

@@ -28,8 +28,8 @@ from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord
 from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
-from refitcore.errors import ExportError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
-from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, partition
+from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
+from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
 from refitcore.refitting.refit import refit
 
 __all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key"]
@@ -57,8 +57,10 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
 
     Inputs: ``example_inputs`` (a tensor or a tuple of positional inputs) or ``args=``/``kwargs=``;
     any pytree of tensors, Python scalars and None. The engine takes and returns the same
-    structures as the model. Ops without a converter, and ops in ``torch_executed_ops``, run in
-    PyTorch (partitioning: :mod:`refitcore.partition`), as do runs of fewer than
+    structures as the model. Ops without a converter, and ops in ``torch_executed_ops`` (op overloads,
+    packets, or their names, ``'aten.convolution.default'``, with or without ``'torch.ops.'``; a name
+    that is no operator is a :class:`ValueError`), run in PyTorch (partitioning:
+    :mod:`refitcore.partition`), as do runs of fewer than
     ``min_block_size`` convertible ops; ``strict=True`` instead refuses a model that does not
     convert whole, listing every unsupported op. A model torch.export cannot export whole has its
     largest exporting submodules compiled and the rest run eagerly (:mod:`refitcore.engine.hybrid`;
@@ -189,6 +191,8 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
               if options.submodules is None else None)
     except Exception as err:
         if options.strict or shape_profiles is not None:
+            if isinstance(err, MutationError):   # exported, but no engine can do what it does
+                raise
             raise ExportError("", err) from err
         DETAIL_LOG.debug("torch.export of the model failed", exc_info=err)
         log.warning("refitcore: torch.export cannot export the model (%s); compiling the submodules that export "
@@ -196,9 +200,30 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
         ep = None
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason)
+    _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
     if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
         shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
     return _compile_exported(model, ep, args, kwargs, options, reason, shape_profiles)
+
+
+def _check_executed_ops(ep, options: CompileOptions, *, dynamic: bool) -> None:
+    """``torch_executed_ops`` are never ignored silently: a name that matches no op of the exported
+    graph is logged with the ops it has, and with dynamic shapes (one network, no PyTorch segments:
+    see :func:`_compile_exported`) an op the list sends to PyTorch is refused."""
+    if not options.torch_executed_ops:
+        return
+    nodes, unmatched = executed_op_nodes(ep, options.torch_executed_ops)
+    if unmatched:
+        ops = sorted({str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function"})
+        log.warning("refitcore: torch_executed_ops %s match no op of the exported graph, so they change nothing; "
+                    "its ops: %s%s", unmatched, ", ".join(ops[:12]), f" (+{len(ops) - 12} more)" if len(ops) > 12
+                    else "")
+    if dynamic and nodes:
+        shown = ", ".join(f"{n.target} (node {n.name})" for n in nodes[:5]) + (
+            f" (+{len(nodes) - 5} more)" if len(nodes) > 5 else "")
+        raise ShapeRangeError(f"torch_executed_ops would run {shown} in PyTorch, but an engine with dynamic "
+                              f"shapes is one TensorRT network (no PyTorch segments yet); compile without "
+                              f"dynamic_shapes= (fixed shapes), or without torch_executed_ops")
 
 
 def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, options: CompileOptions, reason: str,

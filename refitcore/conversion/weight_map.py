@@ -203,6 +203,14 @@ class WeightMap:
     def keys_used(self) -> list[str]:
         return list(dict.fromkeys(k for s in self.sources.values() for k in s.keys))
 
+    @property
+    def constant_weights(self) -> frozenset[str]:
+        """Engine weights that read no state_dict key: literals of the graph (a ``-inf`` of
+        ``masked_fill``, a causal mask) and model tensors outside the state_dict. They are structure,
+        not weights: a refit never takes them from a checkpoint, and they may hold NaN/Inf as the model
+        does; only values derived from the state_dict must be finite."""
+        return frozenset(name for name, s in self.sources.items() if not s.keys)
+
     def consumers(self, key: str) -> list[str]:
         """Engine weights that read a state_dict key."""
         return [name for name, s in self.sources.items() if key in s.keys]

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE
+from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_names
 
 __all__ = ["CompileOptions"]
 
@@ -20,8 +20,9 @@ __all__ = ["CompileOptions"]
 class CompileOptions:
     """How a model is compiled (see :func:`refitcore.compile` for each option).
 
-    ``torch_executed_ops`` are kept as their names (``str(op)``, what the partitioner matches) and
-    ``submodules`` as a tuple. ``dynamic_shapes`` and ``profiles`` are the arguments as given
+    ``torch_executed_ops`` are kept as their canonical names, however spelt
+    (:func:`refitcore.partition.partitioner.executed_op_names`: :class:`ValueError` naming any that
+    is no operator), and ``submodules`` as a tuple. ``dynamic_shapes`` and ``profiles`` are the arguments as given
     (torch.export ``Dim`` objects are no data): a saved engine keeps their resolved ranges in its
     IO spec (:class:`refitcore.engine.records.IOSpec` ``profiles``) instead."""
 
@@ -37,7 +38,7 @@ class CompileOptions:
     verbose: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "torch_executed_ops", tuple(sorted(str(op) for op in self.torch_executed_ops)))
+        object.__setattr__(self, "torch_executed_ops", executed_op_names(self.torch_executed_ops))
         if self.submodules is not None:
             object.__setattr__(self, "submodules", tuple(self.submodules))
 

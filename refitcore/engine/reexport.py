@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
-from refitcore.capture.lowering import export_model, graph_fingerprint
+from refitcore.capture.lowering import export_model, graph_fingerprint, lower
 from refitcore.capture.shapes import export_example
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import ArchitectureMismatchError
@@ -65,7 +65,7 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
         ep = export_model(source, [torch.zeros(s, dtype=getattr(torch, d))
                                    for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)])
     elif isinstance(source, torch.export.ExportedProgram):
-        ep = source.run_decompositions({}) if not _is_lowered(source) else source
+        ep = lower(source)
     else:
         ep = engine.exported_program
         if ep is None:
@@ -88,10 +88,6 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
         raise ArchitectureMismatchError([f"the new model's graph differs from the compiled one ({where}); "
                                          f"recompile needed"])
     return ep
-
-
-def _is_lowered(ep) -> bool:
-    return not any(getattr(n.target, "__name__", "") == "batch_norm.default" for n in ep.graph.nodes)
 
 
 def conversion_params(weight_map: WeightMap, state: Mapping[str, torch.Tensor],

@@ -26,12 +26,12 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
-from refitcore.capture.lowering import module_path
+from refitcore.capture.lowering import CONV_OPS, module_path
 from refitcore.conversion.convert import dynamic_node_names, node_problem
 from refitcore.partition.torch_program import SHAPE_ONLY_OPS
 
 __all__ = ["Segment", "PartitionPlan", "partition", "subprogram", "SubProgram", "DEFAULT_MIN_BLOCK_SIZE",
-           "op_matcher"]
+           "op_matcher", "executed_op_names", "executed_op_nodes"]
 
 DEFAULT_MIN_BLOCK_SIZE = 5     # Torch-TensorRT's default
 TRT_DTYPES = frozenset({torch.float32, torch.float16, torch.int32, torch.int64, torch.bool})
@@ -80,16 +80,72 @@ class PartitionPlan:
                    list(d.get("skipped", [])), {e[0]: e[1] for e in d.get("counted", [])})
 
 
+# Torch-TensorRT lowers these composite ops to the op named on the left, so its users name that op
+# ("aten.convolution.default"); our lowering keeps them whole (refitcore.capture.lowering), and
+# naming the op they decompose to names them.
+_KEPT_WHOLE = {"aten.convolution": tuple(str(op) for op in CONV_OPS)}
+
+
+def _known_op(name: str) -> bool:
+    """Whether ``'ns.op'`` or ``'ns.op.overload'`` is an operator torch has."""
+    parts = name.split(".")
+    if len(parts) not in (2, 3) or not all(parts):
+        return False
+    try:
+        packet = getattr(getattr(torch.ops, parts[0]), parts[1])
+    except (AttributeError, RuntimeError):
+        return False
+    return len(parts) == 2 or parts[2] in packet.overloads()
+
+
+def executed_op_names(ops: Iterable[Any]) -> tuple[str, ...]:
+    """``torch_executed_ops`` as sorted canonical names, ``'aten.embedding.default'`` (one overload)
+    or ``'aten.embedding'`` (every overload), however a user spells them: an op overload
+    (``torch.ops.aten.embedding.default``), a packet (``torch.ops.aten.embedding``), or a string in
+    either form, with or without ``'torch.ops.'`` (or as a schema, ``'aten::embedding'``). Raises
+    :class:`ValueError` naming every entry that is no operator torch has: a misspelt op would
+    otherwise be ignored silently."""
+    if isinstance(ops, str):
+        ops = [ops]
+    names, unknown = set(), []
+    for op in ops:
+        name = (op if isinstance(op, str) else str(op)).strip()
+        name = name.removeprefix("torch.ops.").replace("::", ".")
+        if _known_op(name):
+            names.add(name)
+        else:
+            unknown.append(op if isinstance(op, str) else f"{op!r} ({type(op).__name__})")
+    if unknown:
+        raise ValueError(f"torch_executed_ops: {unknown} name no operator torch has; give ATen ops as "
+                         f"torch.ops.aten.<op>.<overload>, torch.ops.aten.<op> or their names "
+                         f"('aten.<op>.<overload>', 'aten.<op>')")
+    return tuple(sorted(names))
+
+
 def op_matcher(ops: Iterable[Any]) -> Callable[[Any], bool]:
-    """A predicate on node targets from user-given ops: ``"aten.embedding.default"``, a packet name
-    ``"aten.embedding"`` (every overload) or the torch op objects themselves."""
-    names = {str(o) for o in ops}
+    """A predicate on node targets from user-given ops (any spelling :func:`executed_op_names`
+    takes): an overload matches itself, a packet every overload of it, and an op that our lowering
+    keeps whole matches when the op it decomposes to is named (``aten.convolution``: the convs)."""
+    names = set(executed_op_names(ops))
+    names |= {whole for name in list(names) for packet, kept in _KEPT_WHOLE.items()
+              if name == packet or name.startswith(packet + ".") for whole in kept}
 
     def match(target) -> bool:
         name = str(target)
         return name in names or any(name.startswith(n + ".") for n in names)
 
     return match
+
+
+def executed_op_nodes(ep, ops: Iterable[Any]) -> tuple[list[fx.Node], list[str]]:
+    """(the nodes that depend on the inputs and that ``ops`` name, the names among ``ops`` that
+    match no node of the graph at all)."""
+    names = executed_op_names(ops)
+    dynamic = dynamic_node_names(ep)
+    calls = [n for n in ep.graph_module.graph.nodes if n.op == "call_function"]
+    unmatched = [name for name in names if not any(op_matcher([name])(n.target) for n in calls)]
+    user_op = op_matcher(names)
+    return [n for n in calls if n.name in dynamic and user_op(n.target)], unmatched
 
 
 def _tensors(val) -> list[torch.Tensor]:

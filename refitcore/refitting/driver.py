@@ -9,7 +9,7 @@ value), so the driver sets *all* refittable weights every time.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,11 +34,15 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], list[str]]:
+def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *,
+                     constant_weights: Collection[str] = ()) -> tuple[dict[str, np.ndarray], list[str]]:
     """Check every weight against the engine's prototypes before anything is touched.
 
     Returns (arrays cast to the engine dtype, problems). Problems: unknown names, engine weights
-    without a value, wrong count, non-float or overflowing values, NaN/Inf."""
+    without a value, wrong count, non-float or overflowing values, NaN/Inf in a weight derived from
+    the state_dict. ``constant_weights`` (:attr:`~refitcore.conversion.weight_map.WeightMap.constant_weights`)
+    name the weights that read no state_dict key: constants of the graph, which may hold NaN/Inf
+    (a ``masked_fill`` with ``-inf``) as the model does."""
     problems: list[str] = []
     names = list(refitter.get_all_weights())
     known = set(names)
@@ -65,17 +69,18 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any]) -> tuple[di
             if not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
                 continue
-            if not all_finite(arr):
+            if name not in constant_weights and not all_finite(arr):
                 finite_in = np.isfinite(arr)
                 bad = int((~finite_in).sum())
-                first = np.unravel_index(int(np.argmin(finite_in)), arr.shape) if arr.ndim else ()
-                problems.append(f"{name!r}: {bad} non-finite value(s) (first at {list(first)}: "
-                                f"{arr.reshape(-1)[int(np.argmin(finite_in.reshape(-1)))]})")
+                first = [int(i) for i in np.unravel_index(int(np.argmin(finite_in)), arr.shape)] if arr.ndim else []
+                problems.append(f"{name!r}: {bad} non-finite value(s) (first at {first}: "
+                                f"{arr.reshape(-1)[int(np.argmin(finite_in.reshape(-1)))]}) in a weight derived "
+                                f"from the state_dict (only constants of the graph may hold NaN/Inf)")
                 continue
             if arr.dtype != want:
                 with np.errstate(over="ignore"):
                     cast = arr.astype(want)
-                if not np.isfinite(cast).all():
+                if not all_finite(cast) and not np.isfinite(cast[np.isfinite(arr)]).all():
                     problems.append(f"{name!r}: values up to {float(np.abs(arr).max()):.3g} overflow {proto.dtype}")
                     continue
                 arr = cast
@@ -128,7 +133,7 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False,
     target = engine if in_place else engine.clone()
     impl: EngineImpl = target.impl
     refitter = impl.create_refitter(adopt=hand_over)
-    arrays, problems = validate_mapping(refitter, mapping)
+    arrays, problems = validate_mapping(refitter, mapping, constant_weights=target.weight_map.constant_weights)
     if problems:
         raise WeightMappingError(problems, header="refit refused before touching the engine")
     previous = impl.rollback_weights()

@@ -54,9 +54,10 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
             want = getattr(torch, src.dtype, ENGINE_DTYPE)   # float32 but for PyTorch segments' buffers
             if value.dtype != want:
                 value = value.to(want)
-            # The keys are finite (prepare_weights checked them): a non-finite value here is a recipe
-            # overflow, explained by the ranges of the keys behind it.
-            problems = nonfinite_weight_problems(weight_map, name, value, state)
+            # The keys are finite (prepare_weights checked them): a non-finite value derived from them
+            # is a recipe overflow or a non-finite constant in their arithmetic, said as such. A value
+            # that reads no key (a literal such as masked_fill's -inf) is structure, never refused.
+            problems = nonfinite_weight_problems(weight_map, name, value, state, constants)
             if problems:
                 raise WeightMappingError(problems)
             if value.numel() != src.count:

@@ -17,7 +17,7 @@ import torch
 
 from refitcore.capture.eager import EagerModelError, eager_model
 from refitcore.capture.structured import sample_list
-from refitcore.conversion.weight_map import WeightMap, operand_keys
+from refitcore.conversion.weight_map import WeightMap, operand_constants
 
 __all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
            "nonfinite_weight_problems", "all_finite", "BN_RECIPES"]
@@ -105,27 +105,46 @@ def variance_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) 
 
 
 def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Tensor,
-                              state: Mapping[str, torch.Tensor]) -> list[str]:
-    """Why a computed engine weight is not finite, in terms of state_dict keys ([] when it is finite).
+                              state: Mapping[str, torch.Tensor],
+                              constants: Mapping[str, np.ndarray] | None = None) -> list[str]:
+    """Why a computed engine weight is not finite, in terms of state_dict keys ([] when it is finite,
+    or when it reads no state_dict key: a constant of the graph or model, such as the ``-inf`` of a
+    ``masked_fill``, is structure and may hold NaN/Inf as eager does; see
+    :attr:`~refitcore.conversion.weight_map.WeightMap.constant_weights`).
 
-    Traced back through the weight's recipe operands: keys holding NaN/Inf (every such key the
-    engine reads is listed), else an overflow of the recipe, with its operands' ranges."""
-    if not value.is_floating_point() or all_finite(value):
+    A weight derived from the state_dict must be finite. Traced back through its recipe operands:
+    keys holding NaN/Inf (every such key the engine reads is listed), else a constant of the graph
+    it reads that holds NaN/Inf (``constants``: the map's, or those read from the new model), else
+    an overflow of the recipe, with its operands' ranges."""
+    src = weight_map.sources[name]
+    if not value.is_floating_point() or not src.keys or all_finite(value):
         return []
     problems = nonfinite_key_problems(weight_map, state)
     if problems:
         return problems
-    src = weight_map.sources[name]
     bad = ~torch.isfinite(value)
     idx, got = _first_bad(value, bad)
+    head = (f"engine weight {name!r} = {src.recipe}(...) is derived from the state_dict "
+            f"({', '.join(repr(k) for k in src.keys)}) and must be finite, but has {int(bad.sum())} non-finite "
+            f"value(s) (first at {idx}: {got}) although those keys are finite")
+    constants = weight_map.constants if constants is None else constants
+    literals = []
+    for cid in dict.fromkeys(c for v in src.inputs.values() for c in operand_constants(v)):
+        t = torch.from_numpy(np.asarray(constants[cid])) if cid in constants else None
+        if t is not None and t.is_floating_point() and t.numel() and not all_finite(t):
+            at, first = _first_bad(t, ~torch.isfinite(t))
+            literals.append(f"{cid}: {first} at {at}")
+    if literals:
+        return [f"{head}: it combines them with constant(s) of the graph holding NaN/Inf ({', '.join(literals)}); "
+                f"a weight computed from the state_dict cannot hold those (keep the non-finite constant out of "
+                f"the weights' arithmetic, e.g. apply the mask to activations)"]
     parts = []
-    for key in dict.fromkeys(k for v in src.inputs.values() for k in operand_keys(v)):
+    for key in src.keys:
         t = state.get(key)
         if t is not None and t.is_floating_point() and t.numel():
             parts.append(f"{key!r} in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
-    return [f"engine weight {name!r} = {src.recipe}(...) has {int(bad.sum())} non-finite value(s) (first at "
-            f"{idx}: {got}) although its inputs are finite: {', '.join(parts) or 'no state_dict input'}; the "
-            f"{src.recipe} result overflows float32 for these values"]
+    return [f"{head}: {', '.join(parts) or 'no state_dict input'}; the {src.recipe} result overflows float32 for "
+            f"these values"]
 
 
 def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:

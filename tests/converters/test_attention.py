@@ -85,3 +85,67 @@ def test_attention_matches_eager_and_refits(model, shape):
         # replays the gather from the table (so both refit paths recompute it).
         assert any("aten.index.Tensor" in json.dumps(src.inputs) and "table" in json.dumps(src.inputs)
                    for src in engine.weight_map.sources.values()), engine.weight_map.sources
+
+
+# ----------------------------------------------------------------------------- the documented edges
+
+class MaskInputSDPA(nn.Module):
+    """Queries from ``x``, keys and values from ``y`` (L != S), attention masked by an input."""
+
+    def __init__(self, d: int = 8, **kwargs):
+        super().__init__()
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.kwargs = kwargs
+
+    def forward(self, x, y, mask=None):
+        q = self.q(x).unflatten(-1, (2, -1)).transpose(1, 2)
+        k, v = self.kv(y).unflatten(-1, (2, 2, -1)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **self.kwargs)
+
+
+class ConstantMaskSDPA(MaskInputSDPA):
+    """A key padding mask made in forward (a literal of the graph) that masks every key of query row 1."""
+
+    def forward(self, x, y):
+        mask = torch.ones(x.shape[1], y.shape[1], dtype=torch.bool)
+        mask[1] = False
+        return super().forward(x, y, mask)
+
+
+def _bool_mask(batch=2, lq=3, s=5):
+    mask = torch.rand(batch, 1, lq, s) > 0.3
+    mask[0, :, 1] = False          # a query row that may attend to nothing: 0 in eager
+    mask[1, :, :, -2:] = False     # left/right padding of the second sequence
+    mask[1, :, 2] = False
+    return mask
+
+
+def _float_mask(scale=float("-inf")):
+    return torch.zeros(2, 1, 3, 5).masked_fill(~_bool_mask(), scale)
+
+
+@pytest.mark.parametrize("model, mask", [
+    pytest.param(MaskInputSDPA(), _bool_mask(), id="bool_mask_row_all_false"),
+    pytest.param(MaskInputSDPA(), _float_mask(), id="float_mask_row_all_minus_inf"),
+    pytest.param(MaskInputSDPA(scale=0.3), _float_mask(), id="float_mask_scale"),
+    pytest.param(MaskInputSDPA(), _float_mask(torch.finfo(torch.float32).min), id="float_mask_finfo_min"),
+    pytest.param(MaskInputSDPA(), _bool_mask()[:, :, :1], id="bool_mask_broadcast_over_queries"),
+])
+def test_fully_masked_rows_match_eager(model, mask):
+    x, y = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    check_converter(model, x, y, mask)
+    with torch.no_grad():
+        eager = model.eval()(x, y, mask)
+    if mask.dtype == torch.bool and mask.shape[2] == 3:
+        assert eager[0, :, 1].abs().max() == 0     # the edge itself: eager gives 0, not the mean of V
+
+
+@pytest.mark.parametrize("model, lq, s", [
+    pytest.param(ConstantMaskSDPA(), 3, 5, id="constant_mask_row_all_false"),
+    pytest.param(MaskInputSDPA(is_causal=True), 3, 5, id="causal_fewer_queries"),
+    pytest.param(MaskInputSDPA(is_causal=True), 5, 3, id="causal_more_queries"),
+    pytest.param(MaskInputSDPA(is_causal=True, scale=2.0), 4, 4, id="causal_scale"),
+])
+def test_attention_edges_match_eager(model, lq, s):
+    check_converter(model, torch.randn(2, lq, 8), torch.randn(2, s, 8))

@@ -3,7 +3,15 @@ softmax(q @ k^T * scale + mask) @ v (the math of ``torch.nn.functional.scaled_do
 
 The scale is a literal (recorded as a constant); a boolean mask becomes a float mask of 0 and
 ``MASKED`` (folded when it is a constant, an ISelectLayer when the network computes it, e.g. from
-the input's shape); float masks are added; ``is_causal`` is a literal lower-triangular float mask.
+the input's shape); float masks are added; ``is_causal`` is a literal lower-triangular float mask
+aligned to the top left (``torch.ones(L, S).tril()``, as documented, also when L != S).
+
+A row of queries that may attend to nothing (a boolean mask row all False, a float mask row all
+``-inf``) is 0 in eager PyTorch: its math kernel ends in ``_safe_softmax``, which zeroes rows whose
+masked scores are all ``-inf``, where a plain softmax gives a uniform row (the mean of V) or NaN. The
+network does the same: such rows are found from the mask (its row maximum is ``MASKED`` or ``-inf``)
+and the output is selected to 0 there. A float mask of large finite values (HF's
+``finfo(float32).min``) masks no row entirely, in eager as here.
 """
 from __future__ import annotations
 
@@ -76,11 +84,30 @@ def scaled_dot_product_attention(ctx: ConversionContext, q, k, v, *, attn_mask=N
                 keep = as_tensor(ctx, 0.0, rank_=mr, suffix="mask_keep")
                 drop = as_tensor(ctx, MASKED, rank_=mr, suffix="mask_drop")
                 attn_mask = ctx.name(ctx.network.add_select(attn_mask, keep, drop), "mask_select").get_output(0)
+            fully_masked = MASKED
+        else:
+            fully_masked = -math.inf
         m = as_tensor(ctx, attn_mask, rank_=r, suffix="mask")
         s = ctx.name(ctx.network.add_elementwise(s, m, trt.ElementWiseOperation.SUM), "masked").get_output(0)
     p = softmax(ctx, s, r - 1, suffix="softmax")
     out = ctx.network.add_matrix_multiply(p, trt.MatrixOperation.NONE, v, trt.MatrixOperation.NONE)
-    return ctx.name(out).get_output(0)
+    if attn_mask is None or is_causal:   # a causal row always attends to its first key
+        return ctx.name(out).get_output(0)
+    out = ctx.name(out, "attend").get_output(0)
+    return _zero_fully_masked_rows(ctx, out, m, fully_masked, r)
+
+
+def _zero_fully_masked_rows(ctx: ConversionContext, out, mask, fully_masked: float, r: int):
+    """``out`` with 0 in every query row whose mask row is ``fully_masked`` throughout (eager's
+    ``_safe_softmax``): the mask's row maximum, compared with that value, selects 0 or ``out``."""
+    trt = ctx.trt
+    row_max = ctx.name(ctx.network.add_reduce(mask, trt.ReduceOperation.MAX, 1 << (r - 1), True),
+                       "mask_row_max").get_output(0)
+    threshold = ctx.constant(torch.tensor(fully_masked), rank=r, suffix="fully_masked")
+    none = ctx.name(ctx.network.add_elementwise(row_max, threshold, trt.ElementWiseOperation.EQUAL),
+                    "fully_masked_rows").get_output(0)
+    zero = ctx.constant(torch.tensor(0.0), rank=r, suffix="zero")
+    return ctx.name(ctx.network.add_select(none, zero, out)).get_output(0)
 
 
 @converter(aten.scaled_dot_product_attention.default, capability=_check_sdpa)
