@@ -9,6 +9,7 @@ import weakref
 import numpy as np
 
 from refitcore.backends.tensorrt_refit import TensorRTRefitter
+from refitcore.conversion.weight_map import WeightMap
 
 
 class _Enum:
@@ -139,10 +140,12 @@ class FakeImpl:
 
 
 class FakeEngine:
-    """What the driver sees of a RefittableEngine: its ``impl``."""
+    """What the driver sees of a RefittableEngine: its ``impl``, and its weight map (here: no literal
+    constants, so every weight must be finite)."""
 
     def __init__(self, impl):
         self.impl = impl
+        self.weight_map = WeightMap()
 
 
 W0 = {"conv KERNEL": np.arange(8, dtype=np.float32).reshape(2, 1, 2, 2),
