@@ -76,6 +76,14 @@ def _last_per_test(failures: list[FailureRecord]) -> list[dict]:
     return [dict(f.as_dict(), count=counts[k]) for k, f in last.items()]
 
 
+def _failed_what(failure: dict) -> str:
+    """What failed in a check, for its FAILED line: its paths, or the exact audit alone."""
+    if failure.get("audit_only"):
+        return ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
+                "eager)")
+    return f"paths {', '.join(failure['paths'])}"
+
+
 def _share(x) -> str:
     if x is None:
         return "-"
@@ -135,9 +143,7 @@ def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[s
     misses = sum(1 for b in data.builds if b.cache == "miss")
     lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.engine_cache or 'off'}")
     for f in _last_per_test(data.failures)[:10]:
-        what = ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
-                "eager)" if f.get("audit_only") else f"paths {', '.join(f['paths'])}")
-        lines.append(f"FAILED {f.get('test') or f['model']}: {what}"
+        lines.append(f"FAILED {f.get('test') or f['model']}: {_failed_what(f)}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
     return lines
@@ -175,7 +181,7 @@ def build_json(cfg: RefitConfig, data: RunRecords, seconds: float, exitstatus: i
     else:
         summary, status = "all refit checks passed", "pass"
     failures = _last_per_test(data.failures)
-    problems = [f"{f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
+    problems = [f"{f.get('test') or f['model']}: {_failed_what(f)}"
                 + (f"; outputs {', '.join(f['outputs'])}" if f.get("outputs") else "")
                 + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "") for f in failures]
     if status != "pass" and not problems:

@@ -552,3 +552,40 @@ def test_the_summary_says_what_happened_to_expected_failures_and_cached_engines(
     second = repo.runpytest_inprocess(*args)
     second.stdout.fnmatch_lines(["TwoLinear * 1/0 * 0 * *s",
                                  "*; 0 build(s), 1 engine(s) loaded from the engine cache; *"])
+
+
+AUDIT_ONLY_TEST = '''
+import numpy as np
+import refitcore.refitting.pipeline as pipeline
+from tinymodels import TwoLinear, linear_input
+
+
+def test_one_ulp_in_the_cached_map(trt_refit, monkeypatch):
+    real = pipeline.cached_mapping
+
+    def one_ulp_off(weight_map, weights, **kw):   # one value of one weight moved by one float32 ulp
+        mapping = dict(real(weight_map, weights, **kw))
+        name = "fc1/linear.weight CONSTANT"
+        value = mapping[name].copy()
+        value.flat[0] = np.nextafter(value.flat[0], np.float32(np.inf))
+        mapping[name] = value
+        return mapping
+
+    monkeypatch.setattr(pipeline, "cached_mapping", one_ulp_off)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input())
+'''
+
+
+def test_a_failure_of_the_exact_audit_alone_is_said_as_such(repo):
+    """Both paths match eager within the tolerances; only the exact cached-vs-fallback audit fails."""
+    repo.makepyfile(test_audit=AUDIT_ONLY_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-p", "no:logging",
+                                      "--trt-refit-report=r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "FAILED test_audit.py::test_one_ulp_in_the_cached_map: the exact audit (the cached and the fallback mapping "
+        "differ on a weight; every path matched eager); culprit weight 'fc1/linear.weight CONSTANT'"])
+    result.stdout.no_fnmatch_line("FAILED test_audit.py::*: paths *")
+    report = json.loads((repo.path / "r.json").read_text())
+    assert report["problems"][0].startswith("test_audit.py::test_one_ulp_in_the_cached_map: the exact audit (")
+    assert report["failures"][0]["audit_only"] is True
