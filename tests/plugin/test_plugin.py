@@ -589,3 +589,65 @@ def test_a_failure_of_the_exact_audit_alone_is_said_as_such(repo):
     report = json.loads((repo.path / "r.json").read_text())
     assert report["problems"][0].startswith("test_audit.py::test_one_ulp_in_the_cached_map: the exact audit (")
     assert report["failures"][0]["audit_only"] is True
+
+
+MARGIN_TEST = '''
+import pytest
+import refitcore.refitting.pipeline as pipeline
+from tinymodels import TwoLinear, linear_input
+
+
+def plant(monkeypatch, delta):
+    """The cached mapping with the output layer's first bias moved by ``delta``: every row of output
+    column 0 is off by ``delta``, whatever the weights."""
+    real = pipeline.cached_mapping
+
+    def moved(weight_map, weights, **kw):
+        mapping = dict(real(weight_map, weights, **kw))
+        value = mapping["fc2/linear.bias CONSTANT"].copy()
+        value[0] += delta
+        mapping["fc2/linear.bias CONSTANT"] = value
+        return mapping
+
+    monkeypatch.setattr(pipeline, "cached_mapping", moved)
+
+
+# |eager| <= 3 here: delta 1e-5 is within atol=1e-4 * max(1, max|eager|) although above rtol=1e-6 relative;
+# delta 1e-3 is outside it.
+def test_within(trt_refit, monkeypatch):
+    plant(monkeypatch, 1e-5)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input(), paths="cached", rtol=1e-6,
+                    name="within_tolerance")
+
+
+def test_outside(trt_refit, monkeypatch):
+    plant(monkeypatch, 1e-3)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input(), paths="cached", rtol=1e-6,
+                    name="outside_tolerance")
+'''
+
+
+def test_the_summary_shows_the_margin_in_the_terms_of_the_rule(repo):
+    """A relative error above rtol that passes (atol covers it) shows a margin <= 1; a failure > 1."""
+    repo.makepyfile(test_margin=MARGIN_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-p", "no:logging",
+                                      "--trt-refit-report=r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "model * worst abs err worst rel err worst err / allowed atol to pass rtol to pass *",
+        "*worst err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over every "
+        "element, the rule each element must meet (<= 1 passes)*"])
+    header = next(line for line in result.outlines if line.startswith("model "))
+    rows = {line.split()[0]: line.split() for line in result.outlines
+            if line.startswith(("within_tolerance ", "outside_tolerance "))}
+    assert "worst err / allowed" in header
+    # model, paths, examples, checks, failed checks, worst abs err, worst rel err, worst err / allowed, ...
+    within, outside = rows["within_tolerance"], rows["outside_tolerance"]
+    assert within[4] == "0" and float(within[6]) > 1e-6 and 0 < float(within[7]) <= 1
+    assert outside[4] == "1" and float(outside[7]) > 1
+    report = json.loads((repo.path / "r.json").read_text())
+    models = {m["model"]: m for m in report["models"]}
+    assert 0 < models["within_tolerance"]["worst_margin"] <= 1 < models["outside_tolerance"]["worst_margin"]
+    checks = {c["model"]: c for c in report["checks"]}
+    assert checks["within_tolerance"]["ok"] and checks["within_tolerance"]["margin"] <= 1
+    assert not checks["outside_tolerance"]["ok"] and checks["outside_tolerance"]["margin"] > 1
