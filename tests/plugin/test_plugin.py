@@ -651,3 +651,53 @@ def test_the_summary_shows_the_margin_in_the_terms_of_the_rule(repo):
     checks = {c["model"]: c for c in report["checks"]}
     assert checks["within_tolerance"]["ok"] and checks["within_tolerance"]["margin"] <= 1
     assert not checks["outside_tolerance"]["ok"] and checks["outside_tolerance"]["margin"] > 1
+
+
+BERT_CONSTANTS_TEST = '''
+import pytest
+import refitcore
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=64, num_labels=3)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**CONFIG)).eval()
+
+
+SAMPLE = refitcore.Inputs(torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0)),
+                          attention_mask=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_a_finetuned_state_dict(trt_refit):
+    finetuned = bert(1)     # position_ids and token_type_ids: the architecture's own, equal in every BERT
+    result = refitcore.refit(trt_refit.engine_for(bert, SAMPLE), finetuned.state_dict(), verify_inputs=[SAMPLE],
+                             reference_model=finetuned, in_place=False)
+    assert result and not result.messages, str(result)
+
+
+def test_a_model_with_other_constants(trt_refit):
+    other = bert(1)
+    other.bert.embeddings.position_ids.add_(1)     # a model whose non-persistent buffer differs
+    with pytest.warns(RuntimeWarning) as caught:
+        refitcore.refit(trt_refit.engine_for(bert, SAMPLE), other.state_dict(), verify_inputs=[SAMPLE],
+                        reference_model=other, in_place=False)
+    (message,) = [str(w.message) for w in caught]
+    assert message == ("1 tensor constant(s) that a state_dict does not hold (bert.embeddings.position_ids) keep "
+                       "their compile-time values, which the model compared with holds other values of; pass the "
+                       "model (nn.Module) instead of its state_dict to refit them from it")
+'''
+
+
+def test_constants_that_every_model_of_the_architecture_holds_are_no_news(repo):
+    """A transformers model refitted from a state_dict: its non-persistent buffers (position_ids) keep
+    their compile-time values, which the model the weights are for holds too: no warning. A model
+    holding other values is warned about, with what to do."""
+    pytest.importorskip("transformers")
+    repo.makepyfile(test_bert_constants=BERT_CONSTANTS_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line("*RuntimeWarning*")
