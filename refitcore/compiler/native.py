@@ -178,7 +178,7 @@ def _model_output_types(engine: RefittableEngine, model: torch.nn.Module, exampl
     model.eval()
     with torch.no_grad():
         _, spec = pytree.tree_flatten(model(*args, **kwargs))
-    if spec_to_json(spec) != engine.structure["out"]:
+    if spec_to_json(spec) != (engine.structure or {}).get("out"):
         raise RefitCoreError("the cached engine's outputs are structured differently from the model's")
     engine.calls = dataclasses.replace(engine.calls, out_treespec=spec)
 
