@@ -115,10 +115,10 @@ def table(rows: list[dict], builds: list[BuildRecord]) -> list[str]:
     lines = [f"{'model':<{width}}  " + " ".join(f"{name:{align}{w}}" for name, w, align, _ in cols)]
     for r in rows:
         lines.append(f"{r['model']:<{width}}  " + " ".join(f"{get(r):{align}{w}}" for _, w, align, get in cols))
-    lines.append("examples: weight sets drawn; checks: one per example and path; worst err / allowed: the largest "
-                 "|engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over every element, the rule each "
-                 "element must meet (<= 1 passes); atol/rtol to pass: the smallest tolerance every check of the "
-                 "model passes with (the other one as configured; 0: exact)")
+    lines.append("examples: weight sets drawn; checks: one per example and path; atol/rtol to pass: the smallest "
+                 "tolerance every check of the model passes with (the other one as configured; 0: exact); worst "
+                 "err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over every "
+                 "element, the rule each element must meet (<= 1 passes)")
     return lines
 
 

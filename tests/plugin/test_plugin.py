@@ -635,8 +635,8 @@ def test_the_summary_shows_the_margin_in_the_terms_of_the_rule(repo):
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines([
         "model * worst abs err worst rel err worst err / allowed atol to pass rtol to pass *",
-        "*worst err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over every "
-        "element, the rule each element must meet (<= 1 passes)*"])
+        "*; worst err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over "
+        "every element, the rule each element must meet (<= 1 passes)"])
     header = next(line for line in result.outlines if line.startswith("model "))
     rows = {line.split()[0]: line.split() for line in result.outlines
             if line.startswith(("within_tolerance ", "outside_tolerance "))}
