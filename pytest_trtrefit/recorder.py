@@ -41,7 +41,8 @@ def check_records(outcome: CheckOutcome, seconds: float, *, test: str | None,
     for p in outcome.paths:
         worst = p.worst
         metrics = {} if worst is None else dict(max_abs=worst.max_abs, max_rel=worst.max_rel, norm_rel=worst.norm_rel,
-                                                min_rtol=worst.min_rtol, min_atol=worst.min_atol)
+                                                min_rtol=worst.min_rtol, min_atol=worst.min_atol,
+                                                margin=p.verdict.margin)
         records.append(CheckRecord(
             outcome.model, p.path, p.ok and not only_audit, test=test, kind=outcome.kind, seconds=round(share, 6),
             backend=outcome.backend, worker=worker, **metrics,

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 __all__ = ["CheckRecord", "FailureRecord", "BuildRecord", "WeightDiff", "LayerRecord", "RunRecords"]
 
-_METRICS = ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol")
+_METRICS = ("max_abs", "max_rel", "norm_rel", "min_rtol", "min_atol", "margin")
 
 
 def _present(record, names: Iterable[str]) -> dict[str, Any]:
@@ -39,6 +39,7 @@ class CheckRecord:
     norm_rel: float | None = None
     min_rtol: float | None = None
     min_atol: float | None = None
+    margin: float | None = None      # max over outputs and elements of |err| / allowed err (<= 1 passes)
     output: str | None = None        # the worst output's pytree path
     failed_outputs: tuple[str, ...] = ()
     error: str | None = None         # the first line of a refit/mapping error

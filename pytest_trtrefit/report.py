@@ -22,12 +22,14 @@ def _finite(x):
 
 def summarize(records: list[CheckRecord], builds: list[BuildRecord]) -> list[dict]:
     """One row per model: paths, examples (weight sets), checks (weight set x path), failed checks,
-    worst errors, the smallest tolerances every check would pass with, TensorRT share, time."""
+    worst errors, the worst margin (error over the error the rule allows, <= 1 passes), the smallest
+    tolerances every check would pass with, TensorRT share, time."""
     models: dict[str, dict] = {}
     for r in records:
         m = models.setdefault(r.model, {"model": r.model, "paths": [], "examples": 0, "checks": 0,
                                            "failures": 0, "worst_max_abs": 0.0, "worst_max_rel": 0.0,
-                                           "worst_norm_rel": 0.0, "min_rtol_to_pass": 0.0, "min_atol_to_pass": 0.0,
+                                           "worst_norm_rel": 0.0, "worst_margin": 0.0, "min_rtol_to_pass": 0.0,
+                                           "min_atol_to_pass": 0.0,
                                            "trt_share": None, "seconds": 0.0, "compile_s": 0.0, "builds": 0,
                                            "cache_hits": 0, "cache_misses": 0})
         if r.path not in m["paths"]:
@@ -40,6 +42,8 @@ def summarize(records: list[CheckRecord], builds: list[BuildRecord]) -> list[dic
             v = _finite(getattr(r, field))
             if v is not None:
                 m[key] = max(m[key], v)
+        if r.margin is not None and not math.isnan(r.margin):   # inf: an error where the rule allows none
+            m["worst_margin"] = max(m["worst_margin"], r.margin)
         share = _finite(r.trt_share)
         if share is not None:   # the smallest share seen: one partly converted build shows
             m["trt_share"] = share if m["trt_share"] is None else min(m["trt_share"], share)
@@ -76,6 +80,14 @@ def _last_per_test(failures: list[FailureRecord]) -> list[dict]:
     return [dict(f.as_dict(), count=counts[k]) for k, f in last.items()]
 
 
+def _failed_what(failure: dict) -> str:
+    """What failed in a check, for its FAILED line: its paths, or the exact audit alone."""
+    if failure.get("audit_only"):
+        return ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
+                "eager)")
+    return f"paths {', '.join(failure['paths'])}"
+
+
 def _share(x) -> str:
     if x is None:
         return "-"
@@ -92,6 +104,7 @@ def table(rows: list[dict], builds: list[BuildRecord]) -> list[str]:
             ("failed checks", 13, ">", lambda r: str(r["failures"])),
             ("worst abs err", 13, ">", lambda r: f"{r['worst_max_abs']:.3g}"),
             ("worst rel err", 13, ">", lambda r: f"{r['worst_max_rel']:.3g}"),
+            ("worst err / allowed", 19, ">", lambda r: f"{r['worst_margin']:.3g}"),
             ("atol to pass", 12, ">", lambda r: f"{r['min_atol_to_pass']:.2g}"),
             ("rtol to pass", 12, ">", lambda r: f"{r['min_rtol_to_pass']:.2g}"),
             ("TRT share", 9, ">", lambda r: _share(r["trt_share"]))]
@@ -103,7 +116,9 @@ def table(rows: list[dict], builds: list[BuildRecord]) -> list[str]:
     for r in rows:
         lines.append(f"{r['model']:<{width}}  " + " ".join(f"{get(r):{align}{w}}" for _, w, align, get in cols))
     lines.append("examples: weight sets drawn; checks: one per example and path; atol/rtol to pass: the smallest "
-                 "tolerance every check of the model passes with (the other one as configured; 0: exact)")
+                 "tolerance every check of the model passes with (the other one as configured; 0: exact); worst "
+                 "err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over every "
+                 "element, the rule each element must meet (<= 1 passes)")
     return lines
 
 
@@ -135,9 +150,7 @@ def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[s
     misses = sum(1 for b in data.builds if b.cache == "miss")
     lines.append(f"engine cache: {hits} hit(s), {misses} miss(es); {data.engine_cache or 'off'}")
     for f in _last_per_test(data.failures)[:10]:
-        what = ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
-                "eager)" if f.get("audit_only") else f"paths {', '.join(f['paths'])}")
-        lines.append(f"FAILED {f.get('test') or f['model']}: {what}"
+        lines.append(f"FAILED {f.get('test') or f['model']}: {_failed_what(f)}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
     return lines
@@ -175,7 +188,7 @@ def build_json(cfg: RefitConfig, data: RunRecords, seconds: float, exitstatus: i
     else:
         summary, status = "all refit checks passed", "pass"
     failures = _last_per_test(data.failures)
-    problems = [f"{f.get('test') or f['model']}: paths {', '.join(f['paths'])}"
+    problems = [f"{f.get('test') or f['model']}: {_failed_what(f)}"
                 + (f"; outputs {', '.join(f['outputs'])}" if f.get("outputs") else "")
                 + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "") for f in failures]
     if status != "pass" and not problems:
@@ -195,7 +208,7 @@ def build_json(cfg: RefitConfig, data: RunRecords, seconds: float, exitstatus: i
         pytest_exitstatus=exitstatus,
         totals={"checks": len(data.checks), "failed": failed, "models": len(rows), "builds": len(data.builds)},
         worst=({k: getattr(worst, k) for k in ("model", "path", "test", "max_abs", "max_rel", "norm_rel", "min_rtol",
-                                               "min_atol")} if worst else None),
+                                               "min_atol", "margin")} if worst else None),
         models=rows,
         failures=failures,
         expected_failures=[{k: v for k, v in f.as_dict().items() if k != "report"} for f in data.expected_failures],

@@ -131,6 +131,30 @@ def test_verify_min_tolerances_are_real(compiled):
     assert not compare_outputs(actual, expected, rtol=cmp.min_rtol * 0.99)[0].ok
 
 
+def test_the_margin_is_the_error_over_what_the_rule_allows():
+    """A relative error above rtol passes where atol covers it: the margin says so in the rule's own
+    terms, |err| / (atol * max(1, max|eager|) + rtol * |eager|), <= 1 exactly when every element passes."""
+    expected = torch.tensor([[1e-3, 0.5, -2.0, 0.0]], dtype=torch.float64)
+    passing = expected + torch.tensor([[1.7e-7, 1e-4, -1e-4, 0.0]], dtype=torch.float64)
+    (check,) = compare_outputs([passing], [expected], rtol=1e-4, atol=1e-4)
+    assert check.ok and check.max_rel > 1e-4                       # rel err 1.7e-4 > rtol, yet it passes
+    allowed = 1e-4 * 2.0 + 1e-4 * expected.abs()                   # atol * max(1, max|eager|) + rtol * |eager|
+    assert check.margin == pytest.approx(float(((passing - expected).abs() / allowed).max()))
+    assert 0 < check.margin <= 1
+    failing = expected + torch.tensor([[0.0, 5e-4, 0.0, 0.0]], dtype=torch.float64)
+    (check,) = compare_outputs([failing], [expected], rtol=1e-4, atol=1e-4)
+    assert not check.ok and check.margin == pytest.approx(5e-4 / (2e-4 + 0.5e-4)) and check.margin > 1
+    (check,) = compare_outputs([expected.clone()], [expected], rtol=0.0, atol=0.0)
+    assert check.ok and check.margin == 0.0                        # exact: nothing allowed, nothing needed
+    nan = expected.clone()
+    nan[0, 3] = float("nan")
+    (check,) = compare_outputs([nan], [expected])
+    assert not check.ok and check.margin == float("inf")
+    verdict = refitcore.Verdict([[compare_outputs([passing], [expected])[0]],
+                                 [compare_outputs([failing], [expected])[0]]])
+    assert verdict.margin == pytest.approx(2.0)
+
+
 def test_verify_catches_a_tiny_error_and_nonfinite_values():
     expected = [torch.linspace(-3, 3, 100).reshape(10, 10)]
     actual = [expected[0].clone()]

@@ -14,12 +14,14 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from refitcore.backends import choose_backend
 from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
 from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, input_names
 from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
+from refitcore.capture.structured import spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.engine import hybrid, segmented_build, whole
@@ -110,8 +112,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         return _compile(model, args, kwargs, options, reason)
     key = compile_key(model, args, options, kwargs=kwargs)
     if key.complete or verify_inputs is not None:
-        engine = _from_cache(store_to, key, model, verify_inputs=verify_inputs, keep_exported=keep_exported,
-                             model_factory=model_factory)
+        engine = _from_cache(store_to, key, model, (args, kwargs), verify_inputs=verify_inputs,
+                             keep_exported=keep_exported, model_factory=model_factory)
         if engine is not None:
             return engine
     else:
@@ -133,8 +135,8 @@ def compile_cache_key(model: torch.nn.Module, args: Sequence[Any], *, kwargs: di
     return compile_key(model, tuple(args), CompileOptions(**options), kwargs=kwargs)
 
 
-def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, keep_exported: bool,
-                model_factory: str | None) -> RefittableEngine | None:
+def _from_cache(cache, key: CacheKey, model: torch.nn.Module, example: tuple[tuple, dict], *, verify_inputs,
+                keep_exported: bool, model_factory: str | None) -> RefittableEngine | None:
     """The cached engine refitted with ``model``'s weights, or None (a miss, or an entry that does
     not fit ``model``, which is then evicted)."""
     t0 = time.perf_counter()
@@ -150,6 +152,8 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, 
         if keep_exported:
             attach_exported_program(engine, model)
         try:
+            if engine.structure is not None and unresolved_types(engine.structure["out"]):
+                _model_output_types(engine, model, example)
             result = refit(engine, model, path="cached", verify_inputs=verify_inputs, in_place=True)
         finally:
             model.train(was_training)
@@ -166,6 +170,19 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, *, verify_inputs, 
     log.info("refitcore: engine cache hit %s: loaded and refitted with the model's weights in %.2fs%s",
              key.digest[:16], time.perf_counter() - t0, " (verified against eager)" if verify_inputs else "")
     return engine
+
+
+def _model_output_types(engine: RefittableEngine, model: torch.nn.Module, example: tuple[tuple, dict]) -> None:
+    """Give a cached engine the model's own output types (a ``ModelOutput``...): its entry only names
+    them and nothing an entry names is imported, but the model they came from is at hand. One eager
+    call on the example gives its output structure, which must be the entry's."""
+    args, kwargs = example
+    model.eval()
+    with torch.no_grad():
+        _, spec = pytree.tree_flatten(model(*args, **kwargs))
+    if spec_to_json(spec) != (engine.structure or {}).get("out"):
+        raise RefitCoreError("the cached engine's outputs are structured differently from the model's")
+    engine.calls = dataclasses.replace(engine.calls, out_treespec=spec)
 
 
 def attach_exported_program(engine: RefittableEngine, model: torch.nn.Module) -> None:

@@ -318,15 +318,19 @@ class WeightMap:
                         and np.array_equal(self.constants[k], other.constants[k], equal_nan=True)
                         for k in self.constants))
 
-    def constants_for(self, source: Any = None) -> tuple[dict[str, np.ndarray], list[str]]:
+    def constants_for(self, source: Any = None, *, model: Any = None) -> tuple[dict[str, np.ndarray], list[str]]:
         """The constants to map new weights with, and notes for the caller.
 
         ``source`` is what the new weights came from: an ``nn.Module`` or ``ExportedProgram``
         supplies every constant named in :attr:`constant_origins` afresh (cast and reshaped as
         recorded); ``None`` (a bare state_dict or checkpoint, which cannot hold them) keeps the
-        compile-time values and says so in the notes. Raises :class:`~refitcore.errors.MapCannotServeError`
-        when the source lacks such a tensor or holds one of another size: the weight map cannot
-        express that model; convert it again (the fallback path)."""
+        compile-time values and says so in the notes. ``model``: with a bare state_dict, a module
+        the new weights are for (e.g. the one verification compares with): only the constants it
+        holds other values of are noted (one that it holds equal, such as BERT's ``position_ids``,
+        the same in every model of the architecture, is no news). Raises
+        :class:`~refitcore.errors.MapCannotServeError` when the source lacks such a tensor or holds
+        one of another size: the weight map cannot express that model; convert it again (the
+        fallback path)."""
         if self.constant_origins is None and self.constants:
             what = (f"this weight map predates recorded constant origins: its {len(self.constants)} "
                     f"constant(s) may hold model tensors that a state_dict lacks")
@@ -339,11 +343,19 @@ class WeightMap:
         if not self.constant_origins:
             return self.constants, []
         if source is None:
-            names = sorted(set(self.constant_origins.values()))
+            if model is None:
+                names = sorted(set(self.constant_origins.values()))
+                where = ""
+            else:
+                names = self._constants_differing(model)
+                where = ", which the model compared with holds other values of"
+            if not names:
+                return self.constants, []
             shown = ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
             return self.constants, [
                 f"{len(names)} tensor constant(s) that a state_dict does not hold ({shown}) keep their "
-                f"compile-time values; pass the model (nn.Module) to refit them from it"]
+                f"compile-time values{where}; pass the model (nn.Module) instead of its state_dict to refit "
+                f"them from it"]
         from refitcore.errors import MapCannotServeError
 
         lookup = _tensor_lookup(source)
@@ -364,6 +376,19 @@ class WeightMap:
         if problems:
             raise MapCannotServeError(problems)
         return out, []
+
+
+    def _constants_differing(self, model: Any) -> list[str]:
+        """The model tensors behind the map's constants that ``model`` lacks or holds other values of."""
+        lookup = _tensor_lookup(model)
+        names = set()
+        for cid, name in (self.constant_origins or {}).items():
+            recorded, value = self.constants[cid], lookup(name)
+            if value is None or value.numel() != recorded.size or not np.array_equal(
+                    np.asarray(value.detach().cpu().numpy(), dtype=recorded.dtype).reshape(recorded.shape), recorded,
+                    equal_nan=True):
+                names.add(name)
+        return sorted(names)
 
 
 def _tensor_lookup(source: Any):

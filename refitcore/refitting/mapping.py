@@ -74,13 +74,15 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     return out
 
 
-def constants_note(weight_map: WeightMap, source: Any) -> list[str]:
+def constants_note(weight_map: WeightMap, source: Any, *, model: Any = None) -> list[str]:
     """What a refit from ``source`` (None: a bare state_dict or checkpoint) cannot take from it:
-    the tensor constants outside any state_dict keep their compile-time values. Each note is also
-    issued as a warning; an empty list when there is nothing to say."""
+    the tensor constants outside any state_dict keep their compile-time values. ``model``: a module
+    the new weights are for (the reference verification compares with); then only the constants it
+    holds other values of are news. Each note is also issued as a warning; an empty list when
+    there is nothing to say."""
     if source is not None:
         return []
-    _, notes = weight_map.constants_for(None)
+    _, notes = weight_map.constants_for(None, model=model)
     for note in notes:
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     return notes

@@ -109,7 +109,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     weights = prepare_weights(engine, new_weights)
     for note in weights.notes:
         log.info("refitcore: %s", note)
-    messages = list(weights.notes) + constants_note(engine.weight_map, weights.source)
+    messages = list(weights.notes) + constants_note(engine.weight_map, weights.source, model=reference_model)
     samples = model = None
     if verify_inputs is not None:  # what verification needs is checked before the engine is touched
         samples = (check_samples(engine.io, as_positional(verify_inputs)) if flat_positional(engine.structure)

@@ -18,7 +18,11 @@ __all__ = ["verify", "compare_outputs", "sample_tensors", "Verdict", "OutputChec
 
 @dataclasses.dataclass(frozen=True)
 class OutputCheck:
-    """One output compared in float64. ``atol`` is scaled: ``atol * max(1, max|expected|)``."""
+    """One output compared in float64. ``atol`` is scaled: ``atol * max(1, max|expected|)``.
+
+    An element passes when ``|actual - expected| <= atol * max(1, max|expected|) + rtol * |expected|``
+    (the allowed error); ``margin`` is the worst element's error over its allowed error (<= 1: every
+    element passes; 0: exact; inf: an error where none is allowed, or a non-finite value)."""
 
     index: int
     shape: tuple[int, ...]
@@ -36,6 +40,7 @@ class OutputCheck:
     nonfinite: int
     name: str = ""                # the output's pytree path: 'logits', "[0]['boxes']" ('' for a bare tensor)
     detail: str = ""              # a non-tensor output: what each side returned
+    margin: float = 0.0           # max over elements of |actual - expected| / allowed error (<= 1 passes)
 
     @property
     def ok(self) -> bool:
@@ -62,7 +67,7 @@ def _compare_values(i: int, name: str, a, e) -> OutputCheck:
     same = (a == e) if not isinstance(a, float) or a == a else (e != e)
     detail = f"engine {a!r} vs eager {e!r}" + ("" if same else " (non-tensor outputs must be equal)")
     return OutputCheck(i, (), 0 if same else 1, 0.0 if same else float("inf"), (), 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
-                       0.0, 0.0, 0, name=name, detail=detail)
+                       0.0, 0.0, 0, name=name, detail=detail, margin=0.0 if same else float("inf"))
 
 
 def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], *, rtol: float = DEFAULT_RTOL,
@@ -88,6 +93,8 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         diff = torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("inf")))
         bound = atol_eff + rtol * e64.abs()
         mismatched = int((diff > bound).sum())
+        # diff / bound in the rule's own terms; an element equal to eager is 0 even where nothing is allowed
+        margin = float(torch.where(diff == 0, 0.0, diff / bound).max()) if diff.numel() else 0.0
         flat = int(torch.argmax(torch.nan_to_num(diff, posinf=1e308)).item()) if diff.numel() else 0
         idx = (tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape))
                if a64.numel() and a64.dim() else ())
@@ -104,7 +111,7 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
                                   float(a64.reshape(-1)[flat]) if a64.numel() else 0.0,
                                   float(e64.reshape(-1)[flat]) if e64.numel() else 0.0,
                                   float(rel.max()) if rel.numel() else 0.0, norm_rel, rtol, atol, min_atol, min_rtol,
-                                  nonfinite, name=names[i]))
+                                  nonfinite, name=names[i], margin=margin))
     return checks
 
 
@@ -133,6 +140,11 @@ class Verdict:
     @property
     def max_abs(self) -> float:
         return max((c.max_abs for s in self.checks for c in s), default=0.0)
+
+    @property
+    def margin(self) -> float:
+        """The worst element's error over its allowed error, over every output and sample (<= 1: ok)."""
+        return max((c.margin for s in self.checks for c in s), default=0.0)
 
     def __str__(self) -> str:
         lines = [f"verify ({self.backend or 'engine'} vs eager): {'OK' if self.ok else 'FAILED'} over "

@@ -161,3 +161,46 @@ def test_a_wrong_cached_engine_is_rebuilt_when_the_fallback_exports(tmp_path, ca
     assert outcome.ok
     # refused by the hit's verification, before the fallback's export would see that its graph differs
     assert session.builds[-1]["cache"] == "miss" and "does not fit this model" in caplog.text
+
+
+NAMED_OUTPUT_TEST = '''
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class HeadOut(NamedTuple):
+    logits: torch.Tensor
+    hidden: torch.Tensor
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return HeadOut(h * 2, h)
+
+
+def test_head(trt_refit):
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(0))
+    trt_refit.check(Head, Head().state_dict(), x)
+    out = trt_refit.engine_for(Head, x)(x)
+    assert type(out) is HeadOut, type(out)
+'''
+
+
+def test_an_engine_from_the_cache_returns_the_models_own_output_types_without_a_warning(repo, tmp_path):
+    """A cached entry only names its output types; the model is at hand, so a hit takes them from it
+    and never tells the plugin's user to pass them to refitcore.load, a call they do not make."""
+    repo.makepyfile(test_named=NAMED_OUTPUT_TEST)
+    args = ("-rA", f"--trt-refit-cache-dir={tmp_path / 'engines'}")
+    _run(repo, *args).stdout.fnmatch_lines(["engine cache: 0 hit(s), 1 miss(es); *"])
+    second = _run(repo, *args)
+    second.assert_outcomes(passed=1)
+    second.stdout.fnmatch_lines(["engine cache: 1 hit(s), 0 miss(es); *"])
+    second.stdout.no_fnmatch_line("*pass output_types=*")
+    second.stdout.no_fnmatch_line("*plain dicts*")

@@ -552,3 +552,152 @@ def test_the_summary_says_what_happened_to_expected_failures_and_cached_engines(
     second = repo.runpytest_inprocess(*args)
     second.stdout.fnmatch_lines(["TwoLinear * 1/0 * 0 * *s",
                                  "*; 0 build(s), 1 engine(s) loaded from the engine cache; *"])
+
+
+AUDIT_ONLY_TEST = '''
+import numpy as np
+import refitcore.refitting.pipeline as pipeline
+from tinymodels import TwoLinear, linear_input
+
+
+def test_one_ulp_in_the_cached_map(trt_refit, monkeypatch):
+    real = pipeline.cached_mapping
+
+    def one_ulp_off(weight_map, weights, **kw):   # one value of one weight moved by one float32 ulp
+        mapping = dict(real(weight_map, weights, **kw))
+        name = "fc1/linear.weight CONSTANT"
+        value = mapping[name].copy()
+        value.flat[0] = np.nextafter(value.flat[0], np.float32(np.inf))
+        mapping[name] = value
+        return mapping
+
+    monkeypatch.setattr(pipeline, "cached_mapping", one_ulp_off)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input())
+'''
+
+
+def test_a_failure_of_the_exact_audit_alone_is_said_as_such(repo):
+    """Both paths match eager within the tolerances; only the exact cached-vs-fallback audit fails."""
+    repo.makepyfile(test_audit=AUDIT_ONLY_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-p", "no:logging",
+                                      "--trt-refit-report=r.json")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines([
+        "FAILED test_audit.py::test_one_ulp_in_the_cached_map: the exact audit (the cached and the fallback mapping "
+        "differ on a weight; every path matched eager); culprit weight 'fc1/linear.weight CONSTANT'"])
+    result.stdout.no_fnmatch_line("FAILED test_audit.py::*: paths *")
+    report = json.loads((repo.path / "r.json").read_text())
+    assert report["problems"][0].startswith("test_audit.py::test_one_ulp_in_the_cached_map: the exact audit (")
+    assert report["failures"][0]["audit_only"] is True
+
+
+MARGIN_TEST = '''
+import pytest
+import refitcore.refitting.pipeline as pipeline
+from tinymodels import TwoLinear, linear_input
+
+
+def plant(monkeypatch, delta):
+    """The cached mapping with the output layer's first bias moved by ``delta``: every row of output
+    column 0 is off by ``delta``, whatever the weights."""
+    real = pipeline.cached_mapping
+
+    def moved(weight_map, weights, **kw):
+        mapping = dict(real(weight_map, weights, **kw))
+        value = mapping["fc2/linear.bias CONSTANT"].copy()
+        value[0] += delta
+        mapping["fc2/linear.bias CONSTANT"] = value
+        return mapping
+
+    monkeypatch.setattr(pipeline, "cached_mapping", moved)
+
+
+# |eager| <= 3 here: delta 1e-5 is within atol=1e-4 * max(1, max|eager|) although above rtol=1e-6 relative;
+# delta 1e-3 is outside it.
+def test_within(trt_refit, monkeypatch):
+    plant(monkeypatch, 1e-5)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input(), paths="cached", rtol=1e-6,
+                    name="within_tolerance")
+
+
+def test_outside(trt_refit, monkeypatch):
+    plant(monkeypatch, 1e-3)
+    trt_refit.check(TwoLinear, TwoLinear().state_dict(), linear_input(), paths="cached", rtol=1e-6,
+                    name="outside_tolerance")
+'''
+
+
+def test_the_summary_shows_the_margin_in_the_terms_of_the_rule(repo):
+    """A relative error above rtol that passes (atol covers it) shows a margin <= 1; a failure > 1."""
+    repo.makepyfile(test_margin=MARGIN_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-p", "no:logging",
+                                      "--trt-refit-report=r.json")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "model * worst abs err worst rel err worst err / allowed atol to pass rtol to pass *",
+        "*; worst err / allowed: the largest |engine - eager| / (atol*max(1, max|eager|) + rtol*|eager|) over "
+        "every element, the rule each element must meet (<= 1 passes)"])
+    header = next(line for line in result.outlines if line.startswith("model "))
+    rows = {line.split()[0]: line.split() for line in result.outlines
+            if line.startswith(("within_tolerance ", "outside_tolerance "))}
+    assert "worst err / allowed" in header
+    # model, paths, examples, checks, failed checks, worst abs err, worst rel err, worst err / allowed, ...
+    within, outside = rows["within_tolerance"], rows["outside_tolerance"]
+    assert within[4] == "0" and float(within[6]) > 1e-6 and 0 < float(within[7]) <= 1
+    assert outside[4] == "1" and float(outside[7]) > 1
+    report = json.loads((repo.path / "r.json").read_text())
+    models = {m["model"]: m for m in report["models"]}
+    assert 0 < models["within_tolerance"]["worst_margin"] <= 1 < models["outside_tolerance"]["worst_margin"]
+    checks = {c["model"]: c for c in report["checks"]}
+    assert checks["within_tolerance"]["ok"] and checks["within_tolerance"]["margin"] <= 1
+    assert not checks["outside_tolerance"]["ok"] and checks["outside_tolerance"]["margin"] > 1
+
+
+BERT_CONSTANTS_TEST = '''
+import pytest
+import refitcore
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+              max_position_embeddings=64, num_labels=3)
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(BertConfig(**CONFIG)).eval()
+
+
+SAMPLE = refitcore.Inputs(torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(0)),
+                          attention_mask=torch.ones(1, 8, dtype=torch.long))
+
+
+def test_a_finetuned_state_dict(trt_refit):
+    finetuned = bert(1)     # position_ids and token_type_ids: the architecture's own, equal in every BERT
+    result = refitcore.refit(trt_refit.engine_for(bert, SAMPLE), finetuned.state_dict(), verify_inputs=[SAMPLE],
+                             reference_model=finetuned, in_place=False)
+    assert result and not result.messages, str(result)
+
+
+def test_a_model_with_other_constants(trt_refit):
+    other = bert(1)
+    other.bert.embeddings.position_ids.add_(1)     # a model whose non-persistent buffer differs
+    with pytest.warns(RuntimeWarning) as caught:
+        refitcore.refit(trt_refit.engine_for(bert, SAMPLE), other.state_dict(), verify_inputs=[SAMPLE],
+                        reference_model=other, in_place=False)
+    (message,) = [str(w.message) for w in caught]
+    assert message == ("1 tensor constant(s) that a state_dict does not hold (bert.embeddings.position_ids) keep "
+                       "their compile-time values, which the model compared with holds other values of; pass the "
+                       "model (nn.Module) instead of its state_dict to refit them from it")
+'''
+
+
+def test_constants_that_every_model_of_the_architecture_holds_are_no_news(repo):
+    """A transformers model refitted from a state_dict: its non-persistent buffers (position_ids) keep
+    their compile-time values, which the model the weights are for holds too: no warning. A model
+    holding other values is warned about, with what to do."""
+    pytest.importorskip("transformers")
+    repo.makepyfile(test_bert_constants=BERT_CONSTANTS_TEST)
+    result = repo.runpytest_inprocess("--trt-refit", "-p", "no:cacheprovider", "-W", "error::RuntimeWarning")
+    result.assert_outcomes(passed=2)
+    result.stdout.no_fnmatch_line("*RuntimeWarning*")
