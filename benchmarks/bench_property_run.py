@@ -4,7 +4,8 @@ Each example draws the *structure* of a weight set (seed, scale family, BatchNor
 near eps, sign flips), materialises it with torch, and checks: the cached and fallback
 mappings agree weight by weight, and the engine refitted through each path matches eager
 PyTorch on one 1x3x64x64 input. Compilation happens once, before the clock starts.
-Target: the 50 examples in < 60 s.
+Target: the 50 examples in < 10 s on 2 cores (``--threads 2``; the default 1 thread is the
+conservative figure the README also records).
 
     python benchmarks/bench_property_run.py [--examples 50] [--no-record]
 """
@@ -15,7 +16,7 @@ import time
 
 import _common as C
 
-TARGET_S = 60.0
+TARGET_S = 10.0
 
 
 def main(argv=None) -> int:
