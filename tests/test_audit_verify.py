@@ -245,3 +245,23 @@ def test_same_architecture_is_not_a_mismatch(compiled):
     c = compiled("conv_bias_bn")
     fallback = refitcore.fallback_mapping(c.engine, c.fresh(9))
     assert refitcore.audit(refitcore.cached_mapping(c.engine.weight_map, c.fresh(9).state_dict()), fallback).ok
+
+
+def test_an_infinity_equal_to_eager_is_equal_and_anything_else_there_is_a_mismatch():
+    """A -inf that eager has too (a mask fill) matches; the tolerance scales with eager's finite values
+    only (an eager infinity must not widen it to infinity); at eager's infinities nothing else passes."""
+    expected = torch.tensor([[1.0, float("-inf"), 2.0], [float("inf"), 0.5, -3.0]])
+    (check,) = compare_outputs([expected.clone()], [expected])
+    assert check.ok and check.max_abs == 0.0 and check.margin == 0.0 and check.nonfinite == 0
+    for at, value in (((0, 1), 5.0), ((0, 1), float("inf")), ((0, 1), float("nan")), ((1, 0), 1e30)):
+        wrong = expected.clone()
+        wrong[at] = value
+        (check,) = compare_outputs([wrong], [expected])
+        assert not check.ok and check.mismatched + check.nonfinite >= 1 and check.max_abs_at == at, (at, value)
+    off = expected.clone()
+    off[0, 0] += 1.0       # a finite error next to eager's infinities: judged on the finite scale (max 3)
+    (check,) = compare_outputs([off], [expected])
+    assert not check.ok and check.mismatched == 1 and check.max_abs == pytest.approx(1.0)
+    nan_both = torch.tensor([float("nan"), 1.0])
+    (check,) = compare_outputs([nan_both.clone()], [nan_both])
+    assert not check.ok    # NaN is never equal

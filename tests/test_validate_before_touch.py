@@ -144,6 +144,26 @@ def test_a_literal_minus_inf_is_structure_and_refits_through_both_paths():
     assert np.isneginf(refitcore.cached_mapping(engine.weight_map, new)[literal[0]]).all()
 
 
+class _MaskedLogits(nn.Module):
+    """Linear -> masked_fill(pad, -inf): the output itself holds eager's -inf at the padded positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, pad):
+        return self.fc(x).masked_fill(pad, float("-inf"))
+
+
+def test_an_output_with_eager_s_own_minus_inf_verifies_through_both_paths():
+    x, pad = _pad_inputs()
+    engine = refitcore.compile(_MaskedLogits().eval(), (x, pad), backend="reference")
+    assert torch.isneginf(engine(x, pad)[pad]).all()
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(engine, _MaskedLogits().eval(), path=path, verify_inputs=(x, pad), audit=True)
+        assert result, str(result)
+
+
 class _BiasPlusMask(nn.Module):
     """A weight derived from the state_dict that the graph adds a ``-inf`` constant to."""
 

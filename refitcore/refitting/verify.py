@@ -86,12 +86,18 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         if a64.shape != e64.shape:
             raise ValueError(f"output {i}{' (' + names[i] + ')' if names[i] else ''}: engine shape "
                              f"{list(a64.shape)} vs eager {list(e64.shape)}")
-        scale = max(1.0, float(e64.abs().max()) if e64.numel() else 1.0)
+        # Tolerances scale with eager's finite values. Where eager is not finite (a -inf mask fill, a
+        # masked logit) nothing is allowed but the very same value: the same infinity is equal, anything
+        # else (NaN included, on either side) is a mismatch.
+        finite_e = torch.isfinite(e64)
+        e_abs = torch.where(finite_e, e64.abs(), torch.zeros_like(e64))
+        scale = max(1.0, float(e_abs.max()) if e64.numel() else 1.0)
         atol_eff = atol * scale
-        nonfinite = int((~torch.isfinite(a64)).sum())
-        diff = (a64 - e64).abs()
+        same_inf = torch.isinf(a64) & (a64 == e64)
+        nonfinite = int((~torch.isfinite(a64) & ~same_inf).sum())
+        diff = torch.where(same_inf, torch.zeros_like(a64), (a64 - e64).abs())
         diff = torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("inf")))
-        bound = atol_eff + rtol * e64.abs()
+        bound = torch.where(finite_e, atol_eff + rtol * e_abs, torch.zeros_like(e_abs))
         mismatched = int((diff > bound).sum())
         # diff / bound in the rule's own terms; an element equal to eager is 0 even where nothing is allowed
         margin = float(torch.where(diff == 0, 0.0, diff / bound).max()) if diff.numel() else 0.0
@@ -99,13 +105,13 @@ def compare_outputs(actual: Sequence[torch.Tensor], expected: Sequence[torch.Ten
         idx = (tuple(int(v) for v in torch.unravel_index(torch.tensor(flat), a64.shape))
                if a64.numel() and a64.dim() else ())
         max_abs = float(diff.reshape(-1)[flat]) if diff.numel() else 0.0
-        rel = diff / e64.abs().clamp_min(1e-12)
-        norm_e = float(torch.linalg.vector_norm(e64))
-        norm_rel = float(torch.linalg.vector_norm(torch.nan_to_num(a64 - e64, nan=1e308))) / max(norm_e, 1e-30)
-        min_atol = float(((diff - rtol * e64.abs()).clamp_min(0) / scale).max()) if diff.numel() else 0.0
-        # An element outside atol where eager is exactly 0 passes at no rtol: the minimum is then inf.
+        rel = torch.where(diff == 0, 0.0, diff / e_abs.clamp_min(1e-12))
+        norm_e = float(torch.linalg.vector_norm(e_abs))
+        norm_rel = float(torch.linalg.vector_norm(torch.nan_to_num(diff, posinf=1e308))) / max(norm_e, 1e-30)
+        min_atol = float(((diff - rtol * e_abs).clamp_min(0) / scale).max()) if diff.numel() else 0.0
+        # An element outside atol where eager is exactly 0 (or not finite) passes at no rtol: the minimum is inf.
         excess = (diff - atol_eff).clamp_min(0)
-        need = torch.where(excess > 0, excess / e64.abs(), torch.zeros_like(excess))
+        need = torch.where(excess > 0, excess / e_abs, torch.zeros_like(excess))
         min_rtol = float(need.max()) if diff.numel() else 0.0
         checks.append(OutputCheck(i, tuple(a64.shape), mismatched, max_abs, idx,
                                   float(a64.reshape(-1)[flat]) if a64.numel() else 0.0,
