@@ -310,3 +310,13 @@ def test_load_keeps_keyword_inputs_and_dynamic_ranges(tmp_path):
     assert _close(loaded(y), _eager(conv, y)) and loaded.recompiles == 0
     with pytest.raises(refitcore.errors.ShapeRangeError):
         loaded(torch.randn(6, *c.shape[1:]))
+
+
+def test_load_refuses_a_model_of_other_weights(tmp_path):
+    model, x = make("conv_bias_bn", 0)
+    path = tmp_path / "engine.rtrt"
+    refitcore.MutableEngine(model, x, backend="reference").save(path, weights=False)
+    with pytest.raises(refitcore.errors.ArchitectureMismatchError, match="other state_dict keys"):
+        refitcore.MutableEngine.load(path, make("tied_mlp", 0)[0])
+    with pytest.raises(TypeError, match="come from the file"):
+        refitcore.MutableEngine.load(path, model, backend="reference")

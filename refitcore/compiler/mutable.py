@@ -38,7 +38,7 @@ from refitcore.cache.store import as_cache
 from refitcore.capture.structured import Inputs, leaf_names, spec_to_json
 from refitcore.compiler.native import call_inputs, compile as compile_model
 from refitcore.engine.refittable import RefittableEngine, load as load_engine
-from refitcore.errors import RefitError
+from refitcore.errors import ArchitectureMismatchError, RefitError
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
 from refitcore.refitting.refit import RefitResult, refit
 
@@ -161,7 +161,18 @@ class MutableEngine:
         or the inputs call for it (with the file's compile options and dynamic ranges unless given).
         The example inputs (verification, recompiles) default to the file's input structure and shapes
         with random values (zeros for integer inputs)."""
+        fixed = sorted({"backend", "precision"} & set(options))
+        if fixed:
+            raise TypeError(f"MutableEngine.load: {', '.join(fixed)} come from the file (recompile with "
+                            f"MutableEngine(model, ...) for others)")
         engine = load_engine(path)
+        keys = list(model.state_dict().keys())
+        if engine.state_keys and engine.state_keys != keys:
+            only_file = [k for k in engine.state_keys if k not in keys]
+            only_model = [k for k in keys if k not in engine.state_keys]
+            raise ArchitectureMismatchError([f"{path}: the engine was compiled from a model with other state_dict "
+                                             f"keys (only in the file: {only_file[:5]}, only in the model: "
+                                             f"{only_model[:5]})"])
         recorded = engine.options
         call = (call_inputs(example_inputs, args, kwargs) if example_inputs is not None or args is not None or kwargs
                 else _example_of(engine))
@@ -277,7 +288,7 @@ class MutableEngine:
         if shapes == compiled_shapes:
             return None
         profiles = self.engine.io.profiles
-        if profiles is None:
+        if profiles is None or not profiles.dynamic:
             return (f"input shapes {[list(s) for s in shapes]} differ from the compiled "
                     f"{[list(s) for s in compiled_shapes]}")
         profiles.profile_for(shapes)            # inside the ranges, or refused naming input, dimension and range
