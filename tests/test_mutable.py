@@ -201,3 +201,122 @@ def test_the_cheaper_check_is_named_and_misses_writes_that_keep_the_version(fast
     assert cheap.last_action == "none"                     # documented: the version counter did not move
     with pytest.raises(ValueError, match="'content'.*'version'"):
         refitcore.MutableEngine(model, x, backend="reference", check="fast")
+
+
+# -- the inputs refitcore.compile takes: keywords, nesting, None, dynamic ranges ------------------
+class Structured(nn.Module):
+    """Keyword inputs, a nested dict, an optional input (None) and a scalar."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x, extra=None, *, feats=None, scale=1.0):
+        y = self.a(x) * scale
+        if extra is not None:
+            y = y + self.b(extra)
+        if feats is not None:
+            y = y + self.b(feats["left"]) - feats["right"]["bias"]
+        return {"y": y}
+
+
+def _structured_eager(model, *args, **kwargs):
+    with torch.no_grad():
+        return model.eval()(*args, **kwargs)["y"]
+
+
+def _edit(model):
+    with torch.no_grad():
+        model.a.weight.mul_(-2)
+        model.b.bias.add_(1)
+
+
+def test_a_none_input_runs_refits_and_recompiles_when_it_becomes_a_tensor():
+    torch.manual_seed(0)
+    model, x = Structured().eval(), torch.randn(2, 4)
+    engine = refitcore.MutableEngine(model, (x, None), backend="reference")
+    assert _close(engine(x, None)["y"], _structured_eager(model, x, None)) and engine.last_action == "none"
+    _edit(model)
+    assert _close(engine(x, None)["y"], _structured_eager(model, x, None)) and engine.last_action == "refit"
+    e = torch.randn(2, 4)
+    assert _close(engine(x, e)["y"], _structured_eager(model, x, e)) and engine.last_action == "recompile"
+
+
+def test_keyword_inputs_and_a_scalar():
+    torch.manual_seed(0)
+    model, x = Structured().eval(), torch.randn(2, 4)
+    engine = refitcore.MutableEngine(model, x, kwargs={"scale": 2.0}, backend="reference")
+    assert _close(engine(x, scale=2.0)["y"], _structured_eager(model, x, scale=2.0)) and engine.recompiles == 0
+    _edit(model)
+    assert _close(engine(x, scale=2.0)["y"], _structured_eager(model, x, scale=2.0)) and engine.refits == 1
+    assert _close(engine(x, scale=3.0)["y"], _structured_eager(model, x, scale=3.0)) and engine.recompiles == 1
+
+
+def test_nested_dict_input():
+    torch.manual_seed(0)
+    model, x = Structured().eval(), torch.randn(2, 4)
+    feats = {"left": torch.randn(2, 4), "right": {"bias": torch.randn(3)}}
+    engine = refitcore.MutableEngine(model, args=(x,), kwargs={"feats": feats}, backend="reference")
+    assert _close(engine(x, feats=feats)["y"], _structured_eager(model, x, feats=feats))
+    _edit(model)
+    other = {"left": torch.randn(2, 4), "right": {"bias": torch.randn(3)}}
+    assert _close(engine(x, feats=other)["y"], _structured_eager(model, x, feats=other))
+    assert (engine.last_action, engine.refits, engine.recompiles) == ("refit", 1, 0)
+
+
+def test_dynamic_batch_inside_the_range_runs_and_outside_is_refused():
+    model, x = make("conv_bias_bn", 0)
+    engine = refitcore.MutableEngine(model, x, dynamic_shapes={0: {0: (1, 4)}}, backend="reference")
+    for batch in (1, 3, 4):
+        y = torch.randn(batch, *x.shape[1:])
+        assert _close(engine(y), _eager(model, y))
+    assert engine.recompiles == 0
+    nn.init.normal_(model.conv.weight)
+    y = torch.randn(2, *x.shape[1:])
+    assert _close(engine(y), _eager(model, y)) and (engine.last_action, engine.recompiles) == ("refit", 0)
+    with pytest.raises(refitcore.errors.ShapeRangeError, match=r"dimension 0 has size 5.*\[1, 4\]"):
+        engine(torch.randn(5, *x.shape[1:]))
+    assert engine.recompiles == 0
+
+
+@pytest.mark.parametrize("weights", [True, False], ids=["with weights", "weightless"])
+def test_save_then_load_for_the_model_then_an_edit(tmp_path, weights):
+    model, x = make("conv_bias_bn", 0)
+    path = tmp_path / "engine.rtrt"
+    refitcore.MutableEngine(model, x, backend="reference").save(path, weights=weights)
+    model.load_state_dict(make("conv_bias_bn", 4)[0].state_dict())     # weights other than the file's
+    loaded = refitcore.MutableEngine.load(path, model)
+    assert _close(loaded(x), _eager(model, x)) and loaded.last_action == "refit"
+    nn.init.normal_(model.conv.weight)
+    assert _close(loaded(x), _eager(model, x)) and (loaded.last_action, loaded.refits) == ("refit", 2)
+    loaded(x)
+    assert loaded.last_action == "none"
+
+
+def test_load_keeps_keyword_inputs_and_dynamic_ranges(tmp_path):
+    torch.manual_seed(0)
+    model, x = Structured().eval(), torch.randn(2, 4)
+    path = tmp_path / "engine.rtrt"
+    refitcore.MutableEngine(model, x, kwargs={"scale": 2.0}, backend="reference").save(path, weights=False)
+    _edit(model)
+    loaded = refitcore.MutableEngine.load(path, model, check="version")
+    assert _close(loaded(x, scale=2.0)["y"], _structured_eager(model, x, scale=2.0)) and loaded.recompiles == 0
+
+    conv, c = make("conv_bias_bn", 0)
+    refitcore.MutableEngine(conv, c, dynamic_shapes={0: {0: (1, 4)}}, backend="reference").save(path)
+    loaded = refitcore.MutableEngine.load(path, conv)
+    y = torch.randn(3, *c.shape[1:])
+    assert _close(loaded(y), _eager(conv, y)) and loaded.recompiles == 0
+    with pytest.raises(refitcore.errors.ShapeRangeError):
+        loaded(torch.randn(6, *c.shape[1:]))
+
+
+def test_load_refuses_a_model_of_other_weights(tmp_path):
+    model, x = make("conv_bias_bn", 0)
+    path = tmp_path / "engine.rtrt"
+    refitcore.MutableEngine(model, x, backend="reference").save(path, weights=False)
+    with pytest.raises(refitcore.errors.ArchitectureMismatchError, match="other state_dict keys"):
+        refitcore.MutableEngine.load(path, make("tied_mlp", 0)[0])
+    with pytest.raises(TypeError, match="come from the file"):
+        refitcore.MutableEngine.load(path, model, backend="reference")

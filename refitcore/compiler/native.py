@@ -34,7 +34,7 @@ from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRa
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
 from refitcore.refitting.refit import refit
 
-__all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key"]
+__all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key", "call_inputs"]
 
 log = logging.getLogger("refitcore")
 
@@ -95,14 +95,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
                                    backend="reference")
         engine(torch.randn(1, 3, 64, 64))
     """
-    if example_inputs is not None and args is not None:
-        raise TypeError("give the example inputs either positionally or as args=, not both")
-    if args is None:
-        args = () if example_inputs is None else (
-            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
-    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
-        args = (args,)
-    args, kwargs = tuple(args), dict(kwargs or {})
+    args, kwargs = call_inputs(example_inputs, args, kwargs)
     name, reason = choose_backend(backend)
     options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
                              min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
@@ -126,6 +119,20 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     if store(store_to, key, engine):
         log.info("refitcore: engine cache miss %s: compiled and stored", key.digest[:16])
     return engine
+
+
+def call_inputs(example_inputs: Sequence[Any] | torch.Tensor | None, args: Sequence[Any] | None,
+                kwargs: dict[str, Any] | None) -> tuple[tuple, dict]:
+    """(args, kwargs) of one call from :func:`compile`'s input arguments: ``example_inputs`` (a tensor
+    or a tuple of positional inputs) or ``args=`` (a sequence, or one input), and ``kwargs=``."""
+    if example_inputs is not None and args is not None:
+        raise TypeError("give the example inputs either positionally or as args=, not both")
+    if args is None:
+        args = () if example_inputs is None else (
+            (example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
+    if isinstance(args, torch.Tensor) or not isinstance(args, (tuple, list)):
+        args = (args,)
+    return tuple(args), dict(kwargs or {})
 
 
 def compile_cache_key(model: torch.nn.Module, args: Sequence[Any], *, kwargs: dict[str, Any] | None = None,
