@@ -4,7 +4,9 @@ small custom modules with structured inputs and outputs) on the reference backen
 through the fallback with new random weights, compare with eager leaf by leaf.
 
 Writes a Markdown table to ``benchmarks/results/zoo_repos.md`` (raw rows in ``zoo_repos.json``)
-after every model and between markers in README.md.
+after every model and between markers in README.md. The versions of torch, transformers and timm
+each row ran with are in its JSON row and in the line above the table: run the sweep again on the
+newest releases (``pip install -U transformers timm``) as well as on the pinned ones.
 
     python scripts/zoo_repos.py                  # every model
     python scripts/zoo_repos.py bert vit_cls     # some
@@ -19,6 +21,7 @@ partition and the weight mapping, not TensorRT's kernels.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -75,6 +78,11 @@ def gpt2(seed):
     model = _hf("GPT2LMHeadModel", "GPT2Config", vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_inner=64,
                 n_positions=64)(seed)
     return model, (_ids(),), {"use_cache": False}
+
+
+def gpt2_cache(seed):
+    model = gpt2(seed)[0]
+    return model, (_ids(),), {"use_cache": True}
 
 
 def t5_encoder(seed):
@@ -209,6 +217,7 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "bert_cls": ("transformers BertForSequenceClassification", bert_cls),
     "distilbert": ("transformers DistilBertModel", distilbert),
     "gpt2": ("transformers GPT2LMHeadModel", gpt2),
+    "gpt2_cache": ("transformers GPT2LMHeadModel use_cache=True (DynamicCache out)", gpt2_cache),
     "t5_encoder": ("transformers T5EncoderModel", t5_encoder),
     "vit_cls": ("transformers ViTForImageClassification @32", vit_cls),
     "mobilevitv2_050": ("timm mobilevitv2_050 @64", _timm("mobilevitv2_050", 64)),
@@ -238,7 +247,32 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "cond": ("custom: a torch.cond branch", _custom(CondBranch, lambda: ((torch.randn(3, 8, generator=_g()),), {}))),
 }
 CUSTOM = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond")
-FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert")
+FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert", "gpt2_cache")
+
+
+VERSIONED = ("torch", "transformers", "timm")
+
+
+def versions() -> dict[str, str | None]:
+    """The installed version of each library the zoo's models come from (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def versions_line(rows: list[dict]) -> str:
+    """Which versions the rows ran with (each distinct set once; rows of an older file have none)."""
+    seen: list[str] = []
+    for r in rows:
+        v = r.get("versions")
+        text = ", ".join(f"{k} {v.get(k) or 'not installed'}" for k in VERSIONED) if v else "versions not recorded"
+        if text not in seen:
+            seen.append(text)
+    return "Made with " + "; ".join(seen) + "." if seen else ""
 
 
 def max_err(a: Any, b: Any) -> float:
@@ -276,7 +310,7 @@ def run_one(name: str) -> dict:
     import refitcore
 
     label, build = MODELS[name]
-    row: dict[str, Any] = {"model": name, "label": label}
+    row: dict[str, Any] = {"model": name, "label": label, "versions": versions()}
     model, args, kwargs = build(0)
     model = _randomized(model, 0)
     t0 = time.perf_counter()
@@ -313,7 +347,7 @@ def _fmt(v, spec: str) -> str:
 def table(rows: list[dict]) -> str:
     ok = sum(1 for r in rows if r.get("ok"))
     lines = [f"{ok} of {len(rows)} models compile, refit (cached and fallback) and match eager leaf by leaf "
-             f"(reference backend; max abs error over every output leaf).", "",
+             f"(reference backend; max abs error over every output leaf). {versions_line(rows)}".rstrip(), "",
              "| model | compiles | TensorRT ops | TensorRT weights | err compile | err cached | err fallback | "
              "compile s | cached s | fallback s | runs in PyTorch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -360,20 +394,23 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
     raw = RESULTS / "zoo_repos.json"
-    rows = {r["model"]: r for r in json.loads(raw.read_text())} if args.merge and raw.exists() else {}
+    kept = json.loads(raw.read_text()) if args.merge and raw.exists() else []
+    if isinstance(kept, dict):
+        kept = kept["rows"]
+    rows = {r["model"]: r for r in kept}
     for name in names:
         t0 = time.perf_counter()
         try:
             row = run_one(name)
         except Exception as err:  # noqa: BLE001 - one model's failure is that model's row
             traceback.print_exc()
-            row = {"model": name, "label": MODELS[name][0], "compiles": False,
+            row = {"model": name, "label": MODELS[name][0], "versions": versions(), "compiles": False,
                    "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
         row["total_s"] = time.perf_counter() - t0
         rows[name] = row
         print(json.dumps(row, default=str), flush=True)
         ordered = [rows[n] for n in MODELS if n in rows]
-        raw.write_text(json.dumps(ordered, indent=1, default=str))
+        raw.write_text(json.dumps({"versions": versions(), "rows": ordered}, indent=1, default=str))
         text = table(ordered)
         (RESULTS / "zoo_repos.md").write_text("# Models as repositories ship them\n\n" + text)
     print(text)

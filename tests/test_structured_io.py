@@ -109,3 +109,45 @@ def test_positional_example_inputs_still_work():
     engine = refitcore.compile(model, x, backend="reference")
     torch.testing.assert_close(engine(x), model(x))
     assert len(engine.run([x])) == 1
+
+
+def _gpt2(seed):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_inner=32, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()   # use_cache=True, its default
+
+
+def _cache_tensors(out):
+    cache = out.past_key_values
+    return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+
+
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_a_decoder_cache_comes_back_as_a_cache(path):
+    from transformers.cache_utils import DynamicCache
+
+    ids = torch.tensor([[1, 5, 7, 3, 9]])
+    engine = refitcore.compile(_gpt2(0), args=(ids,), backend="reference")
+    assert type(engine.impl).__name__ == "ReferenceEngine"     # whole, not the submodule fallback
+    with torch.no_grad():
+        ref = _gpt2(0)(ids)
+    out = engine(ids)
+    assert isinstance(out.past_key_values, DynamicCache) and len(out.past_key_values.layers) == 2
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-4)
+    for got, want in zip(_cache_tensors(out), _cache_tensors(ref), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The spec is JSON data: rebuilt from it, the cache is a cache again.
+    leaves, spec = spec_of(ref)
+    rebuilt = unflatten(leaves, spec, output_types=[type(ref), DynamicCache])
+    assert isinstance(rebuilt.past_key_values, DynamicCache)
+
+    new = _gpt2(1)
+    result = refitcore.refit(engine, new, path=path, verify_inputs=[ids], reference_model=new, audit=True)
+    assert result, str(result)
+    with torch.no_grad():
+        want = new(ids)
+    got = result.engine(ids)
+    for a, b in zip(_cache_tensors(got), _cache_tensors(want), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -124,3 +124,41 @@ def test_hybrid_engine_satisfies_the_backend_protocols(engine):
 
     assert isinstance(engine.impl, base.EngineImpl)
     assert isinstance(engine.impl.create_refitter(), base.Refitter)
+
+
+class TiedAroundGated(nn.Module):
+    """A language-model shape: the head's weight is the embedding's, around a body that does not export."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(16, 8)
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        self.lm_head = nn.Linear(8, 16, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids):
+        h = self.body(self.wte(ids))
+        if h.sum() > 0:   # data-dependent control flow: the whole model does not export
+            h = h * 2
+        return self.lm_head(h)
+
+
+def _tied(seed):
+    torch.manual_seed(seed)
+    return TiedAroundGated().eval()
+
+
+IDS = torch.tensor([[1, 5, 7, 3]])
+
+
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_tied_weights_around_eager_code(path):
+    engine = refitcore.compile(_tied(0), IDS, backend="reference")
+    assert "" in dict(engine.eager_modules) and engine.impl.engines
+    with torch.no_grad():
+        torch.testing.assert_close(engine(IDS), _tied(0)(IDS), rtol=1e-5, atol=1e-5)
+    new = _tied(1)
+    result = refitcore.refit(engine, new, path=path, verify_inputs=[IDS], reference_model=new, audit=True)
+    assert result, str(result)
+    with torch.no_grad():
+        torch.testing.assert_close(result.engine(IDS), new(IDS), rtol=1e-5, atol=1e-5)

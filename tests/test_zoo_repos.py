@@ -32,3 +32,13 @@ def test_zoo_repos_model(name, request):
     if "zoo" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the full zoo runs only when selected: pytest -m zoo")
     _check(name)
+
+
+def test_rows_and_table_say_which_versions_they_ran_with():
+    versions = ZOO.versions()
+    assert set(versions) == {"torch", "transformers", "timm"} and versions["torch"]
+    rows = [{"model": "a", "label": "a", "compiles": False, "error": "x", "versions": versions},
+            {"model": "b", "label": "b", "compiles": False, "error": "y"}]
+    first = ZOO.table(rows).splitlines()[0]
+    assert f"Made with torch {versions['torch']}, transformers " in first
+    assert first.endswith("; versions not recorded.")

@@ -23,6 +23,7 @@ import torch
 from torch import fx
 from torch.export.graph_signature import OutputKind
 
+from refitcore.capture.structured import register_cache_pytrees
 from refitcore.errors import MutationError
 
 __all__ = ["export_model", "lower", "CONV_OPS", "plan_fusions", "FusionPlan", "module_path", "graph_fingerprint",
@@ -46,6 +47,7 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: 
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
+    register_cache_pytrees()   # a decoder's DynamicCache output (transformers' own export support)
     was_training = model.training
     model.eval()
     try:

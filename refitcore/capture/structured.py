@@ -7,10 +7,11 @@ and outputs as JSON data (:func:`spec_to_json`), flattens a call's ``(args, kwar
 
 A spec node is ``{"t": "leaf"}``, ``{"t": "tuple" | "list", "c": [...]}``,
 ``{"t": "dict", "k": [keys], "c": [...]}`` or, for any other registered pytree type (a
-``ModelOutput``, a namedtuple), ``{"t": "custom", "cls": "module.QualName", "k": [keys] | null,
-"c": [...]}``. Loading a spec never imports anything: a custom node is rebuilt as its class only
-when the caller passes the class (``output_types``) or sets ``trust_output_types``; otherwise it
-becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the same keys and leaves.
+``ModelOutput``, a namedtuple, a transformers ``Cache``), ``{"t": "custom", "cls": "module.QualName",
+"k": [keys] | null, "c": [...]}``, with the node's pytree context as ``"ctx"`` when it is plain data
+other than its keys (a ``DynamicCache``'s layout). Loading a spec never imports anything: a custom
+node is rebuilt as its class only when the caller passes the class (``output_types``) or sets
+``trust_output_types``; otherwise it becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the same keys and leaves.
 
 Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in brackets
 (``[0]['boxes']``); :func:`leaf_names` lists them in flat order. Verdicts use these names.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import importlib
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,7 +29,26 @@ import torch.utils._pytree as pytree
 
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
            "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples",
-           "flat_positional", "as_positional"]
+           "flat_positional", "as_positional", "register_cache_pytrees"]
+
+_CACHES_REGISTERED = False
+
+
+def register_cache_pytrees() -> None:
+    """Make transformers' ``DynamicCache`` (what a decoder returns with ``use_cache=True``) a pytree
+    node, through transformers' own torch.export support, so that it exports, flattens into its
+    key/value tensors and comes back as a cache. Nothing happens until transformers is imported (by
+    the model's code): refitcore never imports it for a model that does not use it."""
+    global _CACHES_REGISTERED
+    if _CACHES_REGISTERED or "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.integrations.executorch import register_dynamic_cache_export_support
+    except ImportError:   # a release without it: a cache output stays a leaf torch.export refuses
+        _CACHES_REGISTERED = True
+        return
+    register_dynamic_cache_export_support()
+    _CACHES_REGISTERED = True
 
 
 class Inputs:
@@ -78,11 +99,36 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict:
         keys = None
     if keys is None and hasattr(typ, "_fields"):
         keys = list(typ._fields)
-    return {"t": "custom", "cls": _qualname(typ), "k": keys, "c": children}
+    node = {"t": "custom", "cls": _qualname(typ), "k": keys, "c": children}
+    if keys is None and ctx is not None and _plain_data(ctx):
+        node["ctx"] = _as_json(ctx)
+    return node
+
+
+def _plain_data(value: Any) -> bool:
+    """True for JSON data: None, str, int, float, bool, and lists/tuples/str-keyed dicts of them."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain_data(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain_data(v) for k, v in value.items())
+    return False
+
+
+def _as_json(value: Any) -> Any:
+    """Plain data as JSON would give it back (tuples as lists), so that a spec compares equal to its
+    own round trip through a file."""
+    if isinstance(value, (list, tuple)):
+        return [_as_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_json(v) for k, v in value.items()}
+    return value
 
 
 def spec_of(tree: Any) -> tuple[list, dict]:
     """(leaves, JSON spec) of a pytree."""
+    register_cache_pytrees()
     leaves, spec = pytree.tree_flatten(tree)
     return leaves, spec_to_json(spec)
 
@@ -138,8 +184,9 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
         cls = _resolve(node["cls"], output_types, trust_output_types)
         keys = node.get("k")
         if cls is not None:
+            register_cache_pytrees()
             if cls in pytree.SUPPORTED_NODES:
-                context = keys if keys is not None else None
+                context = node.get("ctx", keys)
                 try:
                     return pytree.SUPPORTED_NODES[cls].unflatten_fn(children, context)
                 except Exception:  # noqa: BLE001 - a context we could not keep as data: build by keywords

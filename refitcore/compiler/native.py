@@ -21,7 +21,7 @@ from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
 from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, input_names
 from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
-from refitcore.capture.structured import spec_to_json, unresolved_types
+from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.engine import hybrid, segmented_build, whole
@@ -186,7 +186,9 @@ def _model_output_types(engine: RefittableEngine, model: torch.nn.Module, exampl
     args, kwargs = example
     model.eval()
     with torch.no_grad():
-        _, spec = pytree.tree_flatten(model(*args, **kwargs))
+        out = model(*args, **kwargs)
+    register_cache_pytrees()   # a decoder's cache, as at export
+    _, spec = pytree.tree_flatten(out)
     if spec_to_json(spec) != (engine.structure or {}).get("out"):
         raise RefitCoreError("the cached engine's outputs are structured differently from the model's")
     engine.calls = dataclasses.replace(engine.calls, out_treespec=spec)

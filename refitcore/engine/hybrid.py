@@ -138,6 +138,19 @@ def _shell_key(key: str, compiled: Sequence[str]) -> str:
     return key
 
 
+def _tied_aliases(shell: torch.nn.Module) -> frozenset[str]:
+    """The shell's state_dict keys that name a tensor an earlier key already names (tied weights,
+    e.g. a language model's head and its token embedding): ``functional_call`` takes one key per
+    tensor and sets every name it has."""
+    seen: set[int] = set()
+    aliases = set()
+    for key, t in shell.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            aliases.add(key)
+        seen.add(id(t))
+    return frozenset(aliases)
+
+
 class HybridImpl:
     """The model's forward, eager, with compiled submodules; see the module docstring."""
 
@@ -150,6 +163,7 @@ class HybridImpl:
         self.structure = structure
         self.compiled = list(compiled)
         self.counter = counter if counter is not None else {}
+        self.tied_aliases = _tied_aliases(shell)
         first = next(iter(self.engines.values()), None)
         self.backend_name = first.backend if first is not None else "reference"
         self.note = ((first.note + "; ") if first is not None and first.note else "") + (
@@ -191,7 +205,8 @@ class HybridImpl:
         leaves = [next(it) if "tensor" in d else d["value"] for d in self.structure["in_leaves"]]
         args, kwargs = unflatten(leaves, self.structure["in"])
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        params = {_shell_key(k, self.compiled): torch.from_numpy(v).to(device) for k, v in self.params[EAGER].items()}
+        params = {key: torch.from_numpy(v).to(device) for k, v in self.params[EAGER].items()
+                  if (key := _shell_key(k, self.compiled)) not in self.tied_aliases}
         with torch.no_grad():
             out = torch.func.functional_call(self.shell, params, tuple(args), dict(kwargs), strict=False)
         return pytree.tree_leaves(out)

@@ -25,6 +25,8 @@ def swin_mask(x):
     pytest.param(lambda y: channel_shuffle(y.permute(0, 3, 1, 2), 2), id="channel_shuffle"),
     pytest.param(swin_mask, id="shape_only_mask"),
     pytest.param(lambda y: torch.cat([y.new_ones(y.shape), y], dim=2), id="new_ones_cat"),
+    # torch.cat skips a 1-D empty tensor (a transformers DynamicCache's first update)
+    pytest.param(lambda y: torch.cat([torch.tensor([], device=y.device), y], dim=-2), id="cat_onto_empty"),
 ])
 def test_shape_op_matches_eager_and_refits(fn):
     check_converter(Proj(fn), torch.randn(1, 5, 6, 4))

@@ -162,9 +162,13 @@ def split(ctx, node, args, kwargs):
 
 @converter(aten.cat.default)
 def cat(ctx, node, args, kwargs):
-    tensors = list(args[0])
     dim = arg(args, kwargs, 1, "dim", 0)
     r = len(out_shape(ctx))
+    # torch.cat skips 1-D tensors of size 0 whatever the others' rank (a transformers DynamicCache's
+    # first update concatenates onto one); TensorRT has no such rule.
+    vals = [getattr(n, "meta", {}).get("val") for n in node.args[0]]
+    skip = [r != 1 and isinstance(v, torch.Tensor) and tuple(v.shape) == (0,) for v in vals]
+    tensors = [t for t, s in zip(args[0], skip) if not s] if not all(skip) else list(args[0])
     tensors = [as_tensor(ctx, t, rank_=r, suffix=f"in{i}") for i, t in enumerate(tensors)]
     layer = ctx.network.add_concatenation(tensors)
     layer.axis = dim % r
