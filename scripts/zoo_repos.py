@@ -237,7 +237,8 @@ def t5(seed):
 def whisper(seed):
     model = _hf("WhisperModel", "WhisperConfig", vocab_size=100, num_mel_bins=16, d_model=32, encoder_layers=2,
                 decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16)(seed)
+                decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)(seed)
     features = torch.randn(1, 16, 32, generator=_g())       # (batch, mel bins, 2 * max_source_positions)
     return model, (features,), {"decoder_input_ids": _ids()[:, :6], "use_cache": False}
 
@@ -307,7 +308,7 @@ def raft_small(seed):
 
     torch.manual_seed(seed)
     model = torchvision.models.optical_flow.raft_small(weights=None).eval()
-    frames = torch.rand(2, 1, 3, 64, 64, generator=_g()) * 2 - 1
+    frames = torch.rand(2, 1, 3, 128, 128, generator=_g()) * 2 - 1   # at least 128: its correlation pyramid
     return model, (frames[0], frames[1]), {"num_flow_updates": 2}
 
 
@@ -409,7 +410,7 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "lstm_text": ("custom: embedding -> 2-layer bidirectional LSTM (batch_first) -> linear", _rnn_text("lstm")),
     "gru_text": ("custom: embedding -> 2-layer bidirectional GRU (batch_first) -> linear", _rnn_text("gru")),
     "speech_conv1d": ("custom: ResNet-style 1-D conv keyword spotter on raw audio", speech_conv1d),
-    "raft_small": ("torchvision raft_small 64x64, 2 flow updates (list of flows out)", raft_small),
+    "raft_small": ("torchvision raft_small 128x128, 2 flow updates (list of flows out)", raft_small),
     "unet2d": ("diffusers UNet2DModel @16 (attention blocks, timestep)", unet2d),
     "autoencoder_kl": ("diffusers AutoencoderKL @16 (posterior mode)", autoencoder_kl),
 }
