@@ -415,7 +415,8 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "autoencoder_kl": ("diffusers AutoencoderKL @16 (posterior mode)", autoencoder_kl),
 }
 CUSTOM = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond")
-FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert")
+FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert", "lstm_text", "gru_text",
+        "speech_conv1d")
 
 
 def max_err(a: Any, b: Any) -> float:
