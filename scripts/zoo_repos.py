@@ -199,6 +199,150 @@ class CondBranch(nn.Module):
         return torch.cond(y.sum() > 0, lambda t: self.b(t) * 2.0, lambda t: self.b(t) - 1.0, (y,))
 
 
+def _padded_ids(batch: int = 2, length: int = 12, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and an attention mask whose second row is left-padded by ``pad`` tokens."""
+    ids = torch.randint(3, 100, (batch, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[1, :pad] = 0
+    return ids, mask
+
+
+def _decoder_llm(cls_name: str, config_name: str, **extra):
+    """A decoder-only LLM on a left-padded batch (the attention_mask masks the padding and, with the
+    causal mask, leaves fully masked rows for the padded positions)."""
+    def build(seed):
+        model = _hf(cls_name, config_name, vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, **extra)(seed)
+        ids, mask = _padded_ids()
+        return model, (ids,), {"attention_mask": mask, "use_cache": False}
+    return build
+
+
+def _text_padded(cls_name: str, config_name: str, **extra):
+    def build(seed):
+        model = _hf(cls_name, config_name, **{**TEXT, **extra})(seed)
+        ids, mask = _padded_ids()
+        return model, (ids,), {"attention_mask": mask}
+    return build
+
+
+def bart(seed):
+    model = _hf("BartModel", "BartConfig", vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                max_position_embeddings=64)(seed)
+    ids, mask = _padded_ids()
+    return model, (ids,), {"attention_mask": mask, "decoder_input_ids": ids[:, :6], "use_cache": False}
+
+
+def t5(seed):
+    model = _hf("T5ForConditionalGeneration", "T5Config", vocab_size=100, d_model=32, num_layers=2,
+                num_decoder_layers=2, num_heads=2, d_ff=64, d_kv=16)(seed)
+    ids, mask = _padded_ids()
+    return model, (ids,), {"attention_mask": mask, "decoder_input_ids": ids[:, :6], "use_cache": False}
+
+
+def whisper(seed):
+    model = _hf("WhisperModel", "WhisperConfig", vocab_size=100, num_mel_bins=16, d_model=32, encoder_layers=2,
+                decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                decoder_ffn_dim=64, max_source_positions=16, max_target_positions=16, pad_token_id=0,
+                bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)(seed)
+    features = torch.randn(1, 16, 32, generator=_g())       # (batch, mel bins, 2 * max_source_positions)
+    return model, (features,), {"decoder_input_ids": _ids()[:, :6], "use_cache": False}
+
+
+def wav2vec2(seed):
+    model = _hf("Wav2Vec2Model", "Wav2Vec2Config", hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, do_stable_layer_norm=True,
+                feat_extract_norm="layer")(seed)
+    return model, (torch.randn(1, 800, generator=_g()),), {}
+
+
+def _hf_image(cls_name: str, config_name: str, size: int, **extra):
+    def build(seed):
+        return _hf(cls_name, config_name, **extra)(seed), (_image(size),), {}
+    return build
+
+
+class RNNText(nn.Module):
+    """A text classifier as tutorials write it: embedding -> multi-layer bidirectional LSTM/GRU
+    (batch_first) -> the last step's features -> a linear head."""
+
+    def __init__(self, kind: str = "lstm"):
+        super().__init__()
+        self.embed = nn.Embedding(100, 16)
+        self.rnn = getattr(nn, kind.upper())(16, 24, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, ids):
+        out, _ = self.rnn(self.embed(ids))
+        return self.head(out[:, -1])
+
+
+def _rnn_text(kind: str):
+    def build(seed):
+        torch.manual_seed(seed)
+        return RNNText(kind).eval(), (_ids().repeat(2, 1),), {}
+    return build
+
+
+class SpeechConv1d(nn.Module):
+    """A ResNet-style 1-D convolutional keyword spotter on raw audio (M5-like stem, residual blocks
+    with BatchNorm1d, global average pooling, log_softmax head)."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(1, 16, 80, stride=16), nn.BatchNorm1d(16), nn.ReLU(), nn.MaxPool1d(4))
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16), nn.ReLU(),
+                          nn.Conv1d(16, 16, 3, padding=1), nn.BatchNorm1d(16)) for _ in range(2))
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, audio):
+        x = self.stem(audio)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return torch.log_softmax(self.head(x.mean(-1)), dim=-1)
+
+
+def speech_conv1d(seed):
+    torch.manual_seed(seed)
+    return SpeechConv1d().eval(), (torch.randn(2, 1, 1600, generator=_g()),), {}
+
+
+def raft_small(seed):
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.optical_flow.raft_small(weights=None).eval()
+    frames = torch.rand(2, 1, 3, 128, 128, generator=_g()) * 2 - 1   # at least 128: its correlation pyramid
+    return model, (frames[0], frames[1]), {"num_flow_updates": 2}
+
+
+def unet2d(seed):
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                  block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8,
+                                  down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                  up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval()
+    return model, (_image(16), torch.tensor([10])), {"return_dict": False}
+
+
+def autoencoder_kl(seed):
+    import diffusers
+
+    torch.manual_seed(seed)
+    model = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+                                    block_out_channels=(16, 32), norm_num_groups=8,
+                                    down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    # sample_posterior=False: the decoder reads the posterior's mode (sampling draws new noise each call).
+    return model, (_image(16),), {"sample_posterior": False, "return_dict": False}
+
+
 def _custom(cls, make_args: Callable[[], tuple]):
     def build(seed):
         torch.manual_seed(seed)
@@ -245,12 +389,46 @@ MODELS: dict[str, tuple[str, Callable]] = {
     "complex_buffer": ("custom: a complex buffer through torch.view_as_real",
                        _custom(ComplexBuffer, lambda: ((torch.randn(6, 8, generator=_g()),), {}))),
     "cond": ("custom: a torch.cond branch", _custom(CondBranch, lambda: ((torch.randn(3, 8, generator=_g()),), {}))),
+    "llama_padded": ("transformers LlamaForCausalLM, left-padded attention_mask (GQA)",
+                     _decoder_llm("LlamaForCausalLM", "LlamaConfig")),
+    "mistral_padded": ("transformers MistralModel, left-padded attention_mask (sliding window 8)",
+                       _decoder_llm("MistralModel", "MistralConfig", sliding_window=8)),
+    "qwen2_padded": ("transformers Qwen2ForCausalLM, left-padded attention_mask",
+                     _decoder_llm("Qwen2ForCausalLM", "Qwen2Config")),
+    "bart": ("transformers BartModel (encoder-decoder, decoder_input_ids, padded mask)", bart),
+    "t5": ("transformers T5ForConditionalGeneration (decoder_input_ids, padded mask)", t5),
+    "whisper": ("transformers WhisperModel (log-mel features, decoder_input_ids)", whisper),
+    "wav2vec2": ("transformers Wav2Vec2Model (raw audio, 800 samples)", wav2vec2),
+    "roberta_padded": ("transformers RobertaModel, padded attention_mask",
+                       _text_padded("RobertaModel", "RobertaConfig")),
+    "albert": ("transformers AlbertModel (layers share weights)",
+               _text_padded("AlbertModel", "AlbertConfig", embedding_size=16)),
+    "electra_cls": ("transformers ElectraForSequenceClassification",
+                    _text_padded("ElectraForSequenceClassification", "ElectraConfig", embedding_size=16)),
+    "mobilebert": ("transformers MobileBertModel",
+                   _text_padded("MobileBertModel", "MobileBertConfig", embedding_size=16, intra_bottleneck_size=16,
+                                num_feedforward_networks=2)),
+    "deit_cls": ("transformers DeiTForImageClassification @32",
+                 _hf_image("DeiTForImageClassification", "DeiTConfig", 32, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8, num_labels=10)),
+    "swin_cls": ("transformers SwinForImageClassification @32",
+                 _hf_image("SwinForImageClassification", "SwinConfig", 32, image_size=32, patch_size=2, embed_dim=16,
+                           depths=(1, 1), num_heads=(2, 2), window_size=4, num_labels=10)),
+    "convnextv2_atto": ("timm convnextv2_atto @32", _timm("convnextv2_atto", 32)),
+    "regnetx_002": ("timm regnetx_002 @32", _timm("regnetx_002", 32)),
+    "lstm_text": ("custom: embedding -> 2-layer bidirectional LSTM (batch_first) -> linear", _rnn_text("lstm")),
+    "gru_text": ("custom: embedding -> 2-layer bidirectional GRU (batch_first) -> linear", _rnn_text("gru")),
+    "speech_conv1d": ("custom: ResNet-style 1-D conv keyword spotter on raw audio", speech_conv1d),
+    "raft_small": ("torchvision raft_small 128x128, 2 flow updates (list of flows out)", raft_small),
+    "unet2d": ("diffusers UNet2DModel @16 (attention blocks, timestep)", unet2d),
+    "autoencoder_kl": ("diffusers AutoencoderKL @16 (posterior mode)", autoencoder_kl),
 }
 CUSTOM = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond")
-FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert", "gpt2_cache")
+FAST = ("dict_input", "kwargs_none", "dict_output", "cumsum", "complex_buffer", "cond", "bert", "gpt2_cache",
+        "lstm_text", "gru_text", "speech_conv1d")
 
 
-VERSIONED = ("torch", "transformers", "timm")
+VERSIONED = ("torch", "transformers", "timm", "diffusers")
 
 
 def versions() -> dict[str, str | None]:

@@ -31,6 +31,8 @@ def test_zoo_repos_fast(name):
 def test_zoo_repos_model(name, request):
     if "zoo" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("the full zoo runs only when selected: pytest -m zoo")
+    if ZOO.MODELS[name][0].startswith("diffusers"):
+        pytest.importorskip("diffusers")
     _check(name)
 
 

@@ -13,6 +13,9 @@ from .harness import Proj, check_converter
     pytest.param(lambda y: y.masked_fill(y < 0.2, -3.0), id="masked_fill"),
     pytest.param(lambda y: torch.rsqrt(y.abs() + 1), id="rsqrt_abs"),
     pytest.param(lambda y: y.pow(2) - y.neg(), id="pow_neg"),
+    pytest.param(lambda y: torch.addcmul(y, y.exp(), y[0, 0], value=0.5), id="addcmul_value"),
+    pytest.param(lambda y: torch.addcmul(torch.ones(4), y, y), id="addcmul_constant_input"),
+    pytest.param(lambda y: torch.addcdiv(y, y, y.abs() + 1, value=-2), id="addcdiv"),
     pytest.param(lambda y: y + torch.ones(4), id="rank_equalized_constant"),
     pytest.param(lambda y: y[:, :, :, 0] * y[0, 0, :, 0], id="rank_equalized_tensors"),
 ])

@@ -50,6 +50,18 @@ def div(ctx, node, args, kwargs):
 
 
 
+@converter(aten.addcmul.default, aten.addcdiv.default)
+def addcmul_addcdiv(ctx, node, args, kwargs):
+    """input + value * (tensor1 * tensor2) (addcmul) or input + value * (tensor1 / tensor2) (addcdiv):
+    ConvNeXt V2's GRN and optimizer-style updates."""
+    op = "PROD" if node.target == aten.addcmul.default else "DIV"
+    product = elementwise(ctx, args[1], args[2], op)
+    value = arg(args, kwargs, 3, "value", 1)
+    if value != 1:
+        product = elementwise(ctx, product, value, "PROD", suffix="value")
+    return elementwise(ctx, args[0], product, "SUM", suffix="add")
+
+
 @converter(aten.maximum.default)
 def maximum(ctx, node, args, kwargs):
     return elementwise(ctx, args[0], args[1], "MAX")
