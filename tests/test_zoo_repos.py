@@ -38,7 +38,7 @@ def test_zoo_repos_model(name, request):
 
 def test_rows_and_table_say_which_versions_they_ran_with():
     versions = ZOO.versions()
-    assert set(versions) == {"torch", "transformers", "timm"} and versions["torch"]
+    assert set(versions) == {"torch", "transformers", "timm", "diffusers"} and versions["torch"]
     rows = [{"model": "a", "label": "a", "compiles": False, "error": "x", "versions": versions},
             {"model": "b", "label": "b", "compiles": False, "error": "y"}]
     first = ZOO.table(rows).splitlines()[0]
