@@ -663,9 +663,10 @@ class InPlaceCache(nn.Module):
         return cache.sum()
 
 
-@pytest.mark.xfail(strict=True, raises=refitcore.ExportError,
-                   reason="bug: a model that writes into its input does not compile (the mutation arrives as an "
-                          "extra output and the submodule fallback finds nothing to export); issue 26, item 6")
+@pytest.mark.xfail(strict=True, raises=refitcore.MutationError,
+                   reason="design: an engine computes outputs and writes nothing back (no aliased I/O); a forward "
+                          "that writes into its input runs eagerly, and one with nothing else to compile is refused "
+                          "with a MutationError naming the input")
 def test_cache_hit_keeps_aliased_io_and_output_arity(tmp_path):
     """test_engine_cache.py::TestAliasedIOCacheRoundTrip::test_cache_hit_keeps_aliased_io_and_output_arity:
     a model that writes into its input; the cache hit returns what the fresh build returns, and
