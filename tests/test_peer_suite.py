@@ -418,6 +418,7 @@ def _dynamic_batch_engine(model, x, tmp_path):
     return _stripped(engine, tmp_path)
 
 
+@pytest.mark.slow   # > 5 s on a loaded 2-core machine
 def test_two_TRTRuntime_in_refitting(resnet, tmp_path):
     """test_weight_stripped_engine.py::test_two_TRTRuntime_in_refitting: a stripped engine with a
     dynamic batch, built twice, each refitted and matching eager. Where upstream checks the stripped
@@ -438,6 +439,7 @@ def test_refit_identical_engine_weights():
     """test_weight_stripped_engine.py::test_refit_identical_engine_weights."""
 
 
+@pytest.mark.slow   # > 5 s on a loaded 2-core machine
 def test_refit_weight_stripped_engine_multiple_times(resnet, resnet2, tmp_path):
     """test_weight_stripped_engine.py::test_refit_weight_stripped_engine_multiple_times: one stripped
     engine with a dynamic batch refitted again and again with alternating weights."""
@@ -618,6 +620,7 @@ def test_isomorphic_graphs(tmp_path):
     assert _close(first(x), _eager(model, x)) and _close(second(x), _eager(model2, x))
 
 
+@pytest.mark.slow   # > 5 s on a loaded 2-core machine
 def test_caching_small_model(resnet, resnet2, tmp_path):
     """test_engine_cache.py::TestEngineCache::test_caching_small_model: resnet18 through the cache
     (upstream also times the hit; here the hit's results are checked)."""
@@ -746,11 +749,17 @@ def test_model_complex_dynamic_shape_with_saving(tmp_path):
     assert _close(loaded(*a, **k), _eager(model, *a, **k)) and loaded.recompiles == 0
 
 
+@pytest.fixture(scope="module")
+def resnet_cache(tmp_path_factory):
+    """One engine cache for the module's MutableEngines of resnet18: after the first, each is a hit."""
+    return EngineCache(tmp_path_factory.mktemp("resnet_cache"))
+
+
 @pytest.fixture
-def mutable_resnet(resnet):
+def mutable_resnet(resnet, resnet_cache):
     model, x, _ = resnet
     model = copy.deepcopy(model)
-    return refitcore.MutableEngine(model, x, backend="reference"), model, x
+    return refitcore.MutableEngine(model, x, backend="reference", cache=resnet_cache), model, x
 
 
 def test_resnet18(mutable_resnet, resnet2):
