@@ -184,7 +184,7 @@ def shuffle(layer, ins, w):
     a = layer["attrs"]
     x = ins[0]
     perm = a["first_transpose"][: x.dim()]
-    x = x.permute(*perm)
+    x = x.permute(list(perm))   # a list: a 0-d tensor has an empty permutation
     dims = a.get("reshape_dims")
     if len(ins) > 1 and ins[1] is not None:   # reshape dimensions from a shape tensor (input 1)
         dims = [int(v) for v in ins[1].reshape(-1).tolist()]

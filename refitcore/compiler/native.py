@@ -212,10 +212,12 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
                                   "structured or non-tensor inputs, no submodules=); give them as a tuple of tensors")
         export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes,
                                                            profiles=options.profiles)
+    export_error: Exception | None = None
     try:
         ep = (export_model(model, export_example(args, shape_profiles), kwargs, dynamic_shapes=export_ds)
               if options.submodules is None else None)
     except Exception as err:
+        export_error = err
         if options.strict or shape_profiles is not None:
             if isinstance(err, MutationError):   # exported, but no engine can do what it does
                 raise
@@ -225,7 +227,7 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
                     "(%s)", ExportError("", err).cause_line, DETAIL_HINT)
         ep = None
     if ep is None:
-        return _compile_hybrid(model, args, kwargs, options, reason)
+        return _compile_hybrid(model, args, kwargs, options, reason, export_error)
     _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
     if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
         shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
@@ -276,10 +278,14 @@ def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, opt
 
 
 def _compile_hybrid(model: torch.nn.Module, args: tuple, kwargs: dict, options: CompileOptions,
-                    reason: str) -> RefittableEngine:
-    """Compile the largest submodules that export, each as its own engine, inside the eager model."""
+                    reason: str, export_error: Exception | None = None) -> RefittableEngine:
+    """Compile the largest submodules that export, each as its own engine, inside the eager model.
+    ``export_error``: why the whole model did not export; a mutation is the reason given when no
+    submodule exports either (not a guess at data-dependent control flow)."""
     found, eager, out = hybrid.find_exportable(model, args, kwargs, names=options.submodules)
     if not found:
+        if isinstance(export_error, MutationError):
+            raise export_error
         raise ExportError("", RuntimeError("no submodule with weights exports: " +
                                            "; ".join(f"{p or '<top>'}: {w}" for p, w in eager[:5])))
     part_options = dataclasses.replace(options, submodules=None, dynamic_shapes=None, profiles=None,
