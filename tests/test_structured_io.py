@@ -151,3 +151,19 @@ def test_a_decoder_cache_comes_back_as_a_cache(path):
     got = result.engine(ids)
     for a, b in zip(_cache_tensors(got), _cache_tensors(want), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_cache_registration_follows_the_class_torch_knows():
+    """A transformers imported again (pytest's in-process runs restore ``sys.modules``) brings a new
+    ``DynamicCache`` class: registration asks torch's pytree registry, it does not remember a flag."""
+    import torch.utils._pytree as pytree
+
+    from refitcore.capture.structured import register_cache_pytrees
+
+    cache_utils = pytest.importorskip("transformers.cache_utils")
+    register_cache_pytrees()
+    assert cache_utils.DynamicCache in pytree.SUPPORTED_NODES
+    pytree._deregister_pytree_node(cache_utils.DynamicCache)   # as a fresh import's class would be
+    assert cache_utils.DynamicCache not in pytree.SUPPORTED_NODES
+    register_cache_pytrees()
+    assert cache_utils.DynamicCache in pytree.SUPPORTED_NODES

@@ -31,24 +31,24 @@ __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flat
            "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples",
            "flat_positional", "as_positional", "register_cache_pytrees"]
 
-_CACHES_REGISTERED = False
-
 
 def register_cache_pytrees() -> None:
     """Make transformers' ``DynamicCache`` (what a decoder returns with ``use_cache=True``) a pytree
     node, through transformers' own torch.export support, so that it exports, flattens into its
     key/value tensors and comes back as a cache. Nothing happens until transformers is imported (by
-    the model's code): refitcore never imports it for a model that does not use it."""
-    global _CACHES_REGISTERED
-    if _CACHES_REGISTERED or "transformers" not in sys.modules:
+    the model's code): refitcore never imports it for a model that does not use it.
+
+    Whether the class is registered is asked of torch's registry each time, not remembered: a
+    transformers imported again (a test runner restoring ``sys.modules``) brings a new class."""
+    if "transformers" not in sys.modules:
         return
     try:
+        from transformers.cache_utils import DynamicCache
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError:   # a release without it: a cache output stays a leaf torch.export refuses
-        _CACHES_REGISTERED = True
         return
-    register_dynamic_cache_export_support()
-    _CACHES_REGISTERED = True
+    if DynamicCache not in pytree.SUPPORTED_NODES:
+        register_dynamic_cache_export_support()
 
 
 class Inputs:
