@@ -32,7 +32,7 @@ import torch
 
 from refitcore.conversion import allowed_ops
 from refitcore.conversion.recipes import RECIPES, apply_recipe, check_operand
-from refitcore.errors import BundleContentError
+from refitcore.errors import BundleContentError, MapCannotServeError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["WeightSource", "WeightMap", "FORMAT_VERSION", "operand_keys", "operand_constants", "has_key", "rename_keys",
@@ -336,8 +336,6 @@ class WeightMap:
                     f"constant(s) may hold model tensors that a state_dict lacks")
             if source is None:
                 return self.constants, [f"{what}; they keep their compile-time values (recompile to record them)"]
-            from refitcore.errors import MapCannotServeError
-
             raise MapCannotServeError([f"{what}, so the map cannot read them from the new model "
                                        f"(recompile to record them)"])
         if not self.constant_origins:
@@ -356,8 +354,6 @@ class WeightMap:
                 f"{len(names)} tensor constant(s) that a state_dict does not hold ({shown}) keep their "
                 f"compile-time values{where}; pass the model (nn.Module) instead of its state_dict to refit "
                 f"them from it"]
-        from refitcore.errors import MapCannotServeError
-
         lookup = _tensor_lookup(source)
         out = dict(self.constants)
         problems = []
