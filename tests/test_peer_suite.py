@@ -508,19 +508,25 @@ def test_engine_settings_is_not_equal(tmp_path):
     assert other.cache_hit is False and _close(other(x), _eager(model, x))
 
 
+def _three_models_one_build(cache) -> None:
+    """Three models of one architecture with different weights through ``cache``: the first builds,
+    the others are hits, and each engine answers with its own model's weights."""
+    x = torch.randn(1, 3, 12, 12)
+    for seed in range(3):
+        model = _small(seed)
+        engine = refitcore.compile(model, x, backend="reference", cache=cache)
+        assert engine.cache_hit is (seed > 0)
+        assert _close(engine(x), _eager(model, x))
+
+
 def test_dynamo_compile_with_default_disk_engine_cache(tmp_path, monkeypatch):
     """test_engine_cache.py::TestEngineCache::test_dynamo_compile_with_default_disk_engine_cache:
     three models of one architecture with different weights: the first builds, the others are
     served by the default on-disk cache, each with its own weights."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("REFITCORE_CACHE_DIR", str(tmp_path / "refitcore"))
-    x = torch.randn(1, 3, 12, 12)
     cache = EngineCache()
-    for seed in range(3):
-        model = _small(seed)
-        engine = refitcore.compile(model, x, backend="reference", cache=cache)
-        assert engine.cache_hit is (seed > 0)
-        assert _close(engine(x), _eager(model, x))
+    _three_models_one_build(cache)
     assert len(cache.entries()) == 1
 
 
@@ -545,13 +551,8 @@ class DictCache(BaseEngineCache):
 
 def test_dynamo_compile_with_custom_engine_cache():
     """test_engine_cache.py::TestEngineCache::test_dynamo_compile_with_custom_engine_cache."""
-    x = torch.randn(1, 3, 12, 12)
     cache = DictCache()
-    for seed in range(3):
-        model = _small(seed)
-        engine = refitcore.compile(model, x, backend="reference", cache=cache)
-        assert engine.cache_hit is (seed > 0)
-        assert _close(engine(x), _eager(model, x))
+    _three_models_one_build(cache)
     assert (len(cache.blobs), cache.hits) == (1, 2)
 
 
