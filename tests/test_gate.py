@@ -91,3 +91,9 @@ def test_report_object_alone():
     report = GateReport(data)
     assert not report and report.to_json() is data and "problem: x" in str(report)
     assert GateReport(dict(data, status="pass", problems=[], exit_code=0))
+
+
+def test_unknown_paths_are_a_report_with_exit_2_not_an_exception(bundle):
+    report = refitcore.gate(bundle / "m.trtrefit", bundle / "good.pt", "random:1", paths="sideways", model=small_net)
+    assert not report and report.exit_code == EXIT_UNUSABLE and report.verdict == "error"
+    assert "sideways" in report.error and "cached" in report.error, report.error

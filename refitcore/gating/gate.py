@@ -9,6 +9,7 @@ when every check passed, with ``exit_code`` 0 (pass), 1 (mismatch or refused wei
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any
 
@@ -151,7 +152,7 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | tuple[str, .
     data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
                             "rtol": rtol, "atol": atol, "paths": {}, "audit": None, "problems": []}
     try:
-        code = _run(bundle, checkpoint, inputs, parse_paths(paths), rtol, atol, model, trust_factory,
+        code = _run(bundle, checkpoint, inputs, _paths(paths), rtol, atol, model, trust_factory,
                     progress or Silent(), data)
     except InputError as err:
         code = err.code
@@ -162,6 +163,14 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | tuple[str, .
         return GateReport(_as_schema(data), str(err))
     data["exit_code"] = code
     return GateReport(_as_schema(data))
+
+
+def _paths(paths: str | tuple | list) -> tuple[str, ...]:
+    """The paths to check; a value the parser refuses is an unusable input (exit 2), not an exception."""
+    try:
+        return parse_paths(paths)
+    except argparse.ArgumentTypeError as err:
+        raise InputError(f"paths: {err}") from err
 
 
 def _as_schema(data: dict[str, Any]) -> dict[str, Any]:
