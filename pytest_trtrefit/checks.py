@@ -226,13 +226,21 @@ def _refit(entry, weights, eager, samples, paths, rtol, atol, *, culprit: bool):
                      keep_witnesses=not culprit)
 
 
+def _new_outcome(entry, model: str, label: str, paths: list, rtol: float, atol: float, **kind) -> CheckOutcome:
+    """An outcome for ``entry``'s engine, with what every outcome says of it (backend, outputs,
+    TensorRT share, architecture key)."""
+    engine = entry.engine
+    return CheckOutcome(model, engine.backend, engine.note, label, paths, rtol, atol,
+                        output_names=tuple(engine.io.output_names), trt_share=_share_of(entry),
+                        architecture=str(getattr(entry, "key", ""))[:16] or None, **kind)
+
+
 def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
               weights_label: str) -> CheckOutcome:
     """Refit ``entry.engine`` with ``weights`` (loaded for it: ``refitcore.refitting.prepare.load_for``)
     through each path, compare with eager; never raises on a mismatch (the outcome says what failed)."""
     engine = entry.engine
-    result = CheckOutcome(model, engine.backend, engine.note, weights_label, [], rtol, atol,
-                          output_names=tuple(engine.io.output_names))
+    result = _new_outcome(entry, model, weights_label, [], rtol, atol)
     checked, error = _prepared(engine, weights)
     if checked is None:
         result.paths = [PathOutcome(p, False, 0.0, error=error) for p in paths]
@@ -248,8 +256,6 @@ def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, ato
             result.mapping_audit = report.audit
             result.layers = _layer_diffs(engine, report.audit)
         result.culprit = report.culprit
-    result.trt_share = _share_of(entry)
-    result.architecture = str(getattr(entry, "key", ""))[:16] or None
     return result
 
 
@@ -326,10 +332,7 @@ def run_sequence(entry, sequence, samples, *, paths: Sequence[str], rtol: float,
             per_step[i].append(o)
     results = []
     for i, ((checked, _), outcomes) in enumerate(zip(prepared, per_step)):
-        r = CheckOutcome(model, engine.backend, engine.note, labels[i], outcomes, rtol, atol,
-                         output_names=tuple(engine.io.output_names), kind="sequence", step=i)
-        r.trt_share = _share_of(entry)
-        r.architecture = str(getattr(entry, "key", ""))[:16] or None
+        r = _new_outcome(entry, model, labels[i], outcomes, rtol, atol, kind="sequence", step=i)
         if not r.ok and checked is not None:
             r.culprit = find_culprit(engine, checked, outcomes)
         for o in outcomes:
