@@ -62,6 +62,19 @@ def test_hit_refits_new_weights_through_both_paths(warm, caplog):
         assert _close(result.engine, third, x)
 
 
+def test_verification_inputs_that_do_not_fit_are_the_caller_s_error_not_a_miss(warm):
+    """Samples of the wrong shape raise as they do without a cache; the good entry is neither
+    evicted nor rebuilt."""
+    directory, x = warm
+    other, _ = make("conv_bn_relu", 7)
+    cache = refitcore.EngineCache(str(directory))
+    before = [(key, size) for key, size, _ in cache.entries()]   # (reading an entry refreshes its time)
+    with pytest.raises(ValueError, match="shape"):
+        _compile(other, x, cache, verify_inputs=[(x[:, :1],)])
+    assert [(key, size) for key, size, _ in cache.entries()] == before
+    assert _compile(other, x, cache, verify_inputs=[(x,)]).cache_hit is True
+
+
 def test_hit_with_keep_exported_serves_the_fallback_from_a_state_dict(warm):
     directory, x = warm
     other, _ = make("conv_bn_relu", 3)

@@ -32,7 +32,7 @@ from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
 from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
-from refitcore.refitting.refit import refit
+from refitcore.refitting.refit import refit, verification_samples
 
 __all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key", "call_inputs"]
 
@@ -150,6 +150,10 @@ def _from_cache(cache, key: CacheKey, model: torch.nn.Module, example: tuple[tup
     engine = lookup(cache, key)
     if engine is None:
         return None
+    if verify_inputs is not None:
+        # The caller's samples are checked first, outside the miss handling below: samples that do not
+        # fit the model's inputs are the caller's error (as without a cache), not a fault of the entry.
+        verification_samples(engine, verify_inputs)
     state_keys = list(model.state_dict().keys())
     was_training = model.training
     try:

@@ -18,7 +18,7 @@ from refitcore.refitting.render import indented
 from refitcore.refitting.validate import check_samples, eager_reference
 from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict
 
-__all__ = ["refit", "RefitResult", "PATHS"]
+__all__ = ["refit", "RefitResult", "PATHS", "verification_samples"]
 
 log = logging.getLogger("refitcore")
 
@@ -76,6 +76,14 @@ class RefitResult:
                    messages, restored=report.restored)
 
 
+def verification_samples(engine, verify_inputs: Any) -> list:
+    """``verify_inputs`` as a list of samples checked against ``engine``'s inputs; ``ValueError``
+    listing every mismatch (the caller's inputs, found before anything is touched)."""
+    if flat_positional(engine.structure):
+        return check_samples(engine.io, as_positional(verify_inputs))
+    return check_structured_samples(engine, verify_inputs)
+
+
 def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
           atol: float = DEFAULT_ATOL, in_place: bool = False, audit: bool = False,
           reference_model: torch.nn.Module | None = None, trust_factory: bool = False) -> RefitResult:
@@ -112,8 +120,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     messages = list(weights.notes) + constants_note(engine.weight_map, weights.source, model=reference_model)
     samples = model = None
     if verify_inputs is not None:  # what verification needs is checked before the engine is touched
-        samples = (check_samples(engine.io, as_positional(verify_inputs)) if flat_positional(engine.structure)
-                   else check_structured_samples(engine, verify_inputs))
+        samples = verification_samples(engine, verify_inputs)
         model = reference_model if reference_model is not None else eager_reference(
             engine, weights.state, weights.source, trust_factory=trust_factory)
     report = run_refit(engine, weights, paths=path if path == "auto" else (path,), reference=model, samples=samples,
