@@ -17,7 +17,7 @@ from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import WeightMappingError
 from refitcore.refitting.prepare import ENGINE_DTYPE, prepare_weights
-from refitcore.refitting.validate import nonfinite_weight_problems
+from refitcore.refitting.validate import nonfinite_weight_problems, precision_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "constants_note"]
 
@@ -50,14 +50,15 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
-            value = apply_recipe(src.recipe, inputs, src.params)
-            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # float32 but for PyTorch segments' buffers
-            if value.dtype != want:
-                value = value.to(want)
+            exact = apply_recipe(src.recipe, inputs, src.params)
+            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # the engine dtype (float32, float16, bfloat16, ...)
+            value = exact if exact.dtype == want else exact.to(want)
             # The keys are finite (prepare_weights checked them): a non-finite value derived from them
-            # is a recipe overflow or a non-finite constant in their arithmetic, said as such. A value
+            # is a recipe overflow or a non-finite constant in their arithmetic, said as such; a finite
+            # one the engine dtype cannot hold (overflow, flush, all bits lost) is refused too. A value
             # that reads no key (a literal such as masked_fill's -inf) is structure, never refused.
-            problems = nonfinite_weight_problems(weight_map, name, value, state, constants)
+            problems = (nonfinite_weight_problems(weight_map, name, exact, state, constants)
+                        or precision_problems(weight_map, name, exact, value, state))
             if problems:
                 raise WeightMappingError(problems)
             if value.numel() != src.count:

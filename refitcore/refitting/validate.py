@@ -3,7 +3,8 @@
 A refit that changes the engine and then raises leaves the caller with an engine holding weights
 nobody verified. Everything that can fail is therefore checked first: the new weights' values
 (:func:`variance_problems`, :func:`nonfinite_weight_problems`: the state_dict key behind a value
-the engine would get as NaN/Inf), the verification inputs against the engine's input spec
+the engine would get as NaN/Inf; :func:`precision_problems`: a value the engine's dtype cannot
+hold, such as a float16 overflow), the verification inputs against the engine's input spec
 (:func:`check_samples`) and the state_dict the eager reference model will load (:func:`eager_weights`).
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_constants
 
 __all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
-           "nonfinite_weight_problems", "all_finite", "BN_RECIPES"]
+           "nonfinite_weight_problems", "precision_problems", "all_finite", "BN_RECIPES"]
 
 # Recipes that divide by sqrt(var + eps) (see recipes.bn_factor).
 BN_RECIPES = ("bn_fold_kernel", "bn_fold_bias", "bn_scale", "bn_shift")
@@ -143,8 +144,98 @@ def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Ten
         t = state.get(key)
         if t is not None and t.is_floating_point() and t.numel():
             parts.append(f"{key!r} in [{float(t.min()):.4g}, {float(t.max()):.4g}]")
-    return [f"{head}: {', '.join(parts) or 'no state_dict input'}; the {src.recipe} result overflows float32 for "
-            f"these values"]
+    return [f"{head}: {', '.join(parts) or 'no state_dict input'}; the {src.recipe} result overflows "
+            f"{str(value.dtype).replace('torch.', '')} for these values"]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _lost(exact: torch.Tensor, rounded: torch.Tensor, tiny: float, floor: float) -> torch.Tensor:
+    """Where a nonzero value that matters at its tensor's scale (``|x| >= floor``) rounds to zero or
+    to a subnormal (``|x| < tiny``)."""
+    mag = exact.abs()
+    return (mag >= floor) & (mag > 0) & (rounded.abs() < tiny)
+
+
+def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, rounded: torch.Tensor,
+                       state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Why an engine weight cannot be stored in its engine dtype ([] when it can).
+
+    ``exact``: the weight as its recipe computes it (float32 or wider, finite: see
+    :func:`nonfinite_weight_problems`); ``rounded``: the same rounded once to the engine dtype (what
+    the engine would get). Refused, naming the engine weight, the first index and value, the
+    state_dict keys it reads (a key that does not fit the dtype by itself, with its own index and
+    value; else the ranges of the inputs of a fold that overflows although they fit) and the fix:
+
+    - overflow: a finite value beyond the dtype's largest finite value (float16: 65504) becomes inf;
+    - flush: a value that matters at the tensor's own scale (``|x| >= eps * max|w|``, eps the dtype's
+      machine epsilon) that rounds to a subnormal (``|x| < finfo.tiny``; float16: 6.1e-5), which
+      kernels may flush to zero (TensorRT warns "Subnormal FP16 values detected" when it converts
+      weights at build time, and a refit does not convert them), or to zero (all its bits lost).
+      Smaller values are beneath the tensor's resolution in that dtype anyway (the rounding of its
+      largest values costs more): a N(0, 0.02) weight has 0.24% of its values below float16's
+      smallest normal, and refusing those would refuse nearly every float16 checkpoint.
+
+    Weights that read no state_dict key are structure (as in :func:`nonfinite_weight_problems`).
+
+    Example::
+
+        exact = apply_recipe(src.recipe, inputs, src.params)
+        problems = precision_problems(weight_map, name, exact, exact.to(torch.float16), state)
+    """
+    src = weight_map.sources[name]
+    if (not src.keys or not exact.is_floating_point() or not rounded.is_floating_point()
+            or exact.numel() == 0 or rounded.dtype == exact.dtype):
+        return []
+    info = torch.finfo(rounded.dtype)
+    dtype = _dtype_name(rounded.dtype)
+    top = float(exact.abs().max())
+    floor = info.eps * top
+    overflow = top > info.max and not bool(torch.isfinite(rounded).all())
+    flush = floor < info.tiny and bool(_lost(exact, rounded, info.tiny, floor).any())
+    if not (overflow or flush):
+        return []
+    keys = [k for k in src.keys if isinstance(state.get(k), torch.Tensor) and state[k].is_floating_point()
+            and state[k].numel()]
+    where = f"engine weight {name!r} ({dtype}) = {src.recipe}(...) of {', '.join(repr(k) for k in src.keys)}"
+    problems = []
+    if overflow:
+        bad = torch.isinf(rounded)
+        idx, got = _first_bad(exact, bad)
+        culprits = []
+        for key in keys:
+            t = state[key]
+            big = t.abs() > info.max
+            if bool(big.any()):
+                at, v = _first_bad(t, big)
+                culprits.append(f"state_dict key {key!r} holds {v:.6g} at {at}, beyond {dtype}'s largest finite "
+                                f"value {info.max:g}")
+        if culprits:
+            why, fix = "; ".join(culprits), (f"rescale that weight into {dtype}'s range (and the layer after it by "
+                                             f"the inverse), or keep this layer in float32")
+        else:
+            ranges = ", ".join(f"{k!r} in [{float(state[k].min()):.4g}, {float(state[k].max()):.4g}]" for k in keys)
+            why = f"the {src.recipe} result overflows although every input fits {dtype} ({ranges})"
+            fix = ("fold in float32 (keep this layer in float32), or rescale the inputs (e.g. a smaller BatchNorm "
+                   "weight, with the next layer scaled up)")
+        problems.append(f"{where}: {int(bad.sum())} value(s) overflow {dtype} (first at {idx}: {got:.6g} becomes "
+                        f"inf; the engine would answer inf/NaN): {why}; {fix}")
+    if flush:
+        bad = _lost(exact, rounded, info.tiny, floor)
+        idx, got = _first_bad(exact, bad)
+        now = float(rounded[tuple(idx)] if idx else rounded)
+        zeros = int((bad & (rounded == 0)).sum())
+        fate = "0 (all its bits lost)" if now == 0 else f"the subnormal {now:.6g}, which kernels may flush to zero"
+        small = [k for k in keys if bool(_lost(state[k], state[k].to(rounded.dtype), info.tiny, floor).any())]
+        origin = (f"state_dict key(s) {', '.join(repr(k) for k in small)} hold such values themselves" if small else
+                  f"the {src.recipe} result is that small although its inputs are not")
+        problems.append(f"{where}: {int(bad.sum())} value(s) below {dtype}'s smallest normal {info.tiny:.4g} "
+                        f"({zeros} rounding to 0) although the weight's largest is {top:.4g} (first at {idx}: "
+                        f"{got:.6g} becomes {fate}): {origin}; rescale the weight up (and the layer after it "
+                        f"down), keep this layer in float32, or use bfloat16, which has float32's range")
+    return problems
 
 
 def check_samples(io, inputs: Any) -> list[tuple[torch.Tensor, ...]]:
