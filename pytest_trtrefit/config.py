@@ -17,8 +17,9 @@ from typing import Any
 from refitcore import options as _options  # standard library only (refitcore/__init__ is lazy)
 
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
-           "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "parse_dir", "BACKENDS",
-           "PATH_CHOICES", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
+           "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "parse_dir",
+           "parse_precision", "BACKENDS", "PATH_CHOICES", "PRECISIONS", "DEFAULT_BASELINE_DIR",
+           "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
 
@@ -26,6 +27,7 @@ DEFAULT_RTOL = _options.DEFAULT_RTOL
 DEFAULT_ATOL = _options.DEFAULT_ATOL
 BACKENDS = _options.BACKENDS
 PATH_CHOICES = _options.PATH_CHOICES
+PRECISIONS = _options.PRECISIONS
 parse_bool = _options.parse_bool
 parse_backend = _options.parse_backend
 parse_paths = _options.parse_paths
@@ -33,6 +35,8 @@ parse_examples = _options.parse_examples
 parse_tolerance = _options.parse_tolerance
 parse_seed = _options.parse_seed
 parse_path = _options.parse_report_path
+parse_precision = _options.parse_precision
+_FP16_TOL, _BF16_TOL = _options.PRECISION_TOLERANCES["fp16"], _options.PRECISION_TOLERANCES["bf16"]
 
 
 DEFAULT_BASELINE_DIR = ".trtrefit-baselines"
@@ -93,11 +97,16 @@ OPTIONS: tuple[Option, ...] = (
            metavar="{cached,fallback,both}"),
     Option("--trt-refit-examples", "trt_refit_examples", parse_examples, DEFAULT_EXAMPLES,
            f"Hypothesis examples per generated property test (default: {DEFAULT_EXAMPLES})", metavar="N"),
+    Option("--trt-refit-precision", "trt_refit_precision", parse_precision, "fp32",
+           "precision engines are compiled in: fp32, fp16 or bf16 (float32, float16, bfloat16); a check's "
+           "precision= argument or a declaration's 'precision' key overrides it (default: fp32)",
+           metavar="{fp32,fp16,bf16}"),
     Option("--trt-refit-rtol", "trt_refit_rtol", parse_tolerance, DEFAULT_RTOL,
-           f"relative tolerance of engine vs eager outputs (default: {DEFAULT_RTOL:g})", metavar="RTOL"),
+           f"relative tolerance of engine vs eager outputs (default: {DEFAULT_RTOL:g}); unless given, fp16 and "
+           f"bf16 engines use {_FP16_TOL[0]:g} and {_BF16_TOL[0]:g} (docs/precision-tolerances.md)", metavar="RTOL"),
     Option("--trt-refit-atol", "trt_refit_atol", parse_tolerance, DEFAULT_ATOL,
-           f"absolute tolerance, scaled by max(1, max|eager output|) (default: {DEFAULT_ATOL:g})",
-           metavar="ATOL"),
+           f"absolute tolerance, scaled by max(1, max|eager output|) (default: {DEFAULT_ATOL:g}); unless given, "
+           f"fp16 and bf16 engines use {_FP16_TOL[1]:g} and {_BF16_TOL[1]:g}", metavar="ATOL"),
     Option("--trt-refit-report", "trt_refit_report", parse_path, None,
            "write a JSON report of every refit check to PATH, for CI gating (default: no report)",
            metavar="PATH"),
@@ -148,7 +157,7 @@ class RefitConfig:
     backend: str = "auto"
     paths: tuple[str, ...] = ("cached", "fallback")
     examples: int = DEFAULT_EXAMPLES
-    rtol: float = DEFAULT_RTOL
+    rtol: float = DEFAULT_RTOL               # the session precision's default unless given (see tolerances)
     atol: float = DEFAULT_ATOL
     report: str | None = None
     seed: int = 0
@@ -159,11 +168,19 @@ class RefitConfig:
     html: str | None = None
     cache_dir: str | None = None          # None: pytest's cache directory (when the cacheprovider is active)
     no_cache: bool = False
+    precision: str = "fp32"                  # engines are compiled in it unless a check asks for another
     sources: dict = dataclasses.field(default_factory=dict, compare=False)  # option -> cli | ini | default
+
+    def tolerances(self, precision: str | None = None) -> tuple[float, float]:
+        """(rtol, atol) for an engine of ``precision`` (None: the session's): the values the command line
+        or the ini gave, else that precision's defaults (:func:`refitcore.options.tolerances_for`)."""
+        given = {k: self.sources.get(f"trt_refit_{k}") in ("cli", "ini") for k in ("rtol", "atol")}
+        return _options.tolerances_for(precision or self.precision, self.rtol if given["rtol"] else None,
+                                       self.atol if given["atol"] else None)
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "paths": list(self.paths), "examples": self.examples, "rtol": self.rtol,
-                "atol": self.atol, "seed": self.seed}
+                "atol": self.atol, "seed": self.seed, "precision": self.precision}
 
 
 def resolve(config, *, seed: int | None = None) -> RefitConfig:
@@ -198,9 +215,13 @@ def resolve(config, *, seed: int | None = None) -> RefitConfig:
     seed_given = seed_value is not None
     if seed_value is None:
         seed_value = seed if seed is not None else random.SystemRandom().randrange(2 ** 31)
+    precision = values["trt_refit_precision"]
+    rtol, atol = _options.tolerances_for(
+        precision, *(values[f"trt_refit_{k}"] if sources[f"trt_refit_{k}"] != "default" else None
+                     for k in ("rtol", "atol")))
     return RefitConfig(enabled=bool(values["trt_refit"]), backend=values["trt_refit_backend"],
                        paths=tuple(values["trt_refit_paths"]), examples=values["trt_refit_examples"],
-                       rtol=values["trt_refit_rtol"], atol=values["trt_refit_atol"],
+                       rtol=rtol, atol=atol, precision=precision,
                        report=values["trt_refit_report"], seed=int(seed_value), seed_given=seed_given,
                        baseline=values["trt_refit_baseline"], baseline_dir=values["trt_refit_baseline_dir"],
                        baseline_factor=values["trt_refit_baseline_factor"], html=values["trt_refit_html"],

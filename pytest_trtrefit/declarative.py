@@ -9,6 +9,7 @@ tests, one per model and check kind::
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import zlib
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from refitcore.options import check_tolerance
+from refitcore.options import check_tolerance, parse_precision
 
 from .engines import COMPILE_OPTIONS
 from .outputs import reproduce_command
@@ -28,7 +29,7 @@ __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "R
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
 _OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families",
-            "dynamic_shapes", *COMPILE_OPTIONS}
+            "dynamic_shapes", "precision", *COMPILE_OPTIONS}
 
 
 class DeclarationError(Exception):
@@ -49,6 +50,7 @@ class ModelSpec:
     input_families: tuple[str, ...] = DEFAULT_INPUT_FAMILIES
     dynamic_shapes: Any = None      # input ranges, as refitcore.compile takes them (the example is opt)
     compile_options: dict = dataclasses.field(default_factory=dict)   # torch_executed_ops, min_block_size, strict
+    precision: str | None = None    # fp32 | fp16 | bf16; None: --trt-refit-precision
 
 
 def _example(name: str, example: Any, where: str):
@@ -114,11 +116,15 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
             tolerances[key] = None if options.get(key) is None else check_tolerance(options[key], key)
         except ValueError as err:
             raise DeclarationError(f"{where}: model {name!r}: {err}") from None
+    try:
+        precision = None if options.get("precision") is None else parse_precision(options["precision"])
+    except argparse.ArgumentTypeError as err:
+        raise DeclarationError(f"{where}: model {name!r}: precision: {err}") from None
     strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
                      tolerances["rtol"], tolerances["atol"], strat,
                      tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"),
-                     {k: options[k] for k in COMPILE_OPTIONS if k in options})
+                     {k: options[k] for k in COMPILE_OPTIONS if k in options}, precision)
 
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
@@ -188,13 +194,14 @@ class RefitPropertyItem(pytest.Item):
         spec = self.spec
         cfg = session.config
         options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name,
-                       dynamic_shapes=spec.dynamic_shapes, compile_options=spec.compile_options)
+                       dynamic_shapes=spec.dynamic_shapes, compile_options=spec.compile_options,
+                       precision=spec.precision)
         example = spec.inputs
         profiles = None
         if spec.dynamic_shapes is not None:
             # Compiled once, before Hypothesis runs: its recorded ranges are what inputs are drawn in.
             profiles = session.engine_for(spec.factory, example, name=spec.name, dynamic_shapes=spec.dynamic_shapes,
-                                          compile_options=spec.compile_options).io.profiles
+                                          compile_options=spec.compile_options, precision=spec.precision).io.profiles
         drawn_inputs = (inputs(example if isinstance(example, Inputs) else list(example), families=spec.input_families,
                                profiles=profiles)
                         if spec.input_families else st.just(None))

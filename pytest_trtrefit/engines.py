@@ -177,34 +177,37 @@ class EngineProvider:
 
     # -- the compile cache -----------------------------------------------------------------
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None,
-                   compile_options: Any = None):
+                   compile_options: Any = None, precision: str | None = None):
         """The session's engine for this architecture and input spec (compiled on first use, or loaded
         from the engine cache); ``inputs``: a sample (tensor, tuple of positional inputs,
         ``refitcore.Inputs``) or a list whose first sample is the example; ``dynamic_shapes``: input
         ranges as :func:`refitcore.compile` takes them (the first sample is the example, ``opt``);
         ``compile_options``: ``torch_executed_ops``, ``min_block_size``, ``strict`` for
-        :func:`refitcore.compile` (part of the cache key). When the session checks the fallback path
-        it has its exported program, so both refit paths work on it."""
+        :func:`refitcore.compile` (part of the cache key); ``precision``: 'fp32', 'fp16' or 'bf16'
+        (None: ``--trt-refit-precision``). When the session checks the fallback path it has its
+        exported program, so both refit paths work on it."""
         return self.entry(model_or_factory, as_samples(inputs), paths=self.config.paths, name=name,
-                          dynamic_shapes=dynamic_shapes, compile_options=compile_options).engine
+                          dynamic_shapes=dynamic_shapes, compile_options=compile_options, precision=precision).engine
 
     def entry(self, model_or_factory, samples: Sequence[Any], *, paths: Sequence[str], name: str | None = None,
-              dynamic_shapes: Any = None, compile_options: Any = None) -> CacheEntry:
+              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None) -> CacheEntry:
         """The compile-cache entry for this model and ``samples`` (the first is the example), ready to
         be refitted through ``paths``."""
         entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
-                            compile_options=compile_options)
+                            compile_options=compile_options, precision=precision or self.config.precision)
         self._ready_for(entry, paths)
         return entry
 
     def _entry(self, model_or_factory, samples, *, name: str | None, dynamic_shapes: Any,
-               compile_options: Any) -> CacheEntry:
+               compile_options: Any, precision: str) -> CacheEntry:
         model = self._factory_models.get(_hashable(model_or_factory))
         if model is None:
             model = _model_from(model_or_factory)
             if _hashable(model_or_factory) is not None:  # a factory: build its model once per session
                 self._factory_models[_hashable(model_or_factory)] = model
         options = compile_kwargs(compile_options)
+        if precision != "fp32":   # compile's default: fp32 engines keep the keys they had
+            options["precision"] = precision
         key = (self._architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes),
                _options_key(options))
         entry = self._cache.get(key)

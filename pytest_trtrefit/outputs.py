@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shlex
 
-from .config import DEFAULT_ATOL, DEFAULT_EXAMPLES, DEFAULT_RTOL, RefitConfig
+from refitcore.options import tolerances_for
+
+from .config import DEFAULT_EXAMPLES, RefitConfig
 from .engines import EngineProvider
 from .recorder import ReportRecorder
 
@@ -48,9 +50,12 @@ def reproduce_command(cfg: RefitConfig, nodeid: str) -> str:
         parts.append(f"--trt-refit-backend={cfg.backend}")
     if tuple(cfg.paths) != ("cached", "fallback"):
         parts.append(f"--trt-refit-paths={'both' if len(cfg.paths) == 2 else cfg.paths[0]}")
+    if cfg.precision != "fp32":
+        parts.append(f"--trt-refit-precision={cfg.precision}")
+    default_rtol, default_atol = tolerances_for(cfg.precision)
     for flag, value, default in (("--trt-refit-examples", cfg.examples, DEFAULT_EXAMPLES),
-                                 ("--trt-refit-rtol", cfg.rtol, DEFAULT_RTOL),
-                                 ("--trt-refit-atol", cfg.atol, DEFAULT_ATOL)):
+                                 ("--trt-refit-rtol", cfg.rtol, default_rtol),
+                                 ("--trt-refit-atol", cfg.atol, default_atol)):
         if value != default:
             parts.append(f"{flag}={value:g}" if isinstance(value, float) else f"{flag}={value}")
     return " ".join(parts + [shlex.quote(nodeid)])

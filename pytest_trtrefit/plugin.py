@@ -62,7 +62,8 @@ def pytest_report_header(config):
     cfg = get_config(config)
     if not cfg.enabled:
         return None
-    return (f"trt-refit: backend={cfg.backend}, paths={','.join(cfg.paths)}, examples={cfg.examples}, "
+    precision = f"precision={cfg.precision}, " if cfg.precision != "fp32" else ""
+    return (f"trt-refit: backend={cfg.backend}, paths={','.join(cfg.paths)}, examples={cfg.examples}, {precision}"
             f"rtol={cfg.rtol:g}, atol={cfg.atol:g}, seed={cfg.seed} (reproduce with --trt-refit-seed={cfg.seed})")
 
 

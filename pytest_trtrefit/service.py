@@ -7,11 +7,12 @@ recorder are the session's (built once in ``pytest_configure``, kept in ``config
 """
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from refitcore.options import check_tolerance
+from refitcore.options import check_tolerance, parse_precision
 
 from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
 from .config import RefitConfig
@@ -55,30 +56,35 @@ class RefitSession:
         return [b.as_dict() for b in self.engines.builds]
 
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None,
-                   compile_options: Any = None):
+                   compile_options: Any = None, precision: str | None = None):
         """The session's engine for this architecture and input spec: :meth:`EngineProvider.engine_for`."""
         return self.engines.engine_for(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes,
-                                       compile_options=compile_options)
+                                       compile_options=compile_options, precision=_precision(precision))
 
-    def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float, float]:
+    def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float | None, float | None]:
         paths = self.config.paths if paths is None else ((paths,) if isinstance(paths, str) else tuple(paths))
         bad = [p for p in paths if p not in ("cached", "fallback")]
         if bad or not paths:
             raise ValueError(f"paths={paths!r}: each path must be 'cached' or 'fallback'")
-        return (paths, self.config.rtol if rtol is None else check_tolerance(rtol, "rtol"),
-                self.config.atol if atol is None else check_tolerance(atol, "atol"))
+        return (paths, None if rtol is None else check_tolerance(rtol, "rtol"),
+                None if atol is None else check_tolerance(atol, "atol"))
 
-    def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options):
-        """(engine entry ready for ``paths``, samples, paths, rtol, atol) of one check call."""
+    def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options, precision):
+        """(engine entry ready for ``paths``, samples, paths, rtol, atol) of one check call. Tolerances not
+        given here come from the options (``--trt-refit-rtol``), else from the engine's precision."""
         paths, rtol, atol = self._settings(paths, rtol, atol)
+        precision = _precision(precision)
         samples = as_samples(inputs)
         entry = self.engines.entry(model_or_factory, samples, paths=paths, name=name, dynamic_shapes=dynamic_shapes,
-                                   compile_options=compile_options)
-        return entry, samples, paths, rtol, atol
+                                   compile_options=compile_options, precision=precision)
+        default_rtol, default_atol = self.config.tolerances(entry.engine.options.precision)
+        return (entry, samples, paths, default_rtol if rtol is None else rtol,
+                default_atol if atol is None else atol)
 
     def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
               rtol: float | None = None, atol: float | None = None, name: str | None = None,
-              dynamic_shapes: Any = None, compile_options: Any = None) -> CheckOutcome:
+              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None
+              ) -> CheckOutcome:
         """Refit the session's engine for this model with ``weights`` through each selected path and
         compare it with eager PyTorch on ``inputs``; raise ``AssertionError`` with the mismatch report
         when any path disagrees.
@@ -91,6 +97,9 @@ class RefitSession:
         with input ranges (as :func:`refitcore.compile`; the first sample is the example, ``opt``),
         so that samples of other shapes inside the ranges check one engine. ``compile_options``:
         ``torch_executed_ops``, ``min_block_size``, ``strict`` for :func:`refitcore.compile`.
+        ``precision``: 'fp32', 'fp16' or 'bf16' (also 'float16'...; default: ``--trt-refit-precision``);
+        ``rtol``/``atol`` given neither here nor in the options are the engine precision's defaults
+        (:data:`refitcore.options.PRECISION_TOLERANCES`).
 
         Example::
 
@@ -101,7 +110,7 @@ class RefitSession:
         from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
-                                                          dynamic_shapes, compile_options)
+                                                          dynamic_shapes, compile_options, precision)
         loaded = load_for(entry.engine, weights)
         t0 = time.perf_counter()
         outcome = run_check(entry, loaded, samples, paths=paths, rtol=rtol, atol=atol,
@@ -114,7 +123,8 @@ class RefitSession:
     def check_sequence(self, model_or_factory, sequence: Sequence[Any], inputs, *,
                        paths: str | Sequence[str] | None = None, rtol: float | None = None,
                        atol: float | None = None, name: str | None = None,
-                       dynamic_shapes: Any = None, compile_options: Any = None) -> list[CheckOutcome]:
+                       dynamic_shapes: Any = None, compile_options: Any = None,
+                       precision: str | None = None) -> list[CheckOutcome]:
         """Refit one engine with each weight set of ``sequence`` in turn (per path), comparing with
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
@@ -122,7 +132,7 @@ class RefitSession:
         from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
-                                                          dynamic_shapes, compile_options)
+                                                          dynamic_shapes, compile_options, precision)
         states = [load_for(entry.engine, w) for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()
@@ -137,3 +147,13 @@ class RefitSession:
             raise AssertionError(f"refit sequence {head}: {len(bad)} of {len(outcomes)} step(s) failed\n"
                                  + "\n".join(o.report() for o in bad))
         return outcomes
+
+
+def _precision(precision: str | None) -> str | None:
+    """A check's ``precision=`` argument as its canonical name ('float16' -> 'fp16'); None: the session's."""
+    if precision is None:
+        return None
+    try:
+        return parse_precision(precision)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"precision={precision!r}: {err}") from None

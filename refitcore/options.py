@@ -13,13 +13,26 @@ import math
 import re
 from typing import NoReturn
 
-__all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "parse_backend", "parse_paths", "parse_tolerance",
+__all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "PRECISIONS", "PRECISION_TOLERANCES", "tolerances_for",
+           "parse_precision", "parse_backend", "parse_paths", "parse_tolerance",
            "check_tolerance", "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory",
            "parse_bool", "parse_report_path"]
 
 TOOL = "trtrefit"                                     # the command line tool's name, in every message it prints
 DEFAULT_RTOL = 1e-4                                  # engine vs eager: |engine - eager| <= atol * max(1, max|eager|)
 DEFAULT_ATOL = 1e-4                                  #   + rtol * |eager| (refitcore.refitting.verify)
+# Engine vs eager per engine precision (the rule above): the float32 pair, and pairs for float16 and
+# bfloat16 engines derived from a measurement (docs/precision-tolerances.md, benchmarks/precision_errors.py).
+# For comparison, torch.testing.assert_close's per-dtype defaults, meant for ONE op: float32 rtol 1.3e-6
+# atol 1e-5, float16 rtol 1e-3 atol 1e-5, bfloat16 rtol 1.6e-2 atol 1e-5. A whole network rounds at every
+# layer, so its outputs sit further from float32 eager than one op's; atol here is scaled by
+# max(1, max|eager|), which keeps near-zero outputs of a large-valued output from needing a large rtol.
+PRECISIONS = ("fp32", "fp16", "bf16")                # CompileOptions.precision, compile(precision=...)
+PRECISION_TOLERANCES: dict[str, tuple[float, float]] = {
+    "fp32": (DEFAULT_RTOL, DEFAULT_ATOL),
+    "fp16": (1e-2, 1e-2),
+    "bf16": (5e-2, 5e-2),
+}
 # Cached vs fallback mappings compare exactly: compile, the cached path and the fallback compute every
 # engine weight with one arithmetic (refitcore.conversion.recipes), so any difference is a map bug.
 AUDIT_RTOL = 0.0
@@ -92,6 +105,34 @@ def _tolerance(value, seen: str, error: type[Exception]) -> float:
     if not (number >= 0.0) or not math.isfinite(number):
         raise error(f"{seen}: a tolerance must be finite and >= 0, such as 1e-4")
     return number
+
+
+_PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32",
+                      "fp16": "fp16", "float16": "fp16", "half": "fp16",
+                      "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def parse_precision(text: str) -> str:
+    """'fp32', 'fp16' or 'bf16' (also 'float32', 'float16'/'half', 'bfloat16') -> the canonical name
+    (:data:`PRECISIONS`) that ``compile(precision=...)`` takes."""
+    value = _PRECISION_ALIASES.get(str(text).strip().lower())
+    if value is None:
+        _fail(f"{text!r} is not a precision; choose one of {', '.join(PRECISIONS)} (or float32, float16, bfloat16)")
+    return value
+
+
+def tolerances_for(precision: str | None, rtol: float | None = None, atol: float | None = None
+                   ) -> tuple[float, float]:
+    """(rtol, atol) of engine vs eager for an engine of ``precision`` (:data:`PRECISION_TOLERANCES`; None
+    or an unknown name: float32's), each replaced by the caller's own value where one is given (not
+    None). The plugin, the CLI and the gate pick their defaults through this one function.
+
+    Example::
+
+        rtol, atol = tolerances_for(engine.options.precision, rtol=user_rtol)
+    """
+    default_rtol, default_atol = PRECISION_TOLERANCES.get(str(precision), PRECISION_TOLERANCES["fp32"])
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
 
 
 def parse_positive_int(text: str | int, what: str = "value") -> int:

@@ -279,12 +279,12 @@ def test_compile_input_shape_the_model_rejects(work, capsys):
     assert not (work / "bad-shape.trtrefit").exists()
 
 
-def test_compile_offers_only_the_dtype_it_supports(capsys):
+def test_compile_offers_only_the_dtypes_it_supports(capsys):
     sub = {a.dest: a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)}
-    assert "float16" not in sub["command"].choices["compile"].format_help()
+    assert "{float32,float16,bfloat16}" in sub["command"].choices["compile"].format_help()
     with pytest.raises(SystemExit) as exc:
-        _compile("--input", "1x3x32x32", "--dtype", "float16", "-o", "x.trtrefit")
-    assert exc.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+        _compile("--input", "1x3x32x32", "--dtype", "float64", "-o", "x.trtrefit")
+    assert exc.value.code == 2 and "invalid choice: 'float64'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--report", "--markdown"])

@@ -19,7 +19,16 @@ from refitcore.capture.shapes import cli_inputs, format_range, input_shape_arg
 from refitcore.cli.text import AUDIT_EPILOG, COMPILE_EPILOG, DOCTOR_FLAGS, GATE_EPILOG, MAIN_EPILOG, MAIN_HELP
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError as CliError, open_checkpoint
 from refitcore.gating.samples import load_samples
-from refitcore.options import TOOL, parse_backend, parse_factory, parse_paths, parse_shape, parse_tolerance
+from refitcore.options import (
+    PRECISION_TOLERANCES,
+    TOOL,
+    parse_backend,
+    parse_factory,
+    parse_paths,
+    parse_precision,
+    parse_shape,
+    parse_tolerance,
+)
 
 __all__ = ["main", "build_parser", "parse_shape", "load_samples", "EXIT_OK", "EXIT_MISMATCH", "EXIT_UNUSABLE"]
 
@@ -97,7 +106,7 @@ def _cmd_compile(args, progress: Progress) -> int:
             raise CliError(f"checkpoint {args.checkpoint!r} does not fit {args.factory}: {err}") from err
     g = torch.Generator().manual_seed(0)
     example_shapes, dynamic_shapes = cli_inputs(args.input)   # the example is each range's opt
-    inputs = tuple(torch.randn(s, generator=g).to(getattr(torch, args.dtype)) for s in example_shapes)
+    inputs = tuple(torch.randn(s, generator=g) for s in example_shapes)
     shapes = ", ".join(format_range(r) for r in args.input)
     try:  # a shape the model rejects is a usage error: say so before exporting
         with torch.no_grad():
@@ -108,8 +117,8 @@ def _cmd_compile(args, progress: Progress) -> int:
     with progress.step(f"compiling {args.factory} for input {shapes} (export, conversion, {args.backend} build)"):
         try:
             # A cache hit is checked against eager PyTorch on the example inputs before it is saved.
-            engine = compile_model(model, inputs, backend=args.backend, model_factory=args.factory,
-                                       dynamic_shapes=dynamic_shapes,
+            engine = compile_model(model, inputs, backend=args.backend, precision=parse_precision(args.dtype),
+                                   model_factory=args.factory, dynamic_shapes=dynamic_shapes,
                                        cache=args.cache, verify_inputs=[inputs] if args.cache else None)
         except UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
@@ -194,11 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
         for dest, metavar, text in specs:      # positional arguments: (dest, METAVAR, help)
             p.add_argument(dest, metavar=metavar, help=text)
 
-    def tolerances(p: argparse.ArgumentParser, rtol: float, atol: float, rtol_of: str, atol_of: str) -> None:
-        p.add_argument("--rtol", type=parse_tolerance, default=rtol,
-                       help=f"relative tolerance{rtol_of} (default: {rtol:g})")
-        p.add_argument("--atol", type=parse_tolerance, default=atol,
-                       help=f"absolute tolerance{atol_of} (default: {atol:g})")
+    def tolerances(p: argparse.ArgumentParser, rtol: float, atol: float, rtol_of: str, atol_of: str,
+                   per_precision: bool = False) -> None:
+        """``per_precision``: the default is None, resolved from the engine's precision by the command
+        (:func:`refitcore.options.tolerances_for`); the help lists float32's and the others'."""
+        for flag, value, of, what in (("--rtol", rtol, rtol_of, "relative"), ("--atol", atol, atol_of, "absolute")):
+            i = 0 if flag == "--rtol" else 1
+            others = (f"; fp16 and bf16 engines: {PRECISION_TOLERANCES['fp16'][i]:g} and "
+                      f"{PRECISION_TOLERANCES['bf16'][i]:g}" if per_precision else "")
+            p.add_argument(flag, type=parse_tolerance, default=None if per_precision else value,
+                           help=f"{what} tolerance{of} (default: {value:g}{others})")
 
     c = command("compile", _cmd_compile, "compile a model factory into a refittable engine bundle",
                 "Export MODULE:FACTORY's model, convert it to a refittable TensorRT network, build it, and save "
@@ -209,8 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="input shape like 1x3x224x224, or with ranges: 1-8x3x64x64 (dim 0 from 1 to 8, "
                         "tuned for 1) or 1-4-8x3x64x64 (min-opt-max); repeat for each input of a multi-input "
                         "model")
-    # Engines are built in float32 (the weight map's engine dtype), so float32 is the one input dtype.
-    c.add_argument("--dtype", default="float32", choices=("float32",), help="input dtype (default: float32)")
+    c.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="engine precision (compile's precision=fp32, fp16 or bf16); the model and its example "
+                        "inputs keep their own dtype (default: float32)")
     c.add_argument("--backend", default="auto", type=parse_backend, metavar="{" + ",".join(BACKENDS) + "}",
                    help="engine backend (default: auto = tensorrt when usable here, else reference)")
     c.add_argument("--checkpoint", metavar="CKPT", help="load these weights into the model before compiling")
@@ -228,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(see below)")
     g.add_argument("--paths", default=("cached", "fallback"), type=parse_paths, metavar="PATHS",
                    help="cached, fallback, or both (= cached,fallback; default: both, which also audits them)")
-    tolerances(g, DEFAULT_RTOL, DEFAULT_ATOL, " vs eager", " vs eager, scaled by max(1, max|eager|)")
+    tolerances(g, DEFAULT_RTOL, DEFAULT_ATOL, " vs eager", " vs eager, scaled by max(1, max|eager|)",
+               per_precision=True)
     g.add_argument("--model", type=parse_factory, metavar="MODULE:FACTORY",
                    help="model factory to rebuild the eager model (the bundle's recorded one needs --trust-factory)")
     g.add_argument("--trust-factory", action="store_true",

@@ -17,7 +17,7 @@ from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eage
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, open_bundle, read_checkpoint
 from refitcore.gating.samples import SampleError, load_samples
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, check_tolerance, parse_paths
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, check_tolerance, parse_paths, tolerances_for
 from refitcore.refitting.pipeline import run_refit
 from refitcore.refitting.prepare import prepare_weights
 from refitcore.refitting.render import (
@@ -139,18 +139,19 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | tuple[str, .
     ``inputs``: ``'random:N[:SEED]'``, a ``.pt``/``.npy`` path, or a list of samples. ``paths``:
     'cached', 'fallback' or 'both' (which also audits them). ``model``: the eager model (nn.Module,
     factory callable or 'module:callable'); without it the bundle's recorded factory is used only
-    with ``trust_factory=True``. ``progress``: an object with ``info(msg)`` and a ``step(what)``
-    context manager. Never raises for a bad input or a mismatch: the report says what happened.
+    with ``trust_factory=True``. ``rtol``/``atol``: None (default) takes the bundle's precision's
+    (:data:`refitcore.options.PRECISION_TOLERANCES`). ``progress``: an object with ``info(msg)`` and a
+    ``step(what)`` context manager. Never raises for a bad input or a mismatch: the report says what happened.
 
     Example::
 
         report = refitcore.gate("resnet18.trtrefit", "finetuned.pt", "random:4", model=torchvision.models.resnet18)
         assert report, str(report)
     """
-    rtol = DEFAULT_RTOL if rtol is None else rtol
-    atol = DEFAULT_ATOL if atol is None else atol
+    # Until the bundle is open (and when it cannot be), the report shows float32's defaults for those not given.
     data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
-                            "rtol": rtol, "atol": atol, "paths": {}, "audit": None, "problems": []}
+                            "rtol": DEFAULT_RTOL if rtol is None else rtol,
+                            "atol": DEFAULT_ATOL if atol is None else atol, "paths": {}, "audit": None, "problems": []}
     try:
         code = _run(bundle, checkpoint, inputs, _paths(paths), rtol, atol, model, trust_factory,
                     progress or Silent(), data)
@@ -223,11 +224,14 @@ def _eager(state, factory, ckpt: str, progress, engine):
 
 def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, progress, data) -> int:
     try:   # a NaN tolerance would pass every comparison: refused before anything is read
-        rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+        rtol, atol = (None if v is None else check_tolerance(v, k) for k, v in (("rtol", rtol), ("atol", atol)))
     except ValueError as err:
         raise InputError(str(err)) from err
     engine = open_bundle(bundle, progress)
     data["backend"], data["backend_note"] = engine.backend, engine.note
+    # Tolerances not given are the engine precision's (a float16 engine is not held to float32's).
+    rtol, atol = tolerances_for(engine.options.precision, rtol, atol)
+    data["rtol"], data["atol"] = rtol, atol
     loaded = read_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
     ckpt = data["checkpoint"]
     factory = _model_or_stop(model, engine, trust_factory, data["bundle"])

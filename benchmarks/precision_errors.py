@@ -1,0 +1,139 @@
+"""How far float16/bfloat16 outputs sit from float32 eager under random weights: the measurement the
+per-precision default tolerances (``refitcore.options.PRECISION_TOLERANCES``) are derived from.
+
+For each model of the test zoo (``tests/models.py``) and each weight set (``weight_set`` over seeds and
+the default scale families), three ways of computing in the reduced dtype are compared with float32
+eager and with each other, in the verification's own terms (``compare_outputs``: an element passes
+when ``|a - e| <= atol * max(1, max|e|) + rtol * |e|``):
+
+- ``eager``: the model and input cast to the dtype, run by PyTorch (CPU kernels);
+- ``emulated``: one rounding per layer, as the reference backend emulates an engine: weights and the
+  input rounded to the dtype, every leaf module's output rounded to it, arithmetic in float32;
+- ``emulated vs eager``: the two reduced-precision results against each other (what a verification
+  against eager in the same dtype sees).
+
+Reported per row, worst over the weight sets: the scaled error ``max|a - e| / max(1, max|e|)`` (the
+smallest ``atol`` that passes with ``rtol=0``), the smallest ``atol`` that passes with the dtype's
+default ``rtol``, and the norm-relative error. Writes a Markdown table
+to ``benchmarks/results/precision_errors.md``.
+
+    python benchmarks/precision_errors.py                     # every model, 6 seeds
+    python benchmarks/precision_errors.py --models resnet18 --seeds 2
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from _common import RESULTS, ROOT
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from models import MODELS, make  # tests/models.py: the zoo
+
+from pytest_trtrefit.strategies import weight_set
+from pytest_trtrefit.strategies.weights import DEFAULT_SCALES
+from refitcore.options import PRECISION_TOLERANCES
+from refitcore.refitting.verify import compare_outputs
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).to(torch.float32)
+
+
+def emulated(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One rounding per layer: rounded weights, every leaf module's output rounded, float32 arithmetic."""
+    m = model   # the caller's copy: its weights are rounded in place
+    with torch.no_grad():
+        for p in list(m.parameters()) + list(m.buffers()):
+            if p.is_floating_point():
+                p.copy_(_round(p, dtype))
+    hooks = [mod.register_forward_hook(lambda _m, _i, out: _round(out, dtype) if isinstance(out, torch.Tensor)
+                                       else out)
+             for mod in m.modules() if not list(mod.children())]
+    try:
+        with torch.no_grad():
+            return m(_round(x, dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _worst(rows: list, key: str) -> float:
+    return max(r[key] for r in rows)
+
+
+def _row(name: str, label: str, pair: str, rows: list) -> str:
+    return (f"| {name} | {label} | {pair} | {_worst(rows, 'scaled'):.2e} | {_worst(rows, 'min_atol'):.2e} | "
+            f"{_worst(rows, 'norm_rel'):.2e} | {sum(r['nonfinite'] for r in rows)} |")
+
+
+def measure(name: str, seeds: int) -> list[dict]:
+    import copy
+
+    rows = []
+    for seed in range(seeds):
+        scale = DEFAULT_SCALES[seed % len(DEFAULT_SCALES)]
+        model, x = make(name, seed)
+        model.load_state_dict(weight_set(model, seed=seed, scale=scale))
+        model.eval()
+        with torch.no_grad():
+            ref = model(x)
+        for label, dtype in DTYPES.items():
+            rtol, _atol = PRECISION_TOLERANCES[label]
+            with torch.no_grad():
+                eager = copy.deepcopy(model).to(dtype)(x.to(dtype)).float()
+            emul = emulated(copy.deepcopy(model), x, dtype)
+            for pair, (a, e) in {"eager vs fp32": (eager, ref), "emulated vs fp32": (emul, ref),
+                                 "emulated vs eager": (emul, eager)}.items():
+                c0 = compare_outputs([a], [e], rtol=0.0, atol=0.0)[0]
+                c = compare_outputs([a], [e], rtol=rtol, atol=0.0)[0]
+                rows.append({"model": name, "dtype": label, "pair": pair, "seed": seed, "scale": scale,
+                             "scaled": c0.min_atol, "min_atol": c.min_atol, "norm_rel": c.norm_rel,
+                             "nonfinite": c.nonfinite})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--seeds", type=int, default=6)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    all_rows = []
+    for name in args.models.split(","):
+        all_rows += measure(name, args.seeds)
+    lines = [f"\n## {time.strftime('%Y-%m-%d')}: {args.seeds} weight set(s) per model "
+             f"(scales {', '.join(DEFAULT_SCALES)}), {time.perf_counter() - t0:.0f} s\n",
+             "Worst over the weight sets. scaled err: max|a - e| / max(1, max|e|) (the atol that passes at "
+             "rtol=0); atol at default rtol: the smallest atol that passes with the dtype's default rtol "
+             f"({', '.join(f'{k} {v[0]:g}' for k, v in PRECISION_TOLERANCES.items())}).\n",
+             "| model | dtype | pair | scaled err | atol at default rtol | norm-rel err | non-finite |",
+             "|---|---|---|---|---|---|---|"]
+    for name in args.models.split(","):
+        for label in DTYPES:
+            for pair in ("eager vs fp32", "emulated vs fp32", "emulated vs eager"):
+                rows = [r for r in all_rows if (r["model"], r["dtype"], r["pair"]) == (name, label, pair)]
+                lines.append(_row(name, label, pair, rows))
+    for label in DTYPES:
+        for pair in ("eager vs fp32", "emulated vs fp32", "emulated vs eager"):
+            rows = [r for r in all_rows if (r["dtype"], r["pair"]) == (label, pair)]
+            lines.append(_row("**all**", label, pair, rows))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = RESULTS / "precision_errors.md"
+    if not out.exists():
+        out.write_text("# Float16/bfloat16 output errors under random weights (benchmarks/precision_errors.py)\n")
+    with out.open("a") as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
