@@ -196,6 +196,8 @@ class RefitPropertyItem(pytest.Item):
         options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name,
                        dynamic_shapes=spec.dynamic_shapes, compile_options=spec.compile_options,
                        precision=spec.precision)
+        # Dtype-limit specials (dtype_max, ...) aim at the limits of the dtype the engine is compiled in.
+        strategy = dict(spec.strategy_options, precision=spec.precision or cfg.precision)
         example = spec.inputs
         profiles = None
         if spec.dynamic_shapes is not None:
@@ -216,7 +218,7 @@ class RefitPropertyItem(pytest.Item):
             return fn
 
         if self.check == "weights":
-            @given(weights=state_dicts(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            @given(weights=state_dicts(spec.factory, **strategy), sample=drawn_inputs)
             @named
             def prop(weights, sample):
                 session.check(spec.factory, weights, samples(sample), **options)
@@ -224,11 +226,11 @@ class RefitPropertyItem(pytest.Item):
             @given(data=st.data(), sample=drawn_inputs)
             @named
             def prop(data, sample):
-                base = data.draw(state_dicts(spec.factory, **spec.strategy_options), label="base")
+                base = data.draw(state_dicts(spec.factory, **strategy), label="base")
                 new = data.draw(perturbations(base), label="perturbed")
                 session.check_sequence(spec.factory, [base, new], samples(sample), **options)
         else:
-            @given(sequence=refit_sequences(spec.factory, **spec.strategy_options), sample=drawn_inputs)
+            @given(sequence=refit_sequences(spec.factory, **strategy), sample=drawn_inputs)
             @named
             def prop(sequence, sample):
                 session.check_sequence(spec.factory, sequence, samples(sample), **options)

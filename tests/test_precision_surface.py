@@ -6,12 +6,20 @@ the smallest map that exercises it; ``refitcore.cached_mapping`` is the step tha
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
+
 import pytest
 import torch
+from torch import nn
 
 import refitcore
+from pytest_trtrefit.config import RefitConfig
+from pytest_trtrefit.declarative import DeclarationError, parse_specs
+from pytest_trtrefit.service import RefitSession
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap, WeightSource
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, PRECISION_TOLERANCES, parse_precision, tolerances_for
 from refitcore.refitting.validate import precision_problems
 
 
@@ -167,3 +175,140 @@ def test_a_nonfinite_fold_in_float32_still_says_it_is_derived_from_the_state_dic
     state = _fold_state(**{"bn.weight": [3e38, 1.0], "bn.running_var": [1e-3, 1.0]})
     text = _refused(_fold_map("float16"), state)
     assert "is derived from the state_dict" in text and "overflows float32" in text
+
+
+# ----------------------------------------------------------------------------- tolerances per precision
+
+def test_each_precision_has_tolerances_no_tighter_than_assert_close_for_one_op():
+    # torch.testing.assert_close's per-dtype defaults hold for ONE op; a network rounds at every layer.
+    one_op = {"fp16": (1e-3, 1e-5), "bf16": (1.6e-2, 1e-5)}
+    for precision, (rtol, atol) in one_op.items():
+        got = PRECISION_TOLERANCES[precision]
+        assert got[0] >= rtol and got[1] >= atol
+    assert PRECISION_TOLERANCES["fp32"] == (DEFAULT_RTOL, DEFAULT_ATOL)
+    assert PRECISION_TOLERANCES["bf16"][0] > PRECISION_TOLERANCES["fp16"][0]   # bf16 keeps 8 bits, fp16 11
+
+
+def test_tolerances_come_from_the_precision_unless_given():
+    assert tolerances_for("fp16") == PRECISION_TOLERANCES["fp16"]
+    assert tolerances_for("bf16", rtol=1e-3) == (1e-3, PRECISION_TOLERANCES["bf16"][1])
+    assert tolerances_for("fp16", 0.0, 0.0) == (0.0, 0.0)          # 0 is a given value, not "unset"
+    assert tolerances_for(None) == tolerances_for("fp32") == (DEFAULT_RTOL, DEFAULT_ATOL)
+
+
+@pytest.mark.parametrize("text, name", [("fp16", "fp16"), ("float16", "fp16"), ("HALF", "fp16"), ("bf16", "bf16"),
+                                        ("bfloat16", "bf16"), (" float32 ", "fp32"), ("fp32", "fp32")])
+def test_parse_precision_accepts_both_spellings(text, name):
+    assert parse_precision(text) == name
+
+
+def test_parse_precision_refuses_what_it_cannot_build():
+    with pytest.raises(argparse.ArgumentTypeError, match="'int8' is not a precision; choose one of fp32, fp16, bf16"):
+        parse_precision("int8")
+
+
+def test_plugin_config_takes_the_user_s_tolerances_and_otherwise_the_engine_precision_s():
+    fp16, bf16 = PRECISION_TOLERANCES["fp16"], PRECISION_TOLERANCES["bf16"]
+    assert RefitConfig().tolerances("fp16") == fp16
+    cfg = RefitConfig(precision="bf16", rtol=bf16[0], atol=bf16[1], sources={"trt_refit_rtol": "default"})
+    assert cfg.tolerances() == bf16 and cfg.tolerances("fp32") == (DEFAULT_RTOL, DEFAULT_ATOL)
+    given = RefitConfig(rtol=1e-3, sources={"trt_refit_rtol": "cli", "trt_refit_atol": "default"})
+    assert given.tolerances("fp16") == (1e-3, fp16[1])
+
+
+# ----------------------------------------------------------------------------- options: plugin, gate, CLI
+
+class _Lin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+_X = torch.randn(1, 3, generator=torch.Generator().manual_seed(0))
+
+
+def _relabelled(precision: str, engine):
+    """``engine`` (built in float32) recorded as compiled in ``precision``: what the plugin and the gate read."""
+    engine.record = dataclasses.replace(engine.record, options=dataclasses.replace(engine.options,
+                                                                                   precision=precision))
+    return engine
+
+
+@pytest.fixture
+def compile_calls(monkeypatch):
+    """refitcore.compile recording the precision each call asked for; the engine is built in float32 (what
+    the reference backend builds here) and recorded as compiled in the precision asked for."""
+    real, seen = refitcore.compile, []
+
+    def fake(model, *args, precision: str = "fp32", **kwargs):
+        seen.append(precision)
+        return _relabelled(precision, real(model, *args, **kwargs))
+
+    monkeypatch.setattr(refitcore, "compile", fake)
+    return seen
+
+
+def test_a_check_compiles_in_the_precision_asked_for_and_uses_its_tolerances(compile_calls):
+    session = RefitSession(RefitConfig(enabled=True, backend="reference", paths=("cached",)))
+    state = _Lin().state_dict()
+    outcome = session.check(_Lin, state, _X, precision="float16")
+    assert compile_calls == ["fp16"] and (outcome.rtol, outcome.atol) == PRECISION_TOLERANCES["fp16"]
+    assert session.check(_Lin, state, _X, precision="fp16", rtol=1e-3).rtol == 1e-3
+    assert compile_calls == ["fp16"]                                  # the same engine: compiled once
+    plain = session.check(_Lin, state, _X)                            # the session's precision: fp32
+    assert compile_calls == ["fp16", "fp32"] and (plain.rtol, plain.atol) == (DEFAULT_RTOL, DEFAULT_ATOL)
+    with pytest.raises(ValueError, match="precision='fp8'"):
+        session.check(_Lin, state, _X, precision="fp8")
+
+
+def test_the_session_precision_and_tolerances_given_by_the_user_win(compile_calls):
+    cfg = RefitConfig(enabled=True, backend="reference", paths=("cached",), precision="bf16", atol=1e-3,
+                      sources={"trt_refit_atol": "ini"})
+    outcome = RefitSession(cfg).check(_Lin, _Lin().state_dict(), _X)
+    assert compile_calls == ["bf16"] and (outcome.rtol, outcome.atol) == (PRECISION_TOLERANCES["bf16"][0], 1e-3)
+
+
+def test_a_declaration_takes_a_precision_and_refuses_an_unknown_one():
+    spec = parse_specs({"lin": (_Lin, _X, {"precision": "bfloat16"})}, "conftest.py")[0]
+    assert spec.precision == "bf16" and spec.compile_options == {}
+    assert parse_specs({"lin": (_Lin, _X)}, "conftest.py")[0].precision is None
+    with pytest.raises(DeclarationError, match="model 'lin': precision: 'fp64' is not a precision"):
+        parse_specs({"lin": (_Lin, _X, {"precision": "fp64"})}, "conftest.py")
+
+
+def test_the_gate_takes_the_bundle_s_precision_tolerances_unless_given():
+    engine = _relabelled("fp16", refitcore.compile(_Lin().eval(), (_X,), backend="reference"))
+    state = _Lin().state_dict()
+    report = refitcore.gate(engine, state, [(_X,)], paths="cached", model=_Lin)
+    assert report, str(report)
+    assert (report.to_json()["rtol"], report.to_json()["atol"]) == PRECISION_TOLERANCES["fp16"]
+    given = refitcore.gate(engine, state, [(_X,)], paths="cached", model=_Lin, rtol=1e-3)
+    assert (given.to_json()["rtol"], given.to_json()["atol"]) == (1e-3, PRECISION_TOLERANCES["fp16"][1])
+
+
+@pytest.mark.parametrize("dtype, precision", [("float16", "fp16"), ("bfloat16", "bf16"), ("float32", "fp32")])
+def test_cli_compile_dtype_is_compile_s_precision(monkeypatch, tmp_path, capsys, dtype, precision):
+    import refitcore.compiler.native as native
+    from refitcore.cli import main as cli
+
+    seen = []
+
+    def fake(model, inputs, *, precision: str = "fp32", **kwargs):
+        seen.append((precision, [x.dtype for x in inputs]))
+        raise refitcore.BackendUnavailableError("not built in this test")
+
+    monkeypatch.setattr(native, "compile", fake)
+    code = cli.main(["compile", "tests.cli_models:small_net", "--input", "1x3x32x32", "--backend", "reference",
+                     "--dtype", dtype, "-q", "-o", str(tmp_path / "m.trtrefit")])
+    assert code == 2 and "not built in this test" in capsys.readouterr().err
+    assert seen == [(precision, [torch.float32])]      # the model and its inputs keep their own dtype
+
+
+def test_cli_gate_tolerances_default_to_none_so_the_bundle_s_precision_decides():
+    from refitcore.cli import main as cli
+
+    args = cli.build_parser().parse_args(["gate", "b", "c", "--inputs", "random:1"])
+    assert args.rtol is None and args.atol is None

@@ -40,11 +40,11 @@ from .recipes import InputCall, InputSample, WeightSequence, WeightSet
 from .sequences import refit_sequences
 from .settings import refit_settings
 from .shapes import profile_shapes
-from .specials import LARGE, SPECIALS, TINY, special_targets
+from .specials import ALL_SPECIALS, LARGE, PRECISION_SPECIALS, SPECIALS, TINY, dtype_limits, special_targets
 from .validation import InvalidStrategyArgument
 from .weights import state_dicts, weight_set
 
 __all__ = ["state_dicts", "perturbations", "refit_sequences", "inputs", "profile_shapes", "boundary_samples",
            "refit_settings", "weight_set", "perturb", "special_targets", "WeightSet", "InputSample", "InputCall",
-           "WeightSequence", "SCALES", "SPECIALS", "PERTURBATIONS", "INPUT_FAMILIES", "LARGE", "TINY",
-           "InvalidStrategyArgument"]
+           "WeightSequence", "SCALES", "SPECIALS", "PRECISION_SPECIALS", "ALL_SPECIALS", "PERTURBATIONS",
+           "INPUT_FAMILIES", "LARGE", "TINY", "dtype_limits", "InvalidStrategyArgument"]

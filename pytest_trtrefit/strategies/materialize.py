@@ -25,9 +25,10 @@ def std(scale: str, fan_in: int) -> float:
 
 
 def materialize(layout: Layout, seed: int, scale: str, specials: Sequence[tuple[str, str]], *,
-                gain: float = 1.0, keep_integers: bool = False) -> dict:
+                gain: float = 1.0, keep_integers: bool = False, precision: str = "fp32") -> dict:
     """The state_dict of ``layout`` drawn from ``seed``: weights from the ``scale`` family times
-    ``gain``, valid BatchNorm statistics, then ``specials`` (``(key, kind)`` pairs) in order; tied
+    ``gain``, valid BatchNorm statistics, then ``specials`` (``(key, kind)`` pairs, the dtype-limit ones
+    aimed at ``precision``'s dtype) in order; tied
     keys share one tensor. Float tensors are cut from the process's pools of random values
     (:mod:`.pool`) at offsets and signs drawn from ``seed``. Arguments are checked by the callers."""
     import torch
@@ -73,7 +74,7 @@ def materialize(layout: Layout, seed: int, scale: str, specials: Sequence[tuple[
         if e.key not in layout.tied:
             out[e.key] = draw(e)
     for key, kind in specials:
-        out[key] = apply_special(kind, by_key[key], out[key], g)
+        out[key] = apply_special(kind, by_key[key], out[key], g, precision)
     for follower, leader in layout.tied.items():
         out[follower] = out[leader]          # tied parameters: one tensor, identical values
     return {e.key: out[e.key] for e in layout.entries}

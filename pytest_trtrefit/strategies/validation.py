@@ -7,12 +7,16 @@ call names the argument it checks, so no check guesses which argument a value wa
 """
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterable
 from typing import Any
 
 from hypothesis.errors import InvalidArgument
 
-__all__ = ["InvalidStrategyArgument", "check_argument", "check_type", "check_one_of", "check_some_of"]
+from refitcore.options import PRECISIONS, parse_precision
+
+__all__ = ["InvalidStrategyArgument", "check_argument", "check_type", "check_one_of", "check_some_of",
+           "check_precision"]
 
 
 class InvalidStrategyArgument(InvalidArgument, ValueError, TypeError):
@@ -48,3 +52,13 @@ def check_some_of(name: str, values: Iterable[Any], choices: tuple, *, allow_emp
     check_argument(not unknown and (values or allow_empty),
                    f"{name}={values!r}: " + (f"unknown {unknown}; " if unknown else "")
                    + f"choose {'any' if allow_empty else 'one or more'} of {choices}")
+
+
+def check_precision(name: str, value: Any) -> str:
+    """``value`` (the argument ``name``) names an engine precision: its canonical name (``'float16'`` ->
+    ``'fp16'``; :func:`refitcore.options.parse_precision`)."""
+    try:
+        return parse_precision(value)
+    except argparse.ArgumentTypeError:
+        raise InvalidStrategyArgument(f"{name}={value!r}: choose one of {PRECISIONS} "
+                                      f"(or float32, float16, bfloat16)") from None
