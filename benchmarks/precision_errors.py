@@ -12,6 +12,12 @@ when ``|a - e| <= atol * max(1, max|e|) + rtol * |e|``):
 - ``emulated vs eager``: the two reduced-precision results against each other (what a verification
   against eager in the same dtype sees).
 
+Planted bugs, applied to the reduced-precision (emulated) side only and compared with correct float32
+eager: ``bug: swap`` (two same-shaped weight tensors exchanged), ``bug: transpose`` (a square weight
+transposed), ``bug: eps`` (one BatchNorm's variances drawn near eps, and its eps 100x too large on the
+buggy side). For them the table shows the *smallest* error over the weight sets: the weakest signal a
+default tolerance must still catch.
+
 Reported per row, worst over the weight sets: the scaled error ``max|a - e| / max(1, max|e|)`` (the
 smallest ``atol`` that passes with ``rtol=0``), the smallest ``atol`` that passes with the dtype's
 default ``rtol``, and the norm-relative error. Writes a Markdown table
@@ -64,13 +70,60 @@ def emulated(model: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> tor
             h.remove()
 
 
-def _worst(rows: list, key: str) -> float:
-    return max(r[key] for r in rows)
+PAIRS = ("eager vs fp32", "emulated vs fp32", "emulated vs eager")
+BUGS = ("bug: swap", "bug: transpose", "bug: eps")
+
+
+def _worst(rows: list, key: str, pair: str) -> float:
+    """Noise rows: the largest error over the weight sets; bug rows: the smallest (the weakest signal)."""
+    return (min if pair in BUGS else max)(r[key] for r in rows)
 
 
 def _row(name: str, label: str, pair: str, rows: list) -> str:
-    return (f"| {name} | {label} | {pair} | {_worst(rows, 'scaled'):.2e} | {_worst(rows, 'min_atol'):.2e} | "
-            f"{_worst(rows, 'norm_rel'):.2e} | {sum(r['nonfinite'] for r in rows)} |")
+    if not rows:
+        return f"| {name} | {label} | {pair} | n/a | n/a | n/a | - |"
+    return (f"| {name} | {label} | {pair} | {_worst(rows, 'scaled', pair):.2e} | "
+            f"{_worst(rows, 'min_atol', pair):.2e} | {_worst(rows, 'norm_rel', pair):.2e} | "
+            f"{sum(r['nonfinite'] for r in rows)} |")
+
+
+def planted(model: torch.nn.Module, bug: str, seed: int) -> torch.nn.Module | None:
+    """A copy of ``model`` with ``bug`` planted (None where the model has no place for it)."""
+    import copy
+
+    m = copy.deepcopy(model)
+    state = m.state_dict()
+    weights = [k for k, v in state.items() if k.endswith("weight") and v.dim() >= 2]
+    with torch.no_grad():
+        if bug == "bug: swap":
+            pair = next(((a, b) for i, a in enumerate(weights) for b in weights[i + 1:]
+                         if state[a].shape == state[b].shape and not torch.equal(state[a], state[b])), None)
+            if pair is None:
+                return None
+            a, b = pair
+            va, vb = state[a].clone(), state[b].clone()
+            state[a].copy_(vb)
+            state[b].copy_(va)
+        elif bug == "bug: transpose":
+            key = next((k for k in weights if state[k].shape[0] == state[k].shape[1]), None)
+            if key is None:
+                return None
+            state[key].copy_(state[key].transpose(0, 1).clone())
+        else:
+            bn = next((mod for mod in m.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)), None)
+            if bn is None:
+                return None
+            bn.eps = bn.eps * 100
+    return m
+
+
+def _near_eps(model: torch.nn.Module, seed: int) -> None:
+    """The first BatchNorm's running variances drawn in [0, 2 eps] (where an eps bug shows)."""
+    bn = next((mod for mod in model.modules() if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)), None)
+    if bn is not None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=g) * 2 * bn.eps)
 
 
 def measure(name: str, seeds: int) -> list[dict]:
@@ -89,8 +142,16 @@ def measure(name: str, seeds: int) -> list[dict]:
             with torch.no_grad():
                 eager = copy.deepcopy(model).to(dtype)(x.to(dtype)).float()
             emul = emulated(copy.deepcopy(model), x, dtype)
-            for pair, (a, e) in {"eager vs fp32": (eager, ref), "emulated vs fp32": (emul, ref),
-                                 "emulated vs eager": (emul, eager)}.items():
+            pairs = {"eager vs fp32": (eager, ref), "emulated vs fp32": (emul, ref), "emulated vs eager": (emul, eager)}
+            for bug in BUGS:
+                base = copy.deepcopy(model)
+                if bug == "bug: eps":
+                    _near_eps(base, seed)
+                buggy = planted(base, bug, seed)
+                if buggy is not None:
+                    with torch.no_grad():
+                        pairs[bug] = (emulated(buggy, x, dtype), base(x))
+            for pair, (a, e) in pairs.items():
                 c0 = compare_outputs([a], [e], rtol=0.0, atol=0.0)[0]
                 c = compare_outputs([a], [e], rtol=rtol, atol=0.0)[0]
                 rows.append({"model": name, "dtype": label, "pair": pair, "seed": seed, "scale": scale,
@@ -111,18 +172,19 @@ def main(argv=None) -> int:
         all_rows += measure(name, args.seeds)
     lines = [f"\n## {time.strftime('%Y-%m-%d')}: {args.seeds} weight set(s) per model "
              f"(scales {', '.join(DEFAULT_SCALES)}), {time.perf_counter() - t0:.0f} s\n",
-             "Worst over the weight sets. scaled err: max|a - e| / max(1, max|e|) (the atol that passes at "
+             "Worst over the weight sets (bug rows: the smallest, the weakest signal).\n\n"
+             "scaled err: max|a - e| / max(1, max|e|) (the atol that passes at "
              "rtol=0); atol at default rtol: the smallest atol that passes with the dtype's default rtol "
              f"({', '.join(f'{k} {v[0]:g}' for k, v in PRECISION_TOLERANCES.items())}).\n",
              "| model | dtype | pair | scaled err | atol at default rtol | norm-rel err | non-finite |",
              "|---|---|---|---|---|---|---|"]
     for name in args.models.split(","):
         for label in DTYPES:
-            for pair in ("eager vs fp32", "emulated vs fp32", "emulated vs eager"):
+            for pair in PAIRS + BUGS:
                 rows = [r for r in all_rows if (r["model"], r["dtype"], r["pair"]) == (name, label, pair)]
                 lines.append(_row(name, label, pair, rows))
     for label in DTYPES:
-        for pair in ("eager vs fp32", "emulated vs fp32", "emulated vs eager"):
+        for pair in PAIRS + BUGS:
             rows = [r for r in all_rows if (r["dtype"], r["pair"]) == (label, pair)]
             lines.append(_row("**all**", label, pair, rows))
     text = "\n".join(lines) + "\n"

@@ -11,12 +11,14 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
 from torch import nn
 
 import refitcore
 from pytest_trtrefit.config import RefitConfig
 from pytest_trtrefit.declarative import DeclarationError, parse_specs
 from pytest_trtrefit.service import RefitSession
+from pytest_trtrefit.strategies import InvalidStrategyArgument, state_dicts, weight_set
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap, WeightSource
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, PRECISION_TOLERANCES, parse_precision, tolerances_for
@@ -312,3 +314,82 @@ def test_cli_gate_tolerances_default_to_none_so_the_bundle_s_precision_decides()
 
     args = cli.build_parser().parse_args(["gate", "b", "c", "--inputs", "random:1"])
     assert args.rtol is None and args.atol is None
+
+
+# ----------------------------------------------------------------------------- strategies at the dtype's limits
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+        self.out = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.fc(x)))
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dtype_max_puts_the_largest_finite_value_in_the_tensor(precision, dtype):
+    w = weight_set(_Net(), seed=3, specials=[("fc.weight", "dtype_max")], precision=precision)["fc.weight"]
+    base = weight_set(_Net(), seed=3)["fc.weight"]
+    at = int(base.abs().argmax())
+    assert float(w.reshape(-1)[at]) == torch.finfo(dtype).max * (1 if base.reshape(-1)[at] > 0 else -1)
+    assert torch.equal(w.reshape(-1)[torch.arange(w.numel()) != at], base.reshape(-1)[torch.arange(w.numel()) != at])
+    # The largest finite value fits the engine dtype: the range validation accepts it ...
+    assert _problems(_copy_map(dtype_name(dtype)), {"fc.weight": w}) == []
+    # ... and a finite float32 just past its rounding boundary (max + half an ulp) does not.
+    over = w.clone()
+    over.reshape(-1)[at] = over.reshape(-1)[at] * (1 + 0.3 * torch.finfo(dtype).eps)
+    assert bool(torch.isfinite(over).all())
+    assert f"value(s) overflow {dtype_name(dtype)}" in " ".join(_problems(_copy_map(dtype_name(dtype)),
+                                                                          {"fc.weight": over}))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dtype_min_normal_scales_the_tensor_to_the_bottom_of_the_normal_range(precision, dtype):
+    w = weight_set(_Net(), seed=1, specials=[("fc.weight", "dtype_min_normal")], precision=precision)["fc.weight"]
+    assert float(w.abs().max()) == torch.finfo(dtype).tiny
+    problems = _problems(_copy_map(dtype_name(dtype)), {"fc.weight": w})
+    assert problems and f"below {dtype_name(dtype)}'s smallest normal" in problems[0]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_dtype_subnormal_draws_exact_subnormals_of_the_engine_dtype(precision, dtype):
+    w = weight_set(_Net(), seed=2, specials=[("out.weight", "dtype_subnormal")], precision=precision)["out.weight"]
+    info = torch.finfo(dtype)
+    sub = (w != 0) & (w.abs() < info.tiny)
+    assert bool(sub.any())
+    assert torch.equal(w[sub].to(dtype).float(), w[sub])            # exactly representable: no rounding
+    assert float(w[sub].abs().min()) >= info.tiny * info.eps         # not below the smallest subnormal
+    # Beneath the weight's own resolution: the range validation lets them through.
+    assert _problems(_copy_map(dtype_name(dtype), (2, 2)), {"fc.weight": w}) == []
+
+
+def test_the_default_specials_stay_inside_every_dtype_and_precision_specials_are_opt_in():
+    from pytest_trtrefit.strategies import ALL_SPECIALS, PRECISION_SPECIALS, SPECIALS, special_targets
+
+    assert not set(PRECISION_SPECIALS) & set(SPECIALS) and ALL_SPECIALS == SPECIALS + PRECISION_SPECIALS
+    assert ("fc.weight", "dtype_max") in special_targets(_Net(), PRECISION_SPECIALS)
+    assert not any(kind in PRECISION_SPECIALS for _, kind in special_targets(_Net()))
+
+
+def test_precision_strategies_validate_their_arguments_up_front():
+    with pytest.raises(InvalidStrategyArgument, match="precision='fp8': choose one of"):
+        state_dicts(_Net(), precision="fp8")
+    with pytest.raises(InvalidStrategyArgument, match="precision='int8'"):
+        weight_set(_Net(), precision="int8")
+    with pytest.raises(InvalidStrategyArgument, match="unknown"):
+        state_dicts(_Net(), specials=["dtype_huge"])
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(ws=state_dicts(_Net(), specials=("dtype_max", "dtype_subnormal"), precision="fp16", max_specials=2))
+def test_drawn_limit_values_are_accepted_by_a_float16_engine_s_validation(ws):
+    assert "precision='fp16'" in repr(ws)
+    for key in ("fc.weight", "out.weight"):
+        wm = _copy_map("float16", tuple(ws[key].shape))
+        assert _problems(wm, {"fc.weight": ws[key]}) == [], repr(ws)
