@@ -34,7 +34,7 @@ import time
 
 import torch
 
-from _common import RESULTS, ROOT
+from _common import ROOT, machine_info, record, set_threads
 
 sys.path.insert(0, str(ROOT / "tests"))
 
@@ -165,35 +165,27 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--seeds", type=int, default=6)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    set_threads(2)
+    info = machine_info()
     t0 = time.perf_counter()
     all_rows = []
     for name in args.models.split(","):
         all_rows += measure(name, args.seeds)
-    lines = [f"\n## {time.strftime('%Y-%m-%d')}: {args.seeds} weight set(s) per model "
-             f"(scales {', '.join(DEFAULT_SCALES)}), {time.perf_counter() - t0:.0f} s\n",
-             "Worst over the weight sets (bug rows: the smallest, the weakest signal).\n\n"
-             "scaled err: max|a - e| / max(1, max|e|) (the atol that passes at "
-             "rtol=0); atol at default rtol: the smallest atol that passes with the dtype's default rtol "
+    lines = ["Worst over the weight sets (bug rows: the smallest, the weakest signal). scaled err: "
+             "max|a - e| / max(1, max|e|) (the atol that passes at rtol=0); atol at default rtol: the smallest "
+             "atol that passes with the dtype's default rtol "
              f"({', '.join(f'{k} {v[0]:g}' for k, v in PRECISION_TOLERANCES.items())}).\n",
              "| model | dtype | pair | scaled err | atol at default rtol | norm-rel err | non-finite |",
              "|---|---|---|---|---|---|---|"]
-    for name in args.models.split(","):
+    for name in args.models.split(",") + ["**all**"]:
         for label in DTYPES:
             for pair in PAIRS + BUGS:
-                rows = [r for r in all_rows if (r["model"], r["dtype"], r["pair"]) == (name, label, pair)]
+                rows = [r for r in all_rows if (r["dtype"], r["pair"]) == (label, pair)
+                        and name in (r["model"], "**all**")]
                 lines.append(_row(name, label, pair, rows))
-    for label in DTYPES:
-        for pair in PAIRS + BUGS:
-            rows = [r for r in all_rows if (r["dtype"], r["pair"]) == (label, pair)]
-            lines.append(_row("**all**", label, pair, rows))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    out = RESULTS / "precision_errors.md"
-    if not out.exists():
-        out.write_text("# Float16/bfloat16 output errors under random weights (benchmarks/precision_errors.py)\n")
-    with out.open("a") as f:
-        f.write(text)
+    record("precision_errors", f"fp16/bf16 output errors under random weights: {args.seeds} weight set(s) per "
+           f"model (scales {', '.join(DEFAULT_SCALES)}), {time.perf_counter() - t0:.0f} s",
+           "\n".join(lines), info)
     return 0
 
 

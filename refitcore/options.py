@@ -31,7 +31,7 @@ PRECISIONS = ("fp32", "fp16", "bf16")                # CompileOptions.precision,
 PRECISION_TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (DEFAULT_RTOL, DEFAULT_ATOL),
     "fp16": (1e-2, 2e-2),
-    "bf16": (5e-2, 1e-1),
+    "bf16": (5e-2, 7e-2),
 }
 # Cached vs fallback mappings compare exactly: compile, the cached path and the fallback compute every
 # engine weight with one arithmetic (refitcore.conversion.recipes), so any difference is a map bug.
