@@ -24,6 +24,8 @@ from refitcore.conversion.weight_map import WeightMap, WeightSource
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, PRECISION_TOLERANCES, parse_precision, tolerances_for
 from refitcore.refitting.validate import precision_problems
 
+pytest_plugins = ["pytester"]
+
 
 def _copy_map(dtype: str, shape=(2, 3)) -> WeightMap:
     wm = WeightMap()
@@ -393,3 +395,50 @@ def test_drawn_limit_values_are_accepted_by_a_float16_engine_s_validation(ws):
     for key in ("fc.weight", "out.weight"):
         wm = _copy_map("float16", tuple(ws[key].shape))
         assert _problems(wm, {"fc.weight": ws[key]}) == [], repr(ws)
+
+
+_CONFIG_TEST = '''
+def test_config(trt_refit):
+    c = trt_refit.config
+    print("RESOLVED", c.precision, c.rtol, c.atol, c.sources["trt_refit_precision"])
+'''
+
+
+@pytest.fixture
+def keep_hypothesis_seed():
+    """In-process pytest runs set Hypothesis's global seed (as --hypothesis-seed does); restore it."""
+    from hypothesis import core
+
+    saved = core.global_force_seed
+    yield
+    core.global_force_seed = saved
+
+
+def test_the_precision_option_has_an_ini_mirror_and_sets_the_session_s_tolerances(pytester, keep_hypothesis_seed):
+    pytester.makeini("""
+        [pytest]
+        trt_refit = true
+        trt_refit_backend = reference
+        trt_refit_precision = bfloat16
+    """)
+    pytester.makepyfile(test_cfg=_CONFIG_TEST)
+    result = pytester.runpytest_inprocess("-s", "--trt-refit-seed=3")
+    result.assert_outcomes(passed=1)
+    rtol, atol = PRECISION_TOLERANCES["bf16"]
+    result.stdout.fnmatch_lines([f"trt-refit: backend=reference, *, precision=bf16, rtol={rtol:g}, atol={atol:g}, *",
+                                 f"*RESOLVED bf16 {rtol} {atol} ini"])
+    result = pytester.runpytest_inprocess("-s", "--trt-refit-precision=fp16", "--trt-refit-rtol=1e-3")
+    result.stdout.fnmatch_lines([f"*RESOLVED fp16 0.001 {PRECISION_TOLERANCES['fp16'][1]} cli"])
+    result = pytester.runpytest_inprocess("--trt-refit-precision=fp8")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*'fp8' is not a precision; choose one of fp32, fp16, bf16*"])
+
+
+def test_the_reproduce_line_repeats_the_precision_and_only_tolerances_the_user_changed():
+    from pytest_trtrefit.outputs import reproduce_command
+
+    fp16 = PRECISION_TOLERANCES["fp16"]
+    line = reproduce_command(RefitConfig(precision="fp16", rtol=fp16[0], atol=fp16[1], seed=5), "t.py::x")
+    assert line == "pytest --trt-refit --trt-refit-seed=5 --trt-refit-precision=fp16 t.py::x"
+    changed = reproduce_command(RefitConfig(precision="fp16", rtol=1e-3, atol=fp16[1], seed=5), "t.py::x")
+    assert "--trt-refit-rtol=0.001" in changed and "--trt-refit-atol" not in changed
