@@ -136,6 +136,17 @@ def test_tiny_values_beneath_the_tensor_s_own_resolution_are_accepted():
     refitcore.cached_mapping(_copy_map("float16", (64, 64)), {"fc.weight": w})
 
 
+def test_a_subnormal_is_refused_only_where_losing_it_costs_more_than_flush_ulps_of_the_largest_value():
+    # 5.5e-5 is subnormal in float16. Next to values of 0.05, losing it costs 1.1 eps * 0.05: accepted.
+    # Next to values of 2e-3 it costs 28 eps * 2e-3 (more than FLUSH_ULPS = 16): refused.
+    for top, refused in ((0.05, False), (2e-3, True)):
+        w = torch.full((2, 3), top)
+        w[0, 0] = 5.5e-5
+        problems = _problems(_copy_map("float16"), {"fc.weight": w})
+        assert bool(problems) == refused, (top, problems)
+    assert "1 value(s) below float16's smallest normal" in problems[0]
+
+
 def test_a_fold_that_flushes_although_its_inputs_are_normal_says_the_recipe_made_it_small():
     # gamma 1e-3 and var 1e4: factor 1e-5, kernel values 5e-6 and 2.5e-6 (subnormal in float16).
     state = _fold_state(**{"bn.weight": [1e-3, 1e-3], "bn.running_var": [1e4, 1e4]})

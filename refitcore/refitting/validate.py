@@ -21,7 +21,7 @@ from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_constants
 
 __all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
-           "nonfinite_weight_problems", "precision_problems", "all_finite", "BN_RECIPES"]
+           "nonfinite_weight_problems", "precision_problems", "FLUSH_ULPS", "all_finite", "BN_RECIPES"]
 
 # Recipes that divide by sqrt(var + eps) (see recipes.bn_factor).
 BN_RECIPES = ("bn_fold_kernel", "bn_fold_bias", "bn_scale", "bn_shift")
@@ -152,6 +152,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+# A value below the engine dtype's smallest normal "matters" when losing it (a flush to zero) costs more
+# than FLUSH_ULPS * eps * max|w| (eps * max|w| is one ulp of the tensor's largest value, within a factor
+# of 2); smaller losses are within the noise the tensor's own rounding makes at that dtype.
+FLUSH_ULPS = 16
+
+
 def _lost(exact: torch.Tensor, rounded: torch.Tensor, tiny: float, floor: float) -> torch.Tensor:
     """Where a nonzero value that matters at its tensor's scale (``|x| >= floor``) rounds to zero or
     to a subnormal (``|x| < tiny``)."""
@@ -170,13 +176,14 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
     value; else the ranges of the inputs of a fold that overflows although they fit) and the fix:
 
     - overflow: a finite value beyond the dtype's largest finite value (float16: 65504) becomes inf;
-    - flush: a value that matters at the tensor's own scale (``|x| >= eps * max|w|``, eps the dtype's
-      machine epsilon) that rounds to a subnormal (``|x| < finfo.tiny``; float16: 6.1e-5), which
-      kernels may flush to zero (TensorRT warns "Subnormal FP16 values detected" when it converts
-      weights at build time, and a refit does not convert them), or to zero (all its bits lost).
-      Smaller values are beneath the tensor's resolution in that dtype anyway (the rounding of its
-      largest values costs more): a N(0, 0.02) weight has 0.24% of its values below float16's
-      smallest normal, and refusing those would refuse nearly every float16 checkpoint.
+    - flush: a value that matters at the tensor's own scale (``|x| >= FLUSH_ULPS * eps * max|w|``,
+      eps the dtype's machine epsilon) that rounds to a subnormal (``|x| < finfo.tiny``; float16:
+      6.1e-5), which kernels may flush to zero (TensorRT warns "Subnormal FP16 values detected" when
+      it converts weights at build time, and a refit does not convert them), or to zero (all its bits
+      lost). Losing a smaller value costs less than :data:`FLUSH_ULPS` ulps of the tensor's largest
+      value: a N(0, 0.02) weight has 0.24% of its values below float16's smallest normal, and refusing
+      those would refuse nearly every float16 checkpoint; in float16 only a tensor whose largest
+      value is below ~3.9e-3 can be refused (a layer scale of 1e-6, a fold that makes 5e-6).
 
     Weights that read no state_dict key are structure (as in :func:`nonfinite_weight_problems`).
 
@@ -192,7 +199,7 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
     info = torch.finfo(rounded.dtype)
     dtype = _dtype_name(rounded.dtype)
     top = float(exact.abs().max())
-    floor = info.eps * top
+    floor = FLUSH_ULPS * info.eps * top
     overflow = top > info.max and not bool(torch.isfinite(rounded).all())
     flush = floor < info.tiny and bool(_lost(exact, rounded, info.tiny, floor).any())
     if not (overflow or flush):
