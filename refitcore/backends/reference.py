@@ -3,6 +3,7 @@ Refitter's contract. It proves the network and the weight mapping right without 
 not exercise TensorRT's kernels."""
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,8 @@ from refitcore.capture.shapes import ShapeProfiles
 from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
+__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE",
+           "execution_order"]
 
 NAME = "reference"
 NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks the network and the "
@@ -25,6 +27,56 @@ NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks
 
 def usable() -> tuple[bool, str]:
     return True, "always available (CPU)"
+
+
+def execution_order(plan: dict) -> list[int]:
+    """The indices of the plan's layers in an order where every layer runs after the layers that
+    make its inputs (TensorRT lets a layer read a tensor made by a layer added after it, e.g. a
+    shuffle's shape input), in index order wherever that is free. ``ValueError`` naming the layer
+    and tensor when an input is made by no layer and is no network input, or naming the layers of
+    a cycle."""
+    layers = plan["layers"]
+    producer = {t["name"]: i for i, layer in enumerate(layers) for t in layer["outputs"]}
+    inputs = {t["name"] for t in plan["inputs"]}
+    needs: list[set[int]] = []
+    for i, layer in enumerate(layers):
+        deps = set()
+        for name in layer["inputs"]:
+            if name is None or (name in inputs and name not in producer):
+                continue
+            if name not in producer:
+                raise ValueError(f"layer {i} ({layer['name'][:60]!r}): input {str(name)[:60]!r} is produced by "
+                                 f"no layer and is no network input")
+            deps.add(producer[name])
+        needs.append(deps)
+    users: list[list[int]] = [[] for _ in layers]
+    for i, deps in enumerate(needs):
+        for d in deps:
+            users[d].append(i)
+    waiting = [len(deps) for deps in needs]
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for u in users[i]:
+            waiting[u] -= 1
+            if waiting[u] == 0:
+                heapq.heappush(ready, u)
+    if len(order) < len(layers):   # a cycle: walk back along the inputs of a layer that never ran
+        left = {i for i, n in enumerate(waiting) if n}
+        path = [min(left)]
+        while True:
+            nxt = min(d for d in needs[path[-1]] if d in left)
+            if nxt in path:
+                cycle = path[path.index(nxt):] + [nxt]
+                break
+            path.append(nxt)
+        names = " <- ".join(repr(layers[i]["name"][:60]) for i in cycle)
+        raise ValueError(f"the layers form a cycle (each reads the output of the next): {names}; "
+                         f"a TensorRT network must be acyclic")
+    return order
 
 
 class ReferenceEngine(HostWeights):
@@ -61,6 +113,7 @@ class ReferenceEngine(HostWeights):
             raise ValueError(f"weights missing for {missing[:5]}")
         self._weights: dict[str, np.ndarray] = {k: np.asarray(weights[k]) for k in self._locations}
         self._profiles = ShapeProfiles.from_json(plan["profiles"]) if plan.get("profiles") else None
+        self._order = execution_order(plan)
         self._layer_weights: dict[int, dict[str, str]] = {}
         for name, (i, role) in self._locations.items():
             self._layer_weights.setdefault(i, {})[role] = name
@@ -116,7 +169,8 @@ class ReferenceEngine(HostWeights):
                 raise TypeError(f"input {spec['name']!r}: expected dtype {want}, got {x.dtype}")
             env[spec["name"]] = x.detach().to("cpu")
         with torch.no_grad():
-            for i, layer in enumerate(self.plan["layers"]):
+            for i in self._order:
+                layer = self.plan["layers"][i]
                 ins = [None if n is None else env[n] for n in layer["inputs"]]
                 w = {role: torch.from_numpy(np.asarray(self._weights[name]))
                      for role, name in self._layer_weights.get(i, {}).items()}
@@ -250,7 +304,8 @@ def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
 
 def check_plan(plan: Any) -> None:
     """Structure of a saved plan: tensors, layers of known types (and elementwise layers of known
-    operations) in an order where every input is defined before use, weight locations pointing at
+    operations) whose inputs are network inputs or outputs of layers, with no cycle (the
+    interpreter runs them in dependency order: :func:`execution_order`), weight locations pointing at
     layers with that role. (Other attribute values are read by the interpreter, which says which
     layer it cannot run.)"""
     if not isinstance(plan, dict):
@@ -279,9 +334,13 @@ def check_plan(plan: Any) -> None:
         if not isinstance(ins, list) or not isinstance(outs, list) or not outs:
             _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list")
         for name in ins:
-            if name is not None and (not isinstance(name, str) or name not in defined):
-                _fail(f"{where}: input {str(name)[:60]!r} is not defined before the layer")
+            if name is not None and not isinstance(name, str):
+                _fail(f"{where}: input {str(name)[:60]!r} should be a tensor name")
         defined.update(_tensor(t, f"{where}: output", dynamic) for t in outs)
+    try:   # every input made by a layer (in any order: TensorRT's own), no cycle
+        execution_order(plan)
+    except ValueError as err:
+        _fail(str(err))
     for t in parts["outputs"]:
         if _tensor(t, "output", dynamic) not in defined:
             _fail(f"output {t['name'][:60]!r} is produced by no layer")

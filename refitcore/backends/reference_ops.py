@@ -194,7 +194,42 @@ def shuffle(layer, ins, w):
             dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
         x = x.reshape(dims)
     second = a["second_transpose"][: x.dim()]
-    return [x.permute(*second)]
+    return [x.permute(list(second))]   # a list again: the reshape may give a 0-d tensor
+
+
+def _axes_input(layer, axes, rank: int, what: str) -> list[int]:
+    """The axes of an (un)squeeze layer (input 1, a 1-D shape tensor), made non-negative for a
+    tensor of ``rank``; an axis out of [-rank, rank) or given twice is an error, as in TensorRT."""
+    values = [int(v) for v in axes.reshape(-1).tolist()]
+    if any(not -rank <= v < rank for v in values):
+        raise ValueError(f"layer {layer['name']!r}: {what} axes {values} out of range for rank {rank}")
+    out = sorted(v % rank for v in values)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layer {layer['name']!r}: {what} axes {values} name an axis twice")
+    return out
+
+
+@op("UNSQUEEZE")
+def unsqueeze(layer, ins, w):
+    """IUnsqueezeLayer: a size-1 axis inserted at each of the axes (input 1), which index the
+    output (rank = input rank + number of axes; negative axes count from the output's end)."""
+    x, axes = ins
+    out_rank = x.dim() + axes.numel()
+    shape = list(x.shape)
+    for d in _axes_input(layer, axes, out_rank, "unsqueeze"):
+        shape.insert(d, 1)
+    return [x.reshape(shape)]
+
+
+@op("SQUEEZE")
+def squeeze(layer, ins, w):
+    """ISqueezeLayer: the axes (input 1, indexing the input) removed; each must have size 1."""
+    x, axes = ins
+    drop = _axes_input(layer, axes, x.dim(), "squeeze")
+    if any(x.shape[d] != 1 for d in drop):
+        raise ValueError(f"layer {layer['name']!r}: squeeze of axes {drop} of shape {list(x.shape)} "
+                         f"(each must have size 1)")
+    return [x.reshape([n for d, n in enumerate(x.shape) if d not in drop])]
 
 
 @op("MATRIX_MULTIPLY")
@@ -359,6 +394,85 @@ def softmax(layer, ins, w):
     return [torch.softmax(ins[0], dim=axes[0])]
 
 
+@op("PARAMETRIC_RELU")
+def parametric_relu(layer, ins, w):
+    """IParametricReLULayer: x where x >= 0, slope * x elsewhere; the slope (input 1) broadcasts
+    against x as an elementwise operand does (equal ranks)."""
+    x, slope = ins
+    _check_broadcast(layer, [list(x.shape), list(slope.shape)])
+    return [torch.where(x >= 0, x, x * slope)]
+
+
+# TensorRT's Attention operator page (docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/
+# Attention.html) and the IAttention class reference: BMM1 = query x key^T (no scaling: a caller
+# scales the query itself), then the mask (bool: True attends; float: added to BMM1's output) or
+# the causal mask, then the normalization (SOFTMAX over the key/value sequence axis, or NONE), then
+# BMM2 with value. Shapes [b, d_q, s_q, h] for the query and output, [b, d_kv, s_kv, h] for key and
+# value (equal), the mask [a0, a1, s_q, s_kv] with a0, a1 broadcastable to b and the heads.
+# CausalMaskKind: UPPER_LEFT lets query i attend key j <= i, LOWER_RIGHT j <= i + (s_kv - s_q);
+# a mask cannot be combined with causal. ``decomposable`` only allows TensorRT to run it as several
+# kernels: the result is the same. With fewer key/value heads than query heads (grouped-query
+# attention) query head i reads key/value head i // (d_q / d_kv).
+_ATTENTION_EXTRA_INPUTS = {4: "normalization quantize scale", 5: "query lengths", 6: "key/value lengths"}
+
+
+@op("ATTENTION_INPUT")
+def attention(layer, ins, w):
+    a = layer["attrs"]
+    name = layer["name"]
+    q, k, v = ins[:3]
+    mask = ins[3] if len(ins) > 3 else None
+    for i, what in _ATTENTION_EXTRA_INPUTS.items():
+        if len(ins) > i and ins[i] is not None:
+            raise NotImplementedError(f"layer {name!r}: attention with a {what} input")
+    if len(ins) > max(_ATTENTION_EXTRA_INPUTS) + 1:
+        raise NotImplementedError(f"layer {name!r}: attention with {len(ins)} inputs")
+    for key in ("query_form", "key_value_form"):
+        if (a.get(key) or "PADDED_BHND") != "PADDED_BHND":
+            raise NotImplementedError(f"layer {name!r}: attention {key} {a[key]} (only PADDED_BHND)")
+    if int(a.get("num_ranks") or 1) != 1:
+        raise NotImplementedError(f"layer {name!r}: multi-device attention (num_ranks={a['num_ranks']})")
+    norm, causal = a.get("norm_op") or "SOFTMAX", a.get("causal_kind") or "NONE"
+    if norm not in ("SOFTMAX", "NONE"):
+        raise NotImplementedError(f"layer {name!r}: attention normalization {norm}")
+    if causal not in ("NONE", "UPPER_LEFT", "LOWER_RIGHT"):
+        raise NotImplementedError(f"layer {name!r}: causal mask kind {causal}")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"layer {name!r}: attention of query {list(q.shape)}, key {list(k.shape)}, "
+                         f"value {list(v.shape)}")
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_q % heads_kv:
+        raise ValueError(f"layer {name!r}: {heads_q} query heads do not group over {heads_kv} key/value heads")
+    if heads_kv != heads_q:
+        k, v = (t.repeat_interleave(heads_q // heads_kv, dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    s_q, s_kv = scores.shape[-2:]
+    if mask is not None:
+        if causal != "NONE":
+            raise ValueError(f"layer {name!r}: attention with both a mask and a causal mask")
+        if (mask.dim() != 4 or list(mask.shape[-2:]) != [s_q, s_kv]
+                or any(m not in (1, n) for m, n in zip(mask.shape[:2], scores.shape[:2]))):
+            raise ValueError(f"layer {name!r}: attention mask of shape {list(mask.shape)} for scores "
+                             f"{list(scores.shape)}")
+    elif causal != "NONE":
+        offset = s_kv - s_q if causal == "LOWER_RIGHT" else 0
+        mask = torch.ones(s_q, s_kv, dtype=torch.bool).tril(offset)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    if norm == "SOFTMAX":
+        scores = torch.softmax(scores, dim=-1)
+    return [torch.matmul(scores, v)]
+
+
+@op("ATTENTION_OUTPUT")
+def attention_output(layer, ins, w):
+    """The IAttention's output boundary: its ATTENTION_INPUT layer computed the attention."""
+    return [ins[0]]
+
+
 _UNARY: dict[str, Callable[..., torch.Tensor]] = {
     "EXP": torch.exp, "LOG": torch.log, "SQRT": torch.sqrt, "RECIP": torch.reciprocal, "ABS": torch.abs,
     "NEG": torch.neg, "SIN": torch.sin, "COS": torch.cos, "TAN": torch.tan, "SINH": torch.sinh,
@@ -450,40 +564,94 @@ _ROUND = {"FLOOR": torch.floor, "CEIL": torch.ceil, "HALF_UP": lambda v: torch.f
           "HALF_DOWN": lambda v: torch.ceil(v - 0.5)}
 
 
-@op("RESIZE")
-def resize(layer, ins, w):
-    """IResizeLayer with a static output ``shape``: each axis whose length changes is resampled
-    separately (NEAREST: the rounded source coordinate, clamped into the input; LINEAR: the two
-    neighbours of the source coordinate clamped into [0, len - 1], weighted by distance)."""
+def _resize_shape(layer, ins) -> list[int]:
+    """The output shape of an IResizeLayer: a shape tensor (input 1), the static ``shape``, or the
+    static ``scales``, where each output length is floor(input length * scale), computed in float32
+    as TensorRT's own shape inference does (float64 differs, e.g. 20 * 2.3f gives 46 in float32,
+    45 in float64)."""
     a = layer["attrs"]
     x = ins[0]
     if len(ins) > 1 and ins[1] is not None:
-        raise NotImplementedError(f"layer {layer['name']!r}: dynamic resize shape")
-    shape = list(a.get("shape") or [])
-    if len(shape) != x.dim():
-        raise NotImplementedError(f"layer {layer['name']!r}: resize by scales (no output shape)")
+        shape = [int(v) for v in ins[1].reshape(-1).tolist()]
+    elif len(a.get("shape") or []) == x.dim():
+        shape = list(a["shape"])
+    elif len(a.get("scales") or []) == x.dim():
+        scaled = torch.tensor(list(x.shape), dtype=torch.float32) * torch.tensor(a["scales"], dtype=torch.float32)
+        shape = [int(v) for v in torch.floor(scaled).tolist()]
+    else:
+        raise ValueError(f"layer {layer['name']!r}: a resize needs an output shape or one scale per axis "
+                         f"of its rank-{x.dim()} input (shape={a.get('shape')}, scales={a.get('scales')})")
+    if len(shape) != x.dim() or any(n < 0 for n in shape):
+        raise ValueError(f"layer {layer['name']!r}: resize of a rank-{x.dim()} input to shape {shape}")
+    return shape
+
+
+def _cubic_weights(t: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Keys' cubic convolution weights of the 4 neighbours floor(x) - 1 .. floor(x) + 2 of a source
+    coordinate x with fraction t = x - floor(x), for the coefficient A (``cubic_coeff``)."""
+    def kernel(d):
+        d = d.abs()
+        near = ((coeff + 2) * d - (coeff + 3)) * d * d + 1
+        far = ((coeff * d - 5 * coeff) * d + 8 * coeff) * d - 4 * coeff
+        return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+    return torch.stack([kernel(t + 1), kernel(t), kernel(1 - t), kernel(2 - t)], dim=-1)
+
+
+_RESIZE_AXES = {"NEAREST": 8, "LINEAR": 3, "CUBIC": 2}
+
+
+@op("RESIZE")
+def resize(layer, ins, w):
+    """IResizeLayer (output shape from a shape tensor, the static shape or the scales): each axis
+    whose length changes is resampled separately, the source coordinate of an output index given
+    by the coordinate transformation from the input and output lengths (TensorRT's
+    ResizeCoordinateTransformation formulas use the lengths, not the scales). NEAREST: the
+    source coordinate rounded by ``nearest_rounding``, clamped into the input; LINEAR: the two
+    neighbours of the coordinate clamped into [0, len - 1], weighted by distance; CUBIC (the 2
+    innermost axes): the 4 neighbours, weighted by Keys' cubic kernel with ``cubic_coeff``, indices
+    clamped to the edge, or, with ``exclude_outside``, neighbours outside the input weighted 0 and
+    the rest renormalized (the definitions of ONNX Resize, whose attributes TensorRT's mirror)."""
+    a = layer["attrs"]
+    x = ins[0]
+    shape = _resize_shape(layer, ins)
     mode = a.get("resize_mode") or "NEAREST"
+    if mode not in _RESIZE_AXES:
+        raise NotImplementedError(f"layer {layer['name']!r}: resize mode {mode}")
     changed = [d for d in range(x.dim()) if shape[d] != x.shape[d]]
-    if len(changed) > 3:
-        raise ValueError(f"layer {layer['name']!r}: TensorRT resizes at most the 3 innermost axes")
+    if changed and changed[0] < x.dim() - _RESIZE_AXES[mode]:
+        raise ValueError(f"layer {layer['name']!r}: TensorRT's {mode} resize changes at most the "
+                         f"{_RESIZE_AXES[mode]} innermost axes, not axis {changed[0]} of {list(x.shape)}")
     y = x
     for d in changed:
         src = _resize_source(layer, shape[d], x.shape[d], a)
         n = x.shape[d]
+        view = [1] * y.dim()
+        view[d] = -1
         if mode == "NEAREST":
-            idx = _ROUND[a.get("nearest_rounding") or "FLOOR"](src).long().clamp(0, n - 1)
+            rounding = a.get("nearest_rounding") or "FLOOR"
+            if rounding not in _ROUND:
+                raise NotImplementedError(f"layer {layer['name']!r}: nearest rounding {rounding}")
+            idx = _ROUND[rounding](src).long().clamp(0, n - 1)
             y = y.index_select(d, idx)
         elif mode == "LINEAR":
             src = src.clamp(0, n - 1)
             i0 = src.floor().long()
             i1 = (i0 + 1).clamp(max=n - 1)
-            frac = (src - i0).to(y.dtype)
-            view = [1] * y.dim()
-            view[d] = -1
-            frac = frac.reshape(view)
+            frac = (src - i0).to(y.dtype).reshape(view)
             y = y.index_select(d, i0) * (1 - frac) + y.index_select(d, i1) * frac
-        else:
-            raise NotImplementedError(f"layer {layer['name']!r}: resize mode {mode}")
+        else:  # CUBIC
+            base = src.floor()
+            weights = _cubic_weights(src - base, float(a.get("cubic_coeff", -0.75)))
+            taps = base.long().unsqueeze(-1) + torch.arange(-1, 3)
+            if a.get("exclude_outside"):
+                weights = torch.where((taps >= 0) & (taps < n), weights, torch.zeros_like(weights))
+                weights = weights / weights.sum(-1, keepdim=True)
+            taps = taps.clamp(0, n - 1)
+            out = None
+            for j in range(4):
+                term = y.index_select(d, taps[:, j]) * weights[:, j].to(y.dtype).reshape(view)
+                out = term if out is None else out + term
+            y = out
     return [y]
 
 

@@ -54,7 +54,17 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",
                                 "selector_for_single_pixel"), {}),
     "GRID_SAMPLE": ("IGridSampleLayer", ("interpolation_mode", "sample_mode", "align_corners"), {}),
+    "UNSQUEEZE": ("IUnsqueezeLayer", (), {}),
+    "SQUEEZE": ("ISqueezeLayer", (), {}),
+    "PARAMETRIC_RELU": ("IParametricReLULayer", (), {}),
+    # IAttention is two layers: ATTENTION_INPUT (inputs query, key, value, mask, ...) computes the
+    # attention, ATTENTION_OUTPUT hands its result on; the attributes live on the IAttention object.
+    "ATTENTION_INPUT": ("IAttentionInputLayer", ("norm_op", "causal_kind", "decomposable", "query_form",
+                                                 "key_value_form", "num_ranks"), {}),
+    "ATTENTION_OUTPUT": ("IAttentionOutputLayer", (), {}),
 }
+# layer types whose attributes are read off another object the layer holds
+_ATTRS_OF = {"ATTENTION_INPUT": "attention"}
 
 # attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a
 # fill's alpha and beta by its inputs 1 and 2
@@ -95,7 +105,7 @@ def read_network(network) -> dict:
         if ltype not in _LAYERS:
             raise NotImplementedError(
                 f"the reference backend cannot interpret layer {layer.name!r} of type {ltype}; "
-                f"add it to refitcore/network_reader.py and backends/reference_ops.py")
+                f"add it to refitcore/conversion/network_reader.py and refitcore/backends/reference_ops.py")
         cls_name, attr_names, roles = _LAYERS[ltype]
         layer.__class__ = getattr(t, cls_name)
         inputs = []
@@ -105,13 +115,14 @@ def read_network(network) -> dict:
         outputs = [_tensor_info(layer.get_output(k)) for k in range(layer.num_outputs)]
         in_rank = len(layer.get_input(0).shape) if layer.num_inputs and layer.get_input(0) is not None else None
         attrs = {}
+        holder = getattr(layer, _ATTRS_OF[ltype]) if ltype in _ATTRS_OF else layer
         for a in attr_names:
             if a in _FROM_INPUT and _FROM_INPUT[a] < len(inputs) and inputs[_FROM_INPUT[a]] is not None:
                 continue   # given by a shape tensor (dynamic shapes): the attribute is meaningless
-            if not hasattr(layer, a):
+            if not hasattr(holder, a):
                 continue
             try:
-                raw = getattr(layer, a)
+                raw = getattr(holder, a)
             except Exception:  # noqa: BLE001 - an attribute this TensorRT version does not expose for this layer
                 continue
             rank = in_rank if a == "first_transpose" else len(outputs[0]["shape"]) if a == "second_transpose" else None
