@@ -710,6 +710,15 @@ def topk(layer, ins, w):
     return [values, indices.to(torch.int32)]
 
 
+def _loop_boundary(layer, ins, w):
+    raise ValueError(f"layer {layer['name']!r}: a {layer['type']} layer runs only as part of its loop "
+                     f"{layer['attrs'].get('loop')!r} (refitcore.backends.reference runs loops)")
+
+
+for _kind in ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT"):
+    OPS[_kind] = _loop_boundary
+
+
 def run_layer(layer: dict, ins: list, weights: dict):
     try:
         fn = OPS[layer["type"]]

@@ -15,7 +15,7 @@ import numpy as np
 
 from refitcore import _trt
 
-__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES"]
+__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES", "LOOP_BOUNDARIES"]
 
 # layer type -> (binding class, attributes to read, {ROLE: attribute holding weights})
 _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
@@ -62,7 +62,13 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "ATTENTION_INPUT": ("IAttentionInputLayer", ("norm_op", "causal_kind", "decomposable", "query_form",
                                                  "key_value_form", "num_ranks"), {}),
     "ATTENTION_OUTPUT": ("IAttentionOutputLayer", (), {}),
+    # a loop (ILoop) is delimited by these layers, each naming its loop in attrs["loop"]
+    "TRIP_LIMIT": ("ITripLimitLayer", ("kind",), {}),
+    "ITERATOR": ("IIteratorLayer", ("axis", "reverse"), {}),
+    "RECURRENCE": ("IRecurrenceLayer", (), {}),
+    "LOOP_OUTPUT": ("ILoopOutputLayer", ("kind", "axis"), {}),
 }
+LOOP_BOUNDARIES = ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT")
 # layer types whose attributes are read off another object the layer holds
 _ATTRS_OF = {"ATTENTION_INPUT": "attention"}
 
@@ -127,6 +133,8 @@ def read_network(network) -> dict:
                 continue
             rank = in_rank if a == "first_transpose" else len(outputs[0]["shape"]) if a == "second_transpose" else None
             attrs[a] = _plain(raw, rank)
+        if ltype in LOOP_BOUNDARIES:
+            attrs["loop"] = layer.loop.name
         weights = {}
         for role, attr in roles.items():
             arr = getattr(layer, attr)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from refitcore import _trt
-from refitcore.backends.reference import ReferenceEngine, execution_order, load_engine
+from refitcore.backends.reference import Loop, ReferenceEngine, execution_order, execution_units, load_engine
 from refitcore.conversion.network_reader import read_network
 
 
@@ -333,3 +333,72 @@ def test_parametric_relu_with_a_per_channel_slope(real_trt, net):
     assert engine.weight_names() == ["slope CONSTANT"]   # the slope is a refittable weight
     (y,) = engine.run([x])
     torch.testing.assert_close(y, F.prelu(x, torch.from_numpy(slope.reshape(-1))))
+
+
+# ---- loops (ILoop: TRIP_LIMIT, ITERATOR, RECURRENCE, LOOP_OUTPUT) -----------------------------------------
+def _running_sum(trt, net, x, axis, *, reverse=False, kind="CONCATENATE", trip_kind="COUNT"):
+    """Torch-TensorRT's cumsum: a loop over ``axis`` adding each slice to a recurrence."""
+    x_in = _input(trt, net, "x", x)
+    loop = net.add_loop()
+    loop.name = "cumsum_loop"
+    count = _int_constant(net, x.shape[axis], np.int32)
+    loop.add_trip_limit(count, getattr(trt.TripLimit, trip_kind))
+    item = loop.add_iterator(x_in, axis, reverse)
+    zeros = np.zeros([n for d, n in enumerate(x.shape) if d != axis], dtype=np.float32)
+    running = loop.add_recurrence(net.add_constant(zeros.shape, zeros).get_output(0))
+    total = net.add_elementwise(item.get_output(0), running.get_output(0), trt.ElementWiseOperation.SUM)
+    running.set_input(1, total.get_output(0))
+    if kind == "LAST_VALUE":
+        out = loop.add_loop_output(total.get_output(0), trt.LoopOutput.LAST_VALUE)
+    else:
+        out = loop.add_loop_output(total.get_output(0), getattr(trt.LoopOutput, kind), axis)
+        out.set_input(1, count)
+    _out(net, out)
+    return _run(net, x)[0]
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_loop_concatenating_a_running_sum_is_cumsum(real_trt, net, axis):
+    x = torch.randn(3, 4, 5)
+    torch.testing.assert_close(_running_sum(real_trt, net, x, axis), torch.cumsum(x, axis))
+
+
+def test_loop_iterating_in_reverse_and_reverse_output(real_trt, net):
+    x = torch.randn(4, 3)
+    y = _running_sum(real_trt, net, x, 0, reverse=True)   # y[i] = sum of x[n-1..n-1-i]
+    torch.testing.assert_close(y, torch.cumsum(x.flip(0), 0))
+    y = _running_sum(real_trt, _network(real_trt), x, 0, reverse=True, kind="REVERSE")
+    torch.testing.assert_close(y, torch.cumsum(x.flip(0), 0).flip(0))   # reverse cumsum
+
+
+def test_loop_last_value_is_the_final_recurrence(real_trt, net):
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(_running_sum(real_trt, net, x, 0, kind="LAST_VALUE"), x.sum(0))
+
+
+def test_loop_with_a_while_trip_limit_is_refused_by_name(real_trt, net):
+    x = torch.randn(4, 3)
+    x_in = _input(real_trt, net, "x", x)
+    loop = net.add_loop()
+    loop.name = "while_loop"
+    flag = net.add_input("go", real_trt.bool, ())
+    loop.add_trip_limit(flag, real_trt.TripLimit.WHILE)
+    running = loop.add_recurrence(x_in)
+    twice = net.add_elementwise(running.get_output(0), running.get_output(0), real_trt.ElementWiseOperation.SUM)
+    running.set_input(1, twice.get_output(0))
+    _out(net, loop.add_loop_output(twice.get_output(0), real_trt.LoopOutput.LAST_VALUE))
+    with pytest.raises(NotImplementedError, match="loop 'while_loop': trip limit WHILE"):
+        _run(net, x, torch.tensor(False))
+
+
+def test_loop_members_are_found_from_iterators_and_recurrences(real_trt, net):
+    """The body (the layers reading the iterator or recurrence) runs every iteration; a layer
+    reading the loop's output runs once, after it."""
+    x = torch.randn(3, 2)
+    _running_sum(real_trt, net, x, 0)
+    plan = read_network(net)
+    units = execution_units(plan)
+    loops = [u for u in units if isinstance(u, Loop)]
+    assert len(loops) == 1 and loops[0].name == "cumsum_loop"
+    body_types = sorted(plan["layers"][i]["type"] for i in loops[0].layers)
+    assert body_types == ["ELEMENTWISE", "ITERATOR", "LOOP_OUTPUT", "RECURRENCE", "TRIP_LIMIT"]
