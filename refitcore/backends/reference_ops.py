@@ -350,7 +350,8 @@ def concatenation(layer, ins, w):
 def slice_(layer, ins, w):
     """ISliceLayer with static start/shape/stride. Sample modes: STRICT_BOUNDS (out of range is an
     error), WRAP (coordinates wrap modulo the axis), CLAMP (to the nearest edge), FILL (out of range
-    reads the fill value, input 4, or 0)."""
+    reads the fill value, input 4, or 0), REFLECT (reflected at the middle of the edge pixels,
+    repeatedly: TensorRT's Slice operator page; reflection padding)."""
     a = layer["attrs"]
     # start, size and stride may be shape tensors (inputs 1-3) instead of static attributes.
     start, size, stride = ([int(v) for v in t.reshape(-1).tolist()] if t is not None else a[k]
@@ -358,7 +359,7 @@ def slice_(layer, ins, w):
     mode = a.get("mode") or "STRICT_BOUNDS"
     if mode == "DEFAULT":
         mode = "STRICT_BOUNDS"
-    if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL"):
+    if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL", "REFLECT"):
         raise NotImplementedError(f"layer {layer['name']!r}: slice mode {mode}")
     x = ins[0]
     fill = ins[4] if len(ins) > 4 and ins[4] is not None else None
@@ -375,6 +376,12 @@ def slice_(layer, ins, w):
             idx = idx % size
         elif mode == "CLAMP":
             idx = idx.clamp(0, size - 1)
+        elif mode == "REFLECT":   # c = |x| mod (2d - 2); 2d - 2 - c where c >= d (one pixel: repeated)
+            if size == 0 and n:
+                raise ValueError(f"layer {layer['name']!r}: REFLECT slice of an empty axis {d}")
+            period = max(2 * size - 2, 1)
+            c = idx.abs() % period
+            idx = torch.where(c >= size, period - c, c) if size > 1 else torch.zeros_like(idx)
         else:  # FILL
             value = 0.0 if fill is None else fill.reshape(()).to(x.dtype)
             shape = list(x.shape)
@@ -504,26 +511,102 @@ def cast(layer, ins, w):
 @op("GATHER")
 def gather(layer, ins, w):
     """IGatherLayer: DEFAULT mode gives data.shape[:axis] + indices.shape + data.shape[axis+1:];
-    ELEMENT mode is torch.gather along ``axis`` (output shape = indices shape). Indices outside
-    [0, size) are an error here (the converters make negative indices non-negative)."""
+    ELEMENT mode is torch.gather along ``axis`` (output shape = indices shape); ND mode, after
+    ``num_elementwise_dims`` b leading axes shared by data and indices, reads data at the
+    coordinates in the last axis of the indices (output indices.shape[:-1] + data.shape[b + k:],
+    k = indices.shape[-1]). Indices outside [0, size) are an error here (the converters make
+    negative indices non-negative)."""
     a = layer["attrs"]
     mode = a.get("mode") or "DEFAULT"
     data, idx = ins
-    axis = a["axis"]
-    if int(a.get("num_elementwise_dims") or 0):
-        raise NotImplementedError(f"layer {layer['name']!r}: gather with num_elementwise_dims")
+    name = layer["name"]
     idx = idx.long()
+    batch = int(a.get("num_elementwise_dims") or 0)
+    if mode == "ND":
+        return [_gather_nd(name, data, idx, batch)]
+    axis = a["axis"]
+    if batch:
+        raise NotImplementedError(f"layer {name!r}: {mode} gather with num_elementwise_dims")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= data.shape[axis]):
-        raise ValueError(f"layer {layer['name']!r}: gather index out of range [0, {data.shape[axis]})")
+        raise ValueError(f"layer {name!r}: gather index out of range [0, {data.shape[axis]})")
     if mode == "ELEMENT":
         if idx.dim() != data.dim():
-            raise ValueError(f"layer {layer['name']!r}: ELEMENT gather needs indices of the data's rank")
+            raise ValueError(f"layer {name!r}: ELEMENT gather needs indices of the data's rank")
         return [torch.gather(data, axis, idx)]
     if mode != "DEFAULT":
-        raise NotImplementedError(f"layer {layer['name']!r}: gather mode {mode}")
+        raise NotImplementedError(f"layer {name!r}: gather mode {mode}")
     flat = torch.index_select(data, axis, idx.reshape(-1))
     shape = list(data.shape[:axis]) + list(idx.shape) + list(data.shape[axis + 1:])
     return [flat.reshape(shape)]
+
+
+def _nd_coordinates(name: str, data: torch.Tensor, idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """Flat row numbers into ``data`` viewed as [batch volume * data.shape[b:b+k] volume, rest] of
+    the coordinates in ``idx``'s last axis (after ``batch`` leading axes shared with data), and k."""
+    k = idx.shape[-1]
+    if list(idx.shape[:batch]) != list(data.shape[:batch]) or batch + k > data.dim():
+        raise ValueError(f"layer {name!r}: ND indices {list(idx.shape)} for data {list(data.shape)} "
+                         f"with {batch} element-wise axes")
+    sizes = torch.tensor(data.shape[batch:batch + k])
+    if idx.numel() and (bool((idx < 0).any()) or bool((idx >= sizes).any())):
+        raise ValueError(f"layer {name!r}: ND index out of range {list(data.shape[batch:batch + k])}")
+    strides = torch.tensor([int(torch.prod(sizes[j + 1:])) for j in range(k)], dtype=torch.long)
+    rows = (idx * strides).sum(-1)   # within one batch element
+    volume = int(torch.prod(sizes))
+    batch_volume = int(torch.prod(torch.tensor(data.shape[:batch]))) if batch else 1
+    offsets = torch.arange(batch_volume).reshape(list(data.shape[:batch]) + [1] * (rows.dim() - batch)) * volume
+    return rows + offsets, k
+
+
+def _gather_nd(name: str, data: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    rows, k = _nd_coordinates(name, data, idx, batch)
+    rest = list(data.shape[batch + k:])
+    table = data.reshape([-1] + rest)
+    return table[rows.reshape(-1)].reshape(list(idx.shape[:-1]) + rest)
+
+
+@op("SCATTER")
+def scatter(layer, ins, w):
+    """IScatterLayer (TensorRT's Scatter operator page): the data with elements replaced by the
+    updates. ELEMENT: output[... index[i] along ``axis`` ...] = updates[i] (torch.scatter);
+    ND: the coordinates in the last axis of the indices (k of them) address slices of
+    data.shape[k:], each replaced by the matching slice of the updates. Duplicate coordinates
+    leave the order of writes unspecified (TensorRT's words): a network relying on it is refused."""
+    data, idx, updates = ins
+    a = layer["attrs"]
+    mode, name = a.get("mode") or "ELEMENT", layer["name"]
+    idx = idx.long()
+    if mode == "ELEMENT":
+        axis = int(a.get("axis") or 0)
+        if idx.shape != updates.shape or idx.dim() != data.dim():
+            raise ValueError(f"layer {name!r}: ELEMENT scatter of updates {list(updates.shape)} at indices "
+                             f"{list(idx.shape)} into {list(data.shape)}")
+        n = data.shape[axis]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"layer {name!r}: scatter index out of range [0, {n})")
+        writes = torch.zeros(data.shape, dtype=torch.long).scatter_add_(axis, idx, torch.ones_like(idx))
+        if bool((writes > 1).any()):
+            raise ValueError(f"layer {name!r}: scatter writes one element twice (TensorRT leaves the result "
+                             f"unspecified)")
+        return [data.scatter(axis, idx, updates.to(data.dtype))]
+    if mode != "ND":
+        raise NotImplementedError(f"layer {name!r}: scatter mode {mode}")
+    rows, k = _nd_coordinates(name, data, idx, 0)
+    rest = list(data.shape[k:])
+    rows = rows.reshape(-1)
+    if len(set(rows.tolist())) != rows.numel():
+        raise ValueError(f"layer {name!r}: scatter writes one slice twice (TensorRT leaves the result unspecified)")
+    out = data.reshape([-1] + rest).clone()
+    out[rows] = updates.reshape([-1] + rest).to(data.dtype)
+    return [out.reshape(data.shape)]
+
+
+@op("NON_ZERO")
+def non_zero(layer, ins, w):
+    """INonZeroLayer: the coordinates of the non-zero elements, [rank, count], in row-major order,
+    of the layer's index type."""
+    dtype = _DTYPES[layer["outputs"][0]["dtype"]]
+    return [torch.nonzero(ins[0]).t().contiguous().to(dtype)]
 
 
 @op("SELECT")

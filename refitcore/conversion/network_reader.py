@@ -54,6 +54,8 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",
                                 "selector_for_single_pixel"), {}),
     "GRID_SAMPLE": ("IGridSampleLayer", ("interpolation_mode", "sample_mode", "align_corners"), {}),
+    "SCATTER": ("IScatterLayer", ("mode", "axis"), {}),
+    "NON_ZERO": ("INonZeroLayer", ("indices_type",), {}),
     "UNSQUEEZE": ("IUnsqueezeLayer", (), {}),
     "SQUEEZE": ("ISqueezeLayer", (), {}),
     "PARAMETRIC_RELU": ("IParametricReLULayer", (), {}),

@@ -402,3 +402,64 @@ def test_loop_members_are_found_from_iterators_and_recurrences(real_trt, net):
     assert len(loops) == 1 and loops[0].name == "cumsum_loop"
     body_types = sorted(plan["layers"][i]["type"] for i in loops[0].layers)
     assert body_types == ["ELEMENTWISE", "ITERATOR", "LOOP_OUTPUT", "RECURRENCE", "TRIP_LIMIT"]
+
+
+# ---- SCATTER, NON_ZERO, GATHER ND, SLICE REFLECT ---------------------------------------------------------
+def test_scatter_element_is_torch_scatter(real_trt, net):
+    data, updates = torch.randn(3, 4), torch.randn(2, 4)
+    index = torch.tensor([[2, 0, 1, 2], [0, 1, 2, 1]], dtype=torch.int32)
+    layer = net.add_scatter(_input(real_trt, net, "data", data), _input(real_trt, net, "index", index),
+                            _input(real_trt, net, "updates", updates), real_trt.ScatterMode.ELEMENT)
+    layer.axis = 0
+    _out(net, layer)
+    (y,) = _run(net, data, index, updates)
+    assert torch.equal(y, data.scatter(0, index.long(), updates))
+
+
+def test_scatter_nd_replaces_the_addressed_slices(real_trt, net):
+    data, updates = torch.randn(4, 3, 2), torch.randn(2, 2)
+    index = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32)   # two (row, column) pairs: slices of [2]
+    layer = net.add_scatter(_input(real_trt, net, "data", data), _input(real_trt, net, "index", index),
+                            _input(real_trt, net, "updates", updates), real_trt.ScatterMode.ND)
+    _out(net, layer)
+    (y,) = _run(net, data, index, updates)
+    want = data.clone()
+    want[3, 1], want[0, 2] = updates[0], updates[1]
+    assert torch.equal(y, want)
+    with pytest.raises(ValueError, match="writes one slice twice"):
+        _run(net, data, torch.tensor([[3, 1], [3, 1]], dtype=torch.int32), updates)
+
+
+def test_non_zero_gives_coordinates_rank_by_count(real_trt, net):
+    x = torch.tensor([[0.0, 1.5, 0.0], [2.0, 0.0, -1.0]])
+    _out(net, net.add_non_zero(_input(real_trt, net, "x", x)))
+    (y,) = _run(net, x)
+    assert y.dtype == torch.int32 and y.tolist() == [[0, 1, 1], [1, 0, 2]]
+
+
+@pytest.mark.parametrize("batch", [0, 1])
+def test_gather_nd_reads_coordinates(real_trt, net, batch):
+    data = torch.randn(2, 3, 4)
+    index = torch.tensor([[[1, 3], [0, 0], [2, 1]], [[0, 2], [2, 3], [1, 1]]], dtype=torch.int32)
+    if not batch:
+        index = torch.tensor([[1, 2, 3], [0, 0, 1]], dtype=torch.int32)
+    layer = net.add_gather_v2(_input(real_trt, net, "data", data), _input(real_trt, net, "index", index),
+                              real_trt.GatherMode.ND)
+    layer.num_elementwise_dims = batch
+    _out(net, layer)
+    (y,) = _run(net, data, index)
+    if batch:
+        want = torch.stack([data[b][index[b, :, 0].long(), index[b, :, 1].long()] for b in range(2)])
+    else:
+        want = data[index[:, 0].long(), index[:, 1].long(), index[:, 2].long()]
+    assert torch.equal(y, want)
+
+
+def test_slice_reflect_is_reflection_padding(real_trt, net):
+    """Torch-TensorRT's reflection_pad: a REFLECT slice starting before the input."""
+    x = torch.randn(1, 2, 5, 4)
+    layer = net.add_slice(_input(real_trt, net, "x", x), (0, 0, -3, -2), (1, 2, 11, 9), (1, 1, 1, 1))
+    layer.mode = real_trt.SampleMode.REFLECT
+    _out(net, layer)
+    (y,) = _run(net, x)
+    torch.testing.assert_close(y, F.pad(x, (2, 3, 3, 3), mode="reflect"), rtol=0, atol=0)
