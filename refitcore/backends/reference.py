@@ -419,7 +419,8 @@ def _fail(what: str) -> None:
 
 
 def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
-    """A tensor record; with ``dynamic`` (a plan with profiles) -1 marks a size known at run time."""
+    """A tensor record; with ``dynamic`` (a plan's inputs with profiles, any layer output) -1 marks
+    a size known only at run time."""
     if not isinstance(info, dict) or not isinstance(info.get("name"), str):
         _fail(f"{what} should be a tensor {{name, shape, dtype}}")
     shape = info.get("shape")
@@ -463,18 +464,19 @@ def check_plan(plan: Any) -> None:
                                                    and layer["attrs"]["op"] in ELEMENTWISE_OPS):
             _fail(f"{where}: unknown elementwise operation {str(layer['attrs'].get('op'))[:40]!r}")
         ins, outs = layer.get("inputs"), layer.get("outputs")
-        if not isinstance(ins, list) or not isinstance(outs, list) or not outs:
-            _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list")
+        if not isinstance(ins, list) or not isinstance(outs, list) or not (outs or layer["type"] == "TRIP_LIMIT"):
+            _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list (but for a trip limit)")
         for name in ins:
             if name is not None and not isinstance(name, str):
                 _fail(f"{where}: input {str(name)[:60]!r} should be a tensor name")
-        defined.update(_tensor(t, f"{where}: output", dynamic) for t in outs)
-    try:   # every input made by a layer (in any order: TensorRT's own), no cycle
-        execution_order(plan)
-    except ValueError as err:
+        # -1: a size known at run time (dynamic shapes, or data-dependent such as NON_ZERO's count)
+        defined.update(_tensor(t, f"{where}: output", True) for t in outs)
+    try:   # every input made by a layer (in any order: TensorRT's own), no cycle, well-formed loops
+        execution_units(plan)
+    except (ValueError, NotImplementedError) as err:
         _fail(str(err))
     for t in parts["outputs"]:
-        if _tensor(t, "output", dynamic) not in defined:
+        if _tensor(t, "output", True) not in defined:
             _fail(f"output {t['name'][:60]!r} is produced by no layer")
     layers = parts["layers"]
     for name, loc in plan["weight_locations"].items():

@@ -4,6 +4,7 @@ PyTorch (or with TensorRT's documented formula where PyTorch has no twin)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -27,7 +28,15 @@ def net(real_trt):
 
 
 def _run(network, *inputs):
-    return ReferenceEngine(read_network(network)).run(list(inputs))
+    """The network's outputs on the reference engine; the engine saved (through JSON) and loaded
+    again gives the same outputs."""
+    engine = ReferenceEngine(read_network(network))
+    outs = engine.run(list(inputs))
+    header, arrays = engine.serialize()
+    again = load_engine(json.loads(json.dumps(header)), arrays).run(list(inputs))
+    assert all(torch.equal(a, b) or (torch.isnan(a).any() and torch.allclose(a, b, equal_nan=True))
+               for a, b in zip(outs, again))
+    return outs
 
 
 def _input(trt, network, name, x):
@@ -463,3 +472,15 @@ def test_slice_reflect_is_reflection_padding(real_trt, net):
     _out(net, layer)
     (y,) = _run(net, x)
     torch.testing.assert_close(y, F.pad(x, (2, 3, 3, 3), mode="reflect"), rtol=0, atol=0)
+
+
+def test_a_saved_plan_with_a_loop_loads_and_a_malformed_one_is_refused(real_trt, net):
+    x = torch.randn(3, 2)
+    y = _running_sum(real_trt, net, x, 0)
+    header, arrays = ReferenceEngine(read_network(net)).serialize()
+    assert torch.equal(load_engine(copy.deepcopy(header), arrays).run([x])[0], y)
+    for layer in header["plan"]["layers"]:
+        if layer["type"] == "TRIP_LIMIT":
+            del layer["attrs"]["loop"]
+    with pytest.raises(ValueError, match=r"reference plan: layer \d+ \(.*\): a TRIP_LIMIT layer names no loop"):
+        load_engine(header, arrays)
