@@ -419,7 +419,10 @@ def parametric_relu(layer, ins, w):
 # CausalMaskKind: UPPER_LEFT lets query i attend key j <= i, LOWER_RIGHT j <= i + (s_kv - s_q);
 # a mask cannot be combined with causal. ``decomposable`` only allows TensorRT to run it as several
 # kernels: the result is the same. With fewer key/value heads than query heads (grouped-query
-# attention) query head i reads key/value head i // (d_q / d_kv).
+# attention) query head i reads key/value head i // (d_q / d_kv). The pages do not say what a query
+# row whose every key is masked gives: here 0, PyTorch's scaled_dot_product_attention convention
+# (softmax of only -inf would be NaN, which then spreads through every later layer of that batch
+# element, e.g. the padded rows of a left-padded decoder); a mask without normalization is refused.
 _ATTENTION_EXTRA_INPUTS = {4: "normalization quantize scale", 5: "query lengths", 6: "key/value lengths"}
 
 
@@ -465,12 +468,15 @@ def attention(layer, ins, w):
         offset = s_kv - s_q if causal == "LOWER_RIGHT" else 0
         mask = torch.ones(s_q, s_kv, dtype=torch.bool).tril(offset)
     if mask is not None:
+        if norm == "NONE":   # the pages define masking through the softmax only
+            raise NotImplementedError(f"layer {name!r}: a mask or causal mask without normalization")
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
             scores = scores + mask.to(scores.dtype)
     if norm == "SOFTMAX":
-        scores = torch.softmax(scores, dim=-1)
+        blocked = torch.isneginf(scores).all(-1, keepdim=True)
+        scores = torch.softmax(scores, dim=-1).masked_fill(blocked, 0.0)
     return [torch.matmul(scores, v)]
 
 

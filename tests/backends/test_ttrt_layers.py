@@ -484,3 +484,19 @@ def test_a_saved_plan_with_a_loop_loads_and_a_malformed_one_is_refused(real_trt,
             del layer["attrs"]["loop"]
     with pytest.raises(ValueError, match=r"reference plan: layer \d+ \(.*\): a TRIP_LIMIT layer names no loop"):
         load_engine(header, arrays)
+
+
+def test_attention_row_with_every_key_masked_gives_zero_as_pytorch(real_trt, net):
+    """Left padding masks every key of a padded query row: 0 (PyTorch's convention), not NaN."""
+    q, k, v = _qkv()
+    mask = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    mask[..., 0, :] = False
+    y = _attention(real_trt, net, q, k, v, mask=mask)
+    assert torch.equal(y[:, :, 0], torch.zeros_like(y[:, :, 0]))
+    torch.testing.assert_close(y, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0))
+
+
+def test_attention_mask_without_normalization_is_refused(real_trt, net):
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match="a mask or causal mask without normalization"):
+        _attention(real_trt, net, q, k, v, norm="NONE", causal="UPPER_LEFT")
