@@ -534,7 +534,10 @@ def gather(layer, ins, w):
     if batch:
         raise NotImplementedError(f"layer {name!r}: {mode} gather with num_elementwise_dims")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= data.shape[axis]):
-        raise ValueError(f"layer {name!r}: gather index out of range [0, {data.shape[axis]})")
+        # TensorRT's Gather operator page: every index in [0, input_dimensions[axis])
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise ValueError(f"layer {name!r}: gather index {bad} out of range [0, {data.shape[axis]}) "
+                         f"(TensorRT documents no negative indices: a converter must make them non-negative)")
     if mode == "ELEMENT":
         if idx.dim() != data.dim():
             raise ValueError(f"layer {name!r}: ELEMENT gather needs indices of the data's rank")

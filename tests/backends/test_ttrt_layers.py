@@ -500,3 +500,12 @@ def test_attention_mask_without_normalization_is_refused(real_trt, net):
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="a mask or causal mask without normalization"):
         _attention(real_trt, net, q, k, v, norm="NONE", causal="UPPER_LEFT")
+
+
+def test_a_negative_gather_index_is_refused_naming_it(real_trt, net):
+    """TensorRT's Gather page allows indices in [0, d) only (Torch-TensorRT's select of index -1,
+    e.g. an RNN's last step, emits one)."""
+    x = torch.randn(2, 5)
+    _out(net, net.add_gather(_input(real_trt, net, "x", x), _int_constant(net, -1, np.int32), 1))
+    with pytest.raises(ValueError, match=r"gather index -1 out of range \[0, 5\)"):
+        _run(net, x)
