@@ -184,6 +184,30 @@ class ComplexMul(nn.Module):
         return torch.view_as_real(z * self.w)
 
 
+class EmbeddingBag(nn.Module):
+    """nn.EmbeddingBag (mean) with constant offsets."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(20, 6, mode="mean")
+        self.register_buffer("offsets", torch.tensor([0, 3]))
+
+    def forward(self, ids):
+        return self.bag(ids.reshape(-1), self.offsets)
+
+
+class RMSNormMLP(nn.Module):
+    """Linear, RMSNorm (an LLM's normalization), SiLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.norm = nn.RMSNorm(8, eps=1e-6)
+
+    def forward(self, x):
+        return F.silu(self.norm(self.fc(x)))
+
+
 def _tiny_bert() -> nn.Module:
     from transformers import BertConfig, BertModel
 
@@ -231,6 +255,8 @@ MODELS: dict[str, tuple[Factory, Inputs]] = {
     "embedding": (lambda: Seq(nn.Embedding(20, 6)), _ids()),
     "embedding_layernorm_mlp": (_embed_mlp, _ids()),
     "prelu": (lambda: Seq(nn.Conv2d(3, 4, 1), nn.PReLU(4)), _image(size=6)),
+    "embedding_bag": (lambda: EmbeddingBag().eval(), _ids(seq=6)),
+    "rms_norm": (lambda: RMSNormMLP().eval(), lambda: (torch.randn(2, 3, 8),)),
     "sdpa": (lambda: SDPA().eval(), lambda: (torch.randn(1, 5, 8),)),
     "sdpa_causal": (lambda: SDPA(causal=True).eval(), lambda: (torch.randn(1, 5, 8),)),
     "buffer_elementwise": (lambda: BufferElementwise().eval(), _image(size=5)),
@@ -265,6 +291,7 @@ FAMILIES: dict[str, str] = {
     "batch_norm": "batch_norm", "batch_norm_1d": "batch_norm", "layer_norm": "layer_norm",
     "native_layer_norm": "native_layer_norm", "group_norm": "group_norm", "instance_norm": "instance_norm",
     "embedding": "embedding", "embedding_layernorm_mlp": "embedding", "prelu": "prelu",
+    "embedding_bag": "embedding_bag", "rms_norm": "rms_norm",
     "sdpa": "scaled_dot_product_attention", "sdpa_causal": "scaled_dot_product_attention",
     "buffer_elementwise": "constants used elementwise", "cumsum": "cumsum",
     "complex_buffer": "complex buffers", "complex_mul": "complex buffers",
