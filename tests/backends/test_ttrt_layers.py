@@ -509,3 +509,18 @@ def test_a_negative_gather_index_is_refused_naming_it(real_trt, net):
     _out(net, net.add_gather(_input(real_trt, net, "x", x), _int_constant(net, -1, np.int32), 1))
     with pytest.raises(ValueError, match=r"gather index -1 out of range \[0, 5\)"):
         _run(net, x)
+
+
+def test_nested_loops_are_refused_naming_both(real_trt, net):
+    x = torch.randn(2, 3, 4)
+    x_in = _input(real_trt, net, "x", x)
+    outer, inner = net.add_loop(), net.add_loop()
+    outer.name, inner.name = "outer", "inner"
+    outer.add_trip_limit(_int_constant(net, 2, np.int32), real_trt.TripLimit.COUNT)
+    rows = outer.add_iterator(x_in, 0, False).get_output(0)          # [3, 4] per outer step
+    inner.add_trip_limit(_int_constant(net, 3, np.int32), real_trt.TripLimit.COUNT)
+    item = inner.add_iterator(rows, 0, False)                          # [4] per inner step
+    inner_out = inner.add_loop_output(item.get_output(0), real_trt.LoopOutput.LAST_VALUE)
+    _out(net, outer.add_loop_output(inner_out.get_output(0), real_trt.LoopOutput.LAST_VALUE))
+    with pytest.raises(NotImplementedError, match=r"is in loops '(inner|outer)' and '(inner|outer)': nested loops"):
+        _run(net, x)
