@@ -348,7 +348,8 @@ def concatenation(layer, ins, w):
 
 @op("SLICE")
 def slice_(layer, ins, w):
-    """ISliceLayer with static start/shape/stride. Sample modes: STRICT_BOUNDS (out of range is an
+    """ISliceLayer with static or shape-tensor start/shape/stride, optionally for some ``axes``
+    only. Sample modes: STRICT_BOUNDS (out of range is an
     error), WRAP (coordinates wrap modulo the axis), CLAMP (to the nearest edge), FILL (out of range
     reads the fill value, input 4, or 0), REFLECT (reflected at the middle of the edge pixels,
     repeatedly: TensorRT's Slice operator page; reflection padding)."""
@@ -362,6 +363,17 @@ def slice_(layer, ins, w):
     if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL", "REFLECT"):
         raise NotImplementedError(f"layer {layer['name']!r}: slice mode {mode}")
     x = ins[0]
+    # axes (static, or input 5): start/size/stride apply to these axes only, the others are whole
+    axes = [int(v) for v in ins[5].reshape(-1).tolist()] if len(ins) > 5 and ins[5] is not None else a.get("axes")
+    if axes is not None:
+        if len(axes) != len(start) or any(not -x.dim() <= d < x.dim() for d in axes):
+            raise ValueError(f"layer {layer['name']!r}: slice axes {axes} for {len(start)} starts of a "
+                             f"rank-{x.dim()} input")
+        full = [[0] * x.dim(), list(x.shape), [1] * x.dim()]
+        for j, d in enumerate(axes):
+            for k, values in enumerate((start, size, stride)):
+                full[k][d % x.dim()] = values[j]
+        start, size, stride = full
     fill = ins[4] if len(ins) > 4 and ins[4] is not None else None
     if fill is not None and fill.numel() != 1:
         raise ValueError(f"layer {layer['name']!r}: the fill value must be a scalar")

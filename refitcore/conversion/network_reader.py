@@ -37,7 +37,7 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "REDUCE": ("IReduceLayer", ("op", "axes", "keep_dims"), {}),
     "NORMALIZATION": ("INormalizationLayer", ("axes", "epsilon", "num_groups"), {}),
     "CONCATENATION": ("IConcatenationLayer", ("axis",), {}),
-    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode"), {}),
+    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode", "axes"), {}),
     "SOFTMAX": ("ISoftMaxLayer", ("axes",), {}),
     "UNARY": ("IUnaryLayer", ("op",), {}),
     "IDENTITY": ("IIdentityLayer", (), {}),
@@ -75,8 +75,8 @@ LOOP_BOUNDARIES = ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT")
 _ATTRS_OF = {"ATTENTION_INPUT": "attention"}
 
 # attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a
-# fill's alpha and beta by its inputs 1 and 2
-_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2}
+# fill's alpha and beta by its inputs 1 and 2, a slice's axes by its input 5
+_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2, "axes": 5}
 WEIGHT_ROLES = {t: tuple(roles) for t, (_, _, roles) in _LAYERS.items() if roles}
 SHAPE_DTYPES = ("INT64", "INT32")
 

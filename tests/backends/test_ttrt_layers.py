@@ -524,3 +524,17 @@ def test_nested_loops_are_refused_naming_both(real_trt, net):
     _out(net, outer.add_loop_output(inner_out.get_output(0), real_trt.LoopOutput.LAST_VALUE))
     with pytest.raises(NotImplementedError, match=r"is in loops '(inner|outer)' and '(inner|outer)': nested loops"):
         _run(net, x)
+
+
+@pytest.mark.parametrize("as_input", [False, True])
+def test_slice_of_some_axes_only(real_trt, net, as_input):
+    """ISliceLayer.axes (or input 5): start/size/stride apply to those axes, the others stay whole."""
+    x = torch.randn(2, 5, 6)
+    layer = net.add_slice(_input(real_trt, net, "x", x), (1,), (3,), (2,))
+    if as_input:
+        layer.set_input(5, _int_constant(net, [2], np.int32))
+    else:
+        layer.axes = (-1,)
+    _out(net, layer)
+    (y,) = _run(net, x)
+    assert torch.equal(y, x[:, :, 1:6:2])
