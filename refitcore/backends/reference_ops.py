@@ -804,14 +804,14 @@ def cumulative(layer, ins, w):
 @op("TOPK")
 def topk(layer, ins, w):
     """ITopKLayer: the k largest (MAX, descending) or smallest (MIN, ascending) along the one axis
-    in ``axes``; indices int32."""
+    in ``axes``; indices of the layer's ``indices_type`` (int32 by default)."""
     a = layer["attrs"]
     x = ins[0]
     axes = _mask_axes(a["axes"], x.dim())
     if len(axes) != 1:
         raise ValueError(f"layer {layer['name']!r}: top-k needs exactly one axis")
     values, indices = torch.topk(x, int(a["k"]), dim=axes[0], largest=a["op"] == "MAX", sorted=True)
-    return [values, indices.to(torch.int32)]
+    return [values, indices.to(_DTYPES[layer["outputs"][1]["dtype"]])]   # indices_type: INT32 or INT64
 
 
 def _loop_boundary(layer, ins, w):

@@ -538,3 +538,16 @@ def test_slice_of_some_axes_only(real_trt, net, as_input):
     _out(net, layer)
     (y,) = _run(net, x)
     assert torch.equal(y, x[:, :, 1:6:2])
+
+
+def test_topk_indices_of_the_layers_index_type(real_trt, net):
+    x = torch.randn(3, 6)
+    layer = net.add_topk(_input(real_trt, net, "x", x), real_trt.TopKOperation.MAX, 2, 1 << 1)
+    layer.indices_type = real_trt.int64
+    layer.get_output(0).name, layer.get_output(1).name = "values", "indices"
+    net.mark_output(layer.get_output(0))
+    net.mark_output(layer.get_output(1))
+    values, indices = _run(net, x)
+    want = torch.topk(x, 2, dim=1)
+    assert torch.equal(values, want.values) and indices.dtype == torch.int64
+    assert torch.equal(indices, want.indices)
