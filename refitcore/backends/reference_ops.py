@@ -27,12 +27,21 @@ def _mask_axes(mask: int, rank: int) -> list[int]:
     return [d for d in range(rank) if mask >> d & 1]
 
 
+def _kernel_and_bias(ins, w) -> tuple:
+    """A (de)convolution's kernel and bias: the layer's weights, or tensors set as its inputs 1
+    and 2 (Torch-TensorRT does so when they are computed in the network, e.g. a weight norm)."""
+    kernel = ins[1] if len(ins) > 1 and ins[1] is not None else w["KERNEL"]
+    bias = ins[2] if len(ins) > 2 and ins[2] is not None else w.get("BIAS")
+    return kernel, None if bias is None else bias.reshape(-1)
+
+
 @op("CONVOLUTION")
 def convolution(layer, ins, w):
     x = ins[0]
     a = layer["attrs"]
     n = len(a["kernel_size_nd"])
-    kernel = w["KERNEL"].reshape(int(a["num_output_maps"]), x.shape[1] // int(a["num_groups"]), *a["kernel_size_nd"])
+    kernel, bias = _kernel_and_bias(ins, w)
+    kernel = kernel.reshape(int(a["num_output_maps"]), x.shape[1] // int(a["num_groups"]), *a["kernel_size_nd"])
     pre, post = a.get("pre_padding") or a["padding_nd"], a.get("post_padding") or a["padding_nd"]
     if list(pre) != list(post):
         pad = []
@@ -41,7 +50,7 @@ def convolution(layer, ins, w):
         x = F.pad(x, pad)
         pre = [0] * n
     fn = F.conv2d if n == 2 else F.conv3d
-    return [fn(x, kernel, w.get("BIAS"), stride=a["stride_nd"], padding=list(pre), dilation=a["dilation_nd"],
+    return [fn(x, kernel, bias, stride=a["stride_nd"], padding=list(pre), dilation=a["dilation_nd"],
                groups=int(a["num_groups"]))]
 
 
@@ -56,7 +65,8 @@ def deconvolution(layer, ins, w):
     n = len(a["kernel_size_nd"])
     groups = int(a["num_groups"])
     out_maps = int(a["num_output_maps"])
-    kernel = w["KERNEL"].reshape(x.shape[1], out_maps // groups, *a["kernel_size_nd"])
+    kernel, bias = _kernel_and_bias(ins, w)
+    kernel = kernel.reshape(x.shape[1], out_maps // groups, *a["kernel_size_nd"])
     pre, post = list(a.get("pre_padding") or a["padding_nd"]), list(a.get("post_padding") or a["padding_nd"])
     fn = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
     y = fn(x, kernel, None, stride=a["stride_nd"], dilation=a["dilation_nd"], groups=groups)
@@ -68,7 +78,6 @@ def deconvolution(layer, ins, w):
             y = torch.cat([y, torch.zeros(shape, dtype=y.dtype)], dim=axis)
         length = y.shape[axis] - pre[d] - max(post[d], 0)
         y = y.narrow(axis, pre[d], length)
-    bias = w.get("BIAS")
     return [y if bias is None else y + bias.reshape(1, -1, *([1] * n))]
 
 

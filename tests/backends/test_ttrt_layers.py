@@ -551,3 +551,19 @@ def test_topk_indices_of_the_layers_index_type(real_trt, net):
     want = torch.topk(x, 2, dim=1)
     assert torch.equal(values, want.values) and indices.dtype == torch.int64
     assert torch.equal(indices, want.indices)
+
+
+@pytest.mark.parametrize("kind", ["convolution", "deconvolution"])
+def test_convolution_kernel_and_bias_given_as_tensors(real_trt, net, kind):
+    """Torch-TensorRT sets a computed kernel and bias as a (de)convolution's inputs 1 and 2."""
+    x = torch.randn(1, 3, 5, 5)
+    shape = (4, 3, 3, 3) if kind == "convolution" else (3, 4, 3, 3)
+    kernel, bias = torch.randn(shape), torch.randn(4)
+    add = net.add_convolution_nd if kind == "convolution" else net.add_deconvolution_nd
+    layer = add(_input(real_trt, net, "x", x), 4, (3, 3), real_trt.Weights(), real_trt.Weights())
+    layer.set_input(1, _input(real_trt, net, "kernel", kernel))
+    layer.set_input(2, _input(real_trt, net, "bias", bias))
+    _out(net, layer)
+    (y,) = _run(net, x, kernel, bias)
+    fn = F.conv2d if kind == "convolution" else F.conv_transpose2d
+    torch.testing.assert_close(y, fn(x, kernel, bias))
