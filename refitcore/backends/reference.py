@@ -114,6 +114,7 @@ def execution_units(plan: dict) -> list[int | Loop]:
     member = _loops(layers, consumers)
     unit = {i: min(j for j in member if member[j] == member[i]) if i in member else i for i in range(len(layers))}
     needs: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # layer -> layers it reads
+    later: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # read for the next iteration
     for i, layer in enumerate(layers):
         for k, name in enumerate(layer["inputs"]):
             if name is None or (name in inputs and name not in producer):
@@ -121,13 +122,12 @@ def execution_units(plan: dict) -> list[int | Loop]:
             if name not in producer:
                 raise ValueError(f"layer {i} ({layer['name'][:60]!r}): input {str(name)[:60]!r} is produced by "
                                  f"no layer and is no network input")
-            if not (layer["type"] == "RECURRENCE" and k == 1):
-                needs[i].add(producer[name])
+            (later if layer["type"] == "RECURRENCE" and k == 1 else needs)[i].add(producer[name])
     label = lambda i: repr(layers[i]["name"][:60])  # noqa: E731
     groups: dict[int, list[int]] = {}
     for i in range(len(layers)):
         groups.setdefault(unit[i], []).append(i)
-    unit_needs = {u: {unit[d] for i in group for d in needs[i]} - {u} for u, group in groups.items()}
+    unit_needs = {u: {unit[d] for i in group for d in needs[i] | later[i]} - {u} for u, group in groups.items()}
     out: list[int | Loop] = []
     for u in _sorted(list(groups), unit_needs, lambda u: label(u) if u not in member else f"loop {member[u]!r}"):
         if u not in member:

@@ -567,3 +567,21 @@ def test_convolution_kernel_and_bias_given_as_tensors(real_trt, net, kind):
     (y,) = _run(net, x, kernel, bias)
     fn = F.conv2d if kind == "convolution" else F.conv_transpose2d
     torch.testing.assert_close(y, fn(x, kernel, bias))
+
+
+def test_a_recurrence_whose_next_value_comes_from_outside_the_loop(real_trt, net):
+    """The first iteration reads input 0, every later one the loop-invariant input 1 (made by a
+    layer added after the loop): the loop runs after that layer."""
+    x, z = torch.randn(3, 2), torch.randn(2)
+    x_in, z_in = _input(real_trt, net, "x", x), _input(real_trt, net, "z", z)
+    loop = net.add_loop()
+    loop.add_trip_limit(_int_constant(net, 3, np.int32), real_trt.TripLimit.COUNT)
+    item = loop.add_iterator(x_in, 0, False)
+    state = loop.add_recurrence(z_in)
+    total = net.add_elementwise(item.get_output(0), state.get_output(0), real_trt.ElementWiseOperation.SUM)
+    out = loop.add_loop_output(total.get_output(0), real_trt.LoopOutput.CONCATENATE, 0)
+    out.set_input(1, _int_constant(net, 3, np.int32))
+    state.set_input(1, net.add_unary(z_in, real_trt.UnaryOperation.NEG).get_output(0))
+    _out(net, out)
+    (y,) = _run(net, x, z)
+    torch.testing.assert_close(y, torch.stack([x[0] + z, x[1] - z, x[2] - z]))
