@@ -112,7 +112,10 @@ def execution_units(plan: dict) -> list[int | Loop]:
             if name is not None:
                 consumers.setdefault(name, []).append(i)
     member = _loops(layers, consumers)
-    unit = {i: min(j for j in member if member[j] == member[i]) if i in member else i for i in range(len(layers))}
+    first: dict[str, int] = {}   # a loop is one unit, numbered by its first layer
+    for i in sorted(member):
+        first.setdefault(member[i], i)
+    unit = {i: first[member[i]] if i in member else i for i in range(len(layers))}
     needs: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # layer -> layers it reads
     later: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # read for the next iteration
     for i, layer in enumerate(layers):
