@@ -3,7 +3,9 @@ Refitter's contract. It proves the network and the weight mapping right without 
 not exercise TensorRT's kernels."""
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,10 +15,11 @@ from refitcore import dtypes
 from refitcore.backends.base import HostWeights, WeightsPrototype, staged
 from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer
 from refitcore.capture.shapes import ShapeProfiles
-from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
+from refitcore.conversion.network_reader import LOOP_BOUNDARIES, WEIGHT_ROLES, read_network
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE"]
+__all__ = ["NAME", "ReferenceEngine", "ReferenceRefitter", "build", "usable", "load_engine", "NOTE",
+           "execution_order", "execution_units", "Loop"]
 
 NAME = "reference"
 NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks the network and the "
@@ -25,6 +28,127 @@ NOTE = ("reference backend: a CPU interpreter of the TensorRT network; it checks
 
 def usable() -> tuple[bool, str]:
     return True, "always available (CPU)"
+
+
+@dataclass(frozen=True)
+class Loop:
+    """A TensorRT loop in a plan: its boundary layers and the body between them (the layers that
+    depend on its iterators and recurrences), in the order one iteration runs them."""
+
+    name: str
+    layers: tuple[int, ...]
+
+
+def _sorted(nodes: list[int], needs: dict[int, set[int]], label) -> list[int]:
+    """``nodes`` in dependency order (``needs[n]``: the nodes ``n`` reads), smallest first where
+    free; ``ValueError`` naming (by ``label``) the nodes of a cycle."""
+    users: dict[int, list[int]] = {n: [] for n in nodes}
+    for n in nodes:
+        for d in needs[n]:
+            users[d].append(n)
+    waiting = {n: len(needs[n]) for n in nodes}
+    ready = [n for n in nodes if not waiting[n]]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        n = heapq.heappop(ready)
+        order.append(n)
+        for u in users[n]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready, u)
+    if len(order) < len(nodes):   # a cycle: walk back along the inputs of a node that never ran
+        left = {n for n in nodes if waiting[n]}
+        path = [min(left)]
+        while True:
+            nxt = min(d for d in needs[path[-1]] if d in left)
+            if nxt in path:
+                cycle = path[path.index(nxt):] + [nxt]
+                break
+            path.append(nxt)
+        names = " <- ".join(label(n) for n in cycle)
+        raise ValueError(f"the layers form a cycle (each reads the output of the next): {names}; "
+                         f"a TensorRT network must be acyclic (but for a loop's recurrences)")
+    return order
+
+
+def _loops(layers: list[dict], consumers: dict[str, list[int]]) -> dict[int, str]:
+    """Layer index -> name of the loop it belongs to: the loop's boundary layers, and the layers
+    reached from its iterators' and recurrences' outputs up to its loop outputs."""
+    member: dict[int, str] = {}
+    for i, layer in enumerate(layers):
+        if layer["type"] in LOOP_BOUNDARIES:
+            loop = layer["attrs"].get("loop")
+            if not isinstance(loop, str):
+                raise ValueError(f"layer {i} ({layer['name'][:60]!r}): a {layer['type']} layer names no loop")
+            member[i] = loop
+    for i in [i for i in member if layers[i]["type"] in ("ITERATOR", "RECURRENCE")]:
+        loop, todo = member[i], [i]
+        while todo:
+            for t in layers[todo.pop()]["outputs"]:
+                for u in consumers.get(t["name"], ()):
+                    if member.get(u, loop) != loop:
+                        raise NotImplementedError(
+                            f"layer {layers[u]['name'][:60]!r} is in loops {member[u]!r} and {loop!r}: nested "
+                            f"loops are not interpreted")
+                    if u not in member:
+                        member[u] = loop
+                        todo.append(u)
+    return member
+
+
+def execution_units(plan: dict) -> list[int | Loop]:
+    """The plan's layers (indices) and loops in an order where each runs after what makes its
+    inputs (TensorRT lets a layer read a tensor made by a layer added after it, e.g. a shuffle's
+    shape input), in index order wherever that is free; a recurrence's second input (the next
+    iteration's value) is the one back edge allowed. ``ValueError`` naming the layer and tensor
+    when an input is made by no layer and is no network input, or naming the layers of a cycle."""
+    layers = plan["layers"]
+    producer = {t["name"]: i for i, layer in enumerate(layers) for t in layer["outputs"]}
+    inputs = {t["name"] for t in plan["inputs"]}
+    consumers: dict[str, list[int]] = {}
+    for i, layer in enumerate(layers):
+        for name in layer["inputs"]:
+            if name is not None:
+                consumers.setdefault(name, []).append(i)
+    member = _loops(layers, consumers)
+    first: dict[str, int] = {}   # a loop is one unit, numbered by its first layer
+    for i in sorted(member):
+        first.setdefault(member[i], i)
+    unit = {i: first[member[i]] if i in member else i for i in range(len(layers))}
+    needs: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # layer -> layers it reads
+    later: dict[int, set[int]] = {i: set() for i in range(len(layers))}   # read for the next iteration
+    for i, layer in enumerate(layers):
+        for k, name in enumerate(layer["inputs"]):
+            if name is None or (name in inputs and name not in producer):
+                continue
+            if name not in producer:
+                raise ValueError(f"layer {i} ({layer['name'][:60]!r}): input {str(name)[:60]!r} is produced by "
+                                 f"no layer and is no network input")
+            (later if layer["type"] == "RECURRENCE" and k == 1 else needs)[i].add(producer[name])
+    label = lambda i: repr(layers[i]["name"][:60])  # noqa: E731
+    groups: dict[int, list[int]] = {}
+    for i in range(len(layers)):
+        groups.setdefault(unit[i], []).append(i)
+    unit_needs = {u: {unit[d] for i in group for d in needs[i] | later[i]} - {u} for u, group in groups.items()}
+    out: list[int | Loop] = []
+    for u in _sorted(list(groups), unit_needs, lambda u: label(u) if u not in member else f"loop {member[u]!r}"):
+        if u not in member:
+            out.append(u)
+            continue
+        group = set(groups[u])
+        body = _sorted(groups[u], {i: needs[i] & group for i in group}, label)
+        trips = [i for i in body if layers[i]["type"] == "TRIP_LIMIT"]
+        if len(trips) != 1:
+            raise ValueError(f"loop {member[u]!r} has {len(trips)} trip limits (a loop has one; two loops of one "
+                             f"name are one loop here)")
+        out.append(Loop(member[u], tuple(body)))
+    return out
+
+
+def execution_order(plan: dict) -> list[int]:
+    """The layer indices of :func:`execution_units`, a loop's layers in their per-iteration order."""
+    return [i for u in execution_units(plan) for i in ((u,) if isinstance(u, int) else u.layers)]
 
 
 class ReferenceEngine(HostWeights):
@@ -61,6 +185,7 @@ class ReferenceEngine(HostWeights):
             raise ValueError(f"weights missing for {missing[:5]}")
         self._weights: dict[str, np.ndarray] = {k: np.asarray(weights[k]) for k in self._locations}
         self._profiles = ShapeProfiles.from_json(plan["profiles"]) if plan.get("profiles") else None
+        self._units = execution_units(plan)
         self._layer_weights: dict[int, dict[str, str]] = {}
         for name, (i, role) in self._locations.items():
             self._layer_weights.setdefault(i, {})[role] = name
@@ -116,20 +241,84 @@ class ReferenceEngine(HostWeights):
                 raise TypeError(f"input {spec['name']!r}: expected dtype {want}, got {x.dtype}")
             env[spec["name"]] = x.detach().to("cpu")
         with torch.no_grad():
-            for i, layer in enumerate(self.plan["layers"]):
-                ins = [None if n is None else env[n] for n in layer["inputs"]]
-                w = {role: torch.from_numpy(np.asarray(self._weights[name]))
-                     for role, name in self._layer_weights.get(i, {}).items()}
-                outs = run_layer(layer, ins, w)
-                for spec, value in zip(layer["outputs"], outs):
-                    # TensorRT writes -1 for a size known only at run time: check the known ones.
-                    if value.dim() != len(spec["shape"]) or any(
-                            s >= 0 and s != v for s, v in zip(spec["shape"], value.shape)):
-                        raise RuntimeError(
-                            f"reference backend: layer {layer['name']!r} produced shape {list(value.shape)} "
-                            f"where TensorRT inferred {spec['shape']}")
-                    env[spec["name"]] = value
+            for unit in self._units:
+                if isinstance(unit, Loop):
+                    self._run_loop(unit, env)
+                else:
+                    self._run_layer(unit, env)
         return [env[t["name"]] for t in self.plan["outputs"]]
+
+    def _store(self, layer: dict, outs: Sequence[torch.Tensor], env: dict[str, torch.Tensor]) -> None:
+        for spec, value in zip(layer["outputs"], outs):
+            # TensorRT writes -1 for a size known only at run time: check the known ones.
+            if value.dim() != len(spec["shape"]) or any(
+                    s >= 0 and s != v for s, v in zip(spec["shape"], value.shape)):
+                raise RuntimeError(
+                    f"reference backend: layer {layer['name']!r} produced shape {list(value.shape)} "
+                    f"where TensorRT inferred {spec['shape']}")
+            env[spec["name"]] = value
+
+    def _run_layer(self, i: int, env: dict[str, torch.Tensor]) -> None:
+        layer = self.plan["layers"][i]
+        ins = [None if n is None else env[n] for n in layer["inputs"]]
+        w = {role: torch.from_numpy(np.asarray(self._weights[name]))
+             for role, name in self._layer_weights.get(i, {}).items()}
+        self._store(layer, run_layer(layer, ins, w), env)
+
+    def _run_loop(self, loop: Loop, env: dict[str, torch.Tensor]) -> None:
+        """A TensorRT loop (ILoop): the trip limit (COUNT: a 0-d count read before the loop) sets
+        the number of iterations; each iteration an ITERATOR gives the next slice of its input
+        along its axis (from the end when ``reverse``), a RECURRENCE its input 0 in the first
+        iteration and afterwards the value its input 1 had at the end of the previous one, and the
+        body layers run; a LOOP_OUTPUT gives the last value of its input (LAST_VALUE) or all of
+        them stacked along a new ``axis`` (CONCATENATE; REVERSE: last first), whose length (input
+        1) must be the number of iterations."""
+        layers = self.plan["layers"]
+        name = loop.name
+        (trip,) = (layers[i] for i in loop.layers if layers[i]["type"] == "TRIP_LIMIT")
+        if trip["attrs"].get("kind", "COUNT") != "COUNT":
+            raise NotImplementedError(f"loop {name!r}: trip limit {trip['attrs']['kind']} (only COUNT is interpreted)")
+        count = env[trip["inputs"][0]]
+        if count.dim() != 0 or count.is_floating_point():
+            raise ValueError(f"loop {name!r}: the trip count must be a 0-d integer tensor, got {list(count.shape)} "
+                             f"{count.dtype}")
+        trips = int(count)
+        recurrences = [i for i in loop.layers if layers[i]["type"] == "RECURRENCE"]
+        current = {i: env[layers[i]["inputs"][0]] for i in recurrences}
+        collected: dict[int, list[torch.Tensor]] = {i: [] for i in loop.layers if layers[i]["type"] == "LOOP_OUTPUT"}
+        for step in range(trips):
+            for i in loop.layers:
+                layer = layers[i]
+                kind = layer["type"]
+                if kind == "ITERATOR":
+                    x, axis = env[layer["inputs"][0]], int(layer["attrs"]["axis"])
+                    if x.shape[axis] < trips:
+                        raise ValueError(f"loop {name!r}: iterator {layer['name']!r} over {x.shape[axis]} slices "
+                                         f"in a loop of {trips} iterations")
+                    index = x.shape[axis] - 1 - step if layer["attrs"].get("reverse") else step
+                    self._store(layer, [x.select(axis, index)], env)
+                elif kind == "RECURRENCE":
+                    self._store(layer, [current[i]], env)
+                elif kind == "LOOP_OUTPUT":
+                    collected[i].append(env[layer["inputs"][0]])
+                elif kind != "TRIP_LIMIT":
+                    self._run_layer(i, env)
+            current = {i: env[layers[i]["inputs"][1]] for i in recurrences}
+        for i, values in collected.items():
+            layer = layers[i]
+            kind, axis = layer["attrs"].get("kind", "LAST_VALUE"), int(layer["attrs"].get("axis", 0))
+            if not values:
+                raise ValueError(f"loop {name!r}: output {layer['name']!r} of a loop that ran no iteration")
+            if kind == "LAST_VALUE":
+                self._store(layer, [values[-1]], env)
+                continue
+            if kind not in ("CONCATENATE", "REVERSE"):
+                raise NotImplementedError(f"loop {name!r}: loop output kind {kind}")
+            length = env[layer["inputs"][1]] if len(layer["inputs"]) > 1 and layer["inputs"][1] else None
+            if length is None or int(length) != trips:
+                raise ValueError(f"loop {name!r}: {kind} output {layer['name']!r} of length "
+                                 f"{None if length is None else int(length)} from {trips} iterations")
+            self._store(layer, [torch.stack(values[::-1] if kind == "REVERSE" else values, dim=axis)], env)
 
     # ---- refit -----------------------------------------------------------------
     def create_refitter(self, *, adopt: bool = False) -> ReferenceRefitter:
@@ -233,7 +422,8 @@ def _fail(what: str) -> None:
 
 
 def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
-    """A tensor record; with ``dynamic`` (a plan with profiles) -1 marks a size known at run time."""
+    """A tensor record; with ``dynamic`` (a plan's inputs with profiles, any layer output) -1 marks
+    a size known only at run time."""
     if not isinstance(info, dict) or not isinstance(info.get("name"), str):
         _fail(f"{what} should be a tensor {{name, shape, dtype}}")
     shape = info.get("shape")
@@ -250,7 +440,8 @@ def _tensor(info: Any, what: str, dynamic: bool = False) -> str:
 
 def check_plan(plan: Any) -> None:
     """Structure of a saved plan: tensors, layers of known types (and elementwise layers of known
-    operations) in an order where every input is defined before use, weight locations pointing at
+    operations) whose inputs are network inputs or outputs of layers, with no cycle (the
+    interpreter runs them in dependency order: :func:`execution_order`), weight locations pointing at
     layers with that role. (Other attribute values are read by the interpreter, which says which
     layer it cannot run.)"""
     if not isinstance(plan, dict):
@@ -276,14 +467,19 @@ def check_plan(plan: Any) -> None:
                                                    and layer["attrs"]["op"] in ELEMENTWISE_OPS):
             _fail(f"{where}: unknown elementwise operation {str(layer['attrs'].get('op'))[:40]!r}")
         ins, outs = layer.get("inputs"), layer.get("outputs")
-        if not isinstance(ins, list) or not isinstance(outs, list) or not outs:
-            _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list")
+        if not isinstance(ins, list) or not isinstance(outs, list) or not (outs or layer["type"] == "TRIP_LIMIT"):
+            _fail(f"{where}: 'inputs' should be a list and 'outputs' a non-empty list (but for a trip limit)")
         for name in ins:
-            if name is not None and (not isinstance(name, str) or name not in defined):
-                _fail(f"{where}: input {str(name)[:60]!r} is not defined before the layer")
-        defined.update(_tensor(t, f"{where}: output", dynamic) for t in outs)
+            if name is not None and not isinstance(name, str):
+                _fail(f"{where}: input {str(name)[:60]!r} should be a tensor name")
+        # -1: a size known at run time (dynamic shapes, or data-dependent such as NON_ZERO's count)
+        defined.update(_tensor(t, f"{where}: output", True) for t in outs)
+    try:   # every input made by a layer (in any order: TensorRT's own), no cycle, well-formed loops
+        execution_units(plan)
+    except (ValueError, NotImplementedError) as err:
+        _fail(str(err))
     for t in parts["outputs"]:
-        if _tensor(t, "output", dynamic) not in defined:
+        if _tensor(t, "output", True) not in defined:
             _fail(f"output {t['name'][:60]!r} is produced by no layer")
     layers = parts["layers"]
     for name, loc in plan["weight_locations"].items():

@@ -27,12 +27,21 @@ def _mask_axes(mask: int, rank: int) -> list[int]:
     return [d for d in range(rank) if mask >> d & 1]
 
 
+def _kernel_and_bias(ins, w) -> tuple:
+    """A (de)convolution's kernel and bias: the layer's weights, or tensors set as its inputs 1
+    and 2 (Torch-TensorRT does so when they are computed in the network, e.g. a weight norm)."""
+    kernel = ins[1] if len(ins) > 1 and ins[1] is not None else w["KERNEL"]
+    bias = ins[2] if len(ins) > 2 and ins[2] is not None else w.get("BIAS")
+    return kernel, None if bias is None else bias.reshape(-1)
+
+
 @op("CONVOLUTION")
 def convolution(layer, ins, w):
     x = ins[0]
     a = layer["attrs"]
     n = len(a["kernel_size_nd"])
-    kernel = w["KERNEL"].reshape(int(a["num_output_maps"]), x.shape[1] // int(a["num_groups"]), *a["kernel_size_nd"])
+    kernel, bias = _kernel_and_bias(ins, w)
+    kernel = kernel.reshape(int(a["num_output_maps"]), x.shape[1] // int(a["num_groups"]), *a["kernel_size_nd"])
     pre, post = a.get("pre_padding") or a["padding_nd"], a.get("post_padding") or a["padding_nd"]
     if list(pre) != list(post):
         pad = []
@@ -41,7 +50,7 @@ def convolution(layer, ins, w):
         x = F.pad(x, pad)
         pre = [0] * n
     fn = F.conv2d if n == 2 else F.conv3d
-    return [fn(x, kernel, w.get("BIAS"), stride=a["stride_nd"], padding=list(pre), dilation=a["dilation_nd"],
+    return [fn(x, kernel, bias, stride=a["stride_nd"], padding=list(pre), dilation=a["dilation_nd"],
                groups=int(a["num_groups"]))]
 
 
@@ -56,7 +65,8 @@ def deconvolution(layer, ins, w):
     n = len(a["kernel_size_nd"])
     groups = int(a["num_groups"])
     out_maps = int(a["num_output_maps"])
-    kernel = w["KERNEL"].reshape(x.shape[1], out_maps // groups, *a["kernel_size_nd"])
+    kernel, bias = _kernel_and_bias(ins, w)
+    kernel = kernel.reshape(x.shape[1], out_maps // groups, *a["kernel_size_nd"])
     pre, post = list(a.get("pre_padding") or a["padding_nd"]), list(a.get("post_padding") or a["padding_nd"])
     fn = {2: F.conv_transpose2d, 3: F.conv_transpose3d}[n]
     y = fn(x, kernel, None, stride=a["stride_nd"], dilation=a["dilation_nd"], groups=groups)
@@ -68,7 +78,6 @@ def deconvolution(layer, ins, w):
             y = torch.cat([y, torch.zeros(shape, dtype=y.dtype)], dim=axis)
         length = y.shape[axis] - pre[d] - max(post[d], 0)
         y = y.narrow(axis, pre[d], length)
-    bias = w.get("BIAS")
     return [y if bias is None else y + bias.reshape(1, -1, *([1] * n))]
 
 
@@ -194,7 +203,42 @@ def shuffle(layer, ins, w):
             dims = [x.shape[i] if d == 0 else d for i, d in enumerate(dims)]
         x = x.reshape(dims)
     second = a["second_transpose"][: x.dim()]
-    return [x.permute(*second)]
+    return [x.permute(list(second))]   # a list again: the reshape may give a 0-d tensor
+
+
+def _axes_input(layer, axes, rank: int, what: str) -> list[int]:
+    """The axes of an (un)squeeze layer (input 1, a 1-D shape tensor), made non-negative for a
+    tensor of ``rank``; an axis out of [-rank, rank) or given twice is an error, as in TensorRT."""
+    values = [int(v) for v in axes.reshape(-1).tolist()]
+    if any(not -rank <= v < rank for v in values):
+        raise ValueError(f"layer {layer['name']!r}: {what} axes {values} out of range for rank {rank}")
+    out = sorted(v % rank for v in values)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layer {layer['name']!r}: {what} axes {values} name an axis twice")
+    return out
+
+
+@op("UNSQUEEZE")
+def unsqueeze(layer, ins, w):
+    """IUnsqueezeLayer: a size-1 axis inserted at each of the axes (input 1), which index the
+    output (rank = input rank + number of axes; negative axes count from the output's end)."""
+    x, axes = ins
+    out_rank = x.dim() + axes.numel()
+    shape = list(x.shape)
+    for d in _axes_input(layer, axes, out_rank, "unsqueeze"):
+        shape.insert(d, 1)
+    return [x.reshape(shape)]
+
+
+@op("SQUEEZE")
+def squeeze(layer, ins, w):
+    """ISqueezeLayer: the axes (input 1, indexing the input) removed; each must have size 1."""
+    x, axes = ins
+    drop = _axes_input(layer, axes, x.dim(), "squeeze")
+    if any(x.shape[d] != 1 for d in drop):
+        raise ValueError(f"layer {layer['name']!r}: squeeze of axes {drop} of shape {list(x.shape)} "
+                         f"(each must have size 1)")
+    return [x.reshape([n for d, n in enumerate(x.shape) if d not in drop])]
 
 
 @op("MATRIX_MULTIPLY")
@@ -313,9 +357,11 @@ def concatenation(layer, ins, w):
 
 @op("SLICE")
 def slice_(layer, ins, w):
-    """ISliceLayer with static start/shape/stride. Sample modes: STRICT_BOUNDS (out of range is an
+    """ISliceLayer with static or shape-tensor start/shape/stride, optionally for some ``axes``
+    only. Sample modes: STRICT_BOUNDS (out of range is an
     error), WRAP (coordinates wrap modulo the axis), CLAMP (to the nearest edge), FILL (out of range
-    reads the fill value, input 4, or 0)."""
+    reads the fill value, input 4, or 0), REFLECT (reflected at the middle of the edge pixels,
+    repeatedly: TensorRT's Slice operator page; reflection padding)."""
     a = layer["attrs"]
     # start, size and stride may be shape tensors (inputs 1-3) instead of static attributes.
     start, size, stride = ([int(v) for v in t.reshape(-1).tolist()] if t is not None else a[k]
@@ -323,9 +369,20 @@ def slice_(layer, ins, w):
     mode = a.get("mode") or "STRICT_BOUNDS"
     if mode == "DEFAULT":
         mode = "STRICT_BOUNDS"
-    if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL"):
+    if mode not in ("STRICT_BOUNDS", "WRAP", "CLAMP", "FILL", "REFLECT"):
         raise NotImplementedError(f"layer {layer['name']!r}: slice mode {mode}")
     x = ins[0]
+    # axes (static, or input 5): start/size/stride apply to these axes only, the others are whole
+    axes = [int(v) for v in ins[5].reshape(-1).tolist()] if len(ins) > 5 and ins[5] is not None else a.get("axes")
+    if axes is not None:
+        if len(axes) != len(start) or any(not -x.dim() <= d < x.dim() for d in axes):
+            raise ValueError(f"layer {layer['name']!r}: slice axes {axes} for {len(start)} starts of a "
+                             f"rank-{x.dim()} input")
+        full = [[0] * x.dim(), list(x.shape), [1] * x.dim()]
+        for j, d in enumerate(axes):
+            for k, values in enumerate((start, size, stride)):
+                full[k][d % x.dim()] = values[j]
+        start, size, stride = full
     fill = ins[4] if len(ins) > 4 and ins[4] is not None else None
     if fill is not None and fill.numel() != 1:
         raise ValueError(f"layer {layer['name']!r}: the fill value must be a scalar")
@@ -340,6 +397,12 @@ def slice_(layer, ins, w):
             idx = idx % size
         elif mode == "CLAMP":
             idx = idx.clamp(0, size - 1)
+        elif mode == "REFLECT":   # c = |x| mod (2d - 2); 2d - 2 - c where c >= d (one pixel: repeated)
+            if size == 0 and n:
+                raise ValueError(f"layer {layer['name']!r}: REFLECT slice of an empty axis {d}")
+            period = max(2 * size - 2, 1)
+            c = idx.abs() % period
+            idx = torch.where(c >= size, period - c, c) if size > 1 else torch.zeros_like(idx)
         else:  # FILL
             value = 0.0 if fill is None else fill.reshape(()).to(x.dtype)
             shape = list(x.shape)
@@ -357,6 +420,91 @@ def softmax(layer, ins, w):
     if len(axes) != 1:
         raise ValueError(f"layer {layer['name']!r}: softmax needs exactly one axis")
     return [torch.softmax(ins[0], dim=axes[0])]
+
+
+@op("PARAMETRIC_RELU")
+def parametric_relu(layer, ins, w):
+    """IParametricReLULayer: x where x >= 0, slope * x elsewhere; the slope (input 1) broadcasts
+    against x as an elementwise operand does (equal ranks)."""
+    x, slope = ins
+    _check_broadcast(layer, [list(x.shape), list(slope.shape)])
+    return [torch.where(x >= 0, x, x * slope)]
+
+
+# TensorRT's Attention operator page (docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/
+# Attention.html) and the IAttention class reference: BMM1 = query x key^T (no scaling: a caller
+# scales the query itself), then the mask (bool: True attends; float: added to BMM1's output) or
+# the causal mask, then the normalization (SOFTMAX over the key/value sequence axis, or NONE), then
+# BMM2 with value. Shapes [b, d_q, s_q, h] for the query and output, [b, d_kv, s_kv, h] for key and
+# value (equal), the mask [a0, a1, s_q, s_kv] with a0, a1 broadcastable to b and the heads.
+# CausalMaskKind: UPPER_LEFT lets query i attend key j <= i, LOWER_RIGHT j <= i + (s_kv - s_q);
+# a mask cannot be combined with causal. ``decomposable`` only allows TensorRT to run it as several
+# kernels: the result is the same. With fewer key/value heads than query heads (grouped-query
+# attention) query head i reads key/value head i // (d_q / d_kv). The pages do not say what a query
+# row whose every key is masked gives: here 0, PyTorch's scaled_dot_product_attention convention
+# (softmax of only -inf would be NaN, which then spreads through every later layer of that batch
+# element, e.g. the padded rows of a left-padded decoder); a mask without normalization is refused.
+_ATTENTION_EXTRA_INPUTS = {4: "normalization quantize scale", 5: "query lengths", 6: "key/value lengths"}
+
+
+@op("ATTENTION_INPUT")
+def attention(layer, ins, w):
+    a = layer["attrs"]
+    name = layer["name"]
+    q, k, v = ins[:3]
+    mask = ins[3] if len(ins) > 3 else None
+    for i, what in _ATTENTION_EXTRA_INPUTS.items():
+        if len(ins) > i and ins[i] is not None:
+            raise NotImplementedError(f"layer {name!r}: attention with a {what} input")
+    if len(ins) > max(_ATTENTION_EXTRA_INPUTS) + 1:
+        raise NotImplementedError(f"layer {name!r}: attention with {len(ins)} inputs")
+    for key in ("query_form", "key_value_form"):
+        if (a.get(key) or "PADDED_BHND") != "PADDED_BHND":
+            raise NotImplementedError(f"layer {name!r}: attention {key} {a[key]} (only PADDED_BHND)")
+    if int(a.get("num_ranks") or 1) != 1:
+        raise NotImplementedError(f"layer {name!r}: multi-device attention (num_ranks={a['num_ranks']})")
+    norm, causal = a.get("norm_op") or "SOFTMAX", a.get("causal_kind") or "NONE"
+    if norm not in ("SOFTMAX", "NONE"):
+        raise NotImplementedError(f"layer {name!r}: attention normalization {norm}")
+    if causal not in ("NONE", "UPPER_LEFT", "LOWER_RIGHT"):
+        raise NotImplementedError(f"layer {name!r}: causal mask kind {causal}")
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"layer {name!r}: attention of query {list(q.shape)}, key {list(k.shape)}, "
+                         f"value {list(v.shape)}")
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_q % heads_kv:
+        raise ValueError(f"layer {name!r}: {heads_q} query heads do not group over {heads_kv} key/value heads")
+    if heads_kv != heads_q:
+        k, v = (t.repeat_interleave(heads_q // heads_kv, dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    s_q, s_kv = scores.shape[-2:]
+    if mask is not None:
+        if causal != "NONE":
+            raise ValueError(f"layer {name!r}: attention with both a mask and a causal mask")
+        if (mask.dim() != 4 or list(mask.shape[-2:]) != [s_q, s_kv]
+                or any(m not in (1, n) for m, n in zip(mask.shape[:2], scores.shape[:2]))):
+            raise ValueError(f"layer {name!r}: attention mask of shape {list(mask.shape)} for scores "
+                             f"{list(scores.shape)}")
+    elif causal != "NONE":
+        offset = s_kv - s_q if causal == "LOWER_RIGHT" else 0
+        mask = torch.ones(s_q, s_kv, dtype=torch.bool).tril(offset)
+    if mask is not None:
+        if norm == "NONE":   # the pages define masking through the softmax only
+            raise NotImplementedError(f"layer {name!r}: a mask or causal mask without normalization")
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(scores.dtype)
+    if norm == "SOFTMAX":
+        blocked = torch.isneginf(scores).all(-1, keepdim=True)
+        scores = torch.softmax(scores, dim=-1).masked_fill(blocked, 0.0)
+    return [torch.matmul(scores, v)]
+
+
+@op("ATTENTION_OUTPUT")
+def attention_output(layer, ins, w):
+    """The IAttention's output boundary: its ATTENTION_INPUT layer computed the attention."""
+    return [ins[0]]
 
 
 _UNARY: dict[str, Callable[..., torch.Tensor]] = {
@@ -390,26 +538,105 @@ def cast(layer, ins, w):
 @op("GATHER")
 def gather(layer, ins, w):
     """IGatherLayer: DEFAULT mode gives data.shape[:axis] + indices.shape + data.shape[axis+1:];
-    ELEMENT mode is torch.gather along ``axis`` (output shape = indices shape). Indices outside
-    [0, size) are an error here (the converters make negative indices non-negative)."""
+    ELEMENT mode is torch.gather along ``axis`` (output shape = indices shape); ND mode, after
+    ``num_elementwise_dims`` b leading axes shared by data and indices, reads data at the
+    coordinates in the last axis of the indices (output indices.shape[:-1] + data.shape[b + k:],
+    k = indices.shape[-1]). Indices outside [0, size) are an error here (the converters make
+    negative indices non-negative)."""
     a = layer["attrs"]
     mode = a.get("mode") or "DEFAULT"
     data, idx = ins
-    axis = a["axis"]
-    if int(a.get("num_elementwise_dims") or 0):
-        raise NotImplementedError(f"layer {layer['name']!r}: gather with num_elementwise_dims")
+    name = layer["name"]
     idx = idx.long()
+    batch = int(a.get("num_elementwise_dims") or 0)
+    if mode == "ND":
+        return [_gather_nd(name, data, idx, batch)]
+    axis = a["axis"]
+    if batch:
+        raise NotImplementedError(f"layer {name!r}: {mode} gather with num_elementwise_dims")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= data.shape[axis]):
-        raise ValueError(f"layer {layer['name']!r}: gather index out of range [0, {data.shape[axis]})")
+        # TensorRT's Gather operator page: every index in [0, input_dimensions[axis])
+        bad = int(idx.min()) if int(idx.min()) < 0 else int(idx.max())
+        raise ValueError(f"layer {name!r}: gather index {bad} out of range [0, {data.shape[axis]}) "
+                         f"(TensorRT documents no negative indices: a converter must make them non-negative)")
     if mode == "ELEMENT":
         if idx.dim() != data.dim():
-            raise ValueError(f"layer {layer['name']!r}: ELEMENT gather needs indices of the data's rank")
+            raise ValueError(f"layer {name!r}: ELEMENT gather needs indices of the data's rank")
         return [torch.gather(data, axis, idx)]
     if mode != "DEFAULT":
-        raise NotImplementedError(f"layer {layer['name']!r}: gather mode {mode}")
+        raise NotImplementedError(f"layer {name!r}: gather mode {mode}")
     flat = torch.index_select(data, axis, idx.reshape(-1))
     shape = list(data.shape[:axis]) + list(idx.shape) + list(data.shape[axis + 1:])
     return [flat.reshape(shape)]
+
+
+def _nd_coordinates(name: str, data: torch.Tensor, idx: torch.Tensor, batch: int) -> tuple[torch.Tensor, int]:
+    """Flat row numbers into ``data`` viewed as [batch volume * data.shape[b:b+k] volume, rest] of
+    the coordinates in ``idx``'s last axis (after ``batch`` leading axes shared with data), and k."""
+    k = idx.shape[-1]
+    if list(idx.shape[:batch]) != list(data.shape[:batch]) or batch + k > data.dim():
+        raise ValueError(f"layer {name!r}: ND indices {list(idx.shape)} for data {list(data.shape)} "
+                         f"with {batch} element-wise axes")
+    sizes = torch.tensor(data.shape[batch:batch + k])
+    if idx.numel() and (bool((idx < 0).any()) or bool((idx >= sizes).any())):
+        raise ValueError(f"layer {name!r}: ND index out of range {list(data.shape[batch:batch + k])}")
+    strides = torch.tensor([int(torch.prod(sizes[j + 1:])) for j in range(k)], dtype=torch.long)
+    rows = (idx * strides).sum(-1)   # within one batch element
+    volume = int(torch.prod(sizes))
+    batch_volume = int(torch.prod(torch.tensor(data.shape[:batch]))) if batch else 1
+    offsets = torch.arange(batch_volume).reshape(list(data.shape[:batch]) + [1] * (rows.dim() - batch)) * volume
+    return rows + offsets, k
+
+
+def _gather_nd(name: str, data: torch.Tensor, idx: torch.Tensor, batch: int) -> torch.Tensor:
+    rows, k = _nd_coordinates(name, data, idx, batch)
+    rest = list(data.shape[batch + k:])
+    table = data.reshape([-1] + rest)
+    return table[rows.reshape(-1)].reshape(list(idx.shape[:-1]) + rest)
+
+
+@op("SCATTER")
+def scatter(layer, ins, w):
+    """IScatterLayer (TensorRT's Scatter operator page): the data with elements replaced by the
+    updates. ELEMENT: output[... index[i] along ``axis`` ...] = updates[i] (torch.scatter);
+    ND: the coordinates in the last axis of the indices (k of them) address slices of
+    data.shape[k:], each replaced by the matching slice of the updates. Duplicate coordinates
+    leave the order of writes unspecified (TensorRT's words): a network relying on it is refused."""
+    data, idx, updates = ins
+    a = layer["attrs"]
+    mode, name = a.get("mode") or "ELEMENT", layer["name"]
+    idx = idx.long()
+    if mode == "ELEMENT":
+        axis = int(a.get("axis") or 0)
+        if idx.shape != updates.shape or idx.dim() != data.dim():
+            raise ValueError(f"layer {name!r}: ELEMENT scatter of updates {list(updates.shape)} at indices "
+                             f"{list(idx.shape)} into {list(data.shape)}")
+        n = data.shape[axis]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"layer {name!r}: scatter index out of range [0, {n})")
+        writes = torch.zeros(data.shape, dtype=torch.long).scatter_add_(axis, idx, torch.ones_like(idx))
+        if bool((writes > 1).any()):
+            raise ValueError(f"layer {name!r}: scatter writes one element twice (TensorRT leaves the result "
+                             f"unspecified)")
+        return [data.scatter(axis, idx, updates.to(data.dtype))]
+    if mode != "ND":
+        raise NotImplementedError(f"layer {name!r}: scatter mode {mode}")
+    rows, k = _nd_coordinates(name, data, idx, 0)
+    rest = list(data.shape[k:])
+    rows = rows.reshape(-1)
+    if len(set(rows.tolist())) != rows.numel():
+        raise ValueError(f"layer {name!r}: scatter writes one slice twice (TensorRT leaves the result unspecified)")
+    out = data.reshape([-1] + rest).clone()
+    out[rows] = updates.reshape([-1] + rest).to(data.dtype)
+    return [out.reshape(data.shape)]
+
+
+@op("NON_ZERO")
+def non_zero(layer, ins, w):
+    """INonZeroLayer: the coordinates of the non-zero elements, [rank, count], in row-major order,
+    of the layer's index type."""
+    dtype = _DTYPES[layer["outputs"][0]["dtype"]]
+    return [torch.nonzero(ins[0]).t().contiguous().to(dtype)]
 
 
 @op("SELECT")
@@ -450,40 +677,94 @@ _ROUND = {"FLOOR": torch.floor, "CEIL": torch.ceil, "HALF_UP": lambda v: torch.f
           "HALF_DOWN": lambda v: torch.ceil(v - 0.5)}
 
 
-@op("RESIZE")
-def resize(layer, ins, w):
-    """IResizeLayer with a static output ``shape``: each axis whose length changes is resampled
-    separately (NEAREST: the rounded source coordinate, clamped into the input; LINEAR: the two
-    neighbours of the source coordinate clamped into [0, len - 1], weighted by distance)."""
+def _resize_shape(layer, ins) -> list[int]:
+    """The output shape of an IResizeLayer: a shape tensor (input 1), the static ``shape``, or the
+    static ``scales``, where each output length is floor(input length * scale), computed in float32
+    as TensorRT's own shape inference does (float64 differs, e.g. 20 * 2.3f gives 46 in float32,
+    45 in float64)."""
     a = layer["attrs"]
     x = ins[0]
     if len(ins) > 1 and ins[1] is not None:
-        raise NotImplementedError(f"layer {layer['name']!r}: dynamic resize shape")
-    shape = list(a.get("shape") or [])
-    if len(shape) != x.dim():
-        raise NotImplementedError(f"layer {layer['name']!r}: resize by scales (no output shape)")
+        shape = [int(v) for v in ins[1].reshape(-1).tolist()]
+    elif len(a.get("shape") or []) == x.dim():
+        shape = list(a["shape"])
+    elif len(a.get("scales") or []) == x.dim():
+        scaled = torch.tensor(list(x.shape), dtype=torch.float32) * torch.tensor(a["scales"], dtype=torch.float32)
+        shape = [int(v) for v in torch.floor(scaled).tolist()]
+    else:
+        raise ValueError(f"layer {layer['name']!r}: a resize needs an output shape or one scale per axis "
+                         f"of its rank-{x.dim()} input (shape={a.get('shape')}, scales={a.get('scales')})")
+    if len(shape) != x.dim() or any(n < 0 for n in shape):
+        raise ValueError(f"layer {layer['name']!r}: resize of a rank-{x.dim()} input to shape {shape}")
+    return shape
+
+
+def _cubic_weights(t: torch.Tensor, coeff: float) -> torch.Tensor:
+    """Keys' cubic convolution weights of the 4 neighbours floor(x) - 1 .. floor(x) + 2 of a source
+    coordinate x with fraction t = x - floor(x), for the coefficient A (``cubic_coeff``)."""
+    def kernel(d):
+        d = d.abs()
+        near = ((coeff + 2) * d - (coeff + 3)) * d * d + 1
+        far = ((coeff * d - 5 * coeff) * d + 8 * coeff) * d - 4 * coeff
+        return torch.where(d <= 1, near, torch.where(d < 2, far, torch.zeros_like(d)))
+    return torch.stack([kernel(t + 1), kernel(t), kernel(1 - t), kernel(2 - t)], dim=-1)
+
+
+_RESIZE_AXES = {"NEAREST": 8, "LINEAR": 3, "CUBIC": 2}
+
+
+@op("RESIZE")
+def resize(layer, ins, w):
+    """IResizeLayer (output shape from a shape tensor, the static shape or the scales): each axis
+    whose length changes is resampled separately, the source coordinate of an output index given
+    by the coordinate transformation from the input and output lengths (TensorRT's
+    ResizeCoordinateTransformation formulas use the lengths, not the scales). NEAREST: the
+    source coordinate rounded by ``nearest_rounding``, clamped into the input; LINEAR: the two
+    neighbours of the coordinate clamped into [0, len - 1], weighted by distance; CUBIC (the 2
+    innermost axes): the 4 neighbours, weighted by Keys' cubic kernel with ``cubic_coeff``, indices
+    clamped to the edge, or, with ``exclude_outside``, neighbours outside the input weighted 0 and
+    the rest renormalized (the definitions of ONNX Resize, whose attributes TensorRT's mirror)."""
+    a = layer["attrs"]
+    x = ins[0]
+    shape = _resize_shape(layer, ins)
     mode = a.get("resize_mode") or "NEAREST"
+    if mode not in _RESIZE_AXES:
+        raise NotImplementedError(f"layer {layer['name']!r}: resize mode {mode}")
     changed = [d for d in range(x.dim()) if shape[d] != x.shape[d]]
-    if len(changed) > 3:
-        raise ValueError(f"layer {layer['name']!r}: TensorRT resizes at most the 3 innermost axes")
+    if changed and changed[0] < x.dim() - _RESIZE_AXES[mode]:
+        raise ValueError(f"layer {layer['name']!r}: TensorRT's {mode} resize changes at most the "
+                         f"{_RESIZE_AXES[mode]} innermost axes, not axis {changed[0]} of {list(x.shape)}")
     y = x
     for d in changed:
         src = _resize_source(layer, shape[d], x.shape[d], a)
         n = x.shape[d]
+        view = [1] * y.dim()
+        view[d] = -1
         if mode == "NEAREST":
-            idx = _ROUND[a.get("nearest_rounding") or "FLOOR"](src).long().clamp(0, n - 1)
+            rounding = a.get("nearest_rounding") or "FLOOR"
+            if rounding not in _ROUND:
+                raise NotImplementedError(f"layer {layer['name']!r}: nearest rounding {rounding}")
+            idx = _ROUND[rounding](src).long().clamp(0, n - 1)
             y = y.index_select(d, idx)
         elif mode == "LINEAR":
             src = src.clamp(0, n - 1)
             i0 = src.floor().long()
             i1 = (i0 + 1).clamp(max=n - 1)
-            frac = (src - i0).to(y.dtype)
-            view = [1] * y.dim()
-            view[d] = -1
-            frac = frac.reshape(view)
+            frac = (src - i0).to(y.dtype).reshape(view)
             y = y.index_select(d, i0) * (1 - frac) + y.index_select(d, i1) * frac
-        else:
-            raise NotImplementedError(f"layer {layer['name']!r}: resize mode {mode}")
+        else:  # CUBIC
+            base = src.floor()
+            weights = _cubic_weights(src - base, float(a.get("cubic_coeff", -0.75)))
+            taps = base.long().unsqueeze(-1) + torch.arange(-1, 3)
+            if a.get("exclude_outside"):
+                weights = torch.where((taps >= 0) & (taps < n), weights, torch.zeros_like(weights))
+                weights = weights / weights.sum(-1, keepdim=True)
+            taps = taps.clamp(0, n - 1)
+            out = None
+            for j in range(4):
+                term = y.index_select(d, taps[:, j]) * weights[:, j].to(y.dtype).reshape(view)
+                out = term if out is None else out + term
+            y = out
     return [y]
 
 
@@ -532,14 +813,23 @@ def cumulative(layer, ins, w):
 @op("TOPK")
 def topk(layer, ins, w):
     """ITopKLayer: the k largest (MAX, descending) or smallest (MIN, ascending) along the one axis
-    in ``axes``; indices int32."""
+    in ``axes``; indices of the layer's ``indices_type`` (int32 by default)."""
     a = layer["attrs"]
     x = ins[0]
     axes = _mask_axes(a["axes"], x.dim())
     if len(axes) != 1:
         raise ValueError(f"layer {layer['name']!r}: top-k needs exactly one axis")
     values, indices = torch.topk(x, int(a["k"]), dim=axes[0], largest=a["op"] == "MAX", sorted=True)
-    return [values, indices.to(torch.int32)]
+    return [values, indices.to(_DTYPES[layer["outputs"][1]["dtype"]])]   # indices_type: INT32 or INT64
+
+
+def _loop_boundary(layer, ins, w):
+    raise ValueError(f"layer {layer['name']!r}: a {layer['type']} layer runs only as part of its loop "
+                     f"{layer['attrs'].get('loop')!r} (refitcore.backends.reference runs loops)")
+
+
+for _kind in ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT"):
+    OPS[_kind] = _loop_boundary
 
 
 def run_layer(layer: dict, ins: list, weights: dict):

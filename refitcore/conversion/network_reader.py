@@ -15,7 +15,7 @@ import numpy as np
 
 from refitcore import _trt
 
-__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES"]
+__all__ = ["read_network", "network_weights", "WEIGHT_ROLES", "SHAPE_DTYPES", "LOOP_BOUNDARIES"]
 
 # layer type -> (binding class, attributes to read, {ROLE: attribute holding weights})
 _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
@@ -37,7 +37,7 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
     "REDUCE": ("IReduceLayer", ("op", "axes", "keep_dims"), {}),
     "NORMALIZATION": ("INormalizationLayer", ("axes", "epsilon", "num_groups"), {}),
     "CONCATENATION": ("IConcatenationLayer", ("axis",), {}),
-    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode"), {}),
+    "SLICE": ("ISliceLayer", ("start", "shape", "stride", "mode", "axes"), {}),
     "SOFTMAX": ("ISoftMaxLayer", ("axes",), {}),
     "UNARY": ("IUnaryLayer", ("op",), {}),
     "IDENTITY": ("IIdentityLayer", (), {}),
@@ -54,11 +54,29 @@ _LAYERS: dict[str, tuple[str, tuple[str, ...], dict[str, str]]] = {
                                 "nearest_rounding", "cubic_coeff", "exclude_outside",
                                 "selector_for_single_pixel"), {}),
     "GRID_SAMPLE": ("IGridSampleLayer", ("interpolation_mode", "sample_mode", "align_corners"), {}),
+    "SCATTER": ("IScatterLayer", ("mode", "axis"), {}),
+    "NON_ZERO": ("INonZeroLayer", ("indices_type",), {}),
+    "UNSQUEEZE": ("IUnsqueezeLayer", (), {}),
+    "SQUEEZE": ("ISqueezeLayer", (), {}),
+    "PARAMETRIC_RELU": ("IParametricReLULayer", (), {}),
+    # IAttention is two layers: ATTENTION_INPUT (inputs query, key, value, mask, ...) computes the
+    # attention, ATTENTION_OUTPUT hands its result on; the attributes live on the IAttention object.
+    "ATTENTION_INPUT": ("IAttentionInputLayer", ("norm_op", "causal_kind", "decomposable", "query_form",
+                                                 "key_value_form", "num_ranks"), {}),
+    "ATTENTION_OUTPUT": ("IAttentionOutputLayer", (), {}),
+    # a loop (ILoop) is delimited by these layers, each naming its loop in attrs["loop"]
+    "TRIP_LIMIT": ("ITripLimitLayer", ("kind",), {}),
+    "ITERATOR": ("IIteratorLayer", ("axis", "reverse"), {}),
+    "RECURRENCE": ("IRecurrenceLayer", (), {}),
+    "LOOP_OUTPUT": ("ILoopOutputLayer", ("kind", "axis"), {}),
 }
+LOOP_BOUNDARIES = ("TRIP_LIMIT", "ITERATOR", "RECURRENCE", "LOOP_OUTPUT")
+# layer types whose attributes are read off another object the layer holds
+_ATTRS_OF = {"ATTENTION_INPUT": "attention"}
 
 # attributes that a layer input replaces when it is set: reshape_dims by a shuffle's input 1, a
-# fill's alpha and beta by its inputs 1 and 2
-_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2}
+# fill's alpha and beta by its inputs 1 and 2, a slice's axes by its input 5
+_FROM_INPUT = {"reshape_dims": 1, "alpha": 1, "beta": 2, "axes": 5}
 WEIGHT_ROLES = {t: tuple(roles) for t, (_, _, roles) in _LAYERS.items() if roles}
 SHAPE_DTYPES = ("INT64", "INT32")
 
@@ -95,7 +113,7 @@ def read_network(network) -> dict:
         if ltype not in _LAYERS:
             raise NotImplementedError(
                 f"the reference backend cannot interpret layer {layer.name!r} of type {ltype}; "
-                f"add it to refitcore/network_reader.py and backends/reference_ops.py")
+                f"add it to refitcore/conversion/network_reader.py and refitcore/backends/reference_ops.py")
         cls_name, attr_names, roles = _LAYERS[ltype]
         layer.__class__ = getattr(t, cls_name)
         inputs = []
@@ -105,17 +123,20 @@ def read_network(network) -> dict:
         outputs = [_tensor_info(layer.get_output(k)) for k in range(layer.num_outputs)]
         in_rank = len(layer.get_input(0).shape) if layer.num_inputs and layer.get_input(0) is not None else None
         attrs = {}
+        holder = getattr(layer, _ATTRS_OF[ltype]) if ltype in _ATTRS_OF else layer
         for a in attr_names:
             if a in _FROM_INPUT and _FROM_INPUT[a] < len(inputs) and inputs[_FROM_INPUT[a]] is not None:
                 continue   # given by a shape tensor (dynamic shapes): the attribute is meaningless
-            if not hasattr(layer, a):
+            if not hasattr(holder, a):
                 continue
             try:
-                raw = getattr(layer, a)
+                raw = getattr(holder, a)
             except Exception:  # noqa: BLE001 - an attribute this TensorRT version does not expose for this layer
                 continue
             rank = in_rank if a == "first_transpose" else len(outputs[0]["shape"]) if a == "second_transpose" else None
             attrs[a] = _plain(raw, rank)
+        if ltype in LOOP_BOUNDARIES:
+            attrs["loop"] = layer.loop.name
         weights = {}
         for role, attr in roles.items():
             arr = getattr(layer, attr)
