@@ -244,7 +244,7 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
         log.warning("refitcore: torch.export cannot export the model (%s); compiling the submodules that export "
                     "(%s)", ExportError("", err).cause_line, DETAIL_HINT)
         ep = None
-    if ep is None and options.compiler != DEFAULT_COMPILER:
+    if export_error is not None and options.compiler != DEFAULT_COMPILER:   # Torch-TensorRT exports the whole model
         raise ExportError("", export_error) from export_error
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason, export_error)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -238,7 +238,7 @@ def _with_state(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Ten
     return out
 
 
-def _executed_ops(names: Sequence[str]) -> set[Any]:
+def _executed_ops(names: Iterable[str]) -> set[Any]:
     """``torch_executed_ops`` names (:func:`refitcore.partition.partitioner.executed_op_names`) as
     the op overloads Torch-TensorRT compares node targets with."""
     out: set[Any] = set()
@@ -325,6 +325,13 @@ def _keys_read(node: Any, state_keys: set[str]) -> tuple[str, ...]:
     return tuple(keys)
 
 
+def _graph(module: torch.nn.Module) -> torch.fx.Graph:
+    """The FX graph of one of Torch-TensorRT's partition submodules (always GraphModules)."""
+    if not isinstance(module, torch.fx.GraphModule):
+        raise TypeError(f"internal error: a Torch-TensorRT partition submodule of type {type(module).__name__}")
+    return module.graph
+
+
 def _check_segments(engine: Any, partitioned: torch.fx.GraphModule) -> None:
     new = [n for n, _ in partitioned.named_children()]
     old = [n for n, _ in engine.impl.module.named_children()]
@@ -357,7 +364,7 @@ class TorchTensorRTKind:
         origins: dict[str, WeightOrigin] = {}
         ops = {}
         for segment, sub in list(partitioned.named_children()):
-            ops[segment] = sum(1 for n in sub.graph.nodes if n.op == "call_function")
+            ops[segment] = len(_graph(sub).find_nodes(op="call_function"))
             if segment.startswith(ACC):
                 inputs = api.submodule_inputs(sub)
                 net = api.build_network(sub, inputs, settings)
@@ -366,7 +373,7 @@ class TorchTensorRTKind:
                 if profiles is not None:
                     plan["profiles"] = profiles
                 engine = ReferenceEngine(plan)
-                out_node = next(iter(sub.graph.find_nodes(op="output")))
+                out_node = next(iter(_graph(sub).find_nodes(op="output")))
                 setattr(partitioned, segment, _AccRunner(engine, isinstance(out_node.args[0], (tuple, list))))
                 trt[segment] = engine
                 for name, proto in ((n, engine.prototype(n)) for n in engine.weight_names()):
@@ -431,9 +438,12 @@ class TorchTensorRTKind:
                 out.update({f"{segment}:{k}": state_array(v) for k, v in sub.state_dict().items()})
                 continue
             recorder = RecordingRefitter(impl.trt[segment])
+
+            def stand_in(_engine: Any, recorder: RecordingRefitter = recorder) -> RecordingRefitter:
+                return recorder
+
             try:
-                api.refit_engine(sub, impl.trt[segment], api.submodule_inputs(sub), settings,
-                                 lambda _engine, r=recorder: r)
+                api.refit_engine(sub, impl.trt[segment], api.submodule_inputs(sub), settings, stand_in)
             except AssertionError as err:
                 missing = [n for n in recorder.get_all_weights() if n not in recorder.staged]
                 raise WeightMappingError(
@@ -491,7 +501,9 @@ class TorchTensorRTKind:
         """Ops per Torch-TensorRT segment (TensorRT or PyTorch) and the state_dict elements each reads."""
         impl: TorchTensorRTImpl = engine.impl
         wm = engine.weight_map
-        segments, trt_keys, fallback = [], set(), []
+        segments: list[tuple[str, int]] = []
+        trt_keys: set[str] = set()
+        fallback: list[tuple[str, str, str, str]] = []
         n_ops = n_trt = 0
         for segment, sub in impl.module.named_children():
             if segment in impl.trt:
@@ -499,7 +511,7 @@ class TorchTensorRTKind:
                 segments.append(("tensorrt", impl.ops[segment]))
                 trt_keys.update(k for n, s in wm.sources.items() if n.startswith(segment + ":") for k in s.keys)
             else:
-                nodes = [n for n in sub.graph.nodes if n.op == "call_function"]
+                nodes = _graph(sub).find_nodes(op="call_function")
                 segments.append(("torch", impl.ops[segment]))
                 fallback += [(n.name, str(n.target), "", f"{COMPILER} runs it in PyTorch ({segment})") for n in nodes]
             n_ops += segments[-1][1]

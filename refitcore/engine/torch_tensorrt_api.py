@@ -203,12 +203,12 @@ class TorchTensorRT:
                                                  skip_fusion=supported == total)
         return partitioned
 
-    def submodule_inputs(self, submodule: torch.fx.GraphModule) -> list[Any]:
+    def submodule_inputs(self, submodule: torch.nn.Module) -> list[Any]:
         """The ``torch_tensorrt.Input`` list of one partition submodule (min/opt/max shapes)."""
         with cpu_scope():
             return list(self._entry["construct_submodule_inputs"](submodule))
 
-    def build_network(self, submodule: torch.fx.GraphModule, inputs: Sequence[Any], settings: Any) -> NetworkBuild:
+    def build_network(self, submodule: torch.nn.Module, inputs: Sequence[Any], settings: Any) -> NetworkBuild:
         """``TRTInterpreter``'s network of one ``_run_on_acc_N`` submodule, without an engine."""
         e = self._entry
         with cpu_scope():
@@ -220,12 +220,12 @@ class TorchTensorRT:
             interp._construct_trt_network_def()
         return NetworkBuild(interp.ctx.net, dict(recording), recording.nodes, recording.node_names, interp)
 
-    def refit_mapping(self, submodule: torch.fx.GraphModule, inputs: Sequence[Any], settings: Any) -> dict:
+    def refit_mapping(self, submodule: torch.nn.Module, inputs: Sequence[Any], settings: Any) -> dict:
         """``construct_refit_mapping``: Torch-TensorRT's refit map (engine weight name -> tensor)."""
         with cpu_scope():
             return dict(self._entry["construct_refit_mapping"](submodule, list(inputs), settings))
 
-    def refit_engine(self, submodule: torch.fx.GraphModule, engine: Any, inputs: Sequence[Any], settings: Any,
+    def refit_engine(self, submodule: torch.nn.Module, engine: Any, inputs: Sequence[Any], settings: Any,
                      make_refitter: Callable[[Any], Any]) -> None:
         """``_refit_single_trt_engine_with_gm(submodule, engine, inputs, settings)``, unchanged, with
         ``trt.Refitter(engine, logger)`` answered by ``make_refitter(engine)`` during the call."""

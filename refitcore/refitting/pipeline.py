@@ -226,10 +226,10 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
         records = report.records
         if compiler is not None:   # the compiler's refit against the witness, exactly
             witness = records[WITNESS].mapping if WITNESS in records else None
-            mapped = [p for p in run if p in records and records[p].mapping is not None]
+            mapped = [m for m in (records[p].mapping for p in run if p in records) if m is not None]
             if report.audit is None and witness is not None and mapped:
-                report.audit = audit_mappings(records[mapped[0]].mapping, witness, rtol=AUDIT_RTOL, atol=AUDIT_ATOL,
-                                     a_label=f"{compiler.compiler}'s {mapped[0]} refit", b_label=WITNESS)
+                report.audit = audit_mappings(mapped[0], witness, rtol=AUDIT_RTOL, atol=AUDIT_ATOL,
+                                     a_label=f"{compiler.compiler}'s refit", b_label=WITNESS)
             return
         cached_map, fallback_map = (records[p].mapping if p in records else None for p in ("cached", "fallback"))
         if report.audit is None and cached_map is not None and fallback_map is not None:
