@@ -308,21 +308,27 @@ def _segment_profiles(plan: dict, inputs: Sequence[Any]) -> dict | None:
 
 def _keys_read(node: Any, state_keys: set[str]) -> tuple[str, ...]:
     """The state_dict keys an FX node reads: its ``get_attr`` inputs, directly or through nodes
-    that read no graph input."""
+    that read no graph input (weight-only arithmetic)."""
     if node is None:
         return ()
+    data: dict[Any, bool] = {}
+
+    def reads_input(n: Any) -> bool:   # does ``n`` depend on a graph input (placeholder)?
+        if n not in data:
+            data[n] = n.op == "placeholder" or any(reads_input(a) for a in n.all_input_nodes)
+        return data[n]
+
     keys: dict[str, None] = {}
     stack, seen = list(node.all_input_nodes), set()
     while stack:
         n = stack.pop()
-        if n in seen:
+        if n in seen or reads_input(n):
             continue
         seen.add(n)
         if n.op == "get_attr" and n.target in state_keys:
             keys[n.target] = None
-        elif n.op == "call_function":
-            stack.extend(n.all_input_nodes)
-    return tuple(keys)
+        stack.extend(n.all_input_nodes)
+    return tuple(sorted(keys))
 
 
 def _graph(module: torch.nn.Module) -> torch.fx.Graph:
@@ -364,7 +370,7 @@ class TorchTensorRTKind:
         origins: dict[str, WeightOrigin] = {}
         ops = {}
         for segment, sub in list(partitioned.named_children()):
-            ops[segment] = len(_graph(sub).find_nodes(op="call_function"))
+            ops[segment] = sum(1 for n in _graph(sub).nodes if n.op == "call_function")
             if segment.startswith(ACC):
                 inputs = api.submodule_inputs(sub)
                 net = api.build_network(sub, inputs, settings)
@@ -511,7 +517,7 @@ class TorchTensorRTKind:
                 segments.append(("tensorrt", impl.ops[segment]))
                 trt_keys.update(k for n, s in wm.sources.items() if n.startswith(segment + ":") for k in s.keys)
             else:
-                nodes = _graph(sub).find_nodes(op="call_function")
+                nodes = [n for n in _graph(sub).nodes if n.op == "call_function"]
                 segments.append(("torch", impl.ops[segment]))
                 fallback += [(n.name, str(n.target), "", f"{COMPILER} runs it in PyTorch ({segment})") for n in nodes]
             n_ops += segments[-1][1]

@@ -154,10 +154,13 @@ class _TrtWithRefitter:
 
 
 class TorchTensorRT:
-    """The loaded entry points (:func:`load`)."""
+    """The loaded entry points (:func:`load`); ``package``: the ``torch_tensorrt`` package itself (its
+    public API: ``load().package.Input(min_shape=..., opt_shape=..., max_shape=...)``; on a machine
+    without a CUDA device, ``import torch_tensorrt`` itself fails unless :func:`load` ran first)."""
 
-    def __init__(self, version: str, entry: Mapping[str, Any], cache_entry: Any):
+    def __init__(self, version: str, package: Any, entry: Mapping[str, Any], cache_entry: Any):
         self.version = version
+        self.package = package
         self._entry = dict(entry)
         self._cache_entry = cache_entry
 
@@ -255,7 +258,7 @@ def load() -> TorchTensorRT:
     version = installed_version()
     try:
         with cpu_scope():
-            importlib.import_module("torch_tensorrt")
+            package = importlib.import_module("torch_tensorrt")
     except Exception as err:  # any import failure: the package cannot be used here (said as such)
         raise TorchTensorRTUnavailableError(
             f"torch_tensorrt cannot be imported ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
@@ -274,7 +277,7 @@ def load() -> TorchTensorRT:
                 f"Torch-TensorRT {version} lacks the entry point {module_name}.{attr or ''} that the CPU harness "
                 f"uses ({type(err).__name__}: {err}); install a tested version ({', '.join(TESTED_VERSIONS)})") from err
     cache_entry = getattr(entry["refit_module"], _CACHE_ENTRY_POINT, None)
-    _LOADED.append(TorchTensorRT(version, entry, cache_entry))
+    _LOADED.append(TorchTensorRT(version, package, entry, cache_entry))
     return _LOADED[0]
 
 

@@ -23,7 +23,7 @@ from refitcore.options import AUDIT_ATOL, AUDIT_RTOL, check_tolerance
 from refitcore.refitting.audit import Audit, audit as audit_mappings, audit_paths
 from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
 from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
-from refitcore.refitting.mapping import fallback_mapping, path_mapping
+from refitcore.refitting.mapping import cached_mapping, compiler_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
 from refitcore.refitting.render import Silent, culprit_note
 from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, sample_tensors, verify
@@ -175,9 +175,12 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 if compiler is not None and path != WITNESS else _MAPPING_STEP[path].format(what=what))
         try:
             with progress.step(step):
-                rec.mapping = (fallback_mapping(engine, weights, model=model, trust_factory=trust_factory)
-                               if path == WITNESS else
-                               path_mapping(engine, path, weights, model=model, trust_factory=trust_factory))
+                if compiler is not None and path != WITNESS:
+                    rec.mapping = compiler_mapping(engine, path, weights, model=model, trust_factory=trust_factory)
+                elif path == "cached":
+                    rec.mapping = cached_mapping(engine.weight_map, weights)
+                else:   # the fallback, or the witness of a compiler's refit
+                    rec.mapping = fallback_mapping(engine, weights, model=model, trust_factory=trust_factory)
         except RefitCoreError as err:
             failed_maps[path] = err
             rec.error = f"{type(err).__name__}: {err}"
