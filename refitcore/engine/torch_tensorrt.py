@@ -355,9 +355,12 @@ class TorchTensorRTKind:
 
     def build(self, source: BuildInput, options: CompileOptions) -> Built:
         if options.backend != "reference":
-            raise BackendUnavailableError(
-                f"compiler='torch_tensorrt' with backend={options.backend!r}: Torch-TensorRT's own engines need a "
-                f"CUDA GPU (torch.cuda.is_available() is {torch.cuda.is_available()}); use backend='reference'")
+            why = ("Torch-TensorRT's own engines need a CUDA GPU and torch.cuda.is_available() is False here"
+                   if not torch.cuda.is_available() else
+                   "refitcore does not yet drive Torch-TensorRT's own engines (torch_tensorrt.dynamo.compile, "
+                   "refit_module_weights) on a GPU")
+            raise BackendUnavailableError(f"compiler='torch_tensorrt' with backend={options.backend!r}: {why}; "
+                                          f"use backend='reference' (Torch-TensorRT's network run on the CPU)")
         api = load()
         ep = source.exported
         settings = settings_for(options)
