@@ -282,6 +282,23 @@ def test_two_swapped_refit_map_entries_fail_the_verdict_and_are_named(resnet, mo
 
 
 @needs_ttrt
+def test_a_weight_left_stale_is_named(resnet, monkeypatch):
+    """Torch-TensorRT's map hands the engine's current (old) value for one weight: the refit leaves it stale."""
+    _, engine = resnet
+    full = next(n for n in engine.weight_names if n.endswith("fc/linear_weight CONSTANT"))
+    old = torch.from_numpy(np.array(engine.current_weights()[full], copy=True))
+
+    def stale(m):
+        key = full.split(":", 1)[1]
+        m[key] = old.reshape(m[key].shape)
+        return m
+
+    _plant(monkeypatch, stale)
+    result = refitcore.refit(engine, randomized(ResNetLike(), 8), path="fallback")
+    assert not result and [d.name for d in result.audit.failures] == [full], str(result.audit)
+
+
+@needs_ttrt
 def test_a_wrong_witness_is_caught_too(resnet, monkeypatch):
     """The audit is a checker: fed a wrong witness (the fresh conversion's kernel scaled) it fails and names it."""
     _, engine = resnet

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -61,6 +62,8 @@ from refitcore.errors import (
 
 __all__ = ["TorchTensorRTKind", "TorchTensorRTImpl", "WeightOrigin", "RecordingRefitter", "KIND", "NAME", "COMPILER",
            "ACC", "split_weight_name", "example_inputs", "settings_for"]
+
+log = logging.getLogger("refitcore")
 
 NAME = "torch_tensorrt"
 COMPILER = "Torch-TensorRT"
@@ -459,9 +462,12 @@ class TorchTensorRTKind:
                     [f"Torch-TensorRT's refit failed on engine weight {_describe(impl, segment, n)}: {err}"
                      for n in missing[:1]] or [f"Torch-TensorRT's refit of {segment} failed: {err}"],
                     header=f"{COMPILER} {api.version}'s refit (_refit_single_trt_engine_with_gm) failed") from err
+            stale = [n for n in recorder.get_all_weights() if n not in recorder.staged]
+            if stale:   # it keeps its old value, as in TensorRT; the witness names it when that is wrong
+                log.warning("refitcore: %s's refit did not set %d weight(s) of %s, which keep their old values: %s",
+                            COMPILER, len(stale), segment, ", ".join(_describe(impl, segment, n) for n in stale[:3]))
             for name in recorder.get_all_weights():
                 full = f"{segment}:{name}"
-                # A weight the refit did not set keeps its old value, as in TensorRT; the witness names it.
                 out[full] = recorder.staged[name] if name in recorder.staged else np.array(current[full], copy=True)
             shapes = {n: s.shape for n, s in engine.weight_map.sources.items()}
             for full in list(out):

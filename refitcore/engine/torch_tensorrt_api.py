@@ -32,6 +32,9 @@ import and of each call made through this module, only when ``torch.cuda.is_avai
 False, and restores them afterwards: nothing outside those calls sees the patches.
 
 The module imports without Torch-TensorRT: it is imported at the first call (:func:`load`).
+Importing it replaces ``sys.modules["tensorrt"]`` by a proxy of the TensorRT it uses
+(``tensorrt_rtx`` for Torch-TensorRT-RTX); :func:`load` lets :mod:`refitcore._trt` choose refitcore's
+TensorRT before that, so refitcore's backends see the same module either way.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from unittest import mock
 
 import torch
 
+from refitcore import _trt
 from refitcore.errors import RefitCoreError
 
 __all__ = ["TESTED_VERSIONS", "DISTRIBUTIONS", "TorchTensorRTUnavailableError", "TorchTensorRT", "load", "available",
@@ -256,6 +260,10 @@ def load() -> TorchTensorRT:
     if _LOADED:
         return _LOADED[0]
     version = installed_version()
+    # Importing Torch-TensorRT puts a proxy of the TensorRT it uses under the name ``tensorrt``
+    # (sys.modules): refitcore's own TensorRT (refitcore._trt, which prefers ``tensorrt``) is chosen
+    # first, so that it is the same module whether Torch-TensorRT was imported or not.
+    _trt.available()
     try:
         with cpu_scope():
             package = importlib.import_module("torch_tensorrt")
