@@ -88,6 +88,12 @@ def bn_eps():
                                torch.nn.Flatten(), torch.nn.Linear(6 * 8 * 8, 4)).eval()
 
 
+def clamped():
+    """ReLU6: Torch-TensorRT records its bounds as CONSTANT weights (the witness reads them while they live)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU6(), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 8 * 8, 3)).eval()
+
+
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 MAXPOOL = ["aten.max_pool2d.default", "aten.max_pool2d_with_indices.default"]
 
@@ -109,7 +115,7 @@ def eager(model, x=X):
 
 
 @needs_ttrt
-@pytest.mark.parametrize("make", [ResNetLike, bn_eps], ids=["resnet_like", "bn_eps_1e-3"])
+@pytest.mark.parametrize("make", [ResNetLike, bn_eps, clamped], ids=["resnet_like", "bn_eps_1e-3", "relu6"])
 def test_compile_matches_eager_and_refit_matches_the_new_weights(make):
     a, b = randomized(make(), 1), randomized(make(), 2)
     engine = compiled(a)

@@ -489,8 +489,10 @@ class TorchTensorRTKind:
         params = conversion_params(engine.weight_map, state, checked)
         for segment, sub in partitioned.named_children():
             if segment in impl.trt:
-                network = api.build_network(sub, api.submodule_inputs(sub), settings).network
-                out.update(network_weights(network, shapes, prefix=f"{segment}:"))
+                # The build holds the tensors the network's weights point into: read while it lives.
+                built = api.build_network(sub, api.submodule_inputs(sub), settings)
+                out.update(network_weights(built.network, shapes, prefix=f"{segment}:"))
+                del built
         current = impl.current_weights()
         for name, src in engine.weight_map.sources.items():
             if src.recipe == "copy":

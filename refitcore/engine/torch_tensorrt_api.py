@@ -118,7 +118,8 @@ def installed_version() -> str | None:
 class NetworkBuild:
     """One ``_run_on_acc_N`` submodule converted by ``TRTInterpreter``: the TensorRT ``network``,
     Torch-TensorRT's ``refit_map`` (engine weight name -> tensor) and, per engine weight name, the
-    FX node that recorded it and that node's name as Torch-TensorRT gives it ('<module path>/<node>')."""
+    FX node that recorded it and that node's name as Torch-TensorRT gives it ('<module path>/<node>').
+    The network's weights point into tensors the ``interpreter`` holds: read them while it lives."""
 
     network: Any
     refit_map: dict[str, torch.Tensor]
