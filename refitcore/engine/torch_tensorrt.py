@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -216,7 +217,7 @@ class TorchTensorRTImpl:
         for name, arr in pending.items():
             segment, key = self.split_name(name)
             new[segment][key] = arr
-        self._load_params({s: {k: new[s][k] for k in new[s]} for s in new})
+        self._load_params(new)
         self.params = new
 
     def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
@@ -429,8 +430,8 @@ class TorchTensorRTKind:
         return _with_state(ep, conversion_params(engine.weight_map, state, checked))
 
     def auto_path(self, engine: Any) -> str:
-        """The path Torch-TensorRT refits through by default: its weight-name map where it has one."""
-        return "cached" if load().has_weight_map_cache else "fallback"
+        """The path Torch-TensorRT refits through by default: 2.13 on have only the fallback."""
+        return "fallback"
 
     def refit_mapping(self, engine: Any, path: str, state: Mapping[str, torch.Tensor],
                       checked: Mapping[str, torch.Tensor], source: Any, *, model: Any = None,
@@ -468,11 +469,9 @@ class TorchTensorRTKind:
                             COMPILER, len(stale), segment, ", ".join(_describe(impl, segment, n) for n in stale[:3]))
             for name in recorder.get_all_weights():
                 full = f"{segment}:{name}"
-                out[full] = recorder.staged[name] if name in recorder.staged else np.array(current[full], copy=True)
-            shapes = {n: s.shape for n, s in engine.weight_map.sources.items()}
-            for full in list(out):
-                if full.startswith(segment + ":") and shapes.get(full) and out[full].size == np.prod(shapes[full]):
-                    out[full] = out[full].reshape(shapes[full])
+                value = recorder.staged[name] if name in recorder.staged else np.array(current[full], copy=True)
+                shape = engine.weight_map[full].shape   # trt.Weights are flat
+                out[full] = value.reshape(shape) if value.size == math.prod(shape) else value
         return out
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],

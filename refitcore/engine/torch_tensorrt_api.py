@@ -21,8 +21,8 @@ Private entry points (``torch_tensorrt.dynamo...``):
 - ``_refit.construct_refit_mapping``, ``_refit._refit_single_trt_engine_with_gm``: the refit of
   ``refit_module_weights``, one engine at a time (its module global ``trt`` gives it
   ``trt.Refitter``, replaced here for the duration of one call by a stand-in);
-- ``_refit.construct_refit_mapping_from_weight_name_map`` (2.10 to 2.12 only): the cached
-  weight-name-map path, removed in 2.13 by upstream PR #4342.
+Not used: ``_refit.construct_refit_mapping_from_weight_name_map``, the cached weight-name-map path
+of 2.10 to 2.12 (removed in 2.13 by upstream PR #4342; those versions' refit also calls ``.cuda()``).
 
 Import on a machine without a CUDA device: two calls Torch-TensorRT makes while importing and
 while making its settings (``torch.cuda.get_device_capability`` by ``is_tegra_platform()``, and
@@ -79,7 +79,6 @@ _ENTRY_POINTS = {
     "construct_refit_mapping": ("torch_tensorrt.dynamo._refit", "construct_refit_mapping"),
     "refit_single_engine": ("torch_tensorrt.dynamo._refit", "_refit_single_trt_engine_with_gm"),
 }
-_CACHE_ENTRY_POINT = "construct_refit_mapping_from_weight_name_map"
 
 
 class TorchTensorRTUnavailableError(RefitCoreError):
@@ -163,16 +162,10 @@ class TorchTensorRT:
     public API: ``load().package.Input(min_shape=..., opt_shape=..., max_shape=...)``; on a machine
     without a CUDA device, ``import torch_tensorrt`` itself fails unless :func:`load` ran first)."""
 
-    def __init__(self, version: str, package: Any, entry: Mapping[str, Any], cache_entry: Any):
+    def __init__(self, version: str, package: Any, entry: Mapping[str, Any]):
         self.version = version
         self.package = package
         self._entry = dict(entry)
-        self._cache_entry = cache_entry
-
-    @property
-    def has_weight_map_cache(self) -> bool:
-        """Whether this version has the cached (weight-name-map) refit path."""
-        return self._cache_entry is not None
 
     def settings(self, **settings: Any) -> Any:
         """``CompilationSettings`` for a refittable engine whose weights stay on the host
@@ -242,14 +235,6 @@ class TorchTensorRT:
             self._entry["refit_single_engine"](new_gm=submodule, old_engine=engine, input_list=list(inputs),
                                                settings=settings)
 
-    def cached_refit_mapping(self, *args: Any, **kwargs: Any) -> Any:
-        """The weight-name-map path (2.10 to 2.12); :class:`TorchTensorRTUnavailableError` saying it
-        was removed on a version without it."""
-        if self._cache_entry is None:
-            raise TorchTensorRTUnavailableError(WEIGHT_MAP_CACHE_REMOVED.format(version=self.version))
-        with cpu_scope():
-            return self._cache_entry(*args, **kwargs)
-
 
 _LOADED: list[TorchTensorRT] = []
 
@@ -285,8 +270,7 @@ def load() -> TorchTensorRT:
             raise TorchTensorRTUnavailableError(
                 f"Torch-TensorRT {version} lacks the entry point {module_name}.{attr or ''} that the CPU harness "
                 f"uses ({type(err).__name__}: {err}); install a tested version ({', '.join(TESTED_VERSIONS)})") from err
-    cache_entry = getattr(entry["refit_module"], _CACHE_ENTRY_POINT, None)
-    _LOADED.append(TorchTensorRT(version, package, entry, cache_entry))
+    _LOADED.append(TorchTensorRT(version, package, entry))
     return _LOADED[0]
 
 
