@@ -389,14 +389,15 @@ class TorchTensorRTKind:
                 out_node = next(iter(_graph(sub).find_nodes(op="output")))
                 setattr(partitioned, segment, _AccRunner(engine, isinstance(out_node.args[0], (tuple, list))))
                 trt[segment] = engine
-                for name, proto in ((n, engine.prototype(n)) for n in engine.weight_names()):
+                for name, arr in engine.current_weights().items():
                     node = net.nodes.get(name)
                     module, _, node_name = net.node_names.get(name, "").rpartition("/")
                     origin = WeightOrigin(segment, name, node.name if node is not None else node_name, module,
                                           _keys_read(node, state_keys))
                     origins[f"{segment}:{name}"] = origin
                     wm.sources[f"{segment}:{name}"] = WeightSource(
-                        "converted", {"keys": [{"key": k} for k in origin.keys]}, origin.params(), proto.shape)
+                        "converted", {"keys": [{"key": k} for k in origin.keys]}, origin.params(), tuple(arr.shape),
+                        str(arr.dtype))
             else:
                 params[segment] = {k: state_array(v) for k, v in sub.state_dict().items()}
                 for k, arr in params[segment].items():
@@ -486,17 +487,20 @@ class TorchTensorRTKind:
         shapes = {n: s.shape for n, s in engine.weight_map.sources.items()}
         out: dict[str, np.ndarray] = {}
         params = conversion_params(engine.weight_map, state, checked)
+        current = impl.current_weights()
         for segment, sub in partitioned.named_children():
             if segment in impl.trt:
                 # The build holds the tensors the network's weights point into: read while it lives.
                 built = api.build_network(sub, api.submodule_inputs(sub), settings)
                 out.update(network_weights(built.network, shapes, prefix=f"{segment}:"))
                 del built
-        current = impl.current_weights()
-        for name, src in engine.weight_map.sources.items():
-            if src.recipe == "copy":
-                key = src.keys[0]
-                out[name] = state_array(params[key].to(getattr(torch, str(current[name].dtype))))
+                continue
+            for key, value in sub.state_dict().items():
+                name = f"{segment}:{key}"
+                src = engine.weight_map.sources.get(name)
+                if src is not None and src.recipe == "copy":   # the state_dict key it holds
+                    value = params[src.keys[0]].to(getattr(torch, str(current[name].dtype)))
+                out[name] = state_array(value)   # else a tensor of Torch-TensorRT's lowering (a folded constant)
         return out
 
     def clone_impl(self, impl: EngineImpl) -> EngineImpl:
