@@ -222,6 +222,56 @@ def bn_eps_pooled():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
 
 
+class Unsqueezed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x).unsqueeze(1) * 2
+
+
+class Upsampled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), scale_factor=2.0, mode="nearest")
+
+
+class Attention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        q = self.q(x).view(2, 4, 2, 4).transpose(1, 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+
+NEEDS_LAYER = [
+    pytest.param(Unsqueezed, (2, 8), marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=True, reason="needs UNSQUEEZE in the reference interpreter")),
+    pytest.param(Upsampled, (1, 3, 4, 4), marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=True, reason="needs RESIZE given by scales in the reference interpreter")),
+    pytest.param(Attention, (2, 4, 8), marks=pytest.mark.xfail(
+        raises=NotImplementedError, strict=True,
+        reason="needs IAttention (ATTENTION_INPUT/OUTPUT) in the reference interpreter")),
+]
+
+
+@needs_ttrt
+@pytest.mark.parametrize(("make", "shape"), NEEDS_LAYER, ids=["unsqueeze", "resize_by_scales", "attention"])
+def test_models_that_need_more_reference_layers(make, shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    a, b = randomized(make(), 1), randomized(make(), 2)
+    engine = compiled(a, x)
+    torch.testing.assert_close(engine(x), eager(a, x), rtol=1e-4, atol=1e-4)
+    result = refitcore.refit(engine, b, path="fallback", verify_inputs=[x])
+    assert result, str(result)
+
+
 # ---- planted bugs in Torch-TensorRT's refit map -------------------------------------------------------------
 def _plant(monkeypatch, edit):
     """Make Torch-TensorRT's construct_refit_mapping (what its per-engine refit reads) return ``edit(map)``."""
