@@ -389,6 +389,21 @@ def test_settings_without_the_compiler_are_refused():
 
 
 @needs_ttrt
+def test_keyword_inputs_are_refused_with_the_reason():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, x, scale=1.0):
+            return self.fc(x) * scale
+
+    with pytest.raises(ValueError, match="positional tensors"):
+        refitcore.compile(Scaled(), args=(torch.randn(1, 4),), kwargs={"scale": 2.0}, compiler="torch_tensorrt",
+                          backend="reference")
+
+
+@needs_ttrt
 def test_an_unknown_torch_tensorrt_setting_is_named():
     with pytest.raises(TypeError, match="no compilation setting.*'not_a_setting'"):
         compiled(bn_eps(), not_a_setting=1)

@@ -365,6 +365,9 @@ class TorchTensorRTKind:
                    "refit_module_weights) on a GPU")
             raise BackendUnavailableError(f"compiler='torch_tensorrt' with backend={options.backend!r}: {why}; "
                                           f"use backend='reference' (Torch-TensorRT's network run on the CPU)")
+        if source.kwargs or not all(isinstance(a, torch.Tensor) for a in source.args):
+            raise ValueError("compiler='torch_tensorrt' takes the example inputs as positional tensors (or "
+                             "torch_tensorrt.Input); give keyword and non-tensor inputs a default in the model")
         api = load()
         ep = source.exported
         settings = settings_for(options)
