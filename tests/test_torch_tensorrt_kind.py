@@ -420,3 +420,14 @@ def test_refitcore_imports_without_torch_tensorrt_and_says_why_it_is_missing():
     assert out.returncode == 0, out.stderr[-2000:]
     if out.stdout.startswith("False"):
         assert "torch_tensorrt cannot be imported" in out.stdout and "torch_tensorrt extra" in out.stdout, out.stdout
+
+
+def test_compile_options_keep_the_compiler_and_key_its_settings():
+    from refitcore.engine.options import CompileOptions
+
+    ours = CompileOptions()
+    assert "compiler" not in ours.to_json() and "compiler" not in ours.key_fields()   # keys and files as before
+    theirs = CompileOptions(compiler="torch_tensorrt", compiler_settings={"truncate_double": True})
+    assert CompileOptions.from_json(theirs.to_json()).compiler == "torch_tensorrt"
+    assert theirs.key_fields()["compiler_settings"] == {"truncate_double": "True"}
+    assert theirs.key_fields() != CompileOptions(compiler="torch_tensorrt").key_fields()
