@@ -23,8 +23,6 @@ from refitcore.refitting.prepare import prepare_weights
 
 AVAILABLE, WHY = torch_tensorrt_api.available()
 needs_ttrt = pytest.mark.skipif(not AVAILABLE, reason=WHY)
-IN_ORDER = ("needs the reference interpreter to run layers in dependency order: Torch-TensorRT's dynamic reshape "
-            "takes a shape tensor made by a layer it adds later")
 
 
 def randomized(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -200,9 +198,10 @@ def test_a_pytorch_segments_parameters_are_engine_weights():
 
 
 @needs_ttrt
-@pytest.mark.xfail(raises=KeyError, strict=True, reason=IN_ORDER)
 @pytest.mark.parametrize("form", ["Input", "Dim"])
 def test_dynamic_batch(form):
+    # Torch-TensorRT's dynamic reshape takes a shape tensor made by a layer it adds later: the reference
+    # interpreter runs layers in dependency order.
     a, b = randomized(bn_eps_pooled(), 1), randomized(bn_eps_pooled(), 2)
     if form == "Input":
         spec = torch_tensorrt_api.load().package.Input(min_shape=(1, 3, 8, 8), opt_shape=(2, 3, 8, 8),
@@ -250,20 +249,12 @@ class Attention(torch.nn.Module):
         return torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
 
-NEEDS_LAYER = [
-    pytest.param(Unsqueezed, (2, 8), marks=pytest.mark.xfail(
-        raises=NotImplementedError, strict=True, reason="needs UNSQUEEZE in the reference interpreter")),
-    pytest.param(Upsampled, (1, 3, 4, 4), marks=pytest.mark.xfail(
-        raises=NotImplementedError, strict=True, reason="needs RESIZE given by scales in the reference interpreter")),
-    pytest.param(Attention, (2, 4, 8), marks=pytest.mark.xfail(
-        raises=NotImplementedError, strict=True,
-        reason="needs IAttention (ATTENTION_INPUT/OUTPUT) in the reference interpreter")),
-]
+TTRT_LAYERS = [(Unsqueezed, (2, 8)), (Upsampled, (1, 3, 4, 4)), (Attention, (2, 4, 8))]
 
 
 @needs_ttrt
-@pytest.mark.parametrize(("make", "shape"), NEEDS_LAYER, ids=["unsqueeze", "resize_by_scales", "attention"])
-def test_models_that_need_more_reference_layers(make, shape):
+@pytest.mark.parametrize(("make", "shape"), TTRT_LAYERS, ids=["unsqueeze", "resize_by_scales", "attention"])
+def test_models_with_layers_only_torch_tensorrt_emits(make, shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     a, b = randomized(make(), 1), randomized(make(), 2)
     engine = compiled(a, x)
