@@ -1,6 +1,10 @@
 """The reference backend: a CPU interpreter of our TensorRT network plus a weight store with the
 Refitter's contract. It proves the network and the weight mapping right without a GPU; it does
-not exercise TensorRT's kernels."""
+not exercise TensorRT's kernels.
+
+Reduced precision (fp16/bf16 networks) is emulated at layer boundaries: every layer computes in
+float32 from its inputs and weights as stored (HALF/BF16 values, widened exactly), and its outputs
+are rounded once to the types the network gives them (docs/precision.md)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -11,7 +15,7 @@ import torch
 
 from refitcore import dtypes
 from refitcore.backends.base import HostWeights, WeightsPrototype, staged
-from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer
+from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer_rounded
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.conversion.network_reader import WEIGHT_ROLES, read_network
 from refitcore.options import MAX_TENSOR_ELEMENTS
@@ -118,9 +122,8 @@ class ReferenceEngine(HostWeights):
         with torch.no_grad():
             for i, layer in enumerate(self.plan["layers"]):
                 ins = [None if n is None else env[n] for n in layer["inputs"]]
-                w = {role: torch.from_numpy(np.asarray(self._weights[name]))
-                     for role, name in self._layer_weights.get(i, {}).items()}
-                outs = run_layer(layer, ins, w)
+                w = {role: dtypes.as_torch(self._weights[name]) for role, name in self._layer_weights.get(i, {}).items()}
+                outs = run_layer_rounded(layer, ins, w)
                 for spec, value in zip(layer["outputs"], outs):
                     # TensorRT writes -1 for a size known only at run time: check the known ones.
                     if value.dim() != len(spec["shape"]) or any(
@@ -212,9 +215,8 @@ class ReferenceRefitter:
 
 def build(result, **options: Any) -> ReferenceEngine:
     """'Build' the converted network: read it into an immutable plan."""
-    if options.get("precision", "fp32") != "fp32":
-        raise ValueError("the reference backend runs fp32 only")
-    plan = read_network(result.network)
+    dtypes.precision_dtype(options.get("precision", "fp32"))   # ValueError for an unknown precision
+    plan = read_network(result.network, result.weights)
     if getattr(result, "profiles", None) is not None:
         plan["profiles"] = result.profiles.to_json()
     return ReferenceEngine(plan)

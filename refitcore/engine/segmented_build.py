@@ -101,7 +101,7 @@ def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightM
             if seg.kind != "tensorrt":
                 continue
             try:
-                result = convert(subprogram(ep, seg))
+                result = convert(subprogram(ep, seg), precision=options.precision)
                 built[i] = (result, backend.build(result, precision=options.precision))
             except BackendUnavailableError:
                 raise   # the backend cannot build or run here at all: not a segment's problem
@@ -236,9 +236,9 @@ class Segmented:
         for i, seg in enumerate(segments):
             prefix = f"seg{i}:"
             if seg.kind == "tensorrt":
-                result = convert(subprogram(ep, seg), params)
+                result = convert(subprogram(ep, seg), params, precision=engine.options.precision)
                 shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
-                out.update(network_weights(result.network, shapes, prefix=prefix))
+                out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights))
         # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
         # fallback stays a witness independent of the map's recipes).
         current = engine.current_weights()

@@ -1,0 +1,192 @@
+"""fp16 and bf16 engines: strongly typed networks whose weights are stored in the engine's type,
+bit-identical on every refit path, emulated by the reference backend, and checked against eager
+PyTorch in the same dtype (docs/precision.md).
+
+Tolerances: measured worst errors of these models against eager in the same dtype are below 1/4 of
+the bounds used here (docs/precision.md, "Measured"); the planted bugs below move outputs by 10x
+those bounds or more."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import refitcore
+from refitcore import dtypes
+from refitcore.refitting.audit import audit_paths
+from refitcore.refitting.mapping import cached_mapping, fallback_mapping
+from tests.models import randomize_batchnorm
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# Output tolerance against eager in the same dtype, relative to the output's largest magnitude.
+TOL = {"fp16": 1e-2, "bf16": 6e-2}
+
+
+class ConvBn(nn.Module):
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, eps=eps)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.head(y.mean((2, 3)))
+
+
+class Block(nn.Module):
+    """Pre-norm attention and an MLP with LayerNorms (a tiny transformer layer), two square
+    projections of one shape (q and k) to swap and transpose."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        b, s, d = x.shape
+        h = self.ln1(x)
+        split = lambda t: t.reshape(b, s, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        a = nn.functional.scaled_dot_product_attention(split(self.q(h)), split(self.k(h)), split(self.v(h)))
+        x = x + self.o(a.transpose(1, 2).reshape(b, s, d))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
+
+
+def conv_bn(seed: int = 0, eps: float = 1e-5):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(ConvBn(eps).eval(), seed), torch.randn(2, 3, 8, 8)
+
+
+def block(seed: int = 0):
+    torch.manual_seed(seed)
+    return Block().eval(), torch.randn(2, 5, 16)
+
+
+MODELS = {"conv_bn": conv_bn, "block": block}
+
+
+def eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    with torch.no_grad():
+        return copy.deepcopy(model).to(dtype)(x.to(dtype)).float()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_compile_cached_fallback_match_eager_and_each_other(name, precision):
+    model, x = MODELS[name]()
+    engine = refitcore.compile(model, x, backend="reference", precision=precision)
+    want = dtypes.precision_dtype(precision)
+    assert {s.dtype for s in engine.weight_map.sources.values()} <= {str(want).replace("torch.", ""), "float32"}
+    assert any(s.dtype == str(want).replace("torch.", "") for s in engine.weight_map.sources.values())
+    assert engine(x).dtype == torch.float32          # I/O keeps the model's dtype
+    assert rel_err(engine(x), eager(model, x, want)) < TOL[precision]
+
+    new, _ = MODELS[name](seed=1)
+    cached, fallback = cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)
+    assert audit_paths(cached, fallback).ok           # exact (AUDIT_RTOL = AUDIT_ATOL = 0)
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(engine, new, path=path, verify_inputs=[x], audit=True, rtol=TOL[precision],
+                                 atol=TOL[precision])
+        assert result.audit.ok
+        assert rel_err(result.engine(x), eager(new, x, want)) < TOL[precision]
+    # compile with the new weights gives the very weights both refit paths gave
+    rebuilt = refitcore.compile(new, x, backend="reference", precision=precision)
+    current = rebuilt.impl.current_weights()
+    for k, v in cached.items():
+        assert v.dtype == current[k].dtype and np.array_equal(v.reshape(-1), current[k].reshape(-1)), k
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_model_already_in_reduced_precision(precision):
+    dt = DTYPES[precision]
+    model, x = block()
+    model, x = model.to(dt), x.to(dt)
+    engine = refitcore.compile(model, x, backend="reference", precision=precision)
+    y = engine(x)
+    assert y.dtype == dt
+    assert rel_err(y, eager(model, x, dt)) < TOL[precision]
+    new, _ = block(seed=1)
+    result = refitcore.refit(engine, new.to(dt), path="cached", audit=True, verify_inputs=[x],
+                             rtol=TOL[precision], atol=TOL[precision])
+    assert result and result.audit.ok
+
+
+def test_weights_are_rounded_once_from_float64():
+    """A folded bias (computed in float64) is the correctly rounded bfloat16/float16 of the float64
+    value, which torch's own conversion (through float32) is not for every value."""
+    x = torch.tensor([1.0 + 2 ** -8 + 2 ** -30, -(1.0 + 2 ** -8 + 2 ** -30)], dtype=torch.float64)
+    assert dtypes.round_to(x, torch.bfloat16).tolist() == [1.0078125, -1.0078125]
+    assert x.to(torch.bfloat16).tolist() != dtypes.round_to(x, torch.bfloat16).tolist()
+    h = torch.tensor([1.0 + 2 ** -11 + 2 ** -40], dtype=torch.float64)
+    assert dtypes.round_to(h, torch.float16).item() == 1.0 + 2 ** -10
+
+
+def _planted(engine, new, bug: str):
+    """The cached mapping of ``new`` with one planted bug."""
+    mapping = {k: v.copy() for k, v in cached_mapping(engine.weight_map, new).items()}
+    a = next(n for n in engine.weight_names if n.startswith("v/") and n.endswith("weight CONSTANT"))
+    if bug == "swap":      # two same-shaped weights exchanged (the v and o projections)
+        b = a.replace("v/", "o/", 1)
+        mapping[a], mapping[b] = mapping[b], mapping[a]
+    elif bug == "transpose":
+        w = mapping[a]
+        mapping[a] = np.ascontiguousarray(w.reshape(16, 16).T).reshape(w.shape)
+    return mapping
+
+
+@pytest.mark.parametrize("bug", ["swap", "transpose"])
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_planted_mapping_bugs_are_caught(precision, bug):
+    dt = DTYPES[precision]
+    model, x = block()
+    engine = refitcore.compile(model, x, backend="reference", precision=precision)
+    new, _ = block(seed=1)
+    wrong = refitcore.apply_mapping(engine, _planted(engine, new, bug))
+    assert rel_err(wrong(x), eager(new, x, dt)) > 10 * TOL[precision], bug
+    right = refitcore.apply_mapping(engine, cached_mapping(engine.weight_map, new))
+    assert rel_err(right(x), eager(new, x, dt)) < TOL[precision]
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_batchnorm_fold_with_wrong_eps_is_caught(precision):
+    """An engine compiled with another eps folds the new BatchNorm wrongly: verification catches it."""
+    dt = DTYPES[precision]
+    model, x = conv_bn(eps=1e-5)
+    with torch.no_grad():
+        model.bn.running_var.uniform_(1e-4, 1e-3)   # eps matters against small variances
+    wrong_eps, _ = conv_bn(eps=1e-1)
+    engine = refitcore.compile(wrong_eps, x, backend="reference", precision=precision)
+    refitted = refitcore.refit(engine, model.state_dict(), path="cached").engine
+    assert rel_err(refitted(x), eager(model, x, dt)) > 10 * TOL[precision]
+    good = refitcore.compile(model, x, backend="reference", precision=precision)
+    assert rel_err(good(x), eager(model, x, dt)) < TOL[precision]
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_bundle_round_trips_reduced_precision_weights(tmp_path, precision):
+    model, x = block()
+    engine = refitcore.compile(model, x, backend="reference", precision=precision)
+    path = tmp_path / "engine.trtrefit"
+    engine.save(path)
+    loaded = refitcore.load(path)
+    a, b = engine.impl.current_weights(), loaded.impl.current_weights()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+    assert torch.equal(engine(x), loaded(x))
+    assert loaded.weight_map == engine.weight_map
+
+
+def test_unknown_precision_is_refused():
+    model, x = conv_bn()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        refitcore.compile(model, x, backend="reference", precision="int8")
