@@ -122,7 +122,8 @@ class ReferenceEngine(HostWeights):
         with torch.no_grad():
             for i, layer in enumerate(self.plan["layers"]):
                 ins = [None if n is None else env[n] for n in layer["inputs"]]
-                w = {role: dtypes.as_torch(self._weights[name]) for role, name in self._layer_weights.get(i, {}).items()}
+                w = {role: dtypes.as_torch(self._weights[name])
+                     for role, name in self._layer_weights.get(i, {}).items()}
                 outs = run_layer_rounded(layer, ins, w)
                 for spec, value in zip(layer["outputs"], outs):
                     # TensorRT writes -1 for a size known only at run time: check the known ones.

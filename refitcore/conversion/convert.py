@@ -298,8 +298,8 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                         ctx.symbols.dims.setdefault(size.node.expr, (t, d))
                 engine_type = getattr(trt.DataType, dtypes.trt_name(ctx.engine_type(val.dtype), "FLOAT"))
                 if val.dtype.is_floating_point and t.dtype != engine_type:   # float32 into the engine's type
-                    cast = network.add_cast(t, engine_type)
-                    t = ctx.name(cast, full=f"input/{node.name}_cast").get_output(0)
+                    to_engine = network.add_cast(t, engine_type)
+                    t = ctx.name(to_engine, full=f"input/{node.name}_cast").get_output(0)
                 values[node.name] = t
                 input_names.append(node.name)
                 input_shapes.append(dims)
@@ -351,7 +351,8 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                 want = dtypes.trt_name(src.meta["val"].dtype) if hasattr(src.meta.get("val"), "dtype") else None
                 if want is not None and o.dtype.name != want and src.meta["val"].dtype.is_floating_point:
                     # back to the graph's type (an fp32 model compiled at fp16 answers in fp32)
-                    o = ctx.name(network.add_cast(o, getattr(trt.DataType, want)), full=f"output_{i}/cast").get_output(0)
+                    to_graph = network.add_cast(o, getattr(trt.DataType, want))
+                    o = ctx.name(to_graph, full=f"output_{i}/cast").get_output(0)
                 o.name = f"output_{i}"
                 network.mark_output(o)
                 output_names.append(o.name)

@@ -95,11 +95,11 @@ def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray]
     if not w.size:
         return np.zeros(0, np.uint16)
     name = f"{layer_name} {role}"
-    arr = None if host is None else host.get(name)
-    if arr is None or np.asarray(arr).dtype != np.uint16 or np.asarray(arr).size != w.size:
+    held = None if host is None else host.get(name)
+    if held is None or np.asarray(held).dtype != np.uint16 or np.asarray(held).size != w.size:
         raise RuntimeError(f"engine weight {name!r}: BF16 weights ({w.size} values) that TensorRT's Python API "
                            f"cannot read back, and no host copy of them of that size")
-    return np.array(arr, copy=True).reshape(-1)
+    return np.array(held, copy=True).reshape(-1)
 
 
 def read_network(network, host: Mapping[str, np.ndarray] | None = None) -> dict:
