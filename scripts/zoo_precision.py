@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import zoo_repos  # noqa: E402  (the zoo's models and weight drawing)
 
 RESULTS = ROOT / "benchmarks" / "results"
-DEFAULT = ("bert", "gpt2", "vit_cls", "convnext_atto", "efficientnet_b0", "llama_padded", "speech_conv1d", "unet2d")
+DEFAULT = ("bert", "gpt2", "t5_encoder", "vit_cls", "swin_cls", "convnext_atto", "efficientnet_b0", "llama_padded",
+           "lstm_text", "speech_conv1d", "r3d_18")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

@@ -73,8 +73,9 @@ MODELS = {"conv_bn": conv_bn, "block": block}
 
 
 def eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model and its floating input in ``dtype`` (token ids stay integers), output as float32."""
     with torch.no_grad():
-        return copy.deepcopy(model).to(dtype)(x.to(dtype)).float()
+        return copy.deepcopy(model).to(dtype)(x.to(dtype) if x.is_floating_point() else x).float()
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -212,3 +213,41 @@ def test_tensorrt_builds_refits_and_verifies_the_same_strongly_typed_network(pre
                              atol=TOL[precision])
     assert result and result.audit.ok
     assert rel_err(result.engine(x).cpu(), eager(new, x.cpu(), dt)) < TOL[precision]
+
+
+class TinyLM(nn.Module):
+    """LLM-style: embedding, RMSNorm, a non-persistent buffer the forward reads (a table a state_dict
+    lacks), an untied head."""
+
+    def __init__(self, vocab: int = 32, d: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.norm = nn.RMSNorm(d, eps=1e-6)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.register_buffer("gain", torch.linspace(0.5, 1.5, d), persistent=False)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids)) * self.gain
+        return self.head(torch.nn.functional.silu(self.proj(h)) + h)
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_reduced_precision_llm_checkpoint_in_safetensors_refits_and_verifies(tmp_path, precision):
+    from safetensors.torch import save_file
+
+    dt = DTYPES[precision]
+    torch.manual_seed(0)
+    model = TinyLM().eval().to(dt)
+    ids = torch.randint(0, 32, (2, 7))
+    engine = refitcore.compile(model, ids, backend="reference", precision=precision)
+    assert engine(ids).dtype == dt
+    assert rel_err(engine(ids), eager(model, ids, dt)) < TOL[precision]
+    torch.manual_seed(1)
+    new = TinyLM().eval().to(dt)
+    path = tmp_path / "model.safetensors"
+    save_file(new.state_dict(), str(path))
+    result = refitcore.refit(engine, str(path), path="cached", audit=True, verify_inputs=[ids],
+                             reference_model=new, rtol=TOL[precision], atol=TOL[precision])
+    assert result and result.audit.ok
+    assert rel_err(result.engine(ids), eager(new, ids, dt)) < TOL[precision]

@@ -166,7 +166,7 @@ class ConversionContext:
         names the model tensor it holds, if any (see :attr:`StaticValue.origin`)."""
         cid = f"c{self._n_constants}"
         self._n_constants += 1
-        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        arr = dtypes.to_numpy(value.detach().cpu()) if isinstance(value, torch.Tensor) else np.asarray(value)
         self.weight_map.constants[cid] = np.ascontiguousarray(arr).copy()
         if origin is not None:
             self.constant_origins[cid] = origin

@@ -292,7 +292,7 @@ class Hybrid:
             mapping = sub.kind.fallback_mapping(sub, sub_state, part(checked), sub_source)
             out.update({HybridImpl.part_name(path, n): v for n, v in mapping.items()})
         for k, arr in impl.params[EAGER].items():
-            out[HybridImpl.part_name(EAGER, k)] = state_array(state[k].to(getattr(torch, str(arr.dtype))))
+            out[HybridImpl.part_name(EAGER, k)] = state_array(state[k].to(dtypes.as_torch(arr).dtype))
         return out
 
     def serialize(self, impl: Any, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:

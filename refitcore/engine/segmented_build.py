@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch.export.graph_signature import InputKind
 
+from refitcore import dtypes
 from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl
 from refitcore.capture.lowering import graph_fingerprint
@@ -245,7 +246,7 @@ class Segmented:
         for name in engine.weight_names:
             index, key = split_name(name)
             if segments[index].kind != "tensorrt":
-                out[name] = state_array(params[key].to(getattr(torch, str(current[name].dtype))))
+                out[name] = state_array(params[key].to(dtypes.as_torch(current[name]).dtype))
         return out
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
