@@ -251,3 +251,19 @@ def test_reduced_precision_llm_checkpoint_in_safetensors_refits_and_verifies(tmp
                              reference_model=new, rtol=TOL[precision], atol=TOL[precision])
     assert result and result.audit.ok
     assert rel_err(result.engine(ids), eager(new, ids, dt)) < TOL[precision]
+
+
+def test_reference_emulation_computes_in_float32_and_rounds_each_output_once():
+    from refitcore.backends.reference_ops import run_layer_rounded
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 64).half(), torch.randn(64, 3).half()
+    layer = {"name": "mm", "type": "MATRIX_MULTIPLY", "attrs": {"op0": "NONE", "op1": "NONE"},
+             "outputs": [{"name": "y", "shape": [4, 3], "dtype": "HALF"}]}
+    (y,) = run_layer_rounded(layer, [a, b], {})
+    assert y.dtype == torch.float16
+    assert torch.equal(y, (a.float() @ b.float()).half())            # float32 accumulation, one rounding
+    bf = {"name": "sm", "type": "SOFTMAX", "attrs": {"axes": 2},
+          "outputs": [{"name": "p", "shape": [4, 64], "dtype": "BF16"}]}
+    (p,) = run_layer_rounded(bf, [a.bfloat16()], {})
+    assert p.dtype == torch.bfloat16 and torch.equal(p, torch.softmax(a.bfloat16().float(), 1).bfloat16())
