@@ -24,6 +24,7 @@ from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dyna
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.dtypes import precision_dtype
 from refitcore.engine import hybrid, segmented_build, whole
 from refitcore.engine.kinds import BuildInput, EngineKind
 from refitcore.engine.options import CompileOptions
@@ -89,6 +90,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     refit path converts (and checking that its graph is the cached engine's). The engine says what
     happened: ``engine.cache_hit`` (True, False, or None without a cache) and ``engine.cache_key``.
 
+    ``precision``: 'fp32' (default), 'fp16' or 'bf16': the type of the network's floating tensors
+    and refittable weights (a strongly typed network; weights rounded once from float32 or wider).
+    Inputs and outputs keep the model's types; compile a model already in half or bfloat16 with the
+    matching precision (docs/precision.md). Another value is a :class:`ValueError`.
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
@@ -96,6 +102,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         engine(torch.randn(1, 3, 64, 64))
     """
     args, kwargs = call_inputs(example_inputs, args, kwargs)
+    precision_dtype(precision)   # an unknown precision is refused before anything is exported
     name, reason = choose_backend(backend)
     options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
                              min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
