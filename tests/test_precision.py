@@ -267,3 +267,23 @@ def test_reference_emulation_computes_in_float32_and_rounds_each_output_once():
           "outputs": [{"name": "p", "shape": [4, 64], "dtype": "BF16"}]}
     (p,) = run_layer_rounded(bf, [a.bfloat16()], {})
     assert p.dtype == torch.bfloat16 and torch.equal(p, torch.softmax(a.bfloat16().float(), 1).bfloat16())
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_partitioned_engine_at_reduced_precision(precision):
+    """A PyTorch segment between TensorRT segments: each TensorRT segment takes and returns the
+    model's type, both refit paths agree exactly, and a model already in the engine's dtype keeps
+    its buffers' bit patterns through the PyTorch segments."""
+    dt = DTYPES[precision]
+    for cast in (False, True):
+        model, x = block()
+        new, _ = block(seed=1)
+        if cast:
+            model, new, x = model.to(dt), new.to(dt), x.to(dt)
+        engine = refitcore.compile(model, x, backend="reference", precision=precision,
+                                   torch_executed_ops=["aten.gelu.default"], min_block_size=1)
+        assert [k for k, _ in engine.summary().segments] == ["tensorrt", "torch", "tensorrt"]
+        assert rel_err(engine(x), eager(model, x, dt)) < TOL[precision]
+        assert audit_paths(cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)).ok
+        refitted = refitcore.refit(engine, new, path="fallback").engine
+        assert rel_err(refitted(x), eager(new, x, dt)) < TOL[precision]
