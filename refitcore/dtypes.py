@@ -2,7 +2,9 @@
 
 Engine weights, prototypes and plans speak TensorRT ``DataType`` names ("FLOAT", "HALF", ...);
 arrays are NumPy; tensors are torch. Every translation between the three goes through here.
-NumPy has no bfloat16: ``numpy_dtype("BF16")`` is None (the driver refuses such weights).
+NumPy has no bfloat16: a BF16 array is its bit patterns as ``uint16`` (``numpy_dtype("BF16")``;
+TensorRT has no UINT16 type, so the two never meet). :func:`to_numpy` and :func:`as_torch` translate,
+:func:`as_float` reads such an array as numbers, :func:`round_to` rounds once to an engine dtype.
 """
 from __future__ import annotations
 
@@ -11,13 +13,14 @@ from typing import Any, overload
 import numpy as np
 import torch
 
-__all__ = ["TABLE", "TORCH_SEGMENT_TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES"]
+__all__ = ["TABLE", "TORCH_SEGMENT_TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES",
+           "PRECISIONS", "precision_dtype", "round_to", "to_numpy", "as_torch", "as_float"]
 
 # (TensorRT DataType name, NumPy dtype name or None, torch dtype)
 TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
     ("FLOAT", "float32", torch.float32),
     ("HALF", "float16", torch.float16),
-    ("BF16", None, torch.bfloat16),
+    ("BF16", "uint16", torch.bfloat16),   # bit patterns (NumPy has no bfloat16)
     ("INT32", "int32", torch.int32),
     ("INT64", "int64", torch.int64),
     ("BOOL", "bool", torch.bool),
@@ -56,7 +59,7 @@ def trt_name(dtype: Any, default: str | None = None) -> str | None:
 
 
 def numpy_dtype(name: str) -> np.dtype | None:
-    """The NumPy dtype of a TensorRT DataType name; None where NumPy has none (BF16) or unknown."""
+    """The NumPy dtype of a TensorRT DataType name (BF16: ``uint16`` bit patterns); None if unknown."""
     np_name = _BY_TRT.get(name, (None, None))[0]
     return None if np_name is None else np.dtype(np_name)
 
@@ -65,3 +68,64 @@ def torch_dtype(name: str, default: torch.dtype | None = None) -> torch.dtype | 
     """The torch dtype of a TensorRT DataType name, else ``default``."""
     entry = _BY_TRT.get(name)
     return default if entry is None else entry[1]
+
+
+# Engine precisions (``compile(precision=...)``) -> the torch dtype of the network's floating tensors.
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """The floating dtype of an engine of ``precision`` ('fp32', 'fp16', 'bf16'); ValueError otherwise."""
+    try:
+        return PRECISIONS[precision]
+    except (KeyError, TypeError):
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
+
+
+def _round_to_odd_f32(x: torch.Tensor) -> torch.Tensor:
+    """float64 -> float32 rounded to odd (toward zero, then the last bit set where inexact): rounding
+    that once more to a format of at most 22 significand bits (bfloat16's 8) is the correctly
+    rounded result of the float64 value, which rounding to nearest twice is not."""
+    f = x.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != x
+    f = torch.where(inexact & (back.abs() > x.abs()), torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
+def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded ONCE to ``dtype`` (to nearest, ties to even): the correctly rounded value of
+    what ``t`` holds, also from float64 (torch rounds float64 -> float16/bfloat16 through float32,
+    twice). Engine weights of every refit path and of compile are rounded here."""
+    if t.dtype == dtype or not (t.is_floating_point() and dtype.is_floating_point):
+        return t.to(dtype)
+    if t.dtype == torch.float64 and dtype == torch.float16:
+        return torch.from_numpy(t.detach().cpu().numpy().astype(np.float16))   # NumPy rounds float64 -> half once
+    if t.dtype == torch.float64 and dtype == torch.bfloat16:
+        return _round_to_odd_f32(t.detach()).to(torch.bfloat16)
+    return t.to(dtype)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU tensor as a NumPy array; bfloat16 as its ``uint16`` bit patterns (shares memory)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+def as_torch(arr: np.ndarray) -> torch.Tensor:
+    """A NumPy array as a tensor; ``uint16`` arrays are bfloat16 bit patterns (shares memory where it can)."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint16:
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(arr)
+
+
+def as_float(arr: np.ndarray) -> np.ndarray:
+    """A weight array as numbers NumPy can compute with: bfloat16 bit patterns as float32 (exact),
+    other arrays as they are."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.uint16:
+        return as_torch(arr).to(torch.float32).numpy()
+    return arr

@@ -1,6 +1,10 @@
 """The reference backend: a CPU interpreter of our TensorRT network plus a weight store with the
 Refitter's contract. It proves the network and the weight mapping right without a GPU; it does
-not exercise TensorRT's kernels."""
+not exercise TensorRT's kernels.
+
+Reduced precision (fp16/bf16 networks) is emulated at layer boundaries: every layer computes in
+float32 from its inputs and weights as stored (HALF/BF16 values, widened exactly), and its outputs
+are rounded once to the types the network gives them (docs/precision.md)."""
 from __future__ import annotations
 
 import heapq
@@ -13,7 +17,7 @@ import torch
 
 from refitcore import dtypes
 from refitcore.backends.base import HostWeights, WeightsPrototype, staged
-from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer
+from refitcore.backends.reference_ops import ELEMENTWISE_OPS, OPS, run_layer_rounded
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.conversion.network_reader import LOOP_BOUNDARIES, WEIGHT_ROLES, read_network
 from refitcore.options import MAX_TENSOR_ELEMENTS
@@ -261,9 +265,8 @@ class ReferenceEngine(HostWeights):
     def _run_layer(self, i: int, env: dict[str, torch.Tensor]) -> None:
         layer = self.plan["layers"][i]
         ins = [None if n is None else env[n] for n in layer["inputs"]]
-        w = {role: torch.from_numpy(np.asarray(self._weights[name]))
-             for role, name in self._layer_weights.get(i, {}).items()}
-        self._store(layer, run_layer(layer, ins, w), env)
+        w = {role: dtypes.as_torch(self._weights[name]) for role, name in self._layer_weights.get(i, {}).items()}
+        self._store(layer, run_layer_rounded(layer, ins, w), env)
 
     def _run_loop(self, loop: Loop, env: dict[str, torch.Tensor]) -> None:
         """A TensorRT loop (ILoop): the trip limit (COUNT: a 0-d count read before the loop) sets
@@ -401,9 +404,8 @@ class ReferenceRefitter:
 
 def build(result, **options: Any) -> ReferenceEngine:
     """'Build' the converted network: read it into an immutable plan."""
-    if options.get("precision", "fp32") != "fp32":
-        raise ValueError("the reference backend runs fp32 only")
-    plan = read_network(result.network)
+    dtypes.precision_dtype(options.get("precision", "fp32"))   # ValueError for an unknown precision
+    plan = read_network(result.network, result.weights)
     if getattr(result, "profiles", None) is not None:
         plan["profiles"] = result.profiles.to_json()
     return ReferenceEngine(plan)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from refitcore.dtypes import TABLE
 
-__all__ = ["OPS", "ELEMENTWISE_OPS", "run_layer"]
+__all__ = ["OPS", "ELEMENTWISE_OPS", "run_layer", "run_layer_rounded"]
 
 OPS: dict[str, Callable] = {}
 
@@ -840,3 +840,23 @@ def run_layer(layer: dict, ins: list, weights: dict):
     return fn(layer, ins, weights)
 
 
+
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def _widened(value):
+    return value.to(torch.float32) if isinstance(value, torch.Tensor) and value.dtype in _NARROW else value
+
+
+def run_layer_rounded(layer: dict, ins: list, weights: dict):
+    """:func:`run_layer` with reduced precision emulated at the layer's boundary: HALF/BF16 inputs
+    and weights widened (exactly) to float32, the layer computed in float32 (a matrix multiply or
+    convolution accumulates in float32), each output rounded once to the type the network declares
+    for it. A float32 layer runs as it is."""
+    if not any(isinstance(v, torch.Tensor) and v.dtype in _NARROW for v in list(ins) + list(weights.values())) \
+            and not any(o.get("dtype") in ("HALF", "BF16") for o in layer["outputs"]):
+        return run_layer(layer, ins, weights)
+    outs = run_layer(layer, [_widened(v) for v in ins], {k: _widened(v) for k, v in weights.items()})
+    return [v.to(_DTYPES[spec["dtype"]]) if spec.get("dtype") in ("HALF", "BF16") and v.dtype != _DTYPES[spec["dtype"]]
+            else v for v, spec in zip(outs, layer["outputs"])]

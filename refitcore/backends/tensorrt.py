@@ -1,8 +1,8 @@
 """The TensorRT backend: real engines on a CUDA GPU, through NVIDIA's Python API.
 
 - build: the converted network with ``BuilderFlag.REFIT``; strict fp32 by default (TF32
-  cleared; ``tf32=True`` allows it), ``precision='fp16'`` where the API has ``BuilderFlag.FP16``
-  (see :mod:`.tensorrt_build`);
+  cleared; ``tf32=True`` allows it); fp16/bf16 engines are strongly typed networks whose tensors
+  and weights carry those types (see :mod:`.tensorrt_build` and docs/precision.md);
 - run: torch CUDA tensors bound with ``IExecutionContext.set_tensor_address`` and
   ``execute_async_v3`` on ``torch.cuda.current_stream()``;
 - refit: :class:`.tensorrt_refit.TensorRTRefitter` over ``trt.Refitter`` (driven by
@@ -269,8 +269,8 @@ class TensorRTEngine(HostWeights):
 
 def build(result, **options: Any) -> TensorRTEngine:
     """Build the converted network (``result``: :class:`refitcore.conversion.convert.ConversionResult`)
-    into a refittable engine. Options: ``precision`` ('fp32' default, or 'fp16'), ``tf32`` (False:
-    strict IEEE fp32)."""
+    into a refittable engine. Options: ``precision`` ('fp32' default, 'fp16' or 'bf16':
+    recorded; the network's types carry it), ``tf32`` (False: strict IEEE fp32)."""
     unknown = sorted(set(options) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unknown TensorRT build option(s) {unknown}; known: {list(_OPTIONS)}")

@@ -12,10 +12,12 @@ Documentation relied on:
   convolutions and matrix multiplies in IEEE fp32: "Precision Control",
   https://docs.nvidia.com/deeplearning/tensorrt/11.0.0/inference-library/precision-control.html
   (TensorRT-RTX 1.7 reports ``get_flag(TF32) == True`` on a fresh config, checked on the CPU machine).
-- fp16 in a weakly typed network is ``BuilderFlag.FP16`` (same page). TensorRT-RTX has no FP16
-  builder flag: its networks are strongly typed (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``,
-  https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/_static/python-api/infer/Core/Builder.html),
-  so precision='fp16' is refused there with that reason instead of silently building fp32.
+- Reduced precision is in the network, not the builder: the converters build strongly typed networks
+  (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; TensorRT-RTX's always are, and it has no FP16
+  builder flag: https://docs.nvidia.com/deeplearning/tensorrt-rtx/latest/_static/python-api/infer/Core/Builder.html)
+  whose tensors and weights carry fp16/bf16 types, and a strongly typed network takes no precision
+  builder flags ("Strong Typing vs Weak Typing", same Precision Control page). ``precision`` is
+  checked and recorded here; it sets no flag.
 - ``Builder.is_network_supported`` reports violated constraints to the error recorder
   (Python API docstring of ``tensorrt.Builder``).
 """
@@ -24,13 +26,12 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from refitcore import _trt
+from refitcore import _trt, dtypes
 from refitcore.backends.tensorrt_shapes import add_profiles
-from refitcore.errors import BackendUnavailableError
 
 __all__ = ["PRECISIONS", "PlanBuild", "builder_config", "build_plan"]
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = tuple(dtypes.PRECISIONS)   # the network's float type (refitcore.conversion.convert)
 
 
 @dataclasses.dataclass
@@ -51,8 +52,8 @@ class PlanBuild:
 
 def builder_config(builder, *, precision: str = "fp32", tf32: bool = False, refit: bool = True, trt=None):
     """A builder config with ``BuilderFlag.REFIT`` (unless ``refit=False``, for comparisons only),
-    TF32 cleared unless ``tf32=True`` (strict IEEE fp32 by default), and ``BuilderFlag.FP16`` for
-    ``precision='fp16'``."""
+    TF32 cleared unless ``tf32=True`` (strict IEEE fp32 by default). ``precision`` must be one of
+    :data:`PRECISIONS`; it sets no flag (the strongly typed network's types are the precision)."""
     t = trt if trt is not None else _trt.trt()
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -67,14 +68,6 @@ def builder_config(builder, *, precision: str = "fp32", tf32: bool = False, refi
             config.clear_flag(t.BuilderFlag.TF32)
     elif tf32:
         raise ValueError("tf32=True: this TensorRT has no BuilderFlag.TF32")
-    if precision == "fp16":
-        if not hasattr(t.BuilderFlag, "FP16"):
-            name = getattr(t, "__name__", "tensorrt")
-            raise BackendUnavailableError(
-                f"precision='fp16' needs BuilderFlag.FP16, which {name} {getattr(t, '__version__', '')} does not "
-                f"have (TensorRT-RTX networks are strongly typed: fp16 would need fp16 tensors in the network). "
-                f"Use precision='fp32', or NVIDIA's full TensorRT for fp16 builds.")
-        config.set_flag(t.BuilderFlag.FP16)
     return config
 
 

@@ -96,6 +96,14 @@ def _is_cuda_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and getattr(value, "is_cuda", False)
 
 
+
+def host_weights(t, arr: np.ndarray):
+    """``trt.Weights`` pointing at a host array (no copy); a ``uint16`` array holds bfloat16 bit
+    patterns (:mod:`refitcore.dtypes`), which NumPy cannot type: handed over by pointer as BF16."""
+    if arr.dtype == np.uint16:
+        return t.Weights(t.DataType.BF16, int(arr.ctypes.data), int(arr.size))
+    return t.Weights(arr)
+
 class TensorRTRefitter:
     """TensorRT's ``Refitter`` with the contract :mod:`refitcore.refitting.driver` expects.
 
@@ -158,7 +166,7 @@ class TensorRTRefitter:
             location = t.TensorLocation.DEVICE
         else:
             if type(value).__module__.startswith("torch"):
-                value = value.detach().cpu().numpy()
+                value = dtypes.to_numpy(value.detach().cpu())   # bfloat16 as its bit patterns
             buf = np.array(value, copy=True, order="C")
             dtype = dtypes.trt_name(buf.dtype, str(buf.dtype))
             count = int(buf.size)
@@ -173,12 +181,12 @@ class TensorRTRefitter:
                 ok = self._refitter.set_named_weights(name, weights, location)
             except TypeError:
                 # A TensorRT without the location overload: hand over a host copy instead.
-                host = buf.cpu().numpy()
+                host = dtypes.to_numpy(buf.cpu())
                 buf, location = host, t.TensorLocation.HOST
-                weights = t.Weights(buf)
+                weights = host_weights(t, buf)
                 ok = self._refitter.set_named_weights(name, weights)
         else:
-            weights = t.Weights(buf)   # no copy: points at buf, which self._pending keeps alive
+            weights = host_weights(t, buf)   # no copy: points at buf, which self._pending keeps alive
             ok = self._refitter.set_named_weights(name, weights)
         if not ok:
             return self._reject(name, "TensorRT's Refitter.set_named_weights rejected the value "
@@ -202,7 +210,7 @@ class TensorRTRefitter:
                 return False
             committed = {}
             for name, (buf, _weights, host) in self._pending.items():
-                arr = host if host is not None else buf.cpu().numpy()
+                arr = host if host is not None else dtypes.to_numpy(buf.cpu())
                 committed[name] = arr.reshape(self._shapes.get(name, arr.shape))
             self._on_commit(committed)
             return True

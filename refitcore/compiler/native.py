@@ -24,6 +24,7 @@ from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dyna
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.dtypes import precision_dtype
 from refitcore.engine import hybrid, segmented_build, torch_tensorrt, whole
 from refitcore.engine.kinds import BuildInput, EngineKind
 from refitcore.engine.options import DEFAULT_COMPILER, CompileOptions
@@ -97,6 +98,11 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     inputs may be ``torch_tensorrt.Input(min_shape=, opt_shape=, max_shape=)`` (dynamic) or tensors
     with ``dynamic_shapes=`` (torch.export ``Dim`` objects). No ``cache``, ``submodules`` or ``profiles``.
 
+    ``precision``: 'fp32' (default), 'fp16' or 'bf16': the type of the network's floating tensors
+    and refittable weights (a strongly typed network; weights rounded once from float32 or wider).
+    Inputs and outputs keep the model's types; compile a model already in half or bfloat16 with the
+    matching precision (docs/precision.md). Another value is a :class:`ValueError`.
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
@@ -104,10 +110,15 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         engine(torch.randn(1, 3, 64, 64))
     """
     args, kwargs = call_inputs(example_inputs, args, kwargs)
+    precision_dtype(precision)   # an unknown precision is refused before anything is exported
     if compiler != DEFAULT_COMPILER:
         if cache is not None or submodules is not None or profiles:
             raise ValueError(f"compiler={compiler!r} takes no cache=, submodules= or profiles= (its engines are not "
                              f"saved, and Torch-TensorRT exports the whole model)")
+        if precision != "fp32":
+            raise ValueError(f"compiler={compiler!r} with precision={precision!r}: Torch-TensorRT engines are checked "
+                             f"in fp32 only; reduced precision is checked with refitcore's own compiler "
+                             f"(compiler='refitcore')")
         args, dynamic_shapes = torch_tensorrt.example_inputs(args, dynamic_shapes)
     name, reason = choose_backend(backend)
     options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from refitcore import _trt
+from refitcore import _trt, dtypes
 from refitcore.conversion.weight_map import WeightMap, WeightSource, has_key, operand_constants
 
 __all__ = ["StaticValue", "ConversionContext", "ROLES"]
@@ -54,10 +54,19 @@ class ConversionContext:
     keepalive: list = dataclasses.field(default_factory=list)
     _pending: list = dataclasses.field(default_factory=list)   # weights awaiting their layer's name
     _n_constants: int = 0
+    # The engine's floating type (compile's precision): every floating tensor of the network and every
+    # floating weight has it (a strongly typed network); the graph's own float dtypes map onto it.
+    float_dtype: torch.dtype = torch.float32
 
     @property
     def trt(self):
         return _trt.trt()
+
+    def engine_type(self, dtype: torch.dtype) -> torch.dtype:
+        """The network's type for a graph tensor of ``dtype``: float32 (the default type) and float64
+        are the engine's float type; float16/bfloat16 (a model in that type, or a cast the graph
+        makes on purpose) and non-float types stay as the graph has them."""
+        return self.float_dtype if dtype in (torch.float32, torch.float64) else dtype
 
     @property
     def current_node(self) -> fx.Node:
@@ -87,16 +96,25 @@ class ConversionContext:
         return arg
 
     # ---- naming: the one place that names layers and records their weights ----------
-    def new_weights(self, role: str, value: np.ndarray, recipe: str = "copy", inputs: dict | None = None,
-                    params: dict | None = None):
-        """TensorRT weights for the next layer :meth:`name` names: ``value`` as float32, derived
-        from the state_dict by ``recipe(inputs, **params)``. Recorded in the weight map as
-        ``"<layer name> <role>"`` when the layer is named."""
+    def new_weights(self, role: str, value: torch.Tensor | np.ndarray, recipe: str = "copy", inputs: dict | None = None,
+                    params: dict | None = None, *, dtype: torch.dtype | None = None):
+        """TensorRT weights for the next layer :meth:`name` names: ``value`` (computed in float32 or
+        wider) rounded once to ``dtype`` (default: the engine's float type; float32 for the float
+        stand-ins of integer and boolean constants), derived from the state_dict by
+        ``recipe(inputs, **params)``. Recorded in the weight map as ``"<layer name> <role>"``, with
+        that dtype, when the layer is named."""
         assert role in ROLES, role
-        arr = np.ascontiguousarray(value, dtype=np.float32)
+        want = self.float_dtype if dtype is None else dtype
+        tensor = value.detach() if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        tensor = dtypes.round_to(tensor.cpu(), want).contiguous()
+        arr = np.ascontiguousarray(dtypes.to_numpy(tensor))
         self.keepalive.append(arr)
-        w = self.trt.Weights(arr)
-        self._pending.append((w, role, arr, recipe, dict(inputs or {}), dict(params or {})))
+        if want == torch.bfloat16:   # no NumPy bfloat16: TensorRT reads the bit patterns by pointer
+            w = self.trt.Weights(self.trt.DataType.BF16, arr.ctypes.data, arr.size)
+        else:
+            w = self.trt.Weights(arr)
+        self._pending.append((w, role, arr, recipe, dict(inputs or {}), dict(params or {}),
+                              str(want).replace("torch.", "")))
         return w
 
     def name(self, layer, suffix: str | None = None, *, full: str | None = None):
@@ -117,7 +135,7 @@ class ConversionContext:
             raise RuntimeError(f"internal error: layer name {full!r} used twice")
         self._used_names.add(full)
         layer.name = full
-        for w, role, arr, recipe, inputs, params in self._pending:
+        for w, role, arr, recipe, inputs, params, dtype in self._pending:
             wname = f"{full} {role}"
             if wname in self.weight_map.sources:
                 raise RuntimeError(f"internal error: engine weight {wname!r} recorded twice")
@@ -125,7 +143,7 @@ class ConversionContext:
                 recipe = "constant"
             self.weight_map.sources[wname] = WeightSource(
                 recipe=recipe, inputs=inputs, params=params,
-                shape=tuple(int(s) for s in arr.shape), dtype="float32")
+                shape=tuple(int(s) for s in arr.shape), dtype=dtype)
             self.weights[wname] = arr
             if not self.network.set_weights_name(w, wname):
                 raise RuntimeError(f"TensorRT refused the weight name {wname!r}")
@@ -148,7 +166,7 @@ class ConversionContext:
         names the model tensor it holds, if any (see :attr:`StaticValue.origin`)."""
         cid = f"c{self._n_constants}"
         self._n_constants += 1
-        arr = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+        arr = dtypes.to_numpy(value.detach().cpu()) if isinstance(value, torch.Tensor) else np.asarray(value)
         self.weight_map.constants[cid] = np.ascontiguousarray(arr).copy()
         if origin is not None:
             self.constant_origins[cid] = origin
@@ -169,17 +187,23 @@ class ConversionContext:
                                                       for c in operand_constants(op)))
 
     def constant(self, value: StaticValue | torch.Tensor | float | int, *, rank: int | None = None,
-                 shape: Sequence[int] | None = None, suffix: str = "const"):
-        """A named constant layer holding ``value`` (broadcast-ready: leading 1s up to ``rank``)."""
+                 shape: Sequence[int] | None = None, suffix: str = "const", dtype: torch.dtype | None = None):
+        """A named constant layer holding ``value`` (broadcast-ready: leading 1s up to ``rank``), of
+        the engine's float type, or of the floating ``dtype`` given (float32 where an op runs in
+        float32 inside a reduced-precision engine)."""
         origin = None
         if isinstance(value, StaticValue):
             tensor, operand, origin = value.tensor, value.operand, value.origin
         elif isinstance(value, torch.Tensor):
             tensor, operand = value, None
         else:
-            tensor = torch.tensor(value, dtype=torch.float32)
+            tensor = torch.tensor(value)   # a Python int or bool stays integral (a float32 stand-in below)
             operand = None
-        tensor = tensor.detach().to(torch.float32)
+        # Floating values in the engine's type (rounded once from what the graph computed); integers
+        # and booleans as float32 (exact below 2**24), which the converter casts to their type
+        # (``typed_constant``).
+        floating = tensor.is_floating_point()
+        tensor = tensor.detach() if floating else tensor.detach().to(torch.float32)
         if shape is None:
             shape = tuple(tensor.shape)
             if rank is not None:
@@ -189,5 +213,6 @@ class ConversionContext:
         tensor = tensor.reshape(tuple(shape))
         if operand is None:
             operand = self.literal(tensor, origin)
-        w = self.new_weights("CONSTANT", tensor.numpy(), "copy", {"x": operand})
+        w = self.new_weights("CONSTANT", tensor, "copy", {"x": operand},
+                             dtype=(dtype or self.float_dtype) if floating else torch.float32)
         return self.name(self.network.add_constant(self.trt.Dims(tuple(shape)), w), suffix).get_output(0)

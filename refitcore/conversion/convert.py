@@ -231,12 +231,17 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
 
 
 def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
-            *, fusion: FusionPlan | None = None, profiles: Any = None) -> ConversionResult:
-    """Build a TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
+            *, fusion: FusionPlan | None = None, profiles: Any = None, precision: str = "fp32") -> ConversionResult:
+    """Build a strongly typed TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
 
     Dimensions that ``ep`` exported as dynamic become -1 in the network inputs; ``profiles``
     (:class:`refitcore.capture.shapes.ShapeProfiles`) travels to the backend, which makes them
-    optimization profiles."""
+    optimization profiles.
+
+    ``precision`` ('fp32', 'fp16', 'bf16'): the type of every floating tensor and weight inside the
+    network. Weights are computed from the state_dict in float32 (or wider) and rounded once to it;
+    the network's inputs and outputs keep the graph's types (cast at the boundary), as a model
+    compiled with Torch-TensorRT's autocast does (docs/precision.md)."""
     problems = unsupported_ops(ep)
     if problems:
         raise UnsupportedOperatorError(problems)
@@ -247,16 +252,23 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
     state: dict[str, torch.Tensor] = dict(ep.state_dict)
     if params is not None:
         state.update(params)
-    state = {k: v.detach() for k, v in state.items()}
+    # Floating weights as the refit paths see them (refitcore.refitting.prepare casts them to float32),
+    # so that compile computes every engine weight from the same operands: bit-identical paths.
+    state = {k: v.detach().to(torch.float32) if v.is_floating_point() else v.detach() for k, v in state.items()}
     constants = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                  for k, v in (getattr(ep, "constants", {}) or {}).items()}
 
+    float_dtype = dtypes.precision_dtype(precision)
     builder = trt.Builder(_trt.logger())
-    # TensorRT 10+ and TensorRT-RTX networks are always explicit-batch (the flag is deprecated).
-    network = builder.create_network(0)
+    # TensorRT 10+ and TensorRT-RTX networks are always explicit-batch (the flag is deprecated), and
+    # strongly typed where the API has the flag (TensorRT-RTX's are, always): every tensor's type is
+    # the one the converters give it, the builder picks no precision of its own.
+    flag = getattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if flag is None else 1 << int(flag))
     wm = WeightMap()
     ctx = ConversionContext(network=network, weight_map=wm, layer_names=layer_names_for(gm),
-                            fusions_conv_to_bn=dict(fusion.conv_to_bn), symbols=SymbolTable())
+                            fusions_conv_to_bn=dict(fusion.conv_to_bn), symbols=SymbolTable(),
+                            float_dtype=float_dtype)
 
     specs = {s.arg.name: s for s in sig.input_specs}
     values: dict[str, Any] = {}
@@ -284,6 +296,10 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                 for d, size in enumerate(val.shape):
                     if is_symbolic(size) and size.node.expr.is_Symbol:
                         ctx.symbols.dims.setdefault(size.node.expr, (t, d))
+                engine_type = getattr(trt.DataType, dtypes.trt_name(ctx.engine_type(val.dtype), "FLOAT"))
+                if val.dtype.is_floating_point and t.dtype != engine_type:   # float32 into the engine's type
+                    to_engine = network.add_cast(t, engine_type)
+                    t = ctx.name(to_engine, full=f"input/{node.name}_cast").get_output(0)
                 values[node.name] = t
                 input_names.append(node.name)
                 input_shapes.append(dims)
@@ -332,6 +348,11 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                     # One tensor returned twice (eval-mode identities), or an input returned as is:
                     # each output needs a tensor of its own.
                     o = ctx.name(network.add_identity(o), full=f"output_{i}/identity").get_output(0)
+                want = dtypes.trt_name(src.meta["val"].dtype) if hasattr(src.meta.get("val"), "dtype") else None
+                if want is not None and o.dtype.name != want and src.meta["val"].dtype.is_floating_point:
+                    # back to the graph's type (an fp32 model compiled at fp16 answers in fp32)
+                    to_graph = network.add_cast(o, getattr(trt.DataType, want))
+                    o = ctx.name(to_graph, full=f"output_{i}/cast").get_output(0)
                 o.name = f"output_{i}"
                 network.mark_output(o)
                 output_names.append(o.name)

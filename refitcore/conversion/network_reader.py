@@ -3,7 +3,10 @@ fallback mapping's way of reading weights back off a freshly converted network.
 
 Everything here is read off the TensorRT objects (layer type, attributes, weights, tensor
 names and shapes), never from our own side tables, so the interpreter executes exactly the
-network that TensorRT would be given.
+network that TensorRT would be given. One exception: TensorRT's Python API cannot hand back the
+values of BF16 weights (``Weights.numpy()`` has no bfloat16), so those come from ``host`` (the
+values the converter made, by engine weight name: ``ConversionResult.weights``), checked against
+the type and count TensorRT reports for the layer's weights.
 """
 from __future__ import annotations
 
@@ -102,9 +105,25 @@ def _tensor_info(tensor) -> dict:
     return {"name": tensor.name, "shape": [int(s) for s in tensor.shape], "dtype": tensor.dtype.name}
 
 
-def read_network(network) -> dict:
+def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray] | None) -> np.ndarray:
+    """The values of a layer's ``trt.Weights`` (BF16: as ``uint16`` bit patterns, from ``host``)."""
+    if getattr(w, "dtype", None) != t.DataType.BF16:   # an ndarray, or Weights NumPy can hold
+        arr = np.asarray(w)
+        return np.array(arr, dtype=arr.dtype, copy=True)
+    if not w.size:
+        return np.zeros(0, np.uint16)
+    name = f"{layer_name} {role}"
+    held = None if host is None else host.get(name)
+    if held is None or np.asarray(held).dtype != np.uint16 or np.asarray(held).size != w.size:
+        raise RuntimeError(f"engine weight {name!r}: BF16 weights ({w.size} values) that TensorRT's Python API "
+                           f"cannot read back, and no host copy of them of that size")
+    return np.array(held, copy=True).reshape(-1)
+
+
+def read_network(network, host: Mapping[str, np.ndarray] | None = None) -> dict:
     """Plan = {"inputs", "outputs", "layers"}; each layer {name, type, inputs, outputs, attrs,
-    weights: {ROLE: ndarray}} with empty weights left out."""
+    weights: {ROLE: ndarray}} with empty weights left out. ``host``: the values of BF16 weights
+    (see the module docstring)."""
     t = _trt.trt()
     layers = []
     for i in range(network.num_layers):
@@ -139,8 +158,7 @@ def read_network(network) -> dict:
             attrs["loop"] = layer.loop.name
         weights = {}
         for role, attr in roles.items():
-            arr = getattr(layer, attr)
-            arr = np.asarray(arr)
+            arr = _weights_of(t, getattr(layer, attr), layer.name, role, host)
             if arr.size:
                 weights[role] = np.array(arr, dtype=arr.dtype, copy=True)
         if ltype == "CONSTANT" and outputs[0]["dtype"] in SHAPE_DTYPES:
@@ -153,17 +171,19 @@ def read_network(network) -> dict:
     return {"inputs": inputs, "outputs": outputs, "layers": layers}
 
 
-def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, np.ndarray]:
+def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "",
+                    host: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Every refittable weight read off a converted network's layers (the fallback mapping), named
-    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says."""
+    ``prefix + "<layer name> <ROLE>"``, in its engine dtype (BF16 as ``uint16`` bit patterns, from
+    ``host``) and shaped as ``shapes`` (engine weight name -> shape) says."""
     out: dict[str, np.ndarray] = {}
-    for layer in read_network(network)["layers"]:
+    for layer in read_network(network, host)["layers"]:
         for role in WEIGHT_ROLES.get(layer["type"], ()):
             arr = layer["weights"].get(role)
             if arr is None:
                 continue
             name = f"{prefix}{layer['name']} {role}"
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            arr = np.ascontiguousarray(arr)
             shape = shapes.get(name)
             if shape is not None and math.prod(shape) == arr.size:
                 arr = arr.reshape(shape)  # TensorRT hands kernels back flat

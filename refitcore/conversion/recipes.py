@@ -30,6 +30,7 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.conversion import allowed_ops
 from refitcore.errors import BundleContentError, MapCannotServeError
 from refitcore.options import MAX_TENSOR_ELEMENTS
@@ -191,7 +192,7 @@ def evaluate_operand(operand: Any, state: Mapping[str, torch.Tensor], constants:
     The tree is first evaluated on the ``meta`` device (:func:`check_operand`): nothing is computed
     unless every op is allowed and every tensor it makes has at most ``max_elements`` elements."""
     def value(kind: str, name: str):
-        return state[name] if kind == "key" else torch.from_numpy(np.asarray(constants[name]))
+        return state[name] if kind == "key" else dtypes.as_torch(constants[name])
 
     check_operand(operand, lambda kind, name: allowed_ops.to_meta(value(kind, name)), max_elements=max_elements,
                   where=where)

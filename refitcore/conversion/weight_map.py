@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.conversion import allowed_ops
 from refitcore.conversion.recipes import RECIPES, apply_recipe, check_operand
 from refitcore.errors import BundleContentError, MapCannotServeError
@@ -278,7 +279,7 @@ class WeightMap:
                 if kind == "const":
                     if name not in self.constants:
                         raise BundleContentError(f"{where}: reads constant {name[:80]!r}, which the map does not hold")
-                    return allowed_ops.to_meta(torch.from_numpy(self.constants[name]))
+                    return allowed_ops.to_meta(dtypes.as_torch(self.constants[name]))
                 if name not in self.key_specs:
                     raise BundleContentError(f"{where}: reads state_dict key {name[:80]!r}, which key_specs "
                                              f"does not declare")
@@ -363,7 +364,7 @@ class WeightMap:
             if value is None:
                 problems.append(f"the new model has no tensor {name!r} (a constant of the compiled graph)")
                 continue
-            arr = np.asarray(value.detach().cpu().numpy(), dtype=recorded.dtype)
+            arr = _as_recorded(value, recorded)
             if arr.size != recorded.size:
                 problems.append(f"tensor constant {name!r}: {list(arr.shape)} where the compiled model had "
                                 f"{list(recorded.shape)}")
@@ -381,10 +382,15 @@ class WeightMap:
         for cid, name in (self.constant_origins or {}).items():
             recorded, value = self.constants[cid], lookup(name)
             if value is None or value.numel() != recorded.size or not np.array_equal(
-                    np.asarray(value.detach().cpu().numpy(), dtype=recorded.dtype).reshape(recorded.shape), recorded,
-                    equal_nan=True):
+                    _as_recorded(value, recorded).reshape(recorded.shape), recorded, equal_nan=True):
                 names.add(name)
         return sorted(names)
+
+
+def _as_recorded(value: Any, recorded: np.ndarray) -> np.ndarray:
+    """A model tensor as an array of the recorded constant's dtype (bfloat16 as its bit patterns)."""
+    want = dtypes.as_torch(np.zeros(0, recorded.dtype)).dtype
+    return dtypes.to_numpy(value.detach().cpu().to(want).contiguous())
 
 
 def _tensor_lookup(source: Any):

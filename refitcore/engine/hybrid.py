@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from refitcore import dtypes
 from refitcore.capture.lowering import export_model
 from refitcore.capture.structured import leaf_names, unflatten
 from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_consts, rename_keys
@@ -205,7 +206,7 @@ class HybridImpl:
         leaves = [next(it) if "tensor" in d else d["value"] for d in self.structure["in_leaves"]]
         args, kwargs = unflatten(leaves, self.structure["in"])
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
-        params = {key: torch.from_numpy(v).to(device) for k, v in self.params[EAGER].items()
+        params = {key: dtypes.as_torch(v).to(device) for k, v in self.params[EAGER].items()
                   if (key := _shell_key(k, self.compiled)) not in self.tied_aliases}
         with torch.no_grad():
             out = torch.func.functional_call(self.shell, params, tuple(args), dict(kwargs), strict=False)
@@ -291,7 +292,7 @@ class Hybrid:
             mapping = sub.kind.fallback_mapping(sub, sub_state, part(checked), sub_source)
             out.update({HybridImpl.part_name(path, n): v for n, v in mapping.items()})
         for k, arr in impl.params[EAGER].items():
-            out[HybridImpl.part_name(EAGER, k)] = state_array(state[k].to(getattr(torch, str(arr.dtype))))
+            out[HybridImpl.part_name(EAGER, k)] = state_array(state[k].to(dtypes.as_torch(arr).dtype))
         return out
 
     def serialize(self, impl: Any, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from refitcore import dtypes
 from refitcore.backends.base import EngineImpl
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.capture.structured import describe_leaf, spec_to_json
@@ -137,8 +138,9 @@ class CompilerRefit(Protocol):
 
 
 def state_array(t: torch.Tensor) -> np.ndarray:
-    """A state_dict tensor as an array the engine owns (a copy: the model can change afterwards)."""
-    return np.ascontiguousarray(t.detach().to("cpu").numpy()).copy()
+    """A state_dict tensor as an array the engine owns (a copy: the model can change afterwards;
+    bfloat16 as its bit patterns, :func:`refitcore.dtypes.to_numpy`)."""
+    return np.ascontiguousarray(dtypes.to_numpy(t.detach().to("cpu"))).copy()
 
 
 def structure_of(args: tuple, kwargs: dict, out_spec: Any) -> dict:

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl, WeightsPrototype, staged
 from refitcore.partition.partitioner import Segment
@@ -30,7 +31,7 @@ __all__ = ["SegmentedImpl", "SegmentedRefitter", "CompositeImpl", "KIND", "split
 KIND = "segments"
 _NP_TO_PROTO = {"float32": "FLOAT", "float16": "HALF", "int32": "INT32", "int64": "INT64", "bool": "BOOL",
                 "int8": "INT8", "float64": "DOUBLE", "complex64": "COMPLEX64", "complex128": "COMPLEX128",
-                "uint8": "UINT8"}
+                "uint8": "UINT8", "uint16": "BF16"}   # uint16: bfloat16 bit patterns (refitcore.dtypes)
 
 
 def split_name(name: str) -> tuple[int, str]:
@@ -123,7 +124,7 @@ class SegmentedImpl:
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
 
         def tensors(arrays: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+            return {k: dtypes.as_torch(v).to(device) for k, v in arrays.items()}
 
         constants = tensors(self.constants)
         self.program.device = device

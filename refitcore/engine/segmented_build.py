@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from torch import fx
 from torch.export.graph_signature import InputKind
 
+from refitcore import dtypes
 from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl
 from refitcore.capture.lowering import graph_fingerprint
@@ -101,7 +102,7 @@ def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightM
             if seg.kind != "tensorrt":
                 continue
             try:
-                result = convert(subprogram(ep, seg))
+                result = convert(subprogram(ep, seg), precision=options.precision)
                 built[i] = (result, backend.build(result, precision=options.precision))
             except BackendUnavailableError:
                 raise   # the backend cannot build or run here at all: not a segment's problem
@@ -236,16 +237,16 @@ class Segmented:
         for i, seg in enumerate(segments):
             prefix = f"seg{i}:"
             if seg.kind == "tensorrt":
-                result = convert(subprogram(ep, seg), params)
+                result = convert(subprogram(ep, seg), params, precision=engine.options.precision)
                 shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
-                out.update(network_weights(result.network, shapes, prefix=prefix))
+                out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights))
         # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
         # fallback stays a witness independent of the map's recipes).
         current = engine.current_weights()
         for name in engine.weight_names:
             index, key = split_name(name)
             if segments[index].kind != "tensorrt":
-                out[name] = state_array(params[key].to(getattr(torch, str(current[name].dtype))))
+                out[name] = state_array(params[key].to(dtypes.as_torch(current[name]).dtype))
         return out
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:

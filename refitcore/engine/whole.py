@@ -40,7 +40,7 @@ class WholeNetwork:
         build it on the backend; raises :class:`refitcore.errors.UnsupportedOperatorError` when a
         converter declines a call."""
         ep = source.exported
-        result = convert(ep, profiles=source.profiles)
+        result = convert(ep, profiles=source.profiles, precision=options.precision)
         impl = get_backend(options.backend).build(result, precision=options.precision)
         check_map_covers(result.weight_map, impl.weight_names())
         tensors = [v for v in pytree.tree_leaves((source.args, source.kwargs)) if isinstance(v, torch.Tensor)]
@@ -55,8 +55,10 @@ class WholeNetwork:
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
                          source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
         ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
-        result = convert(ep, conversion_params(engine.weight_map, state, checked), profiles=engine.io.profiles)
-        return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()})
+        result = convert(ep, conversion_params(engine.weight_map, state, checked), profiles=engine.io.profiles,
+                         precision=engine.options.precision)
+        return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()},
+                               host=result.weights)
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         return impl.serialize(weights=weights)

@@ -34,7 +34,7 @@ __all__ = ["Segment", "PartitionPlan", "partition", "subprogram", "SubProgram", 
            "op_matcher", "executed_op_names", "executed_op_nodes"]
 
 DEFAULT_MIN_BLOCK_SIZE = 5     # Torch-TensorRT's default
-TRT_DTYPES = frozenset({torch.float32, torch.float16, torch.int32, torch.int64, torch.bool})
+TRT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool})
 
 
 @dataclasses.dataclass

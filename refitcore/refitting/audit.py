@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from refitcore import dtypes
 from refitcore.options import AUDIT_ATOL, AUDIT_RTOL
 
 __all__ = ["audit", "audit_paths", "Audit", "WeightDiff"]
@@ -113,6 +114,7 @@ def _compare(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: float) 
         # Bit-identical (the common case for copied weights): skip the float64 pass, which costs
         # seconds on the 100M-element classifier weights of VGG-class models.
         return WeightDiff(name, "ok")
+    a, b = dtypes.as_float(a), dtypes.as_float(b)   # bfloat16 bit patterns as their values
     fa, fb = np.isfinite(a), np.isfinite(b)
     if not (fa.all() and fb.all()) and not np.array_equal(a, b, equal_nan=True):
         return WeightDiff(name, "nonfinite", detail=f"{int((~fa).sum())} vs {int((~fb).sum())} non-finite values")

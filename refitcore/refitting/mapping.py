@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.engine.kinds import CompilerRefit
@@ -27,7 +28,9 @@ __all__ = ["cached_mapping", "fallback_mapping", "compiler_mapping", "constants_
 
 
 def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None) -> dict[str, np.ndarray]:
-    """``{engine weight name: float32 array}`` from new weights through the map's recipes.
+    """``{engine weight name: array in its engine dtype}`` from new weights through the map's recipes
+    (computed in float32 or wider, rounded once: :func:`refitcore.dtypes.round_to`; bfloat16 weights
+    as their ``uint16`` bit patterns).
 
     ``weights``: :class:`~refitcore.refitting.prepare.CheckedWeights`, or anything
     :func:`~refitcore.refitting.prepare.prepare_weights` takes (prepared here, once). Tensor
@@ -56,7 +59,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             exact = apply_recipe(src.recipe, inputs, src.params)
             want = getattr(torch, src.dtype, ENGINE_DTYPE)   # the engine dtype (float32, float16, bfloat16, ...)
-            value = exact if exact.dtype == want else exact.to(want)
+            value = exact if exact.dtype == want else dtypes.round_to(exact, want)
             # The keys are finite (prepare_weights checked them): a non-finite value derived from them
             # is a recipe overflow or a non-finite constant in their arithmetic, said as such; a finite
             # one the engine dtype cannot hold (overflow, flush, all bits lost) is refused too. A value
@@ -70,7 +73,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
                                           f"values, the engine needs {src.count}"])
             value = value.reshape(src.shape).contiguous()
             ptr = value.untyped_storage().data_ptr()
-            arr = value.numpy()
+            arr = dtypes.to_numpy(value)
             if ptr in taken:
                 arr = arr.view()
                 arr.flags.writeable = False

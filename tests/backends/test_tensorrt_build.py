@@ -20,15 +20,24 @@ def test_builder_config_sets_refit_and_clears_tf32_by_default(real_trt):
         builder_config(builder, precision="int8")
 
 
-def test_fp16_is_refused_with_reason_where_the_api_has_no_fp16_flag(real_trt):
+def test_reduced_precision_sets_no_builder_flag_the_network_is_strongly_typed(real_trt):
+    """fp16/bf16 live in the strongly typed network's types (a strongly typed network takes no
+    precision flag; TensorRT-RTX has none): the config is fp32's, and the network says fp16."""
     t = real_trt
+    import torch
+
     from refitcore import _trt
     from refitcore.backends.tensorrt_build import builder_config
-    from refitcore.errors import BackendUnavailableError
+    from refitcore.conversion.convert import convert
 
     builder = t.Builder(_trt.logger())
-    if hasattr(t.BuilderFlag, "FP16"):
-        assert builder_config(builder, precision="fp16").get_flag(t.BuilderFlag.FP16)
-    else:
-        with pytest.raises(BackendUnavailableError, match="FP16"):
-            builder_config(builder, precision="fp16")
+    for precision in ("fp16", "bf16"):
+        cfg = builder_config(builder, precision=precision)
+        assert cfg.get_flag(t.BuilderFlag.REFIT)
+        if hasattr(t.BuilderFlag, "FP16"):
+            assert not cfg.get_flag(t.BuilderFlag.FP16)
+    ep = torch.export.export(torch.nn.Linear(4, 2).eval(), (torch.randn(1, 4),))
+    network = convert(ep, precision="fp16").network
+    assert network.get_flag(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    assert network.get_input(0).dtype == t.DataType.FLOAT          # the model's type at the boundary
+    assert {network.get_layer(i).get_output(0).dtype for i in range(network.num_layers)} >= {t.DataType.HALF}

@@ -12,7 +12,8 @@ from refitcore.conversion.registry import Unsupported
 from refitcore.conversion.shape_tensors import ShapeValue, dim_of, shape_vector, symbolic_dims
 
 __all__ = ["arg", "rank", "shape_of", "as_tensor", "equalize_ranks", "reshape", "out_shape", "axes_mask",
-           "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of", "prepend_ones"]
+           "trt_dtype", "promoted_dtype", "cast", "typed_constant", "torch_dtype_of", "prepend_ones", "to_fp32",
+           "from_fp32"]
 
 
 def arg(args: Sequence[Any], kwargs: dict, index: int, name: str, default: Any = None) -> Any:
@@ -61,16 +62,17 @@ def prepend_ones(ctx: ConversionContext, x, k: int, suffix: str):
 
 def as_tensor(ctx: ConversionContext, value, *, rank_: int, suffix: str, dtype: torch.dtype | None = None):
     """An ITensor for ``value`` (ITensor, StaticValue or Python scalar) of rank ``rank_``; a
-    constant gets ``dtype`` (default float32), so it can meet an integer or boolean tensor."""
+    constant gets ``dtype`` (default: the engine's float type), so it can meet an integer or boolean tensor."""
     if isinstance(value, (StaticValue, int, float, bool)):
-        if dtype is not None and dtype != torch.float32:
+        if dtype is not None and not dtype.is_floating_point:
             return typed_constant(ctx, value, dtype, rank=rank_, suffix=suffix)
+        if isinstance(value, (int, bool)):
+            value = float(value)
         return ctx.constant(value, rank=rank_, suffix=suffix)
     if isinstance(value, torch.Tensor):
         raise TypeError("internal error: raw torch.Tensor reached a converter")
     if isinstance(value, ShapeValue):  # a run-time size used as a number
-        layer = ctx.network.add_cast(value.tensor, ctx.trt.float32)
-        value = ctx.name(layer, f"{suffix}_size").get_output(0)
+        value = cast(ctx, value.tensor, torch.float32, suffix=f"{suffix}_size")
     r = rank(value)
     if r < rank_:
         return prepend_ones(ctx, value, rank_ - r, suffix=f"{suffix}_rank")
@@ -108,8 +110,8 @@ def promoted_dtype(ctx: ConversionContext, *values) -> torch.dtype:
         dtype = torch.promote_types(dtype, torch.result_type(p, torch.zeros(1, dtype=dtype)))
     if isinstance(dtype, torch.Tensor):
         dtype = dtype.dtype
-    # Weights are float32 whatever their checkpoint dtype; float64 meets float32 tensors.
-    return torch.float32 if dtype == torch.float64 else dtype
+    # Floating tensors and weights all have the engine's float type, whatever the graph's.
+    return ctx.engine_type(dtype)
 
 
 def axes_mask(dims: Sequence[int], r: int) -> int:
@@ -120,8 +122,9 @@ def axes_mask(dims: Sequence[int], r: int) -> int:
 
 
 def trt_dtype(ctx: ConversionContext, dtype: torch.dtype):
-    """The TensorRT DataType of a torch dtype; Unsupported for types TensorRT tensors cannot hold."""
-    name = dtypes.trt_name(dtype)  # float64 has no TensorRT tensor type
+    """The TensorRT DataType of a graph tensor of ``dtype`` (floating types: the engine's float
+    type); Unsupported for types TensorRT tensors cannot hold."""
+    name = dtypes.trt_name(ctx.engine_type(dtype))
     if name is None:
         raise Unsupported(f"{dtype} tensors (TensorRT has no such tensor type)")
     return getattr(ctx.trt.DataType, name)
@@ -137,11 +140,11 @@ def cast(ctx: ConversionContext, x, dtype: torch.dtype, suffix: str | None = Non
 
 def typed_constant(ctx: ConversionContext, value, dtype: torch.dtype, *, rank: int | None = None,
                    shape: Sequence[int] | None = None, suffix: str = "const"):
-    """A constant of ``dtype``: engine weights are float32 (the weight map's one dtype), so a
-    non-float constant is a float32 CONSTANT followed by a cast (exact for integers below 2**24)."""
+    """A constant of ``dtype``: engine weights are floating, so a non-float constant is a float32
+    CONSTANT followed by a cast (exact for integers below 2**24); a floating one has the engine's type."""
     t = ctx.constant(value, rank=rank, shape=shape, suffix=suffix)
-    if dtype == torch.float32:
-        return t
+    if dtype.is_floating_point:
+        return cast(ctx, t, dtype, suffix=f"{suffix}_cast")
     src = value.tensor if isinstance(value, StaticValue) else value
     if isinstance(src, torch.Tensor) and not src.is_floating_point() and src.dtype != torch.bool and src.numel() and \
             int(src.abs().max()) >= 2 ** 24:
@@ -155,3 +158,18 @@ def torch_dtype_of(ctx: ConversionContext, x) -> torch.dtype:
     if dtype is None:
         raise RuntimeError(f"internal error: no torch dtype for TensorRT {x.dtype.name}")
     return dtype
+
+
+def to_fp32(ctx: ConversionContext, x, suffix: str):
+    """``x`` cast to float32 where the engine's float type is narrower: the input of an op that runs
+    in float32 inside a reduced-precision engine (normalization statistics, softmax, sums)."""
+    if x.dtype in (ctx.trt.DataType.HALF, ctx.trt.DataType.BF16):
+        return ctx.name(ctx.network.add_cast(x, ctx.trt.DataType.FLOAT), suffix).get_output(0)
+    return x
+
+
+def from_fp32(ctx: ConversionContext, y, like, suffix: str | None = None):
+    """``y`` (the float32 result of an op :func:`to_fp32` fed) cast back to ``like``'s type."""
+    if y.dtype == like.dtype:
+        return y
+    return ctx.name(ctx.network.add_cast(y, like.dtype), suffix).get_output(0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.converters._util import arg, axes_mask, rank
+from refitcore.conversion.converters._util import arg, axes_mask, from_fp32, rank, to_fp32
 from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
@@ -92,13 +92,17 @@ def elu(ctx, node, args, kwargs):
 
 
 def softmax(ctx: ConversionContext, x, dim: int, *, suffix: str | None = None):
-    """Softmax along one axis (ISoftMaxLayer, axes given as a bit mask)."""
+    """Softmax along one axis (ISoftMaxLayer, axes given as a bit mask), in float32 inside a
+    reduced-precision engine."""
     r = rank(x)
     if r == 0:
         raise Unsupported("softmax of a 0-d tensor")
-    layer = ctx.network.add_softmax(x)
+    tag = f"{suffix}_" if suffix else ""
+    src = to_fp32(ctx, x, f"{tag}fp32_in")
+    layer = ctx.network.add_softmax(src)
     layer.axes = 1 << (int(dim) % r)
-    return ctx.name(layer, suffix).get_output(0)
+    y = ctx.name(layer, suffix if src is x else f"{tag}softmax").get_output(0)
+    return from_fp32(ctx, y, x, suffix)
 
 
 def log_softmax(ctx: ConversionContext, x, dim: int):
@@ -108,13 +112,16 @@ def log_softmax(ctx: ConversionContext, x, dim: int):
     r = rank(x)
     if r == 0:
         raise Unsupported("log_softmax of a 0-d tensor")
+    like, x = x, to_fp32(ctx, x, "fp32_in")   # in float32 inside a reduced-precision engine
     axes = axes_mask([int(dim)], r)
     peak = ctx.name(ctx.network.add_reduce(x, trt.ReduceOperation.MAX, axes, True), "max").get_output(0)
     shifted = ctx.name(ctx.network.add_elementwise(x, peak, trt.ElementWiseOperation.SUB), "shift").get_output(0)
     exp = ctx.name(ctx.network.add_unary(shifted, trt.UnaryOperation.EXP), "exp").get_output(0)
     total = ctx.name(ctx.network.add_reduce(exp, trt.ReduceOperation.SUM, axes, True), "sum").get_output(0)
     log_total = ctx.name(ctx.network.add_unary(total, trt.UnaryOperation.LOG), "log").get_output(0)
-    return ctx.name(ctx.network.add_elementwise(shifted, log_total, trt.ElementWiseOperation.SUB)).get_output(0)
+    y = ctx.name(ctx.network.add_elementwise(shifted, log_total, trt.ElementWiseOperation.SUB),
+                 "log_softmax" if x is not like else None).get_output(0)
+    return from_fp32(ctx, y, like)
 
 
 def _check_float_softmax(node) -> str | None:

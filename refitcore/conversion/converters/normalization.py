@@ -5,7 +5,7 @@ import torch
 
 from refitcore.conversion import recipes
 from refitcore.conversion.context import ConversionContext, StaticValue
-from refitcore.conversion.converters._util import arg, rank, reshape, shape_of
+from refitcore.conversion.converters._util import arg, from_fp32, rank, reshape, shape_of, to_fp32
 from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
@@ -67,10 +67,24 @@ def normalization(ctx: ConversionContext, x, normalized_shape, weight, bias, eps
     mask = 0
     for d in range(r - k, r):
         mask |= 1 << d
+    return _normalize(ctx, x, scale, shift, mask, eps)
+
+
+def _normalize(ctx: ConversionContext, x, scale, shift, axes: int, eps: float, num_groups: int = 1,
+               suffix: str | None = None):
+    """An INormalizationLayer; in a reduced-precision engine its input, scale and shift (weights
+    stored in the engine's type) are cast to float32 and its output back: the statistics in float32."""
+    src = to_fp32(ctx, x, "fp32_in")
+    narrow = src is not x
+    if narrow:
+        scale, shift = to_fp32(ctx, scale, "scale_fp32"), to_fp32(ctx, shift, "shift_fp32")
     add = getattr(ctx.network, "add_normalization", None) or ctx.network.add_normalization_v2
-    layer = add(x, scale, shift, mask)
-    layer.epsilon = eps
-    return ctx.name(layer).get_output(0)
+    layer = add(src, scale, shift, axes)
+    layer.epsilon = float(eps)
+    if num_groups != 1:
+        layer.num_groups = int(num_groups)
+    y = ctx.name(layer, f"{suffix or 'normalize'}_fp32" if narrow else suffix).get_output(0)
+    return from_fp32(ctx, y, x, suffix)
 
 
 def _affine_constant(ctx: ConversionContext, value, default: float, shape, suffix: str):
@@ -97,13 +111,10 @@ def group_norm(ctx: ConversionContext, x, num_groups: int, weight, bias, eps: fl
     group_shape = (1, num_groups) + (1,) * (r - 2)
     ones = ctx.constant(torch.ones(group_shape), suffix="group_scale")
     zeros = ctx.constant(torch.zeros(group_shape), suffix="group_shift")
-    add = getattr(ctx.network, "add_normalization", None) or ctx.network.add_normalization_v2
     # One group is a plain normalization over channels and spatial axes; with G groups TensorRT
     # takes the spatial axes and splits the channels itself.
-    layer = add(x, ones, zeros, sum(1 << d for d in range(1 if num_groups == 1 else 2, r)))
-    layer.epsilon = float(eps)
-    layer.num_groups = int(num_groups)
-    y = ctx.name(layer, "normalize").get_output(0)
+    y = _normalize(ctx, x, ones, zeros, sum(1 << d for d in range(1 if num_groups == 1 else 2, r)), eps,
+                   num_groups=num_groups, suffix="normalize")
     return _channel_affine(ctx, y, weight, bias)
 
 
@@ -140,10 +151,7 @@ def instance_norm(ctx: ConversionContext, x, weight, bias, eps: float):
     pshape = (1, shape_of(x)[1]) + (1,) * (r - 2)
     scale = _affine_constant(ctx, weight, 1.0, pshape, "weight")
     shift = _affine_constant(ctx, bias, 0.0, pshape, "bias")
-    add = getattr(ctx.network, "add_normalization", None) or ctx.network.add_normalization_v2
-    layer = add(x, scale, shift, sum(1 << d for d in range(2, r)))
-    layer.epsilon = float(eps)
-    return ctx.name(layer).get_output(0)
+    return _normalize(ctx, x, scale, shift, sum(1 << d for d in range(2, r)), eps)
 
 
 def _input_stats(node) -> str | None:
@@ -161,14 +169,17 @@ def rms_norm(ctx: ConversionContext, x, normalized_shape, weight, eps: float):
     """x / sqrt(mean(x^2 over the last axes) + eps) * weight, in elementwise and reduce layers."""
     trt = ctx.trt
     r, k = rank(x), len(normalized_shape)
+    like, x = x, to_fp32(ctx, x, "fp32_in")   # the statistics in float32 in a reduced-precision engine
+    narrow = x is not like
     sq = ctx.name(ctx.network.add_elementwise(x, x, trt.ElementWiseOperation.PROD), "square").get_output(0)
     mean = ctx.name(ctx.network.add_reduce(sq, trt.ReduceOperation.AVG, sum(1 << d for d in range(r - k, r)), True),
                     "mean").get_output(0)
-    eps_t = ctx.constant(torch.tensor(float(eps)), rank=r, suffix="eps")
+    eps_t = ctx.constant(torch.tensor(float(eps)), rank=r, suffix="eps", dtype=torch.float32 if narrow else None)
     var = ctx.name(ctx.network.add_elementwise(mean, eps_t, trt.ElementWiseOperation.SUM), "add_eps").get_output(0)
     root = ctx.name(ctx.network.add_unary(var, trt.UnaryOperation.SQRT), "sqrt").get_output(0)
     y = ctx.name(ctx.network.add_elementwise(x, root, trt.ElementWiseOperation.DIV),
-                 "normalize" if weight is not None else None).get_output(0)
+                 "normalize" if weight is not None or narrow else None).get_output(0)
+    y = from_fp32(ctx, y, like, "normalized" if weight is not None else None)
     if weight is None:
         return y
     w = _affine_constant(ctx, weight, 1.0, (1,) * (r - k) + tuple(normalized_shape), "weight")

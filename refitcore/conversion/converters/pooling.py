@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from refitcore.conversion.context import ConversionContext
-from refitcore.conversion.converters._util import arg, axes_mask, out_shape, rank, reshape, shape_of
+from refitcore.conversion.converters._util import arg, axes_mask, from_fp32, out_shape, rank, reshape, shape_of, to_fp32
 from refitcore.conversion.registry import Unsupported, converter
 
 aten = torch.ops.aten
@@ -69,8 +69,9 @@ def pooling(ctx: ConversionContext, x, kind: str, kernel, stride, padding, *, ce
 
 def reduce_mean(ctx: ConversionContext, x, dims, keepdim: bool):
     r = rank(x)
-    layer = ctx.network.add_reduce(x, ctx.trt.ReduceOperation.AVG, axes_mask(dims, r), bool(keepdim))
-    return ctx.name(layer).get_output(0)
+    src = to_fp32(ctx, x, "fp32_in")   # a mean accumulates: float32 in a reduced-precision engine
+    layer = ctx.network.add_reduce(src, ctx.trt.ReduceOperation.AVG, axes_mask(dims, r), bool(keepdim))
+    return from_fp32(ctx, ctx.name(layer, "mean" if src is not x else None).get_output(0), x)
 
 
 _SPATIAL = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.max_pool3d.default: 3,

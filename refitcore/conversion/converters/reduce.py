@@ -10,9 +10,11 @@ from refitcore.conversion.converters._util import (
     as_tensor,
     axes_mask,
     cast,
+    from_fp32,
     rank,
     reshape,
     shape_of,
+    to_fp32,
     torch_dtype_of,
     typed_constant,
 )
@@ -22,13 +24,20 @@ from refitcore.conversion.registry import Unsupported, converter
 aten = torch.ops.aten
 
 
+# Reductions that accumulate: float32 inside a reduced-precision engine (MAX/MIN are exact in any type).
+ACCUMULATING = frozenset({"SUM", "AVG", "PROD"})
+
+
 def reduce(ctx: ConversionContext, x, op: str, dims, keepdim: bool, *, suffix: str | None = None):
     r = rank(x)
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(r))
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
-    layer = ctx.network.add_reduce(x, getattr(ctx.trt.ReduceOperation, op), axes_mask(dims, r), bool(keepdim))
-    return ctx.name(layer, suffix).get_output(0)
+    tag = f"{suffix}_" if suffix else ""
+    src = to_fp32(ctx, x, f"{tag}fp32_in") if op in ACCUMULATING else x
+    layer = ctx.network.add_reduce(src, getattr(ctx.trt.ReduceOperation, op), axes_mask(dims, r), bool(keepdim))
+    y = ctx.name(layer, suffix if src is x else f"{tag}reduce").get_output(0)
+    return from_fp32(ctx, y, x, suffix)
 
 
 def _float_only(node) -> str | None:
@@ -61,10 +70,11 @@ def _check_norm(node) -> str | None:
 def linalg_vector_norm(ctx, node, args, kwargs):
     """||x||_2 = sqrt(sum(x * x)) over ``dim``."""
     trt = ctx.trt
-    x = args[0]
+    x = to_fp32(ctx, args[0], "fp32_in")   # squares and their sum in float32 in a reduced-precision engine
     sq = ctx.name(ctx.network.add_elementwise(x, x, trt.ElementWiseOperation.PROD), "square").get_output(0)
     total = reduce(ctx, sq, "SUM", arg(args, kwargs, 2, "dim"), arg(args, kwargs, 3, "keepdim", False), suffix="sum")
-    return ctx.name(ctx.network.add_unary(total, trt.UnaryOperation.SQRT)).get_output(0)
+    y = ctx.name(ctx.network.add_unary(total, trt.UnaryOperation.SQRT), "sqrt" if x is not args[0] else None)
+    return from_fp32(ctx, y.get_output(0), args[0])
 
 
 
@@ -74,8 +84,9 @@ def cumulative_sum(ctx: ConversionContext, x, dim: int):
     https://docs.nvidia.com/deeplearning/tensorrt/latest/_static/operators/Cumulative.html). Its
     axis input is a 0-D int32 constant (a float32 constant, the weight map's one dtype, cast)."""
     axis = typed_constant(ctx, torch.tensor(dim % rank(x)), torch.int32, shape=(), suffix="axis")
-    layer = ctx.network.add_cumulative(x, axis, ctx.trt.CumulativeOperation.SUM, False, False)
-    return ctx.name(layer).get_output(0)
+    src = to_fp32(ctx, x, "fp32_in")   # a running sum accumulates: float32 in a reduced-precision engine
+    layer = ctx.network.add_cumulative(src, axis, ctx.trt.CumulativeOperation.SUM, False, False)
+    return from_fp32(ctx, ctx.name(layer, "cumsum" if src is not x else None).get_output(0), x)
 
 
 def _cumsum_dtype(node) -> str | None:
