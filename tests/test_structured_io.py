@@ -2,6 +2,8 @@
 named by their paths in verify, audit and refit results."""
 from __future__ import annotations
 
+import typing
+
 import pytest
 import torch
 from torch import nn
@@ -167,3 +169,55 @@ def test_the_cache_registration_follows_the_class_torch_knows():
     assert cache_utils.DynamicCache not in pytree.SUPPORTED_NODES
     register_cache_pytrees()
     assert cache_utils.DynamicCache in pytree.SUPPORTED_NODES
+
+
+class Pred(typing.NamedTuple):
+    scores: torch.Tensor
+    total: torch.Tensor
+
+
+class NamedOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return Pred(scores=y, total=y.sum(-1))
+
+
+def test_a_namedtuple_keeps_its_class_and_field_names_as_data():
+    leaves, spec = spec_of(Pred(torch.zeros(1), torch.ones(1)))
+    assert spec == {"t": "custom", "cls": f"{__name__}.Pred", "k": ["scores", "total"],
+                    "c": [{"t": "leaf"}, {"t": "leaf"}], "tuple": True}
+    assert leaf_names(spec) == ["scores", "total"]
+    assert type(unflatten(leaves, spec, output_types=[Pred])) is Pred
+    stand_in = unflatten(leaves, spec)                 # nothing imported: a namedtuple made from the data
+    assert type(stand_in) is not Pred and type(stand_in).__name__ == "Pred"
+    assert stand_in._fields == ("scores", "total") and stand_in.total is leaves[1] and stand_in[0] is leaves[0]
+    assert type(unflatten(leaves, spec)) is type(stand_in)          # one stand-in class per name and fields
+    crafted = dict(spec, k=["import os", "total"])                  # names that are no identifiers: a tuple
+    assert type(unflatten(leaves, crafted)) is tuple
+
+
+@pytest.mark.parametrize("path", ["cached", "fallback"])
+def test_a_namedtuple_output_round_trips_through_a_bundle(tmp_path, path):
+    torch.manual_seed(0)
+    model, x = NamedOut().eval(), torch.randn(2, 4)
+    engine = refitcore.compile(model, x, backend="reference")
+    out = engine(x)
+    assert type(out) is Pred
+    torch.testing.assert_close(out.total, model(x).total, rtol=1e-5, atol=1e-5)
+    engine.save(tmp_path / "m.trtrefit")
+    plain = refitcore.load(tmp_path / "m.trtrefit")(x)
+    assert type(plain).__name__ == "Pred" and plain._fields == ("scores", "total")
+    torch.testing.assert_close(plain.total, out.total)
+    loaded = refitcore.load(tmp_path / "m.trtrefit", output_types=[Pred])
+    assert type(loaded(x)) is Pred
+    torch.manual_seed(1)
+    new = NamedOut().eval()
+    # The loaded engine (given the class) refits through the cache; the fallback converts the model again.
+    result = refitcore.refit(loaded if path == "cached" else engine, new, path=path, verify_inputs=[x], audit=True)
+    assert result, str(result)
+    assert [c.name for c in result.verdict.checks[0]] == ["scores", "total"]
+    assert type(result.engine(x)) is Pred

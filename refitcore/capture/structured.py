@@ -9,9 +9,13 @@ A spec node is ``{"t": "leaf"}``, ``{"t": "tuple" | "list", "c": [...]}``,
 ``{"t": "dict", "k": [keys], "c": [...]}`` or, for any other registered pytree type (a
 ``ModelOutput``, a namedtuple, a transformers ``Cache``), ``{"t": "custom", "cls": "module.QualName",
 "k": [keys] | null, "c": [...]}``, with the node's pytree context as ``"ctx"`` when it is plain data
-other than its keys (a ``DynamicCache``'s layout). Loading a spec never imports anything: a custom
-node is rebuilt as its class only when the caller passes the class (``output_types``) or sets
-``trust_output_types``; otherwise it becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the same keys and leaves.
+other than its keys (a ``DynamicCache``'s layout). A namedtuple (torch files every one under
+``collections.namedtuple``, its class as the context) is a custom node of its own class, its field
+names as keys and ``"tuple": true``. Loading a spec never imports anything: a custom node is rebuilt
+as its class only when the caller passes the class (``output_types``; the model's own at compile) or
+sets ``trust_output_types``; otherwise it becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the
+same keys and leaves, and a namedtuple a stand-in namedtuple of the same name and fields, made from
+the data (indexing, unpacking and field access work as on the model's own).
 
 Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in brackets
 (``[0]['boxes']``); :func:`leaf_names` lists them in flat order. Verdicts use these names.
@@ -19,7 +23,9 @@ Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in b
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
+import keyword
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -94,6 +100,8 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict:
     if typ is dict or typ is collections.OrderedDict:
         return {"t": "dict", "k": list(spec.context), "c": children}
     ctx = spec.context
+    if typ is collections.namedtuple and pytree.is_namedtuple_class(ctx):
+        return {"t": "custom", "cls": _qualname(ctx), "k": list(ctx._fields), "c": children, "tuple": True}
     keys = list(ctx) if isinstance(ctx, (list, tuple)) and all(isinstance(k, (str, int)) for k in ctx) else None
     if keys is not None and len(keys) != len(children):
         keys = None
@@ -183,6 +191,9 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
             return dict(zip(node["k"], children))
         cls = _resolve(node["cls"], output_types, trust_output_types)
         keys = node.get("k")
+        if node.get("tuple") is True:   # a namedtuple: built from its fields in order
+            made = cls or _stand_in(node["cls"], keys)
+            return made(*children) if made is not tuple else tuple(children)
         if cls is not None:
             register_cache_pytrees()
             if cls in pytree.SUPPORTED_NODES:
@@ -201,6 +212,22 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
     if rest:
         raise ValueError(f"{len(rest)} leaves left over when rebuilding the output structure")
     return out
+
+
+def _stand_in(qualname: str, keys: Any) -> Any:
+    """A namedtuple class of a spec's name and fields, made from the data (nothing is imported), or
+    ``tuple`` when the names are not plain identifiers; one class per (name, fields)."""
+    name = qualname.rpartition(".")[2]
+    names = [name, *keys] if isinstance(keys, list) else []
+    if not names or not all(isinstance(n, str) and n.isidentifier() and not keyword.iskeyword(n)
+                            and not n.startswith("_") for n in names):
+        return tuple
+    return _namedtuple(name, tuple(keys))
+
+
+@functools.lru_cache(maxsize=256)
+def _namedtuple(name: str, fields: tuple[str, ...]) -> Any:
+    return collections.namedtuple(name, fields)
 
 
 def leaf_names(spec: Mapping) -> list[str]:
