@@ -157,10 +157,19 @@ def plan_fusions(gm: fx.GraphModule) -> FusionPlan:
     return plan
 
 
-def input_names(ep: torch.export.ExportedProgram) -> list[str]:
+def tensor_inputs(ep: torch.export.ExportedProgram) -> list[tuple[str, tuple]]:
+    """(name, example shape: SymInts where a size varies) of each tensor the caller passes, in the
+    order of the network's inputs (a None or Python-scalar input is a graph constant, no input)."""
     from torch.export.graph_signature import InputKind
 
-    return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    return [(n.name, tuple(n.meta["val"].shape)) for n in ep.graph_module.graph.find_nodes(op="placeholder")
+            if n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def input_names(ep: torch.export.ExportedProgram) -> list[str]:
+    """The names of the network's inputs (:func:`tensor_inputs`)."""
+    return [name for name, _ in tensor_inputs(ep)]
 
 
 def _sizes(shape, symbols: dict) -> list:

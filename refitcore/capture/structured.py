@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from refitcore.errors import ShapeRangeError
+
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
            "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples",
            "flat_positional", "as_positional", "register_cache_pytrees"]
@@ -316,10 +318,17 @@ def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
         except (TypeError, ValueError) as err:
             problems.append(f"sample {s}: {err}")
             continue
+        profiles = engine.io.profiles
         for i, (x, shape, dtype) in enumerate(zip(flat, engine.io.input_shapes, engine.io.input_dtypes)):
-            if list(x.shape) != list(shape) or str(x.dtype).replace("torch.", "") != dtype:
+            fits = profiles is not None or list(x.shape) == list(shape)   # ranges: checked below
+            if not fits or str(x.dtype).replace("torch.", "") != dtype:
                 problems.append(f"sample {s}, tensor input {i}: {str(x.dtype).replace('torch.', '')}{list(x.shape)} "
                                 f"where the engine takes {dtype}{list(shape)}")
+        if profiles is not None:
+            try:
+                profiles.profile_for([tuple(x.shape) for x in flat])
+            except ShapeRangeError as err:
+                problems.append(f"sample {s}: {err}")
     if problems:
         raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
                          + "\n".join(f"  - {p}" for p in problems))

@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from refitcore.backends import choose_backend
 from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
-from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, input_names
-from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
+from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, tensor_inputs
+from refitcore.capture.shapes import ShapeProfiles, export_call, resolve_dynamic_shapes
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
@@ -73,9 +73,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     (``{"x": {0: (1, 8)}}``, ``{0: ((1, 4, 8), 3, 64, 64)}``: (min, max) or (min, opt, max)); the
     example's size is ``opt`` unless given. ``profiles``: several optimization profiles inside those
     ranges (see :mod:`refitcore.capture.shapes`). The engine accepts any shape inside a profile and refuses
-    others with an error naming the input, the dimension and the range. Dynamic shapes need
-    positional tensor inputs and a graph that converts whole (a partitioned or hybrid engine runs
-    at the example's shapes).
+    others with an error naming the input, the dimension and the range. Keyword and nested inputs
+    take a spec of their structure (``{"d": {"bias": {0: (1, 8)}}}``); dimensions the graph ties need
+    no common name. A hybrid engine (``submodules=``) runs at the example's shapes.
 
     ``cache``: None, a directory or a :class:`refitcore.EngineCache` (or any object with
     ``save``/``load``/``evict``). On a hit (same architecture, inputs, compile options, backend,
@@ -211,14 +211,14 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
     """:func:`compile` without the engine cache: export, then build the engine's kind."""
     export_ds = shape_profiles = None
     if options.dynamic_shapes is not None or options.profiles:
-        if kwargs or not all(isinstance(a, torch.Tensor) for a in args) or options.submodules is not None:
-            raise ShapeRangeError("dynamic_shapes= needs the inputs as positional tensors (no keyword, "
-                                  "structured or non-tensor inputs, no submodules=); give them as a tuple of tensors")
-        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes,
+        if options.submodules is not None:
+            raise ShapeRangeError("dynamic_shapes= and submodules= do not go together (compiled submodules run at "
+                                  "the example's shapes); compile without one of them")
+        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes, kwargs=kwargs,
                                                            profiles=options.profiles)
     export_error: Exception | None = None
     try:
-        ep = (export_model(model, export_example(args, shape_profiles), kwargs, dynamic_shapes=export_ds)
+        ep = (export_model(model, *export_call(args, kwargs, shape_profiles), dynamic_shapes=export_ds)
               if options.submodules is None else None)
     except Exception as err:
         export_error = err
@@ -233,8 +233,8 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason, export_error)
     _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
-    if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
-        shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
+    if shape_profiles is not None:   # the network's input names and the dimensions the graph ties
+        shape_profiles = shape_profiles.tied_by(tensor_inputs(ep))
     return _compile_exported(model, ep, args, kwargs, options, reason, shape_profiles)
 
 
