@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from refitcore.backends import choose_backend
 from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
-from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, tensor_inputs
+from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, packed_sequence_users, tensor_inputs
 from refitcore.capture.shapes import ShapeProfiles, export_call, resolve_dynamic_shapes
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
@@ -30,7 +30,14 @@ from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord
 from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
-from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
+from refitcore.errors import (
+    ExportError,
+    MutationError,
+    PackedSequenceError,
+    RefitCoreError,
+    ShapeRangeError,
+    UnsupportedOperatorError,
+)
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
 from refitcore.refitting.refit import refit, verification_samples
 
@@ -222,6 +229,9 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
               if options.submodules is None else None)
     except Exception as err:
         export_error = err
+        packed = packed_sequence_users(model, args, kwargs)
+        if packed:   # a hybrid would run the recurrence eagerly for a reason no log line explains
+            raise PackedSequenceError(packed, err) from err
         if options.strict or shape_profiles is not None:
             if isinstance(err, MutationError):   # exported, but no engine can do what it does
                 raise
