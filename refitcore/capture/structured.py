@@ -41,22 +41,66 @@ __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flat
 
 
 def register_cache_pytrees() -> None:
-    """Make transformers' ``DynamicCache`` (what a decoder returns with ``use_cache=True``) a pytree
-    node, through transformers' own torch.export support, so that it exports, flattens into its
-    key/value tensors and comes back as a cache. Nothing happens until transformers is imported (by
-    the model's code): refitcore never imports it for a model that does not use it.
+    """Make transformers' ``Cache`` types pytree nodes, so that a model returning one (a decoder with
+    ``use_cache=True``: ``DynamicCache``; an encoder-decoder: ``EncoderDecoderCache``) exports,
+    flattens into its key/value tensors and comes back as that cache, and one taking a cache as input
+    (``StaticCache``, which the model updates in place) is refused by name as a mutation. Nothing
+    happens until transformers is imported (by the model's code): refitcore never imports it for a
+    model that does not use it.
 
-    Whether the class is registered is asked of torch's registry each time, not remembered: a
-    transformers imported again (a test runner restoring ``sys.modules``) brings a new class."""
+    ``DynamicCache`` goes through transformers' own torch.export support (its context is plain data:
+    the layer layout); ``EncoderDecoderCache`` is its two sub-caches with no context; every other
+    ``Cache`` subclass through transformers' generic exporter registration where the release has it.
+    That registration's context names classes by import path, so it is never recorded with an engine
+    (:func:`spec_to_json`) and a loaded engine never unflattens through it.
+
+    Whether a class is registered is asked of torch's registry each time, not remembered: a
+    transformers imported again (a test runner restoring ``sys.modules``) brings new classes."""
     if "transformers" not in sys.modules:
         return
     try:
-        from transformers.cache_utils import DynamicCache
+        from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError:   # a release without it: a cache output stays a leaf torch.export refuses
         return
     if DynamicCache not in pytree.SUPPORTED_NODES:
         register_dynamic_cache_export_support()
+    if EncoderDecoderCache not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(
+            EncoderDecoderCache, _encoder_decoder_flatten, _encoder_decoder_unflatten(EncoderDecoderCache),
+            serialized_type_name=_qualname(EncoderDecoderCache), flatten_with_keys_fn=_encoder_decoder_keys)
+    try:
+        from transformers.exporters.exporter_dynamo import register_pytree_node
+    except ImportError:
+        return
+    pending = [Cache]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls not in pytree.SUPPORTED_NODES and cls.__module__ == Cache.__module__:
+            register_pytree_node(cls)
+
+
+def _encoder_decoder_flatten(cache: Any) -> tuple[list, None]:
+    return [cache.self_attention_cache, cache.cross_attention_cache], None
+
+
+def _encoder_decoder_keys(cache: Any) -> tuple[list, None]:
+    return [(pytree.GetAttrKey("self_attention_cache"), cache.self_attention_cache),
+            (pytree.GetAttrKey("cross_attention_cache"), cache.cross_attention_cache)], None
+
+
+def _encoder_decoder_unflatten(cls: type) -> Any:
+    def unflatten(children: Sequence[Any], _context: None) -> Any:
+        return cls(*children)
+    return unflatten
+
+
+def _context_is_data(typ: type) -> bool:
+    """False for a type registered through transformers' generic exporter, whose context names
+    classes that unflattening imports: such a context is never kept with an engine."""
+    node = pytree.SUPPORTED_NODES.get(typ)
+    return node is None or not getattr(node.unflatten_fn, "__module__", "").startswith("transformers.exporters")
 
 
 class Inputs:
@@ -110,7 +154,7 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict:
     if keys is None and hasattr(typ, "_fields"):
         keys = list(typ._fields)
     node = {"t": "custom", "cls": _qualname(typ), "k": keys, "c": children}
-    if keys is None and ctx is not None and _plain_data(ctx):
+    if keys is None and ctx is not None and _plain_data(ctx) and _context_is_data(typ):
         node["ctx"] = _as_json(ctx)
     return node
 
@@ -192,6 +236,8 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
         if t == "dict":
             return dict(zip(node["k"], children))
         cls = _resolve(node["cls"], output_types, trust_output_types)
+        if cls is not None and not _context_is_data(cls):
+            cls = None   # its registration rebuilds from a context that names classes: plain data instead
         keys = node.get("k")
         if node.get("tuple") is True:   # a namedtuple: built from its fields in order
             made = cls or _stand_in(node["cls"], keys)
