@@ -242,30 +242,23 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
         ep = None
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason, export_error)
-    _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
+    _check_executed_ops(ep, options)
     if shape_profiles is not None:   # the network's input names and the dimensions the graph ties
         shape_profiles = shape_profiles.tied_by(tensor_inputs(ep))
     return _compile_exported(model, ep, args, kwargs, options, reason, shape_profiles)
 
 
-def _check_executed_ops(ep, options: CompileOptions, *, dynamic: bool) -> None:
+def _check_executed_ops(ep, options: CompileOptions) -> None:
     """``torch_executed_ops`` are never ignored silently: a name that matches no op of the exported
-    graph is logged with the ops it has, and with dynamic shapes (one network, no PyTorch segments:
-    see :func:`_compile_exported`) an op the list sends to PyTorch is refused."""
+    graph is logged with the ops it has."""
     if not options.torch_executed_ops:
         return
-    nodes, unmatched = executed_op_nodes(ep, options.torch_executed_ops)
+    _nodes, unmatched = executed_op_nodes(ep, options.torch_executed_ops)
     if unmatched:
         ops = sorted({str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function"})
         log.warning("refitcore: torch_executed_ops %s match no op of the exported graph, so they change nothing; "
                     "its ops: %s%s", unmatched, ", ".join(ops[:12]), f" (+{len(ops) - 12} more)" if len(ops) > 12
                     else "")
-    if dynamic and nodes:
-        shown = ", ".join(f"{n.target} (node {n.name})" for n in nodes[:5]) + (
-            f" (+{len(nodes) - 5} more)" if len(nodes) > 5 else "")
-        raise ShapeRangeError(f"torch_executed_ops would run {shown} in PyTorch, but an engine with dynamic "
-                              f"shapes is one TensorRT network (no PyTorch segments yet); compile without "
-                              f"dynamic_shapes= (fixed shapes), or without torch_executed_ops")
 
 
 def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, options: CompileOptions, reason: str,
@@ -274,16 +267,16 @@ def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, opt
     (strict: or an error listing every op), else segments."""
     kind: EngineKind = whole.KIND
     # A graph that converts whole is one network, however few ops it has (min_block_size only
-    # weighs TensorRT runs between PyTorch parts). With dynamic shapes the one network is the
-    # only option: the converter loop computes sizes in the network, segments cannot yet.
-    if not options.strict and shape_profiles is None and not _whole_graph_converts(
+    # weighs TensorRT runs between PyTorch parts). With dynamic shapes each TensorRT segment gets
+    # the ranges its inputs take over the export ranges (segmented_build).
+    if not options.strict and not _whole_graph_converts(
             ep, partition(ep, torch_executed_ops=options.torch_executed_ops, min_block_size=1)):
         kind = segmented_build.KIND
     source = BuildInput(model, args, kwargs, exported=ep, profiles=shape_profiles)
     try:
         built = kind.build(source, options)
     except UnsupportedOperatorError:
-        if kind is not whole.KIND or options.strict or shape_profiles is not None:
+        if kind is not whole.KIND or options.strict:
             raise
         # A converter declined a call while converting: partition, that call runs in PyTorch.
         kind = segmented_build.KIND
