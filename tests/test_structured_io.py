@@ -280,3 +280,5 @@ def test_a_static_cache_input_is_refused_as_a_mutation_and_never_rebuilt_from_a_
     leaves, spec = spec_of(cache)
     assert spec["cls"] == "transformers.cache_utils.StaticCache" and "ctx" not in spec and leaves
     assert type(unflatten(leaves, spec, output_types=[StaticCache])) is tuple
+    crafted = dict(spec, ctx={"_t": "type", "p": "refitcore_no_such_module.Payload"})   # a file's context
+    assert type(unflatten(leaves, crafted, output_types=[StaticCache])) is tuple       # not imported

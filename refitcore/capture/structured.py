@@ -236,14 +236,15 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
         if t == "dict":
             return dict(zip(node["k"], children))
         cls = _resolve(node["cls"], output_types, trust_output_types)
-        if cls is not None and not _context_is_data(cls):
-            cls = None   # its registration rebuilds from a context that names classes: plain data instead
+        if cls is not None:
+            register_cache_pytrees()   # first: whether a registration's context is data is asked of it
+            if not _context_is_data(cls):
+                cls = None   # it rebuilds from a context that names classes to import: plain data instead
         keys = node.get("k")
         if node.get("tuple") is True:   # a namedtuple: built from its fields in order
             made = cls or _stand_in(node["cls"], keys)
             return made(*children) if made is not tuple else tuple(children)
         if cls is not None:
-            register_cache_pytrees()
             if cls in pytree.SUPPORTED_NODES:
                 context = node.get("ctx", keys)
                 try:
