@@ -6,6 +6,7 @@ __all__ = [
     "RefitCoreError",
     "UnsupportedOperatorError",
     "ExportError",
+    "PackedSequenceError",
     "MutationError",
     "ArchitectureMismatchError",
     "WeightMappingError",
@@ -49,6 +50,27 @@ class ExportError(RefitCoreError):
             f"torch.export cannot export {path or 'the model'}: {self.cause_line}\n"
             f"(data-dependent control flow? compile without strict=True to compile the submodules that do "
             f"export and run the rest eagerly, or pass submodules=[...] naming them)")
+
+
+class PackedSequenceError(ExportError):
+    """A packed sequence (``torch.nn.utils.rnn.pack_padded_sequence``, ``aten._pack_padded_sequence``)
+    feeds a recurrent module: its per-step batch sizes are computed from the lengths' values, which
+    torch.export cannot trace and no engine of fixed shapes can take. ``.modules``: (path, class)."""
+
+    def __init__(self, modules: list[tuple[str, str]], cause: BaseException):
+        self.modules = list(modules)
+        self.path = modules[0][0] if modules else ""
+        text = str(cause).strip().splitlines()
+        self.cause_line = f"{type(cause).__name__}: {text[0] if text else ''}"
+        where = ", ".join(f"{cls} at {path or '<top level>'}" for path, cls in self.modules)
+        RefitCoreError.__init__(
+            self,
+            f"torch.export cannot export the model: a packed sequence (nn.utils.rnn.pack_padded_sequence, "
+            f"aten._pack_padded_sequence) feeds {where}; its step sizes depend on the lengths' values, which an "
+            f"engine cannot take\n(pass the padded tensor to the recurrent module instead, padding at the end: the "
+            f"engine runs it over the padded length, so mask the outputs past each length and read each sequence's "
+            f"last state from the output at its length - 1; or pass submodules=[...] naming the modules to compile "
+            f"and keep the packed recurrence in PyTorch)")
 
 
 class MutationError(RefitCoreError):

@@ -333,7 +333,14 @@ F = torch.nn.functional
 ], ids=["roll", "pad", "adaptive-pool", "causal-sdpa"])
 def test_unsupported_dynamic_dimension_is_reported_by_name(fn, x, dims, needle):
     with pytest.raises(UnsupportedOperatorError, match=needle):
-        refitcore.compile(Fn(fn), x, backend="reference", dynamic_shapes={0: dims})
+        refitcore.compile(Fn(fn), x, backend="reference", dynamic_shapes={0: dims}, strict=True)
+    # Without strict the call runs in PyTorch (with its reason) and the engine takes the whole range.
+    engine = refitcore.compile(Fn(fn), x, backend="reference", dynamic_shapes={0: dims})
+    assert engine.partition is not None and not engine.partition.fully_converted, engine.summary()
+    (dim, (lo, hi)), = dims.items()
+    for size in (lo, hi):
+        y = torch.randn([size if d == dim else n for d, n in enumerate(x.shape)])
+        torch.testing.assert_close(engine(y), fn(y), rtol=1e-5, atol=1e-5)
 
 
 def test_batchnorm1d_with_two_dynamic_dims():
@@ -366,3 +373,90 @@ def test_a_bundle_with_bad_profiles_is_refused(cnn, edit, needle):
     edit(header["io"]["profiles"])
     with pytest.raises(BundleError, match=needle):
         RefittableEngine.from_parts(header, arrays, "crafted.trtrefit")
+
+
+# ---- keyword and nested inputs; dimensions the graph ties ----------------------------------------
+class KeywordNested(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x, extra=None, *, scale=1.0):
+        h = self.a(x) * scale + extra["bias"] * extra["more"][0]
+        return {"h": h, "y": self.b(h)}
+
+
+def _nested(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, bias, more = torch.randn(batch, 4, generator=g), torch.randn(batch, 4, generator=g), torch.randn(4, generator=g)
+    return (x,), {"extra": {"bias": bias, "more": [more]}, "scale": 2.0}
+
+
+def _close_call(engine, model, args, kwargs):
+    with torch.no_grad():
+        want = model.eval()(*args, **kwargs)
+    got = engine(*args, **kwargs)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["ranges", "torch-dims"])
+def test_keyword_and_nested_inputs_with_a_dynamic_batch(tmp_path, form):
+    """Ranges for a positional input and a tensor inside a keyword dict (unnamed ranges the graph
+    ties, or one torch.export Dim): one engine over batch 1..8, refitted through both paths, also
+    when loaded from a file (the fallback re-exports with the recorded structure and ranges)."""
+    torch.manual_seed(0)
+    model = KeywordNested().eval()
+    args, kwargs = _nested(2)
+    if form == "ranges":
+        spec = {"x": {0: (1, 8)}, "extra": {"bias": {0: (1, 8)}, "more": [None]}, "scale": None}
+    else:
+        batch = Dim("batch", min=1, max=8)
+        spec = {"x": {0: batch}, "extra": {"bias": {0: batch}, "more": [None]}}
+    engine = refitcore.compile(model, args=args, kwargs=kwargs, backend="reference", dynamic_shapes=spec)
+    sp = engine.io.profiles
+    assert sp.input_names == ("x", "extra_bias", "extra_more_0")
+    assert sp.ranges == (((1, 2, 8), (4, 4, 4)), ((1, 2, 8), (4, 4, 4)), ((4, 4, 4),))
+    assert sp.dim_names[0][0] == sp.dim_names[1][0] is not None     # tied: one dimension on re-export
+    for batch in (1, 5, 8):
+        _close_call(engine, model, *_nested(batch, seed=batch))
+    with pytest.raises(ShapeRangeError, match=r"input 'x': dimension 0 has size 9"):
+        engine(*_nested(9)[0], **_nested(9)[1])
+    engine.save(tmp_path / "m.trtrefit")
+    loaded = refitcore.load(tmp_path / "m.trtrefit")
+    new = KeywordNested().eval()
+    samples = [refitcore.Inputs(*a, **k) for a, k in (_nested(1), _nested(7))]
+    for target, path in ((engine, "cached"), (engine, "fallback"), (loaded, "fallback")):
+        result = refitcore.refit(target, new, path=path, verify_inputs=samples)
+        assert result, str(result)
+
+
+def test_positional_ranges_the_graph_ties_need_no_common_name():
+    """``x + y`` ties the two batch sizes: unnamed ranges are exported as bounded Dim.DYNAMIC hints and
+    the tie is recorded (a re-export gives both one Dim); different ranges for tied dimensions are
+    refused naming both."""
+    class Add(torch.nn.Module):
+        def forward(self, x, y):
+            return x + y
+
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    engine = refitcore.compile(Add(), (x, y), backend="reference", dynamic_shapes={"x": {0: (1, 8)}, "y": {0: (1, 8)}})
+    names = engine.io.profiles.dim_names
+    assert names[0][0] == names[1][0]
+    assert len({id(d[0]) for d in engine.io.profiles.torch_dynamic_shapes()}) == 1
+    torch.testing.assert_close(engine(torch.ones(5, 4), torch.ones(5, 4)), torch.full((5, 4), 2.0))
+    with pytest.raises(ShapeRangeError, match=r"input 'y': dimension 0 is the same size as dimension 'x_dim0'.*"
+                                              r"range \[1, 2, 6\] where that one has \[1, 2, 8\]"):
+        refitcore.compile(Add(), (x, y), backend="reference", dynamic_shapes={"x": {0: (1, 8)}, "y": {0: (1, 6)}})
+
+
+@pytest.mark.parametrize("spec, needle", [
+    ({"extra": {"nope": {0: (1, 8)}}}, r"dynamic_shapes\[.extra.\]: input extra is a dict with keys"),
+    ({"extra": {"more": {0: (1, 8)}}}, r"dynamic_shapes\['extra'\]\['more'\]: input extra\['more'\] is a list of 1"),
+    ({"scale": {0: (1, 8)}}, r"dynamic_shapes\['scale'\]: input scale is float, not a tensor"),
+    ({"extra": {"bias": {2: (1, 8)}}}, r"dynamic_shapes\['extra'\]\['bias'\]: dimension 2 does not exist"),
+], ids=["unknown-key", "list-as-tensor", "scalar", "unknown-dim"])
+def test_bad_nested_dynamic_shapes_name_the_entry(spec, needle):
+    args, kwargs = _nested(2)
+    with pytest.raises(ShapeRangeError, match=needle):
+        resolve_dynamic_shapes(KeywordNested(), args, spec, kwargs=kwargs)

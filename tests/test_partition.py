@@ -128,12 +128,45 @@ def test_a_torch_executed_op_absent_from_the_graph_is_said(caplog):
     assert "aten.linear.default" in caplog.text
 
 
-def test_torch_executed_ops_with_dynamic_shapes_are_refused_not_ignored():
-    x = torch.randn(2, 3, 8, 8)
-    with pytest.raises(refitcore.ShapeRangeError, match=r"torch_executed_ops would run aten\.relu\.default") as info:
-        refitcore.compile(_ConvNet().eval(), x, backend="reference", torch_executed_ops=[torch.ops.aten.relu],
-                          dynamic_shapes={"x": {0: (1, 4)}})
-    assert "compile without dynamic_shapes=" in str(info.value)
+class _TwoStages(nn.Module):
+    """Two convertible stages around an op sent to PyTorch; the second reshapes by the batch size
+    (a size the exporter keeps symbolic: each segment that reads it computes it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.b = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        h = torch.sigmoid(self.a(x)) * 2
+        return self.b(h.reshape(x.shape[0], 8))
+
+
+def test_torch_executed_ops_with_dynamic_shapes_partition_into_dynamic_segments(tmp_path):
+    """torch_executed_ops under dynamic_shapes: two TensorRT segments (each with the ranges its
+    inputs take) around the PyTorch op; one engine over batch 1..8 that matches eager, refits through
+    both paths (also loaded from a file) and refuses a batch outside the range naming the input."""
+    torch.manual_seed(0)
+    model, x = _TwoStages().eval(), torch.randn(3, 6)
+    engine = refitcore.compile(model, x, backend="reference", torch_executed_ops=[torch.ops.aten.sigmoid],
+                               min_block_size=1, dynamic_shapes={"x": {0: (1, 8)}})
+    kinds = [s.kind for s in engine.partition.segments]
+    assert kinds == ["tensorrt", "torch", "tensorrt"], engine.summary()
+    assert [entry[2] for entry in engine.partition.fallback.values()] == ["listed in torch_executed_ops"]
+    for batch in (1, 5, 8):
+        y = torch.randn(batch, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(engine(y), model(y), rtol=1e-5, atol=1e-5)
+    with pytest.raises(refitcore.ShapeRangeError, match=r"input 'x': dimension 0 has size 9, outside .*\[1, 8\]"):
+        engine(torch.randn(9, 6))
+    engine.save(tmp_path / "m.trtrefit")
+    loaded = refitcore.load(tmp_path / "m.trtrefit")
+    torch.manual_seed(1)
+    new = _TwoStages().eval()
+    samples = [torch.randn(1, 6), torch.randn(7, 6)]
+    for target, path in ((engine, "cached"), (engine, "fallback"), (loaded, "fallback")):
+        result = refitcore.refit(target, new, path=path, verify_inputs=samples, audit=True)
+        assert result, str(result)
 
 
 def test_strict_refuses_and_lists_every_op():

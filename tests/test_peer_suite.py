@@ -729,9 +729,6 @@ def _nested_inputs(batch):
     return (torch.randn(batch, 4),), {"d": {"bias": torch.randn(batch, 4), "more": [torch.randn(4)]}, "scale": 2.0}
 
 
-@pytest.mark.xfail(strict=True, raises=ShapeRangeError,
-                   reason="bug: dynamic_shapes needs positional tensor inputs; keyword and nested inputs with "
-                          "dynamic ranges are refused at compile (issue 26, item 8)")
 def test_model_complex_dynamic_shape_with_saving(tmp_path):
     """test_mutable_torchtrt_module.py::test_model_complex_dynamic_shape_with_saving: nested keyword
     inputs with a dynamic batch, saved and loaded, refitted after an edit."""

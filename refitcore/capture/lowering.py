@@ -59,6 +59,37 @@ def export_model(model: torch.nn.Module, example_inputs: Sequence[Any], kwargs: 
     return lower(ep)
 
 
+def packed_sequence_users(model: torch.nn.Module, example_inputs: Sequence[Any],
+                          kwargs: dict | None = None) -> list[tuple[str, str]]:
+    """(module path, class name) of each recurrent module (``nn.RNN``/``LSTM``/``GRU``) that a call
+    on the example feeds a ``PackedSequence``: asked when the export fails, to say why (one eager
+    call; a model that fails eagerly too has none to report)."""
+    found: list[tuple[str, str]] = []
+
+    def hook(path: str):
+        def pre(module, inputs):
+            if inputs and isinstance(inputs[0], torch.nn.utils.rnn.PackedSequence):
+                found.append((path, type(module).__name__))
+        return pre
+
+    handles = [m.register_forward_pre_hook(hook(path)) for path, m in model.named_modules()
+               if isinstance(m, torch.nn.RNNBase)]
+    if not handles:
+        return []
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_inputs, **dict(kwargs or {}))
+    except Exception:  # noqa: BLE001 - the export's own error is reported instead
+        pass
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(found))
+
+
 def lower(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """``ep`` in the IR our converters take: functional ATen (the ``ATEN`` dialect) with every
     composite op whole. A program as ``torch.export.export`` returns it (the ``TRAINING`` dialect:
@@ -157,10 +188,19 @@ def plan_fusions(gm: fx.GraphModule) -> FusionPlan:
     return plan
 
 
-def input_names(ep: torch.export.ExportedProgram) -> list[str]:
+def tensor_inputs(ep: torch.export.ExportedProgram) -> list[tuple[str, tuple]]:
+    """(name, example shape: SymInts where a size varies) of each tensor the caller passes, in the
+    order of the network's inputs (a None or Python-scalar input is a graph constant, no input)."""
     from torch.export.graph_signature import InputKind
 
-    return [s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+    user = {s.arg.name for s in ep.graph_signature.input_specs if s.kind == InputKind.USER_INPUT}
+    return [(n.name, tuple(n.meta["val"].shape)) for n in ep.graph_module.graph.find_nodes(op="placeholder")
+            if n.name in user and isinstance(n.meta.get("val"), torch.Tensor)]
+
+
+def input_names(ep: torch.export.ExportedProgram) -> list[str]:
+    """The names of the network's inputs (:func:`tensor_inputs`)."""
+    return [name for name, _ in tensor_inputs(ep)]
 
 
 def _sizes(shape, symbols: dict) -> list:

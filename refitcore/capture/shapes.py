@@ -31,12 +31,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 from refitcore.errors import ShapeRangeError
 
 __all__ = ["DimRange", "ShapeProfiles", "ShapeRangeError", "resolve_dynamic_shapes", "export_example",
            "parse_shape_range", "input_shape_arg", "format_range", "cli_inputs", "sample_shapes", "draw_shapes",
-           "is_torch_dim"]
+           "is_torch_dim", "nest_dynamic_shapes", "export_call"]
 
 Range = tuple[int, int, int]
 
@@ -173,6 +174,31 @@ class ShapeProfiles:
                             f"profile ({what}); shape {list(shape)}")
         return None
 
+    def tied_by(self, inputs: Sequence[tuple[str, Sequence[Any]]]) -> ShapeProfiles:
+        """These profiles with the exported graph's input names and the ties the exporter found:
+        dynamic dimensions that are one symbol in the graph (``x`` and ``mask`` of one batch) get one
+        name, so that a re-export ties them again. ``inputs``: (name, shape with SymInts) of each
+        tensor input, in flat order (:func:`refitcore.capture.lowering.tensor_inputs`)."""
+        if len(inputs) != len(self.ranges):
+            raise ShapeRangeError(f"the exported graph has {len(inputs)} tensor inputs where the dynamic shapes "
+                                  f"describe {len(self.ranges)}")
+        first: dict[str, tuple[str, Range]] = {}    # graph symbol -> (dimension name, range)
+        renamed: dict[str, str] = {}
+        for (name, shape), ranges, names in zip(inputs, self.ranges, self.dim_names):
+            for d, (size, r, dim_name) in enumerate(zip(shape, ranges, names)):
+                expr = getattr(getattr(size, "node", None), "expr", None)
+                if dim_name is None or expr is None or not expr.is_Symbol:
+                    continue
+                seen = first.setdefault(str(expr), (dim_name, r))
+                if seen[1] != r:
+                    raise ShapeRangeError(f"input {name!r}: dimension {d} is the same size as dimension "
+                                          f"{seen[0]!r} in the graph, but has the range {list(r)} where that one has "
+                                          f"{list(seen[1])}; give both one range (or one name)")
+                renamed[dim_name] = seen[0]
+        dim_names = tuple(tuple(renamed.get(n, n) if n is not None else None for n in names)
+                          for names in self.dim_names)
+        return dataclasses.replace(self, input_names=tuple(name for name, _ in inputs), dim_names=dim_names)
+
     def torch_dynamic_shapes(self) -> tuple:
         """The ``dynamic_shapes`` argument of ``torch.export`` for these ranges (to export again)."""
         from torch.export import Dim
@@ -233,44 +259,64 @@ def _lists(value):
     return value
 
 
-def resolve_dynamic_shapes(model: torch.nn.Module, examples: Sequence[torch.Tensor], dynamic_shapes: Any, *,
+def resolve_dynamic_shapes(model: torch.nn.Module, examples: Sequence[Any], dynamic_shapes: Any, *,
+                           kwargs: Mapping[str, Any] | None = None,
                            profiles: Sequence[Any] | None = None) -> tuple[Any, ShapeProfiles | None]:
     """(``dynamic_shapes`` for ``torch.export``, :class:`ShapeProfiles`) from a caller's spec
-    (see the module docstring); (None, None) when ``dynamic_shapes`` is None."""
+    (see the module docstring); (None, None) when ``dynamic_shapes`` is None.
+
+    ``examples`` are the positional inputs and ``kwargs`` the keyword ones, any pytree of tensors,
+    Python scalars and None. The spec names a top-level input by name or index and mirrors its
+    structure (``{"d": {"bias": {0: (1, 8)}, "more": [None]}}``); the profiles hold one entry per
+    tensor leaf in flat order, named by its path (``d['bias']``). A dynamic dimension given as a
+    range without a name is exported as ``Dim.DYNAMIC`` within its bounds, so dimensions the graph
+    ties together need no common name (:meth:`ShapeProfiles.tied_by` records the ties)."""
     if dynamic_shapes is None:
         if profiles:
             raise ShapeRangeError("profiles= needs dynamic_shapes= (the export ranges they lie in)")
         return None, None
-    names = _arg_names(model, len(examples))
-    per_input: list[dict[int, DimRange]] = [{} for _ in examples]
+    kwargs = dict(kwargs or {})
+    top_names = _arg_names(model, len(examples)) + list(kwargs)
+    top_values = list(examples) + list(kwargs.values())
     torch_form = any(is_torch_dim(v) for v in _leaves(dynamic_shapes))
     if isinstance(dynamic_shapes, Mapping):
         entries = list(dynamic_shapes.items())
     elif isinstance(dynamic_shapes, (tuple, list)):
-        if len(dynamic_shapes) != len(examples):
-            raise ShapeRangeError(f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(examples)} input(s)")
+        if len(dynamic_shapes) != len(top_values):
+            raise ShapeRangeError(f"dynamic_shapes has {len(dynamic_shapes)} entries for {len(top_values)} input(s)")
         entries = list(enumerate(dynamic_shapes))
     else:
         raise ShapeRangeError(f"dynamic_shapes: expected a dict (input name or index -> ranges) or a tuple with one "
                               f"entry per input, got {type(dynamic_shapes).__name__}")
-    positional: list[Any] = [None] * len(examples)   # torch.export's form, one entry per input
+    top_specs: list[tuple[Any, Any]] = [(None, None)] * len(top_values)   # (the caller's key, its spec)
     for key, spec in entries:
-        i = key if isinstance(key, int) else (names.index(key) if key in names else None)
-        if i is None or not 0 <= i < len(examples):
-            raise ShapeRangeError(f"dynamic_shapes: no input {key!r}; the inputs are {names}")
-        if spec is None:
-            continue
-        positional[i] = spec
-        if torch_form:
-            per_input[i] = _from_torch_dims(spec, examples[i].dim(), f"dynamic_shapes[{key!r}]")
-        else:
-            per_input[i] = _per_dim(spec, examples[i].dim(), f"dynamic_shapes[{key!r}]")
+        i = key if isinstance(key, int) else (top_names.index(key) if key in top_names else None)
+        if i is None or not 0 <= i < len(top_values):
+            raise ShapeRangeError(f"dynamic_shapes: no input {key!r}; the inputs are {top_names}")
+        top_specs[i] = (key, spec)
+    names: list[str] = []
+    examples_flat: list[torch.Tensor] = []
+    per_input: list[dict[int, DimRange]] = []
+    given: list[Any] = []   # each tensor's spec as the caller wrote it (torch.export's form: passed on)
+    for name, value, (key, spec) in zip(top_names, top_values, top_specs):
+        for path, t, leaf_spec, where in _tensor_leaves(value, spec, name, f"dynamic_shapes[{key!r}]"):
+            names.append(path)
+            examples_flat.append(t)
+            given.append(leaf_spec)
+            if leaf_spec is None:
+                per_input.append({})
+            elif torch_form:
+                per_input.append(_from_torch_dims(leaf_spec, t.dim(), where))
+            else:
+                per_input.append(_per_dim(leaf_spec, t.dim(), where))
     ranges: list[tuple[Range, ...]] = []
     dim_names: list[tuple[str | None, ...]] = []
     tied: dict[str, Range] = {}
-    for i, (t, dims) in enumerate(zip(examples, per_input)):
+    export_flat: list[Any] = []
+    for i, (t, dims) in enumerate(zip(examples_flat, per_input)):
         inp: list[Range] = []
         nm: list[str | None] = []
+        hints: dict[int, Any] = {}
         for d, size in enumerate(t.shape):
             r = dims.get(d)
             if r is None:
@@ -287,12 +333,85 @@ def resolve_dynamic_shapes(model: torch.nn.Module, examples: Sequence[torch.Tens
             tied[name] = (r.min, opt, r.max)
             inp.append((r.min, opt, r.max))
             nm.append(name)
+            if r.name is None:
+                hints[d] = _dynamic_hint(r.min, r.max)
         ranges.append(tuple(inp))
         dim_names.append(tuple(nm))
+        export_flat.append(hints)
     ranges_t = tuple(ranges)
-    table = [ranges_t] if not profiles else [_profile(p, ranges_t, names, examples) for p in profiles]
+    table = [ranges_t] if not profiles else [_profile(p, ranges_t, names, examples_flat) for p in profiles]
     sp = ShapeProfiles(tuple(names), ranges_t, tuple(table), tuple(dim_names))
-    return (tuple(positional) if torch_form else sp.torch_dynamic_shapes()), sp
+    if torch_form:
+        export_flat = given
+    else:
+        named = sp.torch_dynamic_shapes()   # one Dim per name the caller gave; unnamed ranges as hints
+        export_flat = [{**(n or {}), **h} or None for n, h in zip(named, export_flat)]
+    return nest_dynamic_shapes(export_flat, model, examples, kwargs), sp
+
+
+def _dynamic_hint(lo: int, hi: int) -> Any:
+    from torch.export import Dim
+
+    return Dim.DYNAMIC(min=lo, max=hi)
+
+
+def _tensor_leaves(value: Any, spec: Any, path: str, where: str) -> Iterator[tuple[str, torch.Tensor, Any, str]]:
+    """(path name, tensor, its spec, where) of every tensor inside one input, in pytree flat order,
+    with the caller's spec for it (None: static). ``spec`` mirrors ``value``'s containers."""
+    if isinstance(value, torch.Tensor):
+        yield path, value, spec, where
+        return
+    if isinstance(value, (tuple, list)) and type(value) in (tuple, list):
+        if spec is not None and not (isinstance(spec, (tuple, list)) and len(spec) == len(value)):
+            raise ShapeRangeError(f"{where}: input {path} is a {type(value).__name__} of {len(value)}; give a "
+                                  f"{type(value).__name__} of {len(value)} entries (None for a static one) or None")
+        for j, v in enumerate(value):
+            yield from _tensor_leaves(v, None if spec is None else spec[j], f"{path}[{j}]", f"{where}[{j}]")
+        return
+    if isinstance(value, dict):
+        if spec is not None and not (isinstance(spec, Mapping) and set(spec) <= set(value)):
+            raise ShapeRangeError(f"{where}: input {path} is a dict with keys {list(value)}; give a dict of some of "
+                                  f"those keys or None")
+        for k, v in value.items():
+            yield from _tensor_leaves(v, None if spec is None else spec.get(k), f"{path}[{k!r}]", f"{where}[{k!r}]")
+        return
+    leaves = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+    if spec is not None:
+        raise ShapeRangeError(f"{where}: input {path} is {type(value).__name__}, not a tensor, tuple, list or dict; "
+                              f"its entry must be None (static)")
+    for j, t in enumerate(leaves):
+        yield f"{path}[{j}]", t, None, where
+
+
+def nest_dynamic_shapes(flat: Sequence[Any], model: torch.nn.Module, args: Sequence[Any],
+                        kwargs: Mapping[str, Any] | None = None) -> Any:
+    """torch.export's ``dynamic_shapes`` from one entry per tensor leaf (flat order): a tuple with one
+    entry per input when the inputs are positional tensors, else a dict by argument name whose
+    entries mirror each input's structure (None at its non-tensor leaves)."""
+    kwargs = dict(kwargs or {})
+    if not kwargs and all(isinstance(a, torch.Tensor) for a in args):
+        if len(flat) != len(args):
+            raise ShapeRangeError(f"{len(flat)} dynamic-shape entries for {len(args)} tensor input(s)")
+        return tuple(flat)
+    it = iter(flat)
+    out: dict[str, Any] = {}
+    for name, value in zip(_arg_names(model, len(args)) + list(kwargs), [*args, *kwargs.values()]):
+        leaves, spec = pytree.tree_flatten(value)
+        out[name] = pytree.tree_unflatten([next(it) if isinstance(x, torch.Tensor) else None for x in leaves], spec)
+    if next(it, StopIteration) is not StopIteration:
+        raise ShapeRangeError("more dynamic-shape entries than the inputs have tensors")
+    return out
+
+
+def export_call(args: Sequence[Any], kwargs: Mapping[str, Any] | None,
+                sp: ShapeProfiles | None) -> tuple[tuple, dict]:
+    """:func:`export_example` for a call of any structure: its tensor leaves, in flat order, are the
+    profiles' inputs."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+    tensors = iter(export_example([x for x in leaves if isinstance(x, torch.Tensor)], sp))
+    out_args, out_kwargs = pytree.tree_unflatten([next(tensors) if isinstance(x, torch.Tensor) else x
+                                                  for x in leaves], spec)
+    return tuple(out_args), dict(out_kwargs)
 
 
 def _from_torch_dims(spec: Any, rank: int, where: str) -> dict[int, DimRange]:

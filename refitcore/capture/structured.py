@@ -9,9 +9,13 @@ A spec node is ``{"t": "leaf"}``, ``{"t": "tuple" | "list", "c": [...]}``,
 ``{"t": "dict", "k": [keys], "c": [...]}`` or, for any other registered pytree type (a
 ``ModelOutput``, a namedtuple, a transformers ``Cache``), ``{"t": "custom", "cls": "module.QualName",
 "k": [keys] | null, "c": [...]}``, with the node's pytree context as ``"ctx"`` when it is plain data
-other than its keys (a ``DynamicCache``'s layout). Loading a spec never imports anything: a custom
-node is rebuilt as its class only when the caller passes the class (``output_types``) or sets
-``trust_output_types``; otherwise it becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the same keys and leaves.
+other than its keys (a ``DynamicCache``'s layout). A namedtuple (torch files every one under
+``collections.namedtuple``, its class as the context) is a custom node of its own class, its field
+names as keys and ``"tuple": true``. Loading a spec never imports anything: a custom node is rebuilt
+as its class only when the caller passes the class (``output_types``; the model's own at compile) or
+sets ``trust_output_types``; otherwise it becomes a plain ``dict`` (keyed nodes) or ``tuple``, with the
+same keys and leaves, and a namedtuple a stand-in namedtuple of the same name and fields, made from
+the data (indexing, unpacking and field access work as on the model's own).
 
 Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in brackets
 (``[0]['boxes']``); :func:`leaf_names` lists them in flat order. Verdicts use these names.
@@ -19,7 +23,9 @@ Every leaf has a *path name*: top-level keys bare (``logits``), deeper ones in b
 from __future__ import annotations
 
 import collections
+import functools
 import importlib
+import keyword
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,28 +33,74 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from refitcore.errors import ShapeRangeError
+
 __all__ = ["Inputs", "spec_to_json", "spec_of", "unflatten", "leaf_names", "flatten_with_names",
            "split_call", "sample_list", "describe_leaf", "unresolved_types", "check_structured_samples",
            "flat_positional", "as_positional", "register_cache_pytrees"]
 
 
 def register_cache_pytrees() -> None:
-    """Make transformers' ``DynamicCache`` (what a decoder returns with ``use_cache=True``) a pytree
-    node, through transformers' own torch.export support, so that it exports, flattens into its
-    key/value tensors and comes back as a cache. Nothing happens until transformers is imported (by
-    the model's code): refitcore never imports it for a model that does not use it.
+    """Make transformers' ``Cache`` types pytree nodes, so that a model returning one (a decoder with
+    ``use_cache=True``: ``DynamicCache``; an encoder-decoder: ``EncoderDecoderCache``) exports,
+    flattens into its key/value tensors and comes back as that cache, and one taking a cache as input
+    (``StaticCache``, which the model updates in place) is refused by name as a mutation. Nothing
+    happens until transformers is imported (by the model's code): refitcore never imports it for a
+    model that does not use it.
 
-    Whether the class is registered is asked of torch's registry each time, not remembered: a
-    transformers imported again (a test runner restoring ``sys.modules``) brings a new class."""
+    ``DynamicCache`` goes through transformers' own torch.export support (its context is plain data:
+    the layer layout); ``EncoderDecoderCache`` is its two sub-caches with no context; every other
+    ``Cache`` subclass through transformers' generic exporter registration where the release has it.
+    That registration's context names classes by import path, so it is never recorded with an engine
+    (:func:`spec_to_json`) and a loaded engine never unflattens through it.
+
+    Whether a class is registered is asked of torch's registry each time, not remembered: a
+    transformers imported again (a test runner restoring ``sys.modules``) brings new classes."""
     if "transformers" not in sys.modules:
         return
     try:
-        from transformers.cache_utils import DynamicCache
+        from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
         from transformers.integrations.executorch import register_dynamic_cache_export_support
     except ImportError:   # a release without it: a cache output stays a leaf torch.export refuses
         return
     if DynamicCache not in pytree.SUPPORTED_NODES:
         register_dynamic_cache_export_support()
+    if EncoderDecoderCache not in pytree.SUPPORTED_NODES:
+        pytree.register_pytree_node(
+            EncoderDecoderCache, _encoder_decoder_flatten, _encoder_decoder_unflatten(EncoderDecoderCache),
+            serialized_type_name=_qualname(EncoderDecoderCache), flatten_with_keys_fn=_encoder_decoder_keys)
+    try:
+        from transformers.exporters.exporter_dynamo import register_pytree_node
+    except ImportError:
+        return
+    pending = [Cache]
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls not in pytree.SUPPORTED_NODES and cls.__module__ == Cache.__module__:
+            register_pytree_node(cls)
+
+
+def _encoder_decoder_flatten(cache: Any) -> tuple[list, None]:
+    return [cache.self_attention_cache, cache.cross_attention_cache], None
+
+
+def _encoder_decoder_keys(cache: Any) -> tuple[list, None]:
+    return [(pytree.GetAttrKey("self_attention_cache"), cache.self_attention_cache),
+            (pytree.GetAttrKey("cross_attention_cache"), cache.cross_attention_cache)], None
+
+
+def _encoder_decoder_unflatten(cls: type) -> Any:
+    def unflatten(children: Sequence[Any], _context: None) -> Any:
+        return cls(*children)
+    return unflatten
+
+
+def _context_is_data(typ: type) -> bool:
+    """False for a type registered through transformers' generic exporter, whose context names
+    classes that unflattening imports: such a context is never kept with an engine."""
+    node = pytree.SUPPORTED_NODES.get(typ)
+    return node is None or not getattr(node.unflatten_fn, "__module__", "").startswith("transformers.exporters")
 
 
 class Inputs:
@@ -94,13 +146,15 @@ def spec_to_json(spec: pytree.TreeSpec) -> dict:
     if typ is dict or typ is collections.OrderedDict:
         return {"t": "dict", "k": list(spec.context), "c": children}
     ctx = spec.context
+    if typ is collections.namedtuple and pytree.is_namedtuple_class(ctx):
+        return {"t": "custom", "cls": _qualname(ctx), "k": list(ctx._fields), "c": children, "tuple": True}
     keys = list(ctx) if isinstance(ctx, (list, tuple)) and all(isinstance(k, (str, int)) for k in ctx) else None
     if keys is not None and len(keys) != len(children):
         keys = None
     if keys is None and hasattr(typ, "_fields"):
         keys = list(typ._fields)
     node = {"t": "custom", "cls": _qualname(typ), "k": keys, "c": children}
-    if keys is None and ctx is not None and _plain_data(ctx):
+    if keys is None and ctx is not None and _plain_data(ctx) and _context_is_data(typ):
         node["ctx"] = _as_json(ctx)
     return node
 
@@ -182,9 +236,15 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
         if t == "dict":
             return dict(zip(node["k"], children))
         cls = _resolve(node["cls"], output_types, trust_output_types)
-        keys = node.get("k")
         if cls is not None:
-            register_cache_pytrees()
+            register_cache_pytrees()   # first: whether a registration's context is data is asked of it
+            if not _context_is_data(cls):
+                cls = None   # it rebuilds from a context that names classes to import: plain data instead
+        keys = node.get("k")
+        if node.get("tuple") is True:   # a namedtuple: built from its fields in order
+            made = cls or _stand_in(node["cls"], keys)
+            return made(*children) if made is not tuple else tuple(children)
+        if cls is not None:
             if cls in pytree.SUPPORTED_NODES:
                 context = node.get("ctx", keys)
                 try:
@@ -201,6 +261,22 @@ def unflatten(leaves: Sequence[Any], spec: Mapping, *, output_types: Mapping[str
     if rest:
         raise ValueError(f"{len(rest)} leaves left over when rebuilding the output structure")
     return out
+
+
+def _stand_in(qualname: str, keys: Any) -> Any:
+    """A namedtuple class of a spec's name and fields, made from the data (nothing is imported), or
+    ``tuple`` when the names are not plain identifiers; one class per (name, fields)."""
+    name = qualname.rpartition(".")[2]
+    names = [name, *keys] if isinstance(keys, list) else []
+    if not names or not all(isinstance(n, str) and n.isidentifier() and not keyword.iskeyword(n)
+                            and not n.startswith("_") for n in names):
+        return tuple
+    return _namedtuple(name, tuple(keys))
+
+
+@functools.lru_cache(maxsize=256)
+def _namedtuple(name: str, fields: tuple[str, ...]) -> Any:
+    return collections.namedtuple(name, fields)
 
 
 def leaf_names(spec: Mapping) -> list[str]:
@@ -289,10 +365,17 @@ def check_structured_samples(engine, inputs: Any) -> list[Inputs]:
         except (TypeError, ValueError) as err:
             problems.append(f"sample {s}: {err}")
             continue
+        profiles = engine.io.profiles
         for i, (x, shape, dtype) in enumerate(zip(flat, engine.io.input_shapes, engine.io.input_dtypes)):
-            if list(x.shape) != list(shape) or str(x.dtype).replace("torch.", "") != dtype:
+            fits = profiles is not None or list(x.shape) == list(shape)   # ranges: checked below
+            if not fits or str(x.dtype).replace("torch.", "") != dtype:
                 problems.append(f"sample {s}, tensor input {i}: {str(x.dtype).replace('torch.', '')}{list(x.shape)} "
                                 f"where the engine takes {dtype}{list(shape)}")
+        if profiles is not None:
+            try:
+                profiles.profile_for([tuple(x.shape) for x in flat])
+            except ShapeRangeError as err:
+                problems.append(f"sample {s}: {err}")
     if problems:
         raise ValueError("verify_inputs do not fit the engine (nothing was refitted):\n"
                          + "\n".join(f"  - {p}" for p in problems))

@@ -35,6 +35,7 @@ import torch.utils._pytree as pytree
 from refitcore.backends import choose_backend
 from refitcore.cache.key import architecture_fingerprint
 from refitcore.cache.store import as_cache
+from refitcore.capture.shapes import nest_dynamic_shapes
 from refitcore.capture.structured import Inputs, leaf_names, spec_to_json
 from refitcore.compiler.native import call_inputs, compile as compile_model
 from refitcore.engine.refittable import RefittableEngine, load as load_engine
@@ -178,7 +179,7 @@ class MutableEngine:
                 else _example_of(engine))
         profiles = engine.io.profiles
         if dynamic_shapes is None and profiles is not None and profiles.dynamic:
-            dynamic_shapes = profiles.torch_dynamic_shapes()
+            dynamic_shapes = nest_dynamic_shapes(profiles.torch_dynamic_shapes(), model, *call)
         compile_options = {k: v for k, v in recorded.to_json().items() if k not in ("backend", "precision")}
         compile_options.update(options, dynamic_shapes=dynamic_shapes)
         self = cls.__new__(cls)

@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 from refitcore.backends import choose_backend
 from refitcore.cache.key import CacheKey, compile_key
 from refitcore.cache.store import as_cache, lookup, store
-from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, input_names
-from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dynamic_shapes
+from refitcore.capture.lowering import DETAIL_HINT, DETAIL_LOG, export_model, packed_sequence_users, tensor_inputs
+from refitcore.capture.shapes import ShapeProfiles, export_call, resolve_dynamic_shapes
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
@@ -31,7 +31,14 @@ from refitcore.engine.options import DEFAULT_COMPILER, CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord
 from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
-from refitcore.errors import ExportError, MutationError, RefitCoreError, ShapeRangeError, UnsupportedOperatorError
+from refitcore.errors import (
+    ExportError,
+    MutationError,
+    PackedSequenceError,
+    RefitCoreError,
+    ShapeRangeError,
+    UnsupportedOperatorError,
+)
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
 from refitcore.refitting.refit import refit, verification_samples
 
@@ -75,9 +82,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     (``{"x": {0: (1, 8)}}``, ``{0: ((1, 4, 8), 3, 64, 64)}``: (min, max) or (min, opt, max)); the
     example's size is ``opt`` unless given. ``profiles``: several optimization profiles inside those
     ranges (see :mod:`refitcore.capture.shapes`). The engine accepts any shape inside a profile and refuses
-    others with an error naming the input, the dimension and the range. Dynamic shapes need
-    positional tensor inputs and a graph that converts whole (a partitioned or hybrid engine runs
-    at the example's shapes).
+    others with an error naming the input, the dimension and the range. Keyword and nested inputs
+    take a spec of their structure (``{"d": {"bias": {0: (1, 8)}}}``); dimensions the graph ties need
+    no common name. A hybrid engine (``submodules=``) runs at the example's shapes.
 
     ``cache``: None, a directory or a :class:`refitcore.EngineCache` (or any object with
     ``save``/``load``/``evict``). On a hit (same architecture, inputs, compile options, backend,
@@ -236,17 +243,20 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
     """:func:`compile` without the engine cache: export, then build the engine's kind."""
     export_ds = shape_profiles = None
     if options.dynamic_shapes is not None or options.profiles:
-        if kwargs or not all(isinstance(a, torch.Tensor) for a in args) or options.submodules is not None:
-            raise ShapeRangeError("dynamic_shapes= needs the inputs as positional tensors (no keyword, "
-                                  "structured or non-tensor inputs, no submodules=); give them as a tuple of tensors")
-        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes,
+        if options.submodules is not None:
+            raise ShapeRangeError("dynamic_shapes= and submodules= do not go together (compiled submodules run at "
+                                  "the example's shapes); compile without one of them")
+        export_ds, shape_profiles = resolve_dynamic_shapes(model, args, options.dynamic_shapes, kwargs=kwargs,
                                                            profiles=options.profiles)
     export_error: Exception | None = None
     try:
-        ep = (export_model(model, export_example(args, shape_profiles), kwargs, dynamic_shapes=export_ds)
+        ep = (export_model(model, *export_call(args, kwargs, shape_profiles), dynamic_shapes=export_ds)
               if options.submodules is None else None)
     except Exception as err:
         export_error = err
+        packed = packed_sequence_users(model, args, kwargs)
+        if packed:   # a hybrid would run the recurrence eagerly for a reason no log line explains
+            raise PackedSequenceError(packed, err) from err
         if options.strict or shape_profiles is not None:
             if isinstance(err, MutationError):   # exported, but no engine can do what it does
                 raise
@@ -263,30 +273,23 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
         source = BuildInput(model, args, kwargs, exported=ep, profiles=shape_profiles)
         return _engine(torch_tensorrt.KIND, torch_tensorrt.KIND.build(source, options), model, options, reason,
                        exported_program=ep)
-    _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
-    if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
-        shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))
+    _check_executed_ops(ep, options)
+    if shape_profiles is not None:   # the network's input names and the dimensions the graph ties
+        shape_profiles = shape_profiles.tied_by(tensor_inputs(ep))
     return _compile_exported(model, ep, args, kwargs, options, reason, shape_profiles)
 
 
-def _check_executed_ops(ep, options: CompileOptions, *, dynamic: bool) -> None:
+def _check_executed_ops(ep, options: CompileOptions) -> None:
     """``torch_executed_ops`` are never ignored silently: a name that matches no op of the exported
-    graph is logged with the ops it has, and with dynamic shapes (one network, no PyTorch segments:
-    see :func:`_compile_exported`) an op the list sends to PyTorch is refused."""
+    graph is logged with the ops it has."""
     if not options.torch_executed_ops:
         return
-    nodes, unmatched = executed_op_nodes(ep, options.torch_executed_ops)
+    _nodes, unmatched = executed_op_nodes(ep, options.torch_executed_ops)
     if unmatched:
         ops = sorted({str(n.target) for n in ep.graph_module.graph.nodes if n.op == "call_function"})
         log.warning("refitcore: torch_executed_ops %s match no op of the exported graph, so they change nothing; "
                     "its ops: %s%s", unmatched, ", ".join(ops[:12]), f" (+{len(ops) - 12} more)" if len(ops) > 12
                     else "")
-    if dynamic and nodes:
-        shown = ", ".join(f"{n.target} (node {n.name})" for n in nodes[:5]) + (
-            f" (+{len(nodes) - 5} more)" if len(nodes) > 5 else "")
-        raise ShapeRangeError(f"torch_executed_ops would run {shown} in PyTorch, but an engine with dynamic "
-                              f"shapes is one TensorRT network (no PyTorch segments yet); compile without "
-                              f"dynamic_shapes= (fixed shapes), or without torch_executed_ops")
 
 
 def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, options: CompileOptions, reason: str,
@@ -295,16 +298,16 @@ def _compile_exported(model: torch.nn.Module, ep, args: tuple, kwargs: dict, opt
     (strict: or an error listing every op), else segments."""
     kind: EngineKind = whole.KIND
     # A graph that converts whole is one network, however few ops it has (min_block_size only
-    # weighs TensorRT runs between PyTorch parts). With dynamic shapes the one network is the
-    # only option: the converter loop computes sizes in the network, segments cannot yet.
-    if not options.strict and shape_profiles is None and not _whole_graph_converts(
+    # weighs TensorRT runs between PyTorch parts). With dynamic shapes each TensorRT segment gets
+    # the ranges its inputs take over the export ranges (segmented_build).
+    if not options.strict and not _whole_graph_converts(
             ep, partition(ep, torch_executed_ops=options.torch_executed_ops, min_block_size=1)):
         kind = segmented_build.KIND
     source = BuildInput(model, args, kwargs, exported=ep, profiles=shape_profiles)
     try:
         built = kind.build(source, options)
     except UnsupportedOperatorError:
-        if kind is not whole.KIND or options.strict or shape_profiles is not None:
+        if kind is not whole.KIND or options.strict:
             raise
         # A converter declined a call while converting: partition, that call runs in PyTorch.
         kind = segmented_build.KIND

@@ -52,6 +52,7 @@ INPUT_BOUNDED_OPS = frozenset({
 # Random only when an argument says so (dropout in training, attention dropout): allowed, and
 # refused by check_call when that argument (name, position) is not zero/false.
 RANDOM_UNLESS = {"aten.dropout.default": ("train", 2), "aten.lstm.input": ("train", 6), "aten.gru.input": ("train", 6),
+                 "aten.rnn_tanh.input": ("train", 6), "aten.rnn_relu.input": ("train", 6),
                  "aten.scaled_dot_product_attention.default": ("dropout_p", 4)}
 
 # Op families no file may name, matched on the op name (``aten.<name>.<overload>``).

@@ -14,7 +14,7 @@ import torch
 
 from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
 from refitcore.capture.lowering import export_model, graph_fingerprint, lower
-from refitcore.capture.shapes import export_example
+from refitcore.capture.shapes import export_call, nest_dynamic_shapes
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import ArchitectureMismatchError
 
@@ -55,9 +55,11 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
     if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
         # The same export as at compile time: example shapes, and the recorded dynamic ranges.
         profiles = engine.io.profiles
-        examples = [torch.zeros(s, dtype=getattr(torch, d))
-                    for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)]
-        ep = export_model(source, export_example(examples, profiles), dynamic_shapes=profiles.torch_dynamic_shapes())
+        args, kwargs = (engine.example_call() if engine.structure is not None else
+                        (tuple(torch.zeros(s, dtype=getattr(torch, d))
+                               for s, d in zip(engine.io.input_shapes, engine.io.input_dtypes)), {}))
+        ep = export_model(source, *export_call(args, kwargs, profiles),
+                          dynamic_shapes=nest_dynamic_shapes(profiles.torch_dynamic_shapes(), source, args, kwargs))
     elif isinstance(source, torch.nn.Module) and engine.structure is not None:
         args, kwargs = engine.example_call()
         ep = export_model(source, args, kwargs)

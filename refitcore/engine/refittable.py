@@ -194,7 +194,8 @@ class RefittableEngine:
             missing = unresolved_types(self.structure["out"], output_types=self.output_types)
             if missing:
                 logging.getLogger("refitcore").warning(
-                    "refitcore: outputs of type %s come back as plain dicts (a loaded file's types are never "
+                    "refitcore: outputs of type %s come back as plain dicts or tuples (namedtuples as stand-ins of "
+                    "the same fields: a loaded file's types are never "
                     "imported); pass output_types=[cls] or trust_output_types=True to refitcore.load", missing)
             self._said_plain = True
         return unflatten(outs, self.structure["out"], output_types=self.output_types,
@@ -202,6 +203,8 @@ class RefittableEngine:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         self._check_weights_present()
+        if self.io.profiles is not None:   # named by the model's inputs, whatever part runs first
+            self.io.profiles.profile_for([tuple(x.shape) for x in inputs])
         return self.kind.run(self._impl, list(inputs))
 
     def _check_weights_present(self) -> None:

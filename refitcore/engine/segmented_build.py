@@ -24,9 +24,11 @@ from refitcore import dtypes
 from refitcore.backends import get_backend
 from refitcore.backends.base import EngineImpl
 from refitcore.capture.lowering import graph_fingerprint
+from refitcore.capture.shapes import ShapeProfiles
 from refitcore.capture.structured import leaf_names
 from refitcore.conversion.convert import convert, dynamic_node_names
 from refitcore.conversion.network_reader import network_weights
+from refitcore.conversion.shape_tensors import symbolic_dims
 from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_consts
 from refitcore.engine.coverage import Coverage, all_in_tensorrt, spec_numel
 from refitcore.engine.kinds import BuildInput, Built, check_map_covers, state_array, structure_of
@@ -35,7 +37,7 @@ from refitcore.engine.records import IOSpec
 from refitcore.engine.reexport import conversion_params, exported_for
 from refitcore.engine.segmented import KIND as NAME, SegmentedImpl, split_name
 from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
-from refitcore.partition.partitioner import PartitionPlan, Segment, partition, subprogram
+from refitcore.partition.partitioner import PartitionPlan, Segment, SubProgram, partition, segment_profiles, subprogram
 from refitcore.partition.torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
 
 __all__ = ["Segmented", "KIND", "NAME", "prefixed_map"]
@@ -90,8 +92,21 @@ def _closure(gm: fx.GraphModule, names: Iterable[str], dynamic: set[str], skip: 
     return [n.name for n in gm.graph.nodes if n.name in want]
 
 
-def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
-    """Partition ``ep`` and build every segment (see the module docstring)."""
+def _segment_program(ep, seg: Segment, profiles: ShapeProfiles | None) -> tuple[SubProgram, ShapeProfiles | None]:
+    """A TensorRT segment's program and, for an engine with dynamic shapes, its inputs' ranges under
+    the network's own input names (fx may rename a placeholder)."""
+    sub = subprogram(ep, seg)
+    ranges = segment_profiles(ep, seg, profiles)
+    if ranges is not None:
+        names = [s.arg.name for s in sub.graph_signature.input_specs if s.kind == InputKind.USER_INPUT]
+        ranges = dataclasses.replace(ranges, input_names=tuple(names))
+    return sub, ranges
+
+
+def _build_segments(ep, options: CompileOptions,
+                    profiles: ShapeProfiles | None) -> tuple[SegmentedImpl, WeightMap, PartitionPlan]:
+    """Partition ``ep`` and build every segment (see the module docstring); with ``profiles`` each
+    TensorRT segment gets the ranges its inputs take (:func:`segment_profiles`)."""
     backend = get_backend(options.backend)
     forced: dict[str, str] = {}
     while True:
@@ -102,7 +117,8 @@ def _build_segments(ep, options: CompileOptions) -> tuple[SegmentedImpl, WeightM
             if seg.kind != "tensorrt":
                 continue
             try:
-                result = convert(subprogram(ep, seg), precision=options.precision)
+                sub, ranges = _segment_program(ep, seg, profiles)
+                result = convert(sub, profiles=ranges, precision=options.precision)
                 built[i] = (result, backend.build(result, precision=options.precision))
             except BackendUnavailableError:
                 raise   # the backend cannot build or run here at all: not a segment's problem
@@ -212,7 +228,7 @@ class Segmented:
     def build(self, source: BuildInput, options: CompileOptions) -> Built:
         """Partition ``source.exported`` and build every TensorRT segment on the backend."""
         ep = source.exported
-        impl, wm, plan = _build_segments(ep, options)
+        impl, wm, plan = _build_segments(ep, options, source.profiles)
         check_map_covers(wm, impl.weight_names())
         out_spec = ep.call_spec.out_spec
         structure = structure_of(source.args, source.kwargs, out_spec)
@@ -222,7 +238,8 @@ class Segmented:
         io = IOSpec(tuple(impl.user_inputs), tuple(tuple(t.shape) for t in tensors),
                     tuple(str(t.dtype).replace("torch.", "") for t in tensors),
                     tuple(leaf_names(structure["out"])),
-                    tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else () for v in out_vals))
+                    tuple(tuple(symbolic_dims(v)) if isinstance(v, torch.Tensor) else () for v in out_vals),
+                    source.profiles)
         digest, entries = graph_fingerprint(ep)
         return Built(impl, wm, io, structure, out_spec, digest, entries, partition=plan)
 

@@ -26,12 +26,13 @@ import torch
 from torch import fx
 from torch.export.graph_signature import InputKind, InputSpec, TensorArgument
 
-from refitcore.capture.lowering import CONV_OPS, module_path
-from refitcore.conversion.convert import dynamic_node_names, node_problem
+from refitcore.capture.lowering import CONV_OPS, module_path, tensor_inputs
+from refitcore.capture.shapes import ShapeProfiles
+from refitcore.conversion.convert import dynamic_node_names, is_size_node, node_problem
 from refitcore.partition.torch_program import SHAPE_ONLY_OPS
 
 __all__ = ["Segment", "PartitionPlan", "partition", "subprogram", "SubProgram", "DEFAULT_MIN_BLOCK_SIZE",
-           "op_matcher", "executed_op_names", "executed_op_nodes"]
+           "op_matcher", "executed_op_names", "executed_op_nodes", "segment_profiles"]
 
 DEFAULT_MIN_BLOCK_SIZE = 5     # Torch-TensorRT's default
 TRT_DTYPES = frozenset({torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool})
@@ -197,8 +198,8 @@ def partition(ep, *, torch_executed_ops: Iterable[Any] = (), min_block_size: int
     dropped = set(skipped)
     reasons: dict[str, str] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.name not in dynamic or node.name in dropped:
-            continue
+        if node.op != "call_function" or node.name not in dynamic or node.name in dropped or is_size_node(node):
+            continue   # a size (dynamic shapes) is computed by each segment that reads it: _with_sizes
         order.append(node)
         if node.target is operator.getitem:
             continue
@@ -228,7 +229,7 @@ def partition(ep, *, torch_executed_ops: Iterable[Any] = (), min_block_size: int
                     kinds[n.name] = "torch"
                     if n.target is not operator.getitem:
                         reasons[n.name] = f"in a convertible run of {size} op(s) < min_block_size={min_block_size}"
-    segments = [Segment(kind, [n.name for n in nodes]) for kind, nodes in _runs(order, kinds)]
+    segments = [Segment(kind, _with_sizes(gm, [n.name for n in nodes])) for kind, nodes in _runs(order, kinds)]
     _wire(gm, segments, dynamic)
     fallback = {name: [_op(n), module_path(n), reasons[name]] for n in order
                 for name in [n.name] if kinds[name] == "torch" and name in reasons}
@@ -251,6 +252,25 @@ def _runs(order: list[fx.Node], kinds: Mapping[str, str]) -> list[tuple[str, lis
     return runs
 
 
+def _with_sizes(gm: fx.GraphModule, names: list[str]) -> list[str]:
+    """``names`` and the size nodes they read (``sym_size.int`` and arithmetic on sizes, under dynamic
+    shapes), in graph order. A size belongs to no segment of its own: each segment that reads one
+    computes it from the tensors it reads it from (a TensorRT segment as shape arithmetic in its
+    network, those tensors then being its inputs), so a size never splits a run of TensorRT ops and
+    never crosses between segments."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    want = dict.fromkeys(names)
+    stack = list(names)
+    while stack:
+        for a in nodes[stack.pop()].all_input_nodes:
+            if a.op == "call_function" and is_size_node(a) and a.name not in want:
+                want[a.name] = None
+                stack.append(a.name)
+    if len(want) == len(names):
+        return names
+    return [n.name for n in gm.graph.nodes if n.name in want]
+
+
 def _static_closure(node: fx.Node, dynamic: set[str], into: dict[str, fx.Node]) -> None:
     """The weight-only nodes ``node`` reads (recursively), excluding placeholders."""
     if node.target in SHAPE_ONLY_OPS:
@@ -264,7 +284,10 @@ def _static_closure(node: fx.Node, dynamic: set[str], into: dict[str, fx.Node]) 
 def _wire(gm: fx.GraphModule, segments: list[Segment], dynamic: set[str]) -> None:
     """Fill each segment's ``inputs`` (dynamic values it reads from outside: user inputs or earlier
     segments' nodes) and ``outputs`` (its nodes read by later segments or the graph output)."""
-    owner = {name: i for i, s in enumerate(segments) for name in s.nodes}
+    owners: dict[str, set[int]] = {}   # a size node is in every segment that reads it
+    for i, s in enumerate(segments):
+        for name in s.nodes:
+            owners.setdefault(name, set()).add(i)
     nodes = {n.name: n for n in gm.graph.nodes}
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     needed_later: dict[str, set[int]] = {}
@@ -275,7 +298,7 @@ def _wire(gm: fx.GraphModule, segments: list[Segment], dynamic: set[str]) -> Non
             _static_closure(nodes[name], dynamic, members)
         for node in [nodes[n] for n in seg.nodes] + list(members.values()):
             for a in node.all_input_nodes:
-                if a.name in dynamic and owner.get(a.name) != i and node.target not in SHAPE_ONLY_OPS:
+                if a.name in dynamic and i not in owners.get(a.name, ()) and node.target not in SHAPE_ONLY_OPS:
                     reads[a.name] = None
         seg.inputs = list(reads)
         for name in seg.inputs:
@@ -354,3 +377,47 @@ def subprogram(ep, segment: Segment) -> SubProgram:
     sub_gm = fx.GraphModule(torch.nn.Module(), graph)
     signature = types.SimpleNamespace(input_specs=input_specs)
     return SubProgram(sub_gm, signature, dict(ep.state_dict), constants)
+
+
+def segment_profiles(ep, segment: Segment, profiles: ShapeProfiles | None) -> ShapeProfiles | None:
+    """The shape ranges of a TensorRT segment's inputs under the engine's ``profiles`` (None when the
+    engine is static): each size of a segment input is an expression of the model inputs' size
+    symbols (``s0``, ``2*s0``, ``s0 - 1``), evaluated at every profile's min, opt and max (its least
+    and greatest value over the two ends: sizes are monotonic in their symbols in the graphs
+    torch.export makes). Sizes of one expression share a dimension name, so ties stay ties.
+    Raises ``ValueError`` for a size of a symbol no model input carries (data-dependent)."""
+    if profiles is None:
+        return None
+    where: dict[Any, tuple[int, int]] = {}     # symbol -> (input index, dim)
+    for i, (_name, shape) in enumerate(tensor_inputs(ep)):
+        for d, size in enumerate(shape):
+            if isinstance(size, torch.SymInt) and size.node.expr.is_Symbol:
+                where.setdefault(size.node.expr, (i, d))
+    nodes = {n.name: n for n in ep.graph_module.graph.nodes}
+
+    def table(p: int) -> tuple:
+        rows = []
+        for name in segment.inputs:
+            row = []
+            for size in nodes[name].meta["val"].shape:
+                if not isinstance(size, torch.SymInt) or size.node.expr.is_number:
+                    row.append((int(size),) * 3)
+                    continue
+                expr = size.node.expr
+                missing = [str(sym) for sym in expr.free_symbols if sym not in where]
+                if missing:
+                    raise ValueError(f"segment input {name!r}: its size {expr} depends on {missing}, which no model "
+                                     f"input carries (a data-dependent size)")
+                ends = [int(expr.subs({sym: profiles.profiles[p][where[sym][0]][where[sym][1]][k]
+                                       for sym in expr.free_symbols})) for k in range(3)]
+                lo, hi = min(ends[0], ends[2]), max(ends[0], ends[2])
+                row.append((lo, min(max(ends[1], lo), hi), hi))
+            rows.append(tuple(row))
+        return tuple(rows)
+
+    tables = tuple(table(p) for p in range(len(profiles.profiles)))
+    ranges = tuple(tuple((min(t[i][d][0] for t in tables), tables[0][i][d][1], max(t[i][d][2] for t in tables))
+                         for d in range(len(tables[0][i]))) for i in range(len(segment.inputs)))
+    dim_names = tuple(tuple(None if isinstance(size, int) or size.node.expr.is_number else str(size.node.expr)
+                            for size in nodes[name].meta["val"].shape) for name in segment.inputs)
+    return ShapeProfiles(tuple(segment.inputs), ranges, tables, dim_names)

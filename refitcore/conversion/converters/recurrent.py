@@ -1,14 +1,16 @@
-"""Recurrent layers (nn.LSTM, nn.GRU), unrolled over their static sequence length.
+"""Recurrent layers (nn.LSTM, nn.GRU, nn.RNN), unrolled over their static sequence length.
 
 Each layer and direction holds its weights once, as named refittable constants
 (``"<layer>.l<k>[_reverse].weight_ih CONSTANT"``, ``weight_hh``, ``bias_ih``, ``bias_hh``), which
 every time step reads: the input projection of the whole sequence is one matrix multiply, then each
 step multiplies the hidden state by ``weight_hh`` and applies the gates (PyTorch's equations, the
-gate order of its weights: LSTM i, f, g, o; GRU r, z, n). The network is plain layers (slices,
-matrix multiplies, activations, elementwise), so any TensorRT builder accepts it and the reference
-backend interprets it; TensorRT's loop layers would keep the network small for long sequences, and
-dynamic sequence lengths need them: such calls are refused, as are projected LSTMs (proj_size) and
-training-mode dropout between layers.
+gate order of its weights: LSTM i, f, g, o; GRU r, z, n; RNN one, through tanh or relu). The
+network is plain layers (slices, matrix multiplies, activations, elementwise), so any TensorRT
+builder accepts it and the reference backend interprets it; TensorRT's loop layers would keep the
+network small for long sequences, and dynamic sequence lengths need them: such calls are refused,
+as are projected LSTMs (proj_size) and training-mode dropout between layers. A packed sequence
+(``pack_padded_sequence``) never reaches these converters: it does not export, and compile says so
+(:class:`refitcore.errors.PackedSequenceError`).
 """
 from __future__ import annotations
 
@@ -26,11 +28,13 @@ aten = torch.ops.aten
 
 __all__ = ["recurrent"]
 
-_GATES = {"LSTM": 4, "GRU": 3}
+_KINDS = {aten.lstm.input: "LSTM", aten.gru.input: "GRU", aten.rnn_tanh.input: "RNN_TANH",
+          aten.rnn_relu.input: "RNN_RELU"}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 def _check(node) -> str | None:
-    kind = "LSTM" if node.target is aten.lstm.input else "GRU"
+    kind = _KINDS[node.target]
     x = node.args[0].meta["val"]
     params = node.args[2]
     has_biases, num_layers, dropout, train, bidirectional = node.args[3:8]
@@ -85,6 +89,12 @@ def _gru_step(ctx: ConversionContext, xp, h, w_hh, b_hh, hidden: int, s: str):
     return elementwise(ctx, n, step, "SUM", suffix=f"{s}.h")
 
 
+def _rnn_step(ctx: ConversionContext, xp, h, w_hh, act: str, s: str):
+    """PyTorch's Elman cell: h' = act(W_ih x + b_ih + W_hh h + b_hh); ``xp`` holds both biases."""
+    g = elementwise(ctx, xp, _matmul_t(ctx, h, w_hh, f"{s}.hh"), "SUM", suffix=f"{s}.pre")
+    return activation(ctx, g, act, suffix=f"{s}.h")
+
+
 def _concat(ctx: ConversionContext, tensors: list, axis: int, suffix: str):
     if len(tensors) == 1:
         return tensors[0]
@@ -100,7 +110,8 @@ def _state(ctx: ConversionContext, value, index: int, batch: int, hidden: int, s
 
 def recurrent(ctx: ConversionContext, kind: str, x, hx: list, params: list, *, has_biases: bool, num_layers: int,
               bidirectional: bool, batch_first: bool):
-    """(output, h_n[, c_n]) of ``aten.lstm.input`` / ``aten.gru.input`` (``kind`` LSTM or GRU)."""
+    """(output, h_n[, c_n]) of ``aten.lstm.input`` / ``aten.gru.input`` / ``aten.rnn_tanh.input`` /
+    ``aten.rnn_relu.input`` (``kind`` LSTM, GRU, RNN_TANH or RNN_RELU)."""
     trt = ctx.trt
     if isinstance(x, StaticValue):
         raise Unsupported(f"{kind} over a constant sequence")
@@ -128,7 +139,7 @@ def recurrent(ctx: ConversionContext, kind: str, x, hx: list, params: list, *, h
             xp = _matmul_t(ctx, seq, w_ih, f"{tag}.ih")
             if b_ih is not None:
                 xp = elementwise(ctx, xp, b_ih, "SUM", suffix=f"{tag}.ih_bias")
-            if kind == "LSTM" and b_hh is not None:   # both biases add before the gates
+            if kind != "GRU" and b_hh is not None:   # both biases add before the gates (GRU's b_hn is gated)
                 xp = elementwise(ctx, xp, b_hh, "SUM", suffix=f"{tag}.hh_bias")
             index = k * directions + d
             h = _state(ctx, states[0], index, batch, hidden, f"{tag}.h0")
@@ -139,8 +150,10 @@ def recurrent(ctx: ConversionContext, kind: str, x, hx: list, params: list, *, h
                 x_t = slice_(ctx, xp, [t, 0, 0], [1, batch, gates * hidden], [1, 1, 1], suffix=f"{s}.x")
                 if kind == "LSTM":
                     h, c = _lstm_step(ctx, x_t, h, c, w_hh, hidden, s)
-                else:
+                elif kind == "GRU":
                     h = _gru_step(ctx, x_t, h, w_hh, b_hh, hidden, s)
+                else:
+                    h = _rnn_step(ctx, x_t, h, w_hh, "TANH" if kind == "RNN_TANH" else "RELU", s)
                 hs[t] = h
             finals[0].append(h)
             if kind == "LSTM":
@@ -155,9 +168,9 @@ def recurrent(ctx: ConversionContext, kind: str, x, hx: list, params: list, *, h
     return (out, *(_concat(ctx, f, 0, name) for f, name in zip(finals, ("h_n", "c_n"))))
 
 
-@converter(aten.lstm.input, aten.gru.input, capability=_check)
-def lstm_gru(ctx, node, args, kwargs):
-    kind = "LSTM" if node.target is aten.lstm.input else "GRU"
+@converter(aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input, capability=_check)
+def lstm_gru_rnn(ctx, node, args, kwargs):
+    kind = _KINDS[node.target]
     hx = list(args[1]) if kind == "LSTM" else [args[1]]
     return recurrent(ctx, kind, args[0], hx, list(args[2]), has_biases=bool(args[3]), num_layers=int(args[4]),
                      bidirectional=bool(arg(args, kwargs, 7, "bidirectional", False)),

@@ -110,8 +110,9 @@ def _check_grid_sample(node) -> str | None:
     x = node.args[0].meta["val"]
     mode = arg(node.args, node.kwargs, 2, "interpolation_mode")
     padding = arg(node.args, node.kwargs, 3, "padding_mode")
-    if x.dim() != 4:
-        return f"{x.dim()}-D grid_sample (TensorRT's GridSample takes 4-D [N, C, H, W] input)"
+    if x.dim() != 4:   # NVIDIA's GridSample operator: input [N, C, H, W], grid [N, H_out, W_out, 2]; no 3-D form
+        return (f"{x.dim()}-D grid_sample (TensorRT's GridSample takes 4-D [N, C, H, W] input and a "
+                f"[N, H_out, W_out, 2] grid: it has no volumetric form)")
     if not x.dtype.is_floating_point:
         return f"grid_sample of {x.dtype} (TensorRT's GridSample takes floating-point input)"
     if mode not in _GRID_MODES:
@@ -134,7 +135,8 @@ def grid_sample(ctx: ConversionContext, x, grid, mode: str, padding: str, align_
     return ctx.name(layer).get_output(0)
 
 
-@converter(aten.grid_sampler.default, aten.grid_sampler_2d.default, capability=_check_grid_sample)
+@converter(aten.grid_sampler.default, aten.grid_sampler_2d.default, aten.grid_sampler_3d.default,
+           capability=_check_grid_sample)
 def grid_sampler(ctx, node, args, kwargs):
     return grid_sample(ctx, args[0], args[1], _GRID_MODES[arg(args, kwargs, 2, "interpolation_mode")],
                        _GRID_PADDING[arg(args, kwargs, 3, "padding_mode")],
