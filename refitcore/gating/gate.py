@@ -208,12 +208,12 @@ def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
     return engine.model_factory
 
 
-def _eager(state, factory, ckpt: str, progress, engine):
+def _eager(state, factory, ckpt: str, progress, engine, share: bool):
     name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)
     with progress.step(f"building the eager reference model from {name}"):
         try:
             weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
-            return eager_model(weights, model=factory, keep_missing=keep)
+            return eager_model(weights, model=factory, keep_missing=keep, share=share)
         except EagerModelError as err:
             raise InputError(f"checkpoint {ckpt!r} does not fit {name}: {err}; another architecture: recompile needed"
                         ) from err
@@ -226,7 +226,8 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
     except ValueError as err:
         raise InputError(str(err)) from err
-    engine = open_bundle(bundle, progress)
+    # Every refittable weight is set from the checkpoint: the bundle's own are checked, never read.
+    engine = open_bundle(bundle, progress, weights=False)
     data["backend"], data["backend_note"] = engine.backend, engine.note
     loaded = read_checkpoint(checkpoint, progress, engine, data.setdefault("notes", []))
     ckpt = data["checkpoint"]
@@ -241,7 +242,9 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
     # The checkpoint must fit the compiled architecture before anything else is judged; NaN/Inf in
     # any tensor, read by the engine or not, refuses it whole.
     try:
-        weights = prepare_weights(engine, loaded, every_key_finite=True)
+        # A checkpoint read from a file here is the gate's own: the engine and the eager model keep
+        # views of it instead of copies (one copy of the weights: docs/memory.md).
+        weights = prepare_weights(engine, loaded, every_key_finite=True, owned=loaded.path is not None)
     except ArchitectureMismatchError as err:
         raise InputError(f"checkpoint {ckpt!r} is for another architecture than {data['bundle']!r}: {err}") from err
     except WeightMappingError as err:
@@ -251,7 +254,7 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
     if extra:
         raise InputError(f"checkpoint {ckpt!r} has {len(extra)} key(s) the compiled model lacks "
                     f"({extra[:5]}): it is for another architecture; recompile needed")
-    reference = _eager(weights.state, factory, ckpt, progress, engine)
+    reference = _eager(weights.state, factory, ckpt, progress, engine, weights.owned)
     try:
         report = run_refit(engine, weights, paths=paths, reference=reference, samples=samples, rtol=rtol, atol=atol,
                            model=reference, progress=progress, what="the checkpoint")

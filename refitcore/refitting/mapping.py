@@ -16,7 +16,7 @@ import torch
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import WeightMappingError
-from refitcore.refitting.prepare import ENGINE_DTYPE, prepare_weights
+from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
 from refitcore.refitting.validate import nonfinite_weight_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "constants_note"]
@@ -38,19 +38,23 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     """
     weights = prepare_weights(weight_map, weights)
     constants, _ = weight_map.constants_for(weights.source if weights.source is not None else constants_from)
-    state = weights.checked
+    state = Widened(weights.checked)   # float16/bfloat16 keys widened one at a time, as read
     memo: dict = {}
     out: dict[str, np.ndarray] = {}
     # Copy recipes hand the state_dict's memory through without copying (the refitter copies at
     # set time, as TensorRT does). Such arrays, and any that alias the map's constants or another
     # entry, are returned read-only: editing a mapping can never write into the caller's
-    # state_dict, the map, or another engine weight; `.copy()` gives an editable array.
-    taken = {t.untyped_storage().data_ptr() for t in state.values()}
+    # state_dict, the map, or another engine weight; `.copy()` gives an editable array. Weights
+    # the refit owns (read from a file for it: ``weights.owned``) are the exception: an array that
+    # is the first to alias one is writeable, so the engine keeps it instead of a copy
+    # (``apply_mapping(hand_over=True)``): one copy of the weights, the mapped file's.
+    taken = set() if weights.owned else {t.untyped_storage().data_ptr() for t in weights.checked.values()}
     taken.update(a.ctypes.data for a in constants.values())
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             value = apply_recipe(src.recipe, inputs, src.params)
+            del inputs
             want = getattr(torch, src.dtype, ENGINE_DTYPE)   # float32 but for PyTorch segments' buffers
             if value.dtype != want:
                 value = value.to(want)
@@ -101,5 +105,8 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     weights = prepare_weights(engine, new_weights)
-    return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
+    # The conversion reads every weight in the engine dtype: float16/bfloat16 keys are widened here
+    # (the network it builds holds a float32 copy of every weight anyway).
+    checked = {k: v.to(ENGINE_DTYPE) if v.is_floating_point() else v for k, v in weights.checked.items()}
+    return engine.kind.fallback_mapping(engine, weights.state, checked, weights.source, model=model,
                                         trust_factory=trust_factory)
