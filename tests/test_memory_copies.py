@@ -139,8 +139,7 @@ def test_apply_keeps_views_of_a_checkpoint_the_refit_owns(files):
     the file's memory. Weights the caller holds are copied, as before."""
     path = files / "new.safetensors"
     engine = load(files / "m.trtrefit")
-    weights = prepare_weights(engine, str(path))
-    assert weights.owned
+    weights = prepare_weights(engine, str(path), owned=True)
     mapping = cached_mapping(engine.weight_map, weights)
     total = weight_bytes(mapping.values())
     tracemalloc.start()
@@ -235,3 +234,24 @@ def test_a_factory_that_needs_real_parameters_is_built_normally():
     model = eager_model({"w": torch.full((3,), 2.0)}, model=Reads, share=True)
     assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
     assert torch.equal(model(torch.ones(3)), torch.full((3,), 6.0))
+
+
+class Said:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_long_steps_say_how_far_they_got():
+    """The one progress helper: silent while a step is short, then the count so far."""
+    from refitcore.refitting.render import Ticker
+
+    quick, slow = Said(), Said()
+    tick_quick, tick_slow = Ticker(quick, "weights mapped", 3), Ticker(slow, "weights mapped", 3, every=0.0)
+    for _ in range(3):
+        tick_quick()
+        tick_slow()
+    assert quick.lines == []
+    assert slow.lines == ["  weights mapped: 1/3", "  weights mapped: 2/3", "  weights mapped: 3/3"]

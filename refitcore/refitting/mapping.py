@@ -17,12 +17,14 @@ from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import WeightMappingError
 from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
+from refitcore.refitting.render import Silent, Ticker
 from refitcore.refitting.validate import nonfinite_weight_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "constants_note"]
 
 
-def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None) -> dict[str, np.ndarray]:
+def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None,
+                   progress: Any = None) -> dict[str, np.ndarray]:
     """``{engine weight name: float32 array}`` from new weights through the map's recipes.
 
     ``weights``: :class:`~refitcore.refitting.prepare.CheckedWeights`, or anything
@@ -31,6 +33,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     from the model when the weights came from an nn.Module or ExportedProgram, or from
     ``constants_from``; a bare state_dict keeps their compile-time values (:func:`constants_note`
     says so). Raises :class:`MapCannotServeError` when the model's constants do not fit the map.
+    ``progress``: told how many engine weights are mapped when it takes long (:class:`Ticker`).
 
     Example::
 
@@ -50,6 +53,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     # (``apply_mapping(hand_over=True)``): one copy of the weights, the mapped file's.
     taken = set() if weights.owned else {t.untyped_storage().data_ptr() for t in weights.checked.values()}
     taken.update(a.ctypes.data for a in constants.values())
+    tick = Ticker(progress or Silent(), "engine weights mapped", len(weight_map.sources))
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
@@ -75,6 +79,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
                 arr.flags.writeable = False
             taken.add(ptr)
             out[name] = arr
+            tick()
     return out
 
 

@@ -160,7 +160,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
         t0 = time.perf_counter()
         try:
             with progress.step(_MAPPING_STEP[path].format(what=what)):
-                rec.mapping = (cached_mapping(engine.weight_map, weights) if path == "cached" else
+                rec.mapping = (cached_mapping(engine.weight_map, weights, progress=progress) if path == "cached" else
                                fallback_mapping(engine, weights, model=model, trust_factory=trust_factory))
         except RefitCoreError as err:
             failed_maps[path] = err
@@ -196,7 +196,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 return
             t0 = time.perf_counter()
             try:
-                rec.verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol)
+                rec.verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol, progress=progress)
             except (RuntimeError, ValueError) as err:   # the engine cannot run a sample (e.g. a baked-in size)
                 if not record_errors:
                     raise

@@ -8,7 +8,6 @@ checks its weights once (:mod:`refitcore.refitting.pipeline`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -85,12 +84,12 @@ def load_for(target, new_weights: Any) -> LoadedCheckpoint:
 
 
 def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False,
-                    owned: bool | None = None) -> CheckedWeights:
+                    owned: bool = False) -> CheckedWeights:
     """``new_weights`` loaded (:func:`load_for`) and validated against ``target``'s weight map.
 
-    ``owned``: the caller hands the tensors over (it read them from a file for this refit and
-    never writes them): see :attr:`CheckedWeights.owned`. By default, True exactly when
-    ``new_weights`` is a path read here.
+    ``owned``: the caller hands the tensors over (it read them from a file for this refit, never
+    writes them, and the file is not rewritten while the engine lives): see
+    :attr:`CheckedWeights.owned` and docs/memory.md.
 
     Raises what :func:`check_state_dict` raises, then :class:`WeightMappingError` naming every key
     the engine reads that holds NaN/Inf (``every_key_finite``: every floating-point key, read or
@@ -107,8 +106,6 @@ def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False,
         if new_weights.weight_map is weight_map:
             return new_weights
         new_weights = new_weights.origin
-    if owned is None:
-        owned = isinstance(new_weights, (str, os.PathLike))
     loaded = load_for(target, new_weights)
     checked = check_state_dict(weight_map, loaded.state_dict)
     problems = nonfinite_key_problems(weight_map, loaded.state_dict if every_key_finite else checked,
