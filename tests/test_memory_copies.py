@@ -255,3 +255,20 @@ def test_long_steps_say_how_far_they_got():
         tick_slow()
     assert quick.lines == []
     assert slow.lines == ["  weights mapped: 1/3", "  weights mapped: 2/3", "  weights mapped: 3/3"]
+
+
+def test_bf16_weights_handed_over_are_widened_per_module(files):
+    """A bfloat16 checkpoint for a float32 model: the eager model keeps the mapped bfloat16 tensors
+    (no float32 copy of them all) and computes exactly what the model with the widened weights
+    computes; between calls its weights are the file's again."""
+    path = files / "new_bf16.safetensors"
+    mapped = read_file(path)
+    model = eager_model(mapped, model=FACTORY, share=True)
+    assert copied_bytes(list(model.state_dict().values()), path) == 0
+    expected = _eager({k: v.float() for k, v in mapped.items()})(X)
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert copied_bytes(list(model.state_dict().values()), path) == 0
+    widened = eager_model(mapped, model=FACTORY)   # not handed over: the model's own float32 copies
+    assert all(p.dtype == torch.float32 for p in widened.parameters()) and torch.equal(widened(X), expected)

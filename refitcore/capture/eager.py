@@ -22,7 +22,7 @@ import torch
 
 from refitcore.errors import RefitCoreError
 
-__all__ = ["eager_model", "parameters_on_meta", "UntrustedFactoryError", "EagerModelError"]
+__all__ = ["eager_model", "parameters_on_meta", "widen_in_forward", "UntrustedFactoryError", "EagerModelError"]
 
 
 class EagerModelError(RefitCoreError, ValueError):
@@ -45,8 +45,10 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
                 trust_factory: bool = False, keep_missing: bool = False, share: bool = False) -> torch.nn.Module:
     """An eager model holding ``state`` (a state_dict), never sharing storage the caller can see
     unless ``share``: the caller hands ``state``'s tensors over (it read them from a file for
-    this model and never writes them), and the model keeps those of its own dtype as they are,
-    without a copy.
+    this model and never writes them), and the model keeps them as they are, without a copy;
+    narrower ones (bfloat16 for a float32 model) are widened per module as it runs
+    (:func:`widen_in_forward`), except in a ``GraphModule`` (its graph reads every tensor itself:
+    they are widened whole).
 
     ``model``: an nn.Module (copied: the original is never written), an ExportedProgram, a callable
     returning an nn.Module, or a ``'module:callable'`` string (imported: the caller named it).
@@ -73,8 +75,14 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
         # the caller passed; assigning fresh tensors (cast to the template's dtypes, as an in-place
         # load_state_dict would) leaves those untouched. Tensors handed over (``share``) are assigned
         # as they are where their dtype is the template's.
-        values = collections.OrderedDict((k, _value(state[k], v.dtype, share) if k in state else v.detach().clone())
-                                         for k, v in own.items())
+        # Narrower floating-point tensors handed over (a bfloat16 checkpoint, a float32 model) stay
+        # narrow in a module that runs its own forward, and are widened there per call
+        # (:func:`widen_in_forward`): one module's worth of float32 at a time, not the model's.
+        narrow = {k: v.dtype for k, v in own.items() if share and k in state and _widens(state[k], v.dtype)
+                  and not isinstance(module, torch.fx.GraphModule)}
+        values = collections.OrderedDict(
+            (k, state[k].detach() if k in narrow else _value(state[k], v.dtype, share) if k in state
+             else v.detach().clone()) for k, v in own.items())
         metadata = getattr(state, "_metadata", None) or getattr(own, "_metadata", None)
         if metadata is not None:
             values._metadata = metadata  # type: ignore[attr-defined]  # torch's state_dict convention (load_state_dict reads it)
@@ -86,7 +94,52 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
         # parameter at construction. The skeleton cannot serve: the model is built the ordinary way.
         if not any(t.is_meta for t in itertools.chain(module.parameters(), module.buffers())):
             break
+    if narrow:
+        widen_in_forward(module, narrow)
     return module if isinstance(module, torch.fx.GraphModule) else module.eval()
+
+
+def _widens(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``t`` reads exactly as ``dtype`` once widened (float16/bfloat16 as float32/64)."""
+    return (t.is_floating_point() and dtype.is_floating_point and t.dtype != dtype
+            and torch.promote_types(t.dtype, dtype) == dtype and t.dtype.itemsize < dtype.itemsize)
+
+
+def widen_in_forward(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+    """Run ``module`` as if the tensors named in ``dtypes`` (state_dict keys) had those wider dtypes,
+    while they stay stored narrow: the module that owns each one widens it for the duration of its
+    own forward (hooks), then puts the narrow tensor back (also when the forward raises). The
+    arithmetic is the wide model's (widening is exact); the memory is one module's worth of wide
+    tensors at a time. A tensor read outside its owner's forward would be seen narrow: the
+    eager model then disagrees with the engine or raises, and the gate says so, never passes."""
+    owned: dict[torch.nn.Module, list[tuple[str, torch.dtype]]] = {}
+    for key, dtype in dtypes.items():
+        path, _, name = key.rpartition(".")
+        owner = module.get_submodule(path)
+        owned.setdefault(owner, []).append((name, dtype))
+
+    for owner, entries in owned.items():
+        saved: list[dict[str, torch.Tensor]] = []
+
+        def widen(m: torch.nn.Module, _args: Any, entries=entries, saved=saved) -> None:
+            narrow = {}
+            for name, dtype in entries:
+                store: dict[str, Any] = m._parameters if name in m._parameters else m._buffers
+                t = store[name]
+                if t is None or t.dtype == dtype:   # an outer call of the same module widened it already
+                    continue
+                narrow[name] = t
+                wide = t.detach().to(dtype)
+                store[name] = torch.nn.Parameter(wide, requires_grad=False) if name in m._parameters else wide
+            saved.append(narrow)
+
+        def restore(m: torch.nn.Module, _args: Any, _out: Any, saved=saved) -> None:
+            for name, t in saved.pop().items():
+                store: dict[str, Any] = m._parameters if name in m._parameters else m._buffers
+                store[name] = t   # the narrow Parameter (or buffer) it held
+
+        owner.register_forward_pre_hook(widen)
+        owner.register_forward_hook(restore, always_call=True)
 
 
 def _value(t: torch.Tensor, dtype: torch.dtype, share: bool) -> torch.Tensor:

@@ -256,8 +256,10 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
                     f"({extra[:5]}): it is for another architecture; recompile needed")
     reference = _eager(weights.state, factory, ckpt, progress, engine, weights.owned)
     try:
+        # The fallback re-exports a model of its own from the factory (the reference may hold narrower
+        # tensors widened per module as it runs, which an export would see narrow).
         report = run_refit(engine, weights, paths=paths, reference=reference, samples=samples, rtol=rtol, atol=atol,
-                           model=reference, progress=progress, what="the checkpoint")
+                           model=factory, progress=progress, what="the checkpoint")
     except ArchitectureMismatchError as err:
         raise InputError(f"{err}") from err
     except (WeightMappingError, RefitError) as err:
