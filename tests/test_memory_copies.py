@@ -272,3 +272,11 @@ def test_bf16_weights_handed_over_are_widened_per_module(files):
     assert copied_bytes(list(model.state_dict().values()), path) == 0
     widened = eager_model(mapped, model=FACTORY)   # not handed over: the model's own float32 copies
     assert all(p.dtype == torch.float32 for p in widened.parameters()) and torch.equal(widened(X), expected)
+
+
+def test_torch_save_archives_are_mapped_too(files, tmp_path):
+    """A torch.save file (zip format) is read weights-only and memory-mapped: no copy either."""
+    torch.save(state(1), tmp_path / "new.pt")
+    mapped = read_file(tmp_path / "new.pt")
+    assert copied_bytes(mapped.values(), tmp_path / "new.pt") == 0
+    assert all(torch.equal(mapped[k], v) for k, v in state(1).items())

@@ -137,8 +137,9 @@ def read_file(path: str | os.PathLike) -> Any:
     ``.safetensors`` (or safetensors content) is memory-mapped (:func:`map_safetensors`): the
     tensors are views of the file, read from disk as they are used, never copied; a folder or a
     ``*.safetensors.index.json`` of a sharded checkpoint maps every shard. Anything else goes
-    through ``torch.load(weights_only=True)``. A damaged or truncated file raises
-    :class:`WeightMappingError` saying so (size, what the reader said) and what to do."""
+    through ``torch.load(weights_only=True)``, memory-mapped too for torch.save's zip format. A
+    damaged or truncated file raises :class:`WeightMappingError` saying so (size, what the reader
+    said) and what to do."""
     path = os.fspath(path)
     if os.path.isdir(path) or path.endswith(INDEX_SUFFIX):
         return _read_sharded(path)
@@ -155,7 +156,9 @@ def read_file(path: str | os.PathLike) -> Any:
         # attribute bag whose unpickling runs no code, so it is allowed; nothing else is
         # (https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
         with torch.serialization.safe_globals(list(INERT_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # A zip archive (torch.save's format since 1.6) is mapped too: its tensors are views of
+            # the file, as safetensors' are; the legacy format is read whole.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
     except pickle.UnpicklingError as err:
         text = str(err)
         if "weights_only" not in text and "Weights only" not in text:
