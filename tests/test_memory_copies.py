@@ -280,3 +280,32 @@ def test_torch_save_archives_are_mapped_too(files, tmp_path):
     mapped = read_file(tmp_path / "new.pt")
     assert copied_bytes(mapped.values(), tmp_path / "new.pt") == 0
     assert all(torch.equal(mapped[k], v) for k, v in state(1).items())
+
+
+class PartlyEager(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.sin(self.a(x)))
+
+
+def partly_eager() -> torch.nn.Module:
+    return PartlyEager().eval()
+
+
+def test_gate_of_a_partitioned_bundle_loaded_without_its_weights(tmp_path):
+    """The gate loads a partitioned bundle weightless too; both paths (the fallback reads the
+    PyTorch segments' dtypes off the placeholders) still refit and pass."""
+    engine = refitcore.compile(partly_eager(), torch.randn(2, 8), backend="reference", min_block_size=1,
+                               torch_executed_ops=["aten.sin.default"])
+    assert engine.partition is not None
+    engine.save(tmp_path / "m.trtrefit")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: torch.randn(v.shape, generator=g) for k, v in partly_eager().state_dict().items()},
+              str(tmp_path / "new.safetensors"))
+    report = refitcore.gate(tmp_path / "m.trtrefit", tmp_path / "new.safetensors", "random:2",
+                            model="tests.test_memory_copies:partly_eager")
+    assert report and set(report.to_json()["paths"]) == {"cached", "fallback"}, str(report)
