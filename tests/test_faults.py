@@ -228,7 +228,7 @@ def test_auto_refit_recovers_from_a_stale_weight(compiled, monkeypatch):
 
     c = compiled("residual")
     new = c.fresh(11)
-    monkeypatch.setattr(pipeline, "cached_mapping", lambda wm, state: _stale_mapping(c, new))
+    monkeypatch.setattr(pipeline, "cached_mapping", lambda wm, state, **_kw: _stale_mapping(c, new))
     result = refitcore.refit(c.engine, new.state_dict(), path="auto", verify_inputs=[c.x])
     assert result.fell_back and result.ok, str(result)
     assert any(STALE in m for m in result.messages), result.messages

@@ -13,13 +13,15 @@ of the modules that read the header further.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -102,7 +104,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int) -> tuple[str, np.ndarray]:
+def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int,
+            skip: Collection[str] = ()) -> tuple[str, np.ndarray | None]:
     expect(e, dict, f"buffers[{i}]", where)
     name = expect(e.get("name"), str, f"buffers[{i}].name", where)
     what = f"buffer {name!r}"
@@ -129,13 +132,29 @@ def _buffer(e: Any, i: int, body: memoryview, seen: set, where: str, start: int)
     if math.prod(shape) * itemsize != nbytes:
         raise BundleError(f"{where}: engine file content is invalid: {what}: {nbytes} bytes do not hold "
                           f"{dtype}{list(shape)} ({math.prod(shape) * itemsize} bytes)")
+    if name in skip:
+        return name, None
     raw = body[offset:offset + nbytes]
     return name, np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
 
 
-def unpack(data: bytes | bytearray, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+def _crc32(body: memoryview, release: Any = None) -> int:
+    """The body's CRC32, in chunks; ``release(start, stop)`` after each (a mapped file drops the
+    pages it read, so checking a large file does not keep it resident)."""
+    crc, step = 0, 64 << 20
+    for start in range(0, len(body), step):
+        crc = zlib.crc32(body[start:start + step], crc)
+        if release is not None:
+            release(start, min(start + step, len(body)))
+    return crc
+
+
+def unpack(data: bytes | bytearray | mmap.mmap, where: str, *, skip: Callable[[dict], Collection[str]] | None = None,
+           release: Any = None) -> tuple[dict, dict[str, np.ndarray]]:
     """(header without the container keys, {name: array}) of a file's bytes; ``where`` names the
-    file in messages. Raises :class:`BundleError` on anything malformed."""
+    file in messages. Raises :class:`BundleError` on anything malformed. ``skip(header)``: names of
+    buffers that are checked (checksum, layout) but not returned; ``release(start, stop)`` is told
+    each range of the buffers once its checksum is taken (see :func:`read`)."""
     if len(data) < _PREFIX.size:
         raise BundleError(f"{where}: file truncated ({len(data)} bytes): not a refitcore engine")
     magic, version, head_len = _PREFIX.unpack_from(data)
@@ -168,15 +187,17 @@ def unpack(data: bytes | bytearray, where: str) -> tuple[dict, dict[str, np.ndar
     total = expect(header.pop("buffers_nbytes"), int, "buffers_nbytes", where)
     if len(body) != total:
         raise BundleError(f"{where}: file truncated: {len(body)} of {total} weight bytes present")
-    if zlib.crc32(body) != expect(header.pop("buffers_crc32"), int, "buffers_crc32", where):
+    if _crc32(body, release) != expect(header.pop("buffers_crc32"), int, "buffers_crc32", where):
         raise BundleError(f"{where}: weight data checksum mismatch: the file is corrupted")
     entries = expect(header.pop("buffers"), list, "buffers", where)
+    skipped = set(skip(header)) if skip is not None else set()
     seen: set = set()
     arrays, start = {}, 0
     for i, e in enumerate(entries):
-        name, arr = _buffer(e, i, body, seen, where, start)
-        arrays[name] = arr
-        start += arr.nbytes
+        name, arr = _buffer(e, i, body, seen, where, start, skipped)
+        start += e["nbytes"]
+        if arr is not None:
+            arrays[name] = arr
     if start != len(body):
         raise BundleError(f"{where}: engine file content is invalid: the buffers cover {start} of the "
                           f"{len(body)} weight bytes")
@@ -189,9 +210,30 @@ def write(path: str | os.PathLike, header: Mapping[str, Any], arrays: Mapping[st
     atomic_write(path, pack(header, arrays))
 
 
-def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
-    """(header, arrays) of a file written by :func:`write`; :class:`BundleError` on a bad file."""
+def read(path: str | os.PathLike, *,
+         skip: Callable[[dict], Collection[str]] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+    """(header, arrays) of a file written by :func:`write`; :class:`BundleError` on a bad file.
+
+    The file is memory-mapped, never read whole: each array is copied out of the mapping once,
+    and the checksum pass drops the pages it read. ``skip(header)``: the names of buffers that are
+    checked but not returned (an engine loaded without its weights reads none of them)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
-        data = f.read()
-    return unpack(data, path)
+        if os.fstat(f.fileno()).st_size == 0:
+            return unpack(b"", path)
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    head = _PREFIX.size
+    if len(data) >= head:
+        head += _PREFIX.unpack_from(data)[2] + _CRC.size
+    page = mmap.PAGESIZE
+
+    def release(start: int, stop: int) -> None:   # body offsets -> whole pages of the file
+        lo, hi = -(-(head + start) // page) * page, (head + stop) // page * page
+        if hasattr(mmap, "MADV_DONTNEED") and hi > lo:
+            data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    try:
+        return unpack(data, path, skip=skip, release=release)
+    finally:
+        with contextlib.suppress(BufferError):   # a view is still alive (a raised error holds one): left to the GC
+            data.close()

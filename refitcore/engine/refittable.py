@@ -323,15 +323,27 @@ class RefittableEngine:
                 f"inputs={[list(s) for s in self.io.input_shapes]})")
 
 
-def load(path: str | os.PathLike, *, output_types=None, trust_output_types: bool = False) -> RefittableEngine:
+def load(path: str | os.PathLike, *, output_types=None, trust_output_types: bool = False,
+         weights: bool = True) -> RefittableEngine:
     """Read an engine written by :meth:`RefittableEngine.save`; raises :class:`BundleError` on a bad file.
 
     Custom output types (a transformers ``ModelOutput``) come back as plain dicts unless the caller
     passes their classes (``output_types``) or sets ``trust_output_types=True``: nothing a file
-    names is imported otherwise."""
-    header, arrays = bundle.read(path)
+    names is imported otherwise. ``weights=False`` loads it weightless (see the module doc): its
+    refittable weights are checked in the file but never read into memory, for a caller that sets
+    every weight anyway (the gate refits them all)."""
+    header, arrays = bundle.read(path, skip=None if weights else _refittable_buffers)
+    if not weights:
+        header = dict(header, weights="stripped")
     return RefittableEngine.from_parts(header, arrays, os.fspath(path), output_types=output_types,
                                        trust_output_types=trust_output_types)
+
+
+def _refittable_buffers(header: Mapping[str, Any]) -> set[str]:
+    """The buffer names of a file's refittable weights (what a weightless load leaves out); a
+    malformed header skips nothing (:meth:`RefittableEngine.from_parts` then says what is wrong)."""
+    sources = header.get("weight_map", {}).get("sources") if isinstance(header.get("weight_map"), dict) else None
+    return {f"w/{name}" for name in sources} if isinstance(sources, dict) else set()
 
 
 def _check_header(header: Mapping[str, Any], where: str) -> None:

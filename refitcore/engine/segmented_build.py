@@ -259,7 +259,7 @@ class Segmented:
                 out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights))
         # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
         # fallback stays a witness independent of the map's recipes).
-        current = engine.current_weights()
+        current = engine.impl.current_weights()   # their dtypes (a weightless engine's placeholders have them)
         for name in engine.weight_names:
             index, key = split_name(name)
             if segments[index].kind != "tensorrt":

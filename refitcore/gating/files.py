@@ -37,9 +37,10 @@ def require_file(path: str, what: str) -> str:
     return path
 
 
-def open_bundle(bundle: Any, progress=None):
+def open_bundle(bundle: Any, progress=None, *, weights: bool = True):
     """The engine of a bundle file (a RefittableEngine is returned as is); :class:`InputError` (2)
-    says what is wrong with the file."""
+    says what is wrong with the file. ``weights=False``: the file's weights are checked but not
+    read (a weightless engine, for a caller that refits every weight)."""
     progress = progress or Silent()
     if not isinstance(bundle, (str, os.PathLike)):
         return bundle
@@ -48,7 +49,7 @@ def open_bundle(bundle: Any, progress=None):
     path = require_file(os.fspath(bundle), "engine bundle")
     with progress.step(f"loading engine bundle {path}"):
         try:
-            return load(path)
+            return load(path, weights=weights)
         except BundleError as err:
             raise InputError(f"unusable engine bundle: {err}\n(save the engine again, or recompile it with "
                         f"`{TOOL} compile`)") from err
@@ -58,7 +59,8 @@ def open_bundle(bundle: Any, progress=None):
 
 def read_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | None = None):
     """A :class:`~refitcore.refitting.checkpoints.LoadedCheckpoint` from a checkpoint file
-    (weights-only) or from weights given in memory, fitted to ``engine``'s model when given (what
+    (weights-only; safetensors memory-mapped, a sharded one given by its folder or index) or from
+    weights given in memory, fitted to ``engine``'s model when given (what
     was unwrapped, stripped or ignored is said through ``progress`` and appended to ``notes``);
     :class:`InputError` (2) says what is wrong with the file."""
     from refitcore.refitting.checkpoints import load_weights
@@ -68,7 +70,9 @@ def read_checkpoint(checkpoint: Any, progress=None, engine=None, notes: list | N
     if not isinstance(checkpoint, (str, os.PathLike)):
         loaded = load_weights(checkpoint, **fit)
     else:
-        path = require_file(os.fspath(checkpoint), "checkpoint")
+        path = os.fspath(checkpoint)
+        if not os.path.exists(path):   # a folder is a sharded checkpoint: the reader says what it needs
+            raise InputError(f"checkpoint {path!r}: no such file")
         with progress.step(f"loading checkpoint {path}"):
             try:
                 loaded = load_weights(path, **fit)

@@ -209,12 +209,12 @@ def _model_or_stop(model, engine, trust_factory: bool, bundle: str):
     return engine.model_factory
 
 
-def _eager(state, factory, ckpt: str, progress, engine):
+def _eager(state, factory, ckpt: str, progress, engine, share: bool):
     name = factory if isinstance(factory, str) else getattr(factory, "__name__", type(factory).__name__)
     with progress.step(f"building the eager reference model from {name}"):
         try:
             weights, keep = eager_weights(engine.weight_map, state, engine.state_keys)
-            return eager_model(weights, model=factory, keep_missing=keep)
+            return eager_model(weights, model=factory, keep_missing=keep, share=share)
         except EagerModelError as err:
             raise InputError(f"checkpoint {ckpt!r} does not fit {name}: {err}; another architecture: recompile needed"
                         ) from err
@@ -227,7 +227,8 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         rtol, atol = (None if v is None else check_tolerance(v, k) for k, v in (("rtol", rtol), ("atol", atol)))
     except ValueError as err:
         raise InputError(str(err)) from err
-    engine = open_bundle(bundle, progress)
+    # Every refittable weight is set from the checkpoint: the bundle's own are checked, never read.
+    engine = open_bundle(bundle, progress, weights=False)
     data["backend"], data["backend_note"] = engine.backend, engine.note
     # Tolerances not given are the engine precision's (a float16 engine is not held to float32's).
     rtol, atol = tolerances_for(engine.options.precision, rtol, atol)
@@ -245,7 +246,9 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
     # The checkpoint must fit the compiled architecture before anything else is judged; NaN/Inf in
     # any tensor, read by the engine or not, refuses it whole.
     try:
-        weights = prepare_weights(engine, loaded, every_key_finite=True)
+        # A checkpoint read from a file here is the gate's own: the engine and the eager model keep
+        # views of it instead of copies (one copy of the weights: docs/memory.md).
+        weights = prepare_weights(engine, loaded, every_key_finite=True, owned=loaded.path is not None)
     except ArchitectureMismatchError as err:
         raise InputError(f"checkpoint {ckpt!r} is for another architecture than {data['bundle']!r}: {err}") from err
     except WeightMappingError as err:
@@ -255,10 +258,12 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
     if extra:
         raise InputError(f"checkpoint {ckpt!r} has {len(extra)} key(s) the compiled model lacks "
                     f"({extra[:5]}): it is for another architecture; recompile needed")
-    reference = _eager(weights.state, factory, ckpt, progress, engine)
+    reference = _eager(weights.state, factory, ckpt, progress, engine, weights.owned)
     try:
+        # The fallback re-exports a model of its own from the factory (the reference may hold narrower
+        # tensors widened per module as it runs, which an export would see narrow).
         report = run_refit(engine, weights, paths=paths, reference=reference, samples=samples, rtol=rtol, atol=atol,
-                           model=reference, progress=progress, what="the checkpoint")
+                           model=factory, progress=progress, what="the checkpoint")
     except ArchitectureMismatchError as err:
         raise InputError(f"{err}") from err
     except (WeightMappingError, RefitError) as err:

@@ -30,7 +30,8 @@ from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import WeightMappingError
 
 __all__ = ["LoadedCheckpoint", "load_weights", "load_checkpoint", "read_file", "unwrap", "fit_keys",
-           "explain_missing", "missing_keys", "CONTAINER_KEYS", "IGNORABLE_SUFFIXES", "INERT_GLOBALS"]
+           "explain_missing", "missing_keys", "map_safetensors", "CONTAINER_KEYS", "IGNORABLE_SUFFIXES",
+           "INERT_GLOBALS"]
 
 # Keys under which training code stores the model's state_dict, in the order one is preferred when
 # several fit (the trained weights before their moving averages, as timm's loader does by default).
@@ -44,6 +45,7 @@ IGNORABLE_SUFFIXES = ("num_batches_tracked",)
 # Classes a weights-only load may rebuild beyond torch's defaults: inert attribute bags, no code.
 INERT_GLOBALS = (argparse.Namespace,)
 _MAX_DEPTH = 3
+INDEX_SUFFIX = ".safetensors.index.json"   # transformers' index of a sharded safetensors checkpoint
 
 
 @dataclasses.dataclass
@@ -132,22 +134,21 @@ def _damaged(path: str, size: int, head: bytes, err: BaseException, *, safetenso
 def read_file(path: str | os.PathLike) -> Any:
     """The object stored in a checkpoint file, read without running any code it holds.
 
-    ``.safetensors`` (or safetensors content) through ``safetensors.torch.load_file``; anything
-    else through ``torch.load(weights_only=True)``. A damaged or truncated file raises
-    :class:`WeightMappingError` saying so (size, what the reader said) and what to do."""
+    ``.safetensors`` (or safetensors content) is memory-mapped (:func:`map_safetensors`): the
+    tensors are views of the file, read from disk as they are used, never copied; a folder or a
+    ``*.safetensors.index.json`` of a sharded checkpoint maps every shard. Anything else goes
+    through ``torch.load(weights_only=True)``, memory-mapped too for torch.save's zip format. A
+    damaged or truncated file raises :class:`WeightMappingError` saying so (size, what the reader
+    said) and what to do."""
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise WeightMappingError([f"{path}: is a directory; give the checkpoint file inside it (a sharded "
-                                  f"checkpoint must be merged into one state_dict first)"],
-                                 header="cannot load the checkpoint")
+    if os.path.isdir(path) or path.endswith(INDEX_SUFFIX):
+        return _read_sharded(path)
     size = os.path.getsize(path)  # FileNotFoundError propagates as it is
     with open(path, "rb") as f:
         head = f.read(16)
     if _is_safetensors(path, head, size):
-        from safetensors.torch import load_file
-
         try:
-            return load_file(path, device="cpu")
+            return map_safetensors(path)
         except Exception as err:
             raise _damaged(path, size, head, err, safetensors=True) from err
     try:
@@ -155,7 +156,9 @@ def read_file(path: str | os.PathLike) -> Any:
         # attribute bag whose unpickling runs no code, so it is allowed; nothing else is
         # (https://pytorch.org/docs/stable/notes/serialization.html#weights-only).
         with torch.serialization.safe_globals(list(INERT_GLOBALS)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            # A zip archive (torch.save's format since 1.6) is mapped too: its tensors are views of
+            # the file, as safetensors' are; the legacy format is read whole.
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=head[:4] == b"PK\x03\x04")
     except pickle.UnpicklingError as err:
         text = str(err)
         if "weights_only" not in text and "Weights only" not in text:
@@ -169,6 +172,67 @@ def read_file(path: str | os.PathLike) -> Any:
             header="cannot load the checkpoint") from err
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError) as err:
         raise _damaged(path, size, head, err) from err
+
+
+def map_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """``{key: tensor}`` of a safetensors file, each tensor a copy-on-write view of the file's
+    memory mapping (``safetensors.safe_open``): nothing is read until used, the stored dtype is
+    kept, and writing a tensor never reaches the file. The pages count in the process's resident
+    memory once read, as the weights themselves would: one copy of the weights, not two."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt", device="cpu") as f:
+        return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 - a safe_open handle, not a dict
+
+
+def _read_sharded(path: str) -> dict[str, torch.Tensor]:
+    """Every shard of a sharded safetensors checkpoint (a folder holding one ``*.safetensors.index.json``
+    or that index itself), mapped (:func:`map_safetensors`); the index must name every key once."""
+    def refuse(what: str) -> WeightMappingError:
+        return WeightMappingError([f"{path}: {what}"], header="cannot load the checkpoint")
+
+    if os.path.isdir(path):
+        indexes = sorted(n for n in os.listdir(path) if n.endswith(INDEX_SUFFIX))
+        singles = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+        if len(indexes) > 1:
+            raise refuse(f"is a directory with {len(indexes)} shard indexes ({indexes[:3]}); give the index of the "
+                         f"checkpoint to use")
+        if not indexes:
+            if len(singles) == 1:
+                return read_file(os.path.join(path, singles[0]))
+            raise refuse("is a directory; give the checkpoint file inside it, or the *.safetensors.index.json of a "
+                         "sharded safetensors checkpoint")
+        index_path = os.path.join(path, indexes[0])
+    else:
+        index_path = path
+    folder = os.path.dirname(index_path)
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+        shard_of = index["weight_map"]
+        if not isinstance(shard_of, dict) or not all(isinstance(v, str) for v in shard_of.values()):
+            raise TypeError("weight_map is not an object of file names")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise refuse(f"the shard index {index_path!r} is unreadable ({type(err).__name__}: {err}); it must be JSON "
+                     f"with a 'weight_map' object of key -> shard file, as transformers writes it") from err
+    state: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(shard_of.values()):
+        if os.path.basename(shard) != shard:
+            raise refuse(f"the shard index names {shard!r}, not a file beside it")
+        shard_path = os.path.join(folder, shard)
+        if not os.path.exists(shard_path):
+            raise refuse(f"the shard {shard!r} named by {os.path.basename(index_path)} is missing")
+        tensors = read_file(shard_path)
+        unlisted = [k for k in tensors if shard_of.get(k) != shard]
+        if unlisted:
+            raise refuse(f"the shard {shard!r} holds {len(unlisted)} key(s) its index places elsewhere or not at all "
+                         f"({unlisted[:3]}): the index and the shards do not belong together")
+        state.update(tensors)
+    absent = [k for k in shard_of if k not in state]
+    if absent:
+        raise refuse(f"the shard index names {len(absent)} key(s) no shard holds ({absent[:3]}): a shard is "
+                     f"truncated or from another checkpoint")
+    return state
 
 
 # ----------------------------------------------------------------------------- unwrapping

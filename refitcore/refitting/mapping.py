@@ -21,13 +21,15 @@ from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import WeightMappingError
-from refitcore.refitting.prepare import ENGINE_DTYPE, prepare_weights
+from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
+from refitcore.refitting.render import Silent, Ticker
 from refitcore.refitting.validate import nonfinite_weight_problems, precision_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "compiler_mapping", "constants_note"]
 
 
-def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None) -> dict[str, np.ndarray]:
+def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None,
+                   progress: Any = None) -> dict[str, np.ndarray]:
     """``{engine weight name: array in its engine dtype}`` from new weights through the map's recipes
     (computed in float32 or wider, rounded once: :func:`refitcore.dtypes.round_to`; bfloat16 weights
     as their ``uint16`` bit patterns).
@@ -38,6 +40,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     from the model when the weights came from an nn.Module or ExportedProgram, or from
     ``constants_from``; a bare state_dict keeps their compile-time values (:func:`constants_note`
     says so). Raises :class:`MapCannotServeError` when the model's constants do not fit the map.
+    ``progress``: told how many engine weights are mapped when it takes long (:class:`Ticker`).
 
     Example::
 
@@ -45,19 +48,24 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     """
     weights = prepare_weights(weight_map, weights)
     constants, _ = weight_map.constants_for(weights.source if weights.source is not None else constants_from)
-    state = weights.checked
+    state = Widened(weights.checked)   # float16/bfloat16 keys widened one at a time, as read
     memo: dict = {}
     out: dict[str, np.ndarray] = {}
     # Copy recipes hand the state_dict's memory through without copying (the refitter copies at
     # set time, as TensorRT does). Such arrays, and any that alias the map's constants or another
     # entry, are returned read-only: editing a mapping can never write into the caller's
-    # state_dict, the map, or another engine weight; `.copy()` gives an editable array.
-    taken = {t.untyped_storage().data_ptr() for t in state.values()}
+    # state_dict, the map, or another engine weight; `.copy()` gives an editable array. Weights
+    # the refit owns (read from a file for it: ``weights.owned``) are the exception: an array that
+    # is the first to alias one is writeable, so the engine keeps it instead of a copy
+    # (``apply_mapping(hand_over=True)``): one copy of the weights, the mapped file's.
+    taken = set() if weights.owned else {t.untyped_storage().data_ptr() for t in weights.checked.values()}
     taken.update(a.ctypes.data for a in constants.values())
+    tick = Ticker(progress or Silent(), "engine weights mapped", len(weight_map.sources))
     with torch.no_grad():
         for name, src in weight_map.sources.items():
             inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
             exact = apply_recipe(src.recipe, inputs, src.params)
+            del inputs
             want = getattr(torch, src.dtype, ENGINE_DTYPE)   # the engine dtype (float32, float16, bfloat16, ...)
             value = exact if exact.dtype == want else dtypes.round_to(exact, want)
             # The keys are finite (prepare_weights checked them): a non-finite value derived from them
@@ -79,6 +87,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
                 arr.flags.writeable = False
             taken.add(ptr)
             out[name] = arr
+            tick()
     return out
 
 
@@ -109,7 +118,10 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     weights = prepare_weights(engine, new_weights)
-    return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
+    # The conversion reads every weight in the engine dtype: float16/bfloat16 keys are widened here
+    # (the network it builds holds a float32 copy of every weight anyway).
+    checked = {k: v.to(ENGINE_DTYPE) if v.is_floating_point() else v for k, v in weights.checked.items()}
+    return engine.kind.fallback_mapping(engine, weights.state, checked, weights.source, model=model,
                                         trust_factory=trust_factory)
 
 

@@ -178,7 +178,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 if compiler is not None and path != WITNESS:
                     rec.mapping = compiler_mapping(engine, path, weights, model=model, trust_factory=trust_factory)
                 elif path == "cached":
-                    rec.mapping = cached_mapping(engine.weight_map, weights)
+                    rec.mapping = cached_mapping(engine.weight_map, weights, progress=progress)
                 else:   # the fallback, or the witness of a compiler's refit
                     rec.mapping = fallback_mapping(engine, weights, model=model, trust_factory=trust_factory)
         except RefitCoreError as err:
@@ -215,7 +215,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 return
             t0 = time.perf_counter()
             try:
-                rec.verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol)
+                rec.verdict = verify(refitted, reference, samples, rtol=rtol, atol=atol, progress=progress)
             except (RuntimeError, ValueError) as err:   # the engine cannot run a sample (e.g. a baked-in size)
                 if not record_errors:
                     raise

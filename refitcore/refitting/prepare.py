@@ -18,7 +18,7 @@ from refitcore.errors import ArchitectureMismatchError, WeightMappingError
 from refitcore.refitting.checkpoints import LoadedCheckpoint, explain_missing, load_weights
 from refitcore.refitting.validate import nonfinite_key_problems, variance_problems
 
-__all__ = ["CheckedWeights", "prepare_weights", "load_for", "check_state_dict", "ENGINE_DTYPE"]
+__all__ = ["CheckedWeights", "prepare_weights", "load_for", "check_state_dict", "Widened", "ENGINE_DTYPE"]
 
 ENGINE_DTYPE = torch.float32
 
@@ -27,21 +27,45 @@ ENGINE_DTYPE = torch.float32
 class CheckedWeights:
     """New weights, validated against one weight map.
 
-    ``checked``: ``{key: tensor}`` for every key the map reads, floats cast to the engine dtype
-    (what the cached mapping computes from); ``state``: the weights as loaded (the eager model and
-    the fallback's conversion read them); ``source``: the ``nn.Module`` or ``ExportedProgram`` they
-    came from (None for a state_dict or a file); ``notes``: what was unwrapped, stripped or ignored."""
+    ``checked``: ``{key: tensor}`` for every key the map reads, the tensors of ``state`` (float64
+    ones cast to the engine dtype, checked for overflow; float16/bfloat16 ones kept in their dtype:
+    widening them is exact, and :class:`Widened` does it per tensor when a recipe reads one, so no
+    float32 copy of the whole state_dict is made); ``state``: the weights as loaded (the eager
+    model and the fallback's conversion read them); ``source``: the ``nn.Module`` or
+    ``ExportedProgram`` they came from (None for a state_dict or a file); ``notes``: what was
+    unwrapped, stripped or ignored; ``owned``: nobody but the refit holds these tensors (they were
+    read from a file for it): the engine and the eager model may keep them instead of copies."""
 
     weight_map: WeightMap
     checked: dict[str, torch.Tensor]
     state: dict[str, torch.Tensor]
     source: Any = None
     notes: tuple[str, ...] = ()
+    owned: bool = False
 
     @property
     def origin(self) -> Any:
         """The richest form of the weights: the source model when there is one, else the state_dict."""
         return self.source if self.source is not None else self.state
+
+
+class Widened(Mapping[str, torch.Tensor]):
+    """A read-only view of a state_dict whose floating-point tensors read as the engine dtype: a
+    float16/bfloat16 tensor is widened (exactly) each time it is read, so a pass over the weights
+    holds one widened tensor at a time, never a float32 copy of the whole state_dict."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.state[key]
+        return t.to(ENGINE_DTYPE) if t.is_floating_point() and t.dtype != ENGINE_DTYPE else t
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
 
 
 def _weight_map(target) -> WeightMap:
@@ -59,8 +83,13 @@ def load_for(target, new_weights: Any) -> LoadedCheckpoint:
     return load_weights(new_weights, weight_map=_weight_map(target), state_keys=keys)
 
 
-def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False) -> CheckedWeights:
+def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False,
+                    owned: bool = False) -> CheckedWeights:
     """``new_weights`` loaded (:func:`load_for`) and validated against ``target``'s weight map.
+
+    ``owned``: the caller hands the tensors over (it read them from a file for this refit, never
+    writes them, and the file is not rewritten while the engine lives): see
+    :attr:`CheckedWeights.owned` and docs/memory.md.
 
     Raises what :func:`check_state_dict` raises, then :class:`WeightMappingError` naming every key
     the engine reads that holds NaN/Inf (``every_key_finite``: every floating-point key, read or
@@ -83,11 +112,12 @@ def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False)
                                       every_key=every_key_finite)
     if problems:
         raise WeightMappingError(problems, header="refusing weights with NaN/Inf values")
-    return CheckedWeights(weight_map, checked, loaded.state_dict, loaded.source, tuple(loaded.notes))
+    return CheckedWeights(weight_map, checked, loaded.state_dict, loaded.source, tuple(loaded.notes), owned)
 
 
 def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Validate a state_dict against the map and return it with floats cast to the engine dtype.
+    """Validate a state_dict against the map and return the keys it reads, float64 tensors cast to
+    the engine dtype (float16/bfloat16 ones are kept: :class:`Widened` widens them when read).
 
     Raises :class:`ArchitectureMismatchError` for missing keys or wrong shapes (every one listed,
     with the engine weights that need it, and the likely cause when it is recognisable, e.g. a
@@ -140,7 +170,7 @@ def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -
     overflow = []
     for key in used:
         t = state[key]
-        if t.is_floating_point() and t.dtype != ENGINE_DTYPE:
+        if t.is_floating_point() and t.dtype.itemsize > ENGINE_DTYPE.itemsize:   # may overflow: cast now
             c = t.to(ENGINE_DTYPE)
             if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(t).all()):
                 big = t.abs().max().item()

@@ -86,7 +86,8 @@ def verification_samples(engine, verify_inputs: Any) -> list:
 
 def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
           atol: float = DEFAULT_ATOL, in_place: bool = False, audit: bool = False,
-          reference_model: torch.nn.Module | None = None, trust_factory: bool = False) -> RefitResult:
+          reference_model: torch.nn.Module | None = None, trust_factory: bool = False,
+          progress: Any = None) -> RefitResult:
     """Refit ``engine`` with ``new_weights`` (nn.Module, ExportedProgram, state_dict or checkpoint path).
 
     ``path``: 'cached' (the weight map's recipes), 'fallback' (convert again, read the weights off
@@ -103,7 +104,9 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
 
     An engine loaded from a file has no exported program: verification and the fallback path then
     need the model, ``reference_model`` (or the new weights as an nn.Module). The factory the file
-    records is imported only with ``trust_factory=True``.
+    records is imported only with ``trust_factory=True``. ``progress`` (an object with
+    ``info(message)`` and a ``step(what)`` context manager, as the gate takes) is told each step,
+    and how far a long one got.
 
     Example::
 
@@ -125,6 +128,6 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
             engine, weights.state, weights.source, trust_factory=trust_factory)
     report = run_refit(engine, weights, paths=path if path == "auto" else (path,), reference=model, samples=samples,
                        rtol=rtol, atol=atol, in_place=in_place, audit=audit, culprit=path == "auto",
-                       model=reference_model, trust_factory=trust_factory)
+                       model=reference_model, trust_factory=trust_factory, progress=progress)
     return RefitResult.from_report(report, requested_path=path, messages=messages + report.messages,
                                    total_s=time.perf_counter() - t_start)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["Silent", "number", "indented", "culprit_note", "no_culprit_note", "culprit_lines", "audit_line",
+__all__ = ["Silent", "Ticker", "PROGRESS_EVERY_S", "number", "indented", "culprit_note", "no_culprit_note",
+           "culprit_lines", "audit_line",
            "audit_failure_lines", "audit_problem", "audit_markdown"]
 
 
@@ -27,6 +29,36 @@ class Silent:
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         yield
+
+
+PROGRESS_EVERY_S = 3.0   # a step that runs longer than this says how far it got, this often
+
+
+class Ticker:
+    """Counts the parts of a long step (weights mapped, samples compared) and says how far it got
+    through ``progress.info`` once the step has run :data:`PROGRESS_EVERY_S` seconds, then as
+    often: short steps stay silent, a 7B checkpoint's minutes do not. One per step; call it once
+    per part done. The reporter decides where it goes (the CLI: stderr, nothing with ``--quiet``).
+
+    Example::
+
+        tick = Ticker(progress, "engine weights mapped", len(names))
+        for name in names:
+            ...
+            tick()
+    """
+
+    def __init__(self, progress: Any, what: str, total: int, every: float = PROGRESS_EVERY_S):
+        self.progress, self.what, self.total, self.every = progress, what, total, every
+        self.done = 0
+        self.last = time.perf_counter()
+
+    def __call__(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.progress.info(f"  {self.what}: {self.done}/{self.total}")
 
 
 def number(x: float | None) -> str:

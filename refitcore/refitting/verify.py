@@ -12,6 +12,7 @@ import torch.utils._pytree as pytree
 
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance
+from refitcore.refitting.render import Silent, Ticker
 
 __all__ = ["verify", "compare_outputs", "sample_tensors", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
 
@@ -194,10 +195,12 @@ def _leaves(out) -> tuple[list, list[str]]:
     return leaves, names
 
 
-def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL) -> Verdict:
+def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+           progress: Any = None) -> Verdict:
     """Run ``engine`` and eager ``reference_model`` (eval mode) on each sample; never raises on a
     mismatch: returns a :class:`Verdict`. A tolerance that is NaN, negative or infinite is a
-    ``ValueError`` (:func:`refitcore.options.check_tolerance`).
+    ``ValueError`` (:func:`refitcore.options.check_tolerance`). ``progress``: told how many samples
+    were compared when it takes long (:class:`refitcore.refitting.render.Ticker`).
 
     Example::
 
@@ -210,8 +213,10 @@ def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol:
         with contextlib.suppress(NotImplementedError):
             reference_model.eval()
     checks = []
+    samples = list(_samples(inputs))
+    tick = Ticker(progress or Silent(), "samples compared with eager", len(samples))
     with torch.no_grad():
-        for args, kwargs in _samples(inputs):
+        for args, kwargs in samples:
             expected, e_names = _leaves(reference_model(*args, **kwargs))
             actual, a_names = _leaves(engine(*args, **kwargs))
             if a_names != e_names and len(a_names) == len(e_names) and all(n.startswith("[") for n in a_names):
@@ -219,4 +224,5 @@ def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol:
             if a_names != e_names:
                 raise ValueError(f"the engine's outputs {a_names} are not the eager model's {e_names}")
             checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, names=e_names))
+            tick()
     return Verdict(checks, backend=engine.backend, note=engine.note)

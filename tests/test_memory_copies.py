@@ -1,0 +1,311 @@
+"""One copy of the weights: no step of a gate or a refit copies the whole state_dict again.
+
+Each test counts the bytes a step copies, on a small model. Two counters: where a tensor's or an
+array's memory lies (inside the checkpoint file's memory mapping, read from /proc/self/maps, or
+not: a copy), and ``tracemalloc`` for NumPy's allocations (NumPy reports them to it; torch's CPU
+allocator does not, hence the first counter). Sizes: :func:`mlp` holds ~1.2 MB of float32 weights,
+so a whole copy is far above the few kB of the constants a step may allocate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import refitcore
+from refitcore.capture.eager import eager_model
+from refitcore.engine.refittable import load
+from refitcore.refitting.checkpoints import read_file
+from refitcore.refitting.driver import apply_mapping
+from refitcore.refitting.mapping import cached_mapping
+from refitcore.refitting.prepare import prepare_weights
+
+pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+
+X = torch.randn(2, 256, generator=torch.Generator().manual_seed(0))
+FACTORY = "tests.test_memory_copies:mlp"
+
+
+def mlp() -> torch.nn.Module:
+    """Linear layers only: every engine weight is a copy recipe (a view of one state_dict key)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256),
+                               torch.nn.ReLU(), torch.nn.Linear(256, 64)).eval()
+
+
+def state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.randn(v.shape, generator=g) * 0.05).to(dtype) for k, v in mlp().state_dict().items()}
+
+
+def weight_bytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def mapped_ranges(path) -> list[tuple[int, int]]:
+    """The address ranges where ``path`` is memory-mapped in this process."""
+    real = os.path.realpath(path)
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 6 and os.path.realpath(parts[5]) == real:
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                out.append((lo, hi))
+    return out
+
+
+def copied_bytes(values, path) -> int:
+    """Bytes of ``values`` (tensors or arrays) whose memory is not the file's mapping: copies."""
+    ranges = mapped_ranges(path)
+    total = 0
+    for v in values:
+        ptr = v.data_ptr() if isinstance(v, torch.Tensor) else v.ctypes.data
+        if not any(lo <= ptr and ptr + v.nbytes <= hi for lo, hi in ranges):
+            total += v.nbytes
+    return total
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("copies")
+    engine = refitcore.compile(mlp(), X, backend="reference", model_factory=FACTORY)
+    engine.save(d / "m.trtrefit")
+    save_file(state(1), str(d / "new.safetensors"))
+    save_file(state(1, torch.bfloat16), str(d / "new_bf16.safetensors"))
+    return d
+
+
+def test_the_counter_sees_a_copy(files):
+    """The counter itself: a clone of the mapped weights is all copied bytes, the mapping none."""
+    mapped = read_file(files / "new.safetensors")
+    assert copied_bytes(mapped.values(), files / "new.safetensors") == 0
+    clones = [t.clone() for t in mapped.values()]
+    assert copied_bytes(clones, files / "new.safetensors") == weight_bytes(clones) > 1_000_000
+
+
+def test_mapping_a_checkpoint_copies_nothing(files):
+    """Reading a safetensors checkpoint maps it: every tensor is a view of the file, in its dtype."""
+    for name, dtype in (("new.safetensors", torch.float32), ("new_bf16.safetensors", torch.bfloat16)):
+        mapped = read_file(files / name)
+        assert all(t.dtype == dtype for t in mapped.values())
+        assert copied_bytes(mapped.values(), files / name) == 0, f"{name}: the reader copied the weights"
+
+
+def test_sharded_checkpoint_maps_every_shard(files, tmp_path):
+    """A folder of shards with transformers' index reads as one state_dict, still mapped."""
+    whole = read_file(files / "new.safetensors")
+    keys = list(whole)
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for shard, names in shards.items():
+        save_file({k: whole[k].clone() for k in names}, str(tmp_path / shard))
+    index = {"metadata": {}, "weight_map": {k: s for s, names in shards.items() for k in names}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    for given in (tmp_path, tmp_path / "model.safetensors.index.json"):
+        got = read_file(given)
+        assert set(got) == set(keys) and all(torch.equal(got[k], whole[k]) for k in keys)
+        assert sum(copied_bytes([got[k] for k in names], tmp_path / s) for s, names in shards.items()) == 0
+
+
+def test_sharded_index_that_names_a_missing_key_is_refused(files, tmp_path):
+    whole = read_file(files / "new.safetensors")
+    save_file({k: v.clone() for k, v in whole.items()}, str(tmp_path / "a.safetensors"))
+    index = {"weight_map": dict.fromkeys([*whole, "extra.weight"], "a.safetensors")}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(refitcore.WeightMappingError, match="names 1 key"):
+        read_file(tmp_path)
+
+
+def test_bf16_weights_are_not_widened_whole(files):
+    """Validation keeps a bfloat16 checkpoint in its dtype (no float32 copy of the state_dict);
+    the cached mapping widens each weight as it reads it, to the same values."""
+    engine = load(files / "m.trtrefit")
+    weights = prepare_weights(engine, str(files / "new_bf16.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in weights.checked.values())
+    assert copied_bytes(weights.checked.values(), files / "new_bf16.safetensors") == 0
+    mapping = cached_mapping(engine.weight_map, weights)
+    widened = cached_mapping(engine.weight_map, {k: v.float() for k, v in weights.state.items()})
+    assert all(a.dtype == np.float32 and np.array_equal(a, widened[k]) for k, a in mapping.items())
+
+
+def test_apply_keeps_views_of_a_checkpoint_the_refit_owns(files):
+    """Copy-recipe engine weights alias the mapped file when the refit read it (owned): applying
+    allocates no copy of the weights (tracemalloc sees NumPy's copies) and the engine's weights are
+    the file's memory. Weights the caller holds are copied, as before."""
+    path = files / "new.safetensors"
+    engine = load(files / "m.trtrefit")
+    weights = prepare_weights(engine, str(path), owned=True)
+    mapping = cached_mapping(engine.weight_map, weights)
+    total = weight_bytes(mapping.values())
+    tracemalloc.start()
+    try:
+        refitted = apply_mapping(engine, mapping, in_place=True, hand_over=True)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < total // 10, f"apply copied {peak} bytes of {total}"
+    assert copied_bytes(refitted.current_weights().values(), path) < total // 10
+
+    held = {k: v.clone() for k, v in read_file(path).items()}   # the caller's own tensors: copied
+    mapping = cached_mapping(engine.weight_map, prepare_weights(engine, held))
+    assert not any(a.flags.writeable for a in mapping.values())
+    refitted = apply_mapping(engine, mapping, in_place=True, hand_over=True)
+    ptrs = {t.data_ptr() for t in held.values()}
+    assert not any(a.ctypes.data in ptrs for a in refitted.current_weights().values())
+
+
+def test_loading_a_bundle_without_its_weights_reads_none(files):
+    """The gate loads the bundle weightless (it refits every weight): the file's weights are
+    checked but not read; a full load holds one copy of them, not the file and a copy."""
+    total = weight_bytes(load(files / "m.trtrefit").current_weights().values())
+    tracemalloc.start()
+    try:
+        engine = load(files / "m.trtrefit", weights=False)
+        _, weightless_peak = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        full = load(files / "m.trtrefit")
+        _, full_peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert engine.weightless and not full.weightless
+    assert weightless_peak < total // 4, f"a weightless load read {weightless_peak} bytes of {total}"
+    assert full_peak < 1.3 * total, f"a full load peaked at {full_peak} bytes for {total} bytes of weights"
+
+
+def test_eager_model_shares_weights_handed_over(files):
+    """The eager reference model built from a factory allocates no weights of its own (parameters
+    on meta, then assigned) and keeps the handed-over tensors as they are; without ``share`` it
+    copies them (the caller's tensors are never the model's)."""
+    path = files / "new.safetensors"
+    mapped = read_file(path)
+    model = eager_model(mapped, model=FACTORY, share=True)
+    params = list(model.state_dict().values())
+    assert copied_bytes(params, path) == 0
+    assert torch.equal(model(X), _eager(mapped)(X))
+    own = eager_model(mapped, model=FACTORY)
+    assert copied_bytes(list(own.state_dict().values()), path) == weight_bytes(params)
+
+
+def _eager(sd):
+    m = mlp()
+    m.load_state_dict(sd)
+    return m
+
+
+def test_gate_keeps_one_copy_of_the_weights(files, monkeypatch):
+    """End to end: the gate's refitted engine and its eager model both hold views of the mapped
+    checkpoint: the only copy of the weights is the file's mapping."""
+    import refitcore.gating.gate as gate_module
+
+    seen = {}
+    real = gate_module.run_refit
+
+    def spy(engine, weights, **kw):
+        report = real(engine, weights, **kw)
+        seen.update(engine=report.engine, reference=kw["reference"])
+        return report
+
+    monkeypatch.setattr(gate_module, "run_refit", spy)
+    path = files / "new.safetensors"
+    report = refitcore.gate(files / "m.trtrefit", path, "random:2", model=FACTORY, paths="cached")
+    assert report, str(report)
+    total = weight_bytes(read_file(path).values())
+    assert copied_bytes(seen["engine"].current_weights().values(), path) < total // 10
+    assert copied_bytes(list(seen["reference"].state_dict().values()), path) == 0
+
+
+def test_a_factory_that_needs_real_parameters_is_built_normally():
+    """A module whose construction reads its parameters' values cannot be built on meta: the
+    eager model is then built the ordinary way, and still holds the given weights."""
+    class Reads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(3))
+            self.register_buffer("scale", self.w.detach().sum().reshape(1), persistent=False)
+
+        def forward(self, x):
+            return x * self.w * self.scale
+
+    model = eager_model({"w": torch.full((3,), 2.0)}, model=Reads, share=True)
+    assert not any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+    assert torch.equal(model(torch.ones(3)), torch.full((3,), 6.0))
+
+
+class Said:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def test_long_steps_say_how_far_they_got():
+    """The one progress helper: silent while a step is short, then the count so far."""
+    from refitcore.refitting.render import Ticker
+
+    quick, slow = Said(), Said()
+    tick_quick, tick_slow = Ticker(quick, "weights mapped", 3), Ticker(slow, "weights mapped", 3, every=0.0)
+    for _ in range(3):
+        tick_quick()
+        tick_slow()
+    assert quick.lines == []
+    assert slow.lines == ["  weights mapped: 1/3", "  weights mapped: 2/3", "  weights mapped: 3/3"]
+
+
+def test_bf16_weights_handed_over_are_widened_per_module(files):
+    """A bfloat16 checkpoint for a float32 model: the eager model keeps the mapped bfloat16 tensors
+    (no float32 copy of them all) and computes exactly what the model with the widened weights
+    computes; between calls its weights are the file's again."""
+    path = files / "new_bf16.safetensors"
+    mapped = read_file(path)
+    model = eager_model(mapped, model=FACTORY, share=True)
+    assert copied_bytes(list(model.state_dict().values()), path) == 0
+    expected = _eager({k: v.float() for k, v in mapped.items()})(X)
+    with torch.no_grad():
+        assert torch.equal(model(X), expected)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert copied_bytes(list(model.state_dict().values()), path) == 0
+    widened = eager_model(mapped, model=FACTORY)   # not handed over: the model's own float32 copies
+    assert all(p.dtype == torch.float32 for p in widened.parameters()) and torch.equal(widened(X), expected)
+
+
+def test_torch_save_archives_are_mapped_too(files, tmp_path):
+    """A torch.save file (zip format) is read weights-only and memory-mapped: no copy either."""
+    torch.save(state(1), tmp_path / "new.pt")
+    mapped = read_file(tmp_path / "new.pt")
+    assert copied_bytes(mapped.values(), tmp_path / "new.pt") == 0
+    assert all(torch.equal(mapped[k], v) for k, v in state(1).items())
+
+
+class PartlyEager(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(torch.sin(self.a(x)))
+
+
+def partly_eager() -> torch.nn.Module:
+    return PartlyEager().eval()
+
+
+def test_gate_of_a_partitioned_bundle_loaded_without_its_weights(tmp_path):
+    """The gate loads a partitioned bundle weightless too; both paths (the fallback reads the
+    PyTorch segments' dtypes off the placeholders) still refit and pass."""
+    engine = refitcore.compile(partly_eager(), torch.randn(2, 8), backend="reference", min_block_size=1,
+                               torch_executed_ops=["aten.sin.default"])
+    assert engine.partition is not None
+    engine.save(tmp_path / "m.trtrefit")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: torch.randn(v.shape, generator=g) for k, v in partly_eager().state_dict().items()},
+              str(tmp_path / "new.safetensors"))
+    report = refitcore.gate(tmp_path / "m.trtrefit", tmp_path / "new.safetensors", "random:2",
+                            model="tests.test_memory_copies:partly_eager")
+    assert report and set(report.to_json()["paths"]) == {"cached", "fallback"}, str(report)
