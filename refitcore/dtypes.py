@@ -8,6 +8,7 @@ TensorRT has no UINT16 type, so the two never meet). :func:`to_numpy` and :func:
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, overload
 
 import numpy as np
@@ -115,11 +116,21 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 def as_torch(arr: np.ndarray) -> torch.Tensor:
-    """A NumPy array as a tensor; ``uint16`` arrays are bfloat16 bit patterns (shares memory where it can)."""
+    """A NumPy array as a tensor; ``uint16`` arrays are bfloat16 bit patterns (shares memory where it can).
+    A read-only array (an engine weight that is a view of a mapped checkpoint) gives a tensor that
+    must only be read: callers read weights, never write them, so torch's warning about it is
+    silenced here rather than paid for with a copy."""
     arr = np.asarray(arr)
-    if arr.dtype == np.uint16:
-        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(arr)
+    bf16 = arr.dtype == np.uint16
+    if bf16:
+        arr = np.ascontiguousarray(arr).view(np.int16)
+    if arr.flags.writeable:
+        t = torch.from_numpy(arr)
+    else:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if bf16 else t
 
 
 def as_float(arr: np.ndarray) -> np.ndarray:
