@@ -410,7 +410,7 @@ def test_refitcore_imports_without_torch_tensorrt_and_says_why_it_is_missing():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     if out.stdout.startswith("False"):
-        assert "torch_tensorrt cannot be imported" in out.stdout and "torch_tensorrt extra" in out.stdout, out.stdout
+        assert "torch_tensorrt cannot be imported" in out.stdout and "torch-tensorrt extra" in out.stdout, out.stdout
 
 
 def test_compile_options_keep_the_compiler_and_key_its_settings():

@@ -256,7 +256,7 @@ def load() -> TorchTensorRT:
     except Exception as err:  # any import failure: the package cannot be used here (said as such)
         raise TorchTensorRTUnavailableError(
             f"torch_tensorrt cannot be imported ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''});"
-            f" install the torch_tensorrt extra (pip install 'pytest-trtrefit[torch_tensorrt]')") from err
+            f" install the torch-tensorrt extra (pip install 'pytest-trtrefit[torch-tensorrt]')") from err
     if version not in TESTED_VERSIONS:
         raise TorchTensorRTUnavailableError(
             f"Torch-TensorRT {version} is not a tested version ({', '.join(TESTED_VERSIONS)}): the CPU harness uses "
