@@ -31,13 +31,43 @@ class Case:
     make: Callable[[], tuple[Any, tuple]]      # -> (model, example inputs)
     dynamic_shapes: Any = None
     profiles: Any = None
+    precision: str = "fp32"
 
 
 def _cases() -> list[Case]:
     import torch
 
     from refitcore.capture.shapes import DimRange
+    from tests.converters.test_recurrent import TextClassifier
     from tests.dynamic_models import BATCH, SEQ, BertHidden, Flat, TinyAttention, TinyResNet
+
+    class Recurrent(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 6, batch_first=True, bidirectional=True)
+            self.rnn = torch.nn.RNN(12, 5, nonlinearity="relu", num_layers=2)
+
+        def forward(self, x):
+            y, _ = self.gru(x)
+            z, _ = self.rnn(y.transpose(0, 1))
+            return z
+
+    class GridSample(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+
+        def forward(self, x, grid):
+            return torch.nn.functional.grid_sample(self.conv(x), grid, mode="bilinear", padding_mode="zeros",
+                                                   align_corners=False)
+
+    class PaddedAttention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x, pad):
+            return self.mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
 
     def seeded(fn):
         def make():
@@ -63,7 +93,26 @@ def _cases() -> list[Case]:
         Case("bert_padding_mask_seq", seeded(lambda: (BertHidden().eval(), (torch.randint(0, 100, (2, 8)),
                                                                              torch.ones(2, 8, dtype=torch.long)))),
              {0: {1: DimRange(*SEQ, name="seq")}, 1: {1: DimRange(*SEQ, name="seq")}}),
+        # strongly typed reduced-precision networks (weights stored in the engine's type)
+        Case("conv_bn_fp16", seeded(lambda: (conv_bn().eval(), (torch.randn(1, 3, 16, 16),))), precision="fp16"),
+        Case("conv_bn_bf16", seeded(lambda: (conv_bn().eval(), (torch.randn(1, 3, 16, 16),))), precision="bf16"),
+        Case("tiny_resnet_batch_fp16", seeded(lambda: (TinyResNet().eval(), (torch.randn(2, 3, 16, 16),))),
+             {0: {0: BATCH}}, precision="fp16"),
+        Case("attention_seq_bf16", seeded(lambda: (TinyAttention().eval(), (torch.randn(2, 8, 16),))),
+             {0: {1: SEQ}}, precision="bf16"),
+        Case("bert_padding_mask_fp16", seeded(lambda: (BertHidden().eval(), (torch.randint(0, 100, (2, 8)),
+                                                                              torch.ones(2, 8, dtype=torch.long)))),
+             precision="fp16"),
+        # layers added since the last check: unrolled recurrences, grid sample, -inf masks
+        Case("lstm_text_classifier", seeded(lambda: (TextClassifier().eval(), (torch.randint(0, 20, (3, 7)),)))),
+        Case("gru_relu_rnn", seeded(lambda: (Recurrent().eval(), (torch.randn(2, 5, 4),)))),
+        Case("grid_sample", seeded(lambda: (GridSample().eval(), (torch.randn(1, 2, 6, 6),
+                                                                          torch.rand(1, 4, 4, 2) * 2 - 1)))),
+        Case("mha_key_padding_mask", seeded(lambda: (PaddedAttention().eval(), (
+            torch.randn(2, 5, 8), torch.tensor([[False] * 5, [False] * 3 + [True] * 2]))))),
     ]
+
+
 
 
 def check(case: Case) -> dict:
@@ -83,11 +132,12 @@ def check(case: Case) -> dict:
         if profiles is not None:
             profiles = dataclasses.replace(profiles, input_names=tuple(input_names(ep)))
             row["profiles"] = profiles.to_json()["profiles"]
-        result = convert(ep, fusion=plan_fusions(ep.graph_module), profiles=profiles)
+        result = convert(ep, fusion=plan_fusions(ep.graph_module), profiles=profiles, precision=case.precision)
         row["layers"] = int(result.network.num_layers)
+        row["precision"] = case.precision
         t0 = time.perf_counter()
         pb = build_plan(result.builder, result.network, refit=True, recorder=make_error_recorder(_trt.trt()),
-                        profiles=profiles)
+                        profiles=profiles, precision=case.precision)
         row.update(ok=True, build_s=round(pb.seconds, 3), plan_bytes=pb.nbytes,
                    network_supported=pb.network_supported)
     except Exception as err:  # noqa: BLE001 - every refusal is a row of the report
