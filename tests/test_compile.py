@@ -197,7 +197,7 @@ def test_every_engine_kind_implements_the_protocol():
     from refitcore.engine.registry import KINDS, kind_named
 
     members = sorted(n for n in vars(EngineKind) if not n.startswith("_")) + ["name"]
-    assert sorted(KINDS) == ["hybrid", "segments", "whole"]
+    assert sorted(KINDS) == ["hybrid", "segments", "torch_tensorrt", "whole"]
     for name, kind in KINDS.items():
         assert kind.name == name and kind_named(name) is kind
         assert all(callable(getattr(kind, m)) for m in members if m != "name"), name

@@ -24,9 +24,9 @@ from refitcore.capture.shapes import ShapeProfiles, export_example, resolve_dyna
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
-from refitcore.engine import hybrid, segmented_build, whole
+from refitcore.engine import hybrid, segmented_build, torch_tensorrt, whole
 from refitcore.engine.kinds import BuildInput, EngineKind
-from refitcore.engine.options import CompileOptions
+from refitcore.engine.options import DEFAULT_COMPILER, CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord
 from refitcore.engine.reexport import exported_for
 from refitcore.engine.refittable import RefittableEngine
@@ -53,7 +53,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
             min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
             dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None, cache: Any = None,
-            verify_inputs: Sequence | None = None, keep_exported: bool = False) -> RefittableEngine:
+            verify_inputs: Sequence | None = None, keep_exported: bool = False, compiler: str = DEFAULT_COMPILER,
+            **settings: Any) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
     the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
 
@@ -89,6 +90,13 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     refit path converts (and checking that its graph is the cached engine's). The engine says what
     happened: ``engine.cache_hit`` (True, False, or None without a cache) and ``engine.cache_key``.
 
+    ``compiler="torch_tensorrt"``: Torch-TensorRT's own lowering, partition and converters build the
+    network (:mod:`refitcore.engine.torch_tensorrt`; ``backend='reference'`` runs it on the CPU), and
+    refits go through Torch-TensorRT's refit code. ``settings``: its ``CompilationSettings`` fields
+    (``truncate_double=True``...), passed through with ``min_block_size`` and ``torch_executed_ops``;
+    inputs may be ``torch_tensorrt.Input(min_shape=, opt_shape=, max_shape=)`` (dynamic) or tensors
+    with ``dynamic_shapes=`` (torch.export ``Dim`` objects). No ``cache``, ``submodules`` or ``profiles``.
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
@@ -96,10 +104,16 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         engine(torch.randn(1, 3, 64, 64))
     """
     args, kwargs = call_inputs(example_inputs, args, kwargs)
+    if compiler != DEFAULT_COMPILER:
+        if cache is not None or submodules is not None or profiles:
+            raise ValueError(f"compiler={compiler!r} takes no cache=, submodules= or profiles= (its engines are not "
+                             f"saved, and Torch-TensorRT exports the whole model)")
+        args, dynamic_shapes = torch_tensorrt.example_inputs(args, dynamic_shapes)
     name, reason = choose_backend(backend)
     options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
                              min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
-                             profiles=profiles, model_factory=model_factory, verbose=verbose)
+                             profiles=profiles, model_factory=model_factory, verbose=verbose, compiler=compiler,
+                             compiler_settings=settings)
     store_to = as_cache(cache)
     if store_to is None:
         return _compile(model, args, kwargs, options, reason)
@@ -230,8 +244,14 @@ def _compile(model: torch.nn.Module, args: tuple, kwargs: dict, options: Compile
         log.warning("refitcore: torch.export cannot export the model (%s); compiling the submodules that export "
                     "(%s)", ExportError("", err).cause_line, DETAIL_HINT)
         ep = None
+    if export_error is not None and options.compiler != DEFAULT_COMPILER:   # Torch-TensorRT exports the whole model
+        raise ExportError("", export_error) from export_error
     if ep is None:
         return _compile_hybrid(model, args, kwargs, options, reason, export_error)
+    if options.compiler != DEFAULT_COMPILER:
+        source = BuildInput(model, args, kwargs, exported=ep, profiles=shape_profiles)
+        return _engine(torch_tensorrt.KIND, torch_tensorrt.KIND.build(source, options), model, options, reason,
+                       exported_program=ep)
     _check_executed_ops(ep, options, dynamic=shape_profiles is not None)
     if shape_profiles is not None:   # the network's input names (the exporter may rename an argument)
         shape_profiles = dataclasses.replace(shape_profiles, input_names=tuple(input_names(ep)))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from refitcore.conversion import allowed_ops
-from refitcore.errors import BundleContentError
+from refitcore.errors import BundleContentError, MapCannotServeError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
 __all__ = ["RECIPES", "apply_recipe", "evaluate_operand", "check_operand", "resolve_aten_op", "bn_factor",
@@ -102,6 +102,16 @@ def bn_shift(*, gamma, beta, mean, var, eps: float) -> torch.Tensor:
     return out if beta is None else out + _f64(beta)
 
 
+def converted(*, keys: Any = None, compiler: str = "", name: str = "", **where: Any) -> torch.Tensor:
+    """A weight another compiler's converters compute from ``keys`` (the state_dict entries they
+    read): no recipe here replays that arithmetic, so the cached map cannot serve it; that
+    compiler's own refit path does (``name``: the weight as the compiler names it, ``where``: its
+    segment, FX node and module path)."""
+    place = ", ".join(f"{k} {v}" for k, v in where.items())
+    raise MapCannotServeError([f"engine weight {name!r} ({place}) is computed by {compiler}'s converters, which no "
+                               f"recipe of the weight map replays; refit it through {compiler}'s own refit path"])
+
+
 RECIPES: dict[str, Callable[..., torch.Tensor]] = {
     "copy": copy,
     "constant": constant,
@@ -109,6 +119,7 @@ RECIPES: dict[str, Callable[..., torch.Tensor]] = {
     "bn_fold_bias": bn_fold_bias,
     "bn_scale": bn_scale,
     "bn_shift": bn_shift,
+    "converted": converted,
 }
 
 

@@ -22,6 +22,11 @@ Adding a kind (an engine built by another compiler, say) is one new module plus 
 3. The compiler that makes such engines calls ``KIND.build`` and wraps the result in a
    ``RefittableEngine`` (see :mod:`refitcore.compiler.native`).
 
+A kind whose own compiler has refit paths (Torch-TensorRT's, :mod:`refitcore.engine.torch_tensorrt`)
+also implements :class:`CompilerRefit`: the refit pipeline (:func:`refitcore.refitting.pipeline.run_refit`)
+then maps the 'cached' and 'fallback' paths through that compiler's code, and checks what they set
+against the kind's ``fallback_mapping``, the independent witness, exactly.
+
 Kind modules import this module, never :mod:`refitcore.engine.refittable` (which imports them
 through the registry): they receive engines as arguments.
 """
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -44,7 +49,7 @@ from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import IOSpec
 from refitcore.partition.partitioner import PartitionPlan
 
-__all__ = ["EngineKind", "BuildInput", "Built", "state_array", "structure_of", "check_map_covers"]
+__all__ = ["EngineKind", "CompilerRefit", "BuildInput", "Built", "state_array", "structure_of", "check_map_covers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,27 @@ class EngineKind(Protocol):
 
     def coverage(self, engine: Any) -> Coverage:
         """What runs in TensorRT and what in PyTorch (``engine.summary()``)."""
+
+
+@runtime_checkable
+class CompilerRefit(Protocol):
+    """A kind refitted by its own compiler's refit code (see the module docstring)."""
+
+    compiler: str   # the compiler's name, as reports say it
+
+    def auto_path(self, engine: Any) -> str:
+        """The path the compiler refits through by default ('cached' or 'fallback')."""
+
+    def refit_mapping(self, engine: Any, path: str, state: Mapping[str, torch.Tensor],
+                      checked: Mapping[str, torch.Tensor], source: Any, *, model: Any = None,
+                      trust_factory: bool = False) -> dict[str, np.ndarray]:
+        """``{engine weight name: array}``: what the compiler's refit through ``path`` sets
+        (arguments as for :meth:`EngineKind.fallback_mapping`); raises a
+        :class:`refitcore.errors.RefitCoreError` when the path cannot run."""
+
+    def clone_impl(self, impl: EngineImpl) -> EngineImpl:
+        """An independent copy of ``impl`` (its own weights): an impl that is not data (code of the
+        compiler's, such as PyTorch submodules) is copied here, not through ``serialize``."""
 
 
 def state_array(t: torch.Tensor) -> np.ndarray:

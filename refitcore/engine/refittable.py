@@ -34,7 +34,7 @@ from refitcore.conversion.weight_map import WeightMap
 from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
 from refitcore.engine import bundle
 from refitcore.engine.coverage import Coverage
-from refitcore.engine.kinds import EngineKind
+from refitcore.engine.kinds import CompilerRefit, EngineKind
 from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import CallSpec, EngineRecord, IOSpec
 from refitcore.engine.registry import kind_of_header
@@ -212,6 +212,9 @@ class RefittableEngine:
 
     def clone(self) -> RefittableEngine:
         """An independent copy (same plan, its own weight store)."""
+        if isinstance(self.kind, CompilerRefit):
+            return RefittableEngine(self.kind, self.kind.clone_impl(self._impl), self.weight_map, self.io, self.record,
+                                    calls=self.calls, exported_program=self.exported_program)
         if self.weightless:    # nothing to copy: the clone gets placeholders of its own
             header, arrays = self._impl.serialize(weights=False)
             arrays = {**{k: np.array(v, copy=True) for k, v in arrays.items()},

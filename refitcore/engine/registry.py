@@ -5,7 +5,7 @@ file written before kinds had names); loading looks the name up here.
 """
 from __future__ import annotations
 
-from refitcore.engine import hybrid, segmented_build, whole
+from refitcore.engine import hybrid, segmented_build, torch_tensorrt, whole
 from refitcore.engine.kinds import EngineKind
 from refitcore.errors import BundleError
 
@@ -15,6 +15,7 @@ KINDS: dict[str, EngineKind] = {kind.name: kind for kind in (
     whole.KIND,
     segmented_build.KIND,
     hybrid.KIND,
+    torch_tensorrt.KIND,
 )}
 
 

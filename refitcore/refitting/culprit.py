@@ -62,7 +62,9 @@ def find_culprit(engine, state: Any = None, *, mappings: Mapping[str, Mapping] |
 
     ``state``: the new weights (a state_dict or :class:`~refitcore.refitting.prepare.CheckedWeights`).
     ``mappings``: ``{'cached': ..., 'fallback': ...}`` already computed (either may be absent: it
-    is computed from ``state`` then; ``model``/``trust_factory`` go to the fallback's re-export).
+    is computed from ``state`` then; ``model``/``trust_factory`` go to the fallback's re-export);
+    any other key is one more witness (``'witness'``: the fresh conversion a compiler's refit is
+    checked against).
     ``held``: ``{path: engine.current_weights() right after that path's refit}`` for failing paths.
     ``errors``: findings about witnesses the caller could not compute (:func:`unavailable`).
 
@@ -84,6 +86,9 @@ def find_culprit(engine, state: Any = None, *, mappings: Mapping[str, Mapping] |
                                         fallback_mapping(engine, state, model=model, trust_factory=trust_factory))
         except RefitCoreError as err:
             errors.append(unavailable(path, err))
+    for label, mapping in given.items():   # further witnesses (a compiler's refit is checked against one)
+        if label not in ("cached", "fallback") and mapping is not None:
+            witnesses[f"{label} map"] = mapping
     labels = list(witnesses)
     pairs = [(labels[0], labels[1])] if len(labels) == 2 else []
     for path, weights in (held or {}).items():

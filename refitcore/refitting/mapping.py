@@ -4,6 +4,9 @@
   conversion): the fast path.
 - :func:`fallback_mapping`: conversion run again with the new weights, then every refittable
   weight read back off the new network's layers by name: the slow, independent witness.
+- :func:`compiler_mapping`: for an engine whose compiler refits it (:class:`refitcore.engine.kinds.CompilerRefit`,
+  Torch-TensorRT's), what that compiler's own refit code sets; :func:`fallback_mapping` (the kind's
+  fresh conversion read off the network) is its witness.
 """
 from __future__ import annotations
 
@@ -15,11 +18,12 @@ import torch
 
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import WeightMappingError
 from refitcore.refitting.prepare import ENGINE_DTYPE, prepare_weights
 from refitcore.refitting.validate import nonfinite_weight_problems, precision_problems
 
-__all__ = ["cached_mapping", "fallback_mapping", "constants_note"]
+__all__ = ["cached_mapping", "fallback_mapping", "compiler_mapping", "constants_note"]
 
 
 def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None) -> dict[str, np.ndarray]:
@@ -104,3 +108,17 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     weights = prepare_weights(engine, new_weights)
     return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
                                         trust_factory=trust_factory)
+
+
+
+def compiler_mapping(engine, path: str, new_weights: Any, *, model: Any = None, trust_factory: bool = False
+                     ) -> dict[str, np.ndarray]:
+    """What the refit of an engine of a :class:`~refitcore.engine.kinds.CompilerRefit` kind (Torch-TensorRT's)
+    through ``path`` ('cached' or 'fallback') sets: that compiler's own refit code; an error when the
+    path cannot run. :func:`fallback_mapping` of the same engine is the witness it is checked against."""
+    weights = prepare_weights(engine, new_weights)
+    if not isinstance(engine.kind, CompilerRefit):
+        raise TypeError(f"engines of kind {engine.kind.name!r} are refitted by refitcore's own paths "
+                        f"(cached_mapping, fallback_mapping), not by a compiler's")
+    return engine.kind.refit_mapping(engine, path, weights.state, weights.checked, weights.source, model=model,
+                                     trust_factory=trust_factory)

@@ -17,17 +17,20 @@ import numpy as np
 import torch
 
 from refitcore.capture.structured import split_call
+from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import MapCannotServeError, RefitCoreError, RefitError
-from refitcore.options import check_tolerance
-from refitcore.refitting.audit import Audit, audit_paths
+from refitcore.options import AUDIT_ATOL, AUDIT_RTOL, check_tolerance
+from refitcore.refitting.audit import Audit, audit as audit_mappings, audit_paths
 from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
 from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
-from refitcore.refitting.mapping import cached_mapping, fallback_mapping
+from refitcore.refitting.mapping import cached_mapping, compiler_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
 from refitcore.refitting.render import Silent, culprit_note
 from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, sample_tensors, verify
 
-__all__ = ["run_refit", "RefitReport", "PathRecord"]
+__all__ = ["run_refit", "RefitReport", "PathRecord", "WITNESS"]
+
+WITNESS = "witness"   # the record of the witness a compiler's own refit is checked against
 
 log = logging.getLogger("refitcore")
 
@@ -36,7 +39,7 @@ log = logging.getLogger("refitcore")
 class PathRecord:
     """One refit path: how long mapping, apply and verify took, and the verdict or the error."""
 
-    path: str                            # cached | fallback
+    path: str                            # cached | fallback | witness
     mapping_s: float = 0.0
     apply_s: float = 0.0
     verify_s: float = 0.0
@@ -97,7 +100,7 @@ class RefitReport:
     @property
     def ok(self) -> bool:
         final = self.final
-        good = all(r.ok for r in final)
+        good = all(r.ok for r in final) and (WITNESS not in self.records or self.records[WITNESS].ok)
         return good and (self.audit is None or self.audit.ok or (self.fell_back and final[0].verdict is not None))
 
     def __bool__(self) -> bool:
@@ -112,7 +115,10 @@ class RefitReport:
 
 
 _MAPPING_STEP = {"cached": "mapping {what} through the cached weight map",
-                 "fallback": "fallback: re-exporting and converting with the new weights"}
+                 "fallback": "fallback: re-exporting and converting with the new weights",
+                 WITNESS: "witness: converting {what} afresh and reading every weight off the network"}
+_COMPILER_STEP = {"cached": "mapping {what} through {compiler}'s cached refit path",
+                  "fallback": "{compiler}'s refit: converting {what} and recording every weight it sets"}
 
 
 def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "auto", reference: Any = None,
@@ -135,6 +141,12 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     failing records keep their mapping and held weights for the caller's own culprit search.
     ``model``/``trust_factory`` go to the fallback's re-export; ``progress`` says each step.
 
+    An engine whose compiler refits it (:class:`~refitcore.engine.kinds.CompilerRefit`: Torch-TensorRT's)
+    maps each path through that compiler's refit code ('auto': the path it takes by default), and
+    every path it maps is audited exactly against the witness (the kind's ``fallback_mapping``, a
+    fresh conversion read off the network; the ``witness`` record): a weight it left stale, set
+    from the wrong tensor or never set fails the report, and the culprit names it.
+
     ``in_place=True`` is one transaction: on any exception (interrupts included, re-raised) or a
     falsy report, the engine is restored bit for bit to what it held before (a weightless engine
     is weightless again) and the report says ``restored``; its records still hold what each path
@@ -147,7 +159,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     t_start = time.perf_counter()
     progress = progress or Silent()
     auto = paths == "auto"
-    run = ["cached"] if auto else list(paths)
+    compiler = engine.kind if isinstance(engine.kind, CompilerRefit) else None
+    run = ([compiler.auto_path(engine)] if compiler is not None else ["cached"]) if auto else list(paths)
     report = RefitReport(engine, "auto" if auto else ",".join(run), [], {})
     failed_maps: dict[str, BaseException] = {}
     verifying = reference is not None and samples is not None
@@ -158,10 +171,16 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
         if rec.mapping is not None or path in failed_maps:
             return
         t0 = time.perf_counter()
+        step = (_COMPILER_STEP[path].format(what=what, compiler=compiler.compiler)
+                if compiler is not None and path != WITNESS else _MAPPING_STEP[path].format(what=what))
         try:
-            with progress.step(_MAPPING_STEP[path].format(what=what)):
-                rec.mapping = (cached_mapping(engine.weight_map, weights) if path == "cached" else
-                               fallback_mapping(engine, weights, model=model, trust_factory=trust_factory))
+            with progress.step(step):
+                if compiler is not None and path != WITNESS:
+                    rec.mapping = compiler_mapping(engine, path, weights, model=model, trust_factory=trust_factory)
+                elif path == "cached":
+                    rec.mapping = cached_mapping(engine.weight_map, weights)
+                else:   # the fallback, or the witness of a compiler's refit
+                    rec.mapping = fallback_mapping(engine, weights, model=model, trust_factory=trust_factory)
         except RefitCoreError as err:
             failed_maps[path] = err
             rec.error = f"{type(err).__name__}: {err}"
@@ -208,12 +227,19 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
 
     def audit_both() -> None:
         records = report.records
+        if compiler is not None:   # the compiler's refit against the witness, exactly
+            witness = records[WITNESS].mapping if WITNESS in records else None
+            mapped = [m for m in (records[p].mapping for p in run if p in records) if m is not None]
+            if report.audit is None and witness is not None and mapped:
+                report.audit = audit_mappings(mapped[0], witness, rtol=AUDIT_RTOL, atol=AUDIT_ATOL,
+                                     a_label=f"{compiler.compiler}'s refit", b_label=WITNESS)
+            return
         cached_map, fallback_map = (records[p].mapping if p in records else None for p in ("cached", "fallback"))
         if report.audit is None and cached_map is not None and fallback_map is not None:
             report.audit = audit_paths(cached_map, fallback_map)
 
     def find(failing: list[PathRecord]) -> None:
-        for path in ("cached", "fallback"):
+        for path in ("cached", "fallback") if compiler is None else (WITNESS,):
             if path not in report.records or (report.records[path].mapping is None and path not in failed_maps):
                 if failing:
                     progress.info(f"the {failing[0].path} path disagrees with eager; computing the {path} "
@@ -228,7 +254,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     def steps() -> None:
         """Map, audit, apply and verify each path (errors raise or are recorded as asked)."""
         nonlocal run
-        if auto:
+        if auto and compiler is None:
             try:
                 map_path("cached")
             except MapCannotServeError as err:
@@ -237,8 +263,10 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                                        f"the fallback path")
                 run, report.fell_back = ["fallback"], True
         for path in ("cached", "fallback"):
-            if path in run or audit:
+            if path in run or (audit and compiler is None):
                 map_path(path)
+        if compiler is not None:
+            map_path(WITNESS)
         audit_both()
         for path in run:
             apply_and_verify(report.records[path], engine, in_place)
@@ -255,7 +283,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             audit_both()
             apply_and_verify(report.records["fallback"], report.engine, True)
             report.fell_back = True
-        elif not auto and culprit:
+        elif (not auto or compiler is not None) and culprit:
             failing = [report.records[p] for p in run if not report.records[p].ok]
             if failing or (report.audit is not None and not report.audit.ok):
                 find(failing)
