@@ -103,8 +103,8 @@ OPTIONS: tuple[Option, ...] = (
            "torch_tensorrt extra); a check's compiler= argument or a declaration's 'compiler' key overrides it "
            f"(default: {DEFAULT_COMPILER})", metavar="{refitcore,torch_tensorrt}"),
     Option("--trt-refit-paths", "trt_refit_paths", parse_paths, ("cached", "fallback"),
-           "refit paths to check: cached, fallback or both (default: both; torch_tensorrt engines: fallback, "
-           "the only refit path of Torch-TensorRT 2.13 on)", metavar="{cached,fallback,both}"),
+           "refit paths to check: cached, fallback or both (default: both). Unless given, torch_tensorrt engines "
+           "check fallback alone, the only refit path of Torch-TensorRT 2.13 on", metavar="{cached,fallback,both}"),
     Option("--trt-refit-examples", "trt_refit_examples", parse_examples, DEFAULT_EXAMPLES,
            f"Hypothesis examples per generated property test (default: {DEFAULT_EXAMPLES})", metavar="N"),
     Option("--trt-refit-precision", "trt_refit_precision", parse_precision, "fp32",
