@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import zlib
 from typing import Any
 
@@ -223,8 +224,8 @@ class RefitPropertyItem(pytest.Item):
         def samples(extra) -> list:
             return fixed + ([extra if isinstance(extra, Inputs) else tuple(extra)] if extra is not None else [])
 
-        def named(fn):   # the name Hypothesis prints in "Failing test case: ..."
-            fn.__name__ = fn.__qualname__ = f"{self.check}_{spec.name}"
+        def named(fn):   # the name Hypothesis prints in "Failing test case: ..." (an identifier, as it requires)
+            fn.__name__ = fn.__qualname__ = re.sub(r"\W", "_", f"{self.check}_{spec.name}")
             return fn
 
         if self.check == "weights":

@@ -153,9 +153,12 @@ def read_network(network) -> dict:
     return {"inputs": inputs, "outputs": outputs, "layers": layers}
 
 
-def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "") -> dict[str, np.ndarray]:
+def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "", *,
+                    keep_exact_dtypes: bool = False) -> dict[str, np.ndarray]:
     """Every refittable weight read off a converted network's layers (the fallback mapping), named
-    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says."""
+    ``prefix + "<layer name> <ROLE>"`` and shaped as ``shapes`` (engine weight name -> shape) says; as
+    float32, except that with ``keep_exact_dtypes`` bool and integer weights keep their dtype (Torch-TensorRT's
+    networks hold boolean attention masks and integer tables as CONSTANT weights)."""
     out: dict[str, np.ndarray] = {}
     for layer in read_network(network)["layers"]:
         for role in WEIGHT_ROLES.get(layer["type"], ()):
@@ -163,7 +166,8 @@ def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str 
             if arr is None:
                 continue
             name = f"{prefix}{layer['name']} {role}"
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
+            exact = keep_exact_dtypes and np.asarray(arr).dtype.kind in "biu"
+            arr = np.ascontiguousarray(arr) if exact else np.ascontiguousarray(arr, dtype=np.float32)
             shape = shapes.get(name)
             if shape is not None and math.prod(shape) == arr.size:
                 arr = arr.reshape(shape)  # TensorRT hands kernels back flat

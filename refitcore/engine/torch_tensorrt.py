@@ -495,7 +495,7 @@ class TorchTensorRTKind:
             if segment in impl.trt:
                 # The build holds the tensors the network's weights point into: read while it lives.
                 built = api.build_network(sub, api.submodule_inputs(sub), settings)
-                out.update(network_weights(built.network, shapes, prefix=f"{segment}:"))
+                out.update(network_weights(built.network, shapes, prefix=f"{segment}:", keep_exact_dtypes=True))
                 del built
                 continue
             for key, value in sub.state_dict().items():

@@ -331,3 +331,18 @@ def pytest_trt_refit_models():
     result = repo.runpytest_inprocess("--trt-refit")
     result.stdout.fnmatch_lines(["*model 'ttrt': compiler 'torch_tensorrt' has no cached refit path*"])
     assert result.ret != 0
+
+
+def test_a_declared_model_whose_name_is_no_identifier_runs(repo):
+    """Model names such as 'conv_bn_eps1e-3' or 'bert.v2': Hypothesis needs the property's name to be an identifier."""
+    repo.makeconftest('''
+from tinymodels import TwoLinear, linear_input
+
+
+def pytest_trt_refit_models():
+    return {"two-linear.v2": {"factory": TwoLinear, "inputs": linear_input(), "checks": ["weights"], "examples": 1,
+                              "input_families": [], "paths": "fallback"}}
+''')
+    result = repo.runpytest_inprocess("--trt-refit", "--trt-refit-seed=2", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*weights[[]two-linear.v2[]] PASSED*"])
