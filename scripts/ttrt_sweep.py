@@ -10,6 +10,7 @@ and why. Each model runs in a child process with a timeout; the table is rewritt
 
     python scripts/ttrt_sweep.py                       # every model
     python scripts/ttrt_sweep.py tiny                  # the tests/ttrt_models.py models
+    python scripts/ttrt_sweep.py issue                 # the minimal models of the known issues
     python scripts/ttrt_sweep.py zoo:bert tiny:cumsum  # some
     python scripts/ttrt_sweep.py --merge zoo:bert      # re-run some, keep the other rows
     python scripts/ttrt_sweep.py --timeout 300 zoo     # the zoo_repos.py models, 300 s each
@@ -48,10 +49,27 @@ DEFAULT_TIMEOUT = 600.0
 VERSIONED = ("torch", "torch-tensorrt-rtx", "torch-tensorrt", "transformers", "timm", "diffusers")
 
 
+class LastStep(nn.Module):
+    """A linear layer, then the last step (``x[:, -1]``, ``aten.select.int`` of index -1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x)[:, -1]
+
+
+# The minimal models of docs/torch-tensorrt.md's known issues that no other row is (name -> label, model, inputs).
+ISSUES = {"negative_select": ("known issue 2: Linear, then [:, -1]", LastStep, lambda: (torch.randn(2, 3, 4),))}
+
+
 def names() -> dict[str, str]:
-    """Every row's name -> its label: ``tiny:<name>`` (tests/ttrt_models.py), ``zoo:<name>`` (zoo_repos.py)."""
+    """Every row's name -> its label: ``tiny:<name>`` (tests/ttrt_models.py), ``zoo:<name>`` (zoo_repos.py),
+    ``issue:<name>`` (:data:`ISSUES`)."""
     out = {f"tiny:{n}": f"{ttrt_models.FAMILIES.get(n, '')}" for n in ttrt_models.MODELS}
     out.update({f"zoo:{n}": label for n, (label, _) in zoo_repos.MODELS.items()})
+    out.update({f"issue:{n}": label for n, (label, _, _) in ISSUES.items()})
     return out
 
 
@@ -90,6 +108,12 @@ def _positional(model: nn.Module, args: tuple, kwargs: dict) -> tuple[nn.Module,
 def case(name: str, seed: int) -> tuple[nn.Module, tuple, dict]:
     """(model with weights drawn from ``seed``, positional example inputs, Torch-TensorRT settings)."""
     source, _, model_name = name.partition(":")
+    if source == "issue":
+        _, make, inputs = ISSUES[model_name]
+        torch.manual_seed(seed)
+        model = make().eval()
+        torch.manual_seed(0)
+        return model, inputs(), {"min_block_size": 1}
     if source == "tiny":
         model, inputs = ttrt_models.build(model_name, seed)
         return model, tuple(inputs), {"min_block_size": 1, **ttrt_models.SETTINGS.get(model_name, {})}
@@ -226,7 +250,7 @@ def _select(wanted: list[str]) -> list[str]:
         return every
     out: list[str] = []
     for w in wanted:
-        if w in ("tiny", "zoo"):
+        if w in ("tiny", "zoo", "issue"):
             out += [n for n in every if n.startswith(w + ":")]
         elif w in every:
             out.append(w)
@@ -237,7 +261,8 @@ def _select(wanted: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", help="tiny, zoo, or model names (tiny:<name>, zoo:<name>)")
+    parser.add_argument("models", nargs="*", help="tiny, zoo, issue, or model names (tiny:<name>, zoo:<name>, "
+                                                  "issue:<name>)")
     parser.add_argument("--merge", action="store_true", help="keep the rows of models not re-run")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per model (default 600)")
     parser.add_argument("--one", help=argparse.SUPPRESS)

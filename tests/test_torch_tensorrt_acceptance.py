@@ -2,8 +2,9 @@
 (``tests/ttrt_models.py``) under ``pytest --trt-refit --trt-refit-compiler=torch_tensorrt``, each with
 fixed-seed weights (a fixture check per seed) and Hypothesis-drawn weights (a declared model's generated
 property test). The small ones run by default; resnet18, mobilenet_v2, the tiny BERT (every output tensor
-compared, not the keys of its ``ModelOutput``), the second complex-buffer model and the dynamic batch
-run with ``-m slow`` or ``-m zoo``.
+compared, not the keys of its ``ModelOutput``), BatchNorm with eps=1e-3, the second complex-buffer model
+and the dynamic batch (torch.export ``Dim``; the generated test also checks the range's ends) run with
+``-m slow`` or ``-m zoo``.
 
 Needs ``torch_tensorrt`` (the ``torch_tensorrt`` extra): skipped with the reason otherwise."""
 from __future__ import annotations
@@ -22,8 +23,6 @@ needs_ttrt = pytest.mark.skipif(not AVAILABLE, reason=WHY)
 
 FAST = ["conv_bn", "cumsum", "complex_buffer", "multi_engine"]
 SLOW = ["resnet18", "mobilenet_v2", "tiny_bert", "conv_bn_eps1e-3", "complex_mul"]
-IN_ORDER = ("needs the reference interpreter to run layers in dependency order: Torch-TensorRT's dynamic reshape "
-            "takes a shape tensor made by a layer it adds later")
 
 SHARED = '''
 from tests.ttrt_models import SETTINGS, build
@@ -133,12 +132,12 @@ def test_larger_refit_suite_models_through_the_plugin(_warm, pytester, request):
 @pytest.mark.slow
 @pytest.mark.zoo
 @needs_ttrt
-@pytest.mark.xfail(strict=True, reason=IN_ORDER)
 def test_dynamic_batch_through_the_plugin(_warm, pytester, request):
     if not {"slow", "zoo"} & set((request.config.getoption("markexpr") or "").replace("(", " ").split()):
         pytest.skip("run with -m slow or -m zoo")
     result, report = _run(pytester, ["dynamic_batch"], examples=1)
     _assert_every_model_checked(result, report, ["dynamic_batch"], per_model=3)
+    assert report["builds"][0]["profiles"], report["builds"]   # one engine over the batch range, not one per size
 
 
 class BoolMask(torch.nn.Module):
@@ -187,3 +186,40 @@ def test_a_boolean_constant_is_audited_in_its_own_dtype(monkeypatch):
     monkeypatch.setattr(refit_module, "construct_refit_mapping", flipped)
     result = refitcore.refit(engine, new, path="fallback", verify_inputs=[x])
     assert not result and [d.name for d in result.audit.failures] == [mask], str(result)
+
+
+# ---- known Torch-TensorRT refit issues (docs/torch-tensorrt.md): the checks fail and name the weight ----------------
+@needs_ttrt
+def test_known_issue_a_transposed_convolution_cannot_be_refitted():
+    """Torch-TensorRT's deconvolution converter records its weights as [CONVOLUTION]-...: its refit stops on the
+    engine's [DECONVOLUTION]-... KERNEL, named, and leaves the engine as it was."""
+    import refitcore
+    from refitcore.errors import WeightMappingError
+    from tests.ttrt_models import build
+
+    model, x = build("conv_transpose2d", 0)
+    engine = refitcore.compile(model, x, compiler="torch_tensorrt", backend="reference", min_block_size=1)
+    before = {k: v.copy() for k, v in engine.current_weights().items()}
+    with pytest.raises(WeightMappingError) as err:
+        refitcore.refit(engine, build("conv_transpose2d", 1)[0], path="fallback", verify_inputs=[x], in_place=True)
+    assert "'[DECONVOLUTION]-[aten_ops.convolution.default]-[0/convolution] KERNEL'" in str(err.value), str(err.value)
+    assert "is not found in weight mapping" in str(err.value)
+    assert all((before[k] == v).all() for k, v in engine.current_weights().items())
+
+
+@needs_ttrt
+def test_known_issue_select_of_a_negative_index_is_named():
+    """``x[:, -1]``: Torch-TensorRT's select converter emits a GATHER with index -1 (TensorRT documents [0, d))."""
+    import refitcore
+
+    class LastStep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.lin(x)[:, -1]
+
+    with pytest.raises(ValueError, match=r"\[Gather\]': gather index -1 out of range \[0, 3\)"):
+        refitcore.compile(LastStep().eval(), torch.randn(2, 3, 4), compiler="torch_tensorrt", backend="reference",
+                          min_block_size=1)
