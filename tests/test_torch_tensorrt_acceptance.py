@@ -82,8 +82,9 @@ def _run(pytester, names, examples=2):
     pytester.syspathinsert()
     pytester.makeconftest(CONFTEST.format(examples=examples))
     pytester.makepyfile(test_fixed=FIXED_SEED_TEST)
-    result = pytester.runpytest_inprocess("--trt-refit", "--trt-refit-compiler=torch_tensorrt", "--trt-refit-seed=11",
-                                          "--trt-refit-report=r.json", "-p", "no:cacheprovider")
+    # A process of its own: in-process runs share (and unload) modules between runs, and these compile much.
+    result = pytester.runpytest_subprocess("--trt-refit", "--trt-refit-compiler=torch_tensorrt", "--trt-refit-seed=11",
+                                           "--trt-refit-report=r.json", "-p", "no:cacheprovider", timeout=1200)
     return result, json.loads((pytester.path / "r.json").read_text())
 
 
@@ -99,17 +100,8 @@ def _assert_every_model_checked(result, report, names, per_model):
     assert sorted(b["model"] for b in report["builds"]) == sorted(names)   # one engine per model, refitted in place
 
 
-@pytest.fixture(scope="module")
-def _warm():
-    """The plugin's modules imported in this process before any in-process run (pytester restores
-    ``sys.modules`` after each; Torch-TensorRT was imported by ``available()``, and cannot be twice)."""
-    import hypothesis.extra  # noqa: F401
-
-    from pytest_trtrefit import checks, declarative, report, service, strategies  # noqa: F401
-
-
 @needs_ttrt
-def test_refit_suite_models_through_the_plugin(_warm, pytester):
+def test_refit_suite_models_through_the_plugin(pytester):
     result, report = _run(pytester, FAST)
     # two fixed seeds + two weight sets Hypothesis draws
     _assert_every_model_checked(result, report, FAST, per_model=4)
@@ -122,7 +114,7 @@ def test_refit_suite_models_through_the_plugin(_warm, pytester):
 @pytest.mark.slow
 @pytest.mark.zoo
 @needs_ttrt
-def test_larger_refit_suite_models_through_the_plugin(_warm, pytester, request):
+def test_larger_refit_suite_models_through_the_plugin(pytester, request):
     if not {"slow", "zoo"} & set((request.config.getoption("markexpr") or "").replace("(", " ").split()):
         pytest.skip("resnet18, mobilenet_v2, the tiny BERT...: run with -m slow or -m zoo")
     result, report = _run(pytester, SLOW, examples=1)
@@ -132,7 +124,7 @@ def test_larger_refit_suite_models_through_the_plugin(_warm, pytester, request):
 @pytest.mark.slow
 @pytest.mark.zoo
 @needs_ttrt
-def test_dynamic_batch_through_the_plugin(_warm, pytester, request):
+def test_dynamic_batch_through_the_plugin(pytester, request):
     if not {"slow", "zoo"} & set((request.config.getoption("markexpr") or "").replace("(", " ").split()):
         pytest.skip("run with -m slow or -m zoo")
     result, report = _run(pytester, ["dynamic_batch"], examples=1)
