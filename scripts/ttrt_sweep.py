@@ -165,8 +165,9 @@ def run_one(name: str) -> dict:
     audit = result.audit
     row["audited"] = len(audit.diffs) if audit is not None else 0
     row["failing"] = [str(d) for d in audit.failures][:10] if audit is not None else []
-    if not result:
-        row["reason"] = str(result.verdict or result.audit).splitlines()[0][:300]
+    if not result:   # the audit against the witness first: it names the weight
+        bad = result.audit if audit is not None and not audit.ok else result.verdict
+        row["reason"] = str(bad).splitlines()[0][:300]
     return row
 
 
@@ -219,8 +220,11 @@ def table(rows: list[dict]) -> str:
     matched = [r for r in converted if r.get("refit_ok")]
     v = next((r["versions"] for r in rows if r.get("versions")), {})
     ttrt = v.get("torch-tensorrt-rtx") or v.get("torch-tensorrt")
+    not_run = [r["model"] for r in rows if r.get("converts") is None]
     lines = ["# Torch-TensorRT's refit under the verifier", "",
-             f"{len(rows)} model(s) ran: Torch-TensorRT converts {len(converted)}; its refit of new random weights "
+             f"{len(rows) - len(not_run)} model(s) ran"
+             + (f" ({len(not_run)} more could not: {', '.join(not_run)})" if not_run else "")
+             + f": Torch-TensorRT converts {len(converted)}; its refit of new random weights "
              f"matches eager and passes the exact witness audit on {len(matched)}. Torch-TensorRT "
              f"{ttrt}, torch {v.get('torch')}, transformers {v.get('transformers')}, timm {v.get('timm')} "
              f"(reference backend: Torch-TensorRT's networks interpreted on the CPU; `scripts/ttrt_sweep.py`).", "",
