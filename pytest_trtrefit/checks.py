@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from refitcore.options import DEFAULT_COMPILER
+
 if TYPE_CHECKING:
     from refitcore.refitting.culprit import Culprit
 
@@ -166,6 +168,7 @@ class CheckOutcome:
     layers: list | None = None           # [[engine weight, max abs diff cached vs fallback, status]], engine order
     trt_share: float | None = None       # the share of the network TensorRT runs (when the engine says)
     architecture: str | None = None      # the compile-cache entry's architecture key (16 hex digits)
+    compiler: str | None = None          # the engine's compiler when it is not refitcore's (torch_tensorrt)
 
     @property
     def ok(self) -> bool:
@@ -230,9 +233,11 @@ def _new_outcome(entry, model: str, label: str, paths: list, rtol: float, atol: 
     """An outcome for ``entry``'s engine, with what every outcome says of it (backend, outputs,
     TensorRT share, architecture key)."""
     engine = entry.engine
+    compiler = engine.options.compiler
     return CheckOutcome(model, engine.backend, engine.note, label, paths, rtol, atol,
                         output_names=tuple(engine.io.output_names), trt_share=_share_of(entry),
-                        architecture=str(getattr(entry, "key", ""))[:16] or None, **kind)
+                        architecture=str(getattr(entry, "key", ""))[:16] or None,
+                        compiler=compiler if compiler != DEFAULT_COMPILER else None, **kind)
 
 
 def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, atol: float, model: str,
@@ -251,12 +256,24 @@ def run_check(entry, weights, samples, *, paths: Sequence[str], rtol: float, ato
             result.paths = [_unloadable(engine, p, checked, err) for p in paths]
             return result
         report = _refit(entry, checked, eager, samples, paths, rtol, atol, culprit=True)
-        result.paths = [_outcome(report.records[p]) for p in paths]
-        if len(paths) == 2 and report.audit is not None:
+        result.paths = [_outcome(report.records[p]) for p in paths] + _witness_failure(report)
+        if report.audit is not None:   # cached vs fallback (both paths ran), or a compiler's refit vs its witness
             result.mapping_audit = report.audit
             result.layers = _layer_diffs(engine, report.audit)
         result.culprit = report.culprit
     return result
+
+
+def _witness_failure(report) -> list[PathOutcome]:
+    """The witness a compiler's refit is audited against (Torch-TensorRT's: a fresh conversion), as a
+    failing outcome when it could not be made: without it the refit's weights went unaudited."""
+    from refitcore.refitting.pipeline import WITNESS
+
+    witness = report.records.get(WITNESS)
+    if witness is None or witness.error is None:
+        return []
+    return [PathOutcome(WITNESS, False, witness.mapping_s, error=f"no witness to audit the refit against: "
+                                                                 f"{witness.error}")]
 
 
 def _layer_diffs(engine, report) -> list:
@@ -294,6 +311,7 @@ def run_sequence(entry, sequence, samples, *, paths: Sequence[str], rtol: float,
     digests = [digest(w.state_dict) for w in sequence]
     prepared = [_prepared(engine, w) for w in sequence]
     per_step: list[list[PathOutcome]] = [[] for _ in sequence]
+    audits: dict[int, Any] = {}   # step -> a compiler's refit vs its witness (Torch-TensorRT's), the first that failed
     for path in paths:
         seen: dict[str, int] = {}
         outputs: list[list] = []
@@ -308,7 +326,11 @@ def run_sequence(entry, sequence, samples, *, paths: Sequence[str], rtol: float,
                 per_step[i].append(_unloadable(engine, path, checked, err))
                 outputs.append(None)
                 continue
-            o = _outcome(_refit(entry, checked, eager, samples, (path,), rtol, atol, culprit=False).records[path])
+            report = _refit(entry, checked, eager, samples, (path,), rtol, atol, culprit=False)
+            o = _outcome(report.records[path])
+            per_step[i] += _witness_failure(report)
+            if report.audit is not None and (i not in audits or audits[i].ok):
+                audits[i] = report.audit
             if o.verdict is not None:
                 o.outputs = [t.detach().clone() if hasattr(t, 'detach') else t
                              for t in _flat_outputs(engine, samples[0])]
@@ -332,7 +354,8 @@ def run_sequence(entry, sequence, samples, *, paths: Sequence[str], rtol: float,
             per_step[i].append(o)
     results = []
     for i, ((checked, _), outcomes) in enumerate(zip(prepared, per_step)):
-        r = _new_outcome(entry, model, labels[i], outcomes, rtol, atol, kind="sequence", step=i)
+        r = _new_outcome(entry, model, labels[i], outcomes, rtol, atol, kind="sequence", step=i,
+                         mapping_audit=audits.get(i))
         if not r.ok and checked is not None:
             r.culprit = find_culprit(engine, checked, outcomes)
         for o in outcomes:
@@ -405,8 +428,11 @@ def format_report(outcome: CheckOutcome) -> str:
     what = "sequence step" if outcome.kind == "sequence" else "check"
     step = f" (step {outcome.step})" if outcome.step is not None else ""
     lines = [f"trt-refit {what}{step} {'passed' if outcome.ok else 'FAILED'} for model {outcome.model!r}",
-             f"  {_backend_line(outcome)}",
-             f"  weights: {outcome.weights}"]
+             f"  {_backend_line(outcome)}"]
+    if outcome.compiler is not None:
+        lines.append(f"  compiler: {outcome.compiler} (its own network and its own refit; every weight the refit "
+                     f"sets is audited exactly against a fresh conversion, the witness)")
+    lines.append(f"  weights: {outcome.weights}")
     for p in outcome.paths:
         if p.error is not None:
             lines.append(f"  path {p.path!r}: the refit did not go through: {p.error}".replace("\n", "\n      "))
@@ -421,6 +447,8 @@ def format_report(outcome: CheckOutcome) -> str:
                          else f"  path {p.path!r}: ok")
     if outcome.mapping_audit is not None and not outcome.mapping_audit.ok:
         lines.append(indented(outcome.mapping_audit))
-    if outcome.culprit is not None or not outcome.ok:
+    # A compiler's refit that did not go through names its weight in the error: no witness comparison to add.
+    unmapped = outcome.compiler is not None and all(p.error is not None for p in outcome.paths if not p.ok)
+    if outcome.culprit is not None or not (outcome.ok or unmapped):
         lines.append(indented(culprit_lines(outcome.culprit)))
     return "\n".join(lines)

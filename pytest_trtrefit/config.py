@@ -18,8 +18,8 @@ from refitcore import options as _options  # standard library only (refitcore/__
 
 __all__ = ["RefitConfig", "OPTIONS", "Option", "add_options", "resolve", "parse_backend", "parse_paths",
            "parse_examples", "parse_tolerance", "parse_seed", "parse_baseline", "parse_factor", "parse_dir",
-           "parse_precision", "BACKENDS", "PATH_CHOICES", "PRECISIONS", "DEFAULT_BASELINE_DIR",
-           "DEFAULT_BASELINE_FACTOR"]
+           "parse_precision", "parse_compiler", "default_paths", "BACKENDS", "COMPILERS", "DEFAULT_COMPILER",
+           "TORCH_TENSORRT", "PATH_CHOICES", "PRECISIONS", "DEFAULT_BASELINE_DIR", "DEFAULT_BASELINE_FACTOR"]
 
 DEFAULT_EXAMPLES = 10
 
@@ -28,6 +28,9 @@ DEFAULT_ATOL = _options.DEFAULT_ATOL
 BACKENDS = _options.BACKENDS
 PATH_CHOICES = _options.PATH_CHOICES
 PRECISIONS = _options.PRECISIONS
+COMPILERS = _options.COMPILERS
+DEFAULT_COMPILER = _options.DEFAULT_COMPILER
+TORCH_TENSORRT = "torch_tensorrt"
 parse_bool = _options.parse_bool
 parse_backend = _options.parse_backend
 parse_paths = _options.parse_paths
@@ -36,6 +39,7 @@ parse_tolerance = _options.parse_tolerance
 parse_seed = _options.parse_seed
 parse_path = _options.parse_report_path
 parse_precision = _options.parse_precision
+parse_compiler = _options.parse_compiler
 _FP16_TOL, _BF16_TOL = _options.PRECISION_TOLERANCES["fp16"], _options.PRECISION_TOLERANCES["bf16"]
 
 
@@ -92,9 +96,15 @@ OPTIONS: tuple[Option, ...] = (
            "backend to compile and refit on: auto, reference or tensorrt (default: auto, which picks "
            "tensorrt only where a GPU engine can be built and run, else the CPU reference backend)",
            metavar="{auto,reference,tensorrt}"),
+    Option("--trt-refit-compiler", "trt_refit_compiler", parse_compiler, DEFAULT_COMPILER,
+           "compiler that builds the engines and refits them: refitcore (its converters; its cached map and "
+           "fallback conversion) or torch_tensorrt (Torch-TensorRT's own lowering, partition, converters and "
+           "refit_module_weights, each weight it sets audited against a fresh conversion; needs the "
+           "torch_tensorrt extra); a check's compiler= argument or a declaration's 'compiler' key overrides it "
+           f"(default: {DEFAULT_COMPILER})", metavar="{refitcore,torch_tensorrt}"),
     Option("--trt-refit-paths", "trt_refit_paths", parse_paths, ("cached", "fallback"),
-           "refit paths to check: cached, fallback or both (default: both)",
-           metavar="{cached,fallback,both}"),
+           "refit paths to check: cached, fallback or both (default: both). Unless given, torch_tensorrt engines "
+           "check fallback alone, the only refit path of Torch-TensorRT 2.13 on", metavar="{cached,fallback,both}"),
     Option("--trt-refit-examples", "trt_refit_examples", parse_examples, DEFAULT_EXAMPLES,
            f"Hypothesis examples per generated property test (default: {DEFAULT_EXAMPLES})", metavar="N"),
     Option("--trt-refit-precision", "trt_refit_precision", parse_precision, "fp32",
@@ -169,6 +179,7 @@ class RefitConfig:
     cache_dir: str | None = None          # None: pytest's cache directory (when the cacheprovider is active)
     no_cache: bool = False
     precision: str = "fp32"                  # engines are compiled in it unless a check asks for another
+    compiler: str = DEFAULT_COMPILER         # engines are built by it unless a check asks for another
     sources: dict = dataclasses.field(default_factory=dict, compare=False)  # option -> cli | ini | default
 
     def tolerances(self, precision: str | None = None) -> tuple[float, float]:
@@ -178,9 +189,23 @@ class RefitConfig:
         return _options.tolerances_for(precision or self.precision, self.rtol if given["rtol"] else None,
                                        self.atol if given["atol"] else None)
 
+    def paths_for(self, compiler: str | None = None) -> tuple[str, ...]:
+        """The refit paths checked on an engine of ``compiler`` (None: the session's): the paths given on
+        the command line or in the ini; unless given, a Torch-TensorRT engine's is ``fallback`` alone
+        (Torch-TensorRT's weight-name-map path was removed in 2.13: see :mod:`refitcore.engine.torch_tensorrt`)."""
+        if self.sources.get("trt_refit_paths") in ("cli", "ini"):
+            return self.paths
+        return default_paths(compiler or self.compiler)
+
     def to_json(self) -> dict:
         return {"backend": self.backend, "paths": list(self.paths), "examples": self.examples, "rtol": self.rtol,
-                "atol": self.atol, "seed": self.seed, "precision": self.precision}
+                "atol": self.atol, "seed": self.seed, "precision": self.precision, "compiler": self.compiler}
+
+
+def default_paths(compiler: str) -> tuple[str, ...]:
+    """The refit paths checked unless ``--trt-refit-paths`` says: both, and ``fallback`` alone for a
+    Torch-TensorRT engine (``refit_module_weights``' refit; its weight-name-map path was removed in 2.13)."""
+    return ("fallback",) if compiler == TORCH_TENSORRT else ("cached", "fallback")
 
 
 def resolve(config, *, seed: int | None = None) -> RefitConfig:
@@ -220,8 +245,9 @@ def resolve(config, *, seed: int | None = None) -> RefitConfig:
         precision, *(values[f"trt_refit_{k}"] if sources[f"trt_refit_{k}"] != "default" else None
                      for k in ("rtol", "atol")))
     return RefitConfig(enabled=bool(values["trt_refit"]), backend=values["trt_refit_backend"],
-                       paths=tuple(values["trt_refit_paths"]), examples=values["trt_refit_examples"],
-                       rtol=rtol, atol=atol, precision=precision,
+                       paths=(tuple(values["trt_refit_paths"]) if sources["trt_refit_paths"] != "default"
+                              else default_paths(values["trt_refit_compiler"])), examples=values["trt_refit_examples"],
+                       rtol=rtol, atol=atol, precision=precision, compiler=values["trt_refit_compiler"],
                        report=values["trt_refit_report"], seed=int(seed_value), seed_given=seed_given,
                        baseline=values["trt_refit_baseline"], baseline_dir=values["trt_refit_baseline_dir"],
                        baseline_factor=values["trt_refit_baseline_factor"], html=values["trt_refit_html"],

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import zlib
 from typing import Any
 
 import pytest
 
-from refitcore.options import check_tolerance, parse_precision
+from refitcore.options import check_tolerance, parse_compiler, parse_precision
 
 from .engines import COMPILE_OPTIONS
 from .outputs import reproduce_command
@@ -29,7 +30,7 @@ __all__ = ["DeclarationError", "ModelSpec", "parse_specs", "RefitModelsFile", "R
 CHECKS = ("weights", "perturbations", "sequences")
 DEFAULT_INPUT_FAMILIES = ("normal", "uniform", "positive")
 _OPTIONS = {"checks", "examples", "paths", "rtol", "atol", "scales", "specials", "max_specials", "input_families",
-            "dynamic_shapes", "precision", *COMPILE_OPTIONS}
+            "dynamic_shapes", "precision", "compiler", *COMPILE_OPTIONS}
 
 
 class DeclarationError(Exception):
@@ -51,6 +52,7 @@ class ModelSpec:
     dynamic_shapes: Any = None      # input ranges, as refitcore.compile takes them (the example is opt)
     compile_options: dict = dataclasses.field(default_factory=dict)   # torch_executed_ops, min_block_size, strict
     precision: str | None = None    # fp32 | fp16 | bf16; None: --trt-refit-precision
+    compiler: str | None = None     # refitcore | torch_tensorrt; None: --trt-refit-compiler
 
 
 def _example(name: str, example: Any, where: str):
@@ -120,11 +122,19 @@ def _spec(name: str, value: Any, where: str) -> ModelSpec:
         precision = None if options.get("precision") is None else parse_precision(options["precision"])
     except argparse.ArgumentTypeError as err:
         raise DeclarationError(f"{where}: model {name!r}: precision: {err}") from None
+    try:
+        compiler = None if options.get("compiler") is None else parse_compiler(options["compiler"])
+    except argparse.ArgumentTypeError as err:
+        raise DeclarationError(f"{where}: model {name!r}: compiler: {err}") from None
+    if compiler == "torch_tensorrt" and paths and "cached" in paths:
+        raise DeclarationError(f"{where}: model {name!r}: compiler 'torch_tensorrt' has no cached refit path "
+                               f"(Torch-TensorRT's weight-name map was removed in 2.13); give paths='fallback' or "
+                               f"leave 'paths' out")
     strat = {k: options[k] for k in ("scales", "specials", "max_specials") if k in options}
     return ModelSpec(name, factory, example, checks, options.get("examples"), tuple(paths) if paths else None,
                      tolerances["rtol"], tolerances["atol"], strat,
                      tuple(options.get("input_families", DEFAULT_INPUT_FAMILIES)), options.get("dynamic_shapes"),
-                     {k: options[k] for k in COMPILE_OPTIONS if k in options}, precision)
+                     {k: options[k] for k in COMPILE_OPTIONS if k in options}, precision, compiler)
 
 
 def parse_specs(declared: Any, where: str) -> list[ModelSpec]:
@@ -195,7 +205,7 @@ class RefitPropertyItem(pytest.Item):
         cfg = session.config
         options = dict(paths=spec.paths, rtol=spec.rtol, atol=spec.atol, name=spec.name,
                        dynamic_shapes=spec.dynamic_shapes, compile_options=spec.compile_options,
-                       precision=spec.precision)
+                       precision=spec.precision, compiler=spec.compiler)
         # Dtype-limit specials (dtype_max, ...) aim at the limits of the dtype the engine is compiled in.
         strategy = dict(spec.strategy_options, precision=spec.precision or cfg.precision)
         example = spec.inputs
@@ -203,7 +213,8 @@ class RefitPropertyItem(pytest.Item):
         if spec.dynamic_shapes is not None:
             # Compiled once, before Hypothesis runs: its recorded ranges are what inputs are drawn in.
             profiles = session.engine_for(spec.factory, example, name=spec.name, dynamic_shapes=spec.dynamic_shapes,
-                                          compile_options=spec.compile_options, precision=spec.precision).io.profiles
+                                          compile_options=spec.compile_options, precision=spec.precision,
+                                          compiler=spec.compiler).io.profiles
         drawn_inputs = (inputs(example if isinstance(example, Inputs) else list(example), families=spec.input_families,
                                profiles=profiles)
                         if spec.input_families else st.just(None))
@@ -213,8 +224,8 @@ class RefitPropertyItem(pytest.Item):
         def samples(extra) -> list:
             return fixed + ([extra if isinstance(extra, Inputs) else tuple(extra)] if extra is not None else [])
 
-        def named(fn):   # the name Hypothesis prints in "Failing test case: ..."
-            fn.__name__ = fn.__qualname__ = f"{self.check}_{spec.name}"
+        def named(fn):   # the name Hypothesis prints in "Failing test case: ..." (an identifier, as it requires)
+            fn.__name__ = fn.__qualname__ = re.sub(r"\W", "_", f"{self.check}_{spec.name}")
             return fn
 
         if self.check == "weights":

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .checks import as_samples, call_of, sample_tensors
-from .config import RefitConfig
+from .config import DEFAULT_COMPILER, TORCH_TENSORRT, RefitConfig
 from .records import BuildRecord
 
 __all__ = ["EngineProvider", "CacheEntry", "architecture_key", "input_spec", "shapes_key", "compile_kwargs",
@@ -115,6 +115,58 @@ class EngineProvider:
         self._factory_models: dict = {}
         self._engine_cache = None
         self._unkeyed: dict[int, Any] = {}      # models whose architecture key is incomplete: kept by identity
+        self.compilers: dict[str, str] = {}      # compiler -> its version, for each compiler that built an engine
+
+    # -- compiler ------------------------------------------------------------------------
+    def compiler_unavailable(self, compiler: str) -> str | None:
+        """Why ``compiler`` cannot build engines here (Torch-TensorRT not installed, an untested version,
+        a missing entry point), None when it can."""
+        if compiler == DEFAULT_COMPILER:
+            return None
+        from refitcore.engine import torch_tensorrt_api
+
+        usable, why = torch_tensorrt_api.available()
+        return None if usable else f"compiler={compiler!r}: {why}"
+
+    def compiler_version(self, compiler: str) -> str:
+        """The version of ``compiler`` that builds this session's engines (refitcore's, or the installed
+        Torch-TensorRT's)."""
+        if compiler not in self.compilers:
+            if compiler == DEFAULT_COMPILER:
+                from refitcore._version import __version__ as version
+            else:
+                from refitcore.engine import torch_tensorrt_api
+
+                version = torch_tensorrt_api.load().version
+            self.compilers[compiler] = version
+        return self.compilers[compiler]
+
+    def require_compiler(self) -> None:
+        """Raise ``pytest.UsageError`` naming the reason when the session's compiler cannot run as asked:
+        ``--trt-refit-compiler=torch_tensorrt`` without a usable Torch-TensorRT, with
+        ``--trt-refit-backend=tensorrt`` (refitcore does not drive Torch-TensorRT's own GPU engines yet)
+        or with the cached path (Torch-TensorRT 2.13 on has none)."""
+        cfg = self.config
+        if cfg.compiler == DEFAULT_COMPILER:
+            return
+        import pytest
+
+        flag = f"--trt-refit-compiler={cfg.compiler}"
+        why = self.compiler_unavailable(cfg.compiler)
+        if why is not None:
+            raise pytest.UsageError(f"{flag}: {why.split(': ', 1)[1]}")
+        if cfg.backend == "tensorrt":
+            raise pytest.UsageError(f"{flag} with --trt-refit-backend=tensorrt: refitcore does not yet drive "
+                                    f"Torch-TensorRT's own engines (torch_tensorrt.dynamo.compile, "
+                                    f"refit_module_weights) on a GPU; use --trt-refit-backend=auto or reference "
+                                    f"(Torch-TensorRT's network run by the CPU reference interpreter)")
+        if "cached" in cfg.paths:
+            from refitcore.engine.torch_tensorrt_api import WEIGHT_MAP_CACHE_REMOVED
+
+            raise pytest.UsageError(f"{flag} with --trt-refit-paths={'both' if len(cfg.paths) == 2 else 'cached'}: "
+                                    + WEIGHT_MAP_CACHE_REMOVED.format(version=self.compiler_version(cfg.compiler))
+                                    .replace("path='fallback'", "--trt-refit-paths=fallback")
+                                    .replace(" or path='auto'", ""))
 
     # -- backend -------------------------------------------------------------------------
     @property
@@ -177,29 +229,33 @@ class EngineProvider:
 
     # -- the compile cache -----------------------------------------------------------------
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None,
-                   compile_options: Any = None, precision: str | None = None):
+                   compile_options: Any = None, precision: str | None = None, compiler: str | None = None):
         """The session's engine for this architecture and input spec (compiled on first use, or loaded
         from the engine cache); ``inputs``: a sample (tensor, tuple of positional inputs,
         ``refitcore.Inputs``) or a list whose first sample is the example; ``dynamic_shapes``: input
         ranges as :func:`refitcore.compile` takes them (the first sample is the example, ``opt``);
         ``compile_options``: ``torch_executed_ops``, ``min_block_size``, ``strict`` for
         :func:`refitcore.compile` (part of the cache key); ``precision``: 'fp32', 'fp16' or 'bf16'
-        (None: ``--trt-refit-precision``). When the session checks the fallback path it has its
+        (None: ``--trt-refit-precision``); ``compiler``: 'refitcore' or 'torch_tensorrt' (None:
+        ``--trt-refit-compiler``). When the session checks the fallback path it has its
         exported program, so both refit paths work on it."""
-        return self.entry(model_or_factory, as_samples(inputs), paths=self.config.paths, name=name,
-                          dynamic_shapes=dynamic_shapes, compile_options=compile_options, precision=precision).engine
+        return self.entry(model_or_factory, as_samples(inputs), paths=self.config.paths_for(compiler), name=name,
+                          dynamic_shapes=dynamic_shapes, compile_options=compile_options, precision=precision,
+                          compiler=compiler).engine
 
     def entry(self, model_or_factory, samples: Sequence[Any], *, paths: Sequence[str], name: str | None = None,
-              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None) -> CacheEntry:
+              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None,
+              compiler: str | None = None) -> CacheEntry:
         """The compile-cache entry for this model and ``samples`` (the first is the example), ready to
         be refitted through ``paths``."""
         entry = self._entry(model_or_factory, samples, name=name, dynamic_shapes=dynamic_shapes,
-                            compile_options=compile_options, precision=precision or self.config.precision)
+                            compile_options=compile_options, precision=precision or self.config.precision,
+                            compiler=compiler or self.config.compiler)
         self._ready_for(entry, paths)
         return entry
 
     def _entry(self, model_or_factory, samples, *, name: str | None, dynamic_shapes: Any,
-               compile_options: Any, precision: str) -> CacheEntry:
+               compile_options: Any, precision: str, compiler: str) -> CacheEntry:
         model = self._factory_models.get(_hashable(model_or_factory))
         if model is None:
             model = _model_from(model_or_factory)
@@ -208,7 +264,10 @@ class EngineProvider:
         options = compile_kwargs(compile_options)
         if precision != "fp32":   # compile's default: fp32 engines keep the keys they had
             options["precision"] = precision
-        key = (self._architecture_key(model), input_spec(samples[0]), self.backend, shapes_key(dynamic_shapes),
+        if compiler != DEFAULT_COMPILER:   # refitcore's engines keep the keys they had
+            options["compiler"] = compiler
+        backend = self._backend_for(compiler)
+        key = (self._architecture_key(model), input_spec(samples[0]), backend, shapes_key(dynamic_shapes),
                _options_key(options))
         entry = self._cache.get(key)
         if entry is None:
@@ -217,13 +276,15 @@ class EngineProvider:
             eager = copy.deepcopy(model).eval()
             if self._engine_cache is None and self.cache_dir is not None:
                 self._engine_cache = refitcore.EngineCache(self.cache_dir)
+            # Torch-TensorRT's engines are not saved (their PyTorch segments are code): no engine cache.
+            cache = self._engine_cache if compiler == DEFAULT_COMPILER else None
             try:
-                backend = self.backend    # resolved once per session ('auto' probes the GPU): not compile time
                 args, kwargs = call_of(samples[0])
                 t0 = time.perf_counter()
                 engine = refitcore.compile(eager, args=args, kwargs=kwargs, backend=backend,
-                                           dynamic_shapes=dynamic_shapes, cache=self._engine_cache,
-                                           verify_inputs=self._verify(samples), **options)
+                                           dynamic_shapes=dynamic_shapes, cache=cache,
+                                           verify_inputs=self._verify(samples) if cache is not None else None,
+                                           **options)
             except refitcore.BackendUnavailableError as err:
                 raise refitcore.BackendUnavailableError(
                     f"{err} (pytest: --trt-refit-backend={self.config.backend} was asked for; use "
@@ -235,10 +296,20 @@ class EngineProvider:
             self._cache[key] = entry
             self.builds.append(BuildRecord(
                 label, architecture=key[0][:16], inputs=[list(t.shape) for t in sample_tensors(samples[0])],
-                backend=self.backend, compile_s=seconds, worker=self.worker,
+                backend=backend, compile_s=seconds, worker=self.worker,
                 cache={True: "hit", False: "miss"}.get(engine.cache_hit),
-                profiles=engine.io.profiles.to_json()["profiles"] if engine.io.profiles is not None else None))
+                profiles=engine.io.profiles.to_json()["profiles"] if engine.io.profiles is not None else None,
+                compiler=compiler, compiler_version=self.compiler_version(compiler)))
         return entry
+
+    def _backend_for(self, compiler: str) -> str:
+        """The backend an engine of ``compiler`` runs on: the session's, except that Torch-TensorRT's
+        network runs on the reference interpreter under ``--trt-refit-backend=auto`` (refitcore does not
+        drive Torch-TensorRT's own GPU engines yet)."""
+        if compiler == TORCH_TENSORRT and self.config.backend == "auto":
+            self._resolve()   # the session's backend, for its reports
+            return "reference"
+        return self.backend   # resolved once per session ('auto' probes the GPU): not compile time
 
     def _architecture_key(self, model) -> str:
         """The session's key of ``model``'s architecture: :func:`architecture_key`, and the model's
@@ -287,7 +358,8 @@ class EngineProvider:
             self.builds.append(BuildRecord(
                 entry.name, architecture=entry.key[:16], backend=self.backend, compile_s=time.perf_counter() - t0,
                 worker=self.worker, cache="miss", inputs=[list(t.shape) for t in sample_tensors(entry.sample)],
-                note=err.problems[0]))
+                note=err.problems[0], compiler=DEFAULT_COMPILER,
+                compiler_version=self.compiler_version(DEFAULT_COMPILER)))
             return
         seconds = time.perf_counter() - t0
         entry.compile_seconds += seconds

@@ -7,7 +7,7 @@ import shlex
 
 from refitcore.options import tolerances_for
 
-from .config import DEFAULT_EXAMPLES, RefitConfig
+from .config import DEFAULT_COMPILER, DEFAULT_EXAMPLES, RefitConfig, default_paths
 from .engines import EngineProvider
 from .recorder import ReportRecorder
 
@@ -15,10 +15,11 @@ __all__ = ["check_usable", "add_junit_properties", "add_reproduce_line", "reprod
 
 
 def check_usable(engines: EngineProvider) -> None:
-    """At session start: raise ``pytest.UsageError`` for an asked-for backend that cannot run here
-    or ``--trt-refit-html`` without matplotlib, instead of failing every test."""
+    """At session start: raise ``pytest.UsageError`` for an asked-for backend or compiler that cannot run
+    here or ``--trt-refit-html`` without matplotlib, instead of failing every test."""
     import pytest
 
+    engines.require_compiler()
     engines.require_backend()
     if engines.config.html:
         from .html_report import PlotUnavailableError, require_matplotlib
@@ -48,7 +49,9 @@ def reproduce_command(cfg: RefitConfig, nodeid: str) -> str:
     parts = ["pytest", "--trt-refit", f"--trt-refit-seed={cfg.seed}"]
     if cfg.backend != "auto":
         parts.append(f"--trt-refit-backend={cfg.backend}")
-    if tuple(cfg.paths) != ("cached", "fallback"):
+    if cfg.compiler != DEFAULT_COMPILER:
+        parts.append(f"--trt-refit-compiler={cfg.compiler}")
+    if tuple(cfg.paths) != default_paths(cfg.compiler):
         parts.append(f"--trt-refit-paths={'both' if len(cfg.paths) == 2 else cfg.paths[0]}")
     if cfg.precision != "fp32":
         parts.append(f"--trt-refit-precision={cfg.precision}")

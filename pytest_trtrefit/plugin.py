@@ -15,7 +15,7 @@ import pytest
 
 from . import collection, hooks, outputs
 from .checks import quiet_logs
-from .config import add_options, resolve
+from .config import DEFAULT_COMPILER, add_options, resolve
 from .declarative import RefitPropertyItem, collect_conftest
 from .engines import EngineProvider
 from .recorder import ReportRecorder, worker_id
@@ -63,8 +63,20 @@ def pytest_report_header(config):
     if not cfg.enabled:
         return None
     precision = f"precision={cfg.precision}, " if cfg.precision != "fp32" else ""
-    return (f"trt-refit: backend={cfg.backend}, paths={','.join(cfg.paths)}, examples={cfg.examples}, {precision}"
+    return (f"trt-refit: {compiler_label(get_engines(config))}backend={cfg.backend}, paths={','.join(cfg.paths)}, "
+            f"examples={cfg.examples}, {precision}"
             f"rtol={cfg.rtol:g}, atol={cfg.atol:g}, seed={cfg.seed} (reproduce with --trt-refit-seed={cfg.seed})")
+
+
+def compiler_label(engines: EngineProvider) -> str:
+    """The header's ``compiler=NAME VERSION, `` for a session whose compiler is not refitcore's (empty
+    otherwise: the header of refitcore's runs is unchanged); the version of an unusable compiler is its
+    reason, which the session start turns into a usage error."""
+    compiler = engines.config.compiler
+    if compiler == DEFAULT_COMPILER:
+        return ""
+    why = engines.compiler_unavailable(compiler)
+    return f"compiler={compiler} {'(unavailable)' if why else engines.compiler_version(compiler)}, "
 
 
 def pytest_collect_file(file_path, parent):

@@ -57,12 +57,15 @@ def check_records(outcome: CheckOutcome, seconds: float, *, test: str | None,
 def failure_record(outcome: CheckOutcome, *, test: str | None) -> FailureRecord:
     """The failure of a check that did not pass: its failing paths (every path when only the
     mappings disagree), failing outputs, culprit and mismatch report."""
-    audit_failed = outcome.mapping_audit is not None and not outcome.mapping_audit.ok
+    audit = outcome.mapping_audit
+    audit_failed = audit is not None and not audit.ok
     failed = [p.path for p in outcome.paths if not p.ok] or [p.path for p in outcome.paths]
     return FailureRecord(outcome.model, tuple(failed), outcome.report(), test=test, kind=outcome.kind,
                          mappings_disagree=audit_failed, audit_only=audit_failed and all(p.ok for p in outcome.paths),
                          outputs=tuple(dict.fromkeys(n for p in outcome.paths for n in failing_outputs(outcome, p))),
-                         culprit=outcome.culprit.name if outcome.culprit else None)
+                         culprit=outcome.culprit.name if outcome.culprit else None,
+                         audit=(f"{audit.a_label} and the {audit.b_label}" if audit_failed and outcome.compiler
+                                else None))
 
 
 class ReportRecorder:

@@ -76,12 +76,15 @@ class FailureRecord:
     outputs: tuple[str, ...] = ()    # the failing outputs' pytree paths
     culprit: str | None = None
     audit_only: bool = False         # every path matched eager; only the exact audit of the mappings failed
+    audit: str | None = None         # what the failed audit compared, when not the cached and fallback mappings
 
     def as_dict(self) -> dict[str, Any]:
-        return {"test": self.test, "model": self.model, "kind": self.kind, "paths": list(self.paths),
-                "mappings_disagree": self.mappings_disagree, "audit_only": self.audit_only,
-                "outputs": list(self.outputs), "culprit": self.culprit,
-                "report": self.report}
+        out = {"test": self.test, "model": self.model, "kind": self.kind, "paths": list(self.paths),
+               "mappings_disagree": self.mappings_disagree, "audit_only": self.audit_only,
+               "outputs": list(self.outputs), "culprit": self.culprit,
+               "report": self.report}
+        out.update(_present(self, ("audit",)))
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> FailureRecord:
@@ -104,11 +107,13 @@ class BuildRecord:
     profiles: list | None = None     # the engine's shape ranges, when it has them
     note: str | None = None          # why it was rebuilt
     exported_on_hit: bool | None = None
+    compiler: str | None = None      # refitcore | torch_tensorrt (refitcore.options.COMPILERS)
+    compiler_version: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         out = {"model": self.model, "architecture": self.architecture, "inputs": self.inputs, "backend": self.backend,
                "compile_s": self.compile_s, "worker": self.worker, "cache": self.cache}
-        out.update(_present(self, ("profiles", "note", "exported_on_hit")))
+        out.update(_present(self, ("profiles", "note", "exported_on_hit", "compiler", "compiler_version")))
         return out
 
     @classmethod

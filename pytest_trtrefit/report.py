@@ -6,11 +6,11 @@ import math
 import os
 import time
 
-from .config import RefitConfig
+from .config import TORCH_TENSORRT, RefitConfig
 from .records import BuildRecord, CheckRecord, FailureRecord, RunRecords
 
-__all__ = ["summarize", "table", "terminal_lines", "coverage_lines", "build_json", "write_json",
-           "REPORT_FORMAT", "REPORT_VERSION"]
+__all__ = ["summarize", "table", "terminal_lines", "coverage_lines", "compilers", "compiler_lines", "build_json",
+           "write_json", "REPORT_FORMAT", "REPORT_VERSION"]
 
 REPORT_FORMAT = "pytest-trtrefit.report"
 REPORT_VERSION = 1
@@ -83,8 +83,8 @@ def _last_per_test(failures: list[FailureRecord]) -> list[dict]:
 def _failed_what(failure: dict) -> str:
     """What failed in a check, for its FAILED line: its paths, or the exact audit alone."""
     if failure.get("audit_only"):
-        return ("the exact audit (the cached and the fallback mapping differ on a weight; every path matched "
-                "eager)")
+        between = failure.get("audit") or "the cached and the fallback mapping"
+        return f"the exact audit ({between} differ on a weight; every path matched eager)"
     return f"paths {', '.join(failure['paths'])}"
 
 
@@ -130,6 +130,7 @@ def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[s
     if backend == "reference":
         lines.append("note: the reference backend interprets the TensorRT network on the CPU; it checks the network "
                      "and the weight mapping, not TensorRT's kernels")
+    lines += compiler_lines(data.builds)
     lines.append(f"seed: {cfg.seed} (reproduce with --trt-refit-seed={cfg.seed}); paths: {', '.join(cfg.paths)}; "
                  f"rtol={cfg.rtol:g} atol={cfg.atol:g}; examples per property: {cfg.examples}")
     if not rows:
@@ -153,6 +154,25 @@ def terminal_lines(cfg: RefitConfig, data: RunRecords, seconds: float) -> list[s
         lines.append(f"FAILED {f.get('test') or f['model']}: {_failed_what(f)}"
                      + (f"; culprit weight {f['culprit']!r}" if f.get("culprit") else "")
                      + (f" ({f['count']} failing checks, the last shown)" if f["count"] > 1 else ""))
+    return lines
+
+
+def compilers(builds: list[BuildRecord]) -> list[dict]:
+    """The compilers that built this run's engines, with their versions, in the order they first built one."""
+    seen = dict.fromkeys((b.compiler, b.compiler_version) for b in builds if b.compiler)
+    return [{"compiler": c, "version": v} for c, v in seen]
+
+
+def compiler_lines(builds: list[BuildRecord]) -> list[str]:
+    """Summary lines: which compilers (and versions) built the engines, and what a Torch-TensorRT check checked."""
+    used = compilers(builds)
+    if not used:
+        return []
+    lines = ["compiler: " + ", ".join(f"{c['compiler']} {c['version']}" for c in used)]
+    if any(c["compiler"] == TORCH_TENSORRT for c in used):
+        lines.append("note: torch_tensorrt engines are Torch-TensorRT's own networks (its lowering, partition and "
+                     "converters), refitted by its own refit (refit_module_weights); every weight it sets is audited "
+                     "exactly against a fresh Torch-TensorRT conversion")
     return lines
 
 
@@ -213,6 +233,7 @@ def build_json(cfg: RefitConfig, data: RunRecords, seconds: float, exitstatus: i
         failures=failures,
         expected_failures=[{k: v for k, v in f.as_dict().items() if k != "report"} for f in data.expected_failures],
         builds=[b.as_dict() for b in data.builds],
+        compilers=compilers(data.builds),
         **extra,
     )
 

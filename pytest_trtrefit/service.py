@@ -12,7 +12,9 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from refitcore.options import check_tolerance, parse_precision
+import pytest
+
+from refitcore.options import check_tolerance, parse_compiler, parse_precision
 
 from .checks import CheckOutcome, as_samples, describe_weights, model_label, run_check, run_sequence
 from .config import RefitConfig
@@ -56,35 +58,53 @@ class RefitSession:
         return [b.as_dict() for b in self.engines.builds]
 
     def engine_for(self, model_or_factory, inputs, *, name: str | None = None, dynamic_shapes: Any = None,
-                   compile_options: Any = None, precision: str | None = None):
+                   compile_options: Any = None, precision: str | None = None, compiler: str | None = None):
         """The session's engine for this architecture and input spec: :meth:`EngineProvider.engine_for`."""
         return self.engines.engine_for(model_or_factory, inputs, name=name, dynamic_shapes=dynamic_shapes,
-                                       compile_options=compile_options, precision=_precision(precision))
+                                       compile_options=compile_options, precision=_precision(precision),
+                                       compiler=self._compiler(compiler))
 
-    def _settings(self, paths, rtol, atol) -> tuple[tuple[str, ...], float | None, float | None]:
-        paths = self.config.paths if paths is None else ((paths,) if isinstance(paths, str) else tuple(paths))
+    def _compiler(self, compiler: str | None) -> str:
+        """A check's ``compiler=`` argument (None: ``--trt-refit-compiler``); a compiler that cannot run here
+        skips the test with the reason (``--trt-refit-compiler`` itself is checked at session start)."""
+        if compiler is None:
+            return self.config.compiler
+        try:
+            compiler = parse_compiler(compiler)
+        except argparse.ArgumentTypeError as err:
+            raise ValueError(f"compiler={compiler!r}: {err}") from None
+        why = self.engines.compiler_unavailable(compiler)
+        if why is not None:
+            pytest.skip(why)
+        return compiler
+
+    def _settings(self, paths, rtol, atol, compiler: str) -> tuple[tuple[str, ...], float | None, float | None]:
+        paths = self.config.paths_for(compiler) if paths is None else (
+            (paths,) if isinstance(paths, str) else tuple(paths))
         bad = [p for p in paths if p not in ("cached", "fallback")]
         if bad or not paths:
             raise ValueError(f"paths={paths!r}: each path must be 'cached' or 'fallback'")
         return (paths, None if rtol is None else check_tolerance(rtol, "rtol"),
                 None if atol is None else check_tolerance(atol, "atol"))
 
-    def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options, precision):
+    def _prepare(self, model_or_factory, inputs, paths, rtol, atol, name, dynamic_shapes, compile_options, precision,
+                 compiler):
         """(engine entry ready for ``paths``, samples, paths, rtol, atol) of one check call. Tolerances not
         given here come from the options (``--trt-refit-rtol``), else from the engine's precision."""
-        paths, rtol, atol = self._settings(paths, rtol, atol)
+        compiler = self._compiler(compiler)
+        paths, rtol, atol = self._settings(paths, rtol, atol, compiler)
         precision = _precision(precision)
         samples = as_samples(inputs)
         entry = self.engines.entry(model_or_factory, samples, paths=paths, name=name, dynamic_shapes=dynamic_shapes,
-                                   compile_options=compile_options, precision=precision)
+                                   compile_options=compile_options, precision=precision, compiler=compiler)
         default_rtol, default_atol = self.config.tolerances(entry.engine.options.precision)
         return (entry, samples, paths, default_rtol if rtol is None else rtol,
                 default_atol if atol is None else atol)
 
     def check(self, model_or_factory, weights, inputs, *, paths: str | Sequence[str] | None = None,
               rtol: float | None = None, atol: float | None = None, name: str | None = None,
-              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None
-              ) -> CheckOutcome:
+              dynamic_shapes: Any = None, compile_options: Any = None, precision: str | None = None,
+              compiler: str | None = None) -> CheckOutcome:
         """Refit the session's engine for this model with ``weights`` through each selected path and
         compare it with eager PyTorch on ``inputs``; raise ``AssertionError`` with the mismatch report
         when any path disagrees.
@@ -99,7 +119,11 @@ class RefitSession:
         ``torch_executed_ops``, ``min_block_size``, ``strict`` for :func:`refitcore.compile`.
         ``precision``: 'fp32', 'fp16' or 'bf16' (also 'float16'...; default: ``--trt-refit-precision``);
         ``rtol``/``atol`` given neither here nor in the options are the engine precision's defaults
-        (:data:`refitcore.options.PRECISION_TOLERANCES`).
+        (:data:`refitcore.options.PRECISION_TOLERANCES`). ``compiler``: 'refitcore' or 'torch_tensorrt'
+        (default: ``--trt-refit-compiler``): a Torch-TensorRT engine is refitted by Torch-TensorRT's own refit
+        (``refit_module_weights``; ``paths`` default to ``fallback``, its only path) and every weight it sets is
+        audited against a fresh Torch-TensorRT conversion; the test is skipped, with the reason, where
+        Torch-TensorRT cannot be used.
 
         Example::
 
@@ -110,7 +134,7 @@ class RefitSession:
         from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
-                                                          dynamic_shapes, compile_options, precision)
+                                                          dynamic_shapes, compile_options, precision, compiler)
         loaded = load_for(entry.engine, weights)
         t0 = time.perf_counter()
         outcome = run_check(entry, loaded, samples, paths=paths, rtol=rtol, atol=atol,
@@ -124,7 +148,7 @@ class RefitSession:
                        paths: str | Sequence[str] | None = None, rtol: float | None = None,
                        atol: float | None = None, name: str | None = None,
                        dynamic_shapes: Any = None, compile_options: Any = None,
-                       precision: str | None = None) -> list[CheckOutcome]:
+                       precision: str | None = None, compiler: str | None = None) -> list[CheckOutcome]:
         """Refit one engine with each weight set of ``sequence`` in turn (per path), comparing with
         eager at every step; weights that repeat an earlier step must reproduce that step's outputs
         bit for bit (A -> B -> A). Raises ``AssertionError`` with the report of every failing step."""
@@ -132,7 +156,7 @@ class RefitSession:
         from refitcore.refitting.prepare import load_for
 
         entry, samples, paths, rtol, atol = self._prepare(model_or_factory, inputs, paths, rtol, atol, name,
-                                                          dynamic_shapes, compile_options, precision)
+                                                          dynamic_shapes, compile_options, precision, compiler)
         states = [load_for(entry.engine, w) for w in sequence]
         labels = [describe_weights(w) for w in sequence]
         t0 = time.perf_counter()

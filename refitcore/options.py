@@ -13,7 +13,8 @@ import math
 import re
 from typing import NoReturn
 
-__all__ = ["BACKENDS", "REFIT_PATHS", "PATH_CHOICES", "PRECISIONS", "PRECISION_TOLERANCES", "tolerances_for",
+__all__ = ["BACKENDS", "COMPILERS", "DEFAULT_COMPILER", "parse_compiler", "REFIT_PATHS", "PATH_CHOICES",
+           "PRECISIONS", "PRECISION_TOLERANCES", "tolerances_for",
            "parse_precision", "parse_backend", "parse_paths", "parse_tolerance",
            "check_tolerance", "parse_positive_int", "parse_examples", "parse_seed", "parse_shape", "parse_factory",
            "parse_bool", "parse_report_path"]
@@ -38,6 +39,8 @@ PRECISION_TOLERANCES: dict[str, tuple[float, float]] = {
 AUDIT_RTOL = 0.0
 AUDIT_ATOL = 0.0
 BACKENDS = ("auto", "reference", "tensorrt")         # refitcore.backends resolves these names
+DEFAULT_COMPILER = "refitcore"                       # compile(compiler=...): refitcore's converters, or
+COMPILERS = (DEFAULT_COMPILER, "torch_tensorrt")     #   Torch-TensorRT's (refitcore.engine.torch_tensorrt)
 REFIT_PATHS = ("auto", "cached", "fallback")         # refitcore.refit(path=...)
 PATH_CHOICES = ("cached", "fallback", "both")        # paths to check (CLI --paths, --trt-refit-paths)
 # Largest tensor a file's header (a bundle, a cache entry) may declare, in elements (1 GiB of fp32):
@@ -110,6 +113,14 @@ def _tolerance(value, seen: str, error: type[Exception]) -> float:
 _PRECISION_ALIASES = {"fp32": "fp32", "float32": "fp32", "float": "fp32",
                       "fp16": "fp16", "float16": "fp16", "half": "fp16",
                       "bf16": "bf16", "bfloat16": "bf16"}
+
+
+def parse_compiler(text: str) -> str:
+    """'refitcore' or 'torch_tensorrt' (also 'torch-tensorrt'): the compiler ``compile(compiler=...)`` takes."""
+    value = str(text).strip().lower().replace("-", "_")
+    if value not in COMPILERS:
+        _fail(f"{text!r} is not a compiler; choose one of {', '.join(COMPILERS)}")
+    return value
 
 
 def parse_precision(text: str) -> str:

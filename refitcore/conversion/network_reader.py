@@ -175,7 +175,9 @@ def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str 
                     host: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Every refittable weight read off a converted network's layers (the fallback mapping), named
     ``prefix + "<layer name> <ROLE>"``, in its engine dtype (BF16 as ``uint16`` bit patterns, from
-    ``host``) and shaped as ``shapes`` (engine weight name -> shape) says."""
+    ``host``; bool and integer weights, such as the boolean attention masks and integer tables
+    Torch-TensorRT's networks hold as CONSTANT weights, in theirs) and shaped as ``shapes`` (engine
+    weight name -> shape) says."""
     out: dict[str, np.ndarray] = {}
     for layer in read_network(network, host)["layers"]:
         for role in WEIGHT_ROLES.get(layer["type"], ()):

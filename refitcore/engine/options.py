@@ -11,12 +11,10 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from refitcore.options import COMPILERS, DEFAULT_COMPILER
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_names
 
 __all__ = ["CompileOptions", "COMPILERS", "DEFAULT_COMPILER"]
-
-DEFAULT_COMPILER = "refitcore"
-COMPILERS = (DEFAULT_COMPILER, "torch_tensorrt")
 
 
 @dataclasses.dataclass(frozen=True)

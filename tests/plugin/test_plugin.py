@@ -370,7 +370,8 @@ def test_declared_models_with_a_bad_spec_are_a_usage_error(repo):
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(["*ERROR collecting conftest.py*",
                                  "pytest_trt_refit_models(): *conftest.py: model 'conv_bn': unknown option(s) "
-                                 "[[]'exampels'[]]; valid: [[]'atol', 'checks', 'dynamic_shapes', 'examples', *"])
+                                 "[[]'exampels'[]]; valid: [[]'atol', 'checks', 'compiler', 'dynamic_shapes', "
+                                 "'examples', *"])
 
 
 @pytest.mark.parametrize("options, message", [
