@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.capture.eager import EagerModelError, eager_model
 from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_constants
@@ -131,7 +132,7 @@ def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Ten
     constants = weight_map.constants if constants is None else constants
     literals = []
     for cid in dict.fromkeys(c for v in src.inputs.values() for c in operand_constants(v)):
-        t = torch.from_numpy(np.asarray(constants[cid])) if cid in constants else None
+        t = dtypes.as_torch(constants[cid]) if cid in constants else None   # bfloat16: its bit patterns
         if t is not None and t.is_floating_point() and t.numel() and not all_finite(t):
             at, first = _first_bad(t, ~torch.isfinite(t))
             literals.append(f"{cid}: {first} at {at}")
