@@ -296,3 +296,89 @@ def test_planted_bugs_fail_the_plugins_checks_at_the_default_tolerances(pytester
             assert f"tolerances rtol={rtol:g}, atol={atol:g}" in text, text
         else:
             assert "path 'cached': ok" in text and "path 'fallback': ok" in text, text
+
+
+# -- float16 overflow: refused before the engine is touched ----------------------------------------------
+def _held(engine) -> dict:
+    return {k: v.copy() for k, v in engine.impl.current_weights().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_fine_tuned_weight_beyond_float16_is_refused_before_the_engine_is_touched():
+    engine = refitcore.compile(net(0), X, backend="reference", precision="fp16")
+    refitcore.refit(engine, net(1), path="cached", in_place=True)
+    before, out = _held(engine), engine(X)
+    new = net(2)
+    with torch.no_grad():
+        new.fc1.weight[1, 2] = 1e5
+    for path in ("auto", "cached"):
+        with pytest.raises(refitcore.errors.WeightMappingError) as err:
+            refitcore.refit(engine, new, path=path, in_place=True, verify_inputs=[X])
+        text = str(err.value)
+        for part in ("engine weight 'fc1/linear.weight CONSTANT' (float16)", "state_dict key 'fc1.weight'",
+                     "holds 100000 at [1, 2]", "overflow float16", "65504",
+                     "rescale that weight into float16's range", "keep this layer in float32"):
+            assert part in text, (part, text)
+        assert _same(before, _held(engine)) and torch.equal(engine(X), out)
+    # bfloat16 has float32's range: the same weights refit a bf16 engine
+    bf16 = refitcore.compile(net(0), X, backend="reference", precision="bf16")
+    assert refitcore.refit(bf16, new, path="cached", audit=True).audit.ok
+
+
+def test_a_batchnorm_fold_that_overflows_float16_although_its_inputs_fit_is_refused():
+    engine = refitcore.compile(net(0), X, backend="reference", precision="fp16")
+    before, out = _held(engine), engine(X)
+    new = net(1)
+    with torch.no_grad():
+        new.bn.weight[3] = 3e4            # fits float16
+        new.bn.running_var[3] = 1e-4      # fits float16: the fold multiplies the kernel by ~2.9e6
+    assert all(bool(torch.isfinite(t.half()).all()) for t in new.state_dict().values() if t.is_floating_point())
+    with pytest.raises(refitcore.errors.WeightMappingError) as err:
+        refitcore.refit(engine, new, in_place=True, verify_inputs=[X])
+    text = str(err.value)
+    for part in ("engine weight 'conv/conv2d KERNEL' (float16) = bn_fold_kernel(...)", "'bn.weight'",
+                 "'bn.running_var'", "first at [3, ", "becomes inf",
+                 "the bn_fold_kernel result overflows although every input fits float16", "fold in float32"):
+        assert part in text, (part, text)
+    assert _same(before, _held(engine)) and torch.equal(engine(X), out)
+
+
+# -- a bf16 LLM-style checkpoint in safetensors ---------------------------------------------------------
+def tiny_llama(seed: int) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():   # random weights at a scale where every layer matters (init is N(0, 0.02))
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.2)
+    return model.to(torch.bfloat16)
+
+
+def test_a_bf16_llama_checkpoint_in_safetensors_refits_from_the_file_and_verifies(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    call = refitcore.Inputs(ids, use_cache=False)
+    engine = refitcore.compile(tiny_llama(0), args=(ids,), kwargs={"use_cache": False}, backend="reference")
+    assert engine.options.precision == "bf16"                                   # the model's own precision
+    new = tiny_llama(1)
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, str(path))
+    with safe_open(str(path), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 - stored as bf16
+    before = _held(engine)
+    result = refitcore.refit(engine, str(path), path="cached", audit=True, verify_inputs=[call],
+                             reference_model=new, in_place=True)
+    assert result and result.audit.ok, str(result)
+    assert _tolerances(result.verdict) == {PRECISION_TOLERANCES["bf16"]}
+    assert not _same(before, _held(engine))
+    # a bf16 file refits every weight bit-identically to compiling the new model
+    rebuilt = refitcore.compile(new, args=(ids,), kwargs={"use_cache": False}, backend="reference")
+    assert _same(_held(rebuilt), _held(engine))
