@@ -382,3 +382,63 @@ def test_a_bf16_llama_checkpoint_in_safetensors_refits_from_the_file_and_verifie
     # a bf16 file refits every weight bit-identically to compiling the new model
     rebuilt = refitcore.compile(new, args=(ids,), kwargs={"use_cache": False}, backend="reference")
     assert _same(_held(rebuilt), _held(engine))
+
+
+# -- no false failures: random weights at the default tolerances ----------------------------------------------
+# The strategies' specials that are weights a deployment may hold at each precision. Left out, as range
+# validation refuses them by design (tests/test_precision_surface.py): 'large' (x100) and 'tiny' (x1e-6) at
+# fp16 (activations beyond float16's range; values below its smallest normal); 'dtype_max' and
+# 'dtype_min_normal' (the same at the dtype's very limits); and 'zeros', which with 'dtype_subnormal' on the
+# same tensor leaves a tensor whose largest value is subnormal, refused at both precisions ('zero_channels'
+# still draws zeros).
+PROPERTY_SPECIALS = {
+    "fp16": ("sign_flip", "negative_gamma", "var_near_eps", "zero_channels", "dtype_subnormal"),
+    "bf16": ("large", "tiny", "sign_flip", "negative_gamma", "var_near_eps", "zero_channels", "dtype_subnormal"),
+}
+PROPERTY_EXAMPLES = 200     # the slow run (benchmarks/results/precision_properties.md records it)
+
+
+def random_weights_refit_correctly(precision: str, examples: int) -> None:
+    """``examples`` random weight sets (the public strategies, with the specials above) refitted into
+    one engine of ``precision``: each passes verification at the precision's default tolerances and the
+    exact cached-vs-fallback audit."""
+    from hypothesis import HealthCheck, given, settings
+
+    from pytest_trtrefit.strategies import state_dicts
+
+    engine = refitcore.compile(net(0), X, backend="reference", precision=precision)
+
+    @settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(weights=state_dicts(Net(), specials=PROPERTY_SPECIALS[precision], precision=precision))
+    def refit_passes(weights):
+        model = Net().eval()
+        model.load_state_dict(weights)
+        result = refitcore.refit(engine, weights, path="cached", verify_inputs=[X], audit=True,
+                                 reference_model=model)
+        assert result and result.audit.ok, f"{weights!r}\n{result}"
+        assert _tolerances(result.verdict) == {PRECISION_TOLERANCES[precision]}
+
+    refit_passes()
+
+
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_random_weights_give_no_false_failure(precision):
+    random_weights_refit_correctly(precision, examples=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", sorted(DTYPES))
+def test_random_weights_give_no_false_failure_across_200_examples(precision):
+    random_weights_refit_correctly(precision, examples=PROPERTY_EXAMPLES)
+
+
+def test_a_bfloat16_flush_does_not_suggest_bfloat16():
+    """bfloat16's smallest normal is float32's: the fix of a bfloat16 flush is not 'use bfloat16'."""
+    engine = refitcore.compile(net(0), X, backend="reference", precision="bf16")
+    new = net(1)
+    with torch.no_grad():
+        new.fc2.bias.fill_(3e-39)
+    with pytest.raises(refitcore.errors.WeightMappingError) as err:
+        refitcore.refit(engine, new, path="cached")
+    assert "below bfloat16's smallest normal" in str(err.value) and "use bfloat16" not in str(err.value)

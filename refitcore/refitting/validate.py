@@ -198,6 +198,7 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
             or exact.numel() == 0 or rounded.dtype == exact.dtype):
         return []
     info = torch.finfo(rounded.dtype)
+    wide_tiny = torch.finfo(torch.float32).tiny        # bfloat16's smallest normal too: its range is float32's
     dtype = _dtype_name(rounded.dtype)
     top = float(exact.abs().max())
     floor = FLUSH_ULPS * info.eps * top
@@ -242,7 +243,8 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
         problems.append(f"{where}: {int(bad.sum())} value(s) below {dtype}'s smallest normal {info.tiny:.4g} "
                         f"({zeros} rounding to 0) although the weight's largest is {top:.4g} (first at {idx}: "
                         f"{got:.6g} becomes {fate}): {origin}; rescale the weight up (and the layer after it "
-                        f"down), keep this layer in float32, or use bfloat16, which has float32's range")
+                        f"down), keep this layer in float32"
+                        + (", or use bfloat16, which has float32's range" if info.tiny > wide_tiny else ""))
     return problems
 
 
