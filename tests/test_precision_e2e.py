@@ -442,3 +442,31 @@ def test_a_bfloat16_flush_does_not_suggest_bfloat16():
     with pytest.raises(refitcore.errors.WeightMappingError) as err:
         refitcore.refit(engine, new, path="cached")
     assert "below bfloat16's smallest normal" in str(err.value) and "use bfloat16" not in str(err.value)
+
+
+# -- the sweep (scripts/zoo_repos.py --precision) ------------------------------------------------------------
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_the_precision_sweep_row_of_a_fast_model(precision):
+    from tests.scripts import load_script
+
+    zoo = load_script("zoo_repos")
+    row = zoo.run_precision("cumsum", precision)
+    assert row["ok"] and row["audit_exact"] and row["tolerances"] == list(PRECISION_TOLERANCES[precision]), row
+    bound = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}[precision]
+    for key in ("compile_same", "cached_same", "fallback_same", "compile_fp32", "cached_fp32", "fallback_fp32"):
+        assert 0 <= row[key] < bound, (key, row)
+    assert 0 <= row["cached_margin"] <= 1 and "| custom: torch.cumsum |" in zoo.precision_table([dict(row, total_s=1)])
+
+
+def test_the_sweep_s_timeout_stops_a_model_and_a_bad_precision_is_refused(capsys):
+    import time
+
+    from tests.scripts import load_script
+
+    zoo = load_script("zoo_repos")
+    with pytest.raises(zoo.ModelTimeout, match="more than 1 s"):
+        zoo._run_with_timeout(1, time.sleep, 5)
+    assert zoo._run_with_timeout(0, lambda v: {"v": v}, 3) == {"v": 3}
+    with pytest.raises(SystemExit):
+        zoo.main(["--precision", "fp8", "cumsum"])
+    assert "fp8" in capsys.readouterr().err
