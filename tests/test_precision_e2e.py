@@ -124,6 +124,17 @@ def test_a_reduced_precision_model_compiles_at_its_own_precision_by_default(prec
     assert refitcore.compile(conv_bn(0), X, backend="reference").options.precision == "fp32"
 
 
+@pytest.mark.parametrize(("model_dtype", "precision"), [(torch.float16, "fp32"), (torch.bfloat16, "fp32"),
+                                                       (torch.bfloat16, "fp16"), (torch.float16, "bf16")])
+def test_a_reduced_precision_model_at_another_precision_is_refused_saying_what_to_do(model_dtype, precision):
+    """Its weights would sit in the engine's type next to activations in the model's own (a strongly
+    typed network refuses such a layer): refused before anything is exported, with the fix."""
+    own = {torch.float16: "fp16", torch.bfloat16: "bf16"}[model_dtype]
+    with pytest.raises(ValueError, match=rf"precision='{precision}' for a model whose floating parameters are all "
+                                         rf"torch.{str(model_dtype)[6:]}: compile it at '{own}'"):
+        refitcore.compile(conv_bn(0).to(model_dtype), X.to(model_dtype), backend="reference", precision=precision)
+
+
 @pytest.mark.parametrize("check", ["content", "version"])
 @pytest.mark.parametrize("precision", sorted(DTYPES))
 def test_mutable_engine_follows_a_reduced_precision_model(precision, check):

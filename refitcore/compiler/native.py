@@ -108,8 +108,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     ``precision``: 'fp32', 'fp16' or 'bf16': the type of the network's floating tensors and
     refittable weights (a strongly typed network; weights rounded once from float32 or wider).
     None (default): the model's own (:func:`refitcore.dtypes.model_precision`: 'fp16'/'bf16' when every
-    floating parameter is float16/bfloat16, else 'fp32'). Inputs and outputs keep the model's types
-    (docs/precision.md). Another value is a :class:`ValueError`.
+    floating parameter is float16/bfloat16, else 'fp32'; such a model is compiled at its own precision
+    only). Inputs and outputs keep the model's types (docs/precision.md). Another value is a
+    :class:`ValueError`.
 
     Example::
 
@@ -118,8 +119,15 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         engine(torch.randn(1, 3, 64, 64))
     """
     args, kwargs = call_inputs(example_inputs, args, kwargs)
-    precision = model_precision(model) if precision is None else precision
+    own = model_precision(model)
+    precision = own if precision is None else precision
     precision_dtype(precision)   # an unknown precision is refused before anything is exported
+    if own != "fp32" and precision != own:
+        # Its weights would be stored in the engine's type next to activations in the model's own: the
+        # strongly typed network would mix them in one layer, which it refuses.
+        raise ValueError(f"precision={precision!r} for a model whose floating parameters are all "
+                         f"{precision_dtype(own)}: compile it at {own!r} (the default, precision=None), or cast "
+                         f"the model first (model.float() for an fp32 engine)")
     if compiler != DEFAULT_COMPILER:
         if cache is not None or submodules is not None or profiles:
             raise ValueError(f"compiler={compiler!r} takes no cache=, submodules= or profiles= (its engines are not "
