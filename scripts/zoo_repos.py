@@ -555,9 +555,14 @@ def rel_err(a: Any, b: Any) -> float:
 
 
 def _eager_in(model: nn.Module, args, kwargs, dtype: torch.dtype):
-    """Eager ``model`` with its weights and floating inputs in ``dtype``."""
+    """Eager ``model`` with its floating weights and inputs in ``dtype`` (complex and integer tensors
+    kept: ``Module.to(dtype)`` would turn a complex buffer real)."""
+    model = copy.deepcopy(model)
     with torch.no_grad():
-        return copy.deepcopy(model).to(dtype)(*_cast(args, dtype), **_cast(kwargs, dtype))
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.to(dtype)
+        return model(*_cast(args, dtype), **_cast(kwargs, dtype))
 
 
 def run_precision(name: str, precision: str) -> dict:
