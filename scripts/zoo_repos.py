@@ -583,9 +583,17 @@ def run_precision(name: str, precision: str) -> dict:
     t0 = time.perf_counter()
     engine = refitcore.compile(model, args=args, kwargs=kwargs, backend="reference", precision=precision, **options)
     row["compile_s"] = time.perf_counter() - t0
+    def same(out, m):
+        """Error vs eager in the engine's dtype; None where PyTorch's CPU kernels cannot run the model in it."""
+        try:
+            return rel_err(out, _eager_in(m, args, kwargs, dt))
+        except RuntimeError as err:        # e.g. torchvision's nms has no CPU kernel for Half
+            row["same_note"] = f"eager {precision} cannot run on the CPU: {str(err).splitlines()[0][-120:]}"
+            return None
+
     with torch.no_grad():
         out = engine(*args, **kwargs)
-    row["compile_same"] = rel_err(out, _eager_in(model, args, kwargs, dt))
+    row["compile_same"] = same(out, model)
     row["compile_fp32"] = rel_err(out, _eager_in(model, args, kwargs, torch.float32))
     new = _randomized(build(1)[0], 1)
     row["audit_exact"] = audit_paths(cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)).ok
@@ -594,7 +602,7 @@ def run_precision(name: str, precision: str) -> dict:
         result = refitcore.refit(engine, new, path=path, verify_inputs=[sample], reference_model=new)
         with torch.no_grad():
             out = result.engine(*args, **kwargs)
-        row[f"{path}_same"] = rel_err(out, _eager_in(new, args, kwargs, dt))
+        row[f"{path}_same"] = same(out, new)
         row[f"{path}_fp32"] = rel_err(out, _eager_in(new, args, kwargs, torch.float32))
         row[f"{path}_verified"] = bool(result.verdict)
         row[f"{path}_margin"] = result.verdict.margin     # worst |err| / allowed error at the default tolerances
@@ -616,14 +624,16 @@ def precision_table(rows: list[dict]) -> str:
             lines.append(f"| {r['label']} | {r['precision']} | {r['error'][:140]} | | | | | | | | "
                          f"{r.get('total_s', 0):.0f} |")
             continue
-        errors = " | ".join(f"{r[k]:.1e}" for k in ("compile_same", "cached_same", "fallback_same", "compile_fp32",
-                                                     "cached_fp32", "fallback_fp32"))
+        errors = " | ".join(_fmt(r[k], ".1e") for k in ("compile_same", "cached_same", "fallback_same",
+                                                         "compile_fp32", "cached_fp32", "fallback_fp32"))
         rtol, atol = r["tolerances"]
         verdict = "pass" if r["cached_verified"] and r["fallback_verified"] else "FAIL"
         lines.append(f"| {r['label']} | {r['precision']} | {errors} | {'yes' if r['audit_exact'] else 'NO'} | "
                      f"{verdict} ({rtol:g}, {atol:g}): {r['cached_margin']:.2g} / {r['fallback_margin']:.2g} | "
                      f"{r['total_s']:.0f} |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {r['label']}, {r['precision']}: {r['same_note']} ('same' not measured)" for r in rows
+             if r.get("same_note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 class ModelTimeout(Exception):
