@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 __all__ = ["TABLE", "TORCH_SEGMENT_TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES",
-           "PRECISIONS", "precision_dtype", "round_to", "to_numpy", "as_torch", "as_float"]
+           "PRECISIONS", "precision_dtype", "model_precision", "round_to", "to_numpy", "as_torch", "as_float"]
 
 # (TensorRT DataType name, NumPy dtype name or None, torch dtype)
 TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
@@ -81,6 +81,20 @@ def precision_dtype(precision: str) -> torch.dtype:
         return PRECISIONS[precision]
     except (KeyError, TypeError):
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}") from None
+
+
+def model_precision(model: torch.nn.Module) -> str:
+    """The precision a model computes in: 'fp16' or 'bf16' when every floating parameter (a model
+    without parameters: every floating buffer) is float16, or every one bfloat16 (``model.half()``,
+    ``model.to(torch.bfloat16)``, a checkpoint loaded in bf16); 'fp32' otherwise (float32, float64, a
+    mix of dtypes, no floating tensors). ``compile(precision=None)`` compiles at this precision."""
+    floating = {t.dtype for t in model.parameters() if t.is_floating_point()}
+    if not floating:
+        floating = {t.dtype for t in model.buffers() if t.is_floating_point()}
+    if len(floating) == 1:
+        (dtype,) = floating
+        return next((name for name, d in PRECISIONS.items() if d == dtype and name != "fp32"), "fp32")
+    return "fp32"
 
 
 def _round_to_odd_f32(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,16 @@ newest releases (``pip install -U transformers timm``) as well as on the pinned 
     python scripts/zoo_repos.py                  # every model
     python scripts/zoo_repos.py bert vit_cls     # some
     python scripts/zoo_repos.py --merge bert     # re-run some, keep the other rows
+    python scripts/zoo_repos.py --precision fp32,fp16,bf16 --timeout 300 bert   # the precision sweep
+
+``--precision``: each model compiled at each precision (docs/precision.md) instead; per model and
+precision the worst relative output error (max |engine - eager| / max |eager| over every floating
+output leaf) after compile, a cached and a fallback refit, against eager in the same dtype (the model
+and its floating inputs cast: what the engine should equal up to kernel rounding) and against eager
+fp32 (what verification compares with), whether the exact audit (cached vs fallback) passes, and the
+verification at the precision's default tolerances (``refitcore.options.PRECISION_TOLERANCES``).
+Writes ``benchmarks/results/zoo_precision.md`` (raw rows in ``zoo_precision.json``). ``--timeout``:
+seconds per model and precision (a model that takes longer gets a timeout row and the sweep goes on).
 
 Random weights only (tiny configs, ``pretrained=False``/``weights=None``): nothing is downloaded. The
 weights are drawn as the plugin's ``state_dicts`` strategy draws them (seed 0 to compile, seed 1 to
@@ -21,8 +31,10 @@ partition and the weight mapping, not TensorRT's kernels.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata
 import json
+import signal
 import sys
 import time
 import traceback
@@ -518,6 +530,132 @@ def run_one(name: str) -> dict:
     return row
 
 
+# ---- the precision sweep (--precision) -------------------------------------------------------------
+PRECISION_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors of a pytree cast to ``dtype`` (integer ids and masks stay)."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v, value)
+
+
+def rel_err(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| over the floating leaves of two outputs (inf where a leaf is not finite)."""
+    from refitcore.capture.structured import flatten_with_names
+
+    la, _, _ = flatten_with_names(a)
+    lb, _, _ = flatten_with_names(b)
+    diff = scale = 0.0
+    for x, y in zip(la, lb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and y.is_floating_point() and y.numel():
+            diff = max(diff, float((x.double() - y.double()).abs().max()))
+            scale = max(scale, float(y.double().abs().max()))
+    return diff / scale if scale else diff
+
+
+def _eager_in(model: nn.Module, args, kwargs, dtype: torch.dtype):
+    """Eager ``model`` with its floating weights and inputs in ``dtype`` (complex and integer tensors
+    kept: ``Module.to(dtype)`` would turn a complex buffer real)."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point():
+                t.data = t.data.to(dtype)
+        return model(*_cast(args, dtype), **_cast(kwargs, dtype))
+
+
+def run_precision(name: str, precision: str) -> dict:
+    """One model at one precision: errors vs eager in the same dtype and in fp32, the exact audit and
+    the verification at the precision's default tolerances, for compile and each refit path."""
+    import refitcore
+    from refitcore.options import tolerances_for
+    from refitcore.refitting.audit import audit_paths
+    from refitcore.refitting.mapping import cached_mapping, fallback_mapping
+
+    label, build = MODELS[name]
+    dt = PRECISION_DTYPES[precision]
+    model, args, kwargs = build(0)
+    model = _randomized(model, 0)
+    row: dict[str, Any] = {"model": name, "label": label, "precision": precision, "versions": versions(),
+                           "tolerances": list(tolerances_for(precision))}
+    options = {"min_block_size": 1} if name in CUSTOM else {}
+    t0 = time.perf_counter()
+    engine = refitcore.compile(model, args=args, kwargs=kwargs, backend="reference", precision=precision, **options)
+    row["compile_s"] = time.perf_counter() - t0
+    def same(out, m):
+        """Error vs eager in the engine's dtype; None where PyTorch's CPU kernels cannot run the model in it."""
+        try:
+            return rel_err(out, _eager_in(m, args, kwargs, dt))
+        except RuntimeError as err:        # e.g. torchvision's nms has no CPU kernel for Half
+            row["same_note"] = f"eager {precision} cannot run on the CPU: {str(err).splitlines()[0][-120:]}"
+            return None
+
+    with torch.no_grad():
+        out = engine(*args, **kwargs)
+    row["compile_same"] = same(out, model)
+    row["compile_fp32"] = rel_err(out, _eager_in(model, args, kwargs, torch.float32))
+    new = _randomized(build(1)[0], 1)
+    row["audit_exact"] = audit_paths(cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)).ok
+    sample = refitcore.Inputs(*args, **kwargs)
+    for path in ("cached", "fallback"):
+        result = refitcore.refit(engine, new, path=path, verify_inputs=[sample], reference_model=new)
+        with torch.no_grad():
+            out = result.engine(*args, **kwargs)
+        row[f"{path}_same"] = same(out, new)
+        row[f"{path}_fp32"] = rel_err(out, _eager_in(new, args, kwargs, torch.float32))
+        row[f"{path}_verified"] = bool(result.verdict)
+        row[f"{path}_margin"] = result.verdict.margin     # worst |err| / allowed error at the default tolerances
+    row["ok"] = row["audit_exact"] and row["cached_verified"] and row["fallback_verified"]
+    return row
+
+
+def precision_table(rows: list[dict]) -> str:
+    lines = [f"{sum(1 for r in rows if r.get('ok'))} of {len(rows)} runs pass the exact audit and verification at "
+             f"the precision's default tolerances. Relative worst output error (max |engine - eager| / max |eager| "
+             f"over every floating output leaf), reference backend: 'same' is eager in the engine's dtype, 'fp32' "
+             f"eager fp32. 'err/allowed': the worst element's error over the error the default tolerances allow "
+             f"(<= 1 passes), cached / fallback. {versions_line(rows)}".rstrip(), "",
+             "| model | precision | compile same | cached same | fallback same | compile fp32 | cached fp32 | "
+             "fallback fp32 | exact audit | default tolerances (rtol, atol): err/allowed | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['label']} | {r['precision']} | {r['error'][:140]} | | | | | | | | "
+                         f"{r.get('total_s', 0):.0f} |")
+            continue
+        errors = " | ".join(_fmt(r[k], ".1e") for k in ("compile_same", "cached_same", "fallback_same",
+                                                         "compile_fp32", "cached_fp32", "fallback_fp32"))
+        rtol, atol = r["tolerances"]
+        verdict = "pass" if r["cached_verified"] and r["fallback_verified"] else "FAIL"
+        lines.append(f"| {r['label']} | {r['precision']} | {errors} | {'yes' if r['audit_exact'] else 'NO'} | "
+                     f"{verdict} ({rtol:g}, {atol:g}): {r['cached_margin']:.2g} / {r['fallback_margin']:.2g} | "
+                     f"{r['total_s']:.0f} |")
+    notes = [f"- {r['label']}, {r['precision']}: {r['same_note']} ('same' not measured)" for r in rows
+             if r.get("same_note")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+class ModelTimeout(Exception):
+    """A model ran past ``--timeout``."""
+
+
+def _run_with_timeout(seconds: int, run: Callable[..., dict], *args: Any) -> dict:
+    """``run(*args)`` stopped after ``seconds`` (0: no limit) with :class:`ModelTimeout` (SIGALRM; main thread)."""
+    def expire(signum, frame):
+        raise ModelTimeout(f"timeout: more than {seconds} s")
+
+    if not seconds:
+        return run(*args)
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        return run(*args)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
@@ -564,6 +702,11 @@ def main(argv=None) -> int:
     parser.add_argument("models", nargs="*", help=f"models to run (default: all of {', '.join(MODELS)})")
     parser.add_argument("--merge", action="store_true", help="keep the other rows of zoo_repos.json")
     parser.add_argument("--no-readme", action="store_true", help="do not update README.md")
+    parser.add_argument("--precision", default=None, metavar="LIST",
+                        help="the precision sweep: compile each model at each of these precisions (e.g. "
+                             "fp32,fp16,bf16) and write benchmarks/results/zoo_precision.md")
+    parser.add_argument("--timeout", type=int, default=0, metavar="SECONDS",
+                        help="stop a model (at one precision) after this many seconds; 0: no limit")
     args = parser.parse_args(argv)
     names = args.models or list(MODELS)
     unknown = [n for n in names if n not in MODELS]
@@ -571,6 +714,14 @@ def main(argv=None) -> int:
         parser.error(f"unknown models {unknown}; known: {list(MODELS)}")
     torch.set_num_threads(1)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.precision is not None:
+        from refitcore.options import parse_precision
+
+        try:
+            precisions = [parse_precision(p) for p in args.precision.split(",")]
+        except argparse.ArgumentTypeError as err:
+            parser.error(str(err))
+        return sweep_precisions(names, precisions, merge=args.merge, timeout=args.timeout)
     raw = RESULTS / "zoo_repos.json"
     kept = json.loads(raw.read_text()) if args.merge and raw.exists() else []
     if isinstance(kept, dict):
@@ -579,7 +730,7 @@ def main(argv=None) -> int:
     for name in names:
         t0 = time.perf_counter()
         try:
-            row = run_one(name)
+            row = _run_with_timeout(args.timeout, run_one, name)
         except Exception as err:  # noqa: BLE001 - one model's failure is that model's row
             traceback.print_exc()
             row = {"model": name, "label": MODELS[name][0], "versions": versions(), "compiles": False,
@@ -594,6 +745,34 @@ def main(argv=None) -> int:
     print(text)
     if not args.no_readme:
         update_readme(text)
+    return 0 if all(r.get("ok") for r in rows.values()) else 1
+
+
+def sweep_precisions(names: list[str], precisions: list[str], *, merge: bool, timeout: int) -> int:
+    """The ``--precision`` sweep: a row per model and precision in zoo_precision.json/.md, written after each."""
+    raw = RESULTS / "zoo_precision.json"
+    kept = json.loads(raw.read_text()) if merge and raw.exists() else []
+    rows = {(r["model"], r["precision"]): r for r in (kept["rows"] if isinstance(kept, dict) else kept)}
+    order = list(MODELS)
+    for name in names:
+        for precision in precisions:
+            t0 = time.perf_counter()
+            try:
+                row = _run_with_timeout(timeout, run_precision, name, precision)
+            except Exception as err:  # noqa: BLE001 - one model's failure is that model's row
+                if not isinstance(err, ModelTimeout):
+                    traceback.print_exc()
+                row = {"model": name, "label": MODELS[name][0], "precision": precision, "versions": versions(),
+                       "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"}
+            row["total_s"] = time.perf_counter() - t0
+            rows[(name, precision)] = row
+            print(json.dumps(row, default=str), flush=True)
+            ordered = sorted(rows.values(), key=lambda r: (order.index(r["model"]) if r["model"] in order else
+                                                           len(order), list(PRECISION_DTYPES).index(r["precision"])))
+            raw.write_text(json.dumps({"versions": versions(), "rows": ordered}, indent=1, default=str))
+            text = precision_table(ordered)
+            (RESULTS / "zoo_precision.md").write_text("# Zoo models at fp32, fp16 and bf16\n\n" + text)
+    print(text)
     return 0 if all(r.get("ok") for r in rows.values()) else 1
 
 

@@ -40,7 +40,7 @@ from refitcore.capture.structured import Inputs, leaf_names, spec_to_json
 from refitcore.compiler.native import call_inputs, compile as compile_model
 from refitcore.engine.refittable import RefittableEngine, load as load_engine
 from refitcore.errors import ArchitectureMismatchError, RefitError
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL
+from refitcore.options import check_tolerance
 from refitcore.refitting.refit import RefitResult, refit
 
 __all__ = ["MutableEngine", "CHECKS"]
@@ -76,10 +76,12 @@ class MutableEngine:
     Inputs: as :func:`refitcore.compile` takes them: ``example_inputs`` (a tensor or a tuple of
     positional inputs) or ``args=``/``kwargs=``, any pytree of tensors, Python scalars and None;
     ``dynamic_shapes=`` (and any other keyword of :func:`refitcore.compile`, in ``options``) is passed
-    to it. Before each call the call's inputs are compared with the compiled ones: another structure,
-    another non-tensor value (a constant of the graph) or another dtype recompiles with the call's
-    inputs as the new example; another tensor shape recompiles too, except on an engine with
-    ``dynamic_shapes``: a shape inside its ranges runs as it is, and one outside them is refused with
+    to it; ``precision`` None (default) is the model's own at each compile (a half or bfloat16 model
+    compiles at fp16/bf16: :func:`refitcore.dtypes.model_precision`). Before each call the call's
+    inputs are compared with the compiled ones: another structure, another non-tensor value (a
+    constant of the graph) or another dtype recompiles with the call's inputs as the new example;
+    another tensor shape recompiles too, except on an engine with ``dynamic_shapes``: a shape inside
+    its ranges runs as it is, and one outside them is refused with
     :class:`refitcore.errors.ShapeRangeError` naming the input, the dimension and the range (the ranges
     are the caller's choice: widening them silently would compile another engine than the one asked for).
 
@@ -90,7 +92,8 @@ class MutableEngine:
     ``verify`` (default True): after every refit and recompile, compare the engine with eager
     ``model`` on the example inputs; a cached refit that disagrees is redone through the fallback
     path, and one that still disagrees raises :class:`refitcore.RefitError` (and the engine is not
-    run until a later call refits it successfully). Counters: ``refits``, ``recompiles``;
+    run until a later call refits it successfully); ``rtol``/``atol``: None (default) takes the engine
+    precision's (:data:`refitcore.options.PRECISION_TOLERANCES`). Counters: ``refits``, ``recompiles``;
     ``last_action`` ('compile', 'load', 'refit', 'recompile' or 'none'); ``last_refit`` (a
     :class:`refitcore.RefitResult`).
 
@@ -108,8 +111,8 @@ class MutableEngine:
 
     def __init__(self, model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
                  args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
-                 dynamic_shapes: Any = None, backend: str = "auto", precision: str = "fp32", cache: Any = None,
-                 verify: bool = True, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+                 dynamic_shapes: Any = None, backend: str = "auto", precision: str | None = None, cache: Any = None,
+                 verify: bool = True, rtol: float | None = None, atol: float | None = None,
                  check: str = "content", **options: Any):
         self._setup(model, call_inputs(example_inputs, args, kwargs), check=check, backend=backend, precision=precision,
                     cache=cache, verify=verify, rtol=rtol, atol=atol,
@@ -117,8 +120,9 @@ class MutableEngine:
         self.last_action = "compile"
         self._compile()
 
-    def _setup(self, model: torch.nn.Module, call: tuple[tuple, dict], *, check: str, backend: str, precision: str,
-               cache: Any, verify: bool, rtol: float, atol: float, options: dict[str, Any]) -> None:
+    def _setup(self, model: torch.nn.Module, call: tuple[tuple, dict], *, check: str, backend: str,
+               precision: str | None, cache: Any, verify: bool, rtol: float | None, atol: float | None,
+               options: dict[str, Any]) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
         if check not in CHECKS:
@@ -131,7 +135,10 @@ class MutableEngine:
         self.precision = precision
         self.cache = as_cache(cache)
         self.options = options
-        self.verify, self.rtol, self.atol = bool(verify), float(rtol), float(atol)
+        # None: the engine precision's default, decided at each refit (refitcore.refitting.verify.engine_tolerances)
+        self.verify = bool(verify)
+        self.rtol = None if rtol is None else check_tolerance(rtol, "rtol")
+        self.atol = None if atol is None else check_tolerance(atol, "atol")
         self.refits = 0
         self.recompiles = 0
         self.last_refit: RefitResult | None = None
@@ -154,8 +161,8 @@ class MutableEngine:
     @classmethod
     def load(cls, path: str | os.PathLike, model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor |
              None = None, *, args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
-             dynamic_shapes: Any = None, cache: Any = None, verify: bool = True, rtol: float = DEFAULT_RTOL,
-             atol: float = DEFAULT_ATOL, check: str = "content", **options: Any) -> MutableEngine:
+             dynamic_shapes: Any = None, cache: Any = None, verify: bool = True, rtol: float | None = None,
+             atol: float | None = None, check: str = "content", **options: Any) -> MutableEngine:
         """A MutableEngine of ``model`` from a file :meth:`save` (or ``RefittableEngine.save``) wrote,
         with or without its weights. The file holds no code, so ``model`` is required: the engine is
         refitted from its weights before its first run, and recompiled from it when its architecture

@@ -24,7 +24,7 @@ from refitcore.capture.shapes import ShapeProfiles, export_call, resolve_dynamic
 from refitcore.capture.structured import register_cache_pytrees, spec_to_json, unresolved_types
 from refitcore.conversion.convert import dynamic_node_names
 from refitcore.conversion.weight_map import WeightMap
-from refitcore.dtypes import precision_dtype
+from refitcore.dtypes import model_precision, precision_dtype
 from refitcore.engine import hybrid, segmented_build, torch_tensorrt, whole
 from refitcore.engine.kinds import BuildInput, EngineKind
 from refitcore.engine.options import DEFAULT_COMPILER, CompileOptions
@@ -57,7 +57,7 @@ def tied_groups(model: torch.nn.Module) -> list[list[str]]:
 
 def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor | None = None, *,
             args: Sequence[Any] | None = None, kwargs: dict[str, Any] | None = None,
-            backend: str = "auto", precision: str = "fp32", model_factory: str | None = None,
+            backend: str = "auto", precision: str | None = None, model_factory: str | None = None,
             verbose: bool = False, strict: bool = False, torch_executed_ops: Iterable[Any] = (),
             min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
             dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None, cache: Any = None,
@@ -105,10 +105,12 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     inputs may be ``torch_tensorrt.Input(min_shape=, opt_shape=, max_shape=)`` (dynamic) or tensors
     with ``dynamic_shapes=`` (torch.export ``Dim`` objects). No ``cache``, ``submodules`` or ``profiles``.
 
-    ``precision``: 'fp32' (default), 'fp16' or 'bf16': the type of the network's floating tensors
-    and refittable weights (a strongly typed network; weights rounded once from float32 or wider).
-    Inputs and outputs keep the model's types; compile a model already in half or bfloat16 with the
-    matching precision (docs/precision.md). Another value is a :class:`ValueError`.
+    ``precision``: 'fp32', 'fp16' or 'bf16': the type of the network's floating tensors and
+    refittable weights (a strongly typed network; weights rounded once from float32 or wider).
+    None (default): the model's own (:func:`refitcore.dtypes.model_precision`: 'fp16'/'bf16' when every
+    floating parameter is float16/bfloat16, else 'fp32'; such a model is compiled at its own precision
+    only). Inputs and outputs keep the model's types (docs/precision.md). Another value is a
+    :class:`ValueError`.
 
     Example::
 
@@ -117,7 +119,15 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
         engine(torch.randn(1, 3, 64, 64))
     """
     args, kwargs = call_inputs(example_inputs, args, kwargs)
+    own = model_precision(model)
+    precision = own if precision is None else precision
     precision_dtype(precision)   # an unknown precision is refused before anything is exported
+    if own != "fp32" and precision != own:
+        # Its weights would be stored in the engine's type next to activations in the model's own: the
+        # strongly typed network would mix them in one layer, which it refuses.
+        raise ValueError(f"precision={precision!r} for a model whose floating parameters are all "
+                         f"{precision_dtype(own)}: compile it at {own!r} (the default, precision=None), or cast "
+                         f"the model first (model.float() for an fp32 engine)")
     if compiler != DEFAULT_COMPILER:
         if cache is not None or submodules is not None or profiles:
             raise ValueError(f"compiler={compiler!r} takes no cache=, submodules= or profiles= (its engines are not "

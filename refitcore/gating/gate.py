@@ -17,7 +17,7 @@ from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eage
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, open_bundle, read_checkpoint
 from refitcore.gating.samples import SampleError, load_samples
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, TOOL, check_tolerance, parse_paths, tolerances_for
+from refitcore.options import TOOL, check_tolerance, parse_paths, tolerances_for
 from refitcore.refitting.pipeline import run_refit
 from refitcore.refitting.prepare import prepare_weights
 from refitcore.refitting.render import (
@@ -149,9 +149,9 @@ def gate(bundle: Any, checkpoint: Any, inputs: Any, *, paths: str | tuple[str, .
         assert report, str(report)
     """
     # Until the bundle is open (and when it cannot be), the report shows float32's defaults for those not given.
+    shown_rtol, shown_atol = tolerances_for(None, rtol, atol)
     data: dict[str, Any] = {"tool": TOOL, "status": "error", "bundle": _label(bundle), "checkpoint": _label(checkpoint),
-                            "rtol": DEFAULT_RTOL if rtol is None else rtol,
-                            "atol": DEFAULT_ATOL if atol is None else atol, "paths": {}, "audit": None, "problems": []}
+                            "rtol": shown_rtol, "atol": shown_atol, "paths": {}, "audit": None, "problems": []}
     try:
         code = _run(bundle, checkpoint, inputs, _paths(paths), rtol, atol, model, trust_factory,
                     progress or Silent(), data)

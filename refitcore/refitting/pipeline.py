@@ -19,14 +19,14 @@ import torch
 from refitcore.capture.structured import split_call
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import MapCannotServeError, RefitCoreError, RefitError
-from refitcore.options import AUDIT_ATOL, AUDIT_RTOL, check_tolerance
+from refitcore.options import AUDIT_ATOL, AUDIT_RTOL
 from refitcore.refitting.audit import Audit, audit as audit_mappings, audit_paths
 from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
 from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
 from refitcore.refitting.mapping import cached_mapping, compiler_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
 from refitcore.refitting.render import Silent, culprit_note
-from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict, sample_tensors, verify
+from refitcore.refitting.verify import Verdict, engine_tolerances, sample_tensors, verify
 
 __all__ = ["run_refit", "RefitReport", "PathRecord", "WITNESS"]
 
@@ -122,7 +122,7 @@ _COMPILER_STEP = {"cached": "mapping {what} through {compiler}'s cached refit pa
 
 
 def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "auto", reference: Any = None,
-              samples: Sequence | None = None, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+              samples: Sequence | None = None, rtol: float | None = None, atol: float | None = None,
               in_place: bool = False, keep_failed: bool = False, audit: bool = False, culprit: bool = True,
               keep_witnesses: bool = False, record_errors: bool = False, model: Any = None, trust_factory: bool = False,
               progress: Any = None, what: str = "the new weights") -> RefitReport:
@@ -152,10 +152,11 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     is weightless again) and the report says ``restored``; its records still hold what each path
     did (verdicts, and with ``culprit``/``keep_witnesses`` the held weights of failing paths).
     ``keep_failed=True`` (the pytest plugin's checks, which inspect the engine a failing refit
-    left) keeps a falsy refit's weights in the engine; an exception still restores it. Tolerances
-    that are NaN, negative or infinite are a ``ValueError`` before anything runs.
+    left) keeps a falsy refit's weights in the engine; an exception still restores it. ``rtol``/``atol``:
+    None (default) takes the engine precision's (:func:`~refitcore.refitting.verify.engine_tolerances`);
+    tolerances that are NaN, negative or infinite are a ``ValueError`` before anything runs.
     """
-    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+    rtol, atol = engine_tolerances(engine, rtol, atol)
     t_start = time.perf_counter()
     progress = progress or Silent()
     auto = paths == "auto"

@@ -9,14 +9,14 @@ from typing import Any
 import torch
 
 from refitcore.capture.structured import as_positional, check_structured_samples, flat_positional
-from refitcore.options import REFIT_PATHS as PATHS, check_tolerance
+from refitcore.options import REFIT_PATHS as PATHS
 from refitcore.refitting.audit import Audit
 from refitcore.refitting.mapping import constants_note
 from refitcore.refitting.pipeline import RefitReport, run_refit
 from refitcore.refitting.prepare import prepare_weights
 from refitcore.refitting.render import indented
 from refitcore.refitting.validate import check_samples, eager_reference
-from refitcore.refitting.verify import DEFAULT_ATOL, DEFAULT_RTOL, Verdict
+from refitcore.refitting.verify import Verdict, engine_tolerances
 
 __all__ = ["refit", "RefitResult", "PATHS", "verification_samples"]
 
@@ -84,8 +84,8 @@ def verification_samples(engine, verify_inputs: Any) -> list:
     return check_structured_samples(engine, verify_inputs)
 
 
-def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float = DEFAULT_RTOL,
-          atol: float = DEFAULT_ATOL, in_place: bool = False, audit: bool = False,
+def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, rtol: float | None = None,
+          atol: float | None = None, in_place: bool = False, audit: bool = False,
           reference_model: torch.nn.Module | None = None, trust_factory: bool = False,
           progress: Any = None) -> RefitResult:
     """Refit ``engine`` with ``new_weights`` (nn.Module, ExportedProgram, state_dict or checkpoint path).
@@ -100,7 +100,8 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     interrupt included) or the result is falsy (verification or the audit failed on the path the
     engine ended on), the engine is restored bit for bit to the weights it held before (a
     weightless engine stays weightless) and the result says ``restored``; its verdict is the
-    failing path's. NaN, negative or infinite ``rtol``/``atol`` are a ``ValueError``.
+    failing path's. ``rtol``/``atol`` of engine vs eager: None (default) takes the engine precision's
+    (:data:`refitcore.options.PRECISION_TOLERANCES`); NaN, negative or infinite ones are a ``ValueError``.
 
     An engine loaded from a file has no exported program: verification and the fallback path then
     need the model, ``reference_model`` (or the new weights as an nn.Module). The factory the file
@@ -115,7 +116,7 @@ def refit(engine, new_weights: Any, *, path: str = "auto", verify_inputs=None, r
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+    rtol, atol = engine_tolerances(engine, rtol, atol)
     t_start = time.perf_counter()
     weights = prepare_weights(engine, new_weights)
     for note in weights.notes:

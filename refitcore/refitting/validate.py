@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from refitcore import dtypes
 from refitcore.capture.eager import EagerModelError, eager_model
 from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_constants
@@ -131,7 +132,7 @@ def nonfinite_weight_problems(weight_map: WeightMap, name: str, value: torch.Ten
     constants = weight_map.constants if constants is None else constants
     literals = []
     for cid in dict.fromkeys(c for v in src.inputs.values() for c in operand_constants(v)):
-        t = torch.from_numpy(np.asarray(constants[cid])) if cid in constants else None
+        t = dtypes.as_torch(constants[cid]) if cid in constants else None   # bfloat16: its bit patterns
         if t is not None and t.is_floating_point() and t.numel() and not all_finite(t):
             at, first = _first_bad(t, ~torch.isfinite(t))
             literals.append(f"{cid}: {first} at {at}")
@@ -197,6 +198,7 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
             or exact.numel() == 0 or rounded.dtype == exact.dtype):
         return []
     info = torch.finfo(rounded.dtype)
+    wide_tiny = torch.finfo(torch.float32).tiny        # bfloat16's smallest normal too: its range is float32's
     dtype = _dtype_name(rounded.dtype)
     top = float(exact.abs().max())
     floor = FLUSH_ULPS * info.eps * top
@@ -241,7 +243,8 @@ def precision_problems(weight_map: WeightMap, name: str, exact: torch.Tensor, ro
         problems.append(f"{where}: {int(bad.sum())} value(s) below {dtype}'s smallest normal {info.tiny:.4g} "
                         f"({zeros} rounding to 0) although the weight's largest is {top:.4g} (first at {idx}: "
                         f"{got:.6g} becomes {fate}): {origin}; rescale the weight up (and the layer after it "
-                        f"down), keep this layer in float32, or use bfloat16, which has float32's range")
+                        f"down), keep this layer in float32"
+                        + (", or use bfloat16, which has float32's range" if info.tiny > wide_tiny else ""))
     return problems
 
 

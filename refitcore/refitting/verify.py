@@ -11,10 +11,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
-from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance
+from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance, tolerances_for
 from refitcore.refitting.render import Silent, Ticker
 
-__all__ = ["verify", "compare_outputs", "sample_tensors", "Verdict", "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL"]
+__all__ = ["verify", "compare_outputs", "sample_tensors", "engine_tolerances", "Verdict", "OutputCheck", "DEFAULT_RTOL",
+           "DEFAULT_ATOL"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,19 +196,29 @@ def _leaves(out) -> tuple[list, list[str]]:
     return leaves, names
 
 
-def verify(engine, reference_model, inputs, *, rtol: float = DEFAULT_RTOL, atol: float = DEFAULT_ATOL,
+def engine_tolerances(engine, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
+    """(rtol, atol) of ``engine`` vs eager: each None is the default of the engine's precision
+    (:func:`refitcore.options.tolerances_for` of ``engine.options.precision``), each given one is kept;
+    both are then checked (:func:`refitcore.options.check_tolerance`: NaN, negative or infinite is a
+    ``ValueError``). ``verify``, ``refit``, ``run_refit`` and ``MutableEngine`` resolve theirs here."""
+    rtol, atol = tolerances_for(engine.options.precision, rtol, atol)
+    return check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+
+
+def verify(engine, reference_model, inputs, *, rtol: float | None = None, atol: float | None = None,
            progress: Any = None) -> Verdict:
     """Run ``engine`` and eager ``reference_model`` (eval mode) on each sample; never raises on a
-    mismatch: returns a :class:`Verdict`. A tolerance that is NaN, negative or infinite is a
-    ``ValueError`` (:func:`refitcore.options.check_tolerance`). ``progress``: told how many samples
-    were compared when it takes long (:class:`refitcore.refitting.render.Ticker`).
+    mismatch: returns a :class:`Verdict`. ``rtol``/``atol``: None (default) takes the engine precision's
+    (:func:`engine_tolerances`); a tolerance that is NaN, negative or infinite is a ``ValueError``.
+    ``progress``: told how many samples were compared when it takes long
+    (:class:`refitcore.refitting.render.Ticker`).
 
     Example::
 
         verdict = refitcore.verify(engine, model, [torch.randn(1, 3, 64, 64)])
         assert verdict, str(verdict)
     """
-    rtol, atol = check_tolerance(rtol, "rtol"), check_tolerance(atol, "atol")
+    rtol, atol = engine_tolerances(engine, rtol, atol)
     if hasattr(reference_model, "eval"):
         # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
         with contextlib.suppress(NotImplementedError):
