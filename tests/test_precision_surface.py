@@ -7,7 +7,6 @@ the smallest map that exercises it; ``refitcore.cached_mapping`` is the step tha
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import pytest
 import torch
@@ -245,22 +244,14 @@ class _Lin(nn.Module):
 _X = torch.randn(1, 3, generator=torch.Generator().manual_seed(0))
 
 
-def _relabelled(precision: str, engine):
-    """``engine`` (built in float32) recorded as compiled in ``precision``: what the plugin and the gate read."""
-    engine.record = dataclasses.replace(engine.record, options=dataclasses.replace(engine.options,
-                                                                                   precision=precision))
-    return engine
-
-
 @pytest.fixture
 def compile_calls(monkeypatch):
-    """refitcore.compile recording the precision each call asked for; the engine is built in float32 (what
-    the reference backend builds here) and recorded as compiled in the precision asked for."""
+    """refitcore.compile recording the precision each call asked for ('fp32' where it asked for none)."""
     real, seen = refitcore.compile, []
 
     def fake(model, *args, precision: str = "fp32", **kwargs):
         seen.append(precision)
-        return _relabelled(precision, real(model, *args, **kwargs))
+        return real(model, *args, precision=precision, **kwargs)
 
     monkeypatch.setattr(refitcore, "compile", fake)
     return seen
@@ -295,7 +286,7 @@ def test_a_declaration_takes_a_precision_and_refuses_an_unknown_one():
 
 
 def test_the_gate_takes_the_bundle_s_precision_tolerances_unless_given():
-    engine = _relabelled("fp16", refitcore.compile(_Lin().eval(), (_X,), backend="reference"))
+    engine = refitcore.compile(_Lin().eval(), (_X,), backend="reference", precision="fp16")
     state = _Lin().state_dict()
     report = refitcore.gate(engine, state, [(_X,)], paths="cached", model=_Lin)
     assert report, str(report)
