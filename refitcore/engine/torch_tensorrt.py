@@ -26,6 +26,15 @@ did not set keeps its old value, as TensorRT would. ``cached`` is its weight-nam
 Torch-TensorRT removed in 2.13. The witness (:meth:`TorchTensorRTKind.fallback_mapping`) is a
 fresh Torch-TensorRT conversion of the new weights whose weights are read back off the network's
 layers (never through ``weight_refit_map``), and the state_dict for PyTorch segments.
+
+``backend='tensorrt'`` on a CUDA device (:class:`TorchTensorRTGpuImpl`): the engine is Torch-TensorRT's
+own, compiled through its public API (``torch_tensorrt.dynamo.compile``, :mod:`refitcore.engine.torch_tensorrt_api`);
+the CPU harness's build gives the weight map and every weight's origin, and must list the same
+weights as TensorRT's Refitter reads off the engines. Path ``fallback`` (and ``auto``) calls
+``torch_tensorrt.dynamo.refit_module_weights`` on a copy of the compiled module and reads what it set
+back off its engines with TensorRT's Refitter; our refit driver writes that into the engine through
+TensorRT's Refitter (PyTorch segments: their state_dict), and the audit compares every weight read
+back off the engines exactly with the same witness as on the reference backend.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from refitcore.backends.base import EngineImpl, WeightsPrototype
+from refitcore.backends.base import EngineImpl, WeightsPrototype, staged
 from refitcore.backends.reference import ReferenceEngine
 from refitcore.capture.lowering import graph_fingerprint
 from refitcore.capture.shapes import ShapeProfiles
@@ -51,8 +60,8 @@ from refitcore.engine.kinds import BuildInput, Built, check_map_covers, state_ar
 from refitcore.engine.options import CompileOptions
 from refitcore.engine.records import IOSpec
 from refitcore.engine.reexport import conversion_params, exported_for
-from refitcore.engine.segmented import SegmentedRefitter
-from refitcore.engine.torch_tensorrt_api import WEIGHT_MAP_CACHE_REMOVED, load
+from refitcore.engine.segmented import SegmentedRefitter, torch_dtype_name
+from refitcore.engine.torch_tensorrt_api import WEIGHT_MAP_CACHE_REMOVED, TorchTensorRT, load
 from refitcore.errors import (
     ArchitectureMismatchError,
     BackendUnavailableError,
@@ -61,7 +70,8 @@ from refitcore.errors import (
     WeightMappingError,
 )
 
-__all__ = ["TorchTensorRTKind", "TorchTensorRTImpl", "WeightOrigin", "RecordingRefitter", "KIND", "NAME", "COMPILER",
+__all__ = ["TorchTensorRTKind", "TorchTensorRTImpl", "TorchTensorRTGpuImpl", "GpuRefitter", "read_weights",
+           "WeightOrigin", "RecordingRefitter", "KIND", "NAME", "COMPILER",
            "ACC", "split_weight_name", "example_inputs", "settings_for"]
 
 log = logging.getLogger("refitcore")
@@ -230,6 +240,133 @@ class TorchTensorRTImpl:
         raise BundleError("engine file content is invalid: Torch-TensorRT engines are never saved as refitcore files")
 
 
+def read_weights(api: TorchTensorRT, module: torch.nn.Module, shapes: Mapping[str, tuple]) -> dict[str, np.ndarray]:
+    """Every weight of a compiled Torch-TensorRT module, ``{<segment>:<name>: array}``: each
+    ``_run_on_acc_N`` engine's as TensorRT's Refitter reads it back (shaped as the weight map says),
+    each PyTorch segment's from its state_dict."""
+    out: dict[str, np.ndarray] = {}
+    for segment, sub in module.named_children():
+        if segment.startswith(ACC):
+            for name, flat in api.read_engine(sub.engine).items():
+                full = f"{segment}:{name}"
+                shape = shapes.get(full)
+                out[full] = flat.reshape(shape) if shape is not None and flat.size == math.prod(shape) else flat
+        else:
+            out.update({f"{segment}:{k}": state_array(v) for k, v in sub.state_dict().items()})
+    return out
+
+
+class TorchTensorRTGpuImpl:
+    """Torch-TensorRT's own compiled module on a CUDA device (``backend='tensorrt'``; see the module
+    docstring): ``module`` as ``torch_tensorrt.dynamo.compile`` returned it, ``inputs`` the example
+    inputs it was compiled for, ``shapes`` {engine weight: shape} from the weight map; ``origins`` and
+    ``ops`` as :class:`TorchTensorRTImpl`'s. ``trt``: {segment: TensorRT submodule}."""
+
+    backend_name = "tensorrt"
+
+    def __init__(self, module: torch.fx.GraphModule, api: TorchTensorRT, inputs: Sequence[torch.Tensor], *,
+                 shapes: Mapping[str, tuple], origins: Mapping[str, WeightOrigin], ops: Mapping[str, int]):
+        self.module = module
+        self.api = api
+        self.inputs = tuple(inputs)
+        self.shapes = dict(shapes)
+        self.origins = dict(origins)
+        self.ops = dict(ops)
+        self.version = api.version
+        self.trt = {s: sub for s, sub in module.named_children() if s.startswith(ACC)}
+        self.note = f"Torch-TensorRT {api.version}'s own engines on {torch.cuda.get_device_name()}: {len(self.trt)} " \
+                    f"TensorRT engine(s), {len(self.ops) - len(self.trt)} PyTorch segment(s)"
+
+    def weight_names(self) -> list[str]:
+        return list(self.current_weights())
+
+    def current_weights(self) -> dict[str, np.ndarray]:
+        out = read_weights(self.api, self.module, self.shapes)
+        for v in out.values():
+            v.flags.writeable = False
+        return out
+
+    def prototype(self, name: str) -> WeightsPrototype:
+        return self.create_refitter().get_weights_prototype(name)
+
+    def rollback_weights(self) -> dict[str, np.ndarray]:
+        return read_weights(self.api, self.module, self.shapes)
+
+    @staticmethod
+    def split_name(name: str) -> tuple[str, str]:
+        return split_weight_name(name)
+
+    def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
+        with torch.no_grad():
+            out = self.module(*[x.to("cuda") for x in inputs])
+        return [o.to("cpu") if isinstance(o, torch.Tensor) else o for o in pytree.tree_leaves(out)]
+
+    def create_refitter(self, *, adopt: bool = False) -> GpuRefitter:
+        return GpuRefitter(self, adopt=adopt)
+
+    def serialize(self, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+        raise BundleError("Torch-TensorRT's own engines are not saved as refitcore files; save the compiled "
+                          "module with torch_tensorrt.save (engine.impl.module)")
+
+    @classmethod
+    def deserialize(cls, header: dict, arrays: dict[str, np.ndarray]) -> EngineImpl:
+        raise BundleError("engine file content is invalid: Torch-TensorRT engines are never saved as refitcore files")
+
+
+class GpuRefitter:
+    """The refit driver's Refitter over a :class:`TorchTensorRTGpuImpl`: it validates and stages every
+    weight, then :meth:`refit` writes each engine's through TensorRT's Refitter and each PyTorch
+    segment's into its parameters."""
+
+    def __init__(self, impl: TorchTensorRTGpuImpl, *, adopt: bool = False):
+        self.impl = impl
+        self.adopt = adopt
+        self.current = impl.current_weights()
+        self.errors: list[str] = []
+        self._pending: dict[str, np.ndarray] = {}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.current)
+
+    def get_weights_prototype(self, name: str) -> WeightsPrototype:
+        arr = self.current[name]
+        return WeightsPrototype(name, torch_dtype_name(arr), int(arr.size), tuple(arr.shape))
+
+    def set_named_weights(self, name: str, value: Any) -> bool:
+        if name not in self.current:
+            self.errors.append(f"{name!r}: no such refittable weight")
+            return False
+        arr, now = np.asarray(value), self.current[name]
+        if arr.dtype != now.dtype or arr.size != now.size:
+            self.errors.append(f"{name!r}: {arr.dtype}[{arr.size}] where the engine has {now.dtype}[{now.size}]")
+            return False
+        self._pending[name] = np.ascontiguousarray(staged(arr, self.adopt).reshape(now.shape))
+        return True
+
+    def get_missing_weights(self) -> list[str]:
+        return []
+
+    def refit(self) -> bool:
+        by_segment: dict[str, dict[str, np.ndarray]] = {}
+        for name, arr in self._pending.items():
+            segment, key = split_weight_name(name)
+            by_segment.setdefault(segment, {})[key] = arr
+        for segment, arrays in by_segment.items():
+            if segment in self.impl.trt:
+                problems = self.impl.api.write_engine(self.impl.trt[segment].engine, arrays)
+                self.errors += [f"{segment}: {p}" for p in problems]
+                if problems:
+                    return False   # the driver rolls every segment back
+            else:
+                sub = self.impl.module.get_submodule(segment)
+                for key, arr in arrays.items():
+                    old = sub.get_parameter(key) if key in dict(sub.named_parameters()) else sub.get_buffer(key)
+                    with torch.no_grad():
+                        old.copy_(torch.from_numpy(np.array(arr, copy=True)).to(old.dtype))
+        self._pending = {}
+        return True
+
+
 def _with_state(ep: torch.export.ExportedProgram, params: Mapping[str, torch.Tensor]) -> torch.export.ExportedProgram:
     """A copy of ``ep`` (Torch-TensorRT's lowering edits programs in place) holding ``params`` for
     the state_dict entries they name."""
@@ -358,13 +495,43 @@ class TorchTensorRTKind:
     compiler = COMPILER
 
     def build(self, source: BuildInput, options: CompileOptions) -> Built:
-        if options.backend != "reference":
+        if options.backend not in ("reference", "tensorrt") or (options.backend == "tensorrt"
+                                                                and not torch.cuda.is_available()):
             why = ("Torch-TensorRT's own engines need a CUDA GPU and torch.cuda.is_available() is False here"
                    if not torch.cuda.is_available() else
-                   "refitcore does not yet drive Torch-TensorRT's own engines (torch_tensorrt.dynamo.compile, "
-                   "refit_module_weights) on a GPU")
+                   "Torch-TensorRT's own engines are built with backend='tensorrt'")
             raise BackendUnavailableError(f"compiler='torch_tensorrt' with backend={options.backend!r}: {why}; "
                                           f"use backend='reference' (Torch-TensorRT's network run on the CPU)")
+        built = self._build_reference(source, options)
+        if options.backend == "reference":
+            return built
+        return dataclasses.replace(built, impl=self._build_gpu(source, options, built))
+
+    def _build_gpu(self, source: BuildInput, options: CompileOptions, built: Built) -> TorchTensorRTGpuImpl:
+        """Torch-TensorRT's own engines (public API), checked to hold the weights the CPU harness's
+        network has (its map and origins serve the audit)."""
+        api = load()
+        settings = {"min_block_size": options.min_block_size,
+                    "torch_executed_ops": _executed_ops(options.torch_executed_ops),
+                    **dict(options.compiler_settings or {})}
+        inputs = [t.to("cuda") for t in source.args]
+        compiled = api.compile_engine(_with_state(source.exported, {}), inputs, settings)
+        cpu = built.impl
+        assert isinstance(cpu, TorchTensorRTImpl)
+        shapes = {n: s.shape for n, s in built.weight_map.sources.items()}
+        impl = TorchTensorRTGpuImpl(compiled, api, inputs, shapes=shapes, origins=cpu.origins, ops=cpu.ops)
+        names, mapped = set(impl.weight_names()), set(built.weight_map.sources)
+        if names != mapped:
+            raise WeightMappingError(
+                [f"engine weight {n!r} is not in the network Torch-TensorRT builds on the CPU"
+                 for n in sorted(names - mapped)]
+                + [f"weight {_describe(cpu, *split_weight_name(n))} is not refittable in the engine TensorRT built"
+                   for n in sorted(mapped - names)],
+                header=f"{COMPILER} {api.version}'s engines and its network (the audit's witness) list different "
+                       f"weights; the audit cannot check this engine")
+        return impl
+
+    def _build_reference(self, source: BuildInput, options: CompileOptions) -> Built:
         if source.kwargs or not all(isinstance(a, torch.Tensor) for a in source.args):
             raise ValueError("compiler='torch_tensorrt' takes the example inputs as positional tensors (or "
                              "torch_tensorrt.Input); give keyword and non-tensor inputs a default in the model")
@@ -444,6 +611,11 @@ class TorchTensorRTKind:
         api = load()
         if path == "cached":
             raise MapCannotServeError([WEIGHT_MAP_CACHE_REMOVED.format(version=api.version)])
+        if isinstance(engine.impl, TorchTensorRTGpuImpl):   # Torch-TensorRT's own refit on its own engines
+            gpu: TorchTensorRTGpuImpl = engine.impl
+            new_program = self._new_program(engine, state, checked, source, model, trust_factory)
+            refitted = api.refit_module(gpu.module, new_program, gpu.inputs)
+            return read_weights(api, refitted, gpu.shapes)
         settings = settings_for(engine.options)
         partitioned = _partition(self._new_program(engine, state, checked, source, model, trust_factory), settings)
         _check_segments(engine, partitioned)

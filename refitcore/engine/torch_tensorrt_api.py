@@ -42,6 +42,8 @@ import contextlib
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from unittest import mock
@@ -52,7 +54,7 @@ from refitcore import _trt
 from refitcore.errors import RefitCoreError
 
 __all__ = ["TESTED_VERSIONS", "DISTRIBUTIONS", "TorchTensorRTUnavailableError", "TorchTensorRT", "load", "available",
-           "cpu_scope", "NetworkBuild", "WEIGHT_MAP_CACHE_REMOVED"]
+           "cpu_scope", "NetworkBuild", "WEIGHT_MAP_CACHE_REMOVED", "NO_NAMED_WEIGHTS"]
 
 # Versions of the CPU harness's private entry points that the test-suite ran against.
 TESTED_VERSIONS = ("2.14.0",)
@@ -62,6 +64,8 @@ WEIGHT_MAP_CACHE_REMOVED = ("Torch-TensorRT {version} has no cached refit path: 
                             "(construct_refit_mapping_from_weight_name_map, use_weight_map_cache) was removed in "
                             "2.13 by upstream PR #4342 (it exists in 2.10 to 2.12); refit through path='fallback' "
                             "(construct_refit_mapping, what refit_module_weights does) or path='auto'")
+NO_NAMED_WEIGHTS = ("TensorRT {version}'s Refitter has no get_named_weights: the weights of Torch-TensorRT's "
+                    "engines cannot be read back for the audit; install TensorRT 10.1 or newer")
 
 # (module, attribute) of every private entry point; the attribute None: the module itself.
 _ENTRY_POINTS = {
@@ -234,6 +238,58 @@ class TorchTensorRT:
         with cpu_scope(), mock.patch.object(module, "trt", _TrtWithRefitter(module.trt, make_refitter)):
             self._entry["refit_single_engine"](new_gm=submodule, old_engine=engine, input_list=list(inputs),
                                                settings=settings)
+
+    # ---- the public API: Torch-TensorRT's own engines on a CUDA device (backend='tensorrt') -------
+    def compile_engine(self, exported: torch.export.ExportedProgram, inputs: Sequence[Any],
+                       settings: Mapping[str, Any]) -> torch.fx.GraphModule:
+        """``torch_tensorrt.dynamo.compile(exported, inputs, immutable_weights=False,
+        use_python_runtime=True, **settings)``: a refittable compiled module."""
+        options = {"immutable_weights": False, "use_python_runtime": True, **settings}
+        return self.package.dynamo.compile(exported, list(inputs), **options)
+
+    def refit_module(self, compiled: torch.fx.GraphModule, new_program: torch.export.ExportedProgram,
+                     inputs: Sequence[Any]) -> torch.fx.GraphModule:
+        """``torch_tensorrt.dynamo.refit_module_weights`` on a copy of ``compiled`` (``in_place=False``),
+        its own output check off (refitcore audits every weight), its weight-name-map cache off (the
+        fallback: a new interpretation of the new weights), with the keyword arguments the installed
+        version accepts."""
+        refit = self.package.dynamo.refit_module_weights
+        accepted = inspect.signature(refit).parameters
+        options = {"arg_inputs": tuple(inputs), "in_place": False, "verify_output": False,
+                   "use_weight_map_cache": False}
+        return refit(compiled, new_program, **{k: v for k, v in options.items() if k in accepted})
+
+    @staticmethod
+    def refitter(engine: Any) -> Any:
+        """TensorRT's ``trt.Refitter(engine, logger)`` for one of Torch-TensorRT's engines (the
+        ``tensorrt`` module Torch-TensorRT imported)."""
+        trt = sys.modules["tensorrt"]
+        return trt.Refitter(engine, trt.Logger(trt.Logger.WARNING))
+
+    @staticmethod
+    def weights(array: Any) -> Any:
+        """``trt.Weights`` of a contiguous numpy array (which must outlive the refit)."""
+        return sys.modules["tensorrt"].Weights(array)
+
+    def read_engine(self, engine: Any) -> dict[str, Any]:
+        """``{name: numpy array (flat)}``: every refittable weight of ``engine`` as TensorRT's Refitter
+        reads it back (``get_all_weights``, ``get_named_weights``)."""
+        refitter = self.refitter(engine)
+        if not hasattr(refitter, "get_named_weights"):
+            raise TorchTensorRTUnavailableError(NO_NAMED_WEIGHTS.format(
+                version=getattr(sys.modules["tensorrt"], "__version__", "?")))
+        return {name: refitter.get_named_weights(name).numpy().copy() for name in refitter.get_all_weights()}
+
+    def write_engine(self, engine: Any, arrays: Mapping[str, Any]) -> list[str]:
+        """Set ``arrays`` ({name: numpy array}) into ``engine`` through TensorRT's Refitter and refit it;
+        the problems met (empty: done)."""
+        refitter = self.refitter(engine)
+        held = {name: self.weights(arr) for name, arr in arrays.items()}
+        problems = [f"{name!r}: TensorRT's Refitter rejected the value" for name, w in held.items()
+                    if not refitter.set_named_weights(name, w)]
+        if not problems and not refitter.refit_cuda_engine():
+            problems.append("TensorRT's Refitter.refit_cuda_engine() returned False")
+        return problems
 
 
 _LOADED: list[TorchTensorRT] = []
