@@ -72,13 +72,19 @@ from refitcore.errors import (
 
 __all__ = ["TorchTensorRTKind", "TorchTensorRTImpl", "TorchTensorRTGpuImpl", "GpuRefitter", "read_weights",
            "WeightOrigin", "RecordingRefitter", "KIND", "NAME", "COMPILER",
-           "ACC", "split_weight_name", "example_inputs", "settings_for"]
+           "ACC", "DEVICE", "cuda_available", "split_weight_name", "example_inputs", "settings_for"]
 
 log = logging.getLogger("refitcore")
 
 NAME = "torch_tensorrt"
 COMPILER = "Torch-TensorRT"
 ACC = "_run_on_acc"   # Torch-TensorRT's TensorRT submodules are _run_on_acc_N, its PyTorch ones _run_on_gpu_N
+DEVICE = "cuda"       # the device Torch-TensorRT's own engines (backend='tensorrt') take their inputs on
+
+
+def cuda_available() -> bool:
+    """Whether Torch-TensorRT's own engines can be built here (a CUDA device)."""
+    return torch.cuda.is_available()
 
 
 def split_weight_name(name: str) -> tuple[str, str]:
@@ -274,8 +280,8 @@ class TorchTensorRTGpuImpl:
         self.ops = dict(ops)
         self.version = api.version
         self.trt = {s: sub for s, sub in module.named_children() if s.startswith(ACC)}
-        self.note = f"Torch-TensorRT {api.version}'s own engines on {torch.cuda.get_device_name()}: {len(self.trt)} " \
-                    f"TensorRT engine(s), {len(self.ops) - len(self.trt)} PyTorch segment(s)"
+        self.note = (f"Torch-TensorRT {api.version}'s own engines on {DEVICE}: {len(self.trt)} TensorRT engine(s), "
+                     f"{len(self.ops) - len(self.trt)} PyTorch segment(s)")
 
     def weight_names(self) -> list[str]:
         return list(self.current_weights())
@@ -298,7 +304,7 @@ class TorchTensorRTGpuImpl:
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[Any]:
         with torch.no_grad():
-            out = self.module(*[x.to("cuda") for x in inputs])
+            out = self.module(*[x.to(DEVICE) for x in inputs])
         return [o.to("cpu") if isinstance(o, torch.Tensor) else o for o in pytree.tree_leaves(out)]
 
     def create_refitter(self, *, adopt: bool = False) -> GpuRefitter:
@@ -496,9 +502,9 @@ class TorchTensorRTKind:
 
     def build(self, source: BuildInput, options: CompileOptions) -> Built:
         if options.backend not in ("reference", "tensorrt") or (options.backend == "tensorrt"
-                                                                and not torch.cuda.is_available()):
+                                                                and not cuda_available()):
             why = ("Torch-TensorRT's own engines need a CUDA GPU and torch.cuda.is_available() is False here"
-                   if not torch.cuda.is_available() else
+                   if not cuda_available() else
                    "Torch-TensorRT's own engines are built with backend='tensorrt'")
             raise BackendUnavailableError(f"compiler='torch_tensorrt' with backend={options.backend!r}: {why}; "
                                           f"use backend='reference' (Torch-TensorRT's network run on the CPU)")
@@ -514,7 +520,7 @@ class TorchTensorRTKind:
         settings = {"min_block_size": options.min_block_size,
                     "torch_executed_ops": _executed_ops(options.torch_executed_ops),
                     **dict(options.compiler_settings or {})}
-        inputs = [t.to("cuda") for t in source.args]
+        inputs = [t.to(DEVICE) for t in source.args]
         compiled = api.compile_engine(_with_state(source.exported, {}), inputs, settings)
         cpu = built.impl
         assert isinstance(cpu, TorchTensorRTImpl)
@@ -679,8 +685,9 @@ class TorchTensorRTKind:
         return out
 
     def clone_impl(self, impl: EngineImpl) -> EngineImpl:
-        """A deep copy: the graph, the reference engines and every weight."""
-        return copy.deepcopy(impl)
+        """A deep copy: the graph, the engines and every weight (Torch-TensorRT's package is shared)."""
+        shared = {id(impl.api): impl.api} if isinstance(impl, TorchTensorRTGpuImpl) else {}
+        return copy.deepcopy(impl, shared)
 
     # ---- the rest of the kind protocol ----------------------------------------------------------
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
