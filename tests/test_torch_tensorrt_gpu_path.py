@@ -74,6 +74,16 @@ class FakeRefitter:
         return refitter.refit()
 
 
+class FakeTRTEngine:
+    """Torch-TensorRT's Python-runtime engine: runs like the reference engine it holds at ``cuda_engine``."""
+
+    def __init__(self, engine):
+        self.cuda_engine = engine
+
+    def run(self, inputs):
+        return self.cuda_engine.run(inputs)
+
+
 class FakeTorchTensorRT:
     """``torch_tensorrt`` as the GPU path calls it: ``dynamo.compile`` and ``dynamo.refit_module_weights``
     (whose keyword arguments are those of the real one); ``stale``: a weight its refit does not set."""
@@ -82,11 +92,16 @@ class FakeTorchTensorRT:
         self.reference = reference_engine
         self.calls: list[tuple[str, dict]] = []
         self.stale: str | None = None
+        self.runtime = "python"   # Torch-TensorRT's Python runtime (TRTEngine); "c++": no cuda_engine
         self.dynamo = types.SimpleNamespace(compile=self.compile, refit_module_weights=self.refit_module_weights)
 
     def compile(self, exported, inputs, **settings):
         self.calls.append(("compile", {"inputs": inputs, **settings}))
-        return copy.deepcopy(self.reference.impl.module)
+        module = copy.deepcopy(self.reference.impl.module)
+        for segment, sub in module.named_children():
+            if segment.startswith(ttrt.ACC) and self.runtime == "python":
+                sub.engine = FakeTRTEngine(sub.engine)
+        return module
 
     def refit_module_weights(self, compiled_module, new_weight_module, arg_inputs=None, in_place=False,
                              verify_output=False, use_weight_map_cache=True):
@@ -97,7 +112,7 @@ class FakeTorchTensorRT:
         fresh = refitcore.fallback_mapping(self.reference, dict(new_weight_module.state_dict))
         for segment, sub in module.named_children():
             if segment.startswith(ttrt.ACC):
-                refitter = FakeRefitter(sub.engine)
+                refitter = FakeRefitter(sub.engine.cuda_engine)
                 for name in refitter.get_all_weights():
                     if f"{segment}:{name}" != self.stale:
                         refitter.set_named_weights(name, fresh[f"{segment}:{name}"].reshape(-1))
@@ -127,7 +142,7 @@ def test_compile_goes_through_the_public_api(fake_gpu):
     engine = refitcore.compile(seeded(0), X, compiler="torch_tensorrt", backend="tensorrt", min_block_size=1)
     assert isinstance(engine.impl, ttrt.TorchTensorRTGpuImpl) and engine.impl.backend_name == "tensorrt"
     (name, call), = fake_gpu.calls
-    assert name == "compile" and call["immutable_weights"] is False and call["use_python_runtime"] is True
+    assert name == "compile" and call["immutable_weights"] is False
     assert call["min_block_size"] == 1
     assert not any(n.startswith("_run_on_gpu") for n in engine.weight_names)   # the MLP is one TensorRT engine
     assert torch.equal(call["inputs"][0], X)
@@ -182,6 +197,13 @@ def test_cached_path_is_refused_with_the_reason(fake_gpu):
     with pytest.raises(MapCannotServeError, match="construct_refit_mapping_from_weight_name_map"):
         refitcore.refit(engine, seeded(1), path="cached", verify_inputs=[X])
     assert fake_gpu.calls[-1][0] == "compile"   # refit_module_weights was not called
+
+
+def test_engines_of_the_cpp_runtime_are_refused_with_the_reason(fake_gpu):
+    fake_gpu.runtime = "c++"
+    with pytest.raises(torch_tensorrt_api.TorchTensorRTUnavailableError, match=r"_run_on_acc_0 runs on "
+                       r"Torch-TensorRT's C\+\+ runtime \(ReferenceEngine\)"):
+        refitcore.compile(seeded(0), X, compiler="torch_tensorrt", backend="tensorrt", min_block_size=1)
 
 
 def test_without_cuda_the_refusal_stays():

@@ -253,7 +253,7 @@ def read_weights(api: TorchTensorRT, module: torch.nn.Module, shapes: Mapping[st
     out: dict[str, np.ndarray] = {}
     for segment, sub in module.named_children():
         if segment.startswith(ACC):
-            for name, flat in api.read_engine(sub.engine).items():
+            for name, flat in api.read_engine(api.cuda_engine(segment, sub)).items():
                 full = f"{segment}:{name}"
                 shape = shapes.get(full)
                 out[full] = flat.reshape(shape) if shape is not None and flat.size == math.prod(shape) else flat
@@ -359,7 +359,8 @@ class GpuRefitter:
             by_segment.setdefault(segment, {})[key] = arr
         for segment, arrays in by_segment.items():
             if segment in self.impl.trt:
-                problems = self.impl.api.write_engine(self.impl.trt[segment].engine, arrays)
+                api = self.impl.api
+                problems = api.write_engine(api.cuda_engine(segment, self.impl.trt[segment]), arrays)
                 self.errors += [f"{segment}: {p}" for p in problems]
                 if problems:
                     return False   # the driver rolls every segment back

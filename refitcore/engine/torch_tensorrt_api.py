@@ -35,6 +35,18 @@ The module imports without Torch-TensorRT: it is imported at the first call (:fu
 Importing it replaces ``sys.modules["tensorrt"]`` by a proxy of the TensorRT it uses
 (``tensorrt_rtx`` for Torch-TensorRT-RTX); :func:`load` lets :mod:`refitcore._trt` choose refitcore's
 TensorRT before that, so refitcore's backends see the same module either way.
+
+Public API (``backend='tensorrt'``, on a CUDA device; :meth:`TorchTensorRT.compile_engine`,
+:meth:`TorchTensorRT.refit_module`, :meth:`TorchTensorRT.read_engine`,
+:meth:`TorchTensorRT.write_engine`): ``torch_tensorrt.dynamo.compile(exported_program, inputs,
+immutable_weights=False, ...)``; each ``_run_on_acc_N`` submodule's TensorRT engine is its
+``.engine.cuda_engine`` (the ``TRTEngine`` of Torch-TensorRT's Python runtime; an engine of its C++
+runtime, ``torch.classes.tensorrt.Engine``, does not expose it and is refused with that reason,
+:data:`CPP_RUNTIME`); ``torch_tensorrt.dynamo.refit_module_weights(compiled_module,
+new_weight_module, arg_inputs=..., in_place=False, verify_output=False, use_weight_map_cache=False)``
+(the keyword arguments the installed version accepts); TensorRT's ``trt.Refitter(engine, logger)``
+(``get_all_weights``, ``get_named_weights``, ``set_named_weights``, ``refit_cuda_engine``) reads and
+writes an engine's weights.
 """
 from __future__ import annotations
 
@@ -54,7 +66,8 @@ from refitcore import _trt
 from refitcore.errors import RefitCoreError
 
 __all__ = ["TESTED_VERSIONS", "DISTRIBUTIONS", "TorchTensorRTUnavailableError", "TorchTensorRT", "load", "available",
-           "cpu_scope", "NetworkBuild", "WEIGHT_MAP_CACHE_REMOVED", "NO_NAMED_WEIGHTS"]
+           "cpu_scope", "NetworkBuild", "WEIGHT_MAP_CACHE_REMOVED", "NO_NAMED_WEIGHTS",
+           "CPP_RUNTIME"]
 
 # Versions of the CPU harness's private entry points that the test-suite ran against.
 TESTED_VERSIONS = ("2.14.0",)
@@ -64,6 +77,9 @@ WEIGHT_MAP_CACHE_REMOVED = ("Torch-TensorRT {version} has no cached refit path: 
                             "(construct_refit_mapping_from_weight_name_map, use_weight_map_cache) was removed in "
                             "2.13 by upstream PR #4342 (it exists in 2.10 to 2.12); refit through path='fallback' "
                             "(construct_refit_mapping, what refit_module_weights does) or path='auto'")
+CPP_RUNTIME = ("the compiled module's {segment} runs on Torch-TensorRT's C++ runtime ({kind}), whose TensorRT "
+               "engine Python cannot reach to read and write its weights; refitcore drives engines of "
+               "Torch-TensorRT's Python runtime (TRTEngine, used where the C++ runtime is not installed)")
 NO_NAMED_WEIGHTS = ("TensorRT {version}'s Refitter has no get_named_weights: the weights of Torch-TensorRT's "
                     "engines cannot be read back for the audit; install TensorRT 10.1 or newer")
 
@@ -242,9 +258,9 @@ class TorchTensorRT:
     # ---- the public API: Torch-TensorRT's own engines on a CUDA device (backend='tensorrt') -------
     def compile_engine(self, exported: torch.export.ExportedProgram, inputs: Sequence[Any],
                        settings: Mapping[str, Any]) -> torch.fx.GraphModule:
-        """``torch_tensorrt.dynamo.compile(exported, inputs, immutable_weights=False,
-        use_python_runtime=True, **settings)``: a refittable compiled module."""
-        options = {"immutable_weights": False, "use_python_runtime": True, **settings}
+        """``torch_tensorrt.dynamo.compile(exported, inputs, immutable_weights=False, **settings)``: a
+        refittable compiled module."""
+        options = {"immutable_weights": False, **settings}
         return self.package.dynamo.compile(exported, list(inputs), **options)
 
     def refit_module(self, compiled: torch.fx.GraphModule, new_program: torch.export.ExportedProgram,
@@ -270,6 +286,16 @@ class TorchTensorRT:
     def weights(array: Any) -> Any:
         """``trt.Weights`` of a contiguous numpy array (which must outlive the refit)."""
         return sys.modules["tensorrt"].Weights(array)
+
+    @staticmethod
+    def cuda_engine(segment: str, submodule: torch.nn.Module) -> Any:
+        """The TensorRT engine (``trt.ICudaEngine``) of one ``_run_on_acc_N`` submodule: its
+        ``.engine.cuda_engine``; :class:`TorchTensorRTUnavailableError` (:data:`CPP_RUNTIME`) otherwise."""
+        engine = getattr(submodule, "engine", None)
+        cuda = getattr(engine, "cuda_engine", None)
+        if cuda is None:
+            raise TorchTensorRTUnavailableError(CPP_RUNTIME.format(segment=segment, kind=type(engine).__name__))
+        return cuda
 
     def read_engine(self, engine: Any) -> dict[str, Any]:
         """``{name: numpy array (flat)}``: every refittable weight of ``engine`` as TensorRT's Refitter

@@ -84,7 +84,8 @@ def test_a_weight_left_stale_on_the_engine_is_named(torch_tensorrt_gpu, monkeypa
         refitted = refit(compiled, new_program, inputs)
         segment, name = ttrt.split_weight_name(stale)
         old = engine.impl.current_weights()[stale]
-        assert not api.write_engine(refitted.get_submodule(segment).engine, {name: np.ascontiguousarray(old)})
+        target = api.cuda_engine(segment, refitted.get_submodule(segment))
+        assert not api.write_engine(target, {name: np.ascontiguousarray(old.reshape(-1))})
         return refitted
 
     monkeypatch.setattr(api, "refit_module", leaves_one_stale)
