@@ -18,6 +18,8 @@ import torch
 import refitcore
 from refitcore.engine import torch_tensorrt as ttrt, torch_tensorrt_api
 from refitcore.errors import BackendUnavailableError, MapCannotServeError, WeightMappingError
+from refitcore.refitting.pipeline import run_refit
+from refitcore.refitting.prepare import prepare_weights
 
 AVAILABLE, WHY = torch_tensorrt_api.available()
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason=WHY)
@@ -190,6 +192,12 @@ def test_a_weight_the_refit_leaves_stale_is_caught_and_named(fake_gpu):
     assert failing == {stale}, str(result.audit)
     after = engine.impl.current_weights()
     assert all(np.array_equal(before[k], after[k]) for k in before)   # rolled back through the Refitter
+    # the output mismatch carries the culprit: the weight, its segment and module path
+    report = run_refit(engine, prepare_weights(engine, seeded(1)), paths=("fallback",), reference=seeded(1),
+                       samples=[(X,)], record_errors=True)
+    assert not report and report.culprit is not None and report.culprit.name == stale, report.culprit
+    culprit = str(report.culprit)
+    assert "segment='_run_on_acc_0'" in culprit and "module='fc2'" in culprit, culprit
 
 
 def test_cached_path_is_refused_with_the_reason(fake_gpu):
