@@ -156,10 +156,11 @@ class EngineProvider:
         if why is not None:
             raise pytest.UsageError(f"{flag}: {why.split(': ', 1)[1]}")
         if cfg.backend == "tensorrt":
-            raise pytest.UsageError(f"{flag} with --trt-refit-backend=tensorrt: refitcore does not yet drive "
-                                    f"Torch-TensorRT's own engines (torch_tensorrt.dynamo.compile, "
-                                    f"refit_module_weights) on a GPU; use --trt-refit-backend=auto or reference "
-                                    f"(Torch-TensorRT's network run by the CPU reference interpreter)")
+            raise pytest.UsageError(f"{flag} with --trt-refit-backend=tensorrt: the plugin does not check "
+                                    f"Torch-TensorRT's own GPU engines yet (refitcore.compile(..., "
+                                    f"compiler='torch_tensorrt', backend='tensorrt') builds them); use "
+                                    f"--trt-refit-backend=auto or reference (Torch-TensorRT's network run by the "
+                                    f"CPU reference interpreter)")
         if "cached" in cfg.paths:
             from refitcore.engine.torch_tensorrt_api import WEIGHT_MAP_CACHE_REMOVED
 
