@@ -5,11 +5,12 @@
 Every measurement runs in a fresh child process (peak RSS is per process: ``VmHWM`` of
 /proc/self/status, also ``resource.getrusage``), so one size's memory never hides another's:
 
-1. ``make``: build the model from a small config (the factory lives in a module written to a
-   temporary folder), compile it on the reference backend, save the bundle, and write *other*
-   random weights as a safetensors checkpoint (sharded, with an index, above 2 GB) in the dtype
-   asked for. Weights are generated tensor by tensor from a model built on the ``meta`` device,
-   so writing a 7B checkpoint never holds the model.
+1. ``make``: build the model from a small config in the dtype asked for (the factory lives in a
+   module written to a temporary folder), compile it on the reference backend at that precision (a
+   bf16 model into a bf16 engine: ``precision="bf16"``), save the bundle, and write *other* random
+   weights as a safetensors checkpoint (sharded, with an index, above 2 GB) in that dtype. Weights
+   are generated tensor by tensor from a model built on the ``meta`` device, so writing a 7B
+   checkpoint never holds the model.
 2. ``gate``: ``trtrefit gate BUNDLE CKPT --inputs SAMPLES.pt (2 samples) --paths cached --model scale_model:build``
    run through the CLI entry point in-process, with each progress step recording the process's
    RSS and its peak so far; then, in the same process, one ``clone()`` of every checkpoint
@@ -82,7 +83,7 @@ def build():
     import transformers
 
     config = transformers.LlamaConfig(**spec["config"])
-    return LogitsOf(transformers.LlamaForCausalLM(config)).eval()
+    return LogitsOf(transformers.LlamaForCausalLM(config)).to(getattr(torch, spec["dtype"])).eval()
 '''
 
 
@@ -190,7 +191,7 @@ def child_make(folder: Path, size: str, dtype: str) -> dict:
     import refitcore
 
     torch.set_num_threads(2)
-    spec = {"kind": "cnn"} if size == "cnn" else {"kind": "llama", "config": llama_config(size)}
+    spec = {"kind": "cnn"} if size == "cnn" else {"kind": "llama", "config": llama_config(size), "dtype": DTYPES[dtype]}
     (folder / "config.json").write_text(json.dumps(spec))
     (folder / "scale_model.py").write_text(MODEL_MODULE)
     sys.path.insert(0, str(folder))
@@ -206,7 +207,8 @@ def child_make(folder: Path, size: str, dtype: str) -> dict:
     torch.manual_seed(0)
     model = scale_model.build()
     example = torch.randn(1, 3, 64, 64) if size == "cnn" else torch.randint(0, SIZES[size][0], (1, TOKENS))
-    engine = refitcore.compile(model, example, backend="reference", model_factory="scale_model:build")
+    engine = refitcore.compile(model, example, backend="reference", model_factory="scale_model:build",
+                               precision="fp32" if size == "cnn" else dtype)
     engine.save(folder / "engine.trtrefit")
     g = torch.Generator().manual_seed(2)
     samples = (torch.randn((2, *example.shape), generator=g) if size == "cnn"
