@@ -83,7 +83,14 @@ def build():
     import transformers
 
     config = transformers.LlamaConfig(**spec["config"])
-    return LogitsOf(transformers.LlamaForCausalLM(config)).to(getattr(torch, spec["dtype"])).eval()
+    dtype = getattr(torch, spec["dtype"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # parameters made in their dtype (a bf16 model never held in float32)
+    try:
+        lm = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return LogitsOf(lm).to(dtype).eval()
 '''
 
 
