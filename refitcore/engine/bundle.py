@@ -48,7 +48,7 @@ def _layout(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tupl
     entries, views, offset, crc = [], [], 0, 0
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr)   # a view for the contiguous arrays engines hold
-        view = memoryview(a.reshape(-1)).cast("B")
+        view = a.reshape(-1).data.cast("B")
         entries.append({"name": name, "dtype": str(a.dtype), "shape": list(a.shape), "offset": offset,
                         "nbytes": view.nbytes})
         crc = zlib.crc32(view, crc)
