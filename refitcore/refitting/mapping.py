@@ -165,10 +165,9 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     weights = prepare_weights(engine, new_weights)
-    # The conversion reads every weight in the engine dtype: float16/bfloat16 keys are widened here
-    # (the network it builds holds a float32 copy of every weight anyway).
-    checked = {k: v.to(ENGINE_DTYPE) if v.is_floating_point() else v for k, v in weights.checked.items()}
-    return engine.kind.fallback_mapping(engine, weights.state, checked, weights.source, model=model,
+    # float16/bfloat16 keys are handed over as they are: the conversion widens each as it reads it
+    # (refitcore.conversion.context.StaticValue), never the whole state_dict.
+    return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
                                         trust_factory=trust_factory)
 
 
