@@ -316,12 +316,13 @@ def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None
 
 def fmt_row(r: dict) -> list:
     if "skipped" in r:
-        return [r["size"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"]
+        return [r["size"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"]
     c, f = r["cached"], r["fallback"]
     ck = r["checkpoint_bytes"] / GB
     cached_s = (c["mapping_s"] or 0) + (c["apply_s"] or 0)
     fallback_s = (f["mapping_s"] or 0) + (f["apply_s"] or 0)
     return [r["size"], r["dtype"], f"{r['params'] / 1e6:.0f}M", f"{ck:.2f} GiB", f"{r['compile_s']:.1f} s",
+            f"{r['compile_peak_gib']:.2f} GiB ({r['compile_peak_gib'] / ck:.2f}x ckpt)",
             f"{cached_s:.2f} s ({cached_s / c['clone_s']:.2f}x clone {c['clone_s']:.2f} s)",
             f"{fallback_s:.1f} s ({fallback_s / max(cached_s, 1e-9):.1f}x cached)",
             f"{c['refit_verify_s']:.1f} s" if c["refit_verify_s"] is not None else "-",
@@ -362,7 +363,8 @@ def main() -> None:
         print(f"bench_scale: {size} {dtype} ...", file=sys.stderr, flush=True)
         results.append(measure(size, dtype, a.timeout, a.force, a.keep))
         print(json.dumps(results[-1])[:2000], file=sys.stderr, flush=True)
-    body = C.table(["size", "dtype", "params", "checkpoint", "compile", "cached refit (map+apply)", "fallback refit",
+    body = C.table(["size", "dtype", "params", "checkpoint", "compile", "compile + save peak RSS",
+                    "cached refit (map+apply)", "fallback refit",
                     "cached refit + verify (2 samples)", "gate (cached) end to end", "gate peak RSS", "fallback"],
                    [fmt_row(r) for r in results])
     body += "\n" + "".join(steps_table(r) for r in results)
