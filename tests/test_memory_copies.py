@@ -390,3 +390,16 @@ def test_gate_of_a_bf16_engine_keeps_one_copy_of_the_weights(bf16_files, monkeyp
     assert report, str(report)
     assert copied_bytes(seen["engine"].current_weights().values(), path) == 0
     assert copied_bytes(list(seen["reference"].state_dict().values()), path) == 0
+
+
+def test_running_a_bf16_engine_holds_no_copy_of_its_constants():
+    """A constant layer of a reduced-precision engine outputs its weights as they are: no widened
+    and rounded-back copy of every weight lives while the network runs (the whole model's worth)."""
+    from refitcore.backends.reference_ops import run_layer_rounded
+
+    w = torch.randn(6).to(torch.bfloat16)
+    layer = {"name": "c", "type": "CONSTANT", "inputs": [], "attrs": {"shape": [2, 3]}, "weights": {},
+             "outputs": [{"name": "c_out", "shape": [2, 3], "dtype": "BF16"}]}
+    (out,) = run_layer_rounded(layer, [], {"CONSTANT": w})
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3)
+    assert out.data_ptr() == w.data_ptr() and torch.equal(out.reshape(-1), w)
