@@ -5,11 +5,12 @@
 Every measurement runs in a fresh child process (peak RSS is per process: ``VmHWM`` of
 /proc/self/status, also ``resource.getrusage``), so one size's memory never hides another's:
 
-1. ``make``: build the model from a small config (the factory lives in a module written to a
-   temporary folder), compile it on the reference backend, save the bundle, and write *other*
-   random weights as a safetensors checkpoint (sharded, with an index, above 2 GB) in the dtype
-   asked for. Weights are generated tensor by tensor from a model built on the ``meta`` device,
-   so writing a 7B checkpoint never holds the model.
+1. ``make``: build the model from a small config in the dtype asked for (the factory lives in a
+   module written to a temporary folder), compile it on the reference backend at that precision (a
+   bf16 model into a bf16 engine: ``precision="bf16"``), save the bundle, and write *other* random
+   weights as a safetensors checkpoint (sharded, with an index, above 2 GB) in that dtype. Weights
+   are generated tensor by tensor from a model built on the ``meta`` device, so writing a 7B
+   checkpoint never holds the model.
 2. ``gate``: ``trtrefit gate BUNDLE CKPT --inputs SAMPLES.pt (2 samples) --paths cached --model scale_model:build``
    run through the CLI entry point in-process, with each progress step recording the process's
    RSS and its peak so far; then, in the same process, one ``clone()`` of every checkpoint
@@ -23,7 +24,7 @@ cached path; growth linear in the parameter count.
     python benchmarks/bench_scale.py --sizes 55m,250m --dtype fp32,bf16 [--cnn] [--no-record]
     python benchmarks/bench_scale.py --sizes 55m,250m,670m,1.3b,7b --dtype bf16   # on a quiet machine
 
-Before a size whose expected peak (compile: about 5.5x its float32 bytes) does not fit in the available memory
+Before a size whose expected peak (about 4.5x its checkpoint's bytes) does not fit in the available memory
 with 4 GB to spare, the run stops with a message instead of swapping the machine to a halt
 (``--force`` runs it anyway).
 """
@@ -82,7 +83,14 @@ def build():
     import transformers
 
     config = transformers.LlamaConfig(**spec["config"])
-    return LogitsOf(transformers.LlamaForCausalLM(config)).eval()
+    dtype = getattr(torch, spec["dtype"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)   # parameters made in their dtype (a bf16 model never held in float32)
+    try:
+        lm = transformers.LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return LogitsOf(lm).to(dtype).eval()
 '''
 
 
@@ -190,7 +198,7 @@ def child_make(folder: Path, size: str, dtype: str) -> dict:
     import refitcore
 
     torch.set_num_threads(2)
-    spec = {"kind": "cnn"} if size == "cnn" else {"kind": "llama", "config": llama_config(size)}
+    spec = {"kind": "cnn"} if size == "cnn" else {"kind": "llama", "config": llama_config(size), "dtype": DTYPES[dtype]}
     (folder / "config.json").write_text(json.dumps(spec))
     (folder / "scale_model.py").write_text(MODEL_MODULE)
     sys.path.insert(0, str(folder))
@@ -206,7 +214,8 @@ def child_make(folder: Path, size: str, dtype: str) -> dict:
     torch.manual_seed(0)
     model = scale_model.build()
     example = torch.randn(1, 3, 64, 64) if size == "cnn" else torch.randint(0, SIZES[size][0], (1, TOKENS))
-    engine = refitcore.compile(model, example, backend="reference", model_factory="scale_model:build")
+    engine = refitcore.compile(model, example, backend="reference", model_factory="scale_model:build",
+                               precision="fp32" if size == "cnn" else dtype)
     engine.save(folder / "engine.trtrefit")
     g = torch.Generator().manual_seed(2)
     samples = (torch.randn((2, *example.shape), generator=g) if size == "cnn"
@@ -282,9 +291,10 @@ def expected_peak_gib(size: str, dtype: str) -> float:
     vocab, hidden, layers, inter, heads, kv = SIZES[size]
     per_layer = 2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter
     params = 2 * vocab * hidden + layers * per_layer
-    # compile holds the fp32 model, the exported program, the conversion's and the engine's weights:
-    # measured 5.3x the fp32 bytes at 670M (benchmarks/results/scale.md); the gate stays below that
-    return params * 4 * 5.5 / GB + 1.0
+    # the largest step is the fallback gate (the re-exported model, the converted network and the
+    # engine's weights: 4.4x the checkpoint at 670M fp32); compile holds the model and the engine's
+    # weights (2.5x at 250M fp32, 2.9x at 250M bf16); measured in benchmarks/results/scale.md
+    return params * (4 if dtype == "fp32" else 2) * 4.5 / GB + 1.0
 
 
 def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None) -> dict:
@@ -306,12 +316,13 @@ def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None
 
 def fmt_row(r: dict) -> list:
     if "skipped" in r:
-        return [r["size"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"]
+        return [r["size"], r["dtype"], "-", "-", "-", "-", "-", "-", "-", "-", "-", f"skipped: {r['skipped']}"]
     c, f = r["cached"], r["fallback"]
     ck = r["checkpoint_bytes"] / GB
     cached_s = (c["mapping_s"] or 0) + (c["apply_s"] or 0)
     fallback_s = (f["mapping_s"] or 0) + (f["apply_s"] or 0)
     return [r["size"], r["dtype"], f"{r['params'] / 1e6:.0f}M", f"{ck:.2f} GiB", f"{r['compile_s']:.1f} s",
+            f"{r['compile_peak_gib']:.2f} GiB ({r['compile_peak_gib'] / ck:.2f}x ckpt)",
             f"{cached_s:.2f} s ({cached_s / c['clone_s']:.2f}x clone {c['clone_s']:.2f} s)",
             f"{fallback_s:.1f} s ({fallback_s / max(cached_s, 1e-9):.1f}x cached)",
             f"{c['refit_verify_s']:.1f} s" if c["refit_verify_s"] is not None else "-",
@@ -352,7 +363,8 @@ def main() -> None:
         print(f"bench_scale: {size} {dtype} ...", file=sys.stderr, flush=True)
         results.append(measure(size, dtype, a.timeout, a.force, a.keep))
         print(json.dumps(results[-1])[:2000], file=sys.stderr, flush=True)
-    body = C.table(["size", "dtype", "params", "checkpoint", "compile", "cached refit (map+apply)", "fallback refit",
+    body = C.table(["size", "dtype", "params", "checkpoint", "compile", "compile + save peak RSS",
+                    "cached refit (map+apply)", "fallback refit",
                     "cached refit + verify (2 samples)", "gate (cached) end to end", "gate peak RSS", "fallback"],
                    [fmt_row(r) for r in results])
     body += "\n" + "".join(steps_table(r) for r in results)

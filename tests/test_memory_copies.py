@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 import refitcore
 from refitcore.capture.eager import eager_model
+from refitcore.dtypes import to_numpy
 from refitcore.engine.refittable import load
 from refitcore.refitting.checkpoints import read_file
 from refitcore.refitting.driver import apply_mapping
@@ -309,3 +310,96 @@ def test_gate_of_a_partitioned_bundle_loaded_without_its_weights(tmp_path):
     report = refitcore.gate(tmp_path / "m.trtrefit", tmp_path / "new.safetensors", "random:2",
                             model="tests.test_memory_copies:partly_eager")
     assert report and set(report.to_json()["paths"]) == {"cached", "fallback"}, str(report)
+
+
+def mlp_bf16() -> torch.nn.Module:
+    return mlp().to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def bf16_files(tmp_path_factory):
+    """A bfloat16 model compiled into a bfloat16 engine, and a bfloat16 checkpoint of other weights."""
+    d = tmp_path_factory.mktemp("copies_bf16")
+    engine = refitcore.compile(mlp_bf16(), X.to(torch.bfloat16), backend="reference", precision="bf16",
+                               model_factory="tests.test_memory_copies:mlp_bf16")
+    engine.save(d / "m.trtrefit")
+    save_file(state(1, torch.bfloat16), str(d / "new.safetensors"))
+    return d
+
+
+def test_bf16_checkpoint_into_a_bf16_engine_is_handed_over_as_mapped(bf16_files):
+    """Same dtype in and out: a copy-recipe engine weight is the mapped key's bits (no widening and
+    rounding back, no new array), owned or not; applying an owned mapping keeps the file's memory."""
+    path = bf16_files / "new.safetensors"
+    engine = load(bf16_files / "m.trtrefit")
+    weights = prepare_weights(engine, str(path), owned=True)
+    mapping = cached_mapping(engine.weight_map, weights)
+    total = weight_bytes(mapping.values())
+    assert total > 500_000 and all(a.dtype == np.uint16 for a in mapping.values())
+    assert copied_bytes(mapping.values(), path) == 0, "the cached mapping copied bfloat16 weights"
+    for name, src in engine.weight_map.sources.items():   # the bits are the key's
+        key = src.inputs["x"]["key"]
+        assert np.array_equal(mapping[name].reshape(-1), to_numpy(weights.checked[key]).reshape(-1))
+    refitted = apply_mapping(engine, mapping, in_place=True, hand_over=True)
+    assert copied_bytes(refitted.current_weights().values(), path) == 0
+    held = prepare_weights(engine, {k: v.clone() for k, v in read_file(path).items()})   # the caller's: read-only views
+    views = cached_mapping(engine.weight_map, held)
+    assert not any(a.flags.writeable for a in views.values())
+    ptrs = {t.data_ptr() for t in held.checked.values()}
+    assert {a.ctypes.data for a in views.values() if a.size > 1} <= ptrs
+
+
+def test_bf16_into_bf16_gives_what_widening_and_rounding_gives(bf16_files):
+    """The shortcut is exact: the same bits as the float32 checkpoint of the same values rounded once."""
+    engine = load(bf16_files / "m.trtrefit")
+    narrow = read_file(bf16_files / "new.safetensors")
+    mapping = cached_mapping(engine.weight_map, narrow)
+    widened = cached_mapping(engine.weight_map, {k: v.float() for k, v in narrow.items()})
+    assert set(mapping) == set(widened)
+    assert all(np.array_equal(a, widened[k]) for k, a in mapping.items())
+
+
+def test_bf16_into_bf16_still_refuses_a_weight_that_flushes(bf16_files):
+    """Handed over as is, a weight whose values that matter are subnormal is still refused (as the
+    widened path refuses it), naming the engine weight."""
+    engine = load(bf16_files / "m.trtrefit")
+    tiny = state(1, torch.bfloat16)
+    tiny["2.weight"] = (torch.randn(tiny["2.weight"].shape) * 1e-39).to(torch.bfloat16)
+    with pytest.raises(refitcore.WeightMappingError, match="2/linear.weight.*smallest normal"):
+        cached_mapping(engine.weight_map, tiny)
+
+
+def test_gate_of_a_bf16_engine_keeps_one_copy_of_the_weights(bf16_files, monkeypatch):
+    """End to end at bfloat16: the bundle loads weightless (bfloat16 placeholders), and the refitted
+    engine and the eager model both hold the mapped checkpoint's memory."""
+    import refitcore.gating.gate as gate_module
+
+    assert load(bf16_files / "m.trtrefit", weights=False).weightless
+    seen = {}
+    real = gate_module.run_refit
+
+    def spy(engine, weights, **kw):
+        report = real(engine, weights, **kw)
+        seen.update(engine=report.engine, reference=kw["reference"])
+        return report
+
+    monkeypatch.setattr(gate_module, "run_refit", spy)
+    path = bf16_files / "new.safetensors"
+    report = refitcore.gate(bf16_files / "m.trtrefit", path, "random:2", model="tests.test_memory_copies:mlp_bf16",
+                            paths="cached")
+    assert report, str(report)
+    assert copied_bytes(seen["engine"].current_weights().values(), path) == 0
+    assert copied_bytes(list(seen["reference"].state_dict().values()), path) == 0
+
+
+def test_running_a_bf16_engine_holds_no_copy_of_its_constants():
+    """A constant layer of a reduced-precision engine outputs its weights as they are: no widened
+    and rounded-back copy of every weight lives while the network runs (the whole model's worth)."""
+    from refitcore.backends.reference_ops import run_layer_rounded
+
+    w = torch.randn(6).to(torch.bfloat16)
+    layer = {"name": "c", "type": "CONSTANT", "inputs": [], "attrs": {"shape": [2, 3]}, "weights": {},
+             "outputs": [{"name": "c_out", "shape": [2, 3], "dtype": "BF16"}]}
+    (out,) = run_layer_rounded(layer, [], {"CONSTANT": w})
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3)
+    assert out.data_ptr() == w.data_ptr() and torch.equal(out.reshape(-1), w)

@@ -854,8 +854,11 @@ def run_layer_rounded(layer: dict, ins: list, weights: dict):
     and weights widened (exactly) to float32, the layer computed in float32 (a matrix multiply or
     convolution accumulates in float32), each output rounded once to the type the network declares
     for it. A float32 layer runs as it is."""
-    if not any(isinstance(v, torch.Tensor) and v.dtype in _NARROW for v in list(ins) + list(weights.values())) \
-            and not any(o.get("dtype") in ("HALF", "BF16") for o in layer["outputs"]):
+    if layer["type"] == "CONSTANT" or (
+            not any(isinstance(v, torch.Tensor) and v.dtype in _NARROW for v in list(ins) + list(weights.values()))
+            and not any(o.get("dtype") in ("HALF", "BF16") for o in layer["outputs"])):
+        # A constant's output is its weights, of their own type: nothing is computed, nothing rounded
+        # (and no widened copy of every HALF/BF16 weight is held while the network runs).
         return run_layer(layer, ins, weights)
     outs = run_layer(layer, [_widened(v) for v in ins], {k: _widened(v) for k, v in weights.items()})
     return [v.to(_DTYPES[spec["dtype"]]) if spec.get("dtype") in ("HALF", "BF16") and v.dtype != _DTYPES[spec["dtype"]]

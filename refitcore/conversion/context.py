@@ -26,17 +26,26 @@ ROLES = ("KERNEL", "BIAS", "SCALE", "SHIFT", "POWER", "CONSTANT")
 class StaticValue:
     """A value known at conversion time (weights and what the graph computes from them only).
 
-    ``operand`` says how it derives from the state_dict (see :mod:`refitcore.weight_map`)."""
+    ``operand`` says how it derives from the state_dict (see :mod:`refitcore.weight_map`).
+    ``stored`` is the value as held; with ``widen`` (a float16/bfloat16 tensor of the state_dict)
+    :attr:`tensor` reads it as float32 (exact), widened anew at each read and never kept, so the
+    conversion computes from the float32 operands the refit paths use without a float32 copy of
+    the whole state_dict."""
 
-    tensor: torch.Tensor
+    stored: torch.Tensor
     operand: Any
     # The model tensor this value is, by attribute path, when a state_dict lacks it (a tensor
     # attribute or non-persistent buffer): recorded with its literal so that refit can read it anew.
     origin: str | None = None
+    widen: bool = False
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        return self.stored.to(torch.float32) if self.widen else self.stored
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.tensor.shape)
+        return tuple(self.stored.shape)
 
 
 @dataclasses.dataclass
@@ -193,7 +202,10 @@ class ConversionContext:
         float32 inside a reduced-precision engine)."""
         origin = None
         if isinstance(value, StaticValue):
-            tensor, operand, origin = value.tensor, value.operand, value.origin
+            # A float16/bfloat16 weight into an engine weight of its own dtype: its stored bits (widening
+            # and rounding back is the identity), a view of the model's tensor, never a new array.
+            own = value.widen and value.stored.dtype == (dtype or self.float_dtype)
+            tensor, operand, origin = value.stored if own else value.tensor, value.operand, value.origin
         elif isinstance(value, torch.Tensor):
             tensor, operand = value, None
         else:

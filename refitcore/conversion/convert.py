@@ -252,9 +252,11 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
     state: dict[str, torch.Tensor] = dict(ep.state_dict)
     if params is not None:
         state.update(params)
-    # Floating weights as the refit paths see them (refitcore.refitting.prepare casts them to float32),
-    # so that compile computes every engine weight from the same operands: bit-identical paths.
-    state = {k: v.detach().to(torch.float32) if v.is_floating_point() else v.detach() for k, v in state.items()}
+    # Floating weights as the refit paths see them (refitcore.refitting.prepare casts float64 to float32,
+    # float16/bfloat16 are widened as read), so that compile computes every engine weight from the same
+    # operands: bit-identical paths. Half and bfloat16 tensors are widened per read (StaticValue.widen).
+    state = {k: v.detach().to(torch.float32) if v.is_floating_point() and v.dtype.itemsize > 4 else v.detach()
+             for k, v in state.items()}
     constants = {k: (v.detach() if isinstance(v, torch.Tensor) else v)
                  for k, v in (getattr(ep, "constants", {}) or {}).items()}
 
@@ -304,10 +306,11 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                 input_names.append(node.name)
                 input_shapes.append(dims)
             elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER) and spec.persistent is not False:
-                values[node.name] = StaticValue(state[spec.target], {"key": spec.target})
-            else:  # non-persistent buffers and lifted constants: not in a state_dict
-                tensor = constants[spec.target] if spec.target in constants else state[spec.target]
-                values[node.name] = StaticValue(tensor, None, origin=_origin(spec.target))
+                values[node.name] = _from_state(state[spec.target], {"key": spec.target})
+            elif spec.target in constants:  # lifted constants: not in a state_dict
+                values[node.name] = StaticValue(constants[spec.target], None, origin=_origin(spec.target))
+            else:  # non-persistent buffers
+                values[node.name] = _from_state(state[spec.target], None, origin=_origin(spec.target))
         elif node.op == "call_function" and is_size_node(node):
             val = node.meta.get("val")
             try:
@@ -363,6 +366,11 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
                             output_names=output_names, output_shapes=output_shapes,
                             keepalive=ctx.keepalive, profiles=profiles,
                             shape_constants=list(ctx.shape_constants))
+
+
+def _from_state(t: torch.Tensor, operand: Any, origin: str | None = None) -> StaticValue:
+    """A state_dict tensor as the conversion reads it: float16/bfloat16 widened to float32 at each read."""
+    return StaticValue(t, operand, origin=origin, widen=t.dtype in (torch.float16, torch.bfloat16))
 
 
 def _origin(target: str) -> str | None:

@@ -42,20 +42,28 @@ _PREFIX = struct.Struct("<8sIQ")
 _CRC = struct.Struct("<I")
 
 
-def pack(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
-    """The file's bytes for ``header`` (JSON-able, without the keys this module adds) and ``arrays``."""
-    entries, chunks, offset = [], [], 0
+def _layout(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> tuple[bytes, list[memoryview]]:
+    """(the file's bytes up to the weights, the weights' memory in file order): the checksum is
+    taken over each array's own memory, so laying a file out copies no weight."""
+    entries, views, offset, crc = [], [], 0, 0
     for name, arr in arrays.items():
-        a = np.ascontiguousarray(arr)
-        raw = a.tobytes()
+        a = np.ascontiguousarray(arr)   # a view for the contiguous arrays engines hold
+        view = a.reshape(-1).data.cast("B")
         entries.append({"name": name, "dtype": str(a.dtype), "shape": list(a.shape), "offset": offset,
-                        "nbytes": len(raw)})
-        chunks.append(raw)
-        offset += len(raw)
-    body = b"".join(chunks)
-    full = dict(header, buffers=entries, buffers_nbytes=offset, buffers_crc32=zlib.crc32(body))
+                        "nbytes": view.nbytes})
+        crc = zlib.crc32(view, crc)
+        views.append(view)
+        offset += view.nbytes
+    full = dict(header, buffers=entries, buffers_nbytes=offset, buffers_crc32=crc)
     head = json.dumps(full, sort_keys=True).encode("utf-8")
-    return _PREFIX.pack(MAGIC, BUNDLE_VERSION, len(head)) + head + _CRC.pack(zlib.crc32(head)) + body
+    return _PREFIX.pack(MAGIC, BUNDLE_VERSION, len(head)) + head + _CRC.pack(zlib.crc32(head)), views
+
+
+def pack(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> bytes:
+    """The file's bytes for ``header`` (JSON-able, without the keys this module adds) and ``arrays``
+    (:func:`write` writes the same bytes without holding them)."""
+    front, views = _layout(header, arrays)
+    return b"".join([front, *views])
 
 
 def expect(value: Any, kind: type | tuple[type, ...], what: str, where: str) -> Any:
@@ -206,8 +214,16 @@ def unpack(data: bytes | bytearray | mmap.mmap, where: str, *, skip: Callable[[d
 
 def write(path: str | os.PathLike, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
     """Write a file atomically (:func:`refitcore.engine.fileio.atomic_write`): concurrent writers and
-    readers of one path never see a partial file, and a failed write leaves no temporary file."""
-    atomic_write(path, pack(header, arrays))
+    readers of one path never see a partial file, and a failed write leaves no temporary file. The
+    weights go to the file from their own memory, one array at a time (no copy of them is made)."""
+    front, views = _layout(header, arrays)
+
+    def stream(f) -> None:
+        f.write(front)
+        for view in views:
+            f.write(view)
+
+    atomic_write(path, stream)
 
 
 def read(path: str | os.PathLike, *,

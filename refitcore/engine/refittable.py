@@ -31,7 +31,7 @@ from refitcore.backends.base import EngineImpl
 from refitcore.capture.shapes import ShapeProfiles
 from refitcore.capture.structured import leaf_names, spec_of, unflatten, unresolved_types
 from refitcore.conversion.weight_map import WeightMap
-from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES
+from refitcore.dtypes import NUMPY_NAMES, TORCH_NAMES, numpy_dtype, trt_name
 from refitcore.engine import bundle
 from refitcore.engine.coverage import Coverage
 from refitcore.engine.kinds import CompilerRefit, EngineKind
@@ -443,10 +443,15 @@ def _placeholders(weight_map: WeightMap, where: str) -> dict[str, np.ndarray]:
     for name, src in weight_map.sources.items():
         shape = bundle.expect_shape(list(src.shape), f"the shape of weight {name!r}", where,
                                     max_elements=bundle.MAX_TENSOR_ELEMENTS)
-        if src.dtype not in NUMPY_NAMES:
+        # A weight's dtype is a torch name ('bfloat16': its uint16 bit patterns) or a stored NumPy one.
+        if src.dtype in TORCH_NAMES:
+            dtype = numpy_dtype(trt_name(getattr(torch, src.dtype), ""))
+        elif src.dtype in NUMPY_NAMES:
+            dtype = np.dtype(src.dtype)
+        else:
             raise BundleError(f"{where}: engine file content is invalid: weight {name!r} has dtype "
-                              f"{str(src.dtype)[:40]!r}, not one of {list(NUMPY_NAMES)}")
-        out[name] = np.broadcast_to(np.zeros((), dtype=np.dtype(src.dtype)), shape)
+                              f"{str(src.dtype)[:40]!r}, not one of {sorted(set(NUMPY_NAMES + TORCH_NAMES))}")
+        out[name] = np.broadcast_to(np.zeros((), dtype=dtype), shape)
     return out
 
 

@@ -18,21 +18,64 @@ import torch
 
 from refitcore import dtypes
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
-from refitcore.conversion.weight_map import WeightMap
+from refitcore.conversion.weight_map import WeightMap, operand_keys
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import WeightMappingError
 from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
 from refitcore.refitting.render import Silent, Ticker
-from refitcore.refitting.validate import nonfinite_weight_problems, precision_problems
+from refitcore.refitting.validate import FLUSH_ULPS, nonfinite_weight_problems, precision_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "compiler_mapping", "constants_note"]
+
+# ATen ops that move values without computing new ones: a copy recipe whose operands are made of
+# these alone gives the same bits evaluated in the keys' own dtype as widened then rounded back.
+_LAYOUT_OPS = frozenset(f"aten.{op}" for op in (
+    "view.default", "reshape.default", "_unsafe_view.default", "alias.default", "clone.default",
+    "contiguous.default", "permute.default", "t.default", "transpose.int", "unsqueeze.default",
+    "squeeze.default", "squeeze.dim", "squeeze.dims", "flatten.using_ints", "unflatten.int",
+    "expand.default", "slice.Tensor", "select.int", "narrow.default", "split.Tensor",
+    "split_with_sizes.default", "chunk.default", "unbind.int", "cat.default", "stack.default"))
+
+
+def _moves_values_only(operand: Any) -> bool:
+    """Whether an operand tree reads keys and constants through layout ops only (:data:`_LAYOUT_OPS`)."""
+    if isinstance(operand, list):
+        return all(_moves_values_only(v) for v in operand)
+    if not isinstance(operand, dict) or "op" not in operand:
+        return True
+    return (operand["op"] in _LAYOUT_OPS and _moves_values_only(operand.get("args", []))
+            and _moves_values_only(list(operand.get("kwargs", {}).values())))
+
+
+def _in_own_dtype(src, checked: Any, want: torch.dtype) -> bool:
+    """Whether engine weight ``src`` is its keys' values unchanged, in the engine dtype ``want``:
+    a copy recipe through layout ops of keys stored in ``want`` (a bfloat16 checkpoint refitted into a
+    bfloat16 engine). Then the keys are read as they are (no widening, no rounding: the mapped bits)."""
+    if src.recipe != "copy" or want == ENGINE_DTYPE or not want.is_floating_point:
+        return False
+    keys = [k for v in src.inputs.values() for k in operand_keys(v)]
+    return (bool(keys) and all(checked[k].dtype == want for k in keys)
+            and all(_moves_values_only(v) for v in src.inputs.values()))
+
+
+def _flush_problems(weight_map: WeightMap, name: str, value: torch.Tensor, state: Any) -> list[str]:
+    """:func:`precision_problems` of a weight already in its engine dtype: it cannot overflow it; its
+    values may be subnormal, which matters only when its largest value is tiny (FLUSH_ULPS): only then
+    is it widened (one weight) for the check."""
+    if not value.numel():
+        return []
+    info = torch.finfo(value.dtype)
+    if FLUSH_ULPS * info.eps * max(float(value.max()), -float(value.min())) >= info.tiny:
+        return []
+    return precision_problems(weight_map, name, value.to(ENGINE_DTYPE), value, state)
 
 
 def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any = None,
                    progress: Any = None) -> dict[str, np.ndarray]:
     """``{engine weight name: array in its engine dtype}`` from new weights through the map's recipes
     (computed in float32 or wider, rounded once: :func:`refitcore.dtypes.round_to`; bfloat16 weights
-    as their ``uint16`` bit patterns).
+    as their ``uint16`` bit patterns). A copy of keys already stored in the engine dtype (a
+    bfloat16 checkpoint into a bfloat16 engine) is the keys' memory itself, as for float32.
 
     ``weights``: :class:`~refitcore.refitting.prepare.CheckedWeights`, or anything
     :func:`~refitcore.refitting.prepare.prepare_weights` takes (prepared here, once). Tensor
@@ -50,6 +93,7 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     constants, _ = weight_map.constants_for(weights.source if weights.source is not None else constants_from)
     state = Widened(weights.checked)   # float16/bfloat16 keys widened one at a time, as read
     memo: dict = {}
+    own_memo: dict = {}   # operands evaluated on the keys as stored (never mixed with the widened ones)
     out: dict[str, np.ndarray] = {}
     # Copy recipes hand the state_dict's memory through without copying (the refitter copies at
     # set time, as TensorRT does). Such arrays, and any that alias the map's constants or another
@@ -63,17 +107,20 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
     tick = Ticker(progress or Silent(), "engine weights mapped", len(weight_map.sources))
     with torch.no_grad():
         for name, src in weight_map.sources.items():
-            inputs = {k: evaluate_operand(v, state, constants, memo) for k, v in src.inputs.items()}
+            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # the engine dtype (float32, float16, bfloat16, ...)
+            own = _in_own_dtype(src, weights.checked, want)
+            inputs = {k: evaluate_operand(v, weights.checked if own else state, constants, own_memo if own else memo)
+                      for k, v in src.inputs.items()}
             exact = apply_recipe(src.recipe, inputs, src.params)
             del inputs
-            want = getattr(torch, src.dtype, ENGINE_DTYPE)   # the engine dtype (float32, float16, bfloat16, ...)
             value = exact if exact.dtype == want else dtypes.round_to(exact, want)
             # The keys are finite (prepare_weights checked them): a non-finite value derived from them
             # is a recipe overflow or a non-finite constant in their arithmetic, said as such; a finite
             # one the engine dtype cannot hold (overflow, flush, all bits lost) is refused too. A value
             # that reads no key (a literal such as masked_fill's -inf) is structure, never refused.
             problems = (nonfinite_weight_problems(weight_map, name, exact, state, constants)
-                        or precision_problems(weight_map, name, exact, value, state))
+                        or (_flush_problems(weight_map, name, value, state) if own
+                            else precision_problems(weight_map, name, exact, value, state)))
             if problems:
                 raise WeightMappingError(problems)
             if value.numel() != src.count:
@@ -118,10 +165,9 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     weights = prepare_weights(engine, new_weights)
-    # The conversion reads every weight in the engine dtype: float16/bfloat16 keys are widened here
-    # (the network it builds holds a float32 copy of every weight anyway).
-    checked = {k: v.to(ENGINE_DTYPE) if v.is_floating_point() else v for k, v in weights.checked.items()}
-    return engine.kind.fallback_mapping(engine, weights.state, checked, weights.source, model=model,
+    # float16/bfloat16 keys are handed over as they are: the conversion widens each as it reads it
+    # (refitcore.conversion.context.StaticValue), never the whole state_dict.
+    return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
                                         trust_factory=trust_factory)
 
 
