@@ -10,6 +10,7 @@ Needs ``torch_tensorrt`` (the ``torch_tensorrt`` extra): skipped with the reason
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
@@ -24,8 +25,14 @@ needs_ttrt = pytest.mark.skipif(not AVAILABLE, reason=WHY)
 FAST = ["conv_bn", "cumsum", "complex_buffer", "multi_engine"]
 SLOW = ["resnet18", "mobilenet_v2", "tiny_bert", "conv_bn_eps1e-3", "complex_mul"]
 
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])   # the repository: the run imports tests.ttrt_models
+
 SHARED = '''
-from tests.ttrt_models import SETTINGS, build
+import sys
+
+sys.path.insert(0, {root!r})
+
+from tests.ttrt_models import SETTINGS, build  # noqa: E402
 
 NAMES = {names!r}
 
@@ -78,7 +85,7 @@ def test_fixed_seed(trt_refit, name, seed):
 def _run(pytester, names, examples=2):
     """The plugin's default run with Torch-TensorRT over ``names``: a fixed-seed check per seed and a
     Hypothesis property test per model; returns (pytest result, JSON report)."""
-    pytester.makepyfile(ttrt_accept=SHARED.format(names=list(names)))
+    pytester.makepyfile(ttrt_accept=SHARED.format(names=list(names), root=ROOT))
     pytester.syspathinsert()
     pytester.makeconftest(CONFTEST.format(examples=examples))
     pytester.makepyfile(test_fixed=FIXED_SEED_TEST)
