@@ -59,6 +59,23 @@ class Block(nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln2(x))))
 
 
+class LinearBn(nn.Module):
+    """A BatchNorm that no convolution feeds (LeViT's Linear + BatchNorm1d): an IScaleLayer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 8, bias=False)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).flatten(0, 1)).unflatten(0, x.shape[:2])
+
+
+def linear_bn(seed: int = 0):
+    torch.manual_seed(seed)
+    return randomize_batchnorm(LinearBn().eval(), seed), torch.randn(2, 5, 6)
+
+
 def conv_bn(seed: int = 0, eps: float = 1e-5):
     torch.manual_seed(seed)
     return randomize_batchnorm(ConvBn(eps).eval(), seed), torch.randn(2, 3, 8, 8)
@@ -69,7 +86,7 @@ def block(seed: int = 0):
     return Block().eval(), torch.randn(2, 5, 16)
 
 
-MODELS = {"conv_bn": conv_bn, "block": block}
+MODELS = {"conv_bn": conv_bn, "block": block, "linear_bn": linear_bn}
 
 
 def eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -32,7 +32,10 @@ def batch_norm_scale(ctx: ConversionContext, x, gamma, beta, mean, var, eps: flo
     shift_w = ctx.new_weights("SHIFT", shift.numpy(), "bn_shift",
                               {"gamma": op(gamma), "beta": op(beta), "mean": op(mean), "var": op(var)},
                               {"eps": eps})
-    layer = ctx.network.add_scale_nd(inp, trt.ScaleMode.CHANNEL, shift_w, scale_w, trt.Weights(), 1)
+    # TensorRT requires scale, shift and the (empty) power weights of one type: in an fp16/bf16 engine
+    # an empty FLOAT power makes addScaleNd refuse the layer ("scale.type == shift.type && shift.type ==
+    # power.type").
+    layer = ctx.network.add_scale_nd(inp, trt.ScaleMode.CHANNEL, shift_w, scale_w, trt.Weights(scale_w.dtype), 1)
     out = ctx.name(layer).get_output(0)
     return out if r >= 4 else reshape(ctx, out, kept, suffix="from4d")
 
