@@ -43,6 +43,19 @@ class ConvBiasBn(nn.Module):
         return self.bn(self.conv(x))
 
 
+class ConvBn(nn.Module):
+    """Conv, BatchNorm (folded into the conv's kernel), ReLU, pooled linear head."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8, eps=eps)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
 class DepthwiseBn(nn.Module):
     def __init__(self):
         super().__init__()

@@ -19,24 +19,12 @@ import refitcore
 from refitcore import dtypes
 from refitcore.refitting.audit import audit_paths
 from refitcore.refitting.mapping import cached_mapping, fallback_mapping
-from tests.models import randomize_batchnorm
+from tests.models import ConvBn, randomize_batchnorm
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Output tolerance against eager in the same dtype, relative to the output's largest magnitude.
 TOL = {"fp16": 5e-3, "bf16": 3e-2}
 BUG = 3   # a planted bug moves the output by more than BUG * TOL
-
-
-class ConvBn(nn.Module):
-    def __init__(self, eps: float = 1e-5):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8, eps=eps)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        y = torch.relu(self.bn(self.conv(x)))
-        return self.head(y.mean((2, 3)))
 
 
 class Block(nn.Module):

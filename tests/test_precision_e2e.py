@@ -17,24 +17,13 @@ import refitcore
 from refitcore.options import PRECISION_TOLERANCES
 from refitcore.refitting.pipeline import run_refit
 from refitcore.refitting.prepare import prepare_weights
-from tests.models import randomize_batchnorm
+from tests.models import ConvBn, randomize_batchnorm
 from tests.test_precision_surface import keep_hypothesis_seed  # noqa: F401 - a fixture
 
 pytest_plugins = ["pytester"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 FP32 = PRECISION_TOLERANCES["fp32"]
-
-
-class ConvBn(nn.Module):
-    def __init__(self, eps: float = 1e-5):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8, eps=eps)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
 
 
 def conv_bn(seed: int = 0, eps: float = 1e-5) -> nn.Module:
