@@ -24,6 +24,7 @@ from refitcore.compiler.native import compile_cache_key
 from refitcore.errors import ShapeRangeError, WeightlessEngineError
 from tests.dynamic_models import BertIds
 from tests.models import randomize_batchnorm
+from tests.ttrt_models import CumsumNet
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -221,19 +222,6 @@ def test_refit_multiple_engine(path):
                          "builds; refitcore holds no copy of the model on any device")
 def test_refit_multiple_engine_with_weightmap_cpu_offload():
     """test_model_refit.py::test_refit_multiple_engine_with_weightmap_cpu_offload."""
-
-
-class CumsumNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 12, 3, padding=1)
-        self.fc1 = nn.Linear(12 * 16 * 16, 10)
-
-    def forward(self, x):
-        x = F.relu(self.conv1(x))
-        x = torch.flatten(x, 1)
-        x = torch.cumsum(self.fc1(x), 1)
-        return x ** 2
 
 
 def test_refit_cumsum():
