@@ -28,6 +28,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from refitcore import dtypes
+from refitcore.backends.base import read_only_views
 from refitcore.capture.lowering import export_model
 from refitcore.capture.structured import leaf_names, unflatten
 from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_consts, rename_keys
@@ -187,10 +188,7 @@ class HybridImpl:
 
     def current_weights(self) -> dict[str, np.ndarray]:
         out = {self.part_name(p, n): v for p, impl in self.trt.items() for n, v in impl.current_weights().items()}
-        for k, v in self.params[EAGER].items():
-            v = v.view()
-            v.flags.writeable = False
-            out[self.part_name(EAGER, k)] = v
+        out.update({self.part_name(EAGER, k): v for k, v in read_only_views(self.params[EAGER]).items()})
         return out
 
     def prototype(self, name: str):

@@ -22,7 +22,7 @@ import torch
 
 from refitcore import dtypes
 from refitcore.backends import get_backend
-from refitcore.backends.base import EngineImpl, WeightsPrototype, staged
+from refitcore.backends.base import EngineImpl, WeightsPrototype, read_only_views, staged
 from refitcore.partition.partitioner import Segment
 from refitcore.partition.torch_program import TorchProgram
 
@@ -84,10 +84,7 @@ class SegmentedImpl:
             if seg.kind == "tensorrt":
                 out.update({f"seg{i}:{n}": v for n, v in self.trt[i].current_weights().items()})
             else:
-                for k, v in self.params.get(i, {}).items():
-                    v = v.view()
-                    v.flags.writeable = False
-                    out[f"seg{i}:{k}"] = v
+                out.update({f"seg{i}:{k}": v for k, v in read_only_views(self.params.get(i, {})).items()})
         return out
 
     def prototype(self, name: str) -> WeightsPrototype:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from refitcore.backends.base import EngineImpl, WeightsPrototype, staged
+from refitcore.backends.base import EngineImpl, WeightsPrototype, read_only_views, staged
 from refitcore.backends.reference import ReferenceEngine
 from refitcore.capture.lowering import graph_fingerprint
 from refitcore.capture.shapes import ShapeProfiles
@@ -195,10 +195,7 @@ class TorchTensorRTImpl:
         for segment, engine in self.trt.items():
             out.update({f"{segment}:{n}": v for n, v in engine.current_weights().items()})
         for segment, arrays in self.params.items():
-            for k, v in arrays.items():
-                v = v.view()
-                v.flags.writeable = False
-                out[f"{segment}:{k}"] = v
+            out.update({f"{segment}:{k}": v for k, v in read_only_views(arrays).items()})
         return out
 
     def prototype(self, name: str) -> WeightsPrototype:
