@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 __all__ = ["TABLE", "TORCH_SEGMENT_TABLE", "trt_name", "numpy_dtype", "torch_dtype", "NUMPY_NAMES", "TORCH_NAMES",
-           "PRECISIONS", "precision_dtype", "model_precision", "round_to", "to_numpy", "as_torch", "as_float"]
+           "PRECISIONS", "precision_dtype", "model_precision", "round_to", "saturate_sentinels",
+           "SENTINEL_MAGNITUDE", "to_numpy", "as_torch", "as_float"]
 
 # (TensorRT DataType name, NumPy dtype name or None, torch dtype)
 TABLE: tuple[tuple[str, str | None, torch.dtype], ...] = (
@@ -109,12 +110,43 @@ def _round_to_odd_f32(x: torch.Tensor) -> torch.Tensor:
     return torch.where(inexact, bits | 1, bits).view(torch.float32)
 
 
+# float32 code masks with ``torch.finfo(torch.float32).min`` (transformers' attention masks, T5's
+# position bias): a value that means "minus infinity, but finite". Finite values of at least
+# SENTINEL_MAGNITUDE (2**127, within a factor of two of float32's largest finite value) are read as such
+# a sentinel, not as a number: in a narrower engine dtype they become that dtype's own sentinel
+# (``finfo(dtype).min`` / ``.max``, what the same code writes when the model runs in that dtype), where
+# rounding would make them inf (and a mask row of -inf makes softmax NaN). A weight's own values never
+# come near (a refit refuses anything beyond float16's 65504 in a float16 engine, see
+# refitcore.refitting.validate.precision_problems), so the rule only ever meets such masks; folded
+# with a weight (``bias + finfo.min`` is ``finfo.min`` in float32) they stay sentinels. docs/precision.md.
+SENTINEL_MAGNITUDE = 2.0 ** 127
+
+
+def saturate_sentinels(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` with its mask sentinels (finite values of magnitude >= :data:`SENTINEL_MAGNITUDE`) replaced by
+    ``dtype``'s largest finite value of the same sign, where ``dtype`` cannot hold them; ``t`` itself
+    (not a copy) when it has none."""
+    wide = torch.finfo(torch.float32).max
+    if not (t.is_floating_point() and dtype.is_floating_point) or torch.finfo(dtype).max >= wide:
+        return t
+    if t.numel() == 0 or torch.finfo(t.dtype).max < SENTINEL_MAGNITUDE:
+        return t
+    mag = t.abs()
+    sentinel = (mag >= SENTINEL_MAGNITUDE) & (mag <= wide)
+    if not bool(sentinel.any()):
+        return t
+    top = torch.finfo(dtype).max
+    return torch.where(sentinel, torch.where(t > 0, top, -top).to(t.dtype), t)
+
+
 def round_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` rounded ONCE to ``dtype`` (to nearest, ties to even): the correctly rounded value of
     what ``t`` holds, also from float64 (torch rounds float64 -> float16/bfloat16 through float32,
-    twice). Engine weights of every refit path and of compile are rounded here."""
+    twice). Engine weights of every refit path and of compile are rounded here. Mask sentinels
+    (float32's ``finfo.min``, see :data:`SENTINEL_MAGNITUDE`) become ``dtype``'s own."""
     if t.dtype == dtype or not (t.is_floating_point() and dtype.is_floating_point):
         return t.to(dtype)
+    t = saturate_sentinels(t, dtype)
     if t.dtype == torch.float64 and dtype == torch.float16:
         return torch.from_numpy(t.detach().cpu().numpy().astype(np.float16))   # NumPy rounds float64 -> half once
     if t.dtype == torch.float64 and dtype == torch.bfloat16:

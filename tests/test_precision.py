@@ -292,3 +292,53 @@ def test_partitioned_engine_at_reduced_precision(precision):
         assert audit_paths(cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)).ok
         refitted = refitcore.refit(engine, new, path="fallback").engine
         assert rel_err(refitted(x), eager(new, x, dt)) < TOL[precision]
+
+
+class MaskedBias(nn.Module):
+    """T5's decoder in small: a learned position bias folded with a causal mask of float32's most
+    negative value (``finfo.min``), added to attention scores; row 0 of ``pad`` masks every key."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.q = nn.Linear(8, 8)
+        self.bias = nn.Parameter(torch.randn(4, 4, generator=g) * 3)
+        with torch.no_grad():
+            self.q.weight.copy_(torch.randn(8, 8, generator=g) * 0.3)
+        self.register_buffer("pad", torch.tensor([1.0, 0.0, 0.0, 0.0]).view(4, 1).expand(4, 4).clone())
+
+    def forward(self, x):
+        low = torch.finfo(torch.float32).min
+        hidden = torch.ones(4, 4).triu(1).bool() | self.pad.bool()          # row 0: every key masked
+        mask = torch.zeros(4, 4).masked_fill(hidden, low)
+        scores = self.q(x) @ x.transpose(-1, -2)
+        return torch.softmax(scores + (self.bias + mask), -1)
+
+
+def test_mask_sentinels_are_structure_not_overflow():
+    """float32's finfo.min is a mask, not a number: in an fp16/bf16 engine it becomes that dtype's own
+    finfo.min (what the model code writes when it runs in that dtype), identically at compile and in
+    both refit paths, and the refit is not refused as an overflow. Without saturation it rounds to -inf:
+    the refit refuses it, and the fully masked row turns NaN where eager gives a uniform row."""
+    big = torch.tensor([torch.finfo(torch.float32).min, -2.0 ** 127, 1e30, 65504.0, -3.0, float("-inf")])
+    assert dtypes.round_to(big, torch.float16).tolist() == [-65504.0, -65504.0, float("inf"), 65504.0, -3.0,
+                                                            float("-inf")]
+    assert dtypes.round_to(big, torch.bfloat16)[:2].tolist() == [torch.finfo(torch.bfloat16).min] * 2
+    assert dtypes.round_to(big, torch.float32).tolist() == big.tolist()        # float32 holds them as they are
+    x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(0))
+    for precision, dt in sorted(DTYPES.items()):
+        if precision == "fp32":
+            continue
+        engine = refitcore.compile(MaskedBias(), x, backend="reference", precision=precision)
+        lowest = {name: float(dtypes.as_torch(w).float().min()) for name, w in engine.impl.current_weights().items()}
+        assert torch.finfo(dt).min in lowest.values(), lowest          # the folded mask holds dt's own sentinel
+        new = MaskedBias(seed=1)
+        cached, fallback = cached_mapping(engine.weight_map, new), fallback_mapping(engine, new)
+        assert audit_paths(cached, fallback).ok
+        for path in ("cached", "fallback"):
+            result = refitcore.refit(engine, new, path=path, verify_inputs=[x])   # the precision's default tolerances
+            assert result, result.verdict
+            y = result.engine(x)
+            assert torch.isfinite(y).all()
+            torch.testing.assert_close(y[:, 0], torch.full((2, 4), 0.25), rtol=0, atol=1e-3)   # uniform, not NaN
+            assert rel_err(y, eager(new, x, torch.float32)) < TOL[precision]

@@ -62,7 +62,7 @@ def _problems(wm: WeightMap, state) -> list[str]:
     for name, src in wm.sources.items():
         exact = apply_recipe(src.recipe, {k: evaluate_operand(v, state, {}) for k, v in src.inputs.items()},
                              src.params)
-        out += precision_problems(wm, name, exact, exact.to(getattr(torch, src.dtype)), state)
+        out += precision_problems(wm, name, exact, refitcore.dtypes.round_to(exact, getattr(torch, src.dtype)), state)
     return out
 
 
@@ -154,13 +154,24 @@ def test_a_fold_that_flushes_although_its_inputs_are_normal_says_the_recipe_made
     assert "the bn_fold_kernel result is that small although its inputs are not" in text
 
 
-def test_bfloat16_overflow_of_a_value_float32_holds_is_refused():
-    # 3.4e38 is finite in float32 but above bfloat16's largest finite value (~3.39e38).
+def test_bfloat16_overflow_of_a_fold_is_refused():
+    # bfloat16 has float32's range: only a fold can overflow it, here 1e38 * 20 / sqrt(1 + eps).
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.cached_mapping(_fold_map("bfloat16"), _fold_state(**{"conv.weight": [[[[1e38]]], [[[0.5]]]],
+                                                                       "bn.weight": [20.0, 1.0]}))
+    assert "'conv/conv2d KERNEL'" in str(info.value) and "'conv.weight'" in str(info.value)
+
+
+def test_float32_mask_sentinel_in_a_weight_becomes_bfloat16_s_own():
+    # 3.4e38 (float32's finfo.max) is above bfloat16's largest finite value (~3.39e38): a mask's
+    # sentinel, not a number (refitcore.dtypes.SENTINEL_MAGNITUDE), stored as bfloat16's own finfo.max.
     w = torch.zeros(2, 3)
-    w[0, 1] = 3.4e38
-    text = _refused(_copy_map("bfloat16"), {"fc.weight": w})
-    assert "engine weight 'fc/linear KERNEL' (bfloat16)" in text and "first at [0, 1]" in text
-    assert "beyond bfloat16's largest finite value" in text
+    w[0, 1] = torch.finfo(torch.float32).max
+    w[1, 0] = -3.0e38
+    assert _problems(_copy_map("bfloat16"), {"fc.weight": w}) == []
+    (got,) = refitcore.cached_mapping(_copy_map("bfloat16"), {"fc.weight": w}).values()
+    got = refitcore.dtypes.as_torch(got).float()
+    assert got[0, 1] == torch.finfo(torch.bfloat16).max and got[1, 0] == torch.finfo(torch.bfloat16).min
 
 
 def test_bfloat16_flush_of_a_weight_at_the_bottom_of_float32_s_range_is_refused():
