@@ -248,6 +248,18 @@ def test_compile_with_checkpoint_holds_its_weights(work, capsys):
     assert "does not fit" in capsys.readouterr().err
 
 
+def test_compile_with_stripped_weights_writes_a_bundle_the_gate_refits(work, capsys):
+    out = work / "stripped.trtrefit"
+    assert cli.main(["compile", FACTORY, "--input", "1x3x32x32", "--backend", "reference", "-q",
+                     "--checkpoint", str(work / "good.pt"), "--strip-engine-weights", "-o", str(out)]) == 0
+    assert "stripped: refit before running" in capsys.readouterr().out
+    engine = refitcore.load(out)
+    assert engine.weightless and engine.options.strip_engine_weights
+    with pytest.raises(refitcore.WeightlessEngineError, match="strip_engine_weights=True"):
+        engine(torch.randn(1, 3, 32, 32))
+    assert gate(work, "good.pt", "-q", bundle="stripped.trtrefit") == 0
+
+
 @pytest.mark.parametrize("spec", ["random:0", "random:x", "random:2:3:4"])
 def test_bad_random_samples_spec_exits_2(work, capsys, spec):
     assert cli.main(["gate", str(work / "m.trtrefit"), str(work / "good.pt"), "--inputs", spec, "-q",

@@ -220,6 +220,58 @@ def test_gate_keeps_one_copy_of_the_weights(files, monkeypatch):
     assert copied_bytes(list(seen["reference"].state_dict().values()), path) == 0
 
 
+def _not_views_of(arrays, model: torch.nn.Module) -> int:
+    """Bytes of ``arrays`` that share no memory with any of ``model``'s tensors: copies."""
+    own = [to_numpy(t.detach()) for t in model.state_dict().values()]
+    return sum(a.nbytes for a in arrays if not any(np.shares_memory(a, o) for o in own))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compile_with_stripped_weights_keeps_one_copy(dtype, monkeypatch):
+    """compile(strip_engine_weights=True) builds the engine on views of the model's tensors (what it
+    held just before stripping shares the model's memory), where an ordinary compile copies every
+    weight; the stripped engine refitted from the model holds the very weights the ordinary compile
+    gives (bit for bit)."""
+    from refitcore.engine.refittable import RefittableEngine
+
+    model = mlp().to(dtype)
+    total = weight_bytes(model.state_dict().values())
+    held: dict = {}
+    real = RefittableEngine.strip_weights
+
+    def spy(self):
+        held.update(self.impl.current_weights())
+        real(self)
+
+    monkeypatch.setattr(RefittableEngine, "strip_weights", spy)
+    full = refitcore.compile(model, X.to(dtype), backend="reference")
+    stripped = refitcore.compile(model, X.to(dtype), backend="reference", strip_engine_weights=True)
+    assert _not_views_of(full.impl.current_weights().values(), model) >= total     # the ordinary engine's copy
+    assert held and _not_views_of(held.values(), model) < total // 10            # stripped: the model's own
+    assert stripped.weightless and not full.weightless
+    assert all(0 in w.strides or w.size <= 1 for w in stripped.impl.current_weights().values())   # placeholders
+    with pytest.raises(refitcore.WeightlessEngineError, match="strip_engine_weights=True"):
+        stripped(X.to(dtype))
+    assert refitcore.refit(stripped, model, path="cached", in_place=True, verify_inputs=[X.to(dtype)])
+    assert not stripped.weightless
+    want = full.impl.current_weights()
+    for k, v in stripped.impl.current_weights().items():
+        assert v.dtype == want[k].dtype and np.array_equal(v.reshape(-1), want[k].reshape(-1)), k
+    torch.testing.assert_close(stripped(X.to(dtype)), full(X.to(dtype)), rtol=0, atol=0)
+
+
+def test_a_stripped_engine_saves_without_its_weights_until_refitted(tmp_path):
+    model = mlp()
+    engine = refitcore.compile(model, X, backend="reference", strip_engine_weights=True)
+    engine.save(tmp_path / "s.trtrefit")                    # weightless as it is
+    assert (tmp_path / "s.trtrefit").stat().st_size < weight_bytes(model.state_dict().values()) // 10
+    with pytest.raises(refitcore.BundleError, match="weightless"):
+        engine.save(tmp_path / "w.trtrefit", weights=True)
+    assert refitcore.refit(engine, model, path="fallback", in_place=True)
+    engine.save(tmp_path / "w.trtrefit")                    # refitted: with its weights
+    torch.testing.assert_close(refitcore.load(tmp_path / "w.trtrefit")(X), model(X), rtol=1e-5, atol=1e-5)
+
+
 def test_a_factory_that_needs_real_parameters_is_built_normally():
     """A module whose construction reads its parameters' values cannot be built on meta: the
     eager model is then built the ordinary way, and still holds the given weights."""
@@ -403,3 +455,17 @@ def test_running_a_bf16_engine_holds_no_copy_of_its_constants():
     (out,) = run_layer_rounded(layer, [], {"CONSTANT": w})
     assert out.dtype == torch.bfloat16 and out.shape == (2, 3)
     assert out.data_ptr() == w.data_ptr() and torch.equal(out.reshape(-1), w)
+
+
+def test_a_partitioned_engine_is_stripped_too_and_submodules_are_refused():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4),
+                                torch.nn.BatchNorm1d(4)).eval()
+    x = torch.randn(2, 8)
+    engine = refitcore.compile(model, x, backend="reference", strip_engine_weights=True,
+                               torch_executed_ops=["aten.relu.default"], min_block_size=1)
+    assert engine.partition is not None and engine.weightless
+    assert refitcore.refit(engine, model, path="cached", in_place=True, verify_inputs=[x])
+    torch.testing.assert_close(engine(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="submodules= with strip_engine_weights=True"):
+        refitcore.compile(model, x, backend="reference", strip_engine_weights=True, submodules=["0"])

@@ -403,9 +403,13 @@ class ReferenceRefitter:
 
 
 def build(result, **options: Any) -> ReferenceEngine:
-    """'Build' the converted network: read it into an immutable plan."""
+    """'Build' the converted network: read it into an immutable plan. The engine copies the network's
+    weights (as TensorRT's builder does: later writes to the model never reach it) unless
+    ``copy_weights=False``: it then holds the network's arrays as they are (views of the model's
+    tensors for copy recipes), for a caller that strips them right after
+    (``compile(strip_engine_weights=True)``), so compile never holds a second copy."""
     dtypes.precision_dtype(options.get("precision", "fp32"))   # ValueError for an unknown precision
-    plan = read_network(result.network, result.weights)
+    plan = read_network(result.network, result.weights, copy=bool(options.get("copy_weights", True)))
     if getattr(result, "profiles", None) is not None:
         plan["profiles"] = result.profiles.to_json()
     return ReferenceEngine(plan)

@@ -55,7 +55,7 @@ __all__ = ["NAME", "NOTE", "TensorRTEngine", "usable", "probe_result", "build", 
 NAME = "tensorrt"
 NOTE = "tensorrt backend: NVIDIA TensorRT kernels on a CUDA GPU"
 
-_OPTIONS = ("precision", "tf32")
+_OPTIONS = ("precision", "tf32", "copy_weights")   # copy_weights: TensorRT copies at build anyway
 
 
 @functools.lru_cache(maxsize=1)

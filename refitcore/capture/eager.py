@@ -22,7 +22,8 @@ import torch
 
 from refitcore.errors import RefitCoreError
 
-__all__ = ["eager_model", "parameters_on_meta", "widen_in_forward", "UntrustedFactoryError", "EagerModelError"]
+__all__ = ["eager_model", "skeleton", "parameters_on_meta", "widen_in_forward", "UntrustedFactoryError",
+           "EagerModelError"]
 
 
 class EagerModelError(RefitCoreError, ValueError):
@@ -168,6 +169,13 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         torch.nn.Module.register_parameter = original   # type: ignore[method-assign]
+
+
+def skeleton(model: Any) -> torch.nn.Module:
+    """The module a factory (a callable or a ``'module:callable'`` string) builds, its parameters on
+    ``meta`` where it can be built so (:func:`parameters_on_meta`): its keys, shapes and dtypes at
+    no cost in memory."""
+    return _template(model, None, True, skeleton=True)
 
 
 def _template(model: Any, engine: Any, trust_factory: bool, *, skeleton: bool = False) -> torch.nn.Module:

@@ -89,20 +89,31 @@ def _write_text(path: str, text: str, progress: Progress, what: str) -> None:
 def _cmd_compile(args, progress: Progress) -> int:
     import torch
 
-    from refitcore.capture.eager import eager_model
+    from refitcore.capture.eager import eager_model, skeleton
     from refitcore.compiler.native import compile as compile_model
     from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
 
     _writable(args.output, "output")
     try:
-        model = eager_model({}, model=args.factory, keep_missing=True)
+        model = skeleton(args.factory) if args.checkpoint else eager_model({}, model=args.factory, keep_missing=True)
     except (ValueError, TypeError) as err:
         raise CliError(f"{err} (is the package importable from here? check PYTHONPATH)") from err
     if args.checkpoint:
         state = open_checkpoint(args.checkpoint, progress)
+        own = model.state_dict()
+        extra, missing = sorted(set(state) - set(own)), sorted(set(own) - set(state))
+        if extra or missing:
+            raise CliError(f"checkpoint {args.checkpoint!r} does not fit {args.factory}: " + "; ".join(
+                f"{what} keys {keys[:5]}" + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+                for what, keys in (("unexpected", extra), ("missing", missing)) if keys))
+        # The checkpoint is mapped (refitcore.refitting.checkpoints) and the model is the CLI's own:
+        # built on the meta device and given the mapped tensors themselves where their dtypes are the
+        # model's, so compile holds the file's pages and no copy (with --strip-engine-weights, nothing else).
+        share = all(state[k].dtype == v.dtype for k, v in own.items())
+        del own, model
         try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
+            model = eager_model(state, model=args.factory, share=share)
+        except (ValueError, TypeError, RuntimeError) as err:
             raise CliError(f"checkpoint {args.checkpoint!r} does not fit {args.factory}: {err}") from err
     g = torch.Generator().manual_seed(0)
     example_shapes, dynamic_shapes = cli_inputs(args.input)   # the example is each range's opt
@@ -119,15 +130,18 @@ def _cmd_compile(args, progress: Progress) -> int:
             # A cache hit is checked against eager PyTorch on the example inputs before it is saved.
             engine = compile_model(model, inputs, backend=args.backend, precision=parse_precision(args.dtype),
                                    model_factory=args.factory, dynamic_shapes=dynamic_shapes,
-                                       cache=args.cache, verify_inputs=[inputs] if args.cache else None)
+                                   cache=args.cache, verify_inputs=[inputs] if args.cache else None,
+                                   strip_engine_weights=args.strip_engine_weights)
         except UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
         except BackendUnavailableError as err:
             raise CliError(f"{err}\n(try --backend reference)") from err
     with progress.step(f"saving {args.output}"):
         engine.save(args.output)
+    stripped = " (stripped: refit before running)" if engine.weightless else ""
     _out(f"wrote {args.output}: backend {engine.backend} ({engine.backend_reason}), "
-         f"{len(engine.weight_names)} refittable weights, inputs {[list(s) for s in engine.io.input_shapes]}, "
+         f"{len(engine.weight_names)} refittable weights{stripped}, "
+         f"inputs {[list(s) for s in engine.io.input_shapes]}, "
          f"factory {args.factory}" + {True: "; engine cache hit (loaded and refitted)",
                                       False: "; engine cache miss (stored)", None: ""}[engine.cache_hit]
          + f"\n{engine.summary()}" + (f"\nnote: {engine.note}" if engine.note else ""))
@@ -230,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine backend (default: auto = tensorrt when usable here, else reference)")
     c.add_argument("--checkpoint", metavar="CKPT", help="load these weights into the model before compiling")
     c.add_argument("-o", "--output", required=True, metavar="BUNDLE", help="where to write the engine bundle")
+    c.add_argument("--strip-engine-weights", action="store_true",
+                   help="save the bundle without its refittable weights (TensorRT's weight-stripped plan): "
+                        "compile holds one copy of the weights, and `trtrefit gate` refits every weight anyway")
     c.add_argument("--cache", metavar="DIR", help="engine cache directory: on a hit, load the engine and refit the "
                    "model's weights instead of exporting and building, after checking it against eager PyTorch on the "
                    "example input (default: no cache)")

@@ -62,7 +62,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
             dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None, cache: Any = None,
             verify_inputs: Sequence | None = None, keep_exported: bool = False, compiler: str = DEFAULT_COMPILER,
-            **settings: Any) -> RefittableEngine:
+            strip_engine_weights: bool = False, **settings: Any) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
     the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
 
@@ -112,6 +112,14 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     only). Inputs and outputs keep the model's types (docs/precision.md). Another value is a
     :class:`ValueError`.
 
+    ``strip_engine_weights=True`` (TensorRT's weight-stripped plan; Torch-TensorRT's setting of that
+    name): the engine is built from the model's weights without copying them and returned
+    weightless (placeholders: :meth:`RefittableEngine.strip_weights`): it refuses to run until a refit
+    sets every weight (``refitcore.refit(engine, model, path="cached", in_place=True)``, or
+    ``trtrefit gate``, which refits every weight anyway) and ``engine.save`` writes it without them.
+    Compile then holds one copy of the weights, the model's (a 7B-parameter checkpoint compiles
+    where two copies do not fit: docs/memory.md).
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
@@ -136,19 +144,34 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             raise ValueError(f"compiler={compiler!r} with precision={precision!r}: Torch-TensorRT engines are checked "
                              f"in fp32 only; reduced precision is checked with refitcore's own compiler "
                              f"(compiler='refitcore')")
+        if strip_engine_weights:
+            raise ValueError(f"compiler={compiler!r} with strip_engine_weights=True: Torch-TensorRT engines keep "
+                             f"their weights (their refit runs Torch-TensorRT's own code)")
         args, dynamic_shapes = torch_tensorrt.example_inputs(args, dynamic_shapes)
+    if strip_engine_weights and submodules is not None:
+        raise ValueError("submodules= with strip_engine_weights=True: an engine of compiled submodules inside the "
+                         "eager model keeps them in that model; compile without one of them")
     name, reason = choose_backend(backend)
     options = CompileOptions(backend=name, precision=precision, strict=strict, torch_executed_ops=torch_executed_ops,
                              min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
                              profiles=profiles, model_factory=model_factory, verbose=verbose, compiler=compiler,
-                             compiler_settings=settings)
+                             compiler_settings=settings, strip_engine_weights=bool(strip_engine_weights))
+    engine = _compile_or_hit(model, args, kwargs, options, reason, cache, verify_inputs, keep_exported)
+    if strip_engine_weights and not engine.weightless:
+        engine.strip_weights()
+    return engine
+
+
+def _compile_or_hit(model: torch.nn.Module, args: tuple, kwargs: dict, options: CompileOptions, reason: str,
+                    cache: Any, verify_inputs: Sequence | None, keep_exported: bool) -> RefittableEngine:
+    """The engine from the cache (a hit, refitted with the model's weights) or compiled (and stored)."""
     store_to = as_cache(cache)
     if store_to is None:
         return _compile(model, args, kwargs, options, reason)
     key = compile_key(model, args, options, kwargs=kwargs)
     if key.complete or verify_inputs is not None:
         engine = _from_cache(store_to, key, model, (args, kwargs), verify_inputs=verify_inputs,
-                             keep_exported=keep_exported, model_factory=model_factory)
+                             keep_exported=keep_exported, model_factory=options.model_factory)
         if engine is not None:
             return engine
     else:

@@ -105,11 +105,13 @@ def _tensor_info(tensor) -> dict:
     return {"name": tensor.name, "shape": [int(s) for s in tensor.shape], "dtype": tensor.dtype.name}
 
 
-def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray] | None) -> np.ndarray:
-    """The values of a layer's ``trt.Weights`` (BF16: as ``uint16`` bit patterns, from ``host``)."""
+def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray] | None,
+                copy: bool = True) -> np.ndarray:
+    """The values of a layer's ``trt.Weights`` (BF16: as ``uint16`` bit patterns, from ``host``); a
+    copy unless ``copy=False`` (then a view of the network's array where it can be)."""
     if getattr(w, "dtype", None) != t.DataType.BF16:   # an ndarray, or Weights NumPy can hold
         arr = np.asarray(w)
-        return np.array(arr, dtype=arr.dtype, copy=True)
+        return np.array(arr, dtype=arr.dtype, copy=True) if copy else arr
     if not w.size:
         return np.zeros(0, np.uint16)
     name = f"{layer_name} {role}"
@@ -117,13 +119,14 @@ def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray]
     if held is None or np.asarray(held).dtype != np.uint16 or np.asarray(held).size != w.size:
         raise RuntimeError(f"engine weight {name!r}: BF16 weights ({w.size} values) that TensorRT's Python API "
                            f"cannot read back, and no host copy of them of that size")
-    return np.array(held, copy=True).reshape(-1)
+    return np.array(held, copy=True).reshape(-1) if copy else np.asarray(held).reshape(-1)
 
 
-def read_network(network, host: Mapping[str, np.ndarray] | None = None) -> dict:
+def read_network(network, host: Mapping[str, np.ndarray] | None = None, *, copy: bool = True) -> dict:
     """Plan = {"inputs", "outputs", "layers"}; each layer {name, type, inputs, outputs, attrs,
     weights: {ROLE: ndarray}} with empty weights left out. ``host``: the values of BF16 weights
-    (see the module docstring)."""
+    (see the module docstring). Weights are copies unless ``copy=False`` (views of the network's
+    arrays: the caller must not keep them past the model's next write)."""
     t = _trt.trt()
     layers = []
     for i in range(network.num_layers):
@@ -158,9 +161,9 @@ def read_network(network, host: Mapping[str, np.ndarray] | None = None) -> dict:
             attrs["loop"] = layer.loop.name
         weights = {}
         for role, attr in roles.items():
-            arr = _weights_of(t, getattr(layer, attr), layer.name, role, host)
+            arr = _weights_of(t, getattr(layer, attr), layer.name, role, host, copy)
             if arr.size:
-                weights[role] = np.array(arr, dtype=arr.dtype, copy=True)
+                weights[role] = arr
         if ltype == "CONSTANT" and outputs[0]["dtype"] in SHAPE_DTYPES:
             # Integer constants are shape arithmetic (dynamic shapes): structure, not refittable weights.
             attrs["values"] = [int(v) for v in np.asarray(weights.pop("CONSTANT", np.zeros(0))).reshape(-1)]

@@ -32,7 +32,11 @@ class CompileOptions:
     passed through (Torch-TensorRT's ``CompilationSettings`` fields), kept as a dict. The compiler
     enters the cache key and the saved options only when not the default (keys and files of
     refitcore's own engines are what they were); the settings enter the key as text and are not
-    saved (Torch-TensorRT engines are not saved as refitcore files)."""
+    saved (Torch-TensorRT engines are not saved as refitcore files).
+
+    ``strip_engine_weights``: compile returns a weightless engine (TensorRT's weight-stripped plan,
+    Torch-TensorRT's setting of that name): built from the model's weights without a copy of them,
+    saved without them, refitted before it runs. Not a key field (the engine is the same)."""
 
     backend: str = "auto"
     precision: str = "fp32"
@@ -46,6 +50,7 @@ class CompileOptions:
     verbose: bool = False
     compiler: str = DEFAULT_COMPILER
     compiler_settings: Mapping[str, Any] | None = None   # kept as a dict
+    strip_engine_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.compiler not in COMPILERS:
@@ -80,7 +85,8 @@ class CompileOptions:
         return {"backend": self.backend, "precision": self.precision, "strict": self.strict,
                 "torch_executed_ops": list(self.torch_executed_ops), "min_block_size": self.min_block_size,
                 "submodules": list(self.submodules) if self.submodules is not None else None,
-                "model_factory": self.model_factory, "verbose": self.verbose, **self._compiler_fields(settings=False)}
+                "model_factory": self.model_factory, "verbose": self.verbose, **self._compiler_fields(settings=False),
+                **({"strip_engine_weights": True} if self.strip_engine_weights else {})}
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> CompileOptions:
@@ -88,12 +94,12 @@ class CompileOptions:
         file is untrusted input)."""
         if not isinstance(d, Mapping):
             raise TypeError(f"options should be an object, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(cls().to_json()) - {"compiler"})
+        unknown = sorted(set(d) - set(cls().to_json()) - {"compiler", "strip_engine_weights"})
         if unknown:
             raise ValueError(f"options has unknown fields {unknown[:5]}")
         want = {"backend": (str,), "precision": (str,), "strict": (bool,), "torch_executed_ops": (list,),
                 "min_block_size": (int,), "submodules": (list, type(None)), "model_factory": (str, type(None)),
-                "verbose": (bool,), "compiler": (str,)}
+                "verbose": (bool,), "compiler": (str,), "strip_engine_weights": (bool,)}
         for name, value in d.items():
             kinds = want[name]
             if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):

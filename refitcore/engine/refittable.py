@@ -12,6 +12,8 @@ refittable weight's value: every weight is derived from the model through the we
 so a cache hit reads a few hundred kB instead of the model's size. Loaded back it holds
 placeholders and refuses to run (:class:`refitcore.errors.WeightlessEngineError`) until a refit
 has set every weight (:func:`refitcore.refitting.driver.apply_mapping` always sets all of them).
+``compile(strip_engine_weights=True)`` returns such an engine straight away (:meth:`RefittableEngine.strip_weights`:
+TensorRT's weight-stripped plan), built from the model's weights without keeping a copy of them.
 """
 from __future__ import annotations
 
@@ -209,9 +211,29 @@ class RefittableEngine:
 
     def _check_weights_present(self) -> None:
         if self.weightless:
+            how = ("compiled with strip_engine_weights=True" if self.options.strip_engine_weights
+                   else "loaded without its weights")
             raise WeightlessEngineError(
-                f"this engine was loaded without its weights ({len(self.weight_names)} placeholders): refit it "
+                f"this engine was {how} ({len(self.weight_names)} placeholders): refit it "
                 f"with the model's weights first: refitcore.refit(engine, model, path='cached', in_place=True)")
+
+    def strip_weights(self) -> None:
+        """Drop every refittable weight's value (placeholders instead, as :func:`load` with
+        ``weights=False`` gives): the engine refuses to run until a refit sets them all, and saves
+        without them. The arrays it held are released (``compile(strip_engine_weights=True)`` builds
+        the engine on views of the model's tensors and strips them before returning: one copy of the
+        weights, the model's). Not for engines that refit through their compiler's own code."""
+        if isinstance(self.kind, CompilerRefit):
+            raise TypeError(f"a {self.kind.name} engine cannot be stripped: its compiler keeps the weights")
+        try:
+            header, arrays = self.kind.serialize(self._impl, weights=False)
+        except BundleError as err:   # an eager model with compiled submodules: not data, so no placeholders
+            raise TypeError(f"this engine cannot be stripped of its weights ({err}); compile it without "
+                            f"strip_engine_weights=True") from err
+        arrays = {**{k: np.array(v, copy=True) for k, v in arrays.items()},   # its own, not the model's
+                  **_placeholders(self.weight_map, "<strip>")}
+        self._impl = self.kind.deserialize(header, arrays, backend=self.backend)
+        self.weightless = True
 
     def clone(self) -> RefittableEngine:
         """An independent copy (same plan, its own weight store)."""
@@ -304,10 +326,14 @@ class RefittableEngine:
         calls = CallSpec(header.get("structure"), output_types=output_types, trust_output_types=trust_output_types)
         return cls(kind, impl, weight_map, io, record, calls=calls, weightless=weightless)
 
-    def save(self, path: str | os.PathLike, *, weights: bool = True) -> None:
+    def save(self, path: str | os.PathLike, *, weights: bool | None = None) -> None:
         """Write the engine to one file, atomically (see :mod:`refitcore.engine.bundle`). ``weights=False``
         writes a weightless engine (structure and weight map only): loaded back, it runs once
-        ``refitcore.refit(engine, model, path="cached", in_place=True)`` has set its weights."""
+        ``refitcore.refit(engine, model, path="cached", in_place=True)`` has set its weights. The default
+        (None) writes the weights, except for an engine compiled with ``strip_engine_weights=True`` and
+        not refitted since, which is saved weightless as it is."""
+        if weights is None:
+            weights = not (self.weightless and self.options.strip_engine_weights)
         header, arrays = self.to_parts(weights=weights)
         bundle.write(path, header, arrays)
 

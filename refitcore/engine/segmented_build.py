@@ -119,7 +119,8 @@ def _build_segments(ep, options: CompileOptions,
             try:
                 sub, ranges = _segment_program(ep, seg, profiles)
                 result = convert(sub, profiles=ranges, precision=options.precision)
-                built[i] = (result, backend.build(result, precision=options.precision))
+                built[i] = (result, backend.build(result, precision=options.precision,
+                                                    copy_weights=not options.strip_engine_weights))
             except BackendUnavailableError:
                 raise   # the backend cannot build or run here at all: not a segment's problem
             except UnsupportedOperatorError as err:

@@ -41,7 +41,8 @@ class WholeNetwork:
         converter declines a call."""
         ep = source.exported
         result = convert(ep, profiles=source.profiles, precision=options.precision)
-        impl = get_backend(options.backend).build(result, precision=options.precision)
+        impl = get_backend(options.backend).build(result, precision=options.precision,
+                                                   copy_weights=not options.strip_engine_weights)
         check_map_covers(result.weight_map, impl.weight_names())
         tensors = [v for v in pytree.tree_leaves((source.args, source.kwargs)) if isinstance(v, torch.Tensor)]
         io = IOSpec(tuple(result.input_names), tuple(tuple(int(s) for s in t.shape) for t in tensors),
