@@ -7,7 +7,9 @@ Every measurement runs in a fresh child process (peak RSS is per process: ``VmHW
 
 1. ``make``: build the model from a small config in the dtype asked for (the factory lives in a
    module written to a temporary folder), compile it on the reference backend at that precision (a
-   bf16 model into a bf16 engine: ``precision="bf16"``), save the bundle, and write *other* random
+   bf16 model into a bf16 engine: ``precision="bf16"``) with ``strip_engine_weights=True`` (one copy of
+   the weights; ``--keep-engine-weights``: the engine's own copy too, as before), save the bundle
+   (weightless: the gate refits every weight anyway), and write *other* random
    weights as a safetensors checkpoint (sharded, with an index, above 2 GB) in that dtype. Weights
    are generated tensor by tensor from a model built on the ``meta`` device, so writing a 7B
    checkpoint never holds the model.
@@ -24,9 +26,9 @@ cached path; growth linear in the parameter count.
     python benchmarks/bench_scale.py --sizes 55m,250m --dtype fp32,bf16 [--cnn] [--no-record]
     python benchmarks/bench_scale.py --sizes 55m,250m,670m,1.3b,7b --dtype bf16   # on a quiet machine
 
-Before a size whose expected peak (about 4.5x its checkpoint's bytes) does not fit in the available memory
-with 4 GB to spare, the run stops with a message instead of swapping the machine to a halt
-(``--force`` runs it anyway).
+A step whose expected peak does not fit in the available memory with 4 GB to spare is skipped with a
+message instead of swapping the machine to a halt (``--force`` runs it anyway): compile and the cached
+gate need about 1.3x the checkpoint's bytes, compile without stripping 2.5x, the fallback gate 4.5x.
 """
 from __future__ import annotations
 
@@ -192,7 +194,7 @@ def write_checkpoint(model, folder: Path, dtype: str, seed: int) -> tuple[str, i
     return str(folder), total
 
 
-def child_make(folder: Path, size: str, dtype: str) -> dict:
+def child_make(folder: Path, size: str, dtype: str, strip: str = "1") -> dict:
     import torch
 
     import refitcore
@@ -215,8 +217,8 @@ def child_make(folder: Path, size: str, dtype: str) -> dict:
     model = scale_model.build()
     example = torch.randn(1, 3, 64, 64) if size == "cnn" else torch.randint(0, SIZES[size][0], (1, TOKENS))
     engine = refitcore.compile(model, example, backend="reference", model_factory="scale_model:build",
-                               precision="fp32" if size == "cnn" else dtype)
-    engine.save(folder / "engine.trtrefit")
+                               precision="fp32" if size == "cnn" else dtype, strip_engine_weights=strip == "1")
+    engine.save(folder / "engine.trtrefit")   # weightless when stripped
     g = torch.Generator().manual_seed(2)
     samples = (torch.randn((2, *example.shape), generator=g) if size == "cnn"
                else torch.randint(0, SIZES[size][0], (2, *example.shape), generator=g))
@@ -285,29 +287,37 @@ def run_child(args: list[str], timeout: float) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def expected_peak_gib(size: str, dtype: str) -> float:
+def expected_peak_gib(size: str, dtype: str, factor: float) -> float:
+    """About ``factor`` x the checkpoint's bytes, plus the process (measured in benchmarks/results/scale.md:
+    the fallback gate 4.4x at 670M fp32; compile holding the engine's copy 2.5x at 250M fp32, 2.9x bf16;
+    stripped compile and the cached gate about 1.3x)."""
     if size == "cnn":
         return 2.0
     vocab, hidden, layers, inter, heads, kv = SIZES[size]
     per_layer = 2 * hidden * hidden + 2 * hidden * hidden * kv // heads + 3 * hidden * inter
     params = 2 * vocab * hidden + layers * per_layer
-    # the largest step is the fallback gate (the re-exported model, the converted network and the
-    # engine's weights: 4.4x the checkpoint at 670M fp32); compile holds the model and the engine's
-    # weights (2.5x at 250M fp32, 2.9x at 250M bf16); measured in benchmarks/results/scale.md
-    return params * (4 if dtype == "fp32" else 2) * 4.5 / GB + 1.0
+    return params * (4 if dtype == "fp32" else 2) * factor / GB + 1.0
 
 
-def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None) -> dict:
-    need = expected_peak_gib(size, dtype) + 4
-    if not force and available_gib() < need:
-        return {"size": size, "dtype": dtype, "skipped": f"needs about {need:.0f} GiB available, "
-                                                         f"{available_gib():.0f} GiB are (run with --force)"}
+def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None, strip: bool = True) -> dict:
+    def fits(factor: float) -> str | None:
+        need = expected_peak_gib(size, dtype, factor) + 4
+        if force or available_gib() >= need:
+            return None
+        return f"needs about {need:.0f} GiB available, {available_gib():.0f} GiB are (run with --force)"
+
+    why = fits(1.1 if strip else 2.9)
+    if why:
+        return {"size": size, "dtype": dtype, "skipped": why}
     folder = Path(keep or tempfile.mkdtemp(prefix=f"bench_scale_{size}_{dtype}_"))
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        row = {"size": size, "dtype": dtype, **run_child(["make", str(folder), size, dtype], timeout)}
+        row = {"size": size, "dtype": dtype, "stripped": strip,
+               **run_child(["make", str(folder), size, dtype, "1" if strip else "0"], timeout)}
         row["cached"] = run_child(["gate", str(folder), "cached", row["checkpoint"]], timeout)
-        row["fallback"] = run_child(["gate", str(folder), "fallback", row["checkpoint"]], timeout)
+        why = fits(4.5)
+        row["fallback"] = ({"skipped": why} if why else
+                           run_child(["gate", str(folder), "fallback", row["checkpoint"]], timeout))
         return row
     finally:
         if keep is None:
@@ -320,14 +330,17 @@ def fmt_row(r: dict) -> list:
     c, f = r["cached"], r["fallback"]
     ck = r["checkpoint_bytes"] / GB
     cached_s = (c["mapping_s"] or 0) + (c["apply_s"] or 0)
-    fallback_s = (f["mapping_s"] or 0) + (f["apply_s"] or 0)
+    fallback_s = (f.get("mapping_s") or 0) + (f.get("apply_s") or 0)
+    how = "stripped" if r.get("stripped") else "with the engine's copy"
     return [r["size"], r["dtype"], f"{r['params'] / 1e6:.0f}M", f"{ck:.2f} GiB", f"{r['compile_s']:.1f} s",
-            f"{r['compile_peak_gib']:.2f} GiB ({r['compile_peak_gib'] / ck:.2f}x ckpt)",
+            f"{r['compile_peak_gib']:.2f} GiB ({r['compile_peak_gib'] / ck:.2f}x ckpt, {how})",
             f"{cached_s:.2f} s ({cached_s / c['clone_s']:.2f}x clone {c['clone_s']:.2f} s)",
+            f"skipped: {f['skipped']}" if "skipped" in f else
             f"{fallback_s:.1f} s ({fallback_s / max(cached_s, 1e-9):.1f}x cached)",
             f"{c['refit_verify_s']:.1f} s" if c["refit_verify_s"] is not None else "-",
             f"{c['gate_s']:.1f} s, exit {c['exit']}",
             f"{c['peak_gib']:.2f} GiB ({c['peak_gib'] / ck:.2f}x ckpt)",
+            "-" if "skipped" in f else
             f"fallback gate peak {f['peak_gib']:.2f} GiB ({f['peak_gib'] / ck:.2f}x), exit {f['exit']}"]
 
 
@@ -354,6 +367,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=7200, help="seconds per child step")
     p.add_argument("--force", action="store_true", help="run sizes that may not fit in the available memory")
     p.add_argument("--keep", help="write the case's files here and keep them (one size and dtype only)")
+    p.add_argument("--keep-engine-weights", action="store_true",
+                   help="compile without strip_engine_weights (the engine holds its own copy, as before)")
     p.add_argument("--no-record", action="store_true")
     a = p.parse_args()
     info = C.machine_info()
@@ -361,7 +376,7 @@ def main() -> None:
     results = []
     for size, dtype in cases:
         print(f"bench_scale: {size} {dtype} ...", file=sys.stderr, flush=True)
-        results.append(measure(size, dtype, a.timeout, a.force, a.keep))
+        results.append(measure(size, dtype, a.timeout, a.force, a.keep, strip=not a.keep_engine_weights))
         print(json.dumps(results[-1])[:2000], file=sys.stderr, flush=True)
     body = C.table(["size", "dtype", "params", "checkpoint", "compile", "compile + save peak RSS",
                     "cached refit (map+apply)", "fallback refit",

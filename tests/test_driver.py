@@ -392,3 +392,27 @@ def test_a_raw_export_without_batchnorm_refits_through_both_paths(make, inputs, 
     program = torch.export.export(new, x)
     result = refitcore.refit(engine, program, path=path, verify_inputs=[x], reference_model=new)
     assert result.ok and result.path == path, str(result)
+
+
+@pytest.mark.parametrize("bits, what", [(0x7FC0, "nan"), (0x7F80, "inf"), (0xFF80, "-inf")])
+def test_a_non_finite_bfloat16_weight_is_refused_and_nothing_changes(bits, what):
+    """bfloat16 engine weights are uint16 bit patterns, integers to NumPy: the driver reads them as
+    bfloat16 to find NaN/Inf, naming the weight and the index."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    x = torch.randn(3, 4)
+    engine = refitcore.compile(model, x, backend="reference", precision="bf16")
+    good = refitcore.cached_mapping(engine.weight_map, model.state_dict())
+    name = next(k for k in sorted(good) if k.endswith("weight CONSTANT") or "KERNEL" in k)
+    bad = dict(good)
+    arr = np.array(good[name], copy=True)
+    assert arr.dtype == np.uint16
+    arr.reshape(-1)[5] = bits
+    bad[name] = arr
+    before = {k: v.copy() for k, v in engine.current_weights().items()}
+    with pytest.raises(refitcore.WeightMappingError) as info:
+        refitcore.apply_mapping(engine, bad, in_place=True)
+    text = str(info.value)
+    assert name in text and "non-finite" in text and what.lstrip("-") in text
+    assert all(np.array_equal(before[k], v) for k, v in engine.current_weights().items())
+    refitcore.apply_mapping(engine, good, in_place=True)    # the same weights, finite: accepted

@@ -34,15 +34,17 @@ def _as_array(name: str, value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *,
-                     constant_weights: Collection[str] = ()) -> tuple[dict[str, np.ndarray], list[str]]:
+def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant_weights: Collection[str] = (),
+                     checked_finite: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
     """Check every weight against the engine's prototypes before anything is touched.
 
     Returns (arrays cast to the engine dtype, problems). Problems: unknown names, engine weights
     without a value, wrong count, non-float or overflowing values, NaN/Inf in a weight derived from
     the state_dict. ``constant_weights`` (:attr:`~refitcore.conversion.weight_map.WeightMap.constant_weights`)
     name the weights that read no state_dict key: constants of the graph, which may hold NaN/Inf
-    (a ``masked_fill`` with ``-inf``) as the model does."""
+    (a ``masked_fill`` with ``-inf``) as the model does. ``checked_finite``: the caller checked every
+    value finite already (:func:`refitcore.cached_mapping` does, for every weight it returns): that
+    pass over the weights is not repeated; every other check is."""
     problems: list[str] = []
     names = list(refitter.get_all_weights())
     known = set(names)
@@ -69,7 +71,7 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *,
             if not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
                 continue
-            if name not in constant_weights and not all_finite(arr):
+            if name not in constant_weights and not checked_finite and not all_finite(arr):
                 finite_in = np.isfinite(arr)
                 bad = int((~finite_in).sum())
                 first = [int(i) for i in np.unravel_index(int(np.argmin(finite_in)), arr.shape)] if arr.ndim else []
@@ -86,6 +88,16 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *,
                 arr = cast
         elif arr.dtype != want:
             problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
+            continue
+        elif (proto.dtype == "BF16" and name not in constant_weights and not checked_finite
+              and not all_finite(dtypes.as_torch(arr))):
+            values = dtypes.as_torch(np.ascontiguousarray(arr)).reshape(-1)
+            finite_in = torch.isfinite(values)
+            at = int(torch.argmin(finite_in.to(torch.uint8)))
+            first = [int(i) for i in np.unravel_index(at, arr.shape)] if arr.ndim else []
+            problems.append(f"{name!r}: {int((~finite_in).sum())} non-finite value(s) (first at {first}: "
+                            f"{float(values[at])}) in a bfloat16 weight derived from the state_dict (only "
+                            f"constants of the graph may hold NaN/Inf)")
             continue
         out[name] = np.ascontiguousarray(arr)
     return out, problems
@@ -118,12 +130,15 @@ def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str
     return problems + (_errors(rollback) if problems else [])
 
 
-def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False, hand_over: bool = False):
+def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False, hand_over: bool = False,
+                  checked_finite: bool = False):
     """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
     refitted (a copy unless ``in_place``). ``hand_over=True``: the caller gives the mapping's
     writeable numpy arrays to the engine and never writes them again (a mapping it just computed),
     so the engine may keep them instead of copying; read-only arrays (views of a model's memory, as
     :func:`refitcore.cached_mapping` marks them) and torch tensors are copied all the same.
+    ``checked_finite=True``: every value was checked finite by the caller, as :func:`refitcore.cached_mapping`
+    checks what it returns (see :func:`validate_mapping`).
 
     Nothing is touched unless every weight validates. Once the first weight is handed to the
     refitter, any failure (a refitter that rejects a value or returns False, or one that raises, e.g.
@@ -133,7 +148,8 @@ def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False,
     target = engine if in_place else engine.clone()
     impl: EngineImpl = target.impl
     refitter = impl.create_refitter(adopt=hand_over)
-    arrays, problems = validate_mapping(refitter, mapping, constant_weights=target.weight_map.constant_weights)
+    arrays, problems = validate_mapping(refitter, mapping, constant_weights=target.weight_map.constant_weights,
+                                        checked_finite=checked_finite)
     if problems:
         raise WeightMappingError(problems, header="refit refused before touching the engine")
     previous = impl.rollback_weights()

@@ -18,7 +18,7 @@ import torch
 
 from refitcore import dtypes
 from refitcore.conversion.recipes import apply_recipe, evaluate_operand
-from refitcore.conversion.weight_map import WeightMap, operand_keys
+from refitcore.conversion.weight_map import WeightMap, operand_constants, operand_keys
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import WeightMappingError
 from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
@@ -58,14 +58,25 @@ def _in_own_dtype(src, checked: Any, want: torch.dtype) -> bool:
             and all(_moves_values_only(v) for v in src.inputs.values()))
 
 
-def _flush_problems(weight_map: WeightMap, name: str, value: torch.Tensor, state: Any) -> list[str]:
+def _whole_key(src) -> str | None:
+    """The key an engine weight's recipe reads as it is (one operand, ``{"key": k}``), else None."""
+    if src.recipe != "copy" or len(src.inputs) != 1:
+        return None
+    (operand,) = src.inputs.values()
+    return operand["key"] if isinstance(operand, dict) and set(operand) == {"key"} else None
+
+
+def _flush_problems(weight_map: WeightMap, name: str, value: torch.Tensor, state: Any,
+                    known: tuple[float, float] | None = None) -> list[str]:
     """:func:`precision_problems` of a weight already in its engine dtype: it cannot overflow it; its
     values may be subnormal, which matters only when its largest value is tiny (FLUSH_ULPS): only then
-    is it widened (one weight) for the check."""
+    is it widened (one weight) for the check. ``known``: its smallest and largest value, when the key
+    it is had them measured (:attr:`CheckedWeights.ranges`), else one pass over it finds them."""
     if not value.numel():
         return []
     info = torch.finfo(value.dtype)
-    if FLUSH_ULPS * info.eps * max(float(value.max()), -float(value.min())) >= info.tiny:
+    lo, hi = known if known is not None else (float(v) for v in torch.aminmax(value))
+    if FLUSH_ULPS * info.eps * max(hi, -lo) >= info.tiny:
         return []
     return precision_problems(weight_map, name, value.to(ENGINE_DTYPE), value, state)
 
@@ -118,8 +129,13 @@ def cached_mapping(weight_map: WeightMap, weights: Any, *, constants_from: Any =
             # is a recipe overflow or a non-finite constant in their arithmetic, said as such; a finite
             # one the engine dtype cannot hold (overflow, flush, all bits lost) is refused too. A value
             # that reads no key (a literal such as masked_fill's -inf) is structure, never refused.
-            problems = (nonfinite_weight_problems(weight_map, name, exact, state, constants)
-                        or (_flush_problems(weight_map, name, value, state) if own
+            # A weight that is its keys' values moved (``own``, no constant among them) is finite: the
+            # keys are; only the flush check reads it.
+            moved = own and not any(True for v in src.inputs.values() for _ in operand_constants(v))
+            whole = _whole_key(src)
+            known = weights.ranges.get(whole) if whole is not None and own else None
+            problems = (([] if moved else nonfinite_weight_problems(weight_map, name, exact, state, constants))
+                        or (_flush_problems(weight_map, name, value, state, known) if own
                             else precision_problems(weight_map, name, exact, value, state)))
             if problems:
                 raise WeightMappingError(problems)

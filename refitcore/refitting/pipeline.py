@@ -203,7 +203,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             try:
                 # A cached mapping computed here is handed over (no copy); arrays that alias the
                 # model's memory are read-only and still copied.
-                refitted = apply_mapping(target, rec.mapping, in_place=here, hand_over=rec.path == "cached")
+                refitted = apply_mapping(target, rec.mapping, in_place=here, hand_over=rec.path == "cached",
+                                         checked_finite=rec.path == "cached")
             except RefitCoreError as err:
                 rec.error = f"{type(err).__name__}: {err}"
                 if not record_errors:

@@ -34,7 +34,10 @@ class CheckedWeights:
     model and the fallback's conversion read them); ``source``: the ``nn.Module`` or
     ``ExportedProgram`` they came from (None for a state_dict or a file); ``notes``: what was
     unwrapped, stripped or ignored; ``owned``: nobody but the refit holds these tensors (they were
-    read from a file for it): the engine and the eager model may keep them instead of copies."""
+    read from a file for it): the engine and the eager model may keep them instead of copies;
+    ``ranges``: the smallest and largest value of each float16/bfloat16 key the map reads (found by
+    the finiteness check; the flush check of an engine weight that is one such key as stored reads
+    them instead of the weight again)."""
 
     weight_map: WeightMap
     checked: dict[str, torch.Tensor]
@@ -42,6 +45,7 @@ class CheckedWeights:
     source: Any = None
     notes: tuple[str, ...] = ()
     owned: bool = False
+    ranges: Mapping[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
 
     @property
     def origin(self) -> Any:
@@ -108,11 +112,13 @@ def prepare_weights(target, new_weights: Any, *, every_key_finite: bool = False,
         new_weights = new_weights.origin
     loaded = load_for(target, new_weights)
     checked = check_state_dict(weight_map, loaded.state_dict)
+    ranges: dict[str, tuple[float, float]] = {}
     problems = nonfinite_key_problems(weight_map, loaded.state_dict if every_key_finite else checked,
-                                      every_key=every_key_finite)
+                                      every_key=every_key_finite, ranges=ranges)
     if problems:
         raise WeightMappingError(problems, header="refusing weights with NaN/Inf values")
-    return CheckedWeights(weight_map, checked, loaded.state_dict, loaded.source, tuple(loaded.notes), owned)
+    ranges = {k: r for k, r in ranges.items() if k in checked and checked[k] is loaded.state_dict.get(k, checked[k])}
+    return CheckedWeights(weight_map, checked, loaded.state_dict, loaded.source, tuple(loaded.notes), owned, ranges)
 
 
 def check_state_dict(weight_map: WeightMap, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

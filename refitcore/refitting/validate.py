@@ -10,6 +10,7 @@ hold, such as a float16 overflow), the verification inputs against the engine's 
 from __future__ import annotations
 
 import collections
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -40,33 +41,51 @@ def _consumers(weight_map: WeightMap, key: str) -> str:
 
 
 def all_finite(t: torch.Tensor | np.ndarray) -> bool:
-    """Whether every element of a tensor or array is finite."""
-    # One BLAS dot product (several times faster than a sum, and than isfinite(t).all(), which
-    # allocates a mask): a finite result means every element is finite; a non-finite one (NaN/Inf,
-    # or values beyond ~1e19 whose squares overflow) is settled element-wise.
+    """Whether every element of a tensor or array is finite (a bfloat16 engine weight: pass it as a
+    tensor, ``dtypes.as_torch(arr)``; its ``uint16`` bit patterns are integers to NumPy)."""
+    # float32/float64: one BLAS dot product (several times faster than a sum, and than
+    # isfinite(t).all(), which allocates a mask): a finite result means every element is finite; a
+    # non-finite one (NaN/Inf, or values beyond ~1e19 whose squares overflow) is settled element-wise.
+    # float16/bfloat16 (no fast dot product on the CPU: bfloat16's is 40x slower than float32's): the
+    # smallest and largest value, one pass without a mask (aminmax and NumPy's min/max propagate NaN;
+    # an infinity is the min or the max): 12x faster than isfinite(t).all() at 45M bfloat16 values.
     if isinstance(t, np.ndarray):
         if t.dtype in (np.float32, np.float64) and t.flags.c_contiguous:
             flat = t.reshape(-1)
             with np.errstate(over="ignore", invalid="ignore"):   # large finite values: settled below
                 if np.isfinite(np.dot(flat, flat)):
                     return True
+        elif t.dtype == np.float16 and t.size:
+            return bool(np.isfinite(t.min()) and np.isfinite(t.max()))
         return bool(np.isfinite(t).all())
     if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
         flat_t = t.reshape(-1)
         if bool(torch.isfinite(torch.dot(flat_t, flat_t))):
             return True
+    elif t.dtype in (torch.float16, torch.bfloat16) and t.numel():
+        lo, hi = torch.aminmax(t)
+        return bool(torch.isfinite(lo) & torch.isfinite(hi))
     return bool(torch.isfinite(t).all())
 
 
 def nonfinite_key_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor], *,
-                           every_key: bool = False) -> list[str]:
+                           every_key: bool = False, ranges: dict[str, tuple[float, float]] | None = None
+                           ) -> list[str]:
     """Every floating-point key the engine reads (``every_key``: every one of ``state``) that holds
     NaN/Inf: the key, how many (NaN and Inf apart), the first bad index and value (plain numbers) and
-    the engine weights it feeds. One pass over the weights."""
+    the engine weights it feeds. One pass over the weights. ``ranges``: filled with the smallest and
+    largest value of each finite float16/bfloat16 key (the pass finds them anyway)."""
     problems = []
     for key in (state if every_key else weight_map.keys_used):
         t = state.get(key)
-        if t is None or not t.is_floating_point() or t.numel() == 0 or all_finite(t):
+        if t is None or not t.is_floating_point() or t.numel() == 0:
+            continue
+        if ranges is not None and t.dtype in (torch.float16, torch.bfloat16):
+            lo, hi = (float(v) for v in torch.aminmax(t))
+            if math.isfinite(lo) and math.isfinite(hi):
+                ranges[key] = (lo, hi)
+                continue
+        elif all_finite(t):
             continue
         bad = ~torch.isfinite(t)
         idx, value = _first_bad(t, bad)
