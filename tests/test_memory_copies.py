@@ -272,6 +272,52 @@ def test_a_stripped_engine_saves_without_its_weights_until_refitted(tmp_path):
     torch.testing.assert_close(refitcore.load(tmp_path / "w.trtrefit")(X), model(X), rtol=1e-5, atol=1e-5)
 
 
+def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch):
+    """The fallback path of the gate: the model it re-exports holds the mapped checkpoint (no copy),
+    the conversion reads it, and the arrays read back off the network are views of it that the
+    refitted engine keeps: the fallback's engine is the file's mapping too, as the cached path's."""
+    import refitcore.capture.eager as eager_module
+    import refitcore.gating.gate as gate_module
+
+    seen: dict = {}
+    real = gate_module.run_refit
+    built = []
+    real_eager = eager_module.eager_model
+
+    def spy(engine, weights, **kw):
+        report = real(engine, weights, **kw)
+        seen.update(engine=report.engine)
+        return report
+
+    def spy_eager(*args, **kw):
+        module = real_eager(*args, **kw)
+        built.append(module)
+        return module
+
+    monkeypatch.setattr(gate_module, "run_refit", spy)
+    monkeypatch.setattr("refitcore.engine.reexport.eager_model", spy_eager)
+    path = files / "new.safetensors"
+    report = refitcore.gate(files / "m.trtrefit", path, "random:2", model=FACTORY, paths="fallback")
+    assert report, str(report)
+    total = weight_bytes(read_file(path).values())
+    assert built, "the fallback did not rebuild a model to export"
+    assert copied_bytes(list(built[0].state_dict().values()), path) == 0        # the re-exported model
+    assert copied_bytes(seen["engine"].current_weights().values(), path) < total // 10
+
+
+def test_fallback_of_weights_the_caller_holds_copies_them():
+    """Weights the caller holds (a state_dict given to refit) are never kept by the engine: the
+    fallback's arrays are copies, so the caller's later writes do not reach the refitted engine."""
+    engine = refitcore.compile(mlp(), X, backend="reference", model_factory=FACTORY)
+    new = state(1)
+    result = refitcore.refit(engine, new, path="fallback")
+    assert result
+    before = result.engine(X).clone()
+    for t in new.values():
+        t.mul_(2)
+    torch.testing.assert_close(result.engine(X), before, rtol=0, atol=0)
+
+
 def test_a_factory_that_needs_real_parameters_is_built_normally():
     """A module whose construction reads its parameters' values cannot be built on meta: the
     eager model is then built the ordinary way, and still holds the given weights."""

@@ -43,13 +43,15 @@ class UntrustedFactoryError(EagerModelError):
 
 
 def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine: Any = None,
-                trust_factory: bool = False, keep_missing: bool = False, share: bool = False) -> torch.nn.Module:
+                trust_factory: bool = False, keep_missing: bool = False, share: bool = False,
+                widen: bool = True) -> torch.nn.Module:
     """An eager model holding ``state`` (a state_dict), never sharing storage the caller can see
     unless ``share``: the caller hands ``state``'s tensors over (it read them from a file for
     this model and never writes them), and the model keeps them as they are, without a copy;
     narrower ones (bfloat16 for a float32 model) are widened per module as it runs
     (:func:`widen_in_forward`), except in a ``GraphModule`` (its graph reads every tensor itself:
-    they are widened whole).
+    they are widened whole, and with ``widen=False``, which a model to export needs: its graph must
+    see the model's own dtypes).
 
     ``model``: an nn.Module (copied: the original is never written), an ExportedProgram, a callable
     returning an nn.Module, or a ``'module:callable'`` string (imported: the caller named it).
@@ -79,7 +81,7 @@ def eager_model(state: Mapping[str, torch.Tensor], *, model: Any = None, engine:
         # Narrower floating-point tensors handed over (a bfloat16 checkpoint, a float32 model) stay
         # narrow in a module that runs its own forward, and are widened there per call
         # (:func:`widen_in_forward`): one module's worth of float32 at a time, not the model's.
-        narrow = {k: v.dtype for k, v in own.items() if share and k in state and _widens(state[k], v.dtype)
+        narrow = {k: v.dtype for k, v in own.items() if share and widen and k in state and _widens(state[k], v.dtype)
                   and not isinstance(module, torch.fx.GraphModule)}
         values = collections.OrderedDict(
             (k, state[k].detach() if k in narrow else _value(state[k], v.dtype, share) if k in state

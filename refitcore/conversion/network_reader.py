@@ -175,14 +175,15 @@ def read_network(network, host: Mapping[str, np.ndarray] | None = None, *, copy:
 
 
 def network_weights(network, shapes: Mapping[str, tuple[int, ...]], prefix: str = "",
-                    host: Mapping[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                    host: Mapping[str, np.ndarray] | None = None, *, copy: bool = True) -> dict[str, np.ndarray]:
     """Every refittable weight read off a converted network's layers (the fallback mapping), named
     ``prefix + "<layer name> <ROLE>"``, in its engine dtype (BF16 as ``uint16`` bit patterns, from
     ``host``; bool and integer weights, such as the boolean attention masks and integer tables
     Torch-TensorRT's networks hold as CONSTANT weights, in theirs) and shaped as ``shapes`` (engine
-    weight name -> shape) says."""
+    weight name -> shape) says. Copies, unless ``copy=False``: then views of the network's arrays where
+    they are contiguous (a weight the conversion took from the state_dict as it is: that tensor's memory)."""
     out: dict[str, np.ndarray] = {}
-    for layer in read_network(network, host)["layers"]:
+    for layer in read_network(network, host, copy=copy)["layers"]:
         for role in WEIGHT_ROLES.get(layer["type"], ()):
             arr = layer["weights"].get(role)
             if arr is None:

@@ -276,7 +276,8 @@ class Hybrid:
         return Built(impl, wm, io, structure, out_spec, fingerprint, eager_modules=list(source.eager))
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
-                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+                         source: Any, *, model: Any = None, trust_factory: bool = False,
+                         owned: bool = False) -> dict[str, np.ndarray]:
         """Each compiled submodule through its own kind's fallback (converting again with the
         submodule's slice of the new weights), the eager weights straight from the state_dict."""
         impl: HybridImpl = engine.impl

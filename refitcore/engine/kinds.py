@@ -97,11 +97,15 @@ class EngineKind(Protocol):
         """Build the engine from what the compiler hands over."""
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
-                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+                         source: Any, *, model: Any = None, trust_factory: bool = False,
+                         owned: bool = False) -> dict[str, np.ndarray]:
         """``{engine weight name: array}`` of new weights converted again and read back. ``state``: the
         new state_dict as given; ``checked``: its keys the map reads, validated and cast
         (:func:`refitcore.refitting.prepare.check_state_dict`); ``source``: the new weights' module
-        or ExportedProgram, if any; ``model``/``trust_factory``: how to rebuild a loaded engine's model."""
+        or ExportedProgram, if any; ``model``/``trust_factory``: how to rebuild a loaded engine's model;
+        ``owned``: the weights are the refit's own (:attr:`refitcore.refitting.prepare.CheckedWeights.owned`):
+        the model rebuilt to export holds them as they are, and arrays read back may be views of them
+        (the engine may keep those: one copy of the weights, docs/memory.md)."""
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         """(impl header, arrays) of a saved engine; bytes go under the header's ``"blobs"``."""

@@ -45,13 +45,16 @@ def _first_difference(a: list, b: list) -> str:
 
 
 def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, model: Any = None,
-                 trust_factory: bool = False):
+                 trust_factory: bool = False, owned: bool = False):
     """The ExportedProgram to convert for the fallback path, checked against the compiled graph.
 
     ``source``: the new weights' own module or ExportedProgram, if any. Without one the engine's
     exported program is reused; a loaded engine has none, so the eager model holding ``state`` is
     re-exported, built by :func:`refitcore.capture.eager.eager_model` from ``model`` (the caller's) or
-    the engine's recorded factory when ``trust_factory`` (never imported otherwise)."""
+    the engine's recorded factory when ``trust_factory`` (never imported otherwise): with ``owned``
+    (the refit's own tensors, read from a file for it) that model holds them as they are, without a
+    copy, where their dtypes are the model's (narrower ones are cast whole: an export must see the
+    model's own dtypes)."""
     if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
         # The same export as at compile time: example shapes, and the recorded dynamic ranges.
         profiles = engine.io.profiles
@@ -77,7 +80,7 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
                     "factory; pass the new weights as an nn.Module (or model=) to use the fallback path"])
             try:
                 module = eager_model(state, model=model, engine=engine, trust_factory=trust_factory,
-                                     keep_missing=True)
+                                     keep_missing=True, share=owned, widen=False)
             except UntrustedFactoryError:
                 raise
             except EagerModelError as err:

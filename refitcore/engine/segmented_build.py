@@ -245,10 +245,11 @@ class Segmented:
         return Built(impl, wm, io, structure, out_spec, digest, entries, partition=plan)
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
-                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+                         source: Any, *, model: Any = None, trust_factory: bool = False,
+                         owned: bool = False) -> dict[str, np.ndarray]:
         """Convert every TensorRT segment again with the new weights and read its weights off the
         network; PyTorch segments take the state_dict's values."""
-        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
+        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned)
         params = conversion_params(engine.weight_map, state, checked)
         segments = engine.impl.segments
         out: dict[str, np.ndarray] = {}
@@ -257,7 +258,8 @@ class Segmented:
             if seg.kind == "tensorrt":
                 result = convert(subprogram(ep, seg), params, precision=engine.options.precision)
                 shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
-                out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights))
+                out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights,
+                                           copy=not owned))
         # A PyTorch segment's weights are named by the state_dict keys its ops read (not by the map: the
         # fallback stays a witness independent of the map's recipes).
         current = engine.impl.current_weights()   # their dtypes (a weightless engine's placeholders have them)

@@ -655,7 +655,8 @@ class TorchTensorRTKind:
         return out
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
-                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
+                         source: Any, *, model: Any = None, trust_factory: bool = False,
+                         owned: bool = False) -> dict[str, np.ndarray]:
         """The witness: a fresh Torch-TensorRT conversion of the new weights, every TensorRT weight read
         back off the network's layers; a PyTorch segment's parameters from the state_dict key they hold."""
         api = load()

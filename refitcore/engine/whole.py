@@ -54,12 +54,13 @@ class WholeNetwork:
                      digest, entries)
 
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
-                         source: Any, *, model: Any = None, trust_factory: bool = False) -> dict[str, np.ndarray]:
-        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory)
+                         source: Any, *, model: Any = None, trust_factory: bool = False,
+                         owned: bool = False) -> dict[str, np.ndarray]:
+        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned)
         result = convert(ep, conversion_params(engine.weight_map, state, checked), profiles=engine.io.profiles,
                          precision=engine.options.precision)
         return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()},
-                               host=result.weights)
+                               host=result.weights, copy=not owned)
 
     def serialize(self, impl: EngineImpl, *, weights: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
         return impl.serialize(weights=weights)

@@ -184,7 +184,7 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     # float16/bfloat16 keys are handed over as they are: the conversion widens each as it reads it
     # (refitcore.conversion.context.StaticValue), never the whole state_dict.
     return engine.kind.fallback_mapping(engine, weights.state, weights.checked, weights.source, model=model,
-                                        trust_factory=trust_factory)
+                                        trust_factory=trust_factory, owned=weights.owned)
 
 
 

@@ -202,8 +202,10 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
             t0 = time.perf_counter()
             try:
                 # A cached mapping computed here is handed over (no copy); arrays that alias the
-                # model's memory are read-only and still copied.
-                refitted = apply_mapping(target, rec.mapping, in_place=here, hand_over=rec.path == "cached",
+                # model's memory are read-only and still copied. The fallback's arrays are views of the
+                # weights only when those are the refit's own (``owned``: read from a file for it).
+                refitted = apply_mapping(target, rec.mapping, in_place=here,
+                                         hand_over=rec.path == "cached" or (rec.path == "fallback" and weights.owned),
                                          checked_finite=rec.path == "cached")
             except RefitCoreError as err:
                 rec.error = f"{type(err).__name__}: {err}"
