@@ -108,19 +108,22 @@ def _widens(t: torch.Tensor, dtype: torch.dtype) -> bool:
             and torch.promote_types(t.dtype, dtype) == dtype and t.dtype.itemsize < dtype.itemsize)
 
 
-def widen_in_forward(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
+def widen_in_forward(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype]) -> list[Any]:
     """Run ``module`` as if the tensors named in ``dtypes`` (state_dict keys) had those wider dtypes,
     while they stay stored narrow: the module that owns each one widens it for the duration of its
     own forward (hooks), then puts the narrow tensor back (also when the forward raises). The
     arithmetic is the wide model's (widening is exact); the memory is one module's worth of wide
     tensors at a time. A tensor read outside its owner's forward would be seen narrow: the
-    eager model then disagrees with the engine or raises, and the gate says so, never passes."""
+    eager model then disagrees with the engine or raises, and the gate says so, never passes.
+    The dtypes may be narrower too (a float32 model run in bfloat16). Returns the hooks' handles
+    (``handle.remove()`` for each ends it)."""
     owned: dict[torch.nn.Module, list[tuple[str, torch.dtype]]] = {}
     for key, dtype in dtypes.items():
         path, _, name = key.rpartition(".")
         owner = module.get_submodule(path)
         owned.setdefault(owner, []).append((name, dtype))
 
+    handles = []
     for owner, entries in owned.items():
         saved: list[dict[str, torch.Tensor]] = []
 
@@ -141,8 +144,9 @@ def widen_in_forward(module: torch.nn.Module, dtypes: Mapping[str, torch.dtype])
                 store: dict[str, Any] = m._parameters if name in m._parameters else m._buffers
                 store[name] = t   # the narrow Parameter (or buffer) it held
 
-        owner.register_forward_pre_hook(widen)
-        owner.register_forward_hook(restore, always_call=True)
+        handles.append(owner.register_forward_pre_hook(widen))
+        handles.append(owner.register_forward_hook(restore, always_call=True))
+    return handles
 
 
 def _value(t: torch.Tensor, dtype: torch.dtype, share: bool) -> torch.Tensor:

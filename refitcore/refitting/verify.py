@@ -10,12 +10,25 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from refitcore import dtypes
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance, tolerances_for
 from refitcore.refitting.render import Silent, Ticker
 
-__all__ = ["verify", "compare_outputs", "sample_tensors", "engine_tolerances", "Verdict", "OutputCheck", "DEFAULT_RTOL",
-           "DEFAULT_ATOL"]
+__all__ = ["verify", "compare_outputs", "sample_tensors", "engine_tolerances", "precision_noise", "Verdict",
+           "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL", "NOISE_FACTOR", "MAX_NOISE_ATOL"]
+
+# A reduced-precision engine at its precision's default tolerances may differ from eager by up to this
+# many times the model's own precision noise (eager in the engine's dtype vs eager in float32, measured
+# per sample: :func:`precision_noise`), where that is more than the default atol. Two computations in
+# the same reduced type, rounded at different places, differ by about sqrt(2) times what either
+# differs from float32 (measured: 1.6x on a 16-layer bf16 Llama, docs/precision-tolerances.md).
+NOISE_FACTOR = 2.0
+# ... but never above this (atol's units: a fraction of max(1, max|eager|)): a model whose own rounding
+# moves its outputs by more than half of that (a chaotic one) cannot have a mapping bug told apart from
+# rounding at this precision: its verdict fails as unverifiable, saying so (verify it at fp32, or by the
+# exact audit, cached vs fallback), rather than pass with a tolerance that passes anything.
+MAX_NOISE_ATOL = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +143,12 @@ class Verdict:
     checks: list[list[OutputCheck]]       # [sample][output]
     backend: str = ""
     note: str = ""
+    calibration: str = ""                 # how the model's own precision noise set the tolerance, if it did
+    unverifiable: str = ""                # why no tolerance can tell a mapping bug from rounding here (fails)
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for sample in self.checks for c in sample)
+        return not self.unverifiable and all(c.ok for sample in self.checks for c in sample)
 
     def __bool__(self) -> bool:
         return self.ok
@@ -168,12 +183,17 @@ class Verdict:
                     lines.append(f"  sample {s}, {c}")
         if self.ok and self.worst is not None and len(self.checks) > 1:
             lines.append(f"  worst: {self.worst}")
+        if self.calibration:
+            lines.append(f"  tolerance: {self.calibration}")
+        if self.unverifiable:
+            lines.append(f"  unverifiable: {self.unverifiable}")
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "backend": self.backend, "max_abs": self.max_abs,
+        return {"ok": self.ok, "backend": self.backend, "max_abs": self.max_abs, "calibration": self.calibration,
+                "unverifiable": self.unverifiable,
                 "checks": [[dataclasses.asdict(c) | {"ok": c.ok} for c in s] for s in self.checks]}
 
 
@@ -196,6 +216,59 @@ def _leaves(out) -> tuple[list, list[str]]:
     return leaves, names
 
 
+def precision_noise(reference_model: Any, args: tuple, kwargs: dict, expected: Sequence[Any],
+                    engine_dtype: torch.dtype) -> tuple[float, str]:
+    """How far the model's own arithmetic in the engine's reduced type is from float32 on one sample:
+    ``(noise, what)``, noise = max over floating outputs of max|eager in one type - eager in the other|
+    / max(1, max|expected|) (``atol``'s units), ``what`` naming the two types; ``(0.0, why)`` when it
+    cannot be measured. ``expected``: the reference's own output leaves on this sample.
+
+    The reference runs once more in the other type: a model whose floating parameters are all in
+    ``engine_dtype`` in float32, a float32 model in ``engine_dtype``, each parameter cast by the module
+    that owns it for the duration of its forward (:func:`refitcore.capture.eager.widen_in_forward`: one
+    module's worth of memory), floating inputs cast too. Not measured for a model with hooks of its
+    own, a graph module (its graph reads the parameters itself), parameters of several floating types,
+    or a model that cannot run in the other type (said in ``why``)."""
+    from refitcore.capture.eager import widen_in_forward
+
+    if not isinstance(reference_model, torch.nn.Module) or isinstance(reference_model, torch.fx.GraphModule):
+        return 0.0, "the reference is not a plain module"
+    if any(m._forward_pre_hooks or m._forward_hooks for m in reference_model.modules()):
+        return 0.0, "the reference module has forward hooks of its own"
+    params = {k: p for k, p in reference_model.named_parameters() if p.is_floating_point()}
+    kinds = {p.dtype for p in params.values()}
+    if len(kinds) != 1:
+        return 0.0, f"the reference's floating parameters are of {len(kinds)} types"
+    (own,) = kinds
+    if own not in (engine_dtype, torch.float32):
+        return 0.0, f"the reference computes in {own}"
+    other = torch.float32 if own == engine_dtype else engine_dtype
+    cast = pytree.tree_map(lambda x: x.to(other) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                           (args, kwargs))
+    handles = widen_in_forward(reference_model, dict.fromkeys(params, other))
+    try:
+        with torch.no_grad():
+            twin, _ = _leaves(reference_model(*cast[0], **cast[1]))
+    except Exception as err:  # noqa: BLE001 - a model that cannot run in the other type: not measured
+        return 0.0, f"the reference cannot run in {other}: {type(err).__name__}: {str(err)[:120]}"
+    finally:
+        for h in handles:
+            h.remove()
+    noise = 0.0
+    for e, t in zip(expected, twin):
+        if not (isinstance(e, torch.Tensor) and isinstance(t, torch.Tensor) and e.is_floating_point()
+                and e.shape == t.shape and e.numel()):
+            continue
+        e64, t64 = e.detach().to(torch.float64), t.detach().to(torch.float64)
+        both = torch.isfinite(e64) & torch.isfinite(t64)
+        if not bool(both.any()):
+            continue
+        scale = max(1.0, float(e64[both].abs().max()))
+        noise = max(noise, float((e64 - t64)[both].abs().max()) / scale)
+    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+    return noise, f"eager {names.get(own, own)} vs eager {names.get(other, other)}"
+
+
 def engine_tolerances(engine, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
     """(rtol, atol) of ``engine`` vs eager: each None is the default of the engine's precision
     (:func:`refitcore.options.tolerances_for` of ``engine.options.precision``), each given one is kept;
@@ -213,17 +286,28 @@ def verify(engine, reference_model, inputs, *, rtol: float | None = None, atol: 
     ``progress``: told how many samples were compared when it takes long
     (:class:`refitcore.refitting.render.Ticker`).
 
+    A float16/bfloat16 engine held to its precision's default tolerances is also held to the model's
+    own precision noise: on each sample the reference runs once more in the other type
+    (:func:`precision_noise`), and the sample's atol becomes :data:`NOISE_FACTOR` times that noise
+    where this is more than the default (a deep network in bfloat16 differs from itself in float32 by
+    more than the default allows: 4% of its largest logit at 16 Llama layers). The verdict says so
+    (``calibration``). Tolerances set to anything but the defaults are used as they are.
+
     Example::
 
         verdict = refitcore.verify(engine, model, [torch.randn(1, 3, 64, 64)])
         assert verdict, str(verdict)
     """
     rtol, atol = engine_tolerances(engine, rtol, atol)
+    precision = engine.options.precision
+    calibrate = precision in ("fp16", "bf16") and (rtol, atol) == tolerances_for(precision)
+    raised: list[tuple[int, float, str]] = []
+    unmeasured = ""
     if hasattr(reference_model, "eval"):
         # ExportedProgram.module() refuses eval(); it already runs the exported (eval-mode) graph
         with contextlib.suppress(NotImplementedError):
             reference_model.eval()
-    checks = []
+    checks: list[list[OutputCheck]] = []
     samples = list(_samples(inputs))
     tick = Ticker(progress or Silent(), "samples compared with eager", len(samples))
     with torch.no_grad():
@@ -234,6 +318,32 @@ def verify(engine, reference_model, inputs, *, rtol: float | None = None, atol: 
                 a_names = e_names   # a flat engine (saved without its output structure): same order
             if a_names != e_names:
                 raise ValueError(f"the engine's outputs {a_names} are not the eager model's {e_names}")
-            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=atol, names=e_names))
+            sample_atol = atol
+            if calibrate:
+                noise, what = precision_noise(reference_model, args, kwargs, expected,
+                                              dtypes.precision_dtype(precision))
+                if noise == 0.0 and not unmeasured and "vs" not in what:
+                    unmeasured = what
+                if NOISE_FACTOR * noise > atol:
+                    sample_atol = max(atol, min(NOISE_FACTOR * noise, MAX_NOISE_ATOL))
+                    raised.append((len(checks), noise, what))
+            checks.append(compare_outputs(actual, expected, rtol=rtol, atol=sample_atol, names=e_names))
             tick()
-    return Verdict(checks, backend=engine.backend, note=engine.note)
+    calibration = unverifiable = ""
+    if raised:
+        worst = max(raised, key=lambda r: r[1])
+        used = max(atol, min(NOISE_FACTOR * worst[1], MAX_NOISE_ATOL))
+        calibration = (f"atol raised from the {precision} default {atol:g} to {NOISE_FACTOR:g}x the model's own "
+                       f"precision noise on {len(raised)} of {len(checks)} sample(s) (largest: sample {worst[0]}, "
+                       f"{worst[2]} differ by {worst[1]:.3g} x max(1, max|eager|), so atol {used:.3g})")
+        if NOISE_FACTOR * worst[1] > MAX_NOISE_ATOL:
+            calibration += f"; capped at {MAX_NOISE_ATOL:g}"
+            unverifiable = (f"the model's own {precision} rounding moves its outputs by {worst[1]:.3g} x max(1, "
+                            f"max|eager|) on sample {worst[0]} ({worst[2]}): more than half of {MAX_NOISE_ATOL:g}, "
+                            f"so no tolerance tells a mapping bug from rounding at {precision}; verify this model at "
+                            f"fp32, or by the exact audit (cached vs fallback: refit(..., audit=True), the gate's "
+                            f"default paths)")
+    elif calibrate and unmeasured:
+        calibration = f"the {precision} defaults (the model's precision noise was not measured: {unmeasured})"
+    return Verdict(checks, backend=engine.backend, note=engine.note, calibration=calibration,
+                   unverifiable=unverifiable)
