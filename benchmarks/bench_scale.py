@@ -249,7 +249,8 @@ def child_gate(folder: Path, path: str, checkpoint: str) -> dict:
     rec = data["paths"].get(path, {})
     out = {"exit": code, "gate_s": wall, "peak_gib": peak, "base_gib": base, "steps": RecordingProgress.steps,
            "mapping_s": rec.get("timings", {}).get("mapping_s"), "apply_s": rec.get("timings", {}).get("apply_s"),
-           "max_abs": rec.get("max_abs"), "problems": data.get("problems")}
+           "max_abs": rec.get("max_abs"), "problems": data.get("problems"), "calibration": rec.get("calibration"),
+           "worst": rec.get("worst")}
     verify = [s for s in RecordingProgress.steps if s["step"].startswith("refitting")]
     out["refit_verify_s"] = verify[0]["s"] if verify else None
     eager = [s for s in RecordingProgress.steps if s["step"].startswith("building the eager")]
@@ -347,11 +348,16 @@ def fmt_row(r: dict) -> list:
 def steps_table(r: dict) -> str:
     if "skipped" in r:
         return ""
+    def said(path: str) -> str:
+        how = r[path].get("calibration") or "the precision's default tolerances"
+        return f"\n{path} path verified at {how} (worst: {r[path].get('worst')})\n"
+
+    tolerance = "".join(said(path) for path in ("cached", "fallback") if "exit" in r.get(path, {}))
     rows = [[s["step"][:90], f"{s['s']:.2f} s", f"{s['rss_gib']:.2f} GiB", f"{s['peak_gib']:.2f} GiB"]
             for s in r["cached"]["steps"]]
     return (f"\n`trtrefit gate --paths cached`, {r['size']} {r['dtype']} (checkpoint "
             f"{r['checkpoint_bytes'] / GB:.2f} GiB, process at start {r['cached']['base_gib']:.2f} GiB):\n\n"
-            + C.table(["step", "time", "RSS after", "peak so far"], rows) + "\n")
+            + C.table(["step", "time", "RSS after", "peak so far"], rows) + "\n" + tolerance)
 
 
 def main() -> None:

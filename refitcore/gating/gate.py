@@ -283,7 +283,8 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         data["paths"][path] = {"ok": rec.ok, "max_abs": rec.max_abs, "culprit": culprit,
                                "timings": {"mapping_s": rec.mapping_s, "apply_s": rec.apply_s},
                                "outputs": rec.verdict.to_json()["checks"], "note": note, "report": str(rec.verdict),
-                               "worst": rec.worst_fields()}
+                               "worst": rec.worst_fields(), "calibration": rec.verdict.calibration,
+                               "unverifiable": rec.verdict.unverifiable}
         if not rec.ok:
             data["problems"].append(f"{path} path: refitted engine disagrees with eager "
                                     f"(max abs error {number(rec.max_abs)})"
