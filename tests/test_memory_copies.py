@@ -515,3 +515,49 @@ def test_a_partitioned_engine_is_stripped_too_and_submodules_are_refused():
     torch.testing.assert_close(engine(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="submodules= with strip_engine_weights=True"):
         refitcore.compile(model, x, backend="reference", strip_engine_weights=True, submodules=["0"])
+
+
+def conv_bn() -> torch.nn.Module:
+    """resnet18: convolutions with BatchNorm folded into them (new arrays in the fallback)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _bases(arr) -> list[str]:
+    """The types along an array's chain of ``.base`` (what keeps its memory alive)."""
+    chain = []
+    while arr is not None and len(chain) < 8:
+        chain.append(type(arr).__name__)
+        arr = getattr(arr, "base", None)
+    return chain
+
+
+def test_fallback_of_owned_weights_hands_out_arrays_that_keep_their_memory(tmp_path):
+    """Folded weights read back off the fallback's network are the conversion's own arrays, not NumPy
+    views of TensorRT's ``Weights``: a Weights object only points at the conversion's array and does
+    not keep it alive, so such a view dangles once the network is freed (the resnet50 gate of
+    benchmarks/bench_scale.py, whose freed arrays are unmapped at once, crashed with SIGSEGV reading
+    one). Every array's memory is held by its own chain of bases, and the refitted engine answers as
+    eager does."""
+    import gc
+
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    factory = "tests.test_memory_copies:conv_bn"
+    engine = refitcore.compile(conv_bn(), x, backend="reference", model_factory=factory)
+    assert {s.recipe for s in engine.weight_map.sources.values()} >= {"bn_fold_kernel"}
+    engine.save(tmp_path / "cb.trtrefit")
+    new = conv_bn()
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(0.01)
+    save_file({k: v.contiguous() for k, v in new.state_dict().items()}, str(tmp_path / "cb.safetensors"))
+    loaded = load(tmp_path / "cb.trtrefit", weights=False)
+    weights = prepare_weights(loaded, str(tmp_path / "cb.safetensors"), owned=True)
+    mapping = refitcore.fallback_mapping(loaded, weights, model=factory)
+    gc.collect()
+    dangling = {k: _bases(a) for k, a in mapping.items() if "Weights" in _bases(a)}
+    assert not dangling, dangling
+    refitted = apply_mapping(loaded, mapping, hand_over=True)
+    torch.testing.assert_close(refitted(x), new(x), rtol=1e-4, atol=1e-4)

@@ -108,10 +108,16 @@ def _tensor_info(tensor) -> dict:
 def _weights_of(t, w, layer_name: str, role: str, host: Mapping[str, np.ndarray] | None,
                 copy: bool = True) -> np.ndarray:
     """The values of a layer's ``trt.Weights`` (BF16: as ``uint16`` bit patterns, from ``host``); a
-    copy unless ``copy=False`` (then a view of the network's array where it can be)."""
+    copy unless ``copy=False``: then the very array the conversion gave TensorRT (``host``, which keeps
+    its memory alive: a view NumPy makes of a ``trt.Weights`` does not, and dangles once the network
+    is gone), else a copy all the same."""
     if getattr(w, "dtype", None) != t.DataType.BF16:   # an ndarray, or Weights NumPy can hold
+        if not copy and host is not None:
+            held = host.get(f"{layer_name} {role}")
+            if held is not None and held.size == w.size and held.dtype == np.asarray(w).dtype:
+                return held.reshape(-1) if held.flags.c_contiguous else np.array(held, copy=True).reshape(-1)
         arr = np.asarray(w)
-        return np.array(arr, dtype=arr.dtype, copy=True) if copy else arr
+        return np.array(arr, dtype=arr.dtype, copy=True)
     if not w.size:
         return np.zeros(0, np.uint16)
     name = f"{layer_name} {role}"
