@@ -28,7 +28,8 @@ cached path; growth linear in the parameter count.
 
 A step whose expected peak does not fit in the available memory with 4 GB to spare is skipped with a
 message instead of swapping the machine to a halt (``--force`` runs it anyway): compile and the cached
-gate need about 1.3x the checkpoint's bytes, compile without stripping 2.5x, the fallback gate 4.5x.
+gate need about 1.1x the checkpoint's bytes, compile without stripping 2.5x, the fallback gate 1.5x (4.5x
+before it kept views of the checkpoint it maps).
 """
 from __future__ import annotations
 
@@ -290,8 +291,8 @@ def run_child(args: list[str], timeout: float) -> dict:
 
 def expected_peak_gib(size: str, dtype: str, factor: float) -> float:
     """About ``factor`` x the checkpoint's bytes, plus the process (measured in benchmarks/results/scale.md:
-    the fallback gate 4.4x at 670M fp32; compile holding the engine's copy 2.5x at 250M fp32, 2.9x bf16;
-    stripped compile and the cached gate about 1.3x)."""
+    the fallback gate 1.1-1.4x above the process at 670M; compile holding the engine's copy 2.5x at 250M
+    fp32, 2.9x bf16; stripped compile and the cached gate about 1.1x)."""
     if size == "cnn":
         return 2.0
     vocab, hidden, layers, inter, heads, kv = SIZES[size]
@@ -316,9 +317,12 @@ def measure(size: str, dtype: str, timeout: float, force: bool, keep: str | None
         row = {"size": size, "dtype": dtype, "stripped": strip,
                **run_child(["make", str(folder), size, dtype, "1" if strip else "0"], timeout)}
         row["cached"] = run_child(["gate", str(folder), "cached", row["checkpoint"]], timeout)
-        why = fits(4.5)
-        row["fallback"] = ({"skipped": why} if why else
-                           run_child(["gate", str(folder), "fallback", row["checkpoint"]], timeout))
+        why = fits(1.5)
+        try:
+            row["fallback"] = ({"skipped": why} if why else
+                               run_child(["gate", str(folder), "fallback", row["checkpoint"]], timeout))
+        except RuntimeError as err:   # e.g. killed for memory: recorded, the sweep goes on
+            row["fallback"] = {"skipped": f"failed: {str(err).splitlines()[0][-200:]}"}
         return row
     finally:
         if keep is None:
