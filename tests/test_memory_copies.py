@@ -305,6 +305,15 @@ def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch):
     assert copied_bytes(seen["engine"].current_weights().values(), path) < total // 10
 
 
+def test_gate_fallback_of_a_bf16_checkpoint_into_a_float32_engine(files):
+    """A bfloat16 checkpoint of a float32 model through the fallback: the model re-exported holds the
+    keys cast to float32 (an export must see the model's own dtypes; widening per module would show it
+    bfloat16), and the refit matches eager within float32's tolerances (widening is exact)."""
+    report = refitcore.gate(files / "m.trtrefit", files / "new_bf16.safetensors", "random:2", model=FACTORY,
+                            paths="fallback")
+    assert report, str(report)
+
+
 def test_fallback_of_weights_the_caller_holds_copies_them():
     """Weights the caller holds (a state_dict given to refit) are never kept by the engine: the
     fallback's arrays are copies, so the caller's later writes do not reach the refitted engine."""
