@@ -116,7 +116,8 @@ OPTIONS: tuple[Option, ...] = (
            f"bf16 engines use {_FP16_TOL[0]:g} and {_BF16_TOL[0]:g} (docs/precision-tolerances.md)", metavar="RTOL"),
     Option("--trt-refit-atol", "trt_refit_atol", parse_tolerance, DEFAULT_ATOL,
            f"absolute tolerance, scaled by max(1, max|eager output|) (default: {DEFAULT_ATOL:g}); unless given, "
-           f"fp16 and bf16 engines use {_FP16_TOL[1]:g} and {_BF16_TOL[1]:g}", metavar="ATOL"),
+           f"fp16 and bf16 engines use {_FP16_TOL[1]:g} and {_BF16_TOL[1]:g}, raised to twice the model's own "
+           f"precision noise where that is larger", metavar="ATOL"),
     Option("--trt-refit-report", "trt_refit_report", parse_path, None,
            "write a JSON report of every refit check to PATH, for CI gating (default: no report)",
            metavar="PATH"),
