@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("refitcore", "pytest_trtrefit")
 # Lowest first. A module is in the first layer one of whose prefixes it equals or starts with (then ".").
 LAYERS = (
-    ("base", ("refitcore.errors", "refitcore.dtypes", "refitcore._trt", "refitcore._version", "refitcore.options")),
+    ("base", ("refitcore.errors", "refitcore.dtypes", "refitcore._trt", "refitcore._version", "refitcore.options",
+              "refitcore.progress")),
     ("capture", ("refitcore.capture",)),
     ("conversion", ("refitcore.conversion",)),
     ("partition", ("refitcore.partition",)),

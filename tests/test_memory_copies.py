@@ -345,16 +345,23 @@ def test_a_factory_that_needs_real_parameters_is_built_normally():
 
 
 class Said:
+    """A progress reporter that records what it is told."""
+
     def __init__(self):
         self.lines: list[str] = []
 
     def info(self, message: str) -> None:
         self.lines.append(message)
 
+    def step(self, what: str):
+        import contextlib
+
+        return contextlib.nullcontext()
+
 
 def test_long_steps_say_how_far_they_got():
     """The one progress helper: silent while a step is short, then the count so far."""
-    from refitcore.refitting.render import Ticker
+    from refitcore.progress import Ticker
 
     quick, slow = Said(), Said()
     tick_quick, tick_slow = Ticker(quick, "weights mapped", 3), Ticker(slow, "weights mapped", 3, every=0.0)
@@ -363,6 +370,31 @@ def test_long_steps_say_how_far_they_got():
         tick_slow()
     assert quick.lines == []
     assert slow.lines == ["  weights mapped: 1/3", "  weights mapped: 2/3", "  weights mapped: 3/3"]
+
+
+def test_conversion_says_how_far_it_got_in_compile_and_in_the_fallback(monkeypatch, files):
+    """A long conversion reports graph nodes converted to the reporter of the step it runs in:
+    compile(progress=...) and the refit pipeline's fallback step (the gate's stderr)."""
+    import refitcore.conversion.convert as convert_module
+    from refitcore.progress import Ticker
+
+    class Eager(Ticker):   # every node "takes long"
+        def __init__(self, progress, what, total, every=0.0):
+            super().__init__(progress, what, total, every=0.0)
+
+    monkeypatch.setattr(convert_module, "Ticker", Eager)
+    said = Said()
+    refitcore.compile(mlp(), X, backend="reference", progress=said)
+    assert said.lines and all(line.startswith("  graph nodes converted: ") for line in said.lines)
+    n = int(said.lines[-1].split("/")[-1])
+    assert said.lines[-1] == f"  graph nodes converted: {n}/{n}"
+    said = Said()
+    refitcore.compile(mlp(), X, backend="reference")       # no reporter: nothing said, nothing raised
+    assert said.lines == []
+    gate_said = Said()
+    report = refitcore.gate(files / "m.trtrefit", files / "new.safetensors", "random:2", model=FACTORY,
+                            paths="fallback", progress=gate_said)
+    assert report and any("graph nodes converted" in line for line in gate_said.lines), gate_said.lines
 
 
 def test_bf16_weights_handed_over_are_widened_per_module(files):

@@ -131,7 +131,7 @@ def _cmd_compile(args, progress: Progress) -> int:
             engine = compile_model(model, inputs, backend=args.backend, precision=parse_precision(args.dtype),
                                    model_factory=args.factory, dynamic_shapes=dynamic_shapes,
                                    cache=args.cache, verify_inputs=[inputs] if args.cache else None,
-                                   strip_engine_weights=args.strip_engine_weights)
+                                   strip_engine_weights=args.strip_engine_weights, progress=progress)
         except UnsupportedOperatorError as err:
             raise CliError(str(err)) from err
         except BackendUnavailableError as err:

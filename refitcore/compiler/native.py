@@ -40,6 +40,7 @@ from refitcore.errors import (
     UnsupportedOperatorError,
 )
 from refitcore.partition.partitioner import DEFAULT_MIN_BLOCK_SIZE, executed_op_nodes, partition
+from refitcore.progress import reporting
 from refitcore.refitting.refit import refit, verification_samples
 
 __all__ = ["compile", "tied_groups", "attach_exported_program", "compile_cache_key", "call_inputs"]
@@ -62,7 +63,7 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
             min_block_size: int = DEFAULT_MIN_BLOCK_SIZE, submodules: Sequence[str] | None = None,
             dynamic_shapes: Any = None, profiles: Sequence[Any] | None = None, cache: Any = None,
             verify_inputs: Sequence | None = None, keep_exported: bool = False, compiler: str = DEFAULT_COMPILER,
-            strip_engine_weights: bool = False, **settings: Any) -> RefittableEngine:
+            strip_engine_weights: bool = False, progress: Any = None, **settings: Any) -> RefittableEngine:
     """Export ``model`` (eval mode), convert it to TensorRT networks with the REFIT flag, record
     the weight maps, and build them on ``backend`` ('auto', 'reference' or 'tensorrt').
 
@@ -120,6 +121,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
     Compile then holds one copy of the weights, the model's (a 7B-parameter checkpoint compiles
     where two copies do not fit: docs/memory.md).
 
+    ``progress``: a reporter (``info(message)``, ``step(what)``; :mod:`refitcore.progress`) told how
+    far a long conversion got (graph nodes converted, every 3 s once it runs that long).
+
     Example::
 
         engine = refitcore.compile(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64),
@@ -156,7 +160,8 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
                              min_block_size=min_block_size, submodules=submodules, dynamic_shapes=dynamic_shapes,
                              profiles=profiles, model_factory=model_factory, verbose=verbose, compiler=compiler,
                              compiler_settings=settings, strip_engine_weights=bool(strip_engine_weights))
-    engine = _compile_or_hit(model, args, kwargs, options, reason, cache, verify_inputs, keep_exported)
+    with reporting(progress):
+        engine = _compile_or_hit(model, args, kwargs, options, reason, cache, verify_inputs, keep_exported)
     if strip_engine_weights and not engine.weightless:
         engine.strip_weights()
     return engine

@@ -25,6 +25,7 @@ from refitcore.conversion.shape_tensors import SymbolTable, is_symbolic, sym_val
 from refitcore.conversion.weight_map import WeightMap
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
+from refitcore.progress import Ticker, current
 
 __all__ = ["ConversionResult", "convert", "layer_names_for", "unsupported_ops", "dynamic_node_names", "node_problem",
            "Program"]
@@ -231,7 +232,8 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
 
 
 def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
-            *, fusion: FusionPlan | None = None, profiles: Any = None, precision: str = "fp32") -> ConversionResult:
+            *, fusion: FusionPlan | None = None, profiles: Any = None, precision: str = "fp32",
+            progress: Any = None) -> ConversionResult:
     """Build a strongly typed TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
 
     Dimensions that ``ep`` exported as dynamic become -1 in the network inputs; ``profiles``
@@ -241,7 +243,11 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
     ``precision`` ('fp32', 'fp16', 'bf16'): the type of every floating tensor and weight inside the
     network. Weights are computed from the state_dict in float32 (or wider) and rounded once to it;
     the network's inputs and outputs keep the graph's types (cast at the boundary), as a model
-    compiled with Torch-TensorRT's autocast does (docs/precision.md)."""
+    compiled with Torch-TensorRT's autocast does (docs/precision.md).
+
+    ``progress``: told how many graph nodes were converted when it takes long
+    (:class:`refitcore.progress.Ticker`: a 7B model's conversion, say); None: the reporter of the step
+    running now (:func:`refitcore.progress.current`)."""
     problems = unsupported_ops(ep)
     if problems:
         raise UnsupportedOperatorError(problems)
@@ -284,7 +290,9 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
             return type(a)(resolve(x) for x in a)
         return a
 
+    tick = Ticker(progress or current(), "graph nodes converted", len(gm.graph.nodes))
     for node in gm.graph.nodes:
+        tick()
         ctx.node = node
         if node.op == "placeholder":
             spec = specs[node.name]

@@ -21,8 +21,8 @@ from refitcore.conversion.recipes import apply_recipe, evaluate_operand
 from refitcore.conversion.weight_map import WeightMap, operand_constants, operand_keys
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import WeightMappingError
+from refitcore.progress import Silent, Ticker
 from refitcore.refitting.prepare import ENGINE_DTYPE, Widened, prepare_weights
-from refitcore.refitting.render import Silent, Ticker
 from refitcore.refitting.validate import FLUSH_ULPS, nonfinite_weight_problems, precision_problems
 
 __all__ = ["cached_mapping", "fallback_mapping", "compiler_mapping", "constants_note"]

@@ -20,12 +20,13 @@ from refitcore.capture.structured import split_call
 from refitcore.engine.kinds import CompilerRefit
 from refitcore.errors import MapCannotServeError, RefitCoreError, RefitError
 from refitcore.options import AUDIT_ATOL, AUDIT_RTOL
+from refitcore.progress import Silent, reporting
 from refitcore.refitting.audit import Audit, audit as audit_mappings, audit_paths
 from refitcore.refitting.culprit import Culprit, find_culprit, unavailable
 from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
 from refitcore.refitting.mapping import cached_mapping, compiler_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
-from refitcore.refitting.render import Silent, culprit_note
+from refitcore.refitting.render import culprit_note
 from refitcore.refitting.verify import Verdict, engine_tolerances, sample_tensors, verify
 
 __all__ = ["run_refit", "RefitReport", "PathRecord", "WITNESS"]
@@ -175,7 +176,7 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
         step = (_COMPILER_STEP[path].format(what=what, compiler=compiler.compiler)
                 if compiler is not None and path != WITNESS else _MAPPING_STEP[path].format(what=what))
         try:
-            with progress.step(step):
+            with progress.step(step), reporting(progress):   # a conversion says how far it got
                 if compiler is not None and path != WITNESS:
                     rec.mapping = compiler_mapping(engine, path, weights, model=model, trust_factory=trust_factory)
                 elif path == "cached":

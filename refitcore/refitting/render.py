@@ -1,64 +1,22 @@
 """The words every refit report shares: :class:`refitcore.RefitResult`, the gate's terminal,
 JSON and Markdown reports, and the pytest plugin's mismatch report each say a number, a culprit
 and an audit the same way through these functions; and :class:`Silent`, the progress reporter
-that says nothing (the pipeline talks to a progress reporter while it runs).
+that says nothing, and :class:`Ticker` (both from :mod:`refitcore.progress`, which every layer may use).
 
 The audit helpers read the JSON form (:meth:`refitcore.refitting.audit.Audit.to_json`), so a
 report loaded back from a file renders as the report that wrote it. Standard library only.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
+
+from refitcore.progress import PROGRESS_EVERY_S, Silent, Ticker
 
 __all__ = ["Silent", "Ticker", "PROGRESS_EVERY_S", "number", "indented", "culprit_note", "no_culprit_note",
            "culprit_lines", "audit_line",
            "audit_failure_lines", "audit_problem", "audit_markdown"]
-
-
-class Silent:
-    """A progress reporter that says nothing. The interface: ``info(message)``, and ``step(what)``,
-    a context manager around one step."""
-
-    def info(self, message: str) -> None:
-        pass
-
-    @contextlib.contextmanager
-    def step(self, what: str) -> Iterator[None]:
-        yield
-
-
-PROGRESS_EVERY_S = 3.0   # a step that runs longer than this says how far it got, this often
-
-
-class Ticker:
-    """Counts the parts of a long step (weights mapped, samples compared) and says how far it got
-    through ``progress.info`` once the step has run :data:`PROGRESS_EVERY_S` seconds, then as
-    often: short steps stay silent, a 7B checkpoint's minutes do not. One per step; call it once
-    per part done. The reporter decides where it goes (the CLI: stderr, nothing with ``--quiet``).
-
-    Example::
-
-        tick = Ticker(progress, "engine weights mapped", len(names))
-        for name in names:
-            ...
-            tick()
-    """
-
-    def __init__(self, progress: Any, what: str, total: int, every: float = PROGRESS_EVERY_S):
-        self.progress, self.what, self.total, self.every = progress, what, total, every
-        self.done = 0
-        self.last = time.perf_counter()
-
-    def __call__(self, n: int = 1) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if now - self.last >= self.every:
-            self.last = now
-            self.progress.info(f"  {self.what}: {self.done}/{self.total}")
 
 
 def number(x: float | None) -> str:

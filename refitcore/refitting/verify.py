@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 from refitcore import dtypes
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance, tolerances_for
-from refitcore.refitting.render import Silent, Ticker
+from refitcore.progress import Silent, Ticker
 
 __all__ = ["verify", "compare_outputs", "sample_tensors", "engine_tolerances", "precision_noise", "Verdict",
            "OutputCheck", "DEFAULT_RTOL", "DEFAULT_ATOL", "NOISE_FACTOR", "MAX_NOISE_ATOL"]
@@ -284,7 +284,7 @@ def verify(engine, reference_model, inputs, *, rtol: float | None = None, atol: 
     mismatch: returns a :class:`Verdict`. ``rtol``/``atol``: None (default) takes the engine precision's
     (:func:`engine_tolerances`); a tolerance that is NaN, negative or infinite is a ``ValueError``.
     ``progress``: told how many samples were compared when it takes long
-    (:class:`refitcore.refitting.render.Ticker`).
+    (:class:`refitcore.progress.Ticker`).
 
     A float16/bfloat16 engine held to its precision's default tolerances is also held to the model's
     own precision noise: on each sample the reference runs once more in the other type
