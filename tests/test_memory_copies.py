@@ -602,3 +602,16 @@ def test_fallback_of_owned_weights_hands_out_arrays_that_keep_their_memory(tmp_p
     assert not dangling, dangling
     refitted = apply_mapping(loaded, mapping, hand_over=True)
     torch.testing.assert_close(refitted(x), new(x), rtol=1e-4, atol=1e-4)
+
+
+def test_stripping_is_the_caller_s_choice_on_an_engine_cache_hit(tmp_path):
+    """The engine cache stores engines weightless either way: a hit answers the compile call that
+    asked, stripped or not, whatever the call that stored the entry asked."""
+    model = mlp()
+    stored = refitcore.compile(model, X, backend="reference", cache=tmp_path, strip_engine_weights=True)
+    assert stored.cache_hit is False and stored.weightless and stored.options.strip_engine_weights
+    hit = refitcore.compile(model, X, backend="reference", cache=tmp_path)
+    assert hit.cache_hit is True and not hit.weightless and not hit.options.strip_engine_weights
+    torch.testing.assert_close(hit(X), model(X), rtol=1e-5, atol=1e-5)
+    again = refitcore.compile(model, X, backend="reference", cache=tmp_path, strip_engine_weights=True)
+    assert again.cache_hit is True and again.weightless and again.options.strip_engine_weights

@@ -162,6 +162,9 @@ def compile(model: torch.nn.Module, example_inputs: Sequence[Any] | torch.Tensor
                              compiler_settings=settings, strip_engine_weights=bool(strip_engine_weights))
     with reporting(progress):
         engine = _compile_or_hit(model, args, kwargs, options, reason, cache, verify_inputs, keep_exported)
+    if engine.options.strip_engine_weights != options.strip_engine_weights:   # a cache entry of the other kind
+        engine.record = dataclasses.replace(engine.record, options=dataclasses.replace(
+            engine.options, strip_engine_weights=options.strip_engine_weights))
     if strip_engine_weights and not engine.weightless:
         engine.strip_weights()
     return engine
