@@ -198,12 +198,11 @@ def _eager(sd):
     return m
 
 
-def test_gate_keeps_one_copy_of_the_weights(files, monkeypatch):
-    """End to end: the gate's refitted engine and its eager model both hold views of the mapped
-    checkpoint: the only copy of the weights is the file's mapping."""
+def spy_on_gate(monkeypatch) -> dict:
+    """What the gate's refit saw, filled as it runs: the refitted ``engine`` and the eager ``reference``."""
     import refitcore.gating.gate as gate_module
 
-    seen = {}
+    seen: dict = {}
     real = gate_module.run_refit
 
     def spy(engine, weights, **kw):
@@ -212,6 +211,13 @@ def test_gate_keeps_one_copy_of_the_weights(files, monkeypatch):
         return report
 
     monkeypatch.setattr(gate_module, "run_refit", spy)
+    return seen
+
+
+def test_gate_keeps_one_copy_of_the_weights(files, monkeypatch):
+    """End to end: the gate's refitted engine and its eager model both hold views of the mapped
+    checkpoint: the only copy of the weights is the file's mapping."""
+    seen = spy_on_gate(monkeypatch)
     path = files / "new.safetensors"
     report = refitcore.gate(files / "m.trtrefit", path, "random:2", model=FACTORY, paths="cached")
     assert report, str(report)
@@ -277,24 +283,16 @@ def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch):
     the conversion reads it, and the arrays read back off the network are views of it that the
     refitted engine keeps: the fallback's engine is the file's mapping too, as the cached path's."""
     import refitcore.capture.eager as eager_module
-    import refitcore.gating.gate as gate_module
 
-    seen: dict = {}
-    real = gate_module.run_refit
+    seen = spy_on_gate(monkeypatch)
     built = []
     real_eager = eager_module.eager_model
-
-    def spy(engine, weights, **kw):
-        report = real(engine, weights, **kw)
-        seen.update(engine=report.engine)
-        return report
 
     def spy_eager(*args, **kw):
         module = real_eager(*args, **kw)
         built.append(module)
         return module
 
-    monkeypatch.setattr(gate_module, "run_refit", spy)
     monkeypatch.setattr("refitcore.engine.reexport.eager_model", spy_eager)
     path = files / "new.safetensors"
     report = refitcore.gate(files / "m.trtrefit", path, "random:2", model=FACTORY, paths="fallback")
@@ -511,18 +509,8 @@ def test_bf16_into_bf16_still_refuses_a_weight_that_flushes(bf16_files):
 def test_gate_of_a_bf16_engine_keeps_one_copy_of_the_weights(bf16_files, monkeypatch):
     """End to end at bfloat16: the bundle loads weightless (bfloat16 placeholders), and the refitted
     engine and the eager model both hold the mapped checkpoint's memory."""
-    import refitcore.gating.gate as gate_module
-
     assert load(bf16_files / "m.trtrefit", weights=False).weightless
-    seen = {}
-    real = gate_module.run_refit
-
-    def spy(engine, weights, **kw):
-        report = real(engine, weights, **kw)
-        seen.update(engine=report.engine, reference=kw["reference"])
-        return report
-
-    monkeypatch.setattr(gate_module, "run_refit", spy)
+    seen = spy_on_gate(monkeypatch)
     path = bf16_files / "new.safetensors"
     report = refitcore.gate(bf16_files / "m.trtrefit", path, "random:2", model="tests.test_memory_copies:mlp_bf16",
                             paths="cached")
