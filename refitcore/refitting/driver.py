@@ -72,12 +72,7 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
                 problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
                 continue
             if name not in constant_weights and not checked_finite and not all_finite(arr):
-                finite_in = np.isfinite(arr)
-                bad = int((~finite_in).sum())
-                first = [int(i) for i in np.unravel_index(int(np.argmin(finite_in)), arr.shape)] if arr.ndim else []
-                problems.append(f"{name!r}: {bad} non-finite value(s) (first at {first}: "
-                                f"{arr.reshape(-1)[int(np.argmin(finite_in.reshape(-1)))]}) in a weight derived "
-                                f"from the state_dict (only constants of the graph may hold NaN/Inf)")
+                problems.append(_nonfinite_problem(name, arr, "weight"))
                 continue
             if arr.dtype != want:
                 with np.errstate(over="ignore"):
@@ -91,16 +86,19 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
             continue
         elif (proto.dtype == "BF16" and name not in constant_weights and not checked_finite
               and not all_finite(dtypes.as_torch(arr))):
-            values = dtypes.as_torch(np.ascontiguousarray(arr)).reshape(-1)
-            finite_in = torch.isfinite(values)
-            at = int(torch.argmin(finite_in.to(torch.uint8)))
-            first = [int(i) for i in np.unravel_index(at, arr.shape)] if arr.ndim else []
-            problems.append(f"{name!r}: {int((~finite_in).sum())} non-finite value(s) (first at {first}: "
-                            f"{float(values[at])}) in a bfloat16 weight derived from the state_dict (only "
-                            f"constants of the graph may hold NaN/Inf)")
+            problems.append(_nonfinite_problem(name, dtypes.as_float(arr), "bfloat16 weight"))
             continue
         out[name] = np.ascontiguousarray(arr)
     return out, problems
+
+
+def _nonfinite_problem(name: str, values: np.ndarray, what: str) -> str:
+    """How many of a weight's values are NaN/Inf, and the first (index, value); ``values`` as numbers."""
+    finite_in = np.isfinite(values)
+    at = int(np.argmin(finite_in.reshape(-1)))
+    first = [int(i) for i in np.unravel_index(at, values.shape)] if values.ndim else []
+    return (f"{name!r}: {int((~finite_in).sum())} non-finite value(s) (first at {first}: {values.reshape(-1)[at]}) "
+            f"in a {what} derived from the state_dict (only constants of the graph may hold NaN/Inf)")
 
 
 def _set_all(refitter: Refitter, arrays: Mapping[str, np.ndarray]) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from refitcore import dtypes
+from refitcore.capture.eager import widen_in_forward
 from refitcore.capture.structured import Inputs, flatten_with_names, split_call
 from refitcore.options import DEFAULT_ATOL, DEFAULT_RTOL, check_tolerance, tolerances_for
 from refitcore.progress import Silent, Ticker
@@ -229,8 +230,6 @@ def precision_noise(reference_model: Any, args: tuple, kwargs: dict, expected: S
     module's worth of memory), floating inputs cast too. Not measured for a model with hooks of its
     own, a graph module (its graph reads the parameters itself), parameters of several floating types,
     or a model that cannot run in the other type (said in ``why``)."""
-    from refitcore.capture.eager import widen_in_forward
-
     if not isinstance(reference_model, torch.nn.Module) or isinstance(reference_model, torch.fx.GraphModule):
         return 0.0, "the reference is not a plain module"
     if any(m._forward_pre_hooks or m._forward_hooks for m in reference_model.modules()):
@@ -265,8 +264,7 @@ def precision_noise(reference_model: Any, args: tuple, kwargs: dict, expected: S
             continue
         scale = max(1.0, float(e64[both].abs().max()))
         noise = max(noise, float((e64 - t64)[both].abs().max()) / scale)
-    names = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-    return noise, f"eager {names.get(own, own)} vs eager {names.get(other, other)}"
+    return noise, f"eager {str(own).replace('torch.', '')} vs eager {str(other).replace('torch.', '')}"
 
 
 def engine_tolerances(engine, rtol: float | None = None, atol: float | None = None) -> tuple[float, float]:
