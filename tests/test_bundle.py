@@ -58,8 +58,14 @@ def test_load_save_after_refit_keeps_the_new_weights(compiled, tmp_path):
     _same_engine(again.engine, refitcore.load(tmp_path / "again.trtrefit"), c.x)
 
 
-def test_loaded_engine_fallback_needs_a_module(saved):
-    c, path = saved
+def test_loaded_engine_fallback_without_a_program_record_needs_a_module(saved, tmp_path):
+    """A file without the compiled graph (dynamic shapes, or written before it was saved) re-exports
+    the model for its fallback path (tests/test_program_record.py: files with one do not)."""
+    c, _ = saved
+    header, arrays = c.engine.to_parts()
+    del header["program"]
+    path = tmp_path / "no_program.trtrefit"
+    bundle.write(path, header, arrays)
     loaded = refitcore.load(path)
     new = c.fresh(7)
     with pytest.raises(refitcore.ArchitectureMismatchError, match="nn.Module"):

@@ -229,9 +229,10 @@ def _describe_arg(a: Any, symbols: dict):
     return str(a)
 
 
-def graph_fingerprint(ep: torch.export.ExportedProgram) -> tuple[str, list[list]]:
+def graph_fingerprint(ep: Any) -> tuple[str, list[list]]:
     """A hash of the graph's ops, arguments and the shapes of its weights, and the list it hashes,
-    so that two architectures can be compared op by op."""
+    so that two architectures can be compared op by op. ``ep``: an ExportedProgram, or a program
+    that reads like one (graph, graph_signature, state_dict, constants)."""
     sig = ep.graph_signature
     entries: list[list] = []
     targets = {}

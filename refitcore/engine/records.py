@@ -64,7 +64,10 @@ class EngineRecord:
     (:func:`refitcore.capture.lowering.graph_fingerprint`); ``options``: the compile options;
     ``state_keys``: the model's full state_dict key list at compile time; ``partition``: the plan of
     a partitioned engine; ``eager_modules``: [(module path, why it runs eagerly)] of a hybrid one;
-    ``cache_hit`` (True, False, or None without a cache) and ``cache_key``: what the engine cache did."""
+    ``cache_hit`` (True, False, or None without a cache) and ``cache_key``: what the engine cache did;
+    ``program`` and ``program_constants``: the compiled graph as data, read from a saved engine
+    (:mod:`refitcore.engine.program_record`; None for an engine compiled in this process, which holds
+    its ExportedProgram, and for a file without one)."""
 
     fingerprint: str
     options: CompileOptions = dataclasses.field(default_factory=CompileOptions)
@@ -75,3 +78,5 @@ class EngineRecord:
     eager_modules: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     cache_hit: bool | None = None
     cache_key: str | None = None
+    program: dict | None = None
+    program_constants: dict[str, Any] = dataclasses.field(default_factory=dict)

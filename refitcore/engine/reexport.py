@@ -7,6 +7,7 @@ comes from :func:`refitcore.capture.eager.eager_model`.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,9 +17,10 @@ from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eage
 from refitcore.capture.lowering import export_model, graph_fingerprint, lower
 from refitcore.capture.shapes import export_call, nest_dynamic_shapes
 from refitcore.conversion.weight_map import WeightMap
+from refitcore.engine.program_record import rebuild_program
 from refitcore.errors import ArchitectureMismatchError
 
-__all__ = ["exported_for", "conversion_params"]
+__all__ = ["exported_for", "conversion_params", "recorded_program"]
 
 
 def _describe_entry(e: list) -> str:
@@ -45,7 +47,7 @@ def _first_difference(a: list, b: list) -> str:
 
 
 def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, model: Any = None,
-                 trust_factory: bool = False, owned: bool = False):
+                 trust_factory: bool = False, owned: bool = False, recorded: bool = False):
     """The ExportedProgram to convert for the fallback path, checked against the compiled graph.
 
     ``source``: the new weights' own module or ExportedProgram, if any. Without one the engine's
@@ -54,7 +56,9 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
     the engine's recorded factory when ``trust_factory`` (never imported otherwise): with ``owned``
     (the refit's own tensors, read from a file for it) that model holds them as they are, without a
     copy, where their dtypes are the model's (narrower ones are cast whole: an export must see the
-    model's own dtypes)."""
+    model's own dtypes). ``recorded``: the caller converts programs rebuilt from a saved engine's
+    program record (:class:`refitcore.engine.program_record.RecordedProgram`), which a loaded engine
+    uses first: no model, no export (:func:`recorded_program`)."""
     if isinstance(source, torch.nn.Module) and engine.io.profiles is not None:
         # The same export as at compile time: example shapes, and the recorded dynamic ranges.
         profiles = engine.io.profiles
@@ -73,6 +77,10 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
         ep = lower(source)
     else:
         ep = engine.exported_program
+        if ep is None and recorded and engine.record.program is not None:
+            ep = recorded_program(engine, state, can_export=model is not None or bool(engine.model_factory))
+            if ep is not None:
+                return ep
         if ep is None:
             if model is None and not engine.model_factory:
                 raise ArchitectureMismatchError([
@@ -93,6 +101,32 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
         raise ArchitectureMismatchError([f"the new model's graph differs from the compiled one ({where}); "
                                          f"recompile needed"])
     return ep
+
+
+def recorded_program(engine, state: Mapping[str, torch.Tensor], *, can_export: bool = False):
+    """The loaded engine's program record rebuilt with ``state`` as its weights, checked against the
+    engine's fingerprint. When it cannot serve (``state`` lacks a weight the graph reads, or the record
+    does not give the compiled graph): None, with a warning that says why, where ``can_export`` (the
+    caller re-exports the model instead); else :class:`ArchitectureMismatchError`."""
+    record = engine.record.program
+    wanted = [i["target"] for i in record["inputs"]
+              if i["kind"] in ("PARAMETER", "BUFFER") and i["persistent"] is not False]
+    missing = [k for k in wanted if k not in state]
+    if missing:
+        why = (f"the new weights lack {len(missing)} weight(s) the compiled graph reads "
+               f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
+    else:
+        program = rebuild_program(record, engine.record.program_constants, state)
+        digest, entries = graph_fingerprint(program)
+        if digest == engine.fingerprint:
+            return program
+        where = _first_difference(engine.graph_entries or [], entries) if engine.graph_entries else "unknown"
+        why = f"the engine file's program record does not give the compiled graph ({where})"
+    if not can_export:
+        raise ArchitectureMismatchError([f"the fallback path cannot convert this loaded engine again: {why}; "
+                                         f"pass model= (the model's nn.Module or factory) to export it anew"])
+    warnings.warn(f"the fallback path exports the model again: {why}", RuntimeWarning, stacklevel=4)
+    return None
 
 
 def conversion_params(weight_map: WeightMap, state: Mapping[str, torch.Tensor],

@@ -38,6 +38,7 @@ from refitcore.engine import bundle
 from refitcore.engine.coverage import Coverage
 from refitcore.engine.kinds import CompilerRefit, EngineKind
 from refitcore.engine.options import CompileOptions
+from refitcore.engine.program_record import check_program, record_program
 from refitcore.engine.records import CallSpec, EngineRecord, IOSpec
 from refitcore.engine.registry import kind_of_header
 from refitcore.errors import BundleContentError, BundleError, ShapeRangeError, WeightlessEngineError
@@ -279,6 +280,13 @@ class RefittableEngine:
             "partition": self.partition.to_json() if self.partition is not None else None,
             "weights": "included" if weights else "stripped",
         }
+        # The compiled graph as data, for a loaded engine's fallback path (refitcore.engine.program_record).
+        program, constants = self.record.program, self.record.program_constants
+        if self.exported_program is not None and not isinstance(self.kind, CompilerRefit):
+            program, constants, _ = record_program(self.exported_program)
+        if program is not None:
+            header["program"] = program
+            arrays.update({f"p/{k}": v for k, v in constants.items()})
         return header, arrays
 
     @classmethod
@@ -311,6 +319,10 @@ class RefittableEngine:
             else:   # written before the options were saved: what it recorded of them
                 options = CompileOptions(backend=header["backend"], model_factory=header.get("model_factory"))
             _check_weights(weight_map, impl, where)
+            program = header.get("program")
+            program_constants = {k[2:]: v for k, v in arrays.items() if k.startswith("p/")}
+            if program is not None:
+                check_program(program, program_constants)
         except BundleContentError as err:   # a crafted record (refitcore.conversion.allowed_ops): say which file
             raise BundleError(f"{where}: {err}") from None
         except BundleError:
@@ -322,7 +334,8 @@ class RefittableEngine:
                               f"{str(err)[:300]}") from err
         record = EngineRecord(header["fingerprint"], options, graph_entries=header.get("graph_entries"),
                               state_keys=list(header.get("state_keys", [])),
-                              backend_reason=header.get("backend_reason", ""), partition=plan)
+                              backend_reason=header.get("backend_reason", ""), partition=plan,
+                              program=program, program_constants=program_constants if program is not None else {})
         calls = CallSpec(header.get("structure"), output_types=output_types, trust_output_types=trust_output_types)
         return cls(kind, impl, weight_map, io, record, calls=calls, weightless=weightless)
 

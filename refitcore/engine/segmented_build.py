@@ -249,7 +249,8 @@ class Segmented:
                          owned: bool = False) -> dict[str, np.ndarray]:
         """Convert every TensorRT segment again with the new weights and read its weights off the
         network; PyTorch segments take the state_dict's values."""
-        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned)
+        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned,
+                          recorded=True)
         params = conversion_params(engine.weight_map, state, checked)
         segments = engine.impl.segments
         out: dict[str, np.ndarray] = {}

@@ -56,7 +56,8 @@ class WholeNetwork:
     def fallback_mapping(self, engine: Any, state: Mapping[str, torch.Tensor], checked: Mapping[str, torch.Tensor],
                          source: Any, *, model: Any = None, trust_factory: bool = False,
                          owned: bool = False) -> dict[str, np.ndarray]:
-        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned)
+        ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned,
+                          recorded=True)
         result = convert(ep, conversion_params(engine.weight_map, state, checked), profiles=engine.io.profiles,
                          precision=engine.options.precision)
         return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()},

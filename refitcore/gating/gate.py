@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eager_model
+from refitcore.engine.reexport import exported_for
 from refitcore.errors import ArchitectureMismatchError, RefitError, WeightMappingError
 from refitcore.gating.files import EXIT_MISMATCH, EXIT_OK, EXIT_UNUSABLE, InputError, open_bundle, read_checkpoint
 from refitcore.gating.samples import SampleError, load_samples
@@ -222,6 +223,20 @@ def _eager(state, factory, ckpt: str, progress, engine, share: bool):
             raise InputError(f"{err} (is the package importable from here? check PYTHONPATH)") from err
 
 
+def _same_graph_or_stop(engine, weights, factory, progress) -> None:
+    """When the engine holds the right weights and still disagrees with eager, the model's code may have
+    changed since compile: export the model again and compare its graph with the compiled one (only
+    then: the refit paths convert the engine's own recorded graph). A different graph stops the gate
+    as an unusable input naming the first difference: recompile needed (exit 2)."""
+    if engine.exported_program is not None:
+        return   # an engine compiled in this process: its graph is the model's own
+    with progress.step("exporting the model again to compare its graph with the compiled one"):
+        try:
+            exported_for(engine, None, weights.state, model=factory, owned=weights.owned)
+        except ArchitectureMismatchError as err:
+            raise InputError(f"{err}") from err
+
+
 def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, progress, data) -> int:
     try:   # a NaN tolerance would pass every comparison: refused before anything is read
         rtol, atol = (None if v is None else check_tolerance(v, k) for k, v in (("rtol", rtol), ("atol", atol)))
@@ -260,8 +275,9 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
                     f"({extra[:5]}): it is for another architecture; recompile needed")
     reference = _eager(weights.state, factory, ckpt, progress, engine, weights.owned)
     try:
-        # The fallback re-exports a model of its own from the factory (the reference may hold narrower
-        # tensors widened per module as it runs, which an export would see narrow).
+        # The fallback converts the bundle's recorded graph again (refitcore.engine.program_record); a
+        # bundle without one re-exports a model of its own from the factory (the reference may hold
+        # narrower tensors widened per module as it runs, which an export would see narrow).
         report = run_refit(engine, weights, paths=paths, reference=reference, samples=samples, rtol=rtol, atol=atol,
                            model=factory, progress=progress, what="the checkpoint")
     except ArchitectureMismatchError as err:
@@ -294,6 +310,9 @@ def _run(bundle, checkpoint, inputs, paths, rtol, atol, model, trust_factory, pr
         data["audit"] = report.audit.to_json()
         if not report.audit.ok:
             data["problems"].append(audit_problem(data["audit"]))
+    if data["problems"] and not any(p.get("culprit") for p in data["paths"].values()) \
+            and (report.audit is None or report.audit.ok):
+        _same_graph_or_stop(engine, weights, factory, progress)
     ok = not data["problems"]
     data["status"] = "pass" if ok else "fail"
     return EXIT_OK if ok else EXIT_MISMATCH
