@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 import refitcore
 from refitcore.capture.eager import eager_model
 from refitcore.dtypes import to_numpy
+from refitcore.engine import bundle
 from refitcore.engine.refittable import load
 from refitcore.refitting.checkpoints import read_file
 from refitcore.refitting.driver import apply_mapping
@@ -278,12 +279,20 @@ def test_a_stripped_engine_saves_without_its_weights_until_refitted(tmp_path):
     torch.testing.assert_close(refitcore.load(tmp_path / "w.trtrefit")(X), model(X), rtol=1e-5, atol=1e-5)
 
 
-def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch):
-    """The fallback path of the gate: the model it re-exports holds the mapped checkpoint (no copy),
-    the conversion reads it, and the arrays read back off the network are views of it that the
-    refitted engine keeps: the fallback's engine is the file's mapping too, as the cached path's."""
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded graph", "re-export"])
+def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch, recorded):
+    """The fallback path of the gate converts the bundle's recorded graph with the mapped checkpoint
+    (no model rebuilt to export), and the arrays read back off the network are views of it that the
+    refitted engine keeps: the fallback's engine is the file's mapping too, as the cached path's. A
+    bundle without the record re-exports a model that holds the mapped checkpoint (no copy either)."""
     import refitcore.capture.eager as eager_module
 
+    bundle_path = files / "m.trtrefit"
+    if not recorded:
+        header, arrays = refitcore.load(bundle_path).to_parts()
+        del header["program"]
+        bundle_path = files / "m_no_program.trtrefit"
+        bundle.write(bundle_path, header, arrays)
     seen = spy_on_gate(monkeypatch)
     built = []
     real_eager = eager_module.eager_model
@@ -295,11 +304,14 @@ def test_gate_fallback_keeps_one_copy_of_the_weights(files, monkeypatch):
 
     monkeypatch.setattr("refitcore.engine.reexport.eager_model", spy_eager)
     path = files / "new.safetensors"
-    report = refitcore.gate(files / "m.trtrefit", path, "random:2", model=FACTORY, paths="fallback")
+    report = refitcore.gate(bundle_path, path, "random:2", model=FACTORY, paths="fallback")
     assert report, str(report)
     total = weight_bytes(read_file(path).values())
-    assert built, "the fallback did not rebuild a model to export"
-    assert copied_bytes(list(built[0].state_dict().values()), path) == 0        # the re-exported model
+    if recorded:
+        assert not built, "the fallback exported the model again instead of converting the recorded graph"
+    else:
+        assert built, "the fallback did not rebuild a model to export"
+        assert copied_bytes(list(built[0].state_dict().values()), path) == 0        # the re-exported model
     assert copied_bytes(seen["engine"].current_weights().values(), path) < total // 10
 
 

@@ -14,6 +14,7 @@ import torch
 
 import refitcore
 from refitcore.cli import main as cli
+from refitcore.engine import bundle
 from tests.cli_models import randomized_state, small_net
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -47,10 +48,18 @@ def test_nothing_the_file_names_is_imported_without_trust(probe, capsys):
     assert report.exit_code == 2 and "trust_factory=True" in report.error and "--trust-factory" in report.error
     with pytest.raises(refitcore.UntrustedFactoryError, match=f"{name}:build"):
         refitcore.refit(engine, state, verify_inputs=[X])
+    # The fallback path converts the graph the file records (data, checked at load): no factory needed.
+    assert refitcore.refit(engine, state, path="fallback").ok
+    assert refitcore.fallback_mapping(engine, state)
+    # A file without that record would have to re-export the model: the factory, which is not trusted.
+    header, arrays = engine.to_parts()
+    del header["program"]
+    bundle.write(d / "no_program.trtrefit", header, arrays)
+    bare = refitcore.load(d / "no_program.trtrefit")
+    with pytest.raises(refitcore.UntrustedFactoryError, match=f"{name}:build"):
+        refitcore.refit(bare, state, path="fallback")
     with pytest.raises(refitcore.UntrustedFactoryError):
-        refitcore.refit(engine, state, path="fallback")
-    with pytest.raises(refitcore.UntrustedFactoryError):
-        refitcore.fallback_mapping(engine, state)
+        refitcore.fallback_mapping(bare, state)
     assert cli.main(["gate", str(d / "m.trtrefit"), str(d / "good.pt"), "--inputs", "random:1", "-q"]) == 2
     assert "--trust-factory" in capsys.readouterr().err
     assert not flag.exists() and name not in sys.modules
