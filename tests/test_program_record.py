@@ -14,7 +14,8 @@ import torch
 
 import refitcore
 from refitcore.engine import bundle
-from refitcore.engine.program_record import record_program
+from refitcore.capture.lowering import graph_fingerprint
+from refitcore.engine.program_record import rebuild_program, record_program
 from refitcore.engine.reexport import recorded_program
 from tests.dynamic_models import BATCH, tiny_resnet
 from tests.models import SMALL, make
@@ -192,6 +193,8 @@ CRAFTED = {
         op="aten.zeros.default", args=[[1 << 40]]), "elements"),
     "a bad dtype": (lambda h, a: h["program"]["inputs"][0]["val"].update(dtype="os"), "dtype"),
     "another version": (lambda h, a: h["program"].update(version=99), "version"),
+    "a huge value": (lambda h, a: _node(h, "aten.relu.default").update(val={"tensor": [1 << 20, 1 << 20],
+                                                                            "dtype": "float32"}), "elements"),
 }
 
 
@@ -239,3 +242,19 @@ def test_gate_names_a_changed_model_after_converting_the_record(tmp_path):
     assert "recompile needed" in str(report) and "sigmoid" in str(report)
     good = refitcore.gate(str(path), new.state_dict(), [(x,)], paths="both", model=lambda: make("residual", 0)[0])
     assert good.data["exit_code"] == 0, str(good)
+
+
+def test_a_crafted_record_that_matches_its_fingerprint_is_still_bounded(compiled, tmp_path):
+    """A file can make its record, fingerprint and graph entries agree: an op folded on known values
+    is still sized on meta first, and refused before it allocates."""
+    c = compiled("conv_bn_relu")
+    header, arrays = c.engine.to_parts()
+    header["program"]["nodes"].insert(0, {"name": "big", "op": "aten.arange.default", "args": [1 << 40],
+                                          "kwargs": {}, "val": {"tensor": [4], "dtype": "int64"}, "module": ""})
+    program = rebuild_program(header["program"], {}, {})
+    header["fingerprint"], header["graph_entries"] = graph_fingerprint(program)
+    path = tmp_path / "crafted.trtrefit"
+    bundle.write(path, header, arrays)
+    loaded = refitcore.load(path)
+    with pytest.raises(refitcore.BundleError, match="more than"):
+        refitcore.fallback_mapping(loaded, c.fresh(3).state_dict())

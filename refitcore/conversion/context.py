@@ -66,6 +66,9 @@ class ConversionContext:
     # The engine's floating type (compile's precision): every floating tensor of the network and every
     # floating weight has it (a strongly typed network); the graph's own float dtypes map onto it.
     float_dtype: torch.dtype = torch.float32
+    # A program read from a file (refitcore.engine.program_record): every op folded on known values is
+    # first run on meta and refused when it would make a tensor of more than MAX_TENSOR_ELEMENTS.
+    bounded: bool = False
 
     @property
     def trt(self):

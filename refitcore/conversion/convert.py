@@ -210,6 +210,9 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     if node.target is operator.getitem:
         return args[0][args[1]]
     fn = cast(Callable[..., Any], node.target)   # a call_function node's target is the function
+    if ctx.bounded:
+        allowed_ops.check_call(fn, _concrete(args), {k: _concrete(v) for k, v in kwargs.items()},
+                               MAX_TENSOR_ELEMENTS, f"node {node.name}")
     out = fn(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
     key_dependent = any(ctx.refittable(v) for v in _statics(list(args) + list(kwargs.values())))
     if key_dependent:
@@ -233,7 +236,7 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
 
 def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
             *, fusion: FusionPlan | None = None, profiles: Any = None, precision: str = "fp32",
-            progress: Any = None) -> ConversionResult:
+            progress: Any = None, bounded: bool = False) -> ConversionResult:
     """Build a strongly typed TensorRT network for ``ep``; ``params`` (fqn -> tensor) replaces its weights.
 
     Dimensions that ``ep`` exported as dynamic become -1 in the network inputs; ``profiles``
@@ -247,7 +250,12 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
 
     ``progress``: told how many graph nodes were converted when it takes long
     (:class:`refitcore.progress.Ticker`: a 7B model's conversion, say); None: the reporter of the step
-    running now (:func:`refitcore.progress.current`)."""
+    running now (:func:`refitcore.progress.current`).
+
+    ``bounded``: ``ep`` was read from a file (a saved engine's program record): every op evaluated on
+    known values is first sized on ``meta`` (:func:`refitcore.conversion.allowed_ops.check_call`) and
+    refused with :class:`BundleContentError` when it would make a tensor of more than
+    MAX_TENSOR_ELEMENTS elements."""
     problems = unsupported_ops(ep)
     if problems:
         raise UnsupportedOperatorError(problems)
@@ -276,7 +284,7 @@ def convert(ep: Program, params: Mapping[str, torch.Tensor] | None = None,
     wm = WeightMap()
     ctx = ConversionContext(network=network, weight_map=wm, layer_names=layer_names_for(gm),
                             fusions_conv_to_bn=dict(fusion.conv_to_bn), symbols=SymbolTable(),
-                            float_dtype=float_dtype)
+                            float_dtype=float_dtype, bounded=bounded)
 
     specs = {s.arg.name: s for s in sig.input_specs}
     values: dict[str, Any] = {}

@@ -31,6 +31,7 @@ form for) re-export as before, and :func:`record_program` says why.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 from collections.abc import Mapping
@@ -52,8 +53,10 @@ from torch.export.graph_signature import (
 from refitcore import dtypes
 from refitcore.capture.lowering import module_path
 from refitcore.conversion import allowed_ops
+from refitcore.engine.bundle import MAX_RANK
 from refitcore.engine.kinds import state_array
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
+from refitcore.options import MAX_TENSOR_ELEMENTS
 from refitcore.partition.torch_program import LAYOUTS, MEMORY_FORMATS, check_records, encode_value
 
 __all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "RecordedProgram", "NotRecordable"]
@@ -156,8 +159,11 @@ def _check_val(v: Any, where: str, depth: int = 0) -> None:
             _check_val(x, where, depth + 1)
         return
     if not (isinstance(v, dict) and set(v) == {"tensor", "dtype"} and isinstance(v["tensor"], list)
+            and len(v["tensor"]) <= MAX_RANK
             and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v["tensor"])):
         raise _fail(where, f"malformed value {str(v)[:80]}")
+    if math.prod(v["tensor"]) > MAX_TENSOR_ELEMENTS:   # stand-ins of this shape are made (SHAPE_ONLY_OPS)
+        raise _fail(where, f"a value of {math.prod(v['tensor'])} elements (more than {MAX_TENSOR_ELEMENTS})")
     allowed_ops.decode_dtype(v["dtype"], f"the engine file's program record: {where}")
 
 

@@ -33,6 +33,7 @@ from refitcore.conversion.weight_map import WeightMap, WeightSource, prefix_cons
 from refitcore.engine.coverage import Coverage, all_in_tensorrt, spec_numel
 from refitcore.engine.kinds import BuildInput, Built, check_map_covers, state_array, structure_of
 from refitcore.engine.options import CompileOptions
+from refitcore.engine.program_record import RecordedProgram
 from refitcore.engine.records import IOSpec
 from refitcore.engine.reexport import conversion_params, exported_for
 from refitcore.engine.segmented import KIND as NAME, SegmentedImpl, split_name
@@ -257,7 +258,8 @@ class Segmented:
         for i, seg in enumerate(segments):
             prefix = f"seg{i}:"
             if seg.kind == "tensorrt":
-                result = convert(subprogram(ep, seg), params, precision=engine.options.precision)
+                result = convert(subprogram(ep, seg), params, precision=engine.options.precision,
+                                 bounded=isinstance(ep, RecordedProgram))
                 shapes = {n: s.shape for n, s in engine.weight_map.sources.items() if n.startswith(prefix)}
                 out.update(network_weights(result.network, shapes, prefix=prefix, host=result.weights,
                                            copy=not owned))

@@ -21,6 +21,7 @@ from refitcore.conversion.network_reader import network_weights
 from refitcore.engine.coverage import Coverage, all_in_tensorrt
 from refitcore.engine.kinds import BuildInput, Built, check_map_covers, structure_of
 from refitcore.engine.options import CompileOptions
+from refitcore.engine.program_record import RecordedProgram
 from refitcore.engine.records import IOSpec
 from refitcore.engine.reexport import conversion_params, exported_for
 
@@ -59,7 +60,7 @@ class WholeNetwork:
         ep = exported_for(engine, source, state, model=model, trust_factory=trust_factory, owned=owned,
                           recorded=True)
         result = convert(ep, conversion_params(engine.weight_map, state, checked), profiles=engine.io.profiles,
-                         precision=engine.options.precision)
+                         precision=engine.options.precision, bounded=isinstance(ep, RecordedProgram))
         return network_weights(result.network, {n: s.shape for n, s in engine.weight_map.sources.items()},
                                host=result.weights, copy=not owned)
 
