@@ -77,7 +77,7 @@ def test_good_checkpoint_passes_both_paths(work, capsys):
     assert "PASS" in md and "| path | max abs error | verdict | culprit weight |" in md
     assert "| cached |" in md and "| fallback |" in md
     # progress went to stderr, one line per long step
-    assert "fallback: re-exporting and converting" in out.err and "refitting a copy" in out.err
+    assert "fallback: converting the graph again" in out.err and "refitting a copy" in out.err
 
 
 def test_quiet_prints_no_progress(work, capsys):

@@ -81,6 +81,30 @@ def test_non_persistent_buffers_and_constants_travel_with_the_record(tmp_path):
     assert _same(refitcore.fallback_mapping(loaded, new), refitcore.fallback_mapping(engine, new))
 
 
+def test_keyword_arguments_keep_their_order_through_the_file(tmp_path):
+    """The file's JSON is written with sorted keys; the graph's keyword order (``dtype`` before
+    ``device``, as the rotary embeddings of transformers' Llama have it) is part of its fingerprint."""
+    class Cast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("freq", torch.linspace(0.0, 1.0, 8, dtype=torch.float64), persistent=False)
+
+        def forward(self, x):
+            return self.fc(x) * self.freq.to(dtype=torch.float32, device=x.device)
+
+    m, x = Cast().eval(), torch.randn(2, 8)
+    engine = refitcore.compile(m, x, backend="reference")
+    header, _ = engine.to_parts()
+    orders = [[k for k, _ in n["kwargs"]] for n in header["program"]["nodes"] if len(n["kwargs"]) > 1]
+    assert any(o != sorted(o) for o in orders), orders
+    loaded = _save_load(engine, tmp_path / "e.trtrefit")
+    new = Cast().state_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _same(refitcore.fallback_mapping(loaded, new, model=Cast()), refitcore.fallback_mapping(engine, new))
+
+
 def test_partitioned_engine_falls_back_through_its_record(tmp_path):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).eval()
@@ -183,7 +207,7 @@ CRAFTED = {
         lambda h, a: _node(h, "aten.relu.default").update(args=[{"node": "not_made_yet"}]), "not_made_yet"),
     "a segment operand": (lambda h, a: _node(h, "aten.relu.default").update(args=[{"param": "conv.weight"}]),
                           "not part of a program record"),
-    "a device by path": (lambda h, a: _node(h, "aten.relu.default")["kwargs"].update(device={"device": "file:/x"}),
+    "a device by path": (lambda h, a: _node(h, "aten.relu.default")["kwargs"].append(["device", {"device": "file:/x"}]),
                          "device"),
     "a missing constant": (lambda h, a: h["program"]["inputs"].append(
         {"name": "c_x", "kind": "CONSTANT_TENSOR", "arg": {"tensor": "c_x"}, "target": "x", "persistent": None,
@@ -250,7 +274,7 @@ def test_a_crafted_record_that_matches_its_fingerprint_is_still_bounded(compiled
     c = compiled("conv_bn_relu")
     header, arrays = c.engine.to_parts()
     header["program"]["nodes"].insert(0, {"name": "big", "op": "aten.arange.default", "args": [1 << 40],
-                                          "kwargs": {}, "val": {"tensor": [4], "dtype": "int64"}, "module": ""})
+                                          "kwargs": [], "val": {"tensor": [4], "dtype": "int64"}, "module": ""})
     program = rebuild_program(header["program"], {}, {})
     header["fingerprint"], header["graph_entries"] = graph_fingerprint(program)
     path = tmp_path / "crafted.trtrefit"

@@ -59,7 +59,8 @@ from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 from refitcore.partition.torch_program import LAYOUTS, MEMORY_FORMATS, check_records, encode_value
 
-__all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "RecordedProgram", "NotRecordable"]
+__all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "RecordedProgram", "RecordedGraph",
+           "NotRecordable"]
 
 VERSION = 1
 MAX_NODES = 1_000_000
@@ -127,8 +128,15 @@ def _record(ep: Any) -> tuple[dict, dict[str, np.ndarray]]:
                            "target": spec.target, "persistent": spec.persistent,
                            "val": _val(node.meta.get("val"), where)})
         elif node.op == "call_function":
-            nodes.append({"name": node.name, "op": _op_name(node), "args": encode_value(list(node.args), ref),
-                          "kwargs": {k: encode_value(v, ref) for k, v in node.kwargs.items()},
+            args = encode_value(list(node.args), ref)
+            kwargs = [[k, encode_value(v, ref)] for k, v in node.kwargs.items()]
+            try:
+                _check_operands([args, [v for _, v in kwargs]], where)
+            except BundleContentError as err:
+                raise NotRecordable(str(err)) from None
+            # kwargs as [name, operand] pairs: the file's JSON is written with sorted keys, and the
+            # fingerprint sees keyword arguments in the graph's order
+            nodes.append({"name": node.name, "op": _op_name(node), "args": args, "kwargs": kwargs,
                           "val": _val(node.meta.get("val"), where), "module": module_path(node)})
         elif node.op == "output":
             outputs = {"args": encode_value(list(node.args), ref),
@@ -208,17 +216,19 @@ def check_program(record: Any, constants: Mapping[str, np.ndarray]) -> None:
     plain = []
     for i, r in enumerate(nodes):
         if not (isinstance(r, dict) and set(r) == {"name", "op", "args", "kwargs", "val", "module"}
-                and isinstance(r["module"], str)):
+                and isinstance(r["module"], str) and isinstance(r["kwargs"], list)
+                and all(isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], str) for kv in r["kwargs"])
+                and len({kv[0] for kv in r["kwargs"]}) == len(r["kwargs"])):
             raise _fail(f"node {i}", "not a node record")
         if not isinstance(r["op"], str) or r["op"] == "cond" or r["op"].startswith("operator."):
             raise _fail(f"node {i}", f"op {str(r['op'])[:80]} is not part of a program record")
-        _check_operands([r["args"], list(r["kwargs"].values())], f"node {r['name']!r}"[:90])
-        plain.append({k: r[k] for k in ("name", "op", "args", "kwargs")})
+        _check_operands([r["args"], [v for _, v in r["kwargs"]]], f"node {r['name']!r}"[:90])
+        plain.append({"name": r["name"], "op": r["op"], "args": r["args"], "kwargs": dict(r["kwargs"])})
     check_records(plain, "the engine file's program record")   # allowlisted ops, operand kinds, literal sizes
     for r in nodes:
         where = f"node {r['name'][:80]!r}"
         _check_val(r["val"], where)
-        for name in _node_refs([r["args"], list(r["kwargs"].values())]):
+        for name in _node_refs([r["args"], [v for _, v in r["kwargs"]]]):
             if name not in seen:
                 raise _fail(where, f"reads {name[:80]!r} before it is made")
         if r["name"] in seen:
@@ -238,7 +248,8 @@ def check_program(record: Any, constants: Mapping[str, np.ndarray]) -> None:
             raise _fail("outputs", f"read {name[:80]!r}, which is not made")
 
 
-_OPERAND_KINDS = ("node", "dtype", "device", "layout", "memory_format", "dict")
+# No "dict": a file's JSON is written with sorted keys, and the fingerprint sees a dict in its own order.
+_OPERAND_KINDS = ("node", "dtype", "device", "layout", "memory_format")
 _DEVICE = re.compile(r"(cpu|meta|cuda)(:[0-9]{1,3})?")
 
 
@@ -256,11 +267,6 @@ def _check_operands(operand: Any, where: str, depth: int = 0) -> None:
         (kind, value), = operand.items()
         if kind == "device" and not (isinstance(value, str) and _DEVICE.fullmatch(value)):
             raise _fail(where, f"device {str(value)[:40]!r} is not one")
-        if kind == "dict":
-            if not isinstance(value, dict):
-                raise _fail(where, "a dict operand is not an object")
-            for v in value.values():
-                _check_operands(v, where, depth + 1)
     elif not (operand is None or isinstance(operand, (bool, int, float, str))):
         raise _fail(where, f"operand {str(operand)[:80]} is not JSON data")
 
@@ -279,12 +285,20 @@ def _node_refs(operand: Any):
 
 # ---- rebuilding ---------------------------------------------------------------------------------------
 @dataclasses.dataclass
+class RecordedGraph:
+    """What is read of a program's graph module: its graph. (An ``fx.GraphModule`` would generate and
+    compile Python code for it, which nothing here runs.)"""
+
+    graph: fx.Graph
+
+
+@dataclasses.dataclass
 class RecordedProgram:
     """A program rebuilt from a record: what :func:`refitcore.conversion.convert.convert`,
     :func:`refitcore.capture.lowering.graph_fingerprint` and the partitioner read of an
     ``ExportedProgram``. ``state_dict``: the new weights (the caller's mapping, not copied)."""
 
-    graph_module: fx.GraphModule
+    graph_module: RecordedGraph
     graph_signature: ExportGraphSignature
     state_dict: Mapping[str, torch.Tensor]
     constants: dict[str, torch.Tensor]
@@ -318,8 +332,6 @@ def _decode(operand: Any, env: Mapping[str, fx.Node]) -> Any:
         return LAYOUTS[value]
     if kind == "memory_format":
         return MEMORY_FORMATS[value]
-    if kind == "dict":
-        return {k: _decode(v, env) for k, v in value.items()}
     raise _fail("operand", f"{kind} operands are not part of a program record")
 
 
@@ -344,7 +356,7 @@ def rebuild_program(record: dict, constants: Mapping[str, np.ndarray], state: Ma
     for r in record["nodes"]:
         target = operator.getitem if r["op"] == "getitem" else allowed_ops.resolve(r["op"], f"node {r['name']!r}")
         node = graph.create_node("call_function", target, tuple(_decode(r["args"], env)),
-                                 {k: _decode(v, env) for k, v in r["kwargs"].items()}, name=r["name"])
+                                 {k: _decode(v, env) for k, v in r["kwargs"]}, name=r["name"])
         node.meta["val"] = _meta(r["val"])
         if r["module"]:
             node.meta["nn_module_stack"] = {r["module"]: (r["module"], "")}
@@ -353,6 +365,5 @@ def rebuild_program(record: dict, constants: Mapping[str, np.ndarray], state: Ma
     graph.output(tuple(out) if isinstance(out, list) else out)
     output_specs = [OutputSpec(_OUTPUT_KINDS[s["kind"]], _arg(s["arg"]), s["target"])
                     for s in record["outputs"]["specs"]]
-    gm = fx.GraphModule(torch.nn.Module(), graph)
-    return RecordedProgram(gm, ExportGraphSignature(input_specs, output_specs), state,
+    return RecordedProgram(RecordedGraph(graph), ExportGraphSignature(input_specs, output_specs), state,
                            {k: dtypes.as_torch(v) for k, v in constants.items()})

@@ -175,9 +175,11 @@ def fallback_mapping(engine, new_weights: Any, *, model: Any = None, trust_facto
     ``new_weights``: :class:`~refitcore.refitting.prepare.CheckedWeights`, or anything
     :func:`~refitcore.refitting.prepare.prepare_weights` takes (prepared here, once). When only
     the weights changed (a state_dict or checkpoint), the engine's exported program is reused
-    instead of exporting again; an engine loaded from a file has none, and is re-exported
-    from ``model`` (nn.Module, factory callable or 'module:callable') or, only with
-    ``trust_factory=True``, from the factory the file records. A module or ExportedProgram whose
+    instead of exporting again; an engine loaded from a file converts the graph the file records
+    (:mod:`refitcore.engine.program_record`: no model, no export), and one without that record
+    (dynamic shapes, an older file) is re-exported from ``model`` (nn.Module, factory callable or
+    'module:callable') or, only with ``trust_factory=True``, from the factory the file records. A
+    module or ExportedProgram whose
     graph differs from the compiled one raises :class:`ArchitectureMismatchError` naming the first
     difference."""
     weights = prepare_weights(engine, new_weights)
