@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import refitcore
-from refitcore.engine import bundle
 from refitcore.capture.lowering import graph_fingerprint
+from refitcore.engine import bundle
 from refitcore.engine.program_record import rebuild_program, record_program
 from refitcore.engine.reexport import recorded_program
 from tests.dynamic_models import BATCH, tiny_resnet

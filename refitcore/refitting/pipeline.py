@@ -140,7 +140,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
     records its error and the others go on; otherwise errors raise (the engine is untouched:
     :func:`~refitcore.refitting.driver.apply_mapping` validates before it sets). ``keep_witnesses``:
     failing records keep their mapping and held weights for the caller's own culprit search.
-    ``model``/``trust_factory`` go to the fallback's re-export (an engine without its program); ``progress`` says each step.
+    ``model``/``trust_factory`` go to the fallback's re-export (an engine without its program);
+    ``progress`` says each step.
 
     An engine whose compiler refits it (:class:`~refitcore.engine.kinds.CompilerRefit`: Torch-TensorRT's)
     maps each path through that compiler's refit code ('auto': the path it takes by default), and
