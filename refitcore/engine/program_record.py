@@ -111,8 +111,8 @@ def record_program(ep: Any) -> tuple[dict | None, dict[str, np.ndarray], str | N
     cannot be recorded (dynamic shapes, ``torch.cond``, a value without a JSON form)."""
     try:
         return _record(ep) + (None,)
-    except (NotRecordable, UnsupportedOperatorError, TypeError) as err:
-        return None, {}, str(err)
+    except (NotRecordable, UnsupportedOperatorError, TypeError, KeyError, ValueError) as err:
+        return None, {}, f"{type(err).__name__}: {err}" if not isinstance(err, NotRecordable) else str(err)
 
 
 def _record(ep: Any) -> tuple[dict, dict[str, np.ndarray]]:

@@ -67,7 +67,7 @@ class EngineRecord:
     ``cache_hit`` (True, False, or None without a cache) and ``cache_key``: what the engine cache did;
     ``program`` and ``program_constants``: the compiled graph as data, read from a saved engine
     (:mod:`refitcore.engine.program_record`; None for an engine compiled in this process, which holds
-    its ExportedProgram, and for a file without one)."""
+    its ExportedProgram, and for a file without one); ``program_note``: why a file holds no record."""
 
     fingerprint: str
     options: CompileOptions = dataclasses.field(default_factory=CompileOptions)
@@ -80,3 +80,4 @@ class EngineRecord:
     cache_key: str | None = None
     program: dict | None = None
     program_constants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    program_note: str | None = None

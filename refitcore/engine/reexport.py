@@ -83,9 +83,11 @@ def exported_for(engine, source: Any, state: Mapping[str, torch.Tensor], *, mode
                 return ep
         if ep is None:
             if model is None and not engine.model_factory:
+                why = engine.record.program_note or "the file holds none"
                 raise ArchitectureMismatchError([
-                    "this engine has no exported program (it was loaded from a file) and no recorded model "
-                    "factory; pass the new weights as an nn.Module (or model=) to use the fallback path"])
+                    f"this engine has no exported program (it was loaded from a file), no program record ({why}) "
+                    f"and no recorded model factory; pass the new weights as an nn.Module (or model=) to use the "
+                    f"fallback path"])
             try:
                 module = eager_model(state, model=model, engine=engine, trust_factory=trust_factory,
                                      keep_missing=True, share=owned, widen=False)

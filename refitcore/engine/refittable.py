@@ -281,12 +281,14 @@ class RefittableEngine:
             "weights": "included" if weights else "stripped",
         }
         # The compiled graph as data, for a loaded engine's fallback path (refitcore.engine.program_record).
-        program, constants = self.record.program, self.record.program_constants
+        program, constants, why = self.record.program, self.record.program_constants, self.record.program_note
         if self.exported_program is not None and not isinstance(self.kind, CompilerRefit):
-            program, constants, _ = record_program(self.exported_program)
+            program, constants, why = record_program(self.exported_program)
         if program is not None:
             header["program"] = program
             arrays.update({f"p/{k}": v for k, v in constants.items()})
+        elif why:
+            header["program_note"] = why
         return header, arrays
 
     @classmethod
@@ -335,7 +337,8 @@ class RefittableEngine:
         record = EngineRecord(header["fingerprint"], options, graph_entries=header.get("graph_entries"),
                               state_keys=list(header.get("state_keys", [])),
                               backend_reason=header.get("backend_reason", ""), partition=plan,
-                              program=program, program_constants=program_constants if program is not None else {})
+                              program=program, program_constants=program_constants if program is not None else {},
+                              program_note=str(header.get("program_note") or "")[:300] or None)
         calls = CallSpec(header.get("structure"), output_types=output_types, trust_output_types=trust_output_types)
         return cls(kind, impl, weight_map, io, record, calls=calls, weightless=weightless)
 
