@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tracemalloc
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 import refitcore
+import refitcore.refitting.validate
 from refitcore.capture.eager import eager_model
 from refitcore.dtypes import to_numpy
 from refitcore.engine import bundle
@@ -615,3 +617,42 @@ def test_stripping_is_the_caller_s_choice_on_an_engine_cache_hit(tmp_path):
     torch.testing.assert_close(hit(X), model(X), rtol=1e-5, atol=1e-5)
     again = refitcore.compile(model, X, backend="reference", cache=tmp_path, strip_engine_weights=True)
     assert again.cache_hit is True and again.weightless and again.options.strip_engine_weights
+
+
+def test_finite_views_are_the_arrays_inside_checked_keys():
+    """Only contiguous arrays wholly inside a checked key's memory, read as its own element type at an
+    element boundary, are spared the driver's second finiteness pass."""
+    a = torch.randn(4, 8)
+    b = torch.randn(16).to(torch.bfloat16)
+    unchecked = torch.randn(8)
+    checked = {"a": a, "b": b, "u": unchecked}
+    bits = to_numpy(b)
+    assert bits.dtype == np.uint16 and bits.ctypes.data == b.data_ptr()
+    mapping = {
+        "rows": a.numpy()[1:3],                                  # a view: same values
+        "bf16": bits[4:12],                                      # bit patterns of b: same values
+        "copy": a.numpy().copy(),                                # new memory
+        "transposed": a.numpy().T,                               # not contiguous
+        "reinterpreted": a.numpy().reshape(-1).view(np.float16)[:8],   # another element type
+        "misaligned": a.numpy().reshape(-1).view(np.uint8)[2:34].view(np.float32),   # not at an element boundary
+        "past_the_end": np.lib.stride_tricks.as_strided(a.numpy()[3], shape=(16,), strides=(4,)),
+        "of_an_unchecked_key": unchecked.numpy(),
+    }
+    assert refitcore.refitting.validate.finite_views(mapping, checked, ["a", "b"]) == {"rows", "bf16"}
+    assert refitcore.refitting.validate.finite_views(mapping, checked, ["a", "b", "u"]) == {
+        "rows", "bf16", "of_an_unchecked_key"}
+
+
+def test_the_driver_still_reads_every_array_that_is_not_a_view_of_a_checked_key(files):
+    """The fallback of an owned checkpoint: its copy-recipe arrays are views of the mapped keys (not
+    read again), and a NaN in any other array is still refused, naming the weight."""
+    engine = load(files / "m.trtrefit")
+    weights = prepare_weights(engine, read_file(files / "new.safetensors"), owned=True)
+    mapping = refitcore.fallback_mapping(engine, weights)
+    views = refitcore.refitting.validate.finite_views(mapping, weights.checked, weights.weight_map.keys_used)
+    assert views == set(mapping), "the fallback's copy-recipe weights should be views of the checkpoint"
+    name = sorted(mapping)[0]
+    poisoned = dict(mapping, **{name: np.full_like(mapping[name], np.nan)})
+    with pytest.raises(refitcore.WeightMappingError, match=re.escape(repr(name)) + ".*non-finite"):
+        apply_mapping(engine, poisoned, checked_finite=refitcore.refitting.validate.finite_views(
+            poisoned, weights.checked, weights.weight_map.keys_used))

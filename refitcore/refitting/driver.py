@@ -35,7 +35,7 @@ def _as_array(name: str, value: Any) -> np.ndarray:
 
 
 def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant_weights: Collection[str] = (),
-                     checked_finite: bool = False) -> tuple[dict[str, np.ndarray], list[str]]:
+                     checked_finite: bool | Collection[str] = False) -> tuple[dict[str, np.ndarray], list[str]]:
     """Check every weight against the engine's prototypes before anything is touched.
 
     Returns (arrays cast to the engine dtype, problems). Problems: unknown names, engine weights
@@ -43,8 +43,9 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
     the state_dict. ``constant_weights`` (:attr:`~refitcore.conversion.weight_map.WeightMap.constant_weights`)
     name the weights that read no state_dict key: constants of the graph, which may hold NaN/Inf
     (a ``masked_fill`` with ``-inf``) as the model does. ``checked_finite``: the caller checked every
-    value finite already (:func:`refitcore.cached_mapping` does, for every weight it returns): that
-    pass over the weights is not repeated; every other check is."""
+    value finite already (:func:`refitcore.cached_mapping` does, for every weight it returns), or the
+    names of the weights it checked (:func:`refitcore.refitting.validate.finite_views`: views of keys
+    found finite): that pass over them is not repeated; every other check is."""
     problems: list[str] = []
     names = list(refitter.get_all_weights())
     known = set(names)
@@ -52,6 +53,7 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
         if name not in known:
             problems.append(f"{name!r}: the engine has no refittable weight of that name")
     out: dict[str, np.ndarray] = {}
+    checked = (lambda name: checked_finite) if isinstance(checked_finite, bool) else checked_finite.__contains__
     for name in names:
         if name not in mapping:
             problems.append(f"{name!r}: no value given (every refittable weight must be set, or TensorRT "
@@ -71,7 +73,7 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
             if not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
                 continue
-            if name not in constant_weights and not checked_finite and not all_finite(arr):
+            if name not in constant_weights and not checked(name) and not all_finite(arr):
                 problems.append(_nonfinite_problem(name, arr, "weight"))
                 continue
             if arr.dtype != want:
@@ -84,7 +86,7 @@ def validate_mapping(refitter: Refitter, mapping: Mapping[str, Any], *, constant
         elif arr.dtype != want:
             problems.append(f"{name!r}: dtype {arr.dtype} where the engine needs {proto.dtype}")
             continue
-        elif (proto.dtype == "BF16" and name not in constant_weights and not checked_finite
+        elif (proto.dtype == "BF16" and name not in constant_weights and not checked(name)
               and not all_finite(dtypes.as_torch(arr))):
             problems.append(_nonfinite_problem(name, dtypes.as_float(arr), "bfloat16 weight"))
             continue
@@ -129,14 +131,14 @@ def _roll_back(impl: EngineImpl, previous: Mapping[str, np.ndarray]) -> list[str
 
 
 def apply_mapping(engine, mapping: Mapping[str, Any], *, in_place: bool = False, hand_over: bool = False,
-                  checked_finite: bool = False):
+                  checked_finite: bool | Collection[str] = False):
     """Refit ``engine`` with an explicit ``{engine weight name: array}`` mapping; return the engine
     refitted (a copy unless ``in_place``). ``hand_over=True``: the caller gives the mapping's
     writeable numpy arrays to the engine and never writes them again (a mapping it just computed),
     so the engine may keep them instead of copying; read-only arrays (views of a model's memory, as
     :func:`refitcore.cached_mapping` marks them) and torch tensors are copied all the same.
     ``checked_finite=True``: every value was checked finite by the caller, as :func:`refitcore.cached_mapping`
-    checks what it returns (see :func:`validate_mapping`).
+    checks what it returns, or the names of those checked (see :func:`validate_mapping`).
 
     Nothing is touched unless every weight validates. Once the first weight is handed to the
     refitter, any failure (a refitter that rejects a value or returns False, or one that raises, e.g.

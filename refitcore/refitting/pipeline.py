@@ -27,6 +27,7 @@ from refitcore.refitting.driver import Snapshot, apply_mapping, snapshot
 from refitcore.refitting.mapping import cached_mapping, compiler_mapping, fallback_mapping
 from refitcore.refitting.prepare import CheckedWeights
 from refitcore.refitting.render import culprit_note
+from refitcore.refitting.validate import finite_views
 from refitcore.refitting.verify import Verdict, engine_tolerances, sample_tensors, verify
 
 __all__ = ["run_refit", "RefitReport", "PathRecord", "WITNESS"]
@@ -208,7 +209,8 @@ def run_refit(engine, weights: CheckedWeights, *, paths: str | Sequence[str] = "
                 # weights only when those are the refit's own (``owned``: read from a file for it).
                 refitted = apply_mapping(target, rec.mapping, in_place=here,
                                          hand_over=rec.path == "cached" or (rec.path == "fallback" and weights.owned),
-                                         checked_finite=rec.path == "cached")
+                                         checked_finite=True if rec.path == "cached" else finite_views(
+                                             rec.mapping, weights.checked, weights.weight_map.keys_used))
             except RefitCoreError as err:
                 rec.error = f"{type(err).__name__}: {err}"
                 if not record_errors:

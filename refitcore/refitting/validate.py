@@ -9,6 +9,7 @@ hold, such as a float16 overflow), the verification inputs against the engine's 
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import math
 from collections.abc import Mapping, Sequence
@@ -22,8 +23,9 @@ from refitcore.capture.eager import EagerModelError, eager_model
 from refitcore.capture.structured import sample_list
 from refitcore.conversion.weight_map import WeightMap, operand_constants
 
-__all__ = ["check_samples", "eager_weights", "eager_reference", "variance_problems", "nonfinite_key_problems",
-           "nonfinite_weight_problems", "precision_problems", "FLUSH_ULPS", "all_finite", "BN_RECIPES"]
+__all__ = ["finite_views", "check_samples", "eager_weights", "eager_reference", "variance_problems",
+           "nonfinite_key_problems", "nonfinite_weight_problems", "precision_problems", "FLUSH_ULPS", "all_finite",
+           "BN_RECIPES"]
 
 # Recipes that divide by sqrt(var + eps) (see recipes.bn_factor).
 BN_RECIPES = ("bn_fold_kernel", "bn_fold_bias", "bn_scale", "bn_shift")
@@ -66,6 +68,39 @@ def all_finite(t: torch.Tensor | np.ndarray) -> bool:
         lo, hi = torch.aminmax(t)
         return bool(torch.isfinite(lo) & torch.isfinite(hi))
     return bool(torch.isfinite(t).all())
+
+
+_STORED_AS: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
+              torch.float64: np.dtype(np.float64), torch.bfloat16: np.dtype(np.uint16)}
+
+
+def finite_views(mapping: Mapping[str, Any], checked: Mapping[str, torch.Tensor], keys: Sequence[str]) -> set[str]:
+    """Names of the arrays of ``mapping`` that lie wholly inside the memory of a key of ``checked``
+    (one of ``keys``: keys validation found finite), contiguous and read as the key's own element type
+    (bfloat16 as its ``uint16`` bit patterns), at an element boundary: their values are that key's, so
+    a second finiteness pass over them would find nothing new. A fallback's copy-recipe weights of a
+    checkpoint the refit owns are such views (:func:`refitcore.conversion.network_reader.network_weights`);
+    folds, transposes and casts are new arrays and are not in the set."""
+    spans: list[tuple[int, int, np.dtype]] = []
+    for key in set(keys):
+        t = checked.get(key)
+        if isinstance(t, torch.Tensor) and t.is_contiguous() and t.device.type == "cpu" and t.dtype in _STORED_AS:
+            start = t.data_ptr()
+            spans.append((start, start + t.numel() * t.element_size(), _STORED_AS[t.dtype]))
+    spans.sort()
+    starts = [s[0] for s in spans]
+    out = set()
+    for name, arr in mapping.items():
+        if not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous or not arr.size:
+            continue
+        low = arr.__array_interface__["data"][0]
+        i = bisect.bisect_right(starts, low) - 1
+        if i < 0:
+            continue
+        start, end, dtype = spans[i]
+        if arr.dtype == dtype and low + arr.nbytes <= end and (low - start) % dtype.itemsize == 0:
+            out.add(name)
+    return out
 
 
 def nonfinite_key_problems(weight_map: WeightMap, state: Mapping[str, torch.Tensor], *,
