@@ -14,11 +14,12 @@ Every measurement runs in a fresh child process (peak RSS is per process: ``VmHW
    are generated tensor by tensor from a model built on the ``meta`` device, so writing a 7B
    checkpoint never holds the model.
 2. ``gate``: ``trtrefit gate BUNDLE CKPT --inputs SAMPLES.pt (2 samples) --paths cached --model scale_model:build``
-   run through the CLI entry point in-process (after ``gc.freeze()`` of the imports' objects, so that a
-   full collection of Python's cycle collector, 0.1-0.2 s, does not land in one step's timing), with each progress step recording the process's
-   RSS and its peak so far; then, in the same process, one ``clone()`` of every checkpoint
-   tensor (the memory-copy floor the cached refit is compared with).
-3. ``fallback``: the same gate through ``--paths fallback`` (re-export and convert again).
+   run through the CLI entry point in-process (after ``gc.freeze()`` of the imports' objects, so that
+   a full collection of Python's cycle collector, 0.1-0.2 s, does not land in one step's timing), with
+   each progress step recording the process's RSS and its peak so far; then, in the same process, one
+   ``clone()`` of every checkpoint tensor (the memory-copy floor the cached refit is compared with).
+3. ``fallback``: the same gate through ``--paths fallback`` (the bundle's program record converted
+   again; no export).
 
 Targets (issue 25): gate peak RSS <= 1.5x the checkpoint's bytes (670M fp32, 1.3B bf16); the
 cached refit (mapping + apply) <= 1.5x one clone() of the weights; the fallback within 5x of the
