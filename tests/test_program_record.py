@@ -15,7 +15,7 @@ import torch
 import refitcore
 from refitcore.capture.lowering import graph_fingerprint
 from refitcore.engine import bundle
-from refitcore.engine.program_record import rebuild_program, record_program
+from refitcore.engine.program_record import rebuild_program, record_program, weight_inputs
 from refitcore.engine.reexport import recorded_program
 from tests.dynamic_models import BATCH, tiny_resnet
 from tests.models import SMALL, make
@@ -282,3 +282,22 @@ def test_a_crafted_record_that_matches_its_fingerprint_is_still_bounded(compiled
     loaded = refitcore.load(path)
     with pytest.raises(refitcore.BundleError, match="more than"):
         refitcore.fallback_mapping(loaded, c.fresh(3).state_dict())
+
+
+def test_buffers_the_forward_never_reads_may_be_left_out(compiled, tmp_path):
+    """A checkpoint without BatchNorm's num_batches_tracked (lifted by the export, read by no node):
+    the record still serves, with a stand-in nothing reads; a weight a node reads may not be left out."""
+    c = compiled("conv_bn_relu")
+    loaded = _save_load(c.engine, tmp_path / "e.trtrefit")
+    new = c.fresh(15).state_dict()
+    partial = {k: v for k, v in new.items() if not k.endswith("num_batches_tracked")}
+    assert len(partial) < len(new)
+    missing, stand_ins = weight_inputs(loaded.record.program, partial)
+    assert not missing and set(stand_ins) == set(new) - set(partial)
+    assert all(t.stride() == (0,) * t.dim() for t in stand_ins.values())    # no memory
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _same(refitcore.fallback_mapping(loaded, partial), refitcore.fallback_mapping(c.engine, new))
+    read = next(k for k in new if k.endswith("running_var"))
+    missing, _ = weight_inputs(loaded.record.program, {k: v for k, v in partial.items() if k != read})
+    assert missing == [read]

@@ -59,7 +59,8 @@ from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 from refitcore.partition.torch_program import LAYOUTS, MEMORY_FORMATS, check_records, encode_value
 
-__all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "RecordedProgram", "RecordedGraph",
+__all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "weight_inputs", "RecordedProgram",
+           "RecordedGraph",
            "NotRecordable"]
 
 VERSION = 1
@@ -284,6 +285,27 @@ def _node_refs(operand: Any):
 
 
 # ---- rebuilding ---------------------------------------------------------------------------------------
+def weight_inputs(record: dict, state: Mapping[str, torch.Tensor]) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """(the state_dict keys the graph reads and ``state`` lacks; stand-ins for those it lacks that no
+    node reads). A checkpoint may leave out a buffer the model keeps but its forward never reads
+    (BatchNorm's ``num_batches_tracked``): the graph still lifts it as an input, so it gets a stand-in of
+    its recorded shape and dtype (one zero, broadcast: no memory), which nothing reads."""
+    read = set(_node_refs([[r["args"], [v for _, v in r["kwargs"]]] for r in record["nodes"]]))
+    read.update(_node_refs(record["outputs"]["args"]))
+    missing, stand_ins = [], {}
+    for inp in record["inputs"]:
+        key = inp["target"]
+        if inp["kind"] not in ("PARAMETER", "BUFFER") or inp["persistent"] is False or key in state:
+            continue
+        if inp["name"] in read or not isinstance(inp["val"], dict):
+            missing.append(key)
+        else:
+            dtype = allowed_ops.decode_dtype(inp["val"]["dtype"], "program record")
+            stand_ins[key] = torch.zeros((), dtype=dtype).expand(inp["val"]["tensor"])
+    return missing, stand_ins
+
+
+
 @dataclasses.dataclass
 class RecordedGraph:
     """What is read of a program's graph module: its graph. (An ``fx.GraphModule`` would generate and

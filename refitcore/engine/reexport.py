@@ -17,7 +17,7 @@ from refitcore.capture.eager import EagerModelError, UntrustedFactoryError, eage
 from refitcore.capture.lowering import export_model, graph_fingerprint, lower
 from refitcore.capture.shapes import export_call, nest_dynamic_shapes
 from refitcore.conversion.weight_map import WeightMap
-from refitcore.engine.program_record import rebuild_program
+from refitcore.engine.program_record import rebuild_program, weight_inputs
 from refitcore.errors import ArchitectureMismatchError
 
 __all__ = ["exported_for", "conversion_params", "recorded_program"]
@@ -111,9 +111,9 @@ def recorded_program(engine, state: Mapping[str, torch.Tensor], *, can_export: b
     does not give the compiled graph): None, with a warning that says why, where ``can_export`` (the
     caller re-exports the model instead); else :class:`ArchitectureMismatchError`."""
     record = engine.record.program
-    wanted = [i["target"] for i in record["inputs"]
-              if i["kind"] in ("PARAMETER", "BUFFER") and i["persistent"] is not False]
-    missing = [k for k in wanted if k not in state]
+    missing, stand_ins = weight_inputs(record, state)
+    if stand_ins:
+        state = {**state, **stand_ins}
     if missing:
         why = (f"the new weights lack {len(missing)} weight(s) the compiled graph reads "
                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})")
