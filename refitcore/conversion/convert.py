@@ -210,13 +210,13 @@ def _fold_static(ctx: ConversionContext, node: fx.Node, args: list, kwargs: dict
     if node.target is operator.getitem:
         return args[0][args[1]]
     fn = cast(Callable[..., Any], node.target)   # a call_function node's target is the function
+    values, named = _concrete(args), {k: _concrete(v) for k, v in kwargs.items()}
     if ctx.bounded:
-        allowed_ops.check_call(fn, _concrete(args), {k: _concrete(v) for k, v in kwargs.items()},
-                               MAX_TENSOR_ELEMENTS, f"node {node.name}")
-    out = fn(*_concrete(args), **{k: _concrete(v) for k, v in kwargs.items()})
+        allowed_ops.check_call(fn, values, named, MAX_TENSOR_ELEMENTS, f"node {node.name}")
+    out = fn(*values, **named)
     key_dependent = any(ctx.refittable(v) for v in _statics(list(args) + list(kwargs.values())))
     if key_dependent:
-        _check_recordable(node, _concrete(args), {k: _concrete(v) for k, v in kwargs.items()})
+        _check_recordable(node, values, named)
 
     def wrap(value, index=None):
         if not isinstance(value, torch.Tensor):
