@@ -57,7 +57,7 @@ from refitcore.engine.bundle import MAX_RANK
 from refitcore.engine.kinds import state_array
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
-from refitcore.partition.torch_program import LAYOUTS, MEMORY_FORMATS, check_records, encode_value
+from refitcore.partition.torch_program import LAYOUTS, MEMORY_FORMATS, check_records, collect_refs, encode_value
 
 __all__ = ["VERSION", "record_program", "check_program", "rebuild_program", "weight_inputs", "RecordedProgram",
            "RecordedGraph",
@@ -132,7 +132,7 @@ def _record(ep: Any) -> tuple[dict, dict[str, np.ndarray]]:
             args = encode_value(list(node.args), ref)
             kwargs = [[k, encode_value(v, ref)] for k, v in node.kwargs.items()]
             try:
-                _check_operands([args, [v for _, v in kwargs]], where)
+                _check_operands(_operands({"args": args, "kwargs": kwargs}), where)
             except BundleContentError as err:
                 raise NotRecordable(str(err)) from None
             # kwargs as [name, operand] pairs: the file's JSON is written with sorted keys, and the
@@ -223,13 +223,13 @@ def check_program(record: Any, constants: Mapping[str, np.ndarray]) -> None:
             raise _fail(f"node {i}", "not a node record")
         if not isinstance(r["op"], str) or r["op"] == "cond" or r["op"].startswith("operator."):
             raise _fail(f"node {i}", f"op {str(r['op'])[:80]} is not part of a program record")
-        _check_operands([r["args"], [v for _, v in r["kwargs"]]], f"node {r['name']!r}"[:90])
+        _check_operands(_operands(r), f"node {r['name']!r}"[:90])
         plain.append({"name": r["name"], "op": r["op"], "args": r["args"], "kwargs": dict(r["kwargs"])})
     check_records(plain, "the engine file's program record")   # allowlisted ops, operand kinds, literal sizes
     for r in nodes:
         where = f"node {r['name'][:80]!r}"
         _check_val(r["val"], where)
-        for name in _node_refs([r["args"], [v for _, v in r["kwargs"]]]):
+        for name in _node_refs(_operands(r)):
             if name not in seen:
                 raise _fail(where, f"reads {name[:80]!r} before it is made")
         if r["name"] in seen:
@@ -272,16 +272,16 @@ def _check_operands(operand: Any, where: str, depth: int = 0) -> None:
         raise _fail(where, f"operand {str(operand)[:80]} is not JSON data")
 
 
-def _node_refs(operand: Any):
-    if isinstance(operand, list):
-        for v in operand:
-            yield from _node_refs(v)
-    elif isinstance(operand, dict):
-        if set(operand) == {"node"}:
-            yield operand["node"]
-        else:
-            for v in operand.values():
-                yield from _node_refs(v)
+def _operands(record: dict) -> list:
+    """A node record's positional and keyword operands, as one operand list."""
+    return [record["args"], [v for _, v in record["kwargs"]]]
+
+
+def _node_refs(operand: Any) -> dict:
+    """The node names ``operand`` reads, in order (the keys of the dict)."""
+    refs: dict = {}
+    collect_refs(operand, "node", refs, alone=True)
+    return refs
 
 
 # ---- rebuilding ---------------------------------------------------------------------------------------
@@ -290,8 +290,7 @@ def weight_inputs(record: dict, state: Mapping[str, torch.Tensor]) -> tuple[list
     node reads). A checkpoint may leave out a buffer the model keeps but its forward never reads
     (BatchNorm's ``num_batches_tracked``): the graph still lifts it as an input, so it gets a stand-in of
     its recorded shape and dtype (one zero, broadcast: no memory), which nothing reads."""
-    read = set(_node_refs([[r["args"], [v for _, v in r["kwargs"]]] for r in record["nodes"]]))
-    read.update(_node_refs(record["outputs"]["args"]))
+    read = _node_refs([[_operands(r) for r in record["nodes"]], record["outputs"]["args"]])
     missing, stand_ins = [], {}
     for inp in record["inputs"]:
         key = inp["target"]

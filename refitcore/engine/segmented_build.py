@@ -39,7 +39,7 @@ from refitcore.engine.reexport import conversion_params, exported_for
 from refitcore.engine.segmented import KIND as NAME, SegmentedImpl, split_name
 from refitcore.errors import BackendUnavailableError, UnsupportedOperatorError
 from refitcore.partition.partitioner import PartitionPlan, Segment, SubProgram, partition, segment_profiles, subprogram
-from refitcore.partition.torch_program import SHAPE_ONLY_OPS, encode_nodes, encode_value
+from refitcore.partition.torch_program import SHAPE_ONLY_OPS, collect_refs, encode_nodes, encode_value
 
 __all__ = ["Segmented", "KIND", "NAME", "prefixed_map"]
 
@@ -56,19 +56,6 @@ def prefixed_map(wm: WeightMap, prefix: str) -> WeightMap:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _collect(operand: Any, kind: str, into: dict, *, alone: bool = False) -> None:
-    """Every ``operand[kind]`` of the ``{kind: ...}`` references in a program record, in order
-    (``alone``: only references that hold nothing else)."""
-    if isinstance(operand, dict):
-        if kind in operand and (not alone or len(operand) == 1):
-            into[operand[kind]] = None
-        for v in operand.values():
-            _collect(v, kind, into, alone=alone)
-    elif isinstance(operand, list):
-        for v in operand:
-            _collect(v, kind, into, alone=alone)
 
 
 def _closure(gm: fx.GraphModule, names: Iterable[str], dynamic: set[str], skip: set[str]) -> list[str]:
@@ -168,7 +155,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict,
         keys: dict[str, None] = {}
         for rec in encode_nodes(gm, names, specs=specs):
             records.setdefault(rec["name"], rec)
-            _collect(rec, "param", keys)
+            collect_refs(rec, "param", keys)
         return keys
 
     for i, seg in enumerate(plan.segments):
@@ -208,7 +195,7 @@ def _assemble(ep, plan: PartitionPlan, built: dict,
                                                          str(arr.dtype))
     for rec in records.values():
         consts: dict[str, None] = {}
-        _collect(rec, "const", consts, alone=True)
+        collect_refs(rec, "const", consts, alone=True)
         for c in consts:
             t = ep_constants[c] if c in ep_constants else state[c]
             constants[c] = state_array(t)

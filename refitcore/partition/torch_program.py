@@ -31,7 +31,7 @@ from refitcore.conversion import allowed_ops
 from refitcore.errors import BundleContentError, UnsupportedOperatorError
 from refitcore.options import MAX_TENSOR_ELEMENTS
 
-__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS", "check_records"]
+__all__ = ["encode_nodes", "TorchProgram", "encode_value", "decode_dtype", "PY_OPS", "check_records", "collect_refs"]
 
 aten = torch.ops.aten
 SHAPE_ONLY_OPS = frozenset({aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
@@ -71,6 +71,19 @@ def encode_value(value: Any, ref: Callable[[fx.Node], Any]) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise TypeError(f"cannot store an argument of type {type(value).__name__} in a PyTorch segment")
+
+
+def collect_refs(operand: Any, kind: str, into: dict, *, alone: bool = False) -> None:
+    """Every ``operand[kind]`` of the ``{kind: ...}`` references in a record's operands, in order, as
+    the keys of ``into`` (``alone``: only references that hold nothing else)."""
+    if isinstance(operand, dict):
+        if kind in operand and (not alone or len(operand) == 1):
+            into[operand[kind]] = None
+        for v in operand.values():
+            collect_refs(v, kind, into, alone=alone)
+    elif isinstance(operand, list):
+        for v in operand:
+            collect_refs(v, kind, into, alone=alone)
 
 
 # Python arithmetic on symbolic sizes (data-dependent shapes): a closed table, never imported by name.
