@@ -70,10 +70,6 @@ def all_finite(t: torch.Tensor | np.ndarray) -> bool:
     return bool(torch.isfinite(t).all())
 
 
-_STORED_AS: dict[torch.dtype, np.dtype] = {torch.float32: np.dtype(np.float32), torch.float16: np.dtype(np.float16),
-              torch.float64: np.dtype(np.float64), torch.bfloat16: np.dtype(np.uint16)}
-
-
 def finite_views(mapping: Mapping[str, Any], checked: Mapping[str, torch.Tensor], keys: Sequence[str]) -> set[str]:
     """Names of the arrays of ``mapping`` that lie wholly inside the memory of a key of ``checked``
     (one of ``keys``: keys validation found finite), contiguous and read as the key's own element type
@@ -84,9 +80,12 @@ def finite_views(mapping: Mapping[str, Any], checked: Mapping[str, torch.Tensor]
     spans: list[tuple[int, int, np.dtype]] = []
     for key in set(keys):
         t = checked.get(key)
-        if isinstance(t, torch.Tensor) and t.is_contiguous() and t.device.type == "cpu" and t.dtype in _STORED_AS:
+        if not (isinstance(t, torch.Tensor) and t.is_floating_point() and t.is_contiguous() and t.device.type == "cpu"):
+            continue
+        stored = dtypes.numpy_dtype(dtypes.trt_name(t.dtype, ""))   # as the engine stores it (bfloat16: uint16)
+        if stored is not None:
             start = t.data_ptr()
-            spans.append((start, start + t.numel() * t.element_size(), _STORED_AS[t.dtype]))
+            spans.append((start, start + t.numel() * t.element_size(), stored))
     spans.sort()
     starts = [s[0] for s in spans]
     out = set()
