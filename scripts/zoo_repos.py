@@ -526,8 +526,37 @@ def run_one(name: str) -> dict:
             row[f"err_{path}"] = max_err(result.engine(*args, **kwargs), new_model(*args, **kwargs))
         if not result:
             row.setdefault("note", str(result.verdict or result.audit).splitlines()[0][:200])
-    row["ok"] = row["ok_cached"] and row["ok_fallback"]
+    row.update(_loaded_fallback(engine, new_model))
+    row["ok"] = row["ok_cached"] and row["ok_fallback"] and row["loaded"] != "MISMATCH"
     return row
+
+
+def _loaded_fallback(engine, new_model: nn.Module) -> dict:
+    """The engine saved and loaded back, then refitted through the fallback path with no model: the
+    graph its file records, converted again. ``loaded``: 'exact' (the same weights, bit for bit, as the
+    fallback of the engine compiled here), 'MISMATCH' (another or an error), or why there is none
+    ('not saved: ...' for an engine a file cannot hold, 'no record: ...')."""
+    import tempfile
+
+    import refitcore
+
+    state = new_model.state_dict()
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            engine.save(Path(d) / "e.trtrefit")
+        except refitcore.BundleError as err:
+            return {"loaded": f"not saved: {str(err)[:120]}"}
+        loaded = refitcore.load(Path(d) / "e.trtrefit")
+    if loaded.record.program is None:
+        return {"loaded": f"no record: {loaded.record.program_note}"}
+    t0 = time.perf_counter()
+    try:
+        mine = refitcore.fallback_mapping(loaded, state)
+    except refitcore.RefitCoreError as err:
+        return {"loaded": "MISMATCH", "loaded_error": str(err)[:300]}
+    seconds = time.perf_counter() - t0
+    exact = refitcore.audit_paths(mine, refitcore.fallback_mapping(engine, state)).ok
+    return {"loaded": "exact" if exact else "MISMATCH", "loaded_s": seconds}
 
 
 # ---- the precision sweep (--precision) -------------------------------------------------------------
@@ -665,11 +694,11 @@ def table(rows: list[dict]) -> str:
     lines = [f"{ok} of {len(rows)} models compile, refit (cached and fallback) and match eager leaf by leaf "
              f"(reference backend; max abs error over every output leaf). {versions_line(rows)}".rstrip(), "",
              "| model | compiles | TensorRT ops | TensorRT weights | err compile | err cached | err fallback | "
-             "compile s | cached s | fallback s | runs in PyTorch |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "compile s | cached s | fallback s | loaded fallback (recorded graph) | runs in PyTorch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if not r.get("compiles"):
-            lines.append(f"| {r['label']} | no: {r.get('error', '?')[:120]} | | | | | | | | | |")
+            lines.append(f"| {r['label']} | no: {r.get('error', '?')[:120]} | | | | | | | | | | |")
             continue
         torch_part = ", ".join(r.get("fallback", [])[:6]) + (" ..." if len(r.get("fallback", [])) > 6 else "")
         if r.get("eager_modules"):
@@ -679,8 +708,16 @@ def table(rows: list[dict]) -> str:
             f"| {r['label']} | {'yes' if r['ok'] else 'MISMATCH'} | {r['ops_trt']}/{r['ops']} ({r['op_share']:.0%}) | "
             f"{r['weight_share']:.0%} | {_fmt(r['err_compile'], '.1e')} | {_fmt(r['err_cached'], '.1e')} | "
             f"{_fmt(r['err_fallback'], '.1e')} | {r['compile_s']:.1f} | {r['cached_s']:.2f} | {r['fallback_s']:.1f} | "
-            f"{torch_part or '-'} |")
+            f"{_loaded_cell(r)} | {torch_part or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _loaded_cell(r: dict) -> str:
+    if "loaded" not in r:
+        return "-"
+    if r["loaded"] == "exact":
+        return f"exact, {r['loaded_s']:.2f} s"
+    return r["loaded"] + (f": {r['loaded_error'][:100]}" if r.get("loaded_error") else "")
 
 
 README_BEGIN, README_END = "<!-- zoo_repos table: begin (scripts/zoo_repos.py) -->", "<!-- zoo_repos table: end -->"
